@@ -1,0 +1,1 @@
+"""Generation workers (Ray actors)."""

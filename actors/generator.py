@@ -1,0 +1,111 @@
+"""GeneratorActor: a vLLM engine inside a Ray actor that samples K completions per prompt.
+
+Every group it returns carries the policy version of the weights that sampled it. New weights
+are loaded only at the start of a `generate` call, i.e. between generation batches.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from async_rlhf.broker import WeightRef
+from async_rlhf.config import GenerationConfig
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+
+
+@dataclass
+class GenerationResult:
+    groups: list[RolloutGroup]
+    generator_id: int
+    policy_version: int
+    gen_s: float  # time inside vLLM
+    sync_s: float  # time loading new weights before generating
+    started_at: float
+    tokens: int
+
+
+def _cpu_list(cores: list[int]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+class GeneratorActor:
+    def __init__(
+        self,
+        generator_id: int,
+        model_dir: str,
+        gen_cfg: GenerationConfig,
+        seed: int = 0,
+        cores: list[int] | None = None,
+    ) -> None:
+        cores = cores or sorted(os.sched_getaffinity(0))
+        # Pin before vLLM starts: its engine processes inherit this affinity, and its OMP threads
+        # bind to exactly these cores, so generation and learning do not fight over a core.
+        os.sched_setaffinity(0, cores)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(cores)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM  # imported here: the environment above must be set first
+
+        self.generator_id = generator_id
+        self.cfg = gen_cfg
+        self.version = 0
+        self.cores = cores
+        self.llm = LLM(
+            model=model_dir,
+            dtype="float32",  # behaviour logprobs must match the fp32 learner
+            enforce_eager=True,
+            max_model_len=gen_cfg.max_model_len,
+            seed=seed + generator_id,
+        )
+
+    def info(self) -> dict:
+        return {"generator_id": self.generator_id, "version": self.version, "cores": self.cores, "pid": os.getpid()}
+
+    def load_weights(self, ref: WeightRef) -> float:
+        """Swap in published weights (in place, no engine restart); returns seconds taken."""
+        if ref.transport != "shm":
+            raise ValueError(f"GeneratorActor cannot load transport '{ref.transport}'")
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": ref.location})
+        self.version = ref.version
+        return time.perf_counter() - start
+
+    def generate(
+        self,
+        prompts: list[Prompt],
+        weights: WeightRef | None = None,
+        n: int | None = None,
+        temperature: float | None = None,
+    ) -> GenerationResult:
+        started_at = time.time()
+        sync_s = self.load_weights(weights) if weights and weights.version != self.version else 0.0
+        params = self._sampling_params(n or self.cfg.samples_per_prompt, temperature)
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
+        gen_s = time.perf_counter() - start
+        now = time.time()
+        groups = [
+            RolloutGroup(p, [self._completion(c) for c in out.outputs], self.version, self.generator_id, now, gen_s=gen_s)
+            for p, out in zip(prompts, outputs)
+        ]
+        tokens = sum(g.num_tokens for g in groups)
+        return GenerationResult(groups, self.generator_id, self.version, gen_s, sync_s, started_at, tokens)
+
+    def _sampling_params(self, n: int, temperature: float | None):
+        from vllm import SamplingParams
+
+        temp = self.cfg.temperature if temperature is None else temperature
+        return SamplingParams(
+            n=n,
+            temperature=temp,
+            top_p=self.cfg.top_p if temp > 0 else 1.0,
+            max_tokens=self.cfg.max_new_tokens,
+            logprobs=0,  # the sampled token's logprob: the behaviour policy for importance ratios
+        )
+
+    @staticmethod
+    def _completion(out) -> Completion:
+        logprobs = [step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs)]
+        reason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
+        return Completion(list(out.token_ids), out.text, logprobs, reason)

@@ -1,0 +1,1 @@
+"""async-rlhf core: config, controller, queue, broker, HTTP API and CLI."""

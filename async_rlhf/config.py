@@ -1,0 +1,271 @@
+"""Run configuration: YAML + `key.sub=value` overrides, validated whole before any worker starts.
+
+Errors are raised as `ConfigError` with one line that names the key, what was wrong and what
+is accepted; the CLI prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Strict):
+    """The embedded task: sort a string of digits (see async_rlhf/tasks.py)."""
+
+    name: Literal["sort"] = "sort"
+    min_digits: int = Field(4, ge=1, le=32)
+    max_digits: int = Field(7, ge=1, le=32)
+    eval_prompts: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> "TaskConfig":
+        if self.min_digits > self.max_digits:
+            raise ValueError(
+                f"task.min_digits ({self.min_digits}) must be <= task.max_digits ({self.max_digits})"
+            )
+        return self
+
+
+class EmbeddedModelConfig(Strict):
+    """A tiny Llama built locally and warm-started by supervised learning on the task."""
+
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(512, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    sft_steps: int = Field(600, ge=0)
+    sft_batch_size: int = Field(64, ge=1)
+    sft_lr: float = Field(2e-3, gt=0)
+    sft_correct_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of supervised targets that are correct; the rest are corrupted"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> "EmbeddedModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.embedded.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.embedded.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    source: Literal["embedded", "local"] = "embedded"
+    path: Path | None = Field(None, description="HF checkpoint directory when source=local")
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+    cache_dir: Path | None = Field(None, description="default: $XDG_CACHE_HOME/async-rlhf or ~/.cache/async-rlhf")
+
+    @model_validator(mode="after")
+    def _path(self) -> "ModelConfig":
+        if self.source == "local":
+            if self.path is None:
+                raise ValueError("model.path is required when model.source=local (an HF checkpoint directory)")
+            if not (self.path / "config.json").is_file():
+                raise ValueError(f"model.path: no config.json in '{self.path}'; point it at an HF checkpoint directory")
+        return self
+
+
+class GenerationConfig(Strict):
+    num_generators: int = Field(1, ge=1)
+    prompts_per_step: int = Field(16, ge=1, description="prompts consumed by one learner step")
+    samples_per_prompt: int = Field(4, ge=1, description="K completions per prompt")
+    max_new_tokens: int = Field(12, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_temperature: float = Field(1.0, ge=0)
+    max_model_len: int = Field(64, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _split(self) -> "GenerationConfig":
+        if self.prompts_per_step % self.num_generators:
+            raise ValueError(
+                f"generation.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"generation.num_generators ({self.num_generators})"
+            )
+        return self
+
+
+class RewardConfig(Strict):
+    train: Literal["sort_partial"] = Field("sort_partial", description="reward the learner optimises (proxy)")
+    gold: Literal["sort_exact"] = Field("sort_exact", description="evaluation-only reward (gold)")
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class QueueConfig(Strict):
+    max_staleness: int = Field(
+        1, ge=0, description="N: train only on samples at most N versions old; 0 = synchronous"
+    )
+    capacity: int | None = Field(None, ge=1, description="groups; default (N+1) * prompts_per_step")
+
+
+class LossConfig(Strict):
+    name: str = "online_dpo"
+    beta: float = Field(0.1, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from learners.losses import LOSSES
+
+        if name not in LOSSES:
+            raise ValueError(f"loss.name: unknown loss '{name}'; valid names: {', '.join(sorted(LOSSES))}")
+        return name
+
+
+class LearnerConfig(Strict):
+    steps: int = Field(60, ge=1, description="learner steps (policy versions) to train")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    zero_stage: Literal[0, 1, 2] = 2
+
+
+class WeightSyncConfig(Strict):
+    transport: Literal["shm"] = Field("shm", description="shm: safetensors in shared memory (CPU)")
+    shm_root: Path = Path("/dev/shm")
+    keep_versions: int = Field(2, ge=1)
+
+
+class ResourcesConfig(Strict):
+    ray_address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    pin_cores: Literal["auto", "off"] = Field(
+        "auto", description="auto: one core per role when async and enough cores; off: share all"
+    )
+
+
+class EvalConfig(Strict):
+    every: int = Field(0, ge=0, description="gold evaluation every E steps; 0 = only at start and end")
+
+
+class RunConfig(Strict):
+    seed: int = 0
+    run_dir: Path | None = Field(None, description="default runs/<timestamp>")
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
+    reward: RewardConfig = RewardConfig()
+    queue: QueueConfig = QueueConfig()
+    loss: LossConfig = LossConfig()
+    learner: LearnerConfig = LearnerConfig()
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunConfig":
+        from learners.losses import LOSSES
+
+        need = LOSSES[self.loss.name].min_samples_per_prompt
+        if self.generation.samples_per_prompt < need:
+            raise ValueError(
+                f"generation.samples_per_prompt ({self.generation.samples_per_prompt}) must be >= {need} "
+                f"for loss '{self.loss.name}'"
+            )
+        prompt_len = self.task.max_digits + 1
+        if prompt_len + self.generation.max_new_tokens > self.generation.max_model_len:
+            raise ValueError(
+                f"generation.max_model_len ({self.generation.max_model_len}) is shorter than the longest "
+                f"prompt ({prompt_len}) + generation.max_new_tokens ({self.generation.max_new_tokens})"
+            )
+        if self.queue.capacity is not None and self.queue.capacity < self.generation.prompts_per_step:
+            raise ValueError(
+                f"queue.capacity ({self.queue.capacity}) must hold one step's "
+                f"generation.prompts_per_step ({self.generation.prompts_per_step}) groups"
+            )
+        return self
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.queue.capacity or (self.queue.max_staleness + 1) * self.generation.prompts_per_step
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ['a.b=1', 'c=x'] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{pair}' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{pair}' conflicts with an earlier override of '{part}'")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent_loc, key = err["loc"][:-1], err["loc"][-1]
+        model: type[BaseModel] = RunConfig
+        for part in parent_loc:
+            model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
+        valid = ", ".join(model.model_fields)
+        where = ".".join(str(p) for p in parent_loc) or "the top level"
+        return f"unknown key '{loc}'; valid keys at {where}: {valid}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # our validators write whole messages that name their keys
+        return msg
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}"
+
+
+def validate_config(data: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0])
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"config error: {first}{more}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (or start from defaults when path is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config error: config file '{file}' not found; pass a YAML file such as configs/quickstart.yaml")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config error: '{file}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not {type(data).__name__}")
+    return validate_config(_merge(data, parse_overrides(overrides or [])))
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,310 @@
+"""Controller: builds every component from the config and runs the asynchronous training loop.
+
+The loop is event driven (`ray.wait` on whatever is in flight). Two rules keep it correct:
+- the generation gate: a chunk of prompts is issued only if the step that will train on it is
+  at most `max_staleness` versions ahead of the weights the generator will sample with;
+- the queue's take rule: at train time, groups older than `max_staleness` are dropped.
+With max_staleness=0 the gate alone makes the run fully synchronous (generate, train, sync).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+
+from actors.generator import GenerationResult, GeneratorActor
+from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
+from async_rlhf.config import RunConfig
+from async_rlhf.embedded import ensure_policy
+from async_rlhf.evaluation import Evaluator
+from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
+from async_rlhf.recorder import RunRecorder
+from async_rlhf.resources import CorePlan, plan_cores
+from async_rlhf.rollout import RolloutGroup
+from async_rlhf.tasks import SortTask
+from async_rlhf.timing import Timing
+from learners.learner import Learner
+from reward_models.service import RewardService
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class GeneratorSlot:
+    """The controller's view of one generator actor."""
+
+    handle: Any
+    generator_id: int
+    job: Any = None  # ObjectRef of the generation in flight
+    leased_version: int | None = None
+    busy_s: float = 0.0
+    tokens: int = 0
+
+
+@dataclass
+class LearnerJob:
+    train_ref: Any
+    save_ref: Any
+    batch: list[RolloutGroup]
+    version: int  # the version this step will publish
+    dispatched_at: float
+
+
+@dataclass
+class LoopState:
+    steps_taken: int = 0  # batches handed to the learner
+    outstanding: int = 0  # groups issued to generators, not yet taken or dropped
+    next_prompt: int = 0  # index into the task's train stream (resumable)
+    learner_job: LearnerJob | None = None
+    learner_idle_since: float = 0.0
+    reward_jobs: dict = field(default_factory=dict)  # ObjectRef -> GenerationResult
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.progress = progress or (lambda record: None)
+        self.recorder = RunRecorder(run_dir)
+        self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
+        self.timing = Timing()
+        self.state = LoopState()
+        self.started_ray = False
+
+    # ---- set-up -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.recorder.save_config(self.cfg)
+        with self.timing.span("setup_s"):
+            policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
+            self._start_ray()
+            self.plan = plan_cores(self.cfg)
+            self._build_components(str(policy_dir))
+
+    def _start_ray(self) -> None:
+        if ray.is_initialized():
+            return
+        res = self.cfg.resources
+        kwargs: dict[str, Any] = {"address": res.ray_address, "include_dashboard": False, "log_to_driver": False}
+        if res.ray_address is None:
+            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), self.cfg.generation.num_generators + 1)
+        ray.init(**kwargs)
+        self.started_ray = True
+
+    @staticmethod
+    def _cores() -> set[int]:
+        import os
+
+        return os.sched_getaffinity(0)
+
+    def _build_components(self, policy_dir: str) -> None:
+        from transformers import AutoTokenizer
+
+        cfg, plan = self.cfg, self.plan
+        self.task = SortTask(cfg.task, AutoTokenizer.from_pretrained(policy_dir), cfg.seed)
+        self.broker = WeightSyncBroker(
+            SharedMemoryTransport(cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"),
+            cfg.weight_sync.keep_versions,
+        )
+        learner_cls = ray.remote(Learner).options(num_cpus=1, max_concurrency=1)
+        self.learner = learner_cls.remote(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
+        gen_cls = ray.remote(GeneratorActor).options(num_cpus=1)
+        self.generators = [
+            GeneratorSlot(gen_cls.remote(i, policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i]), i)
+            for i in range(cfg.generation.num_generators)
+        ]
+        scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
+        self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s)
+        ray.get([g.handle.info.remote() for g in self.generators] + [self.learner.__ray_ready__.remote()])
+        self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature)
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run(self) -> dict:
+        try:
+            self.start()
+            initial = self.evaluator.evaluate(self.generators[0].handle, None, self.learner)
+            self.recorder.log_eval(initial)
+            with self.timing.span("loop_s"):
+                self.state.learner_idle_since = time.perf_counter()
+                while not self._done():
+                    self._dispatch_generation()
+                    self._dispatch_learning()
+                    self._wait_and_handle()
+            return self._finish(initial)
+        finally:
+            self.shutdown()
+
+    def _done(self) -> bool:
+        return self.state.steps_taken >= self.cfg.learner.steps and self.state.learner_job is None
+
+    @property
+    def chunk(self) -> int:
+        return self.cfg.generation.prompts_per_step // self.cfg.generation.num_generators
+
+    def gate_inputs(self) -> GateInputs:
+        return GateInputs(
+            steps_taken=self.state.steps_taken,
+            outstanding=self.state.outstanding,
+            published_version=self.broker.latest_version,  # generators sample with the newest weights
+            chunk=self.chunk,
+            prompts_per_step=self.cfg.generation.prompts_per_step,
+            max_staleness=self.queue.max_staleness,
+            total_steps=self.cfg.learner.steps,
+            capacity=self.queue.capacity,
+        )
+
+    def _dispatch_generation(self) -> None:
+        for slot in self.generators:
+            if slot.job is not None or not generation_allowed(self.gate_inputs()):
+                continue
+            prompts = [self.task.train_prompt(self.state.next_prompt + i) for i in range(self.chunk)]
+            self.state.next_prompt += self.chunk
+            self.state.outstanding += self.chunk
+            weights = None
+            if self.broker.latest() is not None:
+                weights = self.broker.lease(self.broker.latest_version)
+                slot.leased_version = weights.version
+            slot.job = slot.handle.generate.remote(prompts, weights)
+
+    def _dispatch_learning(self) -> None:
+        st = self.state
+        if st.learner_job is not None or st.steps_taken >= self.cfg.learner.steps:
+            return
+        before = self.queue.counters.dropped_stale
+        batch = self.queue.take(self.cfg.generation.prompts_per_step, self.broker.latest_version)
+        st.outstanding -= self.queue.counters.dropped_stale - before
+        if batch is None:
+            return
+        st.outstanding -= len(batch)
+        st.steps_taken += 1
+        self.timing.add("learner_wait_s", time.perf_counter() - st.learner_idle_since)
+        version = self.broker.latest_version + 1
+        train_ref = self.learner.train_step.remote(batch)
+        save_ref = self.learner.save_weights.remote(self.broker.staging_location(version))
+        st.learner_job = LearnerJob(train_ref, save_ref, batch, version, time.perf_counter())
+
+    def _wait_and_handle(self) -> None:
+        pending = {slot.job: slot for slot in self.generators if slot.job is not None}
+        refs = list(pending) + list(self.state.reward_jobs)
+        if self.state.learner_job is not None:
+            refs.append(self.state.learner_job.save_ref)
+        if not refs:
+            raise RuntimeError("controller has nothing in flight and cannot make progress (gate or queue bug)")
+        ready, _ = ray.wait(refs, num_returns=1)
+        ref = ready[0]
+        if ref in pending:
+            self._on_generated(pending[ref], ref)
+        elif ref in self.state.reward_jobs:
+            self._on_scored(ref)
+        else:
+            self._on_learned()
+
+    def _on_generated(self, slot: GeneratorSlot, ref: Any) -> None:
+        result: GenerationResult = ray.get(ref)
+        slot.job = None
+        if slot.leased_version is not None:
+            self.broker.release(slot.leased_version)
+            slot.leased_version = None
+        slot.busy_s += result.gen_s + result.sync_s
+        slot.tokens += result.tokens
+        self.timing.add("gen_busy_s", result.gen_s)
+        self.timing.add("weight_sync_s", result.sync_s)
+        self.timing.add("tokens_generated", result.tokens)
+        self.state.reward_jobs[self.reward.score.remote(result.groups)] = result
+
+    def _on_scored(self, ref: Any) -> None:
+        self.state.reward_jobs.pop(ref)
+        for group in ray.get(ref):
+            self.queue.put(group)
+
+    def _on_learned(self) -> None:
+        job, st = self.state.learner_job, self.state
+        metrics = ray.get(job.train_ref)
+        ray.get(job.save_ref)
+        elapsed = time.perf_counter() - job.dispatched_at
+        self.broker.publish(job.version)
+        st.learner_job = None
+        st.learner_idle_since = time.perf_counter()
+        self.timing.add("learn_busy_s", metrics["step_s"])
+        self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
+        record = self._step_record(job, metrics)
+        self.recorder.log_step(record)
+        self.progress(record)
+        self._maybe_eval(job.version)
+
+    def _maybe_eval(self, version: int) -> None:
+        every = self.cfg.eval.every
+        if every and version % every == 0 and version < self.cfg.learner.steps:
+            slot = self.generators[0]
+            if slot.job is not None:  # finish its batch first: weights swap only between batches
+                self._on_generated(slot, ray.wait([slot.job])[0][0])
+            with self.timing.span("eval_s"):
+                self.recorder.log_eval(self.evaluator.evaluate(slot.handle, self.broker.lease(version), self.learner))
+            self.broker.release(version)
+
+    def _step_record(self, job: LearnerJob, metrics: dict) -> dict:
+        scored = [c.reward for g in job.batch for c in g.scored]
+        stale = [job.version - 1 - g.policy_version for g in job.batch]
+        gen_s = self.timing.get("gen_busy_s")
+        return {
+            "step": job.version,
+            "elapsed_s": round(self.timing.elapsed("loop_s"), 3),
+            "reward_mean": sum(scored) / len(scored) if scored else None,
+            "staleness_mean": sum(stale) / len(stale),
+            "staleness_max": max(stale),
+            "queue_depth": len(self.queue),
+            "gen_tokens_per_s": self.timing.get("tokens_generated") / gen_s if gen_s else 0.0,
+            "dropped_stale": self.queue.counters.dropped_stale,
+            "failed_reward": self.queue.counters.failed_reward,
+            **{k: v for k, v in metrics.items() if k != "version"},
+        }
+
+    # ---- the end ------------------------------------------------------------------------
+    def _finish(self, initial: dict) -> dict:
+        final_ref = self.broker.lease(self.broker.latest_version)
+        with self.timing.span("eval_s"):
+            final = self.evaluator.evaluate(self.generators[0].handle, final_ref, self.learner)
+        self.broker.release(final_ref.version)
+        self.recorder.log_eval(final)
+        ray.get(self.learner.save_pretrained.remote(str(self.run_dir / "final")))
+        summary = self._summary(initial, final)
+        self.recorder.write_summary(summary)
+        self.recorder.plot()
+        return summary
+
+    def _summary(self, initial: dict, final: dict) -> dict:
+        t, q = self.timing, self.queue.counters
+        loop_s = t.get("loop_s")
+        return {
+            "wall_s": round(loop_s, 3),
+            "setup_s": round(t.get("setup_s"), 3),
+            "gen_busy_s": round(t.get("gen_busy_s"), 3),
+            "weight_sync_s": round(t.get("weight_sync_s"), 3),
+            "learn_busy_s": round(t.get("learn_busy_s"), 3),
+            "publish_s": round(t.get("publish_s"), 3),
+            "wait_s": round(t.get("learner_wait_s"), 3),
+            "eval_s": round(t.get("eval_s"), 3),
+            "episodes": q.consumed * self.cfg.generation.samples_per_prompt,
+            "steps": self.state.steps_taken,
+            "max_staleness": self.cfg.queue.max_staleness,
+            "max_staleness_seen": q.max_staleness_seen,
+            "dropped_stale": q.dropped_stale,
+            "failed_reward": q.failed_reward,
+            "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
+            "tokens_generated": int(t.get("tokens_generated")),
+            "cores_pinned": self.plan.pinned,
+            "initial_gold_reward": initial["gold_reward"],
+            "final_gold_reward": final["gold_reward"],
+            "initial_proxy_reward": initial["proxy_reward"],
+            "final_proxy_reward": final["proxy_reward"],
+            "final_kl": final["kl"],
+        }
+
+    def shutdown(self) -> None:
+        if hasattr(self, "broker"):
+            self.broker.close()
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False

@@ -1,0 +1,123 @@
+"""RolloutQueue: the bounded, staleness-aware buffer between the reward service and the learner.
+
+Staleness of a group = the learner version that trains on it - the policy version that sampled
+it. It is judged at `take`, the moment the learner receives the batch, so time spent waiting in
+the queue counts. Groups older than `max_staleness` are dropped there and counted.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from async_rlhf.rollout import RolloutGroup
+
+
+class QueueFullError(RuntimeError):
+    """Raised by `put` when the queue is at capacity: the producer's gate let too much through."""
+
+
+@dataclass
+class QueueCounters:
+    produced: int = 0  # groups put
+    consumed: int = 0  # groups handed to the learner
+    dropped_stale: int = 0  # groups dropped for exceeding max_staleness
+    failed_reward: int = 0  # completions whose reward failed or timed out (never trained on)
+    staleness: Counter = field(default_factory=Counter)  # staleness -> groups consumed
+    max_staleness_seen: int = 0
+
+
+class RolloutQueue:
+    def __init__(self, capacity: int, max_staleness: int, clock: Callable[[], float] = time.time) -> None:
+        if capacity < 1 or max_staleness < 0:
+            raise ValueError(f"capacity must be >= 1 and max_staleness >= 0 (got {capacity}, {max_staleness})")
+        self.capacity = capacity
+        self.max_staleness = max_staleness
+        self.counters = QueueCounters()
+        self._items: deque[RolloutGroup] = deque()
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self._items)
+
+    def put(self, group: RolloutGroup) -> None:
+        if not self.free:
+            raise QueueFullError(f"rollout queue is full ({self.capacity} groups)")
+        group.enqueued_at = self._clock()
+        self.counters.produced += 1
+        self.counters.failed_reward += sum(c.reward_status in ("failed", "timed_out") for c in group.completions)
+        self._items.append(group)
+
+    def drop_stale(self, learner_version: int) -> int:
+        """Remove every queued group that would exceed the bound if trained at `learner_version`."""
+        keep = [g for g in self._items if learner_version - g.policy_version <= self.max_staleness]
+        dropped = len(self._items) - len(keep)
+        self._items = deque(keep)
+        self.counters.dropped_stale += dropped
+        return dropped
+
+    def take(self, n: int, learner_version: int) -> list[RolloutGroup] | None:
+        """Hand `n` groups (oldest first) to the learner at `learner_version`, or None if too few are fresh."""
+        self.drop_stale(learner_version)
+        if len(self._items) < n:
+            return None
+        batch = [self._items.popleft() for _ in range(n)]
+        for group in batch:
+            staleness = learner_version - group.policy_version
+            self.counters.staleness[staleness] += 1
+            self.counters.max_staleness_seen = max(self.counters.max_staleness_seen, staleness)
+        self.counters.consumed += n
+        return batch
+
+    def oldest_age(self) -> float:
+        return self._clock() - self._items[0].enqueued_at if self._items else 0.0
+
+    def snapshot(self) -> dict:
+        c = self.counters
+        return {
+            "depth": len(self._items),
+            "capacity": self.capacity,
+            "max_staleness": self.max_staleness,
+            "produced": c.produced,
+            "consumed": c.consumed,
+            "dropped_stale": c.dropped_stale,
+            "failed_reward": c.failed_reward,
+            "staleness_histogram": {str(k): v for k, v in sorted(c.staleness.items())},
+            "max_staleness_seen": c.max_staleness_seen,
+            "oldest_age_s": round(self.oldest_age(), 3),
+        }
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    steps_taken: int  # batches already handed to the learner
+    outstanding: int  # groups issued to generators and not yet taken or dropped
+    published_version: int  # newest weights a generator would sample with
+    chunk: int  # groups the next generation request would add
+    prompts_per_step: int
+    max_staleness: int
+    total_steps: int
+    capacity: int
+
+
+def target_step(g: GateInputs) -> int:
+    """The learner step that will train on the next chunk, if nothing ahead of it is dropped."""
+    return g.steps_taken + g.outstanding // g.prompts_per_step
+
+
+def generation_allowed(g: GateInputs) -> bool:
+    """May a generator start sampling the next chunk now?
+
+    The chunk will be trained at step `target_step` (learner version == that step), having been
+    sampled with `published_version`; it is issued only if that staleness is within the bound,
+    so generators that are `max_staleness` versions ahead wait for new weights.
+    """
+    step = target_step(g)
+    if step >= g.total_steps or g.outstanding + g.chunk > g.capacity:
+        return False
+    return step - g.published_version <= g.max_staleness

@@ -1,0 +1,61 @@
+"""RunRecorder: everything a run leaves in its directory (config, metrics, summary, plot)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from async_rlhf.config import RunConfig, dump_config
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+
+    def save_config(self, cfg: RunConfig) -> None:
+        dump_config(cfg, self.run_dir / "config.yaml")
+
+    def log_step(self, record: dict) -> None:
+        self.steps.append(record)
+        self._append(self.metrics_path, record)
+
+    def log_eval(self, record: dict) -> None:
+        self.evals.append(record)
+        self._append(self.eval_path, record)
+
+    def write_summary(self, summary: dict) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    @staticmethod
+    def _append(path: Path, record: dict) -> None:
+        with path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def plot(self) -> Path:
+        """reward.png: training (proxy) reward and gold evaluations over steps; KL to the reference."""
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers
+        import matplotlib.pyplot as plt
+
+        fig, (ax_r, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        steps = [r["step"] for r in self.steps]
+        ax_r.plot(steps, [r["reward_mean"] for r in self.steps], label="train reward (proxy), batch mean", alpha=0.7)
+        if self.evals:
+            ax_r.plot([e["version"] for e in self.evals], [e["gold_reward"] for e in self.evals], "o-", label="gold reward (eval)")
+        ax_r.set_ylabel("reward")
+        ax_r.legend(loc="lower right")
+        ax_r.grid(alpha=0.3)
+        ax_kl.plot(steps, [r["kl"] for r in self.steps], color="tab:red")
+        ax_kl.set_ylabel("KL to reference (nats/seq)")
+        ax_kl.set_xlabel("learner step (policy version)")
+        ax_kl.grid(alpha=0.3)
+        fig.suptitle(self.run_dir.name)
+        fig.tight_layout()
+        out = self.run_dir / "reward.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out

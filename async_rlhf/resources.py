@@ -1,0 +1,33 @@
+"""Which cores each role runs on.
+
+On a small machine the generator and the learner slow each other down badly when they share
+cores (measured: ~39% / 22% slower), but barely at all when each process is pinned to its own
+core (~6%). So an asynchronous run pins one core per generator and gives the rest to the learner;
+a synchronous run (max_staleness=0), whose phases never overlap, lets each phase use every core.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from async_rlhf.config import RunConfig
+
+
+@dataclass(frozen=True)
+class CorePlan:
+    generator_cores: list[list[int]]  # one list per generator
+    learner_cores: list[int]
+    pinned: bool
+
+    @property
+    def learner_threads(self) -> int:
+        return len(self.learner_cores)
+
+
+def plan_cores(cfg: RunConfig, available: list[int] | None = None) -> CorePlan:
+    cores = sorted(available if available is not None else os.sched_getaffinity(0))
+    gens = cfg.generation.num_generators
+    overlap = cfg.queue.max_staleness > 0
+    if cfg.resources.pin_cores == "auto" and overlap and len(cores) >= gens + 1:
+        return CorePlan([[c] for c in cores[:gens]], cores[gens:], pinned=True)
+    return CorePlan([list(cores) for _ in range(gens)], list(cores), pinned=False)

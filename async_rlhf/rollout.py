@@ -1,0 +1,57 @@
+"""The data that flows between generators, the reward service, the queue and the learner.
+
+Plain dataclasses: they cross Ray process boundaries by pickling, and every field is a
+builtin so that a group can also be written to JSON for debugging or checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+RewardStatus = Literal["pending", "ok", "failed", "timed_out"]
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prompt."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # behaviour-policy logprob of each sampled token
+    finish_reason: FinishReason
+    reward: float | None = None  # None until scored; never filled with a made-up value
+    reward_status: RewardStatus = "pending"
+    reward_error: str | None = None
+
+
+@dataclass
+class Prompt:
+    """A prompt from the task's stream; `meta` carries what the reward needs (e.g. the answer)."""
+
+    prompt_id: int
+    text: str
+    token_ids: list[int]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutGroup:
+    """K completions of one prompt, all sampled from one policy version."""
+
+    prompt: Prompt
+    completions: list[Completion]
+    policy_version: int
+    generator_id: int
+    created_at: float  # time.time() when generation finished
+    enqueued_at: float | None = None
+    gen_s: float = 0.0  # wall time of the generation batch this group came from
+
+    @property
+    def scored(self) -> list[Completion]:
+        """Completions whose reward is usable for training."""
+        return [c for c in self.completions if c.reward_status == "ok"]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.completions)

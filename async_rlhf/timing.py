@@ -1,0 +1,35 @@
+"""Named time and count accumulators for a run (where the time went)."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class Timing:
+    def __init__(self) -> None:
+        self._totals: defaultdict[str, float] = defaultdict(float)
+        self._open: dict[str, float] = {}
+
+    def add(self, name: str, amount: float) -> None:
+        self._totals[name] += amount
+
+    def get(self, name: str) -> float:
+        return self._totals[name]
+
+    def elapsed(self, name: str) -> float:
+        """Total for `name` including a span that is still open."""
+        start = self._open.get(name)
+        return self._totals[name] + (time.perf_counter() - start if start is not None else 0.0)
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        self._open[name] = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - self._open.pop(name))
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._totals)

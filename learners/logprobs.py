@@ -1,0 +1,75 @@
+"""Per-token log-probs of completion tokens, shared by the policy pass (with grad) and the reference pass.
+
+Layout: each row is prompt + completion, right-padded to the longest row. Right padding keeps every
+real token at the position it had during generation (0..len-1), so no position_ids are needed, and
+the causal mask already stops real tokens from seeing the padding after them.
+Output is aligned with the completion: column j is token j of the completion, which is also how
+`Completion.logprobs` (behaviour log-probs from the generator) is laid out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [B, T] long, right-padded prompt + completion
+    attention_mask: torch.Tensor  # [B, T] long, 1 on real tokens
+    prompt_lens: torch.Tensor  # [B] long
+    completion_mask: torch.Tensor  # [B, C] float, 1 on real completion tokens
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask,
+                                                    self.prompt_lens, self.completion_mask)))
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0) -> PackedBatch:
+    """Right-pad prompt+completion rows. `pad_id` only has to be a valid id: it is masked everywhere."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (it predicts the first completion token)")
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    c_width = max(len(c) for c in completions)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), c_width), dtype=torch.float32)
+    for i, (row, comp) in enumerate(zip(rows, completions)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, : len(comp)] = 1.0
+    prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return PackedBatch(input_ids, attention_mask, prompt_lens, completion_mask)
+
+
+def completion_logprobs(model: Callable[..., Any], batch: PackedBatch) -> torch.Tensor:
+    """[B, C] log p(completion token j | prompt, completion[:j]) in float32, 0 at padding.
+
+    `model` is anything called as model(input_ids=, attention_mask=) returning `.logits` [B, T, V]
+    (an HF causal LM or a DeepSpeed engine wrapping one). Grad flows when the caller allows it.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    _, width, vocab = logits.shape
+    n_comp = batch.completion_mask.shape[1]
+    # Logits at position t predict token t+1: completion token j (at p+j) is read from position p+j-1.
+    steps = torch.arange(n_comp, device=logits.device)
+    pos = (batch.prompt_lens.to(logits.device) - 1)[:, None] + steps[None, :]
+    pos = pos.clamp(max=width - 1)  # padding columns point somewhere valid; masked out below
+    # Gather only the needed positions before the softmax normaliser: O(B*C*V) instead of O(B*T*V).
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, vocab)).float()
+    targets = batch.input_ids.to(logits.device).gather(1, (pos + 1).clamp(max=width - 1))
+    logp = picked.gather(-1, targets[..., None]).squeeze(-1) - picked.logsumexp(-1)
+    mask = batch.completion_mask.to(logits.device) > 0
+    return torch.where(mask, logp, torch.zeros_like(logp))

@@ -1,0 +1,159 @@
+"""The loss registry and the generic data a loss declares, receives and returns.
+
+A loss is two functions plus a few declarations, bundled in a `LossSpec`:
+  * `select(groups) -> Selection`: which sequences (prompt + completion) to train on, picked from
+    rollout groups, plus counters of what was skipped. Pairwise losses pick (chosen, rejected);
+    group losses (GRPO/RLOO, later) would take every scored completion.
+  * `fn(inputs, params) -> (loss, metrics)`: a pure function on tensors. The learner forwards the
+    selected sequences through the policy (and the frozen reference) and hands the per-token
+    log-probs of the completion tokens in a `LossInputs`; the loss reduces them as it likes.
+  * `min_samples_per_prompt` (config validation), `needs_reference` (reference log-probs).
+The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from async_rlhf.rollout import Completion, RolloutGroup
+
+
+class LossParams(Protocol):
+    """Hyper-parameters a loss reads; `async_rlhf.config.LossConfig` satisfies it."""
+
+    beta: float
+
+
+@dataclass
+class Selection:
+    """Sequences a loss trains on. Row i is prompts[i] followed by completions[i].token_ids.
+
+    Pairwise selectors lay rows out as [chosen_0..chosen_{n-1}, rejected_0..rejected_{n-1}].
+    """
+
+    prompts: list[list[int]]
+    completions: list[Completion]
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+@dataclass
+class LossInputs:
+    """What the learner computed for a `Selection`, as tensors of shape [B] or [B, C].
+
+    C is the longest completion in the batch; positions past a completion's end hold 0 in the
+    log-prob tensors and 0 in `mask`, so `(logps * mask).sum(-1)` is a sequence log-prob.
+    """
+
+    logps: torch.Tensor  # [B, C] policy log-prob of each completion token (carries grad)
+    mask: torch.Tensor  # [B, C] 1.0 on real completion tokens
+    rewards: torch.Tensor  # [B]
+    ref_logps: torch.Tensor | None = None  # [B, C] frozen reference; set when needs_reference
+
+
+LossFn = Callable[[LossInputs, LossParams], tuple[torch.Tensor, dict[str, float]]]
+Selector = Callable[[list[RolloutGroup]], Selection]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: see the module docstring for the role of each field."""
+
+    name: str
+    fn: LossFn
+    min_samples_per_prompt: int
+    needs_reference: bool
+    doc: str
+    select: Selector
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str, *, select: Selector, min_samples_per_prompt: int, needs_reference: bool
+) -> Callable[[LossFn], LossFn]:
+    """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss '{name}' is already registered (by {LOSSES[name].fn.__module__})")
+        LOSSES[name] = LossSpec(
+            name=name,
+            fn=fn,
+            min_samples_per_prompt=min_samples_per_prompt,
+            needs_reference=needs_reference,
+            doc=(fn.__doc__ or "").strip(),
+            select=select,
+        )
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossSpec:
+    """The spec registered under `name`; unknown names fail with the list of valid ones."""
+    if name not in LOSSES:
+        raise KeyError(f"unknown loss '{name}'; valid names: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+# ---------------------------------------------------------------- pair selection (DPO family)
+
+
+@dataclass
+class Pair:
+    """A preference pair from one prompt: chosen has a strictly higher reward than rejected."""
+
+    prompt: list[int]
+    chosen: Completion
+    rejected: Completion
+
+
+def _best_and_worst(group: RolloutGroup) -> tuple[Completion, Completion] | str:
+    """(highest, lowest) scored completion, or the reason the group gives no pair."""
+    scored = group.scored  # failed / timed-out / pending rewards are never used
+    if len(scored) < 2:
+        return "skipped_failed"
+    # max/min keep the first of equal rewards: deterministic, and completions are i.i.d. anyway.
+    chosen = max(scored, key=lambda c: c.reward)
+    rejected = min(scored, key=lambda c: c.reward)
+    if chosen.reward == rejected.reward:
+        return "skipped_ties"
+    return chosen, rejected
+
+
+def select_pairs(groups: list[RolloutGroup]) -> tuple[list[Pair], dict[str, int]]:
+    """Per prompt: chosen = highest-reward, rejected = lowest-reward scored completion.
+
+    Groups with fewer than 2 scored completions count as `skipped_failed`; groups whose scored
+    rewards are all equal count as `skipped_ties` (no preference signal).
+    """
+    pairs: list[Pair] = []
+    stats = {"pairs": 0, "skipped_ties": 0, "skipped_failed": 0}
+    for group in groups:
+        picked = _best_and_worst(group)
+        if isinstance(picked, str):
+            stats[picked] += 1
+            continue
+        pairs.append(Pair(prompt=list(group.prompt.token_ids), chosen=picked[0], rejected=picked[1]))
+    stats["pairs"] = len(pairs)
+    return pairs, stats
+
+
+def select_pairs_batch(groups: list[RolloutGroup]) -> Selection:
+    """`select_pairs` laid out for the learner: all chosen rows first, then all rejected rows."""
+    pairs, stats = select_pairs(groups)
+    prompts = [p.prompt for p in pairs] * 2
+    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return Selection(prompts=prompts, completions=completions, stats=stats)
+
+
+def split_pairs(seq_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a [2n] per-row tensor laid out by `select_pairs_batch` into (chosen [n], rejected [n])."""
+    n = seq_values.shape[0] // 2
+    return seq_values[:n], seq_values[n:]

@@ -1,0 +1,1 @@
+"""Reward models: rule-based scorers (rules.py) and the reward service around them."""

@@ -1,0 +1,82 @@
+"""Config: defaults validate, overrides apply, every bad input is one clear line with exit code 2."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.cli import main
+from async_rlhf.config import ConfigError, RunConfig, load_config, parse_overrides
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+def test_quickstart_validates_and_overrides_apply() -> None:
+    cfg = load_config(QUICKSTART, ["queue.max_staleness=0", "learner.lr=3e-4", "loss.name=ipo"])
+    assert cfg.queue.max_staleness == 0 and cfg.learner.lr == 3e-4 and cfg.loss.name == "ipo"
+    assert cfg.queue_capacity == cfg.generation.prompts_per_step  # (N+1) * prompts_per_step
+
+
+def test_parse_overrides_types_values() -> None:
+    assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["novalue"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["queue.max_stalenes=1"], "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity"),
+        (["queue.max_staleness=-1"], "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
+        (["learner.lr=fast"], "learner.lr: Input should be a valid number"),
+        (["learner.zero_stage=3"], "learner.zero_stage: Input should be 0, 1 or 2 (got 3)"),
+        (["loss.name=ppo2"], "loss.name: unknown loss 'ppo2'; valid names: ipo, online_dpo"),
+        (["generation.samples_per_prompt=1"], "samples_per_prompt (1) must be >= 2 for loss 'online_dpo'"),
+        (["generation.prompts_per_step=15", "generation.num_generators=2"], "must be a multiple of"),
+        (["model.source=local"], "model.path is required when model.source=local"),
+        (["model.source=local", "model.path=/no/such/dir"], "model.path: no config.json in '/no/such/dir'"),
+        (["task.min_digits=9", "task.max_digits=3"], "task.min_digits (9) must be <= task.max_digits (3)"),
+        (["generation.max_new_tokens=60"], "generation.max_model_len (64) is shorter than"),
+    ],
+)
+def test_bad_values_give_one_line_errors(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, overrides)
+    message = str(err.value)
+    assert expected in message and "\n" not in message and message.startswith("config error: ")
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file '.*missing.yaml' not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("queue: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(scalar)
+
+
+def test_defaults_are_a_valid_config() -> None:
+    assert RunConfig().loss.name == "online_dpo"
+
+
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", str(QUICKSTART), "queue.max_staleness=-1", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_staleness" in err
+    assert not (tmp_path / "r").exists()  # nothing started, nothing written
+
+
+def test_console_script_exit_code_for_unknown_key() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "async_rlhf.cli", "train", str(QUICKSTART), "bogus.key=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("config error: unknown key 'bogus'")
+    assert "Traceback" not in proc.stderr

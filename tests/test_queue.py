@@ -1,0 +1,136 @@
+"""RolloutQueue and the generation gate: staleness exactly at the bound, the off-by-one cases."""
+from __future__ import annotations
+
+import heapq
+
+import pytest
+
+from async_rlhf.queue import GateInputs, QueueFullError, RolloutQueue, generation_allowed, target_step
+from tests.helpers import make_group
+
+
+@pytest.mark.parametrize("bound", [0, 1, 2])
+def test_take_keeps_exactly_the_bound_and_drops_one_more(bound: int) -> None:
+    q = RolloutQueue(capacity=10, max_staleness=bound)
+    learner_version = 5
+    at_bound = make_group(learner_version - bound, prompt_id=1)
+    beyond = make_group(learner_version - bound - 1, prompt_id=2)
+    q.put(beyond)
+    q.put(at_bound)
+    batch = q.take(1, learner_version)
+    assert batch == [at_bound]
+    assert q.counters.dropped_stale == 1
+    assert q.counters.staleness == {bound: 1}
+    assert q.counters.max_staleness_seen == bound
+
+
+def test_staleness_counts_time_spent_in_the_queue() -> None:
+    q = RolloutQueue(capacity=4, max_staleness=1)
+    q.put(make_group(version=3))
+    assert q.take(1, learner_version=5) is None  # fresh when queued (3 vs 3), too old at train time
+    assert q.counters.dropped_stale == 1 and len(q) == 0
+
+
+def test_take_waits_for_a_full_batch_and_is_fifo() -> None:
+    q = RolloutQueue(capacity=4, max_staleness=0)
+    groups = [make_group(0, prompt_id=i) for i in range(3)]
+    for g in groups[:1]:
+        q.put(g)
+    assert q.take(2, 0) is None and len(q) == 1
+    q.put(groups[1])
+    assert q.take(2, 0) == groups[:2]
+    assert q.counters.consumed == 2 and q.counters.produced == 2
+
+
+def test_capacity_is_enforced_and_failures_counted() -> None:
+    q = RolloutQueue(capacity=1, max_staleness=0)
+    q.put(make_group(0, rewards=[1.0, None, None]))
+    assert q.counters.failed_reward == 2
+    with pytest.raises(QueueFullError):
+        q.put(make_group(0))
+    with pytest.raises(ValueError):
+        RolloutQueue(capacity=1, max_staleness=-1)
+
+
+def gate(**kw) -> GateInputs:
+    base = dict(steps_taken=0, outstanding=0, published_version=0, chunk=4, prompts_per_step=4,
+                max_staleness=1, total_steps=100, capacity=100)
+    return GateInputs(**{**base, **kw})
+
+
+def test_gate_target_step_and_bound() -> None:
+    assert target_step(gate(steps_taken=3, outstanding=8)) == 5
+    # N=0: only the step that the current weights will train.
+    assert generation_allowed(gate(max_staleness=0))
+    assert not generation_allowed(gate(max_staleness=0, outstanding=4))
+    assert not generation_allowed(gate(max_staleness=0, steps_taken=1))  # learner busy with step 0
+    assert generation_allowed(gate(max_staleness=0, steps_taken=1, published_version=1))
+    # N=1: one step ahead, not two.
+    assert generation_allowed(gate(outstanding=4))
+    assert not generation_allowed(gate(outstanding=8))
+    # run length and capacity
+    assert not generation_allowed(gate(total_steps=1, outstanding=4))
+    assert not generation_allowed(gate(capacity=6, outstanding=4))
+
+
+def simulate(bound: int, gen_s: float, learn_s: float, steps: int = 12, gens: int = 1) -> tuple[list[int], int, float]:
+    """Discrete-event run of the controller's two rules with fixed job times.
+
+    Returns the staleness of every consumed group, the number dropped, and the finish time.
+    """
+    ppstep, chunk = 4, 4 // gens
+    q = RolloutQueue(capacity=(bound + 1) * ppstep, max_staleness=bound)
+    published = steps_taken = outstanding = 0
+    events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, payload)
+    idle = list(range(gens))
+    learner_busy, now, seq, seen = False, 0.0, 0, []
+    while steps_taken < steps or learner_busy:
+        while idle and generation_allowed(GateInputs(steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity)):
+            idle.pop()
+            outstanding += chunk
+            seq += 1
+            heapq.heappush(events, (now + gen_s, seq, "gen", published))
+        if not learner_busy and steps_taken < steps:
+            before = q.counters.dropped_stale
+            batch = q.take(ppstep, published)
+            outstanding -= q.counters.dropped_stale - before
+            if batch:
+                seen += [published - g.policy_version for g in batch]
+                outstanding -= ppstep
+                steps_taken += 1
+                learner_busy = True
+                seq += 1
+                heapq.heappush(events, (now + learn_s, seq, "learn", 0))
+        now, _, kind, version = heapq.heappop(events)
+        if kind == "gen":
+            idle.append(0)
+            for i in range(chunk):
+                q.put(make_group(version, prompt_id=i))
+        else:
+            learner_busy, published = False, published + 1
+    return seen, q.counters.dropped_stale, now
+
+
+def test_synchronous_run_trains_only_fresh_samples_and_does_not_overlap() -> None:
+    seen, dropped, finish = simulate(bound=0, gen_s=1.0, learn_s=1.0, steps=10)
+    assert set(seen) == {0} and dropped == 0 and len(seen) == 40
+    assert finish == pytest.approx(20.0)  # generate, train, generate, train ...
+
+
+@pytest.mark.parametrize("bound", [1, 2, 4])
+def test_async_run_reaches_but_never_exceeds_the_bound(bound: int) -> None:
+    # A fast generator runs ahead as far as the gate lets it: staleness settles at the bound.
+    seen, dropped, _ = simulate(bound=bound, gen_s=0.1, learn_s=1.0, steps=12)
+    assert max(seen) == bound and dropped == 0
+    assert seen[-4:] == [bound] * 4
+
+
+def test_one_step_off_policy_overlaps_equal_phases() -> None:
+    seen, dropped, finish = simulate(bound=1, gen_s=1.0, learn_s=1.0, steps=10)
+    assert max(seen) == 1 and dropped == 0
+    assert finish == pytest.approx(11.0)  # the paper's ideal: generation hidden behind learning
+
+
+def test_several_generators_share_a_step() -> None:
+    seen, dropped, _ = simulate(bound=1, gen_s=0.5, learn_s=1.0, steps=8, gens=2)
+    assert len(seen) == 32 and max(seen) <= 1 and dropped == 0
