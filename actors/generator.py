@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from async_rlhf.broker import WeightRef
 from async_rlhf.config import GenerationConfig
+from async_rlhf.resources import pin_process
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 
 
@@ -41,7 +42,7 @@ class GeneratorActor:
         cores = cores or sorted(os.sched_getaffinity(0))
         # Pin before vLLM starts: its engine processes inherit this affinity, and its OMP threads
         # bind to exactly these cores, so generation and learning do not fight over a core.
-        os.sched_setaffinity(0, cores)
+        pin_process(cores, len(cores))
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(cores)
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -25,7 +25,7 @@ class TaskConfig(Strict):
 
     name: Literal["sort"] = "sort"
     min_digits: int = Field(4, ge=1, le=32)
-    max_digits: int = Field(7, ge=1, le=32)
+    max_digits: int = Field(7, ge=2, le=32)
     eval_prompts: int = Field(128, ge=1)
 
     @model_validator(mode="after")
@@ -44,11 +44,11 @@ class EmbeddedModelConfig(Strict):
     intermediate_size: int = Field(512, ge=16)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(2, ge=1)
-    sft_steps: int = Field(600, ge=0)
+    sft_steps: int = Field(400, ge=0)
     sft_batch_size: int = Field(64, ge=1)
     sft_lr: float = Field(2e-3, gt=0)
     sft_correct_fraction: float = Field(
-        0.5, gt=0, le=1, description="share of supervised targets that are correct; the rest are corrupted"
+        0.4, gt=0, le=1, description="share of supervised targets that are correct; the rest are corrupted"
     )
     seed: int = 0
 
@@ -127,7 +127,7 @@ class LossConfig(Strict):
 
 
 class LearnerConfig(Strict):
-    steps: int = Field(60, ge=1, description="learner steps (policy versions) to train")
+    steps: int = Field(200, ge=1, description="learner steps (policy versions) to train")
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)

@@ -16,8 +16,9 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -85,7 +86,8 @@ def corrupt(answer: str, rng: random.Random) -> str:
 
 def sft_example(task: SortTask, index: int, correct_fraction: float) -> tuple[list[int], int]:
     """Token ids of prompt + target + EOS, and the prompt length (loss starts after it)."""
-    prompt = task.train_prompt(index)
+    # Its own stream (train split, never eval) so RL prompts are not a replay of the SFT data.
+    prompt = task.make_prompt(index, task.digits(index, "sft"))
     rng = random.Random(f"sft-target:{task.seed}:{index}")
     answer = prompt.meta["answer"]
     target = answer if rng.random() < correct_fraction else corrupt(answer, rng)
@@ -158,12 +160,29 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "async-rlhf"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (respects affinity pinning, unlike os.cpu_count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` torch threads, restoring the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_checkpoint(out: Path, emb: EmbeddedModelConfig, task_cfg: TaskConfig, log: Log) -> None:
     """Build, warm-start and save the policy into `out` (an existing, empty directory)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # SFT runs before any worker: use every core
-    try:
-        random.seed(emb.seed)
+    # SFT runs before any worker starts, so it may use every core; fork_rng seeds the init
+    # without disturbing the caller's global torch RNG state.
+    with torch_threads(usable_cores()), torch.random.fork_rng(devices=[]):
         torch.manual_seed(emb.seed)
         tokenizer = build_tokenizer()
         model = build_model(emb, len(tokenizer))
@@ -171,13 +190,18 @@ def build_checkpoint(out: Path, emb: EmbeddedModelConfig, task_cfg: TaskConfig, 
         start = time.perf_counter()
         final_loss = train_sft(model, task, emb, log)
         seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {**recipe(emb, task_cfg), "sft_final_loss": final_loss, "sft_seconds": round(seconds, 2)}
     (out / "recipe.json").write_text(json.dumps(info, indent=2))
     log(f"embedded SFT done in {seconds:.1f}s, final loss {final_loss:.4f}")
+
+
+def make_readable(directory: Path) -> None:
+    """mkdtemp makes a 0700 dir: open it up so other users/containers sharing the cache can read."""
+    directory.chmod(0o755)
+    for file in directory.iterdir():
+        file.chmod(0o644)
 
 
 def ensure_embedded_policy(
@@ -194,6 +218,7 @@ def ensure_embedded_policy(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=models_dir))
     try:
         build_checkpoint(tmp, emb, task_cfg, log)
+        make_readable(tmp)
         os.rename(tmp, final)
     except OSError:
         if not (final / "config.json").is_file():  # a concurrent builder did not win the race

@@ -31,3 +31,23 @@ def plan_cores(cfg: RunConfig, available: list[int] | None = None) -> CorePlan:
     if cfg.resources.pin_cores == "auto" and overlap and len(cores) >= gens + 1:
         return CorePlan([[c] for c in cores[:gens]], cores[gens:], pinned=True)
     return CorePlan([list(cores) for _ in range(gens)], list(cores), pinned=False)
+
+
+def pin_process(cores: list[int] | None, threads: int | None) -> None:
+    """Pin every thread of this process to `cores` and size torch's intra-op pool.
+
+    os.sched_setaffinity(0, ...) only moves the calling thread; threads that already exist (Ray's,
+    an OpenMP pool created at import) keep their mask, so each task under /proc/self/task is moved.
+    """
+    if cores:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except (ProcessLookupError, PermissionError):
+                pass  # a thread that exited meanwhile
+        os.sched_setaffinity(0, cores)
+    n = threads or (len(cores) if cores else None)
+    if n:
+        import torch  # only the processes that pin need torch
+
+        torch.set_num_threads(n)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from async_rlhf.config import TaskConfig
 from async_rlhf.rollout import Prompt
 
-Stream = Literal["train", "eval"]
+if TYPE_CHECKING:  # transformers is heavy; the task only calls the tokenizer
+    from transformers import PreTrainedTokenizerBase
+
+Stream = Literal["train", "eval", "sft"]  # sft: the warm start's own train-split stream
 
 SEPARATOR = ">"
 EVAL_BUCKETS = 10  # 1 in EVAL_BUCKETS digit strings is reserved for evaluation
@@ -37,7 +40,9 @@ def sorted_answer(digits: str) -> str:
 class SortTask:
     """Deterministic prompt streams for the digit-sorting task."""
 
-    def __init__(self, task_cfg: TaskConfig, tokenizer, seed: int) -> None:
+    def __init__(self, task_cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
+        if task_cfg.max_digits < 2:  # no 1-digit string hashes into the eval split
+            raise ValueError(f"task.max_digits must be >= 2 for a disjoint eval split (got {task_cfg.max_digits})")
         self.cfg = task_cfg
         self.tokenizer = tokenizer  # must add BOS itself (embedded.build_tokenizer does)
         self.seed = seed

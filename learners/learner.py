@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from async_rlhf.config import LearnerConfig, RunConfig
+from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
 from learners.logprobs import PackedBatch, completion_logprobs, pack
 from learners.losses import LossInputs, Selection, get_loss
@@ -27,24 +28,6 @@ from learners.losses import LossInputs, Selection, get_loss
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                    "*.model", "chat_template*")
 KL_CHUNK = 64  # sequences per no-grad forward in kl_to_reference: bounds activation memory
-
-
-def pin_process(cores: list[int] | None, threads: int | None) -> None:
-    """Pin every thread of this process to `cores` and size torch's intra-op pool.
-
-    os.sched_setaffinity(0, ...) only moves the calling thread; threads that already exist (Ray's,
-    an OpenMP pool created at import) keep their mask, so each task under /proc/self/task is moved.
-    """
-    if cores:
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setaffinity(int(tid), cores)
-            except (ProcessLookupError, PermissionError):
-                pass  # a thread that exited meanwhile
-        os.sched_setaffinity(0, cores)
-    n = threads or (len(cores) if cores else None)
-    if n:
-        torch.set_num_threads(n)
 
 
 def _free_port() -> int:
