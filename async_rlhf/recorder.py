@@ -7,6 +7,11 @@ from pathlib import Path
 from async_rlhf.config import RunConfig, dump_config
 
 
+def _series(records: list[dict], key: str) -> list[float]:
+    """Values for plotting; a missing or None value (e.g. a step with no usable pair) is a gap."""
+    return [float("nan") if r.get(key) is None else r[key] for r in records]
+
+
 class RunRecorder:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -43,13 +48,17 @@ class RunRecorder:
 
         fig, (ax_r, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         steps = [r["step"] for r in self.steps]
-        ax_r.plot(steps, [r["reward_mean"] for r in self.steps], label="train reward (proxy), batch mean", alpha=0.7)
+        ax_r.plot(steps, _series(self.steps, "reward_mean"), label="train reward (proxy), batch mean", alpha=0.7)
         if self.evals:
-            ax_r.plot([e["version"] for e in self.evals], [e["gold_reward"] for e in self.evals], "o-", label="gold reward (eval)")
+            ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-", label="gold reward (eval)")
         ax_r.set_ylabel("reward")
         ax_r.legend(loc="lower right")
         ax_r.grid(alpha=0.3)
-        ax_kl.plot(steps, [r["kl"] for r in self.steps], color="tab:red")
+        ax_kl.plot(steps, _series(self.steps, "kl"), color="tab:red", alpha=0.5, label="train batch (chosen+rejected)")
+        if self.evals:
+            versions = _series(self.evals, "version")
+            ax_kl.plot(versions, _series(self.evals, "kl"), "o-", color="darkred", label="eval samples (current policy)")
+        ax_kl.legend(loc="upper left")
         ax_kl.set_ylabel("KL to reference (nats/seq)")
         ax_kl.set_xlabel("learner step (policy version)")
         ax_kl.grid(alpha=0.3)
