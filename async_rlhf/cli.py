@@ -16,6 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. queue.max_staleness=0")
     train.add_argument("--run-dir", type=Path, default=None, help="where outputs go (default runs/<time>)")
+    status = sub.add_parser("status", help="print the status of a running job")
+    status.add_argument("--url", default=None, help="API URL (default: from --run-dir, else the newest runs/*/api_url)")
+    status.add_argument("--run-dir", type=Path, default=None)
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*")
@@ -59,8 +63,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = Controller(cfg, run_dir, progress=update).run()
     finally:
         bar.close()
+    ended = f"stopped at step {summary['steps']}" if summary["stopped_early"] else "done"
     print(
-        f"[async-rlhf] done in {summary['wall_s']:.1f}s: gold reward {summary['initial_gold_reward']:.3f} -> "
+        f"[async-rlhf] {ended} in {summary['wall_s']:.1f}s: gold reward {summary['initial_gold_reward']:.3f} -> "
         f"{summary['final_gold_reward']:.3f}, max staleness seen {summary['max_staleness_seen']} "
         f"(bound {summary['max_staleness']}), outputs in {run_dir}",
         flush=True,
@@ -76,10 +81,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from async_rlhf.status_cli import find_url, print_status
+
+    url = args.url or find_url(args.run_dir)
+    return print_status(url, as_json=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status}
     try:
-        return {"train": cmd_train, "check-config": cmd_check}[args.command](args)
+        return commands[args.command](args)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

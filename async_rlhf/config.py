@@ -148,6 +148,18 @@ class ResourcesConfig(Strict):
     )
 
 
+class ApiConfig(Strict):
+    """HTTP status and control, served by the controller while a run is alive."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="bind address; reads need the token too when not loopback")
+    port: int = Field(0, ge=0, le=65535, description="0 = any free port (printed and written to run_dir/api_url)")
+    token: str | None = Field(
+        None, min_length=16,
+        description="bearer token for /control; default $ASYNC_RLHF_API_TOKEN, else generated into run_dir/api_token",
+    )
+
+
 class EvalConfig(Strict):
     every: int = Field(0, ge=0, description="gold evaluation every E steps; 0 = only at start and end")
 
@@ -165,6 +177,7 @@ class RunConfig(Strict):
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     resources: ResourcesConfig = ResourcesConfig()
     eval: EvalConfig = EvalConfig()
+    api: ApiConfig = ApiConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":

@@ -8,6 +8,7 @@ With max_staleness=0 the gate alone makes the run fully synchronous (generate, t
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +19,21 @@ import ray
 from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.config import RunConfig
+from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
-from async_rlhf.resources import CorePlan, plan_cores
+from async_rlhf.resources import plan_cores
 from async_rlhf.rollout import RolloutGroup
+from async_rlhf.status import status_snapshot
 from async_rlhf.tasks import SortTask
 from async_rlhf.timing import Timing
 from learners.learner import Learner
 from reward_models.service import RewardService
 
 Progress = Callable[[dict], None]
+WAIT_TIMEOUT_S = 0.2  # how often the loop looks at control commands when nothing completes
 
 
 @dataclass
@@ -40,6 +44,7 @@ class GeneratorSlot:
     generator_id: int
     job: Any = None  # ObjectRef of the generation in flight
     leased_version: int | None = None
+    version: int = 0  # weights version of its last finished batch
     busy_s: float = 0.0
     tokens: int = 0
 
@@ -72,16 +77,36 @@ class Controller:
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.timing = Timing()
         self.state = LoopState()
+        self.control = RunControl()
+        self.phase = "created"  # created, starting, running, paused, stopping, finished, failed
         self.started_ray = False
+        self.api = None
+        self.target_capacity = self.queue.capacity
+        self.generators: list[GeneratorSlot] = []
+        self.last_step: dict = {}
+        self.reward_counts = {"ok": 0, "failed": 0, "timed_out": 0}
+        self.heartbeat = time.monotonic()
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
+        self.phase = "starting"
         self.recorder.save_config(self.cfg)
+        self._start_api()
         with self.timing.span("setup_s"):
             policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
             self._start_ray()
             self.plan = plan_cores(self.cfg)
             self._build_components(str(policy_dir))
+
+    def _start_api(self) -> None:
+        if not self.cfg.api.enabled:
+            return
+        from async_rlhf.api import ApiServer  # FastAPI/uvicorn only when serving
+
+        self.api = ApiServer(self, self.cfg.api, self.run_dir)
+        url = self.api.start()
+        print(f"[async-rlhf] status and control at {url} (control token in {self.run_dir / 'api_token'} "
+              f"unless set by api.token or $ASYNC_RLHF_API_TOKEN)", flush=True)
 
     def _start_ray(self) -> None:
         if ray.is_initialized():
@@ -129,15 +154,58 @@ class Controller:
             with self.timing.span("loop_s"):
                 self.state.learner_idle_since = time.perf_counter()
                 while not self._done():
+                    self.heartbeat = time.monotonic()
+                    self._apply_control()
+                    self._drop_stale()
                     self._dispatch_generation()
                     self._dispatch_learning()
                     self._wait_and_handle()
-            return self._finish(initial)
+            self.phase = "stopping"
+            summary = self._finish(initial)
+            self.phase = "finished"
+            return summary
+        except BaseException:
+            self.phase = "failed"
+            raise
         finally:
+            self._fail_pending_checkpoints()
             self.shutdown()
 
     def _done(self) -> bool:
-        return self.state.steps_taken >= self.cfg.learner.steps and self.state.learner_job is None
+        if self.state.learner_job is not None:
+            return False
+        return self.control.stop_requested or self.state.steps_taken >= self.cfg.learner.steps
+
+    # ---- control (commands posted by the HTTP API) ------------------------------------
+    def _apply_control(self) -> None:
+        self.phase = "paused" if self.control.paused else "running"
+        new_bound = self.control.take_max_staleness()
+        if new_bound is not None:
+            self.queue.max_staleness = new_bound
+            if self.cfg.queue.capacity is None:
+                self.target_capacity = (new_bound + 1) * self.cfg.generation.prompts_per_step
+        # Never below what is already in flight: a put must not fail for groups issued earlier.
+        self.queue.capacity = max(self.target_capacity, self.state.outstanding)
+        if self.state.learner_job is None:  # checkpoints only between learner steps
+            for future in self.control.take_checkpoint_requests():
+                self._checkpoint(future)
+
+    def _checkpoint(self, future: Any) -> None:
+        version = self.broker.latest_version
+        final = self.run_dir / "checkpoints" / f"step-{version:06d}"
+        try:
+            if not final.exists():
+                partial = final.with_name(final.name + ".partial")
+                ray.get(self.learner.save_pretrained.remote(str(partial)))
+                (partial / "trainer_state.json").write_text(json.dumps(status_snapshot(self), indent=2))
+                partial.rename(final)  # atomic: a crash mid-write leaves no half checkpoint behind
+            future.set_result({"path": str(final), "version": version})
+        except Exception as exc:  # reported to the requester; the run goes on
+            future.set_exception(exc)
+
+    def _fail_pending_checkpoints(self) -> None:
+        for future in self.control.take_checkpoint_requests():
+            future.set_exception(RuntimeError(f"run ended ({self.phase}) before the checkpoint was taken"))
 
     @property
     def chunk(self) -> int:
@@ -156,6 +224,8 @@ class Controller:
         )
 
     def _dispatch_generation(self) -> None:
+        if self.control.paused or self.control.stop_requested:
+            return
         for slot in self.generators:
             if slot.job is not None or not generation_allowed(self.gate_inputs()):
                 continue
@@ -168,13 +238,24 @@ class Controller:
                 slot.leased_version = weights.version
             slot.job = slot.handle.generate.remote(prompts, weights)
 
+    def _drop_stale(self) -> None:
+        """Drop queued groups that are already too old for the next batch, before the gate is asked.
+
+        The next batch is trained at learner version == steps_taken (the in-flight step, if any,
+        publishes exactly that), so a group dropped here would certainly be dropped at take. Doing
+        it first frees the gate to issue fresh prompts in the same iteration.
+        """
+        self.state.outstanding -= self.queue.drop_stale(self.state.steps_taken)
+
     def _dispatch_learning(self) -> None:
         st = self.state
         if st.learner_job is not None or st.steps_taken >= self.cfg.learner.steps:
             return
-        before = self.queue.counters.dropped_stale
-        batch = self.queue.take(self.cfg.generation.prompts_per_step, self.broker.latest_version)
-        st.outstanding -= self.queue.counters.dropped_stale - before
+        if self.control.paused or self.control.stop_requested:
+            return
+        dropped_before = self.queue.counters.dropped_stale
+        batch = self.queue.take(self.cfg.generation.prompts_per_step, st.steps_taken)
+        st.outstanding -= self.queue.counters.dropped_stale - dropped_before  # none after _drop_stale
         if batch is None:
             return
         st.outstanding -= len(batch)
@@ -190,9 +271,12 @@ class Controller:
         refs = list(pending) + list(self.state.reward_jobs)
         if self.state.learner_job is not None:
             refs.append(self.state.learner_job.save_ref)
-        if not refs:
+        if not refs and not self.control.paused:
             raise RuntimeError("controller has nothing in flight and cannot make progress (gate or queue bug)")
-        ready, _ = ray.wait(refs, num_returns=1)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_TIMEOUT_S) if refs else ([], [])
+        if not ready:
+            time.sleep(0 if refs else WAIT_TIMEOUT_S)
+            return
         ref = ready[0]
         if ref in pending:
             self._on_generated(pending[ref], ref)
@@ -207,6 +291,7 @@ class Controller:
         if slot.leased_version is not None:
             self.broker.release(slot.leased_version)
             slot.leased_version = None
+        slot.version = result.policy_version
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
         self.timing.add("gen_busy_s", result.gen_s)
@@ -217,6 +302,8 @@ class Controller:
     def _on_scored(self, ref: Any) -> None:
         self.state.reward_jobs.pop(ref)
         for group in ray.get(ref):
+            for completion in group.completions:
+                self.reward_counts[completion.reward_status] += 1
             self.queue.put(group)
 
     def _on_learned(self) -> None:
@@ -230,6 +317,7 @@ class Controller:
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
         record = self._step_record(job, metrics)
+        self.last_step = record
         self.recorder.log_step(record)
         self.progress(record)
         self._maybe_eval(job.version)
@@ -263,10 +351,12 @@ class Controller:
 
     # ---- the end ------------------------------------------------------------------------
     def _finish(self, initial: dict) -> dict:
-        final_ref = self.broker.lease(self.broker.latest_version)
+        latest = self.broker.latest()  # None when stopped before the first step
+        final_ref = self.broker.lease(latest.version) if latest else None
         with self.timing.span("eval_s"):
             final = self.evaluator.evaluate(self.generators[0].handle, final_ref, self.learner)
-        self.broker.release(final_ref.version)
+        if final_ref:
+            self.broker.release(final_ref.version)
         self.recorder.log_eval(final)
         ray.get(self.learner.save_pretrained.remote(str(self.run_dir / "final")))
         summary = self._summary(initial, final)
@@ -288,7 +378,9 @@ class Controller:
             "eval_s": round(t.get("eval_s"), 3),
             "episodes": q.consumed * self.cfg.generation.samples_per_prompt,
             "steps": self.state.steps_taken,
-            "max_staleness": self.cfg.queue.max_staleness,
+            "stopped_early": self.state.steps_taken < self.cfg.learner.steps,
+            "max_staleness": self.queue.max_staleness,  # the bound in force at the end (may be changed over HTTP)
+            "max_staleness_configured": self.cfg.queue.max_staleness,
             "max_staleness_seen": q.max_staleness_seen,
             "dropped_stale": q.dropped_stale,
             "failed_reward": q.failed_reward,
@@ -303,6 +395,9 @@ class Controller:
         }
 
     def shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if hasattr(self, "broker"):
             self.broker.close()
         if self.started_ray:

@@ -73,9 +73,11 @@ def test_gate_target_step_and_bound() -> None:
     assert not generation_allowed(gate(capacity=6, outstanding=4))
 
 
-def simulate(bound: int, gen_s: float, learn_s: float, steps: int = 12, gens: int = 1) -> tuple[list[int], int, float]:
-    """Discrete-event run of the controller's two rules with fixed job times.
+def simulate(bound: int, gen_s: float, learn_s: float, steps: int = 12, gens: int = 1,
+             new_bound_at: tuple[int, int] | None = None) -> tuple[list[int], int, float]:
+    """Discrete-event run of the controller's loop (drop stale, gate, take) with fixed job times.
 
+    `new_bound_at=(step, N)` changes the bound once `step` batches were taken, as over HTTP.
     Returns the staleness of every consumed group, the number dropped, and the finish time.
     """
     ppstep, chunk = 4, 4 // gens
@@ -85,15 +87,16 @@ def simulate(bound: int, gen_s: float, learn_s: float, steps: int = 12, gens: in
     idle = list(range(gens))
     learner_busy, now, seq, seen = False, 0.0, 0, []
     while steps_taken < steps or learner_busy:
+        if new_bound_at and steps_taken >= new_bound_at[0]:
+            q.max_staleness = bound = new_bound_at[1]
+        outstanding -= q.drop_stale(steps_taken)  # the next batch trains at version == steps_taken
         while idle and generation_allowed(GateInputs(steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity)):
             idle.pop()
             outstanding += chunk
             seq += 1
             heapq.heappush(events, (now + gen_s, seq, "gen", published))
         if not learner_busy and steps_taken < steps:
-            before = q.counters.dropped_stale
-            batch = q.take(ppstep, published)
-            outstanding -= q.counters.dropped_stale - before
+            batch = q.take(ppstep, steps_taken)
             if batch:
                 seen += [published - g.policy_version for g in batch]
                 outstanding -= ppstep
@@ -134,3 +137,11 @@ def test_one_step_off_policy_overlaps_equal_phases() -> None:
 def test_several_generators_share_a_step() -> None:
     seen, dropped, _ = simulate(bound=1, gen_s=0.5, learn_s=1.0, steps=8, gens=2)
     assert len(seen) == 32 and max(seen) <= 1 and dropped == 0
+
+
+def test_lowering_the_bound_mid_run_drops_old_samples_and_keeps_going() -> None:
+    # A fast generator is 2 versions ahead when the bound drops from 2 to 0: its queued samples
+    # are dropped, fresh ones are generated, and the run still completes every step.
+    seen, dropped, _ = simulate(bound=2, gen_s=0.1, learn_s=1.0, steps=12, new_bound_at=(6, 0))
+    assert len(seen) == 12 * 4 and dropped > 0
+    assert seen[-4 * 5:] == [0] * 20  # after the switch settles, only fresh samples are trained
