@@ -1,0 +1,38 @@
+"""API token resolution and read access when bound beyond loopback (no run needed: auth runs first)."""
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from async_rlhf.api import TOKEN_ENV, _is_loopback, create_app, resolve_token
+from async_rlhf.config import ApiConfig
+
+
+def test_token_from_config_then_env_then_generated_0600(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-123")
+    assert resolve_token(ApiConfig(token="from-the-config-0123456"), tmp_path) == "from-the-config-0123456"
+    assert resolve_token(ApiConfig(), tmp_path) == "from-the-environment-123"
+    assert not (tmp_path / "api_token").exists()
+    monkeypatch.delenv(TOKEN_ENV)
+    token = resolve_token(ApiConfig(), tmp_path)
+    path = tmp_path / "api_token"
+    assert path.read_text().strip() == token and len(token) >= 24
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_short_config_token_is_rejected() -> None:
+    with pytest.raises(ValueError, match="at least 16"):
+        ApiConfig(token="short")
+
+
+def test_reads_need_the_token_when_not_on_loopback() -> None:
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0")
+    # The auth dependency refuses before any controller state is read, so no run is needed here.
+    with TestClient(create_app(controller=None, token="secret-token-0123456", open_reads=False)) as client:
+        for path in ("/status", "/queue", "/metrics", "/healthz", "/history"):
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers={"Authorization": "Bearer nope-nope-nope-nope"}).status_code == 403
