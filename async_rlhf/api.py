@@ -57,6 +57,7 @@ class GeneratorInfo(BaseModel):
     busy_fraction: float
     tokens_per_s: float
     tokens: int
+    restarts: int
 
 
 class LearnerInfo(BaseModel):

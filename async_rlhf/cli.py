@@ -56,11 +56,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = resolve_run_dir(cfg, args.run_dir)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
-    from async_rlhf.controller import Controller  # heavy imports only once the config is valid
+    from async_rlhf.controller import Controller, RunError  # heavy imports only once the config is valid
 
     bar, update = _progress_bar(cfg.learner.steps)
     try:
         summary = Controller(cfg, run_dir, progress=update).run()
+    except RunError as exc:
+        bar.close()
+        print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         bar.close()
     ended = f"stopped at step {summary['steps']}" if summary["stopped_early"] else "done"

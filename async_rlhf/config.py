@@ -88,6 +88,7 @@ class GenerationConfig(Strict):
     eval_temperature: float = Field(1.0, ge=0)
     max_model_len: int = Field(64, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
 
     @model_validator(mode="after")
     def _split(self) -> "GenerationConfig":
@@ -132,6 +133,9 @@ class LearnerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2] = 2
+    stall_timeout_s: float = Field(
+        600.0, gt=0, description="stop with an error when no learner step finishes for this long (never hang)"
+    )
 
 
 class WeightSyncConfig(Strict):

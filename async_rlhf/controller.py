@@ -9,7 +9,9 @@ With max_staleness=0 the gate alone makes the run fully synchronous (generate, t
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +19,7 @@ from typing import Any, Callable
 import ray
 
 from actors.generator import GenerationResult, GeneratorActor
-from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
+from async_rlhf.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.config import RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
@@ -25,7 +27,7 @@ from async_rlhf.evaluation import Evaluator
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
-from async_rlhf.rollout import RolloutGroup
+from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
 from async_rlhf.tasks import SortTask
 from async_rlhf.timing import Timing
@@ -36,6 +38,10 @@ Progress = Callable[[dict], None]
 WAIT_TIMEOUT_S = 0.2  # how often the loop looks at control commands when nothing completes
 
 
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
 @dataclass
 class GeneratorSlot:
     """The controller's view of one generator actor."""
@@ -44,6 +50,12 @@ class GeneratorSlot:
     generator_id: int
     job: Any = None  # ObjectRef of the generation in flight
     leased_version: int | None = None
+    prompts: list[Prompt] = field(default_factory=list)  # in flight; re-issued if the actor dies
+    restarts: int = 0  # counted when the actor answers again from a new process
+    pid: int = 0
+    probe: Any = None  # ObjectRef of an info() call while recovering from a death
+    recovering: bool = False
+    not_before: float = 0.0  # next probe no earlier than this (time.monotonic)
     version: int = 0  # weights version of its last finished batch
     busy_s: float = 0.0
     tokens: int = 0
@@ -66,6 +78,8 @@ class LoopState:
     learner_job: LearnerJob | None = None
     learner_idle_since: float = 0.0
     reward_jobs: dict = field(default_factory=dict)  # ObjectRef -> GenerationResult
+    reissue: deque = field(default_factory=deque)  # prompt chunks of generators that died
+    last_progress: float = field(default_factory=time.monotonic)  # last learner step (or start)
 
 
 class Controller:
@@ -135,26 +149,31 @@ class Controller:
         )
         learner_cls = ray.remote(Learner).options(num_cpus=1, max_concurrency=1)
         self.learner = learner_cls.remote(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
-        gen_cls = ray.remote(GeneratorActor).options(num_cpus=1)
+        # Ray restarts a generator whose process dies; the controller re-issues its prompts.
+        gen_cls = ray.remote(GeneratorActor).options(num_cpus=1, max_restarts=cfg.generation.max_restarts)
         self.generators = [
             GeneratorSlot(gen_cls.remote(i, policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i]), i)
             for i in range(cfg.generation.num_generators)
         ]
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
         self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s)
-        ray.get([g.handle.info.remote() for g in self.generators] + [self.learner.__ray_ready__.remote()])
+        infos = ray.get([g.handle.info.remote() for g in self.generators])
+        for slot, info in zip(self.generators, infos):
+            slot.pid = info["pid"]
+        ray.get(self.learner.__ray_ready__.remote())
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature)
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
         try:
             self.start()
-            initial = self.evaluator.evaluate(self.generators[0].handle, None, self.learner)
+            initial = self._evaluate(None)
             self.recorder.log_eval(initial)
             with self.timing.span("loop_s"):
                 self.state.learner_idle_since = time.perf_counter()
                 while not self._done():
                     self.heartbeat = time.monotonic()
+                    self._check_stall()
                     self._apply_control()
                     self._drop_stale()
                     self._dispatch_generation()
@@ -227,16 +246,28 @@ class Controller:
         if self.control.paused or self.control.stop_requested:
             return
         for slot in self.generators:
-            if slot.job is not None or not generation_allowed(self.gate_inputs()):
+            if slot.job is not None or slot.probe is not None:
                 continue
-            prompts = [self.task.train_prompt(self.state.next_prompt + i) for i in range(self.chunk)]
-            self.state.next_prompt += self.chunk
-            self.state.outstanding += self.chunk
-            weights = None
-            if self.broker.latest() is not None:
-                weights = self.broker.lease(self.broker.latest_version)
-                slot.leased_version = weights.version
-            slot.job = slot.handle.generate.remote(prompts, weights)
+            if slot.recovering:
+                if time.monotonic() >= slot.not_before:
+                    slot.probe = slot.handle.info.remote()
+                continue
+            if self.state.reissue:  # already counted in `outstanding`: no gate, no new prompts
+                self._submit(slot, self.state.reissue.popleft())
+            elif generation_allowed(self.gate_inputs()):
+                prompts = [self.task.train_prompt(self.state.next_prompt + i) for i in range(self.chunk)]
+                self.state.next_prompt += self.chunk
+                self.state.outstanding += self.chunk
+                self._submit(slot, prompts)
+
+    def _submit(self, slot: GeneratorSlot, prompts: list[Prompt]) -> None:
+        """Generate with the newest weights; a restarted actor (back at version 0) reloads them."""
+        weights = None
+        if self.broker.latest() is not None:
+            weights = self.broker.lease(self.broker.latest_version)
+            slot.leased_version = weights.version
+        slot.prompts = prompts
+        slot.job = slot.handle.generate.remote(prompts, weights)
 
     def _drop_stale(self) -> None:
         """Drop queued groups that are already too old for the next batch, before the gate is asked.
@@ -268,29 +299,37 @@ class Controller:
 
     def _wait_and_handle(self) -> None:
         pending = {slot.job: slot for slot in self.generators if slot.job is not None}
-        refs = list(pending) + list(self.state.reward_jobs)
+        probes = {slot.probe: slot for slot in self.generators if slot.probe is not None}
+        refs = list(pending) + list(probes) + list(self.state.reward_jobs)
         if self.state.learner_job is not None:
             refs.append(self.state.learner_job.save_ref)
-        if not refs and not self.control.paused:
+        recovering = any(slot.recovering for slot in self.generators)
+        if not refs and not self.control.paused and not recovering:
             raise RuntimeError("controller has nothing in flight and cannot make progress (gate or queue bug)")
         ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_TIMEOUT_S) if refs else ([], [])
         if not ready:
-            time.sleep(0 if refs else WAIT_TIMEOUT_S)
+            time.sleep(0 if refs else 0.05)
             return
         ref = ready[0]
         if ref in pending:
             self._on_generated(pending[ref], ref)
+        elif ref in probes:
+            self._on_probe(probes[ref], ref)
         elif ref in self.state.reward_jobs:
             self._on_scored(ref)
         else:
             self._on_learned()
 
     def _on_generated(self, slot: GeneratorSlot, ref: Any) -> None:
-        result: GenerationResult = ray.get(ref)
         slot.job = None
         if slot.leased_version is not None:
             self.broker.release(slot.leased_version)
             slot.leased_version = None
+        try:
+            result: GenerationResult = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._on_generator_died(slot, exc)
+            return
         slot.version = result.policy_version
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
@@ -298,6 +337,45 @@ class Controller:
         self.timing.add("weight_sync_s", result.sync_s)
         self.timing.add("tokens_generated", result.tokens)
         self.state.reward_jobs[self.reward.score.remote(result.groups)] = result
+
+    def _on_generator_died(self, slot: GeneratorSlot, exc: Exception) -> None:
+        """Nothing of the lost batch reaches the learner; its prompts go out again, unchanged,
+        once the actor answers a probe (Ray restarts it; calls fail fast while it is down)."""
+        self.state.reissue.append(slot.prompts)
+        slot.recovering, slot.not_before = True, time.monotonic() + 0.5
+        print(f"[async-rlhf] generator {slot.generator_id} lost its batch ({type(exc).__name__}); waiting for "
+              f"Ray to restart it; its {len(slot.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
+
+    def _on_probe(self, slot: GeneratorSlot, ref: Any) -> None:
+        slot.probe = None
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.ActorDiedError as exc:  # dead for good: restarts exhausted
+            raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
+                           f"(generation.max_restarts={self.cfg.generation.max_restarts}): {exc}") from exc
+        except ray.exceptions.RayActorError:  # still restarting
+            slot.not_before = time.monotonic() + 1.0
+            return
+        self._note_alive(slot, info)
+
+    def _note_alive(self, slot: GeneratorSlot, info: dict) -> None:
+        if info["pid"] != slot.pid:
+            slot.restarts += 1
+            slot.pid = info["pid"]
+            print(f"[async-rlhf] generator {slot.generator_id} is back (pid {slot.pid}, restart {slot.restarts}); "
+                  f"it loads the current weights with its next batch", file=sys.stderr, flush=True)
+        slot.recovering = False
+
+    def _check_stall(self) -> None:
+        if self.control.paused:
+            self.state.last_progress = time.monotonic()
+            return
+        idle = time.monotonic() - self.state.last_progress
+        if idle > self.cfg.learner.stall_timeout_s:
+            busy = [f"generator {g.generator_id}" for g in self.generators if g.job is not None]
+            raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s="
+                           f"{self.cfg.learner.stall_timeout_s:g}); in flight: {', '.join(busy) or 'nothing'}, "
+                           f"queue depth {len(self.queue)}; see the Ray logs under /tmp/ray/session_latest/logs")
 
     def _on_scored(self, ref: Any) -> None:
         self.state.reward_jobs.pop(ref)
@@ -314,6 +392,7 @@ class Controller:
         self.broker.publish(job.version)
         st.learner_job = None
         st.learner_idle_since = time.perf_counter()
+        st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
         record = self._step_record(job, metrics)
@@ -329,8 +408,28 @@ class Controller:
             if slot.job is not None:  # finish its batch first: weights swap only between batches
                 self._on_generated(slot, ray.wait([slot.job])[0][0])
             with self.timing.span("eval_s"):
-                self.recorder.log_eval(self.evaluator.evaluate(slot.handle, self.broker.lease(version), self.learner))
+                self.recorder.log_eval(self._evaluate(self.broker.lease(version)))
             self.broker.release(version)
+
+    def _evaluate(self, weights: WeightRef | None) -> dict:
+        """Gold evaluation on generator 0; if it died meanwhile, once more on its restarted self."""
+        slot = self.generators[0]
+        try:
+            return self.evaluator.evaluate(slot.handle, weights, self.learner)
+        except ray.exceptions.RayActorError:
+            self._await_restart(slot)
+            return self.evaluator.evaluate(slot.handle, weights, self.learner)
+
+    def _await_restart(self, slot: GeneratorSlot) -> None:
+        """Block until a generator answers again (used outside the event loop, e.g. evaluation)."""
+        deadline = time.monotonic() + self.cfg.learner.stall_timeout_s
+        slot.recovering = True
+        while time.monotonic() < deadline:
+            self._on_probe(slot, slot.handle.info.remote())
+            if not slot.recovering:
+                return
+            time.sleep(1.0)
+        raise RunError(f"generator {slot.generator_id} did not come back within {self.cfg.learner.stall_timeout_s:g}s")
 
     def _step_record(self, job: LearnerJob, metrics: dict) -> dict:
         scored = [c.reward for g in job.batch for c in g.scored]
@@ -346,6 +445,7 @@ class Controller:
             "gen_tokens_per_s": self.timing.get("tokens_generated") / gen_s if gen_s else 0.0,
             "dropped_stale": self.queue.counters.dropped_stale,
             "failed_reward": self.queue.counters.failed_reward,
+            "prompt_ids": [g.prompt.prompt_id for g in job.batch],  # coverage: nothing trained twice or lost
             **{k: v for k, v in metrics.items() if k != "version"},
         }
 
@@ -354,7 +454,7 @@ class Controller:
         latest = self.broker.latest()  # None when stopped before the first step
         final_ref = self.broker.lease(latest.version) if latest else None
         with self.timing.span("eval_s"):
-            final = self.evaluator.evaluate(self.generators[0].handle, final_ref, self.learner)
+            final = self._evaluate(final_ref)
         if final_ref:
             self.broker.release(final_ref.version)
         self.recorder.log_eval(final)

@@ -28,6 +28,7 @@ def generator_status(c: "Controller") -> list[dict]:
             "busy_fraction": round(slot.busy_s / elapsed, 4) if elapsed > 0 else 0.0,
             "tokens_per_s": round(slot.tokens / slot.busy_s, 1) if slot.busy_s > 0 else 0.0,
             "tokens": slot.tokens,
+            "restarts": slot.restarts,
         }
         for slot in list(c.generators)
     ]

@@ -42,7 +42,7 @@ def render(status: dict, queue: dict) -> str:
     ]
     for g in status["generators"]:
         lines.append(f"generator {g['generator_id']}  v{g['version']}  busy {g['busy_fraction']:.0%}  "
-                     f"{g['tokens_per_s']:.0f} tok/s")
+                     f"{g['tokens_per_s']:.0f} tok/s  restarts {g['restarts']}")
     return "\n".join(lines)
 
 
