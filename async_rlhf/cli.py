@@ -59,8 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from async_rlhf.controller import Controller, RunError  # heavy imports only once the config is valid
 
     bar, update = _progress_bar(cfg.learner.steps)
+    controller = Controller(cfg, run_dir, progress=update)
     try:
-        summary = Controller(cfg, run_dir, progress=update).run()
+        summary = controller.run()
     except RunError as exc:
         bar.close()
         print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)

@@ -136,6 +136,9 @@ class LearnerConfig(Strict):
     stall_timeout_s: float = Field(
         600.0, gt=0, description="stop with an error when no learner step finishes for this long (never hang)"
     )
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="consecutive steps with a non-finite loss (each skipped) before the run stops with a checkpoint"
+    )
 
 
 class WeightSyncConfig(Strict):

@@ -31,6 +31,12 @@ class RunControl:
             self.stop_requested = True
             self.paused = False  # a paused run must still be able to wind down
 
+    def terminate(self) -> Future:
+        """SIGTERM / preemption: checkpoint at the next safe point, then stop as usual."""
+        future = self.request_checkpoint()
+        self.stop()
+        return future
+
     def request_checkpoint(self) -> Future:
         """A future resolved with the checkpoint's path once the loop has written it."""
         future: Future = Future()

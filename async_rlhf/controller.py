@@ -9,7 +9,9 @@ With max_staleness=0 the gate alone makes the run fully synchronous (generate, t
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,6 +82,8 @@ class LoopState:
     reward_jobs: dict = field(default_factory=dict)  # ObjectRef -> GenerationResult
     reissue: deque = field(default_factory=deque)  # prompt chunks of generators that died
     last_progress: float = field(default_factory=time.monotonic)  # last learner step (or start)
+    nonfinite_run: int = 0  # consecutive learner steps skipped for a non-finite loss
+    nonfinite_total: int = 0
 
 
 class Controller:
@@ -109,6 +113,7 @@ class Controller:
         with self.timing.span("setup_s"):
             policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
             self._start_ray()
+            self._handle_sigterm()
             self.plan = plan_cores(self.cfg)
             self._build_components(str(policy_dir))
 
@@ -131,6 +136,15 @@ class Controller:
             kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), self.cfg.generation.num_generators + 1)
         ray.init(**kwargs)
         self.started_ray = True
+
+    def _handle_sigterm(self) -> None:
+        """Preemption: checkpoint at the next safe point, then wind down like /control/stop.
+
+        Installed after ray.init, which sets its own SIGTERM handler in the driver; only possible
+        from the main thread (a controller run inside a thread, as in tests, keeps the default).
+        """
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.control.terminate())
 
     @staticmethod
     def _cores() -> set[int]:
@@ -180,6 +194,7 @@ class Controller:
                     self._dispatch_learning()
                     self._wait_and_handle()
             self.phase = "stopping"
+            self._take_checkpoints()  # e.g. asked for together with the stop (SIGTERM)
             summary = self._finish(initial)
             self.phase = "finished"
             return summary
@@ -206,8 +221,11 @@ class Controller:
         # Never below what is already in flight: a put must not fail for groups issued earlier.
         self.queue.capacity = max(self.target_capacity, self.state.outstanding)
         if self.state.learner_job is None:  # checkpoints only between learner steps
-            for future in self.control.take_checkpoint_requests():
-                self._checkpoint(future)
+            self._take_checkpoints()
+
+    def _take_checkpoints(self) -> None:
+        for future in self.control.take_checkpoint_requests():
+            self._checkpoint(future)
 
     def _checkpoint(self, future: Any) -> None:
         version = self.broker.latest_version
@@ -395,11 +413,29 @@ class Controller:
         st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
+        self._check_finite(metrics)
         record = self._step_record(job, metrics)
         self.last_step = record
         self.recorder.log_step(record)
         self.progress(record)
         self._maybe_eval(job.version)
+
+    def _check_finite(self, metrics: dict) -> None:
+        """A non-finite step was skipped by the learner; several in a row stop the run, with a checkpoint."""
+        st = self.state
+        if not metrics.get("nonfinite"):
+            st.nonfinite_run = 0
+            return
+        st.nonfinite_run += 1
+        st.nonfinite_total += 1
+        limit = self.cfg.learner.max_nonfinite_steps
+        if st.nonfinite_run >= limit:
+            future = self.control.request_checkpoint()
+            self._take_checkpoints()
+            where = future.result()["path"] if future.exception() is None else f"none ({future.exception()})"
+            raise RunError(f"{st.nonfinite_run} consecutive learner steps had a non-finite loss "
+                           f"(learner.max_nonfinite_steps={limit}); checkpoint: {where}. Lower learner.lr or "
+                           f"loss.beta, or check the rewards")
 
     def _maybe_eval(self, version: int) -> None:
         every = self.cfg.eval.every
@@ -484,6 +520,8 @@ class Controller:
             "max_staleness_seen": q.max_staleness_seen,
             "dropped_stale": q.dropped_stale,
             "failed_reward": q.failed_reward,
+            "nonfinite_steps": self.state.nonfinite_total,
+            "generator_restarts": sum(g.restarts for g in self.generators),
             "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
             "tokens_generated": int(t.get("tokens_generated")),
             "cores_pinned": self.plan.pinned,

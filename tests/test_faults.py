@@ -57,3 +57,26 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     assert sorted(trained) == list(range(steps * per_step))
     assert result["max_staleness_seen"] <= 1 and all(r["staleness_max"] <= 1 for r in records)
     assert controller.generators[0].restarts == 2
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
+           "learner.steps=100000", "eval.every=0", "task.eval_prompts=16", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (run_dir / "metrics.jsonl").is_file()
+                   and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5, timeout=300)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert summary["stopped_early"] and len(checkpoints) == 1
+    assert checkpoints[0].name == f"step-{summary['steps']:06d}"  # taken after the last step, nothing lost
+    assert (checkpoints[0] / "model.safetensors").is_file() and (run_dir / "final" / "model.safetensors").is_file()
