@@ -10,13 +10,10 @@ import asyncio
 import ipaddress
 import os
 import secrets
-import threading
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from async_rlhf.config import ApiConfig
 from async_rlhf.metrics import prometheus_text
+from async_rlhf.serving import ThreadedServer
 from async_rlhf.status import health_snapshot, status_snapshot
 
 if TYPE_CHECKING:
@@ -265,29 +263,18 @@ def resolve_token(cfg: ApiConfig, run_dir: Path) -> str:
 
 
 class ApiServer:
-    """uvicorn in a daemon thread; `url` is known once `start` returns."""
+    """The run's API on a ThreadedServer; the URL is written to run_dir/api_url."""
 
     def __init__(self, controller: "Controller", cfg: ApiConfig, run_dir: Path) -> None:
         app = create_app(controller, resolve_token(cfg, run_dir), open_reads=_is_loopback(cfg.host))
-        config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # the main thread owns signals
-        self.thread = threading.Thread(target=self.server.run, name="async-rlhf-api", daemon=True)
+        self.server = ThreadedServer(app, cfg.host, cfg.port)
         self.run_dir = run_dir
         self.url = ""
 
-    def start(self, timeout_s: float = 30.0) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"HTTP API failed to start on {self.server.config.host}:{self.server.config.port}")
-            time.sleep(0.02)
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
+    def start(self) -> str:
+        self.url = self.server.start()
         (self.run_dir / "api_url").write_text(self.url + "\n")
         return self.url
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.server.stop()

@@ -1,0 +1,88 @@
+"""RemoteRewardClient: scores through an HTTP reward model with timeouts, retries and a deadline.
+
+Timeouts, connection errors, 429 and 5xx are retried with exponential back-off (with jitter) until
+`retries` or `deadline_s` runs out; other 4xx are the caller's bug and are not retried. Whatever
+still has no score is reported as failed or timed out, with the reason, never as a reward.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from async_rlhf.rollout import RewardStatus
+
+
+@dataclass
+class Outcome:
+    score: float | None
+    status: RewardStatus
+    error: str | None = None
+
+
+def _outcome(score: float | None, error: str | None) -> Outcome:
+    if score is None:
+        return Outcome(None, "failed", error or "no score")
+    if not math.isfinite(float(score)):
+        return Outcome(None, "failed", f"non-finite score {score}")
+    return Outcome(float(score), "ok")
+
+
+class RemoteRewardClient:
+    def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.5,
+                 deadline_s: float = 60.0, seed: int = 0) -> None:
+        self.url = url.rstrip("/") + "/score"
+        self.timeout_s, self.retries, self.backoff_s, self.deadline_s = timeout_s, retries, backoff_s, deadline_s
+        self.client = httpx.Client(timeout=timeout_s)
+        self.rng = random.Random(seed)
+        self.counts = {"calls": 0, "retries": 0, "timeouts": 0, "http_errors": 0}
+
+    def score(self, items: list[dict]) -> list[Outcome]:
+        deadline = time.monotonic() + self.deadline_s
+        last: Outcome = Outcome(None, "failed", "no attempt made")
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.counts["retries"] += 1
+                pause = self.backoff_s * 2 ** (attempt - 1) * (0.5 + self.rng.random())
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+            result = self._attempt(items)
+            if isinstance(result, list):
+                return result
+            last, retryable = result
+            if not retryable:
+                break
+        return [Outcome(None, last.status, f"{last.error} (after {self.counts['calls']} calls)") for _ in items]
+
+    def _attempt(self, items: list[dict]) -> list[Outcome] | tuple[Outcome, bool]:
+        self.counts["calls"] += 1
+        try:
+            resp = self.client.post(self.url, json={"items": items})
+        except httpx.TimeoutException:
+            self.counts["timeouts"] += 1
+            return Outcome(None, "timed_out", f"reward server did not answer within {self.timeout_s:g}s"), True
+        except httpx.TransportError as exc:
+            return Outcome(None, "failed", f"reward server unreachable: {type(exc).__name__}"), True
+        if resp.status_code != 200:
+            self.counts["http_errors"] += 1
+            retryable = resp.status_code == 429 or resp.status_code >= 500
+            return Outcome(None, "failed", f"reward server answered HTTP {resp.status_code}: {resp.text[:200]}"), retryable
+        return self._parse(resp, len(items))
+
+    @staticmethod
+    def _parse(resp: httpx.Response, n: int) -> list[Outcome] | tuple[Outcome, bool]:
+        try:
+            body = resp.json()
+            scores, errors = body["scores"], body.get("errors") or [None] * n
+            if len(scores) != n:
+                raise ValueError(f"{len(scores)} scores for {n} items")
+        except (ValueError, KeyError, TypeError) as exc:
+            return Outcome(None, "failed", f"malformed reward server reply: {exc}"), False
+        return [_outcome(s, e) for s, e in zip(scores, errors)]
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,75 @@
+"""`async-rlhf serve-reward`: a reward model behind HTTP, speaking reward_models/protocol.py."""
+from __future__ import annotations
+
+import math
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from async_rlhf.rollout import Prompt
+from reward_models.protocol import MAX_BODY_BYTES, ScoreRequest, ScoreResponse
+from reward_models.rules import SCORERS
+
+BatchScorer = Callable[[list[Prompt], list[str]], list[float]]
+
+
+def rule_batch_scorer(name: str) -> BatchScorer:
+    if name not in SCORERS:
+        raise ValueError(f"unknown reward model '{name}'; valid rule scorers: {', '.join(sorted(SCORERS))}")
+    scorer = SCORERS[name]
+    return lambda prompts, responses: [scorer(p, r) for p, r in zip(prompts, responses)]
+
+
+def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]) -> tuple[list, list]:
+    """Score the batch; if the batch call fails, fall back to one item at a time to isolate the bad item."""
+    try:
+        values = [float(v) for v in scorer(prompts, responses)]
+        return [v if math.isfinite(v) else None for v in values], [None if math.isfinite(v) else f"non-finite score {v}" for v in values]
+    except Exception:
+        scores, errors = [], []
+        for p, r in zip(prompts, responses):
+            try:
+                scores.append(float(scorer([p], [r])[0]))
+                errors.append(None)
+            except Exception as exc:  # reported per item; the server keeps serving
+                scores.append(None)
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return scores, errors
+
+
+def create_reward_app(name: str, scorer: BatchScorer) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.scorer, app.state.name = scorer, name
+        yield
+
+    app = FastAPI(title="async-rlhf reward model", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes; send smaller batches"})
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(status_code=422, content={"detail": f"{where}: {first['msg']}", "errors": jsonable_encoder(exc.errors())})
+
+    @app.get("/healthz")
+    def healthz(request: Request) -> dict:
+        return {"ok": True, "model": request.app.state.name}
+
+    @app.post("/score", response_model=ScoreResponse)
+    def score(request: Request, body: ScoreRequest) -> dict:
+        prompts = [Prompt(i, item.prompt, [], item.meta) for i, item in enumerate(body.items)]
+        scores, errors = _score_each(request.app.state.scorer, prompts, [item.response for item in body.items])
+        return {"scores": scores, "errors": errors, "model": request.app.state.name}
+
+    return app

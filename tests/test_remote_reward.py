@@ -1,0 +1,114 @@
+"""Remote reward model over real HTTP on localhost: server validation and the client's retries.
+
+Faults are injected by a middleware in front of the real server app (a flaky network and an
+overloaded server are exactly what cannot be summoned on demand).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from async_rlhf.serving import ThreadedServer
+from reward_models.remote import RemoteRewardClient
+from reward_models.server import create_reward_app, rule_batch_scorer
+
+ITEMS = [{"prompt": "21>", "response": r, "meta": {"digits": "21", "answer": "12"}} for r in ("12", "21", "1", "")]
+
+
+def flaky_app(fail_rate: float = 0.0, slow_rate: float = 0.0, slow_s: float = 0.0, seed: int = 0):
+    app = create_reward_app("sort_exact", rule_batch_scorer("sort_exact"))
+    rng = random.Random(seed)
+    app.state.calls = 0
+
+    @app.middleware("http")
+    async def faults(request: Request, call_next):
+        app.state.calls += 1
+        roll = rng.random()
+        if roll < fail_rate:
+            return JSONResponse(status_code=503, content={"detail": "injected failure"})
+        if roll < fail_rate + slow_rate:
+            await asyncio.sleep(slow_s)
+        return await call_next(request)
+
+    return app
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(app) -> str:
+        server = ThreadedServer(app)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_server_scores_and_validates(serve) -> None:
+    url = serve(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")))
+    ok = httpx.post(f"{url}/score", json={"items": ITEMS})
+    assert ok.json() == {"scores": [1.0, 0.0, 0.0, 0.0], "errors": [None] * 4, "model": "sort_exact"}
+    assert httpx.get(f"{url}/healthz").json() == {"ok": True, "model": "sort_exact"}
+    cases = {
+        "missing items": ({}, 422, "items: Field required"),
+        "empty batch": ({"items": []}, 422, "items: List should have at least 1 item"),
+        "extra key": ({"items": ITEMS, "x": 1}, 422, "x: Extra inputs are not permitted"),
+        "wrong type": ({"items": [{"prompt": 1, "response": "1"}]}, 422, "items.0.prompt: Input should be a valid string"),
+        "too long": ({"items": [{"prompt": "1", "response": "9" * 20_001}]}, 422, "at most 20000 characters"),
+    }
+    for name, (body, code, message) in cases.items():
+        reply = httpx.post(f"{url}/score", json=body)
+        assert reply.status_code == code and message in reply.json()["detail"], name
+    huge = httpx.post(f"{url}/score", content=b"x" * (8 * 1024 * 1024 + 1), headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413 and "send smaller batches" in huge.json()["detail"]
+
+
+def test_a_failing_item_is_isolated_and_reported(serve) -> None:
+    def picky(prompts, responses):
+        if "boom" in responses:
+            raise ValueError("cannot score 'boom'")
+        return [1.0 for _ in responses]
+
+    url = serve(create_reward_app("picky", picky))
+    body = httpx.post(f"{url}/score", json={"items": [{"prompt": "p", "response": "ok"}, {"prompt": "p", "response": "boom"}]}).json()
+    assert body["scores"] == [1.0, None] and body["errors"] == [None, "ValueError: cannot score 'boom'"]
+    outcomes = RemoteRewardClient(url).score([{"prompt": "p", "response": "boom", "meta": {}}])
+    assert outcomes[0].status == "failed" and "cannot score" in outcomes[0].error
+
+
+def test_client_retries_through_30_percent_failures_and_timeouts(serve) -> None:
+    app = flaky_app(fail_rate=0.3, slow_rate=0.1, slow_s=1.0, seed=1)
+    client = RemoteRewardClient(serve(app), timeout_s=0.5, retries=8, backoff_s=0.01, deadline_s=30)
+    results = [client.score(ITEMS) for _ in range(20)]
+    assert all([o.score for o in r] == [1.0, 0.0, 0.0, 0.0] for r in results)
+    assert client.counts["retries"] > 0 and client.counts["timeouts"] > 0 and client.counts["http_errors"] > 0
+    assert client.counts["calls"] == 20 + client.counts["retries"]
+
+
+def test_client_gives_up_with_a_reason_never_a_zero(serve) -> None:
+    down = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=2, backoff_s=0.01)
+    outcomes = down.score(ITEMS)
+    assert {o.status for o in outcomes} == {"failed"} and all(o.score is None for o in outcomes)
+    assert "HTTP 503" in outcomes[0].error and down.counts["calls"] == 3
+    slow = RemoteRewardClient(serve(flaky_app(slow_rate=1.0, slow_s=2.0)), timeout_s=0.2, retries=1, backoff_s=0.01)
+    assert {o.status for o in slow.score(ITEMS)} == {"timed_out"}
+    unreachable = RemoteRewardClient("http://127.0.0.1:9", retries=1, backoff_s=0.01)
+    assert "unreachable" in unreachable.score(ITEMS)[0].error
+
+
+def test_client_does_not_retry_its_own_bad_request_and_respects_the_deadline(serve) -> None:
+    url = serve(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")))
+    client = RemoteRewardClient(url, retries=5)
+    outcome = client.score([{"prompt": "p"}])[0]  # no response field: the server says 422
+    assert outcome.status == "failed" and "HTTP 422" in outcome.error and client.counts["calls"] == 1
+    late = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=50, backoff_s=0.2, deadline_s=1.0)
+    late.score(ITEMS)
+    assert late.counts["calls"] < 10
