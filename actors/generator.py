@@ -49,6 +49,7 @@ class GeneratorActor:
         from vllm import LLM  # imported here: the environment above must be set first
 
         self.generator_id = generator_id
+        self.seed = seed
         self.cfg = gen_cfg
         self.version = 0
         self.cores = cores
@@ -81,7 +82,7 @@ class GeneratorActor:
     ) -> GenerationResult:
         started_at = time.time()
         sync_s = self.load_weights(weights) if weights and weights.version != self.version else 0.0
-        params = self._sampling_params(n or self.cfg.samples_per_prompt, temperature)
+        params = [self._sampling_params(n or self.cfg.samples_per_prompt, temperature, p.prompt_id) for p in prompts]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
         gen_s = time.perf_counter() - start
@@ -93,7 +94,11 @@ class GeneratorActor:
         tokens = sum(g.num_tokens for g in groups)
         return GenerationResult(groups, self.generator_id, self.version, gen_s, sync_s, started_at, tokens)
 
-    def _sampling_params(self, n: int, temperature: float | None):
+    def _sampling_params(self, n: int, temperature: float | None, prompt_id: int):
+        """Sampling is seeded per prompt, not per engine: a prompt re-issued after a generator died,
+        or regenerated after a resume, draws the same samples on any generator; and evaluation
+        prompts share their random numbers across versions, which makes version-to-version
+        comparisons less noisy."""
         from vllm import SamplingParams
 
         temp = self.cfg.temperature if temperature is None else temperature
@@ -103,6 +108,7 @@ class GeneratorActor:
             top_p=self.cfg.top_p if temp > 0 else 1.0,
             max_tokens=self.cfg.max_new_tokens,
             logprobs=0,  # the sampled token's logprob: the behaviour policy for importance ratios
+            seed=(self.seed * 1_000_003 + prompt_id) % (2**31 - 1),
         )
 
     @staticmethod

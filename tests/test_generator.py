@@ -67,3 +67,21 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
     assert changed > 0, "new weights should change at least one greedy output"
     ray_local.kill(actor)
     broker.close()
+
+
+def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_policies) -> None:
+    from async_rlhf.embedded import build_tokenizer
+
+    tok = build_tokenizer()
+    start_dir, _ = random_policies
+    prompts = [Prompt(i, text, tok(text)["input_ids"]) for i, text in enumerate(PROMPTS)]
+    cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
+    cls = ray_local.remote(GeneratorActor).options(num_cpus=1)
+    first, second = cls.remote(0, str(start_dir), cfg, 7, None), cls.remote(1, str(start_dir), cfg, 7, None)
+    a = ray_local.get(first.generate.remote(prompts))
+    b = ray_local.get(second.generate.remote(list(reversed(prompts))))  # other generator, other batch order
+    ids = lambda result: {g.prompt.prompt_id: [c.token_ids for c in g.completions] for g in result.groups}
+    assert ids(a) == ids(b)
+    assert len({tuple(map(tuple, v)) for v in ids(a).values()}) == len(PROMPTS)  # prompts differ from each other
+    ray_local.kill(first)
+    ray_local.kill(second)
