@@ -114,8 +114,32 @@ class QueueConfig(Strict):
 
 
 class LossConfig(Strict):
-    name: str = "online_dpo"
-    beta: float = Field(0.1, gt=0)
+    """The loss and its hyper-parameters; each loss's formula and options are in docs/losses.md."""
+
+    name: str = Field("online_dpo", description="a registered loss; set from import_path when that is given")
+    beta: float = Field(
+        0.1, gt=0, description="KL-to-reference coefficient: DPO/IPO beta, RLOO's KL penalty, GRPO's k3 weight"
+    )
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clip range of proximal_rloo and grpo")
+    importance_sampling: Literal["none", "truncated"] = Field(
+        "none", description="stale-sample correction: truncated = per-token min(pi/mu, is_cap) weight"
+    )
+    is_cap: float = Field(2.0, ge=1, description="truncation of the importance weight")
+    import_path: str | None = Field(
+        None, description="'pkg.module:function' of your own loss; overrides name with what it registers"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import(cls, data: Any) -> Any:
+        # Runs before `name` is checked, so that the user's loss is registered by then. import_path
+        # overrides name (so `loss.import_path=...` works on top of a YAML that names a loss).
+        if not isinstance(data, dict) or not data.get("import_path"):
+            return data
+        from learners.losses import load_import_path
+
+        spec = load_import_path(str(data["import_path"]))  # LossImportError: one line, "loss.import_path: ..."
+        return {**data, "name": spec.name}
 
     @field_validator("name")
     @classmethod
@@ -125,6 +149,18 @@ class LossConfig(Strict):
         if name not in LOSSES:
             raise ValueError(f"loss.name: unknown loss '{name}'; valid names: {', '.join(sorted(LOSSES))}")
         return name
+
+    @model_validator(mode="after")
+    def _importance_sampling(self) -> "LossConfig":
+        from learners.losses import LOSSES
+
+        if self.importance_sampling != "none" and not LOSSES[self.name].supports_importance_sampling:
+            able = ", ".join(sorted(n for n, spec in LOSSES.items() if spec.supports_importance_sampling))
+            raise ValueError(
+                f"loss.importance_sampling: loss '{self.name}' does not support '{self.importance_sampling}'; "
+                f"set loss.importance_sampling=none or use one of: {able}"
+            )
+        return self
 
 
 class LearnerConfig(Strict):

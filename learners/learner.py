@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from async_rlhf.config import LearnerConfig, RunConfig
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
-from learners.logprobs import PackedBatch, completion_logprobs, pack
-from learners.losses import LossInputs, Selection, get_loss
+from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, pack
+from learners.losses import LossInputs, Selection, resolve_loss
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                    "*.model", "chat_template*")
@@ -97,7 +97,7 @@ class Learner:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.model_dir = Path(model_dir)
-        self.spec = get_loss(cfg.loss.name)
+        self.spec = resolve_loss(cfg.loss)  # imports loss.import_path again in this process
         self.version = 0  # == number of train_step calls; the queue's staleness rule relies on it
         policy = load_causal_lm(model_dir)
         self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)  # any valid id: padding is masked
@@ -141,11 +141,7 @@ class Learner:
         logps = completion_logprobs(self.engine, batch)
         with torch.no_grad():
             ref_logps = completion_logprobs(self.reference, batch)
-        rewards = torch.tensor([c.reward for c in selection.completions], dtype=torch.float32,
-                               device=self.device)
-        inputs = LossInputs(logps=logps, mask=batch.completion_mask, rewards=rewards,
-                            ref_logps=ref_logps if self.spec.needs_reference else None)
-        loss, loss_metrics = self.spec.fn(inputs, self.cfg.loss)
+        loss, loss_metrics = self.spec.fn(self._inputs(selection, batch, logps, ref_logps), self.cfg.loss)
         finite = bool(torch.isfinite(loss))
         if finite:  # a NaN/inf step would poison the weights and AdamW state for good
             self.engine.backward(loss)
@@ -154,6 +150,19 @@ class Learner:
         return {**loss_metrics, "loss": float(loss.detach()), "kl": float(kl),
                 "train_tokens": batch.num_completion_tokens, "forward_tokens": batch.num_tokens,
                 "nonfinite": int(not finite), "optimizer_step": int(finite)}
+
+    def _inputs(self, selection: Selection, batch: PackedBatch, logps: torch.Tensor,
+                ref_logps: torch.Tensor) -> LossInputs:
+        """Everything a loss may read, filled the same way for every loss (the spec only gates the
+        reference, so a loss that does not declare it cannot silently depend on it)."""
+        completions = selection.completions
+        return LossInputs(
+            logps=logps, mask=batch.completion_mask,
+            rewards=torch.tensor([c.reward for c in completions], dtype=torch.float32, device=self.device),
+            ref_logps=ref_logps if self.spec.needs_reference else None,
+            behaviour_logps=behaviour_logprobs(completions, logps.shape[1]).to(self.device),
+            group_ids=torch.tensor(selection.group_ids, dtype=torch.long, device=self.device),
+        )
 
     def _pack(self, selection: Selection) -> PackedBatch:
         completions = [c.token_ids for c in selection.completions]

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from async_rlhf.rollout import Completion
+
 
 @dataclass
 class PackedBatch:
@@ -73,3 +75,18 @@ def completion_logprobs(model: Callable[..., Any], batch: PackedBatch) -> torch.
     logp = picked.gather(-1, targets[..., None]).squeeze(-1) - picked.logsumexp(-1)
     mask = batch.completion_mask.to(logits.device) > 0
     return torch.where(mask, logp, torch.zeros_like(logp))
+
+
+def behaviour_logprobs(completions: list[Completion], width: int) -> torch.Tensor:
+    """[B, width] `Completion.logprobs` (the sampling policy's log-prob of each token), 0 at padding.
+
+    Laid out like `completion_logprobs`, so `logps - behaviour` is a per-token log importance ratio.
+    A completion whose logprobs do not match its tokens would misalign every ratio: refused.
+    """
+    out = torch.zeros((len(completions), width), dtype=torch.float32)
+    for i, comp in enumerate(completions):
+        if len(comp.logprobs) != len(comp.token_ids):
+            raise ValueError(f"completion {i} has {len(comp.logprobs)} behaviour logprobs for "
+                             f"{len(comp.token_ids)} tokens; the generator must return one per sampled token")
+        out[i, : len(comp.logprobs)] = torch.tensor(comp.logprobs, dtype=torch.float32)
+    return out

@@ -1,4 +1,5 @@
-"""Loss registry. Adding a loss = one new module that uses `@register_loss` + one import line below."""
+"""Loss registry. Adding a loss = one new module that uses `@register_loss` + one import line below
+(or, without touching this package, `loss.import_path`: see learners/losses/loader.py)."""
 from learners.losses.registry import (
     LOSSES,
     LossInputs,
@@ -7,21 +8,27 @@ from learners.losses.registry import (
     Selection,
     get_loss,
     register_loss,
+    select_groups,
     select_pairs,
     select_pairs_batch,
 )
+from learners.losses.loader import LossImportError, load_import_path, resolve_loss
 
 # Each import registers the losses its module defines.
-from learners.losses import dpo  # noqa: E402,F401
+from learners.losses import dpo, grpo, rloo, sft  # noqa: E402,F401
 
 __all__ = [
     "LOSSES",
+    "LossImportError",
     "LossInputs",
     "LossSpec",
     "Pair",
     "Selection",
     "get_loss",
+    "load_import_path",
     "register_loss",
+    "resolve_loss",
+    "select_groups",
     "select_pairs",
     "select_pairs_batch",
 ]

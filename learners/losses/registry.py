@@ -2,18 +2,22 @@
 
 A loss is two functions plus a few declarations, bundled in a `LossSpec`:
   * `select(groups) -> Selection`: which sequences (prompt + completion) to train on, picked from
-    rollout groups, plus counters of what was skipped. Pairwise losses pick (chosen, rejected);
-    group losses (GRPO/RLOO, later) would take every scored completion.
+    rollout groups, plus counters of what was skipped and the batch-local group index of each row.
+    Pairwise losses pick (chosen, rejected); group losses (RLOO, GRPO) take every scored completion
+    (`select_groups`, the default selector).
   * `fn(inputs, params) -> (loss, metrics)`: a pure function on tensors. The learner forwards the
     selected sequences through the policy (and the frozen reference) and hands the per-token
     log-probs of the completion tokens in a `LossInputs`; the loss reduces them as it likes.
-  * `min_samples_per_prompt` (config validation), `needs_reference` (reference log-probs).
+  * `min_samples_per_prompt` (config validation, and the group selector's minimum of scored
+    completions), `needs_reference` (reference log-probs), `supports_importance_sampling` (the loss
+    applies `loss.importance_sampling`; config validation refuses it for the others).
 The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from functools import partial
+from typing import Callable, Literal, Protocol
 
 import torch
 
@@ -21,9 +25,12 @@ from async_rlhf.rollout import Completion, RolloutGroup
 
 
 class LossParams(Protocol):
-    """Hyper-parameters a loss reads; `async_rlhf.config.LossConfig` satisfies it."""
+    """Hyper-parameters a loss reads; `async_rlhf.config.LossConfig` satisfies it (docs/losses.md)."""
 
-    beta: float
+    beta: float  # KL-to-reference coefficient (DPO's beta, RLOO's KL penalty, GRPO's k3 weight)
+    clip_eps: float  # PPO-style clip range of the ratio (proximal_rloo, grpo)
+    importance_sampling: Literal["none", "truncated"]
+    is_cap: float  # truncation of the per-token importance weight
 
 
 @dataclass
@@ -31,11 +38,20 @@ class Selection:
     """Sequences a loss trains on. Row i is prompts[i] followed by completions[i].token_ids.
 
     Pairwise selectors lay rows out as [chosen_0..chosen_{n-1}, rejected_0..rejected_{n-1}].
+    `group_ids[i]` is a dense batch-local index (0..G-1) of the rollout group row i came from, so a
+    loss can compute per-prompt baselines; left empty, every row is its own group.
     """
 
     prompts: list[list[int]]
     completions: list[Completion]
     stats: dict[str, int] = field(default_factory=dict)
+    group_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.group_ids:
+            self.group_ids = list(range(len(self.completions)))
+        if len(self.group_ids) != len(self.completions):
+            raise ValueError(f"Selection has {len(self.group_ids)} group ids for {len(self.completions)} rows")
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -53,6 +69,10 @@ class LossInputs:
     mask: torch.Tensor  # [B, C] 1.0 on real completion tokens
     rewards: torch.Tensor  # [B]
     ref_logps: torch.Tensor | None = None  # [B, C] frozen reference; set when needs_reference
+    # [B, C] log-prob of each token under the policy version that sampled it (Completion.logprobs,
+    # returned by vLLM), 0 at padding: the denominator of importance ratios.
+    behaviour_logps: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None  # [B] long, Selection.group_ids
 
 
 LossFn = Callable[[LossInputs, LossParams], tuple[torch.Tensor, dict[str, float]]]
@@ -69,15 +89,22 @@ class LossSpec:
     needs_reference: bool
     doc: str
     select: Selector
+    supports_importance_sampling: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str, *, select: Selector, min_samples_per_prompt: int, needs_reference: bool
+    name: str, *, min_samples_per_prompt: int, needs_reference: bool, select: Selector | None = None,
+    supports_importance_sampling: bool = False,
 ) -> Callable[[LossFn], LossFn]:
-    """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`."""
+    """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`.
+
+    `select` defaults to `select_groups` keeping groups with >= min_samples_per_prompt scored
+    completions: what a per-prompt baseline needs is what K must be, so one number says both.
+    """
+    chosen = select or partial(select_groups, min_scored=min_samples_per_prompt)
 
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
@@ -88,7 +115,8 @@ def register_loss(
             min_samples_per_prompt=min_samples_per_prompt,
             needs_reference=needs_reference,
             doc=(fn.__doc__ or "").strip(),
-            select=select,
+            select=chosen,
+            supports_importance_sampling=supports_importance_sampling,
         )
         return fn
 
@@ -150,10 +178,37 @@ def select_pairs_batch(groups: list[RolloutGroup]) -> Selection:
     pairs, stats = select_pairs(groups)
     prompts = [p.prompt for p in pairs] * 2
     completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return Selection(prompts=prompts, completions=completions, stats=stats)
+    return Selection(prompts=prompts, completions=completions, stats=stats,
+                     group_ids=list(range(len(pairs))) * 2)
 
 
 def split_pairs(seq_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a [2n] per-row tensor laid out by `select_pairs_batch` into (chosen [n], rejected [n])."""
     n = seq_values.shape[0] // 2
     return seq_values[:n], seq_values[n:]
+
+
+# ---------------------------------------------------------------- group selection (RLOO, GRPO, ...)
+
+
+def select_groups(groups: list[RolloutGroup], min_scored: int = 2) -> Selection:
+    """Every scored completion of each group, rows of one group adjacent, tagged with its group index.
+
+    Groups with fewer than `min_scored` scored completions are skipped and counted as
+    `skipped_failed` (a leave-one-out or group-normalised baseline needs at least two samples).
+    Failed / timed-out / pending rewards are never used.
+    """
+    prompts: list[list[int]] = []
+    completions: list[Completion] = []
+    group_ids: list[int] = []
+    kept = 0  # dense group index: the number of groups kept so far
+    for group in groups:
+        scored = group.scored
+        if len(scored) < min_scored:
+            continue
+        prompts += [list(group.prompt.token_ids)] * len(scored)
+        completions += scored
+        group_ids += [kept] * len(scored)
+        kept += 1
+    stats = {"groups": kept, "samples": len(completions), "skipped_failed": len(groups) - kept}
+    return Selection(prompts=prompts, completions=completions, stats=stats, group_ids=group_ids)
