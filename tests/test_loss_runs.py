@@ -81,5 +81,6 @@ def test_loss_runs_end_to_end_and_raises_train_reward(name: str, tmp_path: Path,
     assert summary["steps"] == len(steps) == STEPS
     assert all(s["nonfinite"] == 0 and s["optimizer_step"] == 1 for s in steps), name
     assert summary["max_staleness_seen"] <= 1
-    assert steps[-1]["kl"] > 0.0  # the policy left the reference
+    # No check on the sign of a step's KL: it is estimated on samples from the (stale) behaviour
+    # policy, not the current one, and dips below 0 by noise when the policy stays close (seen: IPO).
     assert last > first + MIN_GAIN, (name, rewards)
