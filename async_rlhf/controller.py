@@ -413,11 +413,11 @@ class Controller:
         st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
-        self._check_finite(metrics)
         record = self._step_record(job, metrics)
         self.last_step = record
         self.recorder.log_step(record)
         self.progress(record)
+        self._check_finite(metrics)  # after logging: the skipped steps stay on record
         self._maybe_eval(job.version)
 
     def _check_finite(self, metrics: dict) -> None:

@@ -80,3 +80,27 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
     assert summary["stopped_early"] and len(checkpoints) == 1
     assert checkpoints[0].name == f"step-{summary['steps']:06d}"  # taken after the last step, nothing lost
     assert (checkpoints[0] / "model.safetensors").is_file() and (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A user's loss (loaded by loss.import_path) that always yields NaN: bad input from outside.
+    (tmp_path / "broken_loss.py").write_text(
+        "def nan_loss(inputs, params):\n"
+        "    return (inputs.logps * inputs.mask).sum() * float('nan'), {}\n"
+    )
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
+           "loss.import_path=broken_loss:nan_loss", "learner.max_nonfinite_steps=3", "task.eval_prompts=16",
+           "eval.every=0", "api.enabled=false", "--run-dir", str(run_dir)]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "3 consecutive learner steps had a non-finite loss (learner.max_nonfinite_steps=3)" in message
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite"] for r in records] == [1, 1, 1] and all(r["optimizer_step"] == 0 for r in records)
+    checkpoint = run_dir / "checkpoints" / "step-000003"
+    assert f"checkpoint: {checkpoint}" in message and (checkpoint / "model.safetensors").is_file()
