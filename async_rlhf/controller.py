@@ -9,6 +9,7 @@ With max_staleness=0 the gate alone makes the run fully synchronous (generate, t
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -148,8 +149,6 @@ class Controller:
 
     @staticmethod
     def _cores() -> set[int]:
-        import os
-
         return os.sched_getaffinity(0)
 
     def _build_components(self, policy_dir: str) -> None:
