@@ -256,13 +256,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{pair}' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
+            raise ConfigError(f"config error: override '{pair}' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{pair}' conflicts with an earlier override of '{part}'")
+                raise ConfigError(f"config error: override '{pair}' conflicts with an earlier override of '{part}'")
         node[leaf] = yaml.safe_load(raw) if raw else ""
     return tree
 
@@ -291,7 +291,8 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "value_error":  # our validators write whole messages that name their keys
         return msg
     got = err.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    secret = "token" in loc  # never echo a credential into logs
+    shown = "" if isinstance(got, dict) or got is None or secret else f" (got {got!r})"
     return f"{loc}: {msg}{shown}"
 
 

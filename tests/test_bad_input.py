@@ -1,0 +1,93 @@
+"""Bad input, table-driven: each case asserts the exact one-line message a user sees.
+
+Config cases go through `load_config` (what `async-rlhf train` and `check-config` call before any
+worker starts; the CLI prints the message and exits 2, see tests/test_config.py). HTTP and reward
+server cases are in tests/test_api.py and tests/test_remote_reward.py; run-directory and status
+cases are here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.cli import main
+from async_rlhf.config import ConfigError, load_config
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+E = "config error: "
+
+CONFIG_CASES = [
+    ("learner.steps=0", "learner.steps: Input should be greater than or equal to 1 (got 0)"),
+    ("learner.lr=-1", "learner.lr: Input should be greater than 0 (got -1)"),
+    ("generation.temperature=-0.5", "generation.temperature: Input should be greater than or equal to 0 (got -0.5)"),
+    ("generation.top_p=0", "generation.top_p: Input should be greater than 0 (got 0)"),
+    ("generation.num_generators=0", "generation.num_generators: Input should be greater than or equal to 1 (got 0)"),
+    ("api.port=70000", "api.port: Input should be less than or equal to 65535 (got 70000)"),
+    ("api.token=short", "api.token: String should have at least 16 characters"),
+    ("weight_sync.transport=nccl", "weight_sync.transport: Input should be 'shm' (got 'nccl')"),
+    ("resources.pin_cores=always", "resources.pin_cores: Input should be 'auto' or 'off' (got 'always')"),
+    ("loss.importance_sampling=full", "loss.importance_sampling: Input should be 'none' or 'truncated' (got 'full')"),
+    ("loss.clip_eps=1.5", "loss.clip_eps: Input should be less than 1 (got 1.5)"),
+    ("queue.capacity=4", "queue.capacity (4) must hold one step's generation.prompts_per_step (16) groups"),
+    ("queue.max_staleness=-1", "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
+    ("loss.import_path=nope.mod:fn",
+     "loss.import_path: module 'nope.mod' not found (No module named 'nope'); it must be importable from sys.path or the current directory"),
+    ("loss.import_path=json:nothing", "loss.import_path: module 'json' has no attribute 'nothing'"),
+    ("loss.import_path=json", "loss.import_path: 'json' is not of the form 'pkg.module:function'"),
+    ("learner.zero_stage=two", "learner.zero_stage: Input should be 0, 1 or 2 (got 'two')"),
+    ("seed=abc", "seed: Input should be a valid integer, unable to parse string as an integer (got 'abc')"),
+    ("eval.every=-1", "eval.every: Input should be greater than or equal to 0 (got -1)"),
+    ("learner.max_nonfinite_steps=0", "learner.max_nonfinite_steps: Input should be greater than or equal to 1 (got 0)"),
+    ("loss.importance_sampling=truncated",
+     "loss.importance_sampling: loss 'online_dpo' does not support 'truncated'; set loss.importance_sampling=none "
+     "or use one of: grpo, proximal_rloo, rloo"),
+    ("generation=5", "generation: Input should be a valid dictionary or instance of GenerationConfig (got 5)"),
+    ("learner.stall_timeout_s=0", "learner.stall_timeout_s: Input should be greater than 0 (got 0)"),
+    ("loss.beta=0", "loss.beta: Input should be greater than 0 (got 0)"),
+    ("generation.max_restarts=-1", "generation.max_restarts: Input should be greater than or equal to 0 (got -1)"),
+    ("learner.weight_decay=-0.1", "learner.weight_decay: Input should be greater than or equal to 0 (got -0.1)"),
+    ("api.enabled=maybe", "api.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')"),
+    ("queue.max_staleness=1.5", "queue.max_staleness: Input should be a valid integer, got a number with a fractional part (got 1.5)"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_messages_are_exact(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [override])
+    assert str(err.value) == E + message
+
+
+def test_there_are_at_least_thirty_cases_in_this_file() -> None:
+    assert len(CONFIG_CASES) + 4 >= 30  # + the four run-directory / CLI cases below
+
+
+def test_secret_token_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["api.token=my-secret"])
+    assert "my-secret" not in str(err.value)
+
+
+def test_run_dir_that_already_holds_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert main(["train", str(QUICKSTART), "--run-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: run directory '{tmp_path}' already holds a run; choose another --run-dir")
+
+
+def test_malformed_override(capsys: pytest.CaptureFixture) -> None:
+    assert main(["check-config", str(QUICKSTART), "learner.lr"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "config error: override 'learner.lr' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
+
+
+def test_status_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", "--run-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"status error: no api_url in {tmp_path}; pass --url http://HOST:PORT or --run-dir DIR")
+
+
+def test_status_of_a_run_that_is_gone(capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
+    assert capsys.readouterr().err.startswith("status error: cannot reach http://127.0.0.1:9 (")
