@@ -100,10 +100,23 @@ class GenerationConfig(Strict):
         return self
 
 
+class RemoteRewardConfig(Strict):
+    """An HTTP reward model for the train role (protocol: docs/reward_protocol.md)."""
+
+    url: str = Field(pattern=r"^https?://", description="base URL, e.g. http://127.0.0.1:8500")
+    timeout_s: float = Field(10.0, gt=0, description="per request")
+    retries: int = Field(4, ge=0, description="on timeouts, connection errors, 429 and 5xx")
+    backoff_s: float = Field(0.5, ge=0, description="first back-off; doubles per retry, with jitter")
+    deadline_s: float = Field(60.0, gt=0, description="per batch, retries included; then failed / timed out")
+
+
 class RewardConfig(Strict):
     train: Literal["sort_partial"] = Field("sort_partial", description="reward the learner optimises (proxy)")
     gold: Literal["sort_exact"] = Field("sort_exact", description="evaluation-only reward (gold)")
     timeout_s: float = Field(30.0, gt=0)
+    remote: RemoteRewardConfig | None = Field(
+        None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"
+    )
 
 
 class QueueConfig(Strict):

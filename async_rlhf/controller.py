@@ -169,7 +169,8 @@ class Controller:
             for i in range(cfg.generation.num_generators)
         ]
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
-        self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s)
+        remote = cfg.reward.remote.model_dump() if cfg.reward.remote else None
+        self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s, remote)
         infos = ray.get([g.handle.info.remote() for g in self.generators])
         for slot, info in zip(self.generators, infos):
             slot.pid = info["pid"]

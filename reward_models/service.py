@@ -9,12 +9,14 @@ import math
 import time
 
 from async_rlhf.rollout import Completion, RolloutGroup
+from reward_models.remote import RemoteRewardClient
 from reward_models.rules import SCORERS, Scorer
 
 
 class RewardService:
-    def __init__(self, scorers: dict[str, str], timeout_s: float = 30.0) -> None:
-        """`scorers` maps a role ("train", "gold") to a registered scorer name."""
+    def __init__(self, scorers: dict[str, str], timeout_s: float = 30.0, remote: dict | None = None) -> None:
+        """`scorers` maps a role ("train", "gold") to a registered scorer name; with `remote`
+        (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead."""
         unknown = sorted(set(scorers.values()) - set(SCORERS))
         if unknown:
             raise ValueError(f"unknown scorer(s) {unknown}; valid: {', '.join(sorted(SCORERS))}")
@@ -22,10 +24,22 @@ class RewardService:
         self.timeout_s = timeout_s
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
         self.busy_s = 0.0
+        self.remote = RemoteRewardClient(**remote) if remote else None
+
+    def _score_remote(self, groups: list[RolloutGroup]) -> None:
+        pairs = [(g, c) for g in groups for c in g.completions]
+        items = [{"prompt": g.prompt.text, "response": c.text, "meta": g.prompt.meta} for g, c in pairs]
+        for (_, completion), outcome in zip(pairs, self.remote.score(items)):
+            completion.reward, completion.reward_status, completion.reward_error = outcome.score, outcome.status, outcome.error
+            self.counts["scored" if outcome.status == "ok" else outcome.status] += 1
 
     def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
-        scorer = self.scorers[role]
         start = time.perf_counter()
+        if role == "train" and self.remote is not None:
+            self._score_remote(groups)
+            self.busy_s += time.perf_counter() - start
+            return groups
+        scorer = self.scorers[role]
         deadline = start + self.timeout_s
         for group in groups:
             for completion in group.completions:
@@ -50,4 +64,5 @@ class RewardService:
         self.counts[key] += 1
 
     def health(self) -> dict:
-        return {"ok": True, "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3), **self.counts}
+        remote = {"remote": dict(self.remote.counts)} if self.remote else {}
+        return {"ok": True, "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3), **self.counts, **remote}

@@ -104,3 +104,34 @@ def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path
     assert [r["nonfinite"] for r in records] == [1, 1, 1] and all(r["optimizer_step"] == 0 for r in records)
     checkpoint = run_dir / "checkpoints" / "step-000003"
     assert f"checkpoint: {checkpoint}" in message and (checkpoint / "model.safetensors").is_file()
+
+
+def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tmp_path: Path) -> None:
+    """A real HTTP reward server on localhost that fails 30% of calls and sometimes stalls."""
+    from async_rlhf.serving import ThreadedServer
+    from tests.test_remote_reward import flaky_app
+
+    app = flaky_app(fail_rate=0.3, slow_rate=0.1, slow_s=1.5, seed=3)
+    app.state.name = "sort_partial"
+    server = ThreadedServer(app)
+    url = server.start()
+    steps = 20
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"learner.steps={steps}", "eval.every=0", "task.eval_prompts=16", "api.enabled=false",
+        f"reward.remote.url={url}", "reward.remote.timeout_s=0.5", "reward.remote.retries=1",
+        "reward.remote.backoff_s=0.01"])
+    controller = Controller(cfg, tmp_path)
+    try:
+        summary = controller.run()
+    finally:
+        server.stop()
+        for handle in [controller.learner, controller.reward] + [g.handle for g in controller.generators]:
+            ray_local.kill(handle)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counts = controller.reward_counts
+    assert summary["steps"] == steps  # the run completed despite the faults
+    assert counts["failed"] + counts["timed_out"] > 0 and counts["ok"] > 0  # faults did get through the retries
+    # Every failed completion is counted once, everywhere, and none was trained as a reward.
+    assert summary["failed_reward"] == counts["failed"] + counts["timed_out"]
+    assert sum(counts.values()) == summary["episodes"]
+    assert sum(r["skipped_failed"] for r in records) * 4 == summary["failed_reward"]  # whole groups skipped
