@@ -57,6 +57,9 @@ class GeneratorActor:
             model=model_dir,
             dtype="float32",  # behaviour logprobs must match the fp32 learner
             enforce_eager=True,
+            # vLLM-CPU fails ("CPU Generator does not use offset") when a per-request seed meets a
+            # prefill split into chunks (long prompts in a big batch); whole prefills avoid it.
+            enable_chunked_prefill=False,
             max_model_len=gen_cfg.max_model_len,
             seed=seed + generator_id,
         )
