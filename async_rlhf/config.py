@@ -21,20 +21,58 @@ class Strict(BaseModel):
 
 
 class TaskConfig(Strict):
-    """The embedded task: sort a string of digits (see async_rlhf/tasks.py)."""
+    """The embedded task (async_rlhf/tasks.py): `sort` digits, or `arith` multi-step word problems.
 
-    name: Literal["sort"] = "sort"
-    min_digits: int = Field(4, ge=1, le=32)
-    max_digits: int = Field(7, ge=2, le=32)
+    The digit knobs apply to sort only, the step and operand knobs to arith only.
+    """
+
+    name: Literal["sort", "arith"] = "sort"
+    min_digits: int = Field(4, ge=1, le=32, description="sort: shortest digit string")
+    max_digits: int = Field(7, ge=2, le=32, description="sort: longest digit string")
+    min_steps: int = Field(2, ge=1, le=6, description="arith: fewest operations (solution lines) per problem")
+    max_steps: int = Field(3, ge=1, le=6, description="arith: most operations per problem")
+    min_operand: int = Field(1, ge=1, le=49, description="arith: smallest start value / operand")
+    max_operand: int = Field(9, ge=1, le=49, description="arith: largest start value / operand (values stay <= 99)")
     eval_prompts: int = Field(128, ge=1)
 
     @model_validator(mode="after")
     def _range(self) -> "TaskConfig":
-        if self.min_digits > self.max_digits:
-            raise ValueError(
-                f"task.min_digits ({self.min_digits}) must be <= task.max_digits ({self.max_digits})"
-            )
+        for low, high in (("min_digits", "max_digits"), ("min_steps", "max_steps"), ("min_operand", "max_operand")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"task.{low} ({getattr(self, low)}) must be <= task.{high} ({getattr(self, high)})"
+                )
         return self
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt of this task in tokens, BOS included."""
+        from async_rlhf.tasks import task_class
+
+        return task_class(self.name).max_prompt_tokens(self)
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """Longest correct completion of this task in tokens, EOS included."""
+        from async_rlhf.tasks import task_class
+
+        return task_class(self.name).max_answer_tokens(self)
+
+
+# Defaults that differ by task, filled in (RunConfig._task_defaults) under every key the config
+# leaves unset; the sort task uses the class defaults. The arith warm start needs a third layer
+# (with a narrower MLP, to pay for it) and more, smaller updates to learn to copy operands and add
+# within ~80 s on 2 cores; its prompts and worked solutions need a longer context.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arith": {
+        "model": {"embedded": {
+            "num_layers": 3, "intermediate_size": 256, "sft_batch_size": 32, "sft_steps": 700,
+            "sft_correct_fraction": 0.5,
+        }},
+        "generation": {"max_new_tokens": 40, "max_model_len": 128},
+        "reward": {"train": "arith_partial", "gold": "arith_exact"},
+    },
+}
 
 
 class EmbeddedModelConfig(Strict):
@@ -100,6 +138,9 @@ class GenerationConfig(Strict):
         return self
 
 
+ScorerName = Literal["sort_partial", "sort_exact", "arith_partial", "arith_exact"]  # reward_models/rules.py
+
+
 class RemoteRewardConfig(Strict):
     """An HTTP reward model for the train role (protocol: docs/reward_protocol.md)."""
 
@@ -111,8 +152,10 @@ class RemoteRewardConfig(Strict):
 
 
 class RewardConfig(Strict):
-    train: Literal["sort_partial"] = Field("sort_partial", description="reward the learner optimises (proxy)")
-    gold: Literal["sort_exact"] = Field("sort_exact", description="evaluation-only reward (gold)")
+    """Scorers by role; each scores one task (checked against task.name in RunConfig)."""
+
+    train: ScorerName = Field("sort_partial", description="reward the learner optimises (proxy)")
+    gold: ScorerName = Field("sort_exact", description="evaluation-only reward (gold)")
     timeout_s: float = Field(30.0, gt=0)
     remote: RemoteRewardConfig | None = Field(
         None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"
@@ -235,6 +278,17 @@ class RunConfig(Strict):
     eval: EvalConfig = EvalConfig()
     api: ApiConfig = ApiConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """Fill in the task's own defaults (TASK_DEFAULTS) for every key the config leaves unset."""
+        if not isinstance(data, dict):
+            return data
+        task = data.get("task")
+        name = task.get("name") if isinstance(task, dict) else getattr(task, "name", None)
+        defaults = TASK_DEFAULTS.get(name) if isinstance(name, str) else None  # a bad name: TaskConfig says so
+        return _merge(defaults, data) if defaults else data
+
     @model_validator(mode="after")
     def _cross(self) -> "RunConfig":
         from learners.losses import LOSSES
@@ -245,18 +299,45 @@ class RunConfig(Strict):
                 f"generation.samples_per_prompt ({self.generation.samples_per_prompt}) must be >= {need} "
                 f"for loss '{self.loss.name}'"
             )
-        prompt_len = self.task.max_digits + 1
-        if prompt_len + self.generation.max_new_tokens > self.generation.max_model_len:
-            raise ValueError(
-                f"generation.max_model_len ({self.generation.max_model_len}) is shorter than the longest "
-                f"prompt ({prompt_len}) + generation.max_new_tokens ({self.generation.max_new_tokens})"
-            )
+        self._check_task_fit()
         if self.queue.capacity is not None and self.queue.capacity < self.generation.prompts_per_step:
             raise ValueError(
                 f"queue.capacity ({self.queue.capacity}) must hold one step's "
                 f"generation.prompts_per_step ({self.generation.prompts_per_step}) groups"
             )
         return self
+
+    def _check_task_fit(self) -> None:
+        """Scorers score this task; its prompts and answers fit the generation budget and model."""
+        from reward_models.rules import SCORER_TASK
+        from async_rlhf.tasks import task_class
+
+        task, gen = self.task.name, self.generation
+        roles = ("gold",) if getattr(self.reward, "remote", None) else ("train", "gold")  # remote replaces train
+        for role in roles:
+            scorer = getattr(self.reward, role)
+            if SCORER_TASK[scorer] != task:
+                valid = ", ".join(sorted(s for s, t in SCORER_TASK.items() if t == task))
+                raise ValueError(
+                    f"reward.{role}: scorer '{scorer}' does not score task '{task}'; valid for {task}: {valid}"
+                )
+        prompt_len = self.task.max_prompt_tokens
+        if prompt_len + gen.max_new_tokens > gen.max_model_len:
+            raise ValueError(
+                f"generation.max_model_len ({gen.max_model_len}) is shorter than the longest "
+                f"prompt ({prompt_len}) + generation.max_new_tokens ({gen.max_new_tokens})"
+            )
+        if gen.max_new_tokens < self.task.max_answer_tokens:
+            raise ValueError(
+                f"generation.max_new_tokens ({gen.max_new_tokens}) is shorter than the longest correct answer "
+                f"of task '{task}' ({self.task.max_answer_tokens} tokens with EOS)"
+            )
+        context = task_class(task).context_len
+        if self.model.source == "embedded" and gen.max_model_len > context:
+            raise ValueError(
+                f"generation.max_model_len ({gen.max_model_len}) exceeds the embedded model's context for "
+                f"task '{task}' ({context})"
+            )
 
     @property
     def queue_capacity(self) -> int:

@@ -32,7 +32,7 @@ from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
-from async_rlhf.tasks import SortTask
+from async_rlhf.tasks import make_task
 from async_rlhf.timing import Timing
 from learners.learner import Learner
 from reward_models.service import RewardService
@@ -155,7 +155,7 @@ class Controller:
         from transformers import AutoTokenizer
 
         cfg, plan = self.cfg, self.plan
-        self.task = SortTask(cfg.task, AutoTokenizer.from_pretrained(policy_dir), cfg.seed)
+        self.task = make_task(cfg.task, AutoTokenizer.from_pretrained(policy_dir), cfg.seed)
         self.broker = WeightSyncBroker(
             SharedMemoryTransport(cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"),
             cfg.weight_sync.keep_versions,

@@ -1,10 +1,14 @@
 """The embedded default policy: a tiny Llama, built and warm-started locally (no downloads).
 
 `ensure_policy` returns an HF checkpoint directory (safetensors + config + tokenizer) that both
-transformers and vLLM load. The warm start is a short supervised run on the sort task in which
+transformers and vLLM load. The warm start is a short supervised run on the run's task in which
 only `sft_correct_fraction` of the targets are correct and the rest carry plausible, systematic
-mistakes (adjacent swap, dropped or duplicated digit), so the policy knows the format and roughly
-sorts but leaves room for RL to improve the gold accuracy.
+mistakes (sort: adjacent swap, dropped or duplicated digit; arith: one step off by 1 or 2, the
+error carried through the later steps), so the policy knows the format and is partly right but
+leaves room for RL to improve the gold accuracy.
+
+Each task has its own character vocabulary (`Task.chars`) and context length (`Task.context_len`);
+the sort task's ids are those of the first release, so its cached checkpoints stay valid.
 """
 from __future__ import annotations
 
@@ -25,22 +29,28 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from async_rlhf.config import EmbeddedModelConfig, RunConfig, TaskConfig
-from async_rlhf.tasks import SEPARATOR, SortTask
+from async_rlhf.tasks import SortTask, Task, corrupt, make_task, task_class  # noqa: F401 (corrupt: re-export)
 
 # Bump whenever the recipe (data, corruption, optimiser, architecture choices) changes, so that
 # old cached checkpoints are not reused for a different recipe.
 RECIPE_VERSION = 1
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-VOCAB = [PAD, BOS, EOS, *"0123456789", SEPARATOR]
-MAX_POSITIONS = 64  # longest prompt (BOS + 32 digits + ">") still leaves room for a completion
+VOCAB = [PAD, BOS, EOS, *SortTask.chars]  # the sort task's vocabulary: ids fixed since the first release
+MAX_POSITIONS = SortTask.context_len  # the sort task's context
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # PAD, BOS, EOS lead every task's vocabulary (see vocabulary())
 WARMUP_STEPS = 20
 
 Log = Callable[[str], None]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer: one token per digit / separator; encoding prepends BOS."""
-    vocab = {tok: i for i, tok in enumerate(VOCAB)}
+def vocabulary(task_name: str = "sort") -> list[str]:
+    """PAD, BOS, EOS, then one token per character of the task."""
+    return [PAD, BOS, EOS, *task_class(task_name).chars]
+
+
+def build_tokenizer(task_name: str = "sort") -> PreTrainedTokenizerFast:
+    """Character-level tokenizer for a task: one token per character; encoding prepends BOS."""
+    vocab = {tok: i for i, tok in enumerate(vocabulary(task_name))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.decoder = decoders.Fuse()  # join characters back without spaces
@@ -50,11 +60,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD,
-        padding_side="left", model_max_length=MAX_POSITIONS,
+        padding_side="left", model_max_length=task_class(task_name).context_len,
     )
 
 
-def build_model(emb_cfg: EmbeddedModelConfig, vocab_size: int) -> LlamaForCausalLM:
+def build_model(emb_cfg: EmbeddedModelConfig, vocab_size: int, max_positions: int = MAX_POSITIONS) -> LlamaForCausalLM:
     """A randomly initialised tiny Llama (uses torch's global RNG: seed before calling)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -63,42 +73,26 @@ def build_model(emb_cfg: EmbeddedModelConfig, vocab_size: int) -> LlamaForCausal
         num_hidden_layers=emb_cfg.num_layers,
         num_attention_heads=emb_cfg.num_heads,
         num_key_value_heads=emb_cfg.num_heads,
-        max_position_embeddings=MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,  # vLLM's weight reload expects a separate lm_head
-        pad_token_id=VOCAB.index(PAD), bos_token_id=VOCAB.index(BOS), eos_token_id=VOCAB.index(EOS),
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         dtype="float32",  # vLLM on CPU then matches transformers' logprobs to ~1e-6
     )
     return LlamaForCausalLM(config)
 
 
-def corrupt(answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer: swap two adjacent differing digits, drop one, or duplicate one."""
-    swappable = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
-    kind = rng.choice(["swap", "swap", "drop", "dup"]) if swappable else rng.choice(["drop", "dup"])
-    if kind == "swap":
-        i = rng.choice(swappable)
-        return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]
-    i = rng.randrange(len(answer))
-    if kind == "drop" and len(answer) > 1:
-        return answer[:i] + answer[i + 1:]
-    return answer[:i] + answer[i] + answer[i:]  # duplicate (also the fallback for 1-digit answers)
-
-
-def sft_example(task: SortTask, index: int, correct_fraction: float) -> tuple[list[int], int]:
+def sft_example(task: Task, index: int, correct_fraction: float) -> tuple[list[int], int]:
     """Token ids of prompt + target + EOS, and the prompt length (loss starts after it)."""
-    # Its own stream (train split, never eval) so RL prompts are not a replay of the SFT data.
-    prompt = task.make_prompt(index, task.digits(index, "sft"))
-    rng = random.Random(f"sft-target:{task.seed}:{index}")
-    answer = prompt.meta["answer"]
-    target = answer if rng.random() < correct_fraction else corrupt(answer, rng)
-    target_ids = task.tokenizer.convert_tokens_to_ids(list(target)) + [VOCAB.index(EOS)]
+    # The task's own sft stream (train split, never eval) so RL prompts are not a replay of the SFT data.
+    prompt, target = task.sft_target(index, correct_fraction)
+    target_ids = task.tokenizer.convert_tokens_to_ids(list(target)) + [EOS_ID]
     return prompt.token_ids + target_ids, len(prompt.token_ids)
 
 
 def collate(examples: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad into (input_ids, attention_mask, labels); labels are -100 except on targets."""
     width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), VOCAB.index(PAD), dtype=torch.long)
+    ids = torch.full((len(examples), width), PAD_ID, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for row, (seq, prompt_len) in enumerate(examples):
@@ -116,7 +110,7 @@ def lr_at(step: int, total: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_sft(model: LlamaForCausalLM, task: SortTask, emb: EmbeddedModelConfig, log: Log) -> float:
+def train_sft(model: LlamaForCausalLM, task: Task, emb: EmbeddedModelConfig, log: Log) -> float:
     """Plain AdamW loop on completion tokens only; returns the mean loss of the last 10% of steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=emb.sft_lr, weight_decay=0.0)
     model.train()
@@ -143,9 +137,9 @@ def train_sft(model: LlamaForCausalLM, task: SortTask, emb: EmbeddedModelConfig,
 def recipe(emb: EmbeddedModelConfig, task_cfg: TaskConfig) -> dict:
     """Everything that determines the weights (eval_prompts does not, so it is left out)."""
     return {
-        "recipe_version": RECIPE_VERSION,
+        "recipe_version": RECIPE_VERSION,  # the task's own data version is in its recipe (tasks.py)
         "embedded": emb.model_dump(mode="json"),
-        "task": {"name": task_cfg.name, "min_digits": task_cfg.min_digits, "max_digits": task_cfg.max_digits},
+        "task": task_class(task_cfg.name).recipe(task_cfg),
     }
 
 
@@ -184,9 +178,9 @@ def build_checkpoint(out: Path, emb: EmbeddedModelConfig, task_cfg: TaskConfig, 
     # without disturbing the caller's global torch RNG state.
     with torch_threads(usable_cores()), torch.random.fork_rng(devices=[]):
         torch.manual_seed(emb.seed)
-        tokenizer = build_tokenizer()
-        model = build_model(emb, len(tokenizer))
-        task = SortTask(task_cfg, tokenizer, seed=emb.seed)
+        tokenizer = build_tokenizer(task_cfg.name)
+        model = build_model(emb, len(tokenizer), task_class(task_cfg.name).context_len)
+        task = make_task(task_cfg, tokenizer, seed=emb.seed)
         start = time.perf_counter()
         final_loss = train_sft(model, task, emb, log)
         seconds = time.perf_counter() - start

@@ -1,12 +1,14 @@
-"""Programmatic scorers for the sort task: a partial-credit proxy and an exact gold reward.
+"""Programmatic scorers for the embedded tasks: a partial-credit proxy and an exact gold reward each.
 
-Both take the prompt (its `meta["answer"]` is the sorted digits) and the completion text as
-decoded with special tokens skipped. They never raise on garbage: anything that is not the
+sort: `sort_partial`, `sort_exact`; arith: `arith_partial`, `arith_exact`. Every scorer takes the
+prompt (its `meta["answer"]` is the answer; arith's `meta["solution"]` the worked solution) and the
+completion text as decoded with special tokens skipped. They never raise on garbage: anything that is not the
 answer just earns less. The proxy's unique maximum (1.0) is the exact answer, so optimising
 the proxy also drives the gold reward up; the gap between them is what makes it a proxy.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Callable
 
@@ -55,4 +57,43 @@ def sort_exact(prompt: Prompt, text: str) -> float:
     return 1.0 if _clean(text) == _answer(prompt) else 0.0
 
 
-SCORERS: dict[str, Scorer] = {"sort_partial": sort_partial, "sort_exact": sort_exact}
+# --- arith: GSM8K's format, "3+4=7\n7-2=5\n#### 5" ------------------------------------------------
+
+ANSWER_MARK = "####"
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only
+W_STEPS = 0.5  # arith_partial: share of the worked solution's lines reproduced at their positions
+W_ANSWER = 0.5  # arith_partial: the final answer is exact
+
+
+def final_answer(text: str) -> str | None:
+    """What follows the first "####", stripped; None when there is no "####"."""
+    _, mark, rest = _clean(text).partition(ANSWER_MARK)
+    return rest.strip() if mark else None
+
+
+def arith_exact(prompt: Prompt, text: str) -> float:
+    """Gold reward: 1.0 iff the text after "####" is exactly the answer's integer, else 0.0."""
+    got = final_answer(text)
+    return 1.0 if got is not None and _INTEGER.fullmatch(got) and int(got) == int(_answer(prompt)) else 0.0
+
+
+def step_lines(text: str) -> list[str]:
+    """The non-empty stripped lines before the "####" line (all of them when there is none)."""
+    body = _clean(text).partition(ANSWER_MARK)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def arith_partial(prompt: Prompt, text: str) -> float:
+    """Proxy reward in [0, 1]: 0.5 * matching step lines (over the longer count) + 0.5 * exact answer."""
+    got, gold = step_lines(text), step_lines(str(prompt.meta["solution"]))
+    longest = max(len(got), len(gold))
+    steps = sum(a == b for a, b in zip(got, gold)) / longest if longest else 1.0
+    return float(W_STEPS * steps + W_ANSWER * arith_exact(prompt, text))
+
+
+SCORERS: dict[str, Scorer] = {
+    "sort_partial": sort_partial, "sort_exact": sort_exact, "arith_partial": arith_partial, "arith_exact": arith_exact,
+}
+SCORER_TASK: dict[str, str] = {  # the task each scorer scores (config checks reward.* against task.name)
+    "sort_partial": "sort", "sort_exact": "sort", "arith_partial": "arith", "arith_exact": "arith",
+}

@@ -161,3 +161,15 @@ def test_batch_advantages_checks_lengths() -> None:
         batch_advantages(splits, mc, [0.5, 0.75], [1.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="one reward per response"):
         batch_advantages(splits, mc, [0.5, 0.75, 1.0], [1.0])
+
+
+def test_arith_solution_splits_into_its_lines() -> None:
+    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.tasks import ArithTask
+
+    tok = build_tokenizer("arith")
+    splitter = delimiter_splitter(tok.convert_tokens_to_ids(list(ArithTask.step_end_chars)))
+    ids = tok.convert_tokens_to_ids(list("3+4=7\n7-2=5\n#### 5")) + [tok.eos_token_id]
+    ends = splitter(ids)
+    assert ends == [6, 12, 19]  # "3+4=7\n" | "7-2=5\n" | "#### 5</s>"
+    assert tok.decode(ids[ends[0]:ends[1]]) == "7-2=5\n"
