@@ -1,0 +1,93 @@
+"""Pieces the micro-benchmarks share: model builders, repeated timing, result files.
+
+Every benchmark writes `<out>.json` (all raw samples plus the summary) and `<out>.png`. Timings are
+medians over repetitions, and the two sides of a ratio are measured alternately in the same process,
+so that noise from other work on a shared machine hits both sides alike.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+# Llama shapes for the size sweeps: (hidden, intermediate, layers, heads). "tiny" is the quickstart policy.
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (128, 512, 2, 2),
+    "small": (256, 1024, 4, 4),
+    "medium": (512, 2048, 6, 8),
+    "large": (768, 3072, 8, 12),
+}
+
+
+@dataclass
+class Sample:
+    name: str
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def build_policy(size: str, out: Path, seed: int = 0) -> Path:
+    """A randomly initialised Llama of `size` with the embedded tokenizer, saved as an HF checkpoint."""
+    import torch
+
+    from async_rlhf.config import EmbeddedModelConfig
+    from async_rlhf.embedded import build_model, build_tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    hidden, inter, layers, heads = SIZES[size]
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    emb = EmbeddedModelConfig(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads)
+    build_model(emb, len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Sample]:
+    """Time each callable `repeats` times, interleaved A, B, A, B, ... after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    samples = {name: Sample(name, []) for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].seconds.append(time.perf_counter() - start)
+    return samples
+
+
+def write_result(out: Path, result: dict) -> Path:
+    """`out.json` with the result; returns the path of the PNG to draw next to it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return out.with_suffix(".png")
+
+
+def bar_plot(png: Path, title: str, labels: list[str], values: list[float], ylabel: str,
+             goal: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, values, color="#4c72b0")
+    if goal is not None:
+        ax.axhline(goal, color="#c44e52", linestyle="--", label=f"goal {goal:g}")
+        ax.legend()
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""Generator path overhead: tokens/s through GeneratorActor + RewardService vs raw vLLM `LLM.generate`.
+
+    .venv/bin/python bench/generator_path.py [--size tiny] [--prompts 16] [--samples 4] [--repeats 8]
+
+Both sides use the same model, prompts, sampling parameters and per-prompt seeds (so they produce the
+same tokens, which the script checks) and the same single core. The raw side is an `LLM` in this
+process; the path side is what the controller does for one chunk: a Ray call to a GeneratorActor,
+the groups pickled back, then a Ray call to the RewardService that scores them. They are timed
+alternately. Goal: path >= 0.95 of raw.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from bench.common import RESULTS, alternate, bar_plot, build_policy, write_result
+
+CORE = 0  # the pipeline pins generator 0 to the first core when it overlaps generation and learning
+
+
+def make_prompts(n: int):
+    from async_rlhf.config import TaskConfig
+    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.tasks import SortTask
+
+    task = SortTask(TaskConfig(), build_tokenizer(), seed=0)
+    return [task.train_prompt(i) for i in range(n)]
+
+
+def raw_engine(model_dir: Path, gen_cfg):
+    """A vLLM engine in this process, configured as GeneratorActor configures its own."""
+    os.sched_setaffinity(0, [CORE])
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(CORE)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM
+
+    return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, enable_chunked_prefill=False,
+               max_model_len=gen_cfg.max_model_len, seed=0)
+
+
+def raw_params(prompts, gen_cfg):
+    from vllm import SamplingParams
+
+    # The same seeds GeneratorActor derives (seed 0): both sides sample identical tokens.
+    return [SamplingParams(n=gen_cfg.samples_per_prompt, temperature=gen_cfg.temperature, top_p=gen_cfg.top_p,
+                           max_tokens=gen_cfg.max_new_tokens, logprobs=0, seed=p.prompt_id % (2**31 - 1))
+            for p in prompts]
+
+
+def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path) -> dict:
+    import ray
+
+    from actors.generator import GeneratorActor
+    from async_rlhf.config import GenerationConfig
+    from reward_models.service import RewardService
+
+    gen_cfg = GenerationConfig(samples_per_prompt=samples)
+    model_dir = build_policy(size, workdir / size)
+    prompts = make_prompts(n_prompts)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), gen_cfg, 0, [CORE])
+        reward = ray.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
+        ray.get(actor.info.remote())
+        llm, params = raw_engine(model_dir, gen_cfg), raw_params(prompts, gen_cfg)
+        inputs = [{"prompt_token_ids": p.token_ids} for p in prompts]
+        out: dict = {}
+
+        def raw() -> None:
+            results = llm.generate(inputs, params, use_tqdm=False)
+            out["raw_tokens"] = sum(len(c.token_ids) for r in results for c in r.outputs)
+
+        def path() -> None:
+            result = ray.get(actor.generate.remote(prompts))
+            ray.get(reward.score.remote(result.groups))
+            out["path_tokens"] = result.tokens
+
+        samples_by_side = alternate({"raw_vllm": raw, "generator_path": path}, repeats)
+    finally:
+        ray.shutdown()
+    if out["raw_tokens"] != out["path_tokens"]:
+        raise RuntimeError(f"sides sampled different token counts: {out['raw_tokens']} vs {out['path_tokens']}")
+    tps = {k: out["raw_tokens"] / s.median for k, s in samples_by_side.items()}
+    return {"size": size, "prompts": n_prompts, "samples_per_prompt": samples, "tokens_per_call": out["raw_tokens"],
+            "repeats": repeats, "seconds": {k: s.seconds for k, s in samples_by_side.items()},
+            "tokens_per_s": tps, "ratio": tps["generator_path"] / tps["raw_vllm"], "goal": 0.95}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_generator_path")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
+        result = measure(args.size, args.prompts, args.samples, args.repeats, Path(tmp))
+    png = write_result(args.out, result)
+    bar_plot(png, f"generation tokens/s ({args.size} model, 1 core)", list(result["tokens_per_s"]),
+             list(result["tokens_per_s"].values()), "tokens/s")
+    print(f"raw vLLM {result['tokens_per_s']['raw_vllm']:.0f} tok/s, generator path "
+          f"{result['tokens_per_s']['generator_path']:.0f} tok/s, ratio {result['ratio']:.3f} (goal >= 0.95)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
