@@ -91,3 +91,26 @@ def bar_plot(png: Path, title: str, labels: list[str], values: list[float], ylab
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def ratio_main(argv: list[str] | None, doc: str, measure: Callable[..., dict], name: str, repeats: int,
+               title: str) -> dict:
+    """CLI of a two-sided tokens/s benchmark: parse, measure in a temp dir, write JSON + bar plot, print."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=RESULTS / f"bench_{name}")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        result = measure(args.size, args.prompts, args.samples, args.repeats, Path(tmp))
+    tps = result["tokens_per_s"]
+    bar_plot(write_result(args.out, result), f"{title} ({args.size} model, 1 core)", list(tps), list(tps.values()),
+             "tokens/s")
+    sides = ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items())
+    print(f"{sides}; ratio {result['ratio']:.3f} (goal >= {result['goal']})")
+    return result

@@ -10,12 +10,10 @@ alternately. Goal: path >= 0.95 of raw.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import tempfile
 from pathlib import Path
 
-from bench.common import RESULTS, alternate, bar_plot, build_policy, write_result
+from bench.common import alternate, build_policy, ratio_main
 
 CORE = 0  # the pipeline pins generator 0 to the first core when it overlaps generation and learning
 
@@ -90,21 +88,7 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_generator_path")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-gen-") as tmp:
-        result = measure(args.size, args.prompts, args.samples, args.repeats, Path(tmp))
-    png = write_result(args.out, result)
-    bar_plot(png, f"generation tokens/s ({args.size} model, 1 core)", list(result["tokens_per_s"]),
-             list(result["tokens_per_s"].values()), "tokens/s")
-    print(f"raw vLLM {result['tokens_per_s']['raw_vllm']:.0f} tok/s, generator path "
-          f"{result['tokens_per_s']['generator_path']:.0f} tok/s, ratio {result['ratio']:.3f} (goal >= 0.95)")
-    return result
+    return ratio_main(argv, __doc__, measure, "generator_path", repeats=8, title="generation tokens/s")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ alternately. Goal: learner >= 0.9 of bare.
 """
 from __future__ import annotations
 
-import argparse
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
-from bench.common import RESULTS, alternate, bar_plot, build_policy, write_result
+from bench.common import alternate, build_policy, ratio_main
 
 CORE = 1  # the learner's core when the pipeline overlaps generation and learning on two cores
 
@@ -80,21 +78,7 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_learner_step")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
-        result = measure(args.size, args.prompts, args.samples, args.repeats, Path(tmp))
-    png = write_result(args.out, result)
-    bar_plot(png, f"learner tokens/s ({args.size} model, 1 core)", list(result["tokens_per_s"]),
-             list(result["tokens_per_s"].values()), "tokens/s")
-    print(f"bare DeepSpeed {result['tokens_per_s']['bare_deepspeed']:.0f} tok/s, learner "
-          f"{result['tokens_per_s']['learner']:.0f} tok/s, ratio {result['ratio']:.3f} (goal >= 0.9)")
-    return result
+    return ratio_main(argv, __doc__, measure, "learner_step", repeats=10, title="learner tokens/s")
 
 
 if __name__ == "__main__":
