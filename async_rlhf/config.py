@@ -174,13 +174,24 @@ class LossConfig(Strict):
 
     name: str = Field("online_dpo", description="a registered loss; set from import_path when that is given")
     beta: float = Field(
-        0.1, gt=0, description="KL-to-reference coefficient: DPO/IPO beta, RLOO's KL penalty, GRPO's k3 weight"
+        0.1, gt=0, description="KL-to-reference coefficient: DPO/IPO beta, RLOO's KL penalty, GRPO's k3 weight, PPO's per-token KL"
     )
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clip range of proximal_rloo and grpo")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clip range of proximal_rloo, grpo and ppo")
     importance_sampling: Literal["none", "truncated"] = Field(
         "none", description="stale-sample correction: truncated = per-token min(pi/mu, is_cap) weight"
     )
     is_cap: float = Field(2.0, ge=1, description="truncation of the importance weight")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount of GAE over completion tokens")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE's lambda (0 = one-step TD, 1 = Monte Carlo return)")
+    value_clip_eps: float = Field(
+        0.2, gt=0, description="ppo: the value is clipped to old value +- this in the value loss"
+    )
+    value_lr: float | None = Field(
+        None, gt=0, description="ppo: learning rate of the value model's own AdamW; default learner.lr"
+    )
+    ppo_epochs: int = Field(
+        1, ge=1, le=16, description="ppo: optimizer steps on each batch (> 1 makes both clips bind)"
+    )
     import_path: str | None = Field(
         None, description="'pkg.module:function' of your own loss; overrides name with what it registers"
     )
@@ -215,6 +226,12 @@ class LossConfig(Strict):
             raise ValueError(
                 f"loss.importance_sampling: loss '{self.name}' does not support '{self.importance_sampling}'; "
                 f"set loss.importance_sampling=none or use one of: {able}"
+            )
+        if self.ppo_epochs > 1 and not LOSSES[self.name].supports_epochs:
+            able = ", ".join(sorted(n for n, spec in LOSSES.items() if spec.supports_epochs))
+            raise ValueError(
+                f"loss.ppo_epochs: loss '{self.name}' takes one optimizer step per batch; "
+                f"set loss.ppo_epochs=1 or use one of: {able}"
             )
         return self
 

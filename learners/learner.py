@@ -24,10 +24,12 @@ from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, pack
 from learners.losses import LossInputs, Selection, resolve_loss
+from learners.value_model import ValueModel, ValueTrainer
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                    "*.model", "chat_template*")
 KL_CHUNK = 64  # sequences per no-grad forward in kl_to_reference: bounds activation memory
+VALUE_MODEL_DIR = "value_model"  # sub-directory of a checkpoint (vLLM only reads the top level)
 
 
 def _free_port() -> int:
@@ -85,6 +87,17 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.to("cpu").contiguous() for k, v in state.items()}
 
 
+def epoch_metrics(epochs: list[dict]) -> dict:
+    """One step's record from its epochs: the first epoch's (measured before any update of this
+    batch), the optimizer steps of all, and the last epoch's loss and clip rates when there were more."""
+    first, last = epochs[0], epochs[-1]
+    if len(epochs) == 1:
+        return first
+    tail = {f"last_epoch_{k}": last[k] for k in ("loss", "clip_frac", "value_clip_frac") if k in last}
+    return {**first, **tail, "epochs": len(epochs), "nonfinite": last["nonfinite"],
+            "optimizer_step": sum(e["optimizer_step"] for e in epochs)}
+
+
 class Learner:
     """Trains the policy one step per call on rollout groups; publishes weights as files."""
 
@@ -107,7 +120,16 @@ class Learner:
                                                config=deepspeed_config(cfg.learner))
         self.device = self.engine.device
         self.reference = load_causal_lm(model_dir).to(self.device).eval().requires_grad_(False)
+        # None unless the loss declares needs_value_model; resume saves / restores it with
+        # save_value_model / load_value_model (also written by save_pretrained).
+        self.value: ValueTrainer | None = self._build_value_model() if self.spec.needs_value_model else None
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
+
+    def _build_value_model(self) -> ValueTrainer:
+        model = ValueModel.from_causal_lm(load_causal_lm(self.model_dir)).to(self.device)
+        learner = self.cfg.learner
+        return ValueTrainer(model, lr=self.cfg.loss.value_lr or learner.lr, weight_decay=learner.weight_decay,
+                            grad_clip=learner.grad_clip)
 
     @property
     def policy(self) -> torch.nn.Module:
@@ -136,25 +158,46 @@ class Learner:
                 "step_s": time.perf_counter() - start}
 
     def _optimize(self, selection: Selection) -> dict:
+        """`loss.ppo_epochs` updates on one batch (1 unless the loss declares supports_epochs).
+
+        Fixed across epochs: the reference log-probs and, with a value model, the "old" values. The
+        generators run no value model, so V_old is the value model before this batch's first update
+        (a no-grad pass): in the first epoch V = V_old and the value clip cannot bind; it does from
+        the second on, like the ratio clip against the behaviour log-probs beyond their staleness.
+        """
         batch = self._pack(selection)
-        self.engine.train()
-        logps = completion_logprobs(self.engine, batch)
         with torch.no_grad():
             ref_logps = completion_logprobs(self.reference, batch)
-        loss, loss_metrics = self.spec.fn(self._inputs(selection, batch, logps, ref_logps), self.cfg.loss)
+            old_values = self.value.values(batch) if self.value else None
+        epochs: list[dict] = []
+        for _ in range(self.cfg.loss.ppo_epochs):
+            epochs.append(self._update(selection, batch, ref_logps, old_values))
+            if epochs[-1]["nonfinite"]:
+                break
+        return epoch_metrics(epochs)
+
+    def _update(self, selection: Selection, batch: PackedBatch, ref_logps: torch.Tensor,
+                old_values: torch.Tensor | None) -> dict:
+        self.engine.train()
+        logps = completion_logprobs(self.engine, batch)
+        values = self.value.values(batch) if self.value else None
+        inputs = self._inputs(selection, batch, logps, ref_logps, values, old_values)
+        loss, loss_metrics = self.spec.fn(inputs, self.cfg.loss)
         finite = bool(torch.isfinite(loss))
         if finite:  # a NaN/inf step would poison the weights and AdamW state for good
-            self.engine.backward(loss)
+            self.engine.backward(loss)  # also fills the value model's grads: its loss is part of `loss`
             self.engine.step()
+            if self.value:
+                loss_metrics = {**loss_metrics, "value_grad_norm": self.value.step()}
         kl = ((logps.detach() - ref_logps) * batch.completion_mask).sum(-1).mean()
         return {**loss_metrics, "loss": float(loss.detach()), "kl": float(kl),
                 "train_tokens": batch.num_completion_tokens, "forward_tokens": batch.num_tokens,
                 "nonfinite": int(not finite), "optimizer_step": int(finite)}
 
-    def _inputs(self, selection: Selection, batch: PackedBatch, logps: torch.Tensor,
-                ref_logps: torch.Tensor) -> LossInputs:
+    def _inputs(self, selection: Selection, batch: PackedBatch, logps: torch.Tensor, ref_logps: torch.Tensor,
+                values: torch.Tensor | None = None, old_values: torch.Tensor | None = None) -> LossInputs:
         """Everything a loss may read, filled the same way for every loss (the spec only gates the
-        reference, so a loss that does not declare it cannot silently depend on it)."""
+        reference and the value model, so a loss that does not declare them cannot depend on them)."""
         completions = selection.completions
         return LossInputs(
             logps=logps, mask=batch.completion_mask,
@@ -162,6 +205,7 @@ class Learner:
             ref_logps=ref_logps if self.spec.needs_reference else None,
             behaviour_logps=behaviour_logprobs(completions, logps.shape[1]).to(self.device),
             group_ids=torch.tensor(selection.group_ids, dtype=torch.long, device=self.device),
+            values=values, old_values=old_values,
         )
 
     def _pack(self, selection: Selection) -> PackedBatch:
@@ -199,10 +243,26 @@ class Learner:
         os.replace(tmp, out / "model.safetensors")
 
     def save_pretrained(self, path: str) -> None:
-        """Full HF checkpoint: config, generation config, weights, and the tokenizer files of model_dir."""
+        """Full HF checkpoint: config, generation config, weights, and the tokenizer files of model_dir;
+        plus `value_model/` when the loss has a value model."""
         out = Path(path)
         self.policy.save_pretrained(str(out))
         for pattern in TOKENIZER_FILES:
             for src in self.model_dir.glob(pattern):
                 if src.is_file():
                     shutil.copy2(src, out / src.name)
+        if self.value:
+            self.save_value_model(str(out / VALUE_MODEL_DIR))
+
+    def save_value_model(self, path: str) -> None:
+        """The value model's weights and AdamW state under `path` (for resume); an error without one."""
+        self._require_value_model().save(path)
+
+    def load_value_model(self, path: str) -> None:
+        """Restore what `save_value_model` wrote (e.g. `<checkpoint>/value_model`)."""
+        self._require_value_model().load(path)
+
+    def _require_value_model(self) -> ValueTrainer:
+        if self.value is None:
+            raise ValueError(f"loss '{self.spec.name}' has no value model (only losses with needs_value_model do)")
+        return self.value

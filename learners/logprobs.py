@@ -56,6 +56,17 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0
     return PackedBatch(input_ids, attention_mask, prompt_lens, completion_mask)
 
 
+def completion_positions(batch: PackedBatch, device: torch.device | str) -> torch.Tensor:
+    """[B, C] sequence position whose output belongs to completion token j: p + j - 1 (p = prompt length).
+
+    Logits there predict token j; a value head there scores the state before token j. Padding
+    columns point somewhere valid (clamped) and must be masked by the caller.
+    """
+    steps = torch.arange(batch.completion_mask.shape[1], device=device)
+    pos = (batch.prompt_lens.to(device) - 1)[:, None] + steps[None, :]
+    return pos.clamp(max=batch.input_ids.shape[1] - 1)
+
+
 def completion_logprobs(model: Callable[..., Any], batch: PackedBatch) -> torch.Tensor:
     """[B, C] log p(completion token j | prompt, completion[:j]) in float32, 0 at padding.
 
@@ -64,11 +75,7 @@ def completion_logprobs(model: Callable[..., Any], batch: PackedBatch) -> torch.
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     _, width, vocab = logits.shape
-    n_comp = batch.completion_mask.shape[1]
-    # Logits at position t predict token t+1: completion token j (at p+j) is read from position p+j-1.
-    steps = torch.arange(n_comp, device=logits.device)
-    pos = (batch.prompt_lens.to(logits.device) - 1)[:, None] + steps[None, :]
-    pos = pos.clamp(max=width - 1)  # padding columns point somewhere valid; masked out below
+    pos = completion_positions(batch, logits.device)
     # Gather only the needed positions before the softmax normaliser: O(B*C*V) instead of O(B*T*V).
     picked = logits.gather(1, pos[..., None].expand(-1, -1, vocab)).float()
     targets = batch.input_ids.to(logits.device).gather(1, (pos + 1).clamp(max=width - 1))

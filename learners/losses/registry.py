@@ -10,7 +10,10 @@ A loss is two functions plus a few declarations, bundled in a `LossSpec`:
     log-probs of the completion tokens in a `LossInputs`; the loss reduces them as it likes.
   * `min_samples_per_prompt` (config validation, and the group selector's minimum of scored
     completions), `needs_reference` (reference log-probs), `supports_importance_sampling` (the loss
-    applies `loss.importance_sampling`; config validation refuses it for the others).
+    applies `loss.importance_sampling`; config validation refuses it for the others),
+    `needs_value_model` (the learner builds a value model and fills `values` / `old_values`),
+    `supports_epochs` (the loss stays right over several optimizer steps on one batch, because its
+    anchors - behaviour log-probs, old values - are fixed before the first: `loss.ppo_epochs`).
 The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
 """
 from __future__ import annotations
@@ -31,6 +34,9 @@ class LossParams(Protocol):
     clip_eps: float  # PPO-style clip range of the ratio (proximal_rloo, grpo)
     importance_sampling: Literal["none", "truncated"]
     is_cap: float  # truncation of the per-token importance weight
+    gamma: float  # ppo: discount of GAE
+    lam: float  # ppo: GAE's lambda
+    value_clip_eps: float  # ppo: clip range of the value around the old value
 
 
 @dataclass
@@ -73,6 +79,10 @@ class LossInputs:
     # returned by vLLM), 0 at padding: the denominator of importance ratios.
     behaviour_logps: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None  # [B] long, Selection.group_ids
+    # Set when the spec declares needs_value_model: [B, C] V(prompt, y_<t) of the state before each
+    # completion token, with grad (`values`), and the same before this batch's first update, detached.
+    values: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
 
 
 LossFn = Callable[[LossInputs, LossParams], tuple[torch.Tensor, dict[str, float]]]
@@ -90,6 +100,8 @@ class LossSpec:
     doc: str
     select: Selector
     supports_importance_sampling: bool = False
+    needs_value_model: bool = False
+    supports_epochs: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -97,7 +109,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(
     name: str, *, min_samples_per_prompt: int, needs_reference: bool, select: Selector | None = None,
-    supports_importance_sampling: bool = False,
+    supports_importance_sampling: bool = False, needs_value_model: bool = False, supports_epochs: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`.
 
@@ -117,6 +129,8 @@ def register_loss(
             doc=(fn.__doc__ or "").strip(),
             select=chosen,
             supports_importance_sampling=supports_importance_sampling,
+            needs_value_model=needs_value_model,
+            supports_epochs=supports_epochs,
         )
         return fn
 
