@@ -7,6 +7,7 @@ so that noise from other work on a shared machine hits both sides alike.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int =
 def write_result(out: Path, result: dict) -> Path:
     """`out.json` with the result; returns the path of the PNG to draw next to it."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The 1-minute load average at the end says how quiet the machine was while measuring.
+    result = {**result, "load_avg_1m": os.getloadavg()[0], "cpus": os.cpu_count()}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     return out.with_suffix(".png")
 
