@@ -10,7 +10,9 @@ A loss is two functions plus a few declarations, bundled in a `LossSpec`:
     log-probs of the completion tokens in a `LossInputs`; the loss reduces them as it likes.
   * `min_samples_per_prompt` (config validation, and the group selector's minimum of scored
     completions), `needs_reference` (reference log-probs), `supports_importance_sampling` (the loss
-    applies `loss.importance_sampling`; config validation refuses it for the others).
+    applies `loss.importance_sampling`; config validation refuses it for the others),
+    `needs_mc_values` (the generators estimate VinePPO's Monte Carlo values and the learner passes
+    per-token `advantages`).
 The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
 """
 from __future__ import annotations
@@ -73,6 +75,9 @@ class LossInputs:
     # returned by vLLM), 0 at padding: the denominator of importance ratios.
     behaviour_logps: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None  # [B] long, Selection.group_ids
+    # [B, C] per-token advantage from Monte Carlo values (Completion.advantages), 0 at padding;
+    # set when the spec declares needs_mc_values.
+    advantages: torch.Tensor | None = None
 
 
 LossFn = Callable[[LossInputs, LossParams], tuple[torch.Tensor, dict[str, float]]]
@@ -90,6 +95,7 @@ class LossSpec:
     doc: str
     select: Selector
     supports_importance_sampling: bool = False
+    needs_mc_values: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -97,7 +103,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(
     name: str, *, min_samples_per_prompt: int, needs_reference: bool, select: Selector | None = None,
-    supports_importance_sampling: bool = False,
+    supports_importance_sampling: bool = False, needs_mc_values: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`.
 
@@ -117,6 +123,7 @@ def register_loss(
             doc=(fn.__doc__ or "").strip(),
             select=chosen,
             supports_importance_sampling=supports_importance_sampling,
+            needs_mc_values=needs_mc_values,
         )
         return fn
 
