@@ -15,7 +15,7 @@ import torch
 
 from async_rlhf.config import ConfigError, LossConfig, load_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
-from async_rlhf.vineppo import MCBatch, MCCost, attach_advantages, continuation_seed, state_values, step_delimiter_ids
+from async_rlhf.vineppo import MCBatch, MCCost, MCRequest, attach_advantages, continuation_seed, state_values, step_delimiter_ids
 from learners.logprobs import mc_advantages
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.vineppo import select_valued
@@ -162,6 +162,20 @@ def test_mc_cost_is_cumulative_and_reports_its_share() -> None:
     assert cost.record(response_gen_s=1.0) == {
         "mc_states": 4, "mc_rollouts": 8, "mc_tokens": 20, "mc_gen_s": 3.0, "mc_gen_share": 0.75,
         "mc_failed_reward": 1, "mc_unvalued": 2}
+
+
+def test_mc_cost_is_exported_to_prometheus_only_for_mc_losses(tmp_path: Path) -> None:
+    from async_rlhf.controller import Controller
+    from async_rlhf.metrics import prometheus_text
+
+    dpo = Controller(load_config(ROOT / "configs" / "arith.yaml"), tmp_path / "dpo")
+    assert "mc_" not in prometheus_text(dpo)
+    vine = Controller(load_config(ROOT / "configs" / "arith_vineppo.yaml"), tmp_path / "vine")
+    vine.mc_request = MCRequest(4, (5,))  # what _build_components sets for a loss with needs_mc_values
+    vine.mc_cost.add_generated(MCBatch([rollout([1.0, 0.0]), rollout([1.0, 1.0])], [[0, 1]], gen_s=1.5, tokens=10))
+    lines = set(prometheus_text(vine).splitlines())
+    assert {"async_rlhf_mc_states_total 2.0", "async_rlhf_mc_rollouts_total 4.0", "async_rlhf_mc_tokens_total 10.0",
+            "async_rlhf_mc_generation_seconds_total 1.5", "async_rlhf_mc_failed_reward_total 0.0"} <= lines
 
 
 def test_step_delimiters_and_continuation_seeds() -> None:
