@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from async_rlhf.broker import WeightRef
 from async_rlhf.config import GenerationConfig
 from async_rlhf.resources import pin_process
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
 from async_rlhf.vineppo import (
     MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
 )
@@ -113,7 +113,7 @@ class GeneratorActor:
         """Sampling is seeded per prompt, not per engine: a prompt re-issued after a generator died,
         or regenerated after a resume, draws the same samples on any generator; and evaluation
         prompts share their random numbers across versions, which makes version-to-version
-        comparisons less noisy."""
+        comparisons less noisy. MC continuations pass their own per-state `seed`."""
         from vllm import SamplingParams
 
         temp = self.cfg.temperature if temperature is None else temperature
@@ -145,8 +145,8 @@ class GeneratorActor:
             for state, p in zip(found.states, prompts)
         ]
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": s.token_ids} for s in found.states], params, use_tqdm=False) \
-            if found.states else []
+        inputs = [{"prompt_token_ids": s.token_ids} for s in found.states]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         gen_s, now = time.perf_counter() - start, time.time()
         rollouts = [
             RolloutGroup(p, [self._continuation(state, c) for c in out.outputs], self.version, self.generator_id, now)
@@ -159,11 +159,13 @@ class GeneratorActor:
         """A whole response, prefix + continuation, decoded together (as the response's own text is)."""
         ids = [*state.prefix_ids, *out.token_ids]
         text = self.llm.get_tokenizer().decode(ids, skip_special_tokens=True)
-        reason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
-        return Completion(ids, text, [], reason)
+        return Completion(ids, text, [], _finish_reason(out))
 
     @staticmethod
     def _completion(out) -> Completion:
         logprobs = [step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs)]
-        reason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
-        return Completion(list(out.token_ids), out.text, logprobs, reason)
+        return Completion(list(out.token_ids), out.text, logprobs, _finish_reason(out))
+
+
+def _finish_reason(out) -> FinishReason:
+    return out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
