@@ -2,6 +2,10 @@
 
 Every group it returns carries the policy version of the weights that sampled it. New weights
 are loaded only at the start of a `generate` call, i.e. between generation batches.
+
+With an `MCRequest` (loss `vineppo`), the same call also samples VinePPO's Monte Carlo rollouts:
+it splits each response into steps, gathers the batch's unique states and continues each of them
+K_mc times, all before it returns, so the values come from the weights that sampled the responses.
 """
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from dataclasses import dataclass
 from async_rlhf.broker import WeightRef
 from async_rlhf.config import GenerationConfig
 from async_rlhf.resources import pin_process
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
+from async_rlhf.vineppo import (
+    MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
+)
 
 
 @dataclass
@@ -24,6 +31,7 @@ class GenerationResult:
     sync_s: float  # time loading new weights before generating
     started_at: float
     tokens: int
+    mc: MCBatch | None = None  # VinePPO's rollouts, when the call was given an MCRequest
 
 
 def _cpu_list(cores: list[int]) -> str:
@@ -82,10 +90,12 @@ class GeneratorActor:
         weights: WeightRef | None = None,
         n: int | None = None,
         temperature: float | None = None,
+        mc: MCRequest | None = None,
     ) -> GenerationResult:
         started_at = time.time()
         sync_s = self.load_weights(weights) if weights and weights.version != self.version else 0.0
-        params = [self._sampling_params(n or self.cfg.samples_per_prompt, temperature, p.prompt_id) for p in prompts]
+        n = n or self.cfg.samples_per_prompt
+        params = [self._sampling_params(n, temperature, p.prompt_id) for p in prompts]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
         gen_s = time.perf_counter() - start
@@ -95,13 +105,15 @@ class GeneratorActor:
             for p, out in zip(prompts, outputs)
         ]
         tokens = sum(g.num_tokens for g in groups)
-        return GenerationResult(groups, self.generator_id, self.version, gen_s, sync_s, started_at, tokens)
+        mc_batch = self._monte_carlo(groups, mc, temperature) if mc else None
+        return GenerationResult(groups, self.generator_id, self.version, gen_s, sync_s, started_at, tokens, mc_batch)
 
-    def _sampling_params(self, n: int, temperature: float | None, prompt_id: int):
+    def _sampling_params(self, n: int, temperature: float | None, prompt_id: int, max_tokens: int | None = None,
+                         seed: int | None = None, logprobs: int | None = 0):
         """Sampling is seeded per prompt, not per engine: a prompt re-issued after a generator died,
         or regenerated after a resume, draws the same samples on any generator; and evaluation
         prompts share their random numbers across versions, which makes version-to-version
-        comparisons less noisy."""
+        comparisons less noisy. MC continuations pass their own per-state `seed`."""
         from vllm import SamplingParams
 
         temp = self.cfg.temperature if temperature is None else temperature
@@ -109,13 +121,51 @@ class GeneratorActor:
             n=n,
             temperature=temp,
             top_p=self.cfg.top_p if temp > 0 else 1.0,
-            max_tokens=self.cfg.max_new_tokens,
-            logprobs=0,  # the sampled token's logprob: the behaviour policy for importance ratios
-            seed=(self.seed * 1_000_003 + prompt_id) % (2**31 - 1),
+            max_tokens=max_tokens or self.cfg.max_new_tokens,
+            logprobs=logprobs,  # 0: the sampled token's logprob, the behaviour policy for importance ratios
+            seed=(self.seed * 1_000_003 + prompt_id) % (2**31 - 1) if seed is None else seed,
         )
+
+    def _monte_carlo(self, groups: list[RolloutGroup], mc: MCRequest, temperature: float | None) -> MCBatch:
+        """Split every response into steps (setting `step_ends`), then sample K_mc continuations of
+        each unique state, each within what is left of the response's `max_new_tokens`."""
+        split = delimiter_splitter(mc.delimiter_ids)
+        owners, splits = [], []
+        for group in groups:
+            for c in group.completions:
+                c.step_ends = split(c.token_ids)
+                owners.append(group.prompt)
+                splits.append(StepSplit(tuple(group.prompt.token_ids), tuple(c.token_ids), tuple(c.step_ends),
+                                        self.version))
+        found = gather_states(splits)
+        prompts = [owners[r] for r in found.owner]
+        params = [
+            self._sampling_params(mc.k_mc, temperature, p.prompt_id, state.remaining_tokens(self.cfg.max_new_tokens),
+                                  continuation_seed(self.seed, p.prompt_id, state.prefix_ids), logprobs=None)
+            for state, p in zip(found.states, prompts)
+        ]
+        start = time.perf_counter()
+        inputs = [{"prompt_token_ids": s.token_ids} for s in found.states]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
+        gen_s, now = time.perf_counter() - start, time.time()
+        rollouts = [
+            RolloutGroup(p, [self._continuation(state, c) for c in out.outputs], self.version, self.generator_id, now)
+            for state, p, out in zip(found.states, prompts, outputs)
+        ]
+        tokens = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+        return MCBatch(rollouts, found.index, gen_s, tokens)
+
+    def _continuation(self, state: State, out) -> Completion:
+        """A whole response, prefix + continuation, decoded together (as the response's own text is)."""
+        ids = [*state.prefix_ids, *out.token_ids]
+        text = self.llm.get_tokenizer().decode(ids, skip_special_tokens=True)
+        return Completion(ids, text, [], _finish_reason(out))
 
     @staticmethod
     def _completion(out) -> Completion:
         logprobs = [step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs)]
-        reason = out.finish_reason if out.finish_reason in ("stop", "length") else "abort"
-        return Completion(list(out.token_ids), out.text, logprobs, reason)
+        return Completion(list(out.token_ids), out.text, logprobs, _finish_reason(out))
+
+
+def _finish_reason(out) -> FinishReason:
+    return out.finish_reason if out.finish_reason in ("stop", "length") else "abort"

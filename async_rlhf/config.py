@@ -236,6 +236,15 @@ class LossConfig(Strict):
         return self
 
 
+class MCValuesConfig(Strict):
+    """Monte Carlo value estimation on the generators, used when the loss declares `needs_mc_values`
+    (vineppo; ignored otherwise). Formula and cost: docs/losses.md."""
+
+    k_mc: int = Field(
+        4, ge=1, le=64, description="continuations sampled from every unique state (prompt or step prefix); V = their mean reward"
+    )
+
+
 class LearnerConfig(Strict):
     steps: int = Field(200, ge=1, description="learner steps (policy versions) to train")
     lr: float = Field(1e-4, gt=0)
@@ -289,6 +298,7 @@ class RunConfig(Strict):
     reward: RewardConfig = RewardConfig()
     queue: QueueConfig = QueueConfig()
     loss: LossConfig = LossConfig()
+    mc_values: MCValuesConfig = MCValuesConfig()
     learner: LearnerConfig = LearnerConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     resources: ResourcesConfig = ResourcesConfig()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,9 @@ from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
 from async_rlhf.tasks import make_task
 from async_rlhf.timing import Timing
+from async_rlhf.vineppo import MCCost, MCRequest, attach_advantages, step_delimiter_ids
 from learners.learner import Learner
+from learners.losses import LOSSES
 from reward_models.service import RewardService
 
 Progress = Callable[[dict], None]
@@ -104,6 +106,8 @@ class Controller:
         self.generators: list[GeneratorSlot] = []
         self.last_step: dict = {}
         self.reward_counts = {"ok": 0, "failed": 0, "timed_out": 0}
+        self.mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
+        self.mc_cost = MCCost()
         self.heartbeat = time.monotonic()
 
     # ---- set-up -------------------------------------------------------------------------
@@ -155,7 +159,10 @@ class Controller:
         from transformers import AutoTokenizer
 
         cfg, plan = self.cfg, self.plan
-        self.task = make_task(cfg.task, AutoTokenizer.from_pretrained(policy_dir), cfg.seed)
+        tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+        self.task = make_task(cfg.task, tokenizer, cfg.seed)
+        if LOSSES[cfg.loss.name].needs_mc_values:
+            self.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(tokenizer, self.task.step_end_chars))
         self.broker = WeightSyncBroker(
             SharedMemoryTransport(cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"),
             cfg.weight_sync.keep_versions,
@@ -285,7 +292,7 @@ class Controller:
             weights = self.broker.lease(self.broker.latest_version)
             slot.leased_version = weights.version
         slot.prompts = prompts
-        slot.job = slot.handle.generate.remote(prompts, weights)
+        slot.job = slot.handle.generate.remote(prompts, weights, mc=self.mc_request)
 
     def _drop_stale(self) -> None:
         """Drop queued groups that are already too old for the next batch, before the gate is asked.
@@ -349,12 +356,18 @@ class Controller:
             self._on_generator_died(slot, exc)
             return
         slot.version = result.policy_version
+        mc_rollouts = []
+        if result.mc is not None:  # VinePPO's rollouts: the generator's time, counted apart
+            self.mc_cost.add_generated(result.mc)
+            slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
+            mc_rollouts = result.mc.rollouts
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
         self.timing.add("gen_busy_s", result.gen_s)
         self.timing.add("weight_sync_s", result.sync_s)
         self.timing.add("tokens_generated", result.tokens)
-        self.state.reward_jobs[self.reward.score.remote(result.groups)] = result
+        # One reward call for responses and MC rollouts: both get the RewardService's failure handling.
+        self.state.reward_jobs[self.reward.score.remote(result.groups + mc_rollouts)] = result
 
     def _on_generator_died(self, slot: GeneratorSlot, exc: Exception) -> None:
         """Nothing of the lost batch reaches the learner; its prompts go out again, unchanged,
@@ -396,8 +409,13 @@ class Controller:
                            f"queue depth {len(self.queue)}; see the Ray logs under /tmp/ray/session_latest/logs")
 
     def _on_scored(self, ref: Any) -> None:
-        self.state.reward_jobs.pop(ref)
-        for group in ray.get(ref):
+        result: GenerationResult = self.state.reward_jobs.pop(ref)
+        scored = ray.get(ref)
+        groups = scored[:len(result.groups)]
+        if result.mc is not None:  # values and advantages before the groups can be trained on
+            rollouts = replace(result.mc, rollouts=scored[len(result.groups):])
+            self.mc_cost.add_scored(attach_advantages(groups, rollouts))
+        for group in groups:
             for completion in group.completions:
                 self.reward_counts[completion.reward_status] += 1
             self.queue.put(group)
@@ -482,6 +500,7 @@ class Controller:
             "dropped_stale": self.queue.counters.dropped_stale,
             "failed_reward": self.queue.counters.failed_reward,
             "prompt_ids": [g.prompt.prompt_id for g in job.batch],  # coverage: nothing trained twice or lost
+            **self._mc_record(),
             **{k: v for k, v in metrics.items() if k != "version"},
         }
 
@@ -530,7 +549,12 @@ class Controller:
             "initial_proxy_reward": initial["proxy_reward"],
             "final_proxy_reward": final["proxy_reward"],
             "final_kl": final["kl"],
+            **self._mc_record(),
         }
+
+    def _mc_record(self) -> dict:
+        """VinePPO's MC cost so far (cumulative), or nothing for losses without MC values."""
+        return self.mc_cost.record(self.timing.get("gen_busy_s")) if self.mc_request else {}
 
     def shutdown(self) -> None:
         if self.api is not None:

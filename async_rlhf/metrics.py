@@ -42,6 +42,18 @@ class ControllerCollector:
         yield CounterMetricFamily(PREFIX + "completions_failed_reward", "Completions whose reward failed or timed out.",
                                   value=q["failed_reward"])
         yield from self._per_label(q)
+        if c.mc_request is not None:
+            yield from self._mc_cost()
+
+    def _mc_cost(self) -> Iterator[Metric]:
+        """VinePPO's Monte Carlo value estimation, apart from the responses (docs/losses.md)."""
+        mc = self.c.mc_cost
+        yield CounterMetricFamily(PREFIX + "mc_states", "Unique states whose value was estimated.", value=mc.states)
+        yield CounterMetricFamily(PREFIX + "mc_rollouts", "MC continuations sampled.", value=mc.rollouts)
+        yield CounterMetricFamily(PREFIX + "mc_tokens", "Tokens of MC continuations.", value=mc.tokens)
+        yield CounterMetricFamily(PREFIX + "mc_generation_seconds", "Generator time sampling MC continuations.", value=mc.gen_s)
+        yield CounterMetricFamily(PREFIX + "mc_failed_reward", "MC continuations whose reward failed or timed out.",
+                                  value=mc.failed_reward)
 
     def _per_label(self, q: dict) -> Iterator[Metric]:
         hist = CounterMetricFamily(PREFIX + "trained_groups_by_staleness", "Groups trained, by staleness.", labels=["staleness"])

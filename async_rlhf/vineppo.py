@@ -16,12 +16,21 @@ response. This module holds everything that needs no model:
    i.e. A_i = V(s_{i+1}) - V(s_i) for i < S-1 and A_{S-1} = R - V(s_{S-1}); and per-token
    advantages, each token taking its step's advantage.
 
-Sampling the continuations (a generator job) and the clipped PPO loss live elsewhere.
+The rest of this module is the plumbing around those formulas: what the controller asks of a
+generator call (`MCRequest`), what the generator returns (`MCBatch`: one rollout group per unique
+state, sampled in the same `GeneratorActor.generate` call as the responses, so by the same
+weights), the values and advantages computed once the RewardService has scored the rollouts
+(`attach_advantages`), and the driver's cost counters (`MCCost`). The sampling itself is in
+actors/generator.py, the clipped loss in learners/losses/vineppo.py.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from async_rlhf.rollout import RolloutGroup
 
 StepSplitter = Callable[[Sequence[int]], list[int]]  # completion token ids -> exclusive step ends
 
@@ -167,3 +176,121 @@ def batch_advantages(
         values = [state_values[j] for j in row]
         out.append(token_advantages(split.ends, step_advantages(values, reward)))
     return out
+
+
+# ---------------------------------------------------------------- the MC path through the pipeline
+
+
+@dataclass(frozen=True)
+class MCRequest:
+    """Asked of a generator call besides its responses: K_mc continuations of every unique state."""
+
+    k_mc: int
+    delimiter_ids: tuple[int, ...]  # a step ends after any of these tokens (empty: one step)
+
+
+def step_delimiter_ids(tokenizer: Any, step_end_chars: str) -> tuple[int, ...]:
+    """Ids of the tokens whose text ends with one of `step_end_chars` (a task's `step_end_chars`).
+
+    A character-level tokenizer gives exactly the newline's id; a BPE vocabulary also gives merged
+    tokens such as ".\n". A token with the character in its middle cannot end a step: the splitter
+    cuts between tokens.
+    """
+    if not step_end_chars:
+        return ()
+    ends = tuple(step_end_chars)
+    return tuple(sorted(i for i in tokenizer.get_vocab().values() if tokenizer.decode([i]).endswith(ends)))
+
+
+def continuation_seed(seed: int, prompt_id: int, prefix_ids: Sequence[int]) -> int:
+    """Sampling seed of a state's continuations: a pure function of the run seed, the owning prompt
+    and the prefix, so a re-issued or regenerated batch draws the same rollouts; salted apart from
+    the responses' own per-prompt seed (else s_0's continuations would repeat the responses)."""
+    key = f"mc:{seed}:{prompt_id}:{','.join(map(str, prefix_ids))}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % (2**31 - 1)
+
+
+@dataclass
+class MCBatch:
+    """The MC rollouts of one generation call.
+
+    `rollouts[j]` holds the K_mc continuations of unique state j as a RolloutGroup of its owner's
+    prompt; each Completion is the whole response prefix + continuation (its `text` is what the
+    RewardService scores; no behaviour log-probs: they never reach the learner). `index[r]` gives
+    the positions of s_0 .. s_{S-1} of response r, responses numbered over the call's groups and
+    completions in order.
+    """
+
+    rollouts: list[RolloutGroup]
+    index: list[list[int]]
+    gen_s: float  # time inside vLLM sampling the continuations
+    tokens: int  # continuation tokens sampled
+
+    @property
+    def num_rollouts(self) -> int:
+        return sum(len(g.completions) for g in self.rollouts)
+
+
+def state_values(rollouts: Sequence[RolloutGroup]) -> list[float | None]:
+    """V(s) per state: the mean reward of its continuations whose reward is ok. A failed or timed-out
+    reward is left out, never counted as a value; a state with no ok continuation has no value (None)."""
+    out: list[float | None] = []
+    for group in rollouts:
+        rewards = [c.reward for c in group.scored]
+        out.append(mc_value(rewards) if rewards else None)
+    return out
+
+
+def attach_advantages(groups: Sequence[RolloutGroup], batch: MCBatch) -> dict[str, int]:
+    """Set `Completion.advantages` of every response with an ok reward and a value for each state.
+
+    A response whose states are not all valued keeps `advantages=None` (the vineppo selector skips
+    it). Returns the counts `mc_failed_reward` (continuations whose reward failed or timed out) and
+    `mc_unvalued` (scored responses left without advantages).
+    """
+    responses = [c for g in groups for c in g.completions]
+    if len(responses) != len(batch.index):
+        raise ValueError(f"{len(responses)} responses but MC states for {len(batch.index)}")
+    values = state_values(batch.rollouts)
+    unvalued = 0
+    for completion, row in zip(responses, batch.index):
+        if completion.reward_status != "ok" or completion.step_ends is None:
+            continue
+        row_values = [values[j] for j in row]
+        if any(v is None for v in row_values):
+            unvalued += 1
+            continue
+        steps = step_advantages(row_values, completion.reward)  # type: ignore[arg-type]
+        completion.advantages = token_advantages(completion.step_ends, steps)
+    failed = batch.num_rollouts - sum(len(g.scored) for g in batch.rollouts)
+    return {"mc_failed_reward": failed, "mc_unvalued": unvalued}
+
+
+@dataclass
+class MCCost:
+    """The driver's running totals of what MC value estimation cost, reported apart from the responses."""
+
+    states: int = 0
+    rollouts: int = 0
+    tokens: int = 0
+    gen_s: float = 0.0
+    failed_reward: int = 0
+    unvalued: int = 0
+
+    def add_generated(self, batch: MCBatch) -> None:
+        self.states += len(batch.rollouts)
+        self.rollouts += batch.num_rollouts
+        self.tokens += batch.tokens
+        self.gen_s += batch.gen_s
+
+    def add_scored(self, counts: dict[str, int]) -> None:
+        self.failed_reward += counts["mc_failed_reward"]
+        self.unvalued += counts["mc_unvalued"]
+
+    def record(self, response_gen_s: float) -> dict[str, float | int]:
+        """Cumulative figures for metrics.jsonl and summary.json; `mc_gen_share` = MC sampling time over
+        all sampling time (responses + MC)."""
+        total = response_gen_s + self.gen_s
+        return {"mc_states": self.states, "mc_rollouts": self.rollouts, "mc_tokens": self.tokens,
+                "mc_gen_s": round(self.gen_s, 3), "mc_gen_share": round(self.gen_s / total, 4) if total else 0.0,
+                "mc_failed_reward": self.failed_reward, "mc_unvalued": self.unvalued}

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from async_rlhf.config import LearnerConfig, RunConfig
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
-from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, pack
+from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.value_model import ValueModel, ValueTrainer
 
@@ -206,6 +206,7 @@ class Learner:
             behaviour_logps=behaviour_logprobs(completions, logps.shape[1]).to(self.device),
             group_ids=torch.tensor(selection.group_ids, dtype=torch.long, device=self.device),
             values=values, old_values=old_values,
+            advantages=mc_advantages(completions, logps.shape[1]).to(self.device) if self.spec.needs_mc_values else None,
         )
 
     def _pack(self, selection: Selection) -> PackedBatch:

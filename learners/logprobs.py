@@ -97,3 +97,17 @@ def behaviour_logprobs(completions: list[Completion], width: int) -> torch.Tenso
                              f"{len(comp.token_ids)} tokens; the generator must return one per sampled token")
         out[i, : len(comp.logprobs)] = torch.tensor(comp.logprobs, dtype=torch.float32)
     return out
+
+
+def mc_advantages(completions: list[Completion], width: int) -> torch.Tensor:
+    """[B, width] `Completion.advantages` (VinePPO's per-token advantages), 0 at padding.
+
+    The loss's selector keeps only completions that have them; one missing or misaligned is refused.
+    """
+    out = torch.zeros((len(completions), width), dtype=torch.float32)
+    for i, comp in enumerate(completions):
+        if comp.advantages is None or len(comp.advantages) != len(comp.token_ids):
+            got = "none" if comp.advantages is None else len(comp.advantages)
+            raise ValueError(f"completion {i} has {got} MC advantages for {len(comp.token_ids)} tokens")
+        out[i, : len(comp.advantages)] = torch.tensor(comp.advantages, dtype=torch.float32)
+    return out

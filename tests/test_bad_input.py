@@ -41,7 +41,7 @@ CONFIG_CASES = [
     ("learner.max_nonfinite_steps=0", "learner.max_nonfinite_steps: Input should be greater than or equal to 1 (got 0)"),
     ("loss.importance_sampling=truncated",
      "loss.importance_sampling: loss 'online_dpo' does not support 'truncated'; set loss.importance_sampling=none "
-     "or use one of: grpo, proximal_rloo, rloo"),
+     "or use one of: grpo, proximal_rloo, rloo, vineppo"),
     ("generation=5", "generation: Input should be a valid dictionary or instance of GenerationConfig (got 5)"),
     ("learner.stall_timeout_s=0", "learner.stall_timeout_s: Input should be greater than 0 (got 0)"),
     ("loss.beta=0", "loss.beta: Input should be greater than 0 (got 0)"),

@@ -40,6 +40,7 @@ RUNS = {
     "grpo": ("quickstart_grpo.yaml", []),
     "best_of_n_sft": ("quickstart_best_of_n_sft.yaml", []),
     "ppo": ("quickstart_ppo.yaml", []),
+    "vineppo": ("arith_vineppo.yaml", []),  # the reasoning task: steps are solution lines
 }
 SHORT = [f"learner.steps={STEPS}", "task.eval_prompts=16", "eval.every=0"]
 
@@ -85,3 +86,8 @@ def test_loss_runs_end_to_end_and_raises_train_reward(name: str, tmp_path: Path,
     # No check on the sign of a step's KL: it is estimated on samples from the (stale) behaviour
     # policy, not the current one, and dips below 0 by noise when the policy stays close (seen: IPO).
     assert last > first + MIN_GAIN, (name, rewards)
+    if LOSSES[name].needs_mc_values:  # K_mc rollouts per unique state, costed apart, none left unvalued
+        k_mc = load_config(ROOT / "configs" / RUNS[name][0]).mc_values.k_mc
+        assert summary["mc_rollouts"] == k_mc * summary["mc_states"] > 0 and 0 < summary["mc_gen_share"] < 1
+        assert summary["mc_unvalued"] == summary["mc_failed_reward"] == 0
+        assert all(s["samples"] == 16 * 4 and s["skipped_unvalued"] == 0 for s in steps)

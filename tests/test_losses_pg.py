@@ -234,7 +234,7 @@ def test_importance_sampling_is_refused_for_losses_that_do_not_support_it():
         assert not LOSSES[name].supports_importance_sampling
         with pytest.raises(ConfigError, match=f"loss.importance_sampling: loss '{name}' does not support "
                                               "'truncated'; set loss.importance_sampling=none or use one of: "
-                                              "grpo, proximal_rloo, rloo$"):
+                                              "grpo, proximal_rloo, rloo, vineppo$"):
             validate_config({"loss": {"name": name, "importance_sampling": "truncated"}})
     assert validate_config({"loss": {"name": "grpo", "importance_sampling": "truncated"}}).loss.is_cap == 2.0
     with pytest.raises(ConfigError, match="loss.is_cap"):

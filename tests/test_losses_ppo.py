@@ -187,7 +187,7 @@ def test_ppo_config_defaults_and_k_of_one():
      "or use one of: ppo"),
     ({"name": "ppo", "importance_sampling": "truncated"},
      "config error: loss.importance_sampling: loss 'ppo' does not support 'truncated'; set "
-     "loss.importance_sampling=none or use one of: grpo, proximal_rloo, rloo"),
+     "loss.importance_sampling=none or use one of: grpo, proximal_rloo, rloo, vineppo"),
     ({"name": "ppo", "lam": 1.5}, "config error: loss.lam: Input should be less than or equal to 1 (got 1.5)"),
     ({"name": "ppo", "value_lr": 0}, "config error: loss.value_lr: Input should be greater than 0 (got 0)"),
 ])

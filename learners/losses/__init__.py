@@ -15,7 +15,7 @@ from learners.losses.registry import (
 from learners.losses.loader import LossImportError, load_import_path, resolve_loss
 
 # Each import registers the losses its module defines.
-from learners.losses import dpo, grpo, ppo, rloo, sft  # noqa: E402,F401
+from learners.losses import dpo, grpo, ppo, rloo, sft, vineppo  # noqa: E402,F401
 
 __all__ = [
     "LOSSES",

@@ -14,6 +14,8 @@ A loss is two functions plus a few declarations, bundled in a `LossSpec`:
     `needs_value_model` (the learner builds a value model and fills `values` / `old_values`),
     `supports_epochs` (the loss stays right over several optimizer steps on one batch, because its
     anchors - behaviour log-probs, old values - are fixed before the first: `loss.ppo_epochs`).
+    `needs_mc_values` (the generators estimate VinePPO's Monte Carlo values and the learner passes
+    per-token `advantages`).
 The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
 """
 from __future__ import annotations
@@ -83,6 +85,9 @@ class LossInputs:
     # completion token, with grad (`values`), and the same before this batch's first update, detached.
     values: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    # [B, C] per-token advantage from Monte Carlo values (Completion.advantages), 0 at padding;
+    # set when the spec declares needs_mc_values.
+    advantages: torch.Tensor | None = None
 
 
 LossFn = Callable[[LossInputs, LossParams], tuple[torch.Tensor, dict[str, float]]]
@@ -102,6 +107,7 @@ class LossSpec:
     supports_importance_sampling: bool = False
     needs_value_model: bool = False
     supports_epochs: bool = False
+    needs_mc_values: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -110,6 +116,7 @@ LOSSES: dict[str, LossSpec] = {}
 def register_loss(
     name: str, *, min_samples_per_prompt: int, needs_reference: bool, select: Selector | None = None,
     supports_importance_sampling: bool = False, needs_value_model: bool = False, supports_epochs: bool = False,
+    needs_mc_values: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`.
 
@@ -131,6 +138,7 @@ def register_loss(
             supports_importance_sampling=supports_importance_sampling,
             needs_value_model=needs_value_model,
             supports_epochs=supports_epochs,
+            needs_mc_values=needs_mc_values,
         )
         return fn
 
