@@ -4,7 +4,8 @@
 
 Per model size: the learner-side write (safetensors into the shared-memory transport, as
 `Learner.save_weights` does) and the broker's atomic publish, then the generator-side load (a Ray
-call to `GeneratorActor.load_weights`, vLLM's in-place `reload_weights`), after which a one-token
+call to `GeneratorActor.load_weights`, vLLM's in-place `reload_weights`; the time inside the actor
+and the Ray round trip are recorded apart), after which a one-token
 generate confirms the engine serves. The floor is the model's bytes divided by the memory-copy
 bandwidth measured in this process (one large tensor copy). Goal: write + load <= 2x the floor.
 """
@@ -53,12 +54,13 @@ def sync_once(broker, actor, state: dict, version: int, probe) -> dict[str, floa
     save_file(state, str(location / "model.safetensors"), metadata={"format": "pt"})
     ref = broker.publish(version)
     written = time.perf_counter()
-    ray.get(actor.load_weights.remote(ref))
+    inside = ray.get(actor.load_weights.remote(ref))  # seconds inside vLLM's reload_weights
     loaded = time.perf_counter()
     served = ray.get(actor.generate.remote([probe], n=1, temperature=0.0))
     if served.policy_version != version:
         raise RuntimeError(f"generator serves version {served.policy_version}, expected {version}")
-    return {"write_s": written - start, "load_s": loaded - written, "sync_s": loaded - start}
+    return {"write_s": written - start, "load_s": loaded - written, "reload_inside_s": inside,
+            "ray_call_s": loaded - written - inside, "sync_s": loaded - start}
 
 
 def measure_size(size: str, repeats: int, workdir: Path, bandwidth: float) -> dict:
