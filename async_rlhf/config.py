@@ -241,7 +241,8 @@ class MCValuesConfig(Strict):
     (vineppo; ignored otherwise). Formula and cost: docs/losses.md."""
 
     k_mc: int = Field(
-        4, ge=1, le=64, description="continuations sampled from every unique state (prompt or step prefix); V = their mean reward"
+        4, ge=1, le=64,
+        description="continuations sampled from every unique state (prompt or step prefix); V = their mean reward",
     )
 
 

@@ -13,7 +13,9 @@ each config's own learning rate the gain between the first and last 8 of 40 step
 varies by ~0.035). IPO runs with beta 0.1: at the README's 0.5 its target gap (1 / (2 beta) = 1 nat)
 keeps it so close to the reference (KL 0.02) that the gain was only +0.04..0.08. A higher learning
 rate for shorter runs made the first steps drop (AdamW's first updates are ~lr in size whatever
-the gradient). PPO (added later): +0.106 in one run. Measured numbers are in docs/losses.md.
+the gradient). PPO: +0.106 in one run. `vineppo` runs on the arith task (its reasoning steps are solution lines): +0.057
+(0.304 -> 0.361), the same in two runs (sampling and MC rollouts are seeded per prompt), in 220-300 s,
+most of it the generator's MC sampling. Measured numbers are in docs/losses.md.
 """
 from __future__ import annotations
 

@@ -153,6 +153,49 @@ def test_attach_advantages_hand_worked_with_failed_mc_rewards() -> None:
         attach_advantages(groups, MCBatch(rollouts, [[0]], 0.0, 0))
 
 
+def test_mc_rewards_failing_at_a_remote_reward_model_are_left_out() -> None:
+    """Responses and MC rollouts scored in one RewardService call, as the controller does, by a real
+    HTTP reward model that fails on some items: the failures never become values."""
+    from dataclasses import replace
+
+    from async_rlhf.serving import ThreadedServer
+    from reward_models.server import create_reward_app
+    from reward_models.service import RewardService
+
+    def picky(prompts, responses):  # the server scores item by item after a batch fails
+        if any("boom" in r for r in responses):
+            raise ValueError("cannot score 'boom'")
+        return [1.0 if r.endswith("right") else 0.0 for r in responses]
+
+    server = ThreadedServer(create_reward_app("picky", picky))
+    url = server.start()
+    try:
+        service = RewardService({"train": "arith_partial", "gold": "arith_exact"},
+                                remote={"url": url, "retries": 0, "backoff_s": 0.0})
+        prompt = Prompt(0, "q", [1, 5])
+
+        def texts(*values: str) -> list[Completion]:
+            return [Completion([3], v, [], "stop") for v in values]
+
+        a = Completion([3, 4], "x\nright", [0.0, 0.0], "stop", step_ends=[1, 2])  # steps "x\n" | "right"
+        b = Completion([3], "wrong", [0.0], "stop", step_ends=[1])  # one step
+        groups = [RolloutGroup(prompt, [a, b], 0, 0, 0.0)]
+        rollouts = [RolloutGroup(prompt, texts("right", "wrong", "boom"), 0, 0, 0.0),  # s_0: V = 0.5
+                    RolloutGroup(prompt, texts("x\nboom", "x\nboom"), 0, 0, 0.0)]  # a's s_1: no value
+        batch = MCBatch(rollouts, [[0, 1], [0]], gen_s=0.1, tokens=5)
+        scored = service.score(groups + batch.rollouts)
+    finally:
+        server.stop()
+    responses = scored[:1]
+    counts = attach_advantages(responses, replace(batch, rollouts=scored[1:]))
+    assert counts == {"mc_failed_reward": 3, "mc_unvalued": 1}
+    got_a, got_b = responses[0].completions
+    assert (got_a.reward, got_b.reward) == (1.0, 0.0) and got_a.advantages is None
+    assert got_b.advantages == [-0.5]  # 0 - V(s_0), V(s_0) = (1 + 0) / 2 with the failed one left out
+    assert [c.reward_status for c in scored[1].completions] == ["ok", "ok", "failed"]
+    assert "cannot score" in scored[2].completions[0].reward_error and service.counts["failed"] == 3
+
+
 def test_mc_cost_is_cumulative_and_reports_its_share() -> None:
     cost = MCCost()
     for _ in range(2):
