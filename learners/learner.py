@@ -64,10 +64,11 @@ def deepspeed_config(learner: LearnerConfig) -> dict:
     }
 
 
-def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Module:
+    """Any HF causal LM, in `dtype` (model.torch_dtype: float32 on CPU, where vLLM's logprobs then match)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -99,14 +100,17 @@ class Learner:
         self.model_dir = Path(model_dir)
         self.spec = resolve_loss(cfg.loss)  # imports loss.import_path again in this process
         self.version = 0  # == number of train_step calls; the queue's staleness rule relies on it
-        policy = load_causal_lm(model_dir)
-        self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)  # any valid id: padding is masked
+        dtype = cfg.model.torch_dtype
+        policy = load_causal_lm(model_dir, dtype)
+        # Any valid id will do (padding is masked out); many checkpoints (GPT-2, Llama) define no pad token.
+        self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr,
                                       weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                config=deepspeed_config(cfg.learner))
         self.device = self.engine.device
-        self.reference = load_causal_lm(model_dir).to(self.device).eval().requires_grad_(False)
+        reference_dir = cfg.model.reference_path or model_dir
+        self.reference = load_causal_lm(reference_dir, dtype).to(self.device).eval().requires_grad_(False)
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     @property
