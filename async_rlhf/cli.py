@@ -90,6 +90,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    if cfg.model.source == "local":  # the prompts can be checked with the policy's tokenizer, as train does
+        from async_rlhf.tasks import load_task
+
+        print(f"# {load_task(cfg, cfg.model.path).describe()}")
     return 0
 
 

@@ -166,6 +166,12 @@ class ModelConfig(Strict):
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     cache_dir: Path | None = Field(None, description="default: $XDG_CACHE_HOME/async-rlhf or ~/.cache/async-rlhf")
 
+    @field_validator("path", "reference_path")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # Ray workers need not share the driver's working directory: hand them absolute paths.
+        return path.absolute() if path is not None else None
+
     @model_validator(mode="after")
     def _path(self) -> "ModelConfig":
         if self.source == "local":
@@ -437,12 +443,27 @@ class RunConfig(Strict):
                 f"generation.max_new_tokens ({gen.max_new_tokens}) is shorter than the longest correct answer "
                 f"of task '{task}' ({self.task.max_answer_tokens} tokens with EOS)"
             )
+        self._check_local_context()
         context = task_class(task).context_len
         if self.model.source == "embedded" and gen.max_model_len > context:
             raise ValueError(
                 f"generation.max_model_len ({gen.max_model_len}) exceeds the embedded model's context for "
                 f"task '{task}' ({context})"
             )
+
+    def _check_local_context(self) -> None:
+        """A local checkpoint's positions bound generation.max_model_len (vLLM would fail late, in a worker)."""
+        if self.model.source != "local" or self.model.path is None:
+            return
+        import json
+
+        try:
+            positions = json.loads((self.model.path / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return  # transformers reports an unreadable config.json when the model loads
+        if isinstance(positions, int) and self.generation.max_model_len > positions:
+            raise ValueError(f"generation.max_model_len ({self.generation.max_model_len}) exceeds the "
+                             f"max_position_embeddings ({positions}) of model.path '{self.model.path}'")
 
     @property
     def queue_capacity(self) -> int:

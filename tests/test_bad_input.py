@@ -232,3 +232,27 @@ def test_plot_of_a_directory_that_holds_no_run(tmp_path: Path, capsys: pytest.Ca
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"plot error: no metrics.jsonl in '{tmp_path}'; pass run directories written by async-rlhf train")
+
+
+def test_missing_split_of_a_saved_dataset(tokenizer_dir: Path, tmp_path: Path) -> None:
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "21", "answer": "12"}])}).save_to_disk(str(saved))
+    assert byo_message(tokenizer_dir, f"task.dataset.path={saved}", "task.dataset.split=test") == E + (
+        f"task.dataset.split: no split 'test' in '{saved}' (splits: train)")
+
+
+def test_context_longer_than_the_local_model(tokenizer_dir: Path) -> None:
+    (tokenizer_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 32}))
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + (
+        f"generation.max_model_len (64) exceeds the max_position_embeddings (32) of model.path '{tokenizer_dir}'")
+
+
+def test_check_config_reads_the_prompts_too(tokenizer_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["check-config", str(BYO), f"model.path={tokenizer_dir}", "logging.wandb=false"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"# dataset '{TRAIN_JSONL}': 240 rows, 236 usable (")
+    assert main([*args, "task.dataset.prompt_column=text", "task.dataset.template=null"]) == 2
