@@ -40,6 +40,20 @@ class DatasetConfig(Strict):
     eval_path: str | None = Field(None, description="held-out prompts (same columns); default: eval_fraction of path")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of path held out by a hash of the prompt text")
 
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        from async_rlhf.prompt_data import template_fields
+
+        try:
+            fields = template_fields(template)
+        except ValueError as exc:  # str.format's parser: e.g. "expected '}' before end of string"
+            raise ValueError(f"task.dataset.template: {exc} in {template!r}; write a column as {{name}} "
+                             f"and a literal brace as {{{{ or }}}}") from None
+        if any(not f or f.isdigit() for f in fields):
+            raise ValueError(f"task.dataset.template: positional field in {template!r}; name a column, e.g. {{question}}")
+        return template
+
     @model_validator(mode="after")
     def _eval(self) -> "DatasetConfig":
         from async_rlhf.prompt_data import check_source

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import re
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -136,7 +137,10 @@ class RowMapper:
             return None, "empty"
         if any(_as_text(v) is None for v in values):
             return None, "malformed"
-        text = self.cfg.template.format(**row) if self.cfg.template else _as_text(values[0])
+        try:
+            text = self.cfg.template.format(**row) if self.cfg.template else _as_text(values[0])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # e.g. {n:d} on a text value
+            return None, "malformed"
         return (text, "") if text and text.strip() else (None, "empty")
 
     def encode(self, text: str) -> tuple[str, list[int]]:
@@ -184,9 +188,11 @@ class RowMapper:
 
 
 def template_fields(template: str | None) -> list[str]:
+    """The columns a template reads: `{question}`, `{row[0]}` and `{obj.attr}` all read their first name."""
     if template is None:
         return []
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    return [re.split(r"[.\[]", name)[0] for name in names]
 
 
 def _missing(value: Any) -> bool:

@@ -195,6 +195,9 @@ DATA_CONFIG_CASES = [
     ("task.dataset.system_prompt=hi", "task.dataset.system_prompt needs task.dataset.chat_template=true"),
     ("task.dataset.too_long=cut", "task.dataset.too_long: Input should be 'drop' or 'truncate' (got 'cut')"),
     ("model.dtype=float16", "model.dtype: Input should be 'auto', 'float32' or 'bfloat16' (got 'float16')"),
+    ("task.dataset.template={question", "task.dataset.template: expected '}' before end of string in '{question'; "
+     "write a column as {name} and a literal brace as {{ or }}"),
+    ("task.dataset.template={}>", "task.dataset.template: positional field in '{}>'; name a column, e.g. {question}"),
     ("logging.wandb_mode=cloud", "logging.wandb_mode: Input should be 'offline' or 'online' (got 'cloud')"),
 ]
 

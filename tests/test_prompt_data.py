@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config import TaskConfig
+from async_rlhf.config import ConfigError, TaskConfig
 from async_rlhf.embedded import build_tokenizer
 from async_rlhf.prompt_data import DatasetTask, in_eval_fraction, source_format
 from async_rlhf.rollout import EVAL_ID_OFFSET
@@ -156,3 +156,15 @@ def test_eval_split_is_by_content_and_disjoint(tmp_path: Path, tokenizer) -> Non
     held_out = {r["question"] for r in rows if in_eval_fraction(r["question"], 0.25)}
     assert 30 < len(held_out) < 70 and evals <= held_out
     assert not held_out & {task_a.train_prompt(i).text for i in range(len(task_a.train))}
+
+
+def test_a_row_the_template_cannot_format_is_malformed(tmp_path: Path, tokenizer) -> None:
+    rows = [{"n": "3"}, {"n": "x"}, {"n": "5"}]
+    cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), template="{n:0>2} pens", eval_fraction=0.5)
+    cfg.dataset.template = "{n:d} pens"  # a text column formatted as an integer: every row fails
+    with pytest.raises(ConfigError) as err:
+        make_task(cfg, tokenizer, seed=0)
+    assert "3 rows, 0 usable (3 malformed)" in str(err.value)
+    cfg.dataset.template = "{n:0>2} pens"
+    task = make_task(cfg, tokenizer, seed=0)
+    assert sorted(p.text for p in all_prompts(task)) == ["03 pens", "05 pens", "0x pens"]
