@@ -51,7 +51,7 @@ def init_single_rank_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def deepspeed_config(learner: LearnerConfig) -> dict:
+def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
     # One micro-batch per step: the learner forwards the whole selection at once, so DeepSpeed's
     # batch-size fields only fix the gradient scaling (1/accumulation steps = 1).
     return {
@@ -60,6 +60,7 @@ def deepspeed_config(learner: LearnerConfig) -> dict:
         "zero_optimization": {"stage": learner.zero_stage},
         "gradient_clipping": learner.grad_clip,  # 0 disables clipping
         "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bfloat16"},  # the engine's dtype must be the weights' (model.dtype)
         "steps_per_print": 10**9,  # the controller logs metrics; keep DeepSpeed quiet
     }
 
@@ -107,7 +108,7 @@ class Learner:
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr,
                                       weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
-                                               config=deepspeed_config(cfg.learner))
+                                               config=deepspeed_config(cfg.learner, dtype))
         self.device = self.engine.device
         reference_dir = cfg.model.reference_path or model_dir
         self.reference = load_causal_lm(reference_dir, dtype).to(self.device).eval().requires_grad_(False)
