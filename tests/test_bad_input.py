@@ -259,3 +259,10 @@ def test_check_config_reads_the_prompts_too(tokenizer_dir: Path, capsys: pytest.
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"# dataset '{TRAIN_JSONL}': 240 rows, 236 usable (")
     assert main([*args, "task.dataset.prompt_column=text", "task.dataset.template=null"]) == 2
+
+
+def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "weights.bin").write_text("x")
+    assert main(["export-model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: export-model: '{tmp_path}' already exists and is not empty; choose a new directory")
