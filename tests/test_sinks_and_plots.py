@@ -3,6 +3,7 @@ the records of the JSONL files under the same names; `async-rlhf plot` draws sev
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatc
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     record_run(tmp_path, [0.3, 0.4], [WandbSink(tmp_path, "async-rlhf-test", "offline", {"seed": 0})])
     [run] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 30  # wandb's service process may still be writing the file after finish()
+    while b"eval/gold_reward" not in run.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
     blob = run.read_bytes()
     assert b"train/reward_mean" in blob and b"eval/gold_reward" in blob
 
