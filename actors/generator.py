@@ -46,6 +46,7 @@ class GeneratorActor:
         gen_cfg: GenerationConfig,
         seed: int = 0,
         cores: list[int] | None = None,
+        dtype: str = "float32",
     ) -> None:
         cores = cores or sorted(os.sched_getaffinity(0))
         # Pin before vLLM starts: its engine processes inherit this affinity, and its OMP threads
@@ -63,7 +64,7 @@ class GeneratorActor:
         self.cores = cores
         self.llm = LLM(
             model=model_dir,
-            dtype="float32",  # behaviour logprobs must match the fp32 learner
+            dtype=dtype,  # the learner's (model.torch_dtype): behaviour logprobs must match its own
             enforce_eager=True,
             # vLLM-CPU fails ("CPU Generator does not use offset") when a per-request seed meets a
             # prefill split into chunks (long prompts in a big batch); whole prefills avoid it.

@@ -1,4 +1,5 @@
-"""`async-rlhf` command line: train a policy from a YAML config."""
+"""`async-rlhf` command line: train a policy from a YAML config; check a config; watch a run; plot
+runs; export the embedded policy as a checkpoint for `model.source: local`."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*")
+    plot = sub.add_parser("plot", help="reward, KL, staleness and throughput of several runs on one figure")
+    plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    export = sub.add_parser("export-model", help="write the embedded policy as a local HF checkpoint (model.source=local)")
+    export.add_argument("out", type=Path, help="new directory for the checkpoint")
+    export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
     return parser
 
 
@@ -83,6 +90,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    if cfg.model.source == "local":  # the prompts can be checked with the policy's tokenizer, as train does
+        from async_rlhf.tasks import load_task
+
+        print(f"# {load_task(cfg, cfg.model.path).describe()}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from async_rlhf.plots import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from async_rlhf.embedded import export_embedded
+
+    cfg = load_config(None, args.overrides)
+    print(export_embedded(cfg, args.out, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True)))
     return 0
 
 
@@ -95,7 +121,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status}
+    commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status, "plot": cmd_plot,
+                "export-model": cmd_export}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

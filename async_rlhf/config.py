@@ -20,23 +20,75 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DatasetConfig(Strict):
+    """Your own prompts (task.name=dataset), read through HF `datasets` (async_rlhf/prompt_data.py)."""
+
+    path: str = Field(description="a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or a hub name")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = Field(
+        "auto", description="auto: from the file extension; a directory is `disk`; anything else `hub`"
+    )
+    split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
+    prompt_column: str = "prompt"
+    reference_column: str | None = Field(None, description="reference answer, for reference_* scorers and win-rate")
+    meta_columns: list[str] = Field(default_factory=list, description="passed to the reward in Prompt.meta")
+    template: str | None = Field(None, description="str.format template over the row, e.g. '{question}\\nanswer:'")
+    chat_template: bool = Field(False, description="wrap the prompt as a user turn with the tokenizer's chat template")
+    system_prompt: str | None = Field(None, description="a system turn before the user turn (chat_template only)")
+    shuffle: bool = Field(True, description="reshuffle every epoch by (seed, epoch); false = file order")
+    max_prompt_tokens: int = Field(64, ge=2, description="longer prompts are dropped (or truncated) and counted")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="truncate keeps BOS and the last tokens")
+    eval_path: str | None = Field(None, description="held-out prompts (same columns); default: eval_fraction of path")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of path held out by a hash of the prompt text")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        from async_rlhf.prompt_data import template_fields
+
+        try:
+            fields = template_fields(template)
+        except ValueError as exc:  # str.format's parser: e.g. "expected '}' before end of string"
+            raise ValueError(f"task.dataset.template: {exc} in {template!r}; write a column as {{name}} "
+                             f"and a literal brace as {{{{ or }}}}") from None
+        if any(not f or f.isdigit() for f in fields):
+            raise ValueError(f"task.dataset.template: positional field in {template!r}; name a column, e.g. {{question}}")
+        return template
+
+    @model_validator(mode="after")
+    def _eval(self) -> "DatasetConfig":
+        from async_rlhf.prompt_data import check_source
+
+        check_source("task.dataset.path", self.path, self.format)
+        if self.eval_path is not None:
+            check_source("task.dataset.eval_path", self.eval_path, self.format)
+        if self.eval_path is None and self.eval_fraction == 0:
+            raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or task.dataset.eval_fraction > 0")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("task.dataset.system_prompt needs task.dataset.chat_template=true")
+        return self
+
+
 class TaskConfig(Strict):
-    """The embedded task (async_rlhf/tasks.py): `sort` digits, or `arith` multi-step word problems.
+    """The prompt source: an embedded task (async_rlhf/tasks.py), `sort` digits or `arith`
+    multi-step word problems, or `dataset`, your own prompts (task.dataset).
 
     The digit knobs apply to sort only, the step and operand knobs to arith only.
     """
 
-    name: Literal["sort", "arith"] = "sort"
+    name: Literal["sort", "arith", "dataset"] = "sort"
+    dataset: DatasetConfig | None = Field(None, description="required when name=dataset")
     min_digits: int = Field(4, ge=1, le=32, description="sort: shortest digit string")
     max_digits: int = Field(7, ge=2, le=32, description="sort: longest digit string")
     min_steps: int = Field(2, ge=1, le=6, description="arith: fewest operations (solution lines) per problem")
     max_steps: int = Field(3, ge=1, le=6, description="arith: most operations per problem")
     min_operand: int = Field(1, ge=1, le=49, description="arith: smallest start value / operand")
     max_operand: int = Field(9, ge=1, le=49, description="arith: largest start value / operand (values stay <= 99)")
-    eval_prompts: int = Field(128, ge=1)
+    eval_prompts: int = Field(128, ge=1, description="size of the eval set (dataset: at most this many)")
 
     @model_validator(mode="after")
     def _range(self) -> "TaskConfig":
+        if (self.name == "dataset") != (self.dataset is not None):
+            raise ValueError("task.dataset is required when task.name=dataset, and only then")
         for low, high in (("min_digits", "max_digits"), ("min_steps", "max_steps"), ("min_operand", "max_operand")):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(
@@ -100,20 +152,61 @@ class EmbeddedModelConfig(Strict):
         return self
 
 
+# Any one of these makes a directory loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_checkpoint(key: str, path: Path, tokenizer: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{key}: no config.json in '{path}'; point it at an HF checkpoint directory")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{key}: no tokenizer in '{path}' (none of {', '.join(TOKENIZER_FILES)}); "
+                         f"save it there with tokenizer.save_pretrained")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class ModelConfig(Strict):
     source: Literal["embedded", "local"] = "embedded"
-    path: Path | None = Field(None, description="HF checkpoint directory when source=local")
+    path: Path | None = Field(None, description="HF causal-LM checkpoint directory (with its tokenizer) when source=local")
+    reference_path: Path | None = Field(None, description="frozen reference model (same tokenizer); default: path")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights of policy, reference and generators: auto = float32 on CPU, bfloat16 on GPU"
+    )
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
     cache_dir: Path | None = Field(None, description="default: $XDG_CACHE_HOME/async-rlhf or ~/.cache/async-rlhf")
+
+    @field_validator("path", "reference_path")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # Ray workers need not share the driver's working directory: hand them absolute paths.
+        return path.absolute() if path is not None else None
 
     @model_validator(mode="after")
     def _path(self) -> "ModelConfig":
         if self.source == "local":
             if self.path is None:
                 raise ValueError("model.path is required when model.source=local (an HF checkpoint directory)")
-            if not (self.path / "config.json").is_file():
-                raise ValueError(f"model.path: no config.json in '{self.path}'; point it at an HF checkpoint directory")
+            _check_checkpoint("model.path", self.path, tokenizer=True)
+        if self.reference_path is not None:
+            if self.source != "local":
+                raise ValueError("model.reference_path needs model.source=local")
+            _check_checkpoint("model.reference_path", self.reference_path, tokenizer=False)
+        if self.dtype == "bfloat16" and not cuda_available():
+            raise ValueError("model.dtype: bfloat16 needs a GPU and none is visible; use model.dtype=float32 "
+                             "(or auto) on CPU")
         return self
+
+    @property
+    def torch_dtype(self) -> str:
+        """The dtype name that learner and generators load with (auto resolved here)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if cuda_available() else "float32"
 
 
 class GenerationConfig(Strict):
@@ -138,7 +231,10 @@ class GenerationConfig(Strict):
         return self
 
 
-ScorerName = Literal["sort_partial", "sort_exact", "arith_partial", "arith_exact"]  # reward_models/rules.py
+ScorerName = Literal[  # reward_models/rules.py
+    "sort_partial", "sort_exact", "arith_partial", "arith_exact",
+    "reference_exact", "reference_contains", "reference_final", "reference_similarity",
+]
 
 
 class RemoteRewardConfig(Strict):
@@ -288,6 +384,28 @@ class ApiConfig(Strict):
 
 class EvalConfig(Strict):
     every: int = Field(0, ge=0, description="gold evaluation every E steps; 0 = only at start and end")
+    win_rate_judge: Literal["gold", "train"] = Field(
+        "gold", description="reward that judges completion vs reference (prompts with a reference only)"
+    )
+
+
+class LoggingConfig(Strict):
+    """Metric sinks besides the JSONL files (always written); the same metric names in each."""
+
+    tensorboard: bool = Field(False, description="event files in run_dir/tensorboard (needs `tensorboard`)")
+    wandb: bool = Field(False, description="Weights & Biases run in run_dir/wandb (needs `wandb`)")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline needs no network or account")
+    wandb_project: str = "async-rlhf"
+
+    @model_validator(mode="after")
+    def _installed(self) -> "LoggingConfig":
+        import importlib.util
+
+        for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if getattr(self, key) and importlib.util.find_spec(package) is None:
+                raise ValueError(f"logging.{key}: the '{package}' package is not installed; "
+                                 f"run `make install` (or pip install {package}) or set logging.{key}=false")
+        return self
 
 
 class RunConfig(Strict):
@@ -304,6 +422,7 @@ class RunConfig(Strict):
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     resources: ResourcesConfig = ResourcesConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
     api: ApiConfig = ApiConfig()
 
     @model_validator(mode="before")
@@ -349,6 +468,12 @@ class RunConfig(Strict):
                 raise ValueError(
                     f"reward.{role}: scorer '{scorer}' does not score task '{task}'; valid for {task}: {valid}"
                 )
+            if self.task.dataset is not None and self.task.dataset.reference_column is None:
+                raise ValueError(f"reward.{role}: scorer '{scorer}' compares with a reference answer; "
+                                 f"set task.dataset.reference_column")
+        if task == "dataset" and self.model.source != "local":
+            raise ValueError("task.name=dataset needs model.source=local and model.path (the embedded model knows "
+                             "only its own tasks; `async-rlhf export-model DIR` writes it as a checkpoint)")
         prompt_len = self.task.max_prompt_tokens
         if prompt_len + gen.max_new_tokens > gen.max_model_len:
             raise ValueError(
@@ -360,12 +485,27 @@ class RunConfig(Strict):
                 f"generation.max_new_tokens ({gen.max_new_tokens}) is shorter than the longest correct answer "
                 f"of task '{task}' ({self.task.max_answer_tokens} tokens with EOS)"
             )
+        self._check_local_context()
         context = task_class(task).context_len
         if self.model.source == "embedded" and gen.max_model_len > context:
             raise ValueError(
                 f"generation.max_model_len ({gen.max_model_len}) exceeds the embedded model's context for "
                 f"task '{task}' ({context})"
             )
+
+    def _check_local_context(self) -> None:
+        """A local checkpoint's positions bound generation.max_model_len (vLLM would fail late, in a worker)."""
+        if self.model.source != "local" or self.model.path is None:
+            return
+        import json
+
+        try:
+            positions = json.loads((self.model.path / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return  # transformers reports an unreadable config.json when the model loads
+        if isinstance(positions, int) and self.generation.max_model_len > positions:
+            raise ValueError(f"generation.max_model_len ({self.generation.max_model_len}) exceeds the "
+                             f"max_position_embeddings ({positions}) of model.path '{self.model.path}'")
 
     @property
     def queue_capacity(self) -> int:
@@ -385,8 +525,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config error: override '{pair}' conflicts with an earlier override of '{part}'")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = _scalar(raw)
     return tree
+
+
+def _scalar(raw: str) -> Any:
+    """An override's value as YAML (1, true, null, [a, b]); text that is not YAML (e.g. a template
+    such as {question}>) is taken as it is."""
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,8 @@ from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
-from async_rlhf.tasks import make_task
+from async_rlhf.sinks import make_sinks
+from async_rlhf.tasks import load_task
 from async_rlhf.timing import Timing
 from async_rlhf.vineppo import MCCost, MCRequest, attach_advantages, step_delimiter_ids
 from learners.learner import Learner
@@ -117,6 +118,9 @@ class Controller:
         self._start_api()
         with self.timing.span("setup_s"):
             policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
+            self.task = load_task(self.cfg, policy_dir)  # reads and checks the prompts before any worker starts
+            print(f"[async-rlhf] {self.task.describe()}", flush=True)
+            self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self._start_ray()
             self._handle_sigterm()
             self.plan = plan_cores(self.cfg)
@@ -156,13 +160,9 @@ class Controller:
         return os.sched_getaffinity(0)
 
     def _build_components(self, policy_dir: str) -> None:
-        from transformers import AutoTokenizer
-
         cfg, plan = self.cfg, self.plan
-        tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-        self.task = make_task(cfg.task, tokenizer, cfg.seed)
         if LOSSES[cfg.loss.name].needs_mc_values:
-            self.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(tokenizer, self.task.step_end_chars))
+            self.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(self.task.tokenizer, self.task.step_end_chars))
         self.broker = WeightSyncBroker(
             SharedMemoryTransport(cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"),
             cfg.weight_sync.keep_versions,
@@ -172,7 +172,8 @@ class Controller:
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
         gen_cls = ray.remote(GeneratorActor).options(num_cpus=1, max_restarts=cfg.generation.max_restarts)
         self.generators = [
-            GeneratorSlot(gen_cls.remote(i, policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i]), i)
+            GeneratorSlot(gen_cls.remote(i, policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i],
+                                         cfg.model.torch_dtype), i)
             for i in range(cfg.generation.num_generators)
         ]
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
@@ -182,7 +183,8 @@ class Controller:
         for slot, info in zip(self.generators, infos):
             slot.pid = info["pid"]
         ray.get(self.learner.__ray_ready__.remote())
-        self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature)
+        self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
+                                   self.cfg.eval.win_rate_judge)
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -550,6 +552,8 @@ class Controller:
             "final_proxy_reward": final["proxy_reward"],
             "final_kl": final["kl"],
             **self._mc_record(),
+            "final_win_rate": final.get("win_rate"),
+            "data": [asdict(s) for s in getattr(self.task, "stats", [])],  # rows read and skipped (task.name=dataset)
         }
 
     def _mc_record(self) -> dict:
@@ -557,6 +561,7 @@ class Controller:
         return self.mc_cost.record(self.timing.get("gen_busy_s")) if self.mc_request else {}
 
     def shutdown(self) -> None:
+        self.recorder.close()
         if self.api is not None:
             self.api.stop()
             self.api = None

@@ -230,3 +230,17 @@ def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
             raise ValueError("model.path is required when model.source=local")
         return cfg.model.path
     return ensure_embedded_policy(cfg.model.embedded, cfg.task, cfg.model.cache_dir, log)
+
+
+def export_embedded(cfg: RunConfig, out: Path, log: Log = print) -> Path:
+    """Copy the embedded policy of `cfg` (built first when not cached) to `out`, a new directory: an
+    HF checkpoint with its tokenizer, for `model.source: local` (e.g. to train it on your own prompts)."""
+    from async_rlhf.config import ConfigError
+
+    if cfg.model.source != "embedded":
+        raise ConfigError("config error: export-model writes the embedded model; drop the model.source override")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"config error: export-model: '{out}' already exists and is not empty; choose a new directory")
+    source = ensure_embedded_policy(cfg.model.embedded, cfg.task, cfg.model.cache_dir, log)
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    return out

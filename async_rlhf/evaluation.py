@@ -1,12 +1,13 @@
-"""Evaluator: gold reward (and the proxy, and KL to the reference) of the policy on the held-out set."""
+"""Evaluator: gold reward (and the proxy, KL to the reference, and the win-rate against the
+dataset's reference answers where there are any) of the policy on the held-out set."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import ray
 
 from async_rlhf.broker import WeightRef
-from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 
 
 def _mean_reward(groups: list[RolloutGroup]) -> float | None:
@@ -14,11 +15,37 @@ def _mean_reward(groups: list[RolloutGroup]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def reference_groups(groups: list[RolloutGroup]) -> list[RolloutGroup]:
+    """Each group that has a reference answer, with that answer as its only completion (to be scored
+    like a sample); groups without one are left out."""
+    out = []
+    for group in groups:
+        if "reference" in group.prompt.meta:
+            answer = Completion([], str(group.prompt.meta["reference"]), [], "stop")
+            out.append(RolloutGroup(group.prompt, [answer], group.policy_version, group.generator_id, group.created_at))
+    return out
+
+
+def win_rate(samples: list[RolloutGroup], references: list[RolloutGroup]) -> float | None:
+    """Share of prompts whose sample outscores the reference (ties count half), over the prompts where
+    both were scored; None when there are none."""
+    ref_by_id = {g.prompt.prompt_id: g.scored for g in references}
+    outcomes = []
+    for group in samples:
+        ref = ref_by_id.get(group.prompt.prompt_id)
+        if ref and group.scored:
+            sample, answer = group.scored[0].reward, ref[0].reward
+            outcomes.append(1.0 if sample > answer else 0.5 if sample == answer else 0.0)
+    return sum(outcomes) / len(outcomes) if outcomes else None
+
+
 class Evaluator:
-    def __init__(self, prompts: list[Prompt], reward: Any, temperature: float) -> None:
+    def __init__(self, prompts: list[Prompt], reward: Any, temperature: float,
+                 judge: Literal["gold", "train"] = "gold") -> None:
         self.prompts = prompts
         self.reward = reward  # RewardService actor handle
         self.temperature = temperature
+        self.judge = judge  # the role that compares samples with references
 
     def evaluate(self, generator: Any, weights: WeightRef | None, learner: Any) -> dict:
         """Sample one completion per eval prompt with `weights` and score it with both rewards."""
@@ -31,6 +58,13 @@ class Evaluator:
             "gold_reward": _mean_reward(gold),
             "proxy_reward": _mean_reward(proxy),
             "kl": kl,
+            "win_rate": self._win_rate(gold if self.judge == "gold" else proxy),
             "prompts": len(self.prompts),
             "temperature": self.temperature,
         }
+
+    def _win_rate(self, judged: list[RolloutGroup]) -> float | None:
+        references = reference_groups(judged)
+        if not references:
+            return None
+        return win_rate(judged, ray.get(self.reward.score.remote(references, self.judge)))

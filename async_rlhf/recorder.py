@@ -1,35 +1,47 @@
-"""RunRecorder: everything a run leaves in its directory (config, metrics, summary, plot)."""
+"""RunRecorder: everything a run leaves in its directory (config, metrics, summary, plot), and the
+same step and eval records to the metric sinks (TensorBoard, W&B) the config enables."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from async_rlhf.config import RunConfig, dump_config
-
-
-def _series(records: list[dict], key: str) -> list[float]:
-    """Values for plotting; a missing or None value (e.g. a step with no usable pair) is a gap."""
-    return [float("nan") if r.get(key) is None else r[key] for r in records]
+from async_rlhf.plots import pyplot, series as _series
+from async_rlhf.sinks import MetricSink
 
 
 class RunRecorder:
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, sinks: list[MetricSink] | None = None) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
         self.steps: list[dict] = []
         self.evals: list[dict] = []
+        self.sinks: list[MetricSink] = list(sinks or [])
 
     def save_config(self, cfg: RunConfig) -> None:
         dump_config(cfg, self.run_dir / "config.yaml")
 
+    def add_sinks(self, sinks: list[MetricSink]) -> None:
+        self.sinks.extend(sinks)
+
     def log_step(self, record: dict) -> None:
         self.steps.append(record)
         self._append(self.metrics_path, record)
+        for sink in self.sinks:
+            sink.log("train", record, record["step"])
 
     def log_eval(self, record: dict) -> None:
         self.evals.append(record)
         self._append(self.eval_path, record)
+        for sink in self.sinks:
+            sink.log("eval", record, record["version"])
+
+    def close(self) -> None:
+        """Flush and close the sinks (idempotent)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -40,17 +52,16 @@ class RunRecorder:
             fh.write(json.dumps(record) + "\n")
 
     def plot(self) -> Path:
-        """reward.png: training (proxy) reward and gold evaluations over steps; KL to the reference."""
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on servers
-        import matplotlib.pyplot as plt
-
+        """reward.png: training (proxy) reward, gold evaluations (and win-rate) over steps; KL to the reference."""
+        plt = pyplot()
         fig, (ax_r, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         steps = [r["step"] for r in self.steps]
         ax_r.plot(steps, _series(self.steps, "reward_mean"), label="train reward (proxy), batch mean", alpha=0.7)
         if self.evals:
             ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-", label="gold reward (eval)")
+            if any(r.get("win_rate") is not None for r in self.evals):
+                ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate"), "s--",
+                          label="win-rate vs reference (eval)")
         ax_r.set_ylabel("reward")
         ax_r.legend(loc="lower right")
         ax_r.grid(alpha=0.3)

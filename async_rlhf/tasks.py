@@ -17,17 +17,20 @@ names and objects of the story do not matter) into an eval bucket and a train bu
 eval unseen by the SFT warm start (which uses its own seed) and by RL training, whatever seeds
 either uses.
 
-Both tasks follow the `Task` protocol; `make_task` picks one by `task.name`.
+Both tasks follow the `Task` protocol; `make_task` picks one by `task.name`, which may also be
+`dataset`: the user's own prompts (async_rlhf/prompt_data.py).
 """
 from __future__ import annotations
 
 import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-from async_rlhf.config import TaskConfig
-from async_rlhf.rollout import Prompt
+from async_rlhf.config import ConfigError, RunConfig, TaskConfig
+from async_rlhf.prompt_data import DatasetTask
+from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
 
 if TYPE_CHECKING:  # transformers is heavy; the task only calls the tokenizer
     from transformers import PreTrainedTokenizerBase
@@ -36,7 +39,6 @@ Stream = Literal["train", "eval", "sft"]  # sft: the warm start's own train-spli
 
 SEPARATOR = ">"
 EVAL_BUCKETS = 10  # 1 in EVAL_BUCKETS problems is reserved for evaluation
-EVAL_ID_OFFSET = 1_000_000_000  # eval prompt ids live apart from train ids (train index < this)
 _MAX_DRAWS = 10_000  # rejection sampling bound; expected draws are ~1.1 (train) and ~10 (eval)
 
 
@@ -95,6 +97,10 @@ class Task(Protocol):
         """A warm-start example of the sft stream: its prompt and target text (EOS not included)."""
         ...
 
+    def describe(self) -> str:
+        """One line for the run's log: where the prompts come from."""
+        ...
+
 
 def _stream_rng(task: str, seed: int, stream: Stream, index: int) -> random.Random:
     # str seeds are hashed with SHA-512 by `random`, so this is stable across runs and hosts.
@@ -149,6 +155,9 @@ class _PromptStreams:
     def eval_prompts(self) -> list[Prompt]:
         """The fixed eval set: task_cfg.eval_prompts prompts, disjoint from every train prompt."""
         return [self.eval_prompt(i) for i in range(self.cfg.eval_prompts)]
+
+    def describe(self) -> str:
+        return f"task {self.cfg.name}: train prompts drawn on the fly, {self.cfg.eval_prompts} eval prompts"
 
 
 class SortTask(_PromptStreams):
@@ -350,7 +359,7 @@ class ArithTask(_PromptStreams):
         return self.make_prompt(index, problem), "\n".join(solution_lines(problem.start, problem.ops, slip))
 
 
-TASKS: dict[str, type[Task]] = {"sort": SortTask, "arith": ArithTask}
+TASKS: dict[str, type[Task]] = {"sort": SortTask, "arith": ArithTask, "dataset": DatasetTask}
 
 
 def task_class(name: str) -> type[Task]:
@@ -362,3 +371,23 @@ def task_class(name: str) -> type[Task]:
 def make_task(task_cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> Task:
     """The task named by `task_cfg.name`, drawing its prompts with `seed`."""
     return task_class(task_cfg.name)(task_cfg, tokenizer, seed)
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer; it must know its EOS token (completions end there)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises many types; the user needs the directory and the reason
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"config error: model.path: cannot load the tokenizer in '{model_dir}': {reason}") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"config error: model.path: the tokenizer in '{model_dir}' has no eos_token; set one in its "
+                          f"tokenizer_config.json so that completions can end")
+    return tokenizer
+
+
+def load_task(cfg: RunConfig, model_dir: str | Path) -> Task:
+    """The run's task with the policy's tokenizer (a dataset task reads and checks its rows here)."""
+    return make_task(cfg.task, load_tokenizer(model_dir), cfg.seed)

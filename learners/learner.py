@@ -53,7 +53,7 @@ def init_single_rank_distributed() -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def deepspeed_config(learner: LearnerConfig) -> dict:
+def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
     # One micro-batch per step: the learner forwards the whole selection at once, so DeepSpeed's
     # batch-size fields only fix the gradient scaling (1/accumulation steps = 1).
     return {
@@ -62,14 +62,16 @@ def deepspeed_config(learner: LearnerConfig) -> dict:
         "zero_optimization": {"stage": learner.zero_stage},
         "gradient_clipping": learner.grad_clip,  # 0 disables clipping
         "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bfloat16"},  # the engine's dtype must be the weights' (model.dtype)
         "steps_per_print": 10**9,  # the controller logs metrics; keep DeepSpeed quiet
     }
 
 
-def load_causal_lm(model_dir: str | Path) -> torch.nn.Module:
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Module:
+    """Any HF causal LM, in `dtype` (model.torch_dtype: float32 on CPU, where vLLM's logprobs then match)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
 
 
 def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,21 +114,24 @@ class Learner:
         self.model_dir = Path(model_dir)
         self.spec = resolve_loss(cfg.loss)  # imports loss.import_path again in this process
         self.version = 0  # == number of train_step calls; the queue's staleness rule relies on it
-        policy = load_causal_lm(model_dir)
-        self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)  # any valid id: padding is masked
+        dtype = cfg.model.torch_dtype
+        policy = load_causal_lm(model_dir, dtype)
+        # Any valid id will do (padding is masked out); many checkpoints (GPT-2, Llama) define no pad token.
+        self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr,
                                       weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
-                                               config=deepspeed_config(cfg.learner))
+                                               config=deepspeed_config(cfg.learner, dtype))
         self.device = self.engine.device
-        self.reference = load_causal_lm(model_dir).to(self.device).eval().requires_grad_(False)
+        reference_dir = cfg.model.reference_path or model_dir
+        self.reference = load_causal_lm(reference_dir, dtype).to(self.device).eval().requires_grad_(False)
         # None unless the loss declares needs_value_model; resume saves / restores it with
         # save_value_model / load_value_model (also written by save_pretrained).
         self.value: ValueTrainer | None = self._build_value_model() if self.spec.needs_value_model else None
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
-        model = ValueModel.from_causal_lm(load_causal_lm(self.model_dir)).to(self.device)
+        model = ValueModel.from_causal_lm(load_causal_lm(self.model_dir, self.cfg.model.torch_dtype)).to(self.device)
         learner = self.cfg.learner
         return ValueTrainer(model, lr=self.cfg.loss.value_lr or learner.lr, weight_decay=learner.weight_decay,
                             grad_clip=learner.grad_clip)

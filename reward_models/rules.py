@@ -1,6 +1,8 @@
 """Programmatic scorers for the embedded tasks: a partial-credit proxy and an exact gold reward each.
 
-sort: `sort_partial`, `sort_exact`; arith: `arith_partial`, `arith_exact`. Every scorer takes the
+sort: `sort_partial`, `sort_exact`; arith: `arith_partial`, `arith_exact`; your own dataset (its
+reference column, `meta["reference"]`): `reference_exact`, `reference_contains`, `reference_final`
+(GSM8K-style final answers) and `reference_similarity` (partial credit). Every scorer takes the
 prompt (its `meta["answer"]` is the answer; arith's `meta["solution"]` the worked solution) and the
 completion text as decoded with special tokens skipped. They never raise on garbage: anything that is not the
 answer just earns less. The proxy's unique maximum (1.0) is the exact answer, so optimising
@@ -8,6 +10,7 @@ the proxy also drives the gold reward up; the gap between them is what makes it 
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from typing import Callable
@@ -91,9 +94,56 @@ def arith_partial(prompt: Prompt, text: str) -> float:
     return float(W_STEPS * steps + W_ANSWER * arith_exact(prompt, text))
 
 
+# --- dataset: compare with the row's reference answer (task.dataset.reference_column) -----------
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed (SQuAD's answer normalisation, minus articles)."""
+    return " ".join(_PUNCT.sub(" ", _clean(text).lower()).split())
+
+
+def _reference(prompt: Prompt) -> str:
+    return normalise(str(prompt.meta["reference"]))  # KeyError (a failed reward) when the row has none
+
+
+def reference_exact(prompt: Prompt, text: str) -> float:
+    """1.0 iff the completion equals the reference after normalisation, else 0.0."""
+    return 1.0 if normalise(text) == _reference(prompt) else 0.0
+
+
+def reference_contains(prompt: Prompt, text: str) -> float:
+    """1.0 iff the normalised reference occurs in the normalised completion, as whole words."""
+    return 1.0 if f" {_reference(prompt)} " in f" {normalise(text)} " else 0.0
+
+
+def final_line(text: str) -> str:
+    """What follows the last "####" (GSM8K), else the last non-empty line."""
+    body = _clean(text)
+    if ANSWER_MARK in body:
+        return body.rpartition(ANSWER_MARK)[2]
+    lines = [line for line in body.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def reference_final(prompt: Prompt, text: str) -> float:
+    """1.0 iff the final answers agree (after "####" or on the last line, in both), else 0.0."""
+    return 1.0 if normalise(final_line(text)) == normalise(final_line(str(prompt.meta["reference"]))) else 0.0
+
+
+def reference_similarity(prompt: Prompt, text: str) -> float:
+    """Partial credit in [0, 1]: difflib's ratio of the normalised strings; 1.0 only for a match."""
+    return difflib.SequenceMatcher(None, normalise(text), _reference(prompt), autojunk=False).ratio()
+
+
 SCORERS: dict[str, Scorer] = {
     "sort_partial": sort_partial, "sort_exact": sort_exact, "arith_partial": arith_partial, "arith_exact": arith_exact,
+    "reference_exact": reference_exact, "reference_contains": reference_contains,
+    "reference_final": reference_final, "reference_similarity": reference_similarity,
 }
 SCORER_TASK: dict[str, str] = {  # the task each scorer scores (config checks reward.* against task.name)
     "sort_partial": "sort", "sort_exact": "sort", "arith_partial": "arith", "arith_exact": "arith",
+    "reference_exact": "dataset", "reference_contains": "dataset", "reference_final": "dataset",
+    "reference_similarity": "dataset",
 }

@@ -257,7 +257,7 @@ def test_arith_config_validates() -> None:
         (["reward.gold=sort_exact"], "reward.gold: scorer 'sort_exact' does not score task 'arith'"),
         (["task.name=sort"], "reward.train: scorer 'arith_partial' does not score task 'sort'; "
                              "valid for sort: sort_exact, sort_partial"),
-        (["task.name=chess"], "task.name: Input should be 'sort' or 'arith' (got 'chess')"),
+        (["task.name=chess"], "task.name: Input should be 'sort', 'arith' or 'dataset' (got 'chess')"),
         (["task.min_steps=4", "task.max_steps=2"], "task.min_steps (4) must be <= task.max_steps (2)"),
         (["task.min_operand=9", "task.max_operand=3"], "task.min_operand (9) must be <= task.max_operand (3)"),
         (["task.max_operand=50"], "task.max_operand: Input should be less than or equal to 49"),

@@ -7,6 +7,7 @@ cases are here.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,177 @@ def test_status_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 def test_status_of_a_run_that_is_gone(capsys: pytest.CaptureFixture) -> None:
     assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
     assert capsys.readouterr().err.startswith("status error: cannot reach http://127.0.0.1:9 (")
+
+
+# ---- your own data and model (task.name=dataset, model.source=local) ---------------------------------
+
+BYO = Path(__file__).resolve().parents[1] / "configs" / "byo_example.yaml"
+TRAIN_JSONL = "examples/data/sort_train.jsonl"
+
+
+@pytest.fixture
+def tokenizer_dir(tmp_path: Path) -> Path:
+    """A checkpoint directory as far as config and tokenizer checks look: config.json and a real tokenizer."""
+    from async_rlhf.embedded import build_tokenizer
+
+    out = tmp_path / "ckpt"
+    build_tokenizer("sort").save_pretrained(out)
+    (out / "config.json").write_text("{}")
+    return out
+
+
+def byo(model_dir: Path, *overrides: str):
+    return load_config(BYO, [f"model.path={model_dir}", "logging.wandb=false", "logging.tensorboard=false", *overrides])
+
+
+def byo_message(model_dir: Path, *overrides: str) -> str:
+    from async_rlhf.tasks import load_task
+
+    with pytest.raises(ConfigError) as err:
+        cfg = byo(model_dir, *overrides)
+        load_task(cfg, model_dir)  # what the controller does before any worker starts
+    return str(err.value)
+
+
+def test_missing_prompt_file(tokenizer_dir: Path) -> None:
+    assert byo_message(tokenizer_dir, "task.dataset.path=examples/data/nope.jsonl") == E + (
+        "task.dataset.path: file 'examples/data/nope.jsonl' not found (relative paths start at the current directory)")
+
+
+def test_missing_eval_file(tokenizer_dir: Path) -> None:
+    assert byo_message(tokenizer_dir, "task.dataset.eval_path=held_out.csv") == E + (
+        "task.dataset.eval_path: file 'held_out.csv' not found (relative paths start at the current directory)")
+
+
+def test_file_of_unknown_format(tokenizer_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "prompts.txt").write_text("3914\n")
+    assert byo_message(tokenizer_dir, f"task.dataset.path={tmp_path}/prompts.txt") == E + (
+        f"task.dataset.format: cannot tell the format of '{tmp_path}/prompts.txt' from its extension; "
+        "set task.dataset.format to jsonl, json, csv or parquet")
+
+
+def test_unknown_prompt_column(tokenizer_dir: Path) -> None:
+    assert byo_message(tokenizer_dir, "task.dataset.template=null", "task.dataset.prompt_column=text") == E + (
+        f"task.dataset.prompt_column: no column 'text' in '{TRAIN_JSONL}' (columns: question, answer, source)")
+
+
+def test_unknown_reference_and_template_columns(tokenizer_dir: Path) -> None:
+    assert byo_message(tokenizer_dir, "task.dataset.reference_column=solution") == E + (
+        f"task.dataset.reference_column: no column 'solution' in '{TRAIN_JSONL}' (columns: question, answer, source)")
+    assert byo_message(tokenizer_dir, "task.dataset.template={digits}>") == E + (
+        f"task.dataset.template: no column 'digits' in '{TRAIN_JSONL}' (columns: question, answer, source)")
+
+
+def test_nothing_left_after_filtering(tokenizer_dir: Path) -> None:
+    assert byo_message(tokenizer_dir, "task.dataset.max_prompt_tokens=4") == E + (
+        f"task.dataset.path: no usable prompts in '{TRAIN_JSONL}' after filtering (240 rows, 0 usable "
+        "(237 longer than 4 tokens, 1 empty, 1 malformed, 1 with unknown tokens))")
+
+
+def test_model_directory_without_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        byo(tmp_path)
+    assert str(err.value) == E + (
+        f"model.path: no tokenizer in '{tmp_path}' (none of tokenizer.json, tokenizer_config.json, tokenizer.model, "
+        "vocab.json); save it there with tokenizer.save_pretrained")
+
+
+def test_chat_template_asked_for_but_missing(tokenizer_dir: Path) -> None:
+    assert byo_message(tokenizer_dir, "task.dataset.chat_template=true") == E + (
+        f"task.dataset.chat_template: the tokenizer in '{tokenizer_dir}' has no chat template; "
+        "set task.dataset.chat_template=false or add one to its tokenizer_config.json")
+
+
+def test_tokenizer_without_eos(tokenizer_dir: Path) -> None:
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    assert byo_message(tokenizer_dir) == E + (
+        f"model.path: the tokenizer in '{tokenizer_dir}' has no eos_token; set one in its tokenizer_config.json "
+        "so that completions can end")
+
+
+DATA_CONFIG_CASES = [
+    ("model.source=embedded", "task.name=dataset needs model.source=local and model.path (the embedded model knows "
+     "only its own tasks; `async-rlhf export-model DIR` writes it as a checkpoint)"),
+    ("task.dataset.reference_column=null", "reward.train: scorer 'reference_similarity' compares with a reference "
+     "answer; set task.dataset.reference_column"),
+    ("reward.gold=sort_exact", "reward.gold: scorer 'sort_exact' does not score task 'dataset'; valid for dataset: "
+     "reference_contains, reference_exact, reference_final, reference_similarity"),
+    ("task.name=sort", "task.dataset is required when task.name=dataset, and only then"),
+    ("task.dataset.eval_path=null", "task.dataset: no evaluation set; set task.dataset.eval_path or "
+     "task.dataset.eval_fraction > 0"),
+    ("task.dataset.system_prompt=hi", "task.dataset.system_prompt needs task.dataset.chat_template=true"),
+    ("task.dataset.too_long=cut", "task.dataset.too_long: Input should be 'drop' or 'truncate' (got 'cut')"),
+    ("model.dtype=float16", "model.dtype: Input should be 'auto', 'float32' or 'bfloat16' (got 'float16')"),
+    ("task.dataset.template={question", "task.dataset.template: expected '}' before end of string in '{question'; "
+     "write a column as {name} and a literal brace as {{ or }}"),
+    ("task.dataset.template={}>", "task.dataset.template: positional field in '{}>'; name a column, e.g. {question}"),
+    ("logging.wandb_mode=cloud", "logging.wandb_mode: Input should be 'offline' or 'online' (got 'cloud')"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), DATA_CONFIG_CASES, ids=[c[0] for c in DATA_CONFIG_CASES])
+def test_data_config_messages_are_exact(tokenizer_dir: Path, override: str, message: str) -> None:
+    overrides = [override, "task.dataset.eval_fraction=0"] if "eval_path" in override else [override]
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir, *overrides)
+    assert str(err.value) == E + message
+
+
+def test_bfloat16_on_a_machine_without_gpu(tokenizer_dir: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: bfloat16 is allowed")
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir, "model.dtype=bfloat16")
+    assert str(err.value) == E + "model.dtype: bfloat16 needs a GPU and none is visible; use model.dtype=float32 (or auto) on CPU"
+
+
+def test_train_with_a_bad_column_exits_2_before_any_worker(tokenizer_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import ray
+
+    args = ["train", str(BYO), f"model.path={tokenizer_dir}", "task.dataset.reference_column=gold", "api.enabled=false",
+            "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no column 'gold' in '{TRAIN_JSONL}' (columns: question, answer, source)")
+    assert not ray.is_initialized()
+
+
+def test_plot_of_a_directory_that_holds_no_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"plot error: no metrics.jsonl in '{tmp_path}'; pass run directories written by async-rlhf train")
+
+
+def test_missing_split_of_a_saved_dataset(tokenizer_dir: Path, tmp_path: Path) -> None:
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "21", "answer": "12"}])}).save_to_disk(str(saved))
+    assert byo_message(tokenizer_dir, f"task.dataset.path={saved}", "task.dataset.split=test") == E + (
+        f"task.dataset.split: no split 'test' in '{saved}' (splits: train)")
+
+
+def test_context_longer_than_the_local_model(tokenizer_dir: Path) -> None:
+    (tokenizer_dir / "config.json").write_text(json.dumps({"max_position_embeddings": 32}))
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + (
+        f"generation.max_model_len (64) exceeds the max_position_embeddings (32) of model.path '{tokenizer_dir}'")
+
+
+def test_check_config_reads_the_prompts_too(tokenizer_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["check-config", str(BYO), f"model.path={tokenizer_dir}", "logging.wandb=false"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"# dataset '{TRAIN_JSONL}': 240 rows, 236 usable (")
+    assert main([*args, "task.dataset.prompt_column=text", "task.dataset.template=null"]) == 2
+
+
+def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "weights.bin").write_text("x")
+    assert main(["export-model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: export-model: '{tmp_path}' already exists and is not empty; choose a new directory")

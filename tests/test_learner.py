@@ -198,3 +198,21 @@ def test_completion_logprobs_match_direct_forward(model_dir):
             expected = torch.stack([logp[len(p) - 1 + j, tok] for j, tok in enumerate(c)])
             torch.testing.assert_close(got[i, : len(c)], expected, atol=1e-5, rtol=1e-5)
             assert torch.all(got[i, len(c):] == 0)
+
+
+def test_reference_path_loads_another_reference(model_dir, tmp_path):
+    """model.reference_path: KL is measured against that model, not the policy's own start."""
+    from transformers import LlamaForCausalLM
+
+    other = LlamaForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        other.lm_head.weight.add_(torch.randn(other.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
+    other.save_pretrained(tmp_path / "reference")
+    base = make_cfg().model_dump()
+    cfg = RunConfig.model_validate({**base, "model": {"source": "local", "path": str(model_dir),
+                                                      "reference_path": str(tmp_path / "reference")}})
+    learner = Learner(cfg, str(model_dir), threads=2)
+    assert torch.equal(learner.reference.lm_head.weight, other.lm_head.weight)
+    assert abs(learner.kl_to_reference(synthetic_groups())) > 1e-3  # version 0: the policy is still model_dir
+    same = Learner(make_cfg(), str(model_dir), threads=2)
+    assert same.kl_to_reference(synthetic_groups()) == pytest.approx(0.0, abs=1e-6)

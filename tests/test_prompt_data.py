@@ -1,0 +1,170 @@
+"""Your own prompts (task.name=dataset): every source format through a real `datasets` load, column
+mapping, templates (str.format and a tokenizer's chat template), filtering with counts, the eval
+split, and a train stream that is a pure function of (seed, index) over reshuffled epochs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.config import ConfigError, TaskConfig
+from async_rlhf.embedded import build_tokenizer
+from async_rlhf.prompt_data import DatasetTask, in_eval_fraction, source_format
+from async_rlhf.rollout import EVAL_ID_OFFSET
+from async_rlhf.tasks import make_task
+
+ROWS = [
+    {"question": "tom has 3 pens", "answer": "3", "level": 1},
+    {"question": "ann has 5 cards", "answer": "5", "level": 2},
+    {"question": "bob has 7 eggs", "answer": "7", "level": 1},
+    {"question": "sue has 2 coins", "answer": "2", "level": 3},
+    {"question": "max has 9 books", "answer": "9", "level": 2},
+]
+CHAT = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}={{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant={% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("arith")  # characters: digits, a-z, " .,?\n#+-*="
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    """`rows` in the format named by the file's extension, or a save_to_disk directory."""
+    import datasets
+
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        datasets.Dataset.from_list(rows).to_csv(str(path), index=False)
+    elif path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(path))
+    return path
+
+
+def task_cfg(path: Path | str, eval_prompts: int = 128, **dataset) -> TaskConfig:
+    dataset = {"path": str(path), "prompt_column": "question", "eval_fraction": 0.5, **dataset}
+    return TaskConfig(name="dataset", eval_prompts=eval_prompts, dataset=dataset)
+
+
+def all_prompts(task: DatasetTask) -> list:
+    return [task.train_prompt(i) for i in range(len(task.train))] + task.eval_prompts()
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json", "rows.csv", "rows.parquet", "saved"])
+def test_every_format_gives_the_same_prompts(tmp_path: Path, tokenizer, name: str) -> None:
+    source = write(tmp_path / name, ROWS)
+    cfg = task_cfg(source, reference_column="answer", meta_columns=["level"])
+    task = make_task(cfg, tokenizer, seed=0)
+    assert isinstance(task, DatasetTask)
+    got = sorted((p.text, p.meta["reference"], p.meta["level"]) for p in all_prompts(task))
+    assert got == sorted((r["question"], r["answer"], r["level"]) for r in ROWS)
+    assert task.stats[0].rows == task.stats[0].used == len(ROWS)
+
+
+def test_source_format_is_told_by_extension_or_directory(tmp_path: Path) -> None:
+    assert source_format("a/b.JSONL", "auto") == "jsonl"
+    assert source_format(str(tmp_path), "auto") == "disk"
+    assert source_format("org/name", "auto") == "hub"
+    assert source_format("x.txt", "csv") == "csv"
+
+
+def test_columns_template_and_token_ids(tmp_path: Path, tokenizer) -> None:
+    source = write(tmp_path / "rows.jsonl", ROWS)
+    cfg = task_cfg(source, template="{question}. how many?\n", reference_column="answer", eval_fraction=0.01,
+                   eval_path=None)
+    cfg.dataset.eval_path = str(write(tmp_path / "eval.jsonl", ROWS[:2]))
+    task = make_task(cfg, tokenizer, seed=0)
+    prompt = next(p for p in all_prompts(task) if p.meta["row"] == 1 and p.prompt_id < EVAL_ID_OFFSET)
+    assert prompt.text == "ann has 5 cards. how many?\n"
+    assert prompt.token_ids == list(tokenizer(prompt.text)["input_ids"])  # BOS first, as vLLM receives it
+    assert prompt.meta == {"row": 1, "reference": "5", "epoch": 0}
+    assert [p.prompt_id for p in task.eval_prompts()] == [EVAL_ID_OFFSET, EVAL_ID_OFFSET + 1]
+    assert len(task.train) == len(ROWS)  # with eval_path, every row of path trains
+
+
+def test_chat_template_wraps_the_prompt_once(tmp_path: Path, tokenizer) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")  # the template travels with the checkpoint
+    tokenizer.chat_template = None
+    source = write(tmp_path / "rows.jsonl", ROWS)
+    cfg = task_cfg(source, chat_template=True, system_prompt="be brief", max_prompt_tokens=128)
+    prompt = make_task(cfg, reloaded, seed=0).eval_prompts()[0]
+    question = next(r["question"] for r in ROWS if f"user={r['question']}\n" in prompt.text)
+    assert prompt.text == f"<s>system=be brief\nuser={question}\nassistant="
+    assert prompt.token_ids[:2] != [reloaded.bos_token_id] * 2  # the template's BOS, not a second one
+    assert prompt.token_ids == [reloaded.bos_token_id] + reloaded.convert_tokens_to_ids(list(prompt.text[3:]))
+
+
+def test_rows_are_filtered_and_counted(tmp_path: Path, tokenizer) -> None:
+    rows = ROWS + [
+        {"question": "", "answer": "1", "level": 1},  # empty
+        {"question": None, "answer": "1", "level": 1},  # empty (null)
+        {"question": "eva has 4 shells", "answer": None, "level": 1},  # no reference: malformed
+        {"question": "TOM HAS 3", "answer": "3", "level": 1},  # capitals: unknown to the tokenizer
+        {"question": "tom has " + "1" * 40, "answer": "1", "level": 1},  # too long
+    ]
+    source = write(tmp_path / "rows.jsonl", rows)
+    task = make_task(task_cfg(source, reference_column="answer", max_prompt_tokens=24), tokenizer, seed=0)
+    stats = task.stats[0]
+    assert (stats.rows, stats.used, stats.empty, stats.malformed, stats.unknown_tokens, stats.too_long) == (10, 5, 2, 1, 1, 1)
+    assert "10 rows, 5 usable (1 longer than 24 tokens, 2 empty, 1 malformed, 1 with unknown tokens)" in task.describe()
+
+
+def test_too_long_prompts_can_be_truncated_keeping_bos_and_the_end(tmp_path: Path, tokenizer) -> None:
+    source = write(tmp_path / "rows.jsonl", [{"question": "abcdefghijklmnop how many?"}] * 3)
+    cfg = task_cfg(source, max_prompt_tokens=12, too_long="truncate", eval_fraction=0.5)
+    cfg.dataset.eval_path = str(source)
+    task = make_task(cfg, tokenizer, seed=0)
+    prompt = task.train_prompt(0)
+    assert len(prompt.token_ids) == 12 and prompt.token_ids[0] == tokenizer.bos_token_id
+    assert prompt.text == "p how many?" and task.stats[0].truncated == 3
+
+
+def test_train_stream_is_resumable_and_reshuffled_per_epoch(tmp_path: Path, tokenizer) -> None:
+    rows = [{"question": f"row {i}"} for i in range(40)]
+    cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), eval_fraction=0.2)
+    first, resumed = make_task(cfg, tokenizer, seed=3), make_task(cfg, tokenizer, seed=3)
+    n = len(first.train)
+    stream = [first.train_prompt(i) for i in range(3 * n)]
+    assert [resumed.train_prompt(i) for i in range(2 * n + 5, 2 * n - 5, -1)] == stream[2 * n - 4:2 * n + 6][::-1]
+    epochs = [[p.meta["row"] for p in stream[e * n:(e + 1) * n]] for e in range(3)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # every train row once per epoch
+    assert epochs[0] != epochs[1] != epochs[2]  # each epoch in its own order
+    assert [p.meta["epoch"] for p in stream[n - 1:n + 1]] == [0, 1]
+    other = make_task(cfg, tokenizer, seed=4)
+    assert [other.train_prompt(i).meta["row"] for i in range(n)] != epochs[0]
+    cfg.dataset.shuffle = False
+    assert [make_task(cfg, tokenizer, 3).train_prompt(i).meta["row"] for i in range(n)] == sorted(epochs[0])
+
+
+def test_eval_split_is_by_content_and_disjoint(tmp_path: Path, tokenizer) -> None:
+    rows = [{"question": f"row {i}"} for i in range(200)]
+    cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), eval_fraction=0.25, eval_prompts=30)
+    task_a, task_b = make_task(cfg, tokenizer, seed=0), make_task(cfg, tokenizer, seed=99)
+    evals = {p.text for p in task_a.eval_prompts()}
+    assert evals == {p.text for p in task_b.eval_prompts()}  # independent of the seed
+    assert len(evals) == 30  # task.eval_prompts caps it
+    held_out = {r["question"] for r in rows if in_eval_fraction(r["question"], 0.25)}
+    assert 30 < len(held_out) < 70 and evals <= held_out
+    assert not held_out & {task_a.train_prompt(i).text for i in range(len(task_a.train))}
+
+
+def test_a_row_the_template_cannot_format_is_malformed(tmp_path: Path, tokenizer) -> None:
+    rows = [{"n": "3"}, {"n": "x"}, {"n": "5"}]
+    cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), template="{n:0>2} pens", eval_fraction=0.5)
+    cfg.dataset.template = "{n:d} pens"  # a text column formatted as an integer: every row fails
+    with pytest.raises(ConfigError) as err:
+        make_task(cfg, tokenizer, seed=0)
+    assert "3 rows, 0 usable (3 malformed)" in str(err.value)
+    cfg.dataset.template = "{n:0>2} pens"
+    task = make_task(cfg, tokenizer, seed=0)
+    assert sorted(p.text for p in all_prompts(task)) == ["03 pens", "05 pens", "0x pens"]

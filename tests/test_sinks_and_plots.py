@@ -1,0 +1,82 @@
+"""Metric sinks (TensorBoard event files read back with its EventAccumulator, a W&B offline run) get
+the records of the JSONL files under the same names; `async-rlhf plot` draws several runs on one PNG."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.cli import main
+from async_rlhf.config import RunConfig
+from async_rlhf.recorder import RunRecorder
+from async_rlhf.sinks import TensorBoardSink, WandbSink, make_sinks, scalars
+
+
+def step(i: int, reward: float | None) -> dict:
+    return {"step": i, "reward_mean": reward, "kl": 0.01 * i, "staleness_mean": 0.5, "gen_tokens_per_s": 100.0 + i,
+            "prompt_ids": [i], "nonfinite": 0, "cores_pinned": True}
+
+
+def record_run(run_dir: Path, rewards: list[float | None], sinks: list | None = None) -> RunRecorder:
+    """A run directory as the controller leaves it, written by the real recorder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rec = RunRecorder(run_dir, sinks)
+    rec.log_eval({"version": 0, "gold_reward": 0.2, "proxy_reward": 0.5, "kl": 0.0, "win_rate": 0.1})
+    for i, reward in enumerate(rewards, start=1):
+        rec.log_step(step(i, reward))
+    rec.log_eval({"version": len(rewards), "gold_reward": 0.4, "proxy_reward": 0.7, "kl": 0.3, "win_rate": None})
+    rec.close()
+    return rec
+
+
+def test_scalars_keep_numbers_under_the_jsonl_names() -> None:
+    got = scalars("train", step(3, None) | {"loss": math.nan})
+    assert set(got) == {"train/step", "train/kl", "train/staleness_mean", "train/gen_tokens_per_s", "train/nonfinite",
+                        "train/cores_pinned", "train/loss"}
+    assert got["train/cores_pinned"] == 1.0 and math.isnan(got["train/loss"])
+
+
+def test_tensorboard_event_files_read_back(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    record_run(tmp_path, [0.3, None, 0.5], [TensorBoardSink(tmp_path / "tensorboard")])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reward_mean", "train/kl", "eval/gold_reward", "eval/win_rate"} <= tags
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("train/reward_mean")] == [(1, 0.3), (3, 0.5)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("eval/gold_reward")] == [(0, 0.2), (3, 0.4)]
+    assert [e.step for e in events.Scalars("eval/win_rate")] == [0]  # None is not a number: not sent
+
+
+def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    record_run(tmp_path, [0.3, 0.4], [WandbSink(tmp_path, "async-rlhf-test", "offline", {"seed": 0})])
+    [run] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + 30  # wandb's service process may still be writing the file after finish()
+    while b"eval/gold_reward" not in run.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    blob = run.read_bytes()
+    assert b"train/reward_mean" in blob and b"eval/gold_reward" in blob
+
+
+def test_make_sinks_follows_the_config(tmp_path: Path) -> None:
+    cfg = RunConfig.model_validate({"logging": {"tensorboard": True}})
+    sinks = make_sinks(cfg, tmp_path)
+    assert [type(s) for s in sinks] == [TensorBoardSink]
+    sinks[0].close()
+    assert make_sinks(RunConfig(), tmp_path) == []
+
+
+def test_plot_command_draws_two_runs_on_one_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import matplotlib.image
+
+    record_run(tmp_path / "sync", [0.2, 0.3, 0.35, 0.4])
+    record_run(tmp_path / "async", [0.25, None, 0.45])
+    out = tmp_path / "plots" / "compare.png"
+    assert main(["plot", str(tmp_path / "sync"), str(tmp_path / "async"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (700, 1200) and out.stat().st_size > 20_000
