@@ -140,7 +140,7 @@ def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
     if latest is None:
         raise ConfigError(f"{pre}no valid checkpoint in '{run_dir / 'checkpoints'}'; start a new run "
                           f"(set checkpoint.every so that runs write them)")
-    if latest.step >= cfg.learner.steps:
-        raise ConfigError(f"{pre}run '{run_dir}' already finished (checkpoint at step {latest.step} of "
-                          f"learner.steps={cfg.learner.steps}); raise learner.steps to train further")
+    if latest.step > cfg.learner.steps:  # == is fine: a run killed after its last step only finishes
+        raise ConfigError(f"{pre}the newest valid checkpoint in '{run_dir / 'checkpoints'}' is at step {latest.step}, "
+                          f"beyond learner.steps={cfg.learner.steps}; raise learner.steps to at least {latest.step}")
     return latest

@@ -129,10 +129,10 @@ RESUME_CASES = [
     ("finished", lambda t: earlier_run(t, summary_steps=200, checkpoint_step=200), [],
      "config error: --resume: run '{run}' already finished (200 of learner.steps=200); raise learner.steps to "
      "train further"),
-    ("checkpoint at the end", lambda t: earlier_run(t, ["learner.steps=10"], checkpoint_step=10),
+    ("checkpoint beyond the end", lambda t: earlier_run(t, ["learner.steps=20"], checkpoint_step=12),
      ["learner.steps=10"],
-     "config error: --resume: run '{run}' already finished (checkpoint at step 10 of learner.steps=10); raise "
-     "learner.steps to train further"),
+     "config error: --resume: the newest valid checkpoint in '{run}/checkpoints' is at step 12, beyond "
+     "learner.steps=10; raise learner.steps to at least 12"),
     ("no checkpoint", lambda t: earlier_run(t), [],
      "config error: --resume: no valid checkpoint in '{run}/checkpoints'; start a new run (set checkpoint.every so "
      "that runs write them)"),
