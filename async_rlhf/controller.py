@@ -31,7 +31,7 @@ from async_rlhf.evaluation import Evaluator
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
-from async_rlhf.resume import LEARNER_DIR, capture, load_snapshot, restore, save_snapshot
+from async_rlhf.resume import LEARNER_DIR, capture, claim_weights_location, load_snapshot, restore, save_snapshot
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
 from async_rlhf.tasks import make_task
@@ -164,10 +164,10 @@ class Controller:
         cfg, plan = self.cfg, self.plan
         self.task = make_task(cfg.task, AutoTokenizer.from_pretrained(policy_dir), cfg.seed)
         resumed = self.resume_from.step if self.resume_from else 0
-        self.broker = WeightSyncBroker(
-            SharedMemoryTransport(cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"),
-            cfg.weight_sync.keep_versions, initial_version=max(resumed - 1, 0),  # _restore publishes `resumed`
-        )
+        weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"
+        claim_weights_location(self.run_dir, weights_root)
+        self.broker = WeightSyncBroker(SharedMemoryTransport(weights_root), cfg.weight_sync.keep_versions,
+                                       initial_version=max(resumed - 1, 0))  # _restore publishes `resumed`
         learner_cls = ray.remote(Learner).options(num_cpus=1, max_concurrency=1)
         self.learner = learner_cls.remote(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.

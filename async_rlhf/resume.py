@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from async_rlhf.controller import Controller
 
 STATE_FILE = "controller_state.pkl"
+WEIGHTS_MARKER = "weights_location"  # run_dir file: where the run's broker keeps published weights
 LEARNER_DIR = "learner"
 # Keys a resumed run may change: none of them alters what is trained or in which order.
 MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps", "checkpoint.",
@@ -95,6 +97,17 @@ def restore(c: "Controller", snap: ControllerSnapshot) -> None:
     c.recorder.truncate(snap.metrics_lines, snap.eval_lines)
     random.setstate(snap.rng["python"])
     np.random.set_state(snap.rng["numpy"])
+
+
+def claim_weights_location(run_dir: Path, location: Path) -> None:
+    """Record where this run's published weights live, first removing those of an earlier process of
+    the same run (killed, so it could not clean up; a run directory serves one process at a time)."""
+    marker = run_dir / WEIGHTS_MARKER
+    if marker.is_file():
+        old = Path(marker.read_text().strip())
+        if old.name.startswith("async-rlhf-"):  # never anything the broker did not create
+            shutil.rmtree(old, ignore_errors=True)
+    marker.write_text(str(location))
 
 
 # ---- checks made by the CLI before anything starts ------------------------------------------

@@ -85,3 +85,19 @@ def test_rewriting_a_step_keeps_a_valid_one_and_replaces_a_damaged_one(tmp_path:
     (store.path_for(3) / "weights.bin").write_bytes(b"x")
     store.write(3, fill_with(3))
     assert store.problem(store.path_for(3)) is None
+
+
+def test_a_new_process_of_a_run_removes_the_weights_of_the_killed_one(tmp_path: Path) -> None:
+    from async_rlhf.resume import WEIGHTS_MARKER, claim_weights_location
+
+    run, shm = tmp_path / "run", tmp_path / "shm"
+    run.mkdir()
+    killed = shm / "async-rlhf-run-1"
+    (killed / "v3").mkdir(parents=True)
+    claim_weights_location(run, killed)  # the first process records where its weights are
+    assert killed.is_dir()
+    claim_weights_location(run, shm / "async-rlhf-run-2")  # the resumed process
+    assert not killed.exists() and (run / WEIGHTS_MARKER).read_text() == str(shm / "async-rlhf-run-2")
+    (run / WEIGHTS_MARKER).write_text(str(tmp_path))  # never removes what the broker did not create
+    claim_weights_location(run, shm / "async-rlhf-run-3")
+    assert tmp_path.is_dir()
