@@ -53,6 +53,7 @@ class ControllerSnapshot:
     max_staleness: int  # the bound in force (it may have been changed over HTTP)
     reward_counts: dict[str, int]
     nonfinite_total: int
+    nonfinite_run: int  # consecutive, towards learner.max_nonfinite_steps
     restarts: list[int]
     timing: dict[str, float]
     metrics_lines: int
@@ -65,7 +66,8 @@ def capture(c: "Controller") -> ControllerSnapshot:
     return ControllerSnapshot(
         step=st.steps_taken, next_prompt=st.next_prompt, queued=c.queue.items(), reissue=[list(x) for x in st.reissue],
         queue_counters=c.queue.counters, max_staleness=c.queue.max_staleness, reward_counts=dict(c.reward_counts),
-        nonfinite_total=st.nonfinite_total, restarts=[g.restarts for g in c.generators], timing=c.timing.snapshot(),
+        nonfinite_total=st.nonfinite_total, nonfinite_run=st.nonfinite_run, restarts=[g.restarts for g in c.generators],
+        timing=c.timing.snapshot(),
         metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
     )
@@ -84,7 +86,8 @@ def load_snapshot(directory: Path) -> ControllerSnapshot:
 def restore(c: "Controller", snap: ControllerSnapshot) -> None:
     """Put the controller back where the checkpoint left it (the learner is restored separately)."""
     st = c.state
-    st.steps_taken, st.next_prompt, st.nonfinite_total = snap.step, snap.next_prompt, snap.nonfinite_total
+    st.steps_taken, st.next_prompt = snap.step, snap.next_prompt
+    st.nonfinite_total, st.nonfinite_run = snap.nonfinite_total, snap.nonfinite_run
     c.queue.restore(snap.queued, snap.queue_counters)
     st.reissue.extend(snap.reissue)
     st.outstanding = len(snap.queued) + sum(len(chunk) for chunk in snap.reissue)
@@ -112,21 +115,31 @@ def claim_weights_location(run_dir: Path, location: Path) -> None:
 
 # ---- checks made by the CLI before anything starts ------------------------------------------
 
+SECTION = object()  # stands for "this section is set" in a flattened config (e.g. reward.remote)
+
+
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
         return {prefix.rstrip("."): data}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {prefix.rstrip("."): SECTION} if prefix else {}
     for key, value in data.items():
         out.update(_flat(value, f"{prefix}{key}."))
     return out
 
 
+def _lookup(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
 def config_difference(old: RunConfig, new: RunConfig) -> str | None:
     """The first key that differs and would break an exact resume, as a sentence; None if none does."""
-    a, b = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    dumps = old.model_dump(mode="json"), new.model_dump(mode="json")
+    a, b = _flat(dumps[0]), _flat(dumps[1])
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
-            return f"{key} is {json.dumps(b.get(key))} but the run used {json.dumps(a.get(key))}"
+            return f"{key} is {json.dumps(_lookup(dumps[1], key))} but the run used {json.dumps(_lookup(dumps[0], key))}"
     return None
 
 
