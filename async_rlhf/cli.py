@@ -17,6 +17,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. queue.max_staleness=0")
     train.add_argument("--run-dir", type=Path, default=None, help="where outputs go (default runs/<time>)")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest valid checkpoint (same config; "
+                            "learner.steps may grow)")
     status = sub.add_parser("status", help="print the status of a running job")
     status.add_argument("--url", default=None, help="API URL (default: from --run-dir, else the newest runs/*/api_url)")
     status.add_argument("--run-dir", type=Path, default=None)
@@ -41,10 +44,10 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
     return run_dir.resolve()
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, initial: int):
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
     def update(record: dict) -> None:
         reward = record.get("reward_mean")
@@ -61,12 +64,22 @@ def _progress_bar(total: int):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    run_dir = resolve_run_dir(cfg, args.run_dir)
+    checkpoint = None
+    if args.resume is not None:
+        if args.run_dir is not None:
+            raise ConfigError("config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")
+        from async_rlhf.resume import find_resume_point
+
+        checkpoint = find_resume_point(cfg, args.resume)
+        run_dir = args.resume.resolve()
+        print(f"[async-rlhf] resuming {run_dir} from {checkpoint.path.name}", flush=True)
+    else:
+        run_dir = resolve_run_dir(cfg, args.run_dir)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
     from async_rlhf.controller import Controller, RunError  # heavy imports only once the config is valid
 
-    bar, update = _progress_bar(cfg.learner.steps)
-    controller = Controller(cfg, run_dir, progress=update)
+    bar, update = _progress_bar(cfg.learner.steps, checkpoint.step if checkpoint else 0)
+    controller = Controller(cfg, run_dir, progress=update, resume=checkpoint)
     try:
         summary = controller.run()
     except RunError as exc:

@@ -408,6 +408,13 @@ class LoggingConfig(Strict):
         return self
 
 
+class CheckpointConfig(Strict):
+    """Checkpoints under run_dir/checkpoints (also written on SIGTERM, /control/checkpoint and a non-finite stop)."""
+
+    every: int = Field(0, ge=0, description="write one every E learner steps; 0 = only when asked (see above)")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept; older ones are deleted once a newer one is complete")
+
+
 class RunConfig(Strict):
     seed: int = 0
     run_dir: Path | None = Field(None, description="default runs/<timestamp>")
@@ -423,6 +430,7 @@ class RunConfig(Strict):
     resources: ResourcesConfig = ResourcesConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     api: ApiConfig = ApiConfig()
 
     @model_validator(mode="before")

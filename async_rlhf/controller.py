@@ -23,6 +23,7 @@ import ray
 
 from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+from async_rlhf.checkpoints import Checkpoint, CheckpointStore
 from async_rlhf.config import RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
@@ -30,6 +31,7 @@ from async_rlhf.evaluation import Evaluator
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
+from async_rlhf.resume import LEARNER_DIR, capture, claim_weights_location, load_snapshot, restore, save_snapshot
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
 from async_rlhf.sinks import make_sinks
@@ -91,9 +93,12 @@ class LoopState:
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, run_dir: Path, progress: Progress | None = None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: Progress | None = None,
+                 resume: Checkpoint | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
+        self.resume_from = resume  # checked by resume.find_resume_point (config, validity) before this
+        self.checkpoints = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.progress = progress or (lambda record: None)
         self.recorder = RunRecorder(run_dir)
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
@@ -125,6 +130,8 @@ class Controller:
             self._handle_sigterm()
             self.plan = plan_cores(self.cfg)
             self._build_components(str(policy_dir))
+            if self.resume_from is not None:
+                self._restore(self.resume_from)
 
     def _start_api(self) -> None:
         if not self.cfg.api.enabled:
@@ -163,10 +170,11 @@ class Controller:
         cfg, plan = self.cfg, self.plan
         if LOSSES[cfg.loss.name].needs_mc_values:
             self.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(self.task.tokenizer, self.task.step_end_chars))
-        self.broker = WeightSyncBroker(
-            SharedMemoryTransport(cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"),
-            cfg.weight_sync.keep_versions,
-        )
+        resumed = self.resume_from.step if self.resume_from else 0
+        weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"
+        claim_weights_location(self.run_dir, weights_root)
+        self.broker = WeightSyncBroker(SharedMemoryTransport(weights_root), cfg.weight_sync.keep_versions,
+                                       initial_version=max(resumed - 1, 0))  # _restore publishes `resumed`
         learner_cls = ray.remote(Learner).options(num_cpus=1, max_concurrency=1)
         self.learner = learner_cls.remote(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
@@ -186,12 +194,23 @@ class Controller:
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
                                    self.cfg.eval.win_rate_judge)
 
+    def _restore(self, ckpt: Checkpoint) -> None:
+        """Continue from `ckpt`: the learner's state, its weights published for the generators (which
+        load them with their first batch), then the controller's own state and logs."""
+        version = ray.get(self.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+        if version > 0:
+            ray.get(self.learner.save_weights.remote(self.broker.staging_location(version)))
+            self.broker.publish(version)
+        restore(self, load_snapshot(ckpt.path))
+        print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
+
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
         try:
             self.start()
-            initial = self._evaluate(None)
-            self.recorder.log_eval(initial)
+            if self.resume_from is None:
+                self.recorder.log_eval(self._evaluate(None))
+            initial = self.recorder.evals[0]
             with self.timing.span("loop_s"):
                 self.state.learner_idle_since = time.perf_counter()
                 while not self._done():
@@ -237,17 +256,33 @@ class Controller:
             self._checkpoint(future)
 
     def _checkpoint(self, future: Any) -> None:
-        version = self.broker.latest_version
-        final = self.run_dir / "checkpoints" / f"step-{version:06d}"
+        """Only while the learner is idle; generations in flight are finished first (resume.py)."""
         try:
-            if not final.exists():
-                partial = final.with_name(final.name + ".partial")
-                ray.get(self.learner.save_pretrained.remote(str(partial)))
-                (partial / "trainer_state.json").write_text(json.dumps(status_snapshot(self), indent=2))
-                partial.rename(final)  # atomic: a crash mid-write leaves no half checkpoint behind
+            self._drain()
+            version = self.broker.latest_version
+            final = self.checkpoints.write(version, self._fill_checkpoint)
             future.set_result({"path": str(final), "version": version})
         except Exception as exc:  # reported to the requester; the run goes on
             future.set_exception(exc)
+
+    def _fill_checkpoint(self, directory: Path) -> None:
+        ray.get(self.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
+        ray.get(self.learner.save_state.remote(str(directory / LEARNER_DIR)))
+        save_snapshot(capture(self), directory)
+        (directory / "trainer_state.json").write_text(json.dumps(status_snapshot(self), indent=2))
+
+    def _drain(self) -> None:
+        """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
+        while refs := [s.job for s in self.generators if s.job is not None] + list(self.state.reward_jobs):
+            ready, _ = ray.wait(refs, num_returns=1, timeout=self.cfg.learner.stall_timeout_s)
+            if not ready:
+                raise RunError(f"generation did not finish within learner.stall_timeout_s="
+                               f"{self.cfg.learner.stall_timeout_s:g} while taking a checkpoint")
+            slot = next((s for s in self.generators if s.job == ready[0]), None)
+            if slot is not None:
+                self._on_generated(slot, ready[0])
+            else:
+                self._on_scored(ready[0])
 
     def _fail_pending_checkpoints(self) -> None:
         for future in self.control.take_checkpoint_requests():
@@ -439,6 +474,9 @@ class Controller:
         self.progress(record)
         self._check_finite(metrics)  # after logging: the skipped steps stay on record
         self._maybe_eval(job.version)
+        every = self.cfg.checkpoint.every
+        if every and job.version % every == 0:
+            self.control.request_checkpoint()  # taken at the next safe point, before anything is dispatched
 
     def _check_finite(self, metrics: dict) -> None:
         """A non-finite step was skipped by the learner; several in a row stop the run, with a checkpoint."""

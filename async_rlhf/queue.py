@@ -74,6 +74,15 @@ class RolloutQueue:
         self.counters.consumed += n
         return batch
 
+    def items(self) -> list[RolloutGroup]:
+        """The queued groups, oldest first (for checkpoints)."""
+        return list(self._items)
+
+    def restore(self, groups: list[RolloutGroup], counters: QueueCounters) -> None:
+        """Back to a checkpointed state: the same groups, with their versions, and the same counts."""
+        self._items = deque(groups)
+        self.counters = counters
+
     def oldest_age(self) -> float:
         return self._clock() - self._items[0].enqueued_at if self._items else 0.0
 

@@ -46,6 +46,21 @@ class RunRecorder:
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    def truncate(self, metrics_lines: int, eval_lines: int) -> None:
+        """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
+        self.steps = self._keep(self.metrics_path, metrics_lines)
+        self.evals = self._keep(self.eval_path, eval_lines)
+
+    @staticmethod
+    def _keep(path: Path, lines: int) -> list[dict]:
+        kept = path.read_text().splitlines()[:lines] if path.is_file() else []
+        if len(kept) < lines:
+            raise ValueError(f"{path} has {len(kept)} lines, fewer than the {lines} the checkpoint counted")
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        return [json.loads(line) for line in kept]
+
     @staticmethod
     def _append(path: Path, record: dict) -> None:
         with path.open("a") as fh:

@@ -31,5 +31,14 @@ class Timing:
         finally:
             self.add(name, time.perf_counter() - self._open.pop(name))
 
+    def snapshot(self) -> dict[str, float]:
+        """Every total, open spans included up to now (for checkpoints)."""
+        return {name: self.elapsed(name) for name in set(self._totals) | set(self._open)}
+
+    def restore(self, totals: dict[str, float]) -> None:
+        """Continue from a snapshot: spans still open keep running on top of the restored totals."""
+        self._totals.clear()
+        self._totals.update(totals)
+
     def as_dict(self) -> dict[str, float]:
         return dict(self._totals)

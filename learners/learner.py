@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import random
 import shutil
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -30,6 +33,7 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
                    "*.model", "chat_template*")
 KL_CHUNK = 64  # sequences per no-grad forward in kl_to_reference: bounds activation memory
 VALUE_MODEL_DIR = "value_model"  # sub-directory of a checkpoint (vLLM only reads the top level)
+STATE_FILE = "learner_state.pkl"  # version and RNG states, next to the engines' DeepSpeed checkpoints
 
 
 def _free_port() -> int:
@@ -128,6 +132,10 @@ class Learner:
         # None unless the loss declares needs_value_model; resume saves / restores it with
         # save_value_model / load_value_model (also written by save_pretrained).
         self.value: ValueTrainer | None = self._build_value_model() if self.spec.needs_value_model else None
+        # Everything a checkpoint must hold goes through these two maps (save_state / load_state):
+        # a new DeepSpeed-trained module is one more entry in `engines` (the value model has its own path).
+        self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
+        self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
@@ -247,6 +255,43 @@ class Learner:
         tmp = out / "model.safetensors.partial"
         save_file(hf_state_dict(self.policy), str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_state(self, path: str) -> None:
+        """Everything `load_state` needs to continue bit for bit: each engine's DeepSpeed checkpoint
+        (module, optimizer with its ZeRO partitions, scheduler, step counters), the frozen modules,
+        the version and the RNG states of this process."""
+        out = Path(path)
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(out / "engines"), tag=name, save_latest=False)
+        for name, module in self.frozen.items():
+            torch.save(module.state_dict(), out / f"{name}.pt")  # keeps tied weights tied
+        if self.value:  # not a DeepSpeed engine (learners/value_model.py says why): its own format
+            self.save_value_model(str(out / VALUE_MODEL_DIR))
+        state = {"version": self.version, "torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": np.random.get_state()}
+        with (out / STATE_FILE).open("wb") as fh:
+            pickle.dump(state, fh)
+
+    def load_state(self, path: str) -> int:
+        """Restore what `save_state` wrote (same config, same modules); returns the version."""
+        src = Path(path)
+        for name, engine in self.engines.items():
+            load_dir, _ = engine.load_checkpoint(str(src / "engines"), tag=name)
+            if load_dir is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint for engine '{name}' under {src / 'engines'}")
+        for name, module in self.frozen.items():
+            module.load_state_dict(torch.load(src / f"{name}.pt", map_location=self.device, weights_only=True))
+        if self.value:
+            self.load_value_model(str(src / VALUE_MODEL_DIR))
+        with (src / STATE_FILE).open("rb") as fh:
+            state = pickle.load(fh)  # our own checkpoint, verified by its manifest before this is called
+        self.version = state["version"]
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        return self.version
 
     def save_pretrained(self, path: str) -> None:
         """Full HF checkpoint: config, generation config, weights, and the tokenizer files of model_dir;

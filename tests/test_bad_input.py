@@ -50,6 +50,8 @@ CONFIG_CASES = [
     ("learner.weight_decay=-0.1", "learner.weight_decay: Input should be greater than or equal to 0 (got -0.1)"),
     ("api.enabled=maybe", "api.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')"),
     ("queue.max_staleness=1.5", "queue.max_staleness: Input should be a valid integer, got a number with a fractional part (got 1.5)"),
+    ("checkpoint.every=-2", "checkpoint.every: Input should be greater than or equal to 0 (got -2)"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last: Input should be greater than or equal to 1 (got 0)"),
 ]
 
 
@@ -61,7 +63,7 @@ def test_config_messages_are_exact(override: str, message: str) -> None:
 
 
 def test_there_are_at_least_thirty_cases_in_this_file() -> None:
-    assert len(CONFIG_CASES) + 4 >= 30  # + the four run-directory / CLI cases below
+    assert len(CONFIG_CASES) + 4 + len(RESUME_CASES) >= 30  # + the run-directory / CLI / resume cases below
 
 
 def test_secret_token_is_not_echoed() -> None:
@@ -268,3 +270,72 @@ def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys:
     assert main(["export-model", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"config error: export-model: '{tmp_path}' already exists and is not empty; choose a new directory")
+
+
+# ---- train --resume RUN_DIR: refused before anything starts, one line, exit 2 -------------------
+
+def earlier_run(root: Path, overrides: list[str] = (), summary_steps: int | None = None,
+                checkpoint_step: int | None = None) -> Path:
+    """A run directory as an earlier run leaves it: config.yaml, maybe summary.json and a checkpoint."""
+    from async_rlhf.checkpoints import CheckpointStore
+    from async_rlhf.config import dump_config
+
+    run = root / "run"
+    run.mkdir()
+    dump_config(load_config(QUICKSTART, list(overrides)), run / "config.yaml")
+    if summary_steps is not None:
+        (run / "summary.json").write_text(f'{{"steps": {summary_steps}}}')
+    if checkpoint_step is not None:
+        CheckpointStore(run / "checkpoints", 3).write(checkpoint_step, lambda d: (d / "w").write_text("w"))
+    return run
+
+
+RESUME_CASES = [
+    ("missing", lambda t: t / "nope", [],
+     "config error: --resume: run directory '{run}' not found; pass the directory of an earlier run"),
+    ("not a run", lambda t: t, [],
+     "config error: --resume: '{run}' holds no run (no config.yaml); pass the directory of an earlier run"),
+    ("task changed", lambda t: earlier_run(t, checkpoint_step=2), ["task.max_digits=8"],
+     "config error: --resume: task.max_digits is 8 but the run used 7; a resumed run must keep it "
+     "(start a new run to change it)"),
+    ("loss changed", lambda t: earlier_run(t, checkpoint_step=2), ["loss.name=rloo"],
+     'config error: --resume: loss.name is "rloo" but the run used "online_dpo"; a resumed run must keep it '
+     "(start a new run to change it)"),
+    ("seed changed", lambda t: earlier_run(t, checkpoint_step=2), ["seed=1"],
+     "config error: --resume: seed is 1 but the run used 0; a resumed run must keep it (start a new run to change it)"),
+    ("finished", lambda t: earlier_run(t, summary_steps=200, checkpoint_step=200), [],
+     "config error: --resume: run '{run}' already finished (200 of learner.steps=200); raise learner.steps to "
+     "train further"),
+    ("checkpoint beyond the end", lambda t: earlier_run(t, ["learner.steps=20"], checkpoint_step=12),
+     ["learner.steps=10"],
+     "config error: --resume: the newest valid checkpoint in '{run}/checkpoints' is at step 12, beyond "
+     "learner.steps=10; raise learner.steps to at least 12"),
+    ("no checkpoint", lambda t: earlier_run(t), [],
+     "config error: --resume: no valid checkpoint in '{run}/checkpoints'; start a new run (set checkpoint.every so "
+     "that runs write them)"),
+]
+
+
+@pytest.mark.parametrize(("make", "overrides", "message"), [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_resume_refusals_are_exact(tmp_path: Path, capsys: pytest.CaptureFixture, make, overrides, message) -> None:
+    run = make(tmp_path)
+    assert main(["train", str(QUICKSTART), *overrides, "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == message.format(run=run)
+
+
+def test_resume_with_only_damaged_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = earlier_run(tmp_path, checkpoint_step=4)
+    (run / "checkpoints" / "step-000004" / "w").write_text("")
+    assert main(["train", str(QUICKSTART), "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "[async-rlhf] warning: checkpoint step-000004 is not usable: w has 0 bytes, the manifest says 1; "
+        "falling back to the previous one",
+        f"config error: --resume: no valid checkpoint in '{run}/checkpoints'; start a new run (set "
+        "checkpoint.every so that runs write them)",
+    ]
+
+
+def test_resume_and_run_dir_together(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", str(QUICKSTART), "--resume", str(tmp_path), "--run-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from async_rlhf.config import RunConfig
 from async_rlhf.recorder import RunRecorder
 
@@ -21,3 +23,21 @@ def test_records_and_plot_tolerate_gaps(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text()) == {"wall_s": 1.0}
     assert "max_staleness: 1" in (tmp_path / "config.yaml").read_text()
     assert rec.plot().stat().st_size > 5_000
+
+
+def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path)
+    for step in (1, 2, 3, 4):
+        rec.log_step({"step": step})
+    rec.log_eval({"version": 0})
+    rec.log_eval({"version": 4})
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 5, "lo')  # the line a SIGKILL interrupted
+    resumed = RunRecorder(tmp_path)
+    resumed.truncate(metrics_lines=2, eval_lines=1)  # the checkpoint was taken after step 2
+    resumed.log_step({"step": 3})
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [r["step"] for r in resumed.steps] == [1, 2, 3] and resumed.evals == [{"version": 0}]
+    with pytest.raises(ValueError) as err:  # a log shorter than the checkpoint's count is refused
+        RunRecorder(tmp_path).truncate(metrics_lines=9, eval_lines=0)
+    assert str(err.value) == f"{tmp_path / 'metrics.jsonl'} has 3 lines, fewer than the 9 the checkpoint counted"

@@ -1,0 +1,103 @@
+"""CheckpointStore on real directories: atomic publication, checksums, fallback, keep-last-K."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.checkpoints import MANIFEST, CheckpointStore
+
+
+def fill_with(step: int):
+    def fill(directory: Path) -> None:
+        (directory / "weights.bin").write_bytes(bytes([step % 256]) * 1000)
+        (directory / "sub").mkdir()
+        (directory / "sub" / "state.json").write_text(json.dumps({"step": step}))
+    return fill
+
+
+def test_write_seals_with_a_manifest_and_verifies(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    path = store.write(4, fill_with(4))
+    assert path.name == "step-000004" and not list(store.root.glob("*.partial"))
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["step"] == 4 and sorted(manifest["files"]) == ["sub/state.json", "weights.bin"]
+    assert manifest["files"]["weights.bin"]["size"] == 1000
+    assert store.problem(path) is None
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_valid(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    store.write(2, fill_with(2))
+
+    def crash(directory: Path) -> None:
+        (directory / "weights.bin").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        store.write(4, crash)
+    assert not store.path_for(4).exists()  # never published
+    warnings: list[str] = []
+    assert store.latest_valid(warnings.append).step == 2 and warnings == []
+    store.write(6, fill_with(6))  # the next write clears the leftover partial
+    assert not list(store.root.glob("*.partial"))
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda p: (p / "weights.bin").write_bytes(b"\x00" * 10), "weights.bin has 10 bytes, the manifest says 1000"),
+    (lambda p: (p / "weights.bin").write_bytes(b"\x07" * 1000), "weights.bin does not match its checksum"),
+    (lambda p: (p / "sub" / "state.json").unlink(), "sub/state.json is missing"),
+    (lambda p: (p / MANIFEST).unlink(), "no MANIFEST.json (incomplete)"),
+])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, damage, reason: str) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=3)
+    store.write(2, fill_with(2))
+    store.write(4, fill_with(4))
+    damage(store.path_for(4))
+    warnings: list[str] = []
+    assert store.latest_valid(warnings.append).path == store.path_for(2)
+    assert warnings == [f"checkpoint step-000004 is not usable: {reason}; falling back to the previous one"]
+
+
+def test_no_valid_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
+    assert store.latest_valid(print) is None  # no directory at all
+    store.write(1, fill_with(1))
+    (store.path_for(1) / "weights.bin").write_bytes(b"")
+    assert store.latest_valid(lambda _: None) is None
+
+
+def test_keeps_the_last_k(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
+    for step in (1, 2, 3, 4, 5):
+        store.write(step, fill_with(step))
+        assert [c.step for c in store.checkpoints()] == list(range(max(1, step - 1), step + 1))
+    assert sorted(p.name for p in store.root.iterdir()) == ["step-000004", "step-000005"]
+
+
+def test_rewriting_a_step_keeps_a_valid_one_and_replaces_a_damaged_one(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
+    store.write(3, fill_with(3))
+    first = (store.path_for(3) / MANIFEST).stat().st_mtime_ns
+    store.write(3, fill_with(99))  # e.g. a periodic checkpoint and SIGTERM at the same step
+    assert (store.path_for(3) / MANIFEST).stat().st_mtime_ns == first
+    (store.path_for(3) / "weights.bin").write_bytes(b"x")
+    store.write(3, fill_with(3))
+    assert store.problem(store.path_for(3)) is None
+
+
+def test_a_new_process_of_a_run_removes_the_weights_of_the_killed_one(tmp_path: Path) -> None:
+    from async_rlhf.resume import WEIGHTS_MARKER, claim_weights_location
+
+    run, shm = tmp_path / "run", tmp_path / "shm"
+    run.mkdir()
+    killed = shm / "async-rlhf-run-1"
+    (killed / "v3").mkdir(parents=True)
+    claim_weights_location(run, killed)  # the first process records where its weights are
+    assert killed.is_dir()
+    claim_weights_location(run, shm / "async-rlhf-run-2")  # the resumed process
+    assert not killed.exists() and (run / WEIGHTS_MARKER).read_text() == str(shm / "async-rlhf-run-2")
+    (run / WEIGHTS_MARKER).write_text(str(tmp_path))  # never removes what the broker did not create
+    claim_weights_location(run, shm / "async-rlhf-run-3")
+    assert tmp_path.is_dir()

@@ -1,0 +1,116 @@
+"""Kill a whole run (SIGKILL to the driver's process group: Ray and vLLM die with it) at a random step,
+then `train --resume`: same steps, same prompts each trained once, no step logged twice; and, run
+deterministically, the very same weights as a run that was never interrupted."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+PER_STEP = 16
+TIMING_KEYS = {"elapsed_s", "step_s", "gen_tokens_per_s", "queue_depth"}  # wall-clock figures, not results
+
+
+def command(run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
+    where = ["--resume" if resume else "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
+            "eval.every=0", "task.eval_prompts=16", "api.enabled=false", *overrides, *where]
+
+
+def run_to_end(run_dir: Path, overrides: list[str], resume: bool = False) -> str:
+    proc = subprocess.run(command(run_dir, overrides, resume), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def run_and_kill(run_dir: Path, overrides: list[str], at_step: int) -> None:
+    """Start a run in its own session and SIGKILL its whole process group once `at_step` is logged."""
+    proc = subprocess.Popen(command(run_dir, overrides), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while len(lines(run_dir / "metrics.jsonl")) < at_step:
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled before the kill"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while _group_alive(proc.pid):  # Ray's processes share the driver's fate (and its group)
+        assert time.monotonic() < deadline, "processes of the killed run are still alive"
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in lines(run_dir / "metrics.jsonl")]
+
+
+def results(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records(run_dir)]
+
+
+def test_killed_async_run_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path: Path) -> None:
+    steps, kill_at = 8, random.randint(5, 7)  # checkpoints at 2 and 4 exist by then
+    overrides = [f"learner.steps={steps}", "queue.max_staleness=1", "checkpoint.every=2", "checkpoint.keep_last=2"]
+    run_dir = tmp_path / f"resume-async-{os.getpid()}"
+    run_and_kill(run_dir, overrides, kill_at)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(before) == 2 and all(n.startswith("step-") for n in before), before  # keep_last=2, no partials
+    latest, previous = run_dir / "checkpoints" / before[-1], run_dir / "checkpoints" / before[0]
+    with (previous / "controller_state.pkl").open("rb") as fh:
+        queued = len(pickle.load(fh).queued)
+    optim = next((latest / "learner" / "engines" / "policy").glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:100])  # truncated, as by a full disk
+
+    err = run_to_end(run_dir, overrides, resume=True)
+    assert f"checkpoint {latest.name} is not usable: learner/engines/policy/{optim.name} has 100 bytes" in err
+    assert f"resumed from {previous} at step {int(previous.name[5:])}" in err
+    recs = records(run_dir)
+    assert [r["step"] for r in recs] == list(range(1, steps + 1))  # none repeated, none missing
+    trained = sorted(pid for r in recs for pid in r["prompt_ids"])
+    assert trained == list(range(steps * PER_STEP))  # every prompt once, like an uninterrupted run
+    assert all(r["staleness_max"] <= 1 for r in recs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["episodes"] == steps * PER_STEP * 4
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    assert queued > 0  # the resumed queue was not empty: its groups were trained, none regenerated or lost
+    assert not list(Path("/dev/shm").glob(f"async-rlhf-{run_dir.name}-*"))  # the killed run's weights removed
+    print(f"killed at step {kill_at}; resumed from {previous.name} with {queued} queued groups")
+
+
+def test_deterministic_resume_gives_identical_weights(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    steps, kill_at = 6, random.randint(3, 5)
+    overrides = [f"learner.steps={steps}", "queue.max_staleness=0", "generation.num_generators=1", "checkpoint.every=2"]
+    straight, resumed = tmp_path / f"straight-{os.getpid()}", tmp_path / f"resumed-{os.getpid()}"
+    run_to_end(straight, overrides)
+    run_and_kill(resumed, overrides, kill_at)
+    run_to_end(resumed, overrides, resume=True)
+    want, got = load_file(str(straight / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert results(resumed) == results(straight)  # losses, rewards, KL, prompt ids: step by step
+    assert lines(resumed / "eval.jsonl") == lines(straight / "eval.jsonl")

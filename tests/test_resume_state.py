@@ -1,0 +1,66 @@
+"""The controller's part of a checkpoint, round-tripped without workers: everything comes back."""
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from pathlib import Path
+
+import numpy as np
+
+from async_rlhf.config import RunConfig
+from async_rlhf.controller import Controller
+from async_rlhf.resume import capture, config_difference, load_snapshot, restore, save_snapshot
+from async_rlhf.rollout import Prompt
+from tests.helpers import make_group
+
+
+def busy_controller(run_dir: Path) -> Controller:
+    c = Controller(RunConfig(api={"enabled": False}), run_dir)
+    c.state.steps_taken, c.state.next_prompt = 7, 160
+    c.state.nonfinite_total, c.state.nonfinite_run = 2, 1
+    for pid in (144, 145):
+        c.queue.put(make_group(version=6, prompt_id=pid))
+    c.queue.counters.dropped_stale, c.queue.counters.staleness = 3, Counter({0: 50, 1: 62})
+    c.state.reissue.append([Prompt(150, "x", [1, 2])])
+    c.reward_counts.update(ok=400, failed=5)
+    c.timing.add("gen_busy_s", 12.5)
+    c.queue.max_staleness = 2  # changed over HTTP during the run
+    for step in range(1, 8):
+        c.recorder.log_step({"step": step})
+    c.recorder.log_eval({"version": 0})
+    return c
+
+
+def test_controller_state_round_trips(tmp_path: Path) -> None:
+    before = busy_controller(tmp_path)
+    random.seed(5)
+    np.random.seed(5)
+    save_snapshot(capture(before), tmp_path)
+    expected = (random.random(), np.random.rand())
+    before.recorder.log_step({"step": 8})  # logged after the checkpoint, then the run was killed
+
+    after = Controller(RunConfig(api={"enabled": False}), tmp_path)
+    restore(after, load_snapshot(tmp_path))
+    st = after.state
+    assert (st.steps_taken, st.next_prompt, st.nonfinite_total, st.nonfinite_run) == (7, 160, 2, 1)
+    assert [(g.prompt.prompt_id, g.policy_version) for g in after.queue.items()] == [(144, 6), (145, 6)]
+    assert st.reissue == deque([[Prompt(150, "x", [1, 2])]])
+    assert st.outstanding == 3  # two queued + one to re-issue: the gate counts them as issued
+    q = after.queue.counters
+    assert (q.produced, q.dropped_stale, q.staleness) == (2, 3, Counter({0: 50, 1: 62}))
+    assert after.reward_counts == {"ok": 400, "failed": 5, "timed_out": 0}
+    assert after.timing.get("gen_busy_s") == 12.5
+    assert after.control.take_max_staleness() == 2
+    assert [r["step"] for r in after.recorder.steps] == list(range(1, 8)) and len(after.recorder.evals) == 1
+    assert (random.random(), np.random.rand()) == expected
+
+
+def test_config_difference_allows_more_steps_only() -> None:
+    base = RunConfig()
+    assert config_difference(base, base.model_copy(update={"learner": base.learner.model_copy(update={"steps": 500})})) is None
+    assert config_difference(base, RunConfig(eval={"every": 5}, api={"port": 8000}, checkpoint={"every": 10})) is None
+    assert config_difference(base, RunConfig(learner={"lr": 3e-4})) == "learner.lr is 0.0003 but the run used 0.0001"
+    assert config_difference(base, RunConfig(queue={"max_staleness": 0})) == "queue.max_staleness is 0 but the run used 1"
+    assert config_difference(base, RunConfig(reward={"remote": {"url": "http://h:1"}})) == (
+        'reward.remote is {"url": "http://h:1", "timeout_s": 10.0, "retries": 4, "backoff_s": 0.5, "deadline_s": 60.0} '
+        "but the run used null")
