@@ -36,8 +36,8 @@ def build_model_dir(path: Path, tied: bool = False) -> Path:
     return path
 
 
-def make_cfg(lr: float = 1e-3, zero_stage: int = 2) -> RunConfig:
-    return RunConfig(seed=0, loss={"name": "online_dpo", "beta": 0.1},
+def make_cfg(lr: float = 1e-3, zero_stage: int = 2, loss: str = "online_dpo") -> RunConfig:
+    return RunConfig(seed=0, loss={"name": loss, "beta": 0.1},
                      learner={"lr": lr, "zero_stage": zero_stage, "grad_clip": 1.0})
 
 
@@ -221,22 +221,27 @@ def test_reference_path_loads_another_reference(model_dir, tmp_path):
 # ------------------------------------------------------------------ checkpoints
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
-def test_save_state_then_load_state_continues_bit_for_bit(model_dir, tmp_path, stage):
+@pytest.mark.parametrize(("stage", "loss"), [(0, "online_dpo"), (1, "online_dpo"), (2, "online_dpo"), (2, "ppo")])
+def test_save_state_then_load_state_continues_bit_for_bit(model_dir, tmp_path, stage, loss):
     """Module, AdamW moments (ZeRO partitions), step counters and RNG all come back: three more
-    steps after a restore give exactly the weights of three more steps without one."""
-    learner = Learner(make_cfg(zero_stage=stage), str(model_dir), threads=2)
+    steps after a restore give exactly the weights of three more steps without one (with ppo, the
+    value model and its optimizer too)."""
+    learner = Learner(make_cfg(zero_stage=stage, loss=loss), str(model_dir), threads=2)
     for _ in range(2):
         learner.train_step(synthetic_groups())
     learner.save_state(str(tmp_path / "state"))
     expected_rng = torch.rand(3)
     for _ in range(3):
         learner.train_step(synthetic_groups())
-    resumed = Learner(make_cfg(zero_stage=stage), str(model_dir), threads=2)
+    resumed = Learner(make_cfg(zero_stage=stage, loss=loss), str(model_dir), threads=2)
     assert resumed.load_state(str(tmp_path / "state")) == 2 and resumed.version == 2
     assert torch.equal(torch.rand(3), expected_rng)
     for _ in range(3):
         resumed.train_step(synthetic_groups())
     after, want = resumed.policy.state_dict(), learner.policy.state_dict()
     assert all(torch.equal(after[k], want[k]) for k in want)
-    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["engines", "learner_state.pkl", "reference.pt"]
+    saved = ["engines", "learner_state.pkl", "reference.pt"] + (["value_model"] if loss == "ppo" else [])
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == saved
+    if loss == "ppo":
+        v_after, v_want = resumed.value.model.state_dict(), learner.value.model.state_dict()
+        assert all(torch.equal(v_after[k], v_want[k]) for k in v_want)
