@@ -8,7 +8,6 @@ With max_staleness=0 the gate alone makes the run fully synchronous (generate, t
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -31,9 +30,8 @@ from async_rlhf.evaluation import Evaluator
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
-from async_rlhf.resume import LEARNER_DIR, capture, claim_weights_location, load_snapshot, restore, save_snapshot
+from async_rlhf.resume import claim_weights_location, fail_pending_checkpoints, restore_checkpoint, take_checkpoints
 from async_rlhf.rollout import Prompt, RolloutGroup
-from async_rlhf.status import status_snapshot
 from async_rlhf.sinks import make_sinks
 from async_rlhf.tasks import load_task
 from async_rlhf.timing import Timing
@@ -131,7 +129,7 @@ class Controller:
             self.plan = plan_cores(self.cfg)
             self._build_components(str(policy_dir))
             if self.resume_from is not None:
-                self._restore(self.resume_from)
+                restore_checkpoint(self, self.resume_from)
 
     def _start_api(self) -> None:
         if not self.cfg.api.enabled:
@@ -194,16 +192,6 @@ class Controller:
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
                                    self.cfg.eval.win_rate_judge)
 
-    def _restore(self, ckpt: Checkpoint) -> None:
-        """Continue from `ckpt`: the learner's state, its weights published for the generators (which
-        load them with their first batch), then the controller's own state and logs."""
-        version = ray.get(self.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
-        if version > 0:
-            ray.get(self.learner.save_weights.remote(self.broker.staging_location(version)))
-            self.broker.publish(version)
-        restore(self, load_snapshot(ckpt.path))
-        print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
-
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
         try:
@@ -222,7 +210,7 @@ class Controller:
                     self._dispatch_learning()
                     self._wait_and_handle()
             self.phase = "stopping"
-            self._take_checkpoints()  # e.g. asked for together with the stop (SIGTERM)
+            take_checkpoints(self)  # e.g. asked for together with the stop (SIGTERM)
             summary = self._finish(initial)
             self.phase = "finished"
             return summary
@@ -230,7 +218,7 @@ class Controller:
             self.phase = "failed"
             raise
         finally:
-            self._fail_pending_checkpoints()
+            fail_pending_checkpoints(self)
             self.shutdown()
 
     def _done(self) -> bool:
@@ -249,27 +237,7 @@ class Controller:
         # Never below what is already in flight: a put must not fail for groups issued earlier.
         self.queue.capacity = max(self.target_capacity, self.state.outstanding)
         if self.state.learner_job is None:  # checkpoints only between learner steps
-            self._take_checkpoints()
-
-    def _take_checkpoints(self) -> None:
-        for future in self.control.take_checkpoint_requests():
-            self._checkpoint(future)
-
-    def _checkpoint(self, future: Any) -> None:
-        """Only while the learner is idle; generations in flight are finished first (resume.py)."""
-        try:
-            self._drain()
-            version = self.broker.latest_version
-            final = self.checkpoints.write(version, self._fill_checkpoint)
-            future.set_result({"path": str(final), "version": version})
-        except Exception as exc:  # reported to the requester; the run goes on
-            future.set_exception(exc)
-
-    def _fill_checkpoint(self, directory: Path) -> None:
-        ray.get(self.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
-        ray.get(self.learner.save_state.remote(str(directory / LEARNER_DIR)))
-        save_snapshot(capture(self), directory)
-        (directory / "trainer_state.json").write_text(json.dumps(status_snapshot(self), indent=2))
+            take_checkpoints(self)
 
     def _drain(self) -> None:
         """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
@@ -283,10 +251,6 @@ class Controller:
                 self._on_generated(slot, ready[0])
             else:
                 self._on_scored(ready[0])
-
-    def _fail_pending_checkpoints(self) -> None:
-        for future in self.control.take_checkpoint_requests():
-            future.set_exception(RuntimeError(f"run ended ({self.phase}) before the checkpoint was taken"))
 
     @property
     def chunk(self) -> int:
@@ -489,7 +453,7 @@ class Controller:
         limit = self.cfg.learner.max_nonfinite_steps
         if st.nonfinite_run >= limit:
             future = self.control.request_checkpoint()
-            self._take_checkpoints()
+            take_checkpoints(self)
             where = future.result()["path"] if future.exception() is None else f"none ({future.exception()})"
             raise RunError(f"{st.nonfinite_run} consecutive learner steps had a non-finite loss "
                            f"(learner.max_nonfinite_steps={limit}); checkpoint: {where}. Lower learner.lr or "

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import ray
 
 from async_rlhf.checkpoints import Checkpoint, CheckpointStore
 from async_rlhf.config import ConfigError, RunConfig, load_config
 from async_rlhf.queue import QueueCounters
 from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.status import status_snapshot
 from async_rlhf.vineppo import MCCost
 
 if TYPE_CHECKING:
@@ -104,6 +106,41 @@ def restore(c: "Controller", snap: ControllerSnapshot) -> None:
     random.setstate(snap.rng["python"])
     np.random.set_state(snap.rng["numpy"])
     c.mc_cost = replace(snap.mc_cost)
+
+
+def restore_checkpoint(c: "Controller", ckpt: Checkpoint) -> None:
+    """Continue from `ckpt`: the learner's state, its weights published for the generators (which
+    load them with their first batch), then the controller's own state and logs."""
+    version = ray.get(c.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+    if version > 0:
+        ray.get(c.learner.save_weights.remote(c.broker.staging_location(version)))
+        c.broker.publish(version)
+    restore(c, load_snapshot(ckpt.path))
+    print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
+
+
+def take_checkpoints(c: "Controller") -> None:
+    """Serve the checkpoint requests posted so far; only while the learner is idle."""
+    for future in c.control.take_checkpoint_requests():
+        try:
+            c._drain()  # generations in flight land in the queue first
+            version = c.broker.latest_version
+            final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
+            future.set_result({"path": str(final), "version": version})
+        except Exception as exc:  # reported to the requester; the run goes on
+            future.set_exception(exc)
+
+
+def _fill_checkpoint(c: "Controller", directory: Path) -> None:
+    ray.get(c.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
+    ray.get(c.learner.save_state.remote(str(directory / LEARNER_DIR)))
+    save_snapshot(capture(c), directory)
+    (directory / "trainer_state.json").write_text(json.dumps(status_snapshot(c), indent=2))
+
+
+def fail_pending_checkpoints(c: "Controller") -> None:
+    for future in c.control.take_checkpoint_requests():
+        future.set_exception(RuntimeError(f"run ended ({c.phase}) before the checkpoint was taken"))
 
 
 def claim_weights_location(run_dir: Path, location: Path) -> None:
