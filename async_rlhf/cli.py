@@ -1,5 +1,5 @@
 """`async-rlhf` command line: train a policy from a YAML config; check a config; watch a run; plot
-runs; export the embedded policy as a checkpoint for `model.source: local`."""
+runs; export the embedded policy as a checkpoint for `model.source: local`; run a benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from async_rlhf.config import ConfigError, RunConfig, load_config
+
+BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "vineppo_vs_ppo", "weight_sync"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-model", help="write the embedded policy as a local HF checkpoint (model.source=local)")
     export.add_argument("out", type=Path, help="new directory for the checkpoint")
     export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --seeds 0 1")
     return parser
 
 
@@ -132,10 +137,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(url, as_json=args.json)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bench.{args.name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", f"bench.{args.name}"):
+            raise
+        print("async-rlhf bench: the benchmarks live in the source checkout's bench/ folder; run this from the "
+              "repository root", file=sys.stderr)
+        return 2
+    module.main(args.bench_args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status, "plot": cmd_plot,
-                "export-model": cmd_export}
+                "export-model": cmd_export, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

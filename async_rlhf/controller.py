@@ -34,6 +34,7 @@ from async_rlhf.resume import claim_weights_location, fail_pending_checkpoints, 
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.sinks import make_sinks
 from async_rlhf.tasks import load_task
+from async_rlhf.timeline import Timeline, record_generation, record_learner_step
 from async_rlhf.timing import Timing
 from async_rlhf.vineppo import MCCost, MCRequest, attach_advantages, step_delimiter_ids
 from learners.learner import Learner
@@ -101,6 +102,8 @@ class Controller:
         self.recorder = RunRecorder(run_dir)
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.timing = Timing()
+        self.timeline = Timeline(run_dir / "timeline.jsonl")
+        self.reward_started: dict[Any, float] = {}  # reward call -> wall-clock dispatch time
         self.state = LoopState()
         self.control = RunControl()
         self.phase = "created"  # created, starting, running, paused, stopping, finished, failed
@@ -367,8 +370,11 @@ class Controller:
         self.timing.add("gen_busy_s", result.gen_s)
         self.timing.add("weight_sync_s", result.sync_s)
         self.timing.add("tokens_generated", result.tokens)
+        record_generation(self.timeline, result)
         # One reward call for responses and MC rollouts: both get the RewardService's failure handling.
-        self.state.reward_jobs[self.reward.score.remote(result.groups + mc_rollouts)] = result
+        ref = self.reward.score.remote(result.groups + mc_rollouts)
+        self.state.reward_jobs[ref] = result
+        self.reward_started[ref] = time.time()
 
     def _on_generator_died(self, slot: GeneratorSlot, exc: Exception) -> None:
         """Nothing of the lost batch reaches the learner; its prompts go out again, unchanged,
@@ -412,6 +418,8 @@ class Controller:
     def _on_scored(self, ref: Any) -> None:
         result: GenerationResult = self.state.reward_jobs.pop(ref)
         scored = ray.get(ref)
+        started = self.reward_started.pop(ref, time.time())
+        self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
         groups = scored[:len(result.groups)]
         if result.mc is not None:  # values and advantages before the groups can be trained on
             rollouts = replace(result.mc, rollouts=scored[len(result.groups):])
@@ -432,6 +440,7 @@ class Controller:
         st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
+        record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
         record = self._step_record(job, metrics)
         self.last_step = record
         self.recorder.log_step(record)
@@ -465,8 +474,10 @@ class Controller:
             slot = self.generators[0]
             if slot.job is not None:  # finish its batch first: weights swap only between batches
                 self._on_generated(slot, ray.wait([slot.job])[0][0])
+            started = time.time()
             with self.timing.span("eval_s"):
                 self.recorder.log_eval(self._evaluate(self.broker.lease(version)))
+            self.timeline.add("eval", f"generator{slot.generator_id}", started, time.time(), version)
             self.broker.release(version)
 
     def _evaluate(self, weights: WeightRef | None) -> dict:
@@ -564,6 +575,7 @@ class Controller:
 
     def shutdown(self) -> None:
         self.recorder.close()
+        self.timeline.close()
         if self.api is not None:
             self.api.stop()
             self.api = None

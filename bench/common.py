@@ -55,7 +55,10 @@ def build_policy(size: str, out: Path, seed: int = 0) -> Path:
 
 
 def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Sample]:
-    """Time each callable `repeats` times, interleaved A, B, A, B, ... after `warmup` untimed rounds."""
+    """Time each callable `repeats` times, interleaved A, B, A, B, ... after `warmup` untimed rounds.
+
+    A callable that returns a float has timed itself (e.g. inside a Ray actor): that number is used.
+    """
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -63,8 +66,9 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int =
     for _ in range(repeats):
         for name, fn in runs.items():
             start = time.perf_counter()
-            fn()
-            samples[name].seconds.append(time.perf_counter() - start)
+            timed = fn()
+            elapsed = time.perf_counter() - start
+            samples[name].seconds.append(timed if isinstance(timed, float) else elapsed)
     return samples
 
 

@@ -3,14 +3,17 @@
     .venv/bin/python bench/generator_path.py [--size tiny] [--prompts 16] [--samples 4] [--repeats 8]
 
 Both sides use the same model, prompts, sampling parameters and per-prompt seeds (so they produce the
-same tokens, which the script checks) and the same single core. The raw side is an `LLM` in this
-process; the path side is what the controller does for one chunk: a Ray call to a GeneratorActor,
+same tokens, which the script checks) and the same single core. The raw side is an `LLM` in its own
+Ray actor, timed inside the actor around `LLM.generate` alone (so no Ray cost is charged to it); the
+actor is killed at the end, which also ends its engine process (an `LLM` in the benchmark process
+itself could hang at interpreter exit in vLLM's engine shutdown). The path side is what the controller does for one chunk: a Ray call to a GeneratorActor,
 the groups pickled back, then a Ray call to the RewardService that scores them. They are timed
 alternately. Goal: path >= 0.95 of raw.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from bench.common import alternate, build_policy, ratio_main
@@ -27,16 +30,27 @@ def make_prompts(n: int):
     return [task.train_prompt(i) for i in range(n)]
 
 
-def raw_engine(model_dir: Path, gen_cfg):
-    """A vLLM engine in this process, configured as GeneratorActor configures its own."""
-    os.sched_setaffinity(0, [CORE])
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(CORE)
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import LLM
+class RawVLLM:
+    """`LLM.generate` and nothing else, configured as GeneratorActor configures its engine."""
 
-    return LLM(model=str(model_dir), dtype="float32", enforce_eager=True, enable_chunked_prefill=False,
-               max_model_len=gen_cfg.max_model_len, seed=0)
+    def __init__(self, model_dir: str, gen_cfg, prompts) -> None:
+        os.sched_setaffinity(0, [CORE])
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(CORE)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        self.llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, enable_chunked_prefill=False,
+                       max_model_len=gen_cfg.max_model_len, seed=0)
+        self.inputs = [{"prompt_token_ids": p.token_ids} for p in prompts]
+        self.params = raw_params(prompts, gen_cfg)
+
+    def generate(self) -> tuple[float, int]:
+        """Seconds spent in `LLM.generate` and the number of tokens it sampled."""
+        start = time.perf_counter()
+        results = self.llm.generate(self.inputs, self.params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return seconds, sum(len(c.token_ids) for r in results for c in r.outputs)
 
 
 def raw_params(prompts, gen_cfg):
@@ -59,17 +73,19 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
     model_dir = build_policy(size, workdir / size)
     prompts = make_prompts(n_prompts)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    handles = []
     try:
         actor = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), gen_cfg, 0, [CORE])
         reward = ray.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
+        handles.append(actor)
         ray.get(actor.info.remote())
-        llm, params = raw_engine(model_dir, gen_cfg), raw_params(prompts, gen_cfg)
-        inputs = [{"prompt_token_ids": p.token_ids} for p in prompts]
+        raw_actor = ray.remote(RawVLLM).options(num_cpus=0).remote(str(model_dir), gen_cfg, prompts)
+        handles.append(raw_actor)
         out: dict = {}
 
-        def raw() -> None:
-            results = llm.generate(inputs, params, use_tqdm=False)
-            out["raw_tokens"] = sum(len(c.token_ids) for r in results for c in r.outputs)
+        def raw() -> float:
+            seconds, out["raw_tokens"] = ray.get(raw_actor.generate.remote())
+            return seconds
 
         def path() -> None:
             result = ray.get(actor.generate.remote(prompts))
@@ -78,6 +94,8 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
 
         samples_by_side = alternate({"raw_vllm": raw, "generator_path": path}, repeats)
     finally:
+        for handle in handles:  # ends the engines' processes with their actors
+            ray.kill(handle)
         ray.shutdown()
     if out["raw_tokens"] != out["path_tokens"]:
         raise RuntimeError(f"sides sampled different token counts: {out['raw_tokens']} vs {out['path_tokens']}")

@@ -1,0 +1,103 @@
+"""Off-policy robustness (the paper's Figures 4/5 at toy scale): final gold reward and KL vs staleness N.
+
+    .venv/bin/python -m bench.off_policy [--losses online_dpo ppo rloo] [--staleness 1 2 4 8 16]
+                                         [--seeds 0 1 2] [--steps 40]
+
+Each run is a short quickstart run (`configs/quickstart.yaml`, `_ppo`, `_rloo`) with
+`seed=S queue.max_staleness=N learner.steps=STEPS eval.every=0`. The JSON is rewritten after every run
+and a rerun with the same --out skips the (loss, N, seed) runs already in it, so the sweep can be
+stopped and continued. N is a bound: the staleness a run actually trains at depends on how far the
+generator gets ahead of the learner, so each run also records the mean and the maximum staleness of
+the samples it trained on (from the queue's histogram).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.common import RESULTS, ROOT
+from bench.runs import mean_sd, pyplot, save_json, train
+
+CONFIGS = {"online_dpo": "configs/quickstart.yaml", "ppo": "configs/quickstart_ppo.yaml",
+           "rloo": "configs/quickstart_rloo.yaml"}
+
+
+def mean_staleness(histogram: dict[str, int]) -> float:
+    total = sum(histogram.values())
+    return sum(int(k) * v for k, v in histogram.items()) / total if total else float("nan")
+
+
+def one_run(loss: str, bound: int, seed: int, steps: int, runs_dir: Path) -> dict:
+    run_dir = runs_dir / f"{loss}-N{bound}-seed{seed}"
+    s = train(ROOT / CONFIGS[loss], [f"seed={seed}", f"queue.max_staleness={bound}", f"learner.steps={steps}",
+                                     "eval.every=0"], run_dir)
+    return {"loss": loss, "max_staleness": bound, "seed": seed, "initial_gold_reward": s["initial_gold_reward"],
+            "final_gold_reward": s["final_gold_reward"], "final_kl": s["final_kl"],
+            "mean_staleness": round(mean_staleness(s["staleness_histogram"]), 3),
+            "max_staleness_seen": s["max_staleness_seen"], "dropped_stale": s["dropped_stale"],
+            "wall_s": s["wall_s"], "process_s": s["process_s"], "load_avg_1m": s["load_avg_1m"]}
+
+
+def table(runs: list[dict]) -> list[dict]:
+    rows = []
+    for loss in sorted({r["loss"] for r in runs}):
+        for bound in sorted({r["max_staleness"] for r in runs if r["loss"] == loss}):
+            rs = [r for r in runs if r["loss"] == loss and r["max_staleness"] == bound]
+            rows.append({"loss": loss, "max_staleness": bound, "seeds": len(rs),
+                         **{k: mean_sd([r[k] for r in rs]) for k in
+                            ("final_gold_reward", "final_kl", "mean_staleness", "process_s")}})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--losses", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS))
+    parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_off_policy")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_off_policy")
+    args = parser.parse_args(argv)
+    old = args.out.with_suffix(".json")
+    runs = json.loads(old.read_text())["runs"] if old.is_file() else []
+    done = {(r["loss"], r["max_staleness"], r["seed"]) for r in runs}
+    # Seed-major, then N: a partial sweep has every loss and bound at one seed before a second seed.
+    for seed in args.seeds:
+        for bound in args.staleness:
+            for loss in args.losses:
+                if (loss, bound, seed) in done:
+                    continue
+                runs.append(one_run(loss, bound, seed, args.steps, args.runs_dir))
+                result = {"steps": args.steps, "runs": runs, "table": table(runs)}
+                save_json(args.out, result)
+                r = runs[-1]
+                print(f"{loss} N={bound} seed {seed}: gold {r['final_gold_reward']:.3f}, KL {r['final_kl']:.3f}, "
+                      f"mean staleness {r['mean_staleness']:.2f}", flush=True)
+    result = {"steps": args.steps, "runs": runs, "table": table(runs)}
+    save_json(args.out, result)
+    plot(args.out.with_suffix(".png"), result["table"])
+    return result
+
+
+def plot(png: Path, rows: list[dict]) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for loss in sorted({r["loss"] for r in rows}):
+        rs = [r for r in rows if r["loss"] == loss]
+        xs = [r["max_staleness"] for r in rs]
+        for ax, key in zip(axes, ("final_gold_reward", "final_kl")):
+            ax.errorbar(xs, [r[key][0] for r in rs], yerr=[r[key][1] for r in rs], marker="o", capsize=3, label=loss)
+    for ax, label in zip(axes, ("final gold reward", "final KL to the reference")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("max_staleness N")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("off-policy robustness (mean ± sd over seeds)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""VinePPO vs PPO on the arith task: gold accuracy vs gradient steps and vs wall-clock.
+
+    .venv/bin/python -m bench.vineppo_vs_ppo [--steps 50] [--every 10] [--seeds 0]
+
+VinePPO is `configs/arith_vineppo.yaml`; PPO is `configs/arith.yaml` with `loss.name=ppo loss.beta=0.05`
+(value model, GAE; the other PPO options at their defaults, as in configs/quickstart_ppo.yaml). Both
+get the same steps, prompts per step, samples, learning rate, seed and staleness bound, and a gold
+evaluation (exact answer on 128 held-out prompts) every `--every` steps. Wall-clock at step v is the
+training loop's elapsed time at that step minus the evaluations before it, so that evaluation
+(the same cost for both) is not charged to either loss.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from async_rlhf.timeline import read_timeline
+from bench.common import RESULTS, ROOT
+from bench.runs import pyplot, save_json, train
+
+ARMS = {"vineppo": ("configs/arith_vineppo.yaml", []),
+        "ppo": ("configs/arith.yaml", ["loss.name=ppo", "loss.beta=0.05"])}
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """(version, gold accuracy, seconds of training up to that version) at every evaluation."""
+    elapsed = {0: 0.0}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        elapsed[record["step"]] = record["elapsed_s"]
+    evals = [e for e in read_timeline(run_dir / "timeline.jsonl") if e["kind"] == "eval"]
+    points = []
+    for line in (run_dir / "eval.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        v = ev["version"]
+        eval_before = sum(e["end"] - e["start"] for e in evals if e["version"] < v)
+        points.append({"version": v, "gold": ev["gold_reward"], "train_s": round(elapsed[v] - eval_before, 2)})
+    return points
+
+
+def one_run(arm: str, seed: int, steps: int, every: int, runs_dir: Path) -> dict:
+    config, extra = ARMS[arm]
+    run_dir = runs_dir / f"{arm}-seed{seed}"
+    s = train(ROOT / config, [*extra, f"seed={seed}", f"learner.steps={steps}", f"eval.every={every}"], run_dir)
+    return {"arm": arm, "seed": seed, "curve": curve(run_dir), "wall_s": s["wall_s"], "eval_s": s["eval_s"],
+            "gen_busy_s": s["gen_busy_s"], "learn_busy_s": s["learn_busy_s"],
+            "mc_gen_share": s.get("mc_gen_share"), "final_gold_reward": s["final_gold_reward"],
+            "final_kl": s["final_kl"], "process_s": s["process_s"], "load_avg_1m": s["load_avg_1m"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=sorted(ARMS))
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_vineppo_vs_ppo")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vineppo_vs_ppo")
+    args = parser.parse_args(argv)
+    runs: list[dict] = []
+    for seed in args.seeds:
+        for arm in args.arms:
+            runs.append(one_run(arm, seed, args.steps, args.every, args.runs_dir))
+            result = {"steps": args.steps, "eval_every": args.every, "runs": runs}
+            save_json(args.out, result)
+            r = runs[-1]
+            print(f"{arm} seed {seed}: gold {r['curve'][0]['gold']:.3f} -> {r['final_gold_reward']:.3f}, "
+                  f"train time {r['curve'][-1]['train_s']:.0f}s", flush=True)
+    plot(args.out.with_suffix(".png"), runs)
+    return result
+
+
+def plot(png: Path, runs: list[dict]) -> None:
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = {"vineppo": "#4c72b0", "ppo": "#dd8452"}
+    for r in runs:
+        label = f"{r['arm']} seed {r['seed']}"
+        ax1.plot([p["version"] for p in r["curve"]], [p["gold"] for p in r["curve"]], marker="o",
+                 color=colors[r["arm"]], label=label)
+        ax2.plot([p["train_s"] for p in r["curve"]], [p["gold"] for p in r["curve"]], marker="o",
+                 color=colors[r["arm"]], label=label)
+    ax1.set_xlabel("gradient steps")
+    ax2.set_xlabel("training wall-clock (s, evaluations excluded)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel("gold accuracy (arith, exact answer)")
+        ax.legend()
+    fig.suptitle("VinePPO vs PPO on arith")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
