@@ -13,11 +13,13 @@ reward scoring), T = seconds the learner side was busy (step, weight save and pu
 the training loop's wall-clock (setup and the final evaluation excluded). Per seed, against the N = 0
 run: ideal speedup = (G0 + T0) / max(G0, T0), what perfect overlap of the synchronous run's phases
 would give; measured speedup = wall0 / wallN; overlap efficiency = measured / ideal (goal >= 0.95).
-Writes the JSON after every run, a bar plot, and a Gantt chart of one N = 1 run.
+Writes the JSON after every run (a rerun with the same --out and --steps skips the runs already in it),
+a bar plot, and a Gantt chart of one N = 1 run.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from async_rlhf.timeline import busy_seconds, read_timeline
@@ -27,6 +29,7 @@ from bench.runs import mean_sd, pyplot, save_json, train
 GEN_SIDE = {"weight_sync", "generation", "mc_rollouts", "reward"}
 LEARN_SIDE = {"learn", "publish"}
 GOAL = 0.95
+DERIVED = ("ideal_speedup", "measured_speedup", "overlap_efficiency")
 
 
 def one_run(config: Path, seed: int, bound: int, steps: int, runs_dir: Path) -> dict:
@@ -41,6 +44,14 @@ def one_run(config: Path, seed: int, bound: int, steps: int, runs_dir: Path) -> 
             "initial_gold_reward": summary["initial_gold_reward"], "final_gold_reward": summary["final_gold_reward"],
             "final_kl": summary["final_kl"], "max_staleness_seen": summary["max_staleness_seen"],
             "load_avg_1m": summary["load_avg_1m"], "process_s": summary["process_s"]}
+
+
+def earlier_runs(path: Path, steps: int) -> list[dict]:
+    """Runs already in the result file with the same step count: a rerun continues the sweep."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    return [{k: v for k, v in r.items() if k not in DERIVED} for r in old["runs"]] if old["steps"] == steps else []
 
 
 def speedups(runs: list[dict]) -> list[dict]:
@@ -71,6 +82,11 @@ def table(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def summarize(args: argparse.Namespace, runs: list[dict]) -> dict:
+    return {"config": str(args.config), "steps": args.steps, "goal_overlap_efficiency": GOAL,
+            "runs": speedups(runs), "table": table(speedups(runs))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart.yaml")
@@ -80,15 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_async_vs_sync")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_async_vs_sync")
     args = parser.parse_args(argv)
-    runs: list[dict] = []
+    runs = earlier_runs(args.out.with_suffix(".json"), args.steps)
+    done = {(r["seed"], r["max_staleness"]) for r in runs}
     for seed in args.seeds:  # seed-major: a partial sweep still has complete N = 0 vs N > 0 comparisons
         for bound in args.staleness:
+            if (seed, bound) in done:
+                continue
             runs.append(one_run(args.config, seed, bound, args.steps, args.runs_dir))
-            result = {"config": str(args.config), "steps": args.steps, "goal_overlap_efficiency": GOAL,
-                      "runs": speedups(runs), "table": table(speedups(runs))}
-            save_json(args.out, result)
+            save_json(args.out, summarize(args, runs))
             print(f"seed {seed} N={bound}: wall {runs[-1]['wall_s']:.1f}s, gold {runs[-1]['final_gold_reward']:.3f}",
                   flush=True)
+    result = summarize(args, runs)
+    save_json(args.out, result)
     plot(args.out.with_suffix(".png"), result["table"])
     gantt_of = next((r for r in runs if r["max_staleness"] == 1), runs[-1])
     gantt(Path(gantt_of["run_dir"]) / "timeline.jsonl", args.out.with_name(args.out.name + "_gantt.png"))
