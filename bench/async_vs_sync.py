@@ -13,6 +13,8 @@ reward scoring), T = seconds the learner side was busy (step, weight save and pu
 the training loop's wall-clock (setup and the final evaluation excluded). Per seed, against the N = 0
 run: ideal speedup = (G0 + T0) / max(G0, T0), what perfect overlap of the synchronous run's phases
 would give; measured speedup = wall0 / wallN; overlap efficiency = measured / ideal (goal >= 0.95).
+Also per run: bottleneck share = max(G, T) / wall, the run's own overlap (1.0 = the busier side never
+waited), which does not depend on the phases running at the same speed in the N = 0 run.
 Writes the JSON after every run (a rerun with the same --out and --steps skips the runs already in it),
 a bar plot, and a Gantt chart of one N = 1 run.
 """
@@ -29,7 +31,7 @@ from bench.runs import mean_sd, pyplot, save_json, train
 GEN_SIDE = {"weight_sync", "generation", "mc_rollouts", "reward"}
 LEARN_SIDE = {"learn", "publish"}
 GOAL = 0.95
-DERIVED = ("ideal_speedup", "measured_speedup", "overlap_efficiency")
+DERIVED = ("ideal_speedup", "measured_speedup", "overlap_efficiency", "bottleneck_share")
 
 
 def one_run(config: Path, seed: int, bound: int, steps: int, runs_dir: Path) -> dict:
@@ -59,6 +61,8 @@ def speedups(runs: list[dict]) -> list[dict]:
     sync = {r["seed"]: r for r in runs if r["max_staleness"] == 0}
     out = []
     for r in runs:
+        # The run's own overlap: 1.0 when the busier side never waited (wall == max(G, T)).
+        r = {**r, "bottleneck_share": round(max(r["G_s"], r["T_s"]) / r["wall_s"], 3)}
         base = sync.get(r["seed"])
         if base is None:
             out.append(r)
@@ -76,7 +80,7 @@ def table(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["max_staleness"] == bound]
         row = {"max_staleness": bound, "seeds": len(rs)}
         for key in ("wall_s", "G_s", "T_s", "ideal_speedup", "measured_speedup", "overlap_efficiency",
-                    "final_gold_reward", "final_kl"):
+                    "bottleneck_share", "final_gold_reward", "final_kl"):
             row[key] = mean_sd([r.get(key) for r in rs])
         rows.append(row)
     return rows

@@ -17,11 +17,11 @@ def pm(pair: list[float], digits: int = 3) -> str:
 
 def async_vs_sync(result: dict) -> str:
     lines = ["| N | seeds | loop wall s | G s | T s | ideal speedup | measured speedup | overlap efficiency | "
-             "final gold |", "|---|---|---|---|---|---|---|---|---|"]
+             "max(G,T)/wall | final gold |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["table"]:
         lines.append(f"| {r['max_staleness']} | {r['seeds']} | {pm(r['wall_s'], 1)} | {pm(r['G_s'], 1)} | "
                      f"{pm(r['T_s'], 1)} | {pm(r['ideal_speedup'], 2)} | {pm(r['measured_speedup'], 2)} | "
-                     f"{pm(r['overlap_efficiency'], 2)} | {pm(r['final_gold_reward'])} |")
+                     f"{pm(r['overlap_efficiency'], 2)} | {pm(r['bottleneck_share'], 2)} | {pm(r['final_gold_reward'])} |")
     return "\n".join(lines)
 
 

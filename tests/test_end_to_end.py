@@ -51,6 +51,12 @@ def test_synchronous_baseline_and_final_checkpoint_loads(tmp_path: Path, ray_loc
     assert summary["steps"] == 8 and summary["max_staleness_seen"] == 0
     assert summary["staleness_histogram"] == {"0": 8 * 16}
     assert summary["cores_pinned"] is False
+    # The timeline has every step, and in a synchronous run no generation overlaps a learner step.
+    events = read_jsonl(run / "timeline.jsonl")
+    learn = [e for e in events if e["kind"] == "learn"]
+    assert [e["version"] for e in learn] == list(range(1, 9))
+    for gen in (e for e in events if e["kind"] == "generation"):
+        assert all(gen["end"] <= step["start"] + 0.01 or gen["start"] >= step["end"] - 0.01 for step in learn), gen
     # The final policy loads in transformers and in vLLM (through the generator actor).
     from transformers import AutoModelForCausalLM
 
