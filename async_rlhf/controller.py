@@ -144,10 +144,11 @@ class Controller:
     def _start_ray(self) -> None:
         if ray.is_initialized():
             return
-        res = self.cfg.resources
-        kwargs: dict[str, Any] = {"address": res.ray_address, "include_dashboard": False, "log_to_driver": False}
-        if res.ray_address is None:
-            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), self.cfg.generation.num_generators + 1)
+        res, address = self.cfg.resources, self.cfg.ray.address
+        kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+        if address is None:  # a cluster's resources are what its `ray start` commands declared
+            roles = self.cfg.generation.num_generators + self.cfg.learner.num_ranks
+            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), roles)
         ray.init(**kwargs)
         self.started_ray = True
 
