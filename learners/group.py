@@ -13,10 +13,10 @@ import math
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
 from async_rlhf.config import RunConfig
+from async_rlhf.placement import in_bundle, reserve, use_gpus
 from learners.distributed import RankInfo, free_port
 from learners.learner import Learner
 
@@ -87,34 +87,20 @@ class LearnerGroup:
         remove_placement_group(self.pg)
 
 
-def _use_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
 def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threads: int) -> Any:
     """The learner the controller trains with: one actor, or a `LearnerGroup` of learner.num_ranks."""
-    ranks, gpu = cfg.learner.num_ranks, _use_gpus()
+    ranks, gpu = cfg.learner.num_ranks, use_gpus()
     if ranks == 1:
         return ray.remote(Learner).options(num_cpus=1, num_gpus=int(gpu), max_concurrency=1).remote(
             cfg, model_dir, cores, threads)
     bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
-    pg = placement_group([bundle] * ranks, strategy=cfg.ray.placement_strategy)
-    wait = cfg.learner.stall_timeout_s
-    ready, _ = ray.wait([pg.ready()], timeout=wait)
-    if not ready:
-        remove_placement_group(pg)
-        raise RuntimeError(f"learner.num_ranks={ranks} needs {ranks} x {bundle} and the Ray cluster could not "
-                           f"place them within {wait:g}s (it has {ray.cluster_resources()}); lower "
-                           f"learner.num_ranks or add nodes")
-
-    def in_bundle(i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
-
-    host, port = ray.get(_rendezvous_address.options(scheduling_strategy=in_bundle(0)).remote())
+    pg = reserve([bundle] * ranks, cfg.ray.placement_strategy, cfg.learner.stall_timeout_s,
+                 f"learner.num_ranks={ranks}")
+    host, port = ray.get(_rendezvous_address.options(scheduling_strategy=in_bundle(pg, 0)).remote())
     per_rank = max(1, threads // ranks)  # ranks on one CPU machine share its learner cores
     handles = [
         ray.remote(Learner).options(num_cpus=1, num_gpus=int(gpu), max_concurrency=1,
-                                    scheduling_strategy=in_bundle(r)).remote(
+                                    scheduling_strategy=in_bundle(pg, r)).remote(
             cfg, model_dir, cores, per_rank, RankInfo(r, ranks, host, port))
         for r in range(ranks)
     ]

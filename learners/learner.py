@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from async_rlhf.config import LearnerConfig, RunConfig
+from async_rlhf.nccl_sync import NcclLayout, nccl_version
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
 from learners.distributed import RankInfo, all_agree, full_parameters, init_distributed
@@ -119,6 +120,7 @@ class Learner:
         # a new DeepSpeed-trained module is one more entry in `engines` (the value model has its own path).
         self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
         self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
+        self.sender = None  # set by connect_generators (weight_sync.transport=nccl)
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
@@ -228,11 +230,26 @@ class Learner:
 
     # ------------------------------------------------------------------ publishing
 
-    def save_weights(self, path: str) -> None:
-        """Write `path/model.safetensors` (HF names) for vLLM's in-place `reload_weights`.
+    def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
+        """Join the weight-sync NCCL group with the generators (weight_sync.transport=nccl)."""
+        from learners.weight_sender import NcclWeightSender
 
-        Written to a temporary name and renamed, so a reader never sees a half-written file.
+        layout = NcclLayout(len(handles), tensor_parallel_size)
+        self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
+                                       self.cfg.weight_sync, self.rank, self.version)
+
+    def save_weights(self, path: str) -> None:
+        """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is
+        broadcast to the generators (connect_generators first); a directory gets `model.safetensors`
+        (HF names) for vLLM's in-place `reload_weights`, written to a temporary name and renamed, so
+        a reader never sees a half-written file.
         """
+        version = nccl_version(path)
+        if version is not None:
+            if self.sender is None:
+                raise RuntimeError("weight_sync.transport=nccl: connect_generators must run before the first publish")
+            self.sender.send(version)
+            return
         with full_parameters(self.policy, self.cfg.learner.zero_stage):
             if not self.rank.is_main:
                 return
