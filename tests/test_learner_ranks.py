@@ -30,7 +30,7 @@ def test_merge_metrics_sums_counts_and_averages_measures() -> None:
     assert (merged["version"], merged["optimizer_step"], merged["step_s"]) == (3, 1, 0.7)
 
 
-@pytest.mark.slow  # ~25 s on an idle 2-core machine (two DeepSpeed engines start); 70 s under heavy load
+@pytest.mark.slow  # two DeepSpeed engines start: 70 s measured on 2 shared cores at load ~12
 def test_two_ranks_train_in_step_and_publish_full_weights(ray_local, tmp_path) -> None:
     model_dir = build_model_dir(tmp_path / "model")
     cfg = RunConfig(seed=0, loss={"name": "online_dpo", "beta": 0.1},
