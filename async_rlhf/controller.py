@@ -22,13 +22,13 @@ import ray
 
 from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
-from async_rlhf.nccl_sync import NcclTransport
-from async_rlhf.placement import generator_options
 from async_rlhf.checkpoints import Checkpoint, CheckpointStore
 from async_rlhf.config import RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
+from async_rlhf.nccl_sync import NcclTransport
+from async_rlhf.placement import generator_options
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
