@@ -1,6 +1,6 @@
 """Async vs sync: wall-clock at equal episodes for max_staleness N = 0 (synchronous) vs N = 1, 2, 4.
 
-    .venv/bin/python -m bench.async_vs_sync [--staleness 0 1 2 4] [--seeds 0 1 2] [--steps 100]
+    .venv/bin/python -m bench.async_vs_sync [--staleness 0 1 2 4] [--seeds 0 1 2] [--steps 60]
 
 Every run is `async-rlhf train configs/quickstart.yaml seed=S queue.max_staleness=N learner.steps=STEPS
 eval.every=0`: the same prompts, episodes and steps; only the staleness bound differs. Cores
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart.yaml")
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_async_vs_sync")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_async_vs_sync")
     args = parser.parse_args(argv)
