@@ -1,5 +1,6 @@
 """`async-rlhf` command line: train a policy from a YAML config; check a config; watch a run; plot
-runs; export the embedded policy as a checkpoint for `model.source: local`."""
+runs; export the embedded policy as a checkpoint for `model.source: local`; prepare SmolLM2, serve,
+train and label reward models (async_rlhf/cli_models.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from async_rlhf.cli_models import COMMANDS as MODEL_COMMANDS
+from async_rlhf.cli_models import add_parsers as add_model_parsers
 from async_rlhf.config import ConfigError, RunConfig, load_config
 
 
@@ -33,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-model", help="write the embedded policy as a local HF checkpoint (model.source=local)")
     export.add_argument("out", type=Path, help="new directory for the checkpoint")
     export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
+    add_model_parsers(sub)
     return parser
 
 
@@ -135,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status, "plot": cmd_plot,
-                "export-model": cmd_export}
+                "export-model": cmd_export, **MODEL_COMMANDS}
     try:
         return commands[args.command](args)
     except ConfigError as exc:
