@@ -12,9 +12,9 @@ step() {  # step NAME COMMAND...: run it, append its wall time
   "$@"
   echo "$name $((SECONDS - start))s" | tee -a "$OUT/times.txt"
 }
-step prepare $CLI prepare smollm2
+step prepare $CLI prepare smollm2  # about 3 min the first time, then a cache hit
 step sample-pairs $CLI sample-pairs configs/smollm2_gold_proxy.yaml reward.learned=null \
-  --out "$OUT/pairs.jsonl" --prompts 240 --samples 4
-step train-rm $CLI train-rm "$OUT/pairs.jsonl" --base smollm2 --out "$OUT/rm" --epochs 2 --lr 2e-5 --batch-size 8
+  --out "$OUT/pairs.jsonl" --prompts 160 --samples 2
+step train-rm $CLI train-rm "$OUT/pairs.jsonl" --base smollm2 --out "$OUT/rm" --epochs 2 --lr 2e-5 --batch-size 8 --max-length 160
 step train $CLI train configs/smollm2_gold_proxy.yaml "reward.learned.path=$OUT/rm" --run-dir "$OUT/rlhf"
 $CLI plot "$OUT/rlhf" --out "$OUT/plot.png"

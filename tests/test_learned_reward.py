@@ -3,7 +3,6 @@ the model served by LearnedRewardModel, by the RewardService and by `serve-rewar
 HTTP (protocol and errors), and the CLI's bad-input messages."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
