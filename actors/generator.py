@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from async_rlhf.broker import WeightRef
 from async_rlhf.config import GenerationConfig
+from async_rlhf.nccl_sync import check_generator_version
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
 from async_rlhf.vineppo import (
@@ -47,6 +48,7 @@ class GeneratorActor:
         seed: int = 0,
         cores: list[int] | None = None,
         dtype: str = "float32",
+        weight_transport: str = "shm",
     ) -> None:
         cores = cores or sorted(os.sched_getaffinity(0))
         # Pin before vLLM starts: its engine processes inherit this affinity, and its OMP threads
@@ -65,24 +67,41 @@ class GeneratorActor:
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,  # the learner's (model.torch_dtype): behaviour logprobs must match its own
-            enforce_eager=True,
-            # vLLM-CPU fails ("CPU Generator does not use offset") when a per-request seed meets a
-            # prefill split into chunks (long prompts in a big batch); whole prefills avoid it.
-            enable_chunked_prefill=False,
             max_model_len=gen_cfg.max_model_len,
             seed=seed + generator_id,
+            **engine_options(gen_cfg, _has_cuda(), weight_transport),
         )
 
     def info(self) -> dict:
         return {"generator_id": self.generator_id, "version": self.version, "cores": self.cores, "pid": os.getpid()}
 
     def load_weights(self, ref: WeightRef) -> float:
-        """Swap in published weights (in place, no engine restart); returns seconds taken."""
+        """Swap in published weights (in place, no engine restart); returns seconds taken.
+
+        NCCL weights are not loaded here: the learner pushed them (receive_weights) before the broker
+        published them, so this only checks that this generator holds that version."""
+        if ref.transport == "nccl":
+            check_generator_version(self.version, ref.version, self.generator_id)
+            return 0.0
         if ref.transport != "shm":
             raise ValueError(f"GeneratorActor cannot load transport '{ref.transport}'")
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": ref.location})
         self.version = ref.version
+        return time.perf_counter() - start
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join the learner's weight-sync NCCL group (blocks until every member has joined)."""
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def receive_weights(self, update_info: dict, version: int) -> float:
+        """Receive one whole version from the learner's broadcast; seconds taken. One actor call, so
+        no generation batch runs while the weights are half swapped."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+        self.llm.collective_rpc("finish_weight_update")
+        self.version = version
         return time.perf_counter() - start
 
     def generate(
@@ -166,6 +185,28 @@ class GeneratorActor:
     def _completion(out) -> Completion:
         logprobs = [step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs)]
         return Completion(list(out.token_ids), out.text, logprobs, _finish_reason(out))
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm") -> dict:
+    """vLLM engine arguments that differ between a CUDA generator and a CPU one."""
+    if not cuda:
+        # vLLM-CPU fails ("CPU Generator does not use offset") when a per-request seed meets a
+        # prefill split into chunks (long prompts in a big batch); whole prefills avoid it.
+        return {"enforce_eager": True, "enable_chunked_prefill": False}
+    options: dict = {"tensor_parallel_size": cfg.tensor_parallel_size,
+                     "gpu_memory_utilization": cfg.gpu_memory_utilization}
+    if cfg.tensor_parallel_size > 1:
+        # The actor holds all TP GPUs itself (one placement bundle): vLLM's own processes, not Ray workers.
+        options["distributed_executor_backend"] = "mp"
+    if weight_transport == "nccl":
+        options["weight_transfer_config"] = {"backend": "nccl"}
+    return options
 
 
 def _finish_reason(out) -> FinishReason:

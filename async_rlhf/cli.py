@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("config")
     check.add_argument("overrides", nargs="*")
+    check.add_argument("--portable", action="store_true",
+                       help="check the config alone, not this machine (files, GPUs, packages): for a config "
+                            "written for another machine, e.g. configs/paper/ on a laptop")
     plot = sub.add_parser("plot", help="reward, KL, staleness and throughput of several runs on one figure")
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, required=True, help="PNG file to write")
@@ -105,9 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, environment=not args.portable)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    if cfg.model.source == "local":  # the prompts can be checked with the policy's tokenizer, as train does
+    if cfg.model.source == "local" and not args.portable:  # the prompts can be checked with the policy's tokenizer, as train does
         from async_rlhf.tasks import load_task
 
         print(f"# {load_task(cfg, cfg.model.path).describe()}")

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from async_rlhf.config_base import ConfigError, Strict
+from async_rlhf.config_base import ConfigError, Strict, environment_checks
 from async_rlhf.task_config import TASK_DEFAULTS, DatasetConfig, TaskConfig
 
 __all__ = ["ConfigError", "DatasetConfig", "Strict", "TASK_DEFAULTS", "TaskConfig"]
@@ -80,18 +80,17 @@ class ModelConfig(Strict):
         return resolve_model_path(path).absolute() if path is not None else None
 
     @model_validator(mode="after")
-    def _path(self) -> "ModelConfig":
-        if self.source == "local":
-            if self.path is None:
-                raise ValueError("model.path is required when model.source=local (an HF checkpoint directory)")
+    def _path(self, info: ValidationInfo) -> "ModelConfig":
+        if self.source == "local" and self.path is None:
+            raise ValueError("model.path is required when model.source=local (an HF checkpoint directory)")
+        if self.reference_path is not None and self.source != "local":
+            raise ValueError("model.reference_path needs model.source=local")
+        if not environment_checks(info):
+            return self
+        if self.path is not None and self.source == "local":
             _check_checkpoint("model.path", self.path, tokenizer=True)
         if self.reference_path is not None:
-            if self.source != "local":
-                raise ValueError("model.reference_path needs model.source=local")
             _check_checkpoint("model.reference_path", self.reference_path, tokenizer=False)
-        if self.dtype == "bfloat16" and not cuda_available():
-            raise ValueError("model.dtype: bfloat16 needs a GPU and none is visible; use model.dtype=float32 "
-                             "(or auto) on CPU")
         return self
 
     @property
@@ -113,6 +112,10 @@ class GenerationConfig(Strict):
     max_model_len: int = Field(64, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per generator (vLLM tensor parallelism)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
+    )
 
     @model_validator(mode="after")
     def _split(self) -> "GenerationConfig":
@@ -273,7 +276,13 @@ class LearnerConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    zero_stage: Literal[0, 1, 2] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (3 shards the parameters too)")
+    num_ranks: int = Field(
+        1, ge=1, le=1024,
+        description="R data-parallel learner processes (Ray actors in one torch.distributed group: nccl on GPU, "
+                    "gloo on CPU), one GPU each on GPU; each rank trains on prompts_per_step / R groups",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     stall_timeout_s: float = Field(
         600.0, gt=0, description="stop with an error when no learner step finishes for this long (never hang)"
     )
@@ -283,13 +292,29 @@ class LearnerConfig(Strict):
 
 
 class WeightSyncConfig(Strict):
-    transport: Literal["shm"] = Field("shm", description="shm: safetensors in shared memory (CPU)")
+    transport: Literal["shm", "nccl"] = Field(
+        "shm", description="shm: safetensors in shared memory (CPU or GPU); nccl: bucketed broadcast from learner "
+                           "rank 0 to every generator through vLLM's weight-transfer engine (GPU only)",
+    )
     shm_root: Path = Path("/dev/shm")
     keep_versions: int = Field(2, ge=1)
+    bucket_mb: int = Field(256, ge=1, le=16384, description="nccl: size of one packed broadcast buffer")
+    timeout_s: float = Field(
+        300.0, gt=0, description="nccl: a rendezvous or broadcast that takes longer fails with an error (never a hang)"
+    )
+
+
+class RayConfig(Strict):
+    """Where the Ray cluster is: None starts a local one; 'auto' or 'HOST:6379' joins one started with
+    `ray start` (README "On a GPU cluster")."""
+
+    address: str | None = Field(None, description="None = a local Ray for this run; 'auto' = the node's cluster")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="GPU placement groups of the learner ranks and of each generator's TP workers"
+    )
 
 
 class ResourcesConfig(Strict):
-    ray_address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     pin_cores: Literal["auto", "off"] = Field(
         "auto", description="auto: one core per role when async and enough cores; off: share all"
@@ -324,9 +349,11 @@ class LoggingConfig(Strict):
     wandb_project: str = "async-rlhf"
 
     @model_validator(mode="after")
-    def _installed(self) -> "LoggingConfig":
+    def _installed(self, info: ValidationInfo) -> "LoggingConfig":
         import importlib.util
 
+        if not environment_checks(info):
+            return self
         for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
             if getattr(self, key) and importlib.util.find_spec(package) is None:
                 raise ValueError(f"logging.{key}: the '{package}' package is not installed; "
@@ -354,6 +381,7 @@ class RunConfig(Strict):
     learner: LearnerConfig = LearnerConfig()
     weight_sync: WeightSyncConfig = WeightSyncConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -371,8 +399,12 @@ class RunConfig(Strict):
         return _merge(defaults, data) if defaults else data
 
     @model_validator(mode="after")
-    def _cross(self) -> "RunConfig":
+    def _cross(self, info: ValidationInfo) -> "RunConfig":
         from learners.losses import LOSSES
+
+        self._check_distributed()
+        if environment_checks(info) and self.ray.address is None:
+            self._check_cuda()
 
         need = LOSSES[self.loss.name].min_samples_per_prompt
         if self.generation.samples_per_prompt < need:
@@ -387,6 +419,27 @@ class RunConfig(Strict):
                 f"generation.prompts_per_step ({self.generation.prompts_per_step}) groups"
             )
         return self
+
+    def _check_distributed(self) -> None:
+        ranks, step = self.learner.num_ranks, self.generation.prompts_per_step
+        if step % ranks:
+            raise ValueError(f"generation.prompts_per_step ({step}) must be a multiple of learner.num_ranks "
+                             f"({ranks}): every rank trains on the same number of prompt groups")
+
+    def _check_cuda(self) -> None:
+        """GPU-only settings on a machine with no GPU. Checked in the driver only for a local Ray
+        (ray.address unset): on a cluster the GPUs are on the workers, which check at start."""
+        if cuda_available():
+            return
+        if self.model.dtype == "bfloat16":
+            raise ValueError("model.dtype: bfloat16 needs a GPU and none is visible; use model.dtype=float32 "
+                             "(or auto) on CPU")
+        if self.weight_sync.transport == "nccl":
+            raise ValueError("weight_sync.transport: nccl needs CUDA GPUs and none is visible; use "
+                             "weight_sync.transport=shm on CPU")
+        if self.generation.tensor_parallel_size > 1:
+            raise ValueError(f"generation.tensor_parallel_size ({self.generation.tensor_parallel_size}) needs "
+                             f"CUDA GPUs and none is visible; use generation.tensor_parallel_size=1 on CPU")
 
     def _check_task_fit(self) -> None:
         """Scorers score this task; its prompts and answers fit the generation budget and model."""
@@ -501,9 +554,10 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{loc}: {msg}{shown}"
 
 
-def validate_config(data: dict[str, Any]) -> RunConfig:
+def validate_config(data: dict[str, Any], environment: bool = True) -> RunConfig:
+    """`environment=False` checks the config alone (see config_base.environment_checks)."""
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"environment": environment})
     except ValidationError as exc:
         errors = exc.errors()
         first = _describe(errors[0])
@@ -511,7 +565,7 @@ def validate_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"config error: {first}{more}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, environment: bool = True) -> RunConfig:
     """Read a YAML file (or start from defaults when path is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -526,7 +580,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config error: '{file}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not {type(data).__name__}")
-    return validate_config(_merge(data, parse_overrides(overrides or [])))
+    return validate_config(_merge(data, parse_overrides(overrides or [])), environment)
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

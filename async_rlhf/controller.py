@@ -27,6 +27,8 @@ from async_rlhf.config import RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
+from async_rlhf.nccl_sync import NcclTransport
+from async_rlhf.placement import generator_options
 from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
@@ -36,7 +38,7 @@ from async_rlhf.sinks import make_sinks
 from async_rlhf.tasks import load_task
 from async_rlhf.timing import Timing
 from async_rlhf.vineppo import MCCost, MCRequest, attach_advantages, step_delimiter_ids
-from learners.learner import Learner
+from learners.group import start_learner
 from learners.losses import LOSSES
 from reward_models.service import RewardService
 
@@ -144,10 +146,11 @@ class Controller:
     def _start_ray(self) -> None:
         if ray.is_initialized():
             return
-        res = self.cfg.resources
-        kwargs: dict[str, Any] = {"address": res.ray_address, "include_dashboard": False, "log_to_driver": False}
-        if res.ray_address is None:
-            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), self.cfg.generation.num_generators + 1)
+        res, address = self.cfg.resources, self.cfg.ray.address
+        kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
+        if address is None:  # a cluster's resources are what its `ray start` commands declared
+            roles = self.cfg.generation.num_generators + self.cfg.learner.num_ranks
+            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), roles)
         ray.init(**kwargs)
         self.started_ray = True
 
@@ -171,16 +174,18 @@ class Controller:
         resumed = self.resume_from.step if self.resume_from else 0
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"
         claim_weights_location(self.run_dir, weights_root)
-        self.broker = WeightSyncBroker(SharedMemoryTransport(weights_root), cfg.weight_sync.keep_versions,
+        transport = NcclTransport() if cfg.weight_sync.transport == "nccl" else SharedMemoryTransport(weights_root)
+        self.broker = WeightSyncBroker(transport, cfg.weight_sync.keep_versions,
                                        initial_version=max(resumed - 1, 0))  # _restore publishes `resumed`
-        learner_cls = ray.remote(Learner).options(num_cpus=1, max_concurrency=1)
-        self.learner = learner_cls.remote(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
+        # One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py).
+        self.learner = start_learner(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
-        gen_cls = ray.remote(GeneratorActor).options(num_cpus=1, max_restarts=cfg.generation.max_restarts)
-        self.generators = [
-            GeneratorSlot(gen_cls.remote(i, policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i],
-                                         cfg.model.torch_dtype), i)
-            for i in range(cfg.generation.num_generators)
+        gen_cls = ray.remote(GeneratorActor)
+        self.generators = [  # on GPUs each in its own placement bundle (async_rlhf/placement.py)
+            GeneratorSlot(gen_cls.options(**options).remote(i, policy_dir, cfg.generation, cfg.seed,
+                                                            plan.generator_cores[i], cfg.model.torch_dtype,
+                                                            cfg.weight_sync.transport), i)
+            for i, options in enumerate(generator_options(cfg))
         ]
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
         remote = cfg.reward.remote.model_dump() if cfg.reward.remote else None
@@ -190,6 +195,9 @@ class Controller:
         for slot, info in zip(self.generators, infos):
             slot.pid = info["pid"]
         ray.get(self.learner.__ray_ready__.remote())
+        if cfg.weight_sync.transport == "nccl":  # the weight-sync NCCL group: learner rank 0 + every generator
+            ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
+                                                           cfg.generation.tensor_parallel_size))
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
                                    self.cfg.eval.win_rate_judge)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from async_rlhf.config_base import Strict
+from async_rlhf.config_base import Strict, environment_checks
 
 
 class DatasetConfig(Strict):
@@ -43,11 +43,12 @@ class DatasetConfig(Strict):
         return template
 
     @model_validator(mode="after")
-    def _eval(self) -> "DatasetConfig":
+    def _eval(self, info: ValidationInfo) -> "DatasetConfig":
         from async_rlhf.prompt_data import check_source
 
-        check_source("task.dataset.path", self.path, self.format)
-        if self.eval_path is not None:
+        if environment_checks(info):
+            check_source("task.dataset.path", self.path, self.format)
+        if self.eval_path is not None and environment_checks(info):
             check_source("task.dataset.eval_path", self.eval_path, self.format)
         if self.eval_path is None and self.eval_fraction == 0:
             raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or task.dataset.eval_fraction > 0")

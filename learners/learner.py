@@ -4,8 +4,10 @@ One instance = one rank. The controller runs it as `ray.remote(Learner).options(
 call it directly. It is loss-agnostic: `train_step` is select -> forward -> loss -> backward -> step,
 with every loss-specific decision behind the `LossSpec` (learners/losses/registry.py).
 
-Single-rank for now: __init__ creates a world of size 1 on 127.0.0.1 and a free port. A multi-rank
-learner would receive MASTER_ADDR/PORT and its rank from the controller instead.
+With `rank=None` __init__ creates a world of size 1 on 127.0.0.1 and a free port. With R ranks
+(learner.num_ranks; learners/group.py starts them) each rank trains on its share of the groups and
+DeepSpeed averages the gradients; rank 0 alone writes weights and checkpoint files (all ranks take
+part in gathering ZeRO-3 shards first).
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import os
 import pickle
 import random
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 from async_rlhf.config import LearnerConfig, RunConfig
+from async_rlhf.nccl_sync import NcclLayout, nccl_version
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
+from learners.distributed import RankInfo, all_agree, full_parameters, init_distributed
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.value_model import ValueModel, ValueTrainer
@@ -34,27 +37,6 @@ TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 KL_CHUNK = 64  # sequences per no-grad forward in kl_to_reference: bounds activation memory
 VALUE_MODEL_DIR = "value_model"  # sub-directory of a checkpoint (vLLM only reads the top level)
 STATE_FILE = "learner_state.pkl"  # version and RNG states, next to the engines' DeepSpeed checkpoints
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_single_rank_distributed() -> None:
-    """World of one process (gloo on CPU). Must run before deepspeed is imported: DS_ACCELERATOR
-    is read at import time. Reuses an existing process group (a second Learner in one process)."""
-    if "DS_ACCELERATOR" not in os.environ:
-        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
-    import deepspeed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    backend = "gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else "nccl"
-    deepspeed.init_distributed(dist_backend=backend)
 
 
 def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
@@ -108,9 +90,9 @@ class Learner:
     """Trains the policy one step per call on rollout groups; publishes weights as files."""
 
     def __init__(self, cfg: RunConfig, model_dir: str, cores: list[int] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, rank: RankInfo | None = None) -> None:
         pin_process(cores, threads)
-        init_single_rank_distributed()
+        self.rank = init_distributed(rank)
         import deepspeed
 
         torch.manual_seed(cfg.seed)
@@ -122,6 +104,8 @@ class Learner:
         policy = load_causal_lm(model_dir, dtype)
         # Any valid id will do (padding is masked out); many checkpoints (GPT-2, Llama) define no pad token.
         self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)
+        if cfg.learner.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr,
                                       weight_decay=cfg.learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
@@ -136,6 +120,7 @@ class Learner:
         # a new DeepSpeed-trained module is one more entry in `engines` (the value model has its own path).
         self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
         self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
+        self.sender = None  # set by connect_generators (weight_sync.transport=nccl)
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
@@ -161,7 +146,7 @@ class Learner:
         """
         start = time.perf_counter()
         selection = self.spec.select(groups)
-        if len(selection):
+        if all_agree(len(selection) > 0, self.device):  # ranks skip together, or one would wait forever
             metrics = self._optimize(selection)
         else:
             metrics = {"loss": math.nan, "kl": math.nan, "train_tokens": 0, "nonfinite": 0,
@@ -196,7 +181,7 @@ class Learner:
         values = self.value.values(batch) if self.value else None
         inputs = self._inputs(selection, batch, logps, ref_logps, values, old_values)
         loss, loss_metrics = self.spec.fn(inputs, self.cfg.loss)
-        finite = bool(torch.isfinite(loss))
+        finite = all_agree(bool(torch.isfinite(loss)), self.device)
         if finite:  # a NaN/inf step would poison the weights and AdamW state for good
             self.engine.backward(loss)  # also fills the value model's grads: its loss is part of `loss`
             self.engine.step()
@@ -245,16 +230,45 @@ class Learner:
 
     # ------------------------------------------------------------------ publishing
 
-    def save_weights(self, path: str) -> None:
-        """Write `path/model.safetensors` (HF names) for vLLM's in-place `reload_weights`.
+    def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
+        """Join the weight-sync NCCL group with the generators (weight_sync.transport=nccl)."""
+        from learners.weight_sender import NcclWeightSender
 
-        Written to a temporary name and renamed, so a reader never sees a half-written file.
+        layout = NcclLayout(len(handles), tensor_parallel_size)
+        self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
+                                       self.cfg.weight_sync, self.rank, self.version)
+
+    def save_weights(self, path: str) -> None:
+        """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is
+        broadcast to the generators (connect_generators first); a directory gets `model.safetensors`
+        (HF names) for vLLM's in-place `reload_weights`, written to a temporary name and renamed, so
+        a reader never sees a half-written file.
         """
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "model.safetensors.partial"
-        save_file(hf_state_dict(self.policy), str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
+        version = nccl_version(path)
+        if version is not None:
+            if self.sender is None:
+                raise RuntimeError("weight_sync.transport=nccl: connect_generators must run before the first publish")
+            self.sender.send(version)
+            return
+        with full_parameters(self.policy, self.cfg.learner.zero_stage):
+            if not self.rank.is_main:
+                return
+            out = Path(path)
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / "model.safetensors.partial"
+            save_file(hf_state_dict(self.policy), str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, out / "model.safetensors")
+
+    def weights_digest(self) -> str:
+        """sha256 of the full policy weights: equal on every rank while the ranks are in step."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with full_parameters(self.policy, self.cfg.learner.zero_stage):
+            for name, tensor in sorted(hf_state_dict(self.policy).items()):
+                digest.update(name.encode())
+                digest.update(tensor.float().numpy().tobytes())
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -263,16 +277,22 @@ class Learner:
         (module, optimizer with its ZeRO partitions, scheduler, step counters), the frozen modules,
         the version and the RNG states of this process."""
         out = Path(path)
-        for name, engine in self.engines.items():
+        for name, engine in self.engines.items():  # a collective: every rank writes its ZeRO partition
             engine.save_checkpoint(str(out / "engines"), tag=name, save_latest=False)
+        state = {"version": self.version, "torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": np.random.get_state()}
+        with (out / self._state_file()).open("wb") as fh:
+            pickle.dump(state, fh)
+        if not self.rank.is_main:  # the rest is the same on every rank
+            return
         for name, module in self.frozen.items():
             torch.save(module.state_dict(), out / f"{name}.pt")  # keeps tied weights tied
         if self.value:  # not a DeepSpeed engine (learners/value_model.py says why): its own format
             self.save_value_model(str(out / VALUE_MODEL_DIR))
-        state = {"version": self.version, "torch": torch.get_rng_state(), "python": random.getstate(),
-                 "numpy": np.random.get_state()}
-        with (out / STATE_FILE).open("wb") as fh:
-            pickle.dump(state, fh)
+
+    def _state_file(self) -> str:
+        # Rank 0 keeps the single-rank name, so single-rank checkpoints are unchanged.
+        return STATE_FILE if self.rank.is_main else f"learner_state.rank{self.rank.rank}.pkl"
 
     def load_state(self, path: str) -> int:
         """Restore what `save_state` wrote (same config, same modules); returns the version."""
@@ -285,7 +305,7 @@ class Learner:
             module.load_state_dict(torch.load(src / f"{name}.pt", map_location=self.device, weights_only=True))
         if self.value:
             self.load_value_model(str(src / VALUE_MODEL_DIR))
-        with (src / STATE_FILE).open("rb") as fh:
+        with (src / self._state_file()).open("rb") as fh:
             state = pickle.load(fh)  # our own checkpoint, verified by its manifest before this is called
         self.version = state["version"]
         torch.set_rng_state(state["torch"])
@@ -296,8 +316,12 @@ class Learner:
     def save_pretrained(self, path: str) -> None:
         """Full HF checkpoint: config, generation config, weights, and the tokenizer files of model_dir;
         plus `value_model/` when the loss has a value model."""
+        with full_parameters(self.policy, self.cfg.learner.zero_stage):
+            if self.rank.is_main:
+                self.policy.save_pretrained(str(path))
+        if not self.rank.is_main:
+            return
         out = Path(path)
-        self.policy.save_pretrained(str(out))
         for pattern in TOKENIZER_FILES:
             for src in self.model_dir.glob(pattern):
                 if src.is_file():

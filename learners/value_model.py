@@ -12,8 +12,8 @@ in the policy's DeepSpeed optimizer:
     value loss's large early gradients: each network is clipped on its own;
   * AdamW normalises each parameter's step, so with disjoint parameters a vf_coef would cancel
     out: the value model's step size is `loss.value_lr` instead.
-The optimizer is plain torch (the learner is single-rank); a multi-rank learner would wrap this
-network in DDP or its own DeepSpeed engine.
+The optimizer is plain torch; with R learner ranks, `step` averages the gradients over the ranks
+first (as DDP would), so every rank applies the same update and the copies stay identical.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from learners.distributed import average_gradients
 from learners.logprobs import PackedBatch, completion_positions
 
 WEIGHTS_FILE = "model.safetensors"
@@ -69,6 +70,7 @@ class ValueTrainer:
     def step(self) -> float:
         """Clip (learner.grad_clip; 0 = off) and apply the gradients the loss's backward left; the grad norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
+        average_gradients(params)  # R learner ranks: the same update on every rank, as DeepSpeed does
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.zero_grad()

@@ -31,7 +31,7 @@ def test_parse_overrides_types_values() -> None:
         (["queue.max_stalenes=1"], "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity"),
         (["queue.max_staleness=-1"], "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
         (["learner.lr=fast"], "learner.lr: Input should be a valid number"),
-        (["learner.zero_stage=3"], "learner.zero_stage: Input should be 0, 1 or 2 (got 3)"),
+        (["learner.zero_stage=4"], "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),
         (["loss.name=ppo2"], "loss.name: unknown loss 'ppo2'; valid names: best_of_n_sft, grpo, ipo, online_dpo, ppo, proximal_rloo, rloo, vineppo"),
         (["generation.samples_per_prompt=1"], "samples_per_prompt (1) must be >= 2 for loss 'online_dpo'"),
         (["generation.prompts_per_step=15", "generation.num_generators=2"], "must be a multiple of"),

@@ -44,7 +44,7 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     thread.start()
     killed = []
     for at_step in (5, 15):
-        wait_until(lambda: steps_done(controller) >= at_step, timeout=300)
+        wait_until(lambda: steps_done(controller) >= at_step, timeout=600)  # set-up included
         killed.append(kill_generator(ray_local, controller))
         wait_until(lambda: controller.generators[0].restarts == len(killed), timeout=60)
     thread.join(timeout=600)

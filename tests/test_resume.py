@@ -1,12 +1,13 @@
 """Kill a whole run (SIGKILL to the driver's process group: Ray and vLLM die with it) at a random step,
-then `train --resume`: same steps, same prompts each trained once, no step logged twice; and, run
-deterministically, the very same weights as a run that was never interrupted."""
+then `train --resume`: same steps, same prompts each trained once, no step logged twice; and, resumed
+from an earlier checkpoint of a deterministic run, the very same weights as that run."""
 from __future__ import annotations
 
 import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,16 +101,31 @@ def test_killed_async_run_resumes_from_the_previous_checkpoint_when_the_latest_i
     print(f"killed at step {kill_at}; resumed from {previous.name} with {queued} queued groups")
 
 
+def interrupted_copy(run_dir: Path, dest: Path, keep_step: int) -> None:
+    """`dest` as a run interrupted right after checkpoint `keep_step` would leave it: the run's files
+    and checkpoints up to there, no summary and no final model (the killed-run case is tested above)."""
+    shutil.copytree(run_dir, dest)
+    for path in [dest / "summary.json", dest / "final", dest / "weights_location"]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for ckpt in (dest / "checkpoints").iterdir():
+        if int(ckpt.name[5:]) > keep_step:
+            shutil.rmtree(ckpt)
+
+
 def test_deterministic_resume_gives_identical_weights(tmp_path: Path) -> None:
+    """Resumed from an earlier checkpoint of a deterministic run (max_staleness=0), the rest of the
+    run repeats exactly: same weights bit for bit, same per-step results, same evals."""
     import torch
     from safetensors.torch import load_file
 
-    steps, kill_at = 6, random.randint(3, 5)
-    overrides = [f"learner.steps={steps}", "queue.max_staleness=0", "generation.num_generators=1", "checkpoint.every=2"]
+    steps, keep_step = 6, random.choice([2, 4])
+    overrides = [f"learner.steps={steps}", "queue.max_staleness=0", "generation.num_generators=1",
+                 "checkpoint.every=2", "checkpoint.keep_last=3"]
     straight, resumed = tmp_path / f"straight-{os.getpid()}", tmp_path / f"resumed-{os.getpid()}"
     run_to_end(straight, overrides)
-    run_and_kill(resumed, overrides, kill_at)
-    run_to_end(resumed, overrides, resume=True)
+    interrupted_copy(straight, resumed, keep_step)
+    err = run_to_end(resumed, overrides, resume=True)
+    assert f"at step {keep_step}" in err
     want, got = load_file(str(straight / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert results(resumed) == results(straight)  # losses, rewards, KL, prompt ids: step by step

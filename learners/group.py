@@ -1,0 +1,107 @@
+"""R learner ranks behind one handle: what the controller calls is the same for 1 rank or many.
+
+`start_learner` returns a plain Ray actor handle for learner.num_ranks=1 (unchanged behaviour), else a
+`LearnerGroup`: R `Learner` actors in a placement group (one GPU each on a GPU cluster), forming one
+torch.distributed world. `group.train_step.remote(groups)` hands rank r the groups r, r+R, ...;
+every other method runs on all ranks with the same arguments (they are collectives under ZeRO or
+write rank 0's files). Each call returns one ObjectRef that resolves when every rank is done and
+fails if any rank failed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from async_rlhf.config import RunConfig
+from async_rlhf.placement import in_bundle, reserve, use_gpus
+from learners.distributed import RankInfo, free_port
+from learners.learner import Learner
+
+SUMMED = ("train_tokens", "forward_tokens", "pairs", "samples", "groups")  # counts over each rank's share
+SUMMED_PREFIXES = ("n_", "skipped_")
+PER_RANK = ("version", "epochs", "nonfinite", "optimizer_step")  # agreed: the same on every rank
+
+
+def merge_metrics(per_rank: list[dict]) -> dict:
+    """One step's metrics from the ranks' shares: counts summed, per-rank keys from rank 0, measures
+    (loss, kl, step time, ...) averaged over the ranks that have a finite value."""
+    merged = dict(per_rank[0])
+    for key, value in per_rank[0].items():
+        if key in PER_RANK or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        values = [m[key] for m in per_rank if key in m]
+        if key in SUMMED or key.startswith(SUMMED_PREFIXES):
+            merged[key] = sum(values)
+        else:
+            finite = [float(v) for v in values if math.isfinite(v)]
+            merged[key] = sum(finite) / len(finite) if finite else math.nan
+    if "step_s" in merged:  # the step took as long as its slowest rank
+        merged["step_s"] = max(m["step_s"] for m in per_rank)
+    return merged
+
+
+@ray.remote(num_cpus=0)
+def _gather(method: str, *results: Any) -> Any:
+    """Resolves when every rank has answered; a failed rank fails this task with its error."""
+    return merge_metrics(list(results)) if method == "train_step" else results[0]
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """Rank 0's node address and a free port there (run in rank 0's bundle, so on its node)."""
+    host = ray.util.get_node_ip_address()
+    return host, free_port(host)
+
+
+class _FanOut:
+    def __init__(self, group: "LearnerGroup", method: str) -> None:
+        self.group, self.method = group, method
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        handles = self.group.handles
+        if self.method == "train_step":
+            groups = args[0]
+            refs = [h.train_step.remote(groups[r::len(handles)]) for r, h in enumerate(handles)]
+        else:
+            refs = [getattr(h, self.method).remote(*args, **kwargs) for h in handles]
+        return _gather.remote(self.method, *refs)
+
+
+class LearnerGroup:
+    """Quacks like a Learner actor handle: `group.<method>.remote(...)` -> one ObjectRef."""
+
+    def __init__(self, handles: list[Any], pg: Any) -> None:
+        self.handles, self.pg = handles, pg
+
+    def __getattr__(self, method: str) -> _FanOut:
+        if method.startswith("__") and method != "__ray_ready__":
+            raise AttributeError(method)
+        return _FanOut(self, method)
+
+    def shutdown(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle)
+        remove_placement_group(self.pg)
+
+
+def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threads: int) -> Any:
+    """The learner the controller trains with: one actor, or a `LearnerGroup` of learner.num_ranks."""
+    ranks, gpu = cfg.learner.num_ranks, use_gpus()
+    if ranks == 1:
+        return ray.remote(Learner).options(num_cpus=1, num_gpus=int(gpu), max_concurrency=1).remote(
+            cfg, model_dir, cores, threads)
+    bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
+    pg = reserve([bundle] * ranks, cfg.ray.placement_strategy, cfg.learner.stall_timeout_s,
+                 f"learner.num_ranks={ranks}")
+    host, port = ray.get(_rendezvous_address.options(scheduling_strategy=in_bundle(pg, 0)).remote())
+    per_rank = max(1, threads // ranks)  # ranks on one CPU machine share its learner cores
+    handles = [
+        ray.remote(Learner).options(num_cpus=1, num_gpus=int(gpu), max_concurrency=1,
+                                    scheduling_strategy=in_bundle(pg, r)).remote(
+            cfg, model_dir, cores, per_rank, RankInfo(r, ranks, host, port))
+        for r in range(ranks)
+    ]
+    return LearnerGroup(handles, pg)

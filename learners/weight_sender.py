@@ -1,0 +1,62 @@
+"""The learner's side of weight_sync.transport=nccl (async_rlhf/nccl_sync.py has the protocol).
+
+Every learner rank builds a sender (under ZeRO-3 each rank holds shards, so each must join every
+gather); only rank 0 opens the NCCL endpoint to the generators and broadcasts.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import torch
+
+from async_rlhf.config import WeightSyncConfig
+from async_rlhf.nccl_sync import (
+    GeneratorSyncClient, NcclLayout, check_next_version, gathered_parameters, parameter_metadata, run_with_timeout,
+)
+from learners.distributed import RankInfo, free_port
+
+
+def policy_weight_source(module: torch.nn.Module, zero_stage: int) -> Any:
+    """A vLLM `WeightSource` over the policy: metadata without gathering, whole tensors when iterated."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class PolicySource(WeightSource):
+        def metadata(self) -> list[ParamMeta]:
+            return [ParamMeta(name, dtype, shape) for name, dtype, shape in parameter_metadata(module)]
+
+        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            return gathered_parameters(module, zero_stage)
+
+    return PolicySource()
+
+
+class NcclWeightSender:
+    """Opens the weight-sync NCCL group (rank 0) and sends versions in order, each under the timeout."""
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int, handles: list[Any], layout: NcclLayout,
+                 cfg: WeightSyncConfig, rank: RankInfo, version: int) -> None:
+        import ray
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine,
+        )
+
+        self.timeout_s, self.sent = cfg.timeout_s, version
+        self.client = GeneratorSyncClient(handles, layout, cfg.timeout_s)
+        host = ray.util.get_node_ip_address()
+        init = NCCLTrainerInitInfo(master_address=host, master_port=free_port(host) if rank.is_main else 0,
+                                   world_size=layout.world_size, packed=True,
+                                   packed_buffer_size_bytes=cfg.bucket_mb << 20, rank=rank.rank)
+        source = policy_weight_source(module, zero_stage)
+        self.engine = run_with_timeout(
+            lambda: NCCLTrainerWeightTransferEngine.trainer_init(init, client=self.client, source=source),
+            cfg.timeout_s, f"NCCL rendezvous of the learner with {layout.world_size - 1} generator worker(s)")
+
+    def send(self, version: int) -> float:
+        """Broadcast the policy as `version` to every generator; seconds taken."""
+        check_next_version(self.sent, version)
+        self.client.version = version
+        start = time.perf_counter()
+        run_with_timeout(self.engine.send_weights, self.timeout_s, f"NCCL broadcast of weights version {version}")
+        self.sent = version
+        return time.perf_counter() - start
