@@ -39,7 +39,9 @@ def smollm2() -> Path:
 
 
 @pytest.mark.slow
-def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          ray_local) -> None:
+    import ray
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -60,8 +62,12 @@ def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeyp
         out = model.generate(torch.tensor([p.token_ids]), max_new_tokens=16, do_sample=False)
         hf.append(out[0, len(p.token_ids):].tolist())
     cfg = GenerationConfig(max_new_tokens=16, max_model_len=128, temperature=0.0)
-    generator = GeneratorActor(0, str(smollm2), cfg, dtype="float32")
-    groups = generator.generate(prompts, None, n=1, temperature=0.0).groups
+    # In a Ray actor, as in a run: its vLLM engine goes away with the actor, not at pytest's exit.
+    generator = ray.remote(GeneratorActor).options(num_cpus=1).remote(0, str(smollm2), cfg, dtype="float32")
+    try:
+        groups = ray.get(generator.generate.remote(prompts, None, n=1, temperature=0.0)).groups
+    finally:
+        ray.kill(generator)
     vllm = [g.completions[0].token_ids for g in groups]
     assert vllm == hf, (tokenizer.batch_decode(vllm), tokenizer.batch_decode(hf))
     assert "Paris" in groups[1].completions[0].text
