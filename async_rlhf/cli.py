@@ -1,5 +1,6 @@
 """`async-rlhf` command line: train a policy from a YAML config; check a config; watch a run; plot
-runs; export the embedded policy as a checkpoint for `model.source: local`; run a benchmark."""
+runs; export the embedded policy as a checkpoint for `model.source: local`; prepare SmolLM2, serve,
+train and label reward models (async_rlhf/cli_models.py); run a benchmark."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from async_rlhf.cli_models import COMMANDS as MODEL_COMMANDS
+from async_rlhf.cli_models import add_parsers as add_model_parsers
 from async_rlhf.config import ConfigError, RunConfig, load_config
 
 BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "vineppo_vs_ppo", "weight_sync"]
@@ -41,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --seeds 0 1")
+    add_model_parsers(sub)
     return parser
 
 
@@ -158,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status, "plot": cmd_plot,
-                "export-model": cmd_export, "bench": cmd_bench}
+                "export-model": cmd_export, "bench": cmd_bench, **MODEL_COMMANDS}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

@@ -73,8 +73,11 @@ class ModelConfig(Strict):
     @field_validator("path", "reference_path")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
-        # Ray workers need not share the driver's working directory: hand them absolute paths.
-        return path.absolute() if path is not None else None
+        # A registered name (async_rlhf/cache.py, e.g. smollm2) is its prepared cache directory. Ray workers
+        # need not share the driver's working directory: hand them absolute paths.
+        from async_rlhf.cache import resolve_model_path
+
+        return resolve_model_path(path).absolute() if path is not None else None
 
     @model_validator(mode="after")
     def _path(self, info: ValidationInfo) -> "ModelConfig":
@@ -126,7 +129,7 @@ class GenerationConfig(Strict):
 
 ScorerName = Literal[  # reward_models/rules.py
     "sort_partial", "sort_exact", "arith_partial", "arith_exact",
-    "reference_exact", "reference_contains", "reference_final", "reference_similarity",
+    "reference_exact", "reference_contains", "reference_final", "reference_similarity", "vader_compound",
 ]
 
 
@@ -140,6 +143,24 @@ class RemoteRewardConfig(Strict):
     deadline_s: float = Field(60.0, gt=0, description="per batch, retries included; then failed / timed out")
 
 
+class LearnedRewardConfig(Strict):
+    """A learned reward model for the train role: an HF sequence-classification checkpoint with a scalar
+    head (e.g. from `async-rlhf train-rm`), served batched inside the reward actor."""
+
+    path: Path = Field(description="reward model directory (config.json, weights, tokenizer)")
+    batch_size: int = Field(16, ge=1, description="pairs per forward pass")
+    max_length: int = Field(512, ge=8, description="tokens of prompt + response; longer ones lose the prompt's start")
+    threads: int = Field(1, ge=1, description="torch threads of the reward actor (it shares the cores)")
+
+    @field_validator("path")
+    @classmethod
+    def _dir(cls, path: Path) -> Path:
+        from reward_models.learned import check_reward_model_dir
+
+        check_reward_model_dir("reward.learned.path", path)
+        return path.absolute()  # Ray workers need not share the driver's working directory
+
+
 class RewardConfig(Strict):
     """Scorers by role; each scores one task (checked against task.name in RunConfig)."""
 
@@ -149,6 +170,21 @@ class RewardConfig(Strict):
     remote: RemoteRewardConfig | None = Field(
         None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"
     )
+    learned: LearnedRewardConfig | None = Field(
+        None, description="when set, the train reward comes from this learned reward model instead of reward.train"
+    )
+
+    @model_validator(mode="after")
+    def _one_train_source(self) -> "RewardConfig":
+        if self.remote is not None and self.learned is not None:
+            raise ValueError("reward.remote and reward.learned both replace the train reward; set only one "
+                             "(serve the learned model with `async-rlhf serve-reward` to use it remotely)")
+        return self
+
+    @property
+    def train_replaced(self) -> bool:
+        """The train role is scored by a model (remote or learned), not by the reward.train rule."""
+        return self.remote is not None or self.learned is not None
 
 
 class QueueConfig(Strict):
@@ -407,11 +443,11 @@ class RunConfig(Strict):
 
     def _check_task_fit(self) -> None:
         """Scorers score this task; its prompts and answers fit the generation budget and model."""
-        from reward_models.rules import SCORER_TASK
+        from reward_models.rules import NEEDS_REFERENCE, SCORER_TASK
         from async_rlhf.tasks import task_class
 
         task, gen = self.task.name, self.generation
-        roles = ("gold",) if getattr(self.reward, "remote", None) else ("train", "gold")  # remote replaces train
+        roles = ("gold",) if self.reward.train_replaced else ("train", "gold")
         for role in roles:
             scorer = getattr(self.reward, role)
             if SCORER_TASK[scorer] != task:
@@ -419,7 +455,7 @@ class RunConfig(Strict):
                 raise ValueError(
                     f"reward.{role}: scorer '{scorer}' does not score task '{task}'; valid for {task}: {valid}"
                 )
-            if self.task.dataset is not None and self.task.dataset.reference_column is None:
+            if scorer in NEEDS_REFERENCE and self.task.dataset is not None and self.task.dataset.reference_column is None:
                 raise ValueError(f"reward.{role}: scorer '{scorer}' compares with a reference answer; "
                                  f"set task.dataset.reference_column")
         if task == "dataset" and self.model.source != "local":

@@ -192,7 +192,8 @@ class Controller:
         ]
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
         remote = cfg.reward.remote.model_dump() if cfg.reward.remote else None
-        self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s, remote)
+        learned = cfg.reward.learned.model_dump(mode="json") if cfg.reward.learned else None
+        self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s, remote, learned)
         infos = ray.get([g.handle.info.remote() for g in self.generators])
         for slot, info in zip(self.generators, infos):
             slot.pid = info["pid"]
@@ -574,6 +575,7 @@ class Controller:
             "final_kl": final["kl"],
             **self._mc_record(),
             "final_win_rate": final.get("win_rate"),
+            **{f"final_{k}": final.get(k) for k in ("win_rate_vs_initial", "win_rate_vs_initial_se", "win_rate_vs_initial_n")},
             "data": [asdict(s) for s in getattr(self.task, "stats", [])],  # rows read and skipped (task.name=dataset)
         }
 

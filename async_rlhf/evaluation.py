@@ -1,8 +1,16 @@
-"""Evaluator: gold reward (and the proxy, KL to the reference, and the win-rate against the
-dataset's reference answers where there are any) of the policy on the held-out set."""
+"""Evaluator: gold reward (and the proxy, KL to the reference, the win-rate against the dataset's
+reference answers where there are any, and the gold win-rate against the starting policy) of the
+policy on the held-out set.
+
+The win-rate against the starting policy is the seed paper's measure: each eval prompt's sample now
+against the starting policy's sample of the same prompt (from the version-0 evaluation), judged by
+the gold reward, ties half. Eval sampling is seeded per prompt, so the pairs share random numbers.
+"""
 from __future__ import annotations
 
 from typing import Any, Literal
+
+import math
 
 import ray
 
@@ -39,6 +47,22 @@ def win_rate(samples: list[RolloutGroup], references: list[RolloutGroup]) -> flo
     return sum(outcomes) / len(outcomes) if outcomes else None
 
 
+def paired_win_rate(now: dict[int, float], before: dict[int, float]) -> dict:
+    """Win-rate of `now` over `before` on their common prompt ids (ties half), its standard error and count."""
+    common = sorted(set(now) & set(before))
+    if not common:
+        return {"win_rate_vs_initial": None, "win_rate_vs_initial_se": None, "win_rate_vs_initial_n": 0}
+    wins = [1.0 if now[i] > before[i] else 0.5 if now[i] == before[i] else 0.0 for i in common]
+    mean = sum(wins) / len(wins)
+    var = sum((w - mean) ** 2 for w in wins) / max(len(wins) - 1, 1)
+    return {"win_rate_vs_initial": mean, "win_rate_vs_initial_se": math.sqrt(var / len(wins)),
+            "win_rate_vs_initial_n": len(wins)}
+
+
+def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
+    return {g.prompt.prompt_id: g.scored[0].reward for g in groups if g.scored}
+
+
 class Evaluator:
     def __init__(self, prompts: list[Prompt], reward: Any, temperature: float,
                  judge: Literal["gold", "train"] = "gold") -> None:
@@ -46,6 +70,7 @@ class Evaluator:
         self.reward = reward  # RewardService actor handle
         self.temperature = temperature
         self.judge = judge  # the role that compares samples with references
+        self.initial: dict[int, float] = {}  # gold score per eval prompt of the starting policy (version 0)
 
     def evaluate(self, generator: Any, weights: WeightRef | None, learner: Any) -> dict:
         """Sample one completion per eval prompt with `weights` and score it with both rewards."""
@@ -53,12 +78,15 @@ class Evaluator:
         gold = ray.get(self.reward.score.remote(result.groups, "gold"))
         proxy = ray.get(self.reward.score.remote(result.groups, "train"))
         kl = ray.get(learner.kl_to_reference.remote(proxy))
+        if result.policy_version == 0:  # not after a resume: the starting policy's samples are not kept
+            self.initial = gold_by_prompt(gold)
         return {
             "version": result.policy_version,
             "gold_reward": _mean_reward(gold),
             "proxy_reward": _mean_reward(proxy),
             "kl": kl,
             "win_rate": self._win_rate(gold if self.judge == "gold" else proxy),
+            **paired_win_rate(gold_by_prompt(gold), self.initial),
             "prompts": len(self.prompts),
             "temperature": self.temperature,
         }

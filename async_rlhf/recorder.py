@@ -77,6 +77,9 @@ class RunRecorder:
             if any(r.get("win_rate") is not None for r in self.evals):
                 ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate"), "s--",
                           label="win-rate vs reference (eval)")
+            if any(r.get("win_rate_vs_initial") is not None for r in self.evals):
+                ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate_vs_initial"), "d:",
+                          label="gold win-rate vs starting policy (eval)")
         ax_r.set_ylabel("reward")
         ax_r.legend(loc="lower right")
         ax_r.grid(alpha=0.3)

@@ -42,7 +42,8 @@ LEARNER_DIR = "learner"
 MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps", "checkpoint.",
               "eval.", "api.", "resources.", "ray.", "weight_sync.", "model.cache_dir", "reward.timeout_s",
               "reward.remote.timeout_s", "reward.remote.retries", "reward.remote.backoff_s",
-              "reward.remote.deadline_s", "reward.remote.url", "generation.max_restarts", "generation.kv_cache_gib", "generation.gpu_memory_utilization",
+              "reward.remote.deadline_s", "reward.remote.url", "reward.learned.batch_size", "reward.learned.threads",
+              "generation.max_restarts", "generation.kv_cache_gib", "generation.gpu_memory_utilization",
               "generation.eval_temperature", "task.eval_prompts", "logging.")
 
 

@@ -2,7 +2,8 @@
 
 sort: `sort_partial`, `sort_exact`; arith: `arith_partial`, `arith_exact`; your own dataset (its
 reference column, `meta["reference"]`): `reference_exact`, `reference_contains`, `reference_final`
-(GSM8K-style final answers) and `reference_similarity` (partial credit). Every scorer takes the
+(GSM8K-style final answers) and `reference_similarity` (partial credit); any text: `vader_compound`
+(sentiment, the gold reward of configs/smollm2_gold_proxy.yaml). Every scorer takes the
 prompt (its `meta["answer"]` is the answer; arith's `meta["solution"]` the worked solution) and the
 completion text as decoded with special tokens skipped. They never raise on garbage: anything that is not the
 answer just earns less. The proxy's unique maximum (1.0) is the exact answer, so optimising
@@ -13,7 +14,8 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
-from typing import Callable
+from functools import lru_cache
+from typing import Any, Callable
 
 from async_rlhf.rollout import Prompt
 
@@ -137,13 +139,28 @@ def reference_similarity(prompt: Prompt, text: str) -> float:
     return difflib.SequenceMatcher(None, normalise(text), _reference(prompt), autojunk=False).ratio()
 
 
+# --- free text: a fixed sentiment scorer, the gold reward of the gold/proxy pipeline -------------
+
+@lru_cache(maxsize=1)
+def _vader() -> Any:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader_compound(prompt: Prompt, text: str) -> float:
+    """VADER's compound sentiment of the completion, in [-1, 1] (lexicon and rules; offline, deterministic)."""
+    return float(_vader().polarity_scores(_clean(text))["compound"])
+
+
 SCORERS: dict[str, Scorer] = {
     "sort_partial": sort_partial, "sort_exact": sort_exact, "arith_partial": arith_partial, "arith_exact": arith_exact,
     "reference_exact": reference_exact, "reference_contains": reference_contains,
-    "reference_final": reference_final, "reference_similarity": reference_similarity,
+    "reference_final": reference_final, "reference_similarity": reference_similarity, "vader_compound": vader_compound,
 }
 SCORER_TASK: dict[str, str] = {  # the task each scorer scores (config checks reward.* against task.name)
     "sort_partial": "sort", "sort_exact": "sort", "arith_partial": "arith", "arith_exact": "arith",
     "reference_exact": "dataset", "reference_contains": "dataset", "reference_final": "dataset",
-    "reference_similarity": "dataset",
+    "reference_similarity": "dataset", "vader_compound": "dataset",
 }
+NEEDS_REFERENCE = frozenset({"reference_exact", "reference_contains", "reference_final", "reference_similarity"})

@@ -9,14 +9,17 @@ import math
 import time
 
 from async_rlhf.rollout import Completion, RolloutGroup
+from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
 from reward_models.rules import SCORERS, Scorer
 
 
 class RewardService:
-    def __init__(self, scorers: dict[str, str], timeout_s: float = 30.0, remote: dict | None = None) -> None:
+    def __init__(self, scorers: dict[str, str], timeout_s: float = 30.0, remote: dict | None = None,
+                 learned: dict | None = None) -> None:
         """`scorers` maps a role ("train", "gold") to a registered scorer name; with `remote`
-        (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead."""
+        (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead, with
+        `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor."""
         unknown = sorted(set(scorers.values()) - set(SCORERS))
         if unknown:
             raise ValueError(f"unknown scorer(s) {unknown}; valid: {', '.join(sorted(SCORERS))}")
@@ -25,6 +28,7 @@ class RewardService:
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
         self.busy_s = 0.0
         self.remote = RemoteRewardClient(**remote) if remote else None
+        self.learned = LearnedRewardModel(**learned) if learned else None
 
     def _score_remote(self, groups: list[RolloutGroup]) -> None:
         pairs = [(g, c) for g in groups for c in g.completions]
@@ -33,10 +37,23 @@ class RewardService:
             completion.reward, completion.reward_status, completion.reward_error = outcome.score, outcome.status, outcome.error
             self.counts["scored" if outcome.status == "ok" else outcome.status] += 1
 
+    def _score_learned(self, groups: list[RolloutGroup]) -> None:
+        pairs = [(g, c) for g in groups for c in g.completions]
+        try:
+            values = self.learned.score_texts([g.prompt.text for g, _ in pairs], [c.text for _, c in pairs])
+            error = None
+        except Exception as exc:  # e.g. out of memory: every item of the batch failed, none becomes 0
+            values, error = [math.nan] * len(pairs), f"{type(exc).__name__}: {exc}"
+        for (_, completion), value in zip(pairs, values):
+            ok = math.isfinite(value)
+            completion.reward, completion.reward_status = (value, "ok") if ok else (None, "failed")
+            completion.reward_error = None if ok else error or f"reward model returned non-finite value {value}"
+            self.counts["scored" if ok else "failed"] += 1
+
     def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
         start = time.perf_counter()
-        if role == "train" and self.remote is not None:
-            self._score_remote(groups)
+        if role == "train" and (self.remote is not None or self.learned is not None):
+            self._score_remote(groups) if self.remote is not None else self._score_learned(groups)
             self.busy_s += time.perf_counter() - start
             return groups
         scorer = self.scorers[role]
@@ -65,4 +82,5 @@ class RewardService:
 
     def health(self) -> dict:
         remote = {"remote": dict(self.remote.counts)} if self.remote else {}
+        remote |= {"learned": str(self.learned.path)} if self.learned else {}
         return {"ok": True, "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3), **self.counts, **remote}

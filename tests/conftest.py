@@ -1,9 +1,19 @@
 """Shared fixtures: one local Ray instance for the integration tests, tiny real models."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+
+# Separable on purpose: the chosen responses are sorted digits, the rejected reversed ones.
+PAIRS = [{"prompt": f"{d}>", "chosen": "".join(sorted(d)), "rejected": "".join(sorted(d, reverse=True))}
+         for d in ("3142", "9071", "5523", "8164", "2719", "6604", "7385", "1928", "4450", "3697", "8812", "5067")]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +45,17 @@ def random_policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
         tokenizer.save_pretrained(out)
         dirs.append(out)
     return dirs[0], dirs[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(random_policies: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from reward_models.training import RewardTrainingArgs, train_reward_model
+
+    """A tiny reward model trained by TRL's RewardTrainer (train-rm's code) on PAIRS."""
+    root = tmp_path_factory.mktemp("rm")
+    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
+    args = RewardTrainingArgs(str(pairs), random_policies[0], root / "rm", epochs=8, lr=3e-3, batch_size=4,
+                              max_length=32, eval_fraction=0.0, threads=2)
+    metrics = train_reward_model(args, log=lambda _: None)
+    assert metrics["pairs"] == len(PAIRS)
+    return root / "rm"
