@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from async_rlhf.timeline import busy_seconds, read_timeline
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import mean_sd, pyplot, save_json, train
 
 GEN_SIDE = {"weight_sync", "generation", "mc_rollouts", "reward"}
@@ -133,10 +133,7 @@ def plot(png: Path, rows: list[dict]) -> None:
     ax2.bar(labels, [g[0] for g in gold], yerr=[g[1] for g in gold], capsize=3, color="#55a868")
     ax2.set_ylabel("final gold reward")
     ax2.set_ylim(0, 1)
-    fig.suptitle("async vs sync, same episodes (mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png, "async vs sync, same episodes (mean ± sd over seeds)")
 
 
 COLORS = {"generation": "#4c72b0", "weight_sync": "#c44e52", "mc_rollouts": "#8172b2", "reward": "#dd8452",
@@ -159,9 +156,7 @@ def gantt(timeline_path: Path, png: Path, seconds: float = 10.0) -> None:
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for k, c in COLORS.items() if k != "eval"],
               labels=[k for k in COLORS if k != "eval"], ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.35))
     ax.set_title(f"timeline of {timeline_path.parent.name}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 if __name__ == "__main__":

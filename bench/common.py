@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -95,6 +95,15 @@ def bar_plot(png: Path, title: str, labels: list[str], values: list[float], ylab
         ax.legend()
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    save_figure(fig, png)
+
+
+def save_figure(fig: Any, png: Path, title: str | None = None) -> None:
+    """Lay out, write and close a benchmark figure (closed, so sweeps do not pile figures up)."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

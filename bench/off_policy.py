@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import mean_sd, pyplot, save_json, train
 
 CONFIGS = {"online_dpo": "configs/quickstart.yaml", "ppo": "configs/quickstart_ppo.yaml",
@@ -93,10 +93,7 @@ def plot(png: Path, rows: list[dict]) -> None:
         ax.set_xlabel("max_staleness N")
         ax.set_ylabel(label)
         ax.legend()
-    fig.suptitle("off-policy robustness (mean ± sd over seeds)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png, "off-policy robustness (mean ± sd over seeds)")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from async_rlhf.timeline import read_timeline
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import pyplot, save_json, train
 
 ARMS = {"vineppo": ("configs/arith_vineppo.yaml", []),
@@ -86,10 +86,7 @@ def plot(png: Path, runs: list[dict]) -> None:
     for ax in (ax1, ax2):
         ax.set_ylabel("gold accuracy (arith, exact answer)")
         ax.legend()
-    fig.suptitle("VinePPO vs PPO on arith")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png, "VinePPO vs PPO on arith")
 
 
 if __name__ == "__main__":

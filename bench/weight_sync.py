@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, build_policy, write_result
+from bench.common import RESULTS, build_policy, write_result, save_figure
 from bench.generator_path import CORE
 
 COPY_BYTES = 256 * 2**20  # large enough to leave the caches, small enough for any CI machine
@@ -127,9 +127,7 @@ def plot(png: Path, sizes: list[dict]) -> None:
     ax.set_ylabel("ms")
     ax.set_title("weight sync, shared-memory transport")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 if __name__ == "__main__":
