@@ -190,7 +190,7 @@ DATA_CONFIG_CASES = [
     ("task.dataset.reference_column=null", "reward.train: scorer 'reference_similarity' compares with a reference "
      "answer; set task.dataset.reference_column"),
     ("reward.gold=sort_exact", "reward.gold: scorer 'sort_exact' does not score task 'dataset'; valid for dataset: "
-     "reference_contains, reference_exact, reference_final, reference_similarity"),
+     "reference_contains, reference_exact, reference_final, reference_similarity, vader_compound"),
     ("task.name=sort", "task.dataset is required when task.name=dataset, and only then"),
     ("task.dataset.eval_path=null", "task.dataset: no evaluation set; set task.dataset.eval_path or "
      "task.dataset.eval_fraction > 0"),
