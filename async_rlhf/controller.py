@@ -39,7 +39,7 @@ from async_rlhf.tasks import load_task
 from async_rlhf.timeline import Timeline, record_generation, record_learner_step
 from async_rlhf.timing import Timing
 from async_rlhf.vineppo import MCCost, MCRequest, attach_advantages, step_delimiter_ids
-from learners.group import start_learner
+from learners.group import LearnerGroup, start_learner
 from learners.losses import LOSSES
 from reward_models.service import RewardService
 
@@ -202,7 +202,7 @@ class Controller:
             ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
                                                            cfg.generation.tensor_parallel_size))
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
-                                   self.cfg.eval.win_rate_judge)
+                                   self.cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> dict:
@@ -594,3 +594,14 @@ class Controller:
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
+        else:  # a Ray the caller owns outlives the run: its CPUs must not stay held by this run's actors
+            self._kill_actors()
+
+    def _kill_actors(self) -> None:
+        learner = getattr(self, "learner", None)
+        if isinstance(learner, LearnerGroup):
+            learner.shutdown()
+            learner = None
+        for handle in [learner, getattr(self, "reward", None), *(slot.handle for slot in self.generators)]:
+            if handle is not None:
+                ray.kill(handle)

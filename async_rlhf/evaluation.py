@@ -5,11 +5,15 @@ policy on the held-out set.
 The win-rate against the starting policy is the seed paper's measure: each eval prompt's sample now
 against the starting policy's sample of the same prompt (from the version-0 evaluation), judged by
 the gold reward, ties half. Eval sampling is seeded per prompt, so the pairs share random numbers.
+Those starting scores are kept in the run directory (eval_initial.json) so a resumed run, which does
+not evaluate version 0 again, still reports the win-rate.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
+import json
 import math
 
 import ray
@@ -65,12 +69,16 @@ def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
 
 class Evaluator:
     def __init__(self, prompts: list[Prompt], reward: Any, temperature: float,
-                 judge: Literal["gold", "train"] = "gold") -> None:
+                 judge: Literal["gold", "train"] = "gold", initial_path: Path | None = None) -> None:
         self.prompts = prompts
         self.reward = reward  # RewardService actor handle
         self.temperature = temperature
         self.judge = judge  # the role that compares samples with references
-        self.initial: dict[int, float] = {}  # gold score per eval prompt of the starting policy (version 0)
+        self.initial_path = initial_path
+        # gold score per eval prompt of the starting policy (version 0), kept from an earlier run of this directory
+        self.initial: dict[int, float] = {}
+        if initial_path is not None and initial_path.exists():
+            self.initial = {int(k): float(v) for k, v in json.loads(initial_path.read_text()).items()}
 
     def evaluate(self, generator: Any, weights: WeightRef | None, learner: Any) -> dict:
         """Sample one completion per eval prompt with `weights` and score it with both rewards."""
@@ -78,8 +86,8 @@ class Evaluator:
         gold = ray.get(self.reward.score.remote(result.groups, "gold"))
         proxy = ray.get(self.reward.score.remote(result.groups, "train"))
         kl = ray.get(learner.kl_to_reference.remote(proxy))
-        if result.policy_version == 0:  # not after a resume: the starting policy's samples are not kept
-            self.initial = gold_by_prompt(gold)
+        if result.policy_version == 0:
+            self._keep_initial(gold_by_prompt(gold))
         return {
             "version": result.policy_version,
             "gold_reward": _mean_reward(gold),
@@ -90,6 +98,11 @@ class Evaluator:
             "prompts": len(self.prompts),
             "temperature": self.temperature,
         }
+
+    def _keep_initial(self, scores: dict[int, float]) -> None:
+        self.initial = scores
+        if self.initial_path is not None:
+            self.initial_path.write_text(json.dumps({str(k): v for k, v in scores.items()}))
 
     def _win_rate(self, judged: list[RolloutGroup]) -> float | None:
         references = reference_groups(judged)

@@ -52,19 +52,16 @@ def test_every_registered_loss_has_a_run():
 
 
 def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
-    """Run the controller for `name`; its actors are killed afterwards (the session Ray stays up)."""
+    """Run the controller for `name` on the session Ray."""
     from async_rlhf.controller import Controller
 
     config, overrides = RUNS[name]
     cfg = load_config(ROOT / "configs" / config, [*overrides, *SHORT])
-    controller = Controller(cfg, run_dir)
-    try:
-        summary = controller.run()
-    finally:
-        handles = [getattr(controller, "learner", None), getattr(controller, "reward", None)]
-        for handle in handles + [slot.handle for slot in controller.generators]:
-            if handle is not None:
-                ray.kill(handle)
+    summary = Controller(cfg, run_dir).run()
+    deadline = time.monotonic() + 60  # the controller killed its actors: the session Ray has its CPUs back
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"the run's actors still hold CPUs: {ray.available_resources()}"
+        time.sleep(0.2)
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return summary, steps
 
