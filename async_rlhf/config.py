@@ -283,6 +283,14 @@ class LearnerConfig(Strict):
                     "gloo on CPU), one GPU each on GPU; each rank trains on prompts_per_step / R groups",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1,
+        description="accumulate each step's gradient over micro-batches of whole rollout groups whose padded "
+                    "tokens (rows x longest prompt+completion) stay under this (a larger group is its own "
+                    "micro-batch); None = the whole step in one forward. Losses averaging over sequences or "
+                    "pairs (DPO, IPO, RLOO, GRPO) get the whole step's gradient; token-mean losses (best-of-N "
+                    "SFT, PPO, VinePPO) average tokens per micro-batch, and PPO whitens advantages per micro-batch",
+    )
     stall_timeout_s: float = Field(
         600.0, gt=0, description="stop with an error when no learner step finishes for this long (never hang)"
     )

@@ -68,6 +68,15 @@ def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(value.item())
 
 
+def all_max(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest `value` over the ranks (an all-reduce MAX; free with one rank)."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Mean of each gradient over the ranks: for modules trained outside DeepSpeed (the value model)."""
     size = world_size()

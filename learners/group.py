@@ -22,7 +22,8 @@ from learners.learner import Learner
 
 SUMMED = ("train_tokens", "forward_tokens", "pairs", "samples", "groups")  # counts over each rank's share
 SUMMED_PREFIXES = ("n_", "skipped_")
-PER_RANK = ("version", "epochs", "nonfinite", "optimizer_step")  # agreed: the same on every rank
+# Agreed: the same on every rank.
+PER_RANK = ("version", "epochs", "nonfinite", "optimizer_step", "micro_batches", "nonfinite_micro_batches")
 
 
 def merge_metrics(per_rank: list[dict]) -> dict:

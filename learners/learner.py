@@ -27,9 +27,11 @@ from async_rlhf.config import LearnerConfig, RunConfig
 from async_rlhf.nccl_sync import NcclLayout, nccl_version
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
-from learners.distributed import RankInfo, all_agree, full_parameters, init_distributed
+from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
+from learners.micro_batches import (GroupSize, MicroBatch, combine_metrics, split_by_tokens, split_further,
+                                    sum_stats, weigh)
 from learners.value_model import ValueModel, ValueTrainer
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
@@ -40,11 +42,15 @@ STATE_FILE = "learner_state.pkl"  # version and RNG states, next to the engines'
 
 
 def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
-    # One micro-batch per step: the learner forwards the whole selection at once, so DeepSpeed's
-    # batch-size fields only fix the gradient scaling (1/accumulation steps = 1).
+    # The learner owns gradient accumulation: a step has as many micro-batches as its tokens need
+    # (learner.max_tokens_per_micro_batch), each loss already scaled by its share of the step's rows.
+    # Unmanaged accumulation: engine.backward only accumulates, engine.step() is the boundary that
+    # reduces over the ranks and updates; the batch-size fields then only fix the gradient scaling
+    # (1/accumulation steps = 1).
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
         "zero_optimization": {"stage": learner.zero_stage},
         "gradient_clipping": learner.grad_clip,  # 0 disables clipping
         "zero_allow_untested_optimizer": True,
@@ -83,7 +89,16 @@ def epoch_metrics(epochs: list[dict]) -> dict:
         return first
     tail = {f"last_epoch_{k}": last[k] for k in ("loss", "clip_frac", "value_clip_frac") if k in last}
     return {**first, **tail, "epochs": len(epochs), "nonfinite": last["nonfinite"],
+            "nonfinite_micro_batches": last["nonfinite_micro_batches"],
             "optimizer_step": sum(e["optimizer_step"] for e in epochs)}
+
+
+def padding_loss(logps: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+    """A loss with exactly zero gradient that still reaches every trained parameter: a padding pass
+    runs the same collectives (ZeRO-3 gathers, value-model gradient averaging) as a real one, and
+    cannot turn non-finite the way `real loss * 0` would on a NaN reward."""
+    loss = logps.sum() * 0.0
+    return loss + values.sum() * 0.0 if values is not None else loss
 
 
 class Learner:
@@ -145,52 +160,85 @@ class Learner:
         sample version, and the controller/queue count versions, not successful updates.
         """
         start = time.perf_counter()
-        selection = self.spec.select(groups)
-        if all_agree(len(selection) > 0, self.device):  # ranks skip together, or one would wait forever
-            metrics = self._optimize(selection)
+        sizes, chunks = self._split(groups)
+        selections = [self.spec.select(groups[c.start:c.stop]) for c in chunks]
+        stats = sum_stats(selections)  # == selecting the whole list (selectors decide group by group)
+        # Ranks skip together and run as many passes (ZeRO-3 gathers parameters collectively in each
+        # forward), or one would wait forever.
+        if all_agree(any(len(s) for s in selections), self.device):
+            count = all_max(len(chunks), self.device)
+            if len(chunks) < count:
+                chunks = split_further(sizes, chunks, count)
+                selections = [self.spec.select(groups[c.start:c.stop]) for c in chunks]
+            metrics = self._optimize([MicroBatch(s, self._pack(s), w) for s, w in weigh(selections, count)])
         else:
             metrics = {"loss": math.nan, "kl": math.nan, "train_tokens": 0, "nonfinite": 0,
-                       "optimizer_step": 0}
+                       "optimizer_step": 0, "micro_batches": 0, "nonfinite_micro_batches": 0}
         self.version += 1
-        return {**selection.stats, **metrics, "version": self.version,
-                "step_s": time.perf_counter() - start}
+        return {**stats, **metrics, "version": self.version, "step_s": time.perf_counter() - start}
 
-    def _optimize(self, selection: Selection) -> dict:
-        """`loss.ppo_epochs` updates on one batch (1 unless the loss declares supports_epochs).
+    def _split(self, groups: list[RolloutGroup]) -> tuple[list[GroupSize], list[range]]:
+        """Each group's size (its selection alone) and the chunks of learner.max_tokens_per_micro_batch;
+        with no budget, one chunk of everything and no sizes (nothing is selected twice)."""
+        budget = self.cfg.learner.max_tokens_per_micro_batch
+        if budget is None:
+            return [], [range(len(groups))]
+        sizes = [GroupSize.of(self.spec.select([group])) for group in groups]
+        return sizes, split_by_tokens(sizes, budget)
+
+    def _optimize(self, micro: list[MicroBatch]) -> dict:
+        """`loss.ppo_epochs` updates on one batch (1 unless the loss declares supports_epochs), each
+        accumulated over the same micro-batches.
 
         Fixed across epochs: the reference log-probs and, with a value model, the "old" values. The
         generators run no value model, so V_old is the value model before this batch's first update
         (a no-grad pass): in the first epoch V = V_old and the value clip cannot bind; it does from
         the second on, like the ratio clip against the behaviour log-probs beyond their staleness.
         """
-        batch = self._pack(selection)
-        with torch.no_grad():
-            ref_logps = completion_logprobs(self.reference, batch)
-            old_values = self.value.values(batch) if self.value else None
+        with torch.no_grad():  # one micro-batch at a time: only the [B, C] results are kept
+            for mb in (mb for mb in micro if mb.weight > 0):  # a padding pass reads neither
+                mb.ref_logps = completion_logprobs(self.reference, mb.batch)
+                mb.old_values = self.value.values(mb.batch) if self.value else None
         epochs: list[dict] = []
         for _ in range(self.cfg.loss.ppo_epochs):
-            epochs.append(self._update(selection, batch, ref_logps, old_values))
+            epochs.append(self._update(micro))
             if epochs[-1]["nonfinite"]:
                 break
         return epoch_metrics(epochs)
 
-    def _update(self, selection: Selection, batch: PackedBatch, ref_logps: torch.Tensor,
-                old_values: torch.Tensor | None) -> dict:
+    def _update(self, micro: list[MicroBatch]) -> dict:
+        """One optimizer step: gradients accumulated over the micro-batches whose loss is finite.
+
+        A non-finite micro-batch is left out (its NaN/inf would poison the weights and AdamW state
+        for good); the rest still train and the step reports nonfinite=1. With none left, no step.
+        """
         self.engine.train()
-        logps = completion_logprobs(self.engine, batch)
-        values = self.value.values(batch) if self.value else None
-        inputs = self._inputs(selection, batch, logps, ref_logps, values, old_values)
-        loss, loss_metrics = self.spec.fn(inputs, self.cfg.loss)
-        finite = all_agree(bool(torch.isfinite(loss)), self.device)
-        if finite:  # a NaN/inf step would poison the weights and AdamW state for good
-            self.engine.backward(loss)  # also fills the value model's grads: its loss is part of `loss`
+        passes = [self._accumulate(mb) for mb in micro]
+        stepped = any(p["finite"] for p in passes)  # agreed pass by pass, so the same on every rank
+        metrics = combine_metrics(passes)
+        if stepped:
             self.engine.step()
-            if self.value:
-                loss_metrics = {**loss_metrics, "value_grad_norm": self.value.step()}
-        kl = ((logps.detach() - ref_logps) * batch.completion_mask).sum(-1).mean()
-        return {**loss_metrics, "loss": float(loss.detach()), "kl": float(kl),
-                "train_tokens": batch.num_completion_tokens, "forward_tokens": batch.num_tokens,
-                "nonfinite": int(not finite), "optimizer_step": int(finite)}
+            if self.value:  # the losses' backward filled the value model's grads too
+                metrics["value_grad_norm"] = self.value.step()
+        nonfinite = not all(p["finite"] for p in passes)
+        return {**metrics, "nonfinite": int(nonfinite), "optimizer_step": int(stepped)}
+
+    def _accumulate(self, mb: MicroBatch) -> dict:
+        """Forward one micro-batch; if its loss is finite on every rank, backward it scaled by its weight."""
+        logps = completion_logprobs(self.engine, mb.batch)
+        values = self.value.values(mb.batch) if self.value else None
+        if mb.weight > 0:
+            inputs = self._inputs(mb.selection, mb.batch, logps, mb.ref_logps, values, mb.old_values)
+            loss, measures = self.spec.fn(inputs, self.cfg.loss)
+            kl = ((logps.detach() - mb.ref_logps) * mb.batch.completion_mask).sum(-1).mean()
+            measures = {**measures, "loss": float(loss.detach()), "kl": float(kl)}
+        else:
+            loss, measures = padding_loss(logps, values), {}
+        finite = all_agree(bool(torch.isfinite(loss)), self.device)
+        if finite:
+            self.engine.backward(loss * mb.weight)  # weight 1.0 (one micro-batch) is exact: today's step
+        return {"weight": mb.weight, "finite": finite, "train_tokens": mb.batch.num_completion_tokens,
+                "forward_tokens": mb.batch.num_tokens, "measures": measures}
 
     def _inputs(self, selection: Selection, batch: PackedBatch, logps: torch.Tensor, ref_logps: torch.Tensor,
                 values: torch.Tensor | None = None, old_values: torch.Tensor | None = None) -> LossInputs:

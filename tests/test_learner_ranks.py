@@ -34,21 +34,30 @@ def test_merge_metrics_sums_counts_and_averages_measures() -> None:
 def test_two_ranks_train_in_step_and_publish_full_weights(ray_local, tmp_path) -> None:
     model_dir = build_model_dir(tmp_path / "model")
     cfg = RunConfig(seed=0, loss={"name": "online_dpo", "beta": 0.1},
-                    learner={"lr": 1e-3, "zero_stage": 3, "num_ranks": 2, "grad_clip": 1.0})
+                    learner={"lr": 1e-3, "zero_stage": 3, "num_ranks": 2, "grad_clip": 1.0,
+                             "max_tokens_per_micro_batch": 50})
     group = start_learner(cfg, str(model_dir), None, 2)
+    # Micro-batches of <= 50 padded tokens; a DPO pair of group g is 2 rows of 10 + g tokens.
+    # Rank r gets groups r, r+2, r+4. In order: rank 0 gets pairs 0, 2 (4 x 12 = 48 tokens: one
+    # micro-batch) and the tied group, rank 1 pairs 1, 3 (4 x 13 = 52: two) and the failed group,
+    # so rank 0 re-splits into two. Reordered: rank 0 gets pair 0 alone (and both skipped groups),
+    # rank 1 pairs 1, 2 (48) and 3: rank 0 runs a zero-weight pass to match rank 1's two.
+    ordered = synthetic_groups()
+    reordered = [ordered[i] for i in (0, 1, 4, 2, 5, 3)]
     try:
         assert isinstance(group, LearnerGroup) and len(group.handles) == 2
         ray.get(group.__ray_ready__.remote(), timeout=300)
         start = ray.get([h.weights_digest.remote() for h in group.handles])
-        # Rank 0 gets groups 0, 2, 4 (two scored, one tied), rank 1 groups 1, 3, 5 (two scored, one failed).
-        history = [ray.get(group.train_step.remote(synthetic_groups()), timeout=120) for _ in range(4)]
+        history = [ray.get(group.train_step.remote(groups), timeout=120)
+                   for groups in (ordered, ordered, reordered, reordered)]
         digests = ray.get([h.weights_digest.remote() for h in group.handles])
         ray.get(group.save_weights.remote(str(tmp_path / "v4")), timeout=120)
     finally:
         group.shutdown()
     assert [m["version"] for m in history] == [1, 2, 3, 4]
     assert all(m["pairs"] == 4 and m["optimizer_step"] == 1 and m["nonfinite"] == 0 for m in history)
-    assert (history[0]["skipped_ties"], history[0]["skipped_failed"]) == (1, 1)  # one on each rank
+    assert all(m["micro_batches"] == 2 for m in history)
+    assert all((m["skipped_ties"], m["skipped_failed"]) == (1, 1) for m in history)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before step 1
     assert history[-1]["loss"] < history[0]["loss"] - 0.02
     assert start[0] == start[1] and digests[0] == digests[1] and digests[0] != start[0]
