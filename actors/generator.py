@@ -78,8 +78,10 @@ class GeneratorActor:
     def load_weights(self, ref: WeightRef) -> float:
         """Swap in published weights (in place, no engine restart); returns seconds taken.
 
-        NCCL weights are not loaded here: the learner pushed them (receive_weights) before the broker
-        published them, so this only checks that this generator holds that version."""
+        shm weights may be of any version, older than the ones held included (queue.staleness_mode=fixed
+        samples N versions behind, and an evaluation may have loaded a newer one meanwhile). NCCL weights
+        are not loaded here: the learner pushed them (receive_weights) before the broker published them,
+        so this only checks that this generator holds that version (fixed delay is refused with nccl)."""
         if ref.transport == "nccl":
             check_generator_version(self.version, ref.version, self.generator_id)
             return 0.0

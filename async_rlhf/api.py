@@ -228,9 +228,14 @@ def _add_control_routes(app: FastAPI, auth: Any) -> None:
         _ctl(request).control.stop()
         return result(request, "stop", stopping=True)
 
-    @app.put("/control/max_staleness", response_model=ControlResult, dependencies=[Depends(auth)])
+    @app.put("/control/max_staleness", response_model=ControlResult, dependencies=[Depends(auth)],
+             responses={409: {"description": "queue.staleness_mode=fixed: the delay is fixed for the run"}})
     def max_staleness(request: Request, body: MaxStalenessRequest) -> dict:
-        _ctl(request).control.request_max_staleness(body.max_staleness)
+        ctl = _ctl(request)
+        if ctl.cfg.queue.staleness_mode == "fixed":  # the broker keeps only the N + 2 versions it needs
+            raise HTTPException(409, "queue.staleness_mode=fixed: max_staleness is the run's fixed delay and "
+                                     "cannot change while it runs; start a new run (or use staleness_mode=bound)")
+        ctl.control.request_max_staleness(body.max_staleness)
         return result(request, "max_staleness", requested=body.max_staleness)
 
     @app.post("/control/checkpoint", response_model=ControlResult, dependencies=[Depends(auth)],

@@ -192,6 +192,11 @@ class QueueConfig(Strict):
         1, ge=0, description="N: train only on samples at most N versions old; 0 = synchronous"
     )
     capacity: int | None = Field(None, ge=1, description="groups; default (N+1) * prompts_per_step")
+    staleness_mode: Literal["bound", "fixed"] = Field(
+        "bound", description="bound: N is an upper bound, generators sample with the newest weights; fixed: the "
+                             "prompts trained at step t are sampled with version max(0, t - N), so from step N on "
+                             "every sample is exactly N versions old (the paper's off-policy setting; shm only)",
+    )
 
 
 class LossConfig(Strict):
@@ -411,6 +416,7 @@ class RunConfig(Strict):
         from learners.losses import LOSSES
 
         self._check_distributed()
+        self._check_fixed_delay()
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
 
@@ -433,6 +439,12 @@ class RunConfig(Strict):
         if step % ranks:
             raise ValueError(f"generation.prompts_per_step ({step}) must be a multiple of learner.num_ranks "
                              f"({ranks}): every rank trains on the same number of prompt groups")
+
+    def _check_fixed_delay(self) -> None:
+        # An NCCL broadcast pushes each new version into the generators: no older version is left to sample with.
+        if self.queue.staleness_mode == "fixed" and self.weight_sync.transport == "nccl":
+            raise ValueError("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl "
+                             "does not keep (it pushes only the newest); use weight_sync.transport=shm")
 
     def _check_cuda(self) -> None:
         """GPU-only settings on a machine with no GPU. Checked in the driver only for a local Ray

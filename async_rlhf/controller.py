@@ -29,10 +29,13 @@ from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
 from async_rlhf.nccl_sync import NcclTransport
 from async_rlhf.placement import generator_options
-from async_rlhf.queue import GateInputs, RolloutQueue, generation_allowed
+from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
-from async_rlhf.resume import claim_weights_location, fail_pending_checkpoints, restore_checkpoint, take_checkpoints
+from async_rlhf.resume import (
+    broker_versions, claim_weights_location, fail_pending_checkpoints, publish_weights, restore_checkpoint,
+    take_checkpoints,
+)
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.sinks import make_sinks
 from async_rlhf.tasks import load_task
@@ -87,7 +90,7 @@ class LoopState:
     learner_job: LearnerJob | None = None
     learner_idle_since: float = 0.0
     reward_jobs: dict = field(default_factory=dict)  # ObjectRef -> GenerationResult
-    reissue: deque = field(default_factory=deque)  # prompt chunks of generators that died
+    reissue: deque = field(default_factory=deque)  # (prompt chunk, weights version) of generators that died
     last_progress: float = field(default_factory=time.monotonic)  # last learner step (or start)
     nonfinite_run: int = 0  # consecutive learner steps skipped for a non-finite loss
     nonfinite_total: int = 0
@@ -99,6 +102,7 @@ class Controller:
         self.cfg = cfg
         self.run_dir = run_dir
         self.resume_from = resume  # checked by resume.find_resume_point (config, validity) before this
+        self.first_version = resume.step if resume else 0  # the oldest weights fixed delay can sample with
         self.checkpoints = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.progress = progress or (lambda record: None)
         self.recorder = RunRecorder(run_dir)
@@ -174,12 +178,12 @@ class Controller:
         cfg, plan = self.cfg, self.plan
         if LOSSES[cfg.loss.name].needs_mc_values:
             self.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(self.task.tokenizer, self.task.step_end_chars))
-        resumed = self.resume_from.step if self.resume_from else 0
+        resumed = self.first_version
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"
         claim_weights_location(self.run_dir, weights_root)
         transport = NcclTransport() if cfg.weight_sync.transport == "nccl" else SharedMemoryTransport(weights_root)
-        self.broker = WeightSyncBroker(transport, cfg.weight_sync.keep_versions,
-                                       initial_version=max(resumed - 1, 0))  # _restore publishes `resumed`
+        keep, initial = broker_versions(cfg, resumed)
+        self.broker = WeightSyncBroker(transport, keep, initial_version=initial)  # _restore publishes `resumed`
         # One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py).
         self.learner = start_learner(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
@@ -198,6 +202,8 @@ class Controller:
         for slot, info in zip(self.generators, infos):
             slot.pid = info["pid"]
         ray.get(self.learner.__ray_ready__.remote())
+        if self.fixed_delay and not resumed:  # version 0 as weights a generator can go back to
+            publish_weights(self, 0)
         if cfg.weight_sync.transport == "nccl":  # the weight-sync NCCL group: learner rank 0 + every generator
             ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
                                                            cfg.generation.tensor_parallel_size))
@@ -251,22 +257,13 @@ class Controller:
         if self.state.learner_job is None:  # checkpoints only between learner steps
             take_checkpoints(self)
 
-    def _drain(self) -> None:
-        """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
-        while refs := [s.job for s in self.generators if s.job is not None] + list(self.state.reward_jobs):
-            ready, _ = ray.wait(refs, num_returns=1, timeout=self.cfg.learner.stall_timeout_s)
-            if not ready:
-                raise RunError(f"generation did not finish within learner.stall_timeout_s="
-                               f"{self.cfg.learner.stall_timeout_s:g} while taking a checkpoint")
-            slot = next((s for s in self.generators if s.job == ready[0]), None)
-            if slot is not None:
-                self._on_generated(slot, ready[0])
-            else:
-                self._on_scored(ready[0])
-
     @property
     def chunk(self) -> int:
         return self.cfg.generation.prompts_per_step // self.cfg.generation.num_generators
+
+    @property
+    def fixed_delay(self) -> bool:
+        return self.cfg.queue.staleness_mode == "fixed"
 
     def gate_inputs(self) -> GateInputs:
         return GateInputs(
@@ -278,6 +275,8 @@ class Controller:
             max_staleness=self.queue.max_staleness,
             total_steps=self.cfg.learner.steps,
             capacity=self.queue.capacity,
+            staleness_mode=self.cfg.queue.staleness_mode,
+            first_version=self.first_version,
         )
 
     def _dispatch_generation(self) -> None:
@@ -290,19 +289,21 @@ class Controller:
                 if time.monotonic() >= slot.not_before:
                     slot.probe = slot.handle.info.remote()
                 continue
+            gate = self.gate_inputs()
             if self.state.reissue:  # already counted in `outstanding`: no gate, no new prompts
-                self._submit(slot, self.state.reissue.popleft())
-            elif generation_allowed(self.gate_inputs()):
+                prompts, version = self.state.reissue.popleft()  # fixed delay: the version it had
+                self._submit(slot, prompts, version if self.fixed_delay else gate.published_version)
+            elif generation_allowed(gate):
                 prompts = [self.task.train_prompt(self.state.next_prompt + i) for i in range(self.chunk)]
                 self.state.next_prompt += self.chunk
                 self.state.outstanding += self.chunk
-                self._submit(slot, prompts)
+                self._submit(slot, prompts, chunk_version(gate))
 
-    def _submit(self, slot: GeneratorSlot, prompts: list[Prompt]) -> None:
-        """Generate with the newest weights; a restarted actor (back at version 0) reloads them."""
+    def _submit(self, slot: GeneratorSlot, prompts: list[Prompt], version: int) -> None:
+        """Generate with weights `version`; a restarted actor (back at version 0) reloads them."""
         weights = None
-        if self.broker.latest() is not None:
-            weights = self.broker.lease(self.broker.latest_version)
+        if self.broker.latest() is not None:  # else only the starting weights exist (bound mode)
+            weights = self.broker.lease(version)
             slot.leased_version = weights.version
         slot.prompts = prompts
         slot.job = slot.handle.generate.remote(prompts, weights, mc=self.mc_request)
@@ -323,7 +324,7 @@ class Controller:
         if self.control.paused or self.control.stop_requested:
             return
         dropped_before = self.queue.counters.dropped_stale
-        batch = self.queue.take(self.cfg.generation.prompts_per_step, st.steps_taken)
+        batch = self.queue.take(self.cfg.generation.prompts_per_step, st.steps_taken, take_limit(self.gate_inputs()))
         st.outstanding -= self.queue.counters.dropped_stale - dropped_before  # none after _drop_stale
         if batch is None:
             return
@@ -359,14 +360,14 @@ class Controller:
             self._on_learned()
 
     def _on_generated(self, slot: GeneratorSlot, ref: Any) -> None:
-        slot.job = None
-        if slot.leased_version is not None:
-            self.broker.release(slot.leased_version)
+        slot.job, version = None, slot.leased_version
+        if version is not None:
+            self.broker.release(version)
             slot.leased_version = None
         try:
             result: GenerationResult = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self._on_generator_died(slot, exc)
+            self._on_generator_died(slot, exc, version)
             return
         slot.version = result.policy_version
         mc_rollouts = []
@@ -385,10 +386,10 @@ class Controller:
         self.state.reward_jobs[ref] = result
         self.reward_started[ref] = time.time()
 
-    def _on_generator_died(self, slot: GeneratorSlot, exc: Exception) -> None:
+    def _on_generator_died(self, slot: GeneratorSlot, exc: Exception, version: int | None) -> None:
         """Nothing of the lost batch reaches the learner; its prompts go out again, unchanged,
         once the actor answers a probe (Ray restarts it; calls fail fast while it is down)."""
-        self.state.reissue.append(slot.prompts)
+        self.state.reissue.append((slot.prompts, version))  # version: fixed delay samples it again with it
         slot.recovering, slot.not_before = True, time.monotonic() + 0.5
         print(f"[async-rlhf] generator {slot.generator_id} lost its batch ({type(exc).__name__}); waiting for "
               f"Ray to restart it; its {len(slot.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)

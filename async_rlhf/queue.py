@@ -3,15 +3,20 @@
 Staleness of a group = the learner version that trains on it - the policy version that sampled
 it. It is judged at `take`, the moment the learner receives the batch, so time spent waiting in
 the queue counts. Groups older than `max_staleness` are dropped there and counted.
+
+The generation gate at the end decides when a chunk of prompts may go out and, with
+queue.staleness_mode=fixed, which weights sample it (docs/architecture.md, "Fixed delay").
 """
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 from async_rlhf.rollout import RolloutGroup
+
+StalenessMode = Literal["bound", "fixed"]
 
 
 class QueueFullError(RuntimeError):
@@ -61,12 +66,21 @@ class RolloutQueue:
         self.counters.dropped_stale += dropped
         return dropped
 
-    def take(self, n: int, learner_version: int) -> list[RolloutGroup] | None:
-        """Hand `n` groups (oldest first) to the learner at `learner_version`, or None if too few are fresh."""
+    def take(self, n: int, learner_version: int, max_version: int | None = None) -> list[RolloutGroup] | None:
+        """Hand `n` groups (oldest first) to the learner at `learner_version`, or None if too few are fresh.
+
+        `max_version` (fixed delay) takes only groups sampled with that version or older, oldest version
+        first: a newer group that finished early belongs to a later step and waits for it.
+        """
         self.drop_stale(learner_version)
-        if len(self._items) < n:
+        ready = list(self._items)
+        if max_version is not None:  # sorted() is stable: FIFO within a version
+            ready = sorted((g for g in ready if g.policy_version <= max_version), key=lambda g: g.policy_version)
+        if len(ready) < n:
             return None
-        batch = [self._items.popleft() for _ in range(n)]
+        batch = ready[:n]
+        taken = {id(g) for g in batch}
+        self._items = deque(g for g in self._items if id(g) not in taken)
         for group in batch:
             staleness = learner_version - group.policy_version
             self.counters.staleness[staleness] += 1
@@ -112,6 +126,14 @@ class GateInputs:
     max_staleness: int
     total_steps: int
     capacity: int
+    staleness_mode: StalenessMode = "bound"
+    first_version: int = 0  # oldest version the run can sample with: 0, or the version a resume restored
+
+
+def fixed_version(step: int, max_staleness: int, first_version: int = 0) -> int:
+    """Fixed delay: the weights that sample the prompts trained at `step` (version == step), N behind
+    it; before step N (or N steps after a resume) the oldest version there is."""
+    return max(first_version, step - max_staleness)
 
 
 def target_step(g: GateInputs) -> int:
@@ -129,4 +151,19 @@ def generation_allowed(g: GateInputs) -> bool:
     step = target_step(g)
     if step >= g.total_steps or g.outstanding + g.chunk > g.capacity:
         return False
+    if g.staleness_mode == "fixed":  # the version it needs is out; newer ones may be too
+        return fixed_version(step, g.max_staleness, g.first_version) <= g.published_version
     return step - g.published_version <= g.max_staleness
+
+
+def chunk_version(g: GateInputs) -> int:
+    """The weights version the next chunk is sampled with: the newest (bound) or N behind its step (fixed)."""
+    if g.staleness_mode == "bound":
+        return g.published_version
+    return min(g.published_version, fixed_version(target_step(g), g.max_staleness, g.first_version))
+
+
+def take_limit(g: GateInputs) -> int | None:
+    """The newest version the next batch (step `steps_taken`) may hold: any in bound mode; with a fixed
+    delay that step's own version, so a later step's chunk that finished first waits for its step."""
+    return fixed_version(g.steps_taken, g.max_staleness, g.first_version) if g.staleness_mode == "fixed" else None

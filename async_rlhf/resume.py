@@ -69,7 +69,8 @@ class ControllerSnapshot:
 def capture(c: "Controller") -> ControllerSnapshot:
     st = c.state
     return ControllerSnapshot(
-        step=st.steps_taken, next_prompt=st.next_prompt, queued=c.queue.items(), reissue=[list(x) for x in st.reissue],
+        step=st.steps_taken, next_prompt=st.next_prompt, queued=c.queue.items(),
+        reissue=[list(chunk) for chunk, _ in st.reissue],  # not the versions: only the restored one comes back
         queue_counters=c.queue.counters, max_staleness=c.queue.max_staleness, reward_counts=dict(c.reward_counts),
         nonfinite_total=st.nonfinite_total, nonfinite_run=st.nonfinite_run, restarts=[g.restarts for g in c.generators],
         timing=c.timing.snapshot(),
@@ -95,7 +96,8 @@ def restore(c: "Controller", snap: ControllerSnapshot) -> None:
     st.steps_taken, st.next_prompt = snap.step, snap.next_prompt
     st.nonfinite_total, st.nonfinite_run = snap.nonfinite_total, snap.nonfinite_run
     c.queue.restore(snap.queued, snap.queue_counters)
-    st.reissue.extend(snap.reissue)
+    # Only the restored version is published after a resume: a re-issued chunk is sampled with it.
+    st.reissue.extend((chunk, snap.step) for chunk in snap.reissue)
     st.outstanding = len(snap.queued) + sum(len(chunk) for chunk in snap.reissue)
     c.reward_counts.update(snap.reward_counts)
     for slot, restarts in zip(c.generators, snap.restarts):
@@ -114,22 +116,56 @@ def restore_checkpoint(c: "Controller", ckpt: Checkpoint) -> None:
     load them with their first batch), then the controller's own state and logs."""
     version = ray.get(c.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
     if version > 0:
-        ray.get(c.learner.save_weights.remote(c.broker.staging_location(version)))
-        c.broker.publish(version)
+        publish_weights(c, version)
     restore(c, load_snapshot(ckpt.path))
     print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
+
+
+def publish_weights(c: "Controller", version: int) -> None:
+    """The learner's current weights, published as `version` (the next one the broker expects)."""
+    ray.get(c.learner.save_weights.remote(c.broker.staging_location(version)))
+    c.broker.publish(version)
+
+
+def broker_versions(cfg: RunConfig, resumed: int) -> tuple[int, int]:
+    """(versions the broker keeps, the version it starts at) for a run starting at step `resumed`.
+
+    Fixed delay samples with versions down to latest - N (a re-issued chunk too), so N + 2 are kept
+    (one more for the step in flight); it starts one below `resumed` because the starting weights are
+    published (as version 0, or the restored version), so that a generator can go back to them.
+    After a resume only the restored version exists: steps up to resumed + N sample with it.
+    """
+    if cfg.queue.staleness_mode == "fixed":
+        return max(cfg.weight_sync.keep_versions, cfg.queue.max_staleness + 2), resumed - 1
+    return cfg.weight_sync.keep_versions, max(resumed - 1, 0)
 
 
 def take_checkpoints(c: "Controller") -> None:
     """Serve the checkpoint requests posted so far; only while the learner is idle."""
     for future in c.control.take_checkpoint_requests():
         try:
-            c._drain()  # generations in flight land in the queue first
+            drain(c)  # generations in flight land in the queue first
             version = c.broker.latest_version
             final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
             future.set_result({"path": str(final), "version": version})
         except Exception as exc:  # reported to the requester; the run goes on
             future.set_exception(exc)
+
+
+def drain(c: "Controller") -> None:
+    """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
+    from async_rlhf.controller import RunError
+
+    while refs := [s.job for s in c.generators if s.job is not None] + list(c.state.reward_jobs):
+        ready, _ = ray.wait(refs, num_returns=1, timeout=c.cfg.learner.stall_timeout_s)
+        if not ready:
+            raise RunError(f"generation did not finish within learner.stall_timeout_s="
+                           f"{c.cfg.learner.stall_timeout_s:g} while taking a checkpoint")
+        slot = next((s for s in c.generators if s.job == ready[0]), None)
+        if slot is not None:
+            c._on_generated(slot, ready[0])
+        else:
+            c._on_scored(ready[0])
 
 
 def _fill_checkpoint(c: "Controller", directory: Path) -> None:

@@ -36,3 +36,16 @@ def test_reads_need_the_token_when_not_on_loopback() -> None:
         for path in ("/status", "/queue", "/metrics", "/healthz", "/history"):
             assert client.get(path).status_code == 401
             assert client.get(path, headers={"Authorization": "Bearer nope-nope-nope-nope"}).status_code == 403
+
+
+def test_fixed_delay_refuses_a_new_bound() -> None:
+    # The broker keeps only the versions a fixed N needs; a new N would ask for ones already freed.
+    from types import SimpleNamespace
+
+    from async_rlhf.config import RunConfig
+
+    ctl = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")
+    with TestClient(create_app(controller=ctl, token="secret-token-0123456", open_reads=False)) as client:
+        res = client.put("/control/max_staleness", json={"max_staleness": 4},
+                         headers={"Authorization": "Bearer secret-token-0123456"})
+    assert res.status_code == 409 and "staleness_mode=fixed" in res.json()["detail"]

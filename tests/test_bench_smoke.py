@@ -21,7 +21,7 @@ SMOKE = {
     "generator_path": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
     "weight_sync": ["--sizes", "tiny", "--repeats", "1"],
     "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "3"],
-    "off_policy": ["--losses", "rloo", "--staleness", "2", "--seeds", "0", "--steps", "2"],
+    "off_policy": ["--losses", "rloo", "--staleness", "2", "--seeds", "0", "--steps", "4", "--mode", "fixed"],
     "vineppo_vs_ppo": ["--arms", "vineppo", "--steps", "2", "--every", "1"],
 }
 
@@ -70,8 +70,11 @@ def test_async_vs_sync_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
 @pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
 def test_off_policy_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     (run,) = run_bench("off_policy", tmp_path / "off_policy")["runs"]
-    assert (run["loss"], run["max_staleness"]) == ("rloo", 2)
-    assert 0 <= run["final_gold_reward"] <= 1 and run["mean_staleness"] <= 2
+    assert (run["mode"], run["loss"], run["max_staleness"]) == ("fixed", "rloo", 2)
+    # Fixed delay: steps 1, 2, 3, 4 train on versions 0, 0, 0, 1, i.e. 16 groups each at staleness 0, 1, 2, 2.
+    assert run["staleness_histogram"] == {"0": 16, "1": 16, "2": 32} and run["max_staleness_seen"] == 2
+    assert run["mean_staleness"] == 1.25 and run["dropped_stale"] == 0
+    assert 0 <= run["final_gold_reward"] <= 1
 
 
 @pytest.mark.slow

@@ -58,3 +58,22 @@ def test_close_removes_the_shared_memory_directory(tmp_path: Path) -> None:
     publish(broker, 1)
     broker.close()
     assert not root.exists()
+
+
+def test_fixed_delay_keeps_n_plus_2_versions_from_version_0(tmp_path: Path) -> None:
+    from async_rlhf.config import RunConfig
+    from async_rlhf.resume import broker_versions
+
+    cfg = RunConfig(queue={"staleness_mode": "fixed", "max_staleness": 2})
+    assert broker_versions(cfg, resumed=0) == (4, -1) and broker_versions(cfg, resumed=5) == (4, 4)
+    assert broker_versions(RunConfig(), resumed=5) == (2, 4) and broker_versions(RunConfig(), resumed=0) == (2, 0)
+    keep, initial = broker_versions(cfg, resumed=0)
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep, initial)
+    publish(broker, 0)  # the starting weights, so that a generator can go back to them
+    leased = broker.lease(0)
+    for version in range(1, 7):
+        publish(broker, version)
+    assert broker.available() == [0, 3, 4, 5, 6]  # latest - N - 1 ... latest, and 0 while leased
+    assert (Path(leased.location) / "model.safetensors").read_text() == "w0"
+    broker.release(0)
+    assert broker.available() == [3, 4, 5, 6]

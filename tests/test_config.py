@@ -19,6 +19,13 @@ def test_quickstart_validates_and_overrides_apply() -> None:
     assert cfg.queue_capacity == cfg.generation.prompts_per_step  # (N+1) * prompts_per_step
 
 
+def test_fixed_delay_is_valid_with_shm_at_any_n() -> None:
+    for n in (0, 1, 16):  # N=0 is the synchronous run, as in bound mode
+        cfg = load_config(QUICKSTART, ["queue.staleness_mode=fixed", f"queue.max_staleness={n}"])
+        assert cfg.queue.staleness_mode == "fixed" and cfg.queue_capacity == (n + 1) * cfg.generation.prompts_per_step
+    assert load_config(QUICKSTART).queue.staleness_mode == "bound"
+
+
 def test_parse_overrides_types_values() -> None:
     assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
     with pytest.raises(ConfigError, match="key.sub=value"):
@@ -28,7 +35,11 @@ def test_parse_overrides_types_values() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["queue.max_stalenes=1"], "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity"),
+        (["queue.max_stalenes=1"], "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity, staleness_mode"),
+        (["queue.staleness_mode=delayed"], "queue.staleness_mode: Input should be 'bound' or 'fixed' (got 'delayed')"),
+        (["queue.staleness_mode=fixed", "weight_sync.transport=nccl"],
+         ("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl does not keep "
+          "(it pushes only the newest); use weight_sync.transport=shm")),
         (["queue.max_staleness=-1"], "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
         (["learner.lr=fast"], "learner.lr: Input should be a valid number"),
         (["learner.zero_stage=4"], "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import heapq
+from dataclasses import replace
 
 import pytest
 
-from async_rlhf.queue import GateInputs, QueueFullError, RolloutQueue, generation_allowed, target_step
+from async_rlhf.queue import (
+    GateInputs, QueueFullError, RolloutQueue, chunk_version, fixed_version, generation_allowed, take_limit,
+    target_step,
+)
 from tests.helpers import make_group
 
 
@@ -73,14 +77,16 @@ def test_gate_target_step_and_bound() -> None:
     assert not generation_allowed(gate(capacity=6, outstanding=4))
 
 
-def simulate(bound: int, gen_s: float, learn_s: float, steps: int = 12, gens: int = 1,
-             new_bound_at: tuple[int, int] | None = None) -> tuple[list[int], int, float]:
+def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps: int = 12, gens: int = 1,
+             new_bound_at: tuple[int, int] | None = None, mode: str = "bound") -> tuple[list[int], int, float]:
     """Discrete-event run of the controller's loop (drop stale, gate, take) with fixed job times.
 
-    `new_bound_at=(step, N)` changes the bound once `step` batches were taken, as over HTTP.
+    `gen_s` may give each generator its own time; `new_bound_at=(step, N)` changes the bound once
+    `step` batches were taken, as over HTTP; `mode` is queue.staleness_mode.
     Returns the staleness of every consumed group, the number dropped, and the finish time.
     """
     ppstep, chunk = 4, 4 // gens
+    times = gen_s if isinstance(gen_s, tuple) else (gen_s,) * gens
     q = RolloutQueue(capacity=(bound + 1) * ppstep, max_staleness=bound)
     published = steps_taken = outstanding = 0
     events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, payload)
@@ -90,23 +96,27 @@ def simulate(bound: int, gen_s: float, learn_s: float, steps: int = 12, gens: in
         if new_bound_at and steps_taken >= new_bound_at[0]:
             q.max_staleness = bound = new_bound_at[1]
         outstanding -= q.drop_stale(steps_taken)  # the next batch trains at version == steps_taken
-        while idle and generation_allowed(GateInputs(steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity)):
-            idle.pop()
+        def inputs() -> GateInputs:
+            return GateInputs(steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity, mode)
+
+        while idle and generation_allowed(g := inputs()):
+            gen = idle.pop()
             outstanding += chunk
             seq += 1
-            heapq.heappush(events, (now + gen_s, seq, "gen", published))
+            heapq.heappush(events, (now + times[gen], seq, "gen", (chunk_version(g), gen)))
         if not learner_busy and steps_taken < steps:
-            batch = q.take(ppstep, steps_taken)
+            batch = q.take(ppstep, steps_taken, take_limit(inputs()))
             if batch:
                 seen += [published - g.policy_version for g in batch]
                 outstanding -= ppstep
                 steps_taken += 1
                 learner_busy = True
                 seq += 1
-                heapq.heappush(events, (now + learn_s, seq, "learn", 0))
-        now, _, kind, version = heapq.heappop(events)
+                heapq.heappush(events, (now + learn_s, seq, "learn", None))
+        now, _, kind, payload = heapq.heappop(events)
         if kind == "gen":
-            idle.append(0)
+            version, gen = payload
+            idle.append(gen)
             for i in range(chunk):
                 q.put(make_group(version, prompt_id=i))
         else:
@@ -145,3 +155,75 @@ def test_lowering_the_bound_mid_run_drops_old_samples_and_keeps_going() -> None:
     seen, dropped, _ = simulate(bound=2, gen_s=0.1, learn_s=1.0, steps=12, new_bound_at=(6, 0))
     assert len(seen) == 12 * 4 and dropped > 0
     assert seen[-4 * 5:] == [0] * 20  # after the switch settles, only fresh samples are trained
+
+
+# ---- fixed delay (queue.staleness_mode=fixed) ----------------------------------------------
+
+def fixed(**kw) -> GateInputs:
+    """N=2, 16 prompts a step in chunks of 8 (two generators), default capacity (N+1)*16 = 48."""
+    base = {"max_staleness": 2, "chunk": 8, "prompts_per_step": 16, "capacity": 48, "total_steps": 6,
+            "staleness_mode": "fixed"}
+    return gate(**{**base, **kw})
+
+
+def test_fixed_version_is_n_behind_the_step_and_never_below_the_first() -> None:
+    assert [fixed_version(t, 2) for t in range(6)] == [0, 0, 0, 1, 2, 3]
+    assert [fixed_version(t, 2, first_version=4) for t in range(4, 8)] == [4, 4, 4, 5]  # resumed at step 4
+    assert [fixed_version(t, 0) for t in range(3)] == [0, 1, 2]  # N=0: synchronous
+
+
+def test_fixed_gate_hand_worked() -> None:
+    # Steps 0..2 are sampled with version 0: six chunks go out at once, until the 48 groups of capacity.
+    for outstanding, step in [(0, 0), (8, 0), (16, 1), (24, 1), (32, 2), (40, 2)]:
+        g = fixed(outstanding=outstanding)
+        assert target_step(g) == step and generation_allowed(g) and chunk_version(g) == 0
+    assert not generation_allowed(fixed(outstanding=48))  # capacity
+    # Step 0 taken (learner busy, version 0 the newest): step 3 needs version 1, so it waits ...
+    assert not generation_allowed(fixed(steps_taken=1, outstanding=32))
+    # ... and goes out with version 1 once published.
+    g = fixed(steps_taken=1, outstanding=32, published_version=1)
+    assert target_step(g) == 3 and generation_allowed(g) and chunk_version(g) == 1
+    g = fixed(steps_taken=2, outstanding=32, published_version=2)
+    assert (target_step(g), chunk_version(g)) == (4, 2)
+    g = fixed(steps_taken=3, outstanding=32, published_version=3)
+    assert (target_step(g), chunk_version(g)) == (5, 3)
+    assert not generation_allowed(fixed(steps_taken=4, outstanding=32, published_version=4))  # step 6: run over
+    # A lagging generator: step 3's prompts still go out with version 1, although 3 is out.
+    g = fixed(steps_taken=3, outstanding=0, published_version=3)
+    assert generation_allowed(g) and chunk_version(g) == 1
+    assert chunk_version(replace(g, staleness_mode="bound")) == 3  # bound mode: the newest
+    # The learner's batch at step t holds version max(0, t - N) or older; bound mode does not limit it.
+    assert [take_limit(fixed(steps_taken=t)) for t in range(6)] == [0, 0, 0, 1, 2, 3]
+    assert take_limit(gate(steps_taken=5)) is None
+
+
+def test_take_with_max_version_leaves_a_later_steps_groups_queued() -> None:
+    q = RolloutQueue(capacity=4, max_staleness=2)
+    early = make_group(1, prompt_id=1)  # sampled for step 3, finished before step 2's
+    q.put(early)
+    assert q.take(1, learner_version=2, max_version=0) is None
+    on_time = make_group(0, prompt_id=2)
+    q.put(on_time)
+    assert q.take(1, learner_version=2, max_version=0) == [on_time]
+    assert q.items() == [early] and q.counters.staleness == {2: 1}
+
+
+@pytest.mark.parametrize("gen_s", [0.1, 3.0])
+def test_fixed_delay_trains_exactly_n_versions_old(gen_s: float) -> None:
+    # Fast or slow generator alike: step t trains on version max(0, t - N).
+    seen, dropped, _ = simulate(bound=2, gen_s=gen_s, learn_s=1.0, steps=8, mode="fixed")
+    per_step = [set(seen[i * 4:(i + 1) * 4]) for i in range(8)]
+    assert per_step == [{0}, {1}] + [{2}] * 6 and dropped == 0
+
+
+def test_bound_mode_with_a_slow_generator_stays_below_the_bound() -> None:
+    # Why fixed mode exists: generation slower than learning never lets staleness reach N.
+    seen, _, _ = simulate(bound=2, gen_s=3.0, learn_s=1.0, steps=8)
+    assert max(seen) < 2
+
+
+def test_fixed_delay_with_unequal_generators_keeps_each_step_on_its_version() -> None:
+    # Chunks finish out of order; the take waits for the step's own version, nothing is dropped.
+    seen, dropped, _ = simulate(bound=2, gen_s=(0.3, 1.7), learn_s=1.0, steps=10, gens=2, mode="fixed")
+    assert len(seen) == 40 and dropped == 0
+    assert [set(seen[i * 4:(i + 1) * 4]) for i in range(10)] == [{0}, {1}] + [{2}] * 8

@@ -21,7 +21,7 @@ def busy_controller(run_dir: Path) -> Controller:
     for pid in (144, 145):
         c.queue.put(make_group(version=6, prompt_id=pid))
     c.queue.counters.dropped_stale, c.queue.counters.staleness = 3, Counter({0: 50, 1: 62})
-    c.state.reissue.append([Prompt(150, "x", [1, 2])])
+    c.state.reissue.append(([Prompt(150, "x", [1, 2])], 5))  # with the version it was sampled with
     c.reward_counts.update(ok=400, failed=5)
     c.timing.add("gen_busy_s", 12.5)
     c.queue.max_staleness = 2  # changed over HTTP during the run
@@ -44,7 +44,7 @@ def test_controller_state_round_trips(tmp_path: Path) -> None:
     st = after.state
     assert (st.steps_taken, st.next_prompt, st.nonfinite_total, st.nonfinite_run) == (7, 160, 2, 1)
     assert [(g.prompt.prompt_id, g.policy_version) for g in after.queue.items()] == [(144, 6), (145, 6)]
-    assert st.reissue == deque([[Prompt(150, "x", [1, 2])]])
+    assert st.reissue == deque([([Prompt(150, "x", [1, 2])], 7)])  # only the restored version is published
     assert st.outstanding == 3  # two queued + one to re-issue: the gate counts them as issued
     q = after.queue.counters
     assert (q.produced, q.dropped_stale, q.staleness) == (2, 3, Counter({0: 50, 1: 62}))
