@@ -54,9 +54,7 @@ class GeneratorActor:
         # Pin before vLLM starts: its engine processes inherit this affinity, and its OMP threads
         # bind to exactly these cores, so generation and learning do not fight over a core.
         pin_process(cores, len(cores))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(cores)
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        set_engine_env(cores, gen_cfg, _has_cuda())
         from vllm import LLM  # imported here: the environment above must be set first
 
         self.generator_id = generator_id
@@ -189,6 +187,16 @@ class GeneratorActor:
         return Completion(list(out.token_ids), out.text, logprobs, _finish_reason(out))
 
 
+def set_engine_env(cores: list[int], cfg: GenerationConfig, cuda: bool) -> None:
+    """vLLM's environment, set before vLLM is imported: OMP threads bound to this actor's cores, the
+    CPU KV cache size and, on CPU, the engine core in this process (see engine_options)."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(cores)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.kv_cache_gib)))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if not cuda:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
 def _has_cuda() -> bool:
     import torch
 
@@ -200,7 +208,10 @@ def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "s
     if not cuda:
         # vLLM-CPU fails ("CPU Generator does not use offset") when a per-request seed meets a
         # prefill split into chunks (long prompts in a big batch); whole prefills avoid it.
-        return {"enforce_eager": True, "enable_chunked_prefill": False}
+        # One process: the engine core and its worker run inside this actor ("uni" executor, no
+        # engine-core process), instead of two more processes that each import torch and vLLM again
+        # (~15 s each on 2 cores; this is most of a run's start-up).
+        return {"enforce_eager": True, "enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
     options: dict = {"tensor_parallel_size": cfg.tensor_parallel_size,
                      "gpu_memory_utilization": cfg.gpu_memory_utilization}
     if cfg.tensor_parallel_size > 1:

@@ -34,14 +34,14 @@ class RawVLLM:
     """`LLM.generate` and nothing else, configured as GeneratorActor configures its engine."""
 
     def __init__(self, model_dir: str, gen_cfg, prompts) -> None:
+        from actors.generator import engine_options, set_engine_env
+
         os.sched_setaffinity(0, [CORE])
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(CORE)
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(gen_cfg.kv_cache_gib)))
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        set_engine_env([CORE], gen_cfg, cuda=False)
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, enable_chunked_prefill=False,
-                       max_model_len=gen_cfg.max_model_len, seed=0)
+        self.llm = LLM(model=model_dir, dtype="float32", max_model_len=gen_cfg.max_model_len, seed=0,
+                       **engine_options(gen_cfg, cuda=False))
         self.inputs = [{"prompt_token_ids": p.token_ids} for p in prompts]
         self.params = raw_params(prompts, gen_cfg)
 

@@ -1,6 +1,6 @@
-"""Every registered loss on the real pipeline (Ray + vLLM generator + DeepSpeed learner), end to end.
+"""The registered losses on the real pipeline (Ray + vLLM generator + DeepSpeed learner), end to end.
 
-One short asynchronous run per loss, all in this process on the session Ray (`ray_local`), so Ray
+One short asynchronous run per learner path (see RUNS), all in this process on the session Ray (`ray_local`), so Ray
 starts once; the embedded policy is cached, so only the actors start per run (~30 s each on 2 cores).
 
 "Moves its own objective": every loss here maximises the proxy reward (DPO/IPO and RLOO/GRPO a
@@ -15,7 +15,8 @@ keeps it so close to the reference (KL 0.02) that the gain was only +0.04..0.08.
 rate for shorter runs made the first steps drop (AdamW's first updates are ~lr in size whatever
 the gradient). PPO: +0.106 in one run. `vineppo` runs on the arith task (its reasoning steps are solution lines): +0.057
 (0.304 -> 0.361), the same in two runs (sampling and MC rollouts are seeded per prompt), in 220-300 s,
-most of it the generator's MC sampling. Measured numbers are in docs/losses.md.
+most of it the generator's MC sampling; here it runs 10 steps and checks the MC accounting only.
+Measured numbers are in docs/losses.md.
 """
 from __future__ import annotations
 
@@ -36,19 +37,24 @@ MIN_GAIN = 0.03
 # (config file, overrides) per loss: the new losses run their own quickstart config.
 RUNS = {
     "online_dpo": ("quickstart.yaml", []),
-    "ipo": ("quickstart.yaml", ["loss.name=ipo", "loss.beta=0.1"]),
     "rloo": ("quickstart_rloo.yaml", []),
-    "proximal_rloo": ("quickstart_proximal_rloo.yaml", []),
-    "grpo": ("quickstart_grpo.yaml", []),
-    "best_of_n_sft": ("quickstart_best_of_n_sft.yaml", []),
     "ppo": ("quickstart_ppo.yaml", []),
     "vineppo": ("arith_vineppo.yaml", []),  # the reasoning task: steps are solution lines
 }
+# Each pipeline run costs ~30 s of start-up, so one loss per path through the learner runs here:
+# pairs (online_dpo), group baselines (rloo), a value model (ppo), MC values (vineppo). These reuse
+# those paths with another formula; each trains in a real Learner in tests/test_losses*.py, and
+# their 40-step pipeline gains are in docs/losses.md.
+SAME_PATH_AS = {"ipo": "online_dpo", "proximal_rloo": "rloo", "grpo": "rloo", "best_of_n_sft": "rloo"}
+SHORT_RUN = {"vineppo": 10}  # steps; MC rollouts make a step ~5 s: it checks the MC accounting, not a gain
 SHORT = [f"learner.steps={STEPS}", "task.eval_prompts=16", "eval.every=0"]
 
 
 def test_every_registered_loss_has_a_run():
-    assert set(RUNS) == set(LOSSES)
+    assert set(RUNS) | set(SAME_PATH_AS) == set(LOSSES)
+    for name, twin in SAME_PATH_AS.items():  # the same declarations, so the same learner path
+        a, b = LOSSES[name], LOSSES[twin]
+        assert (a.needs_value_model, a.needs_mc_values) == (b.needs_value_model, b.needs_mc_values), name
 
 
 def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
@@ -56,7 +62,7 @@ def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
     from async_rlhf.controller import Controller
 
     config, overrides = RUNS[name]
-    cfg = load_config(ROOT / "configs" / config, [*overrides, *SHORT])
+    cfg = load_config(ROOT / "configs" / config, [*overrides, *SHORT, f"learner.steps={SHORT_RUN.get(name, STEPS)}"])
     summary = Controller(cfg, run_dir).run()
     deadline = time.monotonic() + 60  # the controller killed its actors: the session Ray has its CPUs back
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
@@ -79,12 +85,13 @@ def test_loss_runs_end_to_end_and_raises_train_reward(name: str, tmp_path: Path,
     print(f"{name}: {time.perf_counter() - started:.1f}s, train reward first {WINDOW} {first:.3f} -> "
           f"last {WINDOW} {last:.3f}, gold {summary['initial_gold_reward']:.3f} -> "
           f"{summary['final_gold_reward']:.3f}, kl {steps[-1]['kl']:.3f}")
-    assert summary["steps"] == len(steps) == STEPS
+    assert summary["steps"] == len(steps) == SHORT_RUN.get(name, STEPS)
     assert all(s["nonfinite"] == 0 and s["optimizer_step"] == 1 for s in steps), name
     assert summary["max_staleness_seen"] <= 1
     # No check on the sign of a step's KL: it is estimated on samples from the (stale) behaviour
     # policy, not the current one, and dips below 0 by noise when the policy stays close (seen: IPO).
-    assert last > first + MIN_GAIN, (name, rewards)
+    if name not in SHORT_RUN:
+        assert last > first + MIN_GAIN, (name, rewards)
     if LOSSES[name].needs_mc_values:  # K_mc rollouts per unique state, costed apart, none left unvalued
         k_mc = load_config(ROOT / "configs" / RUNS[name][0]).mc_values.k_mc
         assert summary["mc_rollouts"] == k_mc * summary["mc_states"] > 0 and 0 < summary["mc_gen_share"] < 1
