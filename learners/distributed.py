@@ -50,7 +50,11 @@ def init_distributed(info: RankInfo | None = None) -> RankInfo:
     os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(port), RANK=str(info.rank),
                       WORLD_SIZE=str(info.world_size), LOCAL_RANK="0")
     backend = "gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else "nccl"
-    deepspeed.init_distributed(dist_backend=backend)
+    if info.world_size == 1:
+        # A world of one needs no rendezvous: an in-memory store, so no TCP port that another process
+        # (a vLLM engine starting next to it) can take between free_port() and the bind (EADDRINUSE).
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the group above when there is one
     return info
 
 

@@ -20,7 +20,7 @@ SMOKE = {
     "learner_step": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
     "generator_path": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
     "weight_sync": ["--sizes", "tiny", "--repeats", "1"],
-    "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "3"],
+    "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "2"],
     "off_policy": ["--losses", "rloo", "--staleness", "2", "--seeds", "0", "--steps", "4", "--mode", "fixed"],
     "vineppo_vs_ppo": ["--arms", "vineppo", "--steps", "2", "--every", "1"],
 }
