@@ -51,8 +51,9 @@ class GeneratorActor:
         weight_transport: str = "shm",
     ) -> None:
         cores = cores or sorted(os.sched_getaffinity(0))
-        # Pin before vLLM starts: its engine processes inherit this affinity, and its OMP threads
-        # bind to exactly these cores, so generation and learning do not fight over a core.
+        # Pin before vLLM starts: its engine (this process on CPU, child processes on GPU) gets this
+        # affinity and its OMP threads bind to exactly these cores, so generation and learning do not
+        # fight over a core.
         pin_process(cores, len(cores))
         set_engine_env(cores, gen_cfg, _has_cuda())
         from vllm import LLM  # imported here: the environment above must be set first
