@@ -22,7 +22,7 @@ from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import mean_sd, pyplot, save_json, train
 
 CONFIGS = {"online_dpo": "configs/quickstart.yaml", "ppo": "configs/quickstart_ppo.yaml",
-           "rloo": "configs/quickstart_rloo.yaml"}
+           "rloo": "configs/quickstart_rloo.yaml", "proximal_rloo": "configs/quickstart_proximal_rloo.yaml"}
 
 
 def mean_staleness(histogram: dict[str, int]) -> float:
