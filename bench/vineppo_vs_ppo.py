@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.vineppo_vs_ppo [--steps 50] [--every 10] [--seeds 0]
 
+A rerun with the same --out, --steps and --every skips the (arm, seed) runs already in its JSON.
+
 VinePPO is `configs/arith_vineppo.yaml`; PPO is `configs/arith.yaml` with `loss.name=ppo loss.beta=0.05`
 (value model, GAE; the other PPO options at their defaults, as in configs/quickstart_ppo.yaml). Both
 get the same steps, prompts per step, samples, learning rate, seed and staleness bound, and a gold
@@ -39,6 +41,14 @@ def curve(run_dir: Path) -> list[dict]:
     return points
 
 
+def earlier_runs(path: Path, steps: int, every: int) -> list[dict]:
+    """Runs already in the result file with the same steps and evaluation interval: a rerun continues."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    return old["runs"] if (old["steps"], old["eval_every"]) == (steps, every) else []
+
+
 def one_run(arm: str, seed: int, steps: int, every: int, runs_dir: Path) -> dict:
     config, extra = ARMS[arm]
     run_dir = runs_dir / f"{arm}-seed{seed}"
@@ -58,15 +68,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_vineppo_vs_ppo")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vineppo_vs_ppo")
     args = parser.parse_args(argv)
-    runs: list[dict] = []
+    runs = earlier_runs(args.out.with_suffix(".json"), args.steps, args.every)
+    done = {(r["arm"], r["seed"]) for r in runs}
     for seed in args.seeds:
         for arm in args.arms:
+            if (arm, seed) in done:
+                continue
             runs.append(one_run(arm, seed, args.steps, args.every, args.runs_dir))
             result = {"steps": args.steps, "eval_every": args.every, "runs": runs}
             save_json(args.out, result)
             r = runs[-1]
             print(f"{arm} seed {seed}: gold {r['curve'][0]['gold']:.3f} -> {r['final_gold_reward']:.3f}, "
                   f"train time {r['curve'][-1]['train_s']:.0f}s", flush=True)
+    result = {"steps": args.steps, "eval_every": args.every, "runs": runs}
+    save_json(args.out, result)
     plot(args.out.with_suffix(".png"), runs)
     return result
 
