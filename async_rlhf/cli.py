@@ -4,6 +4,7 @@ train and label reward models (async_rlhf/cli_models.py); run a benchmark."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +148,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    if Path("bench", "__init__.py").is_file() and os.getcwd() not in sys.path:
+        # The console script, unlike `python -m`, does not put the checkout on the path; bench/ is not installed.
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(f"bench.{args.name}")
     except ModuleNotFoundError as exc:

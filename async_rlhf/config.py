@@ -11,10 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from async_rlhf.config_base import ConfigError, Strict, environment_checks
+from async_rlhf.config_base import ConfigError, Strict, environment_checks, merge_dicts, parse_overrides
 from async_rlhf.task_config import TASK_DEFAULTS, DatasetConfig, TaskConfig
 
-__all__ = ["ConfigError", "DatasetConfig", "Strict", "TASK_DEFAULTS", "TaskConfig"]
+__all__ = ["ConfigError", "DatasetConfig", "Strict", "TASK_DEFAULTS", "TaskConfig", "parse_overrides"]
 
 
 class EmbeddedModelConfig(Strict):
@@ -409,7 +409,7 @@ class RunConfig(Strict):
         task = data.get("task")
         name = task.get("name") if isinstance(task, dict) else getattr(task, "name", None)
         defaults = TASK_DEFAULTS.get(name) if isinstance(name, str) else None  # a bad name: TaskConfig says so
-        return _merge(defaults, data) if defaults else data
+        return merge_dicts(defaults, data) if defaults else data
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "RunConfig":
@@ -519,46 +519,10 @@ class RunConfig(Strict):
         return self.queue.capacity or (self.queue.max_staleness + 1) * self.generation.prompts_per_step
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ['a.b=1', 'c=x'] into a nested dict; values are parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"config error: override '{pair}' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"config error: override '{pair}' conflicts with an earlier override of '{part}'")
-        node[leaf] = _scalar(raw)
-    return tree
-
-
-def _scalar(raw: str) -> Any:
-    """An override's value as YAML (1, true, null, [a, b]); text that is not YAML (e.g. a template
-    such as {question}>) is taken as it is."""
-    try:
-        return yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
-        return raw
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        parent_loc, key = err["loc"][:-1], err["loc"][-1]
+        parent_loc = err["loc"][:-1]
         model: type[BaseModel] = RunConfig
         for part in parent_loc:
             model = model.model_fields[str(part)].annotation  # type: ignore[assignment]
@@ -600,7 +564,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
             raise ConfigError(f"config error: '{file}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not {type(data).__name__}")
-    return validate_config(_merge(data, parse_overrides(overrides or [])), environment)
+    return validate_config(merge_dicts(data, parse_overrides(overrides or [])), environment)
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:

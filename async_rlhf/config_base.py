@@ -1,6 +1,9 @@
-"""Base pieces shared by the config modules: the one-line error and the strict model."""
+"""Base pieces shared by the config modules: the one-line error, the strict model, `key.sub=value` overrides."""
 from __future__ import annotations
 
+from typing import Any
+
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 
 
@@ -19,3 +22,39 @@ def environment_checks(info: ValidationInfo) -> bool:
     of configs/paper/): those checks then happen when the run starts on the machine it was written for.
     """
     return bool((info.context or {}).get("environment", True))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ['a.b=1', 'c=x'] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"config error: override '{pair}' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: override '{pair}' conflicts with an earlier override of '{part}'")
+        node[leaf] = yaml_scalar(raw)
+    return tree
+
+
+def yaml_scalar(raw: str) -> Any:
+    """An override's value as YAML (1, true, null, [a, b]); text that is not YAML (e.g. a template
+    such as {question}>) is taken as it is."""
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out

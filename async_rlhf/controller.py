@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +37,7 @@ from async_rlhf.resume import (
     take_checkpoints,
 )
 from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.run_summary import run_summary, step_record
 from async_rlhf.sinks import make_sinks
 from async_rlhf.tasks import load_task
 from async_rlhf.timeline import Timeline, record_generation, record_learner_step
@@ -451,7 +452,7 @@ class Controller:
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
         record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
-        record = self._step_record(job, metrics)
+        record = step_record(self, job, metrics)
         self.last_step = record
         self.recorder.log_step(record)
         self.progress(record)
@@ -510,25 +511,6 @@ class Controller:
             time.sleep(1.0)
         raise RunError(f"generator {slot.generator_id} did not come back within {self.cfg.learner.stall_timeout_s:g}s")
 
-    def _step_record(self, job: LearnerJob, metrics: dict) -> dict:
-        scored = [c.reward for g in job.batch for c in g.scored]
-        stale = [job.version - 1 - g.policy_version for g in job.batch]
-        gen_s = self.timing.get("gen_busy_s")
-        return {
-            "step": job.version,
-            "elapsed_s": round(self.timing.elapsed("loop_s"), 3),
-            "reward_mean": sum(scored) / len(scored) if scored else None,
-            "staleness_mean": sum(stale) / len(stale),
-            "staleness_max": max(stale),
-            "queue_depth": len(self.queue),
-            "gen_tokens_per_s": self.timing.get("tokens_generated") / gen_s if gen_s else 0.0,
-            "dropped_stale": self.queue.counters.dropped_stale,
-            "failed_reward": self.queue.counters.failed_reward,
-            "prompt_ids": [g.prompt.prompt_id for g in job.batch],  # coverage: nothing trained twice or lost
-            **self._mc_record(),
-            **{k: v for k, v in metrics.items() if k != "version"},
-        }
-
     # ---- the end ------------------------------------------------------------------------
     def _finish(self, initial: dict) -> dict:
         latest = self.broker.latest()  # None when stopped before the first step
@@ -539,48 +521,12 @@ class Controller:
             self.broker.release(final_ref.version)
         self.recorder.log_eval(final)
         ray.get(self.learner.save_pretrained.remote(str(self.run_dir / "final")))
-        summary = self._summary(initial, final)
+        summary = run_summary(self, initial, final)
         self.recorder.write_summary(summary)
         self.recorder.plot()
         return summary
 
-    def _summary(self, initial: dict, final: dict) -> dict:
-        t, q = self.timing, self.queue.counters
-        loop_s = t.get("loop_s")
-        return {
-            "wall_s": round(loop_s, 3),
-            "setup_s": round(t.get("setup_s"), 3),
-            "gen_busy_s": round(t.get("gen_busy_s"), 3),
-            "weight_sync_s": round(t.get("weight_sync_s"), 3),
-            "learn_busy_s": round(t.get("learn_busy_s"), 3),
-            "publish_s": round(t.get("publish_s"), 3),
-            "wait_s": round(t.get("learner_wait_s"), 3),
-            "eval_s": round(t.get("eval_s"), 3),
-            "episodes": q.consumed * self.cfg.generation.samples_per_prompt,
-            "steps": self.state.steps_taken,
-            "stopped_early": self.state.steps_taken < self.cfg.learner.steps,
-            "max_staleness": self.queue.max_staleness,  # the bound in force at the end (may be changed over HTTP)
-            "max_staleness_configured": self.cfg.queue.max_staleness,
-            "max_staleness_seen": q.max_staleness_seen,
-            "dropped_stale": q.dropped_stale,
-            "failed_reward": q.failed_reward,
-            "nonfinite_steps": self.state.nonfinite_total,
-            "generator_restarts": sum(g.restarts for g in self.generators),
-            "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
-            "tokens_generated": int(t.get("tokens_generated")),
-            "cores_pinned": self.plan.pinned,
-            "initial_gold_reward": initial["gold_reward"],
-            "final_gold_reward": final["gold_reward"],
-            "initial_proxy_reward": initial["proxy_reward"],
-            "final_proxy_reward": final["proxy_reward"],
-            "final_kl": final["kl"],
-            **self._mc_record(),
-            "final_win_rate": final.get("win_rate"),
-            **{f"final_{k}": final.get(k) for k in ("win_rate_vs_initial", "win_rate_vs_initial_se", "win_rate_vs_initial_n")},
-            "data": [asdict(s) for s in getattr(self.task, "stats", [])],  # rows read and skipped (task.name=dataset)
-        }
-
-    def _mc_record(self) -> dict:
+    def mc_record(self) -> dict:
         """VinePPO's MC cost so far (cumulative), or nothing for losses without MC values."""
         return self.mc_cost.record(self.timing.get("gen_busy_s")) if self.mc_request else {}
 

@@ -27,7 +27,8 @@ SMOKE = {
 
 
 def run_bench(name: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "async_rlhf.cli", "bench", name, *SMOKE[name], "--out", str(out)]
+    cli = Path(sys.executable).parent / "async-rlhf"  # the documented console script, not `python -m`
+    cmd = [str(cli), "bench", name, *SMOKE[name], "--out", str(out)]
     if name in ("async_vs_sync", "off_policy", "vineppo_vs_ppo"):
         cmd += ["--runs-dir", str(out.parent / "runs")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PER_TEST_TIMEOUT_S)

@@ -1,4 +1,5 @@
 """End to end through the CLI, as a user runs it: the real Ray + vLLM + DeepSpeed pipeline.
+(The synchronous baseline's end-to-end checks ride on the deterministic run of tests/test_resume.py.)
 
 The embedded policy is built once (cached under the default cache dir, as `make quickstart` does),
 so these runs share its supervised warm start.
@@ -43,29 +44,3 @@ def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Pat
         assert summary[key] > 0, key
     assert (run / "reward.png").stat().st_size > 10_000
     assert (run / "config.yaml").read_text().count("max_staleness: 1") == 1
-
-
-def test_synchronous_baseline_and_final_checkpoint_loads(tmp_path: Path, ray_local) -> None:
-    run = tmp_path / "sync"
-    summary = train(run, "queue.max_staleness=0", "learner.steps=8", "task.eval_prompts=32")
-    assert summary["steps"] == 8 and summary["max_staleness_seen"] == 0
-    assert summary["staleness_histogram"] == {"0": 8 * 16}
-    assert summary["cores_pinned"] is False
-    # The timeline has every step, and in a synchronous run no generation overlaps a learner step.
-    events = read_jsonl(run / "timeline.jsonl")
-    learn = [e for e in events if e["kind"] == "learn"]
-    assert [e["version"] for e in learn] == list(range(1, 9))
-    for gen in (e for e in events if e["kind"] == "generation"):
-        assert all(gen["end"] <= step["start"] + 0.01 or gen["start"] >= step["end"] - 0.01 for step in learn), gen
-    # The final policy loads in transformers and in vLLM (through the generator actor).
-    from transformers import AutoModelForCausalLM
-
-    from actors.generator import GeneratorActor
-    from async_rlhf.config import GenerationConfig
-    from async_rlhf.rollout import Prompt
-
-    AutoModelForCausalLM.from_pretrained(run / "final")
-    actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(run / "final"), GenerationConfig())
-    result = ray_local.get(actor.generate.remote([Prompt(0, "321>", [1, 6, 5, 4, 13])], n=2))
-    assert len(result.groups[0].completions) == 2
-    ray_local.kill(actor)

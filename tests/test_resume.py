@@ -112,9 +112,34 @@ def interrupted_copy(run_dir: Path, dest: Path, keep_step: int) -> None:
             shutil.rmtree(ckpt)
 
 
-def test_deterministic_resume_gives_identical_weights(tmp_path: Path) -> None:
+def check_synchronous_run(run_dir: Path, steps: int, ray) -> None:
+    """A max_staleness=0 run is the synchronous baseline: nothing stale, no core pinning, no generation
+    overlapping a learner step, and its final policy loads in transformers and in vLLM."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.generator import GeneratorActor
+    from async_rlhf.config import GenerationConfig
+    from async_rlhf.rollout import Prompt
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["max_staleness_seen"] == 0
+    assert summary["staleness_histogram"] == {"0": steps * PER_STEP} and summary["cores_pinned"] is False
+    events = [json.loads(line) for line in lines(run_dir / "timeline.jsonl")]
+    learn = [e for e in events if e["kind"] == "learn"]
+    assert [e["version"] for e in learn] == list(range(1, steps + 1))
+    for gen in (e for e in events if e["kind"] == "generation"):
+        assert all(gen["end"] <= step["start"] + 0.01 or gen["start"] >= step["end"] - 0.01 for step in learn), gen
+    AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    actor = ray.remote(GeneratorActor).options(num_cpus=1).remote(0, str(run_dir / "final"), GenerationConfig())
+    result = ray.get(actor.generate.remote([Prompt(0, "321>", [1, 6, 5, 4, 13])], n=2))
+    assert len(result.groups[0].completions) == 2
+    ray.kill(actor)
+
+
+def test_deterministic_resume_gives_identical_weights(tmp_path: Path, ray_local) -> None:
     """Resumed from an earlier checkpoint of a deterministic run (max_staleness=0), the rest of the
-    run repeats exactly: same weights bit for bit, same per-step results, same evals."""
+    run repeats exactly: same weights bit for bit, same per-step results, same evals. The straight run
+    doubles as the synchronous baseline's end-to-end check."""
     import torch
     from safetensors.torch import load_file
 
@@ -123,6 +148,7 @@ def test_deterministic_resume_gives_identical_weights(tmp_path: Path) -> None:
                  "checkpoint.every=2", "checkpoint.keep_last=3"]
     straight, resumed = tmp_path / f"straight-{os.getpid()}", tmp_path / f"resumed-{os.getpid()}"
     run_to_end(straight, overrides)
+    check_synchronous_run(straight, steps, ray_local)
     interrupted_copy(straight, resumed, keep_step)
     err = run_to_end(resumed, overrides, resume=True)
     assert f"at step {keep_step}" in err
