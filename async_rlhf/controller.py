@@ -137,6 +137,7 @@ class Controller:
             self._start_ray()
             self._handle_sigterm()
             self.plan = plan_cores(self.cfg)
+            print("[async-rlhf] starting the learner, generators and reward service", flush=True)
             self._build_components(str(policy_dir))
             if self.resume_from is not None:
                 restore_checkpoint(self, self.resume_from)
@@ -169,7 +170,13 @@ class Controller:
         from the main thread (a controller run inside a thread, as in tests, keeps the default).
         """
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.control.terminate())
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_: Any) -> None:
+        if self.phase == "starting":  # nothing trained yet: waiting for engines and a first eval only delays the stop
+            raise RunError("SIGTERM during start-up: stopped before the first step, nothing to checkpoint; "
+                           "start the run again (or --resume RUN_DIR, whose checkpoints are untouched)")
+        self.control.terminate()
 
     @staticmethod
     def _cores() -> set[int]:

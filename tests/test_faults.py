@@ -82,6 +82,27 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
     assert (checkpoints[0] / "model.safetensors").is_file() and (run_dir / "final" / "model.safetensors").is_file()
 
 
+def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
+           "eval.every=0", "task.eval_prompts=16", "api.enabled=false", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the workers are starting: vLLM engines take many seconds from here
+            if "starting the learner, generators" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # a hang check: without the fix it waited for start-up and two evals
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "SIGTERM during start-up: stopped before the first step" in err
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
+
+
 def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path) -> None:
     import subprocess
     import sys
