@@ -198,7 +198,7 @@ def _add_read_routes(app: FastAPI, auth: Any) -> None:
     @app.get("/history", response_model=History, dependencies=[Depends(auth)])
     def history(request: Request, since: int = Query(0, ge=0, description="skip the first `since` steps")) -> dict:
         rec = _ctl(request).recorder
-        return {"steps": list(rec.steps[since:]), "evals": list(rec.evals)}
+        return {"steps": rec.step_records(since), "evals": list(rec.evals)}
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(auth)])
     def metrics(request: Request) -> PlainTextResponse:

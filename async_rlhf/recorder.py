@@ -9,13 +9,15 @@ from async_rlhf.config import RunConfig, dump_config
 from async_rlhf.plots import pyplot, series as _series
 from async_rlhf.sinks import MetricSink
 
+PLOTTED = ("step", "reward_mean", "kl")  # what reward.png needs of each step; the rest lives in metrics.jsonl only
+
 
 class RunRecorder:
     def __init__(self, run_dir: Path, sinks: list[MetricSink] | None = None) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
-        self.steps: list[dict] = []
+        self.steps: list[dict] = []  # PLOTTED keys only: a long run's full records would grow without bound
         self.evals: list[dict] = []
         self.sinks: list[MetricSink] = list(sinks or [])
 
@@ -26,7 +28,7 @@ class RunRecorder:
         self.sinks.extend(sinks)
 
     def log_step(self, record: dict) -> None:
-        self.steps.append(record)
+        self.steps.append(_plotted(record))
         self._append(self.metrics_path, record)
         for sink in self.sinks:
             sink.log("train", record, record["step"])
@@ -43,12 +45,20 @@ class RunRecorder:
         for sink in sinks:
             sink.close()
 
+    def step_records(self, since: int = 0) -> list[dict]:
+        """Whole step records from `since` on, read back from metrics.jsonl (HTTP /history). The file is
+        appended by the loop's thread meanwhile, so a last line not yet ended is not read."""
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text().split("\n")[:-1]  # the part after the last newline is unfinished
+        return [json.loads(line) for line in lines[since:] if line.strip()]
+
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def truncate(self, metrics_lines: int, eval_lines: int) -> None:
         """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
-        self.steps = self._keep(self.metrics_path, metrics_lines)
+        self.steps = [_plotted(r) for r in self._keep(self.metrics_path, metrics_lines)]
         self.evals = self._keep(self.eval_path, eval_lines)
 
     @staticmethod
@@ -97,3 +107,7 @@ class RunRecorder:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+def _plotted(record: dict) -> dict:
+    return {k: record.get(k) for k in PLOTTED}

@@ -41,3 +41,15 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:  # a log shorter than the checkpoint's count is refused
         RunRecorder(tmp_path).truncate(metrics_lines=9, eval_lines=0)
     assert str(err.value) == f"{tmp_path / 'metrics.jsonl'} has 3 lines, fewer than the 9 the checkpoint counted"
+
+
+def test_memory_holds_only_the_plotted_columns_and_history_reads_whole_records(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path)
+    for step in (1, 2, 3):
+        rec.log_step({"step": step, "reward_mean": 0.1 * step, "kl": 0.0, "prompt_ids": list(range(16))})
+    assert rec.steps[0] == {"step": 1, "reward_mean": 0.1, "kl": 0.0}  # no per-step lists kept for a long run
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "rew')  # the loop's thread is half-way through writing step 4
+    records = rec.step_records(since=1)
+    assert [r["step"] for r in records] == [2, 3] and records[0]["prompt_ids"] == list(range(16))
+    assert RunRecorder(tmp_path / "none").step_records() == []
