@@ -86,19 +86,35 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def mean_curve(runs: list[dict]) -> list[dict]:
+    """Per evaluated version: mean and sd of gold over the runs, and their mean training seconds."""
+    import statistics
+
+    versions = sorted({p["version"] for r in runs for p in r["curve"]})
+    rows = []
+    for v in versions:
+        points = [p for r in runs for p in r["curve"] if p["version"] == v]
+        golds = [p["gold"] for p in points]
+        rows.append({"version": v, "gold": statistics.mean(golds), "sd": statistics.stdev(golds) if len(golds) > 1 else 0.0,
+                     "train_s": statistics.mean(p["train_s"] for p in points), "n": len(points)})
+    return rows
+
+
 def plot(png: Path, runs: list[dict]) -> None:
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = {"vineppo": "#4c72b0", "ppo": "#dd8452"}
-    for r in runs:
-        label = f"{r['arm']} seed {r['seed']}"
-        ax1.plot([p["version"] for p in r["curve"]], [p["gold"] for p in r["curve"]], marker="o",
-                 color=colors[r["arm"]], label=label)
-        ax2.plot([p["train_s"] for p in r["curve"]], [p["gold"] for p in r["curve"]], marker="o",
-                 color=colors[r["arm"]], label=label)
-    ax1.set_xlabel("gradient steps")
-    ax2.set_xlabel("training wall-clock (s, evaluations excluded)")
-    for ax in (ax1, ax2):
+    for arm in [a for a in ARMS if any(r["arm"] == a for r in runs)]:
+        mine = [r for r in runs if r["arm"] == arm]
+        mean = mean_curve(mine)
+        for ax, x in zip(axes, ("version", "train_s")):
+            for r in mine:  # each seed, faint
+                ax.plot([p[x] for p in r["curve"]], [p["gold"] for p in r["curve"]], color=colors[arm], alpha=0.25)
+            ax.errorbar([m[x] for m in mean], [m["gold"] for m in mean], yerr=[m["sd"] for m in mean], marker="o",
+                        capsize=3, color=colors[arm], label=f"{arm} (mean ± sd of {len(mine)} seed(s))")
+    axes[0].set_xlabel("gradient steps")
+    axes[1].set_xlabel("training wall-clock (s, evaluations excluded)")
+    for ax in axes:
         ax.set_ylabel("gold accuracy (arith, exact answer)")
         ax.legend()
     save_figure(fig, png, "VinePPO vs PPO on arith")
