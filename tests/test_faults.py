@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,12 @@ def wait_until(predicate, timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def train_command(run_dir: Path, *overrides: str) -> list[str]:
+    """`async-rlhf train` on the quickstart with a small evaluation, as its own process (so it can be signalled)."""
+    return [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
+            "eval.every=0", "task.eval_prompts=16", *overrides, "--run-dir", str(run_dir)]
 
 
 def kill_generator(ray, controller: Controller) -> int:
@@ -60,12 +68,8 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
 
 
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           "learner.steps=100000", "eval.every=0", "task.eval_prompts=16", "--run-dir", str(run_dir)]
+    cmd = train_command(run_dir, "learner.steps=100000")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: (run_dir / "metrics.jsonl").is_file()
@@ -83,12 +87,8 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           "eval.every=0", "task.eval_prompts=16", "api.enabled=false", "--run-dir", str(run_dir)]
+    cmd = train_command(run_dir, "api.enabled=false")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # the workers are starting: vLLM engines take many seconds from here
@@ -104,18 +104,14 @@ def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path:
 
 
 def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     # A user's loss (loaded by loss.import_path) that always yields NaN: bad input from outside.
     (tmp_path / "broken_loss.py").write_text(
         "def nan_loss(inputs, params):\n"
         "    return (inputs.logps * inputs.mask).sum() * float('nan'), {}\n"
     )
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           "loss.import_path=broken_loss:nan_loss", "learner.max_nonfinite_steps=3", "task.eval_prompts=16",
-           "eval.every=0", "api.enabled=false", "--run-dir", str(run_dir)]
+    cmd = train_command(run_dir, "loss.import_path=broken_loss:nan_loss", "learner.max_nonfinite_steps=3",
+                        "api.enabled=false")
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
