@@ -3,6 +3,7 @@ same step and eval records to the metric sinks (TensorBoard, W&B) the config ena
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
 
 from async_rlhf.config import RunConfig, dump_config
@@ -18,6 +19,7 @@ class RunRecorder:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
         self.steps: list[dict] = []  # PLOTTED keys only: a long run's full records would grow without bound
+        self.step_offsets: list[int] = []  # where each step's line starts in metrics.jsonl, for /history
         self.evals: list[dict] = []
         self.sinks: list[MetricSink] = list(sinks or [])
 
@@ -29,7 +31,7 @@ class RunRecorder:
 
     def log_step(self, record: dict) -> None:
         self.steps.append(_plotted(record))
-        self._append(self.metrics_path, record)
+        self.step_offsets.append(self._append(self.metrics_path, record))
         for sink in self.sinks:
             sink.log("train", record, record["step"])
 
@@ -46,35 +48,43 @@ class RunRecorder:
             sink.close()
 
     def step_records(self, since: int = 0) -> list[dict]:
-        """Whole step records from `since` on, read back from metrics.jsonl (HTTP /history). The file is
-        appended by the loop's thread meanwhile, so a last line not yet ended is not read."""
-        if not self.metrics_path.is_file():
+        """Whole step records from `since` on, read back from metrics.jsonl from that step's line on
+        (HTTP /history polls it). The loop's thread appends meanwhile: a last line not yet ended is not read."""
+        if since >= len(self.step_offsets):
             return []
-        lines = self.metrics_path.read_text().split("\n")[:-1]  # the part after the last newline is unfinished
-        return [json.loads(line) for line in lines[since:] if line.strip()]
+        with self.metrics_path.open("rb") as fh:
+            fh.seek(self.step_offsets[since])
+            lines = fh.read().split(b"\n")[:-1]  # the part after the last newline is unfinished
+        return [json.loads(line) for line in lines if line.strip()]
 
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def truncate(self, metrics_lines: int, eval_lines: int) -> None:
         """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
-        self.steps = [_plotted(r) for r in self._keep(self.metrics_path, metrics_lines)]
-        self.evals = self._keep(self.eval_path, eval_lines)
+        lines = self._keep(self.metrics_path, metrics_lines)
+        self.steps = [_plotted(json.loads(line)) for line in lines]
+        ends = list(accumulate(len(line.encode()) + 1 for line in lines))
+        self.step_offsets = [0, *ends[:-1]] if lines else []
+        self.evals = [json.loads(line) for line in self._keep(self.eval_path, eval_lines)]
 
     @staticmethod
-    def _keep(path: Path, lines: int) -> list[dict]:
+    def _keep(path: Path, lines: int) -> list[str]:
         kept = path.read_text().splitlines()[:lines] if path.is_file() else []
         if len(kept) < lines:
             raise ValueError(f"{path} has {len(kept)} lines, fewer than the {lines} the checkpoint counted")
         tmp = path.with_name(path.name + ".partial")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
-        return [json.loads(line) for line in kept]
+        return kept
 
     @staticmethod
-    def _append(path: Path, record: dict) -> None:
-        with path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    def _append(path: Path, record: dict) -> int:
+        """Append one JSON line; returns the byte offset where it starts."""
+        with path.open("ab") as fh:
+            start = fh.tell()
+            fh.write((json.dumps(record) + "\n").encode())
+        return start
 
     def plot(self) -> Path:
         """reward.png: training (proxy) reward, gold evaluations (and win-rate) over steps; KL to the reference."""

@@ -53,3 +53,14 @@ def test_memory_holds_only_the_plotted_columns_and_history_reads_whole_records(t
     records = rec.step_records(since=1)
     assert [r["step"] for r in records] == [2, 3] and records[0]["prompt_ids"] == list(range(16))
     assert RunRecorder(tmp_path / "none").step_records() == []
+
+
+def test_history_after_a_resume_starts_at_the_right_line(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path)
+    for step in (1, 2, 3, 4):
+        rec.log_step({"step": step, "kl": 0.5})
+    resumed = RunRecorder(tmp_path)
+    resumed.truncate(metrics_lines=3, eval_lines=0)
+    resumed.log_step({"step": 4, "kl": 0.25})
+    assert [r["step"] for r in resumed.step_records(since=2)] == [3, 4]
+    assert resumed.step_records(since=3) == [{"step": 4, "kl": 0.25}] and resumed.step_records(since=4) == []
