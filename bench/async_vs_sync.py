@@ -21,12 +21,11 @@ a bar plot, and a Gantt chart of one N = 1 run.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from async_rlhf.timeline import busy_seconds, read_timeline
 from bench.common import RESULTS, ROOT, save_figure
-from bench.runs import mean_sd, pyplot, save_json, train
+from bench.runs import earlier_runs, mean_sd, pyplot, save_json, train
 
 GEN_SIDE = {"weight_sync", "generation", "mc_rollouts", "reward"}
 LEARN_SIDE = {"learn", "publish"}
@@ -46,14 +45,6 @@ def one_run(config: Path, seed: int, bound: int, steps: int, runs_dir: Path) -> 
             "initial_gold_reward": summary["initial_gold_reward"], "final_gold_reward": summary["final_gold_reward"],
             "final_kl": summary["final_kl"], "max_staleness_seen": summary["max_staleness_seen"],
             "load_avg_1m": summary["load_avg_1m"], "process_s": summary["process_s"]}
-
-
-def earlier_runs(path: Path, steps: int) -> list[dict]:
-    """Runs already in the result file with the same step count: a rerun continues the sweep."""
-    if not path.is_file():
-        return []
-    old = json.loads(path.read_text())
-    return [{k: v for k, v in r.items() if k not in DERIVED} for r in old["runs"]] if old["steps"] == steps else []
 
 
 def speedups(runs: list[dict]) -> list[dict]:
@@ -100,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_async_vs_sync")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_async_vs_sync")
     args = parser.parse_args(argv)
-    runs = earlier_runs(args.out.with_suffix(".json"), args.steps)
+    runs = [{k: v for k, v in r.items() if k not in DERIVED}  # recomputed below with the new runs
+            for r in earlier_runs(args.out.with_suffix(".json"), steps=args.steps)]
     done = {(r["seed"], r["max_staleness"]) for r in runs}
     for seed in args.seeds:  # seed-major: a partial sweep still has complete N = 0 vs N > 0 comparisons
         for bound in args.staleness:

@@ -15,11 +15,10 @@ of the samples it trained on (from the queue's histogram).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from bench.common import RESULTS, ROOT, save_figure
-from bench.runs import mean_sd, pyplot, save_json, train
+from bench.runs import earlier_runs, mean_sd, pyplot, save_json, train
 
 CONFIGS = {"online_dpo": "configs/quickstart.yaml", "ppo": "configs/quickstart_ppo.yaml",
            "rloo": "configs/quickstart_rloo.yaml", "proximal_rloo": "configs/quickstart_proximal_rloo.yaml"}
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_off_policy")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_off_policy")
     args = parser.parse_args(argv)
-    old = args.out.with_suffix(".json")
-    runs = json.loads(old.read_text())["runs"] if old.is_file() else []
+    runs = earlier_runs(args.out.with_suffix(".json"))  # any steps: entries are keyed by mode, loss, N, seed
     done = {(run_mode(r), r["loss"], r["max_staleness"], r["seed"]) for r in runs}
     # Seed-major, then N: a partial sweep has every loss and bound at one seed before a second seed.
     for seed in args.seeds:

@@ -31,6 +31,15 @@ def train(config: Path, overrides: list[str], run_dir: Path) -> dict:
     return {**summary, "process_s": round(time.perf_counter() - start, 2), "load_avg_1m": os.getloadavg()[0]}
 
 
+def earlier_runs(path: Path, **settings: object) -> list[dict]:
+    """The runs already in a sweep's result file, if it was written with the same `settings` (e.g.
+    steps=60): a rerun with the same --out continues the sweep instead of starting over."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    return old["runs"] if all(old.get(k) == v for k, v in settings.items()) else []
+
+
 def mean_sd(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if v is not None]
     if not vals:

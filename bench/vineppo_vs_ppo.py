@@ -19,7 +19,7 @@ from pathlib import Path
 
 from async_rlhf.timeline import read_timeline
 from bench.common import RESULTS, ROOT, save_figure
-from bench.runs import pyplot, save_json, train
+from bench.runs import earlier_runs, pyplot, save_json, train
 
 ARMS = {"vineppo": ("configs/arith_vineppo.yaml", []),
         "ppo": ("configs/arith.yaml", ["loss.name=ppo", "loss.beta=0.05"])}
@@ -41,14 +41,6 @@ def curve(run_dir: Path) -> list[dict]:
     return points
 
 
-def earlier_runs(path: Path, steps: int, every: int) -> list[dict]:
-    """Runs already in the result file with the same steps and evaluation interval: a rerun continues."""
-    if not path.is_file():
-        return []
-    old = json.loads(path.read_text())
-    return old["runs"] if (old["steps"], old["eval_every"]) == (steps, every) else []
-
-
 def one_run(arm: str, seed: int, steps: int, every: int, runs_dir: Path) -> dict:
     config, extra = ARMS[arm]
     run_dir = runs_dir / f"{arm}-seed{seed}"
@@ -68,15 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_vineppo_vs_ppo")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vineppo_vs_ppo")
     args = parser.parse_args(argv)
-    runs = earlier_runs(args.out.with_suffix(".json"), args.steps, args.every)
+    runs = earlier_runs(args.out.with_suffix(".json"), steps=args.steps, eval_every=args.every)
     done = {(r["arm"], r["seed"]) for r in runs}
     for seed in args.seeds:
         for arm in args.arms:
             if (arm, seed) in done:
                 continue
             runs.append(one_run(arm, seed, args.steps, args.every, args.runs_dir))
-            result = {"steps": args.steps, "eval_every": args.every, "runs": runs}
-            save_json(args.out, result)
+            save_json(args.out, {"steps": args.steps, "eval_every": args.every, "runs": runs})
             r = runs[-1]
             print(f"{arm} seed {seed}: gold {r['curve'][0]['gold']:.3f} -> {r['final_gold_reward']:.3f}, "
                   f"train time {r['curve'][-1]['train_s']:.0f}s", flush=True)
