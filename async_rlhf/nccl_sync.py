@@ -92,9 +92,14 @@ def check_next_version(sent: int, version: int) -> None:
 
 
 def check_generator_version(held: int, wanted: int, generator_id: int) -> None:
-    """A generator handed NCCL weights of version `wanted` must already hold them: they are pushed
-    to every generator before the broker publishes the version."""
-    if held != wanted:
+    """A generator handed NCCL weights of version `wanted` must hold them or newer ones.
+
+    Newer is right, not an error: the learner pushes v+1 through its own actor calls, which can reach a
+    generator ahead of a batch the controller queued with a lease of v (any N >= 1, or a changed
+    max_staleness). The batch is then sampled, and tagged, with v+1: its staleness can only be smaller,
+    so the bound holds (fixed delay, which needs exact older versions, is refused with nccl). Older
+    means the push never arrived."""
+    if held < wanted:
         raise VersionError(f"generator {generator_id} holds weights version {held} but was asked to sample with "
                            f"version {wanted}; with weight_sync.transport=nccl versions are pushed by the learner "
                            f"before they are published (a restarted generator has lost its NCCL group)")

@@ -27,6 +27,7 @@ from async_rlhf.config import LearnerConfig, RunConfig
 from async_rlhf.nccl_sync import NcclLayout, nccl_version
 from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
+from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
@@ -136,6 +137,7 @@ class Learner:
         self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
         self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
         self.sender = None  # set by connect_generators (weight_sync.transport=nccl)
+        self.rings: dict[Path, ShmSlotRing] = {}  # weight_sync.transport=shm: the broker's slot ring
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
@@ -288,9 +290,10 @@ class Learner:
 
     def save_weights(self, path: str) -> None:
         """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is
-        broadcast to the generators (connect_generators first); a directory gets `model.safetensors`
-        (HF names) for vLLM's in-place `reload_weights`, written to a temporary name and renamed, so
-        a reader never sees a half-written file.
+        broadcast to the generators (connect_generators first); a `shm-slot://<root>#<k>` location is
+        copied in place into slot k of the broker's ring (HF names; generators load it with the "shm"
+        weight-transfer engine). A plain directory gets `model.safetensors`, written to a temporary name
+        and renamed (an export: tests compare it with the other paths).
         """
         version = nccl_version(path)
         if version is not None:
@@ -298,14 +301,24 @@ class Learner:
                 raise RuntimeError("weight_sync.transport=nccl: connect_generators must run before the first publish")
             self.sender.send(version)
             return
+        slot = parse_slot_location(path)
         with full_parameters(self.policy, self.cfg.learner.zero_stage):
             if not self.rank.is_main:
+                return
+            if slot is not None:
+                self._ring(slot[0]).write(slot[1], hf_state_dict(self.policy))
                 return
             out = Path(path)
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / "model.safetensors.partial"
             save_file(hf_state_dict(self.policy), str(tmp), metadata={"format": "pt"})
             os.replace(tmp, out / "model.safetensors")
+
+    def _ring(self, root: Path) -> ShmSlotRing:
+        """This process's mapping of the broker's slot ring (a resumed run's broker has a new root)."""
+        if self.rings.get(root) is None:
+            self.rings = {root: ShmSlotRing(root)}
+        return self.rings[root]
 
     def weights_digest(self) -> str:
         """sha256 of the full policy weights: equal on every rank while the ranks are in step."""

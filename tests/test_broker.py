@@ -1,17 +1,30 @@
-"""WeightSyncBroker: versions in order, atomic publication, leases protect what generators load."""
+"""WeightSyncBroker over the shared-memory slot ring: versions in order, publication only after the write,
+leases protect what generators load, and a slot is reused in place only once nothing needs its version."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
-from async_rlhf.broker import SharedMemoryTransport, VersionError, WeightSyncBroker
+from async_rlhf.broker import SharedMemoryTransport, VersionError, WeightRef, WeightSyncBroker
+from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 
 
-def publish(broker: WeightSyncBroker, version: int, payload: str = "w") -> None:
-    stage = Path(broker.staging_location(version))
-    (stage / "model.safetensors").write_text(f"{payload}{version}")
-    broker.publish(version)
+def publish(broker: WeightSyncBroker, version: int, value: float | None = None) -> WeightRef:
+    """What the learner and the controller do: write the staged slot, then publish."""
+    root, slot = parse_slot_location(broker.staging_location(version))
+    ShmSlotRing(root).write(slot, {"w": torch.full((4,), float(version if value is None else value))})
+    return broker.publish(version)
+
+
+def content(ref: WeightRef) -> float:
+    root, slot = parse_slot_location(ref.location)
+    return float(ShmSlotRing(root).read(slot)["w"][0])
+
+
+def slot_of(ref: WeightRef) -> int:
+    return parse_slot_location(ref.location)[1]
 
 
 def test_versions_publish_in_order_and_content_is_visible(tmp_path: Path) -> None:
@@ -19,8 +32,7 @@ def test_versions_publish_in_order_and_content_is_visible(tmp_path: Path) -> Non
     assert broker.latest() is None and broker.latest_version == 0
     publish(broker, 1)
     ref = broker.latest()
-    assert ref.version == 1 and ref.transport == "shm"
-    assert (Path(ref.location) / "model.safetensors").read_text() == "w1"
+    assert ref.version == 1 and ref.transport == "shm" and content(ref) == 1.0
     with pytest.raises(VersionError, match="next version to publish is 2"):
         broker.staging_location(3)
     with pytest.raises(VersionError):
@@ -29,10 +41,16 @@ def test_versions_publish_in_order_and_content_is_visible(tmp_path: Path) -> Non
 
 def test_staged_but_unpublished_weights_are_not_visible(tmp_path: Path) -> None:
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
-    publish(broker, 1)
-    broker.staging_location(2)  # the learner is still writing version 2
-    assert broker.latest().version == 1
-    assert not (tmp_path / "shm" / "v2").exists()
+    first = publish(broker, 1)
+    staged = parse_slot_location(broker.staging_location(2))  # the learner is still writing version 2
+    assert broker.latest().version == 1 and staged[1] != slot_of(first)
+
+
+def test_slots_are_reused_in_place_once_their_version_is_collected(tmp_path: Path) -> None:
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)
+    slots = [slot_of(publish(broker, v)) for v in range(1, 7)]
+    assert slots == [0, 1, 0, 1, 0, 1]  # one kept + one being written: two slots, forever
+    assert sorted(p.name for p in (tmp_path / "shm").iterdir()) == ["layout.json", "slot-0.bin", "slot-1.bin"]
 
 
 def test_old_versions_are_collected_unless_leased(tmp_path: Path) -> None:
@@ -40,12 +58,13 @@ def test_old_versions_are_collected_unless_leased(tmp_path: Path) -> None:
     publish(broker, 1)
     leased = broker.lease(1)
     publish(broker, 2)
-    publish(broker, 3)
+    third = publish(broker, 3)
     assert broker.available() == [1, 3]  # 2 collected; 1 kept while a generator may be loading it
-    assert Path(leased.location).exists()
+    assert content(leased) == 1.0 and slot_of(third) not in (slot_of(leased),)
+    publish(broker, 4)  # never into the leased slot
+    assert content(leased) == 1.0
     broker.release(1)
-    assert broker.available() == [3]
-    assert not Path(leased.location).exists()
+    assert broker.available() == [4]
     with pytest.raises(VersionError):
         broker.lease(2)
     with pytest.raises(VersionError):
@@ -74,6 +93,6 @@ def test_fixed_delay_keeps_n_plus_2_versions_from_version_0(tmp_path: Path) -> N
     for version in range(1, 7):
         publish(broker, version)
     assert broker.available() == [0, 3, 4, 5, 6]  # latest - N - 1 ... latest, and 0 while leased
-    assert (Path(leased.location) / "model.safetensors").read_text() == "w0"
+    assert content(leased) == 0.0 and [content(broker.lease(v)) for v in (3, 4, 5, 6)] == [3.0, 4.0, 5.0, 6.0]
     broker.release(0)
     assert broker.available() == [3, 4, 5, 6]

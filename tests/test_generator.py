@@ -5,16 +5,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from actors.generator import GeneratorActor
 from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.config import GenerationConfig
 from async_rlhf.rollout import Prompt
+from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["3914>", "50182>", "7777>", "9081726>"]
+
+
+def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
+    """What the learner and the controller do: write the slot the broker stages, then publish it."""
+    root, slot = parse_slot_location(broker.staging_location(version))
+    ShmSlotRing(root).write(slot, state)
+    return broker.publish(version)
 
 
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
@@ -51,11 +58,9 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
     c = sampled.groups[0].completions[0]
     assert c.logprobs == pytest.approx(hf_token_logprobs(start_dir, prompts[0].token_ids, c.token_ids), abs=1e-4)
 
-    # Publish other weights through the broker, as the learner does, and let the actor load them.
+    # Publish other weights through the broker's slot ring, as the learner does, and let the actor load them.
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
-    stage = Path(broker.staging_location(1))
-    save_file(hf_state_dict(load_causal_lm(new_dir)), str(stage / "model.safetensors"))
-    ref = broker.publish(1)
+    ref = publish(broker, 1, hf_state_dict(load_causal_lm(new_dir)))
     greedy = ray_local.get(actor.generate.remote(prompts, ref, n=1, temperature=0.0))
     assert greedy.policy_version == 1 and greedy.sync_s > 0
     assert all(g.policy_version == 1 for g in greedy.groups)

