@@ -7,9 +7,10 @@ need a GPU; this one is the same protocol with the data in a `ShmSlotRing`, regi
 - trainer: `send_weights(slot)` copies the policy into a ring slot (in place) and, when it was given a
   client, drives the workers' start -> update -> finish itself, as the NCCL engine does;
 - worker: `update_weights({"slot": k})` loads slot k's tensors through the model's own `load_weights`
-  inside vLLM's layer-wise reload (start / finish). That reload is what re-runs each layer's
-  `process_weights_after_loading`, and on CPU that is where the linear weights are re-packed for oneDNN
-  (`dispatch_cpu_unquantized_gemm` drops the plain weight): a plain `param.copy_` would not reach the kernels.
+  and re-runs each layer's `process_weights_after_loading`: on CPU that is where the linear weights are
+  re-packed for oneDNN (`dispatch_cpu_unquantized_gemm` drops the plain weight), so a plain `param.copy_`
+  would not reach the kernels. An unquantized CPU model loads in place (`InPlaceReload`); anything else
+  goes through vLLM's layer-wise reload (start / finish), as its NCCL engine does.
 
 The generator calls the worker side itself (a pull between generation batches, `actors/generator.py`), so
 any version still in the ring can be loaded, older ones included (fixed delay); nothing of the loaded
@@ -28,6 +29,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
+from async_rlhf.weights.inplace_reload import InPlaceReload
 from async_rlhf.weights.shm_ring import ShmSlotRing
 
 BACKEND = "shm"
@@ -59,6 +61,7 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.ring: ShmSlotRing | None = None
+        self.inplace = InPlaceReload(model, vllm_config.model_config.quantization)
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         if self.ring is not None:
@@ -66,6 +69,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         self.ring = ShmSlotRing(Path(init_info.root))
 
     def start_weight_update(self) -> None:
+        if self.inplace.supported:
+            return
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model)
@@ -80,9 +85,15 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     def receive_weights(self, update_info: ShmUpdateInfo) -> None:
         if self.ring is None:
             raise RuntimeError("shm weight transfer: init_transfer_engine must run before update_weights")
-        self.model.load_weights(iter(self.ring.read(update_info.slot).items()))
+        weights = iter(self.ring.read(update_info.slot).items())
+        if self.inplace.supported:
+            self.inplace.load(weights)
+        else:
+            self.model.load_weights(weights)
 
     def finish_weight_update(self) -> None:
+        if self.inplace.supported:
+            return
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)

@@ -1,0 +1,71 @@
+"""InPlaceReload: load a version into a CPU vLLM model's own parameters, then re-pack its GEMM kernels.
+
+vLLM's layer-wise reload (what `reload_weights` and its NCCL engine use) puts every layer back on the
+meta device, allocates it anew, loads it and processes it: on a small model most of a load is that
+Python bookkeeping and the page faults of fresh memory (docs/benchmarks.md "Weight sync"). On CPU the
+only processing an unquantized model needs is the GEMM dispatch (`process_weights_after_loading`:
+oneDNN packs each linear weight and drops the plain one). So this keeps one plain weight tensor per
+linear layer (allocated and touched once, with the loader attributes vLLM recorded at model load),
+puts it back before `model.load_weights` (which maps checkpoint names onto stacked qkv / gate-up
+parameters and copies: one copy), and re-runs each layer's processing (the re-pack) afterwards.
+
+`supported` says when this is exact: CPU, no quantization, every processed layer unquantized; otherwise
+the engine uses the layer-wise reload.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+FAST_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"})
+
+
+def processed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layers whose weights a quant method processes after loading (linear layers, embeddings, lm head)."""
+    return [m for m in model.modules() if type(getattr(m, "quant_method", None)).__name__ in FAST_METHODS]
+
+
+class InPlaceReload:
+    def __init__(self, model: torch.nn.Module, quantization: str | None) -> None:
+        self.model = model
+        self.layers = processed_layers(model)
+        self.plain: dict[torch.nn.Module, torch.nn.Parameter] = {}  # layer -> its persistent plain weight
+        others = [m for m in model.modules() if getattr(m, "quant_method", None) is not None
+                  and m not in self.layers and not _is_attention(m)]
+        self.supported = not torch.cuda.is_available() and quantization is None and not others
+
+    @torch.no_grad()
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for layer in self.layers:
+            self._expose_weight(layer)
+        self.model.load_weights(weights)
+        for layer in self.layers:
+            layer.quant_method.process_weights_after_loading(layer)
+
+    def _expose_weight(self, layer: torch.nn.Module) -> None:
+        """Give a layer whose packing dropped its plain weight that weight back (in model format)."""
+        if layer.weight.numel() > 0:  # kept after packing (embeddings, lm head): loaded in place
+            return
+        if layer not in self.plain:
+            self.plain[layer] = _plain_weight(layer)
+        del layer.weight
+        layer.register_parameter("weight", self.plain[layer])
+
+
+def _plain_weight(layer: torch.nn.Module) -> torch.nn.Parameter:
+    """The model-format weight vLLM recorded for reloading (shape, class, loader), made real and touched."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+    meta = get_layerwise_info(layer).restore_metadata[0]["weight"]
+    weight = restore_layer_refs(materialize_meta_tensor(meta), layer)  # its own __dict__: the record stays intact
+    weight.zero_()  # touch every page once
+    return weight
+
+
+def _is_attention(module: torch.nn.Module) -> bool:
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+
+    return is_deferred_attention_layer(module)
