@@ -66,8 +66,41 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
     assert parse_slot_location(broker.staging_location(2)) == (root, slot + 1)  # v1 is still kept
     ShmSlotRing(root).write(slot, old_state)
     assert greedy(prompts[1:]) == want
+
+    # The trainer side of the same backend drives the round trip itself (push, as vLLM's NCCL trainer
+    # engine does): the old weights go back in through init -> start -> update -> finish.
+    from async_rlhf.weights.shm_engine import ShmTrainerInitInfo, ShmTrainerWeightTransferEngine
+
+    client = ActorClient(ray_local, actor, version=3)
+    trainer = ShmTrainerWeightTransferEngine.trainer_init(ShmTrainerInitInfo(str(tmp_path / "push"), rank=0),
+                                                          client=client)
+    trainer.send_weights(slot=0, state=old_state)
+    assert client.calls == ["init", "start", "update", "finish"]
+    assert greedy(prompts[1:]) == [hf_greedy(old_dir, p.token_ids, 6) for p in prompts[1:]]
     ray_local.kill(actor)
     broker.close()
+
+
+class ActorClient:
+    """vLLM's trainer-side client protocol over a GeneratorActor (start and finish happen inside its
+    receive_weights call, so a batch never sees half-swapped weights)."""
+
+    def __init__(self, ray, actor, version: int) -> None:
+        self.ray, self.actor, self.version, self.calls = ray, actor, version, []
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.calls.append("init")
+        self.ray.get(self.actor.init_weight_transfer.remote(init_info))
+
+    def start_weight_update(self) -> None:
+        self.calls.append("start")
+
+    def update_weights(self, update_info: dict) -> None:
+        self.calls.append("update")
+        self.ray.get(self.actor.receive_weights.remote(update_info, self.version))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.calls.append("finish")
 
 
 def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
