@@ -69,6 +69,7 @@ class GeneratorActor:
         self.version = 0
         self.cores = cores
         self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
+        self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,  # the learner's (model.torch_dtype): behaviour logprobs must match its own
@@ -117,8 +118,12 @@ class GeneratorActor:
                                f"weight load (requests still running)")
 
     def init_weight_transfer(self, init_info: dict) -> None:
-        """Join the learner's weight-sync NCCL group (blocks until every member has joined)."""
+        """Join the learner's weight-sync group (NCCL: blocks until every member has joined). Called again
+        when the group is formed anew after another generator's restart: the old group is left first."""
+        if self.transfer_joined:
+            self.llm.collective_rpc("shutdown_weight_transfer_engine")
         self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+        self.transfer_joined = True
 
     def receive_weights(self, update_info: dict, version: int) -> float:
         """Receive one whole version from the learner's broadcast; seconds taken. One actor call, so

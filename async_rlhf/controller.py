@@ -213,8 +213,7 @@ class Controller:
         if self.fixed_delay and not resumed:  # version 0 as weights a generator can go back to
             publish_weights(self, 0)
         if cfg.weight_sync.transport == "nccl":  # the weight-sync NCCL group: learner rank 0 + every generator
-            ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
-                                                           cfg.generation.tensor_parallel_size))
+            self._connect_generators()
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
                                    self.cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
 
@@ -420,7 +419,15 @@ class Controller:
             slot.pid = info["pid"]
             print(f"[async-rlhf] generator {slot.generator_id} is back (pid {slot.pid}, restart {slot.restarts}); "
                   f"it loads the current weights with its next batch", file=sys.stderr, flush=True)
+            if self.cfg.weight_sync.transport == "nccl":  # its process lost the group: form it anew
+                self._connect_generators()
         slot.recovering = False
+
+    def _connect_generators(self) -> None:
+        """The learner-driven weight group (nccl) with every generator; again after a restart, when the
+        learner also resends the current version (GPU only: never run here, see the README)."""
+        ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
+                                                       self.cfg.generation.tensor_parallel_size))
 
     def _check_stall(self) -> None:
         if self.control.paused:

@@ -102,7 +102,7 @@ def check_generator_version(held: int, wanted: int, generator_id: int) -> None:
     if held < wanted:
         raise VersionError(f"generator {generator_id} holds weights version {held} but was asked to sample with "
                            f"version {wanted}; with weight_sync.transport=nccl versions are pushed by the learner "
-                           f"before they are published (a restarted generator has lost its NCCL group)")
+                           f"before they are published (a restarted generator must rejoin the group first)")
 
 
 def run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:

@@ -281,12 +281,21 @@ class Learner:
     # ------------------------------------------------------------------ publishing
 
     def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
-        """Join the weight-sync NCCL group with the generators (weight_sync.transport=nccl)."""
+        """Join the weight-sync NCCL group with the generators (weight_sync.transport=nccl).
+
+        Called again when a generator was restarted: its process lost the group, so every member forms a
+        new one (the old is shut down on both sides) and the version sent last is sent again, which the
+        restarted generator needs and the others hold already."""
         from learners.weight_sender import NcclWeightSender
 
+        rejoin, sent = self.sender is not None, self.sender.sent if self.sender is not None else self.version
+        if self.sender is not None:
+            self.sender.close()
         layout = NcclLayout(len(handles), tensor_parallel_size)
         self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
-                                       self.cfg.weight_sync, self.rank, self.version)
+                                       self.cfg.weight_sync, self.rank, sent)
+        if rejoin:
+            self.sender.send(sent)
 
     def save_weights(self, path: str) -> None:
         """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is

@@ -52,6 +52,10 @@ class NcclWeightSender:
             lambda: NCCLTrainerWeightTransferEngine.trainer_init(init, client=self.client, source=source),
             cfg.timeout_s, f"NCCL rendezvous of the learner with {layout.world_size - 1} generator worker(s)")
 
+    def close(self) -> None:
+        """Leave the NCCL group (before a new one is formed with a restarted generator)."""
+        self.engine.shutdown()
+
     def send(self, version: int) -> float:
         """Broadcast the policy as `version` to every generator; seconds taken."""
         check_next_version(self.sent, version)
