@@ -11,7 +11,7 @@ from pathlib import Path
 
 from async_rlhf.cli_models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli_models import add_parsers as add_model_parsers
-from async_rlhf.config import ConfigError, RunConfig, load_config
+from async_rlhf.config import ConfigError, RunConfig, config_yaml, load_config
 
 BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "vineppo_vs_ppo", "weight_sync"]
 
@@ -112,10 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import yaml
-
     cfg = load_config(args.config, args.overrides, environment=not args.portable)
-    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(config_yaml(cfg), end="")  # secrets as ***
     if cfg.model.source == "local" and not args.portable:  # the prompts can be checked with the policy's tokenizer, as train does
         from async_rlhf.tasks import load_task
 

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config_base import ConfigError, Strict, environment_checks, merge_dicts, parse_overrides
+from async_rlhf.redaction import readable_saved_config, redacted
 from async_rlhf.task_config import TASK_DEFAULTS, DatasetConfig, TaskConfig
 
 __all__ = ["ConfigError", "DatasetConfig", "Strict", "TASK_DEFAULTS", "TaskConfig", "parse_overrides"]
@@ -343,6 +344,7 @@ class ApiConfig(Strict):
     token: str | None = Field(
         None, min_length=16,
         description="bearer token for /control; default $ASYNC_RLHF_API_TOKEN, else generated into run_dir/api_token",
+        json_schema_extra={"secret": True},  # written as *** (async_rlhf/redaction.py)
     )
 
 
@@ -564,8 +566,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
             raise ConfigError(f"config error: '{file}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not {type(data).__name__}")
+        data = readable_saved_config(data, RunConfig)  # a run's config.yaml has its secrets as ***
     return validate_config(merge_dicts(data, parse_overrides(overrides or [])), environment)
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """The resolved config, secrets written as *** (async_rlhf/redaction.py)."""
+    path.write_text(config_yaml(cfg))
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(redacted(cfg), sort_keys=False)

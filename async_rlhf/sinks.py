@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from async_rlhf.config import RunConfig
+from async_rlhf.redaction import redacted
 
 Kind = Literal["train", "eval"]
 
@@ -70,5 +71,5 @@ def make_sinks(cfg: RunConfig, run_dir: Path) -> list[MetricSink]:
     if cfg.logging.tensorboard:
         sinks.append(TensorBoardSink(run_dir / "tensorboard"))
     if cfg.logging.wandb:
-        sinks.append(WandbSink(run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, cfg.model_dump(mode="json")))
+        sinks.append(WandbSink(run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, redacted(cfg)))
     return sinks

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 PER_STEP = 16
 TIMING_KEYS = {"elapsed_s", "step_s", "gen_tokens_per_s", "queue_depth"}  # wall-clock figures, not results
+SECRET = "s3cret-api-token-0123456789"  # api.token: must reach no file of the run and no output
 
 
 def command(run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
@@ -74,7 +75,8 @@ def results(run_dir: Path) -> list[dict]:
 
 def test_killed_async_run_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path: Path) -> None:
     steps, kill_at = 8, random.randint(5, 7)  # checkpoints at 2 and 4 exist by then
-    overrides = [f"learner.steps={steps}", "queue.max_staleness=1", "checkpoint.every=2", "checkpoint.keep_last=2"]
+    overrides = [f"learner.steps={steps}", "queue.max_staleness=1", "checkpoint.every=2", "checkpoint.keep_last=2",
+                 f"api.token={SECRET}"]
     run_dir = tmp_path / f"resume-async-{os.getpid()}"
     run_and_kill(run_dir, overrides, kill_at)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -85,7 +87,10 @@ def test_killed_async_run_resumes_from_the_previous_checkpoint_when_the_latest_i
     optim = next((latest / "learner" / "engines" / "policy").glob("*optim_states.pt"))
     optim.write_bytes(optim.read_bytes()[:100])  # truncated, as by a full disk
 
-    err = run_to_end(run_dir, overrides, resume=True)
+    err = run_to_end(run_dir, overrides, resume=True)  # config.yaml holds the token as ***: resume still works
+    assert SECRET not in err and "api.token" not in err
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert "token: '***'" in (run_dir / "config.yaml").read_text()
     assert f"checkpoint {latest.name} is not usable: learner/engines/policy/{optim.name} has 100 bytes" in err
     assert f"resumed from {previous} at step {int(previous.name[5:])}" in err
     recs = records(run_dir)
