@@ -23,12 +23,44 @@ class Outcome:
     error: str | None = None
 
 
-def _outcome(score: float | None, error: str | None) -> Outcome:
+MAX_REPLY_BYTES = 16 << 20  # a reply past this is refused unread by the parser, not trusted
+
+
+def _outcome(score: object, error: object) -> Outcome:
+    """One item's result from whatever the server put there: only a finite real number is a reward."""
     if score is None:
-        return Outcome(None, "failed", error or "no score")
-    if not math.isfinite(float(score)):
+        return Outcome(None, "failed", str(error) if error else "no score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        return Outcome(None, "failed", f"non-numeric score {_short(score)}")
+    if not math.isfinite(score):
         return Outcome(None, "failed", f"non-finite score {score}")
     return Outcome(float(score), "ok")
+
+
+def _reply_problem(resp: httpx.Response, n: int) -> str | None:
+    """Why a 200 reply cannot be read as n scores, or None when its shape is right."""
+    kind = resp.headers.get("content-type", "")
+    if "json" not in kind:
+        return f"content type '{kind or 'none'}', expected application/json"
+    if len(resp.content) > MAX_REPLY_BYTES:
+        return f"{len(resp.content)} bytes, more than {MAX_REPLY_BYTES}"
+    try:
+        body = resp.json()
+    except ValueError as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(body, dict) or not isinstance(body.get("scores"), list):
+        return f"expected an object with a 'scores' list, got {_short(body)}"
+    if len(body["scores"]) != n:
+        return f"{len(body['scores'])} scores for {n} items"
+    errors = body.get("errors")
+    if errors is not None and (not isinstance(errors, list) or len(errors) != n):
+        return f"'errors' must be a list of {n} entries, got {_short(errors)}"
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class RemoteRewardClient:
@@ -75,14 +107,12 @@ class RemoteRewardClient:
 
     @staticmethod
     def _parse(resp: httpx.Response, n: int) -> list[Outcome] | tuple[Outcome, bool]:
-        try:
-            body = resp.json()
-            scores, errors = body["scores"], body.get("errors") or [None] * n
-            if len(scores) != n:
-                raise ValueError(f"{len(scores)} scores for {n} items")
-        except (ValueError, KeyError, TypeError) as exc:
-            return Outcome(None, "failed", f"malformed reward server reply: {exc}"), False
-        return [_outcome(s, e) for s, e in zip(scores, errors)]
+        problem = _reply_problem(resp, n)
+        if problem is not None:
+            return Outcome(None, "failed", f"malformed reward server reply: {problem}"), False
+        body = resp.json()
+        errors = body.get("errors") or [None] * n
+        return [_outcome(s, e) for s, e in zip(body["scores"], errors)]
 
     def close(self) -> None:
         self.client.close()
