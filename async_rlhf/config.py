@@ -174,6 +174,10 @@ class RewardConfig(Strict):
     learned: LearnedRewardConfig | None = Field(
         None, description="when set, the train reward comes from this learned reward model instead of reward.train"
     )
+    max_failed_steps: int = Field(
+        3, ge=1, description="learner steps in a row whose batch has no usable train reward: then the run writes a "
+                             "checkpoint and stops (exit 1) naming the first reason, instead of training on nothing"
+    )
 
     @model_validator(mode="after")
     def _one_train_source(self) -> "RewardConfig":

@@ -31,6 +31,7 @@ from async_rlhf.nccl_sync import NcclTransport
 from async_rlhf.placement import generator_options
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
 from async_rlhf.recorder import RunRecorder
+from async_rlhf.redaction import redact_url
 from async_rlhf.resources import plan_cores
 from async_rlhf.resume import (
     broker_versions, claim_weights_location, fail_pending_checkpoints, publish_weights, restore_checkpoint,
@@ -95,6 +96,7 @@ class LoopState:
     last_progress: float = field(default_factory=time.monotonic)  # last learner step (or start)
     nonfinite_run: int = 0  # consecutive learner steps skipped for a non-finite loss
     nonfinite_total: int = 0
+    unrewarded_run: int = 0  # consecutive learner steps whose batch had no usable train reward
 
 
 class Controller:
@@ -471,6 +473,7 @@ class Controller:
         self.recorder.log_step(record)
         self.progress(record)
         self._check_finite(metrics)  # after logging: the skipped steps stay on record
+        self._check_rewarded(job.batch)
         self._maybe_eval(job.version)
         every = self.cfg.checkpoint.every
         if every and job.version % every == 0:
@@ -486,12 +489,37 @@ class Controller:
         st.nonfinite_total += 1
         limit = self.cfg.learner.max_nonfinite_steps
         if st.nonfinite_run >= limit:
-            future = self.control.request_checkpoint()
-            take_checkpoints(self)
-            where = future.result()["path"] if future.exception() is None else f"none ({future.exception()})"
-            raise RunError(f"{st.nonfinite_run} consecutive learner steps had a non-finite loss "
-                           f"(learner.max_nonfinite_steps={limit}); checkpoint: {where}. Lower learner.lr or "
-                           f"loss.beta, or check the rewards")
+            self._stop_with_checkpoint(f"{st.nonfinite_run} consecutive learner steps had a non-finite loss "
+                                       f"(learner.max_nonfinite_steps={limit})",
+                                       "Lower learner.lr or loss.beta, or check the rewards")
+
+    def _check_rewarded(self, batch: list[RolloutGroup]) -> None:
+        """A run whose rewards all fail must not finish as if it had trained: K such steps in a row stop it."""
+        items = [c for g in batch for c in g.completions]
+        failed = [c for c in items if c.reward_status != "ok"]
+        if len(failed) < len(items):
+            self.state.unrewarded_run = 0
+            return
+        self.state.unrewarded_run += 1
+        limit = self.cfg.reward.max_failed_steps
+        if self.state.unrewarded_run >= limit:
+            self._stop_with_checkpoint(
+                f"{self.state.unrewarded_run} learner steps in a row had no usable reward from the train reward "
+                f"({self.reward_source()}): {len(failed)} of {len(items)} items of the last batch failed, the first "
+                f"because: {failed[0].reward_error or failed[0].reward_status} (reward.max_failed_steps={limit})",
+                "Fix the reward model and continue with --resume RUN_DIR")
+
+    def reward_source(self) -> str:
+        reward = self.cfg.reward
+        if reward.remote is not None:
+            return f"remote reward model {redact_url(reward.remote.url)}"
+        return f"learned reward model {reward.learned.path}" if reward.learned else f"scorer '{reward.train}'"
+
+    def _stop_with_checkpoint(self, what: str, fix: str) -> None:
+        future = self.control.request_checkpoint()
+        take_checkpoints(self)
+        where = future.result()["path"] if future.exception() is None else f"none ({future.exception()})"
+        raise RunError(f"{what}; checkpoint: {where}. {fix}")
 
     def _maybe_eval(self, version: int) -> None:
         every = self.cfg.eval.every

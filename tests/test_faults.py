@@ -136,7 +136,7 @@ def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tm
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         f"learner.steps={steps}", "eval.every=0", "task.eval_prompts=16", "api.enabled=false",
         f"reward.remote.url={url}", "reward.remote.timeout_s=0.5", "reward.remote.retries=1",
-        "reward.remote.backoff_s=0.01"])
+        "reward.remote.backoff_s=0.01", f"reward.max_failed_steps={steps}"])  # a whole batch may fail: that's the point
     controller = Controller(cfg, tmp_path)
     try:
         summary = controller.run()
@@ -152,3 +152,33 @@ def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tm
     assert summary["failed_reward"] == counts["failed"] + counts["timed_out"]
     assert sum(counts.values()) == summary["episodes"]
     assert sum(r["skipped_failed"] for r in records) * 4 == summary["failed_reward"]  # whole groups skipped
+
+
+def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_local, tmp_path: Path) -> None:
+    """A real HTTP reward model that answers an HTML error page to every call: the run must not "complete"."""
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse
+
+    from async_rlhf.controller import RunError
+    from async_rlhf.serving import ThreadedServer
+
+    app = FastAPI()
+    app.post("/score")(lambda: HTMLResponse("<html>502 Bad Gateway</html>"))
+    server = ThreadedServer(app)
+    url = server.start()
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        "learner.steps=20", "eval.every=0", "task.eval_prompts=16", "api.enabled=false", f"reward.remote.url={url}",
+        "reward.remote.retries=0", "reward.max_failed_steps=2"])
+    controller = Controller(cfg, tmp_path)
+    try:
+        with pytest.raises(RunError) as caught:
+            controller.run()
+    finally:
+        server.stop()
+    message = str(caught.value)
+    assert message.startswith("2 learner steps in a row had no usable reward from the train reward (remote reward "
+                              f"model {url}): 64 of 64 items of the last batch failed, the first because: malformed "
+                              "reward server reply: content type 'text/html")
+    assert "(reward.max_failed_steps=2); checkpoint: " in message and "--resume RUN_DIR" in message
+    assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").is_file()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
