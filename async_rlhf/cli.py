@@ -12,6 +12,7 @@ from pathlib import Path
 from async_rlhf.cli_models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli_models import add_parsers as add_model_parsers
 from async_rlhf.config import ConfigError, RunConfig, config_yaml, load_config
+from async_rlhf.failures import failure_line
 
 BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "vineppo_vs_ppo", "weight_sync"]
 
@@ -98,6 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except RunError as exc:
         bar.close()
         print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
+        bar.close()
+        print(failure_line(exc, run_dir, args.config), file=sys.stderr, flush=True)
         return 1
     finally:
         bar.close()

@@ -182,3 +182,31 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     assert "(reward.max_failed_steps=2); checkpoint: " in message and "--resume RUN_DIR" in message
     assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").is_file()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def role_pid(title: str) -> int | None:
+    """The pid of the process Ray titled `ray::<title>...` (its actor), if one is running."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(f"ray::{title}".encode()):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_killed_learner_ends_the_run_with_one_line_and_the_traceback_in_error_log(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(run_dir, "learner.steps=400", "api.enabled=false"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, timeout=600)
+    pid = role_pid("Learner")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"[async-rlhf] run failed: the Learner actor died (pid {pid}; its log is under ")
+    assert f"traceback in {run_dir / 'error.log'}" in line and f"--resume {run_dir}`" in line
+    assert "Traceback" not in err and "Traceback" in (run_dir / "error.log").read_text()

@@ -1,0 +1,36 @@
+"""One line for a run that cannot go on: what died, where its log is, and how to continue.
+
+The full traceback goes to RUN_DIR/error.log; the terminal gets a sentence (exit 1), never a traceback.
+"""
+from __future__ import annotations
+
+import re
+import traceback
+from pathlib import Path
+
+RAY_LOGS = "/tmp/ray/session_latest/logs"
+
+
+def what_died(exc: BaseException) -> str:
+    """A Ray actor's death named by its class and pid; any other error by its type and first line."""
+    text = str(exc)
+    actor = re.search(r"class_name: (\w+)", text)
+    if actor is not None:
+        pid = re.search(r"pid: (\d+)", text)
+        where = f" (pid {pid.group(1)}; its log is under {RAY_LOGS})" if pid else f" (logs under {RAY_LOGS})"
+        return f"the {actor.group(1)} actor died{where}"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def failure_line(exc: BaseException, run_dir: Path, config: str) -> str:
+    """Writes the traceback to run_dir/error.log and returns the sentence for the terminal."""
+    log = run_dir / "error.log"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(exc)))
+        where = f"traceback in {log}"
+    except OSError as err:  # the run directory itself is the problem (full disk, permissions)
+        where = f"no traceback written ({err})"
+    return (f"[async-rlhf] run failed: {what_died(exc)}; {where}; continue with "
+            f"`async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)")
