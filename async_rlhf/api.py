@@ -70,6 +70,7 @@ class RewardInfo(BaseModel):
     ok: int
     failed: int
     timed_out: int
+    restarts: int
     healthy: bool
 
 

@@ -174,6 +174,10 @@ class RewardConfig(Strict):
     learned: LearnedRewardConfig | None = Field(
         None, description="when set, the train reward comes from this learned reward model instead of reward.train"
     )
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a dead reward actor (it holds no state); the batches it was "
+                             "scoring are scored again"
+    )
     max_failed_steps: int = Field(
         3, ge=1, description="learner steps in a row whose batch has no usable train reward: then the run writes a "
                              "checkpoint and stops (exit 1) naming the first reason, instead of training on nothing"

@@ -122,6 +122,8 @@ class Controller:
         self.generators: list[GeneratorSlot] = []
         self.last_step: dict = {}
         self.reward_counts = {"ok": 0, "failed": 0, "timed_out": 0}
+        self.reward_pid = 0  # the reward actor's process; a new one is a restart
+        self.reward_restarts = 0
         self.mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
         self.mc_cost = MCCost()
         self.heartbeat = time.monotonic()
@@ -207,7 +209,10 @@ class Controller:
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
         remote = cfg.reward.remote.model_dump() if cfg.reward.remote else None
         learned = cfg.reward.learned.model_dump(mode="json") if cfg.reward.learned else None
-        self.reward = ray.remote(RewardService).options(num_cpus=0).remote(scorers, cfg.reward.timeout_s, remote, learned)
+        # Stateless: Ray restarts it when its process dies, and the controller scores the lost batches again.
+        self.reward = ray.remote(RewardService).options(num_cpus=0, max_restarts=cfg.reward.max_restarts).remote(
+            scorers, cfg.reward.timeout_s, remote, learned)
+        self.reward_pid = ray.get(self.reward.health.remote())["pid"]
         infos = ray.get([g.handle.info.remote() for g in self.generators])
         for slot, info in zip(self.generators, infos):
             slot.pid = info["pid"]
@@ -379,19 +384,21 @@ class Controller:
             self._on_generator_died(slot, exc, version)
             return
         slot.version = result.policy_version
-        mc_rollouts = []
         if result.mc is not None:  # VinePPO's rollouts: the generator's time, counted apart
             self.mc_cost.add_generated(result.mc)
             slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
-            mc_rollouts = result.mc.rollouts
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
         self.timing.add("gen_busy_s", result.gen_s)
         self.timing.add("weight_sync_s", result.sync_s)
         self.timing.add("tokens_generated", result.tokens)
         record_generation(self.timeline, result)
-        # One reward call for responses and MC rollouts: both get the RewardService's failure handling.
-        ref = self.reward.score.remote(result.groups + mc_rollouts)
+        self._score(result)
+
+    def _score(self, result: GenerationResult) -> None:
+        """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
+        rollouts = result.mc.rollouts if result.mc is not None else []
+        ref = self.reward.score.remote(result.groups + rollouts)
         self.state.reward_jobs[ref] = result
         self.reward_started[ref] = time.time()
 
@@ -402,6 +409,26 @@ class Controller:
         slot.recovering, slot.not_before = True, time.monotonic() + 0.5
         print(f"[async-rlhf] generator {slot.generator_id} lost its batch ({type(exc).__name__}); waiting for "
               f"Ray to restart it; its {len(slot.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
+
+    def _on_reward_died(self, exc: Exception) -> None:
+        """Count a restart once per new process, and generate again every batch still being scored: a call
+        sent around the death may never answer, and one that answers late would be too stale to train on.
+        A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
+        reward.max_restarts the health call raises, which ends the run."""
+        pid = ray.get(self.reward.health.remote(), timeout=self.cfg.learner.stall_timeout_s)["pid"]
+        if pid == self.reward_pid:
+            return
+        self.reward_pid, self.reward_restarts = pid, self.reward_restarts + 1
+        print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {pid}, restart "
+              f"{self.reward_restarts}); its batches are scored again", file=sys.stderr, flush=True)
+        for ref in list(self.state.reward_jobs):
+            self.reward_started.pop(ref, None)
+            self._regenerate(self.state.reward_jobs.pop(ref))
+
+    def _regenerate(self, result: GenerationResult) -> None:
+        """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead
+        generator: sampled anew with current weights, each prompt is still trained exactly once."""
+        self.state.reissue.append(([g.prompt for g in result.groups], result.policy_version))
 
     def _on_probe(self, slot: GeneratorSlot, ref: Any) -> None:
         slot.probe = None
@@ -444,8 +471,13 @@ class Controller:
 
     def _on_scored(self, ref: Any) -> None:
         result: GenerationResult = self.state.reward_jobs.pop(ref)
-        scored = ray.get(ref)
         started = self.reward_started.pop(ref, time.time())
+        try:
+            scored = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._on_reward_died(exc)
+            self._regenerate(result)
+            return
         self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
         groups = scored[:len(result.groups)]
         if result.mc is not None:  # values and advantages before the groups can be trained on
@@ -534,12 +566,13 @@ class Controller:
             self.broker.release(version)
 
     def _evaluate(self, weights: WeightRef | None) -> dict:
-        """Gold evaluation on generator 0; if it died meanwhile, once more on its restarted self."""
+        """Gold evaluation on generator 0; if it or the reward actor died meanwhile, once more after the restart."""
         slot = self.generators[0]
         try:
             return self.evaluator.evaluate(slot.handle, weights, self.learner)
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.RayActorError as exc:  # the generator or the reward actor: wait for both
             self._await_restart(slot)
+            self._on_reward_died(exc)
             return self.evaluator.evaluate(slot.handle, weights, self.learner)
 
     def _await_restart(self, slot: GeneratorSlot) -> None:

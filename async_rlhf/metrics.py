@@ -41,6 +41,8 @@ class ControllerCollector:
         yield CounterMetricFamily(PREFIX + "groups_dropped_stale", "Groups dropped beyond max_staleness.", value=q["dropped_stale"])
         yield CounterMetricFamily(PREFIX + "completions_failed_reward", "Completions whose reward failed or timed out.",
                                   value=q["failed_reward"])
+        yield CounterMetricFamily(PREFIX + "reward_restarts", "Restarts of the reward actor (its batches rescored).",
+                                  value=c.reward_restarts)
         yield from self._per_label(q)
         if c.mc_request is not None:
             yield from self._mc_cost()

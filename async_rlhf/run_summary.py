@@ -55,6 +55,7 @@ def run_summary(ctl: "Controller", initial: dict, final: dict) -> dict:
         "failed_reward": q.failed_reward,
         "nonfinite_steps": ctl.state.nonfinite_total,
         "generator_restarts": sum(g.restarts for g in ctl.generators),
+        "reward_restarts": ctl.reward_restarts,
         "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
         "tokens_generated": int(t.get("tokens_generated")),
         "cores_pinned": ctl.plan.pinned,

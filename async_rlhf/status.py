@@ -51,7 +51,7 @@ def reward_status(c: "Controller") -> dict:
     counts = dict(c.reward_counts)
     total = sum(counts.values())
     failed = counts["failed"] + counts["timed_out"]
-    return {**counts, "healthy": total == 0 or failed / total < 0.5}
+    return {**counts, "restarts": c.reward_restarts, "healthy": total == 0 or failed / total < 0.5}
 
 
 def status_snapshot(c: "Controller") -> dict:

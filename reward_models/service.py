@@ -6,6 +6,7 @@ completion `failed` / `timed_out` with the reason; it never becomes a reward of 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from async_rlhf.rollout import Completion, RolloutGroup
@@ -83,4 +84,5 @@ class RewardService:
     def health(self) -> dict:
         remote = {"remote": dict(self.remote.counts)} if self.remote else {}
         remote |= {"learned": str(self.learned.path)} if self.learned else {}
-        return {"ok": True, "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3), **self.counts, **remote}
+        return {"ok": True, "pid": os.getpid(), "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3),
+                **self.counts, **remote}

@@ -210,3 +210,24 @@ def test_a_killed_learner_ends_the_run_with_one_line_and_the_traceback_in_error_
     assert line.startswith(f"[async-rlhf] run failed: the Learner actor died (pid {pid}; its log is under ")
     assert f"traceback in {run_dir / 'error.log'}" in line and f"--resume {run_dir}`" in line
     assert "Traceback" not in err and "Traceback" in (run_dir / "error.log").read_text()
+
+
+def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_path: Path) -> None:
+    run_dir, steps = tmp_path / "run", 40
+    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "api.enabled=false"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    killed = []
+    for at_step in (3, 12):
+        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
+        wait_until(lambda: role_pid("RewardService") not in (None, *killed), timeout=60)  # the restarted one
+        killed.append(role_pid("RewardService"))
+        os.kill(killed[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert summary["steps"] == steps and summary["reward_restarts"] == 2 and "Traceback" not in err
+    trained = sorted(pid for r in records for pid in r["prompt_ids"])
+    assert trained == list(range(steps * 16))  # none lost, none twice
+    assert summary["failed_reward"] == 0 and summary["dropped_stale"] == 0  # generated again, not failed or stale
