@@ -88,9 +88,11 @@ def test_weight_source_streams_whole_hf_tensors(tmp_path, stage) -> None:
 def test_engine_options_on_cpu_and_cuda() -> None:
     gen = GenerationConfig(tensor_parallel_size=4, gpu_memory_utilization=0.6)
     assert engine_options(gen, cuda=False) == {"enforce_eager": True, "enable_chunked_prefill": False,
-                                               "distributed_executor_backend": "uni"}
+                                               "distributed_executor_backend": "uni",
+                                               "logprobs_mode": "processed_logprobs"}
     assert engine_options(gen, cuda=True, weight_transport="nccl") == {
-        "tensor_parallel_size": 4, "gpu_memory_utilization": 0.6, "distributed_executor_backend": "mp",
+        "tensor_parallel_size": 4, "logprobs_mode": "processed_logprobs", "gpu_memory_utilization": 0.6,
+        "distributed_executor_backend": "mp",
         "weight_transfer_config": {"backend": "nccl"}}
     assert "weight_transfer_config" not in engine_options(GenerationConfig(), cuda=True)
 
