@@ -10,6 +10,7 @@ import torch
 from async_rlhf.config import GenerationConfig, RunConfig
 from async_rlhf.rollout import Prompt
 from learners.logprobs import behaviour_logprobs, completion_logprobs, gap_metrics, gap_sums, pack
+from async_rlhf.run_summary import GapTally
 from learners.micro_batches import combine_metrics
 
 LOGITS = torch.tensor([2.0, 0.0, -1.0])
@@ -52,6 +53,14 @@ def test_micro_batches_combine_the_gap_by_tokens_not_rows() -> None:
               {"weight": 0.0, "finite": True, "train_tokens": 1, "forward_tokens": 3, "measures": {}, "gap": {}}]
     combined = combine_metrics(passes)
     assert combined["logprob_gap"] == 0.75 and combined["logprob_gap_fresh"] == 0.0
+
+
+def test_summary_means_the_gap_and_takes_the_worst_fresh_step() -> None:
+    tally = GapTally()
+    assert tally.summary() == {"logprob_gap_mean": None, "logprob_gap_fresh_max": None}
+    for gap, fresh in ((0.2, 1e-6), (0.4, math.nan), (math.nan, math.nan), (0.6, 3e-6)):
+        tally.add({"logprob_gap": gap, "logprob_gap_fresh": fresh})
+    assert tally.summary() == {"logprob_gap_mean": pytest.approx(0.4), "logprob_gap_fresh_max": 3e-6}
 
 
 @pytest.mark.integration
