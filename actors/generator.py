@@ -235,6 +235,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# Behaviour log-probs of the distribution that sampled: after temperature and top-k/top-p masking
+# (vLLM's default, raw_logprobs, is the untempered softmax). Greedy requests get the untempered one.
+LOGPROBS_MODE = "processed_logprobs"
+
+
 def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm") -> dict:
     """vLLM engine arguments that differ between a CUDA generator and a CPU one."""
     transfer = {"weight_transfer_config": {"backend": weight_transport}}
@@ -245,8 +250,8 @@ def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "s
         # engine-core process), instead of two more processes that each import torch and vLLM again
         # (~15 s each on 2 cores; this is most of a run's start-up).
         return {"enforce_eager": True, "enable_chunked_prefill": False, "distributed_executor_backend": "uni",
-                **transfer}
-    options: dict = {"tensor_parallel_size": cfg.tensor_parallel_size,
+                "logprobs_mode": LOGPROBS_MODE, **transfer}
+    options: dict = {"tensor_parallel_size": cfg.tensor_parallel_size, "logprobs_mode": LOGPROBS_MODE,
                      "gpu_memory_utilization": cfg.gpu_memory_utilization}
     if cfg.tensor_parallel_size > 1:
         # The actor holds all TP GPUs itself (one placement bundle): vLLM's own processes, not Ray workers.

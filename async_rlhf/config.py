@@ -427,6 +427,7 @@ class RunConfig(Strict):
 
         self._check_distributed()
         self._check_fixed_delay()
+        self._check_truncated_sampling()
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
 
@@ -455,6 +456,16 @@ class RunConfig(Strict):
         if self.queue.staleness_mode == "fixed" and self.weight_sync.transport == "nccl":
             raise ValueError("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl "
                              "does not keep (it pushes only the newest); use weight_sync.transport=shm")
+
+    def _check_truncated_sampling(self) -> None:
+        """Ratios to a top-p-truncated behaviour policy: the learner sees the full softmax, so every
+        ratio would be off by the kept mass (the generator drops top_p when greedy: no ratio then)."""
+        from learners.losses import LOSSES
+
+        ratios = LOSSES[self.loss.name].needs_behaviour_logprobs or self.loss.importance_sampling != "none"
+        if ratios and self.generation.top_p < 1 and self.generation.temperature > 0:
+            raise ValueError(f"generation.top_p ({self.generation.top_p}) truncates the sampling distribution, "
+                             f"which loss '{self.loss.name}' cannot take ratios to; set generation.top_p=1")
 
     def _check_cuda(self) -> None:
         """GPU-only settings on a machine with no GPU. Checked in the driver only for a local Ray

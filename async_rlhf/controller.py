@@ -38,7 +38,7 @@ from async_rlhf.resume import (
     take_checkpoints,
 )
 from async_rlhf.rollout import Prompt, RolloutGroup
-from async_rlhf.run_summary import run_summary, step_record
+from async_rlhf.run_summary import GapTally, run_summary, step_record
 from async_rlhf.sinks import make_sinks
 from async_rlhf.tasks import load_task
 from async_rlhf.timeline import Timeline, record_generation, record_learner_step
@@ -121,6 +121,7 @@ class Controller:
         self.target_capacity = self.queue.capacity
         self.generators: list[GeneratorSlot] = []
         self.last_step: dict = {}
+        self.gap_tally = GapTally()
         self.reward_counts = {"ok": 0, "failed": 0, "timed_out": 0}
         self.reward_pid = 0  # the reward actor's process; a new one is a restart
         self.reward_restarts = 0
@@ -502,6 +503,7 @@ class Controller:
         record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
         record = step_record(self, job, metrics)
         self.last_step = record
+        self.gap_tally.add(metrics)
         self.recorder.log_step(record)
         self.progress(record)
         self._check_finite(metrics)  # after logging: the skipped steps stay on record

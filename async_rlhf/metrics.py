@@ -36,6 +36,10 @@ class ControllerCollector:
         yield _gauge("max_staleness", "Current staleness bound N.", q["max_staleness"])
         yield _gauge("oldest_sample_age_seconds", "Age of the oldest queued group.", q["oldest_age_s"])
         yield _gauge("reward_mean", "Mean proxy reward of the last training batch.", c.last_step.get("reward_mean"))
+        yield _gauge("logprob_gap", "Mean |learner - behaviour| log-prob of the last step's tokens, before its update.",
+                     c.last_step.get("logprob_gap"))
+        yield _gauge("logprob_gap_fresh", "logprob_gap over the last step's staleness-0 samples (NaN: none).",
+                     c.last_step.get("logprob_gap_fresh"))
         yield CounterMetricFamily(PREFIX + "groups_produced", "Rollout groups put in the queue.", value=q["produced"])
         yield CounterMetricFamily(PREFIX + "groups_consumed", "Rollout groups trained on.", value=q["consumed"])
         yield CounterMetricFamily(PREFIX + "groups_dropped_stale", "Groups dropped beyond max_staleness.", value=q["dropped_stale"])

@@ -4,11 +4,30 @@ Both read the Controller's live state; they are kept here so that the controller
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import math
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from async_rlhf.controller import Controller, LearnerJob
+
+
+@dataclass
+class GapTally:
+    """Each step's logprob_gap / logprob_gap_fresh (learner vs behaviour log-probs), for summary.json.
+    NaN steps (nothing trained, or no staleness-0 sample) are left out; counted since this process started."""
+
+    gaps: list[float] = field(default_factory=list)
+    fresh: list[float] = field(default_factory=list)
+
+    def add(self, metrics: dict) -> None:
+        for values, key in ((self.gaps, "logprob_gap"), (self.fresh, "logprob_gap_fresh")):
+            if not math.isnan(metrics.get(key, math.nan)):
+                values.append(metrics[key])
+
+    def summary(self) -> dict:
+        return {"logprob_gap_mean": sum(self.gaps) / len(self.gaps) if self.gaps else None,
+                "logprob_gap_fresh_max": max(self.fresh, default=None)}
 
 
 def step_record(ctl: "Controller", job: "LearnerJob", metrics: dict) -> dict:
@@ -64,6 +83,7 @@ def run_summary(ctl: "Controller", initial: dict, final: dict) -> dict:
         "initial_proxy_reward": initial["proxy_reward"],
         "final_proxy_reward": final["proxy_reward"],
         "final_kl": final["kl"],
+        **ctl.gap_tally.summary(),
         **ctl.mc_record(),
         "final_win_rate": final.get("win_rate"),
         **{f"final_{k}": final.get(k) for k in ("win_rate_vs_initial", "win_rate_vs_initial_se", "win_rate_vs_initial_n")},

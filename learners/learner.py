@@ -29,7 +29,7 @@ from async_rlhf.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
-from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, mc_advantages, pack
+from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, gap_sums, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.micro_batches import (GroupSize, MicroBatch, combine_metrics, split_by_tokens, split_further,
                                     sum_stats, weigh)
@@ -116,6 +116,7 @@ class Learner:
         self.model_dir = Path(model_dir)
         self.spec = resolve_loss(cfg.loss)  # imports loss.import_path again in this process
         self.version = 0  # == number of train_step calls; the queue's staleness rule relies on it
+        self._fresh: set[int] = set()  # id() of this step's staleness-0 completions
         dtype = cfg.model.torch_dtype
         policy = load_causal_lm(model_dir, dtype)
         # Any valid id will do (padding is masked out); many checkpoints (GPT-2, Llama) define no pad token.
@@ -165,6 +166,8 @@ class Learner:
         sizes, chunks = self._split(groups)
         selections = [self.spec.select(groups[c.start:c.stop]) for c in chunks]
         stats = sum_stats(selections)  # == selecting the whole list (selectors decide group by group)
+        # Staleness-0 rows for logprob_gap_fresh, by identity: selections hold the groups' own completions.
+        self._fresh = {id(c) for g in groups if g.policy_version == self.version for c in g.completions}
         # Ranks skip together and run as many passes (ZeRO-3 gathers parameters collectively in each
         # forward), or one would wait forever.
         if all_agree(any(len(s) for s in selections), self.device):
@@ -174,7 +177,8 @@ class Learner:
                 selections = [self.spec.select(groups[c.start:c.stop]) for c in chunks]
             metrics = self._optimize([MicroBatch(s, self._pack(s), w) for s, w in weigh(selections, count)])
         else:
-            metrics = {"loss": math.nan, "kl": math.nan, "train_tokens": 0, "nonfinite": 0,
+            metrics = {"loss": math.nan, "kl": math.nan, "logprob_gap": math.nan, "logprob_gap_fresh": math.nan,
+                       "train_tokens": 0, "nonfinite": 0,
                        "optimizer_step": 0, "micro_batches": 0, "nonfinite_micro_batches": 0}
         self.version += 1
         return {**stats, **metrics, "version": self.version, "step_s": time.perf_counter() - start}
@@ -199,7 +203,9 @@ class Learner:
         """
         with torch.no_grad():  # one micro-batch at a time: only the [B, C] results are kept
             for mb in (mb for mb in micro if mb.weight > 0):  # a padding pass reads neither
-                mb.ref_logps = completion_logprobs(self.reference, mb.batch)
+                # At the sampling temperature too: KL(pi_T || ref_T) is 0 at the start and the
+                # reference enters PPO's shaped rewards next to the (tempered) behaviour log-probs.
+                mb.ref_logps = completion_logprobs(self.reference, mb.batch, self.temperature)
                 mb.old_values = self.value.values(mb.batch) if self.value else None
         epochs: list[dict] = []
         for _ in range(self.cfg.loss.ppo_epochs):
@@ -227,20 +233,30 @@ class Learner:
 
     def _accumulate(self, mb: MicroBatch) -> dict:
         """Forward one micro-batch; if its loss is finite on every rank, backward it scaled by its weight."""
-        logps = completion_logprobs(self.engine, mb.batch)
+        logps = completion_logprobs(self.engine, mb.batch, self.temperature)
         values = self.value.values(mb.batch) if self.value else None
+        gap: dict = {}
         if mb.weight > 0:
             inputs = self._inputs(mb.selection, mb.batch, logps, mb.ref_logps, values, mb.old_values)
             loss, measures = self.spec.fn(inputs, self.cfg.loss)
             kl = ((logps.detach() - mb.ref_logps) * mb.batch.completion_mask).sum(-1).mean()
             measures = {**measures, "loss": float(loss.detach()), "kl": float(kl)}
+            gap = gap_sums(logps, inputs.behaviour_logps, inputs.mask, self._fresh_rows(mb.selection))
         else:
             loss, measures = padding_loss(logps, values), {}
         finite = all_agree(bool(torch.isfinite(loss)), self.device)
         if finite:
             self.engine.backward(loss * mb.weight)  # weight 1.0 (one micro-batch) is exact: today's step
         return {"weight": mb.weight, "finite": finite, "train_tokens": mb.batch.num_completion_tokens,
-                "forward_tokens": mb.batch.num_tokens, "measures": measures}
+                "forward_tokens": mb.batch.num_tokens, "measures": measures, "gap": gap}
+
+    @property
+    def temperature(self) -> float:
+        """The generators' sampling temperature: log-probs are taken of that distribution (logprobs.py)."""
+        return self.cfg.generation.temperature
+
+    def _fresh_rows(self, selection: Selection) -> torch.Tensor:
+        return torch.tensor([id(c) in self._fresh for c in selection.completions], device=self.device)
 
     def _inputs(self, selection: Selection, batch: PackedBatch, logps: torch.Tensor, ref_logps: torch.Tensor,
                 values: torch.Tensor | None = None, old_values: torch.Tensor | None = None) -> LossInputs:

@@ -67,9 +67,17 @@ def completion_positions(batch: PackedBatch, device: torch.device | str) -> torc
     return pos.clamp(max=batch.input_ids.shape[1] - 1)
 
 
-def completion_logprobs(model: Callable[..., Any], batch: PackedBatch) -> torch.Tensor:
-    """[B, C] log p(completion token j | prompt, completion[:j]) in float32, 0 at padding.
+def logprob_temperature(temperature: float) -> float:
+    """The divisor of the logits: the sampling temperature, 1 for greedy (0), as vLLM's sampler does
+    (its logprobs of a greedy request are the untempered softmax)."""
+    return temperature if temperature > 0 else 1.0
 
+
+def completion_logprobs(model: Callable[..., Any], batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """[B, C] log p_T(completion token j | prompt, completion[:j]) in float32, 0 at padding.
+
+    p_T = softmax(logits / T), the distribution the generator sampled from at `temperature` T
+    (generation.temperature), so ratios to the behaviour log-probs compare like with like.
     `model` is anything called as model(input_ids=, attention_mask=) returning `.logits` [B, T, V]
     (an HF causal LM or a DeepSpeed engine wrapping one). Grad flows when the caller allows it.
     """
@@ -77,7 +85,7 @@ def completion_logprobs(model: Callable[..., Any], batch: PackedBatch) -> torch.
     _, width, vocab = logits.shape
     pos = completion_positions(batch, logits.device)
     # Gather only the needed positions before the softmax normaliser: O(B*C*V) instead of O(B*T*V).
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, vocab)).float()
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, vocab)).float() / logprob_temperature(temperature)
     targets = batch.input_ids.to(logits.device).gather(1, (pos + 1).clamp(max=width - 1))
     logp = picked.gather(-1, targets[..., None]).squeeze(-1) - picked.logsumexp(-1)
     mask = batch.completion_mask.to(logits.device) > 0
@@ -111,3 +119,24 @@ def mc_advantages(completions: list[Completion], width: int) -> torch.Tensor:
             raise ValueError(f"completion {i} has {got} MC advantages for {len(comp.token_ids)} tokens")
         out[i, : len(comp.advantages)] = torch.tensor(comp.advantages, dtype=torch.float32)
     return out
+
+
+def gap_sums(logps: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, fresh: torch.Tensor) -> dict[str, float]:
+    """Sums behind `logprob_gap` (mean |learner - behaviour| log-prob per trained token) and
+    `logprob_gap_fresh` (the same over rows sampled by the learner's current version, `fresh` [B]
+    bool): sums, not means, so micro-batches combine token-weighted."""
+    gap = (logps.detach() - behaviour).abs() * mask
+    fresh_mask = mask * fresh[:, None].to(mask.dtype)
+    return {"gap_sum": float(gap.sum()), "gap_tokens": float(mask.sum()),
+            "gap_fresh_sum": float((gap * fresh_mask).sum()), "gap_fresh_tokens": float(fresh_mask.sum())}
+
+
+def gap_metrics(sums: list[dict[str, float]]) -> dict[str, float]:
+    """`logprob_gap` and `logprob_gap_fresh` from micro-batches' `gap_sums`; NaN where no token counts."""
+    total = {k: sum(s[k] for s in sums) for k in ("gap_sum", "gap_tokens", "gap_fresh_sum", "gap_fresh_tokens")}
+    return {"logprob_gap": _ratio(total["gap_sum"], total["gap_tokens"]),
+            "logprob_gap_fresh": _ratio(total["gap_fresh_sum"], total["gap_fresh_tokens"])}
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")

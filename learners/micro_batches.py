@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learners.logprobs import PackedBatch
+from learners.logprobs import PackedBatch, gap_metrics
 from learners.losses import Selection
 
 
@@ -130,13 +130,14 @@ def weigh(selections: list[Selection], count: int) -> list[tuple[Selection, floa
 
 def combine_metrics(passes: list[dict]) -> dict:
     """One epoch's metrics from its passes: measures (loss, kl, the loss's metrics) averaged with
-    the passes' row weights, token counts summed, padding passes (weight 0) left out of both."""
+    the passes' row weights, token counts summed, padding passes (weight 0) left out of both;
+    logprob_gap token-weighted (a mean over tokens, not rows)."""
     real = [p for p in passes if p["weight"] > 0]
     measures = {}
     for key in dict.fromkeys(k for p in real for k in p["measures"]):  # ordered union of the keys
         having = [p for p in real if key in p["measures"]]
         measures[key] = sum(p["weight"] * p["measures"][key] for p in having) / sum(p["weight"] for p in having)
-    return {**measures,
+    return {**measures, **gap_metrics([p["gap"] for p in real if p.get("gap")]),
             "train_tokens": sum(p["train_tokens"] for p in real),
             "forward_tokens": sum(p["forward_tokens"] for p in real),
             "micro_batches": len(passes),

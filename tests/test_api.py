@@ -78,7 +78,8 @@ def test_read_endpoints(live) -> None:
 
     names = {f.name for f in text_string_to_metric_families(metrics)}
     assert {"async_rlhf_learner_version", "async_rlhf_queue_depth", "async_rlhf_groups_consumed",
-            "async_rlhf_trained_groups_by_staleness", "async_rlhf_generator_tokens_per_second"} <= names
+            "async_rlhf_trained_groups_by_staleness", "async_rlhf_generator_tokens_per_second",
+            "async_rlhf_logprob_gap", "async_rlhf_logprob_gap_fresh"} <= names
     assert "/control/max_staleness" in c.get("/openapi.json").json()["paths"]
     assert "<svg" in c.get("/").text
 

@@ -62,6 +62,21 @@ def test_config_messages_are_exact(override: str, message: str) -> None:
     assert str(err.value) == E + message
 
 
+TRUNCATED_SAMPLING = "generation.top_p (0.9) truncates the sampling distribution, which loss '{}' cannot take ratios to; set generation.top_p=1"
+
+
+@pytest.mark.parametrize("loss", ["grpo", "ppo", "proximal_rloo"])
+def test_top_p_with_behaviour_ratios_is_refused(loss: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, [f"loss.name={loss}", "generation.top_p=0.9", "generation.samples_per_prompt=2"])
+    assert str(err.value) == E + TRUNCATED_SAMPLING.format(loss)
+
+
+def test_top_p_without_ratios_or_when_greedy_is_accepted() -> None:
+    load_config(QUICKSTART, ["generation.top_p=0.9"])  # online_dpo: no behaviour log-probs
+    load_config(QUICKSTART, ["loss.name=grpo", "generation.top_p=0.9", "generation.temperature=0"])
+
+
 def test_there_are_at_least_thirty_cases_in_this_file() -> None:
     assert len(CONFIG_CASES) + 4 + len(RESUME_CASES) >= 30  # + the run-directory / CLI / resume cases below
 

@@ -17,7 +17,8 @@ from learners.losses.pg import (
 from learners.losses.registry import LossInputs, LossParams, register_loss
 
 
-@register_loss("grpo", min_samples_per_prompt=2, needs_reference=True, supports_importance_sampling=True)
+@register_loss("grpo", min_samples_per_prompt=2, needs_reference=True, supports_importance_sampling=True,
+               needs_behaviour_logprobs=True)
 def grpo(inputs: LossInputs, params: LossParams) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO (outcome supervision), token-level clipped surrogate with a k3 KL penalty:
 

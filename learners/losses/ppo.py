@@ -9,7 +9,7 @@ from learners.losses.registry import LossInputs, LossParams, register_loss
 
 
 @register_loss("ppo", min_samples_per_prompt=1, needs_reference=True, needs_value_model=True,
-               supports_epochs=True)
+               supports_epochs=True, needs_behaviour_logprobs=True)
 def ppo(inputs: LossInputs, params: LossParams) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO with a value model, per token (the RLHF recipe of Ouyang et al. 2022):
 

@@ -15,7 +15,9 @@ A loss is two functions plus a few declarations, bundled in a `LossSpec`:
     `supports_epochs` (the loss stays right over several optimizer steps on one batch, because its
     anchors - behaviour log-probs, old values - are fixed before the first: `loss.ppo_epochs`).
     `needs_mc_values` (the generators estimate VinePPO's Monte Carlo values and the learner passes
-    per-token `advantages`).
+    per-token `advantages`), `needs_behaviour_logprobs` (the loss takes ratios to the behaviour
+    policy even with loss.importance_sampling=none: config validation refuses generation.top_p < 1,
+    whose truncated distribution the learner cannot reproduce).
 The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
 """
 from __future__ import annotations
@@ -108,6 +110,7 @@ class LossSpec:
     needs_value_model: bool = False
     supports_epochs: bool = False
     needs_mc_values: bool = False
+    needs_behaviour_logprobs: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -116,7 +119,7 @@ LOSSES: dict[str, LossSpec] = {}
 def register_loss(
     name: str, *, min_samples_per_prompt: int, needs_reference: bool, select: Selector | None = None,
     supports_importance_sampling: bool = False, needs_value_model: bool = False, supports_epochs: bool = False,
-    needs_mc_values: bool = False,
+    needs_mc_values: bool = False, needs_behaviour_logprobs: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`.
 
@@ -139,6 +142,7 @@ def register_loss(
             needs_value_model=needs_value_model,
             supports_epochs=supports_epochs,
             needs_mc_values=needs_mc_values,
+            needs_behaviour_logprobs=needs_behaviour_logprobs,
         )
         return fn
 

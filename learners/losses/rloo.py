@@ -53,7 +53,7 @@ def rloo(inputs: LossInputs, params: LossParams) -> tuple[torch.Tensor, dict[str
 
 
 @register_loss("proximal_rloo", min_samples_per_prompt=2, needs_reference=True,
-               supports_importance_sampling=True)
+               supports_importance_sampling=True, needs_behaviour_logprobs=True)
 def proximal_rloo(inputs: LossInputs, params: LossParams) -> tuple[torch.Tensor, dict[str, float]]:
     """Proximal RLOO: RLOO's advantage with a PPO-clipped *sequence-level* ratio, averaged over sequences:
 

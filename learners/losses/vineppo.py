@@ -43,7 +43,7 @@ def select_valued(groups: list[RolloutGroup]) -> Selection:
 
 
 @register_loss("vineppo", min_samples_per_prompt=1, needs_reference=True, select=select_valued,
-               supports_importance_sampling=True, needs_mc_values=True)
+               supports_importance_sampling=True, needs_mc_values=True, needs_behaviour_logprobs=True)
 def vineppo(inputs: LossInputs, params: LossParams) -> tuple[torch.Tensor, dict[str, float]]:
     """VinePPO: PPO without a critic; each token takes its reasoning step's Monte Carlo advantage.
 
