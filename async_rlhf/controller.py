@@ -28,7 +28,7 @@ from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
 from async_rlhf.nccl_sync import NcclTransport
-from async_rlhf.placement import generator_options
+from async_rlhf.placement import check_started_cluster, generator_options, use_gpus
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.resources import plan_cores
@@ -136,7 +136,8 @@ class Controller:
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self._start_ray()
             self._handle_sigterm()
-            self.plan = plan_cores(self.cfg)
+            check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
+            self.plan = plan_cores(self.cfg, gpus=use_gpus())
             print("[async-rlhf] starting the learner, generators and reward service", flush=True)
             self._build_components(str(policy_dir))
             if self.resume_from is not None:
