@@ -81,7 +81,7 @@ class GeneratorActor:
         samples N versions behind, and an evaluation may have loaded a newer one meanwhile). NCCL weights
         are not loaded here: the learner pushed them (receive_weights) before the broker published them,
         so this only checks that this generator holds that version (fixed delay is refused with nccl)."""
-        if ref.transport == "nccl":
+        if ref.transport in ("nccl", "ipc"):
             check_generator_version(self.version, ref.version, self.generator_id)
             return 0.0
         if ref.transport != "shm":
@@ -218,8 +218,8 @@ def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "s
     if cfg.tensor_parallel_size > 1:
         # The actor holds all TP GPUs itself (one placement bundle): vLLM's own processes, not Ray workers.
         options["distributed_executor_backend"] = "mp"
-    if weight_transport == "nccl":
-        options["weight_transfer_config"] = {"backend": "nccl"}
+    if weight_transport in ("nccl", "ipc"):
+        options["weight_transfer_config"] = {"backend": weight_transport}
     return options
 
 

@@ -27,6 +27,7 @@ from async_rlhf.config import RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
+from async_rlhf.config import PUSHED_TRANSPORTS
 from async_rlhf.nccl_sync import NcclTransport
 from async_rlhf.placement import check_started_cluster, generator_options, use_gpus
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
@@ -190,7 +191,8 @@ class Controller:
         resumed = self.first_version
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"
         claim_weights_location(self.run_dir, weights_root)
-        transport = NcclTransport() if cfg.weight_sync.transport == "nccl" else SharedMemoryTransport(weights_root)
+        pushed = cfg.weight_sync.transport in PUSHED_TRANSPORTS
+        transport = NcclTransport(cfg.weight_sync.transport) if pushed else SharedMemoryTransport(weights_root)
         keep, initial = broker_versions(cfg, resumed)
         self.broker = WeightSyncBroker(transport, keep, initial_version=initial)  # _restore publishes `resumed`
         # One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py).
@@ -213,7 +215,7 @@ class Controller:
         ray.get(self.learner.__ray_ready__.remote())
         if self.fixed_delay and not resumed:  # version 0 as weights a generator can go back to
             publish_weights(self, 0)
-        if cfg.weight_sync.transport == "nccl":  # the weight-sync NCCL group: learner rank 0 + every generator
+        if pushed:  # nccl: the weight-sync group of learner rank 0 + every generator; ipc: the shared-GPU handshake
             ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
                                                            cfg.generation.tensor_parallel_size))
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,

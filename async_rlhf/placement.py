@@ -62,6 +62,11 @@ def in_bundle(pg: Any, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
+def learner_gpus(cfg: RunConfig) -> float:
+    """GPUs of the (single-rank) learner actor: its memory share of the one GPU with ipc, else one."""
+    return cfg.learner.gpu_memory_fraction if cfg.weight_sync.transport == "ipc" else 1
+
+
 def generator_options(cfg: RunConfig) -> list[dict[str, Any]]:
     """Ray actor options of each generator: on GPUs, one bundle of tensor_parallel_size GPUs per
     generator (one bundle keeps a generator's TP workers on one node, as NVLink-bound TP wants)."""
@@ -69,6 +74,8 @@ def generator_options(cfg: RunConfig) -> list[dict[str, Any]]:
     base: dict[str, Any] = {"num_cpus": 1, "max_restarts": gen.max_restarts}
     if not use_gpus():
         return [base] * gen.num_generators
+    if cfg.weight_sync.transport == "ipc":  # a fraction: Ray puts it next to the learner on the one GPU
+        return [{**base, "num_gpus": gen.gpu_memory_utilization}]
     tp = gen.tensor_parallel_size
     pg = reserve([{"CPU": 1, "GPU": tp}] * gen.num_generators, cfg.ray.placement_strategy,
                  cfg.learner.stall_timeout_s, f"generation.num_generators={gen.num_generators}")

@@ -280,8 +280,12 @@ class Learner:
 
     def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
         """Join the weight-sync NCCL group with the generators (weight_sync.transport=nccl)."""
-        from learners.weight_sender import NcclWeightSender
+        from learners.weight_sender import IpcWeightSender, NcclWeightSender
 
+        if self.cfg.weight_sync.transport == "ipc":  # one generator on this learner's GPU
+            self.sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
+                                          self.rank, self.version)
+            return
         layout = NcclLayout(len(handles), tensor_parallel_size)
         self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
                                        self.cfg.weight_sync, self.rank, self.version)
