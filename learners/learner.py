@@ -111,6 +111,9 @@ class Learner:
         import deepspeed
 
         torch.manual_seed(cfg.seed)
+        if cfg.weight_sync.transport == "ipc" and torch.cuda.is_available():
+            # The GPU is shared with vLLM: stay inside the share the config checked (an OOM here, not in vLLM).
+            torch.cuda.set_per_process_memory_fraction(cfg.learner.gpu_memory_fraction)
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.spec = resolve_loss(cfg.loss)  # imports loss.import_path again in this process
