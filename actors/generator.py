@@ -86,10 +86,10 @@ class GeneratorActor:
 
         shm weights may be of any version still in the broker's ring, older than the ones held included
         (queue.staleness_mode=fixed samples N versions behind, and an evaluation may have loaded a newer
-        one meanwhile). NCCL weights are not loaded here: the learner pushed them (receive_weights) before
-        the broker published them, so this only checks that this generator holds that version or a newer
-        one (fixed delay is refused with nccl)."""
-        if ref.transport == "nccl":
+        one meanwhile). Pushed weights (nccl, ipc) are not loaded here: the learner pushed them
+        (receive_weights) before the broker published them, so this only checks that this generator holds
+        that version or a newer one (fixed delay is refused with them)."""
+        if ref.transport in ("nccl", "ipc"):
             check_generator_version(self.version, ref.version, self.generator_id)
             return 0.0
         slot = parse_slot_location(ref.location) if ref.transport == "shm" else None

@@ -308,15 +308,20 @@ class LearnerConfig(Strict):
     stall_timeout_s: float = Field(
         600.0, gt=0, description="stop with an error when no learner step finishes for this long (never hang)"
     )
+    gpu_memory_fraction: float = Field(
+        0.45, gt=0, lt=1, description="weight_sync.transport=ipc (one shared GPU): the learner's share of it; "
+                                      "with generation.gpu_memory_utilization it must fit in 0.95 of the GPU",
+    )
     max_nonfinite_steps: int = Field(
         3, ge=1, description="consecutive steps with a non-finite loss (each skipped) before the run stops with a checkpoint"
     )
 
 
 class WeightSyncConfig(Strict):
-    transport: Literal["shm", "nccl"] = Field(
-        "shm", description="shm: safetensors in shared memory (CPU or GPU); nccl: bucketed broadcast from learner "
-                           "rank 0 to every generator through vLLM's weight-transfer engine (GPU only)",
+    transport: Literal["shm", "nccl", "ipc"] = Field(
+        "shm", description="shm: safetensors in shared memory (CPU or GPU, one node); nccl: bucketed broadcast from "
+                           "learner rank 0 to every generator through vLLM's weight-transfer engine (GPUs, one or "
+                           "more nodes); ipc: vLLM's CUDA IPC engine, learner and one generator sharing ONE GPU",
     )
     shm_root: Path = Path("/dev/shm")
     keep_versions: int = Field(2, ge=1)
@@ -324,6 +329,19 @@ class WeightSyncConfig(Strict):
     timeout_s: float = Field(
         300.0, gt=0, description="nccl: a rendezvous or broadcast that takes longer fails with an error (never a hang)"
     )
+
+
+PUSHED_TRANSPORTS = ("nccl", "ipc")  # the learner pushes each version into the generators' GPU memory
+# Left to the CUDA context, NCCL/cuBLAS workspaces and fragmentation of the two processes sharing a GPU.
+SHARED_GPU_HEADROOM = 0.05
+
+
+def check_memory_split(generator_share: float, learner_share: float) -> None:
+    """One GPU shared by vLLM and the learner: their shares must leave SHARED_GPU_HEADROOM free."""
+    if generator_share + learner_share > 1 - SHARED_GPU_HEADROOM:
+        raise ValueError(f"generation.gpu_memory_utilization ({generator_share:g}) + learner.gpu_memory_fraction "
+                         f"({learner_share:g}) exceed {1 - SHARED_GPU_HEADROOM:g} of the one GPU they share "
+                         f"(weight_sync.transport=ipc); lower one of them, e.g. generation.gpu_memory_utilization=0.45")
 
 
 class RayConfig(Strict):
@@ -428,6 +446,7 @@ class RunConfig(Strict):
         self._check_distributed()
         self._check_fixed_delay()
         self._check_truncated_sampling()
+        self._check_shared_gpu()
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
 
@@ -453,9 +472,21 @@ class RunConfig(Strict):
 
     def _check_fixed_delay(self) -> None:
         # An NCCL broadcast pushes each new version into the generators: no older version is left to sample with.
-        if self.queue.staleness_mode == "fixed" and self.weight_sync.transport == "nccl":
-            raise ValueError("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl "
-                             "does not keep (it pushes only the newest); use weight_sync.transport=shm")
+        transport = self.weight_sync.transport
+        if self.queue.staleness_mode == "fixed" and transport in PUSHED_TRANSPORTS:
+            raise ValueError(f"queue.staleness_mode=fixed samples with older versions, which weight_sync.transport="
+                             f"{transport} does not keep (it pushes only the newest); use weight_sync.transport=shm")
+
+    def _check_shared_gpu(self) -> None:
+        if self.weight_sync.transport != "ipc":
+            return
+        gen, ranks = self.generation, self.learner.num_ranks
+        if gen.num_generators > 1 or ranks > 1 or gen.tensor_parallel_size > 1:
+            raise ValueError(f"weight_sync.transport=ipc shares one GPU between one generator and one learner rank "
+                             f"(got generation.num_generators={gen.num_generators}, learner.num_ranks={ranks}, "
+                             f"generation.tensor_parallel_size={gen.tensor_parallel_size}); use "
+                             f"weight_sync.transport=nccl across GPUs or nodes")
+        check_memory_split(gen.gpu_memory_utilization, self.learner.gpu_memory_fraction)
 
     def _check_truncated_sampling(self) -> None:
         """Ratios to a top-p-truncated behaviour policy: the learner sees the full softmax, so every
@@ -475,9 +506,9 @@ class RunConfig(Strict):
         if self.model.dtype == "bfloat16":
             raise ValueError("model.dtype: bfloat16 needs a GPU and none is visible; use model.dtype=float32 "
                              "(or auto) on CPU")
-        if self.weight_sync.transport == "nccl":
-            raise ValueError("weight_sync.transport: nccl needs CUDA GPUs and none is visible; use "
-                             "weight_sync.transport=shm on CPU")
+        if self.weight_sync.transport in PUSHED_TRANSPORTS:
+            raise ValueError(f"weight_sync.transport: {self.weight_sync.transport} needs CUDA GPUs and none is "
+                             f"visible; use weight_sync.transport=shm on CPU")
         if self.generation.tensor_parallel_size > 1:
             raise ValueError(f"generation.tensor_parallel_size ({self.generation.tensor_parallel_size}) needs "
                              f"CUDA GPUs and none is visible; use generation.tensor_parallel_size=1 on CPU")

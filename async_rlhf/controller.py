@@ -27,8 +27,9 @@ from async_rlhf.config import RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
+from async_rlhf.config import PUSHED_TRANSPORTS
 from async_rlhf.nccl_sync import NcclTransport
-from async_rlhf.placement import generator_options
+from async_rlhf.placement import check_started_cluster, generator_options, use_gpus
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.redaction import redact_url
@@ -141,7 +142,8 @@ class Controller:
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self._start_ray()
             self._handle_sigterm()
-            self.plan = plan_cores(self.cfg)
+            check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
+            self.plan = plan_cores(self.cfg, gpus=use_gpus())
             print("[async-rlhf] starting the learner, generators and reward service", flush=True)
             self._build_components(str(policy_dir))
             if self.resume_from is not None:
@@ -194,7 +196,8 @@ class Controller:
         resumed = self.first_version
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{self.run_dir.name}-{id(self):x}"
         claim_weights_location(self.run_dir, weights_root)
-        transport = NcclTransport() if cfg.weight_sync.transport == "nccl" else SharedMemoryTransport(weights_root)
+        pushed = cfg.weight_sync.transport in PUSHED_TRANSPORTS
+        transport = NcclTransport(cfg.weight_sync.transport) if pushed else SharedMemoryTransport(weights_root)
         keep, initial = broker_versions(cfg, resumed)
         self.broker = WeightSyncBroker(transport, keep, initial_version=initial)  # _restore publishes `resumed`
         # One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py).
@@ -220,7 +223,7 @@ class Controller:
         ray.get(self.learner.__ray_ready__.remote())
         if self.fixed_delay and not resumed:  # version 0 as weights a generator can go back to
             publish_weights(self, 0)
-        if cfg.weight_sync.transport == "nccl":  # the weight-sync NCCL group: learner rank 0 + every generator
+        if pushed:  # nccl: the weight-sync group of learner rank 0 + every generator; ipc: the shared-GPU handshake
             self._connect_generators()
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
                                    self.cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
@@ -449,12 +452,12 @@ class Controller:
             slot.pid = info["pid"]
             print(f"[async-rlhf] generator {slot.generator_id} is back (pid {slot.pid}, restart {slot.restarts}); "
                   f"it loads the current weights with its next batch", file=sys.stderr, flush=True)
-            if self.cfg.weight_sync.transport == "nccl":  # its process lost the group: form it anew
+            if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # its process lost the group: form it anew
                 self._connect_generators()
         slot.recovering = False
 
     def _connect_generators(self) -> None:
-        """The learner-driven weight group (nccl) with every generator; again after a restart, when the
+        """The learner-driven weight group (nccl, ipc) with every generator; again after a restart, when the
         learner also resends the current version (GPU only: never run here, see the README)."""
         ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
                                                        self.cfg.generation.tensor_parallel_size))

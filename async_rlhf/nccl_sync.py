@@ -29,6 +29,7 @@ import torch
 from async_rlhf.broker import VersionError
 
 SCHEME = "nccl://"
+SCHEMES = (SCHEME, "ipc://")  # ipc (one shared GPU) is pushed the same way, by vLLM's CUDA IPC engine
 T = TypeVar("T")
 
 
@@ -39,10 +40,11 @@ class WeightSyncTimeout(RuntimeError):
 class NcclTransport:
     """The broker's view of NCCL weights: nothing is stored, a location only names the version."""
 
-    name = "nccl"
+    def __init__(self, name: str = "nccl") -> None:
+        self.name = name
 
     def staging_location(self, version: int) -> str:
-        return f"{SCHEME}v{version}"
+        return f"{self.name}://v{version}"
 
     def commit(self, version: int) -> str:
         return self.staging_location(version)
@@ -55,12 +57,13 @@ class NcclTransport:
 
 
 def nccl_version(location: str) -> int | None:
-    """The version an `nccl://v<N>` location names, or None for any other location (a directory)."""
-    if not location.startswith(SCHEME):
+    """The version an `nccl://v<N>` (or `ipc://v<N>`) location names, or None for any other location (a directory)."""
+    scheme = next((s for s in SCHEMES if location.startswith(s)), None)
+    if scheme is None:
         return None
-    match = re.fullmatch(r"v(\d+)", location[len(SCHEME):])
+    match = re.fullmatch(r"v(\d+)", location[len(scheme):])
     if match is None:
-        raise ValueError(f"malformed NCCL weight location '{location}'; expected {SCHEME}v<version>")
+        raise ValueError(f"malformed pushed weight location '{location}'; expected {scheme}v<version>")
     return int(match.group(1))
 
 
@@ -151,14 +154,16 @@ class GeneratorSyncClient:
     Each generator gets its own rank offset (`NcclLayout`): separate vLLM engines, one NCCL group.
     """
 
-    def __init__(self, handles: list[Any], layout: NcclLayout, timeout_s: float) -> None:
+    def __init__(self, handles: list[Any], layout: NcclLayout | None, timeout_s: float) -> None:
         self.handles, self.layout, self.timeout_s = handles, layout, timeout_s
         self.version = 0  # the version the next update carries (set by the sender before each send)
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         import ray
 
-        refs = [h.init_weight_transfer.remote({**init_info, "rank_offset": self.layout.rank_offset(i)})
+        # IPC has no ranks to offset (layout None): its init info carries only `packed`.
+        offset = (lambda i: {"rank_offset": self.layout.rank_offset(i)}) if self.layout else (lambda i: {})
+        refs = [h.init_weight_transfer.remote({**init_info, **offset(i)})
                 for i, h in enumerate(self.handles)]
         ray.get(refs, timeout=self.timeout_s)
 

@@ -4,6 +4,8 @@ On a small machine the generator and the learner slow each other down badly when
 cores (measured: ~39% / 22% slower), but barely at all when each process is pinned to its own
 core (~6%). So an asynchronous run pins one core per generator and gives the rest to the learner;
 a synchronous run (max_staleness=0), whose phases never overlap, lets each phase use every core.
+On GPUs nothing is pinned: the roles compute on their GPUs, and the driver's cores say nothing
+about the cores of the nodes the roles run on.
 """
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ class CorePlan:
         return len(self.learner_cores)
 
 
-def plan_cores(cfg: RunConfig, available: list[int] | None = None) -> CorePlan:
+def plan_cores(cfg: RunConfig, available: list[int] | None = None, gpus: bool = False) -> CorePlan:
     cores = sorted(available if available is not None else os.sched_getaffinity(0))
     gens = cfg.generation.num_generators
+    if gpus:
+        return CorePlan([[] for _ in range(gens)], list(cores), pinned=False)
     overlap = cfg.queue.max_staleness > 0
     if cfg.resources.pin_cores == "auto" and overlap and len(cores) >= gens + 1:
         return CorePlan([[c] for c in cores[:gens]], cores[gens:], pinned=True)

@@ -112,6 +112,9 @@ class Learner:
         import deepspeed
 
         torch.manual_seed(cfg.seed)
+        if cfg.weight_sync.transport == "ipc" and torch.cuda.is_available():
+            # The GPU is shared with vLLM: stay inside the share the config checked (an OOM here, not in vLLM).
+            torch.cuda.set_per_process_memory_fraction(cfg.learner.gpu_memory_fraction)
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         self.spec = resolve_loss(cfg.loss)  # imports loss.import_path again in this process
@@ -297,19 +300,23 @@ class Learner:
     # ------------------------------------------------------------------ publishing
 
     def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
-        """Join the weight-sync NCCL group with the generators (weight_sync.transport=nccl).
+        """Join the learner-driven weight group with the generators (weight_sync.transport=nccl or ipc).
 
         Called again when a generator was restarted: its process lost the group, so every member forms a
         new one (the old is shut down on both sides) and the version sent last is sent again, which the
         restarted generator needs and the others hold already."""
-        from learners.weight_sender import NcclWeightSender
+        from learners.weight_sender import IpcWeightSender, NcclWeightSender
 
         rejoin, sent = self.sender is not None, self.sender.sent if self.sender is not None else self.version
         if self.sender is not None:
             self.sender.close()
-        layout = NcclLayout(len(handles), tensor_parallel_size)
-        self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
-                                       self.cfg.weight_sync, self.rank, sent)
+        if self.cfg.weight_sync.transport == "ipc":  # one generator on this learner's GPU
+            self.sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
+                                          self.rank, sent)
+        else:
+            layout = NcclLayout(len(handles), tensor_parallel_size)
+            self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
+                                           self.cfg.weight_sync, self.rank, sent)
         if rejoin:
             self.sender.send(sent)
 

@@ -31,7 +31,47 @@ def policy_weight_source(module: torch.nn.Module, zero_stage: int) -> Any:
     return PolicySource()
 
 
-class NcclWeightSender:
+class PushedWeightSender:
+    """Sends versions in order through a vLLM trainer engine, each under the timeout."""
+
+    engine: Any
+    client: GeneratorSyncClient
+    timeout_s: float
+    sent: int
+
+    def close(self) -> None:
+        """Leave the weight group (before a new one is formed with a restarted generator)."""
+        self.engine.shutdown()
+
+    def send(self, version: int) -> float:
+        """Push the policy as `version` to every generator; seconds taken."""
+        check_next_version(self.sent, version)
+        self.client.version = version
+        start = time.perf_counter()
+        run_with_timeout(self.engine.send_weights, self.timeout_s, f"push of weights version {version}")
+        self.sent = version
+        return time.perf_counter() - start
+
+
+class IpcWeightSender(PushedWeightSender):
+    """weight_sync.transport=ipc: the generator shares this learner's GPU and maps the policy's own
+    CUDA tensors (unpacked: no staging copy, and the whole version is one update call, so one
+    `receive_weights` actor call, as the atomicity rule in nccl_sync.py wants)."""
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int, handles: list[Any], cfg: WeightSyncConfig,
+                 rank: RankInfo, version: int) -> None:
+        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine
+
+        self.timeout_s, self.sent = cfg.timeout_s, version
+        self.client = GeneratorSyncClient(handles, None, cfg.timeout_s)
+        init = IPCTrainerInitInfo(rank=rank.rank, packed=False)
+        source = policy_weight_source(module, zero_stage)
+        self.engine = run_with_timeout(
+            lambda: IPCTrainerWeightTransferEngine.trainer_init(init, client=self.client, source=source),
+            cfg.timeout_s, "CUDA IPC handshake of the learner with its generator")
+
+
+class NcclWeightSender(PushedWeightSender):
     """Opens the weight-sync NCCL group (rank 0) and sends versions in order, each under the timeout."""
 
     def __init__(self, module: torch.nn.Module, zero_stage: int, handles: list[Any], layout: NcclLayout,
@@ -51,16 +91,3 @@ class NcclWeightSender:
         self.engine = run_with_timeout(
             lambda: NCCLTrainerWeightTransferEngine.trainer_init(init, client=self.client, source=source),
             cfg.timeout_s, f"NCCL rendezvous of the learner with {layout.world_size - 1} generator worker(s)")
-
-    def close(self) -> None:
-        """Leave the NCCL group (before a new one is formed with a restarted generator)."""
-        self.engine.shutdown()
-
-    def send(self, version: int) -> float:
-        """Broadcast the policy as `version` to every generator; seconds taken."""
-        check_next_version(self.sent, version)
-        self.client.version = version
-        start = time.perf_counter()
-        run_with_timeout(self.engine.send_weights, self.timeout_s, f"NCCL broadcast of weights version {version}")
-        self.sent = version
-        return time.perf_counter() - start

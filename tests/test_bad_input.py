@@ -26,7 +26,7 @@ CONFIG_CASES = [
     ("generation.num_generators=0", "generation.num_generators: Input should be greater than or equal to 1 (got 0)"),
     ("api.port=70000", "api.port: Input should be less than or equal to 65535 (got 70000)"),
     ("api.token=short", "api.token: String should have at least 16 characters"),
-    ("weight_sync.transport=ftp", "weight_sync.transport: Input should be 'shm' or 'nccl' (got 'ftp')"),
+    ("weight_sync.transport=ftp", "weight_sync.transport: Input should be 'shm', 'nccl' or 'ipc' (got 'ftp')"),
     ("resources.pin_cores=always", "resources.pin_cores: Input should be 'auto' or 'off' (got 'always')"),
     ("loss.importance_sampling=full", "loss.importance_sampling: Input should be 'none' or 'truncated' (got 'full')"),
     ("loss.clip_eps=1.5", "loss.clip_eps: Input should be less than 1 (got 1.5)"),
@@ -354,3 +354,70 @@ def test_resume_and_run_dir_together(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["train", str(QUICKSTART), "--resume", str(tmp_path), "--run-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
         "config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")
+
+
+TRANSPORT_CASES = [
+    (["weight_sync.transport=ipc", "generation.num_generators=2"],
+     "weight_sync.transport=ipc shares one GPU between one generator and one learner rank (got "
+     "generation.num_generators=2, learner.num_ranks=1, generation.tensor_parallel_size=1); use "
+     "weight_sync.transport=nccl across GPUs or nodes"),
+    (["weight_sync.transport=ipc", "generation.tensor_parallel_size=2"],
+     "weight_sync.transport=ipc shares one GPU between one generator and one learner rank (got "
+     "generation.num_generators=1, learner.num_ranks=1, generation.tensor_parallel_size=2); use "
+     "weight_sync.transport=nccl across GPUs or nodes"),
+    (["weight_sync.transport=ipc"],
+     "generation.gpu_memory_utilization (0.9) + learner.gpu_memory_fraction (0.45) exceed 0.95 of the one GPU "
+     "they share (weight_sync.transport=ipc); lower one of them, e.g. generation.gpu_memory_utilization=0.45"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), TRANSPORT_CASES, ids=[" ".join(c[0]) for c in TRANSPORT_CASES])
+def test_transport_placement_messages_are_exact(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, overrides, environment=False)
+    assert str(err.value) == E + message
+
+
+def test_ipc_with_a_split_that_fits_validates() -> None:
+    cfg = load_config(QUICKSTART, ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.45"],
+                      environment=False)
+    assert cfg.learner.gpu_memory_fraction == 0.45
+
+
+CLUSTER_CASES = [
+    ("shm", 0, 2, "weight_sync.transport=shm shares weights through one node's /dev/shm but the Ray cluster has "
+                  "2 nodes; use weight_sync.transport=nccl across nodes"),
+    ("nccl", 1, 1, "weight_sync.transport=nccl needs the generator and the learner on separate GPUs but the Ray "
+                   "cluster has 1 GPU; use weight_sync.transport=ipc to share one GPU"),
+    ("shm", 1, 1, "the run needs 2 GPUs (generation.num_generators x generation.tensor_parallel_size + "
+                  "learner.num_ranks) and the Ray cluster has 1"),
+]
+
+
+@pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES, ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
+def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message: str) -> None:
+    from async_rlhf.placement import check_cluster
+
+    cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}"], environment=False)
+    with pytest.raises(ConfigError) as err:
+        check_cluster(cfg, gpus, nodes)
+    assert str(err.value) == E + message
+
+
+def test_cluster_checks_pass_where_the_transport_fits() -> None:
+    from async_rlhf.placement import check_cluster
+
+    ipc = load_config(QUICKSTART, ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.4"],
+                      environment=False)
+    check_cluster(ipc, 1, 1)
+    check_cluster(load_config(QUICKSTART, ["weight_sync.transport=nccl"], environment=False), 2, 2)
+    check_cluster(load_config(QUICKSTART, environment=False), 0, 1)  # CPU: shm on one node
+
+
+def test_cores_are_pinned_only_on_cpu() -> None:
+    from async_rlhf.resources import plan_cores
+
+    cfg = load_config(QUICKSTART, environment=False)
+    assert plan_cores(cfg, [0, 1, 2, 3]).pinned
+    gpu = plan_cores(cfg, [0, 1, 2, 3], gpus=True)
+    assert not gpu.pinned and gpu.generator_cores == [[]] * cfg.generation.num_generators

@@ -28,7 +28,7 @@ def test_broker_publishes_nccl_locations_in_order() -> None:
     assert nccl_version(ref.location) == 1 and nccl_version("/dev/shm/run/v1") is None
     with pytest.raises(VersionError):
         broker.publish(3)
-    with pytest.raises(ValueError, match="malformed NCCL weight location 'nccl://latest'"):
+    with pytest.raises(ValueError, match="malformed pushed weight location 'nccl://latest'"):
         nccl_version("nccl://latest")
 
 
@@ -113,3 +113,9 @@ def test_gpu_settings_are_checked_where_the_gpus_are() -> None:
     with pytest.raises(ConfigError, match=r"generation.prompts_per_step \(16\) must be a multiple of "
                                           r"learner.num_ranks \(3\)"):
         load_config(None, ["learner.num_ranks=3"], environment=False)
+
+
+def test_ipc_locations_name_their_version() -> None:
+    transport = NcclTransport("ipc")
+    assert transport.name == "ipc" and transport.commit(4) == "ipc://v4"
+    assert nccl_version("ipc://v4") == 4
