@@ -100,6 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.close()
         print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError:  # found while starting (a dataset column, a cluster that cannot place the run): exit 2
+        raise
     except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
         bar.close()
         print(failure_line(exc, run_dir, args.config), file=sys.stderr, flush=True)
