@@ -23,11 +23,10 @@ import ray
 from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.checkpoints import Checkpoint, CheckpointStore
-from async_rlhf.config import RunConfig
+from async_rlhf.config import PUSHED_TRANSPORTS, RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
-from async_rlhf.config import PUSHED_TRANSPORTS
 from async_rlhf.nccl_sync import NcclTransport
 from async_rlhf.placement import check_started_cluster, generator_options, use_gpus
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
@@ -213,7 +212,7 @@ class Controller:
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
         remote = cfg.reward.remote.model_dump() if cfg.reward.remote else None
         learned = cfg.reward.learned.model_dump(mode="json") if cfg.reward.learned else None
-        # Stateless: Ray restarts it when its process dies, and the controller scores the lost batches again.
+        # Stateless: Ray restarts it when its process dies, and the controller re-issues the lost batches.
         self.reward = ray.remote(RewardService).options(num_cpus=0, max_restarts=cfg.reward.max_restarts).remote(
             scorers, cfg.reward.timeout_s, remote, learned)
         self.reward_pid = ray.get(self.reward.health.remote())["pid"]
@@ -424,7 +423,7 @@ class Controller:
             return
         self.reward_pid, self.reward_restarts = pid, self.reward_restarts + 1
         print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {pid}, restart "
-              f"{self.reward_restarts}); its batches are scored again", file=sys.stderr, flush=True)
+              f"{self.reward_restarts}); the batches it was scoring are generated again", file=sys.stderr, flush=True)
         for ref in list(self.state.reward_jobs):
             self.reward_started.pop(ref, None)
             self._regenerate(self.state.reward_jobs.pop(ref))

@@ -141,7 +141,7 @@ class Learner:
         self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
         self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
         self.sender = None  # set by connect_generators (weight_sync.transport=nccl)
-        self.rings: dict[Path, ShmSlotRing] = {}  # weight_sync.transport=shm: the broker's slot ring
+        self.ring: ShmSlotRing | None = None  # weight_sync.transport=shm: the broker's slot ring
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
@@ -348,9 +348,9 @@ class Learner:
 
     def _ring(self, root: Path) -> ShmSlotRing:
         """This process's mapping of the broker's slot ring (a resumed run's broker has a new root)."""
-        if self.rings.get(root) is None:
-            self.rings = {root: ShmSlotRing(root)}
-        return self.rings[root]
+        if self.ring is None or self.ring.root != root:
+            self.ring = ShmSlotRing(root)
+        return self.ring
 
     def weights_digest(self) -> str:
         """sha256 of the full policy weights: equal on every rank while the ranks are in step."""
