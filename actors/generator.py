@@ -67,6 +67,7 @@ class GeneratorActor:
         self.seed = seed
         self.cfg = gen_cfg
         self.version = 0
+        self.lineage = 0  # the broker's lineage of `version` (a learner rollback reuses version numbers)
         self.cores = cores
         self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
         self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
@@ -97,7 +98,7 @@ class GeneratorActor:
             raise ValueError(f"GeneratorActor cannot load transport '{ref.transport}' from '{ref.location}'")
         start = time.perf_counter()
         self._load_slot(str(slot[0]), slot[1])
-        self.version = ref.version
+        self.version, self.lineage = ref.version, ref.lineage
         return time.perf_counter() - start
 
     def _load_slot(self, root: str, slot: int) -> None:
@@ -116,6 +117,9 @@ class GeneratorActor:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError(f"generator {self.generator_id}: vLLM refused to reset its prefix cache after a "
                                f"weight load (requests still running)")
+
+    def _holds_other(self, ref: WeightRef) -> bool:
+        return (ref.lineage, ref.version) != (self.lineage, self.version)
 
     def init_weight_transfer(self, init_info: dict) -> None:
         """Join the learner's weight-sync group (NCCL: blocks until every member has joined). Called again
@@ -145,7 +149,7 @@ class GeneratorActor:
         mc: MCRequest | None = None,
     ) -> GenerationResult:
         started_at = time.time()
-        sync_s = self.load_weights(weights) if weights and weights.version != self.version else 0.0
+        sync_s = self.load_weights(weights) if weights and self._holds_other(weights) else 0.0
         n = n or self.cfg.samples_per_prompt
         params = [self._sampling_params(n, temperature, p.prompt_id) for p in prompts]
         start = time.perf_counter()

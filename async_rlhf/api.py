@@ -64,6 +64,7 @@ class LearnerInfo(BaseModel):
     last_step_s: float | None
     mean_step_s: float | None
     busy_fraction: float
+    restarts: int
 
 
 class RewardInfo(BaseModel):

@@ -22,6 +22,7 @@ class WeightRef:
     version: int
     transport: str
     location: str
+    lineage: int = 0  # bumped when the learner rolls back to a checkpoint: later numbers name other weights
 
 
 class WeightTransport(Protocol):
@@ -77,6 +78,7 @@ class WeightSyncBroker:
         self.transport = transport
         self.keep_versions = keep_versions
         self.latest_version = initial_version  # version 0 = the weights generators start from
+        self.lineage = 0
         self._published: dict[int, WeightRef] = {}
         self._leases: Counter = Counter()
 
@@ -89,7 +91,7 @@ class WeightSyncBroker:
     def publish(self, version: int) -> WeightRef:
         if version != self.latest_version + 1:
             raise VersionError(f"next version to publish is {self.latest_version + 1}, not {version}")
-        ref = WeightRef(version, self.transport.name, self.transport.commit(version))
+        ref = WeightRef(version, self.transport.name, self.transport.commit(version), self.lineage)
         self._published[version] = ref
         self.latest_version = version
         self._collect()
@@ -110,6 +112,18 @@ class WeightSyncBroker:
             raise VersionError(f"version {version} is not leased")
         self._leases[version] -= 1
         self._collect()
+
+    def roll_back(self, next_version: int) -> None:
+        """The learner went back to a checkpoint: every version is forgotten (none may be leased) and the
+        next one published is `next_version`. Numbers from there on are reused for other weights, so the
+        lineage changes: a generator holding an old version of the same number loads the new one."""
+        if any(self._leases.values()):
+            raise VersionError(f"cannot roll back while versions are leased: {dict(+self._leases)}")
+        for version in list(self._published):
+            self.transport.discard(version)
+        self._published.clear()
+        self.latest_version = next_version - 1
+        self.lineage += 1
 
     def available(self) -> list[int]:
         return sorted(self._published)

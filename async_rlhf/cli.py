@@ -71,7 +71,7 @@ def _progress_bar(total: int, initial: int):
             queue=record["queue_depth"],
             tok_s=f"{record['gen_tokens_per_s']:.0f}",
         )
-        bar.update(1)
+        bar.update(record["step"] - bar.n)  # after a learner failover the steps since its checkpoint come again
 
     return bar, update
 

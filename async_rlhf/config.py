@@ -315,6 +315,10 @@ class LearnerConfig(Strict):
     max_nonfinite_steps: int = Field(
         3, ge=1, description="consecutive steps with a non-finite loss (each skipped) before the run stops with a checkpoint"
     )
+    max_restarts: int = Field(
+        2, ge=0, description="a dead learner is replaced in the same process from the newest checkpoint this many "
+                             "times (needs checkpoint.every); then the run stops with the --resume command"
+    )
 
 
 class WeightSyncConfig(Strict):

@@ -27,6 +27,8 @@ from async_rlhf.config import PUSHED_TRANSPORTS, RunConfig
 from async_rlhf.control import RunControl
 from async_rlhf.embedded import ensure_policy
 from async_rlhf.evaluation import Evaluator
+from async_rlhf.failover import checkpoint_to_restart_from, learner_alive, quiesce_generation, roll_back
+from async_rlhf.failures import RunError
 from async_rlhf.nccl_sync import NcclTransport
 from async_rlhf.placement import check_started_cluster, generator_options, use_gpus
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
@@ -50,10 +52,6 @@ from reward_models.service import RewardService
 
 Progress = Callable[[dict], None]
 WAIT_TIMEOUT_S = 0.2  # how often the loop looks at control commands when nothing completes
-
-
-class RunError(RuntimeError):
-    """The run cannot go on; the message says why and what to do."""
 
 
 @dataclass
@@ -125,6 +123,7 @@ class Controller:
         self.reward_counts = {"ok": 0, "failed": 0, "timed_out": 0}
         self.reward_pid = 0  # the reward actor's process; a new one is a restart
         self.reward_restarts = 0
+        self.learner_restarts = 0  # dead learners replaced from a checkpoint in this process (async_rlhf/failover.py)
         self.mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
         self.mc_cost = MCCost()
         self.heartbeat = time.monotonic()
@@ -199,8 +198,8 @@ class Controller:
         transport = NcclTransport(cfg.weight_sync.transport) if pushed else SharedMemoryTransport(weights_root)
         keep, initial = broker_versions(cfg, resumed)
         self.broker = WeightSyncBroker(transport, keep, initial_version=initial)  # _restore publishes `resumed`
-        # One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py).
-        self.learner = start_learner(cfg, policy_dir, plan.learner_cores if plan.pinned else None, plan.learner_threads)
+        self.policy_dir = policy_dir
+        self._start_learner()
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
         gen_cls = ray.remote(GeneratorActor)
         self.generators = [  # on GPUs each in its own placement bundle (async_rlhf/placement.py)
@@ -223,7 +222,7 @@ class Controller:
         if self.fixed_delay and not resumed:  # version 0 as weights a generator can go back to
             publish_weights(self, 0)
         if pushed:  # nccl: the weight-sync group of learner rank 0 + every generator; ipc: the shared-GPU handshake
-            self._connect_generators()
+            self.connect_generators()
         self.evaluator = Evaluator(self.task.eval_prompts(), self.reward, self.cfg.generation.eval_temperature,
                                    self.cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
 
@@ -237,13 +236,10 @@ class Controller:
             with self.timing.span("loop_s"):
                 self.state.learner_idle_since = time.perf_counter()
                 while not self._done():
-                    self.heartbeat = time.monotonic()
-                    self._check_stall()
-                    self._apply_control()
-                    self._drop_stale()
-                    self._dispatch_generation()
-                    self._dispatch_learning()
-                    self._wait_and_handle()
+                    try:
+                        self._iterate()
+                    except ray.exceptions.RayError as exc:  # re-raised unless the learner died and is replaced
+                        self._fail_over_learner(exc)
             self.phase = "stopping"
             take_checkpoints(self)  # e.g. asked for together with the stop (SIGTERM)
             summary = self._finish(initial)
@@ -255,6 +251,15 @@ class Controller:
         finally:
             fail_pending_checkpoints(self)
             self.shutdown()
+
+    def _iterate(self) -> None:
+        self.heartbeat = time.monotonic()
+        self._check_stall()
+        self._apply_control()
+        self._drop_stale()
+        self._dispatch_generation()
+        self._dispatch_learning()
+        self._wait_and_handle()
 
     def _done(self) -> bool:
         if self.state.learner_job is not None:
@@ -418,15 +423,27 @@ class Controller:
         sent around the death may never answer, and one that answers late would be too stale to train on.
         A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
         reward.max_restarts the health call raises, which ends the run."""
-        pid = ray.get(self.reward.health.remote(), timeout=self.cfg.learner.stall_timeout_s)["pid"]
-        if pid == self.reward_pid:
+        if not self._reward_restarted():
             return
-        self.reward_pid, self.reward_restarts = pid, self.reward_restarts + 1
-        print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {pid}, restart "
+        print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {self.reward_pid}, restart "
               f"{self.reward_restarts}); the batches it was scoring are generated again", file=sys.stderr, flush=True)
         for ref in list(self.state.reward_jobs):
             self.reward_started.pop(ref, None)
             self._regenerate(self.state.reward_jobs.pop(ref))
+
+    def _reward_restarted(self) -> bool:
+        """True, and one restart counted, when the reward actor answers from a new process."""
+        pid = ray.get(self.reward.health.remote(), timeout=self.cfg.learner.stall_timeout_s)["pid"]
+        if pid == self.reward_pid:
+            return False
+        self.reward_pid, self.reward_restarts = pid, self.reward_restarts + 1
+        return True
+
+    def _count_quiet_restarts(self) -> None:
+        """An actor killed while idle lost nothing and failed no call, so only its pid tells: counted at the end."""
+        self._reward_restarted()
+        for slot, info in zip(self.generators, ray.get([g.handle.info.remote() for g in self.generators])):
+            slot.restarts += info["pid"] != slot.pid
 
     def _regenerate(self, result: GenerationResult) -> None:
         """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead
@@ -452,10 +469,10 @@ class Controller:
             print(f"[async-rlhf] generator {slot.generator_id} is back (pid {slot.pid}, restart {slot.restarts}); "
                   f"it loads the current weights with its next batch", file=sys.stderr, flush=True)
             if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # its process lost the group: form it anew
-                self._connect_generators()
+                self.connect_generators()
         slot.recovering = False
 
-    def _connect_generators(self) -> None:
+    def connect_generators(self) -> None:
         """The learner-driven weight group (nccl, ipc) with every generator; again after a restart, when the
         learner also resends the current version (GPU only: never run here, see the README)."""
         ray.get(self.learner.connect_generators.remote([g.handle for g in self.generators],
@@ -590,6 +607,36 @@ class Controller:
             time.sleep(1.0)
         raise RunError(f"generator {slot.generator_id} did not come back within {self.cfg.learner.stall_timeout_s:g}s")
 
+    # ---- learner failover (async_rlhf/failover.py) -----------------------------------------
+    def _start_learner(self) -> None:
+        """One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py)."""
+        plan = self.plan
+        self.learner = start_learner(self.cfg, self.policy_dir, plan.learner_cores if plan.pinned else None,
+                                     plan.learner_threads)
+
+    def _stop_learner(self) -> None:
+        if isinstance(self.learner, LearnerGroup):
+            self.learner.shutdown()  # also frees its placement group
+        else:
+            ray.kill(self.learner)
+
+    def _fail_over_learner(self, exc: BaseException) -> None:
+        """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other
+        error, or a death past learner.max_restarts or without a checkpoint, ends the run."""
+        if learner_alive(self.learner):
+            raise exc
+        ckpt = checkpoint_to_restart_from(self, exc)
+        lost = self.state.steps_taken
+        quiesce_generation(self)
+        self._stop_learner()
+        self._start_learner()
+        self.state = LoopState(learner_idle_since=time.perf_counter())
+        version = roll_back(self, ckpt)
+        self.learner_restarts += 1
+        print(f"[async-rlhf] the learner died at step {lost} ({type(exc).__name__}); replaced it from {ckpt.path.name} "
+              f"(restart {self.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "
+              f"{version + 1}.. are trained again", file=sys.stderr, flush=True)
+
     # ---- the end ------------------------------------------------------------------------
     def _finish(self, initial: dict) -> dict:
         latest = self.broker.latest()  # None when stopped before the first step
@@ -600,6 +647,7 @@ class Controller:
             self.broker.release(final_ref.version)
         self.recorder.log_eval(final)
         ray.get(self.learner.save_pretrained.remote(str(self.run_dir / "final")))
+        self._count_quiet_restarts()
         summary = run_summary(self, initial, final)
         self.recorder.write_summary(summary)
         self.recorder.plot()
@@ -624,10 +672,8 @@ class Controller:
             self._kill_actors()
 
     def _kill_actors(self) -> None:
-        learner = getattr(self, "learner", None)
-        if isinstance(learner, LearnerGroup):
-            learner.shutdown()
-            learner = None
-        for handle in [learner, getattr(self, "reward", None), *(slot.handle for slot in self.generators)]:
+        if hasattr(self, "learner"):
+            self._stop_learner()
+        for handle in [getattr(self, "reward", None), *(slot.handle for slot in self.generators)]:
             if handle is not None:
                 ray.kill(handle)

@@ -11,6 +11,10 @@ from pathlib import Path
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 
 
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+
 def what_died(exc: BaseException) -> str:
     """A Ray actor's death named by its class and pid; any other error by its type and first line."""
     text = str(exc)

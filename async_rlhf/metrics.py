@@ -47,6 +47,8 @@ class ControllerCollector:
                                   value=q["failed_reward"])
         yield CounterMetricFamily(PREFIX + "reward_restarts", "Restarts of the reward actor (its batches rescored).",
                                   value=c.reward_restarts)
+        yield CounterMetricFamily(PREFIX + "learner_restarts", "Dead learners replaced from a checkpoint (steps since "
+                                  "it trained again).", value=c.learner_restarts)
         yield from self._per_label(q)
         if c.mc_request is not None:
             yield from self._mc_cost()

@@ -27,6 +27,7 @@ import ray
 
 from async_rlhf.checkpoints import Checkpoint, CheckpointStore
 from async_rlhf.config import ConfigError, RunConfig, load_config
+from async_rlhf.failures import RunError
 from async_rlhf.queue import QueueCounters
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.status import status_snapshot
@@ -39,7 +40,7 @@ STATE_FILE = "controller_state.pkl"
 WEIGHTS_MARKER = "weights_location"  # run_dir file: where the run's broker keeps published weights
 LEARNER_DIR = "learner"
 # Keys a resumed run may change: none of them alters what is trained or in which order.
-MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps", "checkpoint.",
+MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps", "learner.max_restarts", "checkpoint.",
               "eval.", "api.", "resources.", "ray.", "weight_sync.", "model.cache_dir", "reward.timeout_s",
               "reward.remote.timeout_s", "reward.remote.retries", "reward.remote.backoff_s",
               "reward.remote.deadline_s", "reward.remote.url", "reward.learned.batch_size", "reward.learned.threads",
@@ -64,6 +65,7 @@ class ControllerSnapshot:
     eval_lines: int
     rng: dict[str, Any]
     mc_cost: MCCost = field(default_factory=MCCost)  # VinePPO's running MC totals (zeros for other losses)
+    unrewarded_run: int = 0  # consecutive steps without a usable train reward, towards reward.max_failed_steps
 
 
 def capture(c: "Controller") -> ControllerSnapshot:
@@ -76,7 +78,7 @@ def capture(c: "Controller") -> ControllerSnapshot:
         timing=c.timing.snapshot(),
         metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
-        mc_cost=replace(c.mc_cost),
+        mc_cost=replace(c.mc_cost), unrewarded_run=st.unrewarded_run,
     )
 
 
@@ -91,18 +93,19 @@ def load_snapshot(directory: Path) -> ControllerSnapshot:
 
 
 def restore(c: "Controller", snap: ControllerSnapshot) -> None:
-    """Put the controller back where the checkpoint left it (the learner is restored separately)."""
+    """Put the controller back where the checkpoint left it (the learner is restored separately).
+
+    Restart counts are not rolled back: they count processes that died, which a rollback does not undo."""
     st = c.state
     st.steps_taken, st.next_prompt = snap.step, snap.next_prompt
     st.nonfinite_total, st.nonfinite_run = snap.nonfinite_total, snap.nonfinite_run
+    st.unrewarded_run = snap.unrewarded_run
     c.queue.restore(snap.queued, snap.queue_counters)
     # Only the restored version is published after a resume: a re-issued chunk is sampled with it.
     st.reissue.extend((chunk, snap.step) for chunk in snap.reissue)
     st.outstanding = len(snap.queued) + sum(len(chunk) for chunk in snap.reissue)
     c.reward_counts.update(snap.reward_counts)
-    for slot, restarts in zip(c.generators, snap.restarts):
-        slot.restarts = restarts
-    c.timing.restore(snap.timing)
+    c.timing.roll_back(snap.timing)
     if snap.max_staleness != c.queue.max_staleness:
         c.control.request_max_staleness(snap.max_staleness)
     c.recorder.truncate(snap.metrics_lines, snap.eval_lines)
@@ -117,7 +120,10 @@ def restore_checkpoint(c: "Controller", ckpt: Checkpoint) -> None:
     version = ray.get(c.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
     if version > 0:
         publish_weights(c, version)
-    restore(c, load_snapshot(ckpt.path))
+    snap = load_snapshot(ckpt.path)
+    restore(c, snap)
+    for slot, restarts in zip(c.generators, snap.restarts):  # a new process: the counts continue from the run's
+        slot.restarts = restarts
     print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
 
 
@@ -146,7 +152,8 @@ def take_checkpoints(c: "Controller") -> None:
         try:
             drain(c)  # generations in flight land in the queue first
             version = c.broker.latest_version
-            final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
+            with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
+                final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
             future.set_result({"path": str(final), "version": version})
         except Exception as exc:  # reported to the requester; the run goes on
             future.set_exception(exc)
@@ -154,8 +161,6 @@ def take_checkpoints(c: "Controller") -> None:
 
 def drain(c: "Controller") -> None:
     """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
-    from async_rlhf.controller import RunError
-
     while refs := [s.job for s in c.generators if s.job is not None] + list(c.state.reward_jobs):
         ready, _ = ray.wait(refs, num_returns=1, timeout=c.cfg.learner.stall_timeout_s)
         if not ready:

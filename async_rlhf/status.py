@@ -44,6 +44,7 @@ def learner_status(c: "Controller") -> dict:
         "last_step_s": c.last_step.get("step_s"),
         "mean_step_s": round(busy / steps, 4) if steps > 0 else None,
         "busy_fraction": round(busy / elapsed, 4) if elapsed > 0 else 0.0,
+        "restarts": c.learner_restarts,
     }
 
 

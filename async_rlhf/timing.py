@@ -40,5 +40,12 @@ class Timing:
         self._totals.clear()
         self._totals.update(totals)
 
+    def roll_back(self, totals: dict[str, float]) -> None:
+        """In-process rollback to a snapshot: the spans still open measured real time since they opened,
+        so their totals are kept; every other total goes back to the snapshot's."""
+        kept = {name: self._totals[name] for name in self._open}
+        self.restore(totals)
+        self._totals.update(kept)
+
     def as_dict(self) -> dict[str, float]:
         return dict(self._totals)

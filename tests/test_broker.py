@@ -96,3 +96,21 @@ def test_fixed_delay_keeps_n_plus_2_versions_from_version_0(tmp_path: Path) -> N
     assert content(leased) == 0.0 and [content(broker.lease(v)) for v in (3, 4, 5, 6)] == [3.0, 4.0, 5.0, 6.0]
     broker.release(0)
     assert broker.available() == [3, 4, 5, 6]
+
+
+def test_a_learner_rollback_forgets_every_version_and_reuses_numbers_under_a_new_lineage(tmp_path: Path) -> None:
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=2)
+    old = [publish(broker, v) for v in (1, 2, 3)]
+    broker.roll_back(2)  # the checkpoint was at step 2: its weights are published again as version 2
+    assert broker.latest() is None and broker.available() == [] and broker.latest_version == 1
+    again = publish(broker, 2, value=20.0)
+    assert (again.version, again.lineage) == (2, 1) and old[1].lineage == 0 and content(again) == 20.0
+    assert again != old[1]  # same number, other weights: a generator holding the old one must load this
+
+
+def test_a_rollback_while_a_version_is_leased_is_refused(tmp_path: Path) -> None:
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
+    publish(broker, 1)
+    broker.lease(1)
+    with pytest.raises(VersionError, match="leased"):
+        broker.roll_back(1)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -195,9 +196,11 @@ def role_pid(title: str) -> int | None:
     return None
 
 
-def test_a_killed_learner_ends_the_run_with_one_line_and_the_traceback_in_error_log(tmp_path: Path) -> None:
+def test_a_learner_killed_past_max_restarts_ends_the_run_with_one_line_and_the_traceback_in_error_log(
+        tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_command(run_dir, "learner.steps=400", "api.enabled=false"), cwd=ROOT,
+    proc = subprocess.Popen(train_command(run_dir, "learner.steps=400", "learner.max_restarts=0", "api.enabled=false"),
+                            cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, timeout=600)
@@ -231,3 +234,36 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
     trained = sorted(pid for r in records for pid in r["prompt_ids"])
     assert trained == list(range(steps * 16))  # none lost, none twice
     assert summary["failed_reward"] == 0 and summary["dropped_stale"] == 0  # generated again, not failed or stale
+
+
+ROLES = {"generator": "GeneratorActor", "reward": "RewardService", "learner": "Learner"}
+
+
+def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_moments(tmp_path: Path) -> None:
+    """One run, each role SIGKILLed once by pid at a seeded step and delay; it finishes with the --resume
+    guarantees (every step once, every prompt once, staleness within N) and counts each restart."""
+    rng = random.Random(18)
+    run_dir, steps = tmp_path / "run", 60
+    plan = sorted(zip(rng.sample(range(4, 40), 3), rng.sample(sorted(ROLES), 3)))
+    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=5", "api.enabled=false"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        for at_step, role in plan:
+            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
+            time.sleep(rng.uniform(0.0, 0.5))
+            pid = role_pid(ROLES[role])
+            assert pid is not None, role
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: role_pid(ROLES[role]) not in (None, pid), timeout=120)  # back before the next kill
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1)) and "Traceback" not in err
+    assert sorted(p for r in records for p in r["prompt_ids"]) == list(range(steps * 16))
+    assert all(r["staleness_max"] <= 1 for r in records)
+    restarts = {role: summary[f"{role}_restarts"] for role in ROLES}
+    assert restarts == {"generator": 1, "reward": 1, "learner": 1}, (plan, restarts)

@@ -1,0 +1,63 @@
+"""Learner failover's decisions, on real Ray actors and a real checkpoint store (the whole path, with a
+SIGKILLed learner, is in tests/test_faults.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from async_rlhf.checkpoints import CheckpointStore
+from async_rlhf.failover import checkpoint_to_restart_from, learner_alive
+from async_rlhf.failures import RunError
+from async_rlhf.timing import Timing
+
+
+class Pingable:
+    def ping(self) -> int:
+        return 1
+
+
+def controller(tmp_path: Path, restarts: int = 0, limit: int = 2) -> SimpleNamespace:
+    """The parts of a Controller that the decision reads."""
+    cfg = SimpleNamespace(learner=SimpleNamespace(max_restarts=limit))
+    return SimpleNamespace(cfg=cfg, learner_restarts=restarts, state=SimpleNamespace(steps_taken=7),
+                           checkpoints=CheckpointStore(tmp_path / "checkpoints", keep_last=2))
+
+
+def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
+    actor = ray_local.remote(Pingable).options(num_cpus=0).remote()
+    assert learner_alive(actor)
+    ray_local.kill(actor)
+    assert not learner_alive(actor)
+
+
+def test_without_a_checkpoint_the_run_stops_saying_to_set_checkpoint_every(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match=r"died at step 7 \(RuntimeError: learner gone\) and the run has no checkpoint .* set checkpoint\.every"):
+        checkpoint_to_restart_from(controller(tmp_path), RuntimeError("learner gone"))
+
+
+def test_past_max_restarts_the_death_itself_ends_the_run(tmp_path: Path) -> None:
+    c = controller(tmp_path, restarts=2, limit=2)
+    c.checkpoints.write(5, lambda d: (d / "x").write_text("x"))
+    death = RuntimeError("learner gone")
+    with pytest.raises(RuntimeError) as caught:
+        checkpoint_to_restart_from(c, death)
+    assert caught.value is death  # the CLI turns it into the one line with --resume
+
+
+def test_the_newest_valid_checkpoint_is_the_one_restarted_from(tmp_path: Path) -> None:
+    c = controller(tmp_path)
+    for step in (5, 10):
+        c.checkpoints.write(step, lambda d: (d / "x").write_text("x"))
+    (c.checkpoints.path_for(10) / "x").write_text("damaged")
+    assert checkpoint_to_restart_from(c, RuntimeError()).step == 5
+
+
+def test_a_rollback_keeps_the_wall_clock_of_open_spans() -> None:
+    timing = Timing()
+    timing.add("gen_busy_s", 9.0)
+    with timing.span("loop_s"):
+        timing.roll_back({"gen_busy_s": 4.0, "loop_s": 123.0})
+        assert timing.get("gen_busy_s") == 4.0 and timing.get("loop_s") == 0.0  # the open span still measures
+    assert 0.0 <= timing.get("loop_s") < 5.0
