@@ -22,6 +22,7 @@ from async_rlhf.vineppo import (
     MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
 )
 from async_rlhf.weights.shm_ring import parse_slot_location
+from reward_models.service import RewardService
 
 
 @dataclass
@@ -34,6 +35,7 @@ class GenerationResult:
     started_at: float
     tokens: int
     mc: MCBatch | None = None  # VinePPO's rollouts, when the call was given an MCRequest
+    reward_s: float | None = None  # set when the train reward was scored in this call (reward.in_generator)
 
 
 def _cpu_list(cores: list[int]) -> str:
@@ -50,6 +52,8 @@ class GeneratorActor:
         cores: list[int] | None = None,
         dtype: str = "float32",
         weight_transport: str = "shm",
+        train_scorer: str | None = None,
+        reward_timeout_s: float = 30.0,
     ) -> None:
         cores = cores or sorted(os.sched_getaffinity(0))
         # Pin before vLLM starts: its engine (this process on CPU, child processes on GPU) gets this
@@ -64,6 +68,8 @@ class GeneratorActor:
         register()  # the "shm" weight-transfer backend, before the engine's worker is built
 
         self.generator_id = generator_id
+        # A rule train reward scored here, with the reward actor's own failure handling (reward.in_generator).
+        self.reward = RewardService({"train": train_scorer}, reward_timeout_s) if train_scorer else None
         self.seed = seed
         self.cfg = gen_cfg
         self.version = 0
@@ -147,7 +153,9 @@ class GeneratorActor:
         n: int | None = None,
         temperature: float | None = None,
         mc: MCRequest | None = None,
+        score: bool = False,
     ) -> GenerationResult:
+        """Sample n completions per prompt (with MC rollouts for `mc`); with `score`, the train reward too."""
         started_at = time.time()
         sync_s = self.load_weights(weights) if weights and self._holds_other(weights) else 0.0
         n = n or self.cfg.samples_per_prompt
@@ -162,7 +170,17 @@ class GeneratorActor:
         ]
         tokens = sum(g.num_tokens for g in groups)
         mc_batch = self._monte_carlo(groups, mc, temperature) if mc else None
-        return GenerationResult(groups, self.generator_id, self.version, gen_s, sync_s, started_at, tokens, mc_batch)
+        result = GenerationResult(groups, self.generator_id, self.version, gen_s, sync_s, started_at, tokens, mc_batch)
+        if score:
+            result.reward_s = self._score(groups + (mc_batch.rollouts if mc_batch else []))
+        return result
+
+    def _score(self, groups: list[RolloutGroup]) -> float:
+        if self.reward is None:
+            raise RuntimeError(f"generator {self.generator_id} was asked to score but has no train scorer")
+        start = time.perf_counter()
+        self.reward.score(groups)
+        return time.perf_counter() - start
 
     def _sampling_params(self, n: int, temperature: float | None, prompt_id: int, max_tokens: int | None = None,
                          seed: int | None = None, logprobs: int | None = 0):

@@ -182,6 +182,11 @@ class RewardConfig(Strict):
         3, ge=1, description="learner steps in a row whose batch has no usable train reward: then the run writes a "
                              "checkpoint and stops (exit 1) naming the first reason, instead of training on nothing"
     )
+    score_in_generator: bool = Field(
+        True, description="a rule train reward (no reward.remote / reward.learned) is scored inside the generator's "
+                          "call, with the reward actor's failure handling, instead of one more Ray round trip per "
+                          "batch on the generator's critical path; false: every batch goes to the reward actor"
+    )
 
     @model_validator(mode="after")
     def _one_train_source(self) -> "RewardConfig":
@@ -194,6 +199,11 @@ class RewardConfig(Strict):
     def train_replaced(self) -> bool:
         """The train role is scored by a model (remote or learned), not by the reward.train rule."""
         return self.remote is not None or self.learned is not None
+
+    @property
+    def in_generator(self) -> bool:
+        """Train rewards are scored inside the generators' calls (a rule, cheap and stateless)."""
+        return self.score_in_generator and not self.train_replaced
 
 
 class QueueConfig(Strict):

@@ -202,10 +202,11 @@ class Controller:
         self._start_learner()
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
         gen_cls = ray.remote(GeneratorActor)
+        scorer = cfg.reward.train if cfg.reward.in_generator else None
         self.generators = [  # on GPUs each in its own placement bundle (async_rlhf/placement.py)
             GeneratorSlot(gen_cls.options(**options).remote(i, policy_dir, cfg.generation, cfg.seed,
                                                             plan.generator_cores[i], cfg.model.torch_dtype,
-                                                            cfg.weight_sync.transport), i)
+                                                            cfg.weight_sync.transport, scorer, cfg.reward.timeout_s), i)
             for i, options in enumerate(generator_options(cfg))
         ]
         scorers = {"train": cfg.reward.train, "gold": cfg.reward.gold}
@@ -328,7 +329,7 @@ class Controller:
             weights = self.broker.lease(version)
             slot.leased_version = weights.version
         slot.prompts = prompts
-        slot.job = slot.handle.generate.remote(prompts, weights, mc=self.mc_request)
+        slot.job = slot.handle.generate.remote(prompts, weights, mc=self.mc_request, score=self.cfg.reward.in_generator)
 
     def _drop_stale(self) -> None:
         """Drop queued groups that are already too old for the next batch, before the gate is asked.
@@ -401,7 +402,11 @@ class Controller:
         self.timing.add("weight_sync_s", result.sync_s)
         self.timing.add("tokens_generated", result.tokens)
         record_generation(self.timeline, result)
-        self._score(result)
+        if result.reward_s is None:
+            self._score(result)
+            return
+        self.timing.add("reward_in_generator_s", result.reward_s)
+        self._queue_scored(result, result.groups + (result.mc.rollouts if result.mc is not None else []))
 
     def _score(self, result: GenerationResult) -> None:
         """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
@@ -499,6 +504,10 @@ class Controller:
             self._regenerate(result)
             return
         self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
+        self._queue_scored(result, scored)
+
+    def _queue_scored(self, result: GenerationResult, scored: list[RolloutGroup]) -> None:
+        """Scored responses (then MC rollouts) of one generation: values and advantages first for VinePPO."""
         groups = scored[:len(result.groups)]
         if result.mc is not None:  # values and advantages before the groups can be trained on
             rollouts = replace(result.mc, rollouts=scored[len(result.groups):])

@@ -60,6 +60,7 @@ def run_summary(ctl: "Controller", initial: dict, final: dict) -> dict:
         "setup_s": round(t.get("setup_s"), 3),
         "gen_busy_s": round(t.get("gen_busy_s"), 3),
         "weight_sync_s": round(t.get("weight_sync_s"), 3),
+        "reward_in_generator_s": round(t.get("reward_in_generator_s"), 3),
         "learn_busy_s": round(t.get("learn_busy_s"), 3),
         "publish_s": round(t.get("publish_s"), 3),
         "wait_s": round(t.get("learner_wait_s"), 3),

@@ -217,7 +217,9 @@ def test_a_learner_killed_past_max_restarts_ends_the_run_with_one_line_and_the_t
 
 def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_path: Path) -> None:
     run_dir, steps = tmp_path / "run", 40
-    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "api.enabled=false"), cwd=ROOT,
+    # Every batch through the reward actor (a rule reward is otherwise scored inside the generator's call).
+    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "api.enabled=false",
+                                          "reward.score_in_generator=false"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     killed = []

@@ -90,3 +90,26 @@ def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_polic
     assert len({tuple(map(tuple, v)) for v in ids(a).values()}) == len(PROMPTS)  # prompts differ from each other
     ray_local.kill(first)
     ray_local.kill(second)
+
+
+def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ray_local, random_policies) -> None:
+    """reward.in_generator: the same RewardService code, run inside the generator's call, gives the same
+    rewards as the reward actor, and a scorer's failure is a failure with its reason there too."""
+    from async_rlhf.embedded import build_tokenizer
+    from reward_models.service import RewardService
+
+    tok = build_tokenizer()
+    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))}) for i, text in enumerate(PROMPTS)]
+    cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
+    gen = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(random_policies[0]), cfg, 7, None,
+                                                                      "float32", "shm", "sort_partial")
+    local = ray_local.get(gen.generate.remote(prompts, score=True))
+    actor = ray_local.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
+    remote = ray_local.get(actor.score.remote(ray_local.get(gen.generate.remote(prompts)).groups))
+    rewards = lambda groups: [(c.reward, c.reward_status) for g in groups for c in g.completions]
+    assert local.reward_s is not None and rewards(local.groups) == rewards(remote)
+    assert all(status == "ok" for _, status in rewards(local.groups))
+    unscored = ray_local.get(gen.generate.remote(prompts))
+    assert unscored.reward_s is None and all(c.reward is None for g in unscored.groups for c in g.completions)
+    ray_local.kill(gen)
+    ray_local.kill(actor)
