@@ -209,6 +209,8 @@ DATA_CONFIG_CASES = [
     ("task.name=sort", "task.dataset is required when task.name=dataset, and only then"),
     ("task.dataset.eval_path=null", "task.dataset: no evaluation set; set task.dataset.eval_path or "
      "task.dataset.eval_fraction > 0"),
+    (f"task.dataset.eval_path=./{TRAIN_JSONL}", f"task.dataset.eval_path is the train file './{TRAIN_JSONL}': "
+     "evaluation must be on held-out prompts; give another file, or unset it to hold out task.dataset.eval_fraction"),
     ("task.dataset.system_prompt=hi", "task.dataset.system_prompt needs task.dataset.chat_template=true"),
     ("task.dataset.too_long=cut", "task.dataset.too_long: Input should be 'drop' or 'truncate' (got 'cut')"),
     ("model.dtype=float16", "model.dtype: Input should be 'auto', 'float32' or 'bfloat16' (got 'float16')"),
