@@ -36,6 +36,10 @@ def check_cluster(cfg: RunConfig, gpus: int, nodes: int) -> None:
     """The transport against the cluster Ray found at start (GPU and node counts passed in, so this is
     tested on CPU); a one-line ConfigError before any worker starts."""
     transport = cfg.weight_sync.transport
+    # The driver of a cluster run skips its own CUDA check (its GPUs are not the workers'): this is where it is made.
+    if transport in ("nccl", "ipc") and gpus == 0:
+        raise ConfigError(f"config error: weight_sync.transport={transport} sends weights from GPU to GPU but the "
+                          f"Ray cluster has no GPU; use weight_sync.transport=shm on CPU")
     if transport == "shm" and nodes > 1:
         raise ConfigError(f"config error: weight_sync.transport=shm shares weights through one node's /dev/shm but "
                           f"the Ray cluster has {nodes} nodes; use weight_sync.transport=nccl across nodes")
@@ -47,9 +51,14 @@ def check_cluster(cfg: RunConfig, gpus: int, nodes: int) -> None:
                           f"generation.tensor_parallel_size + learner.num_ranks) and the Ray cluster has {gpus}")
 
 
-def check_started_cluster(cfg: RunConfig) -> None:
+def cluster_counts() -> tuple[int, int]:
+    """GPUs and live nodes of the Ray cluster this driver joined."""
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    check_cluster(cfg, int(ray.cluster_resources().get("GPU", 0)), alive)
+    return int(ray.cluster_resources().get("GPU", 0)), alive
+
+
+def check_started_cluster(cfg: RunConfig) -> None:
+    check_cluster(cfg, *cluster_counts())
 
 
 def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float, what: str, name: str = "") -> Any:
