@@ -11,6 +11,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config_base import Strict, environment_checks
 
+# What the validators need to know about a source lives here, not in prompt_data.py (which reads the data
+# and imports this config): the dependency runs one way.
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
 
@@ -48,7 +50,6 @@ def template_fields(template: str | None) -> list[str]:
         return []
     names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     return [re.split(r"[.\[]", name)[0] for name in names]
-
 
 
 class DatasetConfig(Strict):
