@@ -58,22 +58,29 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
     return run_dir.resolve()
 
 
-def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
+class ProgressBar:
+    """The train bar, drawn from the first step on: a run refused while starting prints only its one line."""
 
-    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, total: int, initial: int) -> None:
+        self.total, self.initial, self.bar = total, initial, None
 
-    def update(record: dict) -> None:
+    def update(self, record: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.initial, desc="train", unit="step", dynamic_ncols=True)
         reward = record.get("reward_mean")
-        bar.set_postfix(
+        self.bar.set_postfix(
             reward=f"{reward:.3f}" if reward is not None else "-",
             stale=f"{record['staleness_mean']:.1f}",
             queue=record["queue_depth"],
             tok_s=f"{record['gen_tokens_per_s']:.0f}",
         )
-        bar.update(record["step"] - bar.n)  # after a learner failover the steps since its checkpoint come again
+        self.bar.update(record["step"] - self.bar.n)  # after a learner failover the steps since its checkpoint come again
 
-    return bar, update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -92,8 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
     from async_rlhf.controller import Controller, RunError  # heavy imports only once the config is valid
 
-    bar, update = _progress_bar(cfg.learner.steps, checkpoint.step if checkpoint else 0)
-    controller = Controller(cfg, run_dir, progress=update, resume=checkpoint)
+    bar = ProgressBar(cfg.learner.steps, checkpoint.step if checkpoint else 0)
+    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint)
     try:
         summary = controller.run()
     except RunError as exc:

@@ -2,13 +2,18 @@
 
 On a CPU-only Ray (no "GPU" resource) nothing here reserves GPUs, and the generators keep the
 one-CPU actors they had before; placement only changes what a GPU cluster does.
+
+weight_sync.transport=ipc puts the learner and the generator on ONE GPU: one placement group of one
+bundle {CPU: 2, GPU: 1}, whose GPU both actors take a fraction of (their memory shares). Fractional
+requests without the bundle could land on two GPUs of a multi-GPU node, where CUDA IPC handles of
+one GPU mean nothing to the other.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from async_rlhf.config import ConfigError, RunConfig
@@ -31,6 +36,10 @@ def check_cluster(cfg: RunConfig, gpus: int, nodes: int) -> None:
     """The transport against the cluster Ray found at start (GPU and node counts passed in, so this is
     tested on CPU); a one-line ConfigError before any worker starts."""
     transport = cfg.weight_sync.transport
+    # The driver of a cluster run skips its own CUDA check (its GPUs are not the workers'): this is where it is made.
+    if transport in ("nccl", "ipc") and gpus == 0:
+        raise ConfigError(f"config error: weight_sync.transport={transport} sends weights from GPU to GPU but the "
+                          f"Ray cluster has no GPU; use weight_sync.transport=shm on CPU")
     if transport == "shm" and nodes > 1:
         raise ConfigError(f"config error: weight_sync.transport=shm shares weights through one node's /dev/shm but "
                           f"the Ray cluster has {nodes} nodes; use weight_sync.transport=nccl across nodes")
@@ -42,14 +51,19 @@ def check_cluster(cfg: RunConfig, gpus: int, nodes: int) -> None:
                           f"generation.tensor_parallel_size + learner.num_ranks) and the Ray cluster has {gpus}")
 
 
-def check_started_cluster(cfg: RunConfig) -> None:
+def cluster_counts() -> tuple[int, int]:
+    """GPUs and live nodes of the Ray cluster this driver joined."""
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    check_cluster(cfg, int(ray.cluster_resources().get("GPU", 0)), alive)
+    return int(ray.cluster_resources().get("GPU", 0)), alive
 
 
-def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float, what: str) -> Any:
+def check_started_cluster(cfg: RunConfig) -> None:
+    check_cluster(cfg, *cluster_counts())
+
+
+def reserve(bundles: list[dict[str, float]], strategy: str, timeout_s: float, what: str, name: str = "") -> Any:
     """A placement group of `bundles`, ready; a one-line error when the cluster cannot place it."""
-    pg = placement_group(bundles, strategy=strategy)
+    pg = placement_group(bundles, strategy=strategy, name=name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
@@ -62,9 +76,34 @@ def in_bundle(pg: Any, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
-def learner_gpus(cfg: RunConfig) -> float:
-    """GPUs of the (single-rank) learner actor: its memory share of the one GPU with ipc, else one."""
-    return cfg.learner.gpu_memory_fraction if cfg.weight_sync.transport == "ipc" else 1
+SHARED_GPU_BUNDLE = {"CPU": 2, "GPU": 1}  # ipc: the learner's and the generator's CPU, and their one GPU
+
+
+def shared_gpu_group(cfg: RunConfig) -> Any:
+    """The ipc run's placement group of one SHARED_GPU_BUNDLE, created by the first of learner and
+    generator to ask and found by name by the other (and by a learner started again), so neither
+    start-up path has to hand it to the other. Named per Ray job: two drivers on one cluster never share it."""
+    name = f"async-rlhf-shared-gpu-{ray.get_runtime_context().get_job_id()}"
+    try:
+        return get_placement_group(name)
+    except ValueError:  # not created yet in this job
+        return reserve([SHARED_GPU_BUNDLE], "STRICT_PACK", cfg.learner.stall_timeout_s,
+                       "weight_sync.transport=ipc (learner and generator on one GPU)", name=name)
+
+
+def shared_gpu_options(cfg: RunConfig, gpu_share: float) -> dict[str, Any]:
+    """Ray actor options of one of the two ipc roles: its memory share of the bundle's one GPU."""
+    return {"num_gpus": gpu_share, "scheduling_strategy": in_bundle(shared_gpu_group(cfg), 0)}
+
+
+def learner_options(cfg: RunConfig) -> dict[str, Any]:
+    """Ray actor options of a single-rank learner: no GPU on CPU, its share of the shared GPU with ipc, else one."""
+    base: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0, "max_concurrency": 1}
+    if not use_gpus():
+        return base
+    if cfg.weight_sync.transport == "ipc":
+        return {**base, **shared_gpu_options(cfg, cfg.learner.gpu_memory_fraction)}
+    return {**base, "num_gpus": 1}
 
 
 def generator_options(cfg: RunConfig) -> list[dict[str, Any]]:
@@ -74,8 +113,8 @@ def generator_options(cfg: RunConfig) -> list[dict[str, Any]]:
     base: dict[str, Any] = {"num_cpus": 1, "max_restarts": gen.max_restarts}
     if not use_gpus():
         return [base] * gen.num_generators
-    if cfg.weight_sync.transport == "ipc":  # a fraction: Ray puts it next to the learner on the one GPU
-        return [{**base, "num_gpus": gen.gpu_memory_utilization}]
+    if cfg.weight_sync.transport == "ipc":  # its share of the learner's GPU, in the learner's bundle
+        return [{**base, **shared_gpu_options(cfg, gen.gpu_memory_utilization)}]
     tp = gen.tensor_parallel_size
     pg = reserve([{"CPU": 1, "GPU": tp}] * gen.num_generators, cfg.ray.placement_strategy,
                  cfg.learner.stall_timeout_s, f"generation.num_generators={gen.num_generators}")

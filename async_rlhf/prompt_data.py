@@ -14,7 +14,8 @@ The train stream is a pure function of (seed, index): index i is row `perm_e[i m
 `e = i // n`, where `perm_e` is a permutation drawn from (seed, e). A run resumes from any index
 without stored state, sees every row once per epoch, and each epoch in a new order.
 
-The eval set is `eval_path`, or the rows whose prompt text hashes below `eval_fraction` (a fixed,
+The eval set is `eval_path` (its `eval_split` for a hub or saved dataset; never the train rows: the
+config refuses the train file or split), or the rows whose prompt text hashes below `eval_fraction` (a fixed,
 seed-independent hash of the content, so identical prompts never straddle the split).
 """
 from __future__ import annotations
@@ -22,44 +23,19 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
-import string
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, ClassVar
 
 from async_rlhf.config import ConfigError, DatasetConfig, TaskConfig
 from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
+from async_rlhf.task_config import source_format, template_fields
 
-EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
 E = "config error: "
 
 
-def source_format(path: str, fmt: str) -> str:
-    """The format of a source: explicit, else by extension; a directory is `disk`, anything else `hub`."""
-    if fmt != "auto":
-        return fmt
-    suffix = Path(path).suffix.lower()
-    if suffix in EXTENSIONS:
-        return EXTENSIONS[suffix]
-    return "disk" if Path(path).is_dir() else "hub"
-
-
-def check_source(key: str, path: str, fmt: str) -> None:
-    """What can be told without reading the data: the file is there and its format known."""
-    kind = source_format(path, fmt)
-    if kind in BUILDERS and not Path(path).is_file():
-        raise ValueError(f"{key}: file '{path}' not found (relative paths start at the current directory)")
-    if kind == "disk" and not Path(path).is_dir():
-        raise ValueError(f"{key}: directory '{path}' not found; give a directory written by Dataset.save_to_disk")
-    if kind == "hub" and Path(path).is_file():
-        raise ValueError(f"task.dataset.format: cannot tell the format of '{path}' from its extension; "
-                         f"set task.dataset.format to jsonl, json, csv or parquet")
-
-
-def load_table(path: str, fmt: str, split: str) -> Any:
+def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.split") -> Any:
     """A `datasets.Dataset` for one source; any failure is a one-line ConfigError naming the source."""
     import datasets
 
@@ -74,7 +50,7 @@ def load_table(path: str, fmt: str, split: str) -> Any:
         raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {reason}") from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
-            raise ConfigError(f"{E}task.dataset.split: no split '{split}' in '{path}' (splits: {', '.join(table)})")
+            raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")
         table = table[split]
     return table
 
@@ -187,14 +163,6 @@ class RowMapper:
         return self.tokenizer.decode(kept, skip_special_tokens=True), kept
 
 
-def template_fields(template: str | None) -> list[str]:
-    """The columns a template reads: `{question}`, `{row[0]}` and `{obj.attr}` all read their first name."""
-    if template is None:
-        return []
-    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    return [re.split(r"[.\[]", name)[0] for name in names]
-
-
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -249,8 +217,8 @@ class DatasetTask:
         raise ValueError("task.name=dataset has no embedded warm start; use model.source=local")
 
     # ---- loading --------------------------------------------------------------------------
-    def _read(self, path: str) -> tuple[list[Row], DataStats]:
-        table = load_table(path, self.data.format, self.data.split)
+    def _read(self, path: str, split: str, split_key: str) -> tuple[list[Row], DataStats]:
+        table = load_table(path, self.data.format, split, split_key)
         self.mapper.check_columns(list(table.column_names), path)
         stats = DataStats(path, rows=len(table))
         rows = [r for i, row in enumerate(table) if (r := self.mapper.map(row, i, stats)) is not None]
@@ -259,10 +227,11 @@ class DatasetTask:
         return rows, stats
 
     def _load_splits(self) -> tuple[list[Row], list[Row]]:
-        rows, stats = self._read(self.data.path)
+        rows, stats = self._read(self.data.path, self.data.split, "task.dataset.split")
         self._require(rows, stats, "task.dataset.path")
         if self.data.eval_path is not None:
-            evals, eval_stats = self._read(self.data.eval_path)
+            key = "task.dataset.split" if self.data.eval_split is None else "task.dataset.eval_split"
+            evals, eval_stats = self._read(self.data.eval_path, self.data.eval_source_split, key)
             self._require(evals, eval_stats, "task.dataset.eval_path")
             return rows, evals[: self.cfg.eval_prompts]
         held_out = [in_eval_fraction(r.text, self.data.eval_fraction) for r in rows]

@@ -1,11 +1,55 @@
 """The prompt-source part of the run configuration (`task:`), and per-task defaults."""
 from __future__ import annotations
 
+import os
+import re
+import string
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config_base import Strict, environment_checks
+
+# What the validators need to know about a source lives here, not in prompt_data.py (which reads the data
+# and imports this config): the dependency runs one way.
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
+
+
+def source_format(path: str, fmt: str) -> str:
+    """The format of a source: explicit, else by extension; a directory is `disk`, anything else `hub`."""
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix in EXTENSIONS:
+        return EXTENSIONS[suffix]
+    return "disk" if Path(path).is_dir() else "hub"
+
+
+def check_source(key: str, path: str, fmt: str) -> None:
+    """What can be told without reading the data: the file is there and its format known."""
+    kind = source_format(path, fmt)
+    if kind in FILE_FORMATS and not Path(path).is_file():
+        raise ValueError(f"{key}: file '{path}' not found (relative paths start at the current directory)")
+    if kind == "disk" and not Path(path).is_dir():
+        raise ValueError(f"{key}: directory '{path}' not found; give a directory written by Dataset.save_to_disk")
+    if kind == "hub" and Path(path).is_file():
+        raise ValueError(f"task.dataset.format: cannot tell the format of '{path}' from its extension; "
+                         f"set task.dataset.format to jsonl, json, csv or parquet")
+
+
+def same_source(a: str, b: str) -> bool:
+    """Two sources name the same data: equal hub names, or paths to the same file or directory."""
+    return a == b or os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def template_fields(template: str | None) -> list[str]:
+    """The columns a template reads: `{question}`, `{row[0]}` and `{obj.attr}` all read their first name."""
+    if template is None:
+        return []
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    return [re.split(r"[.\[]", name)[0] for name in names]
 
 
 class DatasetConfig(Strict):
@@ -26,13 +70,12 @@ class DatasetConfig(Strict):
     max_prompt_tokens: int = Field(64, ge=2, description="longer prompts are dropped (or truncated) and counted")
     too_long: Literal["drop", "truncate"] = Field("drop", description="truncate keeps BOS and the last tokens")
     eval_path: str | None = Field(None, description="held-out prompts (same columns); default: eval_fraction of path")
+    eval_split: str | None = Field(None, description="split of eval_path to read (hub or saved DatasetDict); default: split")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of path held out by a hash of the prompt text")
 
     @field_validator("template")
     @classmethod
     def _template(cls, template: str | None) -> str | None:
-        from async_rlhf.prompt_data import template_fields
-
         try:
             fields = template_fields(template)
         except ValueError as exc:  # str.format's parser: e.g. "expected '}' before end of string"
@@ -44,17 +87,33 @@ class DatasetConfig(Strict):
 
     @model_validator(mode="after")
     def _eval(self, info: ValidationInfo) -> "DatasetConfig":
-        from async_rlhf.prompt_data import check_source
-
         if environment_checks(info):
             check_source("task.dataset.path", self.path, self.format)
         if self.eval_path is not None and environment_checks(info):
             check_source("task.dataset.eval_path", self.eval_path, self.format)
+        self._check_eval_is_held_out()
         if self.eval_path is None and self.eval_fraction == 0:
             raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or task.dataset.eval_fraction > 0")
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("task.dataset.system_prompt needs task.dataset.chat_template=true")
         return self
+
+    @property
+    def eval_source_split(self) -> str:
+        return self.eval_split if self.eval_split is not None else self.split
+
+    def _check_eval_is_held_out(self) -> None:
+        """Evaluating on prompts the policy trains on would report memorisation as progress. A file has one
+        split (`split` only picks among a hub dataset's or a saved DatasetDict's), so the same file is the
+        same rows whatever the splits say."""
+        if self.eval_path is None or not same_source(self.path, self.eval_path):
+            return
+        if source_format(self.path, self.format) in FILE_FORMATS:
+            raise ValueError(f"task.dataset.eval_path is the train file '{self.eval_path}': evaluation must be on "
+                             f"held-out prompts; give another file, or unset it to hold out task.dataset.eval_fraction")
+        if self.eval_source_split == self.split:
+            raise ValueError(f"task.dataset.eval_path reads the train split ('{self.eval_path}', split '{self.split}'): "
+                             f"evaluation must be on held-out prompts; set task.dataset.eval_split, e.g. test")
 
 
 class TaskConfig(Strict):

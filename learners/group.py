@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from async_rlhf.config import RunConfig
-from async_rlhf.placement import in_bundle, learner_gpus, reserve, use_gpus
+from async_rlhf.placement import in_bundle, learner_options, reserve, use_gpus
 from learners.distributed import RankInfo, free_port
 from learners.learner import Learner
 
@@ -92,8 +92,7 @@ def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threa
     """The learner the controller trains with: one actor, or a `LearnerGroup` of learner.num_ranks."""
     ranks, gpu = cfg.learner.num_ranks, use_gpus()
     if ranks == 1:
-        return ray.remote(Learner).options(num_cpus=1, num_gpus=learner_gpus(cfg) if gpu else 0, max_concurrency=1).remote(
-            cfg, model_dir, cores, threads)
+        return ray.remote(Learner).options(**learner_options(cfg)).remote(cfg, model_dir, cores, threads)
     bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
     pg = reserve([bundle] * ranks, cfg.ray.placement_strategy, cfg.learner.stall_timeout_s,
                  f"learner.num_ranks={ranks}")

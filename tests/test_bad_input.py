@@ -209,6 +209,8 @@ DATA_CONFIG_CASES = [
     ("task.name=sort", "task.dataset is required when task.name=dataset, and only then"),
     ("task.dataset.eval_path=null", "task.dataset: no evaluation set; set task.dataset.eval_path or "
      "task.dataset.eval_fraction > 0"),
+    (f"task.dataset.eval_path=./{TRAIN_JSONL}", f"task.dataset.eval_path is the train file './{TRAIN_JSONL}': "
+     "evaluation must be on held-out prompts; give another file, or unset it to hold out task.dataset.eval_fraction"),
     ("task.dataset.system_prompt=hi", "task.dataset.system_prompt needs task.dataset.chat_template=true"),
     ("task.dataset.too_long=cut", "task.dataset.too_long: Input should be 'drop' or 'truncate' (got 'cut')"),
     ("model.dtype=float16", "model.dtype: Input should be 'auto', 'float32' or 'bfloat16' (got 'float16')"),
@@ -384,11 +386,14 @@ def test_ipc_with_a_split_that_fits_validates() -> None:
     assert cfg.learner.gpu_memory_fraction == 0.45
 
 
+SHARED_SPLIT = ["generation.gpu_memory_utilization=0.45"]  # a memory split the ipc config check accepts
 CLUSTER_CASES = [
     ("shm", 0, 2, "weight_sync.transport=shm shares weights through one node's /dev/shm but the Ray cluster has "
                   "2 nodes; use weight_sync.transport=nccl across nodes"),
     ("nccl", 1, 1, "weight_sync.transport=nccl needs the generator and the learner on separate GPUs but the Ray "
                    "cluster has 1 GPU; use weight_sync.transport=ipc to share one GPU"),
+    ("ipc", 0, 1, "weight_sync.transport=ipc sends weights from GPU to GPU but the Ray cluster has no GPU; use "
+                  "weight_sync.transport=shm on CPU"),
     ("shm", 1, 1, "the run needs 2 GPUs (generation.num_generators x generation.tensor_parallel_size + "
                   "learner.num_ranks) and the Ray cluster has 1"),
 ]
@@ -398,7 +403,7 @@ CLUSTER_CASES = [
 def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message: str) -> None:
     from async_rlhf.placement import check_cluster
 
-    cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}"], environment=False)
+    cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}", *SHARED_SPLIT], environment=False)
     with pytest.raises(ConfigError) as err:
         check_cluster(cfg, gpus, nodes)
     assert str(err.value) == E + message
@@ -421,3 +426,23 @@ def test_cores_are_pinned_only_on_cpu() -> None:
     assert plan_cores(cfg, [0, 1, 2, 3]).pinned
     gpu = plan_cores(cfg, [0, 1, 2, 3], gpus=True)
     assert not gpu.pinned and gpu.generator_cores == [[]] * cfg.generation.num_generators
+
+
+@pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES, ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
+def test_train_refused_by_the_cluster_exits_2_with_one_line(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch, transport: str, gpus: int,
+                                                           nodes: int, message: str) -> None:
+    """The real CLI and controller start-up on the session's Ray (so `train` starts none of its own); only the
+    cluster's GPU and node counts are mocked, as this machine has no GPU and one node. `ray.address` set makes
+    the driver skip its own CUDA check, as on a cluster, so the start-time check is the one that refuses."""
+    from async_rlhf import placement
+    from async_rlhf.controller import Controller
+
+    monkeypatch.setattr(placement, "cluster_counts", lambda: (gpus, nodes))
+    monkeypatch.setattr(Controller, "_build_components",
+                        lambda self, policy_dir: pytest.fail("workers started for a run the cluster cannot hold"))
+    args = ["train", str(QUICKSTART), f"weight_sync.transport={transport}", *SHARED_SPLIT, "ray.address=auto",
+            "api.enabled=false", "--run-dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [E + message] and "Traceback" not in err

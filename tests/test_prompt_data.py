@@ -122,7 +122,8 @@ def test_rows_are_filtered_and_counted(tmp_path: Path, tokenizer) -> None:
 def test_too_long_prompts_can_be_truncated_keeping_bos_and_the_end(tmp_path: Path, tokenizer) -> None:
     source = write(tmp_path / "rows.jsonl", [{"question": "abcdefghijklmnop how many?"}] * 3)
     cfg = task_cfg(source, max_prompt_tokens=12, too_long="truncate", eval_fraction=0.5)
-    cfg.dataset.eval_path = str(source)
+    # Identical rows hash to one side of eval_fraction: a copy is the eval file (never the train file itself).
+    cfg.dataset.eval_path = str(write(tmp_path / "eval.jsonl", [{"question": "abcdefghijklmnop how many?"}]))
     task = make_task(cfg, tokenizer, seed=0)
     prompt = task.train_prompt(0)
     assert len(prompt.token_ids) == 12 and prompt.token_ids[0] == tokenizer.bos_token_id
