@@ -373,6 +373,12 @@ class ResourcesConfig(Strict):
     pin_cores: Literal["auto", "off"] = Field(
         "auto", description="auto: one core per role when async and enough cores; off: share all"
     )
+    balance_cores: bool = Field(
+        False, description="with pinned cores: while the learner is the bottleneck (busy well above the "
+                           "generators) it trains on every core, and back on its own once the generators are; "
+                           "off by default: on a loaded 2-core machine the two-thread learner was slower "
+                           "(docs/benchmarks.md, 'Cores by load')"
+    )
 
 
 class ApiConfig(Strict):

@@ -34,7 +34,7 @@ from async_rlhf.placement import check_started_cluster, generator_options, use_g
 from async_rlhf.queue import GateInputs, RolloutQueue, chunk_version, generation_allowed, take_limit
 from async_rlhf.recorder import RunRecorder
 from async_rlhf.redaction import redact_url
-from async_rlhf.resources import plan_cores
+from async_rlhf.resources import CoreBalancer, core_balancer, plan_cores
 from async_rlhf.resume import (
     broker_versions, claim_weights_location, fail_pending_checkpoints, publish_weights, restore_checkpoint,
     take_checkpoints,
@@ -123,6 +123,7 @@ class Controller:
         self.reward_counts = {"ok": 0, "failed": 0, "timed_out": 0}
         self.reward_pid = 0  # the reward actor's process; a new one is a restart
         self.reward_restarts = 0
+        self.balancer: CoreBalancer | None = None  # set with the learner (a pinned CPU plan only)
         self.learner_restarts = 0  # dead learners replaced from a checkpoint in this process (async_rlhf/failover.py)
         self.mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
         self.mc_cost = MCCost()
@@ -528,6 +529,7 @@ class Controller:
         st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
+        self._balance_cores()
         record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
         record = step_record(self, job, metrics)
         self.last_step = record
@@ -540,6 +542,15 @@ class Controller:
         every = self.cfg.checkpoint.every
         if every and job.version % every == 0:
             self.control.request_checkpoint()  # taken at the next safe point, before anything is dispatched
+
+    def _balance_cores(self) -> None:
+        if self.balancer is None:
+            return
+        t = self.timing
+        cores = self.balancer.observe(t.elapsed("loop_s"), t.get("learn_busy_s"), t.get("gen_busy_s"),
+                                      self.state.steps_taken, len(self.generators))
+        if cores is not None:  # ordered before the next train_step on the learner actor
+            self.learner.set_cores.remote(cores)
 
     def _check_finite(self, metrics: dict) -> None:
         """A non-finite step was skipped by the learner; several in a row stop the run, with a checkpoint."""
@@ -622,6 +633,7 @@ class Controller:
         plan = self.plan
         self.learner = start_learner(self.cfg, self.policy_dir, plan.learner_cores if plan.pinned else None,
                                      plan.learner_threads)
+        self.balancer = core_balancer(self.cfg, plan)  # a new learner starts on its own cores
 
     def _stop_learner(self) -> None:
         if isinstance(self.learner, LearnerGroup):

@@ -46,6 +46,7 @@ def step_record(ctl: "Controller", job: "LearnerJob", metrics: dict) -> dict:
         "dropped_stale": ctl.queue.counters.dropped_stale,
         "failed_reward": ctl.queue.counters.failed_reward,
         "prompt_ids": [g.prompt.prompt_id for g in job.batch],  # coverage: nothing trained twice or lost
+        "learner_cores": len(ctl.balancer.cores) if ctl.balancer else None,  # resources.balance_cores
         **ctl.mc_record(),
         **{k: v for k, v in metrics.items() if k != "version"},
     }
@@ -78,6 +79,7 @@ def run_summary(ctl: "Controller", initial: dict, final: dict) -> dict:
         "generator_restarts": sum(g.restarts for g in ctl.generators),
         "reward_restarts": ctl.reward_restarts,
         "learner_restarts": ctl.learner_restarts,
+        "learner_core_moves": ctl.balancer.moves if ctl.balancer else 0,
         "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
         "tokens_generated": int(t.get("tokens_generated")),
         "cores_pinned": ctl.plan.pinned,

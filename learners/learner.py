@@ -281,6 +281,10 @@ class Learner:
         return pack(selection.prompts, completions, self.pad_id).to(self.device)
 
     @torch.no_grad()
+    def set_cores(self, cores: list[int]) -> None:
+        """Train on these cores from the next step on (resources.balance_cores moves the learner)."""
+        pin_process(cores, len(cores))
+
     def kl_to_reference(self, groups: list[RolloutGroup]) -> float:
         """Mean over all scored completions of sum_t (log pi(y_t) - log ref(y_t)): a sample estimate
         of KL(pi || ref) when the completions were sampled from pi. NaN if nothing is scored."""
