@@ -58,22 +58,33 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
     return run_dir.resolve()
 
 
-def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
+class ProgressBar:
+    """The train bar, made at the first learner step: its clock (rate, ETA) starts there, not at the
+    process's start, so start-up neither slows the rate nor stretches the first ETA; and nothing is drawn
+    between the start-up lines. Its rate counts the steps after the first."""
 
-    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None
 
-    def update(record: dict) -> None:
+    def update(self, record: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=record["step"], desc="train", unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(record["step"] - self.bar.n)
         reward = record.get("reward_mean")
-        bar.set_postfix(
+        self.bar.set_postfix(
             reward=f"{reward:.3f}" if reward is not None else "-",
             stale=f"{record['staleness_mean']:.1f}",
             queue=record["queue_depth"],
             tok_s=f"{record['gen_tokens_per_s']:.0f}",
         )
-        bar.update(1)
 
-    return bar, update
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -90,10 +101,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         run_dir = resolve_run_dir(cfg, args.run_dir)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
-    from async_rlhf.controller import Controller, RunError  # heavy imports only once the config is valid
+    from async_rlhf.startup import start_ray_while_importing  # heavy imports only once the config is valid
 
-    bar, update = _progress_bar(cfg.learner.steps, checkpoint.step if checkpoint else 0)
-    controller = Controller(cfg, run_dir, progress=update, resume=checkpoint)
+    started_ray = start_ray_while_importing(cfg, "async_rlhf.controller")
+    from async_rlhf.controller import Controller, RunError
+
+    bar = ProgressBar(cfg.learner.steps)
+    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint)
+    controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
     try:
         summary = controller.run()
     except RunError as exc:

@@ -40,7 +40,7 @@ from async_rlhf.resume import (
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.run_summary import GapTally, run_summary, step_record
 from async_rlhf.sinks import make_sinks
-from async_rlhf.startup import StartupClock, await_actors
+from async_rlhf.startup import StartupClock, await_actors, ray_init_kwargs
 from async_rlhf.tasks import load_task
 from async_rlhf.timeline import Timeline, record_generation, record_learner_step
 from async_rlhf.timing import Timing
@@ -165,14 +165,9 @@ class Controller:
               f"unless set by api.token or $ASYNC_RLHF_API_TOKEN)", flush=True)
 
     def _start_ray(self) -> None:
-        if ray.is_initialized():
+        if ray.is_initialized():  # the caller's Ray, or the one `async-rlhf train` started while importing
             return
-        res, address = self.cfg.resources, self.cfg.ray.address
-        kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
-        if address is None:  # a cluster's resources are what its `ray start` commands declared
-            roles = self.cfg.generation.num_generators + self.cfg.learner.num_ranks
-            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), roles)
-        ray.init(**kwargs)
+        ray.init(**ray_init_kwargs(self.cfg, len(self._cores())))
         self.started_ray = True
 
     def _handle_sigterm(self) -> None:

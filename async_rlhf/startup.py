@@ -12,13 +12,17 @@ evaluation's own time (`setup_initial_eval_s`).
 """
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
+
+from async_rlhf.config import RunConfig
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
 
@@ -45,8 +49,8 @@ class StartupClock:
 
     @classmethod
     def since_process_start(cls) -> "StartupClock":
-        now = time.time()
-        return cls(origin=now - process_age_s(), last=now - process_age_s())
+        origin = time.time() - process_age_s()
+        return cls(origin=origin, last=origin)
 
     def lap(self, name: str) -> None:
         """The phase `name` ends now; it began where the previous one ended."""
@@ -86,3 +90,38 @@ def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]
         if not any(ref in pending for ref in calls[role]):
             clock.note(role, started)
     return {role: ray.get(refs) for role, refs in calls.items()}
+
+
+def ray_init_kwargs(cfg: RunConfig, cores: int) -> dict[str, Any]:
+    """ray.init's arguments for a run: a local Ray gets a CPU per role at least (cores pinned or not)."""
+    kwargs: dict[str, Any] = {"address": cfg.ray.address, "include_dashboard": False, "log_to_driver": False}
+    if cfg.ray.address is None:  # a cluster's resources are what its `ray start` commands declared
+        roles = cfg.generation.num_generators + cfg.learner.num_ranks
+        kwargs["num_cpus"] = cfg.resources.num_cpus or max(cores, roles)
+    return kwargs
+
+
+def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
+    """Start a local Ray while `module` is imported in another thread: both take seconds (Ray in its own
+    processes, the import in this one), so the run's start-up pays for the longer only. True if Ray was
+    started here (the caller owns it). A cluster (ray.address) is only connected to, by the controller.
+    If ray.init fails here, the controller's own ray.init tries again and reports the error as always."""
+    importer = threading.Thread(target=_import_quietly, args=(module,), daemon=True)
+    importer.start()
+    started = False
+    if cfg.ray.address is None and not ray.is_initialized():
+        try:
+            ray.init(**ray_init_kwargs(cfg, len(os.sched_getaffinity(0))))
+            started = True
+        except Exception:  # reported by the controller's own attempt (see the docstring)
+            pass
+    importer.join()
+    return started
+
+
+def _import_quietly(module: str) -> None:
+    """An error is left for the caller's own import of `module`, which raises it again in its thread."""
+    try:
+        importlib.import_module(module)
+    except BaseException:  # raised again by the caller's import
+        pass
