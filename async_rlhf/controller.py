@@ -234,8 +234,10 @@ class Controller:
     def run(self) -> dict:
         try:
             self.start()
-            if self.resume_from is None:
-                self.recorder.log_eval(self._evaluate(None))
+            if self.resume_from is None:  # version 0, sent first to generator 0; the first batches go out behind it
+                sampled = self.evaluator.sample(self.generators[0].handle, None)
+                self._dispatch_generation()
+                self.recorder.log_eval(self._evaluate(None, sampled))  # no step sent yet: its KL is version 0's
             initial = self.recorder.evals[0]
             self.startup.lap("eval")
             self.progress = self.startup.after_first_step(self.progress)
@@ -574,11 +576,13 @@ class Controller:
             self.timeline.add("eval", f"generator{slot.generator_id}", started, time.time(), version)
             self.broker.release(version)
 
-    def _evaluate(self, weights: WeightRef | None) -> dict:
-        """Gold evaluation on generator 0; if it or the reward actor died meanwhile, once more after the restart."""
+    def _evaluate(self, weights: WeightRef | None, sampled: Any = None) -> dict:
+        """Gold evaluation on generator 0 (`sampled`: its generate call, if already sent); if it or the reward
+        actor died meanwhile, once more after the restart."""
         slot = self.generators[0]
         try:
-            return self.evaluator.evaluate(slot.handle, weights, self.learner)
+            sampled = self.evaluator.sample(slot.handle, weights) if sampled is None else sampled
+            return self.evaluator.finish(sampled, self.learner)
         except ray.exceptions.RayActorError as exc:  # the generator or the reward actor: wait for both
             self._await_restart(slot)
             self._on_reward_died(exc)
