@@ -4,11 +4,12 @@ The clock counts from the process's own start (the kernel's record of it), so th
 imports before any of our code runs are counted too. Phases on the path to the first step are laps, one
 after the other, so they add up to `setup_to_first_step_s`:
   process (interpreter, imports, config) -> policy (policy checkpoint and task) -> ray (ray.init) ->
-  actors (learner, generators, reward actor, started side by side) -> eval (the part of the initial
-  evaluation the first step waits for) -> first_step (the loop's first batch generated, scored, learned).
+  actors (learner, generators, reward actor, started side by side) -> eval (the initial evaluation; the
+  first batches generate meanwhile) -> first_step (the loop, up to its first learner step).
+`async-rlhf train` starts a local Ray during `process` (start_ray_while_importing), so `ray` is then ~0.
 What runs beside that path is reported apart and is not part of the sum: each actor's own start
-(`setup_learner_s`, `setup_generators_s`, `setup_reward_s`: creation to first answer) and the initial
-evaluation's own time (`setup_initial_eval_s`).
+(`setup_learner_s`, `setup_generators_s`, `setup_reward_s`: creation to first answer).
+A controller run inside a longer-lived process (a test, a benchmark) counts that process's age in `process`.
 """
 from __future__ import annotations
 
