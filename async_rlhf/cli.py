@@ -65,7 +65,7 @@ class ProgressBar:
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.bar = None
+        self.bar = None  # tqdm, made at the first step
 
     def update(self, record: dict) -> None:
         if self.bar is None:

@@ -44,14 +44,16 @@ class StartupClock:
     """Laps on the path to the first learner step and spans beside it, in wall-clock seconds."""
 
     origin: float  # time.time() of the process start
-    last: float = 0.0  # time.time() when the previous lap ended
     laps: dict[str, float] = field(default_factory=dict)
     beside: dict[str, float] = field(default_factory=dict)
+    last: float = field(init=False)  # time.time() when the previous lap ended
+
+    def __post_init__(self) -> None:
+        self.last = self.origin
 
     @classmethod
     def since_process_start(cls) -> "StartupClock":
-        origin = time.time() - process_age_s()
-        return cls(origin=origin, last=origin)
+        return cls(origin=time.time() - process_age_s())
 
     def lap(self, name: str) -> None:
         """The phase `name` ends now; it began where the previous one ended."""

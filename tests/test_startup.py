@@ -28,7 +28,7 @@ class FakeTime:
 def test_laps_add_up_to_the_first_step_and_side_spans_stay_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeTime(100.0)
     monkeypatch.setattr(startup, "time", fake)
-    clock = StartupClock(origin=97.0, last=97.0)  # the process started 3 s before the controller
+    clock = StartupClock(origin=97.0)  # the process started 3 s before the controller
     seen: list[dict] = []
     progress = clock.after_first_step(seen.append)
     for name, seconds in (("process", 0.0), ("policy", 0.5), ("ray", 2.0), ("actors", 6.0), ("eval", 0.25)):
