@@ -9,6 +9,7 @@ K_mc times, all before it returns, so the values come from the weights that samp
 """
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ class GeneratorActor:
         self.cores = cores
         self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
         self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
+        if not _has_cuda():
+            skip_cpu_start_costs()
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,  # the learner's (model.torch_dtype): behaviour logprobs must match its own
@@ -249,6 +252,20 @@ def set_engine_env(cores: list[int], cfg: GenerationConfig, cuda: bool) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not cuda:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def skip_cpu_start_costs() -> None:
+    """Two costs of a CPU engine's start that buy nothing here (measured in docs/benchmarks.md, Start-up):
+    - vLLM compiles one small sampler op (the sampled token's rank, batched_count_greater_than) with
+      torch.compile on the first generate call: 2-5 s of dynamo and inductor on 2 cores, for an op that
+      takes microseconds eagerly (same log-probs, tested). The model itself is eager already
+      (enforce_eager), so force_eager changes nothing else; it holds for this process only.
+    - vLLM's gc.collect() calls while it loads the model walk every object the imports made (~0.5 s
+      each); frozen, they are skipped. They live as long as the process anyway."""
+    import torch
+
+    torch.compiler.set_stance("force_eager")
+    gc.freeze()
 
 
 def _has_cuda() -> bool:

@@ -14,7 +14,7 @@ from async_rlhf.cli_models import add_parsers as add_model_parsers
 from async_rlhf.config import ConfigError, RunConfig, config_yaml, load_config
 from async_rlhf.failures import failure_line
 
-BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "vineppo_vs_ppo", "weight_sync"]
+BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "weight_sync"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,16 +59,21 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
 
 
 class ProgressBar:
-    """The train bar, drawn from the first step on: a run refused while starting prints only its one line."""
+    """The train bar, made at the first learner step: its clock (rate, ETA) starts there, not at the
+    process's start, so start-up neither slows the rate nor stretches the first ETA; and nothing is drawn
+    between the start-up lines. Its rate counts the steps after the first."""
 
-    def __init__(self, total: int, initial: int) -> None:
-        self.total, self.initial, self.bar = total, initial, None
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None  # tqdm, made at the first step
 
     def update(self, record: dict) -> None:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total, initial=record["step"], desc="train", unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(record["step"] - self.bar.n)
         reward = record.get("reward_mean")
         self.bar.set_postfix(
             reward=f"{reward:.3f}" if reward is not None else "-",
@@ -76,7 +81,6 @@ class ProgressBar:
             queue=record["queue_depth"],
             tok_s=f"{record['gen_tokens_per_s']:.0f}",
         )
-        self.bar.update(record["step"] - self.bar.n)  # after a learner failover the steps since its checkpoint come again
 
     def close(self) -> None:
         if self.bar is not None:
@@ -97,10 +101,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         run_dir = resolve_run_dir(cfg, args.run_dir)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
-    from async_rlhf.controller import Controller, RunError  # heavy imports only once the config is valid
+    from async_rlhf.startup import start_ray_while_importing  # heavy imports only once the config is valid
 
-    bar = ProgressBar(cfg.learner.steps, checkpoint.step if checkpoint else 0)
+    started_ray = start_ray_while_importing(cfg, "async_rlhf.controller")
+    from async_rlhf.controller import Controller, RunError
+
+    bar = ProgressBar(cfg.learner.steps)
     controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint)
+    controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
     try:
         summary = controller.run()
     except RunError as exc:

@@ -6,14 +6,18 @@ is accepted; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config_base import ConfigError, Strict, environment_checks, merge_dicts, parse_overrides
+from async_rlhf.loss_traits import BUILTIN_LOSSES, LossTraits
 from async_rlhf.redaction import readable_saved_config, redacted
 from async_rlhf.task_config import TASK_DEFAULTS, DatasetConfig, TaskConfig
+
+if TYPE_CHECKING:
+    from learners.losses.registry import LossSpec
 
 __all__ = ["ConfigError", "DatasetConfig", "Strict", "TASK_DEFAULTS", "TaskConfig", "parse_overrides"]
 
@@ -55,7 +59,14 @@ def _check_checkpoint(key: str, path: Path, tokenizer: bool) -> None:
                          f"save it there with tokenizer.save_pretrained")
 
 
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL2
+
+
 def cuda_available() -> bool:
+    """torch's answer, asked only where a GPU's device file exists: importing torch costs seconds, and
+    without any of these files torch finds no GPU either (check-config stays light on a CPU machine)."""
+    if not any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        return False
     import torch
 
     return torch.cuda.is_available()
@@ -260,24 +271,34 @@ class LossConfig(Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
+        if name in BUILTIN_LOSSES:  # no torch: the built-ins' declarations are a table (async_rlhf/loss_traits.py)
+            return name
         from learners.losses import LOSSES
 
         if name not in LOSSES:
             raise ValueError(f"loss.name: unknown loss '{name}'; valid names: {', '.join(sorted(LOSSES))}")
         return name
 
-    @model_validator(mode="after")
-    def _importance_sampling(self) -> "LossConfig":
+    @property
+    def traits(self) -> LossTraits | LossSpec:
+        """What the loss declares: a built-in's from the table, a loss.import_path one's from the registry
+        (its module, imported by `_import`, has imported torch already)."""
+        if self.name in BUILTIN_LOSSES:
+            return BUILTIN_LOSSES[self.name]
         from learners.losses import LOSSES
 
-        if self.importance_sampling != "none" and not LOSSES[self.name].supports_importance_sampling:
-            able = ", ".join(sorted(n for n, spec in LOSSES.items() if spec.supports_importance_sampling))
+        return LOSSES[self.name]
+
+    @model_validator(mode="after")
+    def _importance_sampling(self) -> "LossConfig":
+        if self.importance_sampling != "none" and not self.traits.supports_importance_sampling:
+            able = ", ".join(sorted(n for n, t in BUILTIN_LOSSES.items() if t.supports_importance_sampling))
             raise ValueError(
                 f"loss.importance_sampling: loss '{self.name}' does not support '{self.importance_sampling}'; "
                 f"set loss.importance_sampling=none or use one of: {able}"
             )
-        if self.ppo_epochs > 1 and not LOSSES[self.name].supports_epochs:
-            able = ", ".join(sorted(n for n, spec in LOSSES.items() if spec.supports_epochs))
+        if self.ppo_epochs > 1 and not self.traits.supports_epochs:
+            able = ", ".join(sorted(n for n, t in BUILTIN_LOSSES.items() if t.supports_epochs))
             raise ValueError(
                 f"loss.ppo_epochs: loss '{self.name}' takes one optimizer step per batch; "
                 f"set loss.ppo_epochs=1 or use one of: {able}"
@@ -461,8 +482,6 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "RunConfig":
-        from learners.losses import LOSSES
-
         self._check_distributed()
         self._check_fixed_delay()
         self._check_truncated_sampling()
@@ -470,7 +489,7 @@ class RunConfig(Strict):
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
 
-        need = LOSSES[self.loss.name].min_samples_per_prompt
+        need = self.loss.traits.min_samples_per_prompt
         if self.generation.samples_per_prompt < need:
             raise ValueError(
                 f"generation.samples_per_prompt ({self.generation.samples_per_prompt}) must be >= {need} "
@@ -511,9 +530,7 @@ class RunConfig(Strict):
     def _check_truncated_sampling(self) -> None:
         """Ratios to a top-p-truncated behaviour policy: the learner sees the full softmax, so every
         ratio would be off by the kept mass (the generator drops top_p when greedy: no ratio then)."""
-        from learners.losses import LOSSES
-
-        ratios = LOSSES[self.loss.name].needs_behaviour_logprobs or self.loss.importance_sampling != "none"
+        ratios = self.loss.traits.needs_behaviour_logprobs or self.loss.importance_sampling != "none"
         if ratios and self.generation.top_p < 1 and self.generation.temperature > 0:
             raise ValueError(f"generation.top_p ({self.generation.top_p}) truncates the sampling distribution, "
                              f"which loss '{self.loss.name}' cannot take ratios to; set generation.top_p=1")

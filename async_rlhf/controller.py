@@ -42,6 +42,7 @@ from async_rlhf.resume import (
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.run_summary import GapTally, run_summary, step_record
 from async_rlhf.sinks import make_sinks
+from async_rlhf.startup import StartupClock, await_actors, ray_init_kwargs
 from async_rlhf.tasks import load_task
 from async_rlhf.timeline import Timeline, record_generation, record_learner_step
 from async_rlhf.timing import Timing
@@ -132,6 +133,8 @@ class Controller:
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
         self.phase = "starting"
+        self.startup = StartupClock.since_process_start()
+        self.startup.lap("process")
         self.recorder.save_config(self.cfg)
         self._start_api()
         with self.timing.span("setup_s"):
@@ -139,12 +142,15 @@ class Controller:
             self.task = load_task(self.cfg, policy_dir)  # reads and checks the prompts before any worker starts
             print(f"[async-rlhf] {self.task.describe()}", flush=True)
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
+            self.startup.lap("policy")
             self._start_ray()
             self._handle_sigterm()
             check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
             self.plan = plan_cores(self.cfg, gpus=use_gpus())
+            self.startup.lap("ray")
             print("[async-rlhf] starting the learner, generators and reward service", flush=True)
             self._build_components(str(policy_dir))
+            self.startup.lap("actors")
             if self.resume_from is not None:
                 restore_checkpoint(self, self.resume_from)
 
@@ -159,14 +165,9 @@ class Controller:
               f"unless set by api.token or $ASYNC_RLHF_API_TOKEN)", flush=True)
 
     def _start_ray(self) -> None:
-        if ray.is_initialized():
+        if ray.is_initialized():  # the caller's Ray, or the one `async-rlhf train` started while importing
             return
-        res, address = self.cfg.resources, self.cfg.ray.address
-        kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False}
-        if address is None:  # a cluster's resources are what its `ray start` commands declared
-            roles = self.cfg.generation.num_generators + self.cfg.learner.num_ranks
-            kwargs["num_cpus"] = res.num_cpus or max(len(self._cores()), roles)
-        ray.init(**kwargs)
+        ray.init(**ray_init_kwargs(self.cfg, len(self._cores())))
         self.started_ray = True
 
     def _handle_sigterm(self) -> None:
@@ -199,6 +200,7 @@ class Controller:
         transport = NcclTransport(cfg.weight_sync.transport) if pushed else SharedMemoryTransport(weights_root)
         keep, initial = broker_versions(cfg, resumed)
         self.broker = WeightSyncBroker(transport, keep, initial_version=initial)  # _restore publishes `resumed`
+        started = time.time()  # every actor starts now, side by side; they are awaited once, below
         self.policy_dir = policy_dir
         self._start_learner()
         # Ray restarts a generator whose process dies; the controller re-issues its prompts.
@@ -216,11 +218,12 @@ class Controller:
         # Stateless: Ray restarts it when its process dies, and the controller re-issues the lost batches.
         self.reward = ray.remote(RewardService).options(num_cpus=0, max_restarts=cfg.reward.max_restarts).remote(
             scorers, cfg.reward.timeout_s, remote, learned)
-        self.reward_pid = ray.get(self.reward.health.remote())["pid"]
-        infos = ray.get([g.handle.info.remote() for g in self.generators])
-        for slot, info in zip(self.generators, infos):
+        answers = await_actors(self.startup, started, {"learner": [self.learner.__ray_ready__.remote()],
+                                                       "generators": [g.handle.info.remote() for g in self.generators],
+                                                       "reward": [self.reward.health.remote()]})
+        self.reward_pid = answers["reward"][0]["pid"]
+        for slot, info in zip(self.generators, answers["generators"]):
             slot.pid = info["pid"]
-        ray.get(self.learner.__ray_ready__.remote())
         if self.fixed_delay and not resumed:  # version 0 as weights a generator can go back to
             publish_weights(self, 0)
         if pushed:  # nccl: the weight-sync group of learner rank 0 + every generator; ipc: the shared-GPU handshake
@@ -232,9 +235,13 @@ class Controller:
     def run(self) -> dict:
         try:
             self.start()
-            if self.resume_from is None:
-                self.recorder.log_eval(self._evaluate(None))
+            if self.resume_from is None:  # version 0, sent first to generator 0; the first batches go out behind it
+                sampled = self.evaluator.sample(self.generators[0].handle, None)
+                self._dispatch_generation()
+                self.recorder.log_eval(self._evaluate(None, sampled))  # no step sent yet: its KL is version 0's
             initial = self.recorder.evals[0]
+            self.startup.lap("eval")
+            self.progress = self.startup.after_first_step(self.progress)
             with self.timing.span("loop_s"):
                 self.state.learner_idle_since = time.perf_counter()
                 while not self._done():
@@ -606,11 +613,13 @@ class Controller:
             self.timeline.add("eval", f"generator{slot.generator_id}", started, time.time(), version)
             self.broker.release(version)
 
-    def _evaluate(self, weights: WeightRef | None) -> dict:
-        """Gold evaluation on generator 0; if it or the reward actor died meanwhile, once more after the restart."""
+    def _evaluate(self, weights: WeightRef | None, sampled: Any = None) -> dict:
+        """Gold evaluation on generator 0 (`sampled`: its generate call, if already sent); if it or the reward
+        actor died meanwhile, once more after the restart."""
         slot = self.generators[0]
         try:
-            return self.evaluator.evaluate(slot.handle, weights, self.learner)
+            sampled = self.evaluator.sample(slot.handle, weights) if sampled is None else sampled
+            return self.evaluator.finish(sampled, self.learner)
         except ray.exceptions.RayActorError as exc:  # the generator or the reward actor: wait for both
             self._await_restart(slot)
             self._on_reward_died(exc)

@@ -82,7 +82,17 @@ class Evaluator:
 
     def evaluate(self, generator: Any, weights: WeightRef | None, learner: Any) -> dict:
         """Sample one completion per eval prompt with `weights` and score it with both rewards."""
-        result = ray.get(generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature))
+        return self.finish(self.sample(generator, weights), learner)
+
+    def sample(self, generator: Any, weights: WeightRef | None) -> Any:
+        """Send the eval prompts' generate call now (ObjectRef). An actor runs its calls in the order they
+        were sent, so calls sent to `generator` after this one sample after it, with their own weights."""
+        return generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature)
+
+    def finish(self, sampled: Any, learner: Any) -> dict:
+        """The record of the samples `sample` sent for: both rewards, and the KL of the policy `learner`
+        holds when this call reaches it (the evaluated version: no step may be sent to it before)."""
+        result = ray.get(sampled)
         gold = ray.get(self.reward.score.remote(result.groups, "gold"))
         proxy = ray.get(self.reward.score.remote(result.groups, "train"))
         kl = ray.get(learner.kl_to_reference.remote(proxy))

@@ -59,6 +59,7 @@ def run_summary(ctl: "Controller", initial: dict, final: dict) -> dict:
     return {
         "wall_s": round(loop_s, 3),
         "setup_s": round(t.get("setup_s"), 3),
+        **ctl.startup.summary(),  # setup_*: from the process's start to the first learner step (async_rlhf/startup.py)
         "gen_busy_s": round(t.get("gen_busy_s"), 3),
         "weight_sync_s": round(t.get("weight_sync_s"), 3),
         "reward_in_generator_s": round(t.get("reward_in_generator_s"), 3),

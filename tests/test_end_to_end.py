@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from async_rlhf.startup import LAPS
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +46,14 @@ def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Pat
         assert summary[key] > 0, key
     assert (run / "reward.png").stat().st_size > 10_000
     assert (run / "config.yaml").read_text().count("max_staleness: 1") == 1
+    # Start-up, phase by phase (async_rlhf/startup.py): the laps add up to the time to the first step, the
+    # interpreter and the first step itself take time, and each actor started within the actors lap.
+    laps = [summary[f"setup_{name}_s"] for name in LAPS]
+    assert min(laps) >= 0 and summary["setup_to_first_step_s"] == pytest.approx(sum(laps), abs=0.01)
+    assert summary["setup_process_s"] > 0 and summary["setup_first_step_s"] > 0 and summary["setup_actors_s"] > 0
+    actors = [summary[f"setup_{role}_s"] for role in ("learner", "generators", "reward")]
+    assert 0 < max(actors) <= summary["setup_actors_s"] + 0.01
+    # The initial evaluation runs beside the first batches, still of version 0 on both sides: sampled before
+    # them on generator 0, its KL taken before any step reached the learner (policy == reference: exactly 0).
+    initial = read_jsonl(run / "eval.jsonl")[0]
+    assert initial["version"] == 0 and initial["kl"] == 0.0 and initial["gold_reward"] == summary["initial_gold_reward"]

@@ -1,5 +1,6 @@
-"""Loss registry. Adding a loss = one new module that uses `@register_loss` + one import line below
-(or, without touching this package, `loss.import_path`: see learners/losses/loader.py)."""
+"""Loss registry. Adding a loss = one new module that uses `@register_loss` + one import line below + its
+declarations in async_rlhf/loss_traits.py, which the config reads without importing torch (or, without
+touching this package, `loss.import_path`: see learners/losses/loader.py)."""
 from learners.losses.registry import (
     LOSSES,
     LossInputs,

@@ -1,0 +1,88 @@
+"""Start-up (async_rlhf/startup.py, the CLI): the setup_* phases add up, light commands stay light, and the
+progress bar's clock starts at the first learner step. No timed assertions: speed lives in bench/startup.py."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from async_rlhf import startup
+from async_rlhf.cli import ProgressBar
+from async_rlhf.startup import LAPS, StartupClock
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("ray", "vllm", "torch", "transformers", "deepspeed")
+
+
+class FakeTime:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_laps_add_up_to_the_first_step_and_side_spans_stay_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeTime(100.0)
+    monkeypatch.setattr(startup, "time", fake)
+    clock = StartupClock(origin=97.0)  # the process started 3 s before the controller
+    seen: list[dict] = []
+    progress = clock.after_first_step(seen.append)
+    for name, seconds in (("process", 0.0), ("policy", 0.5), ("ray", 2.0), ("actors", 6.0), ("eval", 0.25)):
+        fake.now += seconds
+        clock.lap(name)
+    clock.note("generators", started=fake.now - 5.0)
+    assert clock.summary()["setup_to_first_step_s"] is None  # no step yet
+    fake.now += 1.0
+    progress({"step": 1})
+    fake.now += 1.0
+    progress({"step": 2})  # only the first step ends the lap
+    summary = clock.summary()
+    assert seen == [{"step": 1}, {"step": 2}]
+    assert [summary[f"setup_{n}_s"] for n in LAPS] == [3.0, 0.5, 2.0, 6.0, 0.25, 1.0]
+    assert summary["setup_to_first_step_s"] == 12.75 == fake.now - 1.0 - clock.origin
+    assert summary["setup_generators_s"] == 5.0  # beside the laps: not in their sum
+
+
+def test_process_age_counts_from_the_interpreter_start() -> None:
+    code = "import time; time.sleep(0.3); from async_rlhf.startup import process_age_s; print(process_age_s())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert 0.3 <= float(out.stdout) < 60
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check-config", "configs/quickstart.yaml"]])
+def test_light_commands_import_no_ray_vllm_or_torch(argv: list[str]) -> None:
+    code = ("import sys\nfrom async_rlhf.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print('MODULES', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "MODULES []" in out.stderr, out.stderr[-2000:]
+
+
+def test_progress_bar_appears_at_the_first_step_with_its_clock_starting_there() -> None:
+    bar = ProgressBar(total=20)
+    assert bar.bar is None  # nothing drawn during start-up
+    record = {"step": 1, "reward_mean": 0.5, "staleness_mean": 1.0, "queue_depth": 16, "gen_tokens_per_s": 900.0}
+    bar.update(record)
+    started = bar.bar.start_t
+    assert bar.bar.n == 1 and bar.bar.format_dict["elapsed"] < 60  # not the start-up's seconds
+    bar.update({**record, "step": 2})
+    assert bar.bar.n == 2 and bar.bar.start_t == started
+    bar.close()
+
+
+def test_resumed_bar_starts_at_the_resumed_step() -> None:
+    bar = ProgressBar(total=20)
+    bar.update({"step": 11, "reward_mean": None, "staleness_mean": 0.0, "queue_depth": 0, "gen_tokens_per_s": 0.0})
+    assert bar.bar.n == 11 and bar.bar.initial == 11  # the rate counts this process's steps only
+    bar.close()
+
+
+def test_summary_of_a_run_without_steps_says_so() -> None:
+    clock = StartupClock.since_process_start()
+    clock.lap("process")
+    summary = clock.summary()
+    assert summary["setup_process_s"] > 0 and summary["setup_to_first_step_s"] is None
+    assert json.loads(json.dumps(summary)) == summary
