@@ -185,13 +185,28 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def role_pid(title: str) -> int | None:
-    """The pid of the process Ray titled `ray::<title>...` (its actor), if one is running."""
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the field after the state; the name may hold spaces
+
+
+def descends_from(pid: int, root: int) -> bool:
+    while pid > 1:
+        if pid == root:
+            return True
+        pid = parent_pid(pid)
+    return False
+
+
+def role_pid(title: str, root: int) -> int | None:
+    """The pid of the process Ray titled `ray::<title>...` (its actor) in the process tree of `root` (the
+    run's CLI process: Ray's processes are its descendants), if one is running; another run's is not it."""
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(f"ray::{title}".encode()):
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(f"ray::{title}".encode()) \
+                    and descends_from(int(entry.name), root):
                 return int(entry.name)
-        except OSError:
+        except (OSError, ValueError):
             continue
     return None
 
@@ -204,7 +219,7 @@ def test_a_learner_killed_past_max_restarts_ends_the_run_with_one_line_and_the_t
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, timeout=600)
-    pid = role_pid("Learner")
+    pid = role_pid("Learner", proc.pid)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
@@ -225,8 +240,8 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
     killed = []
     for at_step in (3, 12):
         wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
-        wait_until(lambda: role_pid("RewardService") not in (None, *killed), timeout=60)  # the restarted one
-        killed.append(role_pid("RewardService"))
+        wait_until(lambda: role_pid("RewardService", proc.pid) not in (None, *killed), timeout=60)  # the restarted one
+        killed.append(role_pid("RewardService", proc.pid))
         os.kill(killed[-1], signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -254,10 +269,10 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
         for at_step, role in plan:
             wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
             time.sleep(rng.uniform(0.0, 0.5))
-            pid = role_pid(ROLES[role])
+            pid = role_pid(ROLES[role], proc.pid)
             assert pid is not None, role
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: role_pid(ROLES[role]) not in (None, pid), timeout=120)  # back before the next kill
+            wait_until(lambda: role_pid(ROLES[role], proc.pid) not in (None, pid), timeout=120)  # back before the next kill
         _, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
