@@ -1,0 +1,228 @@
+"""TRL's OnlineDPOTrainer against this project on the same task, policy, reward and hyperparameters (issue 17).
+
+    async-rlhf bench vs_trl [--config configs/quickstart.yaml] [--steps 200] [--prompts 16] [--every 25]
+                            [--set key=value ...] [--target-gold G]
+
+Both arms get the config with `learner.steps`, `generation.prompts_per_step`, `eval.every`,
+`generation.samples_per_prompt=2` (TRL's online DPO samples two) and `loss.name=online_dpo`, plus the
+`--set` overrides, and start from the same policy checkpoint (the embedded one is built first, outside
+both clocks):
+- TRL: `python -m bench.trl_online_dpo` (bench/trl_online_dpo.py) in its own process; its callback saves
+  the weights at our evaluation points and notes the time;
+- ours: `async-rlhf train CONFIG ...`, the normal CLI; its eval.jsonl has the gold curve (`wall_s`,
+  `eval_s`, `episodes` on every record).
+One after the other, never side by side (they would share the two cores). Then one evaluator
+(bench/policy_eval.py: our generator and the run's gold scorer on the held-out eval prompts, sampled as a
+run's evaluation samples) scores the starting policy, TRL's snapshots and both final policies.
+
+Reported per arm:
+- whole process time (launch to exit, measured here), and the same less the time spent evaluating inside
+  the run (ours: its evaluations; TRL: its snapshot writes);
+- steady-state s/step: the median time between consecutive step ends;
+- the gold curve against the training clock (seconds since the process started, less the in-run
+  evaluation time before the point) and against episodes; the time to a target gold (default: the lower
+  of the two arms' last gold, so both reach it) at the first evaluation point at or above it;
+- the final gold by the one evaluator (ours also by its own in-run evaluation, a consistency check).
+Writes `<out>.json` and `<out>.png` (gold against the training clock and against episodes, both curves).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from async_rlhf.config import RunConfig, load_config
+from async_rlhf.embedded import ensure_policy
+from bench.common import RESULTS, ROOT, save_figure
+from bench.policy_eval import GoldEvaluator
+from bench.runs import RUN_TIMEOUT_S, pyplot, save_json, train
+from reward_models.rules import SCORERS
+
+ARMS = ("trl", "ours")
+COLORS = {"trl": "#c44e52", "ours": "#4c72b0"}
+
+
+def shared_overrides(args: argparse.Namespace) -> list[str]:
+    """What both arms run with (the config's other settings are shared as they are)."""
+    return [f"learner.steps={args.steps}", f"generation.prompts_per_step={args.prompts}",
+            "generation.samples_per_prompt=2", f"eval.every={args.every}", "loss.name=online_dpo", *args.set]
+
+
+def check_comparable(cfg: RunConfig) -> None:
+    """TRL gets the train reward as a Python function: a rule scorer, not a served or learned model."""
+    if cfg.reward.learned is not None or cfg.reward.remote is not None:
+        raise SystemExit("vs_trl: the train reward must be a rule scorer; add --set reward.learned=null "
+                         "(and reward.remote=null)")
+    if cfg.reward.train not in SCORERS:
+        raise SystemExit(f"vs_trl: reward.train '{cfg.reward.train}' is not a rule scorer ({', '.join(SCORERS)})")
+
+
+def run_trl(config: Path, overrides: list[str], policy: Path, out: Path) -> dict:
+    """TRL's arm in its own process; its clock.json plus the whole-process time measured here."""
+    cmd = [sys.executable, "-m", "bench.trl_online_dpo", str(config), *overrides, "--policy", str(policy),
+           "--out", str(out)]
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    with (out / "trl.log").open("w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+    process_s = round(time.perf_counter() - start, 2)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL run failed: {(out / 'trl.log').read_text()[-3000:]}")
+    clock = json.loads((out / "clock.json").read_text())
+    return {**clock, "process_s": process_s, "load_avg_1m": os.getloadavg()[0]}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def median_step_s(step_ends: list[float]) -> float:
+    """Steady state: the median gap between consecutive step ends (fill-up and evaluation steps are outliers)."""
+    gaps = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    return round(statistics.median(gaps), 4) if gaps else float("nan")
+
+
+def ours_curve(evals: list[dict]) -> list[dict]:
+    """Gold per evaluation, on the training clock: wall_s less the evaluations before it."""
+    points, spent = [], 0.0
+    for e in evals:
+        points.append({"version": e["version"], "episodes": e["episodes"], "wall_s": e["wall_s"],
+                       "train_clock_s": round(e["wall_s"] - spent, 3), "gold": e["gold_reward"]})
+        spent += e["eval_s"]
+    return points
+
+
+def trl_curve(points: list[dict], gold: dict[int, float]) -> list[dict]:
+    return [{"version": p["version"], "episodes": p["episodes"], "wall_s": p["wall_s"],
+             "train_clock_s": round(p["wall_s"] - p["save_s_before"], 3), "gold": gold[p["version"]]}
+            for p in points]
+
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    """Training-clock seconds at the first evaluation with gold >= target (None: never)."""
+    return next((p["train_clock_s"] for p in curve if p["gold"] >= target), None)
+
+
+def score_all(cfg: RunConfig, policy: Path, trl: dict, ours_final: Path) -> dict:
+    """The one evaluator: the starting policy, each TRL snapshot, our final policy."""
+    evaluator = GoldEvaluator(cfg, policy)
+    try:
+        gold = {"start": evaluator.score(None)}
+        for p in trl["points"][1:]:
+            gold[f"trl-{p['version']}"] = evaluator.score(Path(p["snapshot"]))
+        gold["ours-final"] = evaluator.score(ours_final)
+    finally:
+        evaluator.close()
+    return gold
+
+
+def trl_arm(trl: dict, gold: dict[str, float], steps: int) -> dict:
+    by_version = {0: gold["start"], **{p["version"]: gold[f"trl-{p['version']}"] for p in trl["points"][1:]}}
+    loop_s = trl["train_end_s"] - trl["train_begin_s"]
+    return {"process_s": trl["process_s"], "in_run_eval_s": trl["save_s"],
+            "net_process_s": round(trl["process_s"] - trl["save_s"], 2),
+            "loop_s": round(loop_s, 2), "net_loop_s": round(loop_s - trl["save_s"], 2),
+            "s_per_step": median_step_s([trl["train_begin_s"], *trl["step_end_s"]]),
+            "final_gold": by_version[steps], "curve": trl_curve(trl["points"], by_version),
+            "torch_threads": trl["torch_threads"], "load_avg_1m": trl["load_avg_1m"]}
+
+
+def ours_arm(summary: dict, run_dir: Path, gold: dict[str, float], steps: int) -> dict:
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    in_loop = sum(e["eval_s"] for e in evals if 0 < e["version"] < steps)  # inside the training loop
+    in_run = sum(e["eval_s"] for e in evals)
+    ends = [r["elapsed_s"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    return {"process_s": summary["process_s"], "in_run_eval_s": round(in_run, 2),
+            "net_process_s": round(summary["process_s"] - in_run, 2),
+            "loop_s": summary["wall_s"], "net_loop_s": round(summary["wall_s"] - in_loop, 2),
+            "s_per_step": median_step_s([0.0, *ends]), "final_gold": gold["ours-final"],
+            "final_gold_in_run": evals[-1]["gold_reward"], "start_gold_in_run": evals[0]["gold_reward"],
+            "curve": ours_curve(evals), "max_staleness_seen": summary["max_staleness_seen"],
+            "cores_pinned": summary["cores_pinned"], "load_avg_1m": summary["load_avg_1m"]}
+
+
+def with_target(arms: dict[str, dict], target: float | None) -> float:
+    """Each arm's time to the target gold; the default target is the lower of the two last curve points."""
+    target = min(a["curve"][-1]["gold"] for a in arms.values()) if target is None else target
+    for arm in arms.values():
+        arm["time_to_target_s"] = time_to(arm["curve"], target)
+    return target
+
+
+def run_arms(args: argparse.Namespace, cfg: RunConfig, overrides: list[str], policy: Path) -> dict:
+    for sub in ARMS:  # a fresh start: neither arm may find an older run's files
+        shutil.rmtree(args.runs_dir / sub, ignore_errors=True)
+    print("vs_trl: TRL OnlineDPOTrainer ...", flush=True)
+    trl = run_trl(args.config, overrides, policy, args.runs_dir / "trl")
+    print(f"vs_trl: TRL done in {trl['process_s']:.1f}s; ours ...", flush=True)
+    summary = train(args.config, overrides, args.runs_dir / "ours")
+    print(f"vs_trl: ours done in {summary['process_s']:.1f}s; scoring both with one evaluator ...", flush=True)
+    gold = score_all(cfg, policy, trl, args.runs_dir / "ours" / "final")
+    return {"trl": trl_arm(trl, gold, args.steps), "ours": ours_arm(summary, args.runs_dir / "ours", gold, args.steps),
+            "start_gold": gold["start"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--every", type=int, default=25, help="evaluation points: every N steps, and the last")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, for both arms")
+    parser.add_argument("--target-gold", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_vs_trl")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vs_trl")
+    args = parser.parse_args(argv)
+    overrides = shared_overrides(args)
+    cfg = load_config(args.config, overrides)
+    check_comparable(cfg)
+    policy = Path(ensure_policy(cfg))  # built (or found in the cache) before either clock starts
+    started = time.perf_counter()
+    result = run_arms(args, cfg, overrides, policy)
+    target = with_target({a: result[a] for a in ARMS}, args.target_gold)
+    result = {"config": str(args.config), "overrides": overrides, "policy": str(policy), "target_gold": target,
+              "bench_s": round(time.perf_counter() - started, 1), **result}
+    save_json(args.out, result)
+    plot(args.out.with_suffix(".png"), result, Path(args.config).stem)
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    rows = ["| arm | whole process s | less in-run eval s | loop s | s/step | time to gold "
+            f"{result['target_gold']:.3f} s | final gold |", "|---|---|---|---|---|---|---|"]
+    for name in ARMS:
+        a = result[name]
+        reach = "never" if a["time_to_target_s"] is None else f"{a['time_to_target_s']:.1f}"
+        rows.append(f"| {name} | {a['process_s']:.1f} | {a['net_process_s']:.1f} | {a['net_loop_s']:.1f} | "
+                    f"{a['s_per_step']:.3f} | {reach} | {a['final_gold']:.3f} |")
+    return "\n".join(rows)
+
+
+def plot(png: Path, result: dict, title: str) -> None:
+    plt = pyplot()
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for name in ARMS:
+        curve = result[name]["curve"]
+        label = f"{'TRL OnlineDPOTrainer' if name == 'trl' else 'async-rlhf'}"
+        gold = [p["gold"] for p in curve]
+        ax_t.plot([p["train_clock_s"] for p in curve], gold, "o-", color=COLORS[name], label=label)
+        ax_e.plot([p["episodes"] for p in curve], gold, "o-", color=COLORS[name], label=label)
+    for ax in (ax_t, ax_e):
+        ax.axhline(result["target_gold"], color="#999999", linestyle="--", linewidth=1)
+        ax.grid(alpha=0.3)
+    ax_t.set_xlabel("seconds since process start, in-run evaluation excluded")
+    ax_e.set_xlabel("episodes (samples trained)")
+    ax_t.set_ylabel("gold reward (held-out prompts)")
+    ax_t.legend(loc="lower right")
+    save_figure(fig, png, f"TRL vs async-rlhf, online DPO, {title}")
+
+
+if __name__ == "__main__":
+    main()
