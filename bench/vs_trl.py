@@ -137,13 +137,16 @@ def ours_arm(summary: dict, run_dir: Path, gold: dict[str, float], steps: int) -
     evals = read_jsonl(run_dir / "eval.jsonl")
     in_loop = sum(e["eval_s"] for e in evals if 0 < e["version"] < steps)  # inside the training loop
     in_run = sum(e["eval_s"] for e in evals)
-    ends = [r["elapsed_s"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    steps_log = read_jsonl(run_dir / "metrics.jsonl")
+    ends = [r["elapsed_s"] for r in steps_log]
+    # Ours skips a pair whose two samples scored the same (no preference); TRL trains on it (first = chosen).
+    tied = sum(r.get("skipped_ties", 0) for r in steps_log) / max(1, sum(len(r["prompt_ids"]) for r in steps_log))
     return {"process_s": summary["process_s"], "in_run_eval_s": round(in_run, 2),
             "net_process_s": round(summary["process_s"] - in_run, 2),
             "loop_s": summary["wall_s"], "net_loop_s": round(summary["wall_s"] - in_loop, 2),
             "s_per_step": median_step_s([0.0, *ends]), "final_gold": gold["ours-final"],
             "final_gold_in_run": evals[-1]["gold_reward"], "start_gold_in_run": evals[0]["gold_reward"],
-            "curve": ours_curve(evals), "max_staleness_seen": summary["max_staleness_seen"],
+            "curve": ours_curve(evals), "tied_share": round(tied, 3), "max_staleness_seen": summary["max_staleness_seen"],
             "cores_pinned": summary["cores_pinned"], "load_avg_1m": summary["load_avg_1m"]}
 
 
