@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value, as for async-rlhf train")
     parser.add_argument("--policy", type=Path, required=True, help="the policy checkpoint both arms start from")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     result = train(cfg, args.policy, args.out)

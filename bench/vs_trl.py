@@ -63,10 +63,10 @@ def check_comparable(cfg: RunConfig) -> None:
         raise SystemExit(f"vs_trl: reward.train '{cfg.reward.train}' is not a rule scorer ({', '.join(SCORERS)})")
 
 
-def run_trl(config: Path, overrides: list[str], policy: Path, out: Path) -> dict:
+def run_trl(config: Path, overrides: list[str], policy: Path, out: Path, threads: int | None) -> dict:
     """TRL's arm in its own process; its clock.json plus the whole-process time measured here."""
     cmd = [sys.executable, "-m", "bench.trl_online_dpo", str(config), *overrides, "--policy", str(policy),
-           "--out", str(out)]
+           "--out", str(out), *(["--threads", str(threads)] if threads else [])]
     out.mkdir(parents=True)
     start = time.perf_counter()
     with (out / "trl.log").open("w") as log:
@@ -162,7 +162,7 @@ def run_arms(args: argparse.Namespace, cfg: RunConfig, overrides: list[str], pol
     for sub in ARMS:  # a fresh start: neither arm may find an older run's files
         shutil.rmtree(args.runs_dir / sub, ignore_errors=True)
     print("vs_trl: TRL OnlineDPOTrainer ...", flush=True)
-    trl = run_trl(args.config, overrides, policy, args.runs_dir / "trl")
+    trl = run_trl(args.config, overrides, policy, args.runs_dir / "trl", args.trl_threads)
     print(f"vs_trl: TRL done in {trl['process_s']:.1f}s; ours ...", flush=True)
     summary = train(args.config, overrides, args.runs_dir / "ours")
     print(f"vs_trl: ours done in {summary['process_s']:.1f}s; scoring both with one evaluator ...", flush=True)
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--every", type=int, default=25, help="evaluation points: every N steps, and the last")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, for both arms")
     parser.add_argument("--target-gold", type=float, default=None)
+    parser.add_argument("--trl-threads", type=int, default=None,
+                        help="torch threads of the TRL process (default: torch's, one per core)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_vs_trl")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vs_trl")
     args = parser.parse_args(argv)
