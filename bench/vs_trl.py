@@ -1,7 +1,7 @@
 """TRL's OnlineDPOTrainer against this project on the same task, policy, reward and hyperparameters (issue 17).
 
     async-rlhf bench vs_trl [--config configs/quickstart.yaml] [--steps 200] [--prompts 16] [--every 25]
-                            [--set key=value ...] [--target-gold G]
+                            [--set key=value ...] [--repeats N] [--target-gold G] [--trl-threads T]
 
 Both arms get the config with `learner.steps`, `generation.prompts_per_step`, `eval.every`,
 `generation.samples_per_prompt=2` (TRL's online DPO samples two) and `loss.name=online_dpo`, plus the
@@ -11,7 +11,9 @@ both clocks):
   the weights at our evaluation points and notes the time;
 - ours: `async-rlhf train CONFIG ...`, the normal CLI; its eval.jsonl has the gold curve (`wall_s`,
   `eval_s`, `episodes` on every record).
-One after the other, never side by side (they would share the two cores). Then one evaluator
+One after the other, never side by side (they would share the two cores); with `--repeats N`, N runs of
+each arm, alternating which goes first, so that a burst of load from elsewhere on a shared machine does
+not always land on the same arm (the summary holds medians over the repeats). Then one evaluator
 (bench/policy_eval.py: our generator and the run's gold scorer on the held-out eval prompts, sampled as a
 run's evaluation samples) scores the starting policy, TRL's snapshots and both final policies.
 
@@ -109,21 +111,20 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return next((p["train_clock_s"] for p in curve if p["gold"] >= target), None)
 
 
-def score_all(cfg: RunConfig, policy: Path, trl: dict, ours_final: Path) -> dict:
-    """The one evaluator: the starting policy, each TRL snapshot, our final policy."""
+def score_all(cfg: RunConfig, policy: Path, runs: list[dict]) -> tuple[float, list[dict]]:
+    """The one evaluator: the starting policy, then per repeat each TRL snapshot and our final policy."""
     evaluator = GoldEvaluator(cfg, policy)
     try:
-        gold = {"start": evaluator.score(None)}
-        for p in trl["points"][1:]:
-            gold[f"trl-{p['version']}"] = evaluator.score(Path(p["snapshot"]))
-        gold["ours-final"] = evaluator.score(ours_final)
+        start = evaluator.score(None)
+        golds = [{"trl": {0: start, **{p["version"]: evaluator.score(Path(p["snapshot"]))
+                                       for p in run["trl"]["points"][1:]}},
+                  "ours": evaluator.score(Path(run["ours"]["run_dir"]) / "final")} for run in runs]
     finally:
         evaluator.close()
-    return gold
+    return start, golds
 
 
-def trl_arm(trl: dict, gold: dict[str, float], steps: int) -> dict:
-    by_version = {0: gold["start"], **{p["version"]: gold[f"trl-{p['version']}"] for p in trl["points"][1:]}}
+def trl_arm(trl: dict, by_version: dict[int, float], steps: int) -> dict:
     loop_s = trl["train_end_s"] - trl["train_begin_s"]
     return {"process_s": trl["process_s"], "in_run_eval_s": trl["save_s"],
             "net_process_s": round(trl["process_s"] - trl["save_s"], 2),
@@ -133,7 +134,8 @@ def trl_arm(trl: dict, gold: dict[str, float], steps: int) -> dict:
             "torch_threads": trl["torch_threads"], "load_avg_1m": trl["load_avg_1m"]}
 
 
-def ours_arm(summary: dict, run_dir: Path, gold: dict[str, float], steps: int) -> dict:
+def ours_arm(summary: dict, final_gold: float, steps: int) -> dict:
+    run_dir = Path(summary["run_dir"])
     evals = read_jsonl(run_dir / "eval.jsonl")
     in_loop = sum(e["eval_s"] for e in evals if 0 < e["version"] < steps)  # inside the training loop
     in_run = sum(e["eval_s"] for e in evals)
@@ -144,31 +146,59 @@ def ours_arm(summary: dict, run_dir: Path, gold: dict[str, float], steps: int) -
     return {"process_s": summary["process_s"], "in_run_eval_s": round(in_run, 2),
             "net_process_s": round(summary["process_s"] - in_run, 2),
             "loop_s": summary["wall_s"], "net_loop_s": round(summary["wall_s"] - in_loop, 2),
-            "s_per_step": median_step_s([0.0, *ends]), "final_gold": gold["ours-final"],
+            "s_per_step": median_step_s([0.0, *ends]), "final_gold": final_gold,
             "final_gold_in_run": evals[-1]["gold_reward"], "start_gold_in_run": evals[0]["gold_reward"],
             "curve": ours_curve(evals), "tied_share": round(tied, 3), "max_staleness_seen": summary["max_staleness_seen"],
             "cores_pinned": summary["cores_pinned"], "load_avg_1m": summary["load_avg_1m"]}
 
 
-def with_target(arms: dict[str, dict], target: float | None) -> float:
-    """Each arm's time to the target gold; the default target is the lower of the two last curve points."""
-    target = min(a["curve"][-1]["gold"] for a in arms.values()) if target is None else target
-    for arm in arms.values():
-        arm["time_to_target_s"] = time_to(arm["curve"], target)
+def with_target(runs: list[dict], target: float | None) -> float:
+    """Each arm's time to the target gold; the default target is the lowest last gold of any run, so all reach it."""
+    target = min(r[a]["curve"][-1]["gold"] for r in runs for a in ARMS) if target is None else target
+    for run in runs:
+        for arm in ARMS:
+            run[arm]["time_to_target_s"] = time_to(run[arm]["curve"], target)
     return target
 
 
+SUMMED = ("process_s", "net_process_s", "net_loop_s", "s_per_step", "time_to_target_s", "final_gold")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per arm, the median of each number over the repeats (time to target: over the runs that reached it)."""
+    out = {}
+    for arm in ARMS:
+        values = {key: [r[arm][key] for r in runs if r[arm][key] is not None] for key in SUMMED}
+        out[arm] = {key: round(statistics.median(v), 4) if v else None for key, v in values.items()}
+        out[arm]["reached_target"] = len(values["time_to_target_s"])
+    return out
+
+
+def run_ours(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> dict:
+    return {**train(args.config, overrides, run_dir), "run_dir": str(run_dir)}
+
+
+def run_pair(args: argparse.Namespace, overrides: list[str], policy: Path, repeat: int) -> dict:
+    """One repeat: both arms, one after the other; odd repeats start with ours, so neither always goes first."""
+    order = ARMS if repeat % 2 == 0 else ARMS[::-1]
+    raw: dict = {"order": list(order)}
+    for arm in order:
+        run_dir = args.runs_dir / f"{arm}-{repeat}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # neither arm may find an older run's files
+        print(f"vs_trl: repeat {repeat}, {arm} ...", flush=True)
+        raw[arm] = (run_trl(args.config, overrides, policy, run_dir, args.trl_threads) if arm == "trl"
+                    else run_ours(args, overrides, run_dir))
+        print(f"vs_trl: repeat {repeat}, {arm} done in {raw[arm]['process_s']:.1f}s", flush=True)
+    return raw
+
+
 def run_arms(args: argparse.Namespace, cfg: RunConfig, overrides: list[str], policy: Path) -> dict:
-    for sub in ARMS:  # a fresh start: neither arm may find an older run's files
-        shutil.rmtree(args.runs_dir / sub, ignore_errors=True)
-    print("vs_trl: TRL OnlineDPOTrainer ...", flush=True)
-    trl = run_trl(args.config, overrides, policy, args.runs_dir / "trl", args.trl_threads)
-    print(f"vs_trl: TRL done in {trl['process_s']:.1f}s; ours ...", flush=True)
-    summary = train(args.config, overrides, args.runs_dir / "ours")
-    print(f"vs_trl: ours done in {summary['process_s']:.1f}s; scoring both with one evaluator ...", flush=True)
-    gold = score_all(cfg, policy, trl, args.runs_dir / "ours" / "final")
-    return {"trl": trl_arm(trl, gold, args.steps), "ours": ours_arm(summary, args.runs_dir / "ours", gold, args.steps),
-            "start_gold": gold["start"]}
+    raws = [run_pair(args, overrides, policy, r) for r in range(args.repeats)]
+    print("vs_trl: scoring every policy with one evaluator ...", flush=True)
+    start, golds = score_all(cfg, policy, raws)
+    runs = [{"repeat": i, "order": raw["order"], "trl": trl_arm(raw["trl"], gold["trl"], args.steps),
+             "ours": ours_arm(raw["ours"], gold["ours"], args.steps)} for i, (raw, gold) in enumerate(zip(raws, golds))]
+    return {"start_gold": start, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--every", type=int, default=25, help="evaluation points: every N steps, and the last")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, for both arms")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each arm, alternating which goes first")
     parser.add_argument("--target-gold", type=float, default=None)
     parser.add_argument("--trl-threads", type=int, default=None,
                         help="torch threads of the TRL process (default: torch's, one per core)")
@@ -190,23 +221,31 @@ def main(argv: list[str] | None = None) -> dict:
     policy = Path(ensure_policy(cfg))  # built (or found in the cache) before either clock starts
     started = time.perf_counter()
     result = run_arms(args, cfg, overrides, policy)
-    target = with_target({a: result[a] for a in ARMS}, args.target_gold)
+    target = with_target(result["runs"], args.target_gold)
     result = {"config": str(args.config), "overrides": overrides, "policy": str(policy), "target_gold": target,
-              "bench_s": round(time.perf_counter() - started, 1), **result}
+              "repeats": args.repeats, "bench_s": round(time.perf_counter() - started, 1),
+              "summary": summarize(result["runs"]), **result}
     save_json(args.out, result)
     plot(args.out.with_suffix(".png"), result, Path(args.config).stem)
     print(table(result))
     return result
 
 
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "never" if value is None else f"{value:.{digits}f}"
+
+
 def table(result: dict) -> str:
-    rows = ["| arm | whole process s | less in-run eval s | loop s | s/step | time to gold "
-            f"{result['target_gold']:.3f} s | final gold |", "|---|---|---|---|---|---|---|"]
+    """Medians over the repeats, then each run (the rows docs/benchmarks.md shows)."""
+    rows = ["| arm | run | whole process s | less in-run eval s | loop s | s/step | time to gold "
+            f"{result['target_gold']:.3f} s | final gold |", "|---|---|---|---|---|---|---|---|"]
+    labelled = [("median", result["summary"])] + [(str(r["repeat"]), r) for r in result["runs"]]
     for name in ARMS:
-        a = result[name]
-        reach = "never" if a["time_to_target_s"] is None else f"{a['time_to_target_s']:.1f}"
-        rows.append(f"| {name} | {a['process_s']:.1f} | {a['net_process_s']:.1f} | {a['net_loop_s']:.1f} | "
-                    f"{a['s_per_step']:.3f} | {reach} | {a['final_gold']:.3f} |")
+        for label, source in labelled:
+            a = source[name]
+            rows.append(f"| {name} | {label} | {fmt(a['process_s'])} | {fmt(a['net_process_s'])} | "
+                        f"{fmt(a['net_loop_s'])} | {fmt(a['s_per_step'], 3)} | {fmt(a['time_to_target_s'])} | "
+                        f"{fmt(a['final_gold'], 3)} |")
     return "\n".join(rows)
 
 
@@ -214,11 +253,14 @@ def plot(png: Path, result: dict, title: str) -> None:
     plt = pyplot()
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for name in ARMS:
-        curve = result[name]["curve"]
-        label = f"{'TRL OnlineDPOTrainer' if name == 'trl' else 'async-rlhf'}"
-        gold = [p["gold"] for p in curve]
-        ax_t.plot([p["train_clock_s"] for p in curve], gold, "o-", color=COLORS[name], label=label)
-        ax_e.plot([p["episodes"] for p in curve], gold, "o-", color=COLORS[name], label=label)
+        label = "TRL OnlineDPOTrainer" if name == "trl" else "async-rlhf"
+        for run in result["runs"]:
+            curve = run[name]["curve"]
+            gold = [p["gold"] for p in curve]
+            first = run["repeat"] == 0
+            ax_t.plot([p["train_clock_s"] for p in curve], gold, "o-", color=COLORS[name], alpha=0.8,
+                      label=label if first else None)
+            ax_e.plot([p["episodes"] for p in curve], gold, "o-", color=COLORS[name], alpha=0.8)
     for ax in (ax_t, ax_e):
         ax.axhline(result["target_gold"], color="#999999", linestyle="--", linewidth=1)
         ax.grid(alpha=0.3)
@@ -226,7 +268,7 @@ def plot(png: Path, result: dict, title: str) -> None:
     ax_e.set_xlabel("episodes (samples trained)")
     ax_t.set_ylabel("gold reward (held-out prompts)")
     ax_t.legend(loc="lower right")
-    save_figure(fig, png, f"TRL vs async-rlhf, online DPO, {title}")
+    save_figure(fig, png, f"TRL vs async-rlhf, online DPO, {title} ({result['repeats']} run(s) each)")
 
 
 if __name__ == "__main__":

@@ -91,14 +91,16 @@ def test_vineppo_vs_ppo_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
 @pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
 def test_vs_trl_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     result = run_bench("vs_trl", tmp_path / "vs_trl")
+    (run,) = result["runs"]
     for arm in ("trl", "ours"):  # both curves at the same evaluation points, 2 prompts x 2 samples per step
-        curve = result[arm]["curve"]
+        curve = run[arm]["curve"]
         assert [(p["version"], p["episodes"]) for p in curve] == [(0, 0), (1, 4), (2, 8)], arm
         assert all(a["train_clock_s"] < b["train_clock_s"] for a, b in zip(curve, curve[1:])), arm
-        assert result[arm]["process_s"] > result[arm]["net_loop_s"] > 0 and result[arm]["s_per_step"] > 0
-    ours = result["ours"]
+        assert run[arm]["process_s"] > run[arm]["net_loop_s"] > 0 and run[arm]["s_per_step"] > 0
+        assert result["summary"][arm]["final_gold"] == pytest.approx(run[arm]["final_gold"], abs=1e-4)  # median of one
+    ours = run["ours"]
     # One evaluator, the same sampling as the run's own evaluation: the same weights score (nearly) the same.
     assert abs(ours["final_gold"] - ours["final_gold_in_run"]) <= 0.05
     assert abs(result["start_gold"] - ours["start_gold_in_run"]) <= 0.05
-    evals = [json.loads(line) for line in (tmp_path / "runs" / "ours" / "eval.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (tmp_path / "runs" / "ours-0" / "eval.jsonl").read_text().splitlines()]
     assert all(e["eval_s"] > 0 and e["wall_s"] > 0 for e in evals)
