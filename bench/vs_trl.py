@@ -13,7 +13,9 @@ both clocks):
   `eval_s`, `episodes` on every record).
 One after the other, never side by side (they would share the two cores); with `--repeats N`, N runs of
 each arm, alternating which goes first, so that a burst of load from elsewhere on a shared machine does
-not always land on the same arm (the summary holds medians over the repeats). Then one evaluator
+not always land on the same arm (the summary holds medians over the repeats). Each finished arm leaves
+`arm.json` in its run directory; a rerun with the same settings and --runs-dir keeps those arms and runs
+the rest, so a stopped bench loses only the arm it was in. Then one evaluator
 (bench/policy_eval.py: our generator and the run's gold scorer on the held-out eval prompts, sampled as a
 run's evaluation samples) scores the starting policy, TRL's snapshots and both final policies.
 
@@ -178,18 +180,30 @@ def run_ours(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> d
     return {**train(args.config, overrides, run_dir), "run_dir": str(run_dir)}
 
 
+DONE = "arm.json"  # an arm's raw result, written when it finished: a rerun with the same --runs-dir keeps it
+
+
+def run_arm(args: argparse.Namespace, overrides: list[str], policy: Path, arm: str, repeat: int) -> dict:
+    """One arm of one repeat, or its result from an earlier, stopped bench with the same settings."""
+    run_dir = args.runs_dir / f"{arm}-{repeat}"
+    key = {"config": str(args.config), "overrides": overrides, "trl_threads": args.trl_threads if arm == "trl" else None}
+    done = run_dir / DONE
+    if done.is_file() and json.loads(done.read_text())["key"] == key:
+        print(f"vs_trl: repeat {repeat}, {arm}: kept from an earlier bench ({done})", flush=True)
+        return json.loads(done.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # neither arm may find an older run's files
+    print(f"vs_trl: repeat {repeat}, {arm} ...", flush=True)
+    raw = (run_trl(args.config, overrides, policy, run_dir, args.trl_threads) if arm == "trl"
+           else run_ours(args, overrides, run_dir))
+    done.write_text(json.dumps({**raw, "key": key}) + "\n")
+    print(f"vs_trl: repeat {repeat}, {arm} done in {raw['process_s']:.1f}s", flush=True)
+    return raw
+
+
 def run_pair(args: argparse.Namespace, overrides: list[str], policy: Path, repeat: int) -> dict:
     """One repeat: both arms, one after the other; odd repeats start with ours, so neither always goes first."""
     order = ARMS if repeat % 2 == 0 else ARMS[::-1]
-    raw: dict = {"order": list(order)}
-    for arm in order:
-        run_dir = args.runs_dir / f"{arm}-{repeat}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # neither arm may find an older run's files
-        print(f"vs_trl: repeat {repeat}, {arm} ...", flush=True)
-        raw[arm] = (run_trl(args.config, overrides, policy, run_dir, args.trl_threads) if arm == "trl"
-                    else run_ours(args, overrides, run_dir))
-        print(f"vs_trl: repeat {repeat}, {arm} done in {raw[arm]['process_s']:.1f}s", flush=True)
-    return raw
+    return {"order": list(order), **{arm: run_arm(args, overrides, policy, arm, repeat) for arm in order}}
 
 
 def run_arms(args: argparse.Namespace, cfg: RunConfig, overrides: list[str], policy: Path) -> dict:
