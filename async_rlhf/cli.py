@@ -14,7 +14,8 @@ from async_rlhf.cli_models import add_parsers as add_model_parsers
 from async_rlhf.config import ConfigError, RunConfig, config_yaml, load_config
 from async_rlhf.failures import failure_line
 
-BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "weight_sync"]
+BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl",
+              "weight_sync"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -7,6 +7,10 @@ against the starting policy's sample of the same prompt (from the version-0 eval
 the gold reward, ties half. Eval sampling is seeded per prompt, so the pairs share random numbers.
 Those starting scores are kept in the run directory (eval_initial.json) so a resumed run, which does
 not evaluate version 0 again, still reports the win-rate.
+
+Each record also says when it was taken: `wall_s`, seconds from the process's start to the start of
+the evaluation (the scored weights existed then), and `eval_s`, how long the evaluation took. Subtracting
+the earlier records' `eval_s` from `wall_s` gives the training clock without the evaluations.
 """
 from __future__ import annotations
 
@@ -15,11 +19,13 @@ from typing import Any, Literal
 
 import json
 import math
+import time
 
 import ray
 
 from async_rlhf.broker import WeightRef
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.timing import process_started_at
 
 
 def _mean_reward(groups: list[RolloutGroup]) -> float | None:
@@ -63,6 +69,11 @@ def paired_win_rate(now: dict[int, float], before: dict[int, float]) -> dict:
             "win_rate_vs_initial_n": len(wins)}
 
 
+def clock_fields(started: float, ended: float, process_start: float) -> dict:
+    """When an evaluation ran (epoch seconds in): `wall_s` since the process started, `eval_s` its duration."""
+    return {"wall_s": round(started - process_start, 3), "eval_s": round(ended - started, 3)}
+
+
 def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
     return {g.prompt.prompt_id: g.scored[0].reward for g in groups if g.scored}
 
@@ -75,6 +86,7 @@ class Evaluator:
         self.temperature = temperature
         self.judge = judge  # the role that compares samples with references
         self.initial_path = initial_path
+        self.process_start = process_started_at()
         # gold score per eval prompt of the starting policy (version 0), kept from an earlier run of this directory
         self.initial: dict[int, float] = {}
         if initial_path is not None and initial_path.exists():
@@ -84,15 +96,17 @@ class Evaluator:
         """Sample one completion per eval prompt with `weights` and score it with both rewards."""
         return self.finish(self.sample(generator, weights), learner)
 
-    def sample(self, generator: Any, weights: WeightRef | None) -> Any:
-        """Send the eval prompts' generate call now (ObjectRef). An actor runs its calls in the order they
-        were sent, so calls sent to `generator` after this one sample after it, with their own weights."""
-        return generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature)
+    def sample(self, generator: Any, weights: WeightRef | None) -> tuple[Any, float]:
+        """Send the eval prompts' generate call now (ObjectRef, and when it was sent). An actor runs its calls
+        in the order they were sent, so calls sent to `generator` after this one sample after it, with their
+        own weights."""
+        return generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature), time.time()
 
-    def finish(self, sampled: Any, learner: Any) -> dict:
+    def finish(self, sampled: tuple[Any, float], learner: Any) -> dict:
         """The record of the samples `sample` sent for: both rewards, and the KL of the policy `learner`
         holds when this call reaches it (the evaluated version: no step may be sent to it before)."""
-        result = ray.get(sampled)
+        ref, started = sampled
+        result = ray.get(ref)
         gold = ray.get(self.reward.score.remote(result.groups, "gold"))
         proxy = ray.get(self.reward.score.remote(result.groups, "train"))
         kl = ray.get(learner.kl_to_reference.remote(proxy))
@@ -107,6 +121,7 @@ class Evaluator:
             **paired_win_rate(gold_by_prompt(gold), self.initial),
             "prompts": len(self.prompts),
             "temperature": self.temperature,
+            **clock_fields(started, time.time(), self.process_start),
         }
 
     def _keep_initial(self, scores: dict[int, float]) -> None:

@@ -21,6 +21,7 @@ class RunRecorder:
         self.steps: list[dict] = []  # PLOTTED keys only: a long run's full records would grow without bound
         self.step_offsets: list[int] = []  # where each step's line starts in metrics.jsonl, for /history
         self.evals: list[dict] = []
+        self.episodes = 0  # samples trained so far (the last step's `episodes`), stamped on each eval record
         self.sinks: list[MetricSink] = list(sinks or [])
 
     def save_config(self, cfg: RunConfig) -> None:
@@ -31,11 +32,14 @@ class RunRecorder:
 
     def log_step(self, record: dict) -> None:
         self.steps.append(_plotted(record))
+        self.episodes = record.get("episodes", self.episodes)
         self.step_offsets.append(self._append(self.metrics_path, record))
         for sink in self.sinks:
             sink.log("train", record, record["step"])
 
     def log_eval(self, record: dict) -> None:
+        """One line of eval.jsonl, with the samples trained so far: gold against episodes needs no other file."""
+        record = {**record, "episodes": self.episodes}
         self.evals.append(record)
         self._append(self.eval_path, record)
         for sink in self.sinks:
@@ -66,6 +70,7 @@ class RunRecorder:
         self.steps = [_plotted(json.loads(line)) for line in lines]
         ends = list(accumulate(len(line.encode()) + 1 for line in lines))
         self.step_offsets = [0, *ends[:-1]] if lines else []
+        self.episodes = json.loads(lines[-1]).get("episodes", 0) if lines else 0
         self.evals = [json.loads(line) for line in self._keep(self.eval_path, eval_lines)]
 
     @staticmethod

@@ -37,6 +37,7 @@ def step_record(ctl: "Controller", job: "LearnerJob", metrics: dict) -> dict:
     gen_s = ctl.timing.get("gen_busy_s")
     return {
         "step": job.version,
+        "episodes": ctl.queue.counters.consumed * ctl.cfg.generation.samples_per_prompt,  # samples trained so far
         "elapsed_s": round(ctl.timing.elapsed("loop_s"), 3),
         "reward_mean": sum(scored) / len(scored) if scored else None,
         "staleness_mean": sum(stale) / len(stale),

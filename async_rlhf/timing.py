@@ -6,6 +6,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
+import psutil
+
 
 class Timing:
     def __init__(self) -> None:
@@ -49,3 +51,9 @@ class Timing:
 
     def as_dict(self) -> dict[str, float]:
         return dict(self._totals)
+
+
+def process_started_at() -> float:
+    """When this process started, in epoch seconds: the zero of eval.jsonl's `wall_s`, so that a run's
+    reward-against-time curve counts its start-up (imports, engines, model loading) as a user waits for it."""
+    return psutil.Process().create_time()

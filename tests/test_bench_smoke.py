@@ -23,13 +23,14 @@ SMOKE = {
     "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "2"],
     "off_policy": ["--losses", "rloo", "--staleness", "2", "--seeds", "0", "--steps", "4", "--mode", "fixed"],
     "vineppo_vs_ppo": ["--arms", "vineppo", "--steps", "2", "--every", "1"],
+    "vs_trl": ["--steps", "2", "--prompts", "2", "--every", "1"],
 }
 
 
 def run_bench(name: str, out: Path) -> dict:
     cli = Path(sys.executable).parent / "async-rlhf"  # the documented console script, not `python -m`
     cmd = [str(cli), "bench", name, *SMOKE[name], "--out", str(out)]
-    if name in ("async_vs_sync", "off_policy", "vineppo_vs_ppo"):
+    if name in ("async_vs_sync", "off_policy", "vineppo_vs_ppo", "vs_trl"):
         cmd += ["--runs-dir", str(out.parent / "runs")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PER_TEST_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,3 +85,22 @@ def test_vineppo_vs_ppo_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     (run,) = run_bench("vineppo_vs_ppo", tmp_path / "vineppo_vs_ppo")["runs"]
     assert [p["version"] for p in run["curve"]] == [0, 1, 2]
     assert run["curve"][0]["train_s"] == 0.0 and run["curve"][-1]["train_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
+def test_vs_trl_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
+    result = run_bench("vs_trl", tmp_path / "vs_trl")
+    (run,) = result["runs"]
+    for arm in ("trl", "ours"):  # both curves at the same evaluation points, 2 prompts x 2 samples per step
+        curve = run[arm]["curve"]
+        assert [(p["version"], p["episodes"]) for p in curve] == [(0, 0), (1, 4), (2, 8)], arm
+        assert all(a["train_clock_s"] < b["train_clock_s"] for a, b in zip(curve, curve[1:])), arm
+        assert run[arm]["process_s"] > run[arm]["net_loop_s"] > 0 and run[arm]["s_per_step"] > 0
+        assert result["summary"][arm]["final_gold"] == pytest.approx(run[arm]["final_gold"], abs=1e-4)  # median of one
+    ours = run["ours"]
+    # One evaluator, the same sampling as the run's own evaluation: the same weights score (nearly) the same.
+    assert abs(ours["final_gold"] - ours["final_gold_in_run"]) <= 0.05
+    assert abs(result["start_gold"] - ours["start_gold_in_run"]) <= 0.05
+    evals = [json.loads(line) for line in (tmp_path / "runs" / "ours-0" / "eval.jsonl").read_text().splitlines()]
+    assert all(e["eval_s"] > 0 and e["wall_s"] > 0 for e in evals)

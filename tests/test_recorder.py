@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
 
 from async_rlhf.config import RunConfig
+from async_rlhf.evaluation import clock_fields
 from async_rlhf.recorder import RunRecorder
+from async_rlhf.timing import process_started_at
 
 
 def test_records_and_plot_tolerate_gaps(tmp_path: Path) -> None:
@@ -37,7 +40,7 @@ def test_resume_cuts_the_logs_back_to_the_checkpoint(tmp_path: Path) -> None:
     resumed.truncate(metrics_lines=2, eval_lines=1)  # the checkpoint was taken after step 2
     resumed.log_step({"step": 3})
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert [r["step"] for r in resumed.steps] == [1, 2, 3] and resumed.evals == [{"version": 0}]
+    assert [r["step"] for r in resumed.steps] == [1, 2, 3] and resumed.evals == [{"version": 0, "episodes": 0}]
     with pytest.raises(ValueError) as err:  # a log shorter than the checkpoint's count is refused
         RunRecorder(tmp_path).truncate(metrics_lines=9, eval_lines=0)
     assert str(err.value) == f"{tmp_path / 'metrics.jsonl'} has 3 lines, fewer than the 9 the checkpoint counted"
@@ -64,3 +67,22 @@ def test_history_after_a_resume_starts_at_the_right_line(tmp_path: Path) -> None
     resumed.log_step({"step": 4, "kl": 0.25})
     assert [r["step"] for r in resumed.step_records(since=2)] == [3, 4]
     assert resumed.step_records(since=3) == [{"step": 4, "kl": 0.25}] and resumed.step_records(since=4) == []
+
+
+def test_every_eval_record_carries_the_episodes_so_far_and_a_resume_keeps_counting(tmp_path: Path) -> None:
+    rec = RunRecorder(tmp_path)
+    rec.log_eval({"version": 0, "wall_s": 12.5, "eval_s": 0.5})  # before any step: nothing trained yet
+    for step in (1, 2):
+        rec.log_step({"step": step, "episodes": 32 * step})  # 16 prompts x 2 samples per step
+    rec.log_eval({"version": 2, "wall_s": 20.0, "eval_s": 0.4})
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [(e["version"], e["episodes"], e["wall_s"]) for e in evals] == [(0, 0, 12.5), (2, 64, 20.0)]
+    resumed = RunRecorder(tmp_path)
+    resumed.truncate(metrics_lines=1, eval_lines=1)  # the checkpoint was taken after step 1
+    resumed.log_eval({"version": 1})
+    assert resumed.evals[-1]["episodes"] == 32
+
+
+def test_clock_fields_time_an_evaluation_from_the_process_start() -> None:
+    assert clock_fields(started=1010.25, ended=1012.0, process_start=1000.0) == {"wall_s": 10.25, "eval_s": 1.75}
+    assert 0 < time.time() - process_started_at() < 24 * 3600  # this test process started before now
