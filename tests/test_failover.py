@@ -2,6 +2,7 @@
 SIGKILLed learner, is in tests/test_faults.py)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,11 @@ def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
     actor = ray_local.remote(Pingable).options(num_cpus=0).remote()
     assert learner_alive(actor)
     ray_local.kill(actor)
+    # ray.kill only asks the GCS; a ping sent before the kill lands is still answered (as in failover, where
+    # a call has already failed with ActorDiedError before the probe), so the probe must turn False soon.
+    deadline = time.monotonic() + 60
+    while learner_alive(actor) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not learner_alive(actor)
 
 
