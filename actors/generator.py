@@ -14,12 +14,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from async_rlhf.broker import WeightRef
-from async_rlhf.config import GenerationConfig
-from async_rlhf.nccl_sync import check_generator_version
-from async_rlhf.resources import pin_process
+from async_rlhf.weights.broker import WeightRef
+from async_rlhf.config.run import GenerationConfig
+from async_rlhf.weights.nccl import check_generator_version
+from async_rlhf.pipeline.resources import pin_process
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
-from async_rlhf.vineppo import (
+from async_rlhf.pipeline.vineppo import (
     MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
 )
 from async_rlhf.weights.shm_ring import parse_slot_location

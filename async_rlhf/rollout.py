@@ -24,7 +24,7 @@ class Completion:
     reward: float | None = None  # None until scored; never filled with a made-up value
     reward_status: RewardStatus = "pending"
     reward_error: str | None = None
-    # VinePPO (async_rlhf/vineppo.py), set only when the loss needs Monte Carlo values: exclusive
+    # VinePPO (async_rlhf/pipeline/vineppo.py), set only when the loss needs Monte Carlo values: exclusive
     # token ends of the reasoning steps (by the generator) and one advantage per token (by the
     # controller, once the MC rollouts are scored; None when a state's value is unknown).
     step_ends: list[int] | None = None

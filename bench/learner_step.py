@@ -54,7 +54,7 @@ def bare_step_fn(engine, reference, batch, beta: float):
 def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path) -> dict:
     import deepspeed
 
-    from async_rlhf.config import load_config
+    from async_rlhf.config.run import load_config
     from learners.learner import Learner, deepspeed_config, load_causal_lm
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/quickstart.yaml")

@@ -14,7 +14,7 @@ same ids. TRL samples with HF `generate` (no vLLM: that is TRL's CPU path).
 A callback writes the clock: the time training began (version 0), the end of every step, and at each of
 the run's evaluation points (every `eval.every` steps and the last) a snapshot of the weights, which
 bench/vs_trl.py scores afterwards with the same evaluator as our run. Times are seconds since this
-process started (async_rlhf.timing.process_started_at), like `wall_s` in our eval.jsonl; the snapshot
+process started (async_rlhf.pipeline.timing.process_started_at), like `wall_s` in our eval.jsonl; the snapshot
 writes are timed so that they can be taken out, as our run's evaluations are. Writes OUT/clock.json.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-from async_rlhf.config import RunConfig, load_config
+from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.rollout import Prompt
-from async_rlhf.tasks import Task, load_task
-from async_rlhf.timing import process_started_at
+from async_rlhf.tasks.builtin import Task, load_task
+from async_rlhf.pipeline.timing import process_started_at
 from reward_models.rules import SCORERS
 
 TRL_SAMPLES = 2  # OnlineDPOTrainer always samples two completions per prompt

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from async_rlhf.timeline import read_timeline
+from async_rlhf.outputs.timeline import read_timeline
 from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import earlier_runs, pyplot, save_json, train
 

@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from async_rlhf.config import RunConfig, load_config
-from async_rlhf.embedded import ensure_policy
+from async_rlhf.config.run import RunConfig, load_config
+from async_rlhf.policies.embedded import ensure_policy
 from bench.common import RESULTS, ROOT, save_figure
 from bench.policy_eval import GoldEvaluator
 from bench.runs import RUN_TIMEOUT_S, pyplot, save_json, train

@@ -69,8 +69,8 @@ def measure_size(size: str, repeats: int, workdir: Path, bandwidth: float) -> di
     import ray
 
     from actors.generator import GeneratorActor
-    from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
-    from async_rlhf.config import GenerationConfig
+    from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
+    from async_rlhf.config.run import GenerationConfig
     from async_rlhf.weights.shm_ring import ShmSlotRing
     from bench.generator_path import make_prompts
 

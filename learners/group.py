@@ -15,8 +15,8 @@ from typing import Any
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from async_rlhf.config import RunConfig
-from async_rlhf.placement import in_bundle, learner_options, reserve, use_gpus
+from async_rlhf.config.run import RunConfig
+from async_rlhf.pipeline.placement import in_bundle, learner_options, reserve, use_gpus
 from learners.distributed import RankInfo, free_port
 from learners.learner import Learner
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from async_rlhf.config import LearnerConfig, RunConfig
-from async_rlhf.nccl_sync import NcclLayout, nccl_version
-from async_rlhf.resources import pin_process
+from async_rlhf.config.run import LearnerConfig, RunConfig
+from async_rlhf.weights.nccl import NcclLayout, nccl_version
+from async_rlhf.pipeline.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed

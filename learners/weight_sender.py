@@ -1,4 +1,4 @@
-"""The learner's side of weight_sync.transport=nccl (async_rlhf/nccl_sync.py has the protocol).
+"""The learner's side of weight_sync.transport=nccl (async_rlhf/weights/nccl.py has the protocol).
 
 Every learner rank builds a sender (under ZeRO-3 each rank holds shards, so each must join every
 gather); only rank 0 opens the NCCL endpoint to the generators and broadcasts.
@@ -10,8 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
-from async_rlhf.config import WeightSyncConfig
-from async_rlhf.nccl_sync import (
+from async_rlhf.config.run import WeightSyncConfig
+from async_rlhf.weights.nccl import (
     GeneratorSyncClient, NcclLayout, check_next_version, gathered_parameters, parameter_metadata, run_with_timeout,
 )
 from learners.distributed import RankInfo, free_port

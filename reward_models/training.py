@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from async_rlhf.config_base import ConfigError
+from async_rlhf.config.base import ConfigError
 
 PAIR_COLUMNS = ("chosen", "rejected")
 
@@ -32,7 +32,7 @@ class RewardTrainingArgs:
 
 def load_pairs(source: str) -> Any:
     """The pairs as a `datasets.Dataset`, checked: the columns are there, text, and there is data."""
-    from async_rlhf.prompt_data import load_table, source_format
+    from async_rlhf.tasks.dataset import load_table, source_format
 
     fmt = source_format(source, "auto")
     if fmt not in ("jsonl", "parquet", "disk"):

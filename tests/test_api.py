@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from async_rlhf.config import load_config
-from async_rlhf.controller import Controller
+from async_rlhf.config.run import load_config
+from async_rlhf.pipeline.controller import Controller
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from async_rlhf.api import TOKEN_ENV, _is_loopback, create_app, resolve_token
-from async_rlhf.config import ApiConfig
+from async_rlhf.api.app import TOKEN_ENV, _is_loopback, create_app, resolve_token
+from async_rlhf.config.run import ApiConfig
 
 
 def test_token_from_config_then_env_then_generated_0600(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,7 +42,7 @@ def test_fixed_delay_refuses_a_new_bound() -> None:
     # The broker keeps only the versions a fixed N needs; a new N would ask for ones already freed.
     from types import SimpleNamespace
 
-    from async_rlhf.config import RunConfig
+    from async_rlhf.config.run import RunConfig
 
     ctl = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")
     with TestClient(create_app(controller=ctl, token="secret-token-0123456", open_reads=False)) as client:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.cli import main
-from async_rlhf.config import ConfigError, load_config
+from async_rlhf.cli.main import main
+from async_rlhf.config.run import ConfigError, load_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 E = "config error: "
@@ -120,7 +120,7 @@ TRAIN_JSONL = "examples/data/sort_train.jsonl"
 @pytest.fixture
 def tokenizer_dir(tmp_path: Path) -> Path:
     """A checkpoint directory as far as config and tokenizer checks look: config.json and a real tokenizer."""
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
 
     out = tmp_path / "ckpt"
     build_tokenizer("sort").save_pretrained(out)
@@ -133,7 +133,7 @@ def byo(model_dir: Path, *overrides: str):
 
 
 def byo_message(model_dir: Path, *overrides: str) -> str:
-    from async_rlhf.tasks import load_task
+    from async_rlhf.tasks.builtin import load_task
 
     with pytest.raises(ConfigError) as err:
         cfg = byo(model_dir, *overrides)
@@ -242,7 +242,7 @@ def test_bfloat16_on_a_machine_without_gpu(tokenizer_dir: Path) -> None:
 def test_train_with_a_bad_column_exits_2_before_any_worker(tokenizer_dir: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from async_rlhf.controller import Controller
+    from async_rlhf.pipeline.controller import Controller
 
     # Ray may already run in this pytest process (session fixture): check the call, not the state.
     monkeypatch.setattr(Controller, "_start_ray", lambda self: pytest.fail("Ray started for a run that cannot train"))
@@ -294,8 +294,8 @@ def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys:
 def earlier_run(root: Path, overrides: list[str] = (), summary_steps: int | None = None,
                 checkpoint_step: int | None = None) -> Path:
     """A run directory as an earlier run leaves it: config.yaml, maybe summary.json and a checkpoint."""
-    from async_rlhf.checkpoints import CheckpointStore
-    from async_rlhf.config import dump_config
+    from async_rlhf.checkpoint.store import CheckpointStore
+    from async_rlhf.config.run import dump_config
 
     run = root / "run"
     run.mkdir()
@@ -401,7 +401,7 @@ CLUSTER_CASES = [
 
 @pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES, ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
 def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message: str) -> None:
-    from async_rlhf.placement import check_cluster
+    from async_rlhf.pipeline.placement import check_cluster
 
     cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}", *SHARED_SPLIT], environment=False)
     with pytest.raises(ConfigError) as err:
@@ -410,7 +410,7 @@ def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message:
 
 
 def test_cluster_checks_pass_where_the_transport_fits() -> None:
-    from async_rlhf.placement import check_cluster
+    from async_rlhf.pipeline.placement import check_cluster
 
     ipc = load_config(QUICKSTART, ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.4"],
                       environment=False)
@@ -420,7 +420,7 @@ def test_cluster_checks_pass_where_the_transport_fits() -> None:
 
 
 def test_cores_are_pinned_only_on_cpu() -> None:
-    from async_rlhf.resources import plan_cores
+    from async_rlhf.pipeline.resources import plan_cores
 
     cfg = load_config(QUICKSTART, environment=False)
     assert plan_cores(cfg, [0, 1, 2, 3]).pinned
@@ -435,8 +435,8 @@ def test_train_refused_by_the_cluster_exits_2_with_one_line(ray_local, tmp_path:
     """The real CLI and controller start-up on the session's Ray (so `train` starts none of its own); only the
     cluster's GPU and node counts are mocked, as this machine has no GPU and one node. `ray.address` set makes
     the driver skip its own CUDA check, as on a cluster, so the start-time check is the one that refuses."""
-    from async_rlhf import placement
-    from async_rlhf.controller import Controller
+    from async_rlhf.pipeline import placement
+    from async_rlhf.pipeline.controller import Controller
 
     monkeypatch.setattr(placement, "cluster_counts", lambda: (gpus, nodes))
     monkeypatch.setattr(Controller, "_build_components",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.startup import LAPS
+from async_rlhf.pipeline.startup import LAPS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Pat
         assert summary[key] > 0, key
     assert (run / "reward.png").stat().st_size > 10_000
     assert (run / "config.yaml").read_text().count("max_staleness: 1") == 1
-    # Start-up, phase by phase (async_rlhf/startup.py): the laps add up to the time to the first step, the
+    # Start-up, phase by phase (async_rlhf/pipeline/startup.py): the laps add up to the time to the first step, the
     # interpreter and the first step itself take time, and each actor started within the actors lap.
     laps = [summary[f"setup_{name}_s"] for name in LAPS]
     assert min(laps) >= 0 and summary["setup_to_first_step_s"] == pytest.approx(sum(laps), abs=0.01)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config import load_config
-from async_rlhf.controller import Controller
+from async_rlhf.config.run import load_config
+from async_rlhf.pipeline.controller import Controller
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path
 
 def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tmp_path: Path) -> None:
     """A real HTTP reward server on localhost that fails 30% of calls and sometimes stalls."""
-    from async_rlhf.serving import ThreadedServer
+    from async_rlhf.api.serving import ThreadedServer
     from tests.test_remote_reward import flaky_app
 
     app = flaky_app(fail_rate=0.3, slow_rate=0.1, slow_s=1.5, seed=3)
@@ -160,8 +160,8 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
 
-    from async_rlhf.controller import RunError
-    from async_rlhf.serving import ThreadedServer
+    from async_rlhf.pipeline.controller import RunError
+    from async_rlhf.api.serving import ThreadedServer
 
     app = FastAPI()
     app.post("/score")(lambda: HTMLResponse("<html>502 Bad Gateway</html>"))

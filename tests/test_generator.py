@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from actors.generator import GeneratorActor
-from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
-from async_rlhf.config import GenerationConfig
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
+from async_rlhf.config.run import GenerationConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm
@@ -39,7 +39,7 @@ def hf_token_logprobs(model_dir: Path, prompt_ids: list[int], completion: list[i
 
 
 def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path: Path) -> None:
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
 
     tok = build_tokenizer()
     start_dir, new_dir = random_policies
@@ -75,7 +75,7 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
 
 
 def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_policies) -> None:
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
 
     tok = build_tokenizer()
     start_dir, _ = random_policies
@@ -95,7 +95,7 @@ def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_polic
 def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ray_local, random_policies) -> None:
     """reward.in_generator: the same RewardService code, run inside the generator's call, gives the same
     rewards as the reward actor, and a scorer's failure is a failure with its reason there too."""
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
     from reward_models.service import RewardService
 
     tok = build_tokenizer()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from actors.generator import GeneratorActor
-from async_rlhf.config import GenerationConfig, load_config
+from async_rlhf.config.run import GenerationConfig, load_config
 from async_rlhf.rollout import Prompt
-from async_rlhf.vineppo import MCRequest, delimiter_splitter, step_delimiter_ids
+from async_rlhf.pipeline.vineppo import MCRequest, delimiter_splitter, step_delimiter_ids
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,8 @@ def arith(ray_local):
     """(actor, tokenizer, prompts): 6 train prompts plus prompt 0 again under another id."""
     from transformers import AutoTokenizer
 
-    from async_rlhf.embedded import ensure_policy
-    from async_rlhf.tasks import make_task
+    from async_rlhf.policies.embedded import ensure_policy
+    from async_rlhf.tasks.builtin import make_task
 
     cfg = load_config(ROOT / "configs" / "arith.yaml")
     model_dir = ensure_policy(cfg, log=lambda m: None)  # cached after the first build

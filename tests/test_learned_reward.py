@@ -43,8 +43,8 @@ def test_reward_service_scores_train_role_with_learned_rm(tiny_rm: Path) -> None
 
 
 def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
-    from async_rlhf.cli_models import reward_scorer
-    from async_rlhf.serving import ThreadedServer
+    from async_rlhf.cli.models import reward_scorer
+    from async_rlhf.api.serving import ThreadedServer
     from reward_models.learned import LearnedRewardModel
     from reward_models.protocol import MAX_BODY_BYTES, MAX_ITEMS
     from reward_models.server import create_reward_app
@@ -74,7 +74,7 @@ def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
 
 def cli_error(capsys: pytest.CaptureFixture, *args: str) -> str:
     """The CLI's one-line error (exit code 2), run in this process as `async-rlhf ARGS` runs it."""
-    from async_rlhf.cli import main
+    from async_rlhf.cli.main import main
 
     assert main(list(args)) == 2
     err = capsys.readouterr().err.strip()
@@ -111,7 +111,7 @@ def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
 
 
 def test_best_and_worst_pair() -> None:
-    from async_rlhf.pairs import best_and_worst
+    from async_rlhf.cli.pairs import best_and_worst
 
     comps = [Completion([], t, [], "stop", reward=r, reward_status="ok") for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
     group = RolloutGroup(Prompt(7, "p", [], {}), comps, 0, 0, 0.0)
@@ -122,7 +122,7 @@ def test_best_and_worst_pair() -> None:
 
 
 def test_config_learned_reward_checks(tmp_path: Path, random_policies: tuple[Path, Path], tiny_rm: Path) -> None:
-    from async_rlhf.config import ConfigError, load_config
+    from async_rlhf.config.run import ConfigError, load_config
 
     base = ["task.name=dataset", "task.dataset.path=examples/data/sort_train.jsonl", "model.source=local",
             f"model.path={random_policies[0]}", "reward.gold=vader_compound", "task.dataset.max_prompt_tokens=10"]

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_online_dpo_steps_with_learned_rm(tmp_path: Path, random_policies: tuple[Path, Path], tiny_rm: Path) -> None:
-    from async_rlhf.cli import main
+    from async_rlhf.cli.main import main
 
     run = tmp_path / "run"
     code = main(["train", "configs/byo_example.yaml", f"model.path={random_policies[0]}", f"reward.learned.path={tiny_rm}",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from async_rlhf.config import RunConfig
+from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.learner import Learner
 from learners.logprobs import completion_logprobs, pack

@@ -12,7 +12,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from async_rlhf.config import RunConfig
+from async_rlhf.config.run import RunConfig
 from learners.group import LearnerGroup, merge_metrics, start_learner
 from tests.test_learner import build_model_dir, synthetic_groups
 

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from async_rlhf.config import GenerationConfig, RunConfig
+from async_rlhf.config.run import GenerationConfig, RunConfig
 from async_rlhf.rollout import Prompt
 from learners.logprobs import behaviour_logprobs, completion_logprobs, gap_metrics, gap_sums, pack
-from async_rlhf.run_summary import GapTally
+from async_rlhf.outputs.summary import GapTally
 from learners.micro_batches import combine_metrics
 
 LOGITS = torch.tensor([2.0, 0.0, -1.0])
@@ -68,7 +68,7 @@ def test_fresh_gap_between_vllm_and_learner_at_temperature_07(ray_local, random_
     """Real vLLM (CPU) samples at T=0.7; the real learner's first step sees the same log-probs.
     The untempered learner log-probs (what the old raw mode compared) are far off: the test bites."""
     from actors.generator import GeneratorActor
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
     from learners.learner import Learner
 
     start_dir, _ = random_policies

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config import load_config
+from async_rlhf.config.run import load_config
 from learners.losses import LOSSES
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_every_registered_loss_has_a_run():
 
 def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
     """Run the controller for `name` on the session Ray."""
-    from async_rlhf.controller import Controller
+    from async_rlhf.pipeline.controller import Controller
 
     config, overrides = RUNS[name]
     cfg = load_config(ROOT / "configs" / config, [*overrides, *SHORT, f"learner.steps={SHORT_RUN.get(name, STEPS)}"])

@@ -7,8 +7,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from async_rlhf.config import ConfigError, LossConfig, validate_config
-from async_rlhf.loss_traits import BUILTIN_LOSSES, LossTraits
+from async_rlhf.config.run import ConfigError, LossConfig, validate_config
+from async_rlhf.config.loss_traits import BUILTIN_LOSSES, LossTraits
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.losses import LOSSES, LossInputs, get_loss, register_loss, select_pairs, select_pairs_batch
 from learners.losses.dpo import dpo_sigmoid_loss, ipo_loss
@@ -129,7 +129,7 @@ def test_unknown_loss_lists_valid_names():
 
 
 def test_config_table_of_builtin_losses_matches_the_registry():
-    """The config checks built-in losses against async_rlhf/loss_traits.py (no torch); it must say what
+    """The config checks built-in losses against async_rlhf/config/loss_traits.py (no torch); it must say what
     each loss's @register_loss says, and list every built-in."""
     builtin = {name: spec for name, spec in LOSSES.items() if spec.fn.__module__.startswith("learners.losses.")}
     assert set(builtin) == set(BUILTIN_LOSSES)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_rlhf.config import ConfigError, LossConfig, validate_config
+from async_rlhf.config.run import ConfigError, LossConfig, validate_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.logprobs import behaviour_logprobs
 from learners.losses import (
@@ -455,7 +455,7 @@ def on_policy_groups(model_dir: Path) -> list[RolloutGroup]:
 @pytest.mark.parametrize("name", ["rloo", "proximal_rloo", "grpo", "best_of_n_sft"])
 def test_loss_in_learner_raises_log_prob_of_the_best_completion(tiny_model_dir: Path, name: str):
     """Four steps on one fixed batch: the best completion of each prompt (reward 3) gets likelier."""
-    from async_rlhf.config import RunConfig
+    from async_rlhf.config.run import RunConfig
     from learners.learner import Learner
 
     cfg = RunConfig(seed=0, loss={"name": name, "beta": 0.05}, learner={"lr": 1e-3, "grad_clip": 1.0})

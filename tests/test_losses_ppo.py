@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from async_rlhf.config import ConfigError, LossConfig, validate_config
+from async_rlhf.config.run import ConfigError, LossConfig, validate_config
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.gae import clipped_value_loss, gae, kl_shaped_rewards, last_token_onehot, whiten
 
@@ -208,7 +208,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def make_learner(model_dir, name: str, **loss):
-    from async_rlhf.config import RunConfig
+    from async_rlhf.config.run import RunConfig
     from learners.learner import Learner
 
     cfg = RunConfig(seed=0, loss={"name": name, "beta": 0.05, **loss}, learner={"lr": 1e-3, "grad_clip": 1.0})

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_rlhf.config import ConfigError, LossConfig, load_config
+from async_rlhf.config.run import ConfigError, LossConfig, load_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
-from async_rlhf.vineppo import MCBatch, MCCost, MCRequest, attach_advantages, continuation_seed, state_values, step_delimiter_ids
+from async_rlhf.pipeline.vineppo import MCBatch, MCCost, MCRequest, attach_advantages, continuation_seed, state_values, step_delimiter_ids
 from learners.logprobs import mc_advantages
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.vineppo import select_valued
@@ -158,7 +158,7 @@ def test_mc_rewards_failing_at_a_remote_reward_model_are_left_out() -> None:
     HTTP reward model that fails on some items: the failures never become values."""
     from dataclasses import replace
 
-    from async_rlhf.serving import ThreadedServer
+    from async_rlhf.api.serving import ThreadedServer
     from reward_models.server import create_reward_app
     from reward_models.service import RewardService
 
@@ -208,8 +208,8 @@ def test_mc_cost_is_cumulative_and_reports_its_share() -> None:
 
 
 def test_mc_cost_is_exported_to_prometheus_only_for_mc_losses(tmp_path: Path) -> None:
-    from async_rlhf.controller import Controller
-    from async_rlhf.metrics import prometheus_text
+    from async_rlhf.pipeline.controller import Controller
+    from async_rlhf.api.metrics import prometheus_text
 
     dpo = Controller(load_config(ROOT / "configs" / "arith.yaml"), tmp_path / "dpo")
     assert "mc_" not in prometheus_text(dpo)
@@ -222,7 +222,7 @@ def test_mc_cost_is_exported_to_prometheus_only_for_mc_losses(tmp_path: Path) ->
 
 
 def test_step_delimiters_and_continuation_seeds() -> None:
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
 
     arith, sort = build_tokenizer("arith"), build_tokenizer("sort")
     assert step_delimiter_ids(arith, "\n") == (arith.convert_tokens_to_ids("\n"),)
@@ -255,7 +255,7 @@ def test_arith_vineppo_config_and_bad_k_mc() -> None:
 @pytest.mark.integration
 def test_vineppo_in_learner_follows_the_advantages(tmp_path: Path) -> None:
     """Four steps on one fixed batch whose per-token advantages favour the best completion of each prompt."""
-    from async_rlhf.config import RunConfig
+    from async_rlhf.config.run import RunConfig
     from learners.learner import Learner
     from tests.test_learner import build_model_dir
     from tests.test_losses_pg import learner_logp, on_policy_groups

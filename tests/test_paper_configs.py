@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.cli import main
-from async_rlhf.config import ConfigError, RunConfig, load_config
-from async_rlhf.gpu_sizing import ModelShape, activation_bytes_per_token, comment_line, estimate, parse_comment, \
+from async_rlhf.cli.main import main
+from async_rlhf.config.run import ConfigError, RunConfig, load_config
+from async_rlhf.config.gpu_sizing import ModelShape, activation_bytes_per_token, comment_line, estimate, parse_comment, \
     state_bytes_per_param
-from async_rlhf.task_config import FILE_FORMATS, same_source, source_format
+from async_rlhf.config.task import FILE_FORMATS, same_source, source_format
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 PAPER = sorted((Path(__file__).parents[1] / "configs" / "paper").glob("*.yaml"))

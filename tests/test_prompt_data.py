@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config import ConfigError, TaskConfig
-from async_rlhf.embedded import build_tokenizer
-from async_rlhf.prompt_data import DatasetTask, in_eval_fraction, source_format
+from async_rlhf.config.run import ConfigError, TaskConfig
+from async_rlhf.policies.embedded import build_tokenizer
+from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
 from async_rlhf.rollout import EVAL_ID_OFFSET
-from async_rlhf.tasks import make_task
+from async_rlhf.tasks.builtin import make_task
 
 ROWS = [
     {"question": "tom has 3 pens", "answer": "3", "level": 1},

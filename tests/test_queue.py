@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from async_rlhf.queue import (
+from async_rlhf.pipeline.queue import (
     GateInputs, QueueFullError, RolloutQueue, chunk_version, fixed_version, generation_allowed, take_limit,
     target_step,
 )

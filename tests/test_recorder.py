@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config import RunConfig
-from async_rlhf.evaluation import clock_fields
-from async_rlhf.recorder import RunRecorder
-from async_rlhf.timing import process_started_at
+from async_rlhf.config.run import RunConfig
+from async_rlhf.pipeline.evaluation import clock_fields
+from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.pipeline.timing import process_started_at
 
 
 def test_records_and_plot_tolerate_gaps(tmp_path: Path) -> None:

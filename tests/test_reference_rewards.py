@@ -1,10 +1,10 @@
 """Rewards against a dataset's reference answer (reward_models/rules.py) and the eval win-rate against
-the reference (async_rlhf/evaluation.py), with hand-worked values."""
+the reference (async_rlhf/pipeline/evaluation.py), with hand-worked values."""
 from __future__ import annotations
 
 import pytest
 
-from async_rlhf.evaluation import reference_groups, win_rate
+from async_rlhf.pipeline.evaluation import reference_groups, win_rate
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.rules import SCORER_TASK, SCORERS, normalise
 from reward_models.service import RewardService

@@ -13,7 +13,7 @@ import pytest
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from async_rlhf.serving import ThreadedServer
+from async_rlhf.api.serving import ThreadedServer
 from reward_models.remote import RemoteRewardClient
 from reward_models.server import create_reward_app, rule_batch_scorer
 

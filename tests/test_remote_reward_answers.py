@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from async_rlhf.serving import ThreadedServer
+from async_rlhf.api.serving import ThreadedServer
 from reward_models import remote
 from reward_models.remote import RemoteRewardClient
 

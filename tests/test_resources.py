@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from async_rlhf.config import RunConfig
-from async_rlhf.resources import CoreBalancer, core_balancer, plan_cores
+from async_rlhf.config.run import RunConfig
+from async_rlhf.pipeline.resources import CoreBalancer, core_balancer, plan_cores
 
 
 def balancer() -> CoreBalancer:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from actors.generator import GeneratorActor
-from async_rlhf.broker import SharedMemoryTransport, WeightSyncBroker
-from async_rlhf.config import EmbeddedModelConfig, GenerationConfig
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
+from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm
@@ -21,7 +21,7 @@ LONG = 512  # positions: prompts longer than vLLM-CPU's 128-token KV block, so a
 
 @pytest.fixture(scope="module")
 def long_policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from async_rlhf.embedded import build_model, build_tokenizer
+    from async_rlhf.policies.embedded import build_model, build_tokenizer
 
     root, tokenizer, dirs = tmp_path_factory.mktemp("long"), build_tokenizer(), []
     for seed in (0, 1):
@@ -40,7 +40,7 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]
 
 
 def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_policies, tmp_path: Path) -> None:
-    from async_rlhf.embedded import build_tokenizer
+    from async_rlhf.policies.embedded import build_tokenizer
 
     tok, (old_dir, new_dir) = build_tokenizer(), long_policies
     shared = "3141592653" * 30  # 300 tokens shared by every prompt: two whole 128-token blocks

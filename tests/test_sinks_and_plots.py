@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.cli import main
-from async_rlhf.config import RunConfig
-from async_rlhf.recorder import RunRecorder
-from async_rlhf.sinks import TensorBoardSink, WandbSink, make_sinks, scalars
+from async_rlhf.cli.main import main
+from async_rlhf.config.run import RunConfig
+from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.outputs.sinks import TensorBoardSink, WandbSink, make_sinks, scalars
 
 
 def step(i: int, reward: float | None) -> dict:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config import ConfigError, load_config
+from async_rlhf.config.run import ConfigError, load_config
 
 QUESTIONS = ["Write a two-sentence review of a musical about two rival bakers in Paris.",
              "What is the capital of France?", "Name three colours."]
 
 
 def test_unprepared_name_says_how_to_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from async_rlhf.cache import model_dir, resolve_model_path
+    from async_rlhf.policies.pretrained import model_dir, resolve_model_path
 
     monkeypatch.setenv("ASYNC_RLHF_CACHE", str(tmp_path))
     assert model_dir("smollm2") == tmp_path / "models" / "smollm2"
@@ -25,7 +25,7 @@ def test_unprepared_name_says_how_to_prepare(tmp_path: Path, monkeypatch: pytest
 
 
 def test_prepare_unknown_name(capsys: pytest.CaptureFixture) -> None:
-    from async_rlhf.cli import main
+    from async_rlhf.cli.main import main
 
     assert main(["prepare", "gpt5"]) == 2
     assert "unknown model 'gpt5'; valid names: smollm2" in capsys.readouterr().err
@@ -33,7 +33,7 @@ def test_prepare_unknown_name(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from async_rlhf.cache import prepare
+    from async_rlhf.policies.pretrained import prepare
 
     return prepare("smollm2", log=lambda _: None)
 
@@ -46,7 +46,7 @@ def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeyp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.generator import GeneratorActor
-    from async_rlhf.config import GenerationConfig
+    from async_rlhf.config.run import GenerationConfig
     from async_rlhf.rollout import Prompt
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""Start-up (async_rlhf/startup.py, the CLI): the setup_* phases add up, light commands stay light, and the
+"""Start-up (async_rlhf/pipeline/startup.py, the CLI): the setup_* phases add up, light commands stay light, and the
 progress bar's clock starts at the first learner step. No timed assertions: speed lives in bench/startup.py."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf import startup
-from async_rlhf.cli import ProgressBar
-from async_rlhf.startup import LAPS, StartupClock
+from async_rlhf.pipeline import startup
+from async_rlhf.cli.main import ProgressBar
+from async_rlhf.pipeline.startup import LAPS, StartupClock
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("ray", "vllm", "torch", "transformers", "deepspeed")
@@ -48,14 +48,14 @@ def test_laps_add_up_to_the_first_step_and_side_spans_stay_apart(monkeypatch: py
 
 
 def test_process_age_counts_from_the_interpreter_start() -> None:
-    code = "import time; time.sleep(0.3); from async_rlhf.startup import process_age_s; print(process_age_s())"
+    code = "import time; time.sleep(0.3); from async_rlhf.pipeline.startup import process_age_s; print(process_age_s())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert 0.3 <= float(out.stdout) < 60
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check-config", "configs/quickstart.yaml"]])
 def test_light_commands_import_no_ray_vllm_or_torch(argv: list[str]) -> None:
-    code = ("import sys\nfrom async_rlhf.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom async_rlhf.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print('MODULES', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "MODULES []" in out.stderr, out.stderr[-2000:]

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from actors.generator import GenerationResult
-from async_rlhf.timeline import Timeline, busy_seconds, read_timeline, record_generation, record_learner_step
+from async_rlhf.outputs.timeline import Timeline, busy_seconds, read_timeline, record_generation, record_learner_step
 
 
 def test_busy_seconds_counts_overlaps_once() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from async_rlhf.vineppo import (
+from async_rlhf.pipeline.vineppo import (
     MCStates, State, StepSplit, batch_advantages, delimiter_splitter, gather_states, mc_value, split_response,
     step_advantages, step_states, token_advantages,
 )
@@ -164,8 +164,8 @@ def test_batch_advantages_checks_lengths() -> None:
 
 
 def test_arith_solution_splits_into_its_lines() -> None:
-    from async_rlhf.embedded import build_tokenizer
-    from async_rlhf.tasks import ArithTask
+    from async_rlhf.policies.embedded import build_tokenizer
+    from async_rlhf.tasks.builtin import ArithTask
 
     tok = build_tokenizer("arith")
     splitter = delimiter_splitter(tok.convert_tokens_to_ids(list(ArithTask.step_end_chars)))

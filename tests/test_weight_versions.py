@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from actors.generator import GeneratorActor
-from async_rlhf.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
-from async_rlhf.config import EmbeddedModelConfig, GenerationConfig
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict
@@ -28,13 +28,13 @@ class Versions:
     """Version v = a tiny Llama initialised with seed v, built on demand."""
 
     def __init__(self) -> None:
-        from async_rlhf.embedded import build_tokenizer
+        from async_rlhf.policies.embedded import build_tokenizer
 
         self.tokenizer = build_tokenizer()
         self.models: dict[int, torch.nn.Module] = {}
 
     def model(self, version: int) -> torch.nn.Module:
-        from async_rlhf.embedded import build_model
+        from async_rlhf.policies.embedded import build_model
 
         if version not in self.models:
             torch.manual_seed(1000 + version)

@@ -1,5 +1,5 @@
 """Loss registry. Adding a loss = one new module that uses `@register_loss` + one import line below + its
-declarations in async_rlhf/loss_traits.py, which the config reads without importing torch (or, without
+declarations in async_rlhf/config/loss_traits.py, which the config reads without importing torch (or, without
 touching this package, `loss.import_path`: see learners/losses/loader.py)."""
 from learners.losses.registry import (
     LOSSES,

@@ -32,7 +32,7 @@ from async_rlhf.rollout import Completion, RolloutGroup
 
 
 class LossParams(Protocol):
-    """Hyper-parameters a loss reads; `async_rlhf.config.LossConfig` satisfies it (docs/losses.md)."""
+    """Hyper-parameters a loss reads; `async_rlhf.config.run.LossConfig` satisfies it (docs/losses.md)."""
 
     beta: float  # KL-to-reference coefficient (DPO's beta, RLOO's KL penalty, GRPO's k3 weight)
     clip_eps: float  # PPO-style clip range of the ratio (proximal_rloo, grpo)

@@ -1,0 +1,287 @@
+"""HTTP status and control for a running job: FastAPI, served by uvicorn in a thread of the driver.
+
+Reads (`/healthz`, `/status`, `/queue`, `/history`, `/metrics`, `/`) are open when bound to
+loopback; `/control/*` always needs `Authorization: Bearer <token>`. Control endpoints only post
+commands to `RunControl`; the controller loop applies them at safe points.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import secrets
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from async_rlhf.config.run import ApiConfig
+from async_rlhf.api.metrics import prometheus_text
+from async_rlhf.api.serving import ThreadedServer
+from async_rlhf.api.status import health_snapshot, status_snapshot
+
+if TYPE_CHECKING:
+    from async_rlhf.pipeline.controller import Controller
+
+TOKEN_ENV = "ASYNC_RLHF_API_TOKEN"
+CHECKPOINT_TIMEOUT_S = 300.0
+PAGE = Path(__file__).with_name("web") / "index.html"
+
+
+# ---- response and request models --------------------------------------------------------------
+class Component(BaseModel):
+    ok: bool
+    phase: str | None = None
+    heartbeat_age_s: float | None = None
+    version: int | None = None
+
+
+class Health(BaseModel):
+    ok: bool
+    components: dict[str, Component]
+
+
+class GeneratorInfo(BaseModel):
+    generator_id: int
+    version: int
+    busy: bool
+    busy_fraction: float
+    tokens_per_s: float
+    tokens: int
+    restarts: int
+
+
+class LearnerInfo(BaseModel):
+    version: int
+    busy: bool
+    last_step_s: float | None
+    mean_step_s: float | None
+    busy_fraction: float
+    restarts: int
+
+
+class RewardInfo(BaseModel):
+    ok: int
+    failed: int
+    timed_out: int
+    restarts: int
+    healthy: bool
+
+
+class Status(BaseModel):
+    run_id: str
+    run_dir: str
+    phase: str
+    step: int
+    total_steps: int
+    elapsed_s: float
+    eta_s: float | None
+    max_staleness: int
+    queue_depth: int
+    generators: list[GeneratorInfo]
+    learner: LearnerInfo
+    reward_service: RewardInfo
+    last: dict[str, float | None]
+
+
+class QueueInfo(BaseModel):
+    depth: int
+    capacity: int
+    max_staleness: int
+    produced: int
+    consumed: int
+    dropped_stale: int
+    failed_reward: int
+    staleness_histogram: dict[str, int]
+    max_staleness_seen: int
+    oldest_age_s: float
+
+
+class History(BaseModel):
+    steps: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+
+
+class MaxStalenessRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_staleness: int = Field(ge=0, le=64, description="new bound N; 0 = synchronous")
+
+
+class ControlResult(BaseModel):
+    ok: bool
+    action: Literal["pause", "resume", "stop", "checkpoint", "max_staleness"]
+    phase: str
+    detail: dict[str, Any] = {}
+
+
+# ---- the app --------------------------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_token(expected: str, creds: HTTPAuthorizationCredentials | None) -> None:
+    if creds is None:
+        raise HTTPException(401, "missing 'Authorization: Bearer <token>' header (token: run_dir/api_token)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    if not secrets.compare_digest(creds.credentials.encode(), expected.encode()):
+        raise HTTPException(403, "wrong bearer token (see run_dir/api_token or $ASYNC_RLHF_API_TOKEN)")
+
+
+def create_app(controller: "Controller", token: str, open_reads: bool) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.controller = controller
+        app.state.token = token
+        yield
+
+    app = FastAPI(title="async-rlhf", version="0.1.0", lifespan=lifespan,
+                  description="Status, metrics and control of an asynchronous RLHF run.")
+    bearer = HTTPBearer(auto_error=False)
+
+    def control_auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        _check_token(request.app.state.token, creds)
+
+    def read_auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if not open_reads:
+            _check_token(request.app.state.token, creds)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            reason = first.get("ctx", {}).get("error", "cannot be parsed")
+            message = f"request body is not valid JSON ({reason}); send e.g. {{\"max_staleness\": 2}}"
+        else:
+            where = ".".join(str(p) for p in first["loc"])
+            message = f"{where}: {first['msg']}"
+        return JSONResponse(status_code=422, content={"detail": message, "errors": jsonable_encoder(exc.errors())})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 404:
+            detail = f"no such path {request.url.path}; the API is described at /docs and /openapi.json"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}; see /docs"
+        return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
+
+    _add_read_routes(app, read_auth)
+    _add_control_routes(app, control_auth)
+    return app
+
+
+def _ctl(request: Request) -> "Controller":
+    return request.app.state.controller
+
+
+def _add_read_routes(app: FastAPI, auth: Any) -> None:
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, dependencies=[Depends(auth)])
+    def healthz(request: Request) -> dict:
+        return health_snapshot(_ctl(request))
+
+    @app.get("/status", response_model=Status, dependencies=[Depends(auth)])
+    def status(request: Request) -> dict:
+        return status_snapshot(_ctl(request))
+
+    @app.get("/queue", response_model=QueueInfo, dependencies=[Depends(auth)])
+    def queue(request: Request) -> dict:
+        return _ctl(request).queue.snapshot()
+
+    @app.get("/history", response_model=History, dependencies=[Depends(auth)])
+    def history(request: Request, since: int = Query(0, ge=0, description="skip the first `since` steps")) -> dict:
+        rec = _ctl(request).recorder
+        return {"steps": rec.step_records(since), "evals": list(rec.evals)}
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(auth)])
+    def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(_ctl(request)), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+
+def _add_control_routes(app: FastAPI, auth: Any) -> None:
+    def result(request: Request, action: str, **detail: Any) -> dict:
+        return {"ok": True, "action": action, "phase": _ctl(request).phase, "detail": detail}
+
+    @app.post("/control/pause", response_model=ControlResult, dependencies=[Depends(auth)])
+    def pause(request: Request) -> dict:
+        _ctl(request).control.pause()
+        return result(request, "pause", paused=True)
+
+    @app.post("/control/resume", response_model=ControlResult, dependencies=[Depends(auth)])
+    def resume(request: Request) -> dict:
+        _ctl(request).control.resume()
+        return result(request, "resume", paused=False)
+
+    @app.post("/control/stop", response_model=ControlResult, dependencies=[Depends(auth)])
+    def stop(request: Request) -> dict:
+        _ctl(request).control.stop()
+        return result(request, "stop", stopping=True)
+
+    @app.put("/control/max_staleness", response_model=ControlResult, dependencies=[Depends(auth)],
+             responses={409: {"description": "queue.staleness_mode=fixed: the delay is fixed for the run"}})
+    def max_staleness(request: Request, body: MaxStalenessRequest) -> dict:
+        ctl = _ctl(request)
+        if ctl.cfg.queue.staleness_mode == "fixed":  # the broker keeps only the N + 2 versions it needs
+            raise HTTPException(409, "queue.staleness_mode=fixed: max_staleness is the run's fixed delay and "
+                                     "cannot change while it runs; start a new run (or use staleness_mode=bound)")
+        ctl.control.request_max_staleness(body.max_staleness)
+        return result(request, "max_staleness", requested=body.max_staleness)
+
+    @app.post("/control/checkpoint", response_model=ControlResult, dependencies=[Depends(auth)],
+              responses={409: {"description": "the run ended before the checkpoint"}, 504: {"description": "timeout"}})
+    async def checkpoint(request: Request) -> dict:
+        ctl = _ctl(request)
+        if ctl.phase in ("finished", "failed"):
+            raise HTTPException(409, f"run is {ctl.phase}; no checkpoint can be taken")
+        future = ctl.control.request_checkpoint()
+        try:
+            done = await asyncio.wait_for(asyncio.wrap_future(future), CHECKPOINT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise HTTPException(504, f"checkpoint not written within {CHECKPOINT_TIMEOUT_S:.0f}s") from None
+        except RuntimeError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return result(request, "checkpoint", **done)
+
+
+# ---- serving ----------------------------------------------------------------------------------
+def resolve_token(cfg: ApiConfig, run_dir: Path) -> str:
+    """Token from config, else the environment, else a new one written to run_dir/api_token (0600)."""
+    token = cfg.token or os.environ.get(TOKEN_ENV)
+    if not token:
+        token = secrets.token_urlsafe(24)
+        path = run_dir / "api_token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+    return token
+
+
+class ApiServer:
+    """The run's API on a ThreadedServer; the URL is written to run_dir/api_url."""
+
+    def __init__(self, controller: "Controller", cfg: ApiConfig, run_dir: Path) -> None:
+        app = create_app(controller, resolve_token(cfg, run_dir), open_reads=_is_loopback(cfg.host))
+        self.server = ThreadedServer(app, cfg.host, cfg.port)
+        self.run_dir = run_dir
+        self.url = ""
+
+    def start(self) -> str:
+        self.url = self.server.start()
+        (self.run_dir / "api_url").write_text(self.url + "\n")
+        return self.url
+
+    def stop(self) -> None:
+        self.server.stop()

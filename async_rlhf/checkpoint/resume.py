@@ -1,0 +1,255 @@
+"""Exact resume: what the controller keeps in a checkpoint, and the checks `train --resume` makes.
+
+The learner's part (engines, frozen modules, its RNG and version) is `Learner.save_state`; this
+module holds the controller's part: the prompt-stream position, the queued rollout groups with
+their policy versions, the prompt chunks still to be re-issued, every counter, the driver's RNG
+states and how many metrics/eval lines belonged to the run at that point.
+
+Policy for rollouts (docs/reliability.md): a checkpoint is taken only while the learner is idle and
+after the generations in flight have finished and been scored (they land in the queue), so the queue
+is saved whole with the versions that sampled it and nothing is regenerated with other weights.
+Prompts of a generator that died and had not been re-issued yet are saved and re-issued on resume;
+per-prompt sampling seeds make that regeneration deterministic.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import shutil
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import ray
+
+from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
+from async_rlhf.config.run import ConfigError, RunConfig, load_config
+from async_rlhf.failures import RunError
+from async_rlhf.pipeline.queue import QueueCounters
+from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.api.status import status_snapshot
+from async_rlhf.pipeline.vineppo import MCCost
+
+if TYPE_CHECKING:
+    from async_rlhf.pipeline.controller import Controller
+
+STATE_FILE = "controller_state.pkl"
+WEIGHTS_MARKER = "weights_location"  # run_dir file: where the run's broker keeps published weights
+LEARNER_DIR = "learner"
+# Keys a resumed run may change: none of them alters what is trained or in which order.
+MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps", "learner.max_restarts", "checkpoint.",
+              "eval.", "api.", "resources.", "ray.", "weight_sync.", "model.cache_dir", "reward.timeout_s",
+              "reward.remote.timeout_s", "reward.remote.retries", "reward.remote.backoff_s",
+              "reward.remote.deadline_s", "reward.remote.url", "reward.learned.batch_size", "reward.learned.threads",
+              "generation.max_restarts", "generation.kv_cache_gib", "generation.gpu_memory_utilization",
+              "generation.eval_temperature", "task.eval_prompts", "logging.")
+
+
+@dataclass
+class ControllerSnapshot:
+    step: int  # learner version == steps taken (checkpoints are taken between steps)
+    next_prompt: int
+    queued: list[RolloutGroup]
+    reissue: list[list[Prompt]]
+    queue_counters: QueueCounters
+    max_staleness: int  # the bound in force (it may have been changed over HTTP)
+    reward_counts: dict[str, int]
+    nonfinite_total: int
+    nonfinite_run: int  # consecutive, towards learner.max_nonfinite_steps
+    restarts: list[int]
+    timing: dict[str, float]
+    metrics_lines: int
+    eval_lines: int
+    rng: dict[str, Any]
+    mc_cost: MCCost = field(default_factory=MCCost)  # VinePPO's running MC totals (zeros for other losses)
+    unrewarded_run: int = 0  # consecutive steps without a usable train reward, towards reward.max_failed_steps
+
+
+def capture(c: "Controller") -> ControllerSnapshot:
+    st = c.state
+    return ControllerSnapshot(
+        step=st.steps_taken, next_prompt=st.next_prompt, queued=c.queue.items(),
+        reissue=[list(chunk) for chunk, _ in st.reissue],  # not the versions: only the restored one comes back
+        queue_counters=c.queue.counters, max_staleness=c.queue.max_staleness, reward_counts=dict(c.reward_counts),
+        nonfinite_total=st.nonfinite_total, nonfinite_run=st.nonfinite_run, restarts=[g.restarts for g in c.generators],
+        timing=c.timing.snapshot(),
+        metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
+        rng={"python": random.getstate(), "numpy": np.random.get_state()},
+        mc_cost=replace(c.mc_cost), unrewarded_run=st.unrewarded_run,
+    )
+
+
+def save_snapshot(snapshot: ControllerSnapshot, directory: Path) -> None:
+    with (directory / STATE_FILE).open("wb") as fh:
+        pickle.dump(snapshot, fh)
+
+
+def load_snapshot(directory: Path) -> ControllerSnapshot:
+    with (directory / STATE_FILE).open("rb") as fh:
+        return pickle.load(fh)  # our own file, verified against the manifest's checksum first
+
+
+def restore(c: "Controller", snap: ControllerSnapshot) -> None:
+    """Put the controller back where the checkpoint left it (the learner is restored separately).
+
+    Restart counts are not rolled back: they count processes that died, which a rollback does not undo."""
+    st = c.state
+    st.steps_taken, st.next_prompt = snap.step, snap.next_prompt
+    st.nonfinite_total, st.nonfinite_run = snap.nonfinite_total, snap.nonfinite_run
+    st.unrewarded_run = snap.unrewarded_run
+    c.queue.restore(snap.queued, snap.queue_counters)
+    # Only the restored version is published after a resume: a re-issued chunk is sampled with it.
+    st.reissue.extend((chunk, snap.step) for chunk in snap.reissue)
+    st.outstanding = len(snap.queued) + sum(len(chunk) for chunk in snap.reissue)
+    c.reward_counts.update(snap.reward_counts)
+    c.timing.roll_back(snap.timing)
+    if snap.max_staleness != c.queue.max_staleness:
+        c.control.request_max_staleness(snap.max_staleness)
+    c.recorder.truncate(snap.metrics_lines, snap.eval_lines)
+    random.setstate(snap.rng["python"])
+    np.random.set_state(snap.rng["numpy"])
+    c.mc_cost = replace(snap.mc_cost)
+
+
+def restore_checkpoint(c: "Controller", ckpt: Checkpoint) -> None:
+    """Continue from `ckpt`: the learner's state, its weights published for the generators (which
+    load them with their first batch), then the controller's own state and logs."""
+    version = ray.get(c.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+    if version > 0:
+        publish_weights(c, version)
+    snap = load_snapshot(ckpt.path)
+    restore(c, snap)
+    for slot, restarts in zip(c.generators, snap.restarts):  # a new process: the counts continue from the run's
+        slot.restarts = restarts
+    print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
+
+
+def publish_weights(c: "Controller", version: int) -> None:
+    """The learner's current weights, published as `version` (the next one the broker expects)."""
+    ray.get(c.learner.save_weights.remote(c.broker.staging_location(version)))
+    c.broker.publish(version)
+
+
+def broker_versions(cfg: RunConfig, resumed: int) -> tuple[int, int]:
+    """(versions the broker keeps, the version it starts at) for a run starting at step `resumed`.
+
+    Fixed delay samples with versions down to latest - N (a re-issued chunk too), so N + 2 are kept
+    (one more for the step in flight); it starts one below `resumed` because the starting weights are
+    published (as version 0, or the restored version), so that a generator can go back to them.
+    After a resume only the restored version exists: steps up to resumed + N sample with it.
+    """
+    if cfg.queue.staleness_mode == "fixed":
+        return max(cfg.weight_sync.keep_versions, cfg.queue.max_staleness + 2), resumed - 1
+    return cfg.weight_sync.keep_versions, max(resumed - 1, 0)
+
+
+def take_checkpoints(c: "Controller") -> None:
+    """Serve the checkpoint requests posted so far; only while the learner is idle."""
+    for future in c.control.take_checkpoint_requests():
+        try:
+            drain(c)  # generations in flight land in the queue first
+            version = c.broker.latest_version
+            with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
+                final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
+            future.set_result({"path": str(final), "version": version})
+        except Exception as exc:  # reported to the requester; the run goes on
+            future.set_exception(exc)
+
+
+def drain(c: "Controller") -> None:
+    """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
+    while refs := [s.job for s in c.generators if s.job is not None] + list(c.state.reward_jobs):
+        ready, _ = ray.wait(refs, num_returns=1, timeout=c.cfg.learner.stall_timeout_s)
+        if not ready:
+            raise RunError(f"generation did not finish within learner.stall_timeout_s="
+                           f"{c.cfg.learner.stall_timeout_s:g} while taking a checkpoint")
+        slot = next((s for s in c.generators if s.job == ready[0]), None)
+        if slot is not None:
+            c._on_generated(slot, ready[0])
+        else:
+            c._on_scored(ready[0])
+
+
+def _fill_checkpoint(c: "Controller", directory: Path) -> None:
+    ray.get(c.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
+    ray.get(c.learner.save_state.remote(str(directory / LEARNER_DIR)))
+    save_snapshot(capture(c), directory)
+    (directory / "trainer_state.json").write_text(json.dumps(status_snapshot(c), indent=2))
+
+
+def fail_pending_checkpoints(c: "Controller") -> None:
+    for future in c.control.take_checkpoint_requests():
+        future.set_exception(RuntimeError(f"run ended ({c.phase}) before the checkpoint was taken"))
+
+
+def claim_weights_location(run_dir: Path, location: Path) -> None:
+    """Record where this run's published weights live, first removing those of an earlier process of
+    the same run (killed, so it could not clean up; a run directory serves one process at a time)."""
+    marker = run_dir / WEIGHTS_MARKER
+    if marker.is_file():
+        old = Path(marker.read_text().strip())
+        if old.name.startswith("async-rlhf-"):  # never anything the broker did not create
+            shutil.rmtree(old, ignore_errors=True)
+    marker.write_text(str(location))
+
+
+# ---- checks made by the CLI before anything starts ------------------------------------------
+
+SECTION = object()  # stands for "this section is set" in a flattened config (e.g. reward.remote)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    out: dict[str, Any] = {prefix.rstrip("."): SECTION} if prefix else {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def _lookup(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def config_difference(old: RunConfig, new: RunConfig) -> str | None:
+    """The first key that differs and would break an exact resume, as a sentence; None if none does."""
+    dumps = old.model_dump(mode="json"), new.model_dump(mode="json")
+    a, b = _flat(dumps[0]), _flat(dumps[1])
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and not any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
+            return f"{key} is {json.dumps(_lookup(dumps[1], key))} but the run used {json.dumps(_lookup(dumps[0], key))}"
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"[async-rlhf] warning: {message}", file=sys.stderr, flush=True)
+
+
+def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
+    """The checkpoint `train --resume run_dir` continues from, or a ConfigError saying why there is none."""
+    pre = "config error: --resume: "
+    if not run_dir.is_dir():
+        raise ConfigError(f"{pre}run directory '{run_dir}' not found; pass the directory of an earlier run")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{pre}'{run_dir}' holds no run (no config.yaml); pass the directory of an earlier run")
+    diff = config_difference(load_config(run_dir / "config.yaml"), cfg)
+    if diff:
+        raise ConfigError(f"{pre}{diff}; a resumed run must keep it (start a new run to change it)")
+    summary = run_dir / "summary.json"
+    done = json.loads(summary.read_text())["steps"] if summary.is_file() else 0
+    if done >= cfg.learner.steps:
+        raise ConfigError(f"{pre}run '{run_dir}' already finished ({done} of learner.steps={cfg.learner.steps}); "
+                          f"raise learner.steps to train further")
+    latest = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last).latest_valid(_warn)
+    if latest is None:
+        raise ConfigError(f"{pre}no valid checkpoint in '{run_dir / 'checkpoints'}'; start a new run "
+                          f"(set checkpoint.every so that runs write them)")
+    if latest.step > cfg.learner.steps:  # == is fine: a run killed after its last step only finishes
+        raise ConfigError(f"{pre}the newest valid checkpoint in '{run_dir / 'checkpoints'}' is at step {latest.step}, "
+                          f"beyond learner.steps={cfg.learner.steps}; raise learner.steps to at least {latest.step}")
+    return latest

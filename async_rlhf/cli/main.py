@@ -1,0 +1,199 @@
+"""`async-rlhf` command line: train a policy from a YAML config; check a config; watch a run; plot
+runs; export the embedded policy as a checkpoint for `model.source: local`; prepare SmolLM2, serve,
+train and label reward models (async_rlhf/cli/models.py); run a benchmark."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
+from async_rlhf.cli.models import add_parsers as add_model_parsers
+from async_rlhf.config.run import ConfigError, RunConfig, config_yaml, load_config
+from async_rlhf.failures import failure_line
+
+BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl",
+              "weight_sync"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="async-rlhf", description="Asynchronous RLHF with vLLM, Ray and DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a training job")
+    train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. queue.max_staleness=0")
+    train.add_argument("--run-dir", type=Path, default=None, help="where outputs go (default runs/<time>)")
+    train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its newest valid checkpoint (same config; "
+                            "learner.steps may grow)")
+    status = sub.add_parser("status", help="print the status of a running job")
+    status.add_argument("--url", default=None, help="API URL (default: from --run-dir, else the newest runs/*/api_url)")
+    status.add_argument("--run-dir", type=Path, default=None)
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    check = sub.add_parser("check-config", help="validate a config and print it resolved")
+    check.add_argument("config")
+    check.add_argument("overrides", nargs="*")
+    check.add_argument("--portable", action="store_true",
+                       help="check the config alone, not this machine (files, GPUs, packages): for a config "
+                            "written for another machine, e.g. configs/paper/ on a laptop")
+    plot = sub.add_parser("plot", help="reward, KL, staleness and throughput of several runs on one figure")
+    plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    export = sub.add_parser("export-model", help="write the embedded policy as a local HF checkpoint (model.source=local)")
+    export.add_argument("out", type=Path, help="new directory for the checkpoint")
+    export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --seeds 0 1")
+    add_model_parsers(sub)
+    return parser
+
+
+def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
+    run_dir = cli_dir or cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"config error: run directory '{run_dir}' already holds a run; choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve()
+
+
+class ProgressBar:
+    """The train bar, made at the first learner step: its clock (rate, ETA) starts there, not at the
+    process's start, so start-up neither slows the rate nor stretches the first ETA; and nothing is drawn
+    between the start-up lines. Its rate counts the steps after the first."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar = None  # tqdm, made at the first step
+
+    def update(self, record: dict) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=record["step"], desc="train", unit="step", dynamic_ncols=True)
+        else:
+            self.bar.update(record["step"] - self.bar.n)
+        reward = record.get("reward_mean")
+        self.bar.set_postfix(
+            reward=f"{reward:.3f}" if reward is not None else "-",
+            stale=f"{record['staleness_mean']:.1f}",
+            queue=record["queue_depth"],
+            tok_s=f"{record['gen_tokens_per_s']:.0f}",
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = None
+    if args.resume is not None:
+        if args.run_dir is not None:
+            raise ConfigError("config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")
+        from async_rlhf.checkpoint.resume import find_resume_point
+
+        checkpoint = find_resume_point(cfg, args.resume)
+        run_dir = args.resume.resolve()
+        print(f"[async-rlhf] resuming {run_dir} from {checkpoint.path.name}", flush=True)
+    else:
+        run_dir = resolve_run_dir(cfg, args.run_dir)
+    print(f"[async-rlhf] run directory: {run_dir}", flush=True)
+    from async_rlhf.pipeline.startup import start_ray_while_importing  # heavy imports only once the config is valid
+
+    started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
+    from async_rlhf.pipeline.controller import Controller, RunError
+
+    bar = ProgressBar(cfg.learner.steps)
+    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint)
+    controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
+    try:
+        summary = controller.run()
+    except RunError as exc:
+        bar.close()
+        print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except ConfigError:  # found while starting (a dataset column, a cluster that cannot place the run): exit 2
+        raise
+    except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
+        bar.close()
+        print(failure_line(exc, run_dir, args.config), file=sys.stderr, flush=True)
+        return 1
+    finally:
+        bar.close()
+    ended = f"stopped at step {summary['steps']}" if summary["stopped_early"] else "done"
+    print(
+        f"[async-rlhf] {ended} in {summary['wall_s']:.1f}s: gold reward {summary['initial_gold_reward']:.3f} -> "
+        f"{summary['final_gold_reward']:.3f}, max staleness seen {summary['max_staleness_seen']} "
+        f"(bound {summary['max_staleness']}), outputs in {run_dir}",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides, environment=not args.portable)
+    print(config_yaml(cfg), end="")  # secrets as ***
+    if cfg.model.source == "local" and not args.portable:  # the prompts can be checked with the policy's tokenizer, as train does
+        from async_rlhf.tasks.builtin import load_task
+
+        print(f"# {load_task(cfg, cfg.model.path).describe()}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from async_rlhf.outputs.plots import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from async_rlhf.policies.embedded import export_embedded
+
+    cfg = load_config(None, args.overrides)
+    print(export_embedded(cfg, args.out, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from async_rlhf.cli.status import find_url, print_status
+
+    url = args.url or find_url(args.run_dir)
+    return print_status(url, as_json=args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    if Path("bench", "__init__.py").is_file() and os.getcwd() not in sys.path:
+        # The console script, unlike `python -m`, does not put the checkout on the path; bench/ is not installed.
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(f"bench.{args.name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", f"bench.{args.name}"):
+            raise
+        print("async-rlhf bench: the benchmarks live in the source checkout's bench/ folder; run this from the "
+              "repository root", file=sys.stderr)
+        return 2
+    module.main(args.bench_args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "check-config": cmd_check, "status": cmd_status, "plot": cmd_plot,
+                "export-model": cmd_export, "bench": cmd_bench, **MODEL_COMMANDS}
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

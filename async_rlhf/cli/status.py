@@ -1,0 +1,56 @@
+"""`async-rlhf status`: the running job's /status and /queue, printed for a terminal."""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from async_rlhf.config.run import ConfigError
+
+
+def find_url(run_dir: Path | None) -> str:
+    """The API URL a run wrote: from `run_dir`, else from the most recently started run under runs/."""
+    candidates = [run_dir / "api_url"] if run_dir else sorted(Path("runs").glob("*/api_url"), key=lambda p: p.stat().st_mtime)
+    if not candidates or not candidates[-1].is_file():
+        where = run_dir or "runs/*"
+        raise ConfigError(f"status error: no api_url in {where}; pass --url http://HOST:PORT or --run-dir DIR")
+    return candidates[-1].read_text().strip()
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render(status: dict, queue: dict) -> str:
+    last, learner = status["last"], status["learner"]
+    lines = [
+        f"run {status['run_id']}  phase {status['phase']}  step {status['step']}/{status['total_steps']}  "
+        f"elapsed {status['elapsed_s']:.0f}s  eta {_fmt(status['eta_s'], 0)}s",
+        f"reward {_fmt(last['reward_mean'])}  kl {_fmt(last['kl'])}  staleness {_fmt(last['staleness_mean'], 2)} "
+        f"(bound {status['max_staleness']})",
+        f"queue {queue['depth']}/{queue['capacity']}  produced {queue['produced']}  consumed {queue['consumed']}  "
+        f"dropped_stale {queue['dropped_stale']}  failed_reward {queue['failed_reward']}  "
+        f"oldest {queue['oldest_age_s']:.1f}s  staleness histogram {queue['staleness_histogram']}",
+        f"learner v{learner['version']}  busy {learner['busy_fraction']:.0%}  step {_fmt(learner['mean_step_s'])}s",
+    ]
+    for g in status["generators"]:
+        lines.append(f"generator {g['generator_id']}  v{g['version']}  busy {g['busy_fraction']:.0%}  "
+                     f"{g['tokens_per_s']:.0f} tok/s  restarts {g['restarts']}")
+    return "\n".join(lines)
+
+
+def print_status(url: str, as_json: bool = False) -> int:
+    try:
+        status, queue = _get(f"{url}/status"), _get(f"{url}/queue")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"status error: cannot reach {url} ({exc}); is the run still going?", file=sys.stderr)
+        return 1
+    print(json.dumps({"status": status, "queue": queue}, indent=2) if as_json else render(status, queue))
+    return 0

@@ -1,0 +1,175 @@
+"""The prompt-source part of the run configuration (`task:`), and per-task defaults."""
+from __future__ import annotations
+
+import os
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from async_rlhf.config.base import Strict, environment_checks
+
+# What the validators need to know about a source lives here, not in prompt_data.py (which reads the data
+# and imports this config): the dependency runs one way.
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
+
+
+def source_format(path: str, fmt: str) -> str:
+    """The format of a source: explicit, else by extension; a directory is `disk`, anything else `hub`."""
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix in EXTENSIONS:
+        return EXTENSIONS[suffix]
+    return "disk" if Path(path).is_dir() else "hub"
+
+
+def check_source(key: str, path: str, fmt: str) -> None:
+    """What can be told without reading the data: the file is there and its format known."""
+    kind = source_format(path, fmt)
+    if kind in FILE_FORMATS and not Path(path).is_file():
+        raise ValueError(f"{key}: file '{path}' not found (relative paths start at the current directory)")
+    if kind == "disk" and not Path(path).is_dir():
+        raise ValueError(f"{key}: directory '{path}' not found; give a directory written by Dataset.save_to_disk")
+    if kind == "hub" and Path(path).is_file():
+        raise ValueError(f"task.dataset.format: cannot tell the format of '{path}' from its extension; "
+                         f"set task.dataset.format to jsonl, json, csv or parquet")
+
+
+def same_source(a: str, b: str) -> bool:
+    """Two sources name the same data: equal hub names, or paths to the same file or directory."""
+    return a == b or os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def template_fields(template: str | None) -> list[str]:
+    """The columns a template reads: `{question}`, `{row[0]}` and `{obj.attr}` all read their first name."""
+    if template is None:
+        return []
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    return [re.split(r"[.\[]", name)[0] for name in names]
+
+
+class DatasetConfig(Strict):
+    """Your own prompts (task.name=dataset), read through HF `datasets` (async_rlhf/tasks/dataset.py)."""
+
+    path: str = Field(description="a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or a hub name")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = Field(
+        "auto", description="auto: from the file extension; a directory is `disk`; anything else `hub`"
+    )
+    split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
+    prompt_column: str = "prompt"
+    reference_column: str | None = Field(None, description="reference answer, for reference_* scorers and win-rate")
+    meta_columns: list[str] = Field(default_factory=list, description="passed to the reward in Prompt.meta")
+    template: str | None = Field(None, description="str.format template over the row, e.g. '{question}\\nanswer:'")
+    chat_template: bool = Field(False, description="wrap the prompt as a user turn with the tokenizer's chat template")
+    system_prompt: str | None = Field(None, description="a system turn before the user turn (chat_template only)")
+    shuffle: bool = Field(True, description="reshuffle every epoch by (seed, epoch); false = file order")
+    max_prompt_tokens: int = Field(64, ge=2, description="longer prompts are dropped (or truncated) and counted")
+    too_long: Literal["drop", "truncate"] = Field("drop", description="truncate keeps BOS and the last tokens")
+    eval_path: str | None = Field(None, description="held-out prompts (same columns); default: eval_fraction of path")
+    eval_split: str | None = Field(None, description="split of eval_path to read (hub or saved DatasetDict); default: split")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of path held out by a hash of the prompt text")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        try:
+            fields = template_fields(template)
+        except ValueError as exc:  # str.format's parser: e.g. "expected '}' before end of string"
+            raise ValueError(f"task.dataset.template: {exc} in {template!r}; write a column as {{name}} "
+                             f"and a literal brace as {{{{ or }}}}") from None
+        if any(not f or f.isdigit() for f in fields):
+            raise ValueError(f"task.dataset.template: positional field in {template!r}; name a column, e.g. {{question}}")
+        return template
+
+    @model_validator(mode="after")
+    def _eval(self, info: ValidationInfo) -> "DatasetConfig":
+        if environment_checks(info):
+            check_source("task.dataset.path", self.path, self.format)
+        if self.eval_path is not None and environment_checks(info):
+            check_source("task.dataset.eval_path", self.eval_path, self.format)
+        self._check_eval_is_held_out()
+        if self.eval_path is None and self.eval_fraction == 0:
+            raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or task.dataset.eval_fraction > 0")
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("task.dataset.system_prompt needs task.dataset.chat_template=true")
+        return self
+
+    @property
+    def eval_source_split(self) -> str:
+        return self.eval_split if self.eval_split is not None else self.split
+
+    def _check_eval_is_held_out(self) -> None:
+        """Evaluating on prompts the policy trains on would report memorisation as progress. A file has one
+        split (`split` only picks among a hub dataset's or a saved DatasetDict's), so the same file is the
+        same rows whatever the splits say."""
+        if self.eval_path is None or not same_source(self.path, self.eval_path):
+            return
+        if source_format(self.path, self.format) in FILE_FORMATS:
+            raise ValueError(f"task.dataset.eval_path is the train file '{self.eval_path}': evaluation must be on "
+                             f"held-out prompts; give another file, or unset it to hold out task.dataset.eval_fraction")
+        if self.eval_source_split == self.split:
+            raise ValueError(f"task.dataset.eval_path reads the train split ('{self.eval_path}', split '{self.split}'): "
+                             f"evaluation must be on held-out prompts; set task.dataset.eval_split, e.g. test")
+
+
+class TaskConfig(Strict):
+    """The prompt source: an embedded task (async_rlhf/tasks/builtin.py), `sort` digits or `arith`
+    multi-step word problems, or `dataset`, your own prompts (task.dataset).
+
+    The digit knobs apply to sort only, the step and operand knobs to arith only.
+    """
+
+    name: Literal["sort", "arith", "dataset"] = "sort"
+    dataset: DatasetConfig | None = Field(None, description="required when name=dataset")
+    min_digits: int = Field(4, ge=1, le=32, description="sort: shortest digit string")
+    max_digits: int = Field(7, ge=2, le=32, description="sort: longest digit string")
+    min_steps: int = Field(2, ge=1, le=6, description="arith: fewest operations (solution lines) per problem")
+    max_steps: int = Field(3, ge=1, le=6, description="arith: most operations per problem")
+    min_operand: int = Field(1, ge=1, le=49, description="arith: smallest start value / operand")
+    max_operand: int = Field(9, ge=1, le=49, description="arith: largest start value / operand (values stay <= 99)")
+    eval_prompts: int = Field(128, ge=1, description="size of the eval set (dataset: at most this many)")
+
+    @model_validator(mode="after")
+    def _range(self) -> "TaskConfig":
+        if (self.name == "dataset") != (self.dataset is not None):
+            raise ValueError("task.dataset is required when task.name=dataset, and only then")
+        for low, high in (("min_digits", "max_digits"), ("min_steps", "max_steps"), ("min_operand", "max_operand")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"task.{low} ({getattr(self, low)}) must be <= task.{high} ({getattr(self, high)})"
+                )
+        return self
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt of this task in tokens, BOS included."""
+        from async_rlhf.tasks.builtin import task_class
+
+        return task_class(self.name).max_prompt_tokens(self)
+
+    @property
+    def max_answer_tokens(self) -> int:
+        """Longest correct completion of this task in tokens, EOS included."""
+        from async_rlhf.tasks.builtin import task_class
+
+        return task_class(self.name).max_answer_tokens(self)
+
+
+# Defaults that differ by task, filled in (RunConfig._task_defaults) under every key the config
+# leaves unset; the sort task uses the class defaults. The arith warm start needs a third layer
+# (with a narrower MLP, to pay for it) and more, smaller updates to learn to copy operands and add
+# within ~80 s on 2 cores; its prompts and worked solutions need a longer context.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arith": {
+        "model": {"embedded": {
+            "num_layers": 3, "intermediate_size": 256, "sft_batch_size": 32, "sft_steps": 700,
+            "sft_correct_fraction": 0.5,
+        }},
+        "generation": {"max_new_tokens": 40, "max_model_len": 128},
+        "reward": {"train": "arith_partial", "gold": "arith_exact"},
+    },
+}

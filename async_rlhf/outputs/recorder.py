@@ -1,0 +1,128 @@
+"""RunRecorder: everything a run leaves in its directory (config, metrics, summary, plot), and the
+same step and eval records to the metric sinks (TensorBoard, W&B) the config enables."""
+from __future__ import annotations
+
+import json
+from itertools import accumulate
+from pathlib import Path
+
+from async_rlhf.config.run import RunConfig, dump_config
+from async_rlhf.outputs.plots import pyplot, series as _series
+from async_rlhf.outputs.sinks import MetricSink
+
+PLOTTED = ("step", "reward_mean", "kl")  # what reward.png needs of each step; the rest lives in metrics.jsonl only
+
+
+class RunRecorder:
+    def __init__(self, run_dir: Path, sinks: list[MetricSink] | None = None) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.eval_path = run_dir / "eval.jsonl"
+        self.steps: list[dict] = []  # PLOTTED keys only: a long run's full records would grow without bound
+        self.step_offsets: list[int] = []  # where each step's line starts in metrics.jsonl, for /history
+        self.evals: list[dict] = []
+        self.episodes = 0  # samples trained so far (the last step's `episodes`), stamped on each eval record
+        self.sinks: list[MetricSink] = list(sinks or [])
+
+    def save_config(self, cfg: RunConfig) -> None:
+        dump_config(cfg, self.run_dir / "config.yaml")
+
+    def add_sinks(self, sinks: list[MetricSink]) -> None:
+        self.sinks.extend(sinks)
+
+    def log_step(self, record: dict) -> None:
+        self.steps.append(_plotted(record))
+        self.episodes = record.get("episodes", self.episodes)
+        self.step_offsets.append(self._append(self.metrics_path, record))
+        for sink in self.sinks:
+            sink.log("train", record, record["step"])
+
+    def log_eval(self, record: dict) -> None:
+        """One line of eval.jsonl, with the samples trained so far: gold against episodes needs no other file."""
+        record = {**record, "episodes": self.episodes}
+        self.evals.append(record)
+        self._append(self.eval_path, record)
+        for sink in self.sinks:
+            sink.log("eval", record, record["version"])
+
+    def close(self) -> None:
+        """Flush and close the sinks (idempotent)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
+
+    def step_records(self, since: int = 0) -> list[dict]:
+        """Whole step records from `since` on, read back from metrics.jsonl from that step's line on
+        (HTTP /history polls it). The loop's thread appends meanwhile: a last line not yet ended is not read."""
+        if since >= len(self.step_offsets):
+            return []
+        with self.metrics_path.open("rb") as fh:
+            fh.seek(self.step_offsets[since])
+            lines = fh.read().split(b"\n")[:-1]  # the part after the last newline is unfinished
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def write_summary(self, summary: dict) -> None:
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def truncate(self, metrics_lines: int, eval_lines: int) -> None:
+        """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
+        lines = self._keep(self.metrics_path, metrics_lines)
+        self.steps = [_plotted(json.loads(line)) for line in lines]
+        ends = list(accumulate(len(line.encode()) + 1 for line in lines))
+        self.step_offsets = [0, *ends[:-1]] if lines else []
+        self.episodes = json.loads(lines[-1]).get("episodes", 0) if lines else 0
+        self.evals = [json.loads(line) for line in self._keep(self.eval_path, eval_lines)]
+
+    @staticmethod
+    def _keep(path: Path, lines: int) -> list[str]:
+        kept = path.read_text().splitlines()[:lines] if path.is_file() else []
+        if len(kept) < lines:
+            raise ValueError(f"{path} has {len(kept)} lines, fewer than the {lines} the checkpoint counted")
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        return kept
+
+    @staticmethod
+    def _append(path: Path, record: dict) -> int:
+        """Append one JSON line; returns the byte offset where it starts."""
+        with path.open("ab") as fh:
+            start = fh.tell()
+            fh.write((json.dumps(record) + "\n").encode())
+        return start
+
+    def plot(self) -> Path:
+        """reward.png: training (proxy) reward, gold evaluations (and win-rate) over steps; KL to the reference."""
+        plt = pyplot()
+        fig, (ax_r, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        steps = [r["step"] for r in self.steps]
+        ax_r.plot(steps, _series(self.steps, "reward_mean"), label="train reward (proxy), batch mean", alpha=0.7)
+        if self.evals:
+            ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-", label="gold reward (eval)")
+            if any(r.get("win_rate") is not None for r in self.evals):
+                ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate"), "s--",
+                          label="win-rate vs reference (eval)")
+            if any(r.get("win_rate_vs_initial") is not None for r in self.evals):
+                ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate_vs_initial"), "d:",
+                          label="gold win-rate vs starting policy (eval)")
+        ax_r.set_ylabel("reward")
+        ax_r.legend(loc="lower right")
+        ax_r.grid(alpha=0.3)
+        ax_kl.plot(steps, _series(self.steps, "kl"), color="tab:red", alpha=0.5, label="train batch (chosen+rejected)")
+        if self.evals:
+            versions = _series(self.evals, "version")
+            ax_kl.plot(versions, _series(self.evals, "kl"), "o-", color="darkred", label="eval samples (current policy)")
+        ax_kl.legend(loc="upper left")
+        ax_kl.set_ylabel("KL to reference (nats/seq)")
+        ax_kl.set_xlabel("learner step (policy version)")
+        ax_kl.grid(alpha=0.3)
+        fig.suptitle(self.run_dir.name)
+        fig.tight_layout()
+        out = self.run_dir / "reward.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+
+def _plotted(record: dict) -> dict:
+    return {k: record.get(k) for k in PLOTTED}

@@ -1,0 +1,75 @@
+"""Metric sinks besides the JSONL files: TensorBoard event files and a Weights & Biases run.
+
+Every sink gets the same records the JSONL files hold, under the same names: a learner step's
+`reward_mean` is `train/reward_mean` (metrics.jsonl), an evaluation's `gold_reward` is
+`eval/gold_reward` (eval.jsonl), at the step (policy version) the record belongs to. Only numbers
+are sent (lists such as `prompt_ids` stay in the JSONL files).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from async_rlhf.config.run import RunConfig
+from async_rlhf.config.redaction import redacted
+
+Kind = Literal["train", "eval"]
+
+
+class MetricSink(Protocol):
+    def log(self, kind: Kind, record: dict, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars(kind: Kind, record: dict) -> dict[str, float]:
+    """`kind/name` -> value for every number of a record (booleans as 0/1, NaN kept as a gap)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and (isinstance(value, bool) or not math.isinf(value)):
+            out[f"{kind}/{key}"] = float(value)
+    return out
+
+
+class TensorBoardSink:
+    """Event files in `log_dir`, readable by TensorBoard (and its EventAccumulator)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log(self, kind: Kind, record: dict, step: int) -> None:
+        for tag, value in scalars(kind, record).items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # a user watching the run sees each step as it lands
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run in `run_dir/wandb`; offline mode needs no account or network
+    (`wandb sync run_dir/wandb/offline-run-*` uploads it later)."""
+
+    def __init__(self, run_dir: Path, project: str, mode: str, config: dict) -> None:
+        import wandb
+
+        self.run: Any = wandb.init(project=project, mode=mode, dir=str(run_dir), name=run_dir.name, config=config,
+                                   settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, kind: Kind, record: dict, step: int) -> None:
+        self.run.log(scalars(kind, record), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_sinks(cfg: RunConfig, run_dir: Path) -> list[MetricSink]:
+    sinks: list[MetricSink] = []
+    if cfg.logging.tensorboard:
+        sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+    if cfg.logging.wandb:
+        sinks.append(WandbSink(run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, redacted(cfg)))
+    return sinks

@@ -1,0 +1,136 @@
+"""Evaluator: gold reward (and the proxy, KL to the reference, the win-rate against the dataset's
+reference answers where there are any, and the gold win-rate against the starting policy) of the
+policy on the held-out set.
+
+The win-rate against the starting policy is the seed paper's measure: each eval prompt's sample now
+against the starting policy's sample of the same prompt (from the version-0 evaluation), judged by
+the gold reward, ties half. Eval sampling is seeded per prompt, so the pairs share random numbers.
+Those starting scores are kept in the run directory (eval_initial.json) so a resumed run, which does
+not evaluate version 0 again, still reports the win-rate.
+
+Each record also says when it was taken: `wall_s`, seconds from the process's start to the start of
+the evaluation (the scored weights existed then), and `eval_s`, how long the evaluation took. Subtracting
+the earlier records' `eval_s` from `wall_s` gives the training clock without the evaluations.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import json
+import math
+import time
+
+import ray
+
+from async_rlhf.weights.broker import WeightRef
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.pipeline.timing import process_started_at
+
+
+def _mean_reward(groups: list[RolloutGroup]) -> float | None:
+    values = [c.reward for g in groups for c in g.scored]
+    return sum(values) / len(values) if values else None
+
+
+def reference_groups(groups: list[RolloutGroup]) -> list[RolloutGroup]:
+    """Each group that has a reference answer, with that answer as its only completion (to be scored
+    like a sample); groups without one are left out."""
+    out = []
+    for group in groups:
+        if "reference" in group.prompt.meta:
+            answer = Completion([], str(group.prompt.meta["reference"]), [], "stop")
+            out.append(RolloutGroup(group.prompt, [answer], group.policy_version, group.generator_id, group.created_at))
+    return out
+
+
+def win_rate(samples: list[RolloutGroup], references: list[RolloutGroup]) -> float | None:
+    """Share of prompts whose sample outscores the reference (ties count half), over the prompts where
+    both were scored; None when there are none."""
+    ref_by_id = {g.prompt.prompt_id: g.scored for g in references}
+    outcomes = []
+    for group in samples:
+        ref = ref_by_id.get(group.prompt.prompt_id)
+        if ref and group.scored:
+            sample, answer = group.scored[0].reward, ref[0].reward
+            outcomes.append(1.0 if sample > answer else 0.5 if sample == answer else 0.0)
+    return sum(outcomes) / len(outcomes) if outcomes else None
+
+
+def paired_win_rate(now: dict[int, float], before: dict[int, float]) -> dict:
+    """Win-rate of `now` over `before` on their common prompt ids (ties half), its standard error and count."""
+    common = sorted(set(now) & set(before))
+    if not common:
+        return {"win_rate_vs_initial": None, "win_rate_vs_initial_se": None, "win_rate_vs_initial_n": 0}
+    wins = [1.0 if now[i] > before[i] else 0.5 if now[i] == before[i] else 0.0 for i in common]
+    mean = sum(wins) / len(wins)
+    var = sum((w - mean) ** 2 for w in wins) / max(len(wins) - 1, 1)
+    return {"win_rate_vs_initial": mean, "win_rate_vs_initial_se": math.sqrt(var / len(wins)),
+            "win_rate_vs_initial_n": len(wins)}
+
+
+def clock_fields(started: float, ended: float, process_start: float) -> dict:
+    """When an evaluation ran (epoch seconds in): `wall_s` since the process started, `eval_s` its duration."""
+    return {"wall_s": round(started - process_start, 3), "eval_s": round(ended - started, 3)}
+
+
+def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
+    return {g.prompt.prompt_id: g.scored[0].reward for g in groups if g.scored}
+
+
+class Evaluator:
+    def __init__(self, prompts: list[Prompt], reward: Any, temperature: float,
+                 judge: Literal["gold", "train"] = "gold", initial_path: Path | None = None) -> None:
+        self.prompts = prompts
+        self.reward = reward  # RewardService actor handle
+        self.temperature = temperature
+        self.judge = judge  # the role that compares samples with references
+        self.initial_path = initial_path
+        self.process_start = process_started_at()
+        # gold score per eval prompt of the starting policy (version 0), kept from an earlier run of this directory
+        self.initial: dict[int, float] = {}
+        if initial_path is not None and initial_path.exists():
+            self.initial = {int(k): float(v) for k, v in json.loads(initial_path.read_text()).items()}
+
+    def evaluate(self, generator: Any, weights: WeightRef | None, learner: Any) -> dict:
+        """Sample one completion per eval prompt with `weights` and score it with both rewards."""
+        return self.finish(self.sample(generator, weights), learner)
+
+    def sample(self, generator: Any, weights: WeightRef | None) -> tuple[Any, float]:
+        """Send the eval prompts' generate call now (ObjectRef, and when it was sent). An actor runs its calls
+        in the order they were sent, so calls sent to `generator` after this one sample after it, with their
+        own weights."""
+        return generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature), time.time()
+
+    def finish(self, sampled: tuple[Any, float], learner: Any) -> dict:
+        """The record of the samples `sample` sent for: both rewards, and the KL of the policy `learner`
+        holds when this call reaches it (the evaluated version: no step may be sent to it before)."""
+        ref, started = sampled
+        result = ray.get(ref)
+        gold = ray.get(self.reward.score.remote(result.groups, "gold"))
+        proxy = ray.get(self.reward.score.remote(result.groups, "train"))
+        kl = ray.get(learner.kl_to_reference.remote(proxy))
+        if result.policy_version == 0:
+            self._keep_initial(gold_by_prompt(gold))
+        return {
+            "version": result.policy_version,
+            "gold_reward": _mean_reward(gold),
+            "proxy_reward": _mean_reward(proxy),
+            "kl": kl,
+            "win_rate": self._win_rate(gold if self.judge == "gold" else proxy),
+            **paired_win_rate(gold_by_prompt(gold), self.initial),
+            "prompts": len(self.prompts),
+            "temperature": self.temperature,
+            **clock_fields(started, time.time(), self.process_start),
+        }
+
+    def _keep_initial(self, scores: dict[int, float]) -> None:
+        self.initial = scores
+        if self.initial_path is not None:
+            self.initial_path.write_text(json.dumps({str(k): v for k, v in scores.items()}))
+
+    def _win_rate(self, judged: list[RolloutGroup]) -> float | None:
+        references = reference_groups(judged)
+        if not references:
+            return None
+        return win_rate(judged, ray.get(self.reward.score.remote(references, self.judge)))

@@ -1,0 +1,130 @@
+"""Start-up: where the time from `async-rlhf train` to the first learner step goes (`setup_*` in summary.json).
+
+The clock counts from the process's own start (the kernel's record of it), so the interpreter and the
+imports before any of our code runs are counted too. Phases on the path to the first step are laps, one
+after the other, so they add up to `setup_to_first_step_s`:
+  process (interpreter, imports, config) -> policy (policy checkpoint and task) -> ray (ray.init) ->
+  actors (learner, generators, reward actor, started side by side) -> eval (the initial evaluation; the
+  first batches generate meanwhile) -> first_step (the loop, up to its first learner step).
+`async-rlhf train` starts a local Ray during `process` (start_ray_while_importing), so `ray` is then ~0.
+What runs beside that path is reported apart and is not part of the sum: each actor's own start
+(`setup_learner_s`, `setup_generators_s`, `setup_reward_s`: creation to first answer).
+A controller run inside a longer-lived process (a test, a benchmark) counts that process's age in `process`.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+
+from async_rlhf.config.run import RunConfig
+
+LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: boot-time clock now minus the process's start in boot-time ticks
+    (/proc/self/stat field 22), both exact to a tick, unlike psutil's create_time (whole-second boot time)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # the command name may hold spaces: split after it
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux: the clock starts now
+        return 0.0
+
+
+@dataclass
+class StartupClock:
+    """Laps on the path to the first learner step and spans beside it, in wall-clock seconds."""
+
+    origin: float  # time.time() of the process start
+    laps: dict[str, float] = field(default_factory=dict)
+    beside: dict[str, float] = field(default_factory=dict)
+    last: float = field(init=False)  # time.time() when the previous lap ended
+
+    def __post_init__(self) -> None:
+        self.last = self.origin
+
+    @classmethod
+    def since_process_start(cls) -> "StartupClock":
+        return cls(origin=time.time() - process_age_s())
+
+    def lap(self, name: str) -> None:
+        """The phase `name` ends now; it began where the previous one ended."""
+        now = time.time()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def note(self, name: str, started: float) -> None:
+        """A span beside the path: from `started` (time.time()) to now."""
+        self.beside[name] = time.time() - started
+
+    def after_first_step(self, progress: Callable[[dict], None]) -> Callable[[dict], None]:
+        """`progress`, also ending the first_step lap at the first learner step it is told of."""
+        def wrapped(record: dict) -> None:
+            if "first_step" not in self.laps:
+                self.lap("first_step")
+            progress(record)
+        return wrapped
+
+    def summary(self) -> dict[str, float | None]:
+        """summary.json's `setup_<phase>_s` keys and their sum (None while no step has finished)."""
+        out: dict[str, float | None] = {f"setup_{n}_s": round(self.laps.get(n, 0.0), 3) for n in LAPS}
+        out.update({f"setup_{n}_s": round(s, 3) for n, s in self.beside.items()})
+        done = "first_step" in self.laps
+        out["setup_to_first_step_s"] = round(sum(self.laps.values()), 3) if done else None
+        return out
+
+
+def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Wait once for the first answer of every actor started at `started` (they start side by side), and
+    note when each role's last answer came (`setup_<role>_s`). An actor that died raises, as ray.get does."""
+    role_of = {ref: role for role, refs in calls.items() for ref in refs}
+    pending = list(role_of)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        role = role_of[ready[0]]
+        if not any(ref in pending for ref in calls[role]):
+            clock.note(role, started)
+    return {role: ray.get(refs) for role, refs in calls.items()}
+
+
+def ray_init_kwargs(cfg: RunConfig, cores: int) -> dict[str, Any]:
+    """ray.init's arguments for a run: a local Ray gets a CPU per role at least (cores pinned or not)."""
+    kwargs: dict[str, Any] = {"address": cfg.ray.address, "include_dashboard": False, "log_to_driver": False}
+    if cfg.ray.address is None:  # a cluster's resources are what its `ray start` commands declared
+        roles = cfg.generation.num_generators + cfg.learner.num_ranks
+        kwargs["num_cpus"] = cfg.resources.num_cpus or max(cores, roles)
+    return kwargs
+
+
+def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
+    """Start a local Ray while `module` is imported in another thread: both take seconds (Ray in its own
+    processes, the import in this one), so the run's start-up pays for the longer only. True if Ray was
+    started here (the caller owns it). A cluster (ray.address) is only connected to, by the controller.
+    If ray.init fails here, the controller's own ray.init tries again and reports the error as always."""
+    importer = threading.Thread(target=_import_quietly, args=(module,), daemon=True)
+    importer.start()
+    started = False
+    if cfg.ray.address is None and not ray.is_initialized():
+        try:
+            ray.init(**ray_init_kwargs(cfg, len(os.sched_getaffinity(0))))
+            started = True
+        except Exception:  # reported by the controller's own attempt (see the docstring)
+            pass
+    importer.join()
+    return started
+
+
+def _import_quietly(module: str) -> None:
+    """An error is left for the caller's own import of `module`, which raises it again in its thread."""
+    try:
+        importlib.import_module(module)
+    except BaseException:  # raised again by the caller's import
+        pass

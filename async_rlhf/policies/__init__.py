@@ -1,0 +1,6 @@
+"""Policies: the starting checkpoints a run can use without downloads.
+
+Owns the embedded tiny Llama, built and warm-started on the run's task (`embedded`), and the pretrained
+policies that ship offline and are converted to HF checkpoints once (`pretrained`, `async-rlhf prepare`).
+It may import `config` and `tasks`; never the pipeline.
+"""

@@ -1,0 +1,282 @@
+"""Your own prompts (`task.name: dataset`): read through HF `datasets`, mapped, templated, filtered.
+
+Sources: a .jsonl / .json / .csv / .parquet file, a directory written by `save_to_disk`, or a hub
+dataset name (when the machine can reach the hub). Each row becomes a `Prompt`: its text is the
+`prompt_column` (or `template.format(**row)`), optionally wrapped as a user turn by the tokenizer's
+chat template; `reference_column` goes to `meta["reference"]`, `meta_columns` to `meta` under their
+own names, so rule scorers and the remote reward see them.
+
+Rows are checked once, when the task is built (before any worker starts): empty or malformed rows
+are skipped, prompts longer than `max_prompt_tokens` dropped (or truncated), prompts with tokens
+the tokenizer does not know (its unk token) dropped; each is counted (`DataStats`).
+
+The train stream is a pure function of (seed, index): index i is row `perm_e[i mod n]` of epoch
+`e = i // n`, where `perm_e` is a permutation drawn from (seed, e). A run resumes from any index
+without stored state, sees every row once per epoch, and each epoch in a new order.
+
+The eval set is `eval_path` (its `eval_split` for a hub or saved dataset; never the train rows: the
+config refuses the train file or split), or the rows whose prompt text hashes below `eval_fraction` (a fixed,
+seed-independent hash of the content, so identical prompts never straddle the split).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, ClassVar
+
+from async_rlhf.config.run import ConfigError, DatasetConfig, TaskConfig
+from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
+from async_rlhf.config.task import source_format, template_fields
+
+BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
+E = "config error: "
+
+
+def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.split") -> Any:
+    """A `datasets.Dataset` for one source; any failure is a one-line ConfigError naming the source."""
+    import datasets
+
+    kind = source_format(path, fmt)
+    datasets.disable_progress_bars()
+    try:
+        if kind in BUILDERS:
+            return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
+        table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
+    except Exception as exc:  # datasets raises many types; the user needs the source and the reason
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {reason}") from None
+    if isinstance(table, datasets.DatasetDict):
+        if split not in table:
+            raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")
+        table = table[split]
+    return table
+
+
+@dataclass
+class DataStats:
+    """What happened to the rows of one source (printed at start, saved in summary.json)."""
+
+    source: str
+    rows: int = 0
+    used: int = 0
+    empty: int = 0  # prompt (or a template field) null or blank
+    malformed: int = 0  # prompt (or a template field) not text, or the reference missing
+    too_long: int = 0  # dropped: longer than max_prompt_tokens
+    truncated: int = 0
+    unknown_tokens: int = 0  # dropped: the tokenizer maps a character to its unk token
+    held_out: int = 0  # rows of this source that went to the eval split
+
+    def describe(self, limit: int) -> str:
+        skipped = [f"{self.too_long} longer than {limit} tokens", f"{self.empty} empty", f"{self.malformed} malformed",
+                   f"{self.unknown_tokens} with unknown tokens", f"{self.truncated} truncated"]
+        counts = ", ".join(s for s in skipped if not s.startswith("0 "))
+        return f"{self.rows} rows, {self.used} usable" + (f" ({counts})" if counts else "")
+
+
+@dataclass
+class Row:
+    text: str
+    token_ids: list[int]
+    meta: dict = field(default_factory=dict)
+
+
+class RowMapper:
+    """Turns table rows into prompt rows: column mapping, template, chat template, length limit."""
+
+    def __init__(self, cfg: DatasetConfig, tokenizer: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.unk = getattr(tokenizer, "unk_token_id", None)
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            where = getattr(tokenizer, "name_or_path", "") or "the model directory"
+            raise ConfigError(f"{E}task.dataset.chat_template: the tokenizer in '{where}' has no chat template; "
+                              f"set task.dataset.chat_template=false or add one to its tokenizer_config.json")
+
+    def check_columns(self, columns: list[str], source: str) -> None:
+        cfg = self.cfg
+        named = [("prompt_column", cfg.prompt_column)] if cfg.template is None else []
+        named += [("reference_column", cfg.reference_column)] if cfg.reference_column else []
+        named += [("meta_columns", c) for c in cfg.meta_columns]
+        named += [("template", f) for f in template_fields(cfg.template)]
+        for key, column in named:
+            if column not in columns:
+                raise ConfigError(f"{E}task.dataset.{key}: no column '{column}' in '{source}' "
+                                  f"(columns: {', '.join(columns)})")
+
+    def text(self, row: dict) -> tuple[str | None, str]:
+        """The prompt text of a row, or None and why: `empty` (null or blank) or `malformed` (not text)."""
+        values = [row[f] for f in template_fields(self.cfg.template)] if self.cfg.template else [row[self.cfg.prompt_column]]
+        if any(_missing(v) or (isinstance(v, str) and not v.strip()) for v in values):
+            return None, "empty"
+        if any(_as_text(v) is None for v in values):
+            return None, "malformed"
+        try:
+            text = self.cfg.template.format(**row) if self.cfg.template else _as_text(values[0])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # e.g. {n:d} on a text value
+            return None, "malformed"
+        return (text, "") if text and text.strip() else (None, "empty")
+
+    def encode(self, text: str) -> tuple[str, list[int]]:
+        if not self.cfg.chat_template:
+            return text, list(self.tokenizer(text)["input_ids"])
+        turns = [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+        turns.append({"role": "user", "content": text})
+        wrapped = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        # The template writes BOS (if any) itself: encoding must not add another.
+        return wrapped, list(self.tokenizer(wrapped, add_special_tokens=False)["input_ids"])
+
+    def map(self, row: dict, index: int, stats: DataStats) -> Row | None:
+        """A usable prompt row, or None with the reason counted in `stats`."""
+        text, why = self.text(row)
+        reference = _as_text(row[self.cfg.reference_column]) if self.cfg.reference_column else ""
+        if text is None:
+            setattr(stats, why, getattr(stats, why) + 1)
+            return None
+        if reference is None or (self.cfg.reference_column and not reference.strip()):
+            stats.malformed += 1  # a reference scorer could not score it
+            return None
+        text, ids = self.encode(text)
+        if self.unk is not None and self.unk in ids:
+            stats.unknown_tokens += 1
+            return None
+        if len(ids) > self.cfg.max_prompt_tokens:
+            if self.cfg.too_long == "drop":
+                stats.too_long += 1
+                return None
+            text, ids = self._truncate(ids)
+            stats.truncated += 1
+        meta = {"row": index, **{c: row[c] for c in self.cfg.meta_columns}}
+        if self.cfg.reference_column:
+            meta["reference"] = reference
+        return Row(text, ids, meta)
+
+    def _truncate(self, ids: list[int]) -> tuple[str, list[int]]:
+        """Keep BOS (when the prompt starts with it) and the last tokens: the end of a prompt (the
+        question, the chat template's generation prompt) matters most for what comes next."""
+        limit = self.cfg.max_prompt_tokens
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        head = ids[:1] if bos is not None and ids[0] == bos else []
+        kept = head + ids[len(ids) - (limit - len(head)):]
+        return self.tokenizer.decode(kept, skip_special_tokens=True), kept
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _as_text(value: Any) -> str | None:
+    """Text as is; numbers (e.g. a CSV column of digits) as their str(); anything else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _missing(value):
+        return str(value)
+    return None
+
+
+def in_eval_fraction(text: str, fraction: float) -> bool:
+    """A fixed hash of the prompt text, uniform in [0, 1), below `fraction`."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64 < fraction
+
+
+class DatasetTask:
+    """Train and eval prompt streams over a user's dataset (the `Task` protocol of tasks.py)."""
+
+    name: ClassVar[str] = "dataset"
+    chars: ClassVar[str] = ""  # the policy brings its own tokenizer
+    context_len: ClassVar[int] = 0  # only used for the embedded model, which cannot run this task
+    step_end_chars: ClassVar[str] = "\n"
+
+    def __init__(self, task_cfg: TaskConfig, tokenizer: Any, seed: int) -> None:
+        assert task_cfg.dataset is not None  # TaskConfig guarantees it for name=dataset
+        self.cfg = task_cfg
+        self.data = task_cfg.dataset
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.mapper = RowMapper(self.data, tokenizer)
+        self.stats: list[DataStats] = []
+        self.train, self.eval = self._load_splits()
+
+    # ---- the Task protocol's static side ------------------------------------------------
+    @staticmethod
+    def max_prompt_tokens(task_cfg: TaskConfig) -> int:
+        assert task_cfg.dataset is not None
+        return task_cfg.dataset.max_prompt_tokens
+
+    @staticmethod
+    def max_answer_tokens(task_cfg: TaskConfig) -> int:
+        return 1  # unknown for free text: only EOS must fit
+
+    @staticmethod
+    def recipe(task_cfg: TaskConfig) -> dict:
+        raise ValueError("task.name=dataset has no embedded warm start; use model.source=local")
+
+    def sft_target(self, index: int, correct_fraction: float) -> tuple[Prompt, str]:
+        raise ValueError("task.name=dataset has no embedded warm start; use model.source=local")
+
+    # ---- loading --------------------------------------------------------------------------
+    def _read(self, path: str, split: str, split_key: str) -> tuple[list[Row], DataStats]:
+        table = load_table(path, self.data.format, split, split_key)
+        self.mapper.check_columns(list(table.column_names), path)
+        stats = DataStats(path, rows=len(table))
+        rows = [r for i, row in enumerate(table) if (r := self.mapper.map(row, i, stats)) is not None]
+        stats.used = len(rows)
+        self.stats.append(stats)
+        return rows, stats
+
+    def _load_splits(self) -> tuple[list[Row], list[Row]]:
+        rows, stats = self._read(self.data.path, self.data.split, "task.dataset.split")
+        self._require(rows, stats, "task.dataset.path")
+        if self.data.eval_path is not None:
+            key = "task.dataset.split" if self.data.eval_split is None else "task.dataset.eval_split"
+            evals, eval_stats = self._read(self.data.eval_path, self.data.eval_source_split, key)
+            self._require(evals, eval_stats, "task.dataset.eval_path")
+            return rows, evals[: self.cfg.eval_prompts]
+        held_out = [in_eval_fraction(r.text, self.data.eval_fraction) for r in rows]
+        train = [r for r, out in zip(rows, held_out) if not out]
+        evals = [r for r, out in zip(rows, held_out) if out]
+        stats.held_out = len(evals)
+        if not evals:
+            raise ConfigError(f"{E}task.dataset.eval_fraction: no prompt of '{self.data.path}' fell in the eval "
+                              f"split ({len(rows)} usable); raise it or give task.dataset.eval_path")
+        if not train:
+            raise ConfigError(f"{E}task.dataset.eval_fraction: every usable prompt of '{self.data.path}' fell in the "
+                              f"eval split ({len(rows)} usable); lower it or give task.dataset.eval_path")
+        return train, evals[: self.cfg.eval_prompts]
+
+    def _require(self, rows: list[Row], stats: DataStats, key: str) -> None:
+        if not rows:
+            raise ConfigError(f"{E}{key}: no usable prompts in '{stats.source}' after filtering "
+                              f"({stats.describe(self.data.max_prompt_tokens)})")
+
+    def describe(self) -> str:
+        """One line for the run's log: what was read and what was skipped."""
+        parts = [f"'{s.source}': {s.describe(self.data.max_prompt_tokens)}" for s in self.stats]
+        return f"dataset {'; '.join(parts)}; {len(self.train)} train, {len(self.eval)} eval prompts"
+
+    # ---- streams --------------------------------------------------------------------------
+    def order(self, epoch: int) -> list[int]:
+        return _permutation(len(self.train), self.seed, epoch, self.data.shuffle)
+
+    def train_prompt(self, index: int) -> Prompt:
+        if not 0 <= index < EVAL_ID_OFFSET:
+            raise ValueError(f"train prompt index must be in [0, {EVAL_ID_OFFSET}), got {index}")
+        epoch, pos = divmod(index, len(self.train))
+        row = self.train[self.order(epoch)[pos]]
+        return Prompt(index, row.text, list(row.token_ids), {**row.meta, "epoch": epoch})
+
+    def prompt(self, index: int) -> Prompt:
+        return self.train_prompt(index)
+
+    def eval_prompts(self) -> list[Prompt]:
+        return [Prompt(EVAL_ID_OFFSET + i, r.text, list(r.token_ids), dict(r.meta)) for i, r in enumerate(self.eval)]
+
+
+@lru_cache(maxsize=4)  # a pure function: caching only saves redrawing the current epoch's order
+def _permutation(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"dataset:{seed}:{epoch}").shuffle(order)
+    return order
