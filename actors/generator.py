@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from async_rlhf.weights.broker import WeightRef
-from async_rlhf.config.run import GenerationConfig
+from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.pipeline.resources import pin_process
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup

@@ -40,7 +40,7 @@ def build_policy(size: str, out: Path, seed: int = 0) -> Path:
     """A randomly initialised Llama of `size` with the embedded tokenizer, saved as an HF checkpoint."""
     import torch
 
-    from async_rlhf.config.run import EmbeddedModelConfig
+    from async_rlhf.config.model import EmbeddedModelConfig
     from async_rlhf.policies.embedded import build_model, build_tokenizer
 
     if (out / "config.json").is_file():

@@ -22,7 +22,7 @@ CORE = 0  # the pipeline pins generator 0 to the first core when it overlaps gen
 
 
 def make_prompts(n: int):
-    from async_rlhf.config.run import TaskConfig
+    from async_rlhf.config.task import TaskConfig
     from async_rlhf.policies.embedded import build_tokenizer
     from async_rlhf.tasks.builtin import SortTask
 
@@ -66,7 +66,7 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
     import ray
 
     from actors.generator import GeneratorActor
-    from async_rlhf.config.run import GenerationConfig
+    from async_rlhf.config.generation import GenerationConfig
     from reward_models.service import RewardService
 
     gen_cfg = GenerationConfig(samples_per_prompt=samples)

@@ -70,7 +70,7 @@ def measure_size(size: str, repeats: int, workdir: Path, bandwidth: float) -> di
 
     from actors.generator import GeneratorActor
     from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
-    from async_rlhf.config.run import GenerationConfig
+    from async_rlhf.config.generation import GenerationConfig
     from async_rlhf.weights.shm_ring import ShmSlotRing
     from bench.generator_path import make_prompts
 

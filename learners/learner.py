@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from async_rlhf.config.run import LearnerConfig, RunConfig
+from async_rlhf.config.learner import LearnerConfig
+from async_rlhf.config.run import RunConfig
 from async_rlhf.weights.nccl import NcclLayout, nccl_version
 from async_rlhf.pipeline.resources import pin_process
 from async_rlhf.rollout import RolloutGroup

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 
-from async_rlhf.config.run import WeightSyncConfig
+from async_rlhf.config.learner import WeightSyncConfig
 from async_rlhf.weights.nccl import (
     GeneratorSyncClient, NcclLayout, check_next_version, gathered_parameters, parameter_metadata, run_with_timeout,
 )

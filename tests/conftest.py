@@ -31,7 +31,7 @@ def random_policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     """Two differently initialised tiny Llamas with the embedded tokenizer, as HF checkpoints."""
     import torch
 
-    from async_rlhf.config.run import EmbeddedModelConfig
+    from async_rlhf.config.model import EmbeddedModelConfig
     from async_rlhf.policies.embedded import build_model, build_tokenizer
 
     root = tmp_path_factory.mktemp("policies")

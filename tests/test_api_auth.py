@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from async_rlhf.api.app import TOKEN_ENV, _is_loopback, create_app, resolve_token
-from async_rlhf.config.run import ApiConfig
+from async_rlhf.config.runtime import ApiConfig
 
 
 def test_token_from_config_then_env_then_generated_0600(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

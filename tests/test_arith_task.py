@@ -7,7 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from async_rlhf.config.run import ConfigError, EmbeddedModelConfig, TaskConfig, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.model import EmbeddedModelConfig
+from async_rlhf.config.run import load_config
+from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer, checkpoint_name, ensure_embedded_policy, ensure_policy, sft_example
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import (

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cli.main import main
-from async_rlhf.config.run import ConfigError, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import load_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 E = "config error: "

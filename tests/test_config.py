@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cli.main import main
-from async_rlhf.config.run import ConfigError, RunConfig, load_config, parse_overrides
+from async_rlhf.config.base import ConfigError, parse_overrides
+from async_rlhf.config.run import RunConfig, load_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

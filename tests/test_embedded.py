@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from async_rlhf.config.run import EmbeddedModelConfig, TaskConfig
+from async_rlhf.config.model import EmbeddedModelConfig
+from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import (
     build_tokenizer, checkpoint_name, collate, corrupt, default_cache_dir, ensure_embedded_policy, ensure_policy,
 )

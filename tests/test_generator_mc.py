@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from actors.generator import GeneratorActor
-from async_rlhf.config.run import GenerationConfig, load_config
+from async_rlhf.config.generation import GenerationConfig
+from async_rlhf.config.run import load_config
 from async_rlhf.rollout import Prompt
 from async_rlhf.pipeline.vineppo import MCRequest, delimiter_splitter, step_delimiter_ids
 

@@ -111,18 +111,19 @@ def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
 
 
 def test_best_and_worst_pair() -> None:
-    from async_rlhf.cli.pairs import best_and_worst
+    from async_rlhf.cli.pairs import pair_record
 
     comps = [Completion([], t, [], "stop", reward=r, reward_status="ok") for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
     group = RolloutGroup(Prompt(7, "p", [], {}), comps, 0, 0, 0.0)
-    pair = best_and_worst(group, min_margin=0.5)
+    pair = pair_record(group, min_margin=0.5)
     assert (pair["chosen"], pair["rejected"], pair["prompt_id"]) == ("b", "c", 7)
-    assert best_and_worst(group, min_margin=1.3) is None  # 0.9 - (-0.4) = 1.3 is not above the margin
+    assert pair_record(group, min_margin=1.3) is None  # 0.9 - (-0.4) = 1.3 is not above the margin
     assert not math.isnan(pair["chosen_score"] - pair["rejected_score"])
 
 
 def test_config_learned_reward_checks(tmp_path: Path, random_policies: tuple[Path, Path], tiny_rm: Path) -> None:
-    from async_rlhf.config.run import ConfigError, load_config
+    from async_rlhf.config.base import ConfigError
+    from async_rlhf.config.run import load_config
 
     base = ["task.name=dataset", "task.dataset.path=examples/data/sort_train.jsonl", "model.source=local",
             f"model.path={random_policies[0]}", "reward.gold=vader_compound", "task.dataset.max_prompt_tokens=10"]

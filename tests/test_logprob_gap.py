@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from async_rlhf.config.run import GenerationConfig, RunConfig
+from async_rlhf.config.generation import GenerationConfig
+from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import Prompt
 from learners.logprobs import behaviour_logprobs, completion_logprobs, gap_metrics, gap_sums, pack
 from async_rlhf.outputs.summary import GapTally

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import pytest
 import torch
 
-from async_rlhf.config.run import ConfigError, LossConfig, validate_config
-from async_rlhf.config.loss_traits import BUILTIN_LOSSES, LossTraits
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.loss import LossConfig
+from async_rlhf.config.run import validate_config
+from learners.loss_traits import LossTraits, builtin_loss_modules, builtin_losses
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.losses import LOSSES, LossInputs, get_loss, register_loss, select_pairs, select_pairs_batch
 from learners.losses.dpo import dpo_sigmoid_loss, ipo_loss
@@ -128,13 +129,29 @@ def test_unknown_loss_lists_valid_names():
         validate_config({"loss": {"name": "nope"}})
 
 
-def test_config_table_of_builtin_losses_matches_the_registry():
-    """The config checks built-in losses against async_rlhf/config/loss_traits.py (no torch); it must say what
-    each loss's @register_loss says, and list every built-in."""
+def test_declarations_read_from_the_source_are_what_the_registry_holds():
+    """The config reads built-in losses' declarations from their source (learners/loss_traits.py, no torch):
+    every loss a module of learners/losses/ registers is found, with what its @register_loss says."""
     builtin = {name: spec for name, spec in LOSSES.items() if spec.fn.__module__.startswith("learners.losses.")}
-    assert set(builtin) == set(BUILTIN_LOSSES)
+    assert set(builtin) == set(builtin_losses())
+    assert {spec.fn.__module__ for spec in builtin.values()} == set(builtin_loss_modules())
     for name, spec in builtin.items():
-        assert BUILTIN_LOSSES[name] == LossTraits(**{f.name: getattr(spec, f.name) for f in fields(LossTraits)}), name
+        assert builtin_losses()[name] == LossTraits.of(spec), name
+
+
+def test_a_loss_declared_with_a_variable_is_refused(tmp_path, monkeypatch):
+    """The reader needs literals: a declaration it cannot read fails loudly, never silently as False."""
+    import learners.loss_traits as loss_traits
+
+    (tmp_path / "mine.py").write_text("FLAG = True\n\n@register_loss('mine', min_samples_per_prompt=1, "
+                                      "needs_reference=FLAG)\ndef mine(inputs, params):\n    pass\n")
+    monkeypatch.setattr(loss_traits, "LOSSES_DIR", tmp_path)
+    loss_traits.builtin_declarations.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="mine.py:3: @register_loss takes the loss name and its declarations"):
+            loss_traits.builtin_declarations()
+    finally:
+        loss_traits.builtin_declarations.cache_clear()
 
 
 def test_duplicate_registration_is_refused():

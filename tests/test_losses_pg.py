@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_rlhf.config.run import ConfigError, LossConfig, validate_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.loss import LossConfig
+from async_rlhf.config.run import validate_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.logprobs import behaviour_logprobs
 from learners.losses import (

@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-from async_rlhf.config.run import ConfigError, LossConfig, validate_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.loss import LossConfig
+from async_rlhf.config.run import validate_config
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.gae import clipped_value_loss, gae, kl_shaped_rewards, last_token_onehot, whiten
 

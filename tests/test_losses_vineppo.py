@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_rlhf.config.run import ConfigError, LossConfig, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.loss import LossConfig
+from async_rlhf.config.run import load_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from async_rlhf.pipeline.vineppo import MCBatch, MCCost, MCRequest, attach_advantages, continuation_seed, state_values, step_delimiter_ids
 from learners.logprobs import mc_advantages

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config.run import ConfigError, TaskConfig
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
 from async_rlhf.rollout import EVAL_ID_OFFSET

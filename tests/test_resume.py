@@ -130,7 +130,7 @@ def check_synchronous_run(run_dir: Path, steps: int, ray) -> None:
     from transformers import AutoModelForCausalLM
 
     from actors.generator import GeneratorActor
-    from async_rlhf.config.run import GenerationConfig
+    from async_rlhf.config.generation import GenerationConfig
     from async_rlhf.rollout import Prompt
 
     summary = json.loads((run_dir / "summary.json").read_text())

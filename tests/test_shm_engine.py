@@ -10,7 +10,8 @@ import torch
 
 from actors.generator import GeneratorActor
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
-from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
+from async_rlhf.config.generation import GenerationConfig
+from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm

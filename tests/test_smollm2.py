@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.config.run import ConfigError, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import load_config
 
 QUESTIONS = ["Write a two-sentence review of a musical about two rival bakers in Paris.",
              "What is the capital of France?", "Name three colours."]
@@ -46,7 +47,7 @@ def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeyp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from actors.generator import GeneratorActor
-    from async_rlhf.config.run import GenerationConfig
+    from async_rlhf.config.generation import GenerationConfig
     from async_rlhf.rollout import Prompt
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

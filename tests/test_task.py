@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from async_rlhf.config.run import TaskConfig
+from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import EVAL_ID_OFFSET, SortTask, is_eval_digits

@@ -26,7 +26,8 @@ import numpy as np
 import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
-from async_rlhf.config.run import ConfigError, RunConfig, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.queue import QueueCounters
 from async_rlhf.rollout import Prompt, RolloutGroup

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
-from async_rlhf.config.run import ConfigError, RunConfig, config_yaml, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import RunConfig, config_yaml, load_config
 from async_rlhf.failures import failure_line
 
 BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl",

@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from async_rlhf.config.run import ConfigError, load_config
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import load_config
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

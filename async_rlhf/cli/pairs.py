@@ -13,16 +13,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from async_rlhf.config.run import ConfigError, RunConfig
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import RolloutGroup
+from learners.preference import best_and_worst
 
 
-def best_and_worst(group: RolloutGroup, min_margin: float) -> dict | None:
-    """One pair from a scored group: the highest and lowest gold score, if they differ by > min_margin."""
-    scored = sorted(group.scored, key=lambda c: c.reward)
-    if len(scored) < 2 or scored[-1].reward - scored[0].reward <= min_margin:
+def pair_record(group: RolloutGroup, min_margin: float) -> dict | None:
+    """One pair from a scored group: the highest and lowest gold score, if they differ by > min_margin
+    (ties: learners/preference.py)."""
+    picked = best_and_worst(group.scored, min_margin)
+    if picked is None:
         return None
-    best, worst = scored[-1], scored[0]
+    best, worst = picked
     return {"prompt": group.prompt.text, "chosen": best.text, "rejected": worst.text,
             "chosen_score": best.reward, "rejected_score": worst.reward, "prompt_id": group.prompt.prompt_id}
 
@@ -48,7 +51,7 @@ def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_
             chunk = [task.train_prompt(i) for i in range(first, min(first + batch, prompts))]
             groups = gold.score(generator.generate(chunk, None, n=samples).groups, "gold")
             for group in groups:
-                pair = best_and_worst(group, min_margin)
+                pair = pair_record(group, min_margin)
                 counts["prompts"] += 1
                 counts["failed"] += len(group.completions) - len(group.scored)
                 counts["ties"] += pair is None

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from async_rlhf.config.run import ConfigError
+from async_rlhf.config.base import ConfigError
 
 
 def find_url(run_dir: Path | None) -> str:

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 
 from async_rlhf.config.run import RunConfig
-from learners.losses import LOSSES
 
 GIB = 2**30
 MIB = 2**20
@@ -72,7 +71,7 @@ def activation_bytes_per_token(shape: ModelShape, checkpointing: bool) -> float:
 def estimate(cfg: RunConfig, shape: ModelShape, gpu_gib: float = 80.0) -> MemoryEstimate:
     """One learner rank's memory: its share of the GPU (with ipc vLLM holds the rest of it)."""
     learner, ranks = cfg.learner, cfg.learner.num_ranks
-    copies = 2 if LOSSES[cfg.loss.name].needs_value_model else 1  # PPO's value model: its own trunk, gradients and AdamW
+    copies = 2 if cfg.loss.traits.needs_value_model else 1  # PPO's value model: its own trunk, gradients and AdamW
     states = shape.params * (copies * state_bytes_per_param(learner.zero_stage, ranks) + REFERENCE_BYTES)
     workspace = CONTEXT_GIB + DEEPSPEED_BUCKET_GIB * (2 if learner.zero_stage == 3 else 1)
     if cfg.weight_sync.transport == "nccl":  # packed broadcast buffers, double-buffered

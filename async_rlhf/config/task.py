@@ -10,9 +10,13 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
+from async_rlhf.config.task_shapes import TASK_SHAPES, TaskShape
 
-# What the validators need to know about a source lives here, not in prompt_data.py (which reads the data
-# and imports this config): the dependency runs one way.
+# The registry's keys, so that a new task is named once; pydantic's error lists them ("Input should be ...").
+TaskName = Literal[tuple(TASK_SHAPES)]  # type: ignore[valid-type]
+
+# What the validators need to know about a source lives here, not in async_rlhf/tasks/dataset.py (which reads
+# the data and imports this config): the dependency runs one way.
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
 
@@ -123,7 +127,7 @@ class TaskConfig(Strict):
     The digit knobs apply to sort only, the step and operand knobs to arith only.
     """
 
-    name: Literal["sort", "arith", "dataset"] = "sort"
+    name: TaskName = "sort"
     dataset: DatasetConfig | None = Field(None, description="required when name=dataset")
     min_digits: int = Field(4, ge=1, le=32, description="sort: shortest digit string")
     max_digits: int = Field(7, ge=2, le=32, description="sort: longest digit string")
@@ -145,18 +149,18 @@ class TaskConfig(Strict):
         return self
 
     @property
+    def shape(self) -> TaskShape:
+        return TASK_SHAPES[self.name]
+
+    @property
     def max_prompt_tokens(self) -> int:
         """Longest prompt of this task in tokens, BOS included."""
-        from async_rlhf.tasks.builtin import task_class
-
-        return task_class(self.name).max_prompt_tokens(self)
+        return self.shape.max_prompt_tokens(self)
 
     @property
     def max_answer_tokens(self) -> int:
         """Longest correct completion of this task in tokens, EOS included."""
-        from async_rlhf.tasks.builtin import task_class
-
-        return task_class(self.name).max_answer_tokens(self)
+        return self.shape.max_answer_tokens(self)
 
 
 # Defaults that differ by task, filled in (RunConfig._task_defaults) under every key the config

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from async_rlhf.config.run import ConfigError
+from async_rlhf.config.base import ConfigError
 
 # (title, metrics.jsonl key, eval.jsonl key drawn as markers on the same axes, y label)
 PANELS = (

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from async_rlhf.checkpoint.store import Checkpoint
-from async_rlhf.config.run import PUSHED_TRANSPORTS
+from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.failures import RunError, what_died
 from async_rlhf.checkpoint.resume import LEARNER_DIR, load_snapshot, publish_weights, restore
 

@@ -16,7 +16,8 @@ import ray
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from async_rlhf.config.run import ConfigError, RunConfig
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import RunConfig
 
 
 def use_gpus() -> bool:

@@ -27,7 +27,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from async_rlhf.config.run import EmbeddedModelConfig, RunConfig, TaskConfig
+from async_rlhf.config.model import EmbeddedModelConfig
+from async_rlhf.config.run import RunConfig
+from async_rlhf.config.task import TaskConfig
 from async_rlhf.tasks.builtin import SortTask, Task, corrupt, make_task, task_class  # noqa: F401 (corrupt: re-export)
 
 # Bump whenever the recipe (data, corruption, optimiser, architecture choices) changes, so that
@@ -234,7 +236,7 @@ def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
 def export_embedded(cfg: RunConfig, out: Path, log: Log = print) -> Path:
     """Copy the embedded policy of `cfg` (built first when not cached) to `out`, a new directory: an
     HF checkpoint with its tokenizer, for `model.source: local` (e.g. to train it on your own prompts)."""
-    from async_rlhf.config.run import ConfigError
+    from async_rlhf.config.base import ConfigError
 
     if cfg.model.source != "embedded":
         raise ConfigError("config error: export-model writes the embedded model; drop the model.source override")

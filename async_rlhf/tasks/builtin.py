@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-from async_rlhf.config.run import ConfigError, RunConfig, TaskConfig
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import RunConfig
+from async_rlhf.config.task import TaskConfig
+from async_rlhf.config.task_shapes import (
+    ANSWER_MARK, MAX_VALUE, MULTIPLY, NAMES, OBJECTS, QUESTION, SEPARATOR, TASK_SHAPES, TEMPLATES,
+)
 from async_rlhf.tasks.dataset import DatasetTask
 from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
 
@@ -37,7 +42,6 @@ if TYPE_CHECKING:  # transformers is heavy; the task only calls the tokenizer
 
 Stream = Literal["train", "eval", "sft"]  # sft: the warm start's own train-split stream
 
-SEPARATOR = ">"
 EVAL_BUCKETS = 10  # 1 in EVAL_BUCKETS problems is reserved for evaluation
 _MAX_DRAWS = 10_000  # rejection sampling bound; expected draws are ~1.1 (train) and ~10 (eval)
 
@@ -55,9 +59,10 @@ def is_eval_digits(digits: str) -> bool:
 class Task(Protocol):
     """What the controller, the warm start and the config checks need from an embedded task.
 
-    Class attributes describe the task without building it (the config validates against them):
-    `chars` are the characters its tokenizer needs (besides PAD, BOS, EOS), `context_len` the
-    positions of its embedded model. Step boundaries for VinePPO come from `step_end_chars`.
+    Class attributes describe the task without building it, copied from its `TaskShape`
+    (async_rlhf/config/task_shapes.py, which the config validates against): `chars` are the characters
+    its tokenizer needs (besides PAD, BOS, EOS), `context_len` the positions of its embedded model.
+    Step boundaries for VinePPO come from `step_end_chars`.
     """
 
     name: ClassVar[str]
@@ -69,16 +74,6 @@ class Task(Protocol):
     seed: int
 
     def __init__(self, task_cfg: TaskConfig, tokenizer: Any, seed: int) -> None: ...
-
-    @staticmethod
-    def max_prompt_tokens(task_cfg: TaskConfig) -> int:
-        """Upper bound on a prompt's length in tokens, BOS included (checked against max_model_len)."""
-        ...
-
-    @staticmethod
-    def max_answer_tokens(task_cfg: TaskConfig) -> int:
-        """Upper bound on a correct completion's length in tokens, EOS included."""
-        ...
 
     @staticmethod
     def recipe(task_cfg: TaskConfig) -> dict:
@@ -164,9 +159,9 @@ class SortTask(_PromptStreams):
     """Deterministic prompt streams for the digit-sorting task."""
 
     name: ClassVar[str] = "sort"
-    chars: ClassVar[str] = "0123456789" + SEPARATOR
-    context_len: ClassVar[int] = 64  # longest prompt (BOS + 32 digits + ">") still leaves room for a completion
-    step_end_chars: ClassVar[str] = ""  # one step: the whole answer
+    chars: ClassVar[str] = TASK_SHAPES[name].chars
+    context_len: ClassVar[int] = TASK_SHAPES[name].context_len
+    step_end_chars: ClassVar[str] = TASK_SHAPES[name].step_end_chars  # "": one step, the whole answer
 
     def __init__(self, task_cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
         if task_cfg.max_digits < 2:  # no 1-digit string hashes into the eval split
@@ -174,14 +169,6 @@ class SortTask(_PromptStreams):
         self.cfg = task_cfg
         self.tokenizer = tokenizer  # must add BOS itself (embedded.build_tokenizer does)
         self.seed = seed
-
-    @staticmethod
-    def max_prompt_tokens(task_cfg: TaskConfig) -> int:
-        return 1 + task_cfg.max_digits + len(SEPARATOR)  # BOS + digits + ">"
-
-    @staticmethod
-    def max_answer_tokens(task_cfg: TaskConfig) -> int:
-        return task_cfg.max_digits + 1  # sorted digits + EOS
 
     @staticmethod
     def recipe(task_cfg: TaskConfig) -> dict:
@@ -217,16 +204,8 @@ class SortTask(_PromptStreams):
 
 # --- arith --------------------------------------------------------------------------------------
 
-MAX_VALUE = 99  # every number in a problem (start, intermediate, answer) stays in [0, MAX_VALUE]
-ANSWER_MARK = "####"
-QUESTION = " how many?\n"
-NAMES = (("tom", "he"), ("ann", "she"), ("bob", "he"), ("sue", "she"), ("max", "he"), ("eva", "she"))
-OBJECTS = ("apples", "pens", "cards", "eggs", "books", "coins", "shells", "stamps")
-TEMPLATES = {  # {p}: pronoun, {n}: operand
-    "+": ("{p} buys {n} more.", "{p} finds {n} more.", "{p} gets {n} more."),
-    "-": ("{p} gives {n} away.", "{p} loses {n}.", "{p} sells {n}."),
-}
-MULTIPLY = {2: "{p} doubles them.", 3: "{p} triples them."}
+# The story's texts (NAMES, OBJECTS, TEMPLATES, ...) are in async_rlhf/config/task_shapes.py: the config
+# bounds a prompt's length by them.
 OP_WEIGHTS = {"+": 2, "-": 2, "*": 1}
 ARITH_DATA_VERSION = 1  # bump when problems or warm-start targets change (enters the cache hash)
 
@@ -277,29 +256,14 @@ class ArithTask(_PromptStreams):
     """Deterministic prompt streams of multi-step arithmetic word problems with small numbers."""
 
     name: ClassVar[str] = "arith"
-    chars: ClassVar[str] = "0123456789abcdefghijklmnopqrstuvwxyz .,?\n#+-*="
-    context_len: ClassVar[int] = 256  # 6 steps with 2-digit operands: prompt ~140 + solution ~64 tokens
-    step_end_chars: ClassVar[str] = "\n"  # one step per solution line; the "#### n" line is the last
+    chars: ClassVar[str] = TASK_SHAPES[name].chars
+    context_len: ClassVar[int] = TASK_SHAPES[name].context_len
+    step_end_chars: ClassVar[str] = TASK_SHAPES[name].step_end_chars  # one step per line; "#### n" is the last
 
     def __init__(self, task_cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> None:
         self.cfg = task_cfg
         self.tokenizer = tokenizer  # must add BOS itself (embedded.build_tokenizer does)
         self.seed = seed
-
-    @staticmethod
-    def max_prompt_tokens(task_cfg: TaskConfig) -> int:
-        """An upper bound on BOS + the longest story over every name, object, template and number."""
-        n = "9" * len(str(task_cfg.max_operand))
-        header = max(len(f"{name} has {n} {obj}.") for name, _ in NAMES for obj in OBJECTS)
-        sentences = [t for ts in TEMPLATES.values() for t in ts] + list(MULTIPLY.values())
-        step = max(len(" " + t.format(p=p, n=n)) for t in sentences for _, p in NAMES)
-        return 1 + header + task_cfg.max_steps * step + len(QUESTION)
-
-    @staticmethod
-    def max_answer_tokens(task_cfg: TaskConfig) -> int:
-        """An upper bound on the gold solution: per step "99+50=99\\n", then "#### 99" and EOS."""
-        step = 2 * len(str(MAX_VALUE)) + len(str(task_cfg.max_operand)) + 3
-        return task_cfg.max_steps * step + len(ANSWER_MARK) + 1 + len(str(MAX_VALUE)) + 1
 
     @staticmethod
     def recipe(task_cfg: TaskConfig) -> dict:
@@ -359,7 +323,16 @@ class ArithTask(_PromptStreams):
         return self.make_prompt(index, problem), "\n".join(solution_lines(problem.start, problem.ops, slip))
 
 
-TASKS: dict[str, type[Task]] = {"sort": SortTask, "arith": ArithTask, "dataset": DatasetTask}
+def _task_classes(*classes: type[Task]) -> dict[str, type[Task]]:
+    """The prompt streams of every task of the registry (TASK_SHAPES), by name; a shape without a class
+    (or the reverse) fails at import, not in the middle of a run."""
+    found = {cls.name: cls for cls in classes}
+    if set(found) != set(TASK_SHAPES):
+        raise RuntimeError(f"task classes {sorted(found)} do not match the task shapes {sorted(TASK_SHAPES)}")
+    return found
+
+
+TASKS: dict[str, type[Task]] = _task_classes(SortTask, ArithTask, DatasetTask)
 
 
 def task_class(name: str) -> type[Task]:

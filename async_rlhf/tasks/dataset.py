@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from async_rlhf.config.run import ConfigError, DatasetConfig, TaskConfig
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, template_fields
+from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
-from async_rlhf.config.task import source_format, template_fields
 
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
 E = "config error: "
@@ -185,9 +186,9 @@ class DatasetTask:
     """Train and eval prompt streams over a user's dataset (the `Task` protocol of tasks.py)."""
 
     name: ClassVar[str] = "dataset"
-    chars: ClassVar[str] = ""  # the policy brings its own tokenizer
-    context_len: ClassVar[int] = 0  # only used for the embedded model, which cannot run this task
-    step_end_chars: ClassVar[str] = "\n"
+    chars: ClassVar[str] = TASK_SHAPES[name].chars  # "": the policy brings its own tokenizer
+    context_len: ClassVar[int] = TASK_SHAPES[name].context_len  # the embedded model cannot run this task
+    step_end_chars: ClassVar[str] = TASK_SHAPES[name].step_end_chars
 
     def __init__(self, task_cfg: TaskConfig, tokenizer: Any, seed: int) -> None:
         assert task_cfg.dataset is not None  # TaskConfig guarantees it for name=dataset
@@ -199,16 +200,7 @@ class DatasetTask:
         self.stats: list[DataStats] = []
         self.train, self.eval = self._load_splits()
 
-    # ---- the Task protocol's static side ------------------------------------------------
-    @staticmethod
-    def max_prompt_tokens(task_cfg: TaskConfig) -> int:
-        assert task_cfg.dataset is not None
-        return task_cfg.dataset.max_prompt_tokens
-
-    @staticmethod
-    def max_answer_tokens(task_cfg: TaskConfig) -> int:
-        return 1  # unknown for free text: only EOS must fit
-
+    # ---- the Task protocol's static side (its size bounds: async_rlhf/config/task_shapes.py) --------
     @staticmethod
     def recipe(task_cfg: TaskConfig) -> dict:
         raise ValueError("task.name=dataset has no embedded warm start; use model.source=local")

@@ -1,6 +1,9 @@
-"""Loss registry. Adding a loss = one new module that uses `@register_loss` + one import line below + its
-declarations in async_rlhf/config/loss_traits.py, which the config reads without importing torch (or, without
-touching this package, `loss.import_path`: see learners/losses/loader.py)."""
+"""Loss registry. Adding a loss = one new module in this package whose function carries `@register_loss(...)`:
+learners/loss_traits.py finds it (and reads its declarations for the config, without importing torch) and
+the loop below imports it; or, without touching this package, `loss.import_path` (learners/losses/loader.py)."""
+from importlib import import_module
+
+from learners.loss_traits import builtin_loss_modules
 from learners.losses.registry import (
     LOSSES,
     LossInputs,
@@ -15,8 +18,8 @@ from learners.losses.registry import (
 )
 from learners.losses.loader import LossImportError, load_import_path, resolve_loss
 
-# Each import registers the losses its module defines.
-from learners.losses import dpo, grpo, ppo, rloo, sft, vineppo  # noqa: E402,F401
+for _module in builtin_loss_modules():  # importing a loss module registers the losses it defines
+    import_module(_module)
 
 __all__ = [
     "LOSSES",

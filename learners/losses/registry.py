@@ -19,20 +19,24 @@ A loss is two functions plus a few declarations, bundled in a `LossSpec`:
     policy even with loss.importance_sampling=none: config validation refuses generation.top_p < 1,
     whose truncated distribution the learner cannot reproduce).
 The learner knows nothing about any particular loss: it runs select -> forward -> fn -> step.
+The declarations are a `LossTraits` (learners/loss_traits.py), which reads a built-in loss's from its
+`@register_loss(...)` without importing it: a loss is declared once, in its own module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 
 from async_rlhf.rollout import Completion, RolloutGroup
+from learners.loss_traits import LossTraits
+from learners.preference import best_and_worst
 
 
 class LossParams(Protocol):
-    """Hyper-parameters a loss reads; `async_rlhf.config.run.LossConfig` satisfies it (docs/losses.md)."""
+    """Hyper-parameters a loss reads; `async_rlhf.config.loss.LossConfig` satisfies it (docs/losses.md)."""
 
     beta: float  # KL-to-reference coefficient (DPO's beta, RLOO's KL penalty, GRPO's k3 weight)
     clip_eps: float  # PPO-style clip range of the ratio (proximal_rloo, grpo)
@@ -96,54 +100,34 @@ LossFn = Callable[[LossInputs, LossParams], tuple[torch.Tensor, dict[str, float]
 Selector = Callable[[list[RolloutGroup]], Selection]
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """A registered loss: see the module docstring for the role of each field."""
+@dataclass(frozen=True, kw_only=True)
+class LossSpec(LossTraits):
+    """A registered loss: its declarations (the `LossTraits` it is) and its code; see the module docstring."""
 
     name: str
     fn: LossFn
-    min_samples_per_prompt: int
-    needs_reference: bool
     doc: str
     select: Selector
-    supports_importance_sampling: bool = False
-    needs_value_model: bool = False
-    supports_epochs: bool = False
-    needs_mc_values: bool = False
-    needs_behaviour_logprobs: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(
-    name: str, *, min_samples_per_prompt: int, needs_reference: bool, select: Selector | None = None,
-    supports_importance_sampling: bool = False, needs_value_model: bool = False, supports_epochs: bool = False,
-    needs_mc_values: bool = False, needs_behaviour_logprobs: bool = False,
-) -> Callable[[LossFn], LossFn]:
-    """Decorator registering `fn` under `name`; its docstring becomes the spec's `doc`.
+def register_loss(name: str, *, select: Selector | None = None, **declared: Any) -> Callable[[LossFn], LossFn]:
+    """Decorator registering `fn` under `name` with the `LossTraits` fields in `declared` (literals in a
+    built-in loss: learners/loss_traits.py reads them from the source); `fn`'s docstring becomes `doc`.
 
     `select` defaults to `select_groups` keeping groups with >= min_samples_per_prompt scored
     completions: what a per-prompt baseline needs is what K must be, so one number says both.
     """
-    chosen = select or partial(select_groups, min_scored=min_samples_per_prompt)
+    traits = LossTraits(**declared)  # TypeError names a missing or unknown declaration
+    chosen = select or partial(select_groups, min_scored=traits.min_samples_per_prompt)
 
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss '{name}' is already registered (by {LOSSES[name].fn.__module__})")
-        LOSSES[name] = LossSpec(
-            name=name,
-            fn=fn,
-            min_samples_per_prompt=min_samples_per_prompt,
-            needs_reference=needs_reference,
-            doc=(fn.__doc__ or "").strip(),
-            select=chosen,
-            supports_importance_sampling=supports_importance_sampling,
-            needs_value_model=needs_value_model,
-            supports_epochs=supports_epochs,
-            needs_mc_values=needs_mc_values,
-            needs_behaviour_logprobs=needs_behaviour_logprobs,
-        )
+        declarations = {f: getattr(traits, f) for f in LossTraits.__dataclass_fields__}
+        LOSSES[name] = LossSpec(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), select=chosen, **declarations)
         return fn
 
     return wrap
@@ -169,16 +153,11 @@ class Pair:
 
 
 def _best_and_worst(group: RolloutGroup) -> tuple[Completion, Completion] | str:
-    """(highest, lowest) scored completion, or the reason the group gives no pair."""
+    """(highest, lowest) scored completion (tie rule: learners/preference.py), or why the group gives no pair."""
     scored = group.scored  # failed / timed-out / pending rewards are never used
     if len(scored) < 2:
         return "skipped_failed"
-    # max/min keep the first of equal rewards: deterministic, and completions are i.i.d. anyway.
-    chosen = max(scored, key=lambda c: c.reward)
-    rejected = min(scored, key=lambda c: c.reward)
-    if chosen.reward == rejected.reward:
-        return "skipped_ties"
-    return chosen, rejected
+    return best_and_worst(scored) or "skipped_ties"
 
 
 def select_pairs(groups: list[RolloutGroup]) -> tuple[list[Pair], dict[str, int]]:

@@ -1,0 +1,56 @@
+"""How responses are sampled and queued: the `generation:`, `queue:` and `mc_values:` sections."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from async_rlhf.config.base import Strict
+
+
+class GenerationConfig(Strict):
+    num_generators: int = Field(1, ge=1)
+    prompts_per_step: int = Field(16, ge=1, description="prompts consumed by one learner step")
+    samples_per_prompt: int = Field(4, ge=1, description="K completions per prompt")
+    max_new_tokens: int = Field(12, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_temperature: float = Field(1.0, ge=0)
+    max_model_len: int = Field(64, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0)
+    max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per generator (vLLM tensor parallelism)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
+    )
+
+    @model_validator(mode="after")
+    def _split(self) -> "GenerationConfig":
+        if self.prompts_per_step % self.num_generators:
+            raise ValueError(
+                f"generation.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
+                f"generation.num_generators ({self.num_generators})"
+            )
+        return self
+
+
+class QueueConfig(Strict):
+    max_staleness: int = Field(
+        1, ge=0, description="N: train only on samples at most N versions old; 0 = synchronous"
+    )
+    capacity: int | None = Field(None, ge=1, description="groups; default (N+1) * prompts_per_step")
+    staleness_mode: Literal["bound", "fixed"] = Field(
+        "bound", description="bound: N is an upper bound, generators sample with the newest weights; fixed: the "
+                             "prompts trained at step t are sampled with version max(0, t - N), so from step N on "
+                             "every sample is exactly N versions old (the paper's off-policy setting; shm only)",
+    )
+
+
+class MCValuesConfig(Strict):
+    """Monte Carlo value estimation on the generators, used when the loss declares `needs_mc_values`
+    (vineppo; ignored otherwise). Formula and cost: docs/losses.md."""
+
+    k_mc: int = Field(
+        4, ge=1, le=64,
+        description="continuations sampled from every unique state (prompt or step prefix); V = their mean reward",
+    )

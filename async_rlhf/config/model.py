@@ -1,0 +1,100 @@
+"""The `model:` section: which policy a run starts from (embedded tiny Llama or a local HF checkpoint)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from async_rlhf.config.base import Strict, environment_checks
+
+
+class EmbeddedModelConfig(Strict):
+    """A tiny Llama built locally and warm-started by supervised learning on the task."""
+
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(512, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    sft_steps: int = Field(400, ge=0)
+    sft_batch_size: int = Field(64, ge=1)
+    sft_lr: float = Field(2e-3, gt=0)
+    sft_correct_fraction: float = Field(
+        0.4, gt=0, le=1, description="share of supervised targets that are correct; the rest are corrupted"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> "EmbeddedModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.embedded.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.embedded.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+# Any one of these makes a directory loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_checkpoint(key: str, path: Path, tokenizer: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{key}: no config.json in '{path}'; point it at an HF checkpoint directory")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{key}: no tokenizer in '{path}' (none of {', '.join(TOKENIZER_FILES)}); "
+                         f"save it there with tokenizer.save_pretrained")
+
+
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL2
+
+
+def cuda_available() -> bool:
+    """torch's answer, asked only where a GPU's device file exists: importing torch costs seconds, and
+    without any of these files torch finds no GPU either (check-config stays light on a CPU machine)."""
+    if not any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class ModelConfig(Strict):
+    source: Literal["embedded", "local"] = "embedded"
+    path: Path | None = Field(None, description="HF causal-LM checkpoint directory (with its tokenizer) when source=local")
+    reference_path: Path | None = Field(None, description="frozen reference model (same tokenizer); default: path")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="weights of policy, reference and generators: auto = float32 on CPU, bfloat16 on GPU"
+    )
+    embedded: EmbeddedModelConfig = EmbeddedModelConfig()
+    cache_dir: Path | None = Field(None, description="default: $XDG_CACHE_HOME/async-rlhf or ~/.cache/async-rlhf")
+
+    @field_validator("path", "reference_path")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        # A registered name (async_rlhf/policies/pretrained.py, e.g. smollm2) is its prepared cache directory. Ray workers
+        # need not share the driver's working directory: hand them absolute paths.
+        from async_rlhf.policies.pretrained import resolve_model_path
+
+        return resolve_model_path(path).absolute() if path is not None else None
+
+    @model_validator(mode="after")
+    def _path(self, info: ValidationInfo) -> "ModelConfig":
+        if self.source == "local" and self.path is None:
+            raise ValueError("model.path is required when model.source=local (an HF checkpoint directory)")
+        if self.reference_path is not None and self.source != "local":
+            raise ValueError("model.reference_path needs model.source=local")
+        if not environment_checks(info):
+            return self
+        if self.path is not None and self.source == "local":
+            _check_checkpoint("model.path", self.path, tokenizer=True)
+        if self.reference_path is not None:
+            _check_checkpoint("model.reference_path", self.reference_path, tokenizer=False)
+        return self
+
+    @property
+    def torch_dtype(self) -> str:
+        """The dtype name that learner and generators load with (auto resolved here)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if cuda_available() else "float32"

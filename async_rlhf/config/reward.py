@@ -1,0 +1,85 @@
+"""The `reward:` section: rule scorers by role, or a remote or learned reward model for the train role."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from async_rlhf.config.base import Strict
+from reward_models.rules import SCORERS
+
+# The registry's keys, so that a new scorer is named once; pydantic's error lists them ("Input should be ...").
+ScorerName = Literal[tuple(SCORERS)]  # type: ignore[valid-type]
+
+
+class RemoteRewardConfig(Strict):
+    """An HTTP reward model for the train role (protocol: docs/reward_protocol.md)."""
+
+    url: str = Field(pattern=r"^https?://", description="base URL, e.g. http://127.0.0.1:8500")
+    timeout_s: float = Field(10.0, gt=0, description="per request")
+    retries: int = Field(4, ge=0, description="on timeouts, connection errors, 429 and 5xx")
+    backoff_s: float = Field(0.5, ge=0, description="first back-off; doubles per retry, with jitter")
+    deadline_s: float = Field(60.0, gt=0, description="per batch, retries included; then failed / timed out")
+
+
+class LearnedRewardConfig(Strict):
+    """A learned reward model for the train role: an HF sequence-classification checkpoint with a scalar
+    head (e.g. from `async-rlhf train-rm`), served batched inside the reward actor."""
+
+    path: Path = Field(description="reward model directory (config.json, weights, tokenizer)")
+    batch_size: int = Field(16, ge=1, description="pairs per forward pass")
+    max_length: int = Field(512, ge=8, description="tokens of prompt + response; longer ones lose the prompt's start")
+    threads: int = Field(1, ge=1, description="torch threads of the reward actor (it shares the cores)")
+
+    @field_validator("path")
+    @classmethod
+    def _dir(cls, path: Path) -> Path:
+        from reward_models.learned import check_reward_model_dir
+
+        check_reward_model_dir("reward.learned.path", path)
+        return path.absolute()  # Ray workers need not share the driver's working directory
+
+
+class RewardConfig(Strict):
+    """Scorers by role; each scores one task (checked against task.name in RunConfig)."""
+
+    train: ScorerName = Field("sort_partial", description="reward the learner optimises (proxy)")
+    gold: ScorerName = Field("sort_exact", description="evaluation-only reward (gold)")
+    timeout_s: float = Field(30.0, gt=0)
+    remote: RemoteRewardConfig | None = Field(
+        None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"
+    )
+    learned: LearnedRewardConfig | None = Field(
+        None, description="when set, the train reward comes from this learned reward model instead of reward.train"
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="times Ray restarts a dead reward actor (it holds no state); the batches it was "
+                             "scoring are scored again"
+    )
+    max_failed_steps: int = Field(
+        3, ge=1, description="learner steps in a row whose batch has no usable train reward: then the run writes a "
+                             "checkpoint and stops (exit 1) naming the first reason, instead of training on nothing"
+    )
+    score_in_generator: bool = Field(
+        True, description="a rule train reward (no reward.remote / reward.learned) is scored inside the generator's "
+                          "call, with the reward actor's failure handling, instead of one more Ray round trip per "
+                          "batch on the generator's critical path; false: every batch goes to the reward actor"
+    )
+
+    @model_validator(mode="after")
+    def _one_train_source(self) -> "RewardConfig":
+        if self.remote is not None and self.learned is not None:
+            raise ValueError("reward.remote and reward.learned both replace the train reward; set only one "
+                             "(serve the learned model with `async-rlhf serve-reward` to use it remotely)")
+        return self
+
+    @property
+    def train_replaced(self) -> bool:
+        """The train role is scored by a model (remote or learned), not by the reward.train rule."""
+        return self.remote is not None or self.learned is not None
+
+    @property
+    def in_generator(self) -> bool:
+        """Train rewards are scored inside the generators' calls (a rule, cheap and stateless)."""
+        return self.score_in_generator and not self.train_replaced

@@ -1,0 +1,80 @@
+"""Where a run executes and what it serves and writes: `ray:`, `resources:`, `api:`, `eval:`, `logging:` and
+`checkpoint:`."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, model_validator
+
+from async_rlhf.config.base import Strict, environment_checks
+
+
+class RayConfig(Strict):
+    """Where the Ray cluster is: None starts a local one; 'auto' or 'HOST:6379' joins one started with
+    `ray start` (README "On a GPU cluster")."""
+
+    address: str | None = Field(None, description="None = a local Ray for this run; 'auto' = the node's cluster")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="GPU placement groups of the learner ranks and of each generator's TP workers"
+    )
+
+
+class ResourcesConfig(Strict):
+    num_cpus: int | None = Field(None, ge=1)
+    pin_cores: Literal["auto", "off"] = Field(
+        "auto", description="auto: one core per role when async and enough cores; off: share all"
+    )
+    balance_cores: bool = Field(
+        False, description="with pinned cores: while the learner is the bottleneck (busy well above the "
+                           "generators) it trains on every core, and back on its own once the generators are; "
+                           "off by default: on a loaded 2-core machine the two-thread learner was slower "
+                           "(docs/benchmarks.md, 'Cores by load')"
+    )
+
+
+class ApiConfig(Strict):
+    """HTTP status and control, served by the controller while a run is alive."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="bind address; reads need the token too when not loopback")
+    port: int = Field(0, ge=0, le=65535, description="0 = any free port (printed and written to run_dir/api_url)")
+    token: str | None = Field(
+        None, min_length=16,
+        description="bearer token for /control; default $ASYNC_RLHF_API_TOKEN, else generated into run_dir/api_token",
+        json_schema_extra={"secret": True},  # written as *** (async_rlhf/config/redaction.py)
+    )
+
+
+class EvalConfig(Strict):
+    every: int = Field(0, ge=0, description="gold evaluation every E steps; 0 = only at start and end")
+    win_rate_judge: Literal["gold", "train"] = Field(
+        "gold", description="reward that judges completion vs reference (prompts with a reference only)"
+    )
+
+
+class LoggingConfig(Strict):
+    """Metric sinks besides the JSONL files (always written); the same metric names in each."""
+
+    tensorboard: bool = Field(False, description="event files in run_dir/tensorboard (needs `tensorboard`)")
+    wandb: bool = Field(False, description="Weights & Biases run in run_dir/wandb (needs `wandb`)")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline needs no network or account")
+    wandb_project: str = "async-rlhf"
+
+    @model_validator(mode="after")
+    def _installed(self, info: ValidationInfo) -> "LoggingConfig":
+        import importlib.util
+
+        if not environment_checks(info):
+            return self
+        for key, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if getattr(self, key) and importlib.util.find_spec(package) is None:
+                raise ValueError(f"logging.{key}: the '{package}' package is not installed; "
+                                 f"run `make install` (or pip install {package}) or set logging.{key}=false")
+        return self
+
+
+class CheckpointConfig(Strict):
+    """Checkpoints under run_dir/checkpoints (also written on SIGTERM, /control/checkpoint and a non-finite stop)."""
+
+    every: int = Field(0, ge=0, description="write one every E learner steps; 0 = only when asked (see above)")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept; older ones are deleted once a newer one is complete")
