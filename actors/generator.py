@@ -19,7 +19,7 @@ from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.pipeline.resources import pin_process
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
-from async_rlhf.pipeline.vineppo import (
+from learners.advantages.monte_carlo import (
     MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
 )
 from async_rlhf.weights.shm_ring import parse_slot_location

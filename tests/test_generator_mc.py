@@ -15,7 +15,8 @@ from actors.generator import GeneratorActor
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.config.run import load_config
 from async_rlhf.rollout import Prompt
-from async_rlhf.pipeline.vineppo import MCRequest, delimiter_splitter, step_delimiter_ids
+from async_rlhf.pipeline.vineppo import step_delimiter_ids
+from learners.advantages.monte_carlo import MCRequest, delimiter_splitter
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

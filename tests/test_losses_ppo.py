@@ -15,7 +15,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.run import validate_config
 from learners.losses import LOSSES, LossInputs, get_loss
-from learners.losses.gae import clipped_value_loss, gae, kl_shaped_rewards, last_token_onehot, whiten
+from learners.advantages.gae import clipped_value_loss, gae, kl_shaped_rewards, last_token_onehot, whiten
 
 LN2 = math.log(2.0)
 PAD, REF_PAD, VALUE_PAD = 99.0, -77.0, 55.0

@@ -17,7 +17,8 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.run import load_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
-from async_rlhf.pipeline.vineppo import MCBatch, MCCost, MCRequest, attach_advantages, continuation_seed, state_values, step_delimiter_ids
+from async_rlhf.pipeline.vineppo import MCCost, attach_advantages, step_delimiter_ids
+from learners.advantages.monte_carlo import MCBatch, MCRequest, continuation_seed, state_values
 from learners.logprobs import mc_advantages
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.vineppo import select_valued

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from learners.losses.gae import clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
+from learners.advantages.gae import clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
 from learners.losses.pg import clip_fraction, clipped_surrogate, policy_log_ratio, required, token_mean
 from learners.losses.registry import LossInputs, LossParams, register_loss
 

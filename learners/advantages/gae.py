@@ -1,7 +1,7 @@
 """Per-token advantage building blocks: KL-shaped token rewards, GAE, whitening, clipped value loss.
 
-Shared by `ppo` (and usable by any loss that has per-token values or advantages, e.g. VinePPO's
-whitening). Tensors follow `LossInputs`: [B, C] per completion token, 0 at padding, `mask` 1 on real
+Used by the `ppo` loss (learners/losses/ppo.py), and usable by any loss that has per-token values or
+advantages. Tensors follow `LossInputs`: [B, C] per completion token, 0 at padding, `mask` 1 on real
 tokens. Every completion is treated as terminal after its last real token (V = 0 there): the reward
 is the scorer's verdict on the finished text, also for completions cut at max_new_tokens.
 """

@@ -1,4 +1,5 @@
-"""VinePPO's Monte Carlo pieces on hand-built token ids, with the numbers worked out in comments.
+"""VinePPO's Monte Carlo estimator (learners/advantages/monte_carlo.py) on hand-built token ids, with the
+numbers worked out in comments.
 
 Token ids used throughout: NL = 9 is the step delimiter (newline), EOS = 2, everything else is
 an ordinary token. The prompt P = (1, 5, 6) is BOS and two characters.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from async_rlhf.pipeline.vineppo import (
+from learners.advantages.monte_carlo import (
     MCStates, State, StepSplit, batch_advantages, delimiter_splitter, gather_states, mc_value, split_response,
     step_advantages, step_states, token_advantages,
 )
