@@ -11,6 +11,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import load_config
 from async_rlhf.config.task import TaskConfig
+from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.policies.embedded import build_tokenizer, checkpoint_name, ensure_embedded_policy, ensure_policy, sft_example
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import (
@@ -21,6 +22,12 @@ from reward_models.rules import SCORER_TASK, SCORERS, arith_exact, arith_partial
 ROOT = Path(__file__).resolve().parents[1]
 ARITH_YAML = ROOT / "configs" / "arith.yaml"
 LINE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
+
+
+def pydantic_choices(names) -> str:
+    """How pydantic lists a Literal's values in its error: 'a', 'b' or 'c'."""
+    quoted = [f"'{n}'" for n in names]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +267,7 @@ def test_arith_config_validates() -> None:
         (["reward.gold=sort_exact"], "reward.gold: scorer 'sort_exact' does not score task 'arith'"),
         (["task.name=sort"], "reward.train: scorer 'arith_partial' does not score task 'sort'; "
                              "valid for sort: sort_exact, sort_partial"),
-        (["task.name=chess"], "task.name: Input should be 'sort', 'arith' or 'dataset' (got 'chess')"),
+        (["task.name=chess"], f"task.name: Input should be {pydantic_choices(TASK_SHAPES)} (got 'chess')"),
         (["task.min_steps=4", "task.max_steps=2"], "task.min_steps (4) must be <= task.max_steps (2)"),
         (["task.min_operand=9", "task.max_operand=3"], "task.min_operand (9) must be <= task.max_operand (3)"),
         (["task.max_operand=50"], "task.max_operand: Input should be less than or equal to 49"),

@@ -20,6 +20,7 @@ from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.run import validate_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.logprobs import behaviour_logprobs
+from learners.loss_traits import builtin_losses
 from learners.losses import (
     LOSSES,
     LossImportError,
@@ -232,11 +233,14 @@ def test_truncated_is_grpo_hand_worked():
 
 
 def test_importance_sampling_is_refused_for_losses_that_do_not_support_it():
-    for name in ("online_dpo", "ipo", "best_of_n_sft"):
+    declared = builtin_losses()
+    able = ", ".join(sorted(n for n, t in declared.items() if t.supports_importance_sampling))
+    assert able and len(able.split(", ")) < len(declared)  # both kinds exist
+    for name in (n for n, t in declared.items() if not t.supports_importance_sampling):
         assert not LOSSES[name].supports_importance_sampling
         with pytest.raises(ConfigError, match=f"loss.importance_sampling: loss '{name}' does not support "
-                                              "'truncated'; set loss.importance_sampling=none or use one of: "
-                                              "grpo, proximal_rloo, rloo, vineppo$"):
+                                              f"'truncated'; set loss.importance_sampling=none or use one of: "
+                                              f"{able}$"):
             validate_config({"loss": {"name": name, "importance_sampling": "truncated"}})
     assert validate_config({"loss": {"name": "grpo", "importance_sampling": "truncated"}}).loss.is_cap == 2.0
     with pytest.raises(ConfigError, match="loss.is_cap"):

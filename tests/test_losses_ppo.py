@@ -14,6 +14,7 @@ import torch
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.run import validate_config
+from learners.loss_traits import builtin_losses
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.advantages.gae import clipped_value_loss, gae, kl_shaped_rewards, last_token_onehot, whiten
 
@@ -21,6 +22,10 @@ LN2 = math.log(2.0)
 PAD, REF_PAD, VALUE_PAD = 99.0, -77.0, 55.0
 # Two rows of 2 real tokens and one padded column.
 MASK = [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+
+
+IS_ABLE = ", ".join(sorted(n for n, t in builtin_losses().items() if t.supports_importance_sampling))
+EPOCHS_ABLE = ", ".join(sorted(n for n, t in builtin_losses().items() if t.supports_epochs))
 
 
 def t(rows: list[list[float]], pad: float = PAD) -> torch.Tensor:
@@ -186,10 +191,10 @@ def test_ppo_config_defaults_and_k_of_one():
 @pytest.mark.parametrize("override, message", [
     ({"name": "grpo", "ppo_epochs": 2},
      "config error: loss.ppo_epochs: loss 'grpo' takes one optimizer step per batch; set loss.ppo_epochs=1 "
-     "or use one of: ppo"),
+     f"or use one of: {EPOCHS_ABLE}"),
     ({"name": "ppo", "importance_sampling": "truncated"},
      "config error: loss.importance_sampling: loss 'ppo' does not support 'truncated'; set "
-     "loss.importance_sampling=none or use one of: grpo, proximal_rloo, rloo, vineppo"),
+     f"loss.importance_sampling=none or use one of: {IS_ABLE}"),
     ({"name": "ppo", "lam": 1.5}, "config error: loss.lam: Input should be less than or equal to 1 (got 1.5)"),
     ({"name": "ppo", "value_lr": 0}, "config error: loss.value_lr: Input should be greater than 0 (got 0)"),
 ])
