@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -153,14 +154,26 @@ def vader_compound(prompt: Prompt, text: str) -> float:
     return float(_vader().polarity_scores(_clean(text))["compound"])
 
 
-SCORERS: dict[str, Scorer] = {
-    "sort_partial": sort_partial, "sort_exact": sort_exact, "arith_partial": arith_partial, "arith_exact": arith_exact,
-    "reference_exact": reference_exact, "reference_contains": reference_contains,
-    "reference_final": reference_final, "reference_similarity": reference_similarity, "vader_compound": vader_compound,
+@dataclass(frozen=True)
+class Rule:
+    """A registered scorer: its function, the task it scores (the config checks reward.* against task.name)
+    and whether it compares with the prompt's reference answer (the config then needs a reference column)."""
+
+    fn: Scorer
+    task: str
+    needs_reference: bool = False
+
+
+# The registry of rule scorers; the views below (and the config's reward.* choices) are derived from it.
+RULES: dict[str, Rule] = {
+    "sort_partial": Rule(sort_partial, "sort"), "sort_exact": Rule(sort_exact, "sort"),
+    "arith_partial": Rule(arith_partial, "arith"), "arith_exact": Rule(arith_exact, "arith"),
+    "reference_exact": Rule(reference_exact, "dataset", True),
+    "reference_contains": Rule(reference_contains, "dataset", True),
+    "reference_final": Rule(reference_final, "dataset", True),
+    "reference_similarity": Rule(reference_similarity, "dataset", True),
+    "vader_compound": Rule(vader_compound, "dataset"),
 }
-SCORER_TASK: dict[str, str] = {  # the task each scorer scores (config checks reward.* against task.name)
-    "sort_partial": "sort", "sort_exact": "sort", "arith_partial": "arith", "arith_exact": "arith",
-    "reference_exact": "dataset", "reference_contains": "dataset", "reference_final": "dataset",
-    "reference_similarity": "dataset", "vader_compound": "dataset",
-}
-NEEDS_REFERENCE = frozenset({"reference_exact", "reference_contains", "reference_final", "reference_similarity"})
+SCORERS: dict[str, Scorer] = {name: rule.fn for name, rule in RULES.items()}
+SCORER_TASK: dict[str, str] = {name: rule.task for name, rule in RULES.items()}
+NEEDS_REFERENCE = frozenset(name for name, rule in RULES.items() if rule.needs_reference)

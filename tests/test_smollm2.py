@@ -16,7 +16,7 @@ QUESTIONS = ["Write a two-sentence review of a musical about two rival bakers in
 
 
 def test_unprepared_name_says_how_to_prepare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from async_rlhf.policies.pretrained import model_dir, resolve_model_path
+    from async_rlhf.config.pretrained_names import model_dir, resolve_model_path
 
     monkeypatch.setenv("ASYNC_RLHF_CACHE", str(tmp_path))
     assert model_dir("smollm2") == tmp_path / "models" / "smollm2"

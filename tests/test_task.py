@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 
 from async_rlhf.config.task import TaskConfig
+from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import Prompt
-from async_rlhf.tasks.builtin import EVAL_ID_OFFSET, SortTask, is_eval_digits
-from reward_models.rules import SCORERS, sort_exact, sort_partial
+from async_rlhf.tasks.builtin import EVAL_ID_OFFSET, TASKS, SortTask, is_eval_digits
+from reward_models.rules import SCORER_TASK, SCORERS, sort_exact, sort_partial
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +130,16 @@ def test_garbage_hand_worked() -> None:
 
 def test_scorer_registry() -> None:
     assert {k: SCORERS[k] for k in ("sort_partial", "sort_exact")} == {"sort_partial": sort_partial, "sort_exact": sort_exact}
+
+
+def test_every_scorer_scores_a_registered_task_and_every_task_has_one() -> None:
+    assert set(SCORER_TASK.values()) == set(TASK_SHAPES)
+
+
+def test_task_classes_match_the_task_registry() -> None:
+    """The config knows a task by its shape; the prompt streams are a class per shape, with its attributes."""
+    assert set(TASKS) == set(TASK_SHAPES)
+    for name, cls in TASKS.items():
+        shape = TASK_SHAPES[name]
+        assert (cls.name, cls.chars, cls.context_len, cls.step_end_chars) == (
+            shape.name, shape.chars, shape.context_len, shape.step_end_chars)

@@ -39,7 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _base_dir(value: str) -> Path:
-    from async_rlhf.policies.pretrained import resolve_model_path
+    from async_rlhf.config.pretrained_names import resolve_model_path
 
     try:
         path = resolve_model_path(value)

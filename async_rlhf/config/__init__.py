@@ -5,8 +5,8 @@ Owns the pydantic models of a run: the root `RunConfig` and how a config is read
 `queue:` and `mc_values:`), `reward`, `loss`, `learner` (also `weight_sync:`) and `runtime` (`ray:`,
 `resources:`, `api:`, `eval:`, `logging:`, `checkpoint:`). Besides: the shared base model and its one-line
 errors (`base`), the static side of each task, i.e. the task-name registry and the size bounds the config
-checks (`task_shapes`), secret redaction (`redaction`) and the GPU micro-batch sizing check (`gpu_sizing`).
-It may import `async_rlhf.failures`, `async_rlhf.rollout`, `async_rlhf.policies.pretrained` (registered model
-names) and the torch-free registries of `learners` (`learners.loss_traits`) and `reward_models`; never
-`async_rlhf.tasks` or the rest of `async_rlhf` (every other package reads the config, so it sits at the bottom).
+checks (`task_shapes`), the registered pretrained model names (`pretrained_names`), secret redaction
+(`redaction`) and the GPU micro-batch sizing check (`gpu_sizing`). It may import `async_rlhf.failures`,
+`async_rlhf.rollout` and the torch-free registries of `learners` (`learners.loss_traits`) and `reward_models`;
+nothing else in `async_rlhf` (every other package reads the config, so it sits at the bottom).
 """

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
+from async_rlhf.config.pretrained_names import resolve_model_path
 
 
 class EmbeddedModelConfig(Strict):
@@ -72,10 +73,8 @@ class ModelConfig(Strict):
     @field_validator("path", "reference_path")
     @classmethod
     def _absolute(cls, path: Path | None) -> Path | None:
-        # A registered name (async_rlhf/policies/pretrained.py, e.g. smollm2) is its prepared cache directory. Ray workers
-        # need not share the driver's working directory: hand them absolute paths.
-        from async_rlhf.policies.pretrained import resolve_model_path
-
+        # A registered name (e.g. smollm2) is its prepared cache directory. Ray workers need not share the
+        # driver's working directory: hand them absolute paths.
         return resolve_model_path(path).absolute() if path is not None else None
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from async_rlhf.config.redaction import readable_saved_config, redacted
 from async_rlhf.config.reward import RewardConfig
 from async_rlhf.config.runtime import ApiConfig, CheckpointConfig, EvalConfig, LoggingConfig, RayConfig, ResourcesConfig
 from async_rlhf.config.task import TASK_DEFAULTS, TaskConfig
+from reward_models.rules import NEEDS_REFERENCE, SCORER_TASK
 
 
 class RunConfig(Strict):
@@ -124,8 +125,6 @@ class RunConfig(Strict):
 
     def _check_task_fit(self) -> None:
         """Scorers score this task; its prompts and answers fit the generation budget and model."""
-        from reward_models.rules import NEEDS_REFERENCE, SCORER_TASK
-
         task, gen = self.task.name, self.generation
         roles = ("gold",) if self.reward.train_replaced else ("train", "gold")
         for role in roles:

