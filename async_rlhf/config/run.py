@@ -125,39 +125,43 @@ class RunConfig(Strict):
 
     def _check_task_fit(self) -> None:
         """Scorers score this task; its prompts and answers fit the generation budget and model."""
-        task, gen = self.task.name, self.generation
-        roles = ("gold",) if self.reward.train_replaced else ("train", "gold")
-        for role in roles:
-            scorer = getattr(self.reward, role)
-            if SCORER_TASK[scorer] != task:
-                valid = ", ".join(sorted(s for s, t in SCORER_TASK.items() if t == task))
-                raise ValueError(
-                    f"reward.{role}: scorer '{scorer}' does not score task '{task}'; valid for {task}: {valid}"
-                )
-            if scorer in NEEDS_REFERENCE and self.task.dataset is not None and self.task.dataset.reference_column is None:
-                raise ValueError(f"reward.{role}: scorer '{scorer}' compares with a reference answer; "
-                                 f"set task.dataset.reference_column")
-        if task == "dataset" and self.model.source != "local":
+        self._check_scorers()
+        if self.task.name == "dataset" and self.model.source != "local":
             raise ValueError("task.name=dataset needs model.source=local and model.path (the embedded model knows "
                              "only its own tasks; `async-rlhf export-model DIR` writes it as a checkpoint)")
-        prompt_len = self.task.max_prompt_tokens
-        if prompt_len + gen.max_new_tokens > gen.max_model_len:
-            raise ValueError(
-                f"generation.max_model_len ({gen.max_model_len}) is shorter than the longest "
-                f"prompt ({prompt_len}) + generation.max_new_tokens ({gen.max_new_tokens})"
-            )
-        if gen.max_new_tokens < self.task.max_answer_tokens:
-            raise ValueError(
-                f"generation.max_new_tokens ({gen.max_new_tokens}) is shorter than the longest correct answer "
-                f"of task '{task}' ({self.task.max_answer_tokens} tokens with EOS)"
-            )
+        self._check_lengths()
         self._check_local_context()
-        context = self.task.shape.context_len
-        if self.model.source == "embedded" and gen.max_model_len > context:
-            raise ValueError(
-                f"generation.max_model_len ({gen.max_model_len}) exceeds the embedded model's context for "
-                f"task '{task}' ({context})"
-            )
+        self._check_embedded_context()
+
+    def _check_scorers(self) -> None:
+        roles = ("gold",) if self.reward.train_replaced else ("train", "gold")
+        for role in roles:
+            self._check_scorer(role, getattr(self.reward, role))
+
+    def _check_scorer(self, role: str, scorer: str) -> None:
+        task, dataset = self.task.name, self.task.dataset
+        if SCORER_TASK[scorer] != task:
+            valid = ", ".join(sorted(s for s, t in SCORER_TASK.items() if t == task))
+            raise ValueError(f"reward.{role}: scorer '{scorer}' does not score task '{task}'; valid for {task}: {valid}")
+        if scorer in NEEDS_REFERENCE and dataset is not None and dataset.reference_column is None:
+            raise ValueError(f"reward.{role}: scorer '{scorer}' compares with a reference answer; "
+                             f"set task.dataset.reference_column")
+
+    def _check_lengths(self) -> None:
+        """The longest prompt and the longest correct answer fit the generation budget."""
+        gen, prompt_len, answer_len = self.generation, self.task.max_prompt_tokens, self.task.max_answer_tokens
+        if prompt_len + gen.max_new_tokens > gen.max_model_len:
+            raise ValueError(f"generation.max_model_len ({gen.max_model_len}) is shorter than the longest "
+                             f"prompt ({prompt_len}) + generation.max_new_tokens ({gen.max_new_tokens})")
+        if gen.max_new_tokens < answer_len:
+            raise ValueError(f"generation.max_new_tokens ({gen.max_new_tokens}) is shorter than the longest correct "
+                             f"answer of task '{self.task.name}' ({answer_len} tokens with EOS)")
+
+    def _check_embedded_context(self) -> None:
+        context, max_len = self.task.shape.context_len, self.generation.max_model_len
+        if self.model.source == "embedded" and max_len > context:
+            raise ValueError(f"generation.max_model_len ({max_len}) exceeds the embedded model's context for "
+                             f"task '{self.task.name}' ({context})")
 
     def _check_local_context(self) -> None:
         """A local checkpoint's positions bound generation.max_model_len (vLLM would fail late, in a worker)."""
