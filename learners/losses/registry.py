@@ -24,7 +24,7 @@ The declarations are a `LossTraits` (learners/loss_traits.py), which reads a bui
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any, Callable, Literal, Protocol
 
@@ -126,8 +126,7 @@ def register_loss(name: str, *, select: Selector | None = None, **declared: Any)
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss '{name}' is already registered (by {LOSSES[name].fn.__module__})")
-        declarations = {f: getattr(traits, f) for f in LossTraits.__dataclass_fields__}
-        LOSSES[name] = LossSpec(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), select=chosen, **declarations)
+        LOSSES[name] = LossSpec(name=name, fn=fn, doc=(fn.__doc__ or "").strip(), select=chosen, **asdict(traits))
         return fn
 
     return wrap
