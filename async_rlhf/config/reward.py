@@ -44,8 +44,9 @@ class LearnedRewardConfig(Strict):
 class RewardConfig(Strict):
     """Scorers by role; each scores one task (checked against task.name in RunConfig)."""
 
-    train: ScorerName = Field("sort_partial", description="reward the learner optimises (proxy)")
-    gold: ScorerName = Field("sort_exact", description="evaluation-only reward (gold)")
+    train: ScorerName = Field(  # type: ignore[valid-type]
+        "sort_partial", description="reward the learner optimises (proxy)")
+    gold: ScorerName = Field("sort_exact", description="evaluation-only reward (gold)")  # type: ignore[valid-type]
     timeout_s: float = Field(30.0, gt=0)
     remote: RemoteRewardConfig | None = Field(
         None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"

@@ -142,7 +142,8 @@ class RunConfig(Strict):
         task, dataset = self.task.name, self.task.dataset
         if SCORER_TASK[scorer] != task:
             valid = ", ".join(sorted(s for s, t in SCORER_TASK.items() if t == task))
-            raise ValueError(f"reward.{role}: scorer '{scorer}' does not score task '{task}'; valid for {task}: {valid}")
+            raise ValueError(f"reward.{role}: scorer '{scorer}' does not score task '{task}'; "
+                             f"valid for {task}: {valid}")
         if scorer in NEEDS_REFERENCE and dataset is not None and dataset.reference_column is None:
             raise ValueError(f"reward.{role}: scorer '{scorer}' compares with a reference answer; "
                              f"set task.dataset.reference_column")

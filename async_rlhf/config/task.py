@@ -127,7 +127,7 @@ class TaskConfig(Strict):
     The digit knobs apply to sort only, the step and operand knobs to arith only.
     """
 
-    name: TaskName = "sort"
+    name: TaskName = "sort"  # type: ignore[valid-type]
     dataset: DatasetConfig | None = Field(None, description="required when name=dataset")
     min_digits: int = Field(4, ge=1, le=32, description="sort: shortest digit string")
     max_digits: int = Field(7, ge=2, le=32, description="sort: longest digit string")
