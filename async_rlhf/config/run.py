@@ -203,7 +203,7 @@ def _describe(err: dict[str, Any]) -> str:
 
 
 def validate_config(data: dict[str, Any], environment: bool = True) -> RunConfig:
-    """`environment=False` checks the config alone (see config_base.environment_checks)."""
+    """`environment=False` checks the config alone (see base.environment_checks)."""
     try:
         return RunConfig.model_validate(data, context={"environment": environment})
     except ValidationError as exc:

@@ -138,7 +138,7 @@ def train_sft(model: LlamaForCausalLM, task: Task, emb: EmbeddedModelConfig, log
 def recipe(emb: EmbeddedModelConfig, task_cfg: TaskConfig) -> dict:
     """Everything that determines the weights (eval_prompts does not, so it is left out)."""
     return {
-        "recipe_version": RECIPE_VERSION,  # the task's own data version is in its recipe (tasks.py)
+        "recipe_version": RECIPE_VERSION,  # the task's own data version is in its recipe (tasks/builtin.py)
         "embedded": emb.model_dump(mode="json"),
         "task": task_class(task_cfg.name).recipe(task_cfg),
     }

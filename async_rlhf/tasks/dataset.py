@@ -183,7 +183,7 @@ def in_eval_fraction(text: str, fraction: float) -> bool:
 
 
 class DatasetTask:
-    """Train and eval prompt streams over a user's dataset (the `Task` protocol of tasks.py)."""
+    """Train and eval prompt streams over a user's dataset (the `Task` protocol of builtin.py)."""
 
     name: ClassVar[str] = "dataset"
     chars: ClassVar[str] = TASK_SHAPES[name].chars  # "": the policy brings its own tokenizer
