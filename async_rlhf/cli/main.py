@@ -8,12 +8,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.config.run import ConfigError, RunConfig, config_yaml, load_config
 from async_rlhf.failures import failure_line
+
+if TYPE_CHECKING:
+    from async_rlhf.pipeline.controller import ServiceStarter
 
 BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl",
               "weight_sync"]
@@ -89,7 +92,7 @@ class ProgressBar:
             self.bar.close()
 
 
-def api_starter(cfg: RunConfig) -> Callable | None:
+def api_starter(cfg: RunConfig) -> "ServiceStarter | None":
     """The HTTP API as the run's service (FastAPI and uvicorn are imported only when it is served)."""
     if not cfg.api.enabled:
         return None

@@ -8,7 +8,8 @@ so a reading may be a few milliseconds inconsistent across answers but never rai
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from async_rlhf.config.run import RunConfig
@@ -128,7 +129,8 @@ class RunView:
 
     @property
     def queue_counters(self) -> QueueCounters:
-        return self._queue.counters
+        counters = self._queue.counters
+        return replace(counters, staleness=Counter(counters.staleness))
 
     def queue_snapshot(self) -> dict:
         return self._queue.snapshot()
@@ -172,7 +174,7 @@ class RunView:
 
     @property
     def mc_cost(self) -> MCCost:
-        return self._stats.mc_cost
+        return replace(self._stats.mc_cost)
 
     def mc_record(self) -> dict:
         """VinePPO's MC cost so far (cumulative), or nothing for losses without MC values."""
