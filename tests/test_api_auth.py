@@ -48,3 +48,12 @@ def test_fixed_delay_refuses_a_new_bound(tmp_path: Path) -> None:
         res = client.put("/control/max_staleness", json={"max_staleness": 4},
                          headers={"Authorization": "Bearer secret-token-0123456"})
     assert res.status_code == 409 and "staleness_mode=fixed" in res.json()["detail"]
+
+
+def test_train_serves_the_api_only_when_enabled() -> None:
+    from async_rlhf.api.app import serve_api
+    from async_rlhf.cli.main import api_starter
+    from async_rlhf.config.run import RunConfig
+
+    assert api_starter(RunConfig()) is serve_api
+    assert api_starter(RunConfig(api={"enabled": False})) is None
