@@ -14,7 +14,6 @@ replaces a dead learner. Readers (status, metrics, summary, the HTTP API) get `v
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,11 @@ from typing import Any, Callable, Protocol
 import ray
 
 from async_rlhf.checkpoint.resume import (
-    ControllerSnapshot, fail_pending_checkpoints, restore, restore_checkpoint, take_checkpoints,
+    ControllerSnapshot,
+    fail_pending_checkpoints,
+    restore,
+    restore_checkpoint,
+    take_checkpoints,
 )
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.run import RunConfig

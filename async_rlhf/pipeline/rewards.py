@@ -9,8 +9,8 @@ from typing import Any
 import ray
 
 from actors.generator import GenerationResult
-from async_rlhf.config.run import RunConfig
 from async_rlhf.config.redaction import redact_url
+from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
