@@ -1,7 +1,8 @@
 """Pipeline: the asynchronous loop that turns prompts into learner steps.
 
 Owns the controller and its event loop (`controller`) and the loop's roles, a class each: the workers'
-start-up (`builder`), the generators (`generators`), reward calls (`rewards`), evaluations (`eval_schedule`
+start-up (`builder`), the generators (`generators`), reward calls (`rewards`), the learner's steps
+(`learner_steps`), evaluations (`eval_schedule`
 over `evaluation`), the run-stopping checks (`watchdogs`) and learner failover (`failover`). Also the run's
 shared state (`state`), its read-only view and status document (`view`, `status`: what the API, metrics,
 summary and checkpoints read), the rollout queue and the generation gate (`queue`), control commands from

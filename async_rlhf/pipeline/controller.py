@@ -7,7 +7,8 @@ The loop is event driven (`ray.wait` on whatever is in flight). Two rules keep i
 With max_staleness=0 the gate alone makes the run fully synchronous (generate, train, sync).
 
 What happens around the loop is each a role of its own: `builder.ComponentBuilder` starts the workers,
-`generators.GeneratorPool` feeds and recovers the generators, `rewards.RewardBook` scores, `watchdogs`
+`generators.GeneratorPool` feeds and recovers the generators, `rewards.RewardBook` scores,
+`learner_steps.LearnerSteps` hands batches to the learner and publishes its weights, `watchdogs`
 stops a run that cannot go on, `eval_schedule.EvalSchedule` evaluates and `failover.LearnerFailover`
 replaces a dead learner. Readers (status, metrics, summary, the HTTP API) get `view`, a `RunView`.
 """
@@ -33,19 +34,20 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.sinks import make_sinks
-from async_rlhf.outputs.summary import run_summary, step_record
-from async_rlhf.outputs.timeline import Timeline, record_learner_step
+from async_rlhf.outputs.summary import run_summary
+from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.builder import ComponentBuilder, make_broker
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.failover import LearnerFailover
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.learner_steps import LearnerSteps
 from async_rlhf.pipeline.placement import check_started_cluster, use_gpus
-from async_rlhf.pipeline.queue import GateInputs, RolloutQueue, take_limit
+from async_rlhf.pipeline.queue import GateInputs, RolloutQueue
 from async_rlhf.pipeline.resources import plan_cores
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.startup import StartupClock
-from async_rlhf.pipeline.state import Components, LearnerJob, LoopState, RunPhase, RunStats
+from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.pipeline.view import RunView
 from async_rlhf.pipeline.watchdogs import Watchdogs
@@ -103,6 +105,8 @@ class Controller:
                                         self.pool, self.rewards, self.builder, self.restore)
         self.view = RunView(cfg, run_dir, self.state, self.stats, self.queue, self.timing, self.recorder, self.control,
                             self.pool, self.parts, self.startup)
+        self.steps = LearnerSteps(cfg, self.parts, self.state, self.stats, self.queue, self.broker, self.timing,
+                                  self.timeline, self.recorder, self.view)
 
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,24 +253,8 @@ class Controller:
         self.state.outstanding -= self.queue.drop_stale(self.state.steps_taken)
 
     def _dispatch_learning(self) -> None:
-        st = self.state
-        if st.learner_job is not None or st.steps_taken >= self.cfg.learner.steps:
-            return
-        if self.control.paused or self.control.stop_requested:
-            return
-        dropped_before = self.queue.counters.dropped_stale
-        batch = self.queue.take(self.cfg.generation.prompts_per_step, st.steps_taken, take_limit(self.gate_inputs()))
-        st.outstanding -= self.queue.counters.dropped_stale - dropped_before  # none after _drop_stale
-        if batch is None:
-            return
-        st.outstanding -= len(batch)
-        st.steps_taken += 1
-        self.timing.add("learner_wait_s", time.perf_counter() - st.learner_idle_since)
-        version = self.broker.latest_version + 1
-        learner = self.parts.learner
-        train_ref = learner.train_step.remote(batch)
-        save_ref = learner.save_weights.remote(self.broker.staging_location(version))
-        st.learner_job = LearnerJob(train_ref, save_ref, batch, version, time.perf_counter())
+        if not (self.control.paused or self.control.stop_requested):
+            self.steps.dispatch(self.gate_inputs)
 
     def _wait_and_handle(self) -> None:
         pending, probes = self.pool.jobs(), self.pool.probes()
@@ -290,42 +278,14 @@ class Controller:
             self._on_learned()
 
     def _on_learned(self) -> None:
-        job, st = self.state.learner_job, self.state
-        metrics = ray.get(job.train_ref)
-        ray.get(job.save_ref)
-        elapsed = time.perf_counter() - job.dispatched_at
-        self.broker.publish(job.version)
-        st.learner_job = None
-        st.learner_idle_since = time.perf_counter()
-        st.last_progress = time.monotonic()
-        self.timing.add("learn_busy_s", metrics["step_s"])
-        self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
-        self._balance_cores()
-        record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
-        self._record(job, metrics)
+        job, metrics, record = self.steps.finish()
+        self.progress(record)
         self.watchdogs.check_finite(metrics)  # after logging: the skipped steps stay on record
         self.watchdogs.check_rewarded(job.batch)
         self.evals.after_step(job.version)
         every = self.cfg.checkpoint.every
         if every and job.version % every == 0:
             self.control.request_checkpoint()  # taken at the next safe point, before anything is dispatched
-
-    def _record(self, job: LearnerJob, metrics: dict) -> None:
-        record = step_record(self.view, job.batch, job.version, metrics)
-        self.stats.last_step = record
-        self.stats.gap_tally.add(metrics)
-        self.recorder.log_step(record)
-        self.progress(record)
-
-    def _balance_cores(self) -> None:
-        balancer = self.parts.balancer
-        if balancer is None:
-            return
-        t = self.timing
-        cores = balancer.observe(t.elapsed("loop_s"), t.get("learn_busy_s"), t.get("gen_busy_s"),
-                                 self.state.steps_taken, len(self.pool.slots))
-        if cores is not None:  # ordered before the next train_step on the learner actor
-            self.parts.learner.set_cores.remote(cores)
 
     # ---- the end ------------------------------------------------------------------------
     def _finish(self, initial: dict) -> dict:
