@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from async_rlhf.weights.broker import WeightRef
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.weights.nccl import check_generator_version
-from async_rlhf.pipeline.resources import pin_process
+from async_rlhf.cluster.resources import pin_process
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
 from learners.advantages.monte_carlo import (
     MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,

@@ -4,7 +4,7 @@
 
 Every run is `async-rlhf train configs/quickstart.yaml seed=S queue.max_staleness=N learner.steps=STEPS
 eval.every=0`: the same prompts, episodes and steps; only the staleness bound differs. Cores
-(async_rlhf/pipeline/resources.py, `resources.pin_cores: auto`): at N = 0 the phases never overlap, so the
+(async_rlhf/cluster/resources.py, `resources.pin_cores: auto`): at N = 0 the phases never overlap, so the
 generator and the learner each get both cores; at N >= 1 the generator process (and its vLLM engine
 process) is pinned to core 0 and the learner to core 1, so they can run at once without fighting.
 

@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.pipeline.placement import in_bundle, learner_options, reserve, use_gpus
+from async_rlhf.cluster.placement import in_bundle, learner_options, reserve, use_gpus
 from learners.distributed import RankInfo, free_port
 from learners.learner import Learner
 

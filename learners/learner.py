@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from async_rlhf.config.learner import LearnerConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.weights.nccl import NcclLayout, nccl_version
-from async_rlhf.pipeline.resources import pin_process
+from async_rlhf.cluster.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed

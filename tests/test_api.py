@@ -17,7 +17,9 @@ import httpx
 import pytest
 
 from async_rlhf.config.run import load_config
+from async_rlhf.api.app import serve_api
 from async_rlhf.pipeline.controller import Controller
+from async_rlhf.pipeline.state import RunPhase
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def live(ray_local, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("api-run")
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
                       ["learner.steps=100000", "eval.every=0", "task.eval_prompts=16", f"api.token={TOKEN}"])
-    controller = Controller(cfg, run_dir)
+    controller = Controller(cfg, run_dir, services=serve_api)
     thread = threading.Thread(target=controller.run, daemon=True)
     thread.start()
     url = wait_for(lambda: (run_dir / "api_url").is_file() and (run_dir / "api_url").read_text().strip())
@@ -191,7 +193,7 @@ def test_stop_ends_the_run_cleanly(live) -> None:
     bound = c.get("/queue").json()["max_staleness"]  # whatever the fuzz pass left it at
     assert c.post("/control/stop", headers=auth()).json()["ok"]
     live["thread"].join(timeout=300)
-    assert not live["thread"].is_alive() and live["controller"].phase == "finished"
+    assert not live["thread"].is_alive() and live["controller"].view.phase is RunPhase.FINISHED
     summary = json.loads((live["run_dir"] / "summary.json").read_text())
     assert summary["stopped_early"] and summary["max_staleness"] == bound
     assert (live["run_dir"] / "final" / "model.safetensors").is_file()

@@ -32,20 +32,28 @@ def test_reads_need_the_token_when_not_on_loopback() -> None:
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0")
     # The auth dependency refuses before any controller state is read, so no run is needed here.
-    with TestClient(create_app(controller=None, token="secret-token-0123456", open_reads=False)) as client:
+    with TestClient(create_app(view=None, control=None, token="secret-token-0123456", open_reads=False)) as client:
         for path in ("/status", "/queue", "/metrics", "/healthz", "/history"):
             assert client.get(path).status_code == 401
             assert client.get(path, headers={"Authorization": "Bearer nope-nope-nope-nope"}).status_code == 403
 
 
-def test_fixed_delay_refuses_a_new_bound() -> None:
+def test_fixed_delay_refuses_a_new_bound(tmp_path: Path) -> None:
     # The broker keeps only the versions a fixed N needs; a new N would ask for ones already freed.
-    from types import SimpleNamespace
-
     from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
 
-    ctl = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")
-    with TestClient(create_app(controller=ctl, token="secret-token-0123456", open_reads=False)) as client:
+    ctl = Controller(RunConfig(queue={"staleness_mode": "fixed"}, api={"enabled": False}), tmp_path)
+    with TestClient(create_app(ctl.view, ctl.control, token="secret-token-0123456", open_reads=False)) as client:
         res = client.put("/control/max_staleness", json={"max_staleness": 4},
                          headers={"Authorization": "Bearer secret-token-0123456"})
     assert res.status_code == 409 and "staleness_mode=fixed" in res.json()["detail"]
+
+
+def test_train_serves_the_api_only_when_enabled() -> None:
+    from async_rlhf.api.app import serve_api
+    from async_rlhf.cli.main import api_starter
+    from async_rlhf.config.run import RunConfig
+
+    assert api_starter(RunConfig()) is serve_api
+    assert api_starter(RunConfig(api={"enabled": False})) is None

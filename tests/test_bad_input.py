@@ -405,7 +405,7 @@ CLUSTER_CASES = [
 
 @pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES, ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
 def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message: str) -> None:
-    from async_rlhf.pipeline.placement import check_cluster
+    from async_rlhf.cluster.placement import check_cluster
 
     cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}", *SHARED_SPLIT], environment=False)
     with pytest.raises(ConfigError) as err:
@@ -414,7 +414,7 @@ def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message:
 
 
 def test_cluster_checks_pass_where_the_transport_fits() -> None:
-    from async_rlhf.pipeline.placement import check_cluster
+    from async_rlhf.cluster.placement import check_cluster
 
     ipc = load_config(QUICKSTART, ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.4"],
                       environment=False)
@@ -424,7 +424,7 @@ def test_cluster_checks_pass_where_the_transport_fits() -> None:
 
 
 def test_cores_are_pinned_only_on_cpu() -> None:
-    from async_rlhf.pipeline.resources import plan_cores
+    from async_rlhf.cluster.resources import plan_cores
 
     cfg = load_config(QUICKSTART, environment=False)
     assert plan_cores(cfg, [0, 1, 2, 3]).pinned
@@ -439,7 +439,7 @@ def test_train_refused_by_the_cluster_exits_2_with_one_line(ray_local, tmp_path:
     """The real CLI and controller start-up on the session's Ray (so `train` starts none of its own); only the
     cluster's GPU and node counts are mocked, as this machine has no GPU and one node. `ray.address` set makes
     the driver skip its own CUDA check, as on a cluster, so the start-time check is the one that refuses."""
-    from async_rlhf.pipeline import placement
+    from async_rlhf.cluster import placement
     from async_rlhf.pipeline.controller import Controller
 
     monkeypatch.setattr(placement, "cluster_counts", lambda: (gpus, nodes))

@@ -20,10 +20,13 @@ class Pingable:
 
 
 def controller(tmp_path: Path, restarts: int = 0, limit: int = 2) -> SimpleNamespace:
-    """The parts of a Controller that the decision reads."""
-    cfg = SimpleNamespace(learner=SimpleNamespace(max_restarts=limit))
-    return SimpleNamespace(cfg=cfg, learner_restarts=restarts, state=SimpleNamespace(steps_taken=7),
-                           checkpoints=CheckpointStore(tmp_path / "checkpoints", keep_last=2))
+    """What the decision reads: the checkpoints, the restarts so far and their limit, the step the learner died at."""
+    return SimpleNamespace(checkpoints=CheckpointStore(tmp_path / "checkpoints", keep_last=2), restarts=restarts,
+                           limit=limit, step=7)
+
+
+def restart_from(c: SimpleNamespace, exc: BaseException):
+    return checkpoint_to_restart_from(c.checkpoints, c.restarts, c.limit, c.step, exc)
 
 
 def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
@@ -40,7 +43,7 @@ def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
 
 def test_without_a_checkpoint_the_run_stops_saying_to_set_checkpoint_every(tmp_path: Path) -> None:
     with pytest.raises(RunError, match=r"died at step 7 \(RuntimeError: learner gone\) and the run has no checkpoint .* set checkpoint\.every"):
-        checkpoint_to_restart_from(controller(tmp_path), RuntimeError("learner gone"))
+        restart_from(controller(tmp_path), RuntimeError("learner gone"))
 
 
 def test_past_max_restarts_the_death_itself_ends_the_run(tmp_path: Path) -> None:
@@ -48,7 +51,7 @@ def test_past_max_restarts_the_death_itself_ends_the_run(tmp_path: Path) -> None
     c.checkpoints.write(5, lambda d: (d / "x").write_text("x"))
     death = RuntimeError("learner gone")
     with pytest.raises(RuntimeError) as caught:
-        checkpoint_to_restart_from(c, death)
+        restart_from(c, death)
     assert caught.value is death  # the CLI turns it into the one line with --resume
 
 
@@ -57,7 +60,7 @@ def test_the_newest_valid_checkpoint_is_the_one_restarted_from(tmp_path: Path) -
     for step in (5, 10):
         c.checkpoints.write(step, lambda d: (d / "x").write_text("x"))
     (c.checkpoints.path_for(10) / "x").write_text("damaged")
-    assert checkpoint_to_restart_from(c, RuntimeError()).step == 5
+    assert restart_from(c, RuntimeError()).step == 5
 
 
 def test_a_rollback_keeps_the_wall_clock_of_open_spans() -> None:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def steps_done(controller: Controller) -> int:
-    return controller.broker.latest_version if hasattr(controller, "broker") else 0
+    return controller.view.published_version
 
 
 def wait_until(predicate, timeout: float) -> None:
@@ -38,7 +38,7 @@ def train_command(run_dir: Path, *overrides: str) -> list[str]:
 
 
 def kill_generator(ray, controller: Controller) -> int:
-    pid = ray.get(controller.generators[0].handle.info.remote())["pid"]
+    pid = ray.get(controller.pool.slots[0].handle.info.remote())["pid"]
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -55,7 +55,7 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     for at_step in (5, 15):
         wait_until(lambda: steps_done(controller) >= at_step, timeout=600)  # set-up included
         killed.append(kill_generator(ray_local, controller))
-        wait_until(lambda: controller.generators[0].restarts == len(killed), timeout=60)
+        wait_until(lambda: controller.view.generators[0].restarts == len(killed), timeout=60)
     thread.join(timeout=600)
     assert not thread.is_alive() and result, "run did not complete"
     assert killed[0] != killed[1]  # the second kill hit the restarted process
@@ -65,7 +65,7 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     assert result["steps"] == steps and result["episodes"] == steps * per_step * 4
     assert sorted(trained) == list(range(steps * per_step))
     assert result["max_staleness_seen"] <= 1 and all(r["staleness_max"] <= 1 for r in records)
-    assert controller.generators[0].restarts == 2
+    assert controller.view.generators[0].restarts == 2
 
 
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
@@ -143,10 +143,10 @@ def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tm
         summary = controller.run()
     finally:
         server.stop()
-        for handle in [controller.learner, controller.reward] + [g.handle for g in controller.generators]:
+        for handle in [controller.parts.learner, controller.parts.reward] + [g.handle for g in controller.pool.slots]:
             ray_local.kill(handle)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    counts = controller.reward_counts
+    counts = controller.view.reward_counts
     assert summary["steps"] == steps  # the run completed despite the faults
     assert counts["failed"] + counts["timed_out"] > 0 and counts["ok"] > 0  # faults did get through the retries
     # Every failed completion is counted once, everywhere, and none was trained as a reward.

@@ -1,4 +1,4 @@
-"""Where the roles land on a GPU cluster (async_rlhf/pipeline/placement.py), checked on CPU.
+"""Where the roles land on a GPU cluster (async_rlhf/cluster/placement.py), checked on CPU.
 
 Ray schedules by declared resources, not by devices: a Ray started with `num_gpus=2` on this CPU machine
 places, packs and assigns GPU ids exactly as it would on a 2-GPU node. No CUDA call is made; the probe
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from async_rlhf.config.run import load_config
-from async_rlhf.pipeline.placement import SHARED_GPU_BUNDLE
+from async_rlhf.cluster.placement import SHARED_GPU_BUNDLE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -25,7 +25,7 @@ import json, sys
 import ray
 from ray.util.placement_group import placement_group_table
 from async_rlhf.config.run import load_config
-from async_rlhf.pipeline.placement import generator_options, learner_options, shared_gpu_group
+from async_rlhf.cluster.placement import generator_options, learner_options, shared_gpu_group
 
 class Probe:
     def where(self):

@@ -22,7 +22,7 @@ def busy_controller(run_dir: Path) -> Controller:
         c.queue.put(make_group(version=6, prompt_id=pid))
     c.queue.counters.dropped_stale, c.queue.counters.staleness = 3, Counter({0: 50, 1: 62})
     c.state.reissue.append(([Prompt(150, "x", [1, 2])], 5))  # with the version it was sampled with
-    c.reward_counts.update(ok=400, failed=5)
+    c.stats.reward_counts.update(ok=400, failed=5)
     c.timing.add("gen_busy_s", 12.5)
     c.queue.max_staleness = 2  # changed over HTTP during the run
     for step in range(1, 8):
@@ -48,7 +48,7 @@ def test_controller_state_round_trips(tmp_path: Path) -> None:
     assert st.outstanding == 3  # two queued + one to re-issue: the gate counts them as issued
     q = after.queue.counters
     assert (q.produced, q.dropped_stale, q.staleness) == (2, 3, Counter({0: 50, 1: 62}))
-    assert after.reward_counts == {"ok": 400, "failed": 5, "timed_out": 0}
+    assert after.stats.reward_counts == {"ok": 400, "failed": 5, "timed_out": 0}
     assert after.timing.get("gen_busy_s") == 12.5
     assert after.control.take_max_staleness() == 2
     assert [r["step"] for r in after.recorder.steps] == list(range(1, 8)) and len(after.recorder.evals) == 1

@@ -12,7 +12,7 @@ import os
 import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -22,75 +22,21 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from async_rlhf.config.run import ApiConfig
 from async_rlhf.api.metrics import prometheus_text
 from async_rlhf.api.serving import ThreadedServer
-from async_rlhf.api.status import health_snapshot, status_snapshot
-
-if TYPE_CHECKING:
-    from async_rlhf.pipeline.controller import Controller
+from async_rlhf.config.run import RunConfig
+from async_rlhf.config.runtime import ApiConfig
+from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.status import Health, Status, health_of, status_of
+from async_rlhf.pipeline.view import RunView
 
 TOKEN_ENV = "ASYNC_RLHF_API_TOKEN"
 CHECKPOINT_TIMEOUT_S = 300.0
 PAGE = Path(__file__).with_name("web") / "index.html"
 
 
-# ---- response and request models --------------------------------------------------------------
-class Component(BaseModel):
-    ok: bool
-    phase: str | None = None
-    heartbeat_age_s: float | None = None
-    version: int | None = None
-
-
-class Health(BaseModel):
-    ok: bool
-    components: dict[str, Component]
-
-
-class GeneratorInfo(BaseModel):
-    generator_id: int
-    version: int
-    busy: bool
-    busy_fraction: float
-    tokens_per_s: float
-    tokens: int
-    restarts: int
-
-
-class LearnerInfo(BaseModel):
-    version: int
-    busy: bool
-    last_step_s: float | None
-    mean_step_s: float | None
-    busy_fraction: float
-    restarts: int
-
-
-class RewardInfo(BaseModel):
-    ok: int
-    failed: int
-    timed_out: int
-    restarts: int
-    healthy: bool
-
-
-class Status(BaseModel):
-    run_id: str
-    run_dir: str
-    phase: str
-    step: int
-    total_steps: int
-    elapsed_s: float
-    eta_s: float | None
-    max_staleness: int
-    queue_depth: int
-    generators: list[GeneratorInfo]
-    learner: LearnerInfo
-    reward_service: RewardInfo
-    last: dict[str, float | None]
-
-
+# ---- response and request models (/status and /healthz: pipeline/status.py) --------------------------------------------------------------
+# Status and Health, the status document, are declared once, in async_rlhf/pipeline/status.py.
 class QueueInfo(BaseModel):
     depth: int
     capacity: int
@@ -137,10 +83,12 @@ def _check_token(expected: str, creds: HTTPAuthorizationCredentials | None) -> N
         raise HTTPException(403, "wrong bearer token (see run_dir/api_token or $ASYNC_RLHF_API_TOKEN)")
 
 
-def create_app(controller: "Controller", token: str, open_reads: bool) -> FastAPI:
+def create_app(view: RunView, control: RunControl, token: str, open_reads: bool) -> FastAPI:
+    """The run's API: reads from `view`, commands posted to `control` (the loop applies them)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.controller = controller
+        app.state.view = view
+        app.state.control = control
         app.state.token = token
         yield
 
@@ -180,31 +128,34 @@ def create_app(controller: "Controller", token: str, open_reads: bool) -> FastAP
     return app
 
 
-def _ctl(request: Request) -> "Controller":
-    return request.app.state.controller
+def _view(request: Request) -> RunView:
+    return request.app.state.view
+
+
+def _control(request: Request) -> RunControl:
+    return request.app.state.control
 
 
 def _add_read_routes(app: FastAPI, auth: Any) -> None:
     @app.get("/healthz", response_model=Health, response_model_exclude_none=True, dependencies=[Depends(auth)])
-    def healthz(request: Request) -> dict:
-        return health_snapshot(_ctl(request))
+    def healthz(request: Request) -> Health:
+        return health_of(_view(request))
 
     @app.get("/status", response_model=Status, dependencies=[Depends(auth)])
-    def status(request: Request) -> dict:
-        return status_snapshot(_ctl(request))
+    def status(request: Request) -> Status:
+        return status_of(_view(request))
 
     @app.get("/queue", response_model=QueueInfo, dependencies=[Depends(auth)])
     def queue(request: Request) -> dict:
-        return _ctl(request).queue.snapshot()
+        return _view(request).queue_snapshot()
 
     @app.get("/history", response_model=History, dependencies=[Depends(auth)])
     def history(request: Request, since: int = Query(0, ge=0, description="skip the first `since` steps")) -> dict:
-        rec = _ctl(request).recorder
-        return {"steps": rec.step_records(since), "evals": list(rec.evals)}
+        return _view(request).history(since)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(auth)])
     def metrics(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(_ctl(request)), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(_view(request)), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -213,40 +164,39 @@ def _add_read_routes(app: FastAPI, auth: Any) -> None:
 
 def _add_control_routes(app: FastAPI, auth: Any) -> None:
     def result(request: Request, action: str, **detail: Any) -> dict:
-        return {"ok": True, "action": action, "phase": _ctl(request).phase, "detail": detail}
+        return {"ok": True, "action": action, "phase": _view(request).phase.value, "detail": detail}
 
     @app.post("/control/pause", response_model=ControlResult, dependencies=[Depends(auth)])
     def pause(request: Request) -> dict:
-        _ctl(request).control.pause()
+        _control(request).pause()
         return result(request, "pause", paused=True)
 
     @app.post("/control/resume", response_model=ControlResult, dependencies=[Depends(auth)])
     def resume(request: Request) -> dict:
-        _ctl(request).control.resume()
+        _control(request).resume()
         return result(request, "resume", paused=False)
 
     @app.post("/control/stop", response_model=ControlResult, dependencies=[Depends(auth)])
     def stop(request: Request) -> dict:
-        _ctl(request).control.stop()
+        _control(request).stop()
         return result(request, "stop", stopping=True)
 
     @app.put("/control/max_staleness", response_model=ControlResult, dependencies=[Depends(auth)],
              responses={409: {"description": "queue.staleness_mode=fixed: the delay is fixed for the run"}})
     def max_staleness(request: Request, body: MaxStalenessRequest) -> dict:
-        ctl = _ctl(request)
-        if ctl.cfg.queue.staleness_mode == "fixed":  # the broker keeps only the N + 2 versions it needs
+        if _view(request).staleness_mode == "fixed":  # the broker keeps only the N + 2 versions it needs
             raise HTTPException(409, "queue.staleness_mode=fixed: max_staleness is the run's fixed delay and "
                                      "cannot change while it runs; start a new run (or use staleness_mode=bound)")
-        ctl.control.request_max_staleness(body.max_staleness)
+        _control(request).request_max_staleness(body.max_staleness)
         return result(request, "max_staleness", requested=body.max_staleness)
 
     @app.post("/control/checkpoint", response_model=ControlResult, dependencies=[Depends(auth)],
               responses={409: {"description": "the run ended before the checkpoint"}, 504: {"description": "timeout"}})
     async def checkpoint(request: Request) -> dict:
-        ctl = _ctl(request)
-        if ctl.phase in ("finished", "failed"):
-            raise HTTPException(409, f"run is {ctl.phase}; no checkpoint can be taken")
-        future = ctl.control.request_checkpoint()
+        phase = _view(request).phase
+        if phase.ended:
+            raise HTTPException(409, f"run is {phase.value}; no checkpoint can be taken")
+        future = _control(request).request_checkpoint()
         try:
             done = await asyncio.wait_for(asyncio.wrap_future(future), CHECKPOINT_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -272,8 +222,8 @@ def resolve_token(cfg: ApiConfig, run_dir: Path) -> str:
 class ApiServer:
     """The run's API on a ThreadedServer; the URL is written to run_dir/api_url."""
 
-    def __init__(self, controller: "Controller", cfg: ApiConfig, run_dir: Path) -> None:
-        app = create_app(controller, resolve_token(cfg, run_dir), open_reads=_is_loopback(cfg.host))
+    def __init__(self, view: RunView, control: RunControl, cfg: ApiConfig, run_dir: Path) -> None:
+        app = create_app(view, control, resolve_token(cfg, run_dir), open_reads=_is_loopback(cfg.host))
         self.server = ThreadedServer(app, cfg.host, cfg.port)
         self.run_dir = run_dir
         self.url = ""
@@ -285,3 +235,12 @@ class ApiServer:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+def serve_api(cfg: RunConfig, run_dir: Path, view: RunView, control: RunControl) -> ApiServer:
+    """The controller's service starter (pipeline.controller.ServiceStarter): the API, started and announced."""
+    api = ApiServer(view, control, cfg.api, run_dir)
+    url = api.start()
+    print(f"[async-rlhf] status and control at {url} (control token in {run_dir / 'api_token'} "
+          f"unless set by api.token or $ASYNC_RLHF_API_TOKEN)", flush=True)
+    return api

@@ -20,7 +20,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -28,14 +28,17 @@ import ray
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig, load_config
-from async_rlhf.failures import RunError
-from async_rlhf.pipeline.queue import QueueCounters
-from async_rlhf.rollout import Prompt, RolloutGroup
-from async_rlhf.api.status import status_snapshot
+from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.queue import QueueCounters, RolloutQueue
+from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
+from async_rlhf.pipeline.status import status_of
+from async_rlhf.pipeline.timing import Timing
+from async_rlhf.pipeline.view import RunView
 from async_rlhf.pipeline.vineppo import MCCost
-
-if TYPE_CHECKING:
-    from async_rlhf.pipeline.controller import Controller
+from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.weights.broker import WeightSyncBroker
 
 STATE_FILE = "controller_state.pkl"
 WEIGHTS_MARKER = "weights_location"  # run_dir file: where the run's broker keeps published weights
@@ -47,6 +50,22 @@ MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.ma
               "reward.remote.deadline_s", "reward.remote.url", "reward.learned.batch_size", "reward.learned.threads",
               "generation.max_restarts", "generation.kv_cache_gib", "generation.gpu_memory_utilization",
               "generation.eval_temperature", "task.eval_prompts", "logging.")
+
+
+class Resumable(Protocol):
+    """The parts of a run that a checkpoint saves and restores (the controller has them)."""
+
+    state: LoopState
+    stats: RunStats
+    queue: RolloutQueue
+    timing: Timing
+    recorder: RunRecorder
+    control: RunControl
+    pool: GeneratorPool
+    parts: Components
+    broker: WeightSyncBroker
+    checkpoints: CheckpointStore
+    view: RunView
 
 
 @dataclass
@@ -69,17 +88,17 @@ class ControllerSnapshot:
     unrewarded_run: int = 0  # consecutive steps without a usable train reward, towards reward.max_failed_steps
 
 
-def capture(c: "Controller") -> ControllerSnapshot:
+def capture(c: Resumable) -> ControllerSnapshot:
     st = c.state
     return ControllerSnapshot(
         step=st.steps_taken, next_prompt=st.next_prompt, queued=c.queue.items(),
         reissue=[list(chunk) for chunk, _ in st.reissue],  # not the versions: only the restored one comes back
-        queue_counters=c.queue.counters, max_staleness=c.queue.max_staleness, reward_counts=dict(c.reward_counts),
-        nonfinite_total=st.nonfinite_total, nonfinite_run=st.nonfinite_run, restarts=[g.restarts for g in c.generators],
-        timing=c.timing.snapshot(),
+        queue_counters=c.queue.counters, max_staleness=c.queue.max_staleness,
+        reward_counts=dict(c.stats.reward_counts), nonfinite_total=st.nonfinite_total, nonfinite_run=st.nonfinite_run,
+        restarts=[g.restarts for g in c.pool.slots], timing=c.timing.snapshot(),
         metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
-        mc_cost=replace(c.mc_cost), unrewarded_run=st.unrewarded_run,
+        mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run,
     )
 
 
@@ -93,8 +112,8 @@ def load_snapshot(directory: Path) -> ControllerSnapshot:
         return pickle.load(fh)  # our own file, verified against the manifest's checksum first
 
 
-def restore(c: "Controller", snap: ControllerSnapshot) -> None:
-    """Put the controller back where the checkpoint left it (the learner is restored separately).
+def restore(c: Resumable, snap: ControllerSnapshot) -> None:
+    """Put the run back where the checkpoint left it (the learner is restored separately).
 
     Restart counts are not rolled back: they count processes that died, which a rollback does not undo."""
     st = c.state
@@ -105,33 +124,33 @@ def restore(c: "Controller", snap: ControllerSnapshot) -> None:
     # Only the restored version is published after a resume: a re-issued chunk is sampled with it.
     st.reissue.extend((chunk, snap.step) for chunk in snap.reissue)
     st.outstanding = len(snap.queued) + sum(len(chunk) for chunk in snap.reissue)
-    c.reward_counts.update(snap.reward_counts)
+    c.stats.reward_counts.update(snap.reward_counts)
     c.timing.roll_back(snap.timing)
     if snap.max_staleness != c.queue.max_staleness:
         c.control.request_max_staleness(snap.max_staleness)
     c.recorder.truncate(snap.metrics_lines, snap.eval_lines)
     random.setstate(snap.rng["python"])
     np.random.set_state(snap.rng["numpy"])
-    c.mc_cost = replace(snap.mc_cost)
+    c.stats.mc_cost = replace(snap.mc_cost)
 
 
-def restore_checkpoint(c: "Controller", ckpt: Checkpoint) -> None:
+def restore_checkpoint(c: Resumable, ckpt: Checkpoint) -> None:
     """Continue from `ckpt`: the learner's state, its weights published for the generators (which
-    load them with their first batch), then the controller's own state and logs."""
-    version = ray.get(c.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+    load them with their first batch), then the run's own state and logs."""
+    version = ray.get(c.parts.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
     if version > 0:
-        publish_weights(c, version)
+        publish_weights(c.parts.learner, c.broker, version)
     snap = load_snapshot(ckpt.path)
     restore(c, snap)
-    for slot, restarts in zip(c.generators, snap.restarts):  # a new process: the counts continue from the run's
+    for slot, restarts in zip(c.pool.slots, snap.restarts):  # a new process: the counts continue from the run's
         slot.restarts = restarts
     print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
 
 
-def publish_weights(c: "Controller", version: int) -> None:
+def publish_weights(learner: Any, broker: WeightSyncBroker, version: int) -> None:
     """The learner's current weights, published as `version` (the next one the broker expects)."""
-    ray.get(c.learner.save_weights.remote(c.broker.staging_location(version)))
-    c.broker.publish(version)
+    ray.get(learner.save_weights.remote(broker.staging_location(version)))
+    broker.publish(version)
 
 
 def broker_versions(cfg: RunConfig, resumed: int) -> tuple[int, int]:
@@ -147,11 +166,11 @@ def broker_versions(cfg: RunConfig, resumed: int) -> tuple[int, int]:
     return cfg.weight_sync.keep_versions, max(resumed - 1, 0)
 
 
-def take_checkpoints(c: "Controller") -> None:
+def take_checkpoints(c: Resumable) -> None:
     """Serve the checkpoint requests posted so far; only while the learner is idle."""
     for future in c.control.take_checkpoint_requests():
         try:
-            drain(c)  # generations in flight land in the queue first
+            c.pool.drain()  # generations in flight land in the queue first
             version = c.broker.latest_version
             with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
                 final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
@@ -160,30 +179,16 @@ def take_checkpoints(c: "Controller") -> None:
             future.set_exception(exc)
 
 
-def drain(c: "Controller") -> None:
-    """Let the generations in flight finish and be scored: a checkpoint then holds them, queued."""
-    while refs := [s.job for s in c.generators if s.job is not None] + list(c.state.reward_jobs):
-        ready, _ = ray.wait(refs, num_returns=1, timeout=c.cfg.learner.stall_timeout_s)
-        if not ready:
-            raise RunError(f"generation did not finish within learner.stall_timeout_s="
-                           f"{c.cfg.learner.stall_timeout_s:g} while taking a checkpoint")
-        slot = next((s for s in c.generators if s.job == ready[0]), None)
-        if slot is not None:
-            c._on_generated(slot, ready[0])
-        else:
-            c._on_scored(ready[0])
-
-
-def _fill_checkpoint(c: "Controller", directory: Path) -> None:
-    ray.get(c.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
-    ray.get(c.learner.save_state.remote(str(directory / LEARNER_DIR)))
+def _fill_checkpoint(c: Resumable, directory: Path) -> None:
+    ray.get(c.parts.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
+    ray.get(c.parts.learner.save_state.remote(str(directory / LEARNER_DIR)))
     save_snapshot(capture(c), directory)
-    (directory / "trainer_state.json").write_text(json.dumps(status_snapshot(c), indent=2))
+    (directory / "trainer_state.json").write_text(json.dumps(status_of(c.view).model_dump(), indent=2))
 
 
-def fail_pending_checkpoints(c: "Controller") -> None:
-    for future in c.control.take_checkpoint_requests():
-        future.set_exception(RuntimeError(f"run ended ({c.phase}) before the checkpoint was taken"))
+def fail_pending_checkpoints(control: RunControl, phase: RunPhase) -> None:
+    for future in control.take_checkpoint_requests():
+        future.set_exception(RuntimeError(f"run ended ({phase.value}) before the checkpoint was taken"))
 
 
 def claim_weights_location(run_dir: Path, location: Path) -> None:

@@ -8,12 +8,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
 from async_rlhf.failures import failure_line
+
+if TYPE_CHECKING:
+    from async_rlhf.pipeline.controller import ServiceStarter
 
 BENCHMARKS = ["async_vs_sync", "generator_path", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl",
               "weight_sync"]
@@ -89,6 +93,15 @@ class ProgressBar:
             self.bar.close()
 
 
+def api_starter(cfg: RunConfig) -> "ServiceStarter | None":
+    """The HTTP API as the run's service (FastAPI and uvicorn are imported only when it is served)."""
+    if not cfg.api.enabled:
+        return None
+    from async_rlhf.api.app import serve_api
+
+    return serve_api
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     checkpoint = None
@@ -109,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from async_rlhf.pipeline.controller import Controller, RunError
 
     bar = ProgressBar(cfg.learner.steps)
-    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint)
+    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
     try:
         summary = controller.run()

@@ -1,9 +1,13 @@
 """Pipeline: the asynchronous loop that turns prompts into learner steps.
 
-Owns the controller and its event loop (`controller`), the rollout queue and the generation gate (`queue`),
-control commands from the API (`control`), generator placement and core plans (`placement`, `resources`),
-start-up phases (`startup`), gold evaluation (`evaluation`), learner failover (`failover`), timings (`timing`)
-and VinePPO's Monte Carlo bookkeeping (`vineppo`). It drives the workers in `actors/`, `learners/` and
+Owns the controller and its event loop (`controller`) and the loop's roles, a class each: the workers'
+start-up (`builder`), the generators (`generators`), reward calls (`rewards`), the learner's steps
+(`learner_steps`), evaluations (`eval_schedule`
+over `evaluation`), the run-stopping checks (`watchdogs`) and learner failover (`failover`). Also the run's
+shared state (`state`), its read-only view and status document (`view`, `status`: what the API, metrics,
+summary and checkpoints read), the rollout queue and the generation gate (`queue`), control commands from
+the API (`control`), generator placement and core plans (`placement`, `resources`), start-up phases
+(`startup`), timings (`timing`) and VinePPO's Monte Carlo bookkeeping (`vineppo`). It drives the workers in `actors/`, `learners/` and
 `reward_models/`, and may import every package below it (`config`, `tasks`, `policies`, `weights`, `outputs`,
 `checkpoint`); never `api` or `cli`.
 """

@@ -10,17 +10,21 @@ to the checkpoint's. Each step is then trained once and each prompt once, as aft
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+import time
+from typing import Any, Callable
 
 import ray
 
-from async_rlhf.checkpoint.store import Checkpoint
+from async_rlhf.checkpoint.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
+from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
+from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, what_died
-from async_rlhf.checkpoint.resume import LEARNER_DIR, load_snapshot, publish_weights, restore
-
-if TYPE_CHECKING:
-    from async_rlhf.pipeline.controller import Controller
+from async_rlhf.pipeline.builder import ComponentBuilder
+from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.rewards import RewardBook
+from async_rlhf.pipeline.state import Components, LoopState, RunStats
+from async_rlhf.weights.broker import WeightSyncBroker
 
 PING_TIMEOUT_S = 10.0  # a live but busy learner answers after its step; a dead one fails at once
 
@@ -36,49 +40,66 @@ def learner_alive(learner: Any) -> bool:
     return True
 
 
-def checkpoint_to_restart_from(c: "Controller", exc: BaseException) -> Checkpoint:
+def checkpoint_to_restart_from(checkpoints: CheckpointStore, restarts: int, limit: int, step: int,
+                               exc: BaseException) -> Checkpoint:
     """The newest valid checkpoint, or why the learner cannot be replaced (then `exc` ends the run)."""
-    limit = c.cfg.learner.max_restarts
-    if c.learner_restarts >= limit:
+    if restarts >= limit:
         note(f"the learner died and learner.max_restarts={limit} restarts are used up")
         raise exc
-    ckpt = c.checkpoints.latest_valid(note)
+    ckpt = checkpoints.latest_valid(note)
     if ckpt is None:
-        raise RunError(f"the learner died at step {c.state.steps_taken} ({what_died(exc)}) and the run has no "
+        raise RunError(f"the learner died at step {step} ({what_died(exc)}) and the run has no "
                        f"checkpoint to replace it from; set checkpoint.every (e.g. checkpoint.every=25) so that a dead "
                        f"learner is replaced and the run goes on") from exc
     return ckpt
 
 
-def quiesce_generation(c: "Controller") -> None:
-    """Let every generation in flight end and drop it (it belongs to the future being rolled back); forget
-    the reward calls in flight (a late answer is then never queued). Every generator is probed before its
-    next batch, so one that died meanwhile is counted and, on pushed transports, rejoins."""
-    jobs = [slot.job for slot in c.generators if slot.job is not None]
-    _, running = ray.wait(jobs, num_returns=len(jobs), timeout=c.cfg.learner.stall_timeout_s) if jobs else ([], [])
-    if running:
-        raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
-                       f"learner.stall_timeout_s={c.cfg.learner.stall_timeout_s:g}s; continue with --resume RUN_DIR")
-    for slot in c.generators:
-        if slot.leased_version is not None:
-            c.broker.release(slot.leased_version)
-        slot.job, slot.leased_version, slot.prompts = None, None, []
-        slot.recovering, slot.not_before = True, 0.0
-    c.state.reward_jobs.clear()
-    c.reward_started.clear()
+class LearnerFailover:
+    def __init__(self, cfg: RunConfig, checkpoints: CheckpointStore, parts: Components, state: LoopState,
+                 stats: RunStats, broker: WeightSyncBroker, pool: GeneratorPool, rewards: RewardBook,
+                 builder: ComponentBuilder, restore: Callable[[ControllerSnapshot], None]) -> None:
+        self.cfg = cfg
+        self.checkpoints = checkpoints
+        self.parts = parts
+        self.state = state
+        self.stats = stats
+        self.broker = broker
+        self.pool = pool
+        self.rewards = rewards
+        self.builder = builder
+        self.restore = restore  # the loop's own state back to a snapshot (checkpoint.resume.restore)
 
+    def fail_over(self, exc: BaseException) -> None:
+        """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other
+        error, or a death past learner.max_restarts or without a checkpoint, ends the run."""
+        if learner_alive(self.parts.learner):
+            raise exc
+        lost = self.state.steps_taken
+        ckpt = checkpoint_to_restart_from(self.checkpoints, self.stats.learner_restarts, self.cfg.learner.max_restarts,
+                                          lost, exc)
+        self.pool.quiesce()
+        self.rewards.forget_in_flight()
+        self.builder.stop_learner()
+        self.builder.start_learner()
+        version = self.roll_back(ckpt)
+        self.stats.learner_restarts += 1
+        print(f"[async-rlhf] the learner died at step {lost} ({type(exc).__name__}); replaced it from {ckpt.path.name} "
+              f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "
+              f"{version + 1}.. are trained again", file=sys.stderr, flush=True)
 
-def roll_back(c: "Controller", ckpt: Checkpoint) -> int:
-    """The new learner loads the checkpoint, its weights are published as the checkpoint's version under a
-    new lineage, and the controller's state goes back to the checkpoint's; returns that version."""
-    version = ray.get(c.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
-    c.broker.roll_back(version)
-    c.first_version = version  # fixed delay: nothing older than the restored weights exists any more
-    if c.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # the new learner forms the push group anew
-        c.connect_generators()
-    publish_weights(c, version)
-    restore(c, load_snapshot(ckpt.path))
-    return version
+    def roll_back(self, ckpt: Checkpoint) -> int:
+        """The new learner loads the checkpoint, its weights are published as the checkpoint's version under a
+        new lineage, and the loop's state goes back to the checkpoint's; returns that version."""
+        learner = self.parts.learner
+        version = ray.get(learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+        self.broker.roll_back(version)
+        # fixed delay: nothing older than the restored weights exists any more
+        self.state.reset(first_version=version, learner_idle_since=time.perf_counter())
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # the new learner forms the push group anew
+            self.pool.connect()
+        publish_weights(learner, self.broker, version)
+        self.restore(load_snapshot(ckpt.path))
+        return version
 
 
 def note(message: str) -> None:

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from async_rlhf.rollout import RolloutGroup
-from learners.advantages.monte_carlo import MCBatch, MCRequest, state_values, step_advantages, token_advantages
+from learners.advantages.monte_carlo import MCBatch, state_values, step_advantages, token_advantages
 
-# MCRequest is re-exported for the controller, which still imports it from here.
-__all__ = ["MCCost", "MCRequest", "attach_advantages", "step_delimiter_ids"]
 
 
 def step_delimiter_ids(tokenizer: Any, step_end_chars: str) -> tuple[int, ...]:

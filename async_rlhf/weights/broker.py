@@ -47,11 +47,11 @@ class SharedMemoryTransport:
     name = "shm"
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = root  # made with the first version: a broker built for a run that never starts leaves nothing
         self._slots: dict[int, int] = {}  # version -> slot
 
     def staging_location(self, version: int) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
         if version not in self._slots:
             used = set(self._slots.values())
             self._slots[version] = next(i for i in range(len(used) + 1) if i not in used)

@@ -1,0 +1,121 @@
+"""ComponentBuilder: Ray, the learner, the generators, the reward actor and the evaluator, from the config.
+
+Every actor is started side by side and awaited once (`startup.await_actors`), so the run's start-up is
+as long as its slowest actor, not the sum of all.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.generator import GeneratorActor
+from async_rlhf.checkpoint.resume import broker_versions, claim_weights_location, publish_weights
+from async_rlhf.config.learner import PUSHED_TRANSPORTS
+from async_rlhf.config.run import RunConfig
+from async_rlhf.pipeline.evaluation import Evaluator
+from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.cluster.placement import generator_options
+from async_rlhf.cluster.resources import core_balancer
+from async_rlhf.pipeline.rewards import RewardBook
+from async_rlhf.pipeline.startup import StartupClock, await_actors, ray_init_kwargs
+from async_rlhf.pipeline.state import Components, GeneratorSlot
+from async_rlhf.pipeline.vineppo import step_delimiter_ids
+from learners.advantages.monte_carlo import MCRequest
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
+from async_rlhf.weights.nccl import NcclTransport
+from learners.group import LearnerGroup, start_learner
+from learners.losses import LOSSES
+from reward_models.service import RewardService
+
+
+def make_broker(cfg: RunConfig, weights_root: Path, first_version: int) -> WeightSyncBroker:
+    """The run's weight broker; shared memory is only touched once a version is staged."""
+    pushed = cfg.weight_sync.transport in PUSHED_TRANSPORTS
+    transport = NcclTransport(cfg.weight_sync.transport) if pushed else SharedMemoryTransport(weights_root)
+    keep, initial = broker_versions(cfg, first_version)
+    return WeightSyncBroker(transport, keep, initial_version=initial)  # the build publishes `first_version`
+
+
+class ComponentBuilder:
+    def __init__(self, cfg: RunConfig, run_dir: Path, parts: Components, broker: WeightSyncBroker,
+                 weights_root: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.parts = parts
+        self.broker = broker
+        self.weights_root = weights_root
+
+    def start_ray(self) -> bool:
+        """True when this call started Ray (the run then shuts it down)."""
+        if ray.is_initialized():  # the caller's Ray, or the one `async-rlhf train` started while importing
+            return False
+        ray.init(**ray_init_kwargs(self.cfg, len(os.sched_getaffinity(0))))
+        return True
+
+    def build(self, startup: StartupClock, pool: GeneratorPool, rewards: RewardBook, first_version: int) -> None:
+        """Every worker, started side by side and awaited once; then the starting weights and the evaluator."""
+        cfg, parts = self.cfg, self.parts
+        if LOSSES[cfg.loss.name].needs_mc_values:
+            parts.mc_request = MCRequest(cfg.mc_values.k_mc,
+                                         step_delimiter_ids(parts.task.tokenizer, parts.task.step_end_chars))
+        claim_weights_location(self.run_dir, self.weights_root)
+        started = time.time()  # every actor starts now, side by side; they are awaited once, below
+        self.start_learner()
+        pool.slots = self._start_generators()
+        parts.reward = self._start_reward()
+        answers = await_actors(startup, started, {"learner": [parts.learner.__ray_ready__.remote()],
+                                                  "generators": [g.handle.info.remote() for g in pool.slots],
+                                                  "reward": [parts.reward.health.remote()]})
+        rewards.pid = answers["reward"][0]["pid"]
+        for slot, info in zip(pool.slots, answers["generators"]):
+            slot.pid = info["pid"]
+        if cfg.queue.staleness_mode == "fixed" and not first_version:  # version 0 as weights a generator can go back to
+            publish_weights(parts.learner, self.broker, 0)
+        if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
+            pool.connect()
+        parts.evaluator = Evaluator(parts.task.eval_prompts(), parts.reward, cfg.generation.eval_temperature,
+                                    cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
+
+    def _start_generators(self) -> list[GeneratorSlot]:
+        """On GPUs each in its own placement bundle (placement.py); Ray restarts one whose process dies."""
+        cfg, plan = self.cfg, self.parts.plan
+        gen_cls = ray.remote(GeneratorActor)
+        scorer = cfg.reward.train if cfg.reward.in_generator else None
+        return [GeneratorSlot(gen_cls.options(**options).remote(
+                    i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.model.torch_dtype,
+                    cfg.weight_sync.transport, scorer, cfg.reward.timeout_s), i)
+                for i, options in enumerate(generator_options(cfg))]
+
+    def _start_reward(self) -> Any:  # a RewardService actor handle
+        """Stateless: Ray restarts it when its process dies, and the loop re-issues the lost batches."""
+        reward = self.cfg.reward
+        scorers = {"train": reward.train, "gold": reward.gold}
+        remote = reward.remote.model_dump() if reward.remote else None
+        learned = reward.learned.model_dump(mode="json") if reward.learned else None
+        return ray.remote(RewardService).options(num_cpus=0, max_restarts=reward.max_restarts).remote(
+            scorers, reward.timeout_s, remote, learned)
+
+    def start_learner(self) -> None:
+        """One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py)."""
+        plan = self.parts.plan
+        self.parts.learner = start_learner(self.cfg, self.parts.policy_dir, plan.learner_cores if plan.pinned else None,
+                                           plan.learner_threads)
+        self.parts.balancer = core_balancer(self.cfg, plan)  # a new learner starts on its own cores
+
+    def stop_learner(self) -> None:
+        if isinstance(self.parts.learner, LearnerGroup):
+            self.parts.learner.shutdown()  # also frees its placement group
+        else:
+            ray.kill(self.parts.learner)
+
+    def kill_actors(self, pool: GeneratorPool) -> None:
+        """A Ray the caller owns outlives the run: its CPUs must not stay held by this run's actors."""
+        if self.parts.learner is not None:
+            self.stop_learner()
+        if self.parts.reward is not None:
+            ray.kill(self.parts.reward)
+        pool.kill()

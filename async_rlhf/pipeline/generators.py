@@ -1,0 +1,205 @@
+"""GeneratorPool: the generator actors, what each is generating, and their recovery when one dies.
+
+Ray restarts a generator whose process dies; the pool re-issues its prompts once it answers a probe.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+import ray
+
+from actors.generator import GenerationResult
+from async_rlhf.config.learner import PUSHED_TRANSPORTS
+from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RunError
+from async_rlhf.outputs.timeline import Timeline, record_generation
+from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allowed
+from async_rlhf.pipeline.rewards import RewardBook
+from async_rlhf.pipeline.state import Components, GeneratorSlot, LoopState, RunStats
+from async_rlhf.pipeline.timing import Timing
+from async_rlhf.rollout import Prompt
+from async_rlhf.weights.broker import WeightSyncBroker
+
+
+class GeneratorPool:
+    def __init__(self, cfg: RunConfig, parts: Components, state: LoopState, stats: RunStats, broker: WeightSyncBroker,
+                 rewards: RewardBook, timing: Timing, timeline: Timeline) -> None:
+        self.cfg = cfg
+        self.parts = parts
+        self.state = state
+        self.stats = stats
+        self.broker = broker
+        self.rewards = rewards
+        self.timing = timing
+        self.timeline = timeline
+        self.slots: list[GeneratorSlot] = []  # one per actor, from the start of the run
+
+    @property
+    def chunk(self) -> int:
+        return self.cfg.generation.prompts_per_step // self.cfg.generation.num_generators
+
+    # ---- dispatch -----------------------------------------------------------------------
+    def dispatch(self, gate_inputs: Callable[[], GateInputs]) -> None:
+        """Every idle generator gets a chunk: re-issued prompts first, else new ones if the gate allows."""
+        for slot in self.slots:
+            if slot.job is not None or slot.probe is not None:
+                continue
+            if slot.recovering:
+                if time.monotonic() >= slot.not_before:
+                    slot.probe = slot.handle.info.remote()
+                continue
+            self._dispatch_to(slot, gate_inputs())
+
+    def _dispatch_to(self, slot: GeneratorSlot, gate: GateInputs) -> None:
+        st = self.state
+        if st.reissue:  # already counted in `outstanding`: no gate, no new prompts
+            prompts, version = st.reissue.popleft()  # fixed delay: the version it had
+            self.submit(slot, prompts, version if self.cfg.queue.staleness_mode == "fixed" else gate.published_version)
+        elif generation_allowed(gate):
+            prompts = [self.parts.task.train_prompt(st.next_prompt + i) for i in range(self.chunk)]
+            st.next_prompt += self.chunk
+            st.outstanding += self.chunk
+            self.submit(slot, prompts, chunk_version(gate))
+
+    def submit(self, slot: GeneratorSlot, prompts: list[Prompt], version: int) -> None:
+        """Generate with weights `version`; a restarted actor (back at version 0) reloads them."""
+        weights = None
+        if self.broker.latest() is not None:  # else only the starting weights exist (bound mode)
+            weights = self.broker.lease(version)
+            slot.leased_version = weights.version
+        slot.prompts = prompts
+        slot.job = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
+                                               score=self.cfg.reward.in_generator)
+
+    # ---- events -------------------------------------------------------------------------
+    def jobs(self) -> dict[Any, GeneratorSlot]:
+        return {slot.job: slot for slot in self.slots if slot.job is not None}
+
+    def probes(self) -> dict[Any, GeneratorSlot]:
+        return {slot.probe: slot for slot in self.slots if slot.probe is not None}
+
+    def recovering(self) -> bool:
+        return any(slot.recovering for slot in self.slots)
+
+    def on_generated(self, slot: GeneratorSlot, ref: Any) -> None:
+        slot.job, version = None, slot.leased_version
+        if version is not None:
+            self.broker.release(version)
+            slot.leased_version = None
+        try:
+            result: GenerationResult = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._on_died(slot, exc, version)
+            return
+        self._count(slot, result)
+        if result.reward_s is None:
+            self.rewards.score(result)
+            return
+        self.timing.add("reward_in_generator_s", result.reward_s)
+        self.rewards.queue_scored(result, result.groups + (result.mc.rollouts if result.mc is not None else []))
+
+    def _count(self, slot: GeneratorSlot, result: GenerationResult) -> None:
+        slot.version = result.policy_version
+        if result.mc is not None:  # VinePPO's rollouts: the generator's time, counted apart
+            self.stats.mc_cost.add_generated(result.mc)
+            slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
+        slot.busy_s += result.gen_s + result.sync_s
+        slot.tokens += result.tokens
+        self.timing.add("gen_busy_s", result.gen_s)
+        self.timing.add("weight_sync_s", result.sync_s)
+        self.timing.add("tokens_generated", result.tokens)
+        record_generation(self.timeline, result)
+
+    def finish(self, slot: GeneratorSlot) -> None:
+        """Wait for the slot's batch, if any, and handle it (weights swap only between batches)."""
+        if slot.job is not None:
+            self.on_generated(slot, ray.wait([slot.job])[0][0])
+
+    def drain(self) -> None:
+        """Let the generations in flight finish and be scored: they land in the queue (before a checkpoint)."""
+        timeout = self.cfg.learner.stall_timeout_s
+        while refs := list(self.jobs()) + list(self.state.reward_jobs):
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            if not ready:
+                raise RunError(f"generation did not finish within learner.stall_timeout_s={timeout:g} "
+                               f"while taking a checkpoint")
+            slot = self.jobs().get(ready[0])
+            if slot is not None:
+                self.on_generated(slot, ready[0])
+            else:
+                self.rewards.on_scored(ready[0])
+
+    # ---- recovery -----------------------------------------------------------------------
+    def _on_died(self, slot: GeneratorSlot, exc: Exception, version: int | None) -> None:
+        """Nothing of the lost batch reaches the learner; its prompts go out again, unchanged,
+        once the actor answers a probe (Ray restarts it; calls fail fast while it is down)."""
+        self.state.reissue.append((slot.prompts, version))  # version: fixed delay samples it again with it
+        slot.recovering, slot.not_before = True, time.monotonic() + 0.5
+        print(f"[async-rlhf] generator {slot.generator_id} lost its batch ({type(exc).__name__}); waiting for "
+              f"Ray to restart it; its {len(slot.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
+
+    def on_probe(self, slot: GeneratorSlot, ref: Any) -> None:
+        slot.probe = None
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.ActorDiedError as exc:  # dead for good: restarts exhausted
+            raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
+                           f"(generation.max_restarts={self.cfg.generation.max_restarts}): {exc}") from exc
+        except ray.exceptions.RayActorError:  # still restarting
+            slot.not_before = time.monotonic() + 1.0
+            return
+        self._note_alive(slot, info)
+
+    def _note_alive(self, slot: GeneratorSlot, info: dict) -> None:
+        if info["pid"] != slot.pid:
+            slot.restarts += 1
+            slot.pid = info["pid"]
+            print(f"[async-rlhf] generator {slot.generator_id} is back (pid {slot.pid}, restart {slot.restarts}); "
+                  f"it loads the current weights with its next batch", file=sys.stderr, flush=True)
+            if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # its process lost the group: form it anew
+                self.connect()
+        slot.recovering = False
+
+    def await_restart(self, slot: GeneratorSlot) -> None:
+        """Block until a generator answers again (used outside the event loop, e.g. evaluation)."""
+        deadline = time.monotonic() + self.cfg.learner.stall_timeout_s
+        slot.recovering = True
+        while time.monotonic() < deadline:
+            self.on_probe(slot, slot.handle.info.remote())
+            if not slot.recovering:
+                return
+            time.sleep(1.0)
+        raise RunError(f"generator {slot.generator_id} did not come back within {self.cfg.learner.stall_timeout_s:g}s")
+
+    def connect(self) -> None:
+        """The learner-driven weight group (nccl, ipc) with every generator; again after a restart, when the
+        learner also resends the current version (GPU only: never run here, see the README)."""
+        ray.get(self.parts.learner.connect_generators.remote([g.handle for g in self.slots],
+                                                             self.cfg.generation.tensor_parallel_size))
+
+    def count_quiet_restarts(self) -> None:
+        """A generator killed while idle lost nothing and failed no call, so only its pid tells: counted at the end."""
+        for slot, info in zip(self.slots, ray.get([g.handle.info.remote() for g in self.slots])):
+            slot.restarts += info["pid"] != slot.pid
+
+    def quiesce(self) -> None:
+        """Learner failover: let every generation in flight end and drop it (it belongs to the future being
+        rolled back). Every generator is probed before its next batch, so one that died meanwhile is counted
+        and, on pushed transports, rejoins."""
+        jobs = list(self.jobs())
+        timeout = self.cfg.learner.stall_timeout_s
+        _, running = ray.wait(jobs, num_returns=len(jobs), timeout=timeout) if jobs else ([], [])
+        if running:
+            raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
+                           f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
+        for slot in self.slots:
+            if slot.leased_version is not None:
+                self.broker.release(slot.leased_version)
+            slot.job, slot.leased_version, slot.prompts = None, None, []
+            slot.recovering, slot.not_before = True, 0.0
+
+    def kill(self) -> None:
+        for slot in self.slots:
+            ray.kill(slot.handle)

@@ -1,0 +1,98 @@
+"""RewardBook: the reward calls in flight, their answers into the queue, and the reward actor's restarts."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import ray
+
+from actors.generator import GenerationResult
+from async_rlhf.config.redaction import redact_url
+from async_rlhf.config.run import RunConfig
+from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline.queue import RolloutQueue
+from async_rlhf.pipeline.state import Components, LoopState, RunStats
+from async_rlhf.pipeline.vineppo import attach_advantages
+from async_rlhf.rollout import RolloutGroup
+
+
+class RewardBook:
+    def __init__(self, cfg: RunConfig, parts: Components, state: LoopState, stats: RunStats, queue: RolloutQueue,
+                 timeline: Timeline) -> None:
+        self.cfg = cfg
+        self.parts = parts
+        self.state = state
+        self.stats = stats
+        self.queue = queue
+        self.timeline = timeline
+        self.started: dict[Any, float] = {}  # reward call -> wall-clock dispatch time
+        self.pid = 0  # the reward actor's process; a new one is a restart
+
+    def score(self, result: GenerationResult) -> None:
+        """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
+        rollouts = result.mc.rollouts if result.mc is not None else []
+        ref = self.parts.reward.score.remote(result.groups + rollouts)
+        self.state.reward_jobs[ref] = result
+        self.started[ref] = time.time()
+
+    def on_scored(self, ref: Any) -> None:
+        result: GenerationResult = self.state.reward_jobs.pop(ref)
+        started = self.started.pop(ref, time.time())
+        try:
+            scored = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self.on_died(exc)
+            self.regenerate(result)
+            return
+        self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
+        self.queue_scored(result, scored)
+
+    def queue_scored(self, result: GenerationResult, scored: list[RolloutGroup]) -> None:
+        """Scored responses (then MC rollouts) of one generation: values and advantages first for VinePPO."""
+        groups = scored[:len(result.groups)]
+        if result.mc is not None:  # values and advantages before the groups can be trained on
+            rollouts = replace(result.mc, rollouts=scored[len(result.groups):])
+            self.stats.mc_cost.add_scored(attach_advantages(groups, rollouts))
+        for group in groups:
+            for completion in group.completions:
+                self.stats.reward_counts[completion.reward_status] += 1
+            self.queue.put(group)
+
+    def on_died(self, exc: Exception) -> None:
+        """Count a restart once per new process, and generate again every batch still being scored: a call
+        sent around the death may never answer, and one that answers late would be too stale to train on.
+        A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
+        reward.max_restarts the health call raises, which ends the run."""
+        if not self.restarted():
+            return
+        print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {self.pid}, restart "
+              f"{self.stats.reward_restarts}); the batches it was scoring are generated again", file=sys.stderr, flush=True)
+        for ref in list(self.state.reward_jobs):
+            self.started.pop(ref, None)
+            self.regenerate(self.state.reward_jobs.pop(ref))
+
+    def restarted(self) -> bool:
+        """True, and one restart counted, when the reward actor answers from a new process."""
+        pid = ray.get(self.parts.reward.health.remote(), timeout=self.cfg.learner.stall_timeout_s)["pid"]
+        if pid == self.pid:
+            return False
+        self.pid, self.stats.reward_restarts = pid, self.stats.reward_restarts + 1
+        return True
+
+    def regenerate(self, result: GenerationResult) -> None:
+        """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead
+        generator: sampled anew with current weights, each prompt is still trained exactly once."""
+        self.state.reissue.append(([g.prompt for g in result.groups], result.policy_version))
+
+    def forget_in_flight(self) -> None:
+        """A rollback: the calls in flight belong to the future being rolled back; a late answer is dropped."""
+        self.state.reward_jobs.clear()
+        self.started.clear()
+
+    def source(self) -> str:
+        reward = self.cfg.reward
+        if reward.remote is not None:
+            return f"remote reward model {redact_url(reward.remote.url)}"
+        return f"learned reward model {reward.learned.path}" if reward.learned else f"scorer '{reward.train}'"

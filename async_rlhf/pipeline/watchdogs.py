@@ -1,0 +1,77 @@
+"""Watchdogs: the checks that stop a run rather than let it hang or "finish" without having trained.
+
+A stalled learner, several non-finite steps in a row and several steps without a usable reward each end the
+run with a RunError naming the fix; the last two first take a checkpoint, so the run can be continued.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RunError
+from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.queue import RolloutQueue
+from async_rlhf.pipeline.state import LoopState
+from async_rlhf.rollout import RolloutGroup
+
+
+class Watchdogs:
+    def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
+                 queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str]) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.control = control
+        self.pool = pool
+        self.queue = queue
+        self.take_checkpoints = take_checkpoints  # serves the requests posted so far (learner idle)
+        self.reward_source = reward_source
+
+    def check_stall(self) -> None:
+        if self.control.paused:
+            self.state.last_progress = time.monotonic()
+            return
+        idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
+        if idle > limit:
+            busy = [f"generator {g.generator_id}" for g in self.pool.slots if g.job is not None]
+            raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s={limit:g}); in flight: "
+                           f"{', '.join(busy) or 'nothing'}, queue depth {len(self.queue)}; see the Ray logs under "
+                           f"/tmp/ray/session_latest/logs")
+
+    def check_finite(self, metrics: dict) -> None:
+        """A non-finite step was skipped by the learner; several in a row stop the run, with a checkpoint."""
+        st = self.state
+        if not metrics.get("nonfinite"):
+            st.nonfinite_run = 0
+            return
+        st.nonfinite_run += 1
+        st.nonfinite_total += 1
+        limit = self.cfg.learner.max_nonfinite_steps
+        if st.nonfinite_run >= limit:
+            self.stop_with_checkpoint(f"{st.nonfinite_run} consecutive learner steps had a non-finite loss "
+                                      f"(learner.max_nonfinite_steps={limit})",
+                                      "Lower learner.lr or loss.beta, or check the rewards")
+
+    def check_rewarded(self, batch: list[RolloutGroup]) -> None:
+        """A run whose rewards all fail must not finish as if it had trained: K such steps in a row stop it."""
+        items = [c for g in batch for c in g.completions]
+        failed = [c for c in items if c.reward_status != "ok"]
+        if len(failed) < len(items):
+            self.state.unrewarded_run = 0
+            return
+        self.state.unrewarded_run += 1
+        limit = self.cfg.reward.max_failed_steps
+        if self.state.unrewarded_run >= limit:
+            self.stop_with_checkpoint(
+                f"{self.state.unrewarded_run} learner steps in a row had no usable reward from the train reward "
+                f"({self.reward_source()}): {len(failed)} of {len(items)} items of the last batch failed, the first "
+                f"because: {failed[0].reward_error or failed[0].reward_status} (reward.max_failed_steps={limit})",
+                "Fix the reward model and continue with --resume RUN_DIR")
+
+    def stop_with_checkpoint(self, what: str, fix: str) -> None:
+        future: Future = self.control.request_checkpoint()
+        self.take_checkpoints()
+        where = future.result()["path"] if future.exception() is None else f"none ({future.exception()})"
+        raise RunError(f"{what}; checkpoint: {where}. {fix}")
