@@ -88,7 +88,7 @@ def test_rewriting_a_step_keeps_a_valid_one_and_replaces_a_damaged_one(tmp_path:
 
 
 def test_a_new_process_of_a_run_removes_the_weights_of_the_killed_one(tmp_path: Path) -> None:
-    from async_rlhf.checkpoint.resume import WEIGHTS_MARKER, claim_weights_location
+    from async_rlhf.pipeline.resume import WEIGHTS_MARKER, claim_weights_location
 
     run, shm = tmp_path / "run", tmp_path / "shm"
     run.mkdir()

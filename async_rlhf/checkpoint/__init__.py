@@ -1,7 +1,6 @@
-"""Checkpoint: durable run state and how a run continues from it.
+"""Checkpoint: the durable checkpoint directory of a run.
 
-Owns the checkpoint directory (`store`: atomic writes, validity, retention) and resume (`resume`: what a
-checkpoint holds and how the loop's state, logs and weights go back to it, for `--resume` and for learner
-failover). It may import `config`, `outputs`, `weights` and the pipeline's state types, roles and read-only view (a run is
-saved and restored through the `resume.Resumable` protocol); never the controller.
+Owns `store`: atomic writes (a `.partial` directory renamed into place), validity, retention (`keep_last`)
+and finding the newest valid checkpoint. What a checkpoint holds and how a run goes back to it is the
+pipeline's (`pipeline.resume`), since that is the loop's own state. It imports nothing of the project.
 """

@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.run_dir is not None:
             raise ConfigError("config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")
-        from async_rlhf.checkpoint.resume import find_resume_point
+        from async_rlhf.pipeline.resume import find_resume_point
 
         checkpoint = find_resume_point(cfg, args.resume)
         run_dir = args.resume.resolve()

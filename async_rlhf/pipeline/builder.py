@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from actors.generator import GeneratorActor
-from async_rlhf.checkpoint.resume import broker_versions, claim_weights_location, publish_weights
+from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.evaluation import Evaluator

@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol
 
 import ray
 
-from async_rlhf.checkpoint.resume import (
+from async_rlhf.pipeline.resume import (
     ControllerSnapshot,
     fail_pending_checkpoints,
     restore,
@@ -34,7 +34,7 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.sinks import make_sinks
-from async_rlhf.outputs.summary import run_summary
+from async_rlhf.pipeline.summary import run_summary
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.builder import ComponentBuilder, make_broker
 from async_rlhf.pipeline.control import RunControl
@@ -157,7 +157,7 @@ class Controller:
                            "start the run again (or --resume RUN_DIR, whose checkpoints are untouched)")
         self.control.terminate()
 
-    # ---- checkpoints (checkpoint/resume.py reads and restores the run through these) ----------
+    # ---- checkpoints (pipeline/resume.py reads and restores the run through these) ----------
     def take_checkpoints(self) -> None:
         """Serve the checkpoint requests posted so far; only while the learner is idle."""
         take_checkpoints(self)

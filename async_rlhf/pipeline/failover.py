@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ray
 
-from async_rlhf.checkpoint.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
+from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
@@ -67,7 +67,7 @@ class LearnerFailover:
         self.pool = pool
         self.rewards = rewards
         self.builder = builder
-        self.restore = restore  # the loop's own state back to a snapshot (checkpoint.resume.restore)
+        self.restore = restore  # the loop's own state back to a snapshot (pipeline.resume.restore)
 
     def fail_over(self, exc: BaseException) -> None:
         """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other

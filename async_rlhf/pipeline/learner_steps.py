@@ -13,7 +13,7 @@ import ray
 
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
-from async_rlhf.outputs.summary import step_record
+from async_rlhf.pipeline.summary import step_record
 from async_rlhf.outputs.timeline import Timeline, record_learner_step
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue, take_limit
 from async_rlhf.pipeline.state import Components, LearnerJob, LoopState, RunStats

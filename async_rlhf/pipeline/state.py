@@ -1,6 +1,6 @@
 """The run's mutable state, shared by the loop and its roles, and read through `view.RunView`.
 
-Plain data only: nothing here imports the controller or a role, so checkpoints (`checkpoint.resume`), the
+Plain data only: nothing here imports the controller or a role, so checkpoints (`pipeline.resume`), the
 read-only view and every role can use these types without a cycle.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """RunView: the typed, read-only view of a run that the status, metrics, summary and HTTP API read.
 
 It holds the run's live parts and answers questions about them; it never changes them and knows nothing of
-the controller, so the readers (`pipeline.status`, `api`, `outputs.summary`, checkpoints) import no loop.
+the controller, so the readers (`pipeline.status`, `api`, `pipeline.summary`, checkpoints) import no loop.
 Read from the API thread while the loop runs: every answer is a copy in plain builtins or a frozen record,
 so a reading may be a few milliseconds inconsistent across answers but never raises.
 """
