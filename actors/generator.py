@@ -14,14 +14,20 @@ import os
 import time
 from dataclasses import dataclass
 
-from async_rlhf.weights.broker import WeightRef
 from async_rlhf.config.run import GenerationConfig
-from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.pipeline.resources import pin_process
-from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
 from async_rlhf.pipeline.vineppo import (
-    MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
+    MCBatch,
+    MCRequest,
+    State,
+    StepSplit,
+    continuation_seed,
+    delimiter_splitter,
+    gather_states,
 )
+from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
+from async_rlhf.weights.broker import WeightRef
+from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.weights.shm_ring import parse_slot_location
 from reward_models.service import RewardService
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import WeightRef
 from async_rlhf.config.run import RunConfig
 from async_rlhf.tasks.builtin import load_task
+from async_rlhf.weights.broker import WeightRef
 from async_rlhf.weights.shm_ring import ShmSlotRing, slot_location
 from reward_models.service import RewardService
 

@@ -36,7 +36,7 @@ def table(rows: list[dict]) -> str:
         rs = [r for r in rows if r["max_staleness"] == bound]
 
         def ms(key: str, f=lambda r, k: r[k]) -> str:
-            vals = [f(r, key) for r in rs]
+            vals = [f(r, key) for r in rs]  # noqa: B023 (called in this iteration only)
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 

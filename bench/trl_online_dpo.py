@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 from async_rlhf.config.run import RunConfig, load_config
+from async_rlhf.pipeline.timing import process_started_at
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import Task, load_task
-from async_rlhf.pipeline.timing import process_started_at
 from reward_models.rules import SCORERS
 
 TRL_SAMPLES = 2  # OnlineDPOTrainer always samples two completions per prompt

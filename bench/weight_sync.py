@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, build_policy, write_result, save_figure
+from bench.common import RESULTS, build_policy, save_figure, write_result
 from bench.generator_path import CORE
 
 COPY_BYTES = 256 * 2**20  # large enough to leave the caches, small enough for any CI machine
@@ -69,8 +69,8 @@ def measure_size(size: str, repeats: int, workdir: Path, bandwidth: float) -> di
     import ray
 
     from actors.generator import GeneratorActor
-    from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
     from async_rlhf.config.run import GenerationConfig
+    from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
     from async_rlhf.weights.shm_ring import ShmSlotRing
     from bench.generator_path import make_prompts
 

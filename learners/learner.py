@@ -24,15 +24,22 @@ import torch
 from safetensors.torch import save_file
 
 from async_rlhf.config.run import LearnerConfig, RunConfig
-from async_rlhf.weights.nccl import NcclLayout, nccl_version
 from async_rlhf.pipeline.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
+from async_rlhf.weights.nccl import NcclLayout, nccl_version
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, gap_sums, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
-from learners.micro_batches import (GroupSize, MicroBatch, combine_metrics, split_by_tokens, split_further,
-                                    sum_stats, weigh)
+from learners.micro_batches import (
+    GroupSize,
+    MicroBatch,
+    combine_metrics,
+    split_by_tokens,
+    split_further,
+    sum_stats,
+    weigh,
+)
 from learners.value_model import ValueModel, ValueTrainer
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",

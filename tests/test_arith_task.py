@@ -8,10 +8,23 @@ from types import SimpleNamespace
 import pytest
 
 from async_rlhf.config.run import ConfigError, EmbeddedModelConfig, TaskConfig, load_config
-from async_rlhf.policies.embedded import build_tokenizer, checkpoint_name, ensure_embedded_policy, ensure_policy, sft_example
+from async_rlhf.policies.embedded import (
+    build_tokenizer,
+    checkpoint_name,
+    ensure_embedded_policy,
+    ensure_policy,
+    sft_example,
+)
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import (
-    EVAL_ID_OFFSET, ArithTask, SortTask, chain, in_eval_split, make_task, slip_for, solution_lines,
+    EVAL_ID_OFFSET,
+    ArithTask,
+    SortTask,
+    chain,
+    in_eval_split,
+    make_task,
+    slip_for,
+    solution_lines,
 )
 from reward_models.rules import SCORER_TASK, SCORERS, arith_exact, arith_partial
 

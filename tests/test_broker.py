@@ -80,8 +80,8 @@ def test_close_removes_the_shared_memory_directory(tmp_path: Path) -> None:
 
 
 def test_fixed_delay_keeps_n_plus_2_versions_from_version_0(tmp_path: Path) -> None:
-    from async_rlhf.config.run import RunConfig
     from async_rlhf.checkpoint.resume import broker_versions
+    from async_rlhf.config.run import RunConfig
 
     cfg = RunConfig(queue={"staleness_mode": "fixed", "max_staleness": 2})
     assert broker_versions(cfg, resumed=0) == (4, -1) and broker_versions(cfg, resumed=5) == (4, 4)

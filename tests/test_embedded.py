@@ -11,7 +11,13 @@ import torch
 
 from async_rlhf.config.run import EmbeddedModelConfig, TaskConfig
 from async_rlhf.policies.embedded import (
-    build_tokenizer, checkpoint_name, collate, corrupt, default_cache_dir, ensure_embedded_policy, ensure_policy,
+    build_tokenizer,
+    checkpoint_name,
+    collate,
+    corrupt,
+    default_cache_dir,
+    ensure_embedded_policy,
+    ensure_policy,
 )
 
 # A few steps only: these tests check plumbing, not quality (see docs for the tuned defaults).

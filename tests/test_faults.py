@@ -53,7 +53,7 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     thread.start()
     killed = []
     for at_step in (5, 15):
-        wait_until(lambda: steps_done(controller) >= at_step, timeout=600)  # set-up included
+        wait_until(lambda: steps_done(controller) >= at_step, timeout=600)  # noqa: B023 (called in this iteration)  # set-up included
         killed.append(kill_generator(ray_local, controller))
         wait_until(lambda: controller.generators[0].restarts == len(killed), timeout=60)
     thread.join(timeout=600)
@@ -160,8 +160,8 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
 
-    from async_rlhf.pipeline.controller import RunError
     from async_rlhf.api.serving import ThreadedServer
+    from async_rlhf.pipeline.controller import RunError
 
     app = FastAPI()
     app.post("/score")(lambda: HTMLResponse("<html>502 Bad Gateway</html>"))
@@ -239,7 +239,8 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
     metrics = run_dir / "metrics.jsonl"
     killed = []
     for at_step in (3, 12):
-        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
+        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
+                       timeout=600)  # (B023: the predicate is called in this iteration only)
         wait_until(lambda: role_pid("RewardService", proc.pid) not in (None, *killed), timeout=60)  # the restarted one
         killed.append(role_pid("RewardService", proc.pid))
         os.kill(killed[-1], signal.SIGKILL)
@@ -267,12 +268,14 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     metrics = run_dir / "metrics.jsonl"
     try:
         for at_step, role in plan:
-            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
+            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
+                       timeout=600)  # (B023: the predicate is called in this iteration only)
             time.sleep(rng.uniform(0.0, 0.5))
             pid = role_pid(ROLES[role], proc.pid)
             assert pid is not None, role
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: role_pid(ROLES[role], proc.pid) not in (None, pid), timeout=120)  # back before the next kill
+            # Back before the next kill (B023: the predicate is called in this iteration only).
+            wait_until(lambda: role_pid(ROLES[role], proc.pid) not in (None, pid), timeout=120)  # noqa: B023
         _, err = proc.communicate(timeout=600)
     finally:
         proc.kill()

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
+from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.config.run import GenerationConfig
-from async_rlhf.rollout import Prompt
+from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm
 
@@ -85,7 +85,9 @@ def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_polic
     first, second = cls.remote(0, str(start_dir), cfg, 7, None), cls.remote(1, str(start_dir), cfg, 7, None)
     a = ray_local.get(first.generate.remote(prompts))
     b = ray_local.get(second.generate.remote(list(reversed(prompts))))  # other generator, other batch order
-    ids = lambda result: {g.prompt.prompt_id: [c.token_ids for c in g.completions] for g in result.groups}
+    def ids(result: GenerationResult) -> dict[int, list[list[int]]]:
+        return {g.prompt.prompt_id: [c.token_ids for c in g.completions] for g in result.groups}
+
     assert ids(a) == ids(b)
     assert len({tuple(map(tuple, v)) for v in ids(a).values()}) == len(PROMPTS)  # prompts differ from each other
     ray_local.kill(first)
@@ -106,7 +108,9 @@ def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ra
     local = ray_local.get(gen.generate.remote(prompts, score=True))
     actor = ray_local.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
     remote = ray_local.get(actor.score.remote(ray_local.get(gen.generate.remote(prompts)).groups))
-    rewards = lambda groups: [(c.reward, c.reward_status) for g in groups for c in g.completions]
+    def rewards(groups: list[RolloutGroup]) -> list[tuple[float | None, str]]:
+        return [(c.reward, c.reward_status) for g in groups for c in g.completions]
+
     assert local.reward_s is not None and rewards(local.groups) == rewards(remote)
     assert all(status == "ok" for _, status in rewards(local.groups))
     unscored = ray_local.get(gen.generate.remote(prompts))

@@ -13,8 +13,8 @@ import pytest
 
 from actors.generator import GeneratorActor
 from async_rlhf.config.run import GenerationConfig, load_config
-from async_rlhf.rollout import Prompt
 from async_rlhf.pipeline.vineppo import MCRequest, delimiter_splitter, step_delimiter_ids
+from async_rlhf.rollout import Prompt
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

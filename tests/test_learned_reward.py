@@ -43,8 +43,8 @@ def test_reward_service_scores_train_role_with_learned_rm(tiny_rm: Path) -> None
 
 
 def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
-    from async_rlhf.cli.models import reward_scorer
     from async_rlhf.api.serving import ThreadedServer
+    from async_rlhf.cli.models import reward_scorer
     from reward_models.learned import LearnedRewardModel
     from reward_models.protocol import MAX_BODY_BYTES, MAX_ITEMS
     from reward_models.server import create_reward_app

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from async_rlhf.config.run import GenerationConfig, RunConfig
+from async_rlhf.outputs.summary import GapTally
 from async_rlhf.rollout import Prompt
 from learners.logprobs import behaviour_logprobs, completion_logprobs, gap_metrics, gap_sums, pack
-from async_rlhf.outputs.summary import GapTally
 from learners.micro_batches import combine_metrics
 
 LOGITS = torch.tensor([2.0, 0.0, -1.0])

@@ -7,8 +7,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from async_rlhf.config.run import ConfigError, LossConfig, validate_config
 from async_rlhf.config.loss_traits import BUILTIN_LOSSES, LossTraits
+from async_rlhf.config.run import ConfigError, LossConfig, validate_config
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.losses import LOSSES, LossInputs, get_loss, register_loss, select_pairs, select_pairs_batch
 from learners.losses.dpo import dpo_sigmoid_loss, ipo_loss

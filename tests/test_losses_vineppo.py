@@ -14,8 +14,16 @@ import pytest
 import torch
 
 from async_rlhf.config.run import ConfigError, LossConfig, load_config
+from async_rlhf.pipeline.vineppo import (
+    MCBatch,
+    MCCost,
+    MCRequest,
+    attach_advantages,
+    continuation_seed,
+    state_values,
+    step_delimiter_ids,
+)
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
-from async_rlhf.pipeline.vineppo import MCBatch, MCCost, MCRequest, attach_advantages, continuation_seed, state_values, step_delimiter_ids
 from learners.logprobs import mc_advantages
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.vineppo import select_valued
@@ -208,8 +216,8 @@ def test_mc_cost_is_cumulative_and_reports_its_share() -> None:
 
 
 def test_mc_cost_is_exported_to_prometheus_only_for_mc_losses(tmp_path: Path) -> None:
-    from async_rlhf.pipeline.controller import Controller
     from async_rlhf.api.metrics import prometheus_text
+    from async_rlhf.pipeline.controller import Controller
 
     dpo = Controller(load_config(ROOT / "configs" / "arith.yaml"), tmp_path / "dpo")
     assert "mc_" not in prometheus_text(dpo)

@@ -11,10 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from actors.generator import engine_options
-from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from async_rlhf.config.run import ConfigError, GenerationConfig, RunConfig, load_config
+from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from async_rlhf.weights.nccl import (
-    NcclLayout, NcclTransport, WeightSyncTimeout, check_generator_version, check_next_version, nccl_version,
+    NcclLayout,
+    NcclTransport,
+    WeightSyncTimeout,
+    check_generator_version,
+    check_next_version,
+    nccl_version,
     run_with_timeout,
 )
 from tests.test_learner import build_model_dir

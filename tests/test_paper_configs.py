@@ -7,9 +7,15 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cli.main import main
+from async_rlhf.config.gpu_sizing import (
+    ModelShape,
+    activation_bytes_per_token,
+    comment_line,
+    estimate,
+    parse_comment,
+    state_bytes_per_param,
+)
 from async_rlhf.config.run import ConfigError, RunConfig, load_config
-from async_rlhf.config.gpu_sizing import ModelShape, activation_bytes_per_token, comment_line, estimate, parse_comment, \
-    state_bytes_per_param
 from async_rlhf.config.task import FILE_FORMATS, same_source, source_format
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"

@@ -10,9 +10,9 @@ import pytest
 
 from async_rlhf.config.run import ConfigError, TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer
-from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
 from async_rlhf.rollout import EVAL_ID_OFFSET
 from async_rlhf.tasks.builtin import make_task
+from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
 
 ROWS = [
     {"question": "tom has 3 pens", "answer": "3", "level": 1},

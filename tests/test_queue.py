@@ -7,7 +7,13 @@ from dataclasses import replace
 import pytest
 
 from async_rlhf.pipeline.queue import (
-    GateInputs, QueueFullError, RolloutQueue, chunk_version, fixed_version, generation_allowed, take_limit,
+    GateInputs,
+    QueueFullError,
+    RolloutQueue,
+    chunk_version,
+    fixed_version,
+    generation_allowed,
+    take_limit,
     target_step,
 )
 from tests.helpers import make_group
@@ -96,8 +102,9 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
         if new_bound_at and steps_taken >= new_bound_at[0]:
             q.max_staleness = bound = new_bound_at[1]
         outstanding -= q.drop_stale(steps_taken)  # the next batch trains at version == steps_taken
-        def inputs() -> GateInputs:
-            return GateInputs(steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity, mode)
+        def inputs() -> GateInputs:  # reads the loop's current state on purpose (B023)
+            return GateInputs(
+                steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity, mode)  # noqa: B023
 
         while idle and generation_allowed(g := inputs()):
             gen = idle.pop()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.pipeline.evaluation import clock_fields
 from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.pipeline.evaluation import clock_fields
 from async_rlhf.pipeline.timing import process_started_at
 
 

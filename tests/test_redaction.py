@@ -5,9 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from async_rlhf.config.run import RunConfig, dump_config, load_config
-from async_rlhf.config.redaction import SECRET, redact_url, redacted, secret_keys
 from async_rlhf.checkpoint.resume import config_difference
+from async_rlhf.config.redaction import SECRET, redact_url, redacted, secret_keys
+from async_rlhf.config.run import RunConfig, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tok-0123456789abcdef-secret"

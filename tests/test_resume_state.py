@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from async_rlhf.checkpoint.resume import capture, config_difference, load_snapshot, restore, save_snapshot
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.controller import Controller
-from async_rlhf.checkpoint.resume import capture, config_difference, load_snapshot, restore, save_snapshot
 from async_rlhf.rollout import Prompt
 from tests.helpers import make_group
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
 from async_rlhf.rollout import Prompt
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm
 
@@ -47,8 +47,10 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
     prompts = [Prompt(i, shared + s + ">", tok(shared + s + ">")["input_ids"]) for i, s in enumerate(["1", "27", "9"])]
     cfg = GenerationConfig(samples_per_prompt=1, max_new_tokens=6, max_model_len=LONG)
     actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(old_dir), cfg, 0, None)
-    greedy = lambda ps, ref=None: [g.completions[0].token_ids for g in
-                                   ray_local.get(actor.generate.remote(ps, ref, n=1, temperature=0.0)).groups]
+    def greedy(ps: list[Prompt], ref: WeightRef | None = None) -> list[list[int]]:
+        result = ray_local.get(actor.generate.remote(ps, ref, n=1, temperature=0.0))
+        return [g.completions[0].token_ids for g in result.groups]
+
     assert greedy(prompts[:1]) == [hf_greedy(old_dir, prompts[0].token_ids, 6)]  # caches the shared prefix
 
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)

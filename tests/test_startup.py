@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from async_rlhf.pipeline import startup
 from async_rlhf.cli.main import ProgressBar
+from async_rlhf.pipeline import startup
 from async_rlhf.pipeline.startup import LAPS, StartupClock
 
 ROOT = Path(__file__).resolve().parents[1]

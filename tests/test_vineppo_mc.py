@@ -8,8 +8,17 @@ from __future__ import annotations
 import pytest
 
 from async_rlhf.pipeline.vineppo import (
-    MCStates, State, StepSplit, batch_advantages, delimiter_splitter, gather_states, mc_value, split_response,
-    step_advantages, step_states, token_advantages,
+    MCStates,
+    State,
+    StepSplit,
+    batch_advantages,
+    delimiter_splitter,
+    gather_states,
+    mc_value,
+    split_response,
+    step_advantages,
+    step_states,
+    token_advantages,
 )
 
 NL, EOS = 9, 2

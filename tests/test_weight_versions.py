@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
 from async_rlhf.rollout import Prompt
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict
 

@@ -7,7 +7,8 @@ from itertools import accumulate
 from pathlib import Path
 
 from async_rlhf.config.run import RunConfig, dump_config
-from async_rlhf.outputs.plots import pyplot, series as _series
+from async_rlhf.outputs.plots import pyplot
+from async_rlhf.outputs.plots import series as _series
 from async_rlhf.outputs.sinks import MetricSink
 
 PLOTTED = ("step", "reward_mean", "kl")  # what reward.png needs of each step; the rest lives in metrics.jsonl only

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from async_rlhf.config.run import RunConfig
 from async_rlhf.config.redaction import redacted
+from async_rlhf.config.run import RunConfig
 
 Kind = Literal["train", "eval"]
 

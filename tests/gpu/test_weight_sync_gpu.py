@@ -58,10 +58,10 @@ def test_greedy_output_after_a_sync_matches_hf(tmp_path: Path) -> None:
     import ray
 
     from actors.generator import GeneratorActor
-    from async_rlhf.weights.broker import WeightRef
     from async_rlhf.config.run import RunConfig
     from async_rlhf.pipeline.placement import generator_options, learner_options
     from async_rlhf.rollout import Prompt
+    from async_rlhf.weights.broker import WeightRef
     from learners.learner import Learner
     from tests.test_learner import build_model_dir, synthetic_groups
 
