@@ -16,6 +16,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import RESULTS, build_policy, save_figure, write_result
 from bench.generator_path import CORE
@@ -52,7 +53,10 @@ def sync_once(broker, ring, actor, state: dict, version: int, probe) -> dict[str
     from async_rlhf.weights.shm_ring import parse_slot_location
 
     start = time.perf_counter()
-    root, slot = parse_slot_location(broker.staging_location(version))
+    location = parse_slot_location(broker.staging_location(version))
+    if location is None:
+        raise RuntimeError("bench: the broker's staging location is not an shm slot")
+    _, slot = location
     ring.write(slot, state)
     ref = broker.publish(version)
     written = time.perf_counter()
@@ -76,7 +80,8 @@ def measure_size(size: str, repeats: int, workdir: Path, bandwidth: float) -> di
 
     model_dir = build_policy(size, workdir / size)
     nbytes = (model_dir / "model.safetensors").stat().st_size
-    actor = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), GenerationConfig(), 0, [CORE])
+    actor: Any = ray.remote(GeneratorActor).options(num_cpus=0).remote(  # Ray's types miss .options()
+        0, str(model_dir), GenerationConfig(), 0, [CORE])
     root = Path(tempfile.mkdtemp(prefix="bench-sync-", dir="/dev/shm"))
     broker, ring = WeightSyncBroker(SharedMemoryTransport(root)), ShmSlotRing(root)
     try:

@@ -18,6 +18,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,6 +42,11 @@ from learners.micro_batches import (
     weigh,
 )
 from learners.value_model import ValueModel, ValueTrainer
+
+if TYPE_CHECKING:  # imported where used (transformers is slow to import; only nccl and ipc need the senders)
+    from transformers import PreTrainedModel
+
+    from learners.weight_sender import PushedWeightSender
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                    "*.model", "chat_template*")
@@ -67,14 +73,14 @@ def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
     }
 
 
-def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Module:
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> PreTrainedModel:
     """Any HF causal LM, in `dtype` (model.torch_dtype: float32 on CPU, where vLLM's logprobs then match)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors `model.save_pretrained` would write, under the same names, as contiguous CPU tensors.
 
     Uses the two steps save_pretrained itself applies: drop tied aliases (safetensors refuses shared
@@ -147,7 +153,7 @@ class Learner:
         # a new DeepSpeed-trained module is one more entry in `engines` (the value model has its own path).
         self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
         self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
-        self.sender = None  # set by connect_generators (weight_sync.transport=nccl)
+        self.sender: PushedWeightSender | None = None  # set by connect_generators (weight_sync.transport=nccl)
         self.ring: ShmSlotRing | None = None  # weight_sync.transport=shm: the broker's slot ring
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
@@ -158,7 +164,7 @@ class Learner:
                             grad_clip=learner.grad_clip)
 
     @property
-    def policy(self) -> torch.nn.Module:
+    def policy(self) -> PreTrainedModel:
         """The HF model inside the engine (same parameters the optimizer updates)."""
         return self.engine.module
 
@@ -247,7 +253,10 @@ class Learner:
         values = self.value.values(mb.batch) if self.value else None
         gap: dict = {}
         if mb.weight > 0:
+            # Filled for every weighted micro-batch before the first update (train_step), and by _inputs.
+            assert mb.ref_logps is not None
             inputs = self._inputs(mb.selection, mb.batch, logps, mb.ref_logps, values, mb.old_values)
+            assert inputs.behaviour_logps is not None
             loss, measures = self.spec.fn(inputs, self.cfg.loss)
             kl = ((logps.detach() - mb.ref_logps) * mb.batch.completion_mask).sum(-1).mean()
             measures = {**measures, "loss": float(loss.detach()), "kl": float(kl)}
@@ -321,15 +330,17 @@ class Learner:
         rejoin, sent = self.sender is not None, self.sender.sent if self.sender is not None else self.version
         if self.sender is not None:
             self.sender.close()
+        sender: PushedWeightSender
         if self.cfg.weight_sync.transport == "ipc":  # one generator on this learner's GPU
-            self.sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
-                                          self.rank, sent)
+            sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
+                                     self.rank, sent)
         else:
             layout = NcclLayout(len(handles), tensor_parallel_size)
-            self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
-                                           self.cfg.weight_sync, self.rank, sent)
+            sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
+                                      self.cfg.weight_sync, self.rank, sent)
+        self.sender = sender
         if rejoin:
-            self.sender.send(sent)
+            sender.send(sent)
 
     def save_weights(self, path: str) -> None:
         """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is

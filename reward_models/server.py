@@ -24,13 +24,16 @@ def rule_batch_scorer(name: str) -> BatchScorer:
     return lambda prompts, responses: [scorer(p, r) for p, r in zip(prompts, responses)]
 
 
-def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]) -> tuple[list, list]:
+def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]
+                ) -> tuple[list[float | None], list[str | None]]:
     """Score the batch; if the batch call fails, fall back to one item at a time to isolate the bad item."""
     try:
         values = [float(v) for v in scorer(prompts, responses)]
-        return [v if math.isfinite(v) else None for v in values], [None if math.isfinite(v) else f"non-finite score {v}" for v in values]
+        return ([v if math.isfinite(v) else None for v in values],
+                [None if math.isfinite(v) else f"non-finite score {v}" for v in values])
     except Exception:
-        scores, errors = [], []
+        scores: list[float | None] = []
+        errors: list[str | None] = []
         for p, r in zip(prompts, responses):
             try:
                 scores.append(float(scorer([p], [r])[0]))

@@ -91,8 +91,9 @@ def train_reward_model(args: RewardTrainingArgs, log: Callable[[str], None] = pr
     if split:
         metrics.update({k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()})
         metrics["eval_pairs"] = len(split["test"])
-    trainer.model.config.architectures = [type(trainer.model).__name__]
-    trainer.model.save_pretrained(args.out, safe_serialization=True)
+    trained: Any = trainer.model  # the sequence-classification PreTrainedModel passed in above
+    trained.config.architectures = [type(trained).__name__]
+    trained.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     log(f"reward model saved to {args.out}: {metrics}")
     return metrics

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
@@ -66,7 +67,7 @@ class ProgressBar:
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.bar = None  # tqdm, made at the first step
+        self.bar: Any = None  # a tqdm bar, made at the first step (tqdm is imported then, not at start-up)
 
     def update(self, record: dict) -> None:
         if self.bar is None:
@@ -137,7 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, environment=not args.portable)
     print(config_yaml(cfg), end="")  # secrets as ***
-    if cfg.model.source == "local" and not args.portable:  # the prompts can be checked with the policy's tokenizer, as train does
+    # The prompts can be checked with the policy's tokenizer, as train does.
+    if cfg.model.source == "local" and cfg.model.path is not None and not args.portable:
         from async_rlhf.tasks.builtin import load_task
 
         print(f"# {load_task(cfg, cfg.model.path).describe()}")

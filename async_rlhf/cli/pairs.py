@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 from async_rlhf.config.run import ConfigError, RunConfig
-from async_rlhf.rollout import RolloutGroup
+from async_rlhf.rollout import RolloutGroup, scored_reward
 
 
 def best_and_worst(group: RolloutGroup, min_margin: float) -> dict | None:
     """One pair from a scored group: the highest and lowest gold score, if they differ by > min_margin."""
-    scored = sorted(group.scored, key=lambda c: c.reward)
-    if len(scored) < 2 or scored[-1].reward - scored[0].reward <= min_margin:
+    scored = sorted(group.scored, key=scored_reward)
+    if len(scored) < 2 or scored_reward(scored[-1]) - scored_reward(scored[0]) <= min_margin:
         return None
     best, worst = scored[-1], scored[0]
     return {"prompt": group.prompt.text, "chosen": best.text, "rejected": worst.text,
@@ -30,7 +30,7 @@ def best_and_worst(group: RolloutGroup, min_margin: float) -> dict | None:
 def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_margin: float = 0.0,
                  batch: int = 64, log: Callable[[str], None] = print) -> dict:
     """Write the pairs as JSONL to `out`; return counts and timings."""
-    if cfg.model.source != "local":
+    if cfg.model.source != "local" or cfg.model.path is None:
         raise ConfigError("config error: sample-pairs needs model.source=local and model.path (the policy to sample)")
     if samples < 2:
         raise ConfigError(f"config error: sample-pairs: --samples must be >= 2 to make a pair (got {samples})")

@@ -28,7 +28,7 @@ from typing import Callable, Literal, Protocol
 
 import torch
 
-from async_rlhf.rollout import Completion, RolloutGroup
+from async_rlhf.rollout import Completion, RolloutGroup, scored_reward
 
 
 class LossParams(Protocol):
@@ -174,8 +174,8 @@ def _best_and_worst(group: RolloutGroup) -> tuple[Completion, Completion] | str:
     if len(scored) < 2:
         return "skipped_failed"
     # max/min keep the first of equal rewards: deterministic, and completions are i.i.d. anyway.
-    chosen = max(scored, key=lambda c: c.reward)
-    rejected = min(scored, key=lambda c: c.reward)
+    chosen = max(scored, key=scored_reward)
+    rejected = min(scored, key=scored_reward)
     if chosen.reward == rejected.reward:
         return "skipped_ties"
     return chosen, rejected
