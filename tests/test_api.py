@@ -18,9 +18,9 @@ import pytest
 
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.controller import Controller
+from tests.helpers import ROOT, cli_command
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
 CONTROL = ["/control/pause", "/control/resume", "/control/stop", "/control/checkpoint"]
 
@@ -153,7 +153,7 @@ def test_max_staleness_change_takes_effect(live) -> None:
 
 
 def test_status_command_prints_the_run(live) -> None:
-    out = subprocess.run([sys.executable, "-m", "async_rlhf.cli", "status", "--url", live["url"]],
+    out = subprocess.run(cli_command("status", "--url", live["url"]),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert re.search(r"phase running\s+step \d+/100000", out.stdout) and "generator 0" in out.stdout

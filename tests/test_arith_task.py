@@ -27,8 +27,8 @@ from async_rlhf.tasks.builtin import (
     solution_lines,
 )
 from reward_models.rules import SCORER_TASK, SCORERS, arith_exact, arith_partial
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ARITH_YAML = ROOT / "configs" / "arith.yaml"
 LINE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
 

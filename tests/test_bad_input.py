@@ -14,8 +14,8 @@ import pytest
 
 from async_rlhf.cli.main import main
 from async_rlhf.config.run import ConfigError, load_config
+from tests.helpers import QUICKSTART
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 E = "config error: "
 
 CONFIG_CASES = [

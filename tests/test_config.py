@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from async_rlhf.cli.main import main
 from async_rlhf.config.run import ConfigError, RunConfig, load_config, parse_overrides
-
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+from tests.helpers import QUICKSTART, cli_command
 
 
 def test_quickstart_validates_and_overrides_apply() -> None:
@@ -85,7 +83,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys: pyte
 
 def test_console_script_exit_code_for_unknown_key() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "async_rlhf.cli", "train", str(QUICKSTART), "bogus.key=1"],
+        cli_command("train", str(QUICKSTART), "bogus.key=1"),
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2

@@ -10,18 +10,11 @@ from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.config.run import GenerationConfig
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.learner import hf_state_dict, load_causal_lm
+from tests.helpers import publish_state
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["3914>", "50182>", "7777>", "9081726>"]
-
-
-def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
-    """What the learner and the controller do: write the slot the broker stages, then publish it."""
-    root, slot = parse_slot_location(broker.staging_location(version))
-    ShmSlotRing(root).write(slot, state)
-    return broker.publish(version)
 
 
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
@@ -60,7 +53,7 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
 
     # Publish other weights through the broker's slot ring, as the learner does, and let the actor load them.
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
-    ref = publish(broker, 1, hf_state_dict(load_causal_lm(new_dir)))
+    ref = publish_state(broker, 1, hf_state_dict(load_causal_lm(new_dir)))
     greedy = ray_local.get(actor.generate.remote(prompts, ref, n=1, temperature=0.0))
     assert greedy.policy_version == 1 and greedy.sync_s > 0
     assert all(g.policy_version == 1 for g in greedy.groups)

@@ -7,17 +7,15 @@ prefixes, truncated responses without EOS, one-step responses, seeding.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from actors.generator import GeneratorActor
 from async_rlhf.config.run import GenerationConfig, load_config
 from async_rlhf.pipeline.vineppo import MCRequest, delimiter_splitter, step_delimiter_ids
 from async_rlhf.rollout import Prompt
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 20
 K, K_MC = 4, 3
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _run(tmp_path: Path, gpus: str | None) -> tuple[subprocess.CompletedProcess, Path]:

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from learners.learner import Learner
 from learners.logprobs import completion_logprobs, pack
+from tests.helpers import completion as make_completion
 
 pytestmark = pytest.mark.integration  # real DeepSpeed engine (gloo, CPU) on a tiny Llama
 VOCAB = 16
@@ -41,9 +42,8 @@ def make_cfg(lr: float = 1e-3, zero_stage: int = 2, loss: str = "online_dpo") ->
                      learner={"lr": lr, "zero_stage": zero_stage, "grad_clip": 1.0})
 
 
-def completion(ids: list[int], reward: float | None, status: str = "ok") -> Completion:
-    return Completion(token_ids=ids, text="", logprobs=[0.0] * len(ids), finish_reason="stop",
-                      reward=reward, reward_status=status)
+def completion(ids: list[int], reward: float | None, status: RewardStatus = "ok") -> Completion:
+    return make_completion(ids, reward, status, logprob=0.0)
 
 
 def synthetic_groups() -> list[RolloutGroup]:

@@ -20,7 +20,6 @@ Measured numbers are in docs/losses.md.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -28,9 +27,9 @@ import pytest
 
 from async_rlhf.config.run import load_config
 from learners.losses import LOSSES
+from tests.helpers import ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
 WINDOW = 8
 MIN_GAIN = 0.03
@@ -68,7 +67,7 @@ def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, f"the run's actors still hold CPUs: {ray.available_resources()}"
         time.sleep(0.2)
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = read_jsonl(run_dir / "metrics.jsonl")
     return summary, steps
 
 

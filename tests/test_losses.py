@@ -9,14 +9,14 @@ import torch
 
 from async_rlhf.config.loss_traits import BUILTIN_LOSSES, LossTraits
 from async_rlhf.config.run import ConfigError, LossConfig, validate_config
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from learners.losses import LOSSES, LossInputs, get_loss, register_loss, select_pairs, select_pairs_batch
 from learners.losses.dpo import dpo_sigmoid_loss, ipo_loss
+from tests.helpers import completion as make_completion
 
 
-def completion(ids: list[int], reward: float | None, status: str = "ok") -> Completion:
-    return Completion(token_ids=ids, text="", logprobs=[-1.0] * len(ids), finish_reason="stop",
-                      reward=reward, reward_status=status)
+def completion(ids: list[int], reward: float | None, status: RewardStatus = "ok") -> Completion:
+    return make_completion(ids, reward, status, logprob=-1.0)
 
 
 def group(prompt_id: int, *completions: Completion) -> RolloutGroup:

@@ -27,8 +27,8 @@ from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from learners.logprobs import mc_advantages
 from learners.losses import LOSSES, LossInputs, get_loss
 from learners.losses.vineppo import select_valued
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
 E05 = math.exp(0.5)  # 1.6487212707
 

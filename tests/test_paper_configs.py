@@ -17,8 +17,8 @@ from async_rlhf.config.gpu_sizing import (
 )
 from async_rlhf.config.run import ConfigError, RunConfig, load_config
 from async_rlhf.config.task import FILE_FORMATS, same_source, source_format
+from tests.helpers import QUICKSTART
 
-QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 PAPER = sorted((Path(__file__).parents[1] / "configs" / "paper").glob("*.yaml"))
 
 

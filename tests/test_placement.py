@@ -12,13 +12,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.placement import SHARED_GPU_BUNDLE
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 PROBE = """
 import json, sys
@@ -26,6 +22,7 @@ import ray
 from ray.util.placement_group import placement_group_table
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.placement import generator_options, learner_options, shared_gpu_group
+from tests.helpers import QUICKSTART, ROOT
 
 class Probe:
     def where(self):

@@ -12,8 +12,9 @@ from actors.generator import GeneratorActor
 from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing
 from learners.learner import hf_state_dict, load_causal_lm
+from tests.helpers import publish_state, shm_slot
 
 pytestmark = pytest.mark.integration
 LONG = 512  # positions: prompts longer than vLLM-CPU's 128-token KV block, so a prefix can be cached
@@ -55,7 +56,7 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
 
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)
     new_state, old_state = hf_state_dict(load_causal_lm(new_dir)), hf_state_dict(load_causal_lm(old_dir))
-    ref = publish(broker, 1, new_state)
+    ref = publish_state(broker, 1, new_state)
     # Every later prompt shares 300 tokens with the cached one: with old KV blocks reused, the new
     # weights would see an old-policy prefix and their greedy output would differ from transformers'.
     want = [hf_greedy(new_dir, p.token_ids, 6) for p in prompts[1:]]
@@ -64,8 +65,8 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
 
     # The broker reuses the slot for a later version (keep_versions=1, no lease): overwriting it must not
     # change the loaded engine, so nothing of version 1 may still point into the slot.
-    root, slot = parse_slot_location(ref.location)
-    assert parse_slot_location(broker.staging_location(2)) == (root, slot + 1)  # v1 is still kept
+    root, slot = shm_slot(ref.location)
+    assert shm_slot(broker.staging_location(2)) == (root, slot + 1)  # v1 is still kept
     ShmSlotRing(root).write(slot, old_state)
     assert greedy(prompts[1:]) == want
 
@@ -105,7 +106,3 @@ class ActorClient:
         self.calls.append("finish")
 
 
-def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
-    root, slot = parse_slot_location(broker.staging_location(version))
-    ShmSlotRing(root).write(slot, state)
-    return broker.publish(version)

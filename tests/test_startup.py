@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from async_rlhf.cli.main import ProgressBar
 from async_rlhf.pipeline import startup
 from async_rlhf.pipeline.startup import LAPS, StartupClock
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("ray", "vllm", "torch", "transformers", "deepspeed")
 
 

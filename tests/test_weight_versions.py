@@ -16,8 +16,9 @@ from actors.generator import GeneratorActor
 from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing
 from learners.learner import hf_state_dict
+from tests.helpers import shm_slot
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["3914>", "50182>", "7777>", "9081726>"]
@@ -49,7 +50,7 @@ class Versions:
 
 def publish(broker: WeightSyncBroker, ring: ShmSlotRing, versions: Versions, version: int) -> None:
     """The learner's write into the staged slot, then the controller's publication."""
-    _, slot = parse_slot_location(broker.staging_location(version))
+    _, slot = shm_slot(broker.staging_location(version))
     ring.write(slot, hf_state_dict(versions.model(version)))
     broker.publish(version)
 
