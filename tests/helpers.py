@@ -5,12 +5,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
-from async_rlhf.weights.broker import WeightRef, WeightSyncBroker
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+
+if TYPE_CHECKING:  # torch only where weights are handled: config and CLI tests stay light
+    import torch
+
+    from async_rlhf.weights.broker import WeightRef, WeightSyncBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -56,6 +58,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def shm_slot(location: str) -> tuple[Path, int]:
     """(root, slot) of a location that must be an shm slot (the tests' brokers use SharedMemoryTransport)."""
+    from async_rlhf.weights.shm_ring import parse_slot_location
+
     parsed = parse_slot_location(location)
     assert parsed is not None, f"not an shm slot location: {location}"
     return parsed
@@ -63,6 +67,8 @@ def shm_slot(location: str) -> tuple[Path, int]:
 
 def publish_state(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]) -> WeightRef:
     """What the learner and the controller do: write the slot the broker stages, then publish it."""
+    from async_rlhf.weights.shm_ring import ShmSlotRing
+
     root, slot = shm_slot(broker.staging_location(version))
     ShmSlotRing(root).write(slot, state)
     return broker.publish(version)

@@ -15,6 +15,7 @@ import sys
 
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.placement import SHARED_GPU_BUNDLE
+from tests.helpers import QUICKSTART, ROOT
 
 PROBE = """
 import json, sys
@@ -22,7 +23,6 @@ import ray
 from ray.util.placement_group import placement_group_table
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.placement import generator_options, learner_options, shared_gpu_group
-from tests.helpers import QUICKSTART, ROOT
 
 class Probe:
     def where(self):
