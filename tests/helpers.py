@@ -5,7 +5,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch only where weights are handled: config and CLI tests 
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ rollouts
@@ -72,3 +73,16 @@ def publish_state(broker: WeightSyncBroker, version: int, state: dict[str, torch
     root, slot = shm_slot(broker.staging_location(version))
     ShmSlotRing(root).write(slot, state)
     return broker.publish(version)
+
+
+def token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """The ids of `tokens` (transformers types convert_tokens_to_ids as int | list[int] for any input)."""
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert isinstance(ids, list)
+    return ids
+
+
+def present(value: T | None) -> T:
+    """`value`, failing the test when it is None (an optional the test expects filled, e.g. a gradient)."""
+    assert value is not None
+    return value

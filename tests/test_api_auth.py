@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -32,7 +33,8 @@ def test_reads_need_the_token_when_not_on_loopback() -> None:
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0")
     # The auth dependency refuses before any controller state is read, so no run is needed here.
-    with TestClient(create_app(controller=None, token="secret-token-0123456", open_reads=False)) as client:
+    no_run: Any = None  # typed as the Controller create_app expects
+    with TestClient(create_app(controller=no_run, token="secret-token-0123456", open_reads=False)) as client:
         for path in ("/status", "/queue", "/metrics", "/healthz", "/history"):
             assert client.get(path).status_code == 401
             assert client.get(path, headers={"Authorization": "Bearer nope-nope-nope-nope"}).status_code == 403
@@ -44,7 +46,7 @@ def test_fixed_delay_refuses_a_new_bound() -> None:
 
     from async_rlhf.config.run import RunConfig
 
-    ctl = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")
+    ctl: Any = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")  # a stand-in Controller
     with TestClient(create_app(controller=ctl, token="secret-token-0123456", open_reads=False)) as client:
         res = client.put("/control/max_staleness", json={"max_staleness": 4},
                          headers={"Authorization": "Bearer secret-token-0123456"})

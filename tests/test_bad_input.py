@@ -8,6 +8,7 @@ cases are here.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -291,7 +292,7 @@ def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys:
 
 # ---- train --resume RUN_DIR: refused before anything starts, one line, exit 2 -------------------
 
-def earlier_run(root: Path, overrides: list[str] = (), summary_steps: int | None = None,
+def earlier_run(root: Path, overrides: Sequence[str] = (), summary_steps: int | None = None,
                 checkpoint_step: int | None = None) -> Path:
     """A run directory as an earlier run leaves it: config.yaml, maybe summary.json and a checkpoint."""
     from async_rlhf.checkpoint.store import CheckpointStore

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,8 @@ class Pingable:
         return 1
 
 
-def controller(tmp_path: Path, restarts: int = 0, limit: int = 2) -> SimpleNamespace:
-    """The parts of a Controller that the decision reads."""
+def controller(tmp_path: Path, restarts: int = 0, limit: int = 2) -> Any:
+    """The parts of a Controller that the decision reads (a stand-in: Any to the type checker)."""
     cfg = SimpleNamespace(learner=SimpleNamespace(max_restarts=limit))
     return SimpleNamespace(cfg=cfg, learner_restarts=restarts, state=SimpleNamespace(steps_taken=7),
                            checkpoints=CheckpointStore(tmp_path / "checkpoints", keep_last=2))

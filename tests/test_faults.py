@@ -90,6 +90,7 @@ def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path:
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, "api.enabled=false")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         for line in proc.stdout:  # the workers are starting: vLLM engines take many seconds from here
             if "starting the learner, generators" in line:
@@ -236,13 +237,15 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
                                           "reward.score_in_generator=false"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
-    killed = []
+    killed: list[int] = []
     for at_step in (3, 12):
         wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
                        timeout=600)  # (B023: the predicate is called in this iteration only)
         wait_until(lambda: role_pid("RewardService", proc.pid) not in (None, *killed), timeout=60)  # the restarted one
-        killed.append(role_pid("RewardService", proc.pid))
-        os.kill(killed[-1], signal.SIGKILL)
+        pid = role_pid("RewardService", proc.pid)
+        assert pid is not None  # the wait above saw it
+        killed.append(pid)
+        os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

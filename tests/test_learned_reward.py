@@ -116,7 +116,7 @@ def test_best_and_worst_pair() -> None:
     comps = [Completion([], t, [], "stop", reward=r, reward_status="ok") for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
     group = RolloutGroup(Prompt(7, "p", [], {}), comps, 0, 0, 0.0)
     pair = best_and_worst(group, min_margin=0.5)
-    assert (pair["chosen"], pair["rejected"], pair["prompt_id"]) == ("b", "c", 7)
+    assert pair is not None and (pair["chosen"], pair["rejected"], pair["prompt_id"]) == ("b", "c", 7)
     assert best_and_worst(group, min_margin=1.3) is None  # 0.9 - (-0.4) = 1.3 is not above the margin
     assert not math.isnan(pair["chosen_score"] - pair["rejected_score"])
 
@@ -133,4 +133,4 @@ def test_config_learned_reward_checks(tmp_path: Path, random_policies: tuple[Pat
     with pytest.raises(ConfigError, match="set only one"):
         load_config(None, base + [f"reward.learned.path={tiny_rm}", "reward.remote.url=http://x"])
     cfg = load_config(None, base + [f"reward.learned.path={tiny_rm}"])  # vader_compound needs no reference column
-    assert cfg.reward.train_replaced and cfg.reward.learned.path == tiny_rm
+    assert cfg.reward.train_replaced and cfg.reward.learned is not None and cfg.reward.learned.path == tiny_rm

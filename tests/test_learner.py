@@ -14,6 +14,7 @@ from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from learners.learner import Learner
 from learners.logprobs import completion_logprobs, pack
 from tests.helpers import completion as make_completion
+from tests.helpers import present
 
 pytestmark = pytest.mark.integration  # real DeepSpeed engine (gloo, CPU) on a tiny Llama
 VOCAB = 16
@@ -243,5 +244,5 @@ def test_save_state_then_load_state_continues_bit_for_bit(model_dir, tmp_path, s
     saved = ["engines", "learner_state.pkl", "reference.pt"] + (["value_model"] if loss == "ppo" else [])
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == saved
     if loss == "ppo":
-        v_after, v_want = resumed.value.model.state_dict(), learner.value.model.state_dict()
+        v_after, v_want = present(resumed.value).model.state_dict(), present(learner.value).model.state_dict()
         assert all(torch.equal(v_after[k], v_want[k]) for k in v_want)

@@ -34,7 +34,7 @@ STEPS = 40
 WINDOW = 8
 MIN_GAIN = 0.03
 # (config file, overrides) per loss: the new losses run their own quickstart config.
-RUNS = {
+RUNS: dict[str, tuple[str, list[str]]] = {
     "online_dpo": ("quickstart.yaml", []),
     "rloo": ("quickstart_rloo.yaml", []),
     "ppo": ("quickstart_ppo.yaml", []),

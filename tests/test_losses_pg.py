@@ -55,6 +55,7 @@ def run(name: str, batch: LossInputs, **params) -> tuple[float, dict, torch.Tens
     """(loss, metrics, d loss / d logps) of the registered loss `name`."""
     loss, metrics = get_loss(name).fn(batch, LossConfig(name=name, **params))
     loss.backward()
+    assert batch.logps.grad is not None
     return loss.item(), metrics, batch.logps.grad
 
 

@@ -67,7 +67,7 @@ def test_paper_config_evaluates_on_prompts_it_never_trains_on(path: Path) -> Non
     cfg = load_config(path, environment=False)
     train, held_out = _train_and_eval_sources(cfg)
     if held_out is None:  # rows hashed below eval_fraction leave the train stream (tests/test_prompt_data.py)
-        assert cfg.task.dataset.eval_fraction > 0
+        assert cfg.task.dataset is not None and cfg.task.dataset.eval_fraction > 0
     else:
         assert not (same_source(train[0], held_out[0]) and train[1] == held_out[1]), (train, held_out)
 
@@ -75,6 +75,7 @@ def test_paper_config_evaluates_on_prompts_it_never_trains_on(path: Path) -> Non
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
 def test_pointing_a_paper_config_at_its_train_split_for_evaluation_is_refused(path: Path) -> None:
     data = load_config(path, environment=False).task.dataset
+    assert data is not None  # every paper config trains on a dataset
     leak = [f"task.dataset.eval_path={data.path}", f"task.dataset.eval_split={data.split}"]
     with pytest.raises(ConfigError, match="evaluation must be on held-out prompts"):
         load_config(path, leak, environment=False)

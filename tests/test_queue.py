@@ -10,6 +10,7 @@ from async_rlhf.pipeline.queue import (
     GateInputs,
     QueueFullError,
     RolloutQueue,
+    StalenessMode,
     chunk_version,
     fixed_version,
     generation_allowed,
@@ -84,7 +85,7 @@ def test_gate_target_step_and_bound() -> None:
 
 
 def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps: int = 12, gens: int = 1,
-             new_bound_at: tuple[int, int] | None = None, mode: str = "bound") -> tuple[list[int], int, float]:
+             new_bound_at: tuple[int, int] | None = None, mode: StalenessMode = "bound") -> tuple[list[int], int, float]:
     """Discrete-event run of the controller's loop (drop stale, gate, take) with fixed job times.
 
     `gen_s` may give each generator its own time; `new_bound_at=(step, N)` changes the bound once
@@ -95,7 +96,8 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
     times = gen_s if isinstance(gen_s, tuple) else (gen_s,) * gens
     q = RolloutQueue(capacity=(bound + 1) * ppstep, max_staleness=bound)
     published = steps_taken = outstanding = 0
-    events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, payload)
+    # (time, seq, kind, payload): a generation's payload is (version, generator), a learner step's None.
+    events: list[tuple[float, int, str, tuple[int, int] | None]] = []
     idle = list(range(gens))
     learner_busy, now, seq, seen = False, 0.0, 0, []
     while steps_taken < steps or learner_busy:
@@ -122,6 +124,7 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
                 heapq.heappush(events, (now + learn_s, seq, "learn", None))
         now, _, kind, payload = heapq.heappop(events)
         if kind == "gen":
+            assert payload is not None
             version, gen = payload
             idle.append(gen)
             for i in range(chunk):

@@ -81,7 +81,7 @@ def test_a_failing_item_is_isolated_and_reported(serve) -> None:
     body = httpx.post(f"{url}/score", json={"items": [{"prompt": "p", "response": "ok"}, {"prompt": "p", "response": "boom"}]}).json()
     assert body["scores"] == [1.0, None] and body["errors"] == [None, "ValueError: cannot score 'boom'"]
     outcomes = RemoteRewardClient(url).score([{"prompt": "p", "response": "boom", "meta": {}}])
-    assert outcomes[0].status == "failed" and "cannot score" in outcomes[0].error
+    assert outcomes[0].status == "failed" and "cannot score" in (outcomes[0].error or "")
 
 
 def test_client_retries_through_30_percent_failures_and_timeouts(serve) -> None:
@@ -97,18 +97,18 @@ def test_client_gives_up_with_a_reason_never_a_zero(serve) -> None:
     down = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=2, backoff_s=0.01)
     outcomes = down.score(ITEMS)
     assert {o.status for o in outcomes} == {"failed"} and all(o.score is None for o in outcomes)
-    assert "HTTP 503" in outcomes[0].error and down.counts["calls"] == 3
+    assert "HTTP 503" in (outcomes[0].error or "") and down.counts["calls"] == 3
     slow = RemoteRewardClient(serve(flaky_app(slow_rate=1.0, slow_s=2.0)), timeout_s=0.2, retries=1, backoff_s=0.01)
     assert {o.status for o in slow.score(ITEMS)} == {"timed_out"}
     unreachable = RemoteRewardClient("http://127.0.0.1:9", retries=1, backoff_s=0.01)
-    assert "unreachable" in unreachable.score(ITEMS)[0].error
+    assert "unreachable" in (unreachable.score(ITEMS)[0].error or "")
 
 
 def test_client_does_not_retry_its_own_bad_request_and_respects_the_deadline(serve) -> None:
     url = serve(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")))
     client = RemoteRewardClient(url, retries=5)
     outcome = client.score([{"prompt": "p"}])[0]  # no response field: the server says 422
-    assert outcome.status == "failed" and "HTTP 422" in outcome.error and client.counts["calls"] == 1
+    assert outcome.status == "failed" and "HTTP 422" in (outcome.error or "") and client.counts["calls"] == 1
     late = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=50, backoff_s=0.2, deadline_s=1.0)
     late.score(ITEMS)
     assert late.counts["calls"] < 10

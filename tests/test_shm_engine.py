@@ -89,7 +89,8 @@ class ActorClient:
     receive_weights call, so a batch never sees half-swapped weights)."""
 
     def __init__(self, ray, actor, version: int) -> None:
-        self.ray, self.actor, self.version, self.calls = ray, actor, version, []
+        self.ray, self.actor, self.version = ray, actor, version
+        self.calls: list[str] = []
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self.calls.append("init")

@@ -8,9 +8,11 @@ each batch's output must equal transformers' greedy output with the weights of i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from actors.generator import GeneratorActor
 from async_rlhf.config.run import EmbeddedModelConfig, GenerationConfig
@@ -32,9 +34,9 @@ class Versions:
         from async_rlhf.policies.embedded import build_tokenizer
 
         self.tokenizer = build_tokenizer()
-        self.models: dict[int, torch.nn.Module] = {}
+        self.models: dict[int, LlamaForCausalLM] = {}
 
-    def model(self, version: int) -> torch.nn.Module:
+    def model(self, version: int) -> LlamaForCausalLM:
         from async_rlhf.policies.embedded import build_model
 
         if version not in self.models:
@@ -43,8 +45,9 @@ class Versions:
         return self.models[version]
 
     def greedy(self, version: int, prompt_ids: list[int]) -> list[int]:
-        out = self.model(version).generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                           eos_token_id=2, pad_token_id=0)
+        model: Any = self.model(version)  # transformers types generate's self as another class
+        out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                             eos_token_id=2, pad_token_id=0)
         return out[0, len(prompt_ids):].tolist()
 
 

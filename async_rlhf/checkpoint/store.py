@@ -55,7 +55,7 @@ class CheckpointStore:
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:06d}"
 
-    def write(self, step: int, fill: Callable[[Path], None]) -> Path:
+    def write(self, step: int, fill: Callable[[Path], object]) -> Path:
         """Have `fill` write the contents into a fresh partial directory, seal it, publish it, prune."""
         final = self.path_for(step)
         if final.is_dir() and self.problem(final) is None:
