@@ -180,7 +180,8 @@ class GeneratorActor:
         gen_s = time.perf_counter() - start
         now = time.time()
         groups = [
-            RolloutGroup(p, [self._completion(c) for c in out.outputs], self.version, self.generator_id, now, gen_s=gen_s)
+            RolloutGroup(p, [self._completion(c) for c in out.outputs], self.version, self.generator_id, now,
+                         gen_s=gen_s)
             for p, out in zip(prompts, outputs)
         ]
         tokens = sum(g.num_tokens for g in groups)

@@ -6,7 +6,8 @@ Both sides use the same model, prompts, sampling parameters and per-prompt seeds
 same tokens, which the script checks) and the same single core. The raw side is an `LLM` in its own
 Ray actor, timed inside the actor around `LLM.generate` alone (so no Ray cost is charged to it); the
 actor is killed at the end, which also ends its engine process (an `LLM` in the benchmark process
-itself could hang at interpreter exit in vLLM's engine shutdown). The path side is what the controller does for one chunk: a Ray call to a GeneratorActor,
+itself could hang at interpreter exit in vLLM's engine shutdown). The path side is what the controller
+does for one chunk: a Ray call to a GeneratorActor,
 the groups pickled back, then a Ray call to the RewardService that scores them. They are timed
 alternately. Goal: path >= 0.95 of raw.
 """

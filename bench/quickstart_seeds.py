@@ -30,7 +30,8 @@ def run_one(seed: int, bound: int, runs_dir: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| N | seeds | gold start | gold end | gain | KL end | loop wall s | gen busy s | learn busy s | learner wait s |",
+    lines = ["| N | seeds | gold start | gold end | gain | KL end | loop wall s | gen busy s | learn busy s "
+             "| learner wait s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for bound in sorted({r["max_staleness"] for r in rows}):
         rs = [r for r in rows if r["max_staleness"] == bound]
@@ -42,7 +43,8 @@ def table(rows: list[dict]) -> str:
 
         gain = ms("gain", lambda r, k: r["final_gold_reward"] - r["initial_gold_reward"])
         lines.append(f"| {bound} | {len(rs)} | {ms('initial_gold_reward')} | {ms('final_gold_reward')} | {gain} | "
-                     f"{ms('final_kl')} | {ms('wall_s')} | {ms('gen_busy_s')} | {ms('learn_busy_s')} | {ms('wait_s')} |")
+                     f"{ms('final_kl')} | {ms('wall_s')} | {ms('gen_busy_s')} | {ms('learn_busy_s')} | "
+                     f"{ms('wait_s')} |")
     return "\n".join(lines)
 
 

@@ -289,7 +289,8 @@ class Learner:
             behaviour_logps=behaviour_logprobs(completions, logps.shape[1]).to(self.device),
             group_ids=torch.tensor(selection.group_ids, dtype=torch.long, device=self.device),
             values=values, old_values=old_values,
-            advantages=mc_advantages(completions, logps.shape[1]).to(self.device) if self.spec.needs_mc_values else None,
+            advantages=(mc_advantages(completions, logps.shape[1]).to(self.device)
+                        if self.spec.needs_mc_values else None),
         )
 
     def _pack(self, selection: Selection) -> PackedBatch:

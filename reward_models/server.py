@@ -56,14 +56,16 @@ def create_reward_app(name: str, scorer: BatchScorer) -> FastAPI:
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes; send smaller batches"})
+            detail = f"request body over {MAX_BODY_BYTES} bytes; send smaller batches"
+            return JSONResponse(status_code=413, content={"detail": detail})
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        return JSONResponse(status_code=422, content={"detail": f"{where}: {first['msg']}", "errors": jsonable_encoder(exc.errors())})
+        return JSONResponse(status_code=422,
+                            content={"detail": f"{where}: {first['msg']}", "errors": jsonable_encoder(exc.errors())})
 
     @app.get("/healthz")
     def healthz(request: Request) -> dict:

@@ -35,7 +35,8 @@ class RewardService:
         pairs = [(g, c) for g in groups for c in g.completions]
         items = [{"prompt": g.prompt.text, "response": c.text, "meta": g.prompt.meta} for g, c in pairs]
         for (_, completion), outcome in zip(pairs, client.score(items)):
-            completion.reward, completion.reward_status, completion.reward_error = outcome.score, outcome.status, outcome.error
+            completion.reward, completion.reward_status = outcome.score, outcome.status
+            completion.reward_error = outcome.error
             self.counts["scored" if outcome.status == "ok" else outcome.status] += 1
 
     def _score_learned(self, model: LearnedRewardModel, groups: list[RolloutGroup]) -> None:

@@ -166,7 +166,8 @@ def test_openapi_fuzz_has_no_server_errors(live, tmp_path: Path) -> None:
     # Without the token everything is fuzzed, control included (all refused); with it, only the bound.
     anonymous = subprocess.run(common, capture_output=True, text=True, timeout=600)
     assert anonymous.returncode == 0, anonymous.stdout[-3000:]
-    bound = subprocess.run(common + ["-H", f"Authorization: Bearer {TOKEN}", "--include-path", "/control/max_staleness"],
+    bound = subprocess.run(common + ["-H", f"Authorization: Bearer {TOKEN}",
+                                     "--include-path", "/control/max_staleness"],
                            capture_output=True, text=True, timeout=600)
     assert bound.returncode == 0, bound.stdout[-3000:]
     assert live["client"].get("/status").json()["phase"] == "running"

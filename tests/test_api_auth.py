@@ -46,7 +46,8 @@ def test_fixed_delay_refuses_a_new_bound() -> None:
 
     from async_rlhf.config.run import RunConfig
 
-    ctl: Any = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")  # a stand-in Controller
+    # A stand-in Controller: only what the control endpoint reads.
+    ctl: Any = SimpleNamespace(cfg=RunConfig(queue={"staleness_mode": "fixed"}), phase="running")
     with TestClient(create_app(controller=ctl, token="secret-token-0123456", open_reads=False)) as client:
         res = client.put("/control/max_staleness", json={"max_staleness": 4},
                          headers={"Authorization": "Bearer secret-token-0123456"})

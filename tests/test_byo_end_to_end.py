@@ -45,7 +45,8 @@ def test_your_own_data_and_model(tmp_path: Path) -> None:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/reward_mean")] == [1, 2, 3, 4, 5, 6]
-    assert [round(e.value, 5) for e in events.Scalars("eval/gold_reward")] == [round(e["gold_reward"], 5) for e in evals]
+    logged = [round(e.value, 5) for e in events.Scalars("eval/gold_reward")]
+    assert logged == [round(e["gold_reward"], 5) for e in evals]
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
 
     AutoModelForCausalLM.from_pretrained(run / "final")

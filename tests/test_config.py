@@ -25,7 +25,8 @@ def test_fixed_delay_is_valid_with_shm_at_any_n() -> None:
 
 
 def test_parse_overrides_types_values() -> None:
-    assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
+    parsed = parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"])
+    assert parsed == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["novalue"])
 
@@ -33,7 +34,8 @@ def test_parse_overrides_types_values() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["queue.max_stalenes=1"], "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity, staleness_mode"),
+        (["queue.max_stalenes=1"],
+         "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity, staleness_mode"),
         (["queue.staleness_mode=delayed"], "queue.staleness_mode: Input should be 'bound' or 'fixed' (got 'delayed')"),
         (["queue.staleness_mode=fixed", "weight_sync.transport=nccl"],
          ("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl does not keep "
@@ -41,7 +43,8 @@ def test_parse_overrides_types_values() -> None:
         (["queue.max_staleness=-1"], "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
         (["learner.lr=fast"], "learner.lr: Input should be a valid number"),
         (["learner.zero_stage=4"], "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),
-        (["loss.name=ppo2"], "loss.name: unknown loss 'ppo2'; valid names: best_of_n_sft, grpo, ipo, online_dpo, ppo, proximal_rloo, rloo, vineppo"),
+        (["loss.name=ppo2"], "loss.name: unknown loss 'ppo2'; "
+                             "valid names: best_of_n_sft, grpo, ipo, online_dpo, ppo, proximal_rloo, rloo, vineppo"),
         (["generation.samples_per_prompt=1"], "samples_per_prompt (1) must be >= 2 for loss 'online_dpo'"),
         (["generation.prompts_per_step=15", "generation.num_generators=2"], "must be a multiple of"),
         (["model.source=local"], "model.path is required when model.source=local"),

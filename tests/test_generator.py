@@ -19,7 +19,8 @@ PROMPTS = ["3914>", "50182>", "7777>", "9081726>"]
 
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
     model = load_causal_lm(model_dir).eval()
-    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new, eos_token_id=2, pad_token_id=0)
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new, eos_token_id=2,
+                         pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -94,7 +95,8 @@ def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ra
     from reward_models.service import RewardService
 
     tok = build_tokenizer()
-    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))}) for i, text in enumerate(PROMPTS)]
+    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))})
+               for i, text in enumerate(PROMPTS)]
     cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
     gen = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(random_policies[0]), cfg, 7, None,
                                                                       "float32", "shm", "sort_partial")

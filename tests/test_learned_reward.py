@@ -85,7 +85,8 @@ def cli_error(capsys: pytest.CaptureFixture, *args: str) -> str:
 def test_train_rm_rejects_bad_pairs(tmp_path: Path, random_policies: tuple[Path, Path], capsys) -> None:
     base = str(random_policies[0])
     no_col = write_jsonl(tmp_path / "nocol.jsonl", [{"prompt": "1>", "chosen": "1"}])
-    assert "no column(s) rejected" in cli_error(capsys, "train-rm", str(no_col), "--base", base, "--out", str(tmp_path / "o"))
+    out = str(tmp_path / "o")
+    assert "no column(s) rejected" in cli_error(capsys, "train-rm", str(no_col), "--base", base, "--out", out)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "1>", "chosen": "", "rejected": "2"}])
     assert "no usable pair" in cli_error(capsys, "train-rm", str(empty), "--base", base, "--out", str(tmp_path / "o"))
     (tmp_path / "p.csv").write_text("prompt,chosen,rejected\n1>,1,2\n")
@@ -113,7 +114,8 @@ def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
 def test_best_and_worst_pair() -> None:
     from async_rlhf.cli.pairs import best_and_worst
 
-    comps = [Completion([], t, [], "stop", reward=r, reward_status="ok") for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
+    comps = [Completion([], t, [], "stop", reward=r, reward_status="ok")
+             for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
     group = RolloutGroup(Prompt(7, "p", [], {}), comps, 0, 0, 0.0)
     pair = best_and_worst(group, min_margin=0.5)
     assert pair is not None and (pair["chosen"], pair["rejected"], pair["prompt_id"]) == ("b", "c", 7)

@@ -17,7 +17,8 @@ def test_online_dpo_steps_with_learned_rm(tmp_path: Path, random_policies: tuple
     from async_rlhf.cli.main import main
 
     run = tmp_path / "run"
-    code = main(["train", "configs/byo_example.yaml", f"model.path={random_policies[0]}", f"reward.learned.path={tiny_rm}",
+    code = main(["train", "configs/byo_example.yaml", f"model.path={random_policies[0]}",
+                 f"reward.learned.path={tiny_rm}",
                  "reward.learned.max_length=32", "learner.steps=3", "eval.every=0", "task.eval_prompts=16",
                  "generation.prompts_per_step=8", "logging.tensorboard=false", "logging.wandb=false",
                  "--run-dir", str(run)])

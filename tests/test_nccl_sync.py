@@ -53,7 +53,8 @@ def test_versions_never_go_backwards() -> None:
         check_next_version(3, 2)
     check_generator_version(5, 5, 0)
     check_generator_version(6, 5, 0)  # the push of 6 reached it ahead of a batch leased with 5: sampled as 6
-    with pytest.raises(VersionError, match="generator 1 holds weights version 4 but was asked to sample with version 5"):
+    with pytest.raises(VersionError,
+                       match="generator 1 holds weights version 4 but was asked to sample with version 5"):
         check_generator_version(4, 5, 1)
 
 

@@ -119,7 +119,8 @@ def test_activation_and_logit_bytes_per_token_by_hand() -> None:
 
 def test_shared_gpu_gives_the_learner_only_its_fraction() -> None:
     shape = ModelShape(params=1.35e8, hidden=576, layers=30, mlp=1536, vocab=49152)  # SmolLM2-135M
-    overrides = ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.5", "learner.gpu_memory_fraction=0.4"]
+    overrides = ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.5",
+                 "learner.gpu_memory_fraction=0.4"]
     shared = estimate(load_config(QUICKSTART, overrides, environment=False), shape, gpu_gib=80)
     alone = estimate(load_config(QUICKSTART, environment=False), shape, gpu_gib=80)
     assert shared.usable_gib == pytest.approx(0.4 * alone.usable_gib)  # vLLM holds the rest of the GPU

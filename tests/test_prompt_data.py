@@ -127,7 +127,8 @@ def test_rows_are_filtered_and_counted(tmp_path: Path, tokenizer) -> None:
     source = write(tmp_path / "rows.jsonl", rows)
     task = dataset_task(task_cfg(source, reference_column="answer", max_prompt_tokens=24), tokenizer, seed=0)
     stats = task.stats[0]
-    assert (stats.rows, stats.used, stats.empty, stats.malformed, stats.unknown_tokens, stats.too_long) == (10, 5, 2, 1, 1, 1)
+    counts = (stats.rows, stats.used, stats.empty, stats.malformed, stats.unknown_tokens, stats.too_long)
+    assert counts == (10, 5, 2, 1, 1, 1)
     assert "10 rows, 5 usable (1 longer than 24 tokens, 2 empty, 1 malformed, 1 with unknown tokens)" in task.describe()
 
 

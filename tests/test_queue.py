@@ -85,7 +85,8 @@ def test_gate_target_step_and_bound() -> None:
 
 
 def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps: int = 12, gens: int = 1,
-             new_bound_at: tuple[int, int] | None = None, mode: StalenessMode = "bound") -> tuple[list[int], int, float]:
+             new_bound_at: tuple[int, int] | None = None, mode: StalenessMode = "bound"
+             ) -> tuple[list[int], int, float]:
     """Discrete-event run of the controller's loop (drop stale, gate, take) with fixed job times.
 
     `gen_s` may give each generator its own time; `new_bound_at=(step, N)` changes the bound once

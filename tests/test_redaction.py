@@ -36,6 +36,7 @@ def test_saved_config_has_no_secret_and_loads_back_equal_for_resume(tmp_path: Pa
 
 
 def test_check_config_prints_no_secret() -> None:
-    out = subprocess.run(cli_command("check-config", "configs/quickstart.yaml", f"api.token={TOKEN}"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cli_command("check-config", "configs/quickstart.yaml", f"api.token={TOKEN}"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert TOKEN not in out.stdout + out.stderr and "token: '***'" in out.stdout

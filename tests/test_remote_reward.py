@@ -61,13 +61,15 @@ def test_server_scores_and_validates(serve) -> None:
         "missing items": ({}, 422, "items: Field required"),
         "empty batch": ({"items": []}, 422, "items: List should have at least 1 item"),
         "extra key": ({"items": ITEMS, "x": 1}, 422, "x: Extra inputs are not permitted"),
-        "wrong type": ({"items": [{"prompt": 1, "response": "1"}]}, 422, "items.0.prompt: Input should be a valid string"),
+        "wrong type": ({"items": [{"prompt": 1, "response": "1"}]}, 422,
+                       "items.0.prompt: Input should be a valid string"),
         "too long": ({"items": [{"prompt": "1", "response": "9" * 20_001}]}, 422, "at most 20000 characters"),
     }
     for name, (body, code, message) in cases.items():
         reply = httpx.post(f"{url}/score", json=body)
         assert reply.status_code == code and message in reply.json()["detail"], name
-    huge = httpx.post(f"{url}/score", content=b"x" * (8 * 1024 * 1024 + 1), headers={"Content-Type": "application/json"})
+    huge = httpx.post(f"{url}/score", content=b"x" * (8 * 1024 * 1024 + 1),
+                      headers={"Content-Type": "application/json"})
     assert huge.status_code == 413 and "send smaller batches" in huge.json()["detail"]
 
 
@@ -78,7 +80,8 @@ def test_a_failing_item_is_isolated_and_reported(serve) -> None:
         return [1.0 for _ in responses]
 
     url = serve(create_reward_app("picky", picky))
-    body = httpx.post(f"{url}/score", json={"items": [{"prompt": "p", "response": "ok"}, {"prompt": "p", "response": "boom"}]}).json()
+    items = [{"prompt": "p", "response": "ok"}, {"prompt": "p", "response": "boom"}]
+    body = httpx.post(f"{url}/score", json={"items": items}).json()
     assert body["scores"] == [1.0, None] and body["errors"] == [None, "ValueError: cannot score 'boom'"]
     outcomes = RemoteRewardClient(url).score([{"prompt": "p", "response": "boom", "meta": {}}])
     assert outcomes[0].status == "failed" and "cannot score" in (outcomes[0].error or "")

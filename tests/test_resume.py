@@ -163,7 +163,8 @@ def test_deterministic_resume_gives_identical_weights(tmp_path: Path, ray_local)
     interrupted_copy(straight, resumed, keep_step)
     err = run_to_end(resumed, overrides, resume=True)
     assert f"at step {keep_step}" in err
-    want, got = load_file(str(straight / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    want = load_file(str(straight / "final" / "model.safetensors"))
+    got = load_file(str(resumed / "final" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert results(resumed) == results(straight)  # losses, rewards, KL, prompt ids: step by step
     assert evals_without_clock(resumed) == evals_without_clock(straight)

@@ -55,7 +55,8 @@ def test_process_age_counts_from_the_interpreter_start() -> None:
 
 @pytest.mark.parametrize("argv", [["--help"], ["check-config", "configs/quickstart.yaml"]])
 def test_light_commands_import_no_ray_vllm_or_torch(argv: list[str]) -> None:
-    code = ("import sys\nfrom async_rlhf.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom async_rlhf.cli.main import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print('MODULES', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "MODULES []" in out.stderr, out.stderr[-2000:]

@@ -106,7 +106,8 @@ class CheckpointStore:
         """Every published (renamed) checkpoint directory, oldest first; not yet verified."""
         if not self.root.is_dir():
             return []
-        found = [Checkpoint(p, int(m.group(1))) for p in self.root.iterdir() if (m := NAME.match(p.name)) and p.is_dir()]
+        found = [Checkpoint(p, int(m.group(1))) for p in self.root.iterdir()
+                 if (m := NAME.match(p.name)) and p.is_dir()]
         return sorted(found, key=lambda c: c.step)
 
     def latest_valid(self, warn: Callable[[str], None]) -> Checkpoint | None:

@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="reward, KL, staleness and throughput of several runs on one figure")
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    export = sub.add_parser("export-model", help="write the embedded policy as a local HF checkpoint (model.source=local)")
+    export = sub.add_parser("export-model",
+                            help="write the embedded policy as a local HF checkpoint (model.source=local)")
     export.add_argument("out", type=Path, help="new directory for the checkpoint")
     export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")

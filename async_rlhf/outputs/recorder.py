@@ -99,7 +99,8 @@ class RunRecorder:
         steps = [r["step"] for r in self.steps]
         ax_r.plot(steps, _series(self.steps, "reward_mean"), label="train reward (proxy), batch mean", alpha=0.7)
         if self.evals:
-            ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-", label="gold reward (eval)")
+            ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-",
+                      label="gold reward (eval)")
             if any(r.get("win_rate") is not None for r in self.evals):
                 ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate"), "s--",
                           label="win-rate vs reference (eval)")
@@ -112,7 +113,8 @@ class RunRecorder:
         ax_kl.plot(steps, _series(self.steps, "kl"), color="tab:red", alpha=0.5, label="train batch (chosen+rejected)")
         if self.evals:
             versions = _series(self.evals, "version")
-            ax_kl.plot(versions, _series(self.evals, "kl"), "o-", color="darkred", label="eval samples (current policy)")
+            ax_kl.plot(versions, _series(self.evals, "kl"), "o-", color="darkred",
+                       label="eval samples (current policy)")
         ax_kl.legend(loc="upper left")
         ax_kl.set_ylabel("KL to reference (nats/seq)")
         ax_kl.set_xlabel("learner step (policy version)")

@@ -98,7 +98,8 @@ def test_greedy_output_after_a_sync_matches_hf(tmp_path: Path) -> None:
 def _hf_greedy(path: Path, prompts: list, max_new_tokens: int) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)  # transformers' types miss .cuda()
+    # Any: transformers' types miss .cuda() on the loaded model.
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model = model.cuda().eval()
     outs = []
     for p in prompts:
