@@ -9,7 +9,7 @@ EXTRAS ?= cpu,logging,dev
 # Use a local wheel directory when the machine has one (the CPU torch wheel lives there).
 PIP_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: quickstart test test-fast install browser clean
+.PHONY: quickstart test test-fast lint install browser clean
 
 install: $(STAMP)
 
@@ -27,8 +27,14 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/async-rlhf train configs/quickstart.yaml $(ARGS)
 
-test: $(STAMP) browser
+# `lint` is a prerequisite: the lint and type checks (a minute) run before the suite (twenty).
+test: $(STAMP) browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff: pycodestyle, pyflakes, import order, bugbear (no formatting); mypy: the packages, bench and tests.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # The live status page is tested in headless Chromium (Debian's package; needs root or sudo once).
 browser:
@@ -37,8 +43,8 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 	@chromium --version
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .mypy_cache .ruff_cache

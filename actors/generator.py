@@ -13,17 +13,27 @@ import gc
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from async_rlhf.weights.broker import WeightRef
-from async_rlhf.config.generation import GenerationConfig
-from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.cluster.resources import pin_process
+from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
-from learners.advantages.monte_carlo import (
-    MCBatch, MCRequest, State, StepSplit, continuation_seed, delimiter_splitter, gather_states,
-)
+from async_rlhf.weights.broker import WeightRef
+from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.weights.shm_ring import parse_slot_location
+from learners.advantages.monte_carlo import (
+    MCBatch,
+    MCRequest,
+    State,
+    StepSplit,
+    continuation_seed,
+    delimiter_splitter,
+    gather_states,
+)
 from reward_models.service import RewardService
+
+if TYPE_CHECKING:  # vllm is imported after the engine environment is set (GeneratorActor.__init__)
+    from vllm.inputs import TokensPrompt
 
 
 @dataclass
@@ -82,7 +92,8 @@ class GeneratorActor:
             skip_cpu_start_costs()
         self.llm = LLM(
             model=model_dir,
-            dtype=dtype,  # the learner's (model.torch_dtype): behaviour logprobs must match its own
+            # The learner's (model.torch_dtype, float32 or bfloat16): behaviour logprobs must match its own.
+            dtype=dtype,  # type: ignore[arg-type]  # a str from the config, one of vLLM's literal names
             max_model_len=gen_cfg.max_model_len,
             seed=seed + generator_id,
             **engine_options(gen_cfg, _has_cuda(), weight_transport),
@@ -164,11 +175,13 @@ class GeneratorActor:
         n = n or self.cfg.samples_per_prompt
         params = [self._sampling_params(n, temperature, p.prompt_id) for p in prompts]
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params, use_tqdm=False)
+        inputs: list[TokensPrompt] = [{"prompt_token_ids": p.token_ids} for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
         gen_s = time.perf_counter() - start
         now = time.time()
         groups = [
-            RolloutGroup(p, [self._completion(c) for c in out.outputs], self.version, self.generator_id, now, gen_s=gen_s)
+            RolloutGroup(p, [self._completion(c) for c in out.outputs], self.version, self.generator_id, now,
+                         gen_s=gen_s)
             for p, out in zip(prompts, outputs)
         ]
         tokens = sum(g.num_tokens for g in groups)
@@ -222,7 +235,7 @@ class GeneratorActor:
             for state, p in zip(found.states, prompts)
         ]
         start = time.perf_counter()
-        inputs = [{"prompt_token_ids": s.token_ids} for s in found.states]
+        inputs: list[TokensPrompt] = [{"prompt_token_ids": s.token_ids} for s in found.states]
         outputs = self.llm.generate(inputs, params, use_tqdm=False) if inputs else []
         gen_s, now = time.perf_counter() - start, time.time()
         rollouts = [

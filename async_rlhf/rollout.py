@@ -61,3 +61,10 @@ class RolloutGroup:
     @property
     def num_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.completions)
+
+
+def scored_reward(completion: Completion) -> float:
+    """The reward of a completion from `RolloutGroup.scored` (a sort key that type-checks: status "ok" has one)."""
+    if completion.reward is None:
+        raise ValueError(f"completion has status {completion.reward_status!r} and no reward")
+    return completion.reward

@@ -6,7 +6,8 @@ Both sides use the same model, prompts, sampling parameters and per-prompt seeds
 same tokens, which the script checks) and the same single core. The raw side is an `LLM` in its own
 Ray actor, timed inside the actor around `LLM.generate` alone (so no Ray cost is charged to it); the
 actor is killed at the end, which also ends its engine process (an `LLM` in the benchmark process
-itself could hang at interpreter exit in vLLM's engine shutdown). The path side is what the controller does for one chunk: a Ray call to a GeneratorActor,
+itself could hang at interpreter exit in vLLM's engine shutdown). The path side is what the controller
+does for one chunk: a Ray call to a GeneratorActor,
 the groups pickled back, then a Ray call to the RewardService that scores them. They are timed
 alternately. Goal: path >= 0.95 of raw.
 """
@@ -15,8 +16,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.common import alternate, build_policy, ratio_main
+
+if TYPE_CHECKING:  # vllm is imported after the engine environment is set
+    from vllm.inputs import TokensPrompt
 
 CORE = 0  # the pipeline pins generator 0 to the first core when it overlaps generation and learning
 
@@ -42,7 +47,7 @@ class RawVLLM:
 
         self.llm = LLM(model=model_dir, dtype="float32", max_model_len=gen_cfg.max_model_len, seed=0,
                        **engine_options(gen_cfg, cuda=False))
-        self.inputs = [{"prompt_token_ids": p.token_ids} for p in prompts]
+        self.inputs: list[TokensPrompt] = [{"prompt_token_ids": p.token_ids} for p in prompts]
         self.params = raw_params(prompts, gen_cfg)
 
     def generate(self) -> tuple[float, int]:
@@ -73,13 +78,13 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
     model_dir = build_policy(size, workdir / size)
     prompts = make_prompts(n_prompts)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    handles = []
+    handles: list[Any] = []  # Ray actor handles (Ray's types do not follow .options().remote())
     try:
-        actor = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), gen_cfg, 0, [CORE])
-        reward = ray.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
+        actor: Any = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), gen_cfg, 0, [CORE])
+        reward: Any = ray.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
         handles.append(actor)
         ray.get(actor.info.remote())
-        raw_actor = ray.remote(RawVLLM).options(num_cpus=0).remote(str(model_dir), gen_cfg, prompts)
+        raw_actor: Any = ray.remote(RawVLLM).options(num_cpus=0).remote(str(model_dir), gen_cfg, prompts)
         handles.append(raw_actor)
         out: dict = {}
 

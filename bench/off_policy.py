@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result = {"steps": args.steps, "mode": args.mode, "runs": runs, "table": table(runs, args.mode)}
                 save_json(args.out, result)
                 r = runs[-1]
-                print(f"{args.mode} {loss} N={bound} seed {seed}: gold {r['final_gold_reward']:.3f}, KL {r['final_kl']:.3f}, "
+                print(f"{args.mode} {loss} N={bound} seed {seed}: gold {r['final_gold_reward']:.3f}, "
+                      f"KL {r['final_kl']:.3f}, "
                       f"mean staleness {r['mean_staleness']:.2f}", flush=True)
     result = {"steps": args.steps, "mode": args.mode, "runs": runs, "table": table(runs, args.mode)}
     save_json(args.out, result)

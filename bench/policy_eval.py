@@ -16,9 +16,10 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import WeightRef
 from async_rlhf.config.run import RunConfig
+from async_rlhf.rollout import scored_reward
 from async_rlhf.tasks.builtin import load_task
+from async_rlhf.weights.broker import WeightRef
 from async_rlhf.weights.shm_ring import ShmSlotRing, slot_location
 from reward_models.service import RewardService
 
@@ -47,7 +48,7 @@ class GoldEvaluator:
             raise RuntimeError("score the starting policy first: the engine holds other weights by now")
         weights = self._stage(policy_dir) if policy_dir is not None else None
         result = self.generator.generate(self.prompts, weights, n=1, temperature=self.cfg.generation.eval_temperature)
-        values = [c.reward for g in self.gold.score(result.groups, "gold") for c in g.scored]
+        values = [scored_reward(c) for g in self.gold.score(result.groups, "gold") for c in g.scored]
         return sum(values) / len(values)
 
     def _stage(self, policy_dir: Path) -> WeightRef:

@@ -30,19 +30,21 @@ def run_one(seed: int, bound: int, runs_dir: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| N | seeds | gold start | gold end | gain | KL end | loop wall s | gen busy s | learn busy s | learner wait s |",
+    lines = ["| N | seeds | gold start | gold end | gain | KL end | loop wall s | gen busy s | learn busy s "
+             "| learner wait s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for bound in sorted({r["max_staleness"] for r in rows}):
         rs = [r for r in rows if r["max_staleness"] == bound]
 
         def ms(key: str, f=lambda r, k: r[k]) -> str:
-            vals = [f(r, key) for r in rs]
+            vals = [f(r, key) for r in rs]  # noqa: B023 (called in this iteration only)
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
         gain = ms("gain", lambda r, k: r["final_gold_reward"] - r["initial_gold_reward"])
         lines.append(f"| {bound} | {len(rs)} | {ms('initial_gold_reward')} | {ms('final_gold_reward')} | {gain} | "
-                     f"{ms('final_kl')} | {ms('wall_s')} | {ms('gen_busy_s')} | {ms('learn_busy_s')} | {ms('wait_s')} |")
+                     f"{ms('final_kl')} | {ms('wall_s')} | {ms('gen_busy_s')} | {ms('learn_busy_s')} | "
+                     f"{ms('wait_s')} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ def async_vs_sync(result: dict) -> str:
     for r in result["table"]:
         lines.append(f"| {r['max_staleness']} | {r['seeds']} | {pm(r['wall_s'], 1)} | {pm(r['G_s'], 1)} | "
                      f"{pm(r['T_s'], 1)} | {pm(r['ideal_speedup'], 2)} | {pm(r['measured_speedup'], 2)} | "
-                     f"{pm(r['overlap_efficiency'], 2)} | {pm(r['bottleneck_share'], 2)} | {pm(r['final_gold_reward'])} |")
+                     f"{pm(r['overlap_efficiency'], 2)} | {pm(r['bottleneck_share'], 2)} | "
+                     f"{pm(r['final_gold_reward'])} |")
     return "\n".join(lines)
 
 

@@ -40,7 +40,8 @@ def earlier_runs(path: Path, **settings: object) -> list[dict]:
     return old["runs"] if all(old.get(k) == v for k, v in settings.items()) else []
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float | None]) -> tuple[float, float]:
+    """Mean and standard deviation of the values a run reported (None: it did not)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return float("nan"), float("nan")

@@ -30,9 +30,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
 from async_rlhf.config.run import RunConfig, load_config
+from async_rlhf.pipeline.timing import process_started_at
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import Task, load_task
-from async_rlhf.pipeline.timing import process_started_at
 from reward_models.rules import SCORERS
 
 TRL_SAMPLES = 2  # OnlineDPOTrainer always samples two completions per prompt
@@ -80,7 +80,7 @@ class ClockCallback(TrainerCallback):
 
 def prompt_rows(task: Task, tokenizer: Any, count: int) -> tuple[list[str], list[Prompt]]:
     """The first `count` train prompts, as text whose tokenization without special tokens is our token ids."""
-    prompts = [task.prompt(i) for i in range(count)]
+    prompts = [task.train_prompt(i) for i in range(count)]
     texts = [tokenizer.decode(p.token_ids) for p in prompts]
     retokenized = tokenizer(texts, add_special_tokens=False)["input_ids"]
     differ = [p.prompt_id for p, ids in zip(prompts, retokenized) if list(ids) != list(p.token_ids)]
@@ -89,11 +89,12 @@ def prompt_rows(task: Task, tokenizer: Any, count: int) -> tuple[list[str], list
     return texts, prompts
 
 
-def reward_function(cfg: RunConfig, prompts: list[Prompt]) -> Callable[..., list[float]]:
+def reward_function(cfg: RunConfig, prompts: list[Prompt]) -> Callable[..., list[float | None]]:
     """The run's train scorer as a TRL reward function; `prompt_index` (a dataset column) finds our Prompt."""
     scorer = SCORERS[cfg.reward.train]
 
-    def train_reward(completions: list[str], prompt_index: list[int], **_: Any) -> list[float]:
+    # TRL's reward-function type: list[float | None] (None would mean "no reward"; ours always has one).
+    def train_reward(completions: list[str], prompt_index: list[int], **_: Any) -> list[float | None]:
         return [scorer(prompts[i], text) for i, text in zip(prompt_index, completions)]
 
     train_reward.__name__ = cfg.reward.train  # TRL logs rewards under the function's name

@@ -86,7 +86,8 @@ def mean_curve(runs: list[dict]) -> list[dict]:
     for v in versions:
         points = [p for r in runs for p in r["curve"] if p["version"] == v]
         golds = [p["gold"] for p in points]
-        rows.append({"version": v, "gold": statistics.mean(golds), "sd": statistics.stdev(golds) if len(golds) > 1 else 0.0,
+        rows.append({"version": v, "gold": statistics.mean(golds),
+                     "sd": statistics.stdev(golds) if len(golds) > 1 else 0.0,
                      "train_s": statistics.mean(p["train_s"] for p in points), "n": len(points)})
     return rows
 

@@ -150,7 +150,8 @@ def ours_arm(summary: dict, final_gold: float, steps: int) -> dict:
             "loop_s": summary["wall_s"], "net_loop_s": round(summary["wall_s"] - in_loop, 2),
             "s_per_step": median_step_s([0.0, *ends]), "final_gold": final_gold,
             "final_gold_in_run": evals[-1]["gold_reward"], "start_gold_in_run": evals[0]["gold_reward"],
-            "curve": ours_curve(evals), "tied_share": round(tied, 3), "max_staleness_seen": summary["max_staleness_seen"],
+            "curve": ours_curve(evals), "tied_share": round(tied, 3),
+            "max_staleness_seen": summary["max_staleness_seen"],
             "cores_pinned": summary["cores_pinned"], "load_avg_1m": summary["load_avg_1m"]}
 
 
@@ -186,7 +187,8 @@ DONE = "arm.json"  # an arm's raw result, written when it finished: a rerun with
 def run_arm(args: argparse.Namespace, overrides: list[str], policy: Path, arm: str, repeat: int) -> dict:
     """One arm of one repeat, or its result from an earlier, stopped bench with the same settings."""
     run_dir = args.runs_dir / f"{arm}-{repeat}"
-    key = {"config": str(args.config), "overrides": overrides, "trl_threads": args.trl_threads if arm == "trl" else None}
+    key = {"config": str(args.config), "overrides": overrides,
+           "trl_threads": args.trl_threads if arm == "trl" else None}
     done = run_dir / DONE
     if done.is_file() and json.loads(done.read_text())["key"] == key:
         print(f"vs_trl: repeat {repeat}, {arm}: kept from an earlier bench ({done})", flush=True)

@@ -16,8 +16,9 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.common import RESULTS, build_policy, write_result, save_figure
+from bench.common import RESULTS, build_policy, save_figure, write_result
 from bench.generator_path import CORE
 
 COPY_BYTES = 256 * 2**20  # large enough to leave the caches, small enough for any CI machine
@@ -52,7 +53,10 @@ def sync_once(broker, ring, actor, state: dict, version: int, probe) -> dict[str
     from async_rlhf.weights.shm_ring import parse_slot_location
 
     start = time.perf_counter()
-    root, slot = parse_slot_location(broker.staging_location(version))
+    location = parse_slot_location(broker.staging_location(version))
+    if location is None:
+        raise RuntimeError("bench: the broker's staging location is not an shm slot")
+    _, slot = location
     ring.write(slot, state)
     ref = broker.publish(version)
     written = time.perf_counter()
@@ -69,14 +73,15 @@ def measure_size(size: str, repeats: int, workdir: Path, bandwidth: float) -> di
     import ray
 
     from actors.generator import GeneratorActor
-    from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
     from async_rlhf.config.generation import GenerationConfig
+    from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
     from async_rlhf.weights.shm_ring import ShmSlotRing
     from bench.generator_path import make_prompts
 
     model_dir = build_policy(size, workdir / size)
     nbytes = (model_dir / "model.safetensors").stat().st_size
-    actor = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), GenerationConfig(), 0, [CORE])
+    actor: Any = ray.remote(GeneratorActor).options(num_cpus=0).remote(  # Ray's types miss .options()
+        0, str(model_dir), GenerationConfig(), 0, [CORE])
     root = Path(tempfile.mkdtemp(prefix="bench-sync-", dir="/dev/shm"))
     broker, ring = WeightSyncBroker(SharedMemoryTransport(root)), ShmSlotRing(root)
     try:

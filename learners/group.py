@@ -15,8 +15,8 @@ from typing import Any
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from async_rlhf.config.run import RunConfig
 from async_rlhf.cluster.placement import in_bundle, learner_options, reserve, use_gpus
+from async_rlhf.config.run import RunConfig
 from learners.distributed import RankInfo, free_port
 from learners.learner import Learner
 
@@ -93,7 +93,7 @@ def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threa
     ranks, gpu = cfg.learner.num_ranks, use_gpus()
     if ranks == 1:
         return ray.remote(Learner).options(**learner_options(cfg)).remote(cfg, model_dir, cores, threads)
-    bundle = {"CPU": 1, **({"GPU": 1} if gpu else {})}
+    bundle: dict[str, float] = {"CPU": 1, **({"GPU": 1} if gpu else {})}
     pg = reserve([bundle] * ranks, cfg.ray.placement_strategy, cfg.learner.stall_timeout_s,
                  f"learner.num_ranks={ranks}")
     host, port = ray.get(_rendezvous_address.options(scheduling_strategy=in_bundle(pg, 0)).remote())

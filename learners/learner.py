@@ -18,23 +18,36 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.learner import LearnerConfig
 from async_rlhf.config.run import RunConfig
-from async_rlhf.weights.nccl import NcclLayout, nccl_version
-from async_rlhf.cluster.resources import pin_process
 from async_rlhf.rollout import RolloutGroup
+from async_rlhf.weights.nccl import NcclLayout, nccl_version
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, gap_sums, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
-from learners.micro_batches import (GroupSize, MicroBatch, combine_metrics, split_by_tokens, split_further,
-                                    sum_stats, weigh)
+from learners.micro_batches import (
+    GroupSize,
+    MicroBatch,
+    combine_metrics,
+    split_by_tokens,
+    split_further,
+    sum_stats,
+    weigh,
+)
 from learners.value_model import ValueModel, ValueTrainer
+
+if TYPE_CHECKING:  # imported where used (transformers is slow to import; only nccl and ipc need the senders)
+    from transformers import PreTrainedModel
+
+    from learners.weight_sender import PushedWeightSender
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
                    "*.model", "chat_template*")
@@ -61,14 +74,14 @@ def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
     }
 
 
-def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Module:
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> PreTrainedModel:
     """Any HF causal LM, in `dtype` (model.torch_dtype: float32 on CPU, where vLLM's logprobs then match)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors `model.save_pretrained` would write, under the same names, as contiguous CPU tensors.
 
     Uses the two steps save_pretrained itself applies: drop tied aliases (safetensors refuses shared
@@ -141,7 +154,7 @@ class Learner:
         # a new DeepSpeed-trained module is one more entry in `engines` (the value model has its own path).
         self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
         self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
-        self.sender = None  # set by connect_generators (weight_sync.transport=nccl)
+        self.sender: PushedWeightSender | None = None  # set by connect_generators (weight_sync.transport=nccl)
         self.ring: ShmSlotRing | None = None  # weight_sync.transport=shm: the broker's slot ring
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
@@ -152,7 +165,7 @@ class Learner:
                             grad_clip=learner.grad_clip)
 
     @property
-    def policy(self) -> torch.nn.Module:
+    def policy(self) -> PreTrainedModel:
         """The HF model inside the engine (same parameters the optimizer updates)."""
         return self.engine.module
 
@@ -241,7 +254,10 @@ class Learner:
         values = self.value.values(mb.batch) if self.value else None
         gap: dict = {}
         if mb.weight > 0:
+            # Filled for every weighted micro-batch before the first update (train_step), and by _inputs.
+            assert mb.ref_logps is not None
             inputs = self._inputs(mb.selection, mb.batch, logps, mb.ref_logps, values, mb.old_values)
+            assert inputs.behaviour_logps is not None
             loss, measures = self.spec.fn(inputs, self.cfg.loss)
             kl = ((logps.detach() - mb.ref_logps) * mb.batch.completion_mask).sum(-1).mean()
             measures = {**measures, "loss": float(loss.detach()), "kl": float(kl)}
@@ -274,7 +290,8 @@ class Learner:
             behaviour_logps=behaviour_logprobs(completions, logps.shape[1]).to(self.device),
             group_ids=torch.tensor(selection.group_ids, dtype=torch.long, device=self.device),
             values=values, old_values=old_values,
-            advantages=mc_advantages(completions, logps.shape[1]).to(self.device) if self.spec.needs_mc_values else None,
+            advantages=(mc_advantages(completions, logps.shape[1]).to(self.device)
+                        if self.spec.needs_mc_values else None),
         )
 
     def _pack(self, selection: Selection) -> PackedBatch:
@@ -315,15 +332,17 @@ class Learner:
         rejoin, sent = self.sender is not None, self.sender.sent if self.sender is not None else self.version
         if self.sender is not None:
             self.sender.close()
+        sender: PushedWeightSender
         if self.cfg.weight_sync.transport == "ipc":  # one generator on this learner's GPU
-            self.sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
-                                          self.rank, sent)
+            sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
+                                     self.rank, sent)
         else:
             layout = NcclLayout(len(handles), tensor_parallel_size)
-            self.sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
-                                           self.cfg.weight_sync, self.rank, sent)
+            sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
+                                      self.cfg.weight_sync, self.rank, sent)
+        self.sender = sender
         if rejoin:
-            self.sender.send(sent)
+            sender.send(sent)
 
     def save_weights(self, path: str) -> None:
         """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is

@@ -81,13 +81,12 @@ def split_further(sizes: list[GroupSize], chunks: list[range], count: int) -> li
     """
     chunks = list(chunks)
     while len(chunks) < count:
-        candidates = [(padded_tokens(sizes[c.start:c.stop]), k) for k, c in enumerate(chunks)
-                      if _best_cut(sizes, c) is not None]
+        candidates = [(padded_tokens(sizes[c.start:c.stop]), k, best[1]) for k, c in enumerate(chunks)
+                      if (best := _best_cut(sizes, c)) is not None]
         if not candidates:
             break
-        _, k = max(candidates, key=lambda t: (t[0], -t[1]))  # ties: the earliest chunk
+        _, k, cut = max(candidates, key=lambda t: (t[0], -t[1]))  # ties: the earliest chunk
         chunk = chunks[k]
-        _, cut = _best_cut(sizes, chunk)
         chunks[k:k + 1] = [range(chunk.start, cut), range(cut, chunk.stop)]
     return chunks
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -26,6 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from learners.distributed import average_gradients
 from learners.logprobs import PackedBatch, completion_positions
+
+if TYPE_CHECKING:  # transformers is slow to import: only its types are needed here
+    from transformers import PreTrainedModel
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -42,7 +46,7 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_causal_lm(cls, lm: torch.nn.Module) -> "ValueModel":
+    def from_causal_lm(cls, lm: PreTrainedModel) -> ValueModel:
         """Take the trunk of an HF causal LM (its `base_model`: the LM without its head)."""
         return cls(lm.base_model, int(lm.config.hidden_size))
 

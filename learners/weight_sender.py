@@ -12,7 +12,12 @@ import torch
 
 from async_rlhf.config.learner import WeightSyncConfig
 from async_rlhf.weights.nccl import (
-    GeneratorSyncClient, NcclLayout, check_next_version, gathered_parameters, parameter_metadata, run_with_timeout,
+    GeneratorSyncClient,
+    NcclLayout,
+    check_next_version,
+    gathered_parameters,
+    parameter_metadata,
+    run_with_timeout,
 )
 from learners.distributed import RankInfo, free_port
 
@@ -78,7 +83,8 @@ class NcclWeightSender(PushedWeightSender):
                  cfg: WeightSyncConfig, rank: RankInfo, version: int) -> None:
         import ray
         from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine,
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
         )
 
         self.timeout_s, self.sent = cfg.timeout_s, version

@@ -18,20 +18,23 @@ def check_reward_model_dir(key: str, path: Path) -> None:
 
     config = path / "config.json"
     if not config.is_file():
-        raise ValueError(f"{key}: no config.json in '{path}'; point it at a reward model written by `async-rlhf train-rm`")
+        raise ValueError(f"{key}: no config.json in '{path}'; "
+                         "point it at a reward model written by `async-rlhf train-rm`")
     data = json.loads(config.read_text())
     archs = data.get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ValueError(f"{key}: '{path}' holds {archs or 'an unknown architecture'}, not a sequence-classification "
                          f"reward model; train one with `async-rlhf train-rm`")
     if data.get("num_labels", len(data.get("id2label", {}) or {0: 0})) != 1:
-        raise ValueError(f"{key}: '{path}' has {data.get('num_labels')} labels; a reward model needs exactly 1 (a scalar)")
+        raise ValueError(f"{key}: '{path}' has {data.get('num_labels')} labels; "
+                         "a reward model needs exactly 1 (a scalar)")
 
 
 class LearnedRewardModel:
     """Scores (prompt, response) pairs in batches with a scalar-head HF model on CPU (or CUDA if there)."""
 
-    def __init__(self, path: str | Path, batch_size: int = 16, max_length: int = 512, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, batch_size: int = 16, max_length: int = 512,
+                 threads: int | None = None) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -45,7 +48,8 @@ class LearnedRewardModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32).to(self.device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32)
+        self.model = model.to(self.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 

@@ -102,7 +102,8 @@ class RemoteRewardClient:
         if resp.status_code != 200:
             self.counts["http_errors"] += 1
             retryable = resp.status_code == 429 or resp.status_code >= 500
-            return Outcome(None, "failed", f"reward server answered HTTP {resp.status_code}: {resp.text[:200]}"), retryable
+            reason = f"reward server answered HTTP {resp.status_code}: {resp.text[:200]}"
+            return Outcome(None, "failed", reason), retryable
         return self._parse(resp, len(items))
 
     @staticmethod

@@ -24,13 +24,16 @@ def rule_batch_scorer(name: str) -> BatchScorer:
     return lambda prompts, responses: [scorer(p, r) for p, r in zip(prompts, responses)]
 
 
-def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]) -> tuple[list, list]:
+def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]
+                ) -> tuple[list[float | None], list[str | None]]:
     """Score the batch; if the batch call fails, fall back to one item at a time to isolate the bad item."""
     try:
         values = [float(v) for v in scorer(prompts, responses)]
-        return [v if math.isfinite(v) else None for v in values], [None if math.isfinite(v) else f"non-finite score {v}" for v in values]
+        return ([v if math.isfinite(v) else None for v in values],
+                [None if math.isfinite(v) else f"non-finite score {v}" for v in values])
     except Exception:
-        scores, errors = [], []
+        scores: list[float | None] = []
+        errors: list[str | None] = []
         for p, r in zip(prompts, responses):
             try:
                 scores.append(float(scorer([p], [r])[0]))
@@ -53,14 +56,16 @@ def create_reward_app(name: str, scorer: BatchScorer) -> FastAPI:
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes; send smaller batches"})
+            detail = f"request body over {MAX_BODY_BYTES} bytes; send smaller batches"
+            return JSONResponse(status_code=413, content={"detail": detail})
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        return JSONResponse(status_code=422, content={"detail": f"{where}: {first['msg']}", "errors": jsonable_encoder(exc.errors())})
+        return JSONResponse(status_code=422,
+                            content={"detail": f"{where}: {first['msg']}", "errors": jsonable_encoder(exc.errors())})
 
     @app.get("/healthz")
     def healthz(request: Request) -> dict:

@@ -31,17 +31,18 @@ class RewardService:
         self.remote = RemoteRewardClient(**remote) if remote else None
         self.learned = LearnedRewardModel(**learned) if learned else None
 
-    def _score_remote(self, groups: list[RolloutGroup]) -> None:
+    def _score_remote(self, client: RemoteRewardClient, groups: list[RolloutGroup]) -> None:
         pairs = [(g, c) for g in groups for c in g.completions]
         items = [{"prompt": g.prompt.text, "response": c.text, "meta": g.prompt.meta} for g, c in pairs]
-        for (_, completion), outcome in zip(pairs, self.remote.score(items)):
-            completion.reward, completion.reward_status, completion.reward_error = outcome.score, outcome.status, outcome.error
+        for (_, completion), outcome in zip(pairs, client.score(items)):
+            completion.reward, completion.reward_status = outcome.score, outcome.status
+            completion.reward_error = outcome.error
             self.counts["scored" if outcome.status == "ok" else outcome.status] += 1
 
-    def _score_learned(self, groups: list[RolloutGroup]) -> None:
+    def _score_learned(self, model: LearnedRewardModel, groups: list[RolloutGroup]) -> None:
         pairs = [(g, c) for g in groups for c in g.completions]
         try:
-            values = self.learned.score_texts([g.prompt.text for g, _ in pairs], [c.text for _, c in pairs])
+            values = model.score_texts([g.prompt.text for g, _ in pairs], [c.text for _, c in pairs])
             error = None
         except Exception as exc:  # e.g. out of memory: every item of the batch failed, none becomes 0
             values, error = [math.nan] * len(pairs), f"{type(exc).__name__}: {exc}"
@@ -54,7 +55,10 @@ class RewardService:
     def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
         start = time.perf_counter()
         if role == "train" and (self.remote is not None or self.learned is not None):
-            self._score_remote(groups) if self.remote is not None else self._score_learned(groups)
+            if self.remote is not None:
+                self._score_remote(self.remote, groups)
+            elif self.learned is not None:
+                self._score_learned(self.learned, groups)
             self.busy_s += time.perf_counter() - start
             return groups
         scorer = self.scorers[role]
@@ -82,7 +86,7 @@ class RewardService:
         self.counts[key] += 1
 
     def health(self) -> dict:
-        remote = {"remote": dict(self.remote.counts)} if self.remote else {}
+        remote: dict[str, object] = {"remote": dict(self.remote.counts)} if self.remote else {}
         remote |= {"learned": str(self.learned.path)} if self.learned else {}
         return {"ok": True, "pid": os.getpid(), "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3),
                 **self.counts, **remote}

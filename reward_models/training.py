@@ -74,7 +74,8 @@ def train_reward_model(args: RewardTrainingArgs, log: Callable[[str], None] = pr
     if args.threads:
         torch.set_num_threads(args.threads)
     pairs = load_pairs(args.pairs)
-    split = pairs.train_test_split(test_size=args.eval_fraction, seed=args.seed) if args.eval_fraction and len(pairs) >= 10 else None
+    held_out = args.eval_fraction and len(pairs) >= 10
+    split = pairs.train_test_split(test_size=args.eval_fraction, seed=args.seed) if held_out else None
     model, tokenizer = _model_and_tokenizer(args.base)
     config = RewardConfig(
         output_dir=str(args.out / "trainer"), num_train_epochs=args.epochs, learning_rate=args.lr,
@@ -84,15 +85,17 @@ def train_reward_model(args: RewardTrainingArgs, log: Callable[[str], None] = pr
         eval_strategy="no", disable_tqdm=True,
     )
     trainer = RewardTrainer(model=model, args=config, processing_class=tokenizer,
-                            train_dataset=split["train"] if split else pairs, eval_dataset=split["test"] if split else None)
+                            train_dataset=split["train"] if split else pairs,
+                            eval_dataset=split["test"] if split else None)
     start = time.perf_counter()
     trainer.train()
     metrics = {"pairs": len(pairs), "train_s": round(time.perf_counter() - start, 1)}
     if split:
         metrics.update({k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()})
         metrics["eval_pairs"] = len(split["test"])
-    trainer.model.config.architectures = [type(trainer.model).__name__]
-    trainer.model.save_pretrained(args.out, safe_serialization=True)
+    trained: Any = trainer.model  # the sequence-classification PreTrainedModel passed in above
+    trained.config.architectures = [type(trained).__name__]
+    trained.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     log(f"reward model saved to {args.out}: {metrics}")
     return metrics

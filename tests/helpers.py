@@ -1,12 +1,88 @@
-"""Small builders shared by tests."""
+"""Small builders and readers shared by tests: rollouts, CLI commands, run-directory files, weight slots."""
 from __future__ import annotations
 
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
+
+if TYPE_CHECKING:  # torch only where weights are handled: config and CLI tests stay light
+    import torch
+
+    from async_rlhf.weights.broker import WeightRef, WeightSyncBroker
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+T = TypeVar("T")
 
 
-def make_group(version: int, rewards: list[float | None] = (1.0, 0.0), prompt_id: int = 0) -> RolloutGroup:
+# ------------------------------------------------------------------ rollouts
+
+def make_group(version: int, rewards: Sequence[float | None] = (1.0, 0.0), prompt_id: int = 0) -> RolloutGroup:
     completions = [
         Completion([3, 4], "12", [-0.5, -0.5], "stop", r, "ok" if r is not None else "failed")
         for r in rewards
     ]
     return RolloutGroup(Prompt(prompt_id, "21>", [1, 5, 4, 13]), completions, version, 0, 0.0)
+
+
+def completion(ids: list[int], reward: float | None, status: RewardStatus = "ok", logprob: float = -0.5
+               ) -> Completion:
+    """A completion of `ids` sampled with the same log-prob `logprob` at every token."""
+    return Completion(token_ids=ids, text="", logprobs=[logprob] * len(ids), finish_reason="stop",
+                      reward=reward, reward_status=status)
+
+
+# ------------------------------------------------------------------ the CLI as a process
+
+def cli_command(*args: str) -> list[str]:
+    """`async-rlhf ARGS` run by this interpreter (the console script may not be on PATH in a test run)."""
+    return [sys.executable, "-m", "async_rlhf.cli", *args]
+
+
+def train_command(run_dir: Path, *overrides: str, config: Path = QUICKSTART, resume: bool = False) -> list[str]:
+    """`async-rlhf train CONFIG OVERRIDES --run-dir RUN_DIR` (or `--resume RUN_DIR`)."""
+    return cli_command("train", str(config), *overrides, "--resume" if resume else "--run-dir", str(run_dir))
+
+
+# ------------------------------------------------------------------ run directories
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file a run writes (metrics.jsonl, eval.jsonl, ...)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ weight slots
+
+def shm_slot(location: str) -> tuple[Path, int]:
+    """(root, slot) of a location that must be an shm slot (the tests' brokers use SharedMemoryTransport)."""
+    from async_rlhf.weights.shm_ring import parse_slot_location
+
+    parsed = parse_slot_location(location)
+    assert parsed is not None, f"not an shm slot location: {location}"
+    return parsed
+
+
+def publish_state(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]) -> WeightRef:
+    """What the learner and the controller do: write the slot the broker stages, then publish it."""
+    from async_rlhf.weights.shm_ring import ShmSlotRing
+
+    root, slot = shm_slot(broker.staging_location(version))
+    ShmSlotRing(root).write(slot, state)
+    return broker.publish(version)
+
+
+def token_ids(tokenizer: Any, tokens: list[str]) -> list[int]:
+    """The ids of `tokens` (transformers types convert_tokens_to_ids as int | list[int] for any input)."""
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    assert isinstance(ids, list)
+    return ids
+
+
+def present(value: T | None) -> T:
+    """`value`, failing the test when it is None (an optional the test expects filled, e.g. a gradient)."""
+    assert value is not None
+    return value

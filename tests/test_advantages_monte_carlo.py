@@ -9,9 +9,19 @@ from __future__ import annotations
 import pytest
 
 from learners.advantages.monte_carlo import (
-    MCStates, State, StepSplit, batch_advantages, delimiter_splitter, gather_states, mc_value, split_response,
-    step_advantages, step_states, token_advantages,
+    MCStates,
+    State,
+    StepSplit,
+    batch_advantages,
+    delimiter_splitter,
+    gather_states,
+    mc_value,
+    split_response,
+    step_advantages,
+    step_states,
+    token_advantages,
 )
+from tests.helpers import token_ids
 
 NL, EOS = 9, 2
 P = (1, 5, 6)
@@ -169,8 +179,8 @@ def test_arith_solution_splits_into_its_lines() -> None:
     from async_rlhf.tasks.builtin import ArithTask
 
     tok = build_tokenizer("arith")
-    splitter = delimiter_splitter(tok.convert_tokens_to_ids(list(ArithTask.step_end_chars)))
-    ids = tok.convert_tokens_to_ids(list("3+4=7\n7-2=5\n#### 5")) + [tok.eos_token_id]
+    splitter = delimiter_splitter(token_ids(tok, list(ArithTask.step_end_chars)))
+    ids = token_ids(tok, list("3+4=7\n7-2=5\n#### 5")) + [tok.eos_token_id]
     ends = splitter(ids)
     assert ends == [6, 12, 19]  # "3+4=7\n" | "7-2=5\n" | "#### 5</s>"
     assert tok.decode(ids[ends[0]:ends[1]]) == "7-2=5\n"

@@ -16,13 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from async_rlhf.config.run import load_config
 from async_rlhf.api.app import serve_api
+from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.controller import Controller
 from async_rlhf.pipeline.state import RunPhase
+from tests.helpers import ROOT, cli_command
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
 CONTROL = ["/control/pause", "/control/resume", "/control/stop", "/control/checkpoint"]
 
@@ -155,7 +155,7 @@ def test_max_staleness_change_takes_effect(live) -> None:
 
 
 def test_status_command_prints_the_run(live) -> None:
-    out = subprocess.run([sys.executable, "-m", "async_rlhf.cli", "status", "--url", live["url"]],
+    out = subprocess.run(cli_command("status", "--url", live["url"]),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert re.search(r"phase running\s+step \d+/100000", out.stdout) and "generator 0" in out.stdout
@@ -168,7 +168,8 @@ def test_openapi_fuzz_has_no_server_errors(live, tmp_path: Path) -> None:
     # Without the token everything is fuzzed, control included (all refused); with it, only the bound.
     anonymous = subprocess.run(common, capture_output=True, text=True, timeout=600)
     assert anonymous.returncode == 0, anonymous.stdout[-3000:]
-    bound = subprocess.run(common + ["-H", f"Authorization: Bearer {TOKEN}", "--include-path", "/control/max_staleness"],
+    bound = subprocess.run(common + ["-H", f"Authorization: Bearer {TOKEN}",
+                                     "--include-path", "/control/max_staleness"],
                            capture_output=True, text=True, timeout=600)
     assert bound.returncode == 0, bound.stdout[-3000:]
     assert live["client"].get("/status").json()["phase"] == "running"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -12,14 +13,27 @@ from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import load_config
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.config.task_shapes import TASK_SHAPES
-from async_rlhf.policies.embedded import build_tokenizer, checkpoint_name, ensure_embedded_policy, ensure_policy, sft_example
+from async_rlhf.policies.embedded import (
+    build_tokenizer,
+    checkpoint_name,
+    ensure_embedded_policy,
+    ensure_policy,
+    sft_example,
+)
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import (
-    EVAL_ID_OFFSET, ArithTask, SortTask, chain, in_eval_split, make_task, slip_for, solution_lines,
+    EVAL_ID_OFFSET,
+    ArithTask,
+    SortTask,
+    chain,
+    in_eval_split,
+    make_task,
+    slip_for,
+    solution_lines,
 )
 from reward_models.rules import SCORER_TASK, SCORERS, arith_exact, arith_partial
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ARITH_YAML = ROOT / "configs" / "arith.yaml"
 LINE = re.compile(r"^(\d+)([+*-])(\d+)=(\d+)$")
 
@@ -48,7 +62,9 @@ def arith_prompt(solution: str) -> Prompt:
 
 def evaluate(line: str) -> tuple[int, int]:
     """(what the line's left side is worth, what it claims)."""
-    a, sym, n, c = LINE.fullmatch(line).groups()
+    match = LINE.fullmatch(line)
+    assert match is not None, line
+    a, sym, n, c = match.groups()
     a, n = int(a), int(n)
     return (a + n if sym == "+" else a - n if sym == "-" else a * n), int(c)
 
@@ -237,7 +253,8 @@ def test_ensure_policy_builds_and_loads_arith(tmp_path: Path) -> None:
     assert checkpoint_name(SMALL, task_cfg) != checkpoint_name(SMALL, TaskConfig())  # the task is in the hash
     assert checkpoint_name(SMALL, task_cfg) != checkpoint_name(SMALL, TaskConfig(name="arith", max_steps=4))
     assert checkpoint_name(SMALL, task_cfg) == checkpoint_name(SMALL, TaskConfig(name="arith", max_digits=9))
-    run = SimpleNamespace(model=SimpleNamespace(source="embedded", embedded=SMALL, cache_dir=tmp_path), task=task_cfg)
+    run: Any = SimpleNamespace(model=SimpleNamespace(source="embedded", embedded=SMALL, cache_dir=tmp_path),
+                               task=task_cfg)  # duck-typed RunConfig: only the fields ensure_policy reads
     path = ensure_policy(run, log=lambda m: None)
     assert path == ensure_embedded_policy(SMALL, task_cfg, tmp_path, log=lambda m: None)  # cached
     model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -8,6 +8,7 @@ cases are here.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from async_rlhf.cli.main import main
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import load_config
 from learners.loss_traits import builtin_losses
+from tests.helpers import QUICKSTART
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 E = "config error: "
 # Named from the declarations, not listed: a new loss that supports it joins the message and this test alike.
 IS_ABLE = ", ".join(sorted(n for n, t in builtin_losses().items() if t.supports_importance_sampling))
@@ -37,13 +38,15 @@ CONFIG_CASES = [
     ("queue.capacity=4", "queue.capacity (4) must hold one step's generation.prompts_per_step (16) groups"),
     ("queue.max_staleness=-1", "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
     ("loss.import_path=nope.mod:fn",
-     "loss.import_path: module 'nope.mod' not found (No module named 'nope'); it must be importable from sys.path or the current directory"),
+     "loss.import_path: module 'nope.mod' not found (No module named 'nope'); "
+     "it must be importable from sys.path or the current directory"),
     ("loss.import_path=json:nothing", "loss.import_path: module 'json' has no attribute 'nothing'"),
     ("loss.import_path=json", "loss.import_path: 'json' is not of the form 'pkg.module:function'"),
     ("learner.zero_stage=two", "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 'two')"),
     ("seed=abc", "seed: Input should be a valid integer, unable to parse string as an integer (got 'abc')"),
     ("eval.every=-1", "eval.every: Input should be greater than or equal to 0 (got -1)"),
-    ("learner.max_nonfinite_steps=0", "learner.max_nonfinite_steps: Input should be greater than or equal to 1 (got 0)"),
+    ("learner.max_nonfinite_steps=0",
+     "learner.max_nonfinite_steps: Input should be greater than or equal to 1 (got 0)"),
     ("loss.importance_sampling=truncated",
      "loss.importance_sampling: loss 'online_dpo' does not support 'truncated'; set loss.importance_sampling=none "
      f"or use one of: {IS_ABLE}"),
@@ -53,7 +56,8 @@ CONFIG_CASES = [
     ("generation.max_restarts=-1", "generation.max_restarts: Input should be greater than or equal to 0 (got -1)"),
     ("learner.weight_decay=-0.1", "learner.weight_decay: Input should be greater than or equal to 0 (got -0.1)"),
     ("api.enabled=maybe", "api.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')"),
-    ("queue.max_staleness=1.5", "queue.max_staleness: Input should be a valid integer, got a number with a fractional part (got 1.5)"),
+    ("queue.max_staleness=1.5",
+     "queue.max_staleness: Input should be a valid integer, got a number with a fractional part (got 1.5)"),
     ("checkpoint.every=-2", "checkpoint.every: Input should be greater than or equal to 0 (got -2)"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last: Input should be greater than or equal to 1 (got 0)"),
 ]
@@ -66,7 +70,8 @@ def test_config_messages_are_exact(override: str, message: str) -> None:
     assert str(err.value) == E + message
 
 
-TRUNCATED_SAMPLING = "generation.top_p (0.9) truncates the sampling distribution, which loss '{}' cannot take ratios to; set generation.top_p=1"
+TRUNCATED_SAMPLING = ("generation.top_p (0.9) truncates the sampling distribution, "
+                      "which loss '{}' cannot take ratios to; set generation.top_p=1")
 
 
 @pytest.mark.parametrize("loss", sorted(n for n, t in builtin_losses().items() if t.needs_behaviour_logprobs))
@@ -240,7 +245,8 @@ def test_bfloat16_on_a_machine_without_gpu(tokenizer_dir: Path) -> None:
         pytest.skip("a GPU is visible: bfloat16 is allowed")
     with pytest.raises(ConfigError) as err:
         byo(tokenizer_dir, "model.dtype=bfloat16")
-    assert str(err.value) == E + "model.dtype: bfloat16 needs a GPU and none is visible; use model.dtype=float32 (or auto) on CPU"
+    assert str(err.value) == E + ("model.dtype: bfloat16 needs a GPU and none is visible; "
+                                  "use model.dtype=float32 (or auto) on CPU")
 
 
 def test_train_with_a_bad_column_exits_2_before_any_worker(tokenizer_dir: Path, tmp_path: Path,
@@ -253,7 +259,8 @@ def test_train_with_a_bad_column_exits_2_before_any_worker(tokenizer_dir: Path, 
     args = ["train", str(BYO), f"model.path={tokenizer_dir}", "task.dataset.reference_column=gold", "api.enabled=false",
             "--run-dir", str(tmp_path / "run")]
     assert main(args) == 2
-    assert capsys.readouterr().err.strip().endswith(f"no column 'gold' in '{TRAIN_JSONL}' (columns: question, answer, source)")
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"no column 'gold' in '{TRAIN_JSONL}' (columns: question, answer, source)")
 
 
 def test_plot_of_a_directory_that_holds_no_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -266,7 +273,8 @@ def test_missing_split_of_a_saved_dataset(tokenizer_dir: Path, tmp_path: Path) -
     import datasets
 
     saved = tmp_path / "saved"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"question": "21", "answer": "12"}])}).save_to_disk(str(saved))
+    rows = datasets.Dataset.from_list([{"question": "21", "answer": "12"}])
+    datasets.DatasetDict({"train": rows}).save_to_disk(str(saved))
     assert byo_message(tokenizer_dir, f"task.dataset.path={saved}", "task.dataset.split=test") == E + (
         f"task.dataset.split: no split 'test' in '{saved}' (splits: train)")
 
@@ -295,7 +303,7 @@ def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys:
 
 # ---- train --resume RUN_DIR: refused before anything starts, one line, exit 2 -------------------
 
-def earlier_run(root: Path, overrides: list[str] = (), summary_steps: int | None = None,
+def earlier_run(root: Path, overrides: Sequence[str] = (), summary_steps: int | None = None,
                 checkpoint_step: int | None = None) -> Path:
     """A run directory as an earlier run leaves it: config.yaml, maybe summary.json and a checkpoint."""
     from async_rlhf.checkpoint.store import CheckpointStore
@@ -337,7 +345,8 @@ RESUME_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("make", "overrides", "message"), [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+@pytest.mark.parametrize(("make", "overrides", "message"), [c[1:] for c in RESUME_CASES],
+                         ids=[c[0] for c in RESUME_CASES])
 def test_resume_refusals_are_exact(tmp_path: Path, capsys: pytest.CaptureFixture, make, overrides, message) -> None:
     run = make(tmp_path)
     assert main(["train", str(QUICKSTART), *overrides, "--resume", str(run)]) == 2
@@ -403,7 +412,8 @@ CLUSTER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES, ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
+@pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES,
+                         ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
 def test_cluster_checks_at_start(transport: str, gpus: int, nodes: int, message: str) -> None:
     from async_rlhf.cluster.placement import check_cluster
 
@@ -432,7 +442,8 @@ def test_cores_are_pinned_only_on_cpu() -> None:
     assert not gpu.pinned and gpu.generator_cores == [[]] * cfg.generation.num_generators
 
 
-@pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES, ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
+@pytest.mark.parametrize(("transport", "gpus", "nodes", "message"), CLUSTER_CASES,
+                         ids=[c[0] + str(c[1]) for c in CLUSTER_CASES])
 def test_train_refused_by_the_cluster_exits_2_with_one_line(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch, transport: str, gpus: int,
                                                            nodes: int, message: str) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, read_jsonl
+
 PER_TEST_TIMEOUT_S = 600  # a loaded 2-core machine starts a vLLM engine in minutes, an idle one in ~20 s
 
 SMOKE = {
@@ -102,5 +103,5 @@ def test_vs_trl_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     # One evaluator, the same sampling as the run's own evaluation: the same weights score (nearly) the same.
     assert abs(ours["final_gold"] - ours["final_gold_in_run"]) <= 0.05
     assert abs(result["start_gold"] - ours["start_gold_in_run"]) <= 0.05
-    evals = [json.loads(line) for line in (tmp_path / "runs" / "ours-0" / "eval.jsonl").read_text().splitlines()]
+    evals = read_jsonl(tmp_path / "runs" / "ours-0" / "eval.jsonl")
     assert all(e["eval_s"] > 0 and e["wall_s"] > 0 for e in evals)

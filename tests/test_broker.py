@@ -8,23 +8,22 @@ import pytest
 import torch
 
 from async_rlhf.weights.broker import SharedMemoryTransport, VersionError, WeightRef, WeightSyncBroker
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing
+from tests.helpers import publish_state, shm_slot
 
 
 def publish(broker: WeightSyncBroker, version: int, value: float | None = None) -> WeightRef:
     """What the learner and the controller do: write the staged slot, then publish."""
-    root, slot = parse_slot_location(broker.staging_location(version))
-    ShmSlotRing(root).write(slot, {"w": torch.full((4,), float(version if value is None else value))})
-    return broker.publish(version)
+    return publish_state(broker, version, {"w": torch.full((4,), float(version if value is None else value))})
 
 
 def content(ref: WeightRef) -> float:
-    root, slot = parse_slot_location(ref.location)
+    root, slot = shm_slot(ref.location)
     return float(ShmSlotRing(root).read(slot)["w"][0])
 
 
 def slot_of(ref: WeightRef) -> int:
-    return parse_slot_location(ref.location)[1]
+    return shm_slot(ref.location)[1]
 
 
 def test_versions_publish_in_order_and_content_is_visible(tmp_path: Path) -> None:
@@ -32,7 +31,7 @@ def test_versions_publish_in_order_and_content_is_visible(tmp_path: Path) -> Non
     assert broker.latest() is None and broker.latest_version == 0
     publish(broker, 1)
     ref = broker.latest()
-    assert ref.version == 1 and ref.transport == "shm" and content(ref) == 1.0
+    assert ref is not None and ref.version == 1 and ref.transport == "shm" and content(ref) == 1.0
     with pytest.raises(VersionError, match="next version to publish is 2"):
         broker.staging_location(3)
     with pytest.raises(VersionError):
@@ -42,8 +41,9 @@ def test_versions_publish_in_order_and_content_is_visible(tmp_path: Path) -> Non
 def test_staged_but_unpublished_weights_are_not_visible(tmp_path: Path) -> None:
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
     first = publish(broker, 1)
-    staged = parse_slot_location(broker.staging_location(2))  # the learner is still writing version 2
-    assert broker.latest().version == 1 and staged[1] != slot_of(first)
+    staged = shm_slot(broker.staging_location(2))  # the learner is still writing version 2
+    latest = broker.latest()
+    assert latest is not None and latest.version == 1 and staged[1] != slot_of(first)
 
 
 def test_slots_are_reused_in_place_once_their_version_is_collected(tmp_path: Path) -> None:

@@ -6,24 +6,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT, cli_command, read_jsonl
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "async_rlhf.cli", *args], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+    proc = subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_your_own_data_and_model(tmp_path: Path) -> None:
@@ -50,7 +45,8 @@ def test_your_own_data_and_model(tmp_path: Path) -> None:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/reward_mean")] == [1, 2, 3, 4, 5, 6]
-    assert [round(e.value, 5) for e in events.Scalars("eval/gold_reward")] == [round(e["gold_reward"], 5) for e in evals]
+    logged = [round(e.value, 5) for e in events.Scalars("eval/gold_reward")]
+    assert logged == [round(e["gold_reward"], 5) for e in evals]
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
 
     AutoModelForCausalLM.from_pretrained(run / "final")

@@ -39,7 +39,8 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_valid(tmp_path: Pa
         store.write(4, crash)
     assert not store.path_for(4).exists()  # never published
     warnings: list[str] = []
-    assert store.latest_valid(warnings.append).step == 2 and warnings == []
+    latest = store.latest_valid(warnings.append)
+    assert latest is not None and latest.step == 2 and warnings == []
     store.write(6, fill_with(6))  # the next write clears the leftover partial
     assert not list(store.root.glob("*.partial"))
 
@@ -56,7 +57,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Pa
     store.write(4, fill_with(4))
     damage(store.path_for(4))
     warnings: list[str] = []
-    assert store.latest_valid(warnings.append).path == store.path_for(2)
+    latest = store.latest_valid(warnings.append)
+    assert latest is not None and latest.path == store.path_for(2)
     assert warnings == [f"checkpoint step-000004 is not usable: {reason}; falling back to the previous one"]
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from async_rlhf.cli.main import main
 from async_rlhf.config.base import ConfigError, parse_overrides
 from async_rlhf.config.run import RunConfig, load_config
 from learners.loss_traits import builtin_losses
+from tests.helpers import cli_command
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
@@ -29,7 +29,8 @@ def test_fixed_delay_is_valid_with_shm_at_any_n() -> None:
 
 
 def test_parse_overrides_types_values() -> None:
-    assert parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
+    parsed = parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"])
+    assert parsed == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["novalue"])
 
@@ -37,7 +38,8 @@ def test_parse_overrides_types_values() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["queue.max_stalenes=1"], "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity, staleness_mode"),
+        (["queue.max_stalenes=1"],
+         "unknown key 'queue.max_stalenes'; valid keys at queue: max_staleness, capacity, staleness_mode"),
         (["queue.staleness_mode=delayed"], "queue.staleness_mode: Input should be 'bound' or 'fixed' (got 'delayed')"),
         (["queue.staleness_mode=fixed", "weight_sync.transport=nccl"],
          ("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl does not keep "
@@ -87,7 +89,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path: Path, capsys: pyte
 
 def test_console_script_exit_code_for_unknown_key() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "async_rlhf.cli", "train", str(QUICKSTART), "bogus.key=1"],
+        cli_command("train", str(QUICKSTART), "bogus.key=1"),
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2

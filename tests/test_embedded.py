@@ -5,6 +5,7 @@ import random
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,13 @@ import torch
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import (
-    build_tokenizer, checkpoint_name, collate, corrupt, default_cache_dir, ensure_embedded_policy, ensure_policy,
+    build_tokenizer,
+    checkpoint_name,
+    collate,
+    corrupt,
+    default_cache_dir,
+    ensure_embedded_policy,
+    ensure_policy,
 )
 
 # A few steps only: these tests check plumbing, not quality (see docs for the tuned defaults).
@@ -82,9 +89,10 @@ def test_build_is_deterministic(built, tmp_path: Path) -> None:
 def test_ensure_policy_uses_run_config_fields(built, tmp_path: Path) -> None:
     cache, path = built
     # Duck-typed RunConfig: only the fields ensure_policy reads.
-    embedded = SimpleNamespace(model=SimpleNamespace(source="embedded", embedded=SMALL, cache_dir=cache), task=TaskConfig())
+    embedded: Any = SimpleNamespace(model=SimpleNamespace(source="embedded", embedded=SMALL, cache_dir=cache),
+                                    task=TaskConfig())
     assert ensure_policy(embedded, log=lambda m: None) == path
-    local = SimpleNamespace(model=SimpleNamespace(source="local", path=tmp_path, embedded=SMALL, cache_dir=cache))
+    local: Any = SimpleNamespace(model=SimpleNamespace(source="local", path=tmp_path, embedded=SMALL, cache_dir=cache))
     assert ensure_policy(local) == tmp_path
 
 

@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from async_rlhf.pipeline.startup import LAPS
+from tests.helpers import ROOT, read_jsonl, train_command
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(run_dir: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-           *overrides, "--run-dir", str(run_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(train_command(run_dir, *overrides), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Path) -> None:

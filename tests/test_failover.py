@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from async_rlhf.checkpoint.store import CheckpointStore
-from async_rlhf.pipeline.failover import checkpoint_to_restart_from, learner_alive
 from async_rlhf.failures import RunError
+from async_rlhf.pipeline.failover import checkpoint_to_restart_from, learner_alive
 from async_rlhf.pipeline.timing import Timing
 
 

@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,9 +14,10 @@ import pytest
 
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.controller import Controller
+from tests.helpers import ROOT, read_jsonl
+from tests.helpers import train_command as quickstart_command
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def steps_done(controller: Controller) -> int:
@@ -33,8 +33,7 @@ def wait_until(predicate, timeout: float) -> None:
 
 def train_command(run_dir: Path, *overrides: str) -> list[str]:
     """`async-rlhf train` on the quickstart with a small evaluation, as its own process (so it can be signalled)."""
-    return [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-            "eval.every=0", "task.eval_prompts=16", *overrides, "--run-dir", str(run_dir)]
+    return quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", *overrides)
 
 
 def kill_generator(ray, controller: Controller) -> int:
@@ -53,14 +52,14 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     thread.start()
     killed = []
     for at_step in (5, 15):
-        wait_until(lambda: steps_done(controller) >= at_step, timeout=600)  # set-up included
+        wait_until(lambda: steps_done(controller) >= at_step, timeout=600)  # noqa: B023 (called in this iteration)  # set-up included
         killed.append(kill_generator(ray_local, controller))
         wait_until(lambda: controller.view.generators[0].restarts == len(killed), timeout=60)
     thread.join(timeout=600)
     assert not thread.is_alive() and result, "run did not complete"
     assert killed[0] != killed[1]  # the second kill hit the restarted process
     # Same number of trained samples as an undisturbed run, each prompt exactly once, none lost.
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
     trained = [pid for r in records for pid in r["prompt_ids"]]
     assert result["steps"] == steps and result["episodes"] == steps * per_step * 4
     assert sorted(trained) == list(range(steps * per_step))
@@ -91,6 +90,7 @@ def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path:
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, "api.enabled=false")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         for line in proc.stdout:  # the workers are starting: vLLM engines take many seconds from here
             if "starting the learner, generators" in line:
@@ -118,7 +118,7 @@ def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path
     assert proc.returncode == 1, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert "3 consecutive learner steps had a non-finite loss (learner.max_nonfinite_steps=3)" in message
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["nonfinite"] for r in records] == [1, 1, 1] and all(r["optimizer_step"] == 0 for r in records)
     checkpoint = run_dir / "checkpoints" / "step-000003"
     assert f"checkpoint: {checkpoint}" in message and (checkpoint / "model.safetensors").is_file()
@@ -145,7 +145,7 @@ def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tm
         server.stop()
         for handle in [controller.parts.learner, controller.parts.reward] + [g.handle for g in controller.pool.slots]:
             ray_local.kill(handle)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
     counts = controller.view.reward_counts
     assert summary["steps"] == steps  # the run completed despite the faults
     assert counts["failed"] + counts["timed_out"] > 0 and counts["ok"] > 0  # faults did get through the retries
@@ -160,8 +160,8 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
 
-    from async_rlhf.pipeline.controller import RunError
     from async_rlhf.api.serving import ThreadedServer
+    from async_rlhf.pipeline.controller import RunError
 
     app = FastAPI()
     app.post("/score")(lambda: HTMLResponse("<html>502 Bad Gateway</html>"))
@@ -237,16 +237,19 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
                                           "reward.score_in_generator=false"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
-    killed = []
+    killed: list[int] = []
     for at_step in (3, 12):
-        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
+        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
+                       timeout=600)  # (B023: the predicate is called in this iteration only)
         wait_until(lambda: role_pid("RewardService", proc.pid) not in (None, *killed), timeout=60)  # the restarted one
-        killed.append(role_pid("RewardService", proc.pid))
-        os.kill(killed[-1], signal.SIGKILL)
+        pid = role_pid("RewardService", proc.pid)
+        assert pid is not None  # the wait above saw it
+        killed.append(pid)
+        os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_jsonl(metrics)
     assert summary["steps"] == steps and summary["reward_restarts"] == 2 and "Traceback" not in err
     trained = sorted(pid for r in records for pid in r["prompt_ids"])
     assert trained == list(range(steps * 16))  # none lost, none twice
@@ -267,18 +270,20 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     metrics = run_dir / "metrics.jsonl"
     try:
         for at_step, role in plan:
-            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step, timeout=600)
+            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
+                       timeout=600)  # (B023: the predicate is called in this iteration only)
             time.sleep(rng.uniform(0.0, 0.5))
             pid = role_pid(ROLES[role], proc.pid)
             assert pid is not None, role
             os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: role_pid(ROLES[role], proc.pid) not in (None, pid), timeout=120)  # back before the next kill
+            # Back before the next kill (B023: the predicate is called in this iteration only).
+            wait_until(lambda: role_pid(ROLES[role], proc.pid) not in (None, pid), timeout=120)  # noqa: B023
         _, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_jsonl(metrics)
     assert [r["step"] for r in records] == list(range(1, steps + 1)) and "Traceback" not in err
     assert sorted(p for r in records for p in r["prompt_ids"]) == list(range(steps * 16))
     assert all(r["staleness_max"] <= 1 for r in records)

@@ -6,27 +6,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
+from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.config.generation import GenerationConfig
-from async_rlhf.rollout import Prompt
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from learners.learner import hf_state_dict, load_causal_lm
+from tests.helpers import publish_state
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["3914>", "50182>", "7777>", "9081726>"]
 
 
-def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
-    """What the learner and the controller do: write the slot the broker stages, then publish it."""
-    root, slot = parse_slot_location(broker.staging_location(version))
-    ShmSlotRing(root).write(slot, state)
-    return broker.publish(version)
-
-
 def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int) -> list[int]:
     model = load_causal_lm(model_dir).eval()
-    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new, eos_token_id=2, pad_token_id=0)
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new, eos_token_id=2,
+                         pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -60,7 +54,7 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
 
     # Publish other weights through the broker's slot ring, as the learner does, and let the actor load them.
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
-    ref = publish(broker, 1, hf_state_dict(load_causal_lm(new_dir)))
+    ref = publish_state(broker, 1, hf_state_dict(load_causal_lm(new_dir)))
     greedy = ray_local.get(actor.generate.remote(prompts, ref, n=1, temperature=0.0))
     assert greedy.policy_version == 1 and greedy.sync_s > 0
     assert all(g.policy_version == 1 for g in greedy.groups)
@@ -85,7 +79,9 @@ def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_polic
     first, second = cls.remote(0, str(start_dir), cfg, 7, None), cls.remote(1, str(start_dir), cfg, 7, None)
     a = ray_local.get(first.generate.remote(prompts))
     b = ray_local.get(second.generate.remote(list(reversed(prompts))))  # other generator, other batch order
-    ids = lambda result: {g.prompt.prompt_id: [c.token_ids for c in g.completions] for g in result.groups}
+    def ids(result: GenerationResult) -> dict[int, list[list[int]]]:
+        return {g.prompt.prompt_id: [c.token_ids for c in g.completions] for g in result.groups}
+
     assert ids(a) == ids(b)
     assert len({tuple(map(tuple, v)) for v in ids(a).values()}) == len(PROMPTS)  # prompts differ from each other
     ray_local.kill(first)
@@ -99,14 +95,17 @@ def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ra
     from reward_models.service import RewardService
 
     tok = build_tokenizer()
-    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))}) for i, text in enumerate(PROMPTS)]
+    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))})
+               for i, text in enumerate(PROMPTS)]
     cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
     gen = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(random_policies[0]), cfg, 7, None,
                                                                       "float32", "shm", "sort_partial")
     local = ray_local.get(gen.generate.remote(prompts, score=True))
     actor = ray_local.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
     remote = ray_local.get(actor.score.remote(ray_local.get(gen.generate.remote(prompts)).groups))
-    rewards = lambda groups: [(c.reward, c.reward_status) for g in groups for c in g.completions]
+    def rewards(groups: list[RolloutGroup]) -> list[tuple[float | None, str]]:
+        return [(c.reward, c.reward_status) for g in groups for c in g.completions]
+
     assert local.reward_s is not None and rewards(local.groups) == rewards(remote)
     assert all(status == "ok" for _, status in rewards(local.groups))
     unscored = ray_local.get(gen.generate.remote(prompts))

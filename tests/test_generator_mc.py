@@ -7,19 +7,17 @@ prefixes, truncated responses without EOS, one-step responses, seeding.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from actors.generator import GeneratorActor
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.config.run import load_config
-from async_rlhf.rollout import Prompt
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
+from async_rlhf.rollout import Prompt
 from learners.advantages.monte_carlo import MCRequest, delimiter_splitter
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 20
 K, K_MC = 4, 3
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _run(tmp_path: Path, gpus: str | None) -> tuple[subprocess.CompletedProcess, Path]:
@@ -26,7 +26,8 @@ def _run(tmp_path: Path, gpus: str | None) -> tuple[subprocess.CompletedProcess,
 
 
 @pytest.mark.parametrize(("gpus", "transport"), [("1", "ipc"), ("2", "nccl")])
-def test_transport_follows_the_gpu_count_and_the_numbers_land_in_json(tmp_path: Path, gpus: str, transport: str) -> None:
+def test_transport_follows_the_gpu_count_and_the_numbers_land_in_json(tmp_path: Path, gpus: str,
+                                                                      transport: str) -> None:
     proc, out = _run(tmp_path, gpus)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{gpus} GPU(s): weight_sync.transport={transport}" in proc.stdout

@@ -43,8 +43,8 @@ def test_reward_service_scores_train_role_with_learned_rm(tiny_rm: Path) -> None
 
 
 def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
-    from async_rlhf.cli.models import reward_scorer
     from async_rlhf.api.serving import ThreadedServer
+    from async_rlhf.cli.models import reward_scorer
     from reward_models.learned import LearnedRewardModel
     from reward_models.protocol import MAX_BODY_BYTES, MAX_ITEMS
     from reward_models.server import create_reward_app
@@ -85,7 +85,8 @@ def cli_error(capsys: pytest.CaptureFixture, *args: str) -> str:
 def test_train_rm_rejects_bad_pairs(tmp_path: Path, random_policies: tuple[Path, Path], capsys) -> None:
     base = str(random_policies[0])
     no_col = write_jsonl(tmp_path / "nocol.jsonl", [{"prompt": "1>", "chosen": "1"}])
-    assert "no column(s) rejected" in cli_error(capsys, "train-rm", str(no_col), "--base", base, "--out", str(tmp_path / "o"))
+    out = str(tmp_path / "o")
+    assert "no column(s) rejected" in cli_error(capsys, "train-rm", str(no_col), "--base", base, "--out", out)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "1>", "chosen": "", "rejected": "2"}])
     assert "no usable pair" in cli_error(capsys, "train-rm", str(empty), "--base", base, "--out", str(tmp_path / "o"))
     (tmp_path / "p.csv").write_text("prompt,chosen,rejected\n1>,1,2\n")
@@ -113,10 +114,11 @@ def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
 def test_best_and_worst_pair() -> None:
     from async_rlhf.cli.pairs import pair_record
 
-    comps = [Completion([], t, [], "stop", reward=r, reward_status="ok") for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
+    comps = [Completion([], t, [], "stop", reward=r, reward_status="ok")
+             for t, r in (("a", 0.2), ("b", 0.9), ("c", -0.4))]
     group = RolloutGroup(Prompt(7, "p", [], {}), comps, 0, 0, 0.0)
     pair = pair_record(group, min_margin=0.5)
-    assert (pair["chosen"], pair["rejected"], pair["prompt_id"]) == ("b", "c", 7)
+    assert pair is not None and (pair["chosen"], pair["rejected"], pair["prompt_id"]) == ("b", "c", 7)
     assert pair_record(group, min_margin=1.3) is None  # 0.9 - (-0.4) = 1.3 is not above the margin
     assert not math.isnan(pair["chosen_score"] - pair["rejected_score"])
 
@@ -134,4 +136,4 @@ def test_config_learned_reward_checks(tmp_path: Path, random_policies: tuple[Pat
     with pytest.raises(ConfigError, match="set only one"):
         load_config(None, base + [f"reward.learned.path={tiny_rm}", "reward.remote.url=http://x"])
     cfg = load_config(None, base + [f"reward.learned.path={tiny_rm}"])  # vader_compound needs no reference column
-    assert cfg.reward.train_replaced and cfg.reward.learned.path == tiny_rm
+    assert cfg.reward.train_replaced and cfg.reward.learned is not None and cfg.reward.learned.path == tiny_rm

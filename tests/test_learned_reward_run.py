@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import read_jsonl
+
 pytestmark = pytest.mark.slow
 
 
@@ -15,13 +17,14 @@ def test_online_dpo_steps_with_learned_rm(tmp_path: Path, random_policies: tuple
     from async_rlhf.cli.main import main
 
     run = tmp_path / "run"
-    code = main(["train", "configs/byo_example.yaml", f"model.path={random_policies[0]}", f"reward.learned.path={tiny_rm}",
+    code = main(["train", "configs/byo_example.yaml", f"model.path={random_policies[0]}",
+                 f"reward.learned.path={tiny_rm}",
                  "reward.learned.max_length=32", "learner.steps=3", "eval.every=0", "task.eval_prompts=16",
                  "generation.prompts_per_step=8", "logging.tensorboard=false", "logging.wandb=false",
                  "--run-dir", str(run)])
     assert code == 0
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    steps = read_jsonl(run / "metrics.jsonl")
+    evals = read_jsonl(run / "eval.jsonl")
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert all(s["reward_mean"] is not None for s in steps)
     assert evals[0]["proxy_reward"] is not None and evals[0]["win_rate_vs_initial"] == 0.5  # version 0 vs itself

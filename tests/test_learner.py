@@ -10,9 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from learners.learner import Learner
 from learners.logprobs import completion_logprobs, pack
+from tests.helpers import completion as make_completion
+from tests.helpers import present
 
 pytestmark = pytest.mark.integration  # real DeepSpeed engine (gloo, CPU) on a tiny Llama
 VOCAB = 16
@@ -41,9 +43,8 @@ def make_cfg(lr: float = 1e-3, zero_stage: int = 2, loss: str = "online_dpo") ->
                      learner={"lr": lr, "zero_stage": zero_stage, "grad_clip": 1.0})
 
 
-def completion(ids: list[int], reward: float | None, status: str = "ok") -> Completion:
-    return Completion(token_ids=ids, text="", logprobs=[0.0] * len(ids), finish_reason="stop",
-                      reward=reward, reward_status=status)
+def completion(ids: list[int], reward: float | None, status: RewardStatus = "ok") -> Completion:
+    return make_completion(ids, reward, status, logprob=0.0)
 
 
 def synthetic_groups() -> list[RolloutGroup]:
@@ -243,5 +244,5 @@ def test_save_state_then_load_state_continues_bit_for_bit(model_dir, tmp_path, s
     saved = ["engines", "learner_state.pkl", "reference.pt"] + (["value_model"] if loss == "ppo" else [])
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == saved
     if loss == "ppo":
-        v_after, v_want = resumed.value.model.state_dict(), learner.value.model.state_dict()
+        v_after, v_want = present(resumed.value).model.state_dict(), present(learner.value).model.state_dict()
         assert all(torch.equal(v_after[k], v_want[k]) for k in v_want)

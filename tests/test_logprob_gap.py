@@ -9,9 +9,9 @@ import torch
 
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.config.run import RunConfig
+from async_rlhf.pipeline.state import GapTally
 from async_rlhf.rollout import Prompt
 from learners.logprobs import behaviour_logprobs, completion_logprobs, gap_metrics, gap_sums, pack
-from async_rlhf.pipeline.state import GapTally
 from learners.micro_batches import combine_metrics
 
 LOGITS = torch.tensor([2.0, 0.0, -1.0])

@@ -20,7 +20,6 @@ Measured numbers are in docs/losses.md.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -28,14 +27,14 @@ import pytest
 
 from async_rlhf.config.run import load_config
 from learners.losses import LOSSES, select_pairs_batch
+from tests.helpers import ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
 WINDOW = 8
 MIN_GAIN = 0.03
 # (config file, overrides) per loss: the new losses run their own quickstart config.
-RUNS = {
+RUNS: dict[str, tuple[str, list[str]]] = {
     "online_dpo": ("quickstart.yaml", []),
     "rloo": ("quickstart_rloo.yaml", []),
     "ppo": ("quickstart_ppo.yaml", []),
@@ -71,7 +70,7 @@ def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         assert time.monotonic() < deadline, f"the run's actors still hold CPUs: {ray.available_resources()}"
         time.sleep(0.2)
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = read_jsonl(run_dir / "metrics.jsonl")
     return summary, steps
 
 

@@ -31,6 +31,7 @@ from learners.losses import (
     select_groups,
 )
 from learners.losses.sft import select_best
+from tests.helpers import completion
 
 E05 = math.exp(0.5)  # 1.6487212707
 LN2 = math.log(2.0)
@@ -57,6 +58,7 @@ def run(name: str, batch: LossInputs, **params) -> tuple[float, dict, torch.Tens
     """(loss, metrics, d loss / d logps) of the registered loss `name`."""
     loss, metrics = get_loss(name).fn(batch, LossConfig(name=name, **params))
     loss.backward()
+    assert batch.logps.grad is not None
     return loss.item(), metrics, batch.logps.grad
 
 
@@ -256,11 +258,6 @@ def test_best_of_n_sft_hand_worked():
     loss, metrics, grad = run("best_of_n_sft", batch)
     assert loss == pytest.approx(2.0) and metrics["best_reward_mean"] == pytest.approx(0.65)
     assert_grad(grad, [[-1 / 3, -1 / 3], [-1 / 3, 0.0]], batch.mask)
-
-
-def completion(ids: list[int], reward: float | None, status: str = "ok") -> Completion:
-    return Completion(token_ids=ids, text="", logprobs=[-0.5] * len(ids), finish_reason="stop",
-                      reward=reward, reward_status=status)
 
 
 def group(prompt_id: int, *completions: Completion) -> RolloutGroup:

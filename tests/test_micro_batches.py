@@ -13,6 +13,7 @@ from async_rlhf.rollout import RolloutGroup
 from learners.learner import Learner
 from learners.losses import get_loss
 from learners.micro_batches import GroupSize, padded_tokens, split_by_tokens, split_further, sum_stats
+from tests.helpers import present
 from tests.test_learner import build_model_dir, make_cfg, params_snapshot, synthetic_groups
 
 # ------------------------------------------------------------------ the splitter (no model)
@@ -153,10 +154,11 @@ def test_ppo_epochs_loop_over_the_same_micro_batches_with_the_value_model(model_
     cfg = cfg_with_budget("ppo", 2, 50)
     cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"ppo_epochs": 2})})
     learner = Learner(cfg, str(model_dir), threads=2)
-    value_before = {k: v.clone() for k, v in learner.value.model.state_dict().items()}
+    value = present(learner.value)  # loss ppo: a value model
+    value_before = {k: v.clone() for k, v in value.model.state_dict().items()}
     metrics = learner.train_step(synthetic_groups()[:3])  # rows x longest row: 40, 44, 48
     assert metrics["micro_batches"] == 3 and metrics["epochs"] == 2 and metrics["optimizer_step"] == 2
-    assert metrics["nonfinite"] == 0 and learner.value.steps == 2 and math.isfinite(metrics["value_grad_norm"])
+    assert metrics["nonfinite"] == 0 and value.steps == 2 and math.isfinite(metrics["value_grad_norm"])
     assert math.isfinite(metrics["last_epoch_loss"])
-    value_after = learner.value.model.state_dict()
+    value_after = value.model.state_dict()
     assert any(not torch.equal(value_before[k], value_after[k]) for k in value_before)

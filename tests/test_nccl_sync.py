@@ -11,12 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from actors.generator import engine_options
-from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.config.run import RunConfig, load_config
+from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from async_rlhf.weights.nccl import (
-    NcclLayout, NcclTransport, WeightSyncTimeout, check_generator_version, check_next_version, nccl_version,
+    NcclLayout,
+    NcclTransport,
+    WeightSyncTimeout,
+    check_generator_version,
+    check_next_version,
+    nccl_version,
     run_with_timeout,
 )
 from tests.test_learner import build_model_dir
@@ -50,7 +55,8 @@ def test_versions_never_go_backwards() -> None:
         check_next_version(3, 2)
     check_generator_version(5, 5, 0)
     check_generator_version(6, 5, 0)  # the push of 6 reached it ahead of a batch leased with 5: sampled as 6
-    with pytest.raises(VersionError, match="generator 1 holds weights version 4 but was asked to sample with version 5"):
+    with pytest.raises(VersionError,
+                       match="generator 1 holds weights version 4 but was asked to sample with version 5"):
         check_generator_version(4, 5, 1)
 
 

@@ -8,12 +8,18 @@ import pytest
 
 from async_rlhf.cli.main import main
 from async_rlhf.config.base import ConfigError
+from async_rlhf.config.gpu_sizing import (
+    ModelShape,
+    activation_bytes_per_token,
+    comment_line,
+    estimate,
+    parse_comment,
+    state_bytes_per_param,
+)
 from async_rlhf.config.run import RunConfig, load_config
-from async_rlhf.config.gpu_sizing import ModelShape, activation_bytes_per_token, comment_line, estimate, parse_comment, \
-    state_bytes_per_param
 from async_rlhf.config.task import FILE_FORMATS, same_source, source_format
+from tests.helpers import QUICKSTART
 
-QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 PAPER = sorted((Path(__file__).parents[1] / "configs" / "paper").glob("*.yaml"))
 
 
@@ -62,7 +68,7 @@ def test_paper_config_evaluates_on_prompts_it_never_trains_on(path: Path) -> Non
     cfg = load_config(path, environment=False)
     train, held_out = _train_and_eval_sources(cfg)
     if held_out is None:  # rows hashed below eval_fraction leave the train stream (tests/test_prompt_data.py)
-        assert cfg.task.dataset.eval_fraction > 0
+        assert cfg.task.dataset is not None and cfg.task.dataset.eval_fraction > 0
     else:
         assert not (same_source(train[0], held_out[0]) and train[1] == held_out[1]), (train, held_out)
 
@@ -70,6 +76,7 @@ def test_paper_config_evaluates_on_prompts_it_never_trains_on(path: Path) -> Non
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
 def test_pointing_a_paper_config_at_its_train_split_for_evaluation_is_refused(path: Path) -> None:
     data = load_config(path, environment=False).task.dataset
+    assert data is not None  # every paper config trains on a dataset
     leak = [f"task.dataset.eval_path={data.path}", f"task.dataset.eval_split={data.split}"]
     with pytest.raises(ConfigError, match="evaluation must be on held-out prompts"):
         load_config(path, leak, environment=False)
@@ -113,7 +120,8 @@ def test_activation_and_logit_bytes_per_token_by_hand() -> None:
 
 def test_shared_gpu_gives_the_learner_only_its_fraction() -> None:
     shape = ModelShape(params=1.35e8, hidden=576, layers=30, mlp=1536, vocab=49152)  # SmolLM2-135M
-    overrides = ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.5", "learner.gpu_memory_fraction=0.4"]
+    overrides = ["weight_sync.transport=ipc", "generation.gpu_memory_utilization=0.5",
+                 "learner.gpu_memory_fraction=0.4"]
     shared = estimate(load_config(QUICKSTART, overrides, environment=False), shape, gpu_gib=80)
     alone = estimate(load_config(QUICKSTART, environment=False), shape, gpu_gib=80)
     assert shared.usable_gib == pytest.approx(0.4 * alone.usable_gib)  # vLLM holds the rest of the GPU

@@ -12,13 +12,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from async_rlhf.config.run import load_config
 from async_rlhf.cluster.placement import SHARED_GPU_BUNDLE
-
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+from async_rlhf.config.run import load_config
+from tests.helpers import QUICKSTART, ROOT
 
 PROBE = """
 import json, sys

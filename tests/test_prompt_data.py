@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.config.base import ConfigError
-from async_rlhf.config.task import TaskConfig
+from async_rlhf.config.task import DatasetConfig, TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer
-from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
 from async_rlhf.rollout import EVAL_ID_OFFSET
 from async_rlhf.tasks.builtin import make_task
+from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
+from tests.helpers import token_ids
 
 ROWS = [
     {"question": "tom has 3 pens", "answer": "3", "level": 1},
@@ -53,6 +54,17 @@ def task_cfg(path: Path | str, eval_prompts: int = 128, **dataset) -> TaskConfig
     return TaskConfig(name="dataset", eval_prompts=eval_prompts, dataset=dataset)
 
 
+def dataset_task(cfg: TaskConfig, tokenizer, seed: int) -> DatasetTask:
+    task = make_task(cfg, tokenizer, seed)
+    assert isinstance(task, DatasetTask)
+    return task
+
+
+def dataset_of(cfg: TaskConfig) -> DatasetConfig:
+    assert cfg.dataset is not None  # task_cfg always sets one
+    return cfg.dataset
+
+
 def all_prompts(task: DatasetTask) -> list:
     return [task.train_prompt(i) for i in range(len(task.train))] + task.eval_prompts()
 
@@ -61,7 +73,7 @@ def all_prompts(task: DatasetTask) -> list:
 def test_every_format_gives_the_same_prompts(tmp_path: Path, tokenizer, name: str) -> None:
     source = write(tmp_path / name, ROWS)
     cfg = task_cfg(source, reference_column="answer", meta_columns=["level"])
-    task = make_task(cfg, tokenizer, seed=0)
+    task = dataset_task(cfg, tokenizer, seed=0)
     assert isinstance(task, DatasetTask)
     got = sorted((p.text, p.meta["reference"], p.meta["level"]) for p in all_prompts(task))
     assert got == sorted((r["question"], r["answer"], r["level"]) for r in ROWS)
@@ -79,8 +91,8 @@ def test_columns_template_and_token_ids(tmp_path: Path, tokenizer) -> None:
     source = write(tmp_path / "rows.jsonl", ROWS)
     cfg = task_cfg(source, template="{question}. how many?\n", reference_column="answer", eval_fraction=0.01,
                    eval_path=None)
-    cfg.dataset.eval_path = str(write(tmp_path / "eval.jsonl", ROWS[:2]))
-    task = make_task(cfg, tokenizer, seed=0)
+    dataset_of(cfg).eval_path = str(write(tmp_path / "eval.jsonl", ROWS[:2]))
+    task = dataset_task(cfg, tokenizer, seed=0)
     prompt = next(p for p in all_prompts(task) if p.meta["row"] == 1 and p.prompt_id < EVAL_ID_OFFSET)
     assert prompt.text == "ann has 5 cards. how many?\n"
     assert prompt.token_ids == list(tokenizer(prompt.text)["input_ids"])  # BOS first, as vLLM receives it
@@ -98,11 +110,11 @@ def test_chat_template_wraps_the_prompt_once(tmp_path: Path, tokenizer) -> None:
     tokenizer.chat_template = None
     source = write(tmp_path / "rows.jsonl", ROWS)
     cfg = task_cfg(source, chat_template=True, system_prompt="be brief", max_prompt_tokens=128)
-    prompt = make_task(cfg, reloaded, seed=0).eval_prompts()[0]
+    prompt = dataset_task(cfg, reloaded, seed=0).eval_prompts()[0]
     question = next(r["question"] for r in ROWS if f"user={r['question']}\n" in prompt.text)
     assert prompt.text == f"<s>system=be brief\nuser={question}\nassistant="
     assert prompt.token_ids[:2] != [reloaded.bos_token_id] * 2  # the template's BOS, not a second one
-    assert prompt.token_ids == [reloaded.bos_token_id] + reloaded.convert_tokens_to_ids(list(prompt.text[3:]))
+    assert prompt.token_ids == [reloaded.bos_token_id] + token_ids(reloaded, list(prompt.text[3:]))
 
 
 def test_rows_are_filtered_and_counted(tmp_path: Path, tokenizer) -> None:
@@ -114,9 +126,10 @@ def test_rows_are_filtered_and_counted(tmp_path: Path, tokenizer) -> None:
         {"question": "tom has " + "1" * 40, "answer": "1", "level": 1},  # too long
     ]
     source = write(tmp_path / "rows.jsonl", rows)
-    task = make_task(task_cfg(source, reference_column="answer", max_prompt_tokens=24), tokenizer, seed=0)
+    task = dataset_task(task_cfg(source, reference_column="answer", max_prompt_tokens=24), tokenizer, seed=0)
     stats = task.stats[0]
-    assert (stats.rows, stats.used, stats.empty, stats.malformed, stats.unknown_tokens, stats.too_long) == (10, 5, 2, 1, 1, 1)
+    counts = (stats.rows, stats.used, stats.empty, stats.malformed, stats.unknown_tokens, stats.too_long)
+    assert counts == (10, 5, 2, 1, 1, 1)
     assert "10 rows, 5 usable (1 longer than 24 tokens, 2 empty, 1 malformed, 1 with unknown tokens)" in task.describe()
 
 
@@ -124,8 +137,8 @@ def test_too_long_prompts_can_be_truncated_keeping_bos_and_the_end(tmp_path: Pat
     source = write(tmp_path / "rows.jsonl", [{"question": "abcdefghijklmnop how many?"}] * 3)
     cfg = task_cfg(source, max_prompt_tokens=12, too_long="truncate", eval_fraction=0.5)
     # Identical rows hash to one side of eval_fraction: a copy is the eval file (never the train file itself).
-    cfg.dataset.eval_path = str(write(tmp_path / "eval.jsonl", [{"question": "abcdefghijklmnop how many?"}]))
-    task = make_task(cfg, tokenizer, seed=0)
+    dataset_of(cfg).eval_path = str(write(tmp_path / "eval.jsonl", [{"question": "abcdefghijklmnop how many?"}]))
+    task = dataset_task(cfg, tokenizer, seed=0)
     prompt = task.train_prompt(0)
     assert len(prompt.token_ids) == 12 and prompt.token_ids[0] == tokenizer.bos_token_id
     assert prompt.text == "p how many?" and task.stats[0].truncated == 3
@@ -134,7 +147,7 @@ def test_too_long_prompts_can_be_truncated_keeping_bos_and_the_end(tmp_path: Pat
 def test_train_stream_is_resumable_and_reshuffled_per_epoch(tmp_path: Path, tokenizer) -> None:
     rows = [{"question": f"row {i}"} for i in range(40)]
     cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), eval_fraction=0.2)
-    first, resumed = make_task(cfg, tokenizer, seed=3), make_task(cfg, tokenizer, seed=3)
+    first, resumed = dataset_task(cfg, tokenizer, seed=3), dataset_task(cfg, tokenizer, seed=3)
     n = len(first.train)
     stream = [first.train_prompt(i) for i in range(3 * n)]
     assert [resumed.train_prompt(i) for i in range(2 * n + 5, 2 * n - 5, -1)] == stream[2 * n - 4:2 * n + 6][::-1]
@@ -142,16 +155,16 @@ def test_train_stream_is_resumable_and_reshuffled_per_epoch(tmp_path: Path, toke
     assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # every train row once per epoch
     assert epochs[0] != epochs[1] != epochs[2]  # each epoch in its own order
     assert [p.meta["epoch"] for p in stream[n - 1:n + 1]] == [0, 1]
-    other = make_task(cfg, tokenizer, seed=4)
+    other = dataset_task(cfg, tokenizer, seed=4)
     assert [other.train_prompt(i).meta["row"] for i in range(n)] != epochs[0]
-    cfg.dataset.shuffle = False
-    assert [make_task(cfg, tokenizer, 3).train_prompt(i).meta["row"] for i in range(n)] == sorted(epochs[0])
+    dataset_of(cfg).shuffle = False
+    assert [dataset_task(cfg, tokenizer, 3).train_prompt(i).meta["row"] for i in range(n)] == sorted(epochs[0])
 
 
 def test_eval_split_is_by_content_and_disjoint(tmp_path: Path, tokenizer) -> None:
     rows = [{"question": f"row {i}"} for i in range(200)]
     cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), eval_fraction=0.25, eval_prompts=30)
-    task_a, task_b = make_task(cfg, tokenizer, seed=0), make_task(cfg, tokenizer, seed=99)
+    task_a, task_b = dataset_task(cfg, tokenizer, seed=0), dataset_task(cfg, tokenizer, seed=99)
     evals = {p.text for p in task_a.eval_prompts()}
     assert evals == {p.text for p in task_b.eval_prompts()}  # independent of the seed
     assert len(evals) == 30  # task.eval_prompts caps it
@@ -163,10 +176,10 @@ def test_eval_split_is_by_content_and_disjoint(tmp_path: Path, tokenizer) -> Non
 def test_a_row_the_template_cannot_format_is_malformed(tmp_path: Path, tokenizer) -> None:
     rows = [{"n": "3"}, {"n": "x"}, {"n": "5"}]
     cfg = task_cfg(write(tmp_path / "rows.jsonl", rows), template="{n:0>2} pens", eval_fraction=0.5)
-    cfg.dataset.template = "{n:d} pens"  # a text column formatted as an integer: every row fails
+    dataset_of(cfg).template = "{n:d} pens"  # a text column formatted as an integer: every row fails
     with pytest.raises(ConfigError) as err:
-        make_task(cfg, tokenizer, seed=0)
+        dataset_task(cfg, tokenizer, seed=0)
     assert "3 rows, 0 usable (3 malformed)" in str(err.value)
-    cfg.dataset.template = "{n:0>2} pens"
-    task = make_task(cfg, tokenizer, seed=0)
+    dataset_of(cfg).template = "{n:0>2} pens"
+    task = dataset_task(cfg, tokenizer, seed=0)
     assert sorted(p.text for p in all_prompts(task)) == ["03 pens", "05 pens", "0x pens"]

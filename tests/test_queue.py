@@ -7,7 +7,14 @@ from dataclasses import replace
 import pytest
 
 from async_rlhf.pipeline.queue import (
-    GateInputs, QueueFullError, RolloutQueue, chunk_version, fixed_version, generation_allowed, take_limit,
+    GateInputs,
+    QueueFullError,
+    RolloutQueue,
+    StalenessMode,
+    chunk_version,
+    fixed_version,
+    generation_allowed,
+    take_limit,
     target_step,
 )
 from tests.helpers import make_group
@@ -78,7 +85,8 @@ def test_gate_target_step_and_bound() -> None:
 
 
 def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps: int = 12, gens: int = 1,
-             new_bound_at: tuple[int, int] | None = None, mode: str = "bound") -> tuple[list[int], int, float]:
+             new_bound_at: tuple[int, int] | None = None, mode: StalenessMode = "bound"
+             ) -> tuple[list[int], int, float]:
     """Discrete-event run of the controller's loop (drop stale, gate, take) with fixed job times.
 
     `gen_s` may give each generator its own time; `new_bound_at=(step, N)` changes the bound once
@@ -89,15 +97,17 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
     times = gen_s if isinstance(gen_s, tuple) else (gen_s,) * gens
     q = RolloutQueue(capacity=(bound + 1) * ppstep, max_staleness=bound)
     published = steps_taken = outstanding = 0
-    events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, payload)
+    # (time, seq, kind, payload): a generation's payload is (version, generator), a learner step's None.
+    events: list[tuple[float, int, str, tuple[int, int] | None]] = []
     idle = list(range(gens))
     learner_busy, now, seq, seen = False, 0.0, 0, []
     while steps_taken < steps or learner_busy:
         if new_bound_at and steps_taken >= new_bound_at[0]:
             q.max_staleness = bound = new_bound_at[1]
         outstanding -= q.drop_stale(steps_taken)  # the next batch trains at version == steps_taken
-        def inputs() -> GateInputs:
-            return GateInputs(steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity, mode)
+        def inputs() -> GateInputs:  # reads the loop's current state on purpose (B023)
+            return GateInputs(
+                steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity, mode)  # noqa: B023
 
         while idle and generation_allowed(g := inputs()):
             gen = idle.pop()
@@ -115,6 +125,7 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
                 heapq.heappush(events, (now + learn_s, seq, "learn", None))
         now, _, kind, payload = heapq.heappop(events)
         if kind == "gen":
+            assert payload is not None
             version, gen = payload
             idle.append(gen)
             for i in range(chunk):

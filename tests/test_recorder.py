@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.pipeline.evaluation import clock_fields
 from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.pipeline.evaluation import clock_fields
 from async_rlhf.pipeline.timing import process_started_at
+from tests.helpers import read_jsonl
 
 
 def test_records_and_plot_tolerate_gaps(tmp_path: Path) -> None:
@@ -75,7 +76,7 @@ def test_every_eval_record_carries_the_episodes_so_far_and_a_resume_keeps_counti
     for step in (1, 2):
         rec.log_step({"step": step, "episodes": 32 * step})  # 16 prompts x 2 samples per step
     rec.log_eval({"version": 2, "wall_s": 20.0, "eval_s": 0.4})
-    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    evals = read_jsonl(tmp_path / "eval.jsonl")
     assert [(e["version"], e["episodes"], e["wall_s"]) for e in evals] == [(0, 0, 12.5), (2, 64, 20.0)]
     resumed = RunRecorder(tmp_path)
     resumed.truncate(metrics_lines=1, eval_lines=1)  # the checkpoint was taken after step 1

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
-from async_rlhf.config.run import RunConfig, dump_config, load_config
 from async_rlhf.config.redaction import SECRET, redact_url, redacted, secret_keys
+from async_rlhf.config.run import RunConfig, dump_config, load_config
 from async_rlhf.pipeline.resume import config_difference
+from tests.helpers import ROOT, cli_command
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "tok-0123456789abcdef-secret"
 
 
@@ -37,7 +36,7 @@ def test_saved_config_has_no_secret_and_loads_back_equal_for_resume(tmp_path: Pa
 
 
 def test_check_config_prints_no_secret() -> None:
-    out = subprocess.run([sys.executable, "-m", "async_rlhf.cli", "check-config", "configs/quickstart.yaml",
-                          f"api.token={TOKEN}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cli_command("check-config", "configs/quickstart.yaml", f"api.token={TOKEN}"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert TOKEN not in out.stdout + out.stderr and "token: '***'" in out.stdout

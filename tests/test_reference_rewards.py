@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from async_rlhf.pipeline.evaluation import reference_groups, win_rate
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from reward_models.rules import SCORER_TASK, SCORERS, normalise
 from reward_models.service import RewardService
 
@@ -42,7 +42,7 @@ def test_a_row_without_reference_is_a_failed_reward_not_zero() -> None:
 
 
 def scored_group(prompt_id: int, reward: float | None, reference: str | None = "ref") -> RolloutGroup:
-    status = "ok" if reward is not None else "failed"
+    status: RewardStatus = "ok" if reward is not None else "failed"
     completion = Completion([5], "x", [-1.0], "stop", reward, status)
     return RolloutGroup(prompt(reference, prompt_id), [completion], 3, 0, 0.0)
 

@@ -61,13 +61,15 @@ def test_server_scores_and_validates(serve) -> None:
         "missing items": ({}, 422, "items: Field required"),
         "empty batch": ({"items": []}, 422, "items: List should have at least 1 item"),
         "extra key": ({"items": ITEMS, "x": 1}, 422, "x: Extra inputs are not permitted"),
-        "wrong type": ({"items": [{"prompt": 1, "response": "1"}]}, 422, "items.0.prompt: Input should be a valid string"),
+        "wrong type": ({"items": [{"prompt": 1, "response": "1"}]}, 422,
+                       "items.0.prompt: Input should be a valid string"),
         "too long": ({"items": [{"prompt": "1", "response": "9" * 20_001}]}, 422, "at most 20000 characters"),
     }
     for name, (body, code, message) in cases.items():
         reply = httpx.post(f"{url}/score", json=body)
         assert reply.status_code == code and message in reply.json()["detail"], name
-    huge = httpx.post(f"{url}/score", content=b"x" * (8 * 1024 * 1024 + 1), headers={"Content-Type": "application/json"})
+    huge = httpx.post(f"{url}/score", content=b"x" * (8 * 1024 * 1024 + 1),
+                      headers={"Content-Type": "application/json"})
     assert huge.status_code == 413 and "send smaller batches" in huge.json()["detail"]
 
 
@@ -78,10 +80,11 @@ def test_a_failing_item_is_isolated_and_reported(serve) -> None:
         return [1.0 for _ in responses]
 
     url = serve(create_reward_app("picky", picky))
-    body = httpx.post(f"{url}/score", json={"items": [{"prompt": "p", "response": "ok"}, {"prompt": "p", "response": "boom"}]}).json()
+    items = [{"prompt": "p", "response": "ok"}, {"prompt": "p", "response": "boom"}]
+    body = httpx.post(f"{url}/score", json={"items": items}).json()
     assert body["scores"] == [1.0, None] and body["errors"] == [None, "ValueError: cannot score 'boom'"]
     outcomes = RemoteRewardClient(url).score([{"prompt": "p", "response": "boom", "meta": {}}])
-    assert outcomes[0].status == "failed" and "cannot score" in outcomes[0].error
+    assert outcomes[0].status == "failed" and "cannot score" in (outcomes[0].error or "")
 
 
 def test_client_retries_through_30_percent_failures_and_timeouts(serve) -> None:
@@ -97,18 +100,18 @@ def test_client_gives_up_with_a_reason_never_a_zero(serve) -> None:
     down = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=2, backoff_s=0.01)
     outcomes = down.score(ITEMS)
     assert {o.status for o in outcomes} == {"failed"} and all(o.score is None for o in outcomes)
-    assert "HTTP 503" in outcomes[0].error and down.counts["calls"] == 3
+    assert "HTTP 503" in (outcomes[0].error or "") and down.counts["calls"] == 3
     slow = RemoteRewardClient(serve(flaky_app(slow_rate=1.0, slow_s=2.0)), timeout_s=0.2, retries=1, backoff_s=0.01)
     assert {o.status for o in slow.score(ITEMS)} == {"timed_out"}
     unreachable = RemoteRewardClient("http://127.0.0.1:9", retries=1, backoff_s=0.01)
-    assert "unreachable" in unreachable.score(ITEMS)[0].error
+    assert "unreachable" in (unreachable.score(ITEMS)[0].error or "")
 
 
 def test_client_does_not_retry_its_own_bad_request_and_respects_the_deadline(serve) -> None:
     url = serve(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")))
     client = RemoteRewardClient(url, retries=5)
     outcome = client.score([{"prompt": "p"}])[0]  # no response field: the server says 422
-    assert outcome.status == "failed" and "HTTP 422" in outcome.error and client.counts["calls"] == 1
+    assert outcome.status == "failed" and "HTTP 422" in (outcome.error or "") and client.counts["calls"] == 1
     late = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=50, backoff_s=0.2, deadline_s=1.0)
     late.score(ITEMS)
     assert late.counts["calls"] < 10

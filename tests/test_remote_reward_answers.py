@@ -10,7 +10,7 @@ from async_rlhf.api.serving import ThreadedServer
 from reward_models import remote
 from reward_models.remote import RemoteRewardClient
 
-ITEMS = [{"prompt": "21>", "response": r, "meta": {}} for r in ("12", "21", "1")]
+ITEMS: list[dict] = [{"prompt": "21>", "response": r, "meta": {}} for r in ("12", "21", "1")]
 JSON = "application/json"
 
 # (name, what the server answers, what the first item's reason must say)
@@ -54,7 +54,7 @@ def test_an_unusable_answer_fails_every_item_with_its_reason(server, name: str, 
     outcomes = RemoteRewardClient(url, retries=0).score(ITEMS)
     assert len(outcomes) == len(ITEMS)
     assert all(o.score is None and o.status == "failed" for o in outcomes), outcomes
-    assert reason in outcomes[0].error, outcomes[0].error
+    assert reason in (outcomes[0].error or ""), outcomes[0].error
 
 
 def test_a_reply_past_its_size_is_refused(server, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,7 +62,7 @@ def test_a_reply_past_its_size_is_refused(server, monkeypatch: pytest.MonkeyPatc
     app.state.answer = JSONResponse({"scores": [0.1, 0.2, 0.3], "pad": "x" * 2000})
     monkeypatch.setattr(remote, "MAX_REPLY_BYTES", 1000)  # a small limit instead of a 16 MiB reply
     outcome = RemoteRewardClient(url, retries=0).score(ITEMS)[0]
-    assert outcome.status == "failed" and "more than 1000" in outcome.error
+    assert outcome.status == "failed" and "more than 1000" in (outcome.error or "")
 
 
 def test_mixed_answers_keep_the_usable_scores(server) -> None:
@@ -70,5 +70,5 @@ def test_mixed_answers_keep_the_usable_scores(server) -> None:
     app.state.answer = JSONResponse({"scores": [0.25, "x", None], "errors": [None, None, "model overloaded"]})
     ok, bad, missing = RemoteRewardClient(url, retries=0).score(ITEMS)
     assert (ok.status, ok.score) == ("ok", 0.25)
-    assert bad.status == "failed" and "non-numeric score 'x'" in bad.error
+    assert bad.status == "failed" and "non-numeric score 'x'" in (bad.error or "")
     assert missing.status == "failed" and missing.error == "model overloaded"

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from async_rlhf.config.run import RunConfig
 from async_rlhf.cluster.resources import CoreBalancer, core_balancer, plan_cores
+from async_rlhf.config.run import RunConfig
 
 
 def balancer() -> CoreBalancer:

@@ -10,23 +10,22 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT, train_command
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 PER_STEP = 16
 TIMING_KEYS = {"elapsed_s", "step_s", "gen_tokens_per_s", "queue_depth"}  # wall-clock figures, not results
 SECRET = "s3cret-api-token-0123456789"  # api.token: must reach no file of the run and no output
 
 
 def command(run_dir: Path, overrides: list[str], resume: bool = False) -> list[str]:
-    where = ["--resume" if resume else "--run-dir", str(run_dir)]
-    return [sys.executable, "-m", "async_rlhf.cli", "train", str(ROOT / "configs" / "quickstart.yaml"),
-            "eval.every=0", "task.eval_prompts=16", "api.enabled=false", *overrides, *where]
+    return train_command(run_dir, "eval.every=0", "task.eval_prompts=16", "api.enabled=false", *overrides,
+                         resume=resume)
 
 
 def run_to_end(run_dir: Path, overrides: list[str], resume: bool = False) -> str:
@@ -164,7 +163,8 @@ def test_deterministic_resume_gives_identical_weights(tmp_path: Path, ray_local)
     interrupted_copy(straight, resumed, keep_step)
     err = run_to_end(resumed, overrides, resume=True)
     assert f"at step {keep_step}" in err
-    want, got = load_file(str(straight / "final" / "model.safetensors")), load_file(str(resumed / "final" / "model.safetensors"))
+    want = load_file(str(straight / "final" / "model.safetensors"))
+    got = load_file(str(resumed / "final" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert results(resumed) == results(straight)  # losses, rewards, KL, prompt ids: step by step
     assert evals_without_clock(resumed) == evals_without_clock(straight)

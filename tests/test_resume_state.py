@@ -57,10 +57,12 @@ def test_controller_state_round_trips(tmp_path: Path) -> None:
 
 def test_config_difference_allows_more_steps_only() -> None:
     base = RunConfig()
-    assert config_difference(base, base.model_copy(update={"learner": base.learner.model_copy(update={"steps": 500})})) is None
+    longer = base.model_copy(update={"learner": base.learner.model_copy(update={"steps": 500})})
+    assert config_difference(base, longer) is None
     assert config_difference(base, RunConfig(eval={"every": 5}, api={"port": 8000}, checkpoint={"every": 10})) is None
     assert config_difference(base, RunConfig(learner={"lr": 3e-4})) == "learner.lr is 0.0003 but the run used 0.0001"
-    assert config_difference(base, RunConfig(queue={"max_staleness": 0})) == "queue.max_staleness is 0 but the run used 1"
+    assert (config_difference(base, RunConfig(queue={"max_staleness": 0}))
+            == "queue.max_staleness is 0 but the run used 1")
     assert config_difference(base, RunConfig(reward={"remote": {"url": "http://h:1"}})) == (
         'reward.remote is {"url": "http://h:1", "timeout_s": 10.0, "retries": 4, "backoff_s": 0.5, "deadline_s": 60.0} '
         "but the run used null")

@@ -50,7 +50,7 @@ def test_failures_are_failures_not_zero(scorers, name: str, status: str, error: 
     svc = RewardService({"train": name})
     groups = svc.score([make_group(0, rewards=[None, None])])
     for c in groups[0].completions:
-        assert c.reward is None and c.reward_status == status and error in c.reward_error
+        assert c.reward is None and c.reward_status == status and error in (c.reward_error or "")
     assert groups[0].scored == [] and svc.health()["failed"] == 2
 
 

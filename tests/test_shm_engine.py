@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.rollout import Prompt
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+from async_rlhf.weights.shm_ring import ShmSlotRing
 from learners.learner import hf_state_dict, load_causal_lm
+from tests.helpers import publish_state, shm_slot
 
 pytestmark = pytest.mark.integration
 LONG = 512  # positions: prompts longer than vLLM-CPU's 128-token KV block, so a prefix can be cached
@@ -48,13 +49,15 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
     prompts = [Prompt(i, shared + s + ">", tok(shared + s + ">")["input_ids"]) for i, s in enumerate(["1", "27", "9"])]
     cfg = GenerationConfig(samples_per_prompt=1, max_new_tokens=6, max_model_len=LONG)
     actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(old_dir), cfg, 0, None)
-    greedy = lambda ps, ref=None: [g.completions[0].token_ids for g in
-                                   ray_local.get(actor.generate.remote(ps, ref, n=1, temperature=0.0)).groups]
+    def greedy(ps: list[Prompt], ref: WeightRef | None = None) -> list[list[int]]:
+        result = ray_local.get(actor.generate.remote(ps, ref, n=1, temperature=0.0))
+        return [g.completions[0].token_ids for g in result.groups]
+
     assert greedy(prompts[:1]) == [hf_greedy(old_dir, prompts[0].token_ids, 6)]  # caches the shared prefix
 
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)
     new_state, old_state = hf_state_dict(load_causal_lm(new_dir)), hf_state_dict(load_causal_lm(old_dir))
-    ref = publish(broker, 1, new_state)
+    ref = publish_state(broker, 1, new_state)
     # Every later prompt shares 300 tokens with the cached one: with old KV blocks reused, the new
     # weights would see an old-policy prefix and their greedy output would differ from transformers'.
     want = [hf_greedy(new_dir, p.token_ids, 6) for p in prompts[1:]]
@@ -63,8 +66,8 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
 
     # The broker reuses the slot for a later version (keep_versions=1, no lease): overwriting it must not
     # change the loaded engine, so nothing of version 1 may still point into the slot.
-    root, slot = parse_slot_location(ref.location)
-    assert parse_slot_location(broker.staging_location(2)) == (root, slot + 1)  # v1 is still kept
+    root, slot = shm_slot(ref.location)
+    assert shm_slot(broker.staging_location(2)) == (root, slot + 1)  # v1 is still kept
     ShmSlotRing(root).write(slot, old_state)
     assert greedy(prompts[1:]) == want
 
@@ -87,7 +90,8 @@ class ActorClient:
     receive_weights call, so a batch never sees half-swapped weights)."""
 
     def __init__(self, ray, actor, version: int) -> None:
-        self.ray, self.actor, self.version, self.calls = ray, actor, version, []
+        self.ray, self.actor, self.version = ray, actor, version
+        self.calls: list[str] = []
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self.calls.append("init")
@@ -104,7 +108,3 @@ class ActorClient:
         self.calls.append("finish")
 
 
-def publish(broker: WeightSyncBroker, version: int, state: dict[str, torch.Tensor]):
-    root, slot = parse_slot_location(broker.staging_location(version))
-    ShmSlotRing(root).write(slot, state)
-    return broker.publish(version)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from async_rlhf.weights.shm_ring import SlotLayout, ShmSlotRing, parse_slot_location, slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing, SlotLayout, parse_slot_location, slot_location
 
 
 def test_layout_aligns_every_tensor_to_a_cache_line() -> None:

@@ -5,6 +5,7 @@ on 2 cores) when it is not there yet."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,8 @@ def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeyp
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+    texts = [str(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                               add_generation_prompt=True))  # tokenize=False: a str
              for q in QUESTIONS]
     assert texts[0].endswith("<|im_start|>assistant\n") and tokenizer.eos_token == "<|im_end|>"
     prompts = [Prompt(i, t, tokenizer(t, add_special_tokens=False)["input_ids"], {}) for i, t in enumerate(texts)]
@@ -64,7 +66,7 @@ def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeyp
         hf.append(out[0, len(p.token_ids):].tolist())
     cfg = GenerationConfig(max_new_tokens=16, max_model_len=128, temperature=0.0)
     # In a Ray actor, as in a run: its vLLM engine goes away with the actor, not at pytest's exit.
-    generator = ray.remote(GeneratorActor).options(num_cpus=1).remote(0, str(smollm2), cfg, dtype="float32")
+    generator: Any = ray.remote(GeneratorActor).options(num_cpus=1).remote(0, str(smollm2), cfg, dtype="float32")
     try:
         groups = ray.get(generator.generate.remote(prompts, None, n=1, temperature=0.0)).groups
     finally:

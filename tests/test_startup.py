@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+from typing import Any
 
 import pytest
 
-from async_rlhf.pipeline import startup
 from async_rlhf.cli.main import ProgressBar
+from async_rlhf.pipeline import startup
 from async_rlhf.pipeline.startup import LAPS, StartupClock
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("ray", "vllm", "torch", "transformers", "deepspeed")
 
 
@@ -55,7 +55,8 @@ def test_process_age_counts_from_the_interpreter_start() -> None:
 
 @pytest.mark.parametrize("argv", [["--help"], ["check-config", "configs/quickstart.yaml"]])
 def test_light_commands_import_no_ray_vllm_or_torch(argv: list[str]) -> None:
-    code = ("import sys\nfrom async_rlhf.cli.main import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom async_rlhf.cli.main import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             f"print('MODULES', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "MODULES []" in out.stderr, out.stderr[-2000:]
@@ -66,10 +67,11 @@ def test_progress_bar_appears_at_the_first_step_with_its_clock_starting_there() 
     assert bar.bar is None  # nothing drawn during start-up
     record = {"step": 1, "reward_mean": 0.5, "staleness_mean": 1.0, "queue_depth": 16, "gen_tokens_per_s": 900.0}
     bar.update(record)
-    started = bar.bar.start_t
-    assert bar.bar.n == 1 and bar.bar.format_dict["elapsed"] < 60  # not the start-up's seconds
+    shown: Any = bar.bar  # the tqdm bar (Any: mypy keeps the `is None` above across the update call)
+    started = shown.start_t
+    assert shown.n == 1 and shown.format_dict["elapsed"] < 60  # not the start-up's seconds
     bar.update({**record, "step": 2})
-    assert bar.bar.n == 2 and bar.bar.start_t == started
+    assert shown.n == 2 and shown.start_t == started and bar.bar is shown
     bar.close()
 
 
@@ -84,5 +86,5 @@ def test_summary_of_a_run_without_steps_says_so() -> None:
     clock = StartupClock.since_process_start()
     clock.lap("process")
     summary = clock.summary()
-    assert summary["setup_process_s"] > 0 and summary["setup_to_first_step_s"] is None
+    assert (summary["setup_process_s"] or 0) > 0 and summary["setup_to_first_step_s"] is None
     assert json.loads(json.dumps(summary)) == summary

@@ -129,7 +129,8 @@ def test_garbage_hand_worked() -> None:
 
 
 def test_scorer_registry() -> None:
-    assert {k: SCORERS[k] for k in ("sort_partial", "sort_exact")} == {"sort_partial": sort_partial, "sort_exact": sort_exact}
+    registered = {k: SCORERS[k] for k in ("sort_partial", "sort_exact")}
+    assert registered == {"sort_partial": sort_partial, "sort_exact": sort_exact}
 
 
 def test_every_scorer_scores_a_registered_task_and_every_task_has_one() -> None:

@@ -8,17 +8,20 @@ each batch's output must equal transformers' greedy output with the weights of i
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from actors.generator import GeneratorActor
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.rollout import Prompt
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+from async_rlhf.weights.shm_ring import ShmSlotRing
 from learners.learner import hf_state_dict
+from tests.helpers import shm_slot
 
 pytestmark = pytest.mark.integration
 PROMPTS = ["3914>", "50182>", "7777>", "9081726>"]
@@ -32,9 +35,9 @@ class Versions:
         from async_rlhf.policies.embedded import build_tokenizer
 
         self.tokenizer = build_tokenizer()
-        self.models: dict[int, torch.nn.Module] = {}
+        self.models: dict[int, LlamaForCausalLM] = {}
 
-    def model(self, version: int) -> torch.nn.Module:
+    def model(self, version: int) -> LlamaForCausalLM:
         from async_rlhf.policies.embedded import build_model
 
         if version not in self.models:
@@ -43,14 +46,15 @@ class Versions:
         return self.models[version]
 
     def greedy(self, version: int, prompt_ids: list[int]) -> list[int]:
-        out = self.model(version).generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                           eos_token_id=2, pad_token_id=0)
+        model: Any = self.model(version)  # transformers types generate's self as another class
+        out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                             eos_token_id=2, pad_token_id=0)
         return out[0, len(prompt_ids):].tolist()
 
 
 def publish(broker: WeightSyncBroker, ring: ShmSlotRing, versions: Versions, version: int) -> None:
     """The learner's write into the staged slot, then the controller's publication."""
-    _, slot = parse_slot_location(broker.staging_location(version))
+    _, slot = shm_slot(broker.staging_location(version))
     ring.write(slot, hf_state_dict(versions.model(version)))
     broker.publish(version)
 
@@ -93,7 +97,8 @@ def test_batches_sample_exactly_their_leased_version(ray_local, tmp_path: Path) 
         assert result.policy_version == ref.version and all(g.policy_version == ref.version for g in result.groups)
         got = [g.completions[0].token_ids for g in result.groups]
         assert got == [versions.greedy(ref.version, g.prompt.token_ids) for g in result.groups], ref
-    assert len({tuple(versions.greedy(v, prompts[0].token_ids)) for v in range(last + 1)}) > last // 2  # versions differ
+    outputs = {tuple(versions.greedy(v, prompts[0].token_ids)) for v in range(last + 1)}
+    assert len(outputs) > last // 2  # versions differ
     assert broker.available() == [last]  # every lease released, every older slot freed
     for actor in (fast, slow):
         ray_local.kill(actor)

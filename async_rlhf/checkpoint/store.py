@@ -55,7 +55,7 @@ class CheckpointStore:
     def path_for(self, step: int) -> Path:
         return self.root / f"step-{step:06d}"
 
-    def write(self, step: int, fill: Callable[[Path], None]) -> Path:
+    def write(self, step: int, fill: Callable[[Path], object]) -> Path:
         """Have `fill` write the contents into a fresh partial directory, seal it, publish it, prune."""
         final = self.path_for(step)
         if final.is_dir() and self.problem(final) is None:
@@ -106,7 +106,8 @@ class CheckpointStore:
         """Every published (renamed) checkpoint directory, oldest first; not yet verified."""
         if not self.root.is_dir():
             return []
-        found = [Checkpoint(p, int(m.group(1))) for p in self.root.iterdir() if (m := NAME.match(p.name)) and p.is_dir()]
+        found = [Checkpoint(p, int(m.group(1))) for p in self.root.iterdir()
+                 if (m := NAME.match(p.name)) and p.is_dir()]
         return sorted(found, key=lambda c: c.step)
 
     def latest_valid(self, warn: Callable[[str], None]) -> Checkpoint | None:

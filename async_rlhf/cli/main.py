@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="reward, KL, staleness and throughput of several runs on one figure")
     plot.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, required=True, help="PNG file to write")
-    export = sub.add_parser("export-model", help="write the embedded policy as a local HF checkpoint (model.source=local)")
+    export = sub.add_parser("export-model",
+                            help="write the embedded policy as a local HF checkpoint (model.source=local)")
     export.add_argument("out", type=Path, help="new directory for the checkpoint")
     export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")
@@ -71,7 +72,7 @@ class ProgressBar:
 
     def __init__(self, total: int) -> None:
         self.total = total
-        self.bar = None  # tqdm, made at the first step
+        self.bar: Any = None  # a tqdm bar, made at the first step (tqdm is imported then, not at start-up)
 
     def update(self, record: dict) -> None:
         if self.bar is None:
@@ -151,7 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, environment=not args.portable)
     print(config_yaml(cfg), end="")  # secrets as ***
-    if cfg.model.source == "local" and not args.portable:  # the prompts can be checked with the policy's tokenizer, as train does
+    # The prompts can be checked with the policy's tokenizer, as train does.
+    if cfg.model.source == "local" and cfg.model.path is not None and not args.portable:
         from async_rlhf.tasks.builtin import load_task
 
         print(f"# {load_task(cfg, cfg.model.path).describe()}")

@@ -29,7 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     rm.add_argument("--max-length", type=int, default=256, help="longer pairs are dropped (TRL)")
     rm.add_argument("--eval-fraction", type=float, default=0.1, help="pairs held out for the accuracy printed")
     rm.add_argument("--seed", type=int, default=0)
-    pairs = sub.add_parser("sample-pairs", help="sample responses from a config's policy, label pairs by its gold reward")
+    pairs = sub.add_parser("sample-pairs",
+                           help="sample responses from a config's policy, label pairs by its gold reward")
     pairs.add_argument("config", help="run config (its task, model.path and reward.gold are used)")
     pairs.add_argument("overrides", nargs="*")
     pairs.add_argument("--out", type=Path, required=True, help="JSONL file to write")
@@ -86,8 +87,10 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
 
     from reward_models.server import create_reward_app
 
-    app = create_reward_app(Path(args.model).name or args.model, reward_scorer(args.model, args.batch_size, args.max_length))
-    print(f"[async-rlhf] serving reward model '{args.model}' on http://{args.host}:{args.port} (POST /score)", flush=True)
+    scorer = reward_scorer(args.model, args.batch_size, args.max_length)
+    app = create_reward_app(Path(args.model).name or args.model, scorer)
+    print(f"[async-rlhf] serving reward model '{args.model}' on http://{args.host}:{args.port} (POST /score)",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -33,7 +33,7 @@ def pair_record(group: RolloutGroup, min_margin: float) -> dict | None:
 def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_margin: float = 0.0,
                  batch: int = 64, log: Callable[[str], None] = print) -> dict:
     """Write the pairs as JSONL to `out`; return counts and timings."""
-    if cfg.model.source != "local":
+    if cfg.model.source != "local" or cfg.model.path is None:
         raise ConfigError("config error: sample-pairs needs model.source=local and model.path (the policy to sample)")
     if samples < 2:
         raise ConfigError(f"config error: sample-pairs: --samples must be >= 2 to make a pair (got {samples})")

@@ -12,7 +12,8 @@ from async_rlhf.config.base import ConfigError
 
 def find_url(run_dir: Path | None) -> str:
     """The API URL a run wrote: from `run_dir`, else from the most recently started run under runs/."""
-    candidates = [run_dir / "api_url"] if run_dir else sorted(Path("runs").glob("*/api_url"), key=lambda p: p.stat().st_mtime)
+    candidates = ([run_dir / "api_url"] if run_dir
+                  else sorted(Path("runs").glob("*/api_url"), key=lambda p: p.stat().st_mtime))
     if not candidates or not candidates[-1].is_file():
         where = run_dir or "runs/*"
         raise ConfigError(f"status error: no api_url in {where}; pass --url http://HOST:PORT or --run-dir DIR")

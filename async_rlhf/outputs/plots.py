@@ -29,7 +29,8 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(step records, eval records) of a run directory written by `async-rlhf train`."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise ConfigError(f"plot error: no metrics.jsonl in '{run_dir}'; pass run directories written by async-rlhf train")
+        raise ConfigError(f"plot error: no metrics.jsonl in '{run_dir}'; "
+                          "pass run directories written by async-rlhf train")
     evals = run_dir / "eval.jsonl"
     return read_jsonl(metrics), read_jsonl(evals) if evals.is_file() else []
 

@@ -7,7 +7,8 @@ from itertools import accumulate
 from pathlib import Path
 
 from async_rlhf.config.run import RunConfig, dump_config
-from async_rlhf.outputs.plots import pyplot, series as _series
+from async_rlhf.outputs.plots import pyplot
+from async_rlhf.outputs.plots import series as _series
 from async_rlhf.outputs.sinks import MetricSink
 
 PLOTTED = ("step", "reward_mean", "kl")  # what reward.png needs of each step; the rest lives in metrics.jsonl only
@@ -98,7 +99,8 @@ class RunRecorder:
         steps = [r["step"] for r in self.steps]
         ax_r.plot(steps, _series(self.steps, "reward_mean"), label="train reward (proxy), batch mean", alpha=0.7)
         if self.evals:
-            ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-", label="gold reward (eval)")
+            ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-",
+                      label="gold reward (eval)")
             if any(r.get("win_rate") is not None for r in self.evals):
                 ax_r.plot(_series(self.evals, "version"), _series(self.evals, "win_rate"), "s--",
                           label="win-rate vs reference (eval)")
@@ -111,7 +113,8 @@ class RunRecorder:
         ax_kl.plot(steps, _series(self.steps, "kl"), color="tab:red", alpha=0.5, label="train batch (chosen+rejected)")
         if self.evals:
             versions = _series(self.evals, "version")
-            ax_kl.plot(versions, _series(self.evals, "kl"), "o-", color="darkred", label="eval samples (current policy)")
+            ax_kl.plot(versions, _series(self.evals, "kl"), "o-", color="darkred",
+                       label="eval samples (current policy)")
         ax_kl.legend(loc="upper left")
         ax_kl.set_ylabel("KL to reference (nats/seq)")
         ax_kl.set_xlabel("learner step (policy version)")

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from async_rlhf.config.run import RunConfig
 from async_rlhf.config.redaction import redacted
+from async_rlhf.config.run import RunConfig
 
 Kind = Literal["train", "eval"]
 
@@ -53,7 +53,7 @@ class WandbSink:
     """A Weights & Biases run in `run_dir/wandb`; offline mode needs no account or network
     (`wandb sync run_dir/wandb/offline-run-*` uploads it later)."""
 
-    def __init__(self, run_dir: Path, project: str, mode: str, config: dict) -> None:
+    def __init__(self, run_dir: Path, project: str, mode: Literal["offline", "online"], config: dict) -> None:
         import wandb
 
         self.run: Any = wandb.init(project=project, mode=mode, dir=str(run_dir), name=run_dir.name, config=config,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 Kind = Literal["weight_sync", "generation", "mc_rollouts", "reward", "learn", "publish", "eval"]
 
@@ -20,7 +20,7 @@ class Timeline:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.origin = time.time()
-        self._file = None
+        self._file: IO[str] | None = None  # opened on the first event
 
     def add(self, kind: Kind, worker: str, start: float, end: float, version: int | None = None) -> None:
         """Record an event from wall-clock `start` to `end` (time.time() values)."""

@@ -13,20 +13,20 @@ from typing import Any
 import ray
 
 from actors.generator import GeneratorActor
-from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
+from async_rlhf.cluster.placement import generator_options
+from async_rlhf.cluster.resources import core_balancer
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
-from async_rlhf.cluster.placement import generator_options
-from async_rlhf.cluster.resources import core_balancer
+from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.startup import StartupClock, await_actors, ray_init_kwargs
 from async_rlhf.pipeline.state import Components, GeneratorSlot
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
-from learners.advantages.monte_carlo import MCRequest
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.weights.nccl import NcclTransport
+from learners.advantages.monte_carlo import MCRequest
 from learners.group import LearnerGroup, start_learner
 from learners.losses import LOSSES
 from reward_models.service import RewardService

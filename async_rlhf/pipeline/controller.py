@@ -22,19 +22,13 @@ from typing import Any, Callable, Protocol
 
 import ray
 
-from async_rlhf.pipeline.resume import (
-    ControllerSnapshot,
-    fail_pending_checkpoints,
-    restore,
-    restore_checkpoint,
-    take_checkpoints,
-)
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
+from async_rlhf.cluster.placement import check_started_cluster, use_gpus
+from async_rlhf.cluster.resources import plan_cores
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.sinks import make_sinks
-from async_rlhf.pipeline.summary import run_summary
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.builder import ComponentBuilder, make_broker
 from async_rlhf.pipeline.control import RunControl
@@ -42,12 +36,18 @@ from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.failover import LearnerFailover
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.learner_steps import LearnerSteps
-from async_rlhf.cluster.placement import check_started_cluster, use_gpus
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue
-from async_rlhf.cluster.resources import plan_cores
+from async_rlhf.pipeline.resume import (
+    ControllerSnapshot,
+    fail_pending_checkpoints,
+    restore,
+    restore_checkpoint,
+    take_checkpoints,
+)
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.startup import StartupClock
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
+from async_rlhf.pipeline.summary import run_summary
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.pipeline.view import RunView
 from async_rlhf.pipeline.watchdogs import Watchdogs

@@ -14,18 +14,17 @@ the earlier records' `eval_s` from `wall_s` gives the training clock without the
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
-
 import json
 import math
 import time
+from pathlib import Path
+from typing import Any, Literal
 
 import ray
 
-from async_rlhf.weights.broker import WeightRef
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from async_rlhf.pipeline.timing import process_started_at
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.weights.broker import WeightRef
 
 
 def _mean_reward(groups: list[RolloutGroup]) -> float | None:

@@ -15,13 +15,13 @@ from typing import Any, Callable
 
 import ray
 
-from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, what_died
 from async_rlhf.pipeline.builder import ComponentBuilder
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.weights.broker import WeightSyncBroker

@@ -13,10 +13,10 @@ import ray
 
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
-from async_rlhf.pipeline.summary import step_record
 from async_rlhf.outputs.timeline import Timeline, record_learner_step
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue, take_limit
 from async_rlhf.pipeline.state import Components, LearnerJob, LoopState, RunStats
+from async_rlhf.pipeline.summary import step_record
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.pipeline.view import RunView
 from async_rlhf.weights.broker import WeightSyncBroker

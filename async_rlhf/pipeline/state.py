@@ -12,11 +12,11 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.cluster.resources import CoreBalancer, CorePlan
+from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.vineppo import MCCost
-from learners.advantages.monte_carlo import MCRequest
 from async_rlhf.rollout import Prompt, RolloutGroup
+from learners.advantages.monte_carlo import MCRequest
 
 if TYPE_CHECKING:  # transformers' import only where a task is built
     from async_rlhf.tasks.builtin import Task

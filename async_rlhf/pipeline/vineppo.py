@@ -15,7 +15,6 @@ from async_rlhf.rollout import RolloutGroup
 from learners.advantages.monte_carlo import MCBatch, state_values, step_advantages, token_advantages
 
 
-
 def step_delimiter_ids(tokenizer: Any, step_end_chars: str) -> tuple[int, ...]:
     """Ids of the tokens whose text ends with one of `step_end_chars` (a task's `step_end_chars`).
 

@@ -241,7 +241,8 @@ def export_embedded(cfg: RunConfig, out: Path, log: Log = print) -> Path:
     if cfg.model.source != "embedded":
         raise ConfigError("config error: export-model writes the embedded model; drop the model.source override")
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"config error: export-model: '{out}' already exists and is not empty; choose a new directory")
+        raise ConfigError(f"config error: export-model: '{out}' already exists and is not empty; "
+                          "choose a new directory")
     source = ensure_embedded_policy(cfg.model.embedded, cfg.task, cfg.model.cache_dir, log)
     shutil.copytree(source, out, dirs_exist_ok=True)
     return out

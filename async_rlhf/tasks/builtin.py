@@ -32,10 +32,18 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.config.task_shapes import (
-    ANSWER_MARK, MAX_VALUE, MULTIPLY, NAMES, OBJECTS, QUESTION, SEPARATOR, TASK_SHAPES, TEMPLATES,
+    ANSWER_MARK,
+    MAX_VALUE,
+    MULTIPLY,
+    NAMES,
+    OBJECTS,
+    QUESTION,
+    SEPARATOR,
+    TASK_SHAPES,
+    TEMPLATES,
 )
-from async_rlhf.tasks.dataset import DatasetTask
 from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
+from async_rlhf.tasks.dataset import DatasetTask
 
 if TYPE_CHECKING:  # transformers is heavy; the task only calls the tokenizer
     from transformers import PreTrainedTokenizerBase

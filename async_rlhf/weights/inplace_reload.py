@@ -15,19 +15,21 @@ the engine uses the layer-wise reload.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 
 FAST_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"})
 
 
-def processed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def processed_layers(model: torch.nn.Module) -> list[Any]:
     """Layers whose weights a quant method processes after loading (linear layers, embeddings, lm head)."""
     return [m for m in model.modules() if type(getattr(m, "quant_method", None)).__name__ in FAST_METHODS]
 
 
 class InPlaceReload:
-    def __init__(self, model: torch.nn.Module, quantization: str | None) -> None:
+    # Any: a vLLM model and its layers (load_weights, quant_method, weight are theirs, not torch.nn.Module's).
+    def __init__(self, model: Any, quantization: str | None) -> None:
         self.model = model
         self.layers = processed_layers(model)
         self.plain: dict[torch.nn.Module, torch.nn.Parameter] = {}  # layer -> its persistent plain weight
@@ -43,7 +45,7 @@ class InPlaceReload:
         for layer in self.layers:
             layer.quant_method.process_weights_after_loading(layer)
 
-    def _expose_weight(self, layer: torch.nn.Module) -> None:
+    def _expose_weight(self, layer: Any) -> None:
         """Give a layer whose packing dropped its plain weight that weight back (in model format)."""
         if layer.weight.numel() > 0:  # kept after packing (embeddings, lm head): loaded in place
             return
@@ -62,7 +64,7 @@ def _plain_weight(layer: torch.nn.Module) -> torch.nn.Parameter:
     meta = get_layerwise_info(layer).restore_metadata[0]["weight"]
     weight = restore_layer_refs(materialize_meta_tensor(meta), layer)  # its own __dict__: the record stays intact
     weight.zero_()  # touch every page once
-    return weight
+    return cast(torch.nn.Parameter, weight)  # restore_layer_refs gives back the recorded Parameter class
 
 
 def _is_attention(module: torch.nn.Module) -> bool:

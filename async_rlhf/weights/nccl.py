@@ -162,7 +162,8 @@ class GeneratorSyncClient:
         import ray
 
         # IPC has no ranks to offset (layout None): its init info carries only `packed`.
-        offset = (lambda i: {"rank_offset": self.layout.rank_offset(i)}) if self.layout else (lambda i: {})
+        layout = self.layout
+        offset = (lambda i: {"rank_offset": layout.rank_offset(i)}) if layout else (lambda i: {})
         refs = [h.init_weight_transfer.remote({**init_info, **offset(i)})
                 for i, h in enumerate(self.handles)]
         ray.get(refs, timeout=self.timeout_s)

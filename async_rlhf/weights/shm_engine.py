@@ -24,7 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 from vllm.distributed.weight_transfer.base import (
-    TrainerInitInfo, TrainerWeightTransferEngine, WeightTransferEngine, WeightTransferInitInfo,
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightTransferEngine,
+    WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
@@ -89,7 +92,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         if self.inplace.supported:
             self.inplace.load(weights)
         else:
-            self.model.load_weights(weights)
+            model: Any = self.model  # a vLLM model: load_weights is its own method, not torch.nn.Module's
+            model.load_weights(weights)
 
     def finish_weight_update(self) -> None:
         if self.inplace.supported:
@@ -124,7 +128,11 @@ class ShmTrainerWeightTransferEngine(TrainerWeightTransferEngine[ShmTrainerInitI
     def send_weights(self, slot: int = 0, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write `state` (default: the source's tensors) into `slot`; then, with a client, load it into
         the workers. Only the sender writes: the slot is one copy shared by every reader."""
-        tensors = state if state is not None else dict(iter(self.source))
+        if state is None:
+            if self.source is None:
+                raise RuntimeError("shm weight transfer: send_weights needs `state` when the engine has no source")
+            state = dict(iter(self.source))
+        tensors = state
         if not self.is_sender:
             return
         self.ring.write(slot, tensors)
@@ -140,8 +148,10 @@ class ShmTrainerWeightTransferEngine(TrainerWeightTransferEngine[ShmTrainerInitI
 def register() -> None:
     """Make "shm" a weight-transfer backend of vLLM in this process (idempotent). Also vLLM's
     `vllm.general_plugins` entry point (pyproject.toml), so every vLLM worker process has it."""
-    for factory, engine in ((WeightTransferEngineFactory, ShmWeightTransferEngine),
-                            (WeightTransferTrainerFactory, ShmTrainerWeightTransferEngine)):
+    # Any: the two factories take engines of two different base classes (worker side, trainer side).
+    sides: list[tuple[Any, type]] = [(WeightTransferEngineFactory, ShmWeightTransferEngine),
+                                     (WeightTransferTrainerFactory, ShmTrainerWeightTransferEngine)]
+    for factory, engine in sides:
         try:
             factory.register_engine(BACKEND, engine)
         except ValueError:  # registered already (the plugin hook and an explicit call both ran)

@@ -4,6 +4,7 @@ the loop below imports it; or, without touching this package, `loss.import_path`
 from importlib import import_module
 
 from learners.loss_traits import builtin_loss_modules
+from learners.losses.loader import LossImportError, load_import_path, resolve_loss
 from learners.losses.registry import (
     LOSSES,
     LossInputs,
@@ -16,7 +17,6 @@ from learners.losses.registry import (
     select_pairs,
     select_pairs_batch,
 )
-from learners.losses.loader import LossImportError, load_import_path, resolve_loss
 
 for _module in builtin_loss_modules():  # importing a loss module registers the losses it defines
     import_module(_module)

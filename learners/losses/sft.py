@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from async_rlhf.rollout import RolloutGroup
+from async_rlhf.rollout import RolloutGroup, scored_reward
 from learners.losses.registry import LossInputs, LossParams, Selection, register_loss, select_groups
 
 
@@ -16,7 +16,7 @@ def select_best(groups: list[RolloutGroup]) -> Selection:
     sel = select_groups(groups, min_scored=1)
     best: dict[int, int] = {}  # group index -> row of its best completion so far
     for row, (gid, comp) in enumerate(zip(sel.group_ids, sel.completions)):
-        if gid not in best or comp.reward > sel.completions[best[gid]].reward:  # strict: first wins ties
+        if gid not in best or scored_reward(comp) > scored_reward(sel.completions[best[gid]]):  # first wins ties
             best[gid] = row
     rows = sorted(best.values())
     return Selection(prompts=[sel.prompts[r] for r in rows], completions=[sel.completions[r] for r in rows],

@@ -69,5 +69,6 @@ def vineppo(inputs: LossInputs, params: LossParams) -> tuple[torch.Tensor, dict[
     kl = k3_kl(inputs)
     tokens = inputs.mask.sum().clamp(min=1.0)
     loss = ((-surrogate + params.beta * kl) * inputs.mask).sum() / tokens
-    metrics = {"k3_kl": token_mean(kl, inputs.mask), "clip_frac": clip_fraction(log_ratio, inputs.mask, params.clip_eps)}
+    metrics = {"k3_kl": token_mean(kl, inputs.mask),
+               "clip_frac": clip_fraction(log_ratio, inputs.mask, params.clip_eps)}
     return loss, {**metrics, **pg_metrics(inputs, adv[inputs.mask > 0], params)}

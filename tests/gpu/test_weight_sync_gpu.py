@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,10 +59,10 @@ def test_greedy_output_after_a_sync_matches_hf(tmp_path: Path) -> None:
     import ray
 
     from actors.generator import GeneratorActor
-    from async_rlhf.weights.broker import WeightRef
-    from async_rlhf.config.run import RunConfig
     from async_rlhf.cluster.placement import generator_options, learner_options
+    from async_rlhf.config.run import RunConfig
     from async_rlhf.rollout import Prompt
+    from async_rlhf.weights.broker import WeightRef
     from learners.learner import Learner
     from tests.test_learner import build_model_dir, synthetic_groups
 
@@ -72,8 +73,9 @@ def test_greedy_output_after_a_sync_matches_hf(tmp_path: Path) -> None:
                     generation={"gpu_memory_utilization": 0.45} if shared else {})
     ray.init(num_gpus=NEEDS[TRANSPORT], include_dashboard=False, log_to_driver=False)
     try:  # the placement the controller uses: for ipc one bundle, both actors on its GPU
-        learner = ray.remote(Learner).options(**learner_options(cfg)).remote(cfg, str(model_dir))
-        gen = ray.remote(GeneratorActor).options(**generator_options(cfg)[0]).remote(
+        # Any: Ray's types do not carry the actor class through .options().remote().
+        learner: Any = ray.remote(Learner).options(**learner_options(cfg)).remote(cfg, str(model_dir))
+        gen: Any = ray.remote(GeneratorActor).options(**generator_options(cfg)[0]).remote(
             0, str(model_dir), cfg.generation, 0, None, "float32", TRANSPORT)
         ray.get(learner.connect_generators.remote([gen], 1), timeout=300)
         ray.get(learner.train_step.remote(synthetic_groups()))
@@ -96,7 +98,9 @@ def test_greedy_output_after_a_sync_matches_hf(tmp_path: Path) -> None:
 def _hf_greedy(path: Path, prompts: list, max_new_tokens: int) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).cuda().eval()
+    # Any: transformers' types miss .cuda() on the loaded model.
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = model.cuda().eval()
     outs = []
     for p in prompts:
         ids = torch.tensor([p.token_ids], device="cuda")
