@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from async_rlhf.rollout import Completion
+from async_rlhf.rollout import Completion, scored_reward
 
 
 def best_and_worst(scored: Sequence[Completion], min_margin: float = 0.0) -> tuple[Completion, Completion] | None:
     """(highest, lowest) reward among `scored` (completions whose reward is ok), or None without a preference."""
     if len(scored) < 2:
         return None
-    best = max(scored, key=lambda c: c.reward)
-    worst = min(scored, key=lambda c: c.reward)
-    return (best, worst) if best.reward - worst.reward > min_margin else None
+    best = max(scored, key=scored_reward)
+    worst = min(scored, key=scored_reward)
+    return (best, worst) if scored_reward(best) - scored_reward(worst) > min_margin else None

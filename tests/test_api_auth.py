@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import cast
 
 import pytest
 from fastapi.testclient import TestClient
 
 from async_rlhf.api.app import TOKEN_ENV, _is_loopback, create_app, resolve_token
 from async_rlhf.config.runtime import ApiConfig
+from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.view import RunView
 
 
 def test_token_from_config_then_env_then_generated_0600(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,7 +35,8 @@ def test_reads_need_the_token_when_not_on_loopback() -> None:
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0")
     # The auth dependency refuses before any controller state is read, so no run is needed here.
-    with TestClient(create_app(view=None, control=None, token="secret-token-0123456", open_reads=False)) as client:
+    no_view, no_control = cast(RunView, None), cast(RunControl, None)
+    with TestClient(create_app(no_view, no_control, token="secret-token-0123456", open_reads=False)) as client:
         for path in ("/status", "/queue", "/metrics", "/healthz", "/history"):
             assert client.get(path).status_code == 401
             assert client.get(path, headers={"Authorization": "Bearer nope-nope-nope-nope"}).status_code == 403

@@ -42,7 +42,8 @@ def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
 
 
 def test_without_a_checkpoint_the_run_stops_saying_to_set_checkpoint_every(tmp_path: Path) -> None:
-    with pytest.raises(RunError, match=r"died at step 7 \(RuntimeError: learner gone\) and the run has no checkpoint .* set checkpoint\.every"):
+    with pytest.raises(RunError, match=r"died at step 7 \(RuntimeError: learner gone\) and the run has no checkpoint "
+                                       r".* set checkpoint\.every"):
         restart_from(controller(tmp_path), RuntimeError("learner gone"))
 
 

@@ -219,7 +219,8 @@ def test_mc_cost_is_exported_to_prometheus_only_for_mc_losses(tmp_path: Path) ->
     assert "mc_" not in prometheus_text(dpo.view)
     vine = Controller(load_config(ROOT / "configs" / "arith_vineppo.yaml"), tmp_path / "vine")
     vine.parts.mc_request = MCRequest(4, (5,))  # what the builder sets for a loss with needs_mc_values
-    vine.stats.mc_cost.add_generated(MCBatch([rollout([1.0, 0.0]), rollout([1.0, 1.0])], [[0, 1]], gen_s=1.5, tokens=10))
+    batch = MCBatch([rollout([1.0, 0.0]), rollout([1.0, 1.0])], [[0, 1]], gen_s=1.5, tokens=10)
+    vine.stats.mc_cost.add_generated(batch)
     lines = set(prometheus_text(vine.view).splitlines())
     assert {"async_rlhf_mc_states_total 2.0", "async_rlhf_mc_rollouts_total 4.0", "async_rlhf_mc_tokens_total 10.0",
             "async_rlhf_mc_generation_seconds_total 1.5", "async_rlhf_mc_failed_reward_total 0.0"} <= lines

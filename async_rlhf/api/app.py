@@ -35,7 +35,7 @@ CHECKPOINT_TIMEOUT_S = 300.0
 PAGE = Path(__file__).with_name("web") / "index.html"
 
 
-# ---- response and request models (/status and /healthz: pipeline/status.py) --------------------------------------------------------------
+# ---- response and request models (/status and /healthz: pipeline/status.py) ------------------------------
 # Status and Health, the status document, are declared once, in async_rlhf/pipeline/status.py.
 class QueueInfo(BaseModel):
     depth: int

@@ -40,7 +40,8 @@ class RunCollector:
                      last.get("logprob_gap_fresh"))
         yield CounterMetricFamily(PREFIX + "groups_produced", "Rollout groups put in the queue.", value=q["produced"])
         yield CounterMetricFamily(PREFIX + "groups_consumed", "Rollout groups trained on.", value=q["consumed"])
-        yield CounterMetricFamily(PREFIX + "groups_dropped_stale", "Groups dropped beyond max_staleness.", value=q["dropped_stale"])
+        yield CounterMetricFamily(PREFIX + "groups_dropped_stale", "Groups dropped beyond max_staleness.",
+                                  value=q["dropped_stale"])
         yield CounterMetricFamily(PREFIX + "completions_failed_reward", "Completions whose reward failed or timed out.",
                                   value=q["failed_reward"])
         yield CounterMetricFamily(PREFIX + "reward_restarts", "Restarts of the reward actor (its batches rescored).",
@@ -57,18 +58,23 @@ class RunCollector:
         yield CounterMetricFamily(PREFIX + "mc_states", "Unique states whose value was estimated.", value=mc.states)
         yield CounterMetricFamily(PREFIX + "mc_rollouts", "MC continuations sampled.", value=mc.rollouts)
         yield CounterMetricFamily(PREFIX + "mc_tokens", "Tokens of MC continuations.", value=mc.tokens)
-        yield CounterMetricFamily(PREFIX + "mc_generation_seconds", "Generator time sampling MC continuations.", value=mc.gen_s)
+        yield CounterMetricFamily(PREFIX + "mc_generation_seconds", "Generator time sampling MC continuations.",
+                                  value=mc.gen_s)
         yield CounterMetricFamily(PREFIX + "mc_failed_reward", "MC continuations whose reward failed or timed out.",
                                   value=mc.failed_reward)
 
     def _per_label(self, q: dict) -> Iterator[Metric]:
-        hist = CounterMetricFamily(PREFIX + "trained_groups_by_staleness", "Groups trained, by staleness.", labels=["staleness"])
+        hist = CounterMetricFamily(PREFIX + "trained_groups_by_staleness", "Groups trained, by staleness.",
+                                   labels=["staleness"])
         for staleness, count in q["staleness_histogram"].items():
             hist.add_metric([staleness], count)
         yield hist
-        busy = GaugeMetricFamily(PREFIX + "generator_busy_fraction", "Share of loop time generating.", labels=["generator"])
-        speed = GaugeMetricFamily(PREFIX + "generator_tokens_per_second", "Generated tokens per busy second.", labels=["generator"])
-        version = GaugeMetricFamily(PREFIX + "generator_version", "Weights version of the last batch.", labels=["generator"])
+        busy = GaugeMetricFamily(PREFIX + "generator_busy_fraction", "Share of loop time generating.",
+                                 labels=["generator"])
+        speed = GaugeMetricFamily(PREFIX + "generator_tokens_per_second", "Generated tokens per busy second.",
+                                  labels=["generator"])
+        version = GaugeMetricFamily(PREFIX + "generator_version", "Weights version of the last batch.",
+                                    labels=["generator"])
         for g in generator_info(self.view):
             label = [str(g.generator_id)]
             busy.add_metric(label, g.busy_fraction)

@@ -77,7 +77,8 @@ def in_bundle(pg: Any, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
-SHARED_GPU_BUNDLE = {"CPU": 2, "GPU": 1}  # ipc: the learner's and the generator's CPU, and their one GPU
+# ipc: the learner's and the generator's CPU, and their one GPU
+SHARED_GPU_BUNDLE: dict[str, float] = {"CPU": 2, "GPU": 1}
 
 
 def shared_gpu_group(cfg: RunConfig) -> Any:

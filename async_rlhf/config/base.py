@@ -30,7 +30,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"config error: override '{pair}' is not of the form key.sub=value (e.g. queue.max_staleness=0)")
+            raise ConfigError(f"config error: override '{pair}' is not of the form key.sub=value (e.g. "
+                              "queue.max_staleness=0)")
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:

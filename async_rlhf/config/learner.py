@@ -38,7 +38,8 @@ class LearnerConfig(Strict):
                                       "with generation.gpu_memory_utilization it must fit in 0.95 of the GPU",
     )
     max_nonfinite_steps: int = Field(
-        3, ge=1, description="consecutive steps with a non-finite loss (each skipped) before the run stops with a checkpoint"
+        3, ge=1, description="consecutive steps with a non-finite loss (each skipped) before the run stops with a "
+                             "checkpoint"
     )
     max_restarts: int = Field(
         2, ge=0, description="a dead learner is replaced in the same process from the newest checkpoint this many "

@@ -14,7 +14,8 @@ class LossConfig(Strict):
 
     name: str = Field("online_dpo", description="a registered loss; set from import_path when that is given")
     beta: float = Field(
-        0.1, gt=0, description="KL-to-reference coefficient: DPO/IPO beta, RLOO's KL penalty, GRPO's k3 weight, PPO's per-token KL"
+        0.1, gt=0, description="KL-to-reference coefficient: DPO/IPO beta, RLOO's KL penalty, GRPO's k3 weight, "
+                               "PPO's per-token KL"
     )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clip range of proximal_rloo, grpo and ppo")
     importance_sampling: Literal["none", "truncated"] = Field(

@@ -62,7 +62,8 @@ def cuda_available() -> bool:
 
 class ModelConfig(Strict):
     source: Literal["embedded", "local"] = "embedded"
-    path: Path | None = Field(None, description="HF causal-LM checkpoint directory (with its tokenizer) when source=local")
+    path: Path | None = Field(None, description="HF causal-LM checkpoint directory (with its tokenizer) when "
+                                                "source=local")
     reference_path: Path | None = Field(None, description="frozen reference model (same tokenizer); default: path")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="weights of policy, reference and generators: auto = float32 on CPU, bfloat16 on GPU"

@@ -67,6 +67,7 @@ def _scrub(value: Any) -> Any:
 
 def _parent(data: dict[str, Any], key: str) -> tuple[dict[str, Any] | None, str]:
     *path, leaf = key.split(".")
+    node: Any = data
     for part in path:
-        data = data.get(part) if isinstance(data, dict) else None
-    return (data if isinstance(data, dict) else None), leaf
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf

@@ -208,7 +208,7 @@ def validate_config(data: dict[str, Any], environment: bool = True) -> RunConfig
         return RunConfig.model_validate(data, context={"environment": environment})
     except ValidationError as exc:
         errors = exc.errors()
-        first = _describe(errors[0])
+        first = _describe(dict(errors[0]))
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(f"config error: {first}{more}") from None
 
@@ -219,15 +219,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"config error: config file '{file}' not found; pass a YAML file such as configs/quickstart.yaml")
+            raise ConfigError(f"config error: config file '{file}' not found; pass a YAML file such as "
+                              "configs/quickstart.yaml")
         try:
             data = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config error: '{file}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+            problem = getattr(exc, "problem", exc)
+            raise ConfigError(f"config error: '{file}' is not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not {type(data).__name__}")
+            raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not "
+                              f"{type(data).__name__}")
         data = readable_saved_config(data, RunConfig)  # a run's config.yaml has its secrets as ***
     return validate_config(merge_dicts(data, parse_overrides(overrides or [])), environment)
 

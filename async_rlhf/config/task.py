@@ -5,7 +5,7 @@ import os
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -13,7 +13,10 @@ from async_rlhf.config.base import Strict, environment_checks
 from async_rlhf.config.task_shapes import TASK_SHAPES, TaskShape
 
 # The registry's keys, so that a new task is named once; pydantic's error lists them ("Input should be ...").
-TaskName = Literal[tuple(TASK_SHAPES)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # to the type checker a name; to pydantic the registry's keys, so the error lists them
+    TaskName = str
+else:
+    TaskName = Literal[tuple(TASK_SHAPES)]
 
 # What the validators need to know about a source lives here, not in async_rlhf/tasks/dataset.py (which reads
 # the data and imports this config): the dependency runs one way.
@@ -74,7 +77,8 @@ class DatasetConfig(Strict):
     max_prompt_tokens: int = Field(64, ge=2, description="longer prompts are dropped (or truncated) and counted")
     too_long: Literal["drop", "truncate"] = Field("drop", description="truncate keeps BOS and the last tokens")
     eval_path: str | None = Field(None, description="held-out prompts (same columns); default: eval_fraction of path")
-    eval_split: str | None = Field(None, description="split of eval_path to read (hub or saved DatasetDict); default: split")
+    eval_split: str | None = Field(None, description="split of eval_path to read (hub or saved DatasetDict); "
+                                                     "default: split")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of path held out by a hash of the prompt text")
 
     @field_validator("template")
@@ -86,7 +90,8 @@ class DatasetConfig(Strict):
             raise ValueError(f"task.dataset.template: {exc} in {template!r}; write a column as {{name}} "
                              f"and a literal brace as {{{{ or }}}}") from None
         if any(not f or f.isdigit() for f in fields):
-            raise ValueError(f"task.dataset.template: positional field in {template!r}; name a column, e.g. {{question}}")
+            raise ValueError(f"task.dataset.template: positional field in {template!r}; name a column, e.g. "
+                             f"{{question}}")
         return template
 
     @model_validator(mode="after")
@@ -97,7 +102,8 @@ class DatasetConfig(Strict):
             check_source("task.dataset.eval_path", self.eval_path, self.format)
         self._check_eval_is_held_out()
         if self.eval_path is None and self.eval_fraction == 0:
-            raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or task.dataset.eval_fraction > 0")
+            raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or "
+                             "task.dataset.eval_fraction > 0")
         if self.system_prompt is not None and not self.chat_template:
             raise ValueError("task.dataset.system_prompt needs task.dataset.chat_template=true")
         return self
@@ -116,7 +122,8 @@ class DatasetConfig(Strict):
             raise ValueError(f"task.dataset.eval_path is the train file '{self.eval_path}': evaluation must be on "
                              f"held-out prompts; give another file, or unset it to hold out task.dataset.eval_fraction")
         if self.eval_source_split == self.split:
-            raise ValueError(f"task.dataset.eval_path reads the train split ('{self.eval_path}', split '{self.split}'): "
+            raise ValueError(f"task.dataset.eval_path reads the train split ('{self.eval_path}', split "
+                             f"'{self.split}'): "
                              f"evaluation must be on held-out prompts; set task.dataset.eval_split, e.g. test")
 
 
@@ -127,7 +134,7 @@ class TaskConfig(Strict):
     The digit knobs apply to sort only, the step and operand knobs to arith only.
     """
 
-    name: TaskName = "sort"  # type: ignore[valid-type]
+    name: TaskName = "sort"
     dataset: DatasetConfig | None = Field(None, description="required when name=dataset")
     min_digits: int = Field(4, ge=1, le=32, description="sort: shortest digit string")
     max_digits: int = Field(7, ge=2, le=32, description="sort: longest digit string")

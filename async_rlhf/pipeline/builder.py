@@ -60,8 +60,8 @@ class ComponentBuilder:
         """Every worker, started side by side and awaited once; then the starting weights and the evaluator."""
         cfg, parts = self.cfg, self.parts
         if LOSSES[cfg.loss.name].needs_mc_values:
-            parts.mc_request = MCRequest(cfg.mc_values.k_mc,
-                                         step_delimiter_ids(parts.task.tokenizer, parts.task.step_end_chars))
+            task = parts.require_task()
+            parts.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(task.tokenizer, task.step_end_chars))
         claim_weights_location(self.run_dir, self.weights_root)
         started = time.time()  # every actor starts now, side by side; they are awaited once, below
         self.start_learner()
@@ -77,12 +77,12 @@ class ComponentBuilder:
             publish_weights(parts.learner, self.broker, 0)
         if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
             pool.connect()
-        parts.evaluator = Evaluator(parts.task.eval_prompts(), parts.reward, cfg.generation.eval_temperature,
+        parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
 
     def _start_generators(self) -> list[GeneratorSlot]:
         """On GPUs each in its own placement bundle (placement.py); Ray restarts one whose process dies."""
-        cfg, plan = self.cfg, self.parts.plan
+        cfg, plan = self.cfg, self.parts.require_plan()
         gen_cls = ray.remote(GeneratorActor)
         scorer = cfg.reward.train if cfg.reward.in_generator else None
         return [GeneratorSlot(gen_cls.options(**options).remote(
@@ -101,7 +101,7 @@ class ComponentBuilder:
 
     def start_learner(self) -> None:
         """One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py)."""
-        plan = self.parts.plan
+        plan = self.parts.require_plan()
         self.parts.learner = start_learner(self.cfg, self.parts.policy_dir, plan.learner_cores if plan.pinned else None,
                                            plan.learner_threads)
         self.parts.balancer = core_balancer(self.cfg, plan)  # a new learner starts on its own cores

@@ -34,7 +34,7 @@ class EvalSchedule:
 
     def start_initial(self) -> Any:
         """Version 0's evaluation, sent first to generator 0 (the first batches go out behind it)."""
-        return self.parts.evaluator.sample(self.pool.slots[0].handle, None)
+        return self.parts.require_evaluator().sample(self.pool.slots[0].handle, None)
 
     def finish_initial(self, sampled: Any) -> None:
         self.recorder.log_eval(self.evaluate(None, sampled))  # no step sent yet: its KL is version 0's
@@ -65,7 +65,7 @@ class EvalSchedule:
     def evaluate(self, weights: WeightRef | None, sampled: Any = None) -> dict:
         """Gold evaluation on generator 0 (`sampled`: its generate call, if already sent); if it or the reward
         actor died meanwhile, once more after the restart."""
-        slot, evaluator = self.pool.slots[0], self.parts.evaluator
+        slot, evaluator = self.pool.slots[0], self.parts.require_evaluator()
         try:
             sampled = evaluator.sample(slot.handle, weights) if sampled is None else sampled
             return evaluator.finish(sampled, self.parts.learner)

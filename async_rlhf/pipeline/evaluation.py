@@ -23,12 +23,12 @@ from typing import Any, Literal
 import ray
 
 from async_rlhf.pipeline.timing import process_started_at
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup, scored_reward
 from async_rlhf.weights.broker import WeightRef
 
 
 def _mean_reward(groups: list[RolloutGroup]) -> float | None:
-    values = [c.reward for g in groups for c in g.scored]
+    values = [scored_reward(c) for g in groups for c in g.scored]
     return sum(values) / len(values) if values else None
 
 
@@ -51,7 +51,7 @@ def win_rate(samples: list[RolloutGroup], references: list[RolloutGroup]) -> flo
     for group in samples:
         ref = ref_by_id.get(group.prompt.prompt_id)
         if ref and group.scored:
-            sample, answer = group.scored[0].reward, ref[0].reward
+            sample, answer = scored_reward(group.scored[0]), scored_reward(ref[0])
             outcomes.append(1.0 if sample > answer else 0.5 if sample == answer else 0.0)
     return sum(outcomes) / len(outcomes) if outcomes else None
 
@@ -74,7 +74,7 @@ def clock_fields(started: float, ended: float, process_start: float) -> dict:
 
 
 def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
-    return {g.prompt.prompt_id: g.scored[0].reward for g in groups if g.scored}
+    return {g.prompt.prompt_id: scored_reward(g.scored[0]) for g in groups if g.scored}
 
 
 class Evaluator:

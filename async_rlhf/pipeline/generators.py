@@ -58,7 +58,7 @@ class GeneratorPool:
             prompts, version = st.reissue.popleft()  # fixed delay: the version it had
             self.submit(slot, prompts, version if self.cfg.queue.staleness_mode == "fixed" else gate.published_version)
         elif generation_allowed(gate):
-            prompts = [self.parts.task.train_prompt(st.next_prompt + i) for i in range(self.chunk)]
+            prompts = [self.parts.require_task().train_prompt(st.next_prompt + i) for i in range(self.chunk)]
             st.next_prompt += self.chunk
             st.outstanding += self.chunk
             self.submit(slot, prompts, chunk_version(gate))

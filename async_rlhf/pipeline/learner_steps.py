@@ -59,7 +59,9 @@ class LearnerSteps:
     def finish(self) -> tuple[LearnerJob, dict, dict]:
         """The step in flight is done: its weights published, its times counted; (job, metrics, record)."""
         job, st = self.state.learner_job, self.state
-        metrics = ray.get(job.train_ref)
+        if job is None:
+            raise RuntimeError("finish() called with no learner step in flight")
+        metrics: dict = ray.get(job.train_ref)
         ray.get(job.save_ref)
         elapsed = time.perf_counter() - job.dispatched_at
         self.broker.publish(job.version)

@@ -98,7 +98,8 @@ class RolloutQueue:
         self.counters = counters
 
     def oldest_age(self) -> float:
-        return self._clock() - self._items[0].enqueued_at if self._items else 0.0
+        enqueued = self._items[0].enqueued_at if self._items else None
+        return 0.0 if enqueued is None else self._clock() - enqueued
 
     def snapshot(self) -> dict:
         c = self.counters

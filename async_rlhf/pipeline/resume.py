@@ -44,7 +44,8 @@ STATE_FILE = "controller_state.pkl"
 WEIGHTS_MARKER = "weights_location"  # run_dir file: where the run's broker keeps published weights
 LEARNER_DIR = "learner"
 # Keys a resumed run may change: none of them alters what is trained or in which order.
-MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps", "learner.max_restarts", "checkpoint.",
+MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps",
+              "learner.max_restarts", "checkpoint.",
               "eval.", "api.", "resources.", "ray.", "weight_sync.", "model.cache_dir", "reward.timeout_s",
               "reward.remote.timeout_s", "reward.remote.retries", "reward.remote.backoff_s",
               "reward.remote.deadline_s", "reward.remote.url", "reward.learned.batch_size", "reward.learned.threads",
@@ -217,9 +218,10 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _lookup(data: dict, key: str) -> Any:
+    node: Any = data
     for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def config_difference(old: RunConfig, new: RunConfig) -> str | None:
@@ -227,8 +229,10 @@ def config_difference(old: RunConfig, new: RunConfig) -> str | None:
     dumps = old.model_dump(mode="json"), new.model_dump(mode="json")
     a, b = _flat(dumps[0]), _flat(dumps[1])
     for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key) and not any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE):
-            return f"{key} is {json.dumps(_lookup(dumps[1], key))} but the run used {json.dumps(_lookup(dumps[0], key))}"
+        may_change = any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE)
+        if a.get(key) != b.get(key) and not may_change:
+            now, then = json.dumps(_lookup(dumps[1], key)), json.dumps(_lookup(dumps[0], key))
+            return f"{key} is {now} but the run used {then}"
     return None
 
 

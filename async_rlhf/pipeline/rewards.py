@@ -68,7 +68,8 @@ class RewardBook:
         if not self.restarted():
             return
         print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {self.pid}, restart "
-              f"{self.stats.reward_restarts}); the batches it was scoring are generated again", file=sys.stderr, flush=True)
+              f"{self.stats.reward_restarts}); the batches it was scoring are generated again",
+              file=sys.stderr, flush=True)
         for ref in list(self.state.reward_jobs):
             self.started.pop(ref, None)
             self.regenerate(self.state.reward_jobs.pop(ref))

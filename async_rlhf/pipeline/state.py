@@ -135,3 +135,19 @@ class Components:
     balancer: CoreBalancer | None = None  # set with the learner (a pinned CPU plan only)
     policy_dir: str = ""
     mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
+
+    def require_task(self) -> "Task":
+        return _started(self.task, "the task")
+
+    def require_plan(self) -> CorePlan:
+        return _started(self.plan, "the core plan")
+
+    def require_evaluator(self) -> Evaluator:
+        return _started(self.evaluator, "the evaluator")
+
+
+def _started(part: Any, what: str) -> Any:
+    """A part the builder sets at start; reading it earlier is a bug in the loop, never a user error."""
+    if part is None:
+        raise RuntimeError(f"{what} is read before the run has started")
+    return part

@@ -5,12 +5,13 @@ Both read the run through its read-only `RunView`; they are kept here so that th
 from __future__ import annotations
 
 from async_rlhf.pipeline.view import RunView
-from async_rlhf.rollout import RolloutGroup
+from async_rlhf.rollout import RolloutGroup, scored_reward
 
 
 def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics: dict) -> dict:
-    """One line of metrics.jsonl: what step `version` trained on, the queue and generation so far, the learner's metrics."""
-    scored = [done.reward for g in batch for done in g.scored]
+    """One line of metrics.jsonl: what step `version` trained on, the queue and generation so far, the learner's
+    metrics."""
+    scored = [scored_reward(done) for g in batch for done in g.scored]
     stale = [version - 1 - g.policy_version for g in batch]
     gen_s = view.seconds("gen_busy_s")
     return {
@@ -70,6 +71,7 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         **view.gap_summary(),
         **view.mc_record(),
         "final_win_rate": final.get("win_rate"),
-        **{f"final_{k}": final.get(k) for k in ("win_rate_vs_initial", "win_rate_vs_initial_se", "win_rate_vs_initial_n")},
+        **{f"final_{k}": final.get(k)
+           for k in ("win_rate_vs_initial", "win_rate_vs_initial_se", "win_rate_vs_initial_n")},
         "data": view.data_stats(),  # rows read and skipped (task.name=dataset)
     }

@@ -109,7 +109,8 @@ class RowMapper:
 
     def text(self, row: dict) -> tuple[str | None, str]:
         """The prompt text of a row, or None and why: `empty` (null or blank) or `malformed` (not text)."""
-        values = [row[f] for f in template_fields(self.cfg.template)] if self.cfg.template else [row[self.cfg.prompt_column]]
+        template = self.cfg.template
+        values = [row[f] for f in template_fields(template)] if template else [row[self.cfg.prompt_column]]
         if any(_missing(v) or (isinstance(v, str) and not v.strip()) for v in values):
             return None, "empty"
         if any(_as_text(v) is None for v in values):

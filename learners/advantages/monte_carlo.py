@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from async_rlhf.rollout import RolloutGroup
+from async_rlhf.rollout import RolloutGroup, scored_reward
 
 StepSplitter = Callable[[Sequence[int]], list[int]]  # completion token ids -> exclusive step ends
 
@@ -221,6 +221,6 @@ def state_values(rollouts: Sequence[RolloutGroup]) -> list[float | None]:
     reward is left out, never counted as a value; a state with no ok continuation has no value (None)."""
     out: list[float | None] = []
     for group in rollouts:
-        rewards = [c.reward for c in group.scored]
+        rewards = [scored_reward(c) for c in group.scored]
         out.append(mc_value(rewards) if rewards else None)
     return out
