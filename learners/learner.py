@@ -12,25 +12,17 @@ part in gathering ZeRO-3 shards first).
 from __future__ import annotations
 
 import math
-import os
-import pickle
-import random
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.learner import LearnerConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import RolloutGroup
-from async_rlhf.weights.nccl import NcclLayout, nccl_version
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
-from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
+from learners.distributed import RankInfo, all_agree, all_max, init_distributed
 from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, gap_sums, mc_advantages, pack
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.micro_batches import (
@@ -42,18 +34,15 @@ from learners.micro_batches import (
     sum_stats,
     weigh,
 )
+from learners.persistence import VALUE_MODEL_DIR as VALUE_MODEL_DIR  # re-exported: tests import these from here
+from learners.persistence import CheckpointStore, WeightExport
+from learners.persistence import hf_state_dict as hf_state_dict
 from learners.value_model import ValueModel, ValueTrainer
 
-if TYPE_CHECKING:  # imported where used (transformers is slow to import; only nccl and ipc need the senders)
+if TYPE_CHECKING:  # transformers is slow to import: only its types are needed here
     from transformers import PreTrainedModel
 
-    from learners.weight_sender import PushedWeightSender
-
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
-                   "*.model", "chat_template*")
 KL_CHUNK = 64  # sequences per no-grad forward in kl_to_reference: bounds activation memory
-VALUE_MODEL_DIR = "value_model"  # sub-directory of a checkpoint (vLLM only reads the top level)
-STATE_FILE = "learner_state.pkl"  # version and RNG states, next to the engines' DeepSpeed checkpoints
 
 
 def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
@@ -79,21 +68,6 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> PreTrainedM
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
-
-
-def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The tensors `model.save_pretrained` would write, under the same names, as contiguous CPU tensors.
-
-    Uses the two steps save_pretrained itself applies: drop tied aliases (safetensors refuses shared
-    storage; e.g. lm_head tied to embed_tokens) and undo load-time weight renaming/conversion.
-    """
-    from transformers.core_model_loading import revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    state = remove_tied_weights_from_state_dict(state, model)
-    state = revert_weight_conversion(model, state)
-    return {k: v.to("cpu").contiguous() for k, v in state.items()}
 
 
 def epoch_metrics(epochs: list[dict]) -> dict:
@@ -150,12 +124,10 @@ class Learner:
         # None unless the loss declares needs_value_model; resume saves / restores it with
         # save_value_model / load_value_model (also written by save_pretrained).
         self.value: ValueTrainer | None = self._build_value_model() if self.spec.needs_value_model else None
-        # Everything a checkpoint must hold goes through these two maps (save_state / load_state):
-        # a new DeepSpeed-trained module is one more entry in `engines` (the value model has its own path).
-        self.engines: dict[str, "deepspeed.DeepSpeedEngine"] = {"policy": self.engine}
-        self.frozen: dict[str, torch.nn.Module] = {"reference": self.reference}
-        self.sender: PushedWeightSender | None = None  # set by connect_generators (weight_sync.transport=nccl)
-        self.ring: ShmSlotRing | None = None  # weight_sync.transport=shm: the broker's slot ring
+        self.export = WeightExport(self.policy, cfg, self.rank)
+        # Everything a checkpoint must hold goes through the store's `engines` and `frozen` maps.
+        self.store = CheckpointStore({"policy": self.engine}, {"reference": self.reference}, self.value,
+                                     self.model_dir, self.rank, cfg.learner.zero_stage, self.spec.name)
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
     def _build_value_model(self) -> ValueTrainer:
@@ -319,142 +291,38 @@ class Learner:
             total += float((diff * batch.completion_mask).sum())
         return total / len(rows)
 
-    # ------------------------------------------------------------------ publishing
+    # ------------------------------------------------------------------ publishing and checkpoints
+    # Ray methods (the controller and learners/group.py call them by name): learners/persistence.py does the work.
 
     def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
-        """Join the learner-driven weight group with the generators (weight_sync.transport=nccl or ipc).
-
-        Called again when a generator was restarted: its process lost the group, so every member forms a
-        new one (the old is shut down on both sides) and the version sent last is sent again, which the
-        restarted generator needs and the others hold already."""
-        from learners.weight_sender import IpcWeightSender, NcclWeightSender
-
-        rejoin, sent = self.sender is not None, self.sender.sent if self.sender is not None else self.version
-        if self.sender is not None:
-            self.sender.close()
-        sender: PushedWeightSender
-        if self.cfg.weight_sync.transport == "ipc":  # one generator on this learner's GPU
-            sender = IpcWeightSender(self.policy, self.cfg.learner.zero_stage, handles, self.cfg.weight_sync,
-                                     self.rank, sent)
-        else:
-            layout = NcclLayout(len(handles), tensor_parallel_size)
-            sender = NcclWeightSender(self.policy, self.cfg.learner.zero_stage, handles, layout,
-                                      self.cfg.weight_sync, self.rank, sent)
-        self.sender = sender
-        if rejoin:
-            sender.send(sent)
+        """Join (or, after a generator restart, re-form) the weight group with the generators (nccl or ipc)."""
+        self.export.connect_generators(handles, tensor_parallel_size, self.version)
 
     def save_weights(self, path: str) -> None:
-        """Publish the current weights at `path`, a broker location: an `nccl://v<N>` location is
-        broadcast to the generators (connect_generators first); a `shm-slot://<root>#<k>` location is
-        copied in place into slot k of the broker's ring (HF names; generators load it with the "shm"
-        weight-transfer engine). A plain directory gets `model.safetensors`, written to a temporary name
-        and renamed (an export: tests compare it with the other paths).
-        """
-        version = nccl_version(path)
-        if version is not None:
-            if self.sender is None:
-                raise RuntimeError("weight_sync.transport=nccl: connect_generators must run before the first publish")
-            self.sender.send(version)
-            return
-        slot = parse_slot_location(path)
-        with full_parameters(self.policy, self.cfg.learner.zero_stage):
-            if not self.rank.is_main:
-                return
-            if slot is not None:
-                self._ring(slot[0]).write(slot[1], hf_state_dict(self.policy))
-                return
-            out = Path(path)
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / "model.safetensors.partial"
-            save_file(hf_state_dict(self.policy), str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, out / "model.safetensors")
-
-    def _ring(self, root: Path) -> ShmSlotRing:
-        """This process's mapping of the broker's slot ring (a resumed run's broker has a new root)."""
-        if self.ring is None or self.ring.root != root:
-            self.ring = ShmSlotRing(root)
-        return self.ring
+        """Publish the current weights at `path`, a broker location or a plain directory (WeightExport)."""
+        self.export.save_weights(path)
 
     def weights_digest(self) -> str:
         """sha256 of the full policy weights: equal on every rank while the ranks are in step."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        with full_parameters(self.policy, self.cfg.learner.zero_stage):
-            for name, tensor in sorted(hf_state_dict(self.policy).items()):
-                digest.update(name.encode())
-                digest.update(tensor.float().numpy().tobytes())
-        return digest.hexdigest()
-
-    # ------------------------------------------------------------------ checkpoints
+        return self.export.weights_digest()
 
     def save_state(self, path: str) -> None:
-        """Everything `load_state` needs to continue bit for bit: each engine's DeepSpeed checkpoint
-        (module, optimizer with its ZeRO partitions, scheduler, step counters), the frozen modules,
-        the version and the RNG states of this process."""
-        out = Path(path)
-        for name, engine in self.engines.items():  # a collective: every rank writes its ZeRO partition
-            engine.save_checkpoint(str(out / "engines"), tag=name, save_latest=False)
-        state = {"version": self.version, "torch": torch.get_rng_state(), "python": random.getstate(),
-                 "numpy": np.random.get_state()}
-        with (out / self._state_file()).open("wb") as fh:
-            pickle.dump(state, fh)
-        if not self.rank.is_main:  # the rest is the same on every rank
-            return
-        for name, module in self.frozen.items():
-            torch.save(module.state_dict(), out / f"{name}.pt")  # keeps tied weights tied
-        if self.value:  # not a DeepSpeed engine (learners/value_model.py says why): its own format
-            self.save_value_model(str(out / VALUE_MODEL_DIR))
-
-    def _state_file(self) -> str:
-        # Rank 0 keeps the single-rank name, so single-rank checkpoints are unchanged.
-        return STATE_FILE if self.rank.is_main else f"learner_state.rank{self.rank.rank}.pkl"
+        """Everything `load_state` needs to continue bit for bit (CheckpointStore.save_state)."""
+        self.store.save_state(path, self.version)
 
     def load_state(self, path: str) -> int:
         """Restore what `save_state` wrote (same config, same modules); returns the version."""
-        src = Path(path)
-        for name, engine in self.engines.items():
-            load_dir, _ = engine.load_checkpoint(str(src / "engines"), tag=name)
-            if load_dir is None:
-                raise FileNotFoundError(f"no DeepSpeed checkpoint for engine '{name}' under {src / 'engines'}")
-        for name, module in self.frozen.items():
-            module.load_state_dict(torch.load(src / f"{name}.pt", map_location=self.device, weights_only=True))
-        if self.value:
-            self.load_value_model(str(src / VALUE_MODEL_DIR))
-        with (src / self._state_file()).open("rb") as fh:
-            state = pickle.load(fh)  # our own checkpoint, verified by its manifest before this is called
-        self.version = state["version"]
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        self.version = self.store.load_state(path, self.device)
         return self.version
 
     def save_pretrained(self, path: str) -> None:
-        """Full HF checkpoint: config, generation config, weights, and the tokenizer files of model_dir;
-        plus `value_model/` when the loss has a value model."""
-        with full_parameters(self.policy, self.cfg.learner.zero_stage):
-            if self.rank.is_main:
-                self.policy.save_pretrained(str(path))
-        if not self.rank.is_main:
-            return
-        out = Path(path)
-        for pattern in TOKENIZER_FILES:
-            for src in self.model_dir.glob(pattern):
-                if src.is_file():
-                    shutil.copy2(src, out / src.name)
-        if self.value:
-            self.save_value_model(str(out / VALUE_MODEL_DIR))
+        """Full HF checkpoint with the tokenizer files of model_dir (and `value_model/` with a value model)."""
+        self.store.save_pretrained(path)
 
     def save_value_model(self, path: str) -> None:
         """The value model's weights and AdamW state under `path` (for resume); an error without one."""
-        self._require_value_model().save(path)
+        self.store.save_value_model(path)
 
     def load_value_model(self, path: str) -> None:
         """Restore what `save_value_model` wrote (e.g. `<checkpoint>/value_model`)."""
-        self._require_value_model().load(path)
-
-    def _require_value_model(self) -> ValueTrainer:
-        if self.value is None:
-            raise ValueError(f"loss '{self.spec.name}' has no value model (only losses with needs_value_model do)")
-        return self.value
+        self.store.load_value_model(path)
