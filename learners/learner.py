@@ -35,7 +35,7 @@ from learners.micro_batches import (
     weigh,
 )
 from learners.persistence import VALUE_MODEL_DIR as VALUE_MODEL_DIR  # re-exported: tests import these from here
-from learners.persistence import CheckpointStore, WeightExport
+from learners.persistence import LearnerStateStore, WeightExport
 from learners.persistence import hf_state_dict as hf_state_dict
 from learners.value_model import ValueModel, ValueTrainer
 
@@ -126,7 +126,7 @@ class Learner:
         self.value: ValueTrainer | None = self._build_value_model() if self.spec.needs_value_model else None
         self.export = WeightExport(self.policy, cfg, self.rank)
         # Everything a checkpoint must hold goes through the store's `engines` and `frozen` maps.
-        self.store = CheckpointStore({"policy": self.engine}, {"reference": self.reference}, self.value,
+        self.store = LearnerStateStore({"policy": self.engine}, {"reference": self.reference}, self.value,
                                      self.model_dir, self.rank, cfg.learner.zero_stage, self.spec.name)
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
 
@@ -307,7 +307,7 @@ class Learner:
         return self.export.weights_digest()
 
     def save_state(self, path: str) -> None:
-        """Everything `load_state` needs to continue bit for bit (CheckpointStore.save_state)."""
+        """Everything `load_state` needs to continue bit for bit (LearnerStateStore.save_state)."""
         self.store.save_state(path, self.version)
 
     def load_state(self, path: str) -> int:

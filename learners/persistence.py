@@ -1,4 +1,4 @@
-"""What leaves a Learner as files or pushes: published weights (`WeightExport`) and checkpoints (`CheckpointStore`).
+"""What leaves a Learner as files or pushes: published weights (`WeightExport`) and checkpoints (`LearnerStateStore`).
 
 Split from learners/learner.py by role: the Learner trains and holds one of each, delegating its Ray methods
 (`save_weights`, `connect_generators`, `weights_digest`, `save_state`, `load_state`, `save_pretrained`,
@@ -126,7 +126,7 @@ class WeightExport:
         return digest.hexdigest()
 
 
-class CheckpointStore:
+class LearnerStateStore:
     """A Learner's checkpoints: the resumable state (save_state / load_state) and the HF export (save_pretrained).
 
     Everything a checkpoint must hold goes through `engines` and `frozen`: a new DeepSpeed-trained module
