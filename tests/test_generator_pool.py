@@ -145,3 +145,11 @@ def test_quiesce_releases_every_chunks_lease(tmp_path, monkeypatch) -> None:
     pool.dispatch(gate)
     pool.quiesce()
     assert broker.released == broker.leased == {0: 2} and not pool.jobs() and pool.slots[0].recovering
+
+
+def test_pushed_weights_keep_one_chunk_per_generator() -> None:
+    # The learner's push is an actor call: it must not wait behind a second chunk.
+    for transport, depth in (("shm", 2), ("nccl", 1), ("ipc", 1)):
+        data = {"weight_sync": {"transport": transport}, "generation": {"gpu_memory_utilization": 0.45}}
+        cfg = RunConfig.model_validate(data, context={"environment": False})  # no GPU here: the config alone
+        assert GeneratorPool(cfg, *[None] * 7).depth == depth  # type: ignore[arg-type]

@@ -23,8 +23,9 @@ class GenerationConfig(Strict):
         2, ge=1, le=4,
         description="generate calls queued on each generator at once: with 2 the next chunk waits on the actor "
                     "while the previous one samples, so the engine does not idle for the controller's round trip; "
-                    "1 = issue the next chunk only after the previous one came back. The generation gate still "
-                    "decides every chunk, so the staleness bound holds either way",
+                    "1 = issue the next chunk only after the previous one came back (always 1 with the pushed "
+                    "weight transports nccl and ipc). The generation gate still decides every chunk, so the "
+                    "staleness bound holds either way",
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per generator (vLLM tensor parallelism)")
     gpu_memory_utilization: float = Field(

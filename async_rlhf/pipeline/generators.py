@@ -46,6 +46,11 @@ class GeneratorPool:
 
     @property
     def depth(self) -> int:
+        """Chunks queued per generator. One with pushed weights (nccl, ipc): the learner's push is an actor call
+        that would queue behind a second chunk, and a chunk sent around a restart could reach the new process
+        before it rejoins the weight group."""
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:
+            return 1
         return self.cfg.generation.chunks_in_flight
 
     # ---- dispatch -----------------------------------------------------------------------
