@@ -85,12 +85,13 @@ def test_gate_target_step_and_bound() -> None:
 
 
 def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps: int = 12, gens: int = 1,
-             new_bound_at: tuple[int, int] | None = None, mode: StalenessMode = "bound"
+             new_bound_at: tuple[int, int] | None = None, mode: StalenessMode = "bound", depth: int = 1
              ) -> tuple[list[int], int, float]:
     """Discrete-event run of the controller's loop (drop stale, gate, take) with fixed job times.
 
     `gen_s` may give each generator its own time; `new_bound_at=(step, N)` changes the bound once
-    `step` batches were taken, as over HTTP; `mode` is queue.staleness_mode.
+    `step` batches were taken, as over HTTP; `mode` is queue.staleness_mode; `depth` is
+    generation.chunks_in_flight (a queued chunk starts when the generator's previous one ends).
     Returns the staleness of every consumed group, the number dropped, and the finish time.
     """
     ppstep, chunk = 4, 4 // gens
@@ -99,7 +100,8 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
     published = steps_taken = outstanding = 0
     # (time, seq, kind, payload): a generation's payload is (version, generator), a learner step's None.
     events: list[tuple[float, int, str, tuple[int, int] | None]] = []
-    idle = list(range(gens))
+    queued = [0] * gens  # chunks queued on each generator
+    free_at = [0.0] * gens  # when its last queued chunk ends
     learner_busy, now, seq, seen = False, 0.0, 0, []
     while steps_taken < steps or learner_busy:
         if new_bound_at and steps_taken >= new_bound_at[0]:
@@ -109,11 +111,13 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
             return GateInputs(
                 steps_taken, outstanding, published, chunk, ppstep, bound, steps, q.capacity, mode)  # noqa: B023
 
-        while idle and generation_allowed(g := inputs()):
-            gen = idle.pop()
+        while (open_ := [i for i in range(gens) if queued[i] < depth]) and generation_allowed(g := inputs()):
+            gen = min(open_, key=lambda i: (queued[i], i))  # breadth first, as GeneratorPool.dispatch
+            queued[gen] += 1
             outstanding += chunk
             seq += 1
-            heapq.heappush(events, (now + times[gen], seq, "gen", (chunk_version(g), gen)))
+            free_at[gen] = max(now, free_at[gen]) + times[gen]
+            heapq.heappush(events, (free_at[gen], seq, "gen", (chunk_version(g), gen)))
         if not learner_busy and steps_taken < steps:
             batch = q.take(ppstep, steps_taken, take_limit(inputs()))
             if batch:
@@ -127,7 +131,7 @@ def simulate(bound: int, gen_s: float | tuple[float, ...], learn_s: float, steps
         if kind == "gen":
             assert payload is not None
             version, gen = payload
-            idle.append(gen)
+            queued[gen] -= 1
             for i in range(chunk):
                 q.put(make_group(version, prompt_id=i))
         else:
@@ -238,3 +242,51 @@ def test_fixed_delay_with_unequal_generators_keeps_each_step_on_its_version() ->
     seen, dropped, _ = simulate(bound=2, gen_s=(0.3, 1.7), learn_s=1.0, steps=10, gens=2, mode="fixed")
     assert len(seen) == 40 and dropped == 0
     assert [set(seen[i * 4:(i + 1) * 4]) for i in range(10)] == [{0}, {1}] + [{2}] * 8
+
+
+# ---- two chunks in flight per generator (generation.chunks_in_flight=2) ---------------------
+
+def test_gate_with_a_second_chunk_queued_hand_worked() -> None:
+    # One generator, 4 prompts a step in one chunk, N=1. Learner busy with step 0 (steps_taken=1),
+    # version 0 the newest; the generator samples step 1's chunk (outstanding 4).
+    g = gate(steps_taken=1, outstanding=4)
+    assert target_step(g) == 2 and not generation_allowed(g)  # step 2 with version 0: 2 behind, over N=1
+    g = gate(steps_taken=1, outstanding=4, published_version=1)  # step 0 published version 1
+    assert generation_allowed(g) and chunk_version(g) == 1  # queued behind step 1's chunk, 1 behind step 2
+    assert not generation_allowed(gate(steps_taken=1, outstanding=8, published_version=1))  # a third: step 3
+    # N=0: the chunk of the step being sampled closes the gate; no second one, for any number of generators.
+    assert not generation_allowed(gate(max_staleness=0, outstanding=4))
+    two = gate(max_staleness=0, chunk=2)  # two generators, a step in two chunks of 2
+    assert generation_allowed(two) and generation_allowed(replace(two, outstanding=2))
+    assert not generation_allowed(replace(two, outstanding=4))
+    # Fixed delay, N=2, two generators: each may queue a second chunk only for a step whose version is out.
+    assert [target_step(fixed(outstanding=o)) for o in (0, 8, 16, 24, 32, 40)] == [0, 0, 1, 1, 2, 2]
+    g = fixed(steps_taken=1, outstanding=32)  # step 3 needs version 1
+    assert not generation_allowed(g)
+    assert chunk_version(replace(g, published_version=1)) == 1
+
+
+def test_two_in_flight_keeps_a_synchronous_run_synchronous() -> None:
+    for gens in (1, 2):
+        assert simulate(bound=0, gen_s=1.0, learn_s=1.0, steps=10, gens=gens, depth=2) == \
+            simulate(bound=0, gen_s=1.0, learn_s=1.0, steps=10, gens=gens, depth=1)
+    seen, dropped, finish = simulate(bound=0, gen_s=1.0, learn_s=1.0, steps=10, depth=2)
+    assert set(seen) == {0} and dropped == 0 and finish == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("bound", [1, 2, 4])
+def test_two_in_flight_reach_but_never_exceed_the_bound(bound: int) -> None:
+    seen, dropped, _ = simulate(bound=bound, gen_s=0.1, learn_s=1.0, steps=12, depth=2)
+    assert max(seen) == bound and dropped == 0 and len(seen) == 48
+
+
+def test_two_in_flight_fixed_delay_trains_exactly_n_versions_old() -> None:
+    seen, dropped, _ = simulate(bound=2, gen_s=(0.3, 1.7), learn_s=1.0, steps=10, gens=2, mode="fixed", depth=2)
+    assert len(seen) == 40 and dropped == 0
+    assert [set(seen[i * 4:(i + 1) * 4]) for i in range(10)] == [{0}, {1}] + [{2}] * 8
+
+
+def test_two_in_flight_with_slow_generation_never_exceed_the_bound() -> None:
+    for gens in (1, 2):
+        seen, dropped, _ = simulate(bound=1, gen_s=(1.5, 2.5)[:gens], learn_s=1.0, steps=10, gens=gens, depth=2)
+        assert len(seen) == 40 and max(seen) <= 1 and dropped == 0

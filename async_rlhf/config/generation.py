@@ -19,6 +19,14 @@ class GenerationConfig(Strict):
     max_model_len: int = Field(64, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0)
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
+    chunks_in_flight: int = Field(
+        2, ge=1, le=4,
+        description="generate calls queued on each generator at once: with 2 the next chunk waits on the actor "
+                    "while the previous one samples, so the engine does not idle for the controller's round trip; "
+                    "1 = issue the next chunk only after the previous one came back (always 1 with the pushed "
+                    "weight transports nccl and ipc). The generation gate still decides every chunk, so the "
+                    "staleness bound holds either way",
+    )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per generator (vLLM tensor parallelism)")
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"

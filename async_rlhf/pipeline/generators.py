@@ -1,6 +1,10 @@
 """GeneratorPool: the generator actors, what each is generating, and their recovery when one dies.
 
-Ray restarts a generator whose process dies; the pool re-issues its prompts once it answers a probe.
+Each generator holds up to `generation.chunks_in_flight` chunks: the next is queued on the actor while the
+previous samples (Ray runs an actor's calls in order), so the engine does not idle for the round trip to the
+controller. Every chunk still passes the generation gate when it is issued, with its own weights lease.
+Ray restarts a generator whose process dies; the pool re-issues the prompts of every chunk it lost once it
+answers a probe.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from async_rlhf.failures import RunError
 from async_rlhf.outputs.timeline import Timeline, record_generation
 from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allowed
 from async_rlhf.pipeline.rewards import RewardBook
-from async_rlhf.pipeline.state import Components, GeneratorSlot, LoopState, RunStats
+from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import WeightSyncBroker
@@ -40,17 +44,36 @@ class GeneratorPool:
     def chunk(self) -> int:
         return self.cfg.generation.prompts_per_step // self.cfg.generation.num_generators
 
+    @property
+    def depth(self) -> int:
+        """Chunks queued per generator. One with pushed weights (nccl, ipc): the learner's push is an actor call
+        that would queue behind a second chunk, and a chunk sent around a restart could reach the new process
+        before it rejoins the weight group."""
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:
+            return 1
+        return self.cfg.generation.chunks_in_flight
+
     # ---- dispatch -----------------------------------------------------------------------
     def dispatch(self, gate_inputs: Callable[[], GateInputs]) -> None:
-        """Every idle generator gets a chunk: re-issued prompts first, else new ones if the gate allows."""
+        """Fill the generators' queues: re-issued prompts first, else new ones if the gate allows.
+
+        Breadth first (every generator its first chunk before any its second), so a step's chunks spread over
+        all generators; with max_staleness=0 the gate closes once a step is issued, so no second chunk goes out."""
+        self._probe_recovering()
+        for depth in range(self.depth):
+            for slot in self.slots:
+                if len(slot.chunks) == depth and self._usable(slot):
+                    self._dispatch_to(slot, gate_inputs())
+
+    @staticmethod
+    def _usable(slot: GeneratorSlot) -> bool:
+        return slot.probe is None and not slot.recovering
+
+    def _probe_recovering(self) -> None:
+        """A generator that died is probed once every chunk it held has been handled (each fails or lands)."""
         for slot in self.slots:
-            if slot.job is not None or slot.probe is not None:
-                continue
-            if slot.recovering:
-                if time.monotonic() >= slot.not_before:
-                    slot.probe = slot.handle.info.remote()
-                continue
-            self._dispatch_to(slot, gate_inputs())
+            if slot.recovering and not slot.chunks and slot.probe is None and time.monotonic() >= slot.not_before:
+                slot.probe = slot.handle.info.remote()
 
     def _dispatch_to(self, slot: GeneratorSlot, gate: GateInputs) -> None:
         st = self.state
@@ -68,14 +91,14 @@ class GeneratorPool:
         weights = None
         if self.broker.latest() is not None:  # else only the starting weights exist (bound mode)
             weights = self.broker.lease(version)
-            slot.leased_version = weights.version
-        slot.prompts = prompts
-        slot.job = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
-                                               score=self.cfg.reward.in_generator)
+        ref = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
+                                          score=self.cfg.reward.in_generator)
+        slot.chunks.append(Chunk(ref, prompts, weights.version if weights is not None else None))
 
     # ---- events -------------------------------------------------------------------------
     def jobs(self) -> dict[Any, GeneratorSlot]:
-        return {slot.job: slot for slot in self.slots if slot.job is not None}
+        """Every chunk in flight, by its ref (several may share a slot)."""
+        return {chunk.ref: slot for slot in self.slots for chunk in slot.chunks}
 
     def probes(self) -> dict[Any, GeneratorSlot]:
         return {slot.probe: slot for slot in self.slots if slot.probe is not None}
@@ -84,14 +107,11 @@ class GeneratorPool:
         return any(slot.recovering for slot in self.slots)
 
     def on_generated(self, slot: GeneratorSlot, ref: Any) -> None:
-        slot.job, version = None, slot.leased_version
-        if version is not None:
-            self.broker.release(version)
-            slot.leased_version = None
+        chunk = self._handled(slot, ref)
         try:
             result: GenerationResult = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self._on_died(slot, exc, version)
+            self._on_died(slot, exc, chunk)
             return
         self._count(slot, result)
         if result.reward_s is None:
@@ -99,6 +119,15 @@ class GeneratorPool:
             return
         self.timing.add("reward_in_generator_s", result.reward_s)
         self.rewards.queue_scored(result, result.groups + (result.mc.rollouts if result.mc is not None else []))
+
+    def _handled(self, slot: GeneratorSlot, ref: Any) -> Chunk:
+        """Take the chunk of `ref` off its slot and release its lease: the one place a chunk's lease ends,
+        so each is released once. Found by ref, not position: nothing depends on the order results are seen."""
+        chunk = next(c for c in slot.chunks if c.ref == ref)
+        slot.chunks.remove(chunk)
+        if chunk.leased_version is not None:
+            self.broker.release(chunk.leased_version)
+        return chunk
 
     def _count(self, slot: GeneratorSlot, result: GenerationResult) -> None:
         slot.version = result.policy_version
@@ -113,9 +142,9 @@ class GeneratorPool:
         record_generation(self.timeline, result)
 
     def finish(self, slot: GeneratorSlot) -> None:
-        """Wait for the slot's batch, if any, and handle it (weights swap only between batches)."""
-        if slot.job is not None:
-            self.on_generated(slot, ray.wait([slot.job])[0][0])
+        """Wait for every chunk the slot holds, oldest first, and handle it (weights swap only between batches)."""
+        while slot.chunks:
+            self.on_generated(slot, ray.wait([slot.chunks[0].ref])[0][0])
 
     def drain(self) -> None:
         """Let the generations in flight finish and be scored: they land in the queue (before a checkpoint)."""
@@ -132,13 +161,14 @@ class GeneratorPool:
                 self.rewards.on_scored(ready[0])
 
     # ---- recovery -----------------------------------------------------------------------
-    def _on_died(self, slot: GeneratorSlot, exc: Exception, version: int | None) -> None:
-        """Nothing of the lost batch reaches the learner; its prompts go out again, unchanged,
-        once the actor answers a probe (Ray restarts it; calls fail fast while it is down)."""
-        self.state.reissue.append((slot.prompts, version))  # version: fixed delay samples it again with it
+    def _on_died(self, slot: GeneratorSlot, exc: Exception, chunk: Chunk) -> None:
+        """Nothing of the lost chunk reaches the learner; its prompts go out again, unchanged, once the actor
+        answers a probe (Ray restarts it; calls fail fast while it is down). Each chunk the death took fails
+        on its own and is re-issued here once; the probe waits for the last of them (_probe_recovering)."""
+        self.state.reissue.append((chunk.prompts, chunk.leased_version))  # fixed delay samples it with it again
         slot.recovering, slot.not_before = True, time.monotonic() + 0.5
-        print(f"[async-rlhf] generator {slot.generator_id} lost its batch ({type(exc).__name__}); waiting for "
-              f"Ray to restart it; its {len(slot.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
+        print(f"[async-rlhf] generator {slot.generator_id} lost a batch ({type(exc).__name__}); waiting for "
+              f"Ray to restart it; its {len(chunk.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
 
     def on_probe(self, slot: GeneratorSlot, ref: Any) -> None:
         slot.probe = None
@@ -195,9 +225,8 @@ class GeneratorPool:
             raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
                            f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
         for slot in self.slots:
-            if slot.leased_version is not None:
-                self.broker.release(slot.leased_version)
-            slot.job, slot.leased_version, slot.prompts = None, None, []
+            for chunk in list(slot.chunks):
+                self._handled(slot, chunk.ref)
             slot.recovering, slot.not_before = True, 0.0
 
     def kill(self) -> None:

@@ -39,14 +39,23 @@ class RunPhase(str, Enum):
 
 
 @dataclass
+class Chunk:
+    """One `generate` call queued on a generator, held until its result (or the actor's death) is handled."""
+
+    ref: Any  # ObjectRef of the generation
+    prompts: list[Prompt]  # re-issued, unchanged, if the actor dies
+    leased_version: int | None  # released exactly once, when the chunk is handled (None: starting weights only)
+
+
+@dataclass
 class GeneratorSlot:
     """The loop's view of one generator actor."""
 
     handle: Any
     generator_id: int
-    job: Any = None  # ObjectRef of the generation in flight
-    leased_version: int | None = None
-    prompts: list[Prompt] = field(default_factory=list)  # in flight; re-issued if the actor dies
+    # In flight, oldest first: Ray runs an actor's calls in order, so the next is queued before the previous
+    # returns and the engine never waits for the controller (generation.chunks_in_flight of them at most).
+    chunks: list[Chunk] = field(default_factory=list)
     restarts: int = 0  # counted when the actor answers again from a new process
     pid: int = 0
     probe: Any = None  # ObjectRef of an info() call while recovering from a death
@@ -55,6 +64,10 @@ class GeneratorSlot:
     version: int = 0  # weights version of its last finished batch
     busy_s: float = 0.0
     tokens: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.chunks)
 
 
 @dataclass

@@ -27,6 +27,7 @@ class GeneratorInfo(BaseModel):
     generator_id: int
     version: int
     busy: bool
+    in_flight: int  # chunks queued on it (generation.chunks_in_flight at most)
     busy_fraction: float
     tokens_per_s: float
     tokens: int
@@ -68,7 +69,7 @@ class Status(BaseModel):
 
 def generator_info(view: RunView) -> list[GeneratorInfo]:
     elapsed = view.elapsed_s
-    return [GeneratorInfo(generator_id=g.generator_id, version=g.version, busy=g.busy,
+    return [GeneratorInfo(generator_id=g.generator_id, version=g.version, busy=g.busy, in_flight=g.in_flight,
                           busy_fraction=round(g.busy_s / elapsed, 4) if elapsed > 0 else 0.0,
                           tokens_per_s=round(g.tokens / g.busy_s, 1) if g.busy_s > 0 else 0.0,
                           tokens=g.tokens, restarts=g.restarts)

@@ -30,6 +30,7 @@ class GeneratorReading:
     generator_id: int
     version: int
     busy: bool
+    in_flight: int  # chunks queued on it (generation.chunks_in_flight at most)
     busy_s: float
     tokens: int
     restarts: int
@@ -138,7 +139,8 @@ class RunView:
     # ---- workers ------------------------------------------------------------------------
     @property
     def generators(self) -> tuple[GeneratorReading, ...]:
-        return tuple(GeneratorReading(s.generator_id, s.version, s.job is not None, s.busy_s, s.tokens, s.restarts)
+        return tuple(GeneratorReading(s.generator_id, s.version, s.busy, len(s.chunks), s.busy_s, s.tokens,
+                                      s.restarts)
                      for s in list(self._pool.slots))
 
     @property

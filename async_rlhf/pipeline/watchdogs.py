@@ -35,7 +35,7 @@ class Watchdogs:
             return
         idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
         if idle > limit:
-            busy = [f"generator {g.generator_id}" for g in self.pool.slots if g.job is not None]
+            busy = [f"generator {g.generator_id} ({len(g.chunks)} chunk(s))" for g in self.pool.slots if g.busy]
             raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s={limit:g}); in flight: "
                            f"{', '.join(busy) or 'nothing'}, queue depth {len(self.queue)}; see the Ray logs under "
                            f"/tmp/ray/session_latest/logs")

@@ -1,0 +1,155 @@
+"""GeneratorPool with two chunks in flight per generator (generation.chunks_in_flight=2), without Ray:
+fake actor handles and refs, a counting broker. Leases, breadth-first dispatch, results, deaths, quiesce."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import ray
+
+from actors.generator import GenerationResult
+from async_rlhf.config.run import RunConfig
+from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline import generators
+from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.queue import GateInputs
+from async_rlhf.pipeline.state import Components, GeneratorSlot, LoopState, RunStats
+from async_rlhf.pipeline.timing import Timing
+from async_rlhf.rollout import Prompt
+
+
+class Ref:
+    """A generate call's answer, set by the test: a result, or the actor's death."""
+
+    def __init__(self, prompts: list[Prompt], version: int | None) -> None:
+        self.prompts, self.version, self.outcome = prompts, version, None
+
+    def get(self) -> Any:
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return GenerationResult([], 0, self.version or 0, 0.1, 0.0, time.time(), 0, reward_s=0.0)
+
+
+class Handle:
+    def __init__(self) -> None:
+        self.calls: list[Ref] = []
+        self.generate = SimpleNamespace(remote=self._generate)
+        self.info = SimpleNamespace(remote=lambda: "probe")
+
+    def _generate(self, prompts: list[Prompt], weights: Any, **_: Any) -> Ref:
+        self.calls.append(Ref(prompts, weights.version if weights else None))
+        return self.calls[-1]
+
+
+class Broker:
+    def __init__(self) -> None:
+        self.latest_version = 0
+        self.leased: Counter[int] = Counter()
+        self.released: Counter[int] = Counter()
+
+    def latest(self) -> Any:
+        return SimpleNamespace(version=self.latest_version)
+
+    def lease(self, version: int) -> Any:
+        self.leased[version] += 1
+        return SimpleNamespace(version=version)
+
+    def release(self, version: int) -> None:
+        self.released[version] += 1
+
+
+class Task:
+    def train_prompt(self, i: int) -> Prompt:
+        return Prompt(i, str(i), [i])
+
+
+def make_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gens: int = 1, bound: int = 1,
+              mode: str = "bound") -> tuple[GeneratorPool, Broker, Any]:
+    monkeypatch.setattr(generators, "ray", SimpleNamespace(get=lambda ref: ref.get(), exceptions=ray.exceptions,
+                                                            wait=lambda refs, **_: (refs[:1], refs[1:])))
+    cfg = RunConfig(generation={"num_generators": gens, "prompts_per_step": 4, "chunks_in_flight": 2},
+                    queue={"max_staleness": bound, "staleness_mode": mode})
+    broker, rewards = Broker(), SimpleNamespace(queue_scored=lambda *a: None)
+    parts = Components(task=Task())  # type: ignore[arg-type]  # fakes: the pool only calls what they define
+    pool = GeneratorPool(cfg, parts, LoopState(), RunStats(), broker, rewards,  # type: ignore[arg-type]
+                         Timing(), Timeline(tmp_path / "timeline.jsonl"))
+    pool.slots = [GeneratorSlot(Handle(), i) for i in range(gens)]
+
+    def gate() -> GateInputs:
+        return GateInputs(pool.state.steps_taken, pool.state.outstanding, broker.latest_version, pool.chunk, 4,
+                          bound, 100, cfg.queue_capacity, mode)  # type: ignore[arg-type]
+    return pool, broker, gate
+
+
+def prompt_ids(chunks: Any) -> list[list[int]]:
+    return [[p.prompt_id for p in c.prompts] for c in chunks]
+
+
+def test_the_next_chunk_is_queued_behind_the_first_and_each_lease_is_released_once(tmp_path, monkeypatch) -> None:
+    pool, broker, gate = make_pool(tmp_path, monkeypatch)
+    pool.dispatch(gate)  # step 0 and step 1 (1 ahead of version 0): both go out now, with version 0
+    slot = pool.slots[0]
+    assert prompt_ids(slot.chunks) == [[0, 1, 2, 3], [4, 5, 6, 7]] and len(pool.jobs()) == 2
+    assert broker.leased == {0: 2} and pool.state.outstanding == 8
+    pool.dispatch(gate)  # two in flight: nothing more, whatever the gate says
+    assert len(slot.chunks) == 2
+    first = slot.chunks[0].ref
+    pool.on_generated(slot, first)
+    assert broker.released == {0: 1} and [c.ref for c in slot.chunks] == [slot.handle.calls[1]]
+    pool.state.steps_taken, pool.state.outstanding, broker.latest_version = 1, 4, 1  # step 0 trained
+    pool.dispatch(gate)  # step 2 with version 1, queued behind step 1's chunk
+    assert [c.leased_version for c in slot.chunks] == [0, 1] and pool.state.outstanding == 8
+    pool.finish(slot)  # both, oldest first
+    assert not slot.chunks and broker.released == broker.leased == {0: 2, 1: 1}
+
+
+def test_synchronous_gate_lets_no_second_chunk_out(tmp_path, monkeypatch) -> None:
+    for gens in (1, 2):
+        pool, broker, gate = make_pool(tmp_path, monkeypatch, gens=gens, bound=0)
+        pool.dispatch(gate)
+        assert [len(s.chunks) for s in pool.slots] == [1] * gens  # breadth first: the step spread over all
+        assert pool.state.outstanding == 4
+
+
+def test_a_generator_dying_with_two_chunks_re_issues_each_once_with_its_version(tmp_path, monkeypatch) -> None:
+    pool, broker, gate = make_pool(tmp_path, monkeypatch, bound=2, mode="fixed")
+    pool.dispatch(gate)
+    slot = pool.slots[0]
+    refs = [c.ref for c in slot.chunks]
+    for ref in refs:
+        ref.outcome = ray.exceptions.RayActorError()
+    pool.on_generated(slot, refs[0])
+    assert slot.recovering and list(pool.state.reissue) == [(refs[0].prompts, 0)]
+    pool.dispatch(gate)
+    assert slot.probe is None  # not before the second chunk is handled: the probe would queue behind it
+    pool.on_generated(slot, refs[1])
+    assert [([p.prompt_id for p in ps], v) for ps, v in pool.state.reissue] == [([0, 1, 2, 3], 0), ([4, 5, 6, 7], 0)]
+    assert broker.released == broker.leased == {0: 2}
+    slot.not_before = 0.0
+    pool.dispatch(gate)
+    assert slot.probe == "probe" and not slot.chunks
+    slot.probe, slot.recovering = None, False  # it answered
+    pool.dispatch(gate)  # the lost prompts first, each once, with their versions (fixed delay)
+    assert prompt_ids(slot.chunks) == [[0, 1, 2, 3], [4, 5, 6, 7]] and not pool.state.reissue
+    assert pool.state.outstanding == 8 and pool.state.next_prompt == 8
+
+
+def test_quiesce_releases_every_chunks_lease(tmp_path, monkeypatch) -> None:
+    pool, broker, gate = make_pool(tmp_path, monkeypatch)
+    monkeypatch.setattr(generators, "ray", SimpleNamespace(wait=lambda refs, **_: (refs, []),
+                                                            exceptions=ray.exceptions))
+    pool.dispatch(gate)
+    pool.quiesce()
+    assert broker.released == broker.leased == {0: 2} and not pool.jobs() and pool.slots[0].recovering
+
+
+def test_pushed_weights_keep_one_chunk_per_generator() -> None:
+    # The learner's push is an actor call: it must not wait behind a second chunk.
+    for transport, depth in (("shm", 2), ("nccl", 1), ("ipc", 1)):
+        data = {"weight_sync": {"transport": transport}, "generation": {"gpu_memory_utilization": 0.45}}
+        cfg = RunConfig.model_validate(data, context={"environment": False})  # no GPU here: the config alone
+        assert GeneratorPool(cfg, *[None] * 7).depth == depth  # type: ignore[arg-type]
