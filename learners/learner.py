@@ -319,6 +319,26 @@ class Learner:
             total += float((diff * batch.completion_mask).sum())
         return total / len(rows)
 
+    @torch.no_grad()
+    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
+        """Like kl_to_reference, but log pi(y_t) is the log-prob the generator reported when it sampled
+        (`Completion.logprobs`, at `temperature`; greedy: untempered), against the reference at the same
+        temperature: the KL of the weights that sampled, whatever version this learner holds by now (an
+        evaluation runs beside training, so steps may reach the learner before this call). NaN if nothing
+        is scored."""
+        rows = [(list(g.prompt.token_ids), c) for g in groups for c in g.scored]
+        if not rows:
+            return math.nan
+        total, temp = 0.0, temperature if temperature > 0 else 1.0
+        for i in range(0, len(rows), KL_CHUNK):
+            chunk = rows[i:i + KL_CHUNK]
+            sel = Selection(prompts=[p for p, _ in chunk], completions=[c for _, c in chunk])
+            batch = self._pack(sel)
+            ref = completion_logprobs(self.reference, batch, temp)
+            sampled = behaviour_logprobs(sel.completions, ref.shape[1]).to(ref.device)
+            total += float(((sampled - ref) * batch.completion_mask.to(ref.device)).sum())
+        return total / len(rows)
+
     # ------------------------------------------------------------------ publishing
 
     def connect_generators(self, handles: list, tensor_parallel_size: int) -> None:
