@@ -31,7 +31,15 @@ from async_rlhf.rollout import RolloutGroup
 from async_rlhf.weights.nccl import NcclLayout, nccl_version
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, all_agree, all_max, full_parameters, init_distributed
-from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, gap_sums, mc_advantages, pack
+from learners.logprobs import (
+    PackedBatch,
+    behaviour_logprobs,
+    completion_logprobs,
+    gap_sums,
+    mc_advantages,
+    pack,
+    sampled_kl,
+)
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.micro_batches import (
     GroupSize,
@@ -321,23 +329,13 @@ class Learner:
 
     @torch.no_grad()
     def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
-        """Like kl_to_reference, but log pi(y_t) is the log-prob the generator reported when it sampled
-        (`Completion.logprobs`, at `temperature`; greedy: untempered), against the reference at the same
-        temperature: the KL of the weights that sampled, whatever version this learner holds by now (an
-        evaluation runs beside training, so steps may reach the learner before this call). NaN if nothing
-        is scored."""
+        """kl_to_reference of the weights that sampled `groups`, whatever this learner holds by now (an
+        evaluation runs beside training): logprobs.sampled_kl. NaN if nothing is scored."""
         rows = [(list(g.prompt.token_ids), c) for g in groups for c in g.scored]
-        if not rows:
-            return math.nan
-        total, temp = 0.0, temperature if temperature > 0 else 1.0
-        for i in range(0, len(rows), KL_CHUNK):
-            chunk = rows[i:i + KL_CHUNK]
-            sel = Selection(prompts=[p for p, _ in chunk], completions=[c for _, c in chunk])
-            batch = self._pack(sel)
-            ref = completion_logprobs(self.reference, batch, temp)
-            sampled = behaviour_logprobs(sel.completions, ref.shape[1]).to(ref.device)
-            total += float(((sampled - ref) * batch.completion_mask.to(ref.device)).sum())
-        return total / len(rows)
+        chunks = [rows[i:i + KL_CHUNK] for i in range(0, len(rows), KL_CHUNK)]
+        sels = [Selection(prompts=[p for p, _ in ch], completions=[c for _, c in ch]) for ch in chunks]
+        total = sum(sampled_kl(self.reference, self._pack(s), s.completions, temperature) for s in sels)
+        return total / len(rows) if rows else math.nan
 
     # ------------------------------------------------------------------ publishing
 
