@@ -117,9 +117,10 @@ class EvalSchedule:
         return [flight.version for flight in self.pending]
 
     def abandon(self) -> None:
-        """Learner failover: every pending evaluation is of a rolled-back version (a checkpoint finishes
-        those before it). Their calls are let end first: the sample reads leased weights, which the rollback
-        reuses, and no lease may be held through it. Then they are dropped, unlogged."""
+        """Learner failover: every pending evaluation is of a version the rollback forgets (a checkpoint
+        finishes older ones and saves its own as due, which the restore sends again). Their calls are let end
+        first: the sample reads leased weights, which the rollback reuses, and no lease may be held through
+        it. Then they are dropped, unlogged."""
         refs = list(self.refs())
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=self.cfg.learner.stall_timeout_s)
