@@ -140,7 +140,8 @@ def ours_arm(summary: dict, final_gold: float, steps: int) -> dict:
     run_dir = Path(summary["run_dir"])
     evals = read_jsonl(run_dir / "eval.jsonl")
     # what the run waited for (evaluations run beside training; records before eval_blocking_s: all of eval_s)
-    in_loop = sum(e.get("eval_blocking_s", e["eval_s"]) for e in evals if 0 < e["version"] < steps)
+    in_loop = summary.get("eval_blocking_loop_s",
+                          sum(e.get("eval_blocking_s", e["eval_s"]) for e in evals if 0 < e["version"] < steps))
     in_run = sum(e.get("eval_blocking_s", e["eval_s"]) for e in evals)
     steps_log = read_jsonl(run_dir / "metrics.jsonl")
     ends = [r["elapsed_s"] for r in steps_log]

@@ -66,7 +66,8 @@ class EvalSchedule:
 
     def final(self) -> dict:
         """The newest weights' evaluation (the starting weights' when stopped before the first step), logged
-        after every pending one."""
+        after every pending one, which it waits for first: its `wall_s` then follows all their waiting."""
+        self.drain()
         latest = self.broker.latest()
         self._send(self.broker.lease(latest.version) if latest else None)
         self.drain()
@@ -169,3 +170,5 @@ class EvalSchedule:
     def _charge(self, flight: EvalInFlight, seconds: float) -> None:
         flight.blocked_s += seconds
         self.timing.add("eval_blocking_s", seconds)
+        if self.timing.is_open("loop_s"):  # the part of it inside the training loop (bench: the loop's net time)
+            self.timing.add("eval_blocking_loop_s", seconds)
