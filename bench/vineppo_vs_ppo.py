@@ -17,7 +17,6 @@ import argparse
 import json
 from pathlib import Path
 
-from async_rlhf.outputs.timeline import read_timeline
 from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import earlier_runs, pyplot, save_json, train
 
@@ -31,12 +30,12 @@ def curve(run_dir: Path) -> list[dict]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         elapsed[record["step"]] = record["elapsed_s"]
-    evals = [e for e in read_timeline(run_dir / "timeline.jsonl") if e["kind"] == "eval"]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     points = []
-    for line in (run_dir / "eval.jsonl").read_text().splitlines():
-        ev = json.loads(line)
+    for ev in evals:
         v = ev["version"]
-        eval_before = sum(e["end"] - e["start"] for e in evals if e["version"] < v)
+        # what evaluations held training up (they run beside it; records before eval_blocking_s: all of eval_s)
+        eval_before = sum(e.get("eval_blocking_s", e["eval_s"]) for e in evals if 0 < e["version"] < v)
         points.append({"version": v, "gold": ev["gold_reward"], "train_s": round(elapsed[v] - eval_before, 2)})
     return points
 

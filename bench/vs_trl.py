@@ -93,12 +93,12 @@ def median_step_s(step_ends: list[float]) -> float:
 
 
 def ours_curve(evals: list[dict]) -> list[dict]:
-    """Gold per evaluation, on the training clock: wall_s less the evaluations before it."""
+    """Gold per evaluation, on the training clock: wall_s less what the evaluations before it held it up."""
     points, spent = [], 0.0
     for e in evals:
         points.append({"version": e["version"], "episodes": e["episodes"], "wall_s": e["wall_s"],
                        "train_clock_s": round(e["wall_s"] - spent, 3), "gold": e["gold_reward"]})
-        spent += e["eval_s"]
+        spent += e.get("eval_blocking_s", e["eval_s"])
     return points
 
 
@@ -139,8 +139,10 @@ def trl_arm(trl: dict, by_version: dict[int, float], steps: int) -> dict:
 def ours_arm(summary: dict, final_gold: float, steps: int) -> dict:
     run_dir = Path(summary["run_dir"])
     evals = read_jsonl(run_dir / "eval.jsonl")
-    in_loop = sum(e["eval_s"] for e in evals if 0 < e["version"] < steps)  # inside the training loop
-    in_run = sum(e["eval_s"] for e in evals)
+    # what the run waited for (evaluations run beside training; records before eval_blocking_s: all of eval_s)
+    in_loop = summary.get("eval_blocking_loop_s",
+                          sum(e.get("eval_blocking_s", e["eval_s"]) for e in evals if 0 < e["version"] < steps))
+    in_run = sum(e.get("eval_blocking_s", e["eval_s"]) for e in evals)
     steps_log = read_jsonl(run_dir / "metrics.jsonl")
     ends = [r["elapsed_s"] for r in steps_log]
     # Ours skips a pair whose two samples scored the same (no preference); TRL trains on it (first = chosen).

@@ -23,7 +23,15 @@ from async_rlhf.config.learner import LearnerConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import RolloutGroup
 from learners.distributed import RankInfo, all_agree, all_max, init_distributed
-from learners.logprobs import PackedBatch, behaviour_logprobs, completion_logprobs, gap_sums, mc_advantages, pack
+from learners.logprobs import (
+    PackedBatch,
+    behaviour_logprobs,
+    completion_logprobs,
+    gap_sums,
+    mc_advantages,
+    pack,
+    sampled_kl,
+)
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.micro_batches import (
     GroupSize,
@@ -290,6 +298,16 @@ class Learner:
             diff = completion_logprobs(self.policy, batch) - completion_logprobs(self.reference, batch)
             total += float((diff * batch.completion_mask).sum())
         return total / len(rows)
+
+    @torch.no_grad()
+    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
+        """kl_to_reference of the weights that sampled `groups`, whatever this learner holds by now (an
+        evaluation runs beside training): logprobs.sampled_kl. NaN if nothing is scored."""
+        rows = [(list(g.prompt.token_ids), c) for g in groups for c in g.scored]
+        chunks = [rows[i:i + KL_CHUNK] for i in range(0, len(rows), KL_CHUNK)]
+        sels = [Selection(prompts=[p for p, _ in ch], completions=[c for _, c in ch]) for ch in chunks]
+        total = sum(sampled_kl(self.reference, self._pack(s), s.completions, temperature) for s in sels)
+        return total / len(rows) if rows else math.nan
 
     # ------------------------------------------------------------------ publishing and checkpoints
     # Ray methods (the controller and learners/group.py call them by name): learners/persistence.py does the work.

@@ -140,3 +140,14 @@ def gap_metrics(sums: list[dict[str, float]]) -> dict[str, float]:
 
 def _ratio(num: float, den: float) -> float:
     return num / den if den else float("nan")
+
+
+def sampled_kl(reference: Callable[..., Any], batch: PackedBatch, completions: list[Completion],
+               temperature: float) -> float:
+    """Sum over the batch's completion tokens of log mu(y_t) - log ref_T(y_t): mu's log-probs are those the
+    generator reported when it sampled (`Completion.logprobs`, of its sampling distribution at `temperature`;
+    greedy: untempered), the reference's at the same temperature. Summed per completion and averaged, a
+    sample estimate of the sampling weights' KL to the reference that needs only the frozen reference."""
+    ref = completion_logprobs(reference, batch, temperature if temperature > 0 else 1.0)
+    sampled = behaviour_logprobs(completions, ref.shape[1]).to(ref.device)
+    return float(((sampled - ref) * batch.completion_mask.to(ref.device)).sum())

@@ -107,6 +107,29 @@ def test_kl_to_reference(model_dir, trained):
     assert math.isnan(learner.kl_to_reference([]))
 
 
+def with_policy_logprobs(learner: Learner, groups: list[RolloutGroup]) -> list[RolloutGroup]:
+    """`groups` as if `learner`'s policy had sampled them: each completion carries its log-probs."""
+    out = []
+    for g in groups:
+        batch = pack([list(g.prompt.token_ids)] * len(g.completions), [c.token_ids for c in g.completions])
+        with torch.no_grad():
+            logps = completion_logprobs(learner.policy, batch)
+        comps = [dataclasses.replace(c, logprobs=logps[i, :len(c.token_ids)].tolist())
+                 for i, c in enumerate(g.completions)]
+        out.append(dataclasses.replace(g, completions=comps))
+    return out
+
+
+def test_sampled_kl_is_the_policy_kl_when_the_policy_sampled(trained):
+    """An evaluation's KL from the generator's log-probs equals the learner's own while it holds the sampling
+    weights (later it is still that version's, where kl_to_reference would measure the learner's newer one)."""
+    learner, _ = trained
+    sampled = with_policy_logprobs(learner, synthetic_groups())
+    expected = learner.kl_to_reference(synthetic_groups())
+    assert learner.sampled_kl_to_reference(sampled, 1.0) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert math.isnan(learner.sampled_kl_to_reference([], 1.0))
+
+
 def test_zero_pairs_still_advances_version_without_update(model_dir):
     learner = Learner(make_cfg(), str(model_dir), threads=2)
     assert learner.kl_to_reference(synthetic_groups()) == pytest.approx(0.0, abs=1e-6)

@@ -41,7 +41,8 @@ def lines(path: Path) -> list[str]:
 def evals_without_clock(run_dir: Path) -> list[dict]:
     """eval.jsonl without the wall-clock fields, which differ between any two runs."""
     records = [json.loads(line) for line in lines(run_dir / "eval.jsonl")]
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "eval_s")} for r in records]
+    clock = ("wall_s", "eval_s", "eval_gen_s", "eval_blocking_s")
+    return [{k: v for k, v in r.items() if k not in clock} for r in records]
 
 
 def run_and_kill(run_dir: Path, overrides: list[str], at_step: int) -> None:

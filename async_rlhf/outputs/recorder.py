@@ -39,8 +39,9 @@ class RunRecorder:
             sink.log("train", record, record["step"])
 
     def log_eval(self, record: dict) -> None:
-        """One line of eval.jsonl, with the samples trained so far: gold against episodes needs no other file."""
-        record = {**record, "episodes": self.episodes}
+        """One line of eval.jsonl, with the samples trained so far (when the evaluation started, if the record
+        says: it ran beside training): gold against episodes needs no other file."""
+        record = {**record, "episodes": record.get("episodes", self.episodes)}
         self.evals.append(record)
         self._append(self.eval_path, record)
         for sink in self.sinks:

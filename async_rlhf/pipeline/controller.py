@@ -102,7 +102,7 @@ class Controller:
         self.watchdogs = Watchdogs(cfg, self.state, self.control, self.pool, self.queue, self.take_checkpoints,
                                    self.rewards.source)
         self.failover = LearnerFailover(cfg, self.checkpoints, self.parts, self.state, self.stats, self.broker,
-                                        self.pool, self.rewards, self.builder, self.restore)
+                                        self.pool, self.rewards, self.evals, self.builder, self.restore)
         self.view = RunView(cfg, run_dir, self.state, self.stats, self.queue, self.timing, self.recorder, self.control,
                             self.pool, self.parts, self.startup)
         self.steps = LearnerSteps(cfg, self.parts, self.state, self.stats, self.queue, self.broker, self.timing,
@@ -257,8 +257,8 @@ class Controller:
             self.steps.dispatch(self.gate_inputs)
 
     def _wait_and_handle(self) -> None:
-        pending, probes = self.pool.jobs(), self.pool.probes()
-        refs = list(pending) + list(probes) + list(self.state.reward_jobs)
+        pending, probes, evals = self.pool.jobs(), self.pool.probes(), self.evals.refs()
+        refs = list(pending) + list(probes) + list(self.state.reward_jobs) + list(evals)
         if self.state.learner_job is not None:
             refs.append(self.state.learner_job.save_ref)
         if not refs and not self.control.paused and not self.pool.recovering():
@@ -274,6 +274,8 @@ class Controller:
             self.pool.on_probe(probes[ref], ref)
         elif ref in self.state.reward_jobs:
             self.rewards.on_scored(ref)
+        elif ref in evals:
+            self.evals.on_ready(evals[ref])
         else:
             self._on_learned()
 

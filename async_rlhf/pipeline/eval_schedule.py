@@ -1,18 +1,28 @@
 """EvalSchedule: when the gold evaluation runs (version 0, every eval.every steps, the end) and on what.
 
-Evaluations run on generator 0 between its batches; a generator or reward actor that dies meanwhile is
-waited for and the evaluation made once more.
+Evaluations run on generator 0, beside training: the periodic one of version v leases v and sends its
+generate call at once (the actor runs it after the batch it is on, then its next batches, each call with
+its own weights), and the loop goes on; its later stages are sent as the earlier ones answer
+(`eval_flight.EvalInFlight`, advanced by the controller's `ray.wait`). Records are logged in version
+order. The loop waits for them only before a checkpoint (which counts the eval.jsonl lines it holds), at
+a learner failover (which drops them: they belong to the rolled-back steps) and at the end. A generator
+or reward actor that dies meanwhile is waited for and the evaluation made once more. With pushed weights
+(nccl, ipc) a generator holds only the newest version, so there the evaluation waits as before.
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import ray
 
+from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline.eval_flight import EvalInFlight
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components
@@ -31,45 +41,134 @@ class EvalSchedule:
         self.timing = timing
         self.recorder = recorder
         self.timeline = timeline
+        self.pending: deque[EvalInFlight] = deque()  # oldest first: records are logged in this order
 
+    # ---- starting evaluations -------------------------------------------------------------
     def start_initial(self) -> Any:
         """Version 0's evaluation, sent first to generator 0 (the first batches go out behind it)."""
         return self.parts.require_evaluator().sample(self.pool.slots[0].handle, None)
 
     def finish_initial(self, sampled: Any) -> None:
-        self.recorder.log_eval(self.evaluate(None, sampled))  # no step sent yet: its KL is version 0's
+        evaluator = self.parts.require_evaluator()
+        self.pending.append(EvalInFlight(evaluator, self.parts, None, sampled, self.recorder.episodes))
+        self.drain()  # no step sent yet: its KL is version 0's
 
     def after_step(self, version: int) -> None:
         every = self.cfg.eval.every
         if not every or version % every or version >= self.cfg.learner.steps:
             return
-        slot = self.pool.slots[0]
-        self.pool.finish(slot)  # weights swap only between batches
-        started = time.time()
-        with self.timing.span("eval_s"):
-            self.recorder.log_eval(self.evaluate(self.broker.lease(version)))
-        self.timeline.add("eval", f"generator{slot.generator_id}", started, time.time(), version)
-        self.broker.release(version)
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # the generator must still hold `version`
+            self.pool.finish(self.pool.slots[0])
+            self.start(version)
+            self.drain()
+            return
+        self.start(version)
 
     def final(self) -> dict:
-        """The newest weights' evaluation (the starting weights' when stopped before the first step), logged."""
+        """The newest weights' evaluation (the starting weights' when stopped before the first step), logged
+        after every pending one, which it waits for first: its `wall_s` then follows all their waiting."""
+        self.drain()
         latest = self.broker.latest()
-        final_ref = self.broker.lease(latest.version) if latest else None
-        with self.timing.span("eval_s"):
-            final = self.evaluate(final_ref)
-        if final_ref:
-            self.broker.release(final_ref.version)
-        self.recorder.log_eval(final)
-        return final
+        self._send(self.broker.lease(latest.version) if latest else None)
+        self.drain()
+        return self.recorder.evals[-1]
 
-    def evaluate(self, weights: WeightRef | None, sampled: Any = None) -> dict:
-        """Gold evaluation on generator 0 (`sampled`: its generate call, if already sent); if it or the reward
-        actor died meanwhile, once more after the restart."""
-        slot, evaluator = self.pool.slots[0], self.parts.require_evaluator()
+    def start(self, version: int) -> None:
+        """Evaluate published `version` beside training (also a checkpoint's evaluation left pending, when the
+        run goes back to that checkpoint: `due`)."""
+        self._send(self.broker.lease(version))
+
+    def _send(self, weights: WeightRef | None) -> None:
+        """Send the evaluation's sample and go on; the loop's `ray.wait` advances it."""
+        start, evaluator = time.perf_counter(), self.parts.require_evaluator()
+        flight = EvalInFlight(evaluator, self.parts, weights, evaluator.sample(self.pool.slots[0].handle, weights),
+                              self.recorder.episodes)
+        self._charge(flight, time.perf_counter() - start)
+        self.pending.append(flight)
+
+    # ---- the loop's events --------------------------------------------------------------
+    def refs(self) -> dict[Any, EvalInFlight]:
+        """The calls of every pending evaluation's current stage, for the loop's `ray.wait`."""
+        return {ref: flight for flight in self.pending for ref in flight.waiting}
+
+    def on_ready(self, flight: EvalInFlight) -> None:
+        with self._blocking(flight):
+            self._advance(flight, flight.advance)
+        self._log_finished()
+
+    def drain(self, before: int | None = None) -> None:
+        """Finish the pending evaluations (of versions below `before`, if given), waiting: before the final
+        evaluation and the summary, and before a checkpoint those that it could not redo (`due`)."""
+        for flight in list(self.pending):
+            if before is not None and flight.version >= before:
+                break  # versions only grow along the deque
+            with self._blocking(flight):
+                self._wait_for(flight)
+        self._log_finished()
+
+    def _wait_for(self, flight: EvalInFlight) -> None:
+        timeout = self.cfg.learner.stall_timeout_s
+        while flight.record is None:
+            self._advance(flight, lambda: flight.wait(timeout))
+
+    def due(self) -> list[int]:
+        """Versions of the evaluations still pending, which a checkpoint of the newest version saves instead of
+        waiting for them (`drain(before=newest)` finished the older ones): its weights are the ones a resume
+        or rollback publishes again, so they are evaluated then, and eval.jsonl logs each once."""
+        return [flight.version for flight in self.pending]
+
+    def abandon(self) -> None:
+        """Learner failover: every pending evaluation is of a version the rollback forgets (a checkpoint
+        finishes older ones and saves its own as due, which the restore sends again). Their calls are let end
+        first: the sample reads leased weights, which the rollback reuses, and no lease may be held through
+        it. Then they are dropped, unlogged."""
+        refs = list(self.refs())
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.learner.stall_timeout_s)
+        while self.pending:
+            self._release(self.pending.popleft())
+
+    # ---- inside -------------------------------------------------------------------------
+    def _advance(self, flight: EvalInFlight, step: Callable[[], None]) -> None:
+        """Run `step`; if generator 0 or the reward actor died meanwhile, wait for both and start the
+        evaluation once more. The learner's death is the loop's (failover), as is a second failure."""
         try:
-            sampled = evaluator.sample(slot.handle, weights) if sampled is None else sampled
-            return evaluator.finish(sampled, self.parts.learner)
-        except ray.exceptions.RayActorError as exc:  # the generator or the reward actor: wait for both
+            step()
+        except ray.exceptions.RayActorError as exc:
+            if flight.stage == "kl" or flight.attempts > 1:
+                raise
+            slot = self.pool.slots[0]
             self.pool.await_restart(slot)
             self.rewards.on_died(exc)
-            return evaluator.evaluate(slot.handle, weights, self.parts.learner)
+            flight.resend(slot.handle)
+
+    def _log_finished(self) -> None:
+        while self.pending and self.pending[0].record is not None:
+            flight = self.pending.popleft()
+            record = {**(flight.record or {}), "eval_blocking_s": round(flight.blocked_s, 3)}
+            self.recorder.log_eval(record)
+            self.timing.add("eval_s", record["eval_s"])
+            self.timing.add("eval_gen_s", record["eval_gen_s"])
+            started = flight.result.started_at if flight.result is not None else flight.started
+            self.timeline.add("eval", f"generator{self.pool.slots[0].generator_id}", started, flight.ended,
+                              flight.version)
+            self._release(flight)
+
+    def _release(self, flight: EvalInFlight) -> None:
+        if flight.weights is not None:
+            self.broker.release(flight.weights.version)
+
+    @contextmanager
+    def _blocking(self, flight: EvalInFlight) -> Iterator[None]:
+        """The loop's time spent on `flight` (summary.json `eval_blocking_s`, and the record's)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._charge(flight, time.perf_counter() - start)
+
+    def _charge(self, flight: EvalInFlight, seconds: float) -> None:
+        flight.blocked_s += seconds
+        self.timing.add("eval_blocking_s", seconds)
+        if self.timing.is_open("loop_s"):  # the part of it inside the training loop (bench: the loop's net time)
+            self.timing.add("eval_blocking_loop_s", seconds)

@@ -9,8 +9,14 @@ Those starting scores are kept in the run directory (eval_initial.json) so a res
 not evaluate version 0 again, still reports the win-rate.
 
 Each record also says when it was taken: `wall_s`, seconds from the process's start to the start of
-the evaluation (the scored weights existed then), and `eval_s`, how long the evaluation took. Subtracting
-the earlier records' `eval_s` from `wall_s` gives the training clock without the evaluations.
+the evaluation (the scored weights existed then), `eval_s`, how long the evaluation took (it runs beside
+training: eval_schedule.py), and `eval_gen_s`, generator 0's time in it (weight load and sampling); the
+scheduler adds `eval_blocking_s`, what the loop waited for it. Subtracting the earlier records'
+`eval_blocking_s` from `wall_s` gives the training clock without the evaluations.
+
+The KL is computed from the log-probs the generator reported with the samples (the evaluated weights'),
+against the reference at the eval temperature: the learner may have taken steps since the samples were
+drawn, so its own weights are no longer the evaluated ones.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Any, Literal
 
 import ray
 
+from actors.generator import GenerationResult
 from async_rlhf.pipeline.timing import process_started_at
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup, scored_reward
 from async_rlhf.weights.broker import WeightRef
@@ -102,34 +109,47 @@ class Evaluator:
         return generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature), time.time()
 
     def finish(self, sampled: tuple[Any, float], learner: Any) -> dict:
-        """The record of the samples `sample` sent for: both rewards, and the KL of the policy `learner`
-        holds when this call reaches it (the evaluated version: no step may be sent to it before)."""
+        """The record of the samples `sample` sent for, waiting for each stage (the stages below, which
+        `eval_flight.EvalInFlight` runs without waiting)."""
         ref, started = sampled
         result = ray.get(ref)
-        gold = ray.get(self.reward.score.remote(result.groups, "gold"))
-        proxy = ray.get(self.reward.score.remote(result.groups, "train"))
-        kl = ray.get(learner.kl_to_reference.remote(proxy))
+        scored = ray.get(self.score(result))
+        return self.record(result, scored, ray.get(self.kl(learner, scored[1])), started)
+
+    def score(self, result: GenerationResult) -> list[Any]:
+        """The reward calls for a sample, sent together: gold, proxy and, where the prompts have reference
+        answers, those answers by the win-rate's judge."""
+        refs = [self.reward.score.remote(result.groups, "gold"), self.reward.score.remote(result.groups, "train")]
+        references = reference_groups(result.groups)
+        if references:
+            refs.append(self.reward.score.remote(references, self.judge))
+        return refs
+
+    def kl(self, learner: Any, proxy: list[RolloutGroup]) -> Any:
+        """The KL call: from the generator's own log-probs, so it is the sampled version's even when the
+        learner has taken steps since (Learner.sampled_kl_to_reference)."""
+        return learner.sampled_kl_to_reference.remote(proxy, self.temperature)
+
+    def record(self, result: GenerationResult, scored: list[list[RolloutGroup]], kl: float, started: float) -> dict:
+        """eval.jsonl's record from the answers of `score` (gold, proxy, references) and `kl`."""
+        gold, proxy, *references = scored
         if result.policy_version == 0:
             self._keep_initial(gold_by_prompt(gold))
+        judged = gold if self.judge == "gold" else proxy
         return {
             "version": result.policy_version,
             "gold_reward": _mean_reward(gold),
             "proxy_reward": _mean_reward(proxy),
             "kl": kl,
-            "win_rate": self._win_rate(gold if self.judge == "gold" else proxy),
+            "win_rate": win_rate(judged, references[0]) if references else None,
             **paired_win_rate(gold_by_prompt(gold), self.initial),
             "prompts": len(self.prompts),
             "temperature": self.temperature,
             **clock_fields(started, time.time(), self.process_start),
+            "eval_gen_s": round(result.sync_s + result.gen_s, 3),  # its own time on the generator
         }
 
     def _keep_initial(self, scores: dict[int, float]) -> None:
         self.initial = scores
         if self.initial_path is not None:
             self.initial_path.write_text(json.dumps({str(k): v for k, v in scores.items()}))
-
-    def _win_rate(self, judged: list[RolloutGroup]) -> float | None:
-        references = reference_groups(judged)
-        if not references:
-            return None
-        return win_rate(judged, ray.get(self.reward.score.remote(references, self.judge)))

@@ -20,6 +20,7 @@ from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, what_died
 from async_rlhf.pipeline.builder import ComponentBuilder
+from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
@@ -57,7 +58,7 @@ def checkpoint_to_restart_from(checkpoints: CheckpointStore, restarts: int, limi
 class LearnerFailover:
     def __init__(self, cfg: RunConfig, checkpoints: CheckpointStore, parts: Components, state: LoopState,
                  stats: RunStats, broker: WeightSyncBroker, pool: GeneratorPool, rewards: RewardBook,
-                 builder: ComponentBuilder, restore: Callable[[ControllerSnapshot], None]) -> None:
+                 evals: EvalSchedule, builder: ComponentBuilder, restore: Callable[[ControllerSnapshot], None]) -> None:
         self.cfg = cfg
         self.checkpoints = checkpoints
         self.parts = parts
@@ -66,6 +67,7 @@ class LearnerFailover:
         self.broker = broker
         self.pool = pool
         self.rewards = rewards
+        self.evals = evals
         self.builder = builder
         self.restore = restore  # the loop's own state back to a snapshot (pipeline.resume.restore)
 
@@ -77,6 +79,7 @@ class LearnerFailover:
         lost = self.state.steps_taken
         ckpt = checkpoint_to_restart_from(self.checkpoints, self.stats.learner_restarts, self.cfg.learner.max_restarts,
                                           lost, exc)
+        self.evals.abandon()  # pending evaluations are of rolled-back versions; none may keep a lease
         self.pool.quiesce()
         self.rewards.forget_in_flight()
         self.builder.stop_learner()

@@ -30,6 +30,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import QueueCounters, RolloutQueue
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
@@ -63,6 +64,7 @@ class Resumable(Protocol):
     recorder: RunRecorder
     control: RunControl
     pool: GeneratorPool
+    evals: EvalSchedule
     parts: Components
     broker: WeightSyncBroker
     checkpoints: CheckpointStore
@@ -87,6 +89,7 @@ class ControllerSnapshot:
     rng: dict[str, Any]
     mc_cost: MCCost = field(default_factory=MCCost)  # VinePPO's running MC totals (zeros for other losses)
     unrewarded_run: int = 0  # consecutive steps without a usable train reward, towards reward.max_failed_steps
+    evals_due: list[int] = field(default_factory=list)  # evaluations pending at the checkpoint: made on restore
 
 
 def capture(c: Resumable) -> ControllerSnapshot:
@@ -99,7 +102,7 @@ def capture(c: Resumable) -> ControllerSnapshot:
         restarts=[g.restarts for g in c.pool.slots], timing=c.timing.snapshot(),
         metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
-        mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run,
+        mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run, evals_due=c.evals.due(),
     )
 
 
@@ -133,6 +136,8 @@ def restore(c: Resumable, snap: ControllerSnapshot) -> None:
     random.setstate(snap.rng["python"])
     np.random.set_state(snap.rng["numpy"])
     c.stats.mc_cost = replace(snap.mc_cost)
+    for version in getattr(snap, "evals_due", []):  # the checkpoint's version, published again (older pickles: none)
+        c.evals.start(version)
 
 
 def restore_checkpoint(c: Resumable, ckpt: Checkpoint) -> None:
@@ -171,8 +176,9 @@ def take_checkpoints(c: Resumable) -> None:
     """Serve the checkpoint requests posted so far; only while the learner is idle."""
     for future in c.control.take_checkpoint_requests():
         try:
-            c.pool.drain()  # generations in flight land in the queue first
             version = c.broker.latest_version
+            c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
+            c.pool.drain()  # generations in flight land in the queue first
             with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
                 final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
             future.set_result({"path": str(final), "version": version})

@@ -45,7 +45,10 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         "learn_busy_s": round(t("learn_busy_s"), 3),
         "publish_s": round(t("publish_s"), 3),
         "wait_s": round(t("learner_wait_s"), 3),
-        "eval_s": round(t("eval_s"), 3),
+        "eval_s": round(t("eval_s"), 3),  # the evaluations' own durations, summed (they overlap training)
+        "eval_gen_s": round(t("eval_gen_s"), 3),  # of which generator 0 spent loading weights and sampling
+        "eval_blocking_s": round(t("eval_blocking_s"), 3),  # what the run waited for them
+        "eval_blocking_loop_s": round(t("eval_blocking_loop_s"), 3),  # of which inside the loop (`wall_s`)
         "checkpoint_s": round(t("checkpoint_s"), 3),
         "episodes": q.consumed * view.samples_per_prompt,
         "steps": view.steps_taken,

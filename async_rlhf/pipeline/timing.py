@@ -33,6 +33,9 @@ class Timing:
         finally:
             self.add(name, time.perf_counter() - self._open.pop(name))
 
+    def is_open(self, name: str) -> bool:
+        return name in self._open
+
     def snapshot(self) -> dict[str, float]:
         """Every total, open spans included up to now (for checkpoints)."""
         return {name: self.elapsed(name) for name in set(self._totals) | set(self._open)}

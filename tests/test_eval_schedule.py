@@ -1,0 +1,124 @@
+"""EvalSchedule on stand-in actors (a slow generator, a scorer, a learner answering the KL): periodic
+evaluations are sent without waiting and advanced by the loop's events, logged in version order, and
+finished, kept due or dropped where a checkpoint or a failover needs it; their leases always come back."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.generator import GenerationResult
+from async_rlhf.config.run import RunConfig
+from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.outputs.timeline import Timeline, read_timeline
+from async_rlhf.pipeline.eval_schedule import EvalSchedule
+from async_rlhf.pipeline.evaluation import Evaluator
+from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.queue import RolloutQueue
+from async_rlhf.pipeline.rewards import RewardBook
+from async_rlhf.pipeline.state import Components, GeneratorSlot, LoopState, RunStats
+from async_rlhf.pipeline.timing import Timing
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+
+SAMPLE_S = 0.5  # the stand-in generator's time per evaluation sample
+
+
+class SlowGenerator:
+    def generate(self, prompts: list[Prompt], weights: WeightRef | None, n: int = 1,
+                 temperature: float | None = None) -> GenerationResult:
+        started = time.time()
+        time.sleep(SAMPLE_S)
+        version = weights.version if weights is not None else 0
+        groups = [RolloutGroup(p, [Completion([5], "5", [-0.5], "stop")], version, 0, time.time()) for p in prompts]
+        return GenerationResult(groups, 0, version, SAMPLE_S, 0.0, started, len(prompts))
+
+    def info(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+class Scorer:
+    def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
+        done = [dataclasses.replace(c, reward=1.0, reward_status="ok") for g in groups for c in g.completions]
+        return [dataclasses.replace(g, completions=[c]) for g, c in zip(groups, done)]
+
+    def health(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+class KLLearner:
+    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
+        return 0.25
+
+
+@pytest.fixture
+def schedule(ray_local, tmp_path: Path):
+    cfg = RunConfig(eval={"every": 2}, learner={"steps": 10}, api={"enabled": False})
+    parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
+    parts.reward = ray_local.remote(num_cpus=0)(Scorer).remote()
+    parts.learner = ray_local.remote(num_cpus=0)(KLLearner).remote()
+    parts.evaluator = Evaluator([Prompt(i, "p", [1, 2]) for i in range(4)], parts.reward, 1.0)
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)
+    rewards = RewardBook(cfg, parts, state, stats, RolloutQueue(16, 1), timeline)
+    pool = GeneratorPool(cfg, parts, state, stats, broker, rewards, Timing(), timeline)
+    pool.slots = [GeneratorSlot(ray_local.remote(num_cpus=0)(SlowGenerator).remote(), 0)]
+    evals = EvalSchedule(cfg, parts, pool, rewards, broker, Timing(), RunRecorder(tmp_path), timeline)
+    yield evals, broker
+    timeline.close()
+    broker.close()
+
+
+def publish(broker: WeightSyncBroker, up_to: int) -> None:
+    for version in range(broker.latest_version + 1, up_to + 1):
+        broker.staging_location(version)  # the slot a learner would write (nothing is loaded here)
+        broker.publish(version)
+
+
+def loop_until_logged(evals: EvalSchedule) -> None:
+    """The controller's part: wait on the evaluations' calls, hand each answer over."""
+    import ray
+
+    while refs := evals.refs():
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=10)
+        assert ready, "an evaluation call never answered"
+        evals.on_ready(refs[ready[0]])
+
+
+def test_periodic_evaluations_run_beside_the_loop_and_log_in_version_order(schedule, tmp_path: Path) -> None:
+    evals, broker = schedule
+    publish(broker, 2)
+    started = time.perf_counter()
+    evals.after_step(2)
+    publish(broker, 4)  # version 2 stays leased while its evaluation runs, though past keep_versions
+    evals.after_step(4)
+    evals.after_step(3)  # not due
+    assert time.perf_counter() - started < SAMPLE_S  # sent, not awaited
+    assert [f.version for f in evals.pending] == [2, 4]
+    loop_until_logged(evals)
+    records = evals.recorder.evals
+    assert [r["version"] for r in records] == [2, 4] and [r["kl"] for r in records] == [0.25, 0.25]
+    assert all(r["eval_blocking_s"] < 0.2 < SAMPLE_S <= r["eval_s"] for r in records), records
+    assert evals.timing.get("eval_blocking_s") < 0.4 and evals.timing.get("eval_gen_s") == 2 * SAMPLE_S
+    spans = [e for e in read_timeline(tmp_path / "timeline.jsonl") if e["kind"] == "eval"]
+    assert [e["version"] for e in spans] == [2, 4] and all(e["end"] - e["start"] >= SAMPLE_S for e in spans)
+    broker.roll_back(4)  # raises while any version is still leased
+
+
+def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule) -> None:
+    evals, broker = schedule
+    publish(broker, 2)
+    evals.after_step(2)
+    publish(broker, 4)
+    evals.after_step(4)
+    evals.drain(before=4)  # what take_checkpoints does at version 4
+    assert [r["version"] for r in evals.recorder.evals] == [2] and evals.due() == [4]
+    evals.abandon()  # a failover: the pending one is dropped, unlogged, its lease returned
+    assert evals.due() == [] and [r["version"] for r in evals.recorder.evals] == [2]
+    broker.roll_back(4)
+    publish(broker, 4)
+    evals.start(4)  # the restore sends the checkpoint's due evaluation again
+    evals.drain()
+    assert [r["version"] for r in evals.recorder.evals] == [2, 4]
