@@ -42,9 +42,7 @@ from learners.micro_batches import (
     sum_stats,
     weigh,
 )
-from learners.persistence import VALUE_MODEL_DIR as VALUE_MODEL_DIR  # re-exported: tests import these from here
 from learners.persistence import LearnerStateStore, WeightExport
-from learners.persistence import hf_state_dict as hf_state_dict
 from learners.value_model import ValueModel, ValueTrainer
 
 if TYPE_CHECKING:  # transformers is slow to import: only its types are needed here
@@ -286,28 +284,31 @@ class Learner:
     def kl_to_reference(self, groups: list[RolloutGroup]) -> float:
         """Mean over all scored completions of sum_t (log pi(y_t) - log ref(y_t)): a sample estimate
         of KL(pi || ref) when the completions were sampled from pi. NaN if nothing is scored."""
-        rows = [(list(g.prompt.token_ids), c) for g in groups for c in g.scored]
+        selections, rows = self._scored_selections(groups)
         if not rows:
             return math.nan
         self.policy.eval()
         total = 0.0
-        for i in range(0, len(rows), KL_CHUNK):
-            chunk = rows[i:i + KL_CHUNK]
-            sel = Selection(prompts=[p for p, _ in chunk], completions=[c for _, c in chunk])
+        for sel in selections:
             batch = self._pack(sel)
             diff = completion_logprobs(self.policy, batch) - completion_logprobs(self.reference, batch)
             total += float((diff * batch.completion_mask).sum())
-        return total / len(rows)
+        return total / rows
 
     @torch.no_grad()
     def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
         """kl_to_reference of the weights that sampled `groups`, whatever this learner holds by now (an
         evaluation runs beside training): logprobs.sampled_kl. NaN if nothing is scored."""
+        selections, rows = self._scored_selections(groups)
+        total = sum(sampled_kl(self.reference, self._pack(s), s.completions, temperature) for s in selections)
+        return total / rows if rows else math.nan
+
+    @staticmethod
+    def _scored_selections(groups: list[RolloutGroup]) -> tuple[list[Selection], int]:
+        """The scored completions of `groups`, KL_CHUNK to a Selection (one no-grad forward each), and how many."""
         rows = [(list(g.prompt.token_ids), c) for g in groups for c in g.scored]
         chunks = [rows[i:i + KL_CHUNK] for i in range(0, len(rows), KL_CHUNK)]
-        sels = [Selection(prompts=[p for p, _ in ch], completions=[c for _, c in ch]) for ch in chunks]
-        total = sum(sampled_kl(self.reference, self._pack(s), s.completions, temperature) for s in sels)
-        return total / len(rows) if rows else math.nan
+        return [Selection(prompts=[p for p, _ in ch], completions=[c for _, c in ch]) for ch in chunks], len(rows)
 
     # ------------------------------------------------------------------ publishing and checkpoints
     # Ray methods (the controller and learners/group.py call them by name): learners/persistence.py does the work.

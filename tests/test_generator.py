@@ -10,7 +10,8 @@ from actors.generator import GenerationResult, GeneratorActor
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
-from learners.learner import hf_state_dict, load_causal_lm
+from learners.learner import load_causal_lm
+from learners.persistence import hf_state_dict
 from tests.helpers import publish_state
 
 pytestmark = pytest.mark.integration

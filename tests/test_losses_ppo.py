@@ -183,8 +183,8 @@ def test_ppo_learner_trains_policy_and_value_model_and_checkpoints_it(tiny_model
     """Six PPO steps on one fixed on-policy batch: the value model (initial V = 0 everywhere, from
     the zero head) fits the returns, the best completions get likelier, and the value model's
     weights and AdamW state round-trip through save_pretrained's value_model/ directory."""
-    from learners.learner import VALUE_MODEL_DIR
     from learners.logprobs import pack
+    from learners.persistence import VALUE_MODEL_DIR
     from tests.test_losses_pg import learner_logp, on_policy_groups
 
     learner = make_learner(tiny_model_dir, "ppo", lam=1.0)

@@ -14,7 +14,8 @@ from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.weights.shm_ring import ShmSlotRing
-from learners.learner import hf_state_dict, load_causal_lm
+from learners.learner import load_causal_lm
+from learners.persistence import hf_state_dict
 from tests.helpers import publish_state, shm_slot
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,7 @@ from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
 from async_rlhf.weights.shm_ring import ShmSlotRing
-from learners.learner import hf_state_dict
+from learners.persistence import hf_state_dict
 from tests.helpers import shm_slot
 
 pytestmark = pytest.mark.integration
