@@ -12,9 +12,11 @@ from __future__ import annotations
 import gc
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
@@ -65,6 +67,7 @@ class GeneratorActor:
         weight_transport: str = "shm",
         train_scorer: str | None = None,
         reward_timeout_s: float = 30.0,
+        busy_board: str | None = None,
     ) -> None:
         cores = cores or sorted(os.sched_getaffinity(0))
         # Pin before vLLM starts: its engine (this process on CPU, child processes on GPU) gets this
@@ -79,6 +82,8 @@ class GeneratorActor:
         register()  # the "shm" weight-transfer backend, before the engine's worker is built
 
         self.generator_id = generator_id
+        # Where this generator says when it samples: the learner borrows its core between calls (core_lending.py).
+        self.board = BusyBoard.attach(busy_board) if busy_board else None
         # A rule train reward scored here, with the reward actor's own failure handling (reward.in_generator).
         self.reward = RewardService({"train": train_scorer}, reward_timeout_s) if train_scorer else None
         self.seed = seed
@@ -170,6 +175,14 @@ class GeneratorActor:
         score: bool = False,
     ) -> GenerationResult:
         """Sample n completions per prompt (with MC rollouts for `mc`); with `score`, the train reward too."""
+        with self._busy():
+            return self._generate(prompts, weights, n, temperature, mc, score)
+
+    def _busy(self) -> AbstractContextManager:
+        return self.board.busy(self.generator_id) if self.board else nullcontext()
+
+    def _generate(self, prompts: list[Prompt], weights: WeightRef | None, n: int | None, temperature: float | None,
+                  mc: MCRequest | None, score: bool) -> GenerationResult:
         started_at = time.time()
         sync_s = self.load_weights(weights) if weights and self._holds_other(weights) else 0.0
         n = n or self.cfg.samples_per_prompt
@@ -177,11 +190,12 @@ class GeneratorActor:
         start = time.perf_counter()
         inputs: list[TokensPrompt] = [{"prompt_token_ids": p.token_ids} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        texts = iter(self._decode([c.token_ids for out in outputs for c in out.outputs]))
         gen_s = time.perf_counter() - start
         now = time.time()
         groups = [
-            RolloutGroup(p, [self._completion(c) for c in out.outputs], self.version, self.generator_id, now,
-                         gen_s=gen_s)
+            RolloutGroup(p, [self._completion(c, next(texts)) for c in out.outputs], self.version, self.generator_id,
+                         now, gen_s=gen_s)
             for p, out in zip(prompts, outputs)
         ]
         tokens = sum(g.num_tokens for g in groups)
@@ -214,6 +228,7 @@ class GeneratorActor:
             max_tokens=max_tokens or self.cfg.max_new_tokens,
             logprobs=logprobs,  # 0: the sampled token's logprob, the behaviour policy for importance ratios
             seed=(self.seed * 1_000_003 + prompt_id) % (2**31 - 1) if seed is None else seed,
+            detokenize=False,  # the texts are decoded once, after the call (_decode)
         )
 
     def _monte_carlo(self, groups: list[RolloutGroup], mc: MCRequest, temperature: float | None) -> MCBatch:
@@ -248,13 +263,19 @@ class GeneratorActor:
     def _continuation(self, state: State, out) -> Completion:
         """A whole response, prefix + continuation, decoded together (as the response's own text is)."""
         ids = [*state.prefix_ids, *out.token_ids]
-        text = self.llm.get_tokenizer().decode(ids, skip_special_tokens=True)
-        return Completion(ids, text, [], _finish_reason(out))
+        return Completion(ids, self._decode([ids])[0], [], _finish_reason(out))
+
+    def _decode(self, token_ids: list) -> list[str]:
+        """Texts of whole completions, after the call: vLLM's own detokenizer is off (SamplingParams.detokenize),
+        since it decodes every token of every sequence at every engine step, and each sampled log-prob's token
+        too (a fifth of a call's time on the toy policy, tests/test_generator.py checks the texts are equal)."""
+        tokenizer = self.llm.get_tokenizer()
+        return [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in token_ids]
 
     @staticmethod
-    def _completion(out) -> Completion:
+    def _completion(out, text: str) -> Completion:
         logprobs = [step[tok].logprob for tok, step in zip(out.token_ids, out.logprobs)]
-        return Completion(list(out.token_ids), out.text, logprobs, _finish_reason(out))
+        return Completion(list(out.token_ids), text, logprobs, _finish_reason(out))
 
 
 def set_engine_env(cores: list[int], cfg: GenerationConfig, cuda: bool) -> None:

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import remove_placement_group
 
 from async_rlhf.cluster.placement import in_bundle, learner_options, reserve, use_gpus
+from async_rlhf.cluster.resources import CoreLoan
 from async_rlhf.config.run import RunConfig
 from learners.distributed import RankInfo, free_port
 from learners.learner import Learner
@@ -88,11 +89,13 @@ class LearnerGroup:
         remove_placement_group(self.pg)
 
 
-def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threads: int) -> Any:
-    """The learner the controller trains with: one actor, or a `LearnerGroup` of learner.num_ranks."""
+def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threads: int,
+                  loan: CoreLoan | None = None) -> Any:
+    """The learner the controller trains with: one actor (that may borrow the generators' cores), or a
+    `LearnerGroup` of learner.num_ranks."""
     ranks, gpu = cfg.learner.num_ranks, use_gpus()
     if ranks == 1:
-        return ray.remote(Learner).options(**learner_options(cfg)).remote(cfg, model_dir, cores, threads)
+        return ray.remote(Learner).options(**learner_options(cfg)).remote(cfg, model_dir, cores, threads, None, loan)
     bundle: dict[str, float] = {"CPU": 1, **({"GPU": 1} if gpu else {})}
     pg = reserve([bundle] * ranks, cfg.ray.placement_strategy, cfg.learner.stall_timeout_s,
                  f"learner.num_ranks={ranks}")

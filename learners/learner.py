@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from async_rlhf.cluster.resources import pin_process
+from async_rlhf.cluster.busy_board import BusyBoard
+from async_rlhf.cluster.resources import CoreLoan, pin_process
 from async_rlhf.config.learner import LearnerConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import RolloutGroup
+from learners.core_lending import CoreLending
 from learners.distributed import RankInfo, all_agree, all_max, init_distributed
 from learners.logprobs import (
     PackedBatch,
@@ -100,7 +102,7 @@ class Learner:
     """Trains the policy one step per call on rollout groups; publishes weights as files."""
 
     def __init__(self, cfg: RunConfig, model_dir: str, cores: list[int] | None = None,
-                 threads: int | None = None, rank: RankInfo | None = None) -> None:
+                 threads: int | None = None, rank: RankInfo | None = None, loan: CoreLoan | None = None) -> None:
         pin_process(cores, threads)
         self.rank = init_distributed(rank)
         import deepspeed
@@ -135,6 +137,15 @@ class Learner:
         self.store = LearnerStateStore({"policy": self.engine}, {"reference": self.reference}, self.value,
                                      self.model_dir, self.rank, cfg.learner.zero_stage, self.spec.name)
         pin_process(None, threads or (len(cores) if cores else None))  # DeepSpeed may resize the pool
+        self.lending = self._lend(loan) if loan else None
+
+    def _lend(self, loan: CoreLoan) -> CoreLending:
+        """Every model this learner runs checks, layer by layer, whether it may use the generators' cores."""
+        lending = CoreLending(loan.own, loan.every, BusyBoard.attach(loan.board))
+        for model in (self.policy, self.reference, self.value.model if self.value else None):
+            if model is not None:
+                lending.watch(model)
+        return lending
 
     def _build_value_model(self) -> ValueTrainer:
         model = ValueModel.from_causal_lm(load_causal_lm(self.model_dir, self.cfg.model.torch_dtype)).to(self.device)
@@ -176,7 +187,8 @@ class Learner:
                        "train_tokens": 0, "nonfinite": 0,
                        "optimizer_step": 0, "micro_batches": 0, "nonfinite_micro_batches": 0}
         self.version += 1
-        return {**stats, **metrics, "version": self.version, "step_s": time.perf_counter() - start}
+        wide = {"wide_s": self.lending.take_wide_s()} if self.lending else {}
+        return {**stats, **metrics, **wide, "version": self.version, "step_s": time.perf_counter() - start}
 
     def _split(self, groups: list[RolloutGroup]) -> tuple[list[GroupSize], list[range]]:
         """Each group's size (its selection alone) and the chunks of learner.max_tokens_per_micro_batch;
@@ -275,11 +287,6 @@ class Learner:
     def _pack(self, selection: Selection) -> PackedBatch:
         completions = [c.token_ids for c in selection.completions]
         return pack(selection.prompts, completions, self.pad_id).to(self.device)
-
-    @torch.no_grad()
-    def set_cores(self, cores: list[int]) -> None:
-        """Train on these cores from the next step on (resources.balance_cores moves the learner)."""
-        pin_process(cores, len(cores))
 
     def kl_to_reference(self, groups: list[RolloutGroup]) -> float:
         """Mean over all scored completions of sum_t (log pi(y_t) - log ref(y_t)): a sample estimate

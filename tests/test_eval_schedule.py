@@ -122,3 +122,14 @@ def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule)
     evals.start(4)  # the restore sends the checkpoint's due evaluation again
     evals.drain()
     assert [r["version"] for r in evals.recorder.evals] == [2, 4]
+
+
+@pytest.mark.parametrize("start_is_reference, version, expected", [(True, 0, 0.0), (True, 3, 0.25),
+                                                                     (False, 0, 0.25)])
+def test_the_starting_policy_s_kl_is_zero_without_a_reference_pass(ray_local, start_is_reference: bool,
+                                                                   version: int, expected: float) -> None:
+    """Version 0 is the reference unless model.reference_path names another model: the learner is not asked."""
+    learner = ray_local.remote(num_cpus=0)(KLLearner).remote()
+    evaluator = Evaluator([Prompt(0, "p", [1, 2])], None, 1.0, start_is_reference=start_is_reference)
+    groups = [RolloutGroup(Prompt(0, "p", [1, 2]), [Completion([5], "5", [-0.5], "stop")], version, 0, time.time())]
+    assert ray_local.get(evaluator.kl(learner, groups)) == expected

@@ -33,6 +33,16 @@ def hf_token_logprobs(model_dir: Path, prompt_ids: list[int], completion: list[i
     return [logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(completion)]
 
 
+def vllm_detokenized(actor: GeneratorActor, prompts: list[Prompt]) -> list[str]:
+    """The same call's texts from vLLM's detokenizer (run inside the actor: its engine, its seeds)."""
+    params = [actor._sampling_params(actor.cfg.samples_per_prompt, None, p.prompt_id) for p in prompts]
+    for param in params:
+        param.detokenize = True
+    inputs: list = [{"prompt_token_ids": p.token_ids} for p in prompts]
+    outputs = actor.llm.generate(inputs, params, use_tqdm=False)
+    return [c.text for out in outputs for c in out.outputs]
+
+
 def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path: Path) -> None:
     from async_rlhf.policies.embedded import build_tokenizer
 
@@ -52,6 +62,9 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
     # Behaviour logprobs are the sampling policy's: equal to a transformers forward pass.
     c = sampled.groups[0].completions[0]
     assert c.logprobs == pytest.approx(hf_token_logprobs(start_dir, prompts[0].token_ids, c.token_ids), abs=1e-4)
+    # The texts, decoded once after the call, are those of vLLM's own per-step detokenizer.
+    assert [c.text for g in sampled.groups for c in g.completions] == ray_local.get(
+        actor.__ray_call__.remote(vllm_detokenized, prompts))
 
     # Publish other weights through the broker's slot ring, as the learner does, and let the actor load them.
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))

@@ -1,65 +1,148 @@
-"""Cores by load (resources.balance_cores): hand-computed windows, and the learner's real affinity."""
+"""Cores by load (resources.balance_cores): the generators' busy board, and the learner's real affinity
+following it layer by layer."""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
-from async_rlhf.cluster.resources import CoreBalancer, core_balancer, plan_cores
+from async_rlhf.cluster.busy_board import BusyBoard
+from async_rlhf.cluster.resources import CoreLoan, core_loan, plan_cores
 from async_rlhf.config.run import RunConfig
 
 
-def balancer() -> CoreBalancer:
-    return CoreBalancer(own=[1], every=[0, 1], window_s=2.0, window_steps=2, margin=0.25)
+def test_the_board_says_busy_while_a_generator_samples_and_how_long_all_have_idled(tmp_path: Path) -> None:
+    board = BusyBoard.create(tmp_path / "board", 2)
+    seen = BusyBoard.attach(tmp_path / "board")  # another process's view: the same shared bytes
+    assert seen.slots == 2 and 0.0 <= seen.idle_for() < 1.0
+    with pytest.raises(ValueError), board.busy(1):
+        assert seen.idle_for() == 0.0
+        raise ValueError("a failed call")
+    assert 0.0 <= seen.idle_for() < 1.0  # idle again after the failed call
+    board.mark(0, busy=True)
+    time.sleep(0.05)
+    assert seen.idle_for() == 0.0  # one of the two samples
+    board.mark(0, busy=False)
+    time.sleep(0.05)
+    assert 0.05 <= seen.idle_for() < 1.0
+    board.close()
+    seen.close()
 
 
-def test_a_learner_bound_window_gives_the_learner_every_core_and_a_generator_bound_one_takes_it_back() -> None:
-    b = balancer()
-    # 4 s of loop: learner busy 3.8 s (0.95), the one generator 1.2 s (0.30): 0.65 > 0.25.
-    assert b.observe(4.0, 3.8, 1.2, 5, 1) == [0, 1] and b.wide and b.moves == 1
-    # next 4 s: learner 2.0 s (0.5), generator 3.6 s (0.9): the generators are the bottleneck now.
-    assert b.observe(8.0, 5.8, 4.8, 10, 1) == [1] and not b.wide and b.moves == 2
-
-
-def test_within_the_margin_or_a_short_window_nothing_moves() -> None:
-    b = balancer()
-    assert b.observe(1.5, 1.5, 0.0, 5, 1) is None  # under window_s: not judged, not consumed
-    assert b.observe(4.0, 2.4, 1.6, 5, 1) is None  # 0.6 vs 0.4: within 0.25
-    assert b.observe(8.0, 6.3, 2.0, 6, 1) is None  # one step since the last window: not judged yet
-    assert b.observe(9.0, 7.2, 2.1, 7, 1) == [0, 1]  # 5 s, 2 steps: 0.96 vs 0.1
-
-
-def test_generator_load_is_per_generator() -> None:
-    b = CoreBalancer(own=[2, 3], every=[0, 1, 2, 3])
-    # Two generators busy 3.2 s each of 4 s (0.8) against a learner at 0.9: balanced, stays.
-    assert b.observe(4.0, 3.6, 6.4, 4, 2) is None
-
-
-def test_only_a_pinned_single_rank_cpu_plan_is_balanced() -> None:
+def test_only_a_pinned_single_rank_cpu_plan_lends_cores() -> None:
     cfg = RunConfig(resources={"balance_cores": True})
     plan = plan_cores(cfg, [0, 1])
-    made = core_balancer(cfg, plan)
-    assert plan.pinned and made is not None and (made.own, made.every) == ([1], [0, 1])
-    assert core_balancer(cfg, plan_cores(cfg, [0, 1], gpus=True)) is None
-    assert core_balancer(RunConfig(resources={"balance_cores": False}), plan) is None
+    made = core_loan(cfg, plan, "/dev/shm/board")
+    assert plan.pinned and made is not None and (made.own, made.every, made.board) == ([1], [0, 1], "/dev/shm/board")
+    assert core_loan(cfg, plan_cores(cfg, [0, 1], gpus=True), "b") is None
+    assert core_loan(RunConfig(resources={"balance_cores": False}), plan, "b") is None
     sync = RunConfig(queue={"max_staleness": 0}, resources={"balance_cores": True})
-    assert core_balancer(sync, plan_cores(sync, [0, 1])) is None
+    assert core_loan(sync, plan_cores(sync, [0, 1]), "b") is None
 
 
-def affinity_and_threads(_learner) -> tuple[list[int], int]:
+class ScriptedBoard:
+    """Answers idle_for() from a script, and notes the learner's cores and threads at each question."""
+
+    def __init__(self, answers: list[float]) -> None:
+        self.answers = answers
+        self.seen: list[tuple[list[int], int]] = []
+
+    def idle_for(self) -> float:
+        import torch
+
+        self.seen.append((sorted(os.sched_getaffinity(0)), torch.get_num_threads()))
+        return self.answers.pop(0)
+
+
+def lend_through_a_pass(_actor, own: list[int], every: list[int]) -> dict:
+    """In a Ray worker (its affinity may change): 3 layers, idle during the forward, busy in the backward."""
     import torch
 
-    return sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    from async_rlhf.cluster.resources import pin_process
+    from learners.core_lending import CoreLending
+
+    pin_process(own, len(own))
+    layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+    model = torch.nn.Sequential(layers)
+    board = ScriptedBoard([1.0] * 3 + [0.0] * 3)
+    lending = CoreLending(own, every, board, idle_s=0.5)  # type: ignore[arg-type]  # a stand-in board
+    lending.watch(model)
+    x = torch.ones(2, 4, requires_grad=True)
+    for layer in layers:
+        x = layer(x)
+    wide_after_forward = (sorted(os.sched_getaffinity(0)), torch.get_num_threads())
+    x.sum().backward()
+    return {"seen": board.seen, "wide_after_forward": wide_after_forward, "moves": lending.moves,
+            "end": (sorted(os.sched_getaffinity(0)), torch.get_num_threads()), "wide_s": lending.take_wide_s()}
+
+
+class Worker:
+    pass
+
+
+def test_the_learner_widens_while_the_generators_idle_and_narrows_between_layers_when_one_samples(ray_local) -> None:
+    """CoreLending's hooks on a real torch model: asked before each layer's forward and as each layer's
+    gradient arrives; the real affinity and thread count follow the board (own = one core, every = all)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("lending needs two cores")
+    own, every = cores[1:2], cores[:2]
+    worker = ray_local.remote(Worker).options(num_cpus=0).remote()
+    out = ray_local.get(worker.__ray_call__.remote(lend_through_a_pass, own, every))
+    ray_local.kill(worker)
+    narrow, wide = (own, 1), (every, 2)
+    # First question on its own core; it widens, so the 2nd and 3rd layers run on both; the first gradient
+    # question still sees both, says busy, and the rest of the backward runs on its own core again.
+    assert [tuple(s) for s in out["seen"]] == [narrow, wide, wide, wide, narrow, narrow]
+    assert tuple(out["wide_after_forward"]) == wide and tuple(out["end"]) == narrow
+    assert out["moves"] == 2 and out["wide_s"] > 0
+
+
+def lending_state(learner) -> dict:
+    import torch
+
+    lending = learner.lending
+    return {"wide": lending.wide, "moves": lending.moves, "cores": sorted(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads()}
 
 
 @pytest.mark.integration
-def test_the_learner_moves_onto_the_cores_it_is_given(ray_local, random_policies) -> None:
-    """A real Learner actor: set_cores changes its affinity and torch's thread count."""
+def test_a_real_generator_marks_the_board_and_a_real_learner_borrows_its_idle_core(ray_local, random_policies,
+                                                                                   tmp_path: Path) -> None:
+    """Both ends on real components: a GeneratorActor's call shows as busy on the board while it samples; a
+    Learner given the loan widens onto every core in its next pass while the board says idle."""
+    from actors.generator import GeneratorActor
+    from async_rlhf.config.generation import GenerationConfig
+    from async_rlhf.rollout import Prompt
     from learners.learner import Learner
+    from tests.helpers import make_group
 
     cores = sorted(os.sched_getaffinity(0))
-    learner = ray_local.remote(Learner).options(num_cpus=0).remote(RunConfig(), str(random_policies[0]), cores[:1], 1)
-    assert ray_local.get(learner.__ray_call__.remote(affinity_and_threads)) == (cores[:1], 1)
-    ray_local.get(learner.set_cores.remote(cores))
-    assert ray_local.get(learner.__ray_call__.remote(affinity_and_threads)) == (cores, len(cores))
+    if len(cores) < 2:
+        pytest.skip("lending needs two cores")
+    path = tmp_path / "busy_board"
+    board = BusyBoard.create(path, 1)
+    cfg = GenerationConfig(samples_per_prompt=4, max_new_tokens=48, max_model_len=64)
+    gen = ray_local.remote(GeneratorActor).options(num_cpus=0).remote(0, str(random_policies[0]), cfg, 0, cores[:1],
+                                                                      "float32", "shm", None, 30.0, str(path))
+    ray_local.get(gen.info.remote())
+    call = gen.generate.remote([Prompt(i, "p", [1, 5, 6, 7]) for i in range(32)])
+    seen_busy = False
+    while ray_local.wait([call], timeout=0.001)[1]:
+        seen_busy = seen_busy or board.idle_for() == 0.0
+    ray_local.get(call)
+    assert seen_busy and board.idle_for() > 0.0
+
+    loan = CoreLoan(cores[1:2], cores[:2], str(path))
+    learner = ray_local.remote(Learner).options(num_cpus=0).remote(RunConfig(), str(random_policies[0]), cores[1:2], 1,
+                                                                   None, loan)
+    assert ray_local.get(learner.__ray_call__.remote(lending_state))["cores"] == cores[1:2]
+    time.sleep(0.1)  # the generator has idled longer than CoreLending.idle_s
+    ray_local.get(learner.sampled_kl_to_reference.remote([make_group(0)], 1.0))
+    state = ray_local.get(learner.__ray_call__.remote(lending_state))
+    assert state == {"wide": True, "moves": 1, "cores": cores[:2], "threads": 2}
+    ray_local.kill(gen)
     ray_local.kill(learner)
+    board.close()

@@ -73,4 +73,5 @@ def test_smollm2_loads_offline_and_vllm_greedy_matches_hf(smollm2: Path, monkeyp
         ray.kill(generator)
     vllm = [g.completions[0].token_ids for g in groups]
     assert vllm == hf, (tokenizer.batch_decode(vllm), tokenizer.batch_decode(hf))
+    assert [g.completions[0].text for g in groups] == tokenizer.batch_decode(hf, skip_special_tokens=True)
     assert "Paris" in groups[1].completions[0].text

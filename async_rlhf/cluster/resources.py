@@ -10,7 +10,7 @@ about the cores of the nodes the roles run on.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from async_rlhf.config.run import RunConfig
 
@@ -37,51 +37,23 @@ def plan_cores(cfg: RunConfig, available: list[int] | None = None, gpus: bool = 
     return CorePlan([list(cores) for _ in range(gens)], list(cores), pinned=False)
 
 
-@dataclass
-class CoreBalancer:
-    """Moves the learner between its own cores and every core by the load measured since the last move.
+@dataclass(frozen=True)
+class CoreLoan:
+    """The learner may train on `every` core while the generators idle, on `own` while one samples
+    (resources.balance_cores; the generators say when they sample on the BusyBoard at `board`)."""
 
-    Pinning keeps a generator and the learner from slowing each other down, but a learner-bound run then
-    trains on one core while the generator's core idles (SmolLM2 on 2 cores: learner busy 96% of the loop,
-    the synchronous run faster). So after each window (at least `window_s` of loop and `window_steps`
-    steps) the busier role, by more than `margin` of the window, gets the generator's cores too (the
-    learner) or gets them back (the generators). vLLM's threads stay bound to their cores; only the
-    learner's affinity and torch threads change.
-    """
-
-    own: list[int]  # the learner's cores in the pinned plan
-    every: list[int]  # all cores of the run
-    window_s: float = 2.0
-    window_steps: int = 2
-    margin: float = 0.25
-    wide: bool = False
-    moves: int = 0
-    _mark: tuple[float, float, float, int] = field(default=(0.0, 0.0, 0.0, 0))
-
-    def observe(self, loop_s: float, learn_s: float, gen_s: float, steps: int, generators: int) -> list[int] | None:
-        """After a learner step (cumulative totals): the learner's new cores when it should move, else None."""
-        span, steps_in = loop_s - self._mark[0], steps - self._mark[3]
-        if span < self.window_s or steps_in < self.window_steps:
-            return None
-        learner = (learn_s - self._mark[1]) / span
-        gens = (gen_s - self._mark[2]) / (span * generators)
-        self._mark = (loop_s, learn_s, gen_s, steps)
-        if (learner - gens > self.margin) != self.wide and abs(learner - gens) > self.margin:
-            self.wide, self.moves = not self.wide, self.moves + 1
-            return self.cores
-        return None
-
-    @property
-    def cores(self) -> list[int]:
-        return self.every if self.wide else self.own
+    own: list[int]
+    every: list[int]
+    board: str
 
 
-def core_balancer(cfg: RunConfig, plan: CorePlan) -> CoreBalancer | None:
-    """Only a pinned plan with one learner rank has cores to move (GPU runs and shared cores do not)."""
-    if not (plan.pinned and cfg.resources.balance_cores and cfg.learner.num_ranks == 1):
+def core_loan(cfg: RunConfig, plan: CorePlan, board: str) -> CoreLoan | None:
+    """Only a pinned plan with one learner rank has cores to lend (GPU runs and shared cores do not)."""
+    if not (plan.pinned and cfg.resources.balance_cores and cfg.learner.num_ranks == 1
+            and cfg.weight_sync.transport == "shm"):  # the board lives in the shm ring's directory
         return None
     every = sorted({c for cores in plan.generator_cores for c in cores} | set(plan.learner_cores))
-    return CoreBalancer(list(plan.learner_cores), every)
+    return CoreLoan(list(plan.learner_cores), every, board)
 
 
 def pin_process(cores: list[int] | None, threads: int | None) -> None:

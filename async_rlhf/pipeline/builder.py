@@ -13,8 +13,9 @@ from typing import Any
 import ray
 
 from actors.generator import GeneratorActor
+from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.placement import generator_options
-from async_rlhf.cluster.resources import core_balancer
+from async_rlhf.cluster.resources import CoreLoan, core_loan
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.evaluation import Evaluator
@@ -48,6 +49,7 @@ class ComponentBuilder:
         self.parts = parts
         self.broker = broker
         self.weights_root = weights_root
+        self.loan: CoreLoan | None = None  # the generators' cores the learner may borrow (set by build)
 
     def start_ray(self) -> bool:
         """True when this call started Ray (the run then shuts it down)."""
@@ -63,6 +65,10 @@ class ComponentBuilder:
             task = parts.require_task()
             parts.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(task.tokenizer, task.step_end_chars))
         claim_weights_location(self.run_dir, self.weights_root)
+        self.loan = core_loan(cfg, parts.require_plan(), str(self.weights_root / "busy_board"))
+        if self.loan is not None:  # in the ring's directory, which the broker removes at the end
+            Path(self.loan.board).parent.mkdir(parents=True, exist_ok=True)
+            BusyBoard.create(Path(self.loan.board), cfg.generation.num_generators).close()
         started = time.time()  # every actor starts now, side by side; they are awaited once, below
         self.start_learner()
         pool.slots = self._start_generators()
@@ -78,7 +84,8 @@ class ComponentBuilder:
         if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
             pool.connect()
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
-                                    cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json")
+                                    cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
+                                    start_is_reference=cfg.model.reference_path is None)
 
     def _start_generators(self) -> list[GeneratorSlot]:
         """On GPUs each in its own placement bundle (placement.py); Ray restarts one whose process dies."""
@@ -87,7 +94,7 @@ class ComponentBuilder:
         scorer = cfg.reward.train if cfg.reward.in_generator else None
         return [GeneratorSlot(gen_cls.options(**options).remote(
                     i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.model.torch_dtype,
-                    cfg.weight_sync.transport, scorer, cfg.reward.timeout_s), i)
+                    cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board), i)
                 for i, options in enumerate(generator_options(cfg))]
 
     def _start_reward(self) -> Any:  # a RewardService actor handle
@@ -103,8 +110,7 @@ class ComponentBuilder:
         """One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py)."""
         plan = self.parts.require_plan()
         self.parts.learner = start_learner(self.cfg, self.parts.policy_dir, plan.learner_cores if plan.pinned else None,
-                                           plan.learner_threads)
-        self.parts.balancer = core_balancer(self.cfg, plan)  # a new learner starts on its own cores
+                                           plan.learner_threads, self.loan)
 
     def stop_learner(self) -> None:
         if isinstance(self.parts.learner, LearnerGroup):

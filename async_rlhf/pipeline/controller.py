@@ -291,8 +291,9 @@ class Controller:
 
     # ---- the end ------------------------------------------------------------------------
     def _finish(self, initial: dict) -> dict:
+        saved = self.parts.learner.save_pretrained.remote(str(self.run_dir / "final"))  # while generator 0 samples
         final = self.evals.final()
-        ray.get(self.parts.learner.save_pretrained.remote(str(self.run_dir / "final")))
+        ray.get(saved)
         self.rewards.restarted()  # an actor killed while idle lost nothing and failed no call: only its pid tells
         self.pool.count_quiet_restarts()
         summary = run_summary(self.view, initial, final)

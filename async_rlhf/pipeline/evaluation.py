@@ -86,12 +86,14 @@ def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
 
 class Evaluator:
     def __init__(self, prompts: list[Prompt], reward: Any, temperature: float,
-                 judge: Literal["gold", "train"] = "gold", initial_path: Path | None = None) -> None:
+                 judge: Literal["gold", "train"] = "gold", initial_path: Path | None = None,
+                 start_is_reference: bool = True) -> None:
         self.prompts = prompts
         self.reward = reward  # RewardService actor handle
         self.temperature = temperature
         self.judge = judge  # the role that compares samples with references
         self.initial_path = initial_path
+        self.start_is_reference = start_is_reference  # version 0 is the learner's reference (no model.reference_path)
         self.process_start = process_started_at()
         # gold score per eval prompt of the starting policy (version 0), kept from an earlier run of this directory
         self.initial: dict[int, float] = {}
@@ -127,7 +129,12 @@ class Evaluator:
 
     def kl(self, learner: Any, proxy: list[RolloutGroup]) -> Any:
         """The KL call: from the generator's own log-probs, so it is the sampled version's even when the
-        learner has taken steps since (Learner.sampled_kl_to_reference)."""
+        learner has taken steps since (Learner.sampled_kl_to_reference). Version 0 is the reference itself
+        unless model.reference_path names another: its KL is 0 by definition, and the reference pass over every
+        eval sample that would measure it is skipped (on SmolLM2 that pass held the learner's one core ~45 s
+        before its first step)."""
+        if self.start_is_reference and proxy and all(g.policy_version == 0 for g in proxy):
+            return ray.put(0.0)
         return learner.sampled_kl_to_reference.remote(proxy, self.temperature)
 
     def record(self, result: GenerationResult, scored: list[list[RolloutGroup]], kl: float, started: float) -> dict:

@@ -69,8 +69,8 @@ class LearnerSteps:
         st.learner_idle_since = time.perf_counter()
         st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
+        self.timing.add("learn_wide_s", metrics.get("wide_s", 0.0))
         self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
-        self._balance_cores()
         record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
         return job, metrics, self._record(job, metrics)
 
@@ -80,13 +80,3 @@ class LearnerSteps:
         self.stats.gap_tally.add(metrics)
         self.recorder.log_step(record)
         return record
-
-    def _balance_cores(self) -> None:
-        balancer = self.parts.balancer
-        if balancer is None:
-            return
-        t = self.timing
-        cores = balancer.observe(t.elapsed("loop_s"), t.get("learn_busy_s"), t.get("gen_busy_s"),
-                                 self.state.steps_taken, self.cfg.generation.num_generators)
-        if cores is not None:  # ordered before the next train_step on the learner actor
-            self.parts.learner.set_cores.remote(cores)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from async_rlhf.cluster.resources import CoreBalancer, CorePlan
+from async_rlhf.cluster.resources import CorePlan
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.vineppo import MCCost
 from async_rlhf.rollout import Prompt, RolloutGroup
@@ -145,7 +145,6 @@ class Components:
     evaluator: Evaluator | None = None
     task: "Task | None" = None
     plan: CorePlan | None = None
-    balancer: CoreBalancer | None = None  # set with the learner (a pinned CPU plan only)
     policy_dir: str = ""
     mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
 

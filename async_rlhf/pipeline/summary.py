@@ -26,7 +26,6 @@ def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics:
         "dropped_stale": view.queue_counters.dropped_stale,
         "failed_reward": view.queue_counters.failed_reward,
         "prompt_ids": [g.prompt.prompt_id for g in batch],  # coverage: nothing trained twice or lost
-        "learner_cores": view.learner_cores,  # resources.balance_cores
         **view.mc_record(),
         **{k: v for k, v in metrics.items() if k != "version"},
     }
@@ -43,6 +42,7 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         "weight_sync_s": round(t("weight_sync_s"), 3),
         "reward_in_generator_s": round(t("reward_in_generator_s"), 3),
         "learn_busy_s": round(t("learn_busy_s"), 3),
+        "learn_wide_s": round(t("learn_wide_s"), 3),  # of which on the generators' idle cores too (balance_cores)
         "publish_s": round(t("publish_s"), 3),
         "wait_s": round(t("learner_wait_s"), 3),
         "eval_s": round(t("eval_s"), 3),  # the evaluations' own durations, summed (they overlap training)
@@ -62,7 +62,6 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         "generator_restarts": sum(g.restarts for g in view.generators),
         "reward_restarts": view.reward_restarts,
         "learner_restarts": view.learner_restarts,
-        "learner_core_moves": view.learner_core_moves,
         "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
         "tokens_generated": int(t("tokens_generated")),
         "cores_pinned": view.cores_pinned,

@@ -156,16 +156,6 @@ class RunView:
         return self._stats.reward_restarts
 
     @property
-    def learner_cores(self) -> int | None:
-        balancer = self._parts.balancer
-        return len(balancer.cores) if balancer else None
-
-    @property
-    def learner_core_moves(self) -> int:
-        balancer = self._parts.balancer
-        return balancer.moves if balancer else 0
-
-    @property
     def cores_pinned(self) -> bool:
         return bool(self._parts.plan and self._parts.plan.pinned)
 
