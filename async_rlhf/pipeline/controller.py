@@ -261,7 +261,9 @@ class Controller:
         refs = list(pending) + list(probes) + list(self.state.reward_jobs) + list(evals)
         if self.state.learner_job is not None:
             refs.append(self.state.learner_job.save_ref)
-        if not refs and not self.control.paused and not self.pool.recovering():
+        # A pause or a stop posted since this iteration began leaves nothing dispatched: not a stall.
+        held = self.control.paused or self.control.stop_requested
+        if not refs and not held and not self.pool.recovering():
             raise RuntimeError("controller has nothing in flight and cannot make progress (gate or queue bug)")
         ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_TIMEOUT_S) if refs else ([], [])
         if not ready:
