@@ -64,7 +64,3 @@ class BusyBoard:
     def close(self) -> None:
         self._map.close()
 
-
-def board_path(run_tag: str) -> Path:
-    """The board's file: node-local shared memory (every role of a pinned plan runs on this node)."""
-    return Path("/dev/shm") / f"async-rlhf-busy-{run_tag}"
