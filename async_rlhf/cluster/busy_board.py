@@ -5,7 +5,8 @@ calls (SmolLM2 on 2 cores: the generator samples ~5 s of every ~18 s step). The 
 per generator in a shared-memory file on the node: the generator writes BUSY when a call starts and the
 time (CLOCK_MONOTONIC, one clock for every process of the node) when it ends. Reading it costs a memory
 load, so the learner asks between layers (learners/core_lending.py) and trains on every core only while
-no generator has sampled for `idle_s`. A missing or unreadable board means "busy": the pinned plan.
+no generator has sampled for `idle_s`. A generator killed mid-call leaves its slot BUSY until its restarted
+actor's first call ends: the learner stays on its own cores meanwhile (the pinned plan).
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ _SLOT = struct.Struct("d")
 
 
 class BusyBoard:
-    def __init__(self, path: Path, slots: int, fd: int) -> None:
-        self.path = path
+    def __init__(self, slots: int, fd: int) -> None:
         self.slots = slots
         self._map = mmap.mmap(fd, slots * _SLOT.size)
         os.close(fd)
@@ -34,7 +34,7 @@ class BusyBoard:
         """A board for `generators` generators, each idle since now (the driver, before the actors start)."""
         fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o600)
         os.ftruncate(fd, generators * _SLOT.size)
-        board = cls(path, generators, fd)
+        board = cls(generators, fd)
         for index in range(generators):
             board.mark(index, busy=False)
         return board
@@ -42,7 +42,7 @@ class BusyBoard:
     @classmethod
     def attach(cls, path: str | Path) -> BusyBoard:
         fd = os.open(path, os.O_RDWR)
-        return cls(Path(path), os.fstat(fd).st_size // _SLOT.size, fd)
+        return cls(os.fstat(fd).st_size // _SLOT.size, fd)
 
     def mark(self, index: int, busy: bool) -> None:
         _SLOT.pack_into(self._map, index * _SLOT.size, BUSY if busy else time.monotonic())
@@ -63,4 +63,3 @@ class BusyBoard:
 
     def close(self) -> None:
         self._map.close()
-
