@@ -97,7 +97,8 @@ class GeneratorActor:
             skip_cpu_start_costs()
         self.llm = LLM(
             model=model_dir,
-            # The learner's (model.torch_dtype, float32 or bfloat16): behaviour logprobs must match its own.
+            # RunConfig.generator_dtype: the learner's (model.dtype), or bfloat16 over float32 weights on a CPU
+            # (generation.dtype; each published float32 version is converted as it loads).
             dtype=dtype,  # type: ignore[arg-type]  # a str from the config, one of vLLM's literal names
             max_model_len=gen_cfg.max_model_len,
             seed=seed + generator_id,

@@ -36,7 +36,7 @@ class GoldEvaluator:
     def __init__(self, cfg: RunConfig, start_policy: Path) -> None:
         self.cfg = cfg
         self.prompts = load_task(cfg, start_policy).eval_prompts()
-        self.generator = GeneratorActor(0, str(start_policy), cfg.generation, cfg.seed, dtype=cfg.model.torch_dtype)
+        self.generator = GeneratorActor(0, str(start_policy), cfg.generation, cfg.seed, dtype=cfg.generator_dtype)
         self.gold = RewardService({"gold": cfg.reward.gold}, cfg.reward.timeout_s)
         self.root = cfg.weight_sync.shm_root / f"async-rlhf-policy-eval-{uuid.uuid4().hex[:8]}"
         self.ring = ShmSlotRing(self.root)

@@ -108,7 +108,8 @@ def trl_args(cfg: RunConfig, out: Path) -> OnlineDPOConfig:
         gradient_accumulation_steps=1, learning_rate=learner.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=learner.weight_decay, max_grad_norm=learner.grad_clip, beta=[cfg.loss.beta],
         loss_type="sigmoid", max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        top_k=0, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=learner.gradient_checkpointing,
+        top_k=0, use_cpu=True, bf16=learner.autocast == "bfloat16",  # our learner.autocast is TRL's CPU bf16 autocast
+        fp16=False, gradient_checkpointing=learner.gradient_checkpointing,
         train_sampling_strategy="sequential", seed=cfg.seed, logging_steps=max(1, learner.steps // 10),
         save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
     )

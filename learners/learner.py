@@ -208,7 +208,7 @@ class Learner:
         (a no-grad pass): in the first epoch V = V_old and the value clip cannot bind; it does from
         the second on, like the ratio clip against the behaviour log-probs beyond their staleness.
         """
-        with torch.no_grad():  # one micro-batch at a time: only the [B, C] results are kept
+        with torch.no_grad(), self.compute():  # one micro-batch at a time: only the [B, C] results are kept
             for mb in (mb for mb in micro if mb.weight > 0):  # a padding pass reads neither
                 # At the sampling temperature too: KL(pi_T || ref_T) is 0 at the start and the
                 # reference enters PPO's shaped rewards next to the (tempered) behaviour log-probs.
@@ -240,8 +240,9 @@ class Learner:
 
     def _accumulate(self, mb: MicroBatch) -> dict:
         """Forward one micro-batch; if its loss is finite on every rank, backward it scaled by its weight."""
-        logps = completion_logprobs(self.engine, mb.batch, self.temperature)
-        values = self.value.values(mb.batch) if self.value else None
+        with self.compute():
+            logps = completion_logprobs(self.engine, mb.batch, self.temperature)
+            values = self.value.values(mb.batch) if self.value else None
         gap: dict = {}
         if mb.weight > 0:
             # Filled for every weighted micro-batch before the first update (train_step), and by _inputs.
@@ -259,6 +260,11 @@ class Learner:
             self.engine.backward(loss * mb.weight)  # weight 1.0 (one micro-batch) is exact: today's step
         return {"weight": mb.weight, "finite": finite, "train_tokens": mb.batch.num_completion_tokens,
                 "forward_tokens": mb.batch.num_tokens, "measures": measures, "gap": gap}
+
+    def compute(self) -> torch.autocast:
+        """The context of every forward pass: bfloat16 autocast with learner.autocast, else plain float32."""
+        enabled = self.cfg.learner.autocast == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     @property
     def temperature(self) -> float:
@@ -288,6 +294,7 @@ class Learner:
         completions = [c.token_ids for c in selection.completions]
         return pack(selection.prompts, completions, self.pad_id).to(self.device)
 
+    @torch.no_grad()
     def kl_to_reference(self, groups: list[RolloutGroup]) -> float:
         """Mean over all scored completions of sum_t (log pi(y_t) - log ref(y_t)): a sample estimate
         of KL(pi || ref) when the completions were sampled from pi. NaN if nothing is scored."""
@@ -298,7 +305,8 @@ class Learner:
         total = 0.0
         for sel in selections:
             batch = self._pack(sel)
-            diff = completion_logprobs(self.policy, batch) - completion_logprobs(self.reference, batch)
+            with self.compute():
+                diff = completion_logprobs(self.policy, batch) - completion_logprobs(self.reference, batch)
             total += float((diff * batch.completion_mask).sum())
         return total / rows
 
@@ -307,7 +315,8 @@ class Learner:
         """kl_to_reference of the weights that sampled `groups`, whatever this learner holds by now (an
         evaluation runs beside training): logprobs.sampled_kl. NaN if nothing is scored."""
         selections, rows = self._scored_selections(groups)
-        total = sum(sampled_kl(self.reference, self._pack(s), s.completions, temperature) for s in selections)
+        with self.compute():
+            total = sum(sampled_kl(self.reference, self._pack(s), s.completions, temperature) for s in selections)
         return total / rows if rows else math.nan
 
     @staticmethod

@@ -78,14 +78,21 @@ def completion_logprobs(model: Callable[..., Any], batch: PackedBatch, temperatu
 
     p_T = softmax(logits / T), the distribution the generator sampled from at `temperature` T
     (generation.temperature), so ratios to the behaviour log-probs compare like with like.
-    `model` is anything called as model(input_ids=, attention_mask=) returning `.logits` [B, T, V]
-    (an HF causal LM or a DeepSpeed engine wrapping one). Grad flows when the caller allows it.
+    `model` is anything called as model(input_ids=, attention_mask=, logits_to_keep=K) returning the
+    `.logits` [B, K, V] of the last K positions (an HF causal LM or a DeepSpeed engine wrapping one).
+    Grad flows when the caller allows it.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    _, width, vocab = logits.shape
+    width = batch.input_ids.shape[1]
+    # Logits only from the first position that predicts a completion token on: the LM head over the
+    # prompts' positions is thrown away (a sixth of SmolLM2's forward and backward, measured).
+    first = int(batch.prompt_lens.min()) - 1
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=width - first).logits
+    vocab = logits.shape[-1]
     pos = completion_positions(batch, logits.device)
     # Gather only the needed positions before the softmax normaliser: O(B*C*V) instead of O(B*T*V).
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, vocab)).float() / logprob_temperature(temperature)
+    picked = logits.gather(1, (pos - first)[..., None].expand(-1, -1, vocab)).float()
+    picked = picked / logprob_temperature(temperature)
     targets = batch.input_ids.to(logits.device).gather(1, (pos + 1).clamp(max=width - 1))
     logp = picked.gather(-1, targets[..., None]).squeeze(-1) - picked.logsumexp(-1)
     mask = batch.completion_mask.to(logits.device) > 0

@@ -68,7 +68,7 @@ class ValueTrainer:
         """[B, C] V(prompt, y_<j) for each completion token j, 0 at padding; grad flows if enabled."""
         self.model.train()
         out = self.model(batch.input_ids, batch.attention_mask)
-        picked = out.gather(1, completion_positions(batch, out.device))
+        picked = out.gather(1, completion_positions(batch, out.device)).float()  # bfloat16 under learner.autocast
         return picked * batch.completion_mask.to(out.device)
 
     def step(self) -> float:

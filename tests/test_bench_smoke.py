@@ -19,6 +19,8 @@ PER_TEST_TIMEOUT_S = 600  # a loaded 2-core machine starts a vLLM engine in minu
 
 SMOKE = {
     "learner_step": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
+    "learner_precision": ["--config", "configs/quickstart.yaml", "--prompts", "2", "--prompt-tokens", "8",
+                          "--repeats", "1"],
     "generator_path": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
     "weight_sync": ["--sizes", "tiny", "--repeats", "1"],
     "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "2"],
@@ -47,6 +49,15 @@ def test_ratio_benchmark_runs_at_toy_size(name: str, tmp_path: Path) -> None:
     sides = {"generator_path": {"raw_vllm", "generator_path"}, "learner_step": {"bare_deepspeed", "learner"}}
     assert set(result["tokens_per_s"]) == sides[name]
     assert all(v > 0 for v in result["tokens_per_s"].values()) and result["ratio"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
+def test_learner_precision_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
+    result = run_bench("learner_precision", tmp_path / "learner_precision")
+    assert set(result["median_s"]) == {"none", "bfloat16"} and all(v > 0 for v in result["median_s"].values())
+    drift = result["logprob_drift"]  # bf16 compute moves the log-probs, but not far
+    assert 0 < drift["mean_abs"] <= drift["max_abs"] < 1.0 and drift["tokens"] == 2 * 2 * 12
 
 
 @pytest.mark.slow

@@ -28,6 +28,12 @@ def test_fixed_delay_is_valid_with_shm_at_any_n() -> None:
     assert load_config(QUICKSTART).queue.staleness_mode == "bound"
 
 
+def test_the_generators_dtype_is_the_learners_unless_set() -> None:
+    assert load_config(QUICKSTART).generator_dtype == "float32"  # auto: model.dtype's, float32 on CPU
+    bf16 = load_config(QUICKSTART, ["generation.dtype=bfloat16"])
+    assert bf16.generator_dtype == "bfloat16" and bf16.model.torch_dtype == "float32"
+
+
 def test_parse_overrides_types_values() -> None:
     parsed = parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"])
     assert parsed == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}
@@ -44,6 +50,9 @@ def test_parse_overrides_types_values() -> None:
         (["queue.staleness_mode=fixed", "weight_sync.transport=nccl"],
          ("queue.staleness_mode=fixed samples with older versions, which weight_sync.transport=nccl does not keep "
           "(it pushes only the newest); use weight_sync.transport=shm")),
+        (["weight_sync.transport=nccl", "generation.dtype=bfloat16"],
+         ("generation.dtype=bfloat16 differs from the learner's model.dtype (float32), which "
+          "weight_sync.transport=nccl pushes as is; set generation.dtype=auto")),
         (["queue.max_staleness=-1"], "queue.max_staleness: Input should be greater than or equal to 0 (got -1)"),
         (["learner.lr=fast"], "learner.lr: Input should be a valid number"),
         (["learner.zero_stage=4"], "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),

@@ -82,6 +82,43 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
     broker.close()
 
 
+def mean_logprob_gap(model_dir: Path, groups: list[RolloutGroup]) -> float:
+    """Mean |behaviour - transformers float32| log-prob per sampled token."""
+    gaps = [abs(a - b) for g in groups for c in g.completions
+            for a, b in zip(c.logprobs, hf_token_logprobs(model_dir, g.prompt.token_ids, c.token_ids))]
+    return sum(gaps) / len(gaps)
+
+
+def engine_dtype(actor: GeneratorActor) -> str:
+    return str(actor.llm.llm_engine.model_config.dtype)
+
+
+def test_a_bfloat16_generator_samples_in_bf16_and_converts_float32_versions(ray_local, random_policies,
+                                                                            tmp_path: Path) -> None:
+    """generation.dtype=bfloat16 over float32 checkpoints (CPU): vLLM computes in bf16, its behaviour log-probs
+    stay within bf16 rounding of a float32 forward, and a float32 version published by the learner is
+    converted as it loads (the samples then follow the new weights, not the old)."""
+    from async_rlhf.policies.embedded import build_tokenizer
+
+    tok = build_tokenizer()
+    start_dir, new_dir = random_policies
+    prompts = [Prompt(i, text, tok(text)["input_ids"]) for i, text in enumerate(PROMPTS)]
+    cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
+    actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(start_dir), cfg, 0, None, "bfloat16")
+    assert ray_local.get(actor.__ray_call__.remote(engine_dtype)) == "torch.bfloat16"
+    first = ray_local.get(actor.generate.remote(prompts)).groups
+    assert 0 < mean_logprob_gap(start_dir, first) < 0.05
+
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"))
+    ref = publish_state(broker, 1, hf_state_dict(load_causal_lm(new_dir)))  # float32 tensors
+    second = ray_local.get(actor.generate.remote(prompts, ref))
+    assert second.policy_version == 1
+    gap = mean_logprob_gap(new_dir, second.groups)
+    assert 0 < gap < 0.05 and mean_logprob_gap(start_dir, second.groups) > 10 * gap
+    ray_local.kill(actor)
+    broker.close()
+
+
 def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_policies) -> None:
     from async_rlhf.policies.embedded import build_tokenizer
 

@@ -162,6 +162,25 @@ def test_other_zero_stages_update_the_module(model_dir, stage):
     assert learner.train_step(synthetic_groups())["reward_margin"] > 0
 
 
+def test_bfloat16_autocast_computes_in_bf16_on_float32_weights(model_dir, trained):
+    """learner.autocast=bfloat16: the policy's and the reference's layers compute in bfloat16, the weights
+    (and so the optimizer and the published files) stay float32, and training follows the float32 learner."""
+    cfg = make_cfg()
+    cfg.learner.autocast = "bfloat16"
+    learner = Learner(cfg, str(model_dir), threads=2)
+    seen: list[tuple[str, torch.dtype]] = []
+    for name, model in (("policy", learner.policy), ("reference", learner.reference)):
+        model.model.layers[0].mlp.register_forward_hook(lambda _m, _a, out, n=name: seen.append((n, out.dtype)))
+    history = [learner.train_step(synthetic_groups()) for _ in range(6)]
+    assert sorted(set(seen)) == [("policy", torch.bfloat16), ("reference", torch.bfloat16)] and len(seen) == 12
+    assert {p.dtype for p in learner.policy.parameters()} == {torch.float32}
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # same weights, same rounding: ratio 0
+    float32 = [m["loss"] for m in trained[1]]
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < losses[0] - 0.05
+    assert losses == pytest.approx(float32, abs=0.02), (losses, float32)
+
+
 # ------------------------------------------------------------------ publishing
 
 

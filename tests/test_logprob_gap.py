@@ -17,9 +17,9 @@ from learners.micro_batches import combine_metrics
 LOGITS = torch.tensor([2.0, 0.0, -1.0])
 
 
-def fixed_logits(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+def fixed_logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int) -> SimpleNamespace:
     """A model whose every position predicts LOGITS: the expected log-probs are computed by hand."""
-    return SimpleNamespace(logits=LOGITS.expand(*input_ids.shape, 3).clone())
+    return SimpleNamespace(logits=LOGITS.expand(input_ids.shape[0], logits_to_keep, 3).clone())
 
 
 def hand_logprob(token: int, temperature: float) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cluster.busy_board import BusyBoard
-from async_rlhf.cluster.resources import CoreLoan, core_loan, plan_cores
+from async_rlhf.cluster.resources import CoreLoan, bf16_note, core_loan, plan_cores
 from async_rlhf.config.run import RunConfig
 
 
@@ -29,6 +29,21 @@ def test_the_board_says_busy_while_a_generator_samples_and_how_long_all_have_idl
     assert 0.05 <= seen.idle_for() < 1.0
     board.close()
     seen.close()
+
+
+def test_bfloat16_on_a_cpu_is_noted_only_where_the_cpu_would_emulate_it(tmp_path: Path) -> None:
+    native, plain = tmp_path / "native", tmp_path / "plain"
+    native.write_text("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    learner = RunConfig(learner={"autocast": "bfloat16"})
+    generator = RunConfig(generation={"dtype": "bfloat16"})
+    assert bf16_note(learner, gpus=False, cpuinfo=native) is None
+    assert bf16_note(learner, gpus=True, cpuinfo=plain) is None  # GPUs: not the CPU's matmuls
+    assert bf16_note(RunConfig(), gpus=False, cpuinfo=plain) is None  # float32: nothing to say
+    note = bf16_note(learner, gpus=False, cpuinfo=plain)
+    assert note is not None and "(learner.autocast)" in note and "learner.autocast=none" in note and "\n" not in note
+    assert "(generation.dtype)" in (bf16_note(generator, gpus=False, cpuinfo=plain) or "")
+    assert bf16_note(learner, gpus=False, cpuinfo=tmp_path / "missing") is not None
 
 
 def test_only_a_pinned_single_rank_cpu_plan_lends_cores() -> None:

@@ -42,7 +42,7 @@ def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_
     from reward_models.service import RewardService
 
     task = load_task(cfg, cfg.model.path)
-    generator = GeneratorActor(0, str(cfg.model.path), cfg.generation, cfg.seed, dtype=cfg.model.torch_dtype)
+    generator = GeneratorActor(0, str(cfg.model.path), cfg.generation, cfg.seed, dtype=cfg.generator_dtype)
     gold = RewardService({"gold": cfg.reward.gold}, cfg.reward.timeout_s)
     start, written, counts = time.perf_counter(), 0, {"prompts": 0, "ties": 0, "failed": 0}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from async_rlhf.config.run import RunConfig
 
@@ -74,3 +75,22 @@ def pin_process(cores: list[int] | None, threads: int | None) -> None:
         import torch  # only the processes that pin need torch
 
         torch.set_num_threads(n)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """avx512_bf16 or amx_bf16 among the CPU's flags: bfloat16 matmuls run in hardware (else emulated)."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def bf16_note(cfg: RunConfig, gpus: bool, cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """One line for the terminal when bfloat16 compute (learner.autocast, generation.dtype) will be emulated."""
+    asked = [name for name, on in (("learner.autocast", cfg.learner.autocast == "bfloat16"),
+                                   ("generation.dtype", cfg.generation.dtype == "bfloat16")) if on]
+    if not asked or gpus or cpu_has_native_bf16(cpuinfo):
+        return None
+    return (f"note: bfloat16 ({', '.join(asked)}) on a CPU without native bfloat16 (no avx512_bf16 or amx_bf16 in "
+            f"/proc/cpuinfo) is emulated and slower; set learner.autocast=none generation.dtype=auto")

@@ -21,6 +21,14 @@ class LearnerConfig(Strict):
         description="R data-parallel learner processes (Ray actors in one torch.distributed group: nccl on GPU, "
                     "gloo on CPU), one GPU each on GPU; each rank trains on prompts_per_step / R groups",
     )
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none",
+        description="bfloat16: the learner's forward passes (policy, reference, value model) run under torch.autocast "
+                    "in bfloat16 on float32 weights (mixed precision: optimizer, master weights and log-softmax stay "
+                    "float32). About 1.8x faster steps on a CPU with native bf16 (avx512_bf16 or AMX in lscpu's "
+                    "flags; slower without); the learner's log-probs then differ from a float32 generator's by "
+                    "about 1e-2 per token (logprob_gap). A no-op with model.dtype=bfloat16",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1,

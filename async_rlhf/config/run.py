@@ -57,6 +57,7 @@ class RunConfig(Strict):
     def _cross(self, info: ValidationInfo) -> "RunConfig":
         self._check_distributed()
         self._check_fixed_delay()
+        self._check_generator_dtype()
         self._check_truncated_sampling()
         self._check_shared_gpu()
         if environment_checks(info) and self.ray.address is None:
@@ -88,6 +89,14 @@ class RunConfig(Strict):
         if self.queue.staleness_mode == "fixed" and transport in PUSHED_TRANSPORTS:
             raise ValueError(f"queue.staleness_mode=fixed samples with older versions, which weight_sync.transport="
                              f"{transport} does not keep (it pushes only the newest); use weight_sync.transport=shm")
+
+    def _check_generator_dtype(self) -> None:
+        # nccl and ipc write the learner's tensors straight into the engine's: no conversion on the way.
+        transport, dtype = self.weight_sync.transport, self.generation.dtype
+        if transport in PUSHED_TRANSPORTS and dtype != "auto" and dtype != self.model.torch_dtype:
+            raise ValueError(f"generation.dtype={dtype} differs from the learner's model.dtype "
+                             f"({self.model.torch_dtype}), which weight_sync.transport={transport} pushes as is; "
+                             f"set generation.dtype=auto")
 
     def _check_shared_gpu(self) -> None:
         if self.weight_sync.transport != "ipc":
@@ -177,6 +186,11 @@ class RunConfig(Strict):
         if isinstance(positions, int) and self.generation.max_model_len > positions:
             raise ValueError(f"generation.max_model_len ({self.generation.max_model_len}) exceeds the "
                              f"max_position_embeddings ({positions}) of model.path '{self.model.path}'")
+
+    @property
+    def generator_dtype(self) -> str:
+        """The generators' vLLM dtype: generation.dtype, or the learner's (model.dtype) when auto."""
+        return self.model.torch_dtype if self.generation.dtype == "auto" else self.generation.dtype
 
     @property
     def queue_capacity(self) -> int:

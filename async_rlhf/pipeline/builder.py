@@ -93,7 +93,7 @@ class ComponentBuilder:
         gen_cls = ray.remote(GeneratorActor)
         scorer = cfg.reward.train if cfg.reward.in_generator else None
         return [GeneratorSlot(gen_cls.options(**options).remote(
-                    i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.model.torch_dtype,
+                    i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.generator_dtype,
                     cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board), i)
                 for i, options in enumerate(generator_options(cfg))]
 

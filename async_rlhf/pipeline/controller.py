@@ -24,7 +24,7 @@ import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.cluster.placement import check_started_cluster, use_gpus
-from async_rlhf.cluster.resources import plan_cores
+from async_rlhf.cluster.resources import bf16_note, plan_cores
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
@@ -124,6 +124,8 @@ class Controller:
             self._handle_sigterm()
             check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
             self.parts.plan = plan_cores(self.cfg, gpus=use_gpus())
+            if note := bf16_note(self.cfg, use_gpus()):
+                print(f"[async-rlhf] {note}", flush=True)
             self.startup.lap("ray")
             print("[async-rlhf] starting the learner, generators and reward service", flush=True)
             self._build_components(str(policy_dir))
