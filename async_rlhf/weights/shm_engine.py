@@ -65,6 +65,7 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         super().__init__(config, vllm_config, device, model)
         self.ring: ShmSlotRing | None = None
         self.inplace = InPlaceReload(model, vllm_config.model_config.quantization)
+        self.dtype = vllm_config.model_config.dtype  # a bf16 generator over a float32 learner (generation.dtype)
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         if self.ring is not None:
@@ -88,12 +89,16 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     def receive_weights(self, update_info: ShmUpdateInfo) -> None:
         if self.ring is None:
             raise RuntimeError("shm weight transfer: init_transfer_engine must run before update_weights")
-        weights = iter(self.ring.read(update_info.slot).items())
+        weights = ((name, self._cast(t)) for name, t in self.ring.read(update_info.slot).items())
         if self.inplace.supported:
             self.inplace.load(weights)
         else:
             model: Any = self.model  # a vLLM model: load_weights is its own method, not torch.nn.Module's
             model.load_weights(weights)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The engine's dtype before vLLM's loader sees it (which would convert too, warning per tensor)."""
+        return tensor.to(self.dtype) if tensor.is_floating_point() and tensor.dtype != self.dtype else tensor
 
     def finish_weight_update(self) -> None:
         if self.inplace.supported:
