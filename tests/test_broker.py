@@ -80,12 +80,16 @@ def test_close_removes_the_shared_memory_directory(tmp_path: Path) -> None:
 
 
 def test_fixed_delay_keeps_n_plus_2_versions_from_version_0(tmp_path: Path) -> None:
+    from async_rlhf.config.learner import WeightSyncConfig
     from async_rlhf.config.run import RunConfig
     from async_rlhf.pipeline.resume import broker_versions
 
     cfg = RunConfig(queue={"staleness_mode": "fixed", "max_staleness": 2})
     assert broker_versions(cfg, resumed=0) == (4, -1) and broker_versions(cfg, resumed=5) == (4, 4)
-    assert broker_versions(RunConfig(), resumed=5) == (2, 4) and broker_versions(RunConfig(), resumed=0) == (2, 0)
+    # shm publishes the starting weights too (version 0's evaluation leases them); pushed weights never go back
+    assert broker_versions(RunConfig(), resumed=5) == (2, 4) and broker_versions(RunConfig(), resumed=0) == (2, -1)
+    nccl = RunConfig.model_construct(**{**RunConfig().__dict__, "weight_sync": WeightSyncConfig(transport="nccl")})
+    assert broker_versions(nccl, resumed=0) == (2, 0) and broker_versions(nccl, resumed=5) == (2, 4)
     keep, initial = broker_versions(cfg, resumed=0)
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep, initial)
     publish(broker, 0)  # the starting weights, so that a generator can go back to them

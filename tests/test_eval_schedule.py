@@ -61,7 +61,8 @@ def schedule(ray_local, tmp_path: Path):
     parts.reward = ray_local.remote(num_cpus=0)(Scorer).remote()
     parts.learner = ray_local.remote(num_cpus=0)(KLLearner).remote()
     parts.evaluator = Evaluator([Prompt(i, "p", [1, 2]) for i in range(4)], parts.reward, 1.0)
-    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1)
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1, initial_version=-1)
+    publish(broker, 0)  # the starting weights, as ComponentBuilder.build publishes them on shm
     rewards = RewardBook(cfg, parts, state, stats, RolloutQueue(16, 1), timeline)
     pool = GeneratorPool(cfg, parts, state, stats, broker, rewards, Timing(), timeline)
     pool.slots = [GeneratorSlot(ray_local.remote(num_cpus=0)(SlowGenerator).remote(), 0)]
@@ -105,6 +106,24 @@ def test_periodic_evaluations_run_beside_the_loop_and_log_in_version_order(sched
     spans = [e for e in read_timeline(tmp_path / "timeline.jsonl") if e["kind"] == "eval"]
     assert [e["version"] for e in spans] == [2, 4] and all(e["end"] - e["start"] >= SAMPLE_S for e in spans)
     broker.roll_back(4)  # raises while any version is still leased
+
+
+def test_version_0_is_evaluated_beside_the_first_steps_and_its_record_comes_first(schedule) -> None:
+    evals, broker = schedule
+    started = time.perf_counter()
+    evals.start_initial()
+    assert time.perf_counter() - started < SAMPLE_S and [f.version for f in evals.pending] == [0]  # sent, not awaited
+    publish(broker, 2)  # the first steps go on; version 0 stays leased while it is evaluated
+    evals.after_step(2)
+    first, second = evals.pending
+    while not second.done:  # the later one finishes first (as after a retry of version 0's)
+        second.wait(10)
+    assert not first.done and not evals.recorder.evals
+    loop_until_logged(evals)
+    initial, later = evals.recorder.evals
+    assert (initial["version"], initial["kl"], later["version"]) == (0, 0.0, 2)
+    assert later["win_rate_vs_initial_n"] == 4  # made after version 0's: its paired win-rate has version 0's gold
+    broker.roll_back(3)  # raises while any version is still leased
 
 
 def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule) -> None:

@@ -79,10 +79,10 @@ class ComponentBuilder:
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
             slot.pid = info["pid"]
-        if cfg.queue.staleness_mode == "fixed" and not first_version:  # version 0 as weights a generator can go back to
-            publish_weights(parts.learner, self.broker, 0)
         if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
             pool.connect()
+        elif not first_version:  # version 0 as weights a generator can go back to (resume.broker_versions)
+            publish_weights(parts.learner, self.broker, 0)
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)

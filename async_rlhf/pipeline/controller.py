@@ -171,17 +171,15 @@ class Controller:
     def run(self) -> dict:
         try:
             self.start()
-            if self.resume_from is None:  # version 0, sent first to generator 0; the first batches go out behind it
-                sampled = self.evals.start_initial()
+            if self.resume_from is None:  # the first batches first; version 0's evaluation behind them
                 self._dispatch_generation()
-                self.evals.finish_initial(sampled)
-            initial = self.recorder.evals[0]
+                self.evals.start_initial()
             self.startup.lap("eval")
             self.progress = self.startup.after_first_step(self.progress)
             self._loop()
             self.stats.phase = RunPhase.STOPPING
             self.take_checkpoints()  # e.g. asked for together with the stop (SIGTERM)
-            summary = self._finish(initial)
+            summary = self._finish()
             self.stats.phase = RunPhase.FINISHED
             return summary
         except BaseException:
@@ -294,13 +292,13 @@ class Controller:
             self.control.request_checkpoint()  # taken at the next safe point, before anything is dispatched
 
     # ---- the end ------------------------------------------------------------------------
-    def _finish(self, initial: dict) -> dict:
+    def _finish(self) -> dict:
         saved = self.parts.learner.save_pretrained.remote(str(self.run_dir / "final"))  # while generator 0 samples
-        final = self.evals.final()
+        final = self.evals.final()  # after every pending one, version 0's included
         ray.get(saved)
         self.rewards.restarted()  # an actor killed while idle lost nothing and failed no call: only its pid tells
         self.pool.count_quiet_restarts()
-        summary = run_summary(self.view, initial, final)
+        summary = run_summary(self.view, self.recorder.evals[0], final)
         self.recorder.write_summary(summary)
         self.recorder.plot()
         return summary

@@ -36,7 +36,7 @@ class EvalInFlight:
         self.waiting: list[Any] = [self.sampled]  # those of them not answered yet (the loop's wait set)
         self.result: GenerationResult | None = None
         self.scored: list[list[RolloutGroup]] = []
-        self.record: dict | None = None
+        self.kl: float | None = None  # the last stage's answer
         self.ended = 0.0  # when the record was made (time.time())
         self.blocked_s = 0.0  # the loop's time spent on this evaluation (sending, waiting, a retry)
         self.attempts = 1
@@ -59,7 +59,7 @@ class EvalInFlight:
         (`stage` then says whose: the generator's, the reward actor's or the learner's)."""
         if self.waiting:  # an answered call leaves the wait set, else the loop's ray.wait would spin on it
             _, self.waiting = ray.wait(self.waiting, num_returns=len(self.waiting), timeout=0)
-        if self.waiting or self.record is not None:
+        if self.waiting or self.done:
             return
         if self.stage == "sample":
             self._score(ray.get(self.sampled))
@@ -77,10 +77,21 @@ class EvalInFlight:
         self._send("kl", [self.evaluator.kl(self.parts.learner, scored[1])])
 
     def _finish(self, kl: float) -> None:
-        assert self.result is not None  # set by the sample stage
-        self.record = {**self.evaluator.record(self.result, self.scored, kl, self.started), "episodes": self.episodes}
+        self.kl = kl
         self._send("done", [])
         self.ended = time.time()
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+    def record(self) -> dict:
+        """eval.jsonl's record. EvalSchedule makes them oldest first, whatever order the evaluations finished
+        in (a retried one can finish after a later one): a record's paired win-rate reads version 0's gold
+        per prompt, which version 0's own record keeps."""
+        assert self.result is not None and self.kl is not None  # set by the sample and kl stages
+        return {**self.evaluator.record(self.result, self.scored, self.kl, self.started, self.ended),
+                "episodes": self.episodes}
 
     def wait(self, timeout_s: float) -> None:
         """Block until this stage has answered and advance (`advance` raises a failed call's error)."""

@@ -1,8 +1,9 @@
 """EvalSchedule: when the gold evaluation runs (version 0, every eval.every steps, the end) and on what.
 
-Evaluations run on generator 0, beside training: the periodic one of version v leases v and sends its
-generate call at once (the actor runs it after the batch it is on, then its next batches, each call with
-its own weights), and the loop goes on; its later stages are sent as the earlier ones answer
+Evaluations run on generator 0, beside training: version 0's, sent behind the first batches, and the
+periodic one of version v each lease their version and send the generate call at once (the actor runs it
+after the batch it is on, then its next batches, each call with its own weights), and the loop goes on;
+its later stages are sent as the earlier ones answer
 (`eval_flight.EvalInFlight`, advanced by the controller's `ray.wait`). Records are logged in version
 order. The loop waits for them only before a checkpoint (which counts the eval.jsonl lines it holds), at
 a learner failover (which drops them: they belong to the rolled-back steps) and at the end. A generator
@@ -44,14 +45,15 @@ class EvalSchedule:
         self.pending: deque[EvalInFlight] = deque()  # oldest first: records are logged in this order
 
     # ---- starting evaluations -------------------------------------------------------------
-    def start_initial(self) -> Any:
-        """Version 0's evaluation, sent first to generator 0 (the first batches go out behind it)."""
-        return self.parts.require_evaluator().sample(self.pool.slots[0].handle, None)
-
-    def finish_initial(self, sampled: Any) -> None:
-        evaluator = self.parts.require_evaluator()
-        self.pending.append(EvalInFlight(evaluator, self.parts, None, sampled, self.recorder.episodes))
-        self.drain()  # no step sent yet: its KL is version 0's
+    def start_initial(self) -> None:
+        """Version 0's evaluation on generator 0, sent behind the first batches. On shm it leases the published
+        starting weights (ComponentBuilder.build) and runs beside the first steps, like a periodic one. Pushed
+        weights (nccl, ipc) leave a generator only the newest version: there it is finished before any step."""
+        if self.cfg.weight_sync.transport not in PUSHED_TRANSPORTS:
+            self.start(0)
+            return
+        self._send(None)
+        self.drain()
 
     def after_step(self, version: int) -> None:
         every = self.cfg.eval.every
@@ -108,7 +110,7 @@ class EvalSchedule:
 
     def _wait_for(self, flight: EvalInFlight) -> None:
         timeout = self.cfg.learner.stall_timeout_s
-        while flight.record is None:
+        while not flight.done:
             self._advance(flight, lambda: flight.wait(timeout))
 
     def due(self) -> list[int]:
@@ -143,9 +145,9 @@ class EvalSchedule:
             flight.resend(slot.handle)
 
     def _log_finished(self) -> None:
-        while self.pending and self.pending[0].record is not None:
+        while self.pending and self.pending[0].done:
             flight = self.pending.popleft()
-            record = {**(flight.record or {}), "eval_blocking_s": round(flight.blocked_s, 3)}
+            record = {**flight.record(), "eval_blocking_s": round(flight.blocked_s, 3)}
             self.recorder.log_eval(record)
             self.timing.add("eval_s", record["eval_s"])
             self.timing.add("eval_gen_s", record["eval_gen_s"])

@@ -137,8 +137,10 @@ class Evaluator:
             return ray.put(0.0)
         return learner.sampled_kl_to_reference.remote(proxy, self.temperature)
 
-    def record(self, result: GenerationResult, scored: list[list[RolloutGroup]], kl: float, started: float) -> dict:
-        """eval.jsonl's record from the answers of `score` (gold, proxy, references) and `kl`."""
+    def record(self, result: GenerationResult, scored: list[list[RolloutGroup]], kl: float, started: float,
+               ended: float | None = None) -> dict:
+        """eval.jsonl's record from the answers of `score` (gold, proxy, references) and `kl` (`ended`: when the
+        last of them came, default now)."""
         gold, proxy, *references = scored
         if result.policy_version == 0:
             self._keep_initial(gold_by_prompt(gold))
@@ -152,7 +154,7 @@ class Evaluator:
             **paired_win_rate(gold_by_prompt(gold), self.initial),
             "prompts": len(self.prompts),
             "temperature": self.temperature,
-            **clock_fields(started, time.time(), self.process_start),
+            **clock_fields(started, ended or time.time(), self.process_start),
             "eval_gen_s": round(result.sync_s + result.gen_s, 3),  # its own time on the generator
         }
 

@@ -89,7 +89,7 @@ class GeneratorPool:
     def submit(self, slot: GeneratorSlot, prompts: list[Prompt], version: int) -> None:
         """Generate with weights `version`; a restarted actor (back at version 0) reloads them."""
         weights = None
-        if self.broker.latest() is not None:  # else only the starting weights exist (bound mode)
+        if self.broker.latest() is not None:  # else only the starting weights exist (pushed weights, no step yet)
             weights = self.broker.lease(version)
         ref = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
                                           score=self.cfg.reward.in_generator)

@@ -27,6 +27,7 @@ import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.base import ConfigError
+from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.pipeline.control import RunControl
@@ -162,14 +163,17 @@ def publish_weights(learner: Any, broker: WeightSyncBroker, version: int) -> Non
 def broker_versions(cfg: RunConfig, resumed: int) -> tuple[int, int]:
     """(versions the broker keeps, the version it starts at) for a run starting at step `resumed`.
 
-    Fixed delay samples with versions down to latest - N (a re-issued chunk too), so N + 2 are kept
-    (one more for the step in flight); it starts one below `resumed` because the starting weights are
-    published (as version 0, or the restored version), so that a generator can go back to them.
-    After a resume only the restored version exists: steps up to resumed + N sample with it.
+    It starts one below `resumed` because the starting weights are published (as version 0, or the restored
+    version), so that a generator can go back to them: version 0's evaluation samples them beside the first
+    steps, and fixed delay samples with versions down to latest - N (a re-issued chunk too), so there N + 2
+    are kept (one more for the step in flight). After a resume only the restored version exists: steps up to
+    resumed + N sample with it. Pushed weights (nccl, ipc) cannot go back: their version 0 is the generators'
+    own start, never published.
     """
     if cfg.queue.staleness_mode == "fixed":
         return max(cfg.weight_sync.keep_versions, cfg.queue.max_staleness + 2), resumed - 1
-    return cfg.weight_sync.keep_versions, max(resumed - 1, 0)
+    pushed = cfg.weight_sync.transport in PUSHED_TRANSPORTS
+    return cfg.weight_sync.keep_versions, max(resumed - 1, 0) if pushed else resumed - 1
 
 
 def take_checkpoints(c: Resumable) -> None:
