@@ -84,7 +84,7 @@ def completion_logprobs(model: Callable[..., Any], batch: PackedBatch, temperatu
     """
     width = batch.input_ids.shape[1]
     # Logits only from the first position that predicts a completion token on: the LM head over the
-    # prompts' positions is thrown away (a sixth of SmolLM2's forward and backward, measured).
+    # prompts' positions is thrown away (about a tenth of a SmolLM2 step, measured).
     first = int(batch.prompt_lens.min()) - 1
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    logits_to_keep=width - first).logits

@@ -25,7 +25,7 @@ class LearnerConfig(Strict):
         "none",
         description="bfloat16: the learner's forward passes (policy, reference, value model) run under torch.autocast "
                     "in bfloat16 on float32 weights (mixed precision: optimizer, master weights and log-softmax stay "
-                    "float32). About 1.8x faster steps on a CPU with native bf16 (avx512_bf16 or AMX in lscpu's "
+                    "float32). About 1.6x faster steps on a CPU with native bf16 (avx512_bf16 or AMX in lscpu's "
                     "flags; slower without); the learner's log-probs then differ from a float32 generator's by "
                     "about 1e-2 per token (logprob_gap). A no-op with model.dtype=bfloat16",
     )

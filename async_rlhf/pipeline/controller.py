@@ -123,8 +123,9 @@ class Controller:
             self._start_ray()
             self._handle_sigterm()
             check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
-            self.parts.plan = plan_cores(self.cfg, gpus=use_gpus())
-            if note := bf16_note(self.cfg, use_gpus()):
+            gpus = use_gpus()
+            self.parts.plan = plan_cores(self.cfg, gpus=gpus)
+            if note := bf16_note(self.cfg, gpus):
                 print(f"[async-rlhf] {note}", flush=True)
             self.startup.lap("ray")
             print("[async-rlhf] starting the learner, generators and reward service", flush=True)

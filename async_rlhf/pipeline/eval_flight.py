@@ -37,7 +37,7 @@ class EvalInFlight:
         self.result: GenerationResult | None = None
         self.scored: list[list[RolloutGroup]] = []
         self.kl: float | None = None  # the last stage's answer
-        self.ended = 0.0  # when the record was made (time.time())
+        self.ended = 0.0  # when the last stage answered (time.time()): the record's end
         self.blocked_s = 0.0  # the loop's time spent on this evaluation (sending, waiting, a retry)
         self.attempts = 1
 
