@@ -19,7 +19,7 @@ from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.rewards import RewardBook
-from async_rlhf.pipeline.state import Components, GeneratorSlot, LoopState, RunStats
+from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
@@ -56,7 +56,17 @@ class KLLearner:
 
 @pytest.fixture
 def schedule(ray_local, tmp_path: Path):
-    cfg = RunConfig(eval={"every": 2}, learner={"steps": 10}, api={"enabled": False})
+    yield from make_schedule(ray_local, tmp_path, {"every": 2})
+
+
+@pytest.fixture
+def chunked(ray_local, tmp_path: Path):
+    """Two eval prompts per generate call (4 prompts: two calls)."""
+    yield from make_schedule(ray_local, tmp_path, {"every": 2, "chunk_prompts": 2})
+
+
+def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict):
+    cfg = RunConfig(eval=eval_cfg, learner={"steps": 10}, api={"enabled": False})
     parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
     parts.reward = ray_local.remote(num_cpus=0)(Scorer).remote()
     parts.learner = ray_local.remote(num_cpus=0)(KLLearner).remote()
@@ -79,13 +89,15 @@ def publish(broker: WeightSyncBroker, up_to: int) -> None:
 
 
 def loop_until_logged(evals: EvalSchedule) -> None:
-    """The controller's part: wait on the evaluations' calls, hand each answer over."""
+    """The controller's part: feed generator 0 (idle here), wait on the evaluations' calls, hand each answer over."""
     import ray
 
+    evals.feed()
     while refs := evals.refs():
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=10)
         assert ready, "an evaluation call never answered"
         evals.on_ready(refs[ready[0]])
+        evals.feed()
 
 
 def test_periodic_evaluations_run_beside_the_loop_and_log_in_version_order(schedule, tmp_path: Path) -> None:
@@ -104,7 +116,7 @@ def test_periodic_evaluations_run_beside_the_loop_and_log_in_version_order(sched
     assert all(r["eval_blocking_s"] < 0.2 < SAMPLE_S <= r["eval_s"] for r in records), records
     assert evals.timing.get("eval_blocking_s") < 0.4 and evals.timing.get("eval_gen_s") == 2 * SAMPLE_S
     spans = [e for e in read_timeline(tmp_path / "timeline.jsonl") if e["kind"] == "eval"]
-    assert [e["version"] for e in spans] == [2, 4] and all(e["end"] - e["start"] >= SAMPLE_S for e in spans)
+    assert [e["version"] for e in spans] == [2, 4] and all(e["end"] - e["start"] > SAMPLE_S - 0.01 for e in spans)
     broker.roll_back(4)  # raises while any version is still leased
 
 
@@ -124,6 +136,44 @@ def test_version_0_is_evaluated_beside_the_first_steps_and_its_record_comes_firs
     assert (initial["version"], initial["kl"], later["version"]) == (0, 0.0, 2)
     assert later["win_rate_vs_initial_n"] == 4  # made after version 0's: its paired win-rate has version 0's gold
     broker.roll_back(3)  # raises while any version is still leased
+
+
+def test_chunks_are_fed_only_to_an_idle_generator_one_at_a_time(chunked, ray_local, tmp_path: Path) -> None:
+    evals, broker = chunked
+    publish(broker, 2)
+    evals.after_step(2)
+    slot = evals.pool.slots[0]
+    slot.chunks.append(Chunk(ray_local.put(None), [], None))  # a training batch holds generator 0
+    evals.feed()
+    assert evals.refs() == {}  # nothing sent behind it
+    slot.chunks.clear()
+    evals.feed()
+    evals.feed()
+    assert len(evals.refs()) == 1  # the first chunk only: a batch issued now waits behind one chunk at most
+    loop_until_logged(evals)
+    [record] = evals.recorder.evals
+    assert record["win_rate_vs_initial_n"] == 0 and record["eval_gen_s"] == 2 * SAMPLE_S  # both chunks' time
+    assert record["eval_s"] >= 2 * SAMPLE_S and record["gold_reward"] == 1.0
+    spans = [e for e in read_timeline(tmp_path / "timeline.jsonl") if e["kind"] == "eval"]
+    assert len(spans) == 2 and spans[0]["end"] <= spans[1]["start"]  # one bar per chunk, one after the other
+    broker.roll_back(2)  # raises while any version is still leased
+
+
+def test_an_evaluation_kept_waiting_by_a_busy_generator_sends_the_rest_as_one_call(chunked, ray_local) -> None:
+    evals, broker = chunked
+    publish(broker, 2)
+    evals.after_step(2)
+    slot = evals.pool.slots[0]
+    slot.chunks.append(Chunk(ray_local.put(None), [], None))  # a generation-bound run: never idle
+    slot.batches_sent += 2 * evals.pool.depth - 1
+    evals.feed()
+    assert evals.refs() == {}
+    slot.batches_sent += 1
+    evals.feed()
+    [flight] = evals.pending
+    assert len(evals.refs()) == 1 and not flight.unsent  # all 4 prompts in one call, queued behind the batch
+    loop_until_logged(evals)
+    assert evals.recorder.evals[0]["eval_gen_s"] == SAMPLE_S
 
 
 def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule) -> None:

@@ -46,6 +46,12 @@ class ApiConfig(Strict):
 
 class EvalConfig(Strict):
     every: int = Field(0, ge=0, description="gold evaluation every E steps; 0 = only at start and end")
+    chunk_prompts: int = Field(
+        0, ge=0,
+        description="eval prompts per generate call, sent to generator 0 when no training batch holds it, so a "
+                    "batch waits behind one such call at most; 0 = as many as a training batch's samples "
+                    "(prompts per generator chunk x samples per prompt). With nccl/ipc an evaluation is one call",
+    )
     win_rate_judge: Literal["gold", "train"] = Field(
         "gold", description="reward that judges completion vs reference (prompts with a reference only)"
     )

@@ -241,8 +241,10 @@ class Controller:
         )
 
     def _dispatch_generation(self) -> None:
+        """Training batches first; an evaluation's chunk only where they left generator 0 idle."""
         if not (self.control.paused or self.control.stop_requested):
             self.pool.dispatch(self.gate_inputs)
+            self.evals.feed()
 
     def _drop_stale(self) -> None:
         """Drop queued groups that are already too old for the next batch, before the gate is asked.

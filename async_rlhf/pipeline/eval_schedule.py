@@ -1,9 +1,11 @@
 """EvalSchedule: when the gold evaluation runs (version 0, every eval.every steps, the end) and on what.
 
-Evaluations run on generator 0, beside training: version 0's, sent behind the first batches, and the
-periodic one of version v each lease their version and send the generate call at once (the actor runs it
-after the batch it is on, then its next batches, each call with its own weights), and the loop goes on;
-its later stages are sent as the earlier ones answer
+Evaluations run on generator 0, beside training: version 0's and the periodic one of version v each lease
+their version and go on without waiting. Their prompts are sampled in chunks (`eval.chunk_prompts`), fed to
+generator 0 in its idle time (`feed`, each loop iteration after the training batches were dispatched), each
+chunk with the evaluated weights. A training batch issued while a chunk samples waits behind that one chunk
+only. A generator that is never idle (a generation-bound run) gets the rest of the evaluation as one call
+after 2 x `chunks_in_flight` training batches went past it. Later stages are sent as the earlier ones answer
 (`eval_flight.EvalInFlight`, advanced by the controller's `ray.wait`). Records are logged in version
 order. The loop waits for them only before a checkpoint (which counts the eval.jsonl lines it holds), at
 a learner failover (which drops them: they belong to the rolled-back steps) and at the end. A generator
@@ -81,12 +83,34 @@ class EvalSchedule:
         self._send(self.broker.lease(version))
 
     def _send(self, weights: WeightRef | None) -> None:
-        """Send the evaluation's sample and go on; the loop's `ray.wait` advances it."""
-        start, evaluator = time.perf_counter(), self.parts.require_evaluator()
-        flight = EvalInFlight(evaluator, self.parts, weights, evaluator.sample(self.pool.slots[0].handle, weights),
+        """Queue the evaluation; `feed` sends its chunks and the loop's `ray.wait` advances it."""
+        evaluator, slot = self.parts.require_evaluator(), self.pool.slots[0]
+        flight = EvalInFlight(evaluator, self.parts, weights, slot.handle, evaluator.chunks(self.chunk_prompts),
                               self.recorder.episodes)
-        self._charge(flight, time.perf_counter() - start)
+        flight.mark = slot.batches_sent
         self.pending.append(flight)
+
+    @property
+    def chunk_prompts(self) -> int:
+        """Eval prompts per generate call: as many samples as a training batch of generator 0 (default)."""
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:
+            return 0  # drained at once: one call
+        return self.cfg.eval.chunk_prompts or self.pool.chunk * self.cfg.generation.samples_per_prompt
+
+    def feed(self) -> None:
+        """Generator 0's turn for the oldest evaluation still sampling: its next chunk when the generator is
+        idle, or all its chunks left as one call once it has waited past 2 x chunks_in_flight training
+        batches (a generator that never idles). One chunk at a time: a batch waits behind one at most."""
+        flight = next((f for f in self.pending if f.stage == "sample"), None)
+        slot = self.pool.slots[0] if self.pool.slots else None
+        if flight is None or slot is None or not flight.wants_generator or not self.pool.usable(slot):
+            return
+        starved = slot.batches_sent - flight.mark >= 2 * self.pool.depth
+        if slot.chunks and not starved:
+            return
+        with self._blocking(flight):
+            flight.feed(rest=starved)
+        flight.mark = slot.batches_sent
 
     # ---- the loop's events --------------------------------------------------------------
     def refs(self) -> dict[Any, EvalInFlight]:
@@ -142,7 +166,7 @@ class EvalSchedule:
             slot = self.pool.slots[0]
             self.pool.await_restart(slot)
             self.rewards.on_died(exc)
-            flight.resend(slot.handle)
+            flight.resend()
 
     def _log_finished(self) -> None:
         while self.pending and self.pending[0].done:
@@ -151,9 +175,9 @@ class EvalSchedule:
             self.recorder.log_eval(record)
             self.timing.add("eval_s", record["eval_s"])
             self.timing.add("eval_gen_s", record["eval_gen_s"])
-            started = flight.result.started_at if flight.result is not None else flight.started
-            self.timeline.add("eval", f"generator{self.pool.slots[0].generator_id}", started, flight.ended,
-                              flight.version)
+            for result in flight.results:  # generator 0's time in each chunk
+                self.timeline.add("eval", f"generator{result.generator_id}", result.started_at,
+                                  result.started_at + result.sync_s + result.gen_s, flight.version)
             self._release(flight)
 
     def _release(self, flight: EvalInFlight) -> None:

@@ -100,23 +100,16 @@ class Evaluator:
         if initial_path is not None and initial_path.exists():
             self.initial = {int(k): float(v) for k, v in json.loads(initial_path.read_text()).items()}
 
-    def evaluate(self, generator: Any, weights: WeightRef | None, learner: Any) -> dict:
-        """Sample one completion per eval prompt with `weights` and score it with both rewards."""
-        return self.finish(self.sample(generator, weights), learner)
+    def sample(self, generator: Any, prompts: list[Prompt], weights: WeightRef | None) -> Any:
+        """Send the generate call for `prompts` (some or all of the eval prompts) now; an actor runs its calls in
+        the order they were sent, so calls sent to `generator` after this one sample after it, with their own
+        weights. Sampling is seeded per prompt: a prompt's sample does not depend on the call it is in."""
+        return generator.generate.remote(prompts, weights, n=1, temperature=self.temperature)
 
-    def sample(self, generator: Any, weights: WeightRef | None) -> tuple[Any, float]:
-        """Send the eval prompts' generate call now (ObjectRef, and when it was sent). An actor runs its calls
-        in the order they were sent, so calls sent to `generator` after this one sample after it, with their
-        own weights."""
-        return generator.generate.remote(self.prompts, weights, n=1, temperature=self.temperature), time.time()
-
-    def finish(self, sampled: tuple[Any, float], learner: Any) -> dict:
-        """The record of the samples `sample` sent for, waiting for each stage (the stages below, which
-        `eval_flight.EvalInFlight` runs without waiting)."""
-        ref, started = sampled
-        result = ray.get(ref)
-        scored = ray.get(self.score(result))
-        return self.record(result, scored, ray.get(self.kl(learner, scored[1])), started)
+    def chunks(self, size: int) -> list[list[Prompt]]:
+        """The eval prompts in calls of `size` (0: one call)."""
+        size = size or len(self.prompts)
+        return [self.prompts[i:i + size] for i in range(0, len(self.prompts), size)]
 
     def score(self, result: GenerationResult) -> list[Any]:
         """The reward calls for a sample, sent together: gold, proxy and, where the prompts have reference

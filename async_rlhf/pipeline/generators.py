@@ -62,11 +62,11 @@ class GeneratorPool:
         self._probe_recovering()
         for depth in range(self.depth):
             for slot in self.slots:
-                if len(slot.chunks) == depth and self._usable(slot):
+                if len(slot.chunks) == depth and self.usable(slot):
                     self._dispatch_to(slot, gate_inputs())
 
     @staticmethod
-    def _usable(slot: GeneratorSlot) -> bool:
+    def usable(slot: GeneratorSlot) -> bool:
         return slot.probe is None and not slot.recovering
 
     def _probe_recovering(self) -> None:
@@ -94,6 +94,7 @@ class GeneratorPool:
         ref = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
                                           score=self.cfg.reward.in_generator)
         slot.chunks.append(Chunk(ref, prompts, weights.version if weights is not None else None))
+        slot.batches_sent += 1
 
     # ---- events -------------------------------------------------------------------------
     def jobs(self) -> dict[Any, GeneratorSlot]:

@@ -64,6 +64,7 @@ class GeneratorSlot:
     version: int = 0  # weights version of its last finished batch
     busy_s: float = 0.0
     tokens: int = 0
+    batches_sent: int = 0  # training batches sent to it (an evaluation waiting for it counts them)
 
     @property
     def busy(self) -> bool:
