@@ -168,7 +168,7 @@ class Learner:
         counts: version must equal the number of steps taken, because staleness = learner version -
         sample version, and the controller/queue count versions, not successful updates.
         """
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         sizes, chunks = self._split(groups)
         selections = [self.spec.select(groups[c.start:c.stop]) for c in chunks]
         stats = sum_stats(selections)  # == selecting the whole list (selectors decide group by group)
@@ -188,7 +188,8 @@ class Learner:
                        "optimizer_step": 0, "micro_batches": 0, "nonfinite_micro_batches": 0}
         self.version += 1
         wide = {"wide_s": self.lending.take_wide_s()} if self.lending else {}
-        return {**stats, **metrics, **wide, "version": self.version, "step_s": time.perf_counter() - start}
+        return {**stats, **metrics, **wide, "version": self.version, "step_s": time.perf_counter() - start,
+                "started_at": started_at}  # (wall clock) calls queued ahead of it on this actor ran before
 
     def _split(self, groups: list[RolloutGroup]) -> tuple[list[GroupSize], list[range]]:
         """Each group's size (its selection alone) and the chunks of learner.max_tokens_per_micro_batch;

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from actors.generator import GenerationResult
 from async_rlhf.outputs.timeline import Timeline, busy_seconds, read_timeline, record_generation, record_learner_step
+from async_rlhf.pipeline.learner_steps import LearnerSteps
 
 
 def test_busy_seconds_counts_overlaps_once() -> None:
@@ -37,11 +38,19 @@ def test_generation_result_becomes_sync_then_generation(tmp_path: Path) -> None:
 
 def test_learner_step_ends_now_and_splits_step_from_publication(tmp_path: Path) -> None:
     timeline = Timeline(tmp_path / "timeline.jsonl")
-    dispatched = time.perf_counter() - 0.3  # dispatched 0.3 s ago; the step itself took 0.2 s
-    record_learner_step(timeline, dispatched, 0.2, version=7)
+    started = time.time() - 0.3  # started 0.3 s ago; the step itself took 0.2 s
+    record_learner_step(timeline, started, 0.2, version=7)
     timeline.close()
     learn, publish = read_timeline(tmp_path / "timeline.jsonl")
     assert (learn["kind"], publish["kind"], learn["version"]) == ("learn", "publish", 7)
     assert abs((learn["end"] - learn["start"]) - 0.2) < 1e-3
     assert learn["end"] == publish["start"]
     assert abs((publish["end"] - learn["start"]) - 0.3) < 0.05
+
+
+def test_a_step_queued_behind_another_learner_call_counts_the_wait_apart() -> None:
+    """Dispatched 1.0 s ago, started on the learner 0.6 s ago (an evaluation's KL call ran first): 0.4 s queued;
+    a learner clock ahead of the driver's cannot make it negative or longer than the whole wait."""
+    now = time.time()
+    assert abs(LearnerSteps._queued_s(now - 0.6, 1.0) - 0.4) < 0.01
+    assert LearnerSteps._queued_s(now + 5.0, 1.0) == 1.0 and LearnerSteps._queued_s(now - 2.0, 1.0) == 0.0

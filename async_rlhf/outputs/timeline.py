@@ -68,9 +68,8 @@ def record_generation(timeline: Timeline, result) -> None:
         timeline.add("mc_rollouts", worker, end, end + result.mc.gen_s, result.policy_version)
 
 
-def record_learner_step(timeline: Timeline, dispatched_perf: float, step_s: float, version: int) -> None:
-    """The learner step (its own `step_s`) and the weight save + publication after it, ending now."""
-    now_perf, now = time.perf_counter(), time.time()
-    start = now - (now_perf - dispatched_perf)  # the step starts when dispatched: the learner was idle
-    timeline.add("learn", "learner", start, start + step_s, version)
-    timeline.add("publish", "learner", start + step_s, now, version)
+def record_learner_step(timeline: Timeline, started_at: float, step_s: float, version: int) -> None:
+    """The learner step (from `started_at`, wall clock, for its own `step_s`) and the weight save + publication
+    after it, ending now. Calls queued on the learner before the step (an evaluation's KL) are not in either."""
+    timeline.add("learn", "learner", started_at, started_at + step_s, version)
+    timeline.add("publish", "learner", started_at + step_s, time.time(), version)

@@ -64,15 +64,24 @@ class LearnerSteps:
         metrics: dict = ray.get(job.train_ref)
         ray.get(job.save_ref)
         elapsed = time.perf_counter() - job.dispatched_at
+        queued = self._queued_s(metrics.pop("started_at"), elapsed)
         self.broker.publish(job.version)
         st.learner_job = None
         st.learner_idle_since = time.perf_counter()
         st.last_progress = time.monotonic()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("learn_wide_s", metrics.get("wide_s", 0.0))
-        self.timing.add("publish_s", max(0.0, elapsed - metrics["step_s"]))
-        record_learner_step(self.timeline, job.dispatched_at, metrics["step_s"], job.version)
+        self.timing.add("learner_queued_s", queued)
+        self.timing.add("publish_s", max(0.0, elapsed - queued - metrics["step_s"]))
+        record_learner_step(self.timeline, time.time() - elapsed + queued, metrics["step_s"], job.version)
         return job, metrics, self._record(job, metrics)
+
+    @staticmethod
+    def _queued_s(started_at: float, elapsed: float) -> float:
+        """Seconds from the step's dispatch to its start on the learner: calls sent to the learner before it
+        (an evaluation's KL pass) ran first. Clipped to [0, elapsed] (wall clocks of two processes)."""
+        dispatched_at = time.time() - elapsed
+        return min(max(0.0, started_at - dispatched_at), elapsed)
 
     def _record(self, job: LearnerJob, metrics: dict) -> dict:
         record = step_record(self.view, job.batch, job.version, metrics)

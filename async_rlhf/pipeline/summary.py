@@ -44,6 +44,7 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         "learn_busy_s": round(t("learn_busy_s"), 3),
         "learn_wide_s": round(t("learn_wide_s"), 3),  # of which on the generators' idle cores too (balance_cores)
         "publish_s": round(t("publish_s"), 3),
+        "learner_queued_s": round(t("learner_queued_s"), 3),  # steps waiting on other learner calls (eval KL)
         "wait_s": round(t("learner_wait_s"), 3),
         "eval_s": round(t("eval_s"), 3),  # the evaluations' own durations, summed (they overlap training)
         "eval_gen_s": round(t("eval_gen_s"), 3),  # of which generator 0 spent loading weights and sampling
