@@ -93,11 +93,14 @@ def median_step_s(step_ends: list[float]) -> float:
 
 
 def ours_curve(evals: list[dict]) -> list[dict]:
-    """Gold per evaluation, on the training clock: wall_s less what the evaluations before it held it up."""
+    """Gold per evaluation, on the training clock: wall_s less what evaluations held the loop up before it
+    started. Evaluations overlap one another, so an earlier one's waiting can come after a later one's start:
+    `eval_blocking_before_s` counts only what came before (older records: every earlier record's)."""
     points, spent = [], 0.0
     for e in evals:
+        before = e.get("eval_blocking_before_s", spent)
         points.append({"version": e["version"], "episodes": e["episodes"], "wall_s": e["wall_s"],
-                       "train_clock_s": round(e["wall_s"] - spent, 3), "gold": e["gold_reward"]})
+                       "train_clock_s": round(e["wall_s"] - before, 3), "gold": e["gold_reward"]})
         spent += e.get("eval_blocking_s", e["eval_s"])
     return points
 

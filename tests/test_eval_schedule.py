@@ -120,6 +120,27 @@ def test_periodic_evaluations_run_beside_the_loop_and_log_in_version_order(sched
     broker.roll_back(4)  # raises while any version is still leased
 
 
+def test_blocking_before_counts_only_the_loop_time_spent_before_the_evaluation_was_queued(schedule) -> None:
+    """Versions 2 and 4 queued back to back, then waited for: the wait on 2 comes after 4's start, so it is not
+    in 4's `eval_blocking_before_s`, and `wall_s` minus it (the training clock) does not go back in time."""
+    evals, broker = schedule
+    publish(broker, 2)
+    evals.after_step(2)
+    publish(broker, 4)
+    evals.after_step(4)
+    evals.drain()
+    publish(broker, 6)
+    evals.after_step(6)
+    evals.drain()
+    first, second, third = evals.recorder.evals
+    assert first["eval_blocking_before_s"] == second["eval_blocking_before_s"] == 0.0
+    assert first["eval_blocking_s"] >= SAMPLE_S  # the drain waited for the sample
+    spent = first["eval_blocking_s"] + second["eval_blocking_s"]
+    assert third["eval_blocking_before_s"] == pytest.approx(spent, abs=2e-3)
+    clock = [r["wall_s"] - r["eval_blocking_before_s"] for r in (first, second, third)]
+    assert all(b - a > -2e-3 for a, b in zip(clock, clock[1:])), clock
+
+
 def test_version_0_is_evaluated_beside_the_first_steps_and_its_record_comes_first(schedule) -> None:
     evals, broker = schedule
     started = time.perf_counter()

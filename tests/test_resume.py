@@ -41,7 +41,7 @@ def lines(path: Path) -> list[str]:
 def evals_without_clock(run_dir: Path) -> list[dict]:
     """eval.jsonl without the wall-clock fields, which differ between any two runs."""
     records = [json.loads(line) for line in lines(run_dir / "eval.jsonl")]
-    clock = ("wall_s", "eval_s", "eval_gen_s", "eval_blocking_s")
+    clock = ("wall_s", "eval_s", "eval_gen_s", "eval_blocking_s", "eval_blocking_before_s")
     return [{k: v for k, v in r.items() if k not in clock} for r in records]
 
 

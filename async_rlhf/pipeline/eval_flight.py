@@ -54,6 +54,7 @@ class EvalInFlight:
         self.kl: float | None = None  # the last stage's answer
         self.ended = 0.0  # when the last stage answered (time.time()): the record's end
         self.blocked_s = 0.0  # the loop's time spent on this evaluation (sending, waiting, a retry)
+        self.blocked_before_s = 0.0  # the loop's time spent on every evaluation before this one was queued
         self.attempts = 1
         self.mark = 0  # generator 0's GeneratorSlot.batches_sent when this was queued or last sent a chunk
 

@@ -45,6 +45,7 @@ class EvalSchedule:
         self.recorder = recorder
         self.timeline = timeline
         self.pending: deque[EvalInFlight] = deque()  # oldest first: records are logged in this order
+        self.blocked_s = 0.0  # this process's loop time spent on evaluations (the zero of `wall_s` is its too)
 
     # ---- starting evaluations -------------------------------------------------------------
     def start_initial(self) -> None:
@@ -88,6 +89,7 @@ class EvalSchedule:
         flight = EvalInFlight(evaluator, self.parts, weights, slot.handle, evaluator.chunks(self.chunk_prompts),
                               self.recorder.episodes)
         flight.mark = slot.batches_sent
+        flight.blocked_before_s = self.blocked_s
         self.pending.append(flight)
 
     @property
@@ -171,7 +173,8 @@ class EvalSchedule:
     def _log_finished(self) -> None:
         while self.pending and self.pending[0].done:
             flight = self.pending.popleft()
-            record = {**flight.record(), "eval_blocking_s": round(flight.blocked_s, 3)}
+            record = {**flight.record(), "eval_blocking_s": round(flight.blocked_s, 3),
+                      "eval_blocking_before_s": round(flight.blocked_before_s, 3)}
             self.recorder.log_eval(record)
             self.timing.add("eval_s", record["eval_s"])
             self.timing.add("eval_gen_s", record["eval_gen_s"])
@@ -195,6 +198,7 @@ class EvalSchedule:
 
     def _charge(self, flight: EvalInFlight, seconds: float) -> None:
         flight.blocked_s += seconds
+        self.blocked_s += seconds
         self.timing.add("eval_blocking_s", seconds)
         if self.timing.is_open("loop_s"):  # the part of it inside the training loop (bench: the loop's net time)
             self.timing.add("eval_blocking_loop_s", seconds)
