@@ -25,12 +25,13 @@ from bench.learner_step import synthetic_groups
 CONFIG = ROOT / "configs" / "smollm2_gold_proxy.yaml"
 
 
-def make_learner(config: Path, autocast: str, threads: int):  # -> learners.learner.Learner
+def make_learner(config: Path, overrides: list[str], threads: int):  # -> learners.learner.Learner
+    """A Learner of `config` with `overrides` (the train reward is not loaded), on the first `threads` cores."""
     from async_rlhf.config.run import load_config
     from async_rlhf.policies.embedded import ensure_policy
     from learners.learner import Learner
 
-    cfg = load_config(config, ["reward.learned=null", f"learner.autocast={autocast}"])
+    cfg = load_config(config, ["reward.learned=null", *overrides])
     cores = sorted(os.sched_getaffinity(0))[:threads]
     return Learner(cfg, str(ensure_policy(cfg)), cores=cores, threads=threads)
 
@@ -49,7 +50,7 @@ def logprob_drift(fp32, bf16, groups: list) -> dict:
 
 
 def measure(config: Path, prompts: int, samples: int, prompt_tokens: int, repeats: int, threads: int) -> dict:
-    learners = {name: make_learner(config, name, threads) for name in ("none", "bfloat16")}
+    learners = {name: make_learner(config, [f"learner.autocast={name}"], threads) for name in ("none", "bfloat16")}
     new_tokens = learners["none"].cfg.generation.max_new_tokens
     vocab = learners["none"].policy.config.vocab_size
     groups = synthetic_groups(prompts, samples, vocab, prompt_len=prompt_tokens, completion_len=new_tokens)
@@ -62,16 +63,21 @@ def measure(config: Path, prompts: int, samples: int, prompt_tokens: int, repeat
             "speedup": median["none"] / median["bfloat16"], "logprob_drift": drift}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(description: str, out: str) -> argparse.ArgumentParser:
+    """The options of the in-process learner benchmarks: config, the synthetic step, repeats, threads, out."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--out", type=Path, default=RESULTS / "bench_learner_precision")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=RESULTS / out)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = step_parser(__doc__.splitlines()[0], "bench_learner_precision").parse_args(argv)
     result = measure(args.config, args.prompts, args.samples, args.prompt_tokens, args.repeats, args.threads)
     median = result["median_s"]
     title = f"{args.config.stem}: learner step ({args.threads} threads)"

@@ -63,7 +63,8 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
     groups = synthetic_groups(n_prompts, samples, learner.policy.config.vocab_size)
     batch = learner._pack(learner.spec.select(groups))
     policy = load_causal_lm(model_dir)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+                                  fused=cfg.learner.fused_optimizer)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, config=deepspeed_config(cfg.learner))
     engine.train()
     reference = load_causal_lm(model_dir).eval().requires_grad_(False)

@@ -122,8 +122,10 @@ class Learner:
         self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)
         if cfg.learner.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr,
-                                      weight_decay=cfg.learner.weight_decay)
+        # Fused: the for-each kernels make a weight-sized temporary per elementwise op, and on CPU each
+        # fresh page is a page fault (a large part of a SmolLM2 step's time; docs/benchmarks.md).
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+                                      fused=cfg.learner.fused_optimizer)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                config=deepspeed_config(cfg.learner, dtype))
         self.device = self.engine.device
@@ -151,7 +153,7 @@ class Learner:
         model = ValueModel.from_causal_lm(load_causal_lm(self.model_dir, self.cfg.model.torch_dtype)).to(self.device)
         learner = self.cfg.learner
         return ValueTrainer(model, lr=self.cfg.loss.value_lr or learner.lr, weight_decay=learner.weight_decay,
-                            grad_clip=learner.grad_clip)
+                            grad_clip=learner.grad_clip, fused=learner.fused_optimizer)
 
     @property
     def policy(self) -> PreTrainedModel:

@@ -58,9 +58,9 @@ class ValueModel(torch.nn.Module):
 class ValueTrainer:
     """Owns the value model and its optimizer: per-token values, one step, save / load."""
 
-    def __init__(self, model: ValueModel, lr: float, weight_decay: float, grad_clip: float) -> None:
+    def __init__(self, model: ValueModel, lr: float, weight_decay: float, grad_clip: float, fused: bool) -> None:
         self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
         self.grad_clip = grad_clip
         self.steps = 0
 

@@ -21,6 +21,8 @@ SMOKE = {
     "learner_step": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
     "learner_precision": ["--config", "configs/quickstart.yaml", "--prompts", "2", "--prompt-tokens", "8",
                           "--repeats", "1"],
+    "learner_settings": ["--config", "configs/quickstart.yaml", "--prompts", "2", "--prompt-tokens", "8",
+                         "--repeats", "1"],
     "generator_path": ["--prompts", "2", "--samples", "2", "--repeats", "1"],
     "weight_sync": ["--sizes", "tiny", "--repeats", "1"],
     "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "2"],
@@ -58,6 +60,16 @@ def test_learner_precision_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     assert set(result["median_s"]) == {"none", "bfloat16"} and all(v > 0 for v in result["median_s"].values())
     drift = result["logprob_drift"]  # bf16 compute moves the log-probs, but not far
     assert 0 < drift["mean_abs"] <= drift["max_abs"] < 1.0 and drift["tokens"] == 2 * 2 * 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
+def test_learner_settings_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
+    result = run_bench("learner_settings", tmp_path / "learner_settings")  # default arms: AdamW for-each vs fused
+    assert set(result["median_s"]) == {"foreach", "fused"} and all(v > 0 for v in result["median_s"].values())
+    assert all(f > 0 for f in result["median_faults"].values())
+    drift = result["weight_drift_from_first"]  # two steps each: the kernels round differently, nothing more
+    assert drift["foreach"] == 0 and 0 < drift["fused"] < 1e-3
 
 
 @pytest.mark.slow

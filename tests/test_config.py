@@ -34,6 +34,16 @@ def test_the_generators_dtype_is_the_learners_unless_set() -> None:
     assert bf16.generator_dtype == "bfloat16" and bf16.model.torch_dtype == "float32"
 
 
+def test_zero_stage_unset_is_0_for_one_float32_rank_and_2_otherwise() -> None:
+    """One rank has nothing to partition: ZeRO 1-2 would only add copies. A stage that is given is kept."""
+    assert load_config(QUICKSTART).learner.zero_stage == 0
+    assert load_config(QUICKSTART, ["learner.num_ranks=2"]).learner.zero_stage == 2
+    assert load_config(QUICKSTART, ["learner.zero_stage=1"]).learner.zero_stage == 1
+    assert load_config(QUICKSTART, ["learner.num_ranks=4", "learner.zero_stage=3"]).learner.zero_stage == 3
+    # bf16 weights (a GPU's): ZeRO keeps the float32 master copies, so the default 2 stays
+    assert load_config(None, ["model.dtype=bfloat16"], environment=False).learner.zero_stage == 2
+
+
 def test_parse_overrides_types_values() -> None:
     parsed = parse_overrides(["a.b=1", "a.c=x", "d=true", "e=[1, 2]"])
     assert parsed == {"a": {"b": 1, "c": "x"}, "d": True, "e": [1, 2]}

@@ -91,14 +91,15 @@ def test_killed_async_run_resumes_from_the_previous_checkpoint_when_the_latest_i
     latest, previous = run_dir / "checkpoints" / before[-1], run_dir / "checkpoints" / before[0]
     with (previous / "controller_state.pkl").open("rb") as fh:
         queued = len(pickle.load(fh).queued)
-    optim = next((latest / "learner" / "engines" / "policy").glob("*optim_states.pt"))
-    optim.write_bytes(optim.read_bytes()[:100])  # truncated, as by a full disk
+    # The largest state file: the optimizer's (ZeRO 1-2), or the module's with the optimizer in it (ZeRO 0).
+    states = max((latest / "learner" / "engines" / "policy").glob("*states.pt"), key=lambda p: p.stat().st_size)
+    states.write_bytes(states.read_bytes()[:100])  # truncated, as by a full disk
 
     err = run_to_end(run_dir, overrides, resume=True)  # config.yaml holds the token as ***: resume still works
     assert SECRET not in err and "api.token" not in err
     assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert "token: '***'" in (run_dir / "config.yaml").read_text()
-    assert f"checkpoint {latest.name} is not usable: learner/engines/policy/{optim.name} has 100 bytes" in err
+    assert f"checkpoint {latest.name} is not usable: learner/engines/policy/{states.name} has 100 bytes" in err
     assert f"resumed from {previous} at step {int(previous.name[5:])}" in err
     recs = records(run_dir)
     assert [r["step"] for r in recs] == list(range(1, steps + 1))  # none repeated, none missing

@@ -19,8 +19,8 @@ from async_rlhf.failures import failure_line
 if TYPE_CHECKING:
     from async_rlhf.pipeline.controller import ServiceStarter
 
-BENCHMARKS = ["async_vs_sync", "every_config", "generator_path", "learner_precision", "learner_step", "off_policy",
-              "startup", "vineppo_vs_ppo", "vs_trl", "weight_sync"]
+BENCHMARKS = ["async_vs_sync", "every_config", "generator_path", "learner_precision", "learner_settings",
+              "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl", "weight_sync"]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,7 +15,12 @@ class LearnerConfig(Strict):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (3 shards the parameters too)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage (3 shards the parameters too). Unset: 0 for one rank on float32 weights "
+                       "(the CPU), where ZeRO 1-2 have nothing to partition and only add flat copies of weights and "
+                       "gradients (1.25x slower SmolLM2 steps, docs/benchmarks.md); 2 otherwise (bf16 weights "
+                       "keep float32 master copies in ZeRO's optimizer)",
+    )
     num_ranks: int = Field(
         1, ge=1, le=1024,
         description="R data-parallel learner processes (Ray actors in one torch.distributed group: nccl on GPU, "
@@ -28,6 +33,13 @@ class LearnerConfig(Strict):
                     "float32). About 1.6x faster steps on a CPU with native bf16 (avx512_bf16 or AMX in lscpu's "
                     "flags; slower without); the learner's log-probs then differ from a float32 generator's by "
                     "about 1e-2 per token (logprob_gap). A no-op with model.dtype=bfloat16",
+    )
+    fused_optimizer: bool = Field(
+        True,
+        description="AdamW's fused kernel (TRL's default with torch >= 2.8): one pass over the weights per step "
+                    "instead of a dozen elementwise ones, each a fresh weight-sized buffer. About 1.25x faster "
+                    "SmolLM2 steps on 2 CPU cores (docs/benchmarks.md). Rounds differently from false (torch's "
+                    "for-each kernels): resume a run with the setting it started with for bit-identical weights",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     max_tokens_per_micro_batch: int | None = Field(

@@ -55,6 +55,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _cross(self, info: ValidationInfo) -> "RunConfig":
+        self._default_zero_stage()
         self._check_distributed()
         self._check_fixed_delay()
         self._check_generator_dtype()
@@ -76,6 +77,13 @@ class RunConfig(Strict):
                 f"generation.prompts_per_step ({self.generation.prompts_per_step}) groups"
             )
         return self
+
+    def _default_zero_stage(self) -> None:
+        """learner.zero_stage unset: 0 for one rank on float32 weights (nothing to partition; ZeRO would only
+        add copies), else its default 2."""
+        if "zero_stage" not in self.learner.model_fields_set:
+            single_fp32 = self.learner.num_ranks == 1 and self.model.torch_dtype == "float32"
+            self.learner.zero_stage = 0 if single_fp32 else 2
 
     def _check_distributed(self) -> None:
         ranks, step = self.learner.num_ranks, self.generation.prompts_per_step
