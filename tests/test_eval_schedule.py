@@ -54,6 +54,12 @@ class KLLearner:
         return 0.25
 
 
+class SlowKLLearner(KLLearner):
+    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
+        time.sleep(SAMPLE_S)
+        return 0.25
+
+
 @pytest.fixture
 def schedule(ray_local, tmp_path: Path):
     yield from make_schedule(ray_local, tmp_path, {"every": 2})
@@ -65,11 +71,17 @@ def chunked(ray_local, tmp_path: Path):
     yield from make_schedule(ray_local, tmp_path, {"every": 2, "chunk_prompts": 2})
 
 
-def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict):
+@pytest.fixture
+def slow_kl(ray_local, tmp_path: Path):
+    """The learner's KL pass takes as long as a sample."""
+    yield from make_schedule(ray_local, tmp_path, {"every": 2}, SlowKLLearner)
+
+
+def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLLearner):
     cfg = RunConfig(eval=eval_cfg, learner={"steps": 10}, api={"enabled": False})
     parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
     parts.reward = ray_local.remote(num_cpus=0)(Scorer).remote()
-    parts.learner = ray_local.remote(num_cpus=0)(KLLearner).remote()
+    parts.learner = ray_local.remote(num_cpus=0)(learner).remote()
     parts.evaluator = Evaluator([Prompt(i, "p", [1, 2]) for i in range(4)], parts.reward, 1.0)
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1, initial_version=-1)
     publish(broker, 0)  # the starting weights, as ComponentBuilder.build publishes them on shm
@@ -195,6 +207,20 @@ def test_an_evaluation_kept_waiting_by_a_busy_generator_sends_the_rest_as_one_ca
     assert len(evals.refs()) == 1 and not flight.unsent  # all 4 prompts in one call, queued behind the batch
     loop_until_logged(evals)
     assert evals.recorder.evals[0]["eval_gen_s"] == SAMPLE_S
+
+
+def test_the_final_evaluation_samples_while_a_pending_one_runs_its_kl_pass(slow_kl, tmp_path: Path) -> None:
+    evals, broker = slow_kl
+    publish(broker, 2)
+    evals.after_step(2)  # pending when the loop ends
+    publish(broker, 4)
+    evals.final()
+    older, final = evals.recorder.evals
+    assert (older["version"], final["version"]) == (2, 4) and older["kl"] == final["kl"] == 0.25
+    assert final["wall_s"] < older["wall_s"] + older["eval_s"]  # queued before version 2's record was made
+    spans = {e["version"]: e for e in read_timeline(tmp_path / "timeline.jsonl") if e["kind"] == "eval"}
+    # sampled on generator 0 right behind version 2's sample, while the learner ran version 2's KL pass
+    assert spans[4]["start"] - spans[2]["end"] < SAMPLE_S / 2, spans
 
 
 def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule) -> None:

@@ -71,10 +71,13 @@ class EvalSchedule:
 
     def final(self) -> dict:
         """The newest weights' evaluation (the starting weights' when stopped before the first step), logged
-        after every pending one, which it waits for first: its `wall_s` then follows all their waiting."""
-        self.drain()
+        after every pending one. The loop is over, so every chunk left goes to generator 0 now, oldest
+        evaluation first: the final one samples while the learner runs the pending ones' KL passes."""
         latest = self.broker.latest()
         self._send(self.broker.lease(latest.version) if latest else None)
+        for flight in self.pending:
+            with self._blocking(flight):
+                flight.feed(rest=True)
         self.drain()
         return self.recorder.evals[-1]
 
