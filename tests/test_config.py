@@ -93,6 +93,10 @@ def test_bad_files(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(scalar)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe task: [")
+    with pytest.raises(ConfigError, match="cannot read '.*binary.yaml': it is not UTF-8 text"):
+        load_config(binary)
 
 
 def test_defaults_are_a_valid_config() -> None:

@@ -244,7 +244,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
             raise ConfigError(f"config error: config file '{file}' not found; pass a YAML file such as "
                               "configs/quickstart.yaml")
         try:
-            data = yaml.safe_load(file.read_text()) or {}
+            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"config error: cannot read '{file}': {reason}; pass a UTF-8 YAML file such as "
+                              "configs/quickstart.yaml") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
