@@ -10,10 +10,12 @@ K_mc times, all before it returns, so the values come from the weights that samp
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from async_rlhf.cluster.busy_board import BusyBoard
@@ -74,7 +76,7 @@ class GeneratorActor:
         # affinity and its OMP threads bind to exactly these cores, so generation and learning do not
         # fight over a core.
         pin_process(cores, len(cores))
-        set_engine_env(cores, gen_cfg, _has_cuda())
+        set_engine_env(cores, _has_cuda())
         from vllm import LLM  # imported here: the environment above must be set first
 
         from async_rlhf.weights.shm_engine import register
@@ -102,7 +104,7 @@ class GeneratorActor:
             dtype=dtype,  # type: ignore[arg-type]  # a str from the config, one of vLLM's literal names
             max_model_len=gen_cfg.max_model_len,
             seed=seed + generator_id,
-            **engine_options(gen_cfg, _has_cuda(), weight_transport),
+            **engine_options(gen_cfg, _has_cuda(), weight_transport, model_dir, dtype),
         )
 
     def info(self) -> dict:
@@ -279,11 +281,10 @@ class GeneratorActor:
         return Completion(list(out.token_ids), text, logprobs, _finish_reason(out))
 
 
-def set_engine_env(cores: list[int], cfg: GenerationConfig, cuda: bool) -> None:
-    """vLLM's environment, set before vLLM is imported: OMP threads bound to this actor's cores, the
-    CPU KV cache size and, on CPU, the engine core in this process (see engine_options)."""
+def set_engine_env(cores: list[int], cuda: bool) -> None:
+    """vLLM's environment, set before vLLM is imported: OMP threads bound to this actor's cores and, on
+    CPU, the engine core in this process (see engine_options; the KV cache size is an engine option there)."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(cores)
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(cfg.kv_cache_gib)))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not cuda:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -314,7 +315,8 @@ def _has_cuda() -> bool:
 LOGPROBS_MODE = "processed_logprobs"
 
 
-def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm") -> dict:
+def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm", model_dir: str = "",
+                   dtype: str = "auto") -> dict:
     """vLLM engine arguments that differ between a CUDA generator and a CPU one."""
     transfer = {"weight_transfer_config": {"backend": weight_transport}}
     if not cuda:
@@ -324,13 +326,43 @@ def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "s
         # engine-core process), instead of two more processes that each import torch and vLLM again
         # (~15 s each on 2 cores; this is most of a run's start-up).
         return {"enforce_eager": True, "enable_chunked_prefill": False, "distributed_executor_backend": "uni",
-                "logprobs_mode": LOGPROBS_MODE, **transfer}
+                "logprobs_mode": LOGPROBS_MODE, "max_num_seqs": CPU_MAX_NUM_SEQS,
+                "kv_cache_memory_bytes": cpu_kv_cache_bytes(cfg, model_dir, dtype), **transfer}
     options: dict = {"tensor_parallel_size": cfg.tensor_parallel_size, "logprobs_mode": LOGPROBS_MODE,
                      "gpu_memory_utilization": cfg.gpu_memory_utilization}
     if cfg.tensor_parallel_size > 1:
         # The actor holds all TP GPUs itself (one placement bundle): vLLM's own processes, not Ray workers.
         options["distributed_executor_backend"] = "mp"
     return {**options, **transfer}
+
+
+CPU_MAX_NUM_SEQS = 256  # vLLM's own default for an offline CPU engine, set so that the KV budget below holds
+CPU_BLOCK_TOKENS = 128  # vLLM-CPU's KV block size
+
+
+def cpu_kv_cache_bytes(cfg: GenerationConfig, model_dir: str, dtype: str) -> int:
+    """The CPU KV cache: what CPU_MAX_NUM_SEQS sequences of max_model_len tokens can fill, at most
+    generation.kv_cache_gib. A tiny policy needs megabytes; the whole GiB would be allocated and touched at
+    start (~0.5 s of page faults on 2 cores) and its every block walked by each prefix-cache reset."""
+    cap = int(cfg.kv_cache_gib * 2**30)
+    per_token = _kv_bytes_per_token(Path(model_dir) / "config.json", dtype)
+    if per_token is None:  # an architecture this cannot size: the configured budget, as vLLM would use it
+        return cap
+    blocks_per_seq = -(-cfg.max_model_len // CPU_BLOCK_TOKENS)
+    return min(cap, CPU_MAX_NUM_SEQS * blocks_per_seq * CPU_BLOCK_TOKENS * per_token)
+
+
+def _kv_bytes_per_token(config_json: Path, dtype: str) -> int | None:
+    """Keys and values of every layer for one token (a dense decoder's; None where the fields are missing)."""
+    try:
+        hf = json.loads(config_json.read_text())
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        layers, kv_heads = hf["num_hidden_layers"], hf.get("num_key_value_heads") or heads
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+    width = 2 if dtype in ("bfloat16", "float16") else 4  # "auto" sized as float32: never too small
+    return 2 * layers * kv_heads * head_dim * width
 
 
 def _finish_reason(out) -> FinishReason:

@@ -42,11 +42,11 @@ class RawVLLM:
         from actors.generator import engine_options, set_engine_env
 
         os.sched_setaffinity(0, [CORE])
-        set_engine_env([CORE], gen_cfg, cuda=False)
+        set_engine_env([CORE], cuda=False)
         from vllm import LLM
 
         self.llm = LLM(model=model_dir, dtype="float32", max_model_len=gen_cfg.max_model_len, seed=0,
-                       **engine_options(gen_cfg, cuda=False))
+                       **engine_options(gen_cfg, cuda=False, model_dir=model_dir, dtype="float32"))
         self.inputs: list[TokensPrompt] = [{"prompt_token_ids": p.token_ids} for p in prompts]
         self.params = raw_params(prompts, gen_cfg)
 

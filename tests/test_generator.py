@@ -1,12 +1,13 @@
 """GeneratorActor with real vLLM in a real Ray actor: sampling contract, weight sync, HF parity."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.generator import GenerationResult, GeneratorActor
+from actors.generator import GenerationResult, GeneratorActor, cpu_kv_cache_bytes
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
@@ -54,6 +55,8 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
 
     sampled = ray_local.get(actor.generate.remote(prompts))
     assert sampled.policy_version == 0 and len(sampled.groups) == len(PROMPTS)
+    # The KV cache is what 256 sequences of max_model_len (64: one 128-token block) need, not the 1 GiB budget.
+    assert ray_local.get(actor.__ray_call__.remote(kv_blocks)) == 256
     for prompt, group in zip(prompts, sampled.groups):
         assert group.prompt.prompt_id == prompt.prompt_id and len(group.completions) == 3
         for c in group.completions:
@@ -87,6 +90,33 @@ def mean_logprob_gap(model_dir: Path, groups: list[RolloutGroup]) -> float:
     gaps = [abs(a - b) for g in groups for c in g.completions
             for a, b in zip(c.logprobs, hf_token_logprobs(model_dir, g.prompt.token_ids, c.token_ids))]
     return sum(gaps) / len(gaps)
+
+
+def kv_blocks(actor: GeneratorActor) -> int | None:
+    return actor.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+
+
+def write_hf_config(directory: Path, **fields: int) -> str:
+    (directory / "config.json").write_text(json.dumps(fields))
+    return str(directory)
+
+
+def test_the_cpu_kv_cache_is_what_the_longest_batch_needs_within_the_budget(tmp_path: Path) -> None:
+    cfg = GenerationConfig(max_model_len=64)
+    # 2 layers x 4 kv heads x 32 dims x (key, value) x 4 bytes = 2,048 B per token; 256 sequences x 128 tokens.
+    tiny = write_hf_config(tmp_path, num_hidden_layers=2, num_attention_heads=4, hidden_size=128)
+    assert cpu_kv_cache_bytes(cfg, tiny, "float32") == 256 * 128 * 2048 == 64 * 2**20
+    assert cpu_kv_cache_bytes(cfg, tiny, "bfloat16") == 32 * 2**20
+    # SmolLM2-135M at 256 tokens (2 blocks): 30 x 3 x 64 x 2 x 2 = 23,040 B per token: 1.4 GiB > the 1 GiB cap.
+    smol = write_hf_config(tmp_path, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                           hidden_size=576)
+    assert cpu_kv_cache_bytes(GenerationConfig(max_model_len=256), smol, "bfloat16") == 2**30
+    assert cpu_kv_cache_bytes(GenerationConfig(max_model_len=256, kv_cache_gib=4), smol, "bfloat16") == (
+        256 * 256 * 23_040)
+    explicit = write_hf_config(tmp_path, num_hidden_layers=2, num_attention_heads=4, hidden_size=128, head_dim=64)
+    assert cpu_kv_cache_bytes(cfg, explicit, "float32") == 128 * 2**20  # head_dim given: not hidden / heads
+    unknown = write_hf_config(tmp_path, n_layer=2)  # fields this cannot read: the configured budget
+    assert cpu_kv_cache_bytes(cfg, unknown, "float32") == 2**30
 
 
 def engine_dtype(actor: GeneratorActor) -> str:

@@ -98,7 +98,8 @@ def test_engine_options_on_cpu_and_cuda() -> None:
     gen = GenerationConfig(tensor_parallel_size=4, gpu_memory_utilization=0.6)
     assert engine_options(gen, cuda=False) == {"enforce_eager": True, "enable_chunked_prefill": False,
                                                "distributed_executor_backend": "uni",
-                                               "logprobs_mode": "processed_logprobs",
+                                               "logprobs_mode": "processed_logprobs", "max_num_seqs": 256,
+                                               "kv_cache_memory_bytes": 2**30,  # no config.json to size it
                                                "weight_transfer_config": {"backend": "shm"}}
     assert engine_options(gen, cuda=True, weight_transport="nccl") == {
         "tensor_parallel_size": 4, "logprobs_mode": "processed_logprobs", "gpu_memory_utilization": 0.6,

@@ -24,7 +24,10 @@ class GenerationConfig(Strict):
                     "published float32 version as it loads it; behaviour log-probs then differ from a float32 "
                     "learner's by ~1e-2 per token (logprob_gap). weight_sync.transport=shm only",
     )
-    kv_cache_gib: float = Field(1.0, gt=0)
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="CPU KV cache budget; a model needs less when 256 sequences of max_model_len fit in "
+                               "fewer bytes, and then gets only that (actors/generator.py cpu_kv_cache_bytes)",
+    )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
     chunks_in_flight: int = Field(
         2, ge=1, le=4,
