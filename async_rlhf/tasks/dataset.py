@@ -42,18 +42,27 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
 
     kind = source_format(path, fmt)
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
     try:
         if kind in BUILDERS:
             return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
         table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {reason}") from None
+        raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {root_reason(exc)}; fix the file or "
+                          f"point task.dataset.path at another") from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
             raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")
         table = table[split]
     return table
+
+
+def root_reason(exc: BaseException) -> str:
+    """The first line of the innermost error: datasets wraps a parse error ("JSON parse error: ... in row 1")
+    in a generic one ("An error occurred while generating the dataset")."""
+    while exc.__cause__ is not None:  # `raise ... from`: the wrapped error (not what failed while handling it)
+        exc = exc.__cause__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
