@@ -352,10 +352,16 @@ def cpu_kv_cache_bytes(cfg: GenerationConfig, model_dir: str, dtype: str) -> int
     return min(cap, CPU_MAX_NUM_SEQS * blocks_per_seq * CPU_BLOCK_TOKENS * per_token)
 
 
+STATE_SPACE_KEYS = ("mamba", "ssm", "linear_")  # hybrid models also cache a per-sequence state: not sized here
+
+
 def _kv_bytes_per_token(config_json: Path, dtype: str) -> int | None:
-    """Keys and values of every layer for one token (a dense decoder's; None where the fields are missing)."""
+    """Keys and values of every layer for one token (a dense decoder's; None where the fields are missing or
+    the model caches more than keys and values)."""
     try:
         hf = json.loads(config_json.read_text())
+        if any(part in key for key in hf for part in STATE_SPACE_KEYS):
+            return None
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         layers, kv_heads = hf["num_hidden_layers"], hf.get("num_key_value_heads") or heads

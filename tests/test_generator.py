@@ -117,6 +117,8 @@ def test_the_cpu_kv_cache_is_what_the_longest_batch_needs_within_the_budget(tmp_
     assert cpu_kv_cache_bytes(cfg, explicit, "float32") == 128 * 2**20  # head_dim given: not hidden / heads
     unknown = write_hf_config(tmp_path, n_layer=2)  # fields this cannot read: the configured budget
     assert cpu_kv_cache_bytes(cfg, unknown, "float32") == 2**30
+    hybrid = write_hf_config(tmp_path, num_hidden_layers=2, num_attention_heads=4, hidden_size=128, mamba_d_state=16)
+    assert cpu_kv_cache_bytes(cfg, hybrid, "float32") == 2**30  # a state per sequence too: the configured budget
 
 
 def engine_dtype(actor: GeneratorActor) -> str:
