@@ -315,7 +315,7 @@ def _has_cuda() -> bool:
 LOGPROBS_MODE = "processed_logprobs"
 
 
-def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm", model_dir: str = "",
+def engine_options(cfg: GenerationConfig, cuda: bool, weight_transport: str = "shm", model_dir: str | None = None,
                    dtype: str = "auto") -> dict:
     """vLLM engine arguments that differ between a CUDA generator and a CPU one."""
     transfer = {"weight_transfer_config": {"backend": weight_transport}}
@@ -340,13 +340,13 @@ CPU_MAX_NUM_SEQS = 256  # vLLM's own default for an offline CPU engine, set so t
 CPU_BLOCK_TOKENS = 128  # vLLM-CPU's KV block size
 
 
-def cpu_kv_cache_bytes(cfg: GenerationConfig, model_dir: str, dtype: str) -> int:
+def cpu_kv_cache_bytes(cfg: GenerationConfig, model_dir: str | None, dtype: str) -> int:
     """The CPU KV cache: what CPU_MAX_NUM_SEQS sequences of max_model_len tokens can fill, at most
     generation.kv_cache_gib. A tiny policy needs megabytes; the whole GiB would be allocated and touched at
     start (~0.5 s of page faults on 2 cores) and its every block walked by each prefix-cache reset."""
     cap = int(cfg.kv_cache_gib * 2**30)
-    per_token = _kv_bytes_per_token(Path(model_dir) / "config.json", dtype)
-    if per_token is None:  # an architecture this cannot size: the configured budget, as vLLM would use it
+    per_token = _kv_bytes_per_token(Path(model_dir) / "config.json", dtype) if model_dir else None
+    if per_token is None:  # no model given, or one this cannot size: the configured budget, as vLLM would use it
         return cap
     blocks_per_seq = -(-cfg.max_model_len // CPU_BLOCK_TOKENS)
     return min(cap, CPU_MAX_NUM_SEQS * blocks_per_seq * CPU_BLOCK_TOKENS * per_token)
