@@ -48,6 +48,8 @@ def live(ray_local, tmp_path_factory: pytest.TempPathFactory):
     url = wait_for(lambda: (run_dir / "api_url").is_file() and (run_dir / "api_url").read_text().strip())
     client = httpx.Client(base_url=url, timeout=30)
     wait_for(lambda: client.get("/status").json()["step"] >= 3, timeout=300)
+    # version 0's evaluation runs beside the first steps (eval_schedule.py): its record may come after step 3
+    wait_for(lambda: client.get("/history", params={"since": 1}).json()["evals"], timeout=300)
     yield {"client": client, "url": url, "controller": controller, "thread": thread, "run_dir": run_dir}
     controller.control.stop()
     thread.join(timeout=300)
