@@ -88,3 +88,47 @@ def test_summary_of_a_run_without_steps_says_so() -> None:
     summary = clock.summary()
     assert (summary["setup_process_s"] or 0) > 0 and summary["setup_to_first_step_s"] is None
     assert json.loads(json.dumps(summary)) == summary
+
+
+def python_output(code: str) -> str:
+    """stdout then stderr of `python -c code` run from the repository root."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=180)
+    return out.stdout + out.stderr
+
+
+def test_the_driver_imports_no_model_code() -> None:
+    """The controller and the embedded policy's tokenizer load without transformers' model classes and
+    torch's compiler (AutoTokenizer or a model import pulls them in: ~2 s of every run's start-up)."""
+    code = ("import sys, tempfile\nimport async_rlhf.pipeline.controller\n"
+            "from async_rlhf.policies.embedded import build_tokenizer\n"
+            "from async_rlhf.tasks.builtin import load_tokenizer\n"
+            "d = tempfile.mkdtemp()\nbuild_tokenizer().save_pretrained(d)\nload_tokenizer(d)\n"
+            "heavy = ('transformers.models.auto.tokenization_auto', 'transformers.models.llama.modeling_llama', "
+            "'torch._dynamo', 'accelerate')\n"
+            "print('MODULES', [m for m in heavy if m in sys.modules])")
+    assert "MODULES []" in python_output(code)
+
+
+@pytest.mark.parametrize(("argv", "code", "stream", "text"), [
+    (["check-config", "configs/quickstart.yaml"], 0, "stdout", "max_staleness"),
+    (["check-config", "configs/quickstart.yaml", "learner.lr"], 2, "stderr", "learner.lr"),
+])
+def test_the_command_exits_with_mains_code_and_all_its_output(argv: list[str], code: int, stream: str,
+                                                               text: str) -> None:
+    """`async-rlhf` skips the interpreter's teardown (cli.main.entry): its code and its piped (buffered)
+    output must still come out whole."""
+    out = subprocess.run([sys.executable, "-m", "async_rlhf.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == code, out.stderr[-2000:]
+    assert text in getattr(out, stream) and getattr(out, stream).endswith("\n")
+
+
+def test_stopping_a_local_ray_kills_its_monitor_and_leaves_no_head_process() -> None:
+    code = ("import ray\nfrom async_rlhf.cluster.local_ray import MONITOR, head_processes, shutdown_local_ray\n"
+            "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+            "table = ray._private.worker._global_node.all_processes\n"
+            "procs = [info.process for infos in table.values() for info in infos]\n"
+            "monitors = head_processes(MONITOR)\n"
+            "shutdown_local_ray()\n"
+            "print('MONITORS', len(monitors), 'LEFT', sum(p.poll() is None for p in procs), ray.is_initialized())")
+    assert "MONITORS 1 LEFT 0 False" in python_output(code)

@@ -1,13 +1,25 @@
 """The sort task, its scorers and the character-level tokenizer, with hand-worked numbers."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import Prompt
-from async_rlhf.tasks.builtin import EVAL_ID_OFFSET, TASKS, SortTask, is_eval_digits
+from async_rlhf.tasks.builtin import (
+    EVAL_ID_OFFSET,
+    GENERIC_TOKENIZERS,
+    TASKS,
+    SortTask,
+    _tokenizer_loader,
+    is_eval_digits,
+    load_tokenizer,
+    tokenizer_class_name,
+)
 from reward_models.rules import SCORER_TASK, SCORERS, sort_exact, sort_partial
 
 
@@ -45,6 +57,32 @@ def test_tokenizer_reloads_identically(tok, tmp_path) -> None:
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again("3914>")["input_ids"] == tok("3914>")["input_ids"]
     assert again.eos_token_id == tok.eos_token_id and again.pad_token_id == tok.pad_token_id
+
+
+def test_load_tokenizer_reads_a_generic_tokenizer_as_autotokenizer_does(tok, tmp_path) -> None:
+    """The embedded policy's class is loaded directly (start-up: no AutoTokenizer import), with the result
+    AutoTokenizer gives; any other class still goes through AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    assert tokenizer_class_name(tmp_path) in GENERIC_TOKENIZERS
+    direct, auto = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    assert type(direct) is type(auto)
+    for text in ["3914>", "0123456789>1", "7"]:
+        assert direct(text)["input_ids"] == auto(text)["input_ids"]
+    same = ("bos_token_id", "eos_token_id", "pad_token_id", "padding_side", "model_max_length")
+    assert [getattr(direct, k) for k in same] == [getattr(auto, k) for k in same]
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    assert _tokenizer_loader(tmp_path) is AutoTokenizer
+
+
+def test_load_tokenizer_of_a_broken_generic_tokenizer_is_one_line(tok, tmp_path) -> None:
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"cannot load the tokenizer in .*") as err:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(err.value)
 
 
 # --- task ----------------------------------------------------------------------------------

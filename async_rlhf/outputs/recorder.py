@@ -3,6 +3,7 @@ same step and eval records to the metric sinks (TensorBoard, W&B) the config ena
 from __future__ import annotations
 
 import json
+import threading
 from itertools import accumulate
 from pathlib import Path
 
@@ -92,6 +93,11 @@ class RunRecorder:
             start = fh.tell()
             fh.write((json.dumps(record) + "\n").encode())
         return start
+
+    def warm_plot(self) -> None:
+        """Import matplotlib (~0.3 s) in the background, for a caller about to wait (the final evaluation):
+        plot() then finds it imported, or waits on the import lock for the rest."""
+        threading.Thread(target=pyplot, name="warm-plot", daemon=True).start()
 
     def plot(self) -> Path:
         """reward.png: training (proxy) reward, gold evaluations (and win-rate) over steps; KL to the reference."""

@@ -23,6 +23,7 @@ from typing import Any, Callable, Protocol
 import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
+from async_rlhf.cluster.local_ray import shutdown_local_ray
 from async_rlhf.cluster.placement import check_started_cluster, use_gpus
 from async_rlhf.cluster.resources import bf16_note, plan_cores
 from async_rlhf.config.run import RunConfig
@@ -297,6 +298,7 @@ class Controller:
     # ---- the end ------------------------------------------------------------------------
     def _finish(self) -> dict:
         saved = self.parts.learner.save_pretrained.remote(str(self.run_dir / "final"))  # while generator 0 samples
+        self.recorder.warm_plot()  # while this process waits for the final evaluation
         final = self.evals.final()  # after every pending one, version 0's included
         ray.get(saved)
         self.rewards.restarted()  # an actor killed while idle lost nothing and failed no call: only its pid tells
@@ -314,7 +316,7 @@ class Controller:
             self.service = None
         self.broker.close()
         if self.started_ray:
-            ray.shutdown()
+            shutdown_local_ray()
             self.started_ray = False
         else:  # a Ray the caller owns outlives the run: its CPUs must not stay held by this run's actors
             self.builder.kill_actors(self.pool)

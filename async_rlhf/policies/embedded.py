@@ -21,16 +21,19 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.tasks.builtin import SortTask, Task, corrupt, make_task, task_class  # noqa: F401 (corrupt: re-export)
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 # Bump whenever the recipe (data, corruption, optimiser, architecture choices) changes, so that
 # old cached checkpoints are not reused for a different recipe.
@@ -67,6 +70,10 @@ def build_tokenizer(task_name: str = "sort") -> PreTrainedTokenizerFast:
 
 def build_model(emb_cfg: EmbeddedModelConfig, vocab_size: int, max_positions: int = MAX_POSITIONS) -> LlamaForCausalLM:
     """A randomly initialised tiny Llama (uses torch's global RNG: seed before calling)."""
+    # Here, not at the top: the modeling code costs the driver ~1.5 s of start-up, and a run whose policy is
+    # already exported (every run after the first) never builds one.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=emb_cfg.hidden_size,

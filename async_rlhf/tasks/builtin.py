@@ -23,6 +23,7 @@ Both tasks follow the `Task` protocol; `make_task` picks one by `task.name`, whi
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,12 +355,25 @@ def make_task(task_cfg: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     return task_class(task_cfg.name)(task_cfg, tokenizer, seed)
 
 
+# Tokenizer classes that are transformers' generic tokenizers-library wrapper (the embedded policy's, any
+# checkpoint saved from a bare tokenizer.json): loaded by that class directly, without AutoTokenizer, whose
+# import pulls in transformers' model-loading machinery (torch._dynamo, accelerate: ~2 s of a run's start-up).
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def tokenizer_class_name(model_dir: str | Path) -> str | None:
+    """`tokenizer_class` of the directory's tokenizer_config.json, None when unreadable or unset."""
+    try:
+        found = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # AutoTokenizer reports what is wrong with the directory
+        return None
+    return found if isinstance(found, str) else None
+
+
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     """The policy's tokenizer; it must know its EOS token (completions end there)."""
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = _tokenizer_loader(model_dir).from_pretrained(str(model_dir))
     except Exception as exc:  # transformers raises many types; the user needs the directory and the reason
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"config error: model.path: cannot load the tokenizer in '{model_dir}': {reason}") from None
@@ -367,6 +381,16 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
         raise ConfigError(f"config error: model.path: the tokenizer in '{model_dir}' has no eos_token; set one in its "
                           f"tokenizer_config.json so that completions can end")
     return tokenizer
+
+
+def _tokenizer_loader(model_dir: str | Path) -> Any:  # Any: AutoTokenizer or a tokenizer class, both .from_pretrained
+    if tokenizer_class_name(model_dir) in GENERIC_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast  # what AutoTokenizer resolves these names to
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
 
 
 def load_task(cfg: RunConfig, model_dir: str | Path) -> Task:

@@ -1,0 +1,33 @@
+"""Stopping the local Ray a run started, without ray.shutdown()'s one-second wait on the autoscaler monitor.
+
+ray.shutdown() stops a local head node's processes one by one, each given up to a second to exit after
+SIGTERM. The autoscaler's monitor uses that whole second every time (measured on Ray 2.x: raylet 0.03 s,
+GCS 0.02 s, dashboard 0.02 s, log monitor 0.01 s, monitor 1.02 s), a second of every run's wall clock. A
+run's local Ray autoscales nothing, so the monitor is killed first and ray.shutdown() then skips it as
+exited. Ray's table of its processes is not public API: where it is not found, ray.shutdown() alone does
+the work, as before.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import ray
+
+MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
+
+
+def head_processes(process_type: str) -> list[subprocess.Popen]:
+    """The local head node's processes of one type (Ray's own table), or [] where Ray keeps none here."""
+    node = getattr(ray._private.worker, "_global_node", None)  # set by the ray.init that started this Ray
+    table = getattr(node, "all_processes", None)
+    infos = table.get(process_type, []) if isinstance(table, dict) else []
+    return [info.process for info in infos if isinstance(getattr(info, "process", None), subprocess.Popen)]
+
+
+def shutdown_local_ray() -> None:
+    """ray.shutdown(), with the autoscaler monitor killed first (the module docstring says why)."""
+    for process in head_processes(MONITOR):
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)  # reaped: ray.shutdown() sees it exited and does not wait on it
+    ray.shutdown()
