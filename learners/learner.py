@@ -68,7 +68,17 @@ def deepspeed_config(learner: LearnerConfig, dtype: str = "float32") -> dict:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": dtype == "bfloat16"},  # the engine's dtype must be the weights' (model.dtype)
         "steps_per_print": 10**9,  # the controller logs metrics; keep DeepSpeed quiet
+        **autocast_config(learner),
     }
+
+
+def autocast_config(learner: LearnerConfig) -> dict:
+    """learner.autocast as DeepSpeed's own `torch_autocast`: an engine without it turns off CUDA autocast
+    around its forward (found on an H200: the policy ran in float32 while the reference, called directly, ran
+    in bfloat16). No module's gradients are marked for lower-precision reduction: they stay the weights' dtype."""
+    if learner.autocast != "bfloat16":
+        return {}
+    return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
 
 
 def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> PreTrainedModel:

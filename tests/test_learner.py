@@ -39,7 +39,8 @@ def build_model_dir(path: Path, tied: bool = False) -> Path:
 
 
 def make_cfg(lr: float = 1e-3, zero_stage: int = 2, loss: str = "online_dpo") -> RunConfig:
-    return RunConfig(seed=0, loss={"name": loss, "beta": 0.1},
+    # float32 named, not `auto`: on a GPU machine too (these tests run there as well), the numbers are float32's.
+    return RunConfig(seed=0, model={"dtype": "float32"}, loss={"name": loss, "beta": 0.1},
                      learner={"lr": lr, "zero_stage": zero_stage, "grad_clip": 1.0})
 
 
@@ -112,6 +113,7 @@ def with_policy_logprobs(learner: Learner, groups: list[RolloutGroup]) -> list[R
     out = []
     for g in groups:
         batch = pack([list(g.prompt.token_ids)] * len(g.completions), [c.token_ids for c in g.completions])
+        batch = batch.to(learner.device)
         with torch.no_grad():
             logps = completion_logprobs(learner.policy, batch)
         comps = [dataclasses.replace(c, logprobs=logps[i, :len(c.token_ids)].tolist())
@@ -191,7 +193,7 @@ def test_save_weights_matches_state_dict_and_save_pretrained_names(trained, tmp_
     saved = load_file(str(tmp_path / "w" / "model.safetensors"))
     state = learner.policy.state_dict()
     assert set(saved) == set(state)
-    assert all(torch.equal(saved[k], state[k]) for k in state)
+    assert all(torch.equal(saved[k], state[k].cpu()) for k in state)
     assert set(saved) == set(load_file(str(tmp_path / "full" / "model.safetensors")))
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["model.safetensors"]  # no temp file left
 
@@ -204,7 +206,7 @@ def test_save_weights_tied_embeddings_named_like_save_pretrained(tmp_path):
     saved = load_file(str(tmp_path / "w" / "model.safetensors"))
     assert "lm_head.weight" not in saved
     assert set(saved) == set(load_file(str(tmp_path / "full" / "model.safetensors")))
-    assert torch.equal(saved["model.embed_tokens.weight"], learner.policy.lm_head.weight.detach())
+    assert torch.equal(saved["model.embed_tokens.weight"], learner.policy.lm_head.weight.detach().cpu())
 
 
 def test_save_pretrained_reloads_with_identical_logits(model_dir, trained, tmp_path):
@@ -212,9 +214,10 @@ def test_save_pretrained_reloads_with_identical_logits(model_dir, trained, tmp_p
 
     learner, _ = trained
     learner.save_pretrained(str(tmp_path))
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 4, 5, 6, 7, 8, 2], [1, 9, 9, 3, 14, 15, 2]])
+    # On the learner's device: the same kernels, so equal logits mean equal weights.
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).to(learner.device).eval()
+    original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(learner.device).eval()
+    ids = torch.tensor([[1, 4, 5, 6, 7, 8, 2], [1, 9, 9, 3, 14, 15, 2]], device=learner.device)
     learner.policy.eval()
     with torch.no_grad():
         expected = learner.policy(input_ids=ids).logits
@@ -252,10 +255,10 @@ def test_reference_path_loads_another_reference(model_dir, tmp_path):
         other.lm_head.weight.add_(torch.randn(other.lm_head.weight.shape, generator=torch.Generator().manual_seed(3)))
     other.save_pretrained(tmp_path / "reference")
     base = make_cfg().model_dump()
-    cfg = RunConfig.model_validate({**base, "model": {"source": "local", "path": str(model_dir),
+    cfg = RunConfig.model_validate({**base, "model": {"source": "local", "path": str(model_dir), "dtype": "float32",
                                                       "reference_path": str(tmp_path / "reference")}})
     learner = Learner(cfg, str(model_dir), threads=2)
-    assert torch.equal(learner.reference.lm_head.weight, other.lm_head.weight)
+    assert torch.equal(learner.reference.lm_head.weight.cpu(), other.lm_head.weight)
     assert abs(learner.kl_to_reference(synthetic_groups())) > 1e-3  # version 0: the policy is still model_dir
     same = Learner(make_cfg(), str(model_dir), threads=2)
     assert same.kl_to_reference(synthetic_groups()) == pytest.approx(0.0, abs=1e-6)
