@@ -30,10 +30,9 @@ def pythia_shape() -> tuple[str, ModelShape]:
     return found
 
 
-def build_random_pythia_410m(path: Path) -> Path:
+def build_random_pythia_410m(path: Path, shape: ModelShape) -> Path:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    _, shape = pythia_shape()
     config = GPTNeoXConfig(hidden_size=shape.hidden, num_hidden_layers=shape.layers, intermediate_size=shape.mlp,
                            num_attention_heads=16, vocab_size=shape.vocab, max_position_embeddings=2048,
                            pad_token_id=0, eos_token_id=0)
@@ -58,7 +57,7 @@ def test_a_step_at_the_pythia_410m_bound_peaks_within_its_estimate(tmp_path: Pat
     cfg = load_config(CONFIG, ["learner.num_ranks=1"], environment=False)
     name, shape = pythia_shape()
     tokens = cfg.learner.max_tokens_per_micro_batch or 0
-    model_dir = build_random_pythia_410m(tmp_path / name)
+    model_dir = build_random_pythia_410m(tmp_path / name, shape)
     torch.cuda.reset_peak_memory_stats()
     learner = Learner(cfg, str(model_dir))
     metrics = learner.train_step(full_micro_batch(tokens, cfg.generation.max_new_tokens, shape.vocab))
