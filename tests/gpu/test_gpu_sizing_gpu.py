@@ -46,7 +46,7 @@ def build_random_model(path: Path, name: str, shape: ModelShape, layers: int, de
     """A bf16 model of the family `name` names with `layers` layers, saved to `path`; its parameter count."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    common = dict(hidden_size=shape.hidden, num_hidden_layers=layers, intermediate_size=shape.mlp,
+    common: dict[str, Any] = dict(hidden_size=shape.hidden, num_hidden_layers=layers, intermediate_size=shape.mlp,
                   vocab_size=shape.vocab, max_position_embeddings=4096, pad_token_id=0, eos_token_id=0)
     with torch.device(device):  # random init on the GPU: seconds, where the CPU takes minutes for billions
         if "pythia" in name:
