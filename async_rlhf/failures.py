@@ -15,6 +15,10 @@ class RunError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
 
 
+class Interrupted(RunError):
+    """The user stopped the run (Ctrl-C) before it could wind down; the CLI exits 130, as shells expect."""
+
+
 def what_died(exc: BaseException) -> str:
     """A Ray actor's death named by its class and pid; any other error by its type and first line."""
     text = str(exc)

@@ -67,14 +67,17 @@ def test_generator_killed_twice_run_completes_with_every_prompt_trained_once(ray
     assert controller.view.generators[0].restarts == 2
 
 
-def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_one_ctrl_c_writes_a_checkpoint_and_stops_cleanly(signum: signal.Signals, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, "learner.steps=100000")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         wait_until(lambda: (run_dir / "metrics.jsonl").is_file()
                    and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5, timeout=300)
-        proc.send_signal(signal.SIGTERM)
+        # Preemption signals the CLI's process; a terminal's Ctrl-C its whole group, Ray's processes included.
+        (os.killpg if signum is signal.SIGINT else os.kill)(proc.pid, signum)
         _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()

@@ -15,11 +15,12 @@ from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
-from async_rlhf.failures import failure_line
+from async_rlhf.failures import Interrupted, failure_line
 
 if TYPE_CHECKING:
     from async_rlhf.pipeline.controller import ServiceStarter
 
+INTERRUPTED = 130  # 128 + SIGINT: the exit status shells expect of a command stopped by Ctrl-C
 BENCHMARKS = ["async_vs_sync", "every_config", "generator_path", "learner_precision", "learner_settings",
               "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl", "weight_sync"]
 
@@ -128,6 +129,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
     try:
         summary = controller.run()
+    except Interrupted as exc:  # Ctrl-C in start-up or twice: workers and Ray are down, as after any failure
+        bar.close()
+        print(f"[async-rlhf] {exc}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except RunError as exc:
         bar.close()
         print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)
@@ -219,8 +224,12 @@ def entry() -> None:
     down) and the exit handlers (logging, Ray, W&B) run here as at any exit. What is skipped is only the
     destruction, module by module, of everything torch and transformers imported: about 0.8 s of every
     command's wall clock (docs/benchmarks.md, "Start-up"). main() itself returns, for callers in-process."""
-    code = main()
-    atexit._run_exitfuncs()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before a run installs its own handler, or in any other command
+        print("\n[async-rlhf] interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        code = INTERRUPTED
+    atexit._run_exitfuncs()  # Ray's own among them: a Ray started before the Ctrl-C is shut down here
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

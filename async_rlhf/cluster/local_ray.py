@@ -1,4 +1,9 @@
-"""Stopping the local Ray a run started, without ray.shutdown()'s one-second wait on the autoscaler monitor.
+"""Starting and stopping the local Ray a run owns.
+
+ray.init() starts Ray's own processes one after the other for seconds; a Ctrl-C in the middle of that
+left the dashboard and runtime-env agents running with no raylet (found by hand: still there a minute
+later). So a Ctrl-C during ray.init() is held until it returns and then raised, when Ray is whole and
+the exit handler that ray.init() registered shuts it down.
 
 ray.shutdown() stops a local head node's processes one by one, each given up to a second to exit after
 SIGTERM. The autoscaler's monitor uses that whole second every time (measured on Ray 2.x: raylet 0.03 s,
@@ -9,11 +14,29 @@ the work, as before.
 """
 from __future__ import annotations
 
+import signal
 import subprocess
+import threading
+from typing import Any
 
 import ray
 
 MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
+
+
+def init_local_ray(**kwargs: Any) -> None:
+    """ray.init(**kwargs), with a Ctrl-C during it raised once it has returned (the module docstring says why)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        ray.init(**kwargs)
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    try:
+        ray.init(**kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)  # to the handler this process had: KeyboardInterrupt by default
 
 
 def head_processes(process_type: str) -> list[subprocess.Popen]:

@@ -14,6 +14,7 @@ import ray
 
 from actors.generator import GeneratorActor
 from async_rlhf.cluster.busy_board import BusyBoard
+from async_rlhf.cluster.local_ray import init_local_ray
 from async_rlhf.cluster.placement import generator_options
 from async_rlhf.cluster.resources import CoreLoan, core_loan
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
@@ -55,7 +56,7 @@ class ComponentBuilder:
         """True when this call started Ray (the run then shuts it down)."""
         if ray.is_initialized():  # the caller's Ray, or the one `async-rlhf train` started while importing
             return False
-        ray.init(**ray_init_kwargs(self.cfg, len(os.sched_getaffinity(0))))
+        init_local_ray(**ray_init_kwargs(self.cfg, len(os.sched_getaffinity(0))))
         return True
 
     def build(self, startup: StartupClock, pool: GeneratorPool, rewards: RewardBook, first_version: int) -> None:

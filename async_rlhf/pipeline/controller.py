@@ -14,11 +14,9 @@ replaces a dead learner. Readers (status, metrics, summary, the HTTP API) get `v
 """
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import ray
 
@@ -46,6 +44,7 @@ from async_rlhf.pipeline.resume import (
     take_checkpoints,
 )
 from async_rlhf.pipeline.rewards import RewardBook
+from async_rlhf.pipeline.signals import StopSignals
 from async_rlhf.pipeline.startup import StartupClock
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
 from async_rlhf.pipeline.summary import run_summary
@@ -91,6 +90,7 @@ class Controller:
         self.state = LoopState(first_version=resume.step if resume else 0)
         self.stats = RunStats()
         self.control = RunControl()
+        self.signals = StopSignals(run_dir, self.stats, self.control)
         self.parts = Components()
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{run_dir.name}-{id(self):x}"
         self.broker = make_broker(cfg, weights_root, self.state.first_version)
@@ -122,7 +122,7 @@ class Controller:
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self.startup.lap("policy")
             self._start_ray()
-            self._handle_sigterm()
+            self.signals.install()
             check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
             gpus = use_gpus()
             self.parts.plan = plan_cores(self.cfg, gpus=gpus)
@@ -145,21 +145,6 @@ class Controller:
     def _build_components(self, policy_dir: str) -> None:
         self.parts.policy_dir = policy_dir
         self.builder.build(self.startup, self.pool, self.rewards, self.state.first_version)
-
-    def _handle_sigterm(self) -> None:
-        """Preemption: checkpoint at the next safe point, then wind down like /control/stop.
-
-        Installed after ray.init, which sets its own SIGTERM handler in the driver; only possible
-        from the main thread (a controller run inside a thread, as in tests, keeps the default).
-        """
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _on_sigterm(self, *_: Any) -> None:
-        if self.stats.phase is RunPhase.STARTING:  # nothing trained yet: engines and a first eval only delay the stop
-            raise RunError("SIGTERM during start-up: stopped before the first step, nothing to checkpoint; "
-                           "start the run again (or --resume RUN_DIR, whose checkpoints are untouched)")
-        self.control.terminate()
 
     # ---- checkpoints (pipeline/resume.py reads and restores the run through these) ----------
     def take_checkpoints(self) -> None:
@@ -184,6 +169,10 @@ class Controller:
             summary = self._finish()
             self.stats.phase = RunPhase.FINISHED
             return summary
+        except KeyboardInterrupt:  # a stop now: Ctrl-C, or SIGTERM during start-up (pipeline/signals.py)
+            error = self.signals.error()
+            self.stats.phase = RunPhase.FAILED
+            raise error from None
         except BaseException:
             self.stats.phase = RunPhase.FAILED
             raise
@@ -309,6 +298,7 @@ class Controller:
         return summary
 
     def shutdown(self) -> None:
+        self.signals.restore()
         self.recorder.close()
         self.timeline.close()
         if self.service is not None:

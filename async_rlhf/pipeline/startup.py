@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import ray
 
+from async_rlhf.cluster.local_ray import init_local_ray
 from async_rlhf.config.run import RunConfig
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
@@ -114,7 +115,7 @@ def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
     started = False
     if cfg.ray.address is None and not ray.is_initialized():
         try:
-            ray.init(**ray_init_kwargs(cfg, len(os.sched_getaffinity(0))))
+            init_local_ray(**ray_init_kwargs(cfg, len(os.sched_getaffinity(0))))
             started = True
         except Exception:  # reported by the controller's own attempt (see the docstring)
             pass

@@ -1,0 +1,110 @@
+"""Ctrl-C in a terminal, as real processes: the signal goes to the whole foreground process group (the CLI
+and Ray's own processes; each actor has a group of its own). One line and exit 130 when the run stops now,
+no traceback, and nothing of the run left running."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from tests.helpers import train_command as quickstart_command
+
+pytestmark = pytest.mark.slow
+
+
+def session_pids(session: int) -> list[int]:
+    """The processes of a session (field 6 of /proc/PID/stat): the CLI started as its leader, and everything it
+    and Ray started, actors included."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat[stat.rindex(")") + 2:].split()[3]) == session:
+            pids.append(int(entry.name))
+    return pids
+
+
+def assert_nothing_left(session: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while session_pids(session) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [(Path(f"/proc/{pid}/cmdline").read_bytes()[:60], pid) for pid in session_pids(session)]
+    assert not left, f"still running after the run stopped: {left}"
+
+
+def ctrl_c(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(quickstart_command(run_dir, "api.enabled=false", *overrides), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_ctrl_c_during_start_up_stops_now_with_one_line_and_leaves_nothing_running(tmp_path: Path) -> None:
+    proc = start(tmp_path / "run")
+    assert proc.stdout is not None  # stdout=PIPE
+    try:
+        for line in proc.stdout:  # Ray is up and the workers are starting: seconds of vLLM and DeepSpeed from here
+            if "starting the learner, generators" in line:
+                break
+        ctrl_c(proc)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("[async-rlhf] interrupted (Ctrl-C) during start-up: stopped before the "
+                                            "first step, nothing to checkpoint; start the run again (or --resume "
+                                            "RUN_DIR, whose checkpoints are untouched)")
+    assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_nothing_left(proc.pid)
+
+
+def test_ctrl_c_twice_in_a_run_stops_before_the_final_evaluation(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "learner.steps=100000")
+    assert proc.stdout is not None and proc.stderr is not None  # both PIPE
+    try:
+        for line in proc.stdout:  # the loop runs from here; the first Ctrl-C is a stop with a checkpoint
+            if "starting the learner, generators" in line:
+                break
+        while not (run_dir / "metrics.jsonl").is_file():
+            time.sleep(0.05)
+        ctrl_c(proc)
+        for line in proc.stderr:  # printed by the first Ctrl-C's handler: the second one is now a second press
+            if "[async-rlhf] Ctrl-C: checkpointing at the next safe point" in line:
+                break
+        ctrl_c(proc)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"[async-rlhf] interrupted (Ctrl-C) again: stopped now, without the final evaluation; the checkpoints "
+        f"written so far are in {run_dir / 'checkpoints'} (`--resume {run_dir}` continues from the newest)")
+    assert "Traceback" not in err and not (run_dir / "summary.json").exists()
+    assert_nothing_left(proc.pid)
+
+
+def test_a_ctrl_c_during_ray_init_is_raised_once_ray_is_whole_and_ray_is_shut_down_at_exit() -> None:
+    # Interrupted halfway, ray.init() left Ray's dashboard and runtime-env agents running with no raylet.
+    script = ("import os, signal, threading, ray\n"
+              "from async_rlhf.cluster.local_ray import init_local_ray\n"
+              "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+              "try:\n"
+              "    init_local_ray(num_cpus=1)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted once Ray was up:', ray.is_initialized(), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    out, err = proc.communicate(timeout=120)
+    assert "interrupted once Ray was up: True" in out, err[-3000:]
+    assert_nothing_left(proc.pid)

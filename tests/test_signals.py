@@ -1,0 +1,61 @@
+"""StopSignals (pipeline/signals.py): what SIGTERM and Ctrl-C mean in each phase of a run, by hand. The
+processes' side (a terminal's Ctrl-C to the whole group, exit 130, nothing left running) is tests/test_ctrl_c.py."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.failures import Interrupted
+from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.signals import StopSignals
+from async_rlhf.pipeline.state import RunPhase, RunStats
+
+
+def signals_in(phase: RunPhase) -> StopSignals:
+    stats = RunStats()
+    stats.phase = phase
+    return StopSignals(Path("/runs/a"), stats, RunControl())
+
+
+def test_a_first_ctrl_c_in_the_loop_asks_for_a_checkpoint_and_a_stop_and_a_second_stops_now() -> None:
+    signals = signals_in(RunPhase.RUNNING)
+    signals.on_sigint(signal.SIGINT, None)
+    assert signals.control.stop_requested and len(signals.control.take_checkpoint_requests()) == 1
+    with pytest.raises(KeyboardInterrupt):
+        signals.on_sigint(signal.SIGINT, None)
+    error = signals.error()
+    assert isinstance(error, Interrupted) and "again: stopped now" in str(error)
+    assert "/runs/a/checkpoints" in str(error) and "`--resume /runs/a`" in str(error)
+
+
+def test_in_start_up_sigterm_and_ctrl_c_stop_now_and_say_why() -> None:
+    for handler, expected in (("on_sigterm", "SIGTERM during start-up"),
+                              ("on_sigint", "interrupted (Ctrl-C) during start-up")):
+        signals = signals_in(RunPhase.STARTING)
+        with pytest.raises(KeyboardInterrupt):  # the one exception Ray's blocking calls pass on whole
+            getattr(signals, handler)(signal.SIGINT, None)
+        assert str(signals.error()).startswith(expected) and not signals.control.stop_requested
+
+
+def test_a_ctrl_c_before_the_handlers_are_installed_is_a_start_up_interruption() -> None:
+    assert str(signals_in(RunPhase.CREATED).error()).startswith("interrupted (Ctrl-C) during start-up")
+
+
+def test_a_first_ctrl_c_while_the_run_ends_asks_for_nothing() -> None:
+    signals = signals_in(RunPhase.STOPPING)
+    signals.on_sigint(signal.SIGINT, None)
+    assert not signals.control.stop_requested and signals.control.take_checkpoint_requests() == []
+
+
+def test_install_then_restore_puts_back_the_handlers_a_longer_lived_process_had() -> None:
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signals = signals_in(RunPhase.RUNNING)
+    signals.install()
+    try:
+        assert signal.getsignal(signal.SIGINT) == signals.on_sigint
+        assert signal.getsignal(signal.SIGTERM) == signals.on_sigterm
+    finally:
+        signals.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
