@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -16,6 +17,7 @@ from tests.helpers import ROOT
 from tests.helpers import train_command as quickstart_command
 
 pytestmark = pytest.mark.slow
+STARTING = "starting the learner, generators"  # printed once Ray is up, as the workers start
 
 
 def session_pids(session: int) -> list[int]:
@@ -49,13 +51,18 @@ def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+def read_until(stream: IO[str] | None, text: str) -> None:
+    assert stream is not None  # a PIPE
+    for line in stream:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended without printing {text!r}")
+
+
 def test_ctrl_c_during_start_up_stops_now_with_one_line_and_leaves_nothing_running(tmp_path: Path) -> None:
     proc = start(tmp_path / "run")
-    assert proc.stdout is not None  # stdout=PIPE
     try:
-        for line in proc.stdout:  # Ray is up and the workers are starting: seconds of vLLM and DeepSpeed from here
-            if "starting the learner, generators" in line:
-                break
+        read_until(proc.stdout, STARTING)  # Ray is up and the workers are starting: seconds of vLLM and DeepSpeed
         ctrl_c(proc)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -71,17 +78,14 @@ def test_ctrl_c_during_start_up_stops_now_with_one_line_and_leaves_nothing_runni
 def test_ctrl_c_twice_in_a_run_stops_before_the_final_evaluation(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = start(run_dir, "learner.steps=100000")
-    assert proc.stdout is not None and proc.stderr is not None  # both PIPE
     try:
-        for line in proc.stdout:  # the loop runs from here; the first Ctrl-C is a stop with a checkpoint
-            if "starting the learner, generators" in line:
-                break
-        while not (run_dir / "metrics.jsonl").is_file():
+        read_until(proc.stdout, STARTING)
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").is_file():  # a first step: the first Ctrl-C is a stop and a checkpoint
+            assert time.monotonic() < deadline and proc.poll() is None, "no first step"
             time.sleep(0.05)
         ctrl_c(proc)
-        for line in proc.stderr:  # printed by the first Ctrl-C's handler: the second one is now a second press
-            if "[async-rlhf] Ctrl-C: checkpointing at the next safe point" in line:
-                break
+        read_until(proc.stderr, "[async-rlhf] Ctrl-C: checkpointing at the next safe point")  # its handler ran
         ctrl_c(proc)
         _, err = proc.communicate(timeout=60)
     finally:
