@@ -4,7 +4,9 @@ The full traceback goes to RUN_DIR/error.log; the terminal gets a sentence (exit
 """
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -42,3 +44,15 @@ def failure_line(exc: BaseException, run_dir: Path, config: str) -> str:
         where = f"no traceback written ({err})"
     return (f"[async-rlhf] run failed: {what_died(exc)}; {where}; continue with "
             f"`async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)")
+
+
+def unexpected_line(exc: BaseException, command: str) -> str:
+    """For an error outside a run's own handling (any command): the traceback to a file in the temp
+    directory, and the sentence for the terminal."""
+    log = Path(tempfile.gettempdir()) / f"async-rlhf-error-{os.getpid()}.log"
+    try:
+        log.write_text("".join(traceback.format_exception(exc)))
+        where = f"traceback in {log}"
+    except OSError as err:
+        where = f"no traceback written ({err})"
+    return f"[async-rlhf] {command} failed: {what_died(exc)}; {where}"

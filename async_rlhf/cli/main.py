@@ -15,7 +15,7 @@ from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
-from async_rlhf.failures import Interrupted, failure_line
+from async_rlhf.failures import Interrupted, failure_line, unexpected_line
 
 if TYPE_CHECKING:
     from async_rlhf.pipeline.controller import ServiceStarter
@@ -63,7 +63,15 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
     run_dir = cli_dir or cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"config error: run directory '{run_dir}' already holds a run; choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"config error: run directory '{run_dir}' is a file; pass --run-dir with a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".writable").touch()
+        (run_dir / ".writable").unlink()
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot use '{run_dir}' as the run directory ({exc.strerror}); pass "
+                          "--run-dir with a directory this user can create and write") from None
     return run_dir.resolve()
 
 
@@ -229,6 +237,9 @@ def entry() -> None:
     except KeyboardInterrupt:  # before a run installs its own handler, or in any other command
         print("\n[async-rlhf] interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         code = INTERRUPTED
+    except Exception as exc:  # a bug or an environment problem no command foresaw: one line, never a traceback
+        print(unexpected_line(exc, " ".join(sys.argv[1:2]) or "async-rlhf"), file=sys.stderr, flush=True)
+        code = 1
     atexit._run_exitfuncs()  # Ray's own among them: a Ray started before the Ctrl-C is shut down here
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,46 @@
+"""The CLI's last lines of defence: a run directory that cannot be one, and an error no command foresaw
+(one line naming it and the file with its traceback, exit 1), never a traceback on the terminal."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.cli.main import main
+from tests.helpers import QUICKSTART, ROOT
+
+
+def test_a_run_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes").write_text("mine\n")
+    assert main(["train", str(QUICKSTART), "--run-dir", str(tmp_path / "notes")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: run directory '{tmp_path / 'notes'}' is a file; pass --run-dir with a directory")
+    assert (tmp_path / "notes").read_text() == "mine\n"
+
+
+def test_a_run_dir_that_cannot_be_created(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes").write_text("mine\n")
+    run_dir = tmp_path / "notes" / "run"  # under a file: no user can create it
+    assert main(["train", str(QUICKSTART), "--run-dir", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: cannot use '{run_dir}' as the run directory (Not a directory); pass --run-dir with a "
+        "directory this user can create and write")
+
+
+def test_an_error_no_command_foresaw_is_one_line_and_its_traceback_goes_to_a_file() -> None:
+    # A stand-in for a bug: main() replaced by one that fails the way an unhandled error would.
+    script = ("import async_rlhf.cli.main as cli\n"
+              "def broken(): raise ValueError('a bug somewhere\\nsecond line')\n"
+              "cli.main = broken\n"
+              "cli.entry()\n")
+    proc = subprocess.run([sys.executable, "-c", script, "plot"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip()
+    prefix = "[async-rlhf] plot failed: ValueError: a bug somewhere; traceback in "
+    assert line.startswith(prefix) and "\n" not in line
+    log = Path(line.removeprefix(prefix))
+    assert "Traceback" in log.read_text() and "second line" in log.read_text()
+    log.unlink()
