@@ -1,14 +1,21 @@
-"""The CLI's last lines of defence: a run directory that cannot be one, and an error no command foresaw
-(one line naming it and the file with its traceback, exit 1), never a traceback on the terminal."""
+"""The CLI's last lines of defence: a run directory or an API address that cannot be used (config errors,
+exit 2), and an error no command foresaw (one line naming it and the file with its traceback, exit 1),
+never a traceback on the terminal."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from async_rlhf.api.app import ApiServer
 from async_rlhf.cli.main import main
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.runtime import ApiConfig
+from async_rlhf.pipeline.control import RunControl
 from tests.helpers import QUICKSTART, ROOT
 
 
@@ -44,3 +51,20 @@ def test_an_error_no_command_foresaw_is_one_line_and_its_traceback_goes_to_a_fil
     log = Path(line.removeprefix(prefix))
     assert "Traceback" in log.read_text() and "second line" in log.read_text()
     log.unlink()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
+def test_an_api_address_that_cannot_be_served_is_a_config_error(host: str, tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    view: Any = None  # the app only keeps it for its endpoints; no request reaches it here
+    api = ApiServer(view, RunControl(), ApiConfig(host=host, port=port, token="t" * 32), tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=rf"^config error: api: cannot serve on {host}:{port} \(.+\); set "
+                                              r"api.host and api.port to an address this machine can serve"):
+            api.start()
+    finally:
+        taken.close()
+    assert not (tmp_path / "api_url").exists()

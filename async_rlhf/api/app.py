@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from async_rlhf.api.metrics import prometheus_text
 from async_rlhf.api.serving import ThreadedServer
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.runtime import ApiConfig
 from async_rlhf.pipeline.control import RunControl
@@ -229,7 +230,13 @@ class ApiServer:
         self.url = ""
 
     def start(self) -> str:
-        self.url = self.server.start()
+        try:
+            self.url = self.server.start()
+        except OSError as exc:  # e.g. the port is taken: before any worker starts, so nothing is lost
+            config = self.server.server.config
+            raise ConfigError(f"config error: api: cannot serve on {config.host}:{config.port} ({exc.strerror}); set "
+                              "api.host and api.port to an address this machine can serve (api.port=0: any free "
+                              "port), or api.enabled=false") from None
         (self.run_dir / "api_url").write_text(self.url + "\n")
         return self.url
 
