@@ -25,6 +25,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, ClassVar
 
 from async_rlhf.config.base import ConfigError
@@ -41,6 +42,8 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
     import datasets
 
     kind = source_format(path, fmt)
+    if kind in BUILDERS and Path(path).is_file() and Path(path).stat().st_size == 0:  # datasets: "StopIteration"
+        raise ConfigError(f"{E}task.dataset: '{path}' is empty; point task.dataset.path at a file with prompts")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
     try:
