@@ -1,5 +1,6 @@
 """StopSignals (pipeline/signals.py): what SIGTERM and Ctrl-C mean in each phase of a run, by hand. The
-processes' side (a terminal's Ctrl-C to the whole group, exit 130, nothing left running) is tests/test_ctrl_c.py."""
+processes' side (a terminal's Ctrl-C to the whole group, exit 130, nothing left running):
+tests/test_driver_exit.py."""
 from __future__ import annotations
 
 import signal

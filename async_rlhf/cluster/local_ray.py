@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
+RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
 
 
 def init_local_ray(**kwargs: Any) -> None:
@@ -45,6 +46,12 @@ def head_processes(process_type: str) -> list[subprocess.Popen]:
     table = getattr(node, "all_processes", None)
     infos = table.get(process_type, []) if isinstance(table, dict) else []
     return [info.process for info in infos if isinstance(getattr(info, "process", None), subprocess.Popen)]
+
+
+def local_raylet_pid() -> int | None:
+    """The raylet of the Ray this process started (None for a Ray it only connected to)."""
+    raylets = head_processes(RAYLET)
+    return raylets[0].pid if raylets else None
 
 
 def shutdown_local_ray() -> None:

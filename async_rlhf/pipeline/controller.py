@@ -21,8 +21,9 @@ from typing import Callable, Protocol
 import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
-from async_rlhf.cluster.local_ray import shutdown_local_ray
+from async_rlhf.cluster.local_ray import local_raylet_pid, shutdown_local_ray
 from async_rlhf.cluster.placement import check_started_cluster, use_gpus
+from async_rlhf.cluster.reaper import Reaper
 from async_rlhf.cluster.resources import bf16_note, plan_cores
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
@@ -81,6 +82,7 @@ class Controller:
         self.start_services = services
         self.service: Service | None = None
         self.started_ray = False  # True when this run started Ray: then it shuts Ray down at the end
+        self.reaper: Reaper | None = None  # cleans up after this process if it is killed (cluster/reaper.py)
         self.recorder = RunRecorder(run_dir)
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.target_capacity = self.queue.capacity
@@ -122,6 +124,7 @@ class Controller:
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self.startup.lap("policy")
             self._start_ray()
+            self.reaper = Reaper([self.builder.weights_root], local_raylet_pid() if self.started_ray else None)
             self.signals.install()
             check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
             gpus = use_gpus()
@@ -310,3 +313,6 @@ class Controller:
             self.started_ray = False
         else:  # a Ray the caller owns outlives the run: its CPUs must not stay held by this run's actors
             self.builder.kill_actors(self.pool)
+        if self.reaper is not None:
+            self.reaper.close()
+            self.reaper = None

@@ -1,6 +1,8 @@
-"""Ctrl-C in a terminal, as real processes: the signal goes to the whole foreground process group (the CLI
-and Ray's own processes; each actor has a group of its own). One line and exit 130 when the run stops now,
-no traceback, and nothing of the run left running."""
+"""How a run's driver ends, as real processes, and what it leaves: nothing running, nothing in shared memory.
+
+Ctrl-C in a terminal goes to the whole foreground process group (the CLI and Ray's own processes; each actor
+has a group of its own): one line and exit 130 when the run stops now, no traceback. A driver killed outright
+(SIGKILL, the OOM killer) runs no clean-up of its own: its reaper does (cluster/reaper.py)."""
 from __future__ import annotations
 
 import os
@@ -112,3 +114,25 @@ def test_a_ctrl_c_during_ray_init_is_raised_once_ray_is_whole_and_ray_is_shut_do
     out, err = proc.communicate(timeout=120)
     assert "interrupted once Ray was up: True" in out, err[-3000:]
     assert_nothing_left(proc.pid)
+
+
+def test_a_driver_killed_outright_leaves_no_ray_process_and_no_weights_in_shared_memory(tmp_path: Path) -> None:
+    run_dir, shm_root = tmp_path / "run", tmp_path / "shm"
+    shm_root.mkdir()
+    proc = start(run_dir, "learner.steps=100000", f"weight_sync.shm_root={shm_root}")
+    try:
+        deadline = time.monotonic() + 300
+        while not (run_dir / "metrics.jsonl").is_file():  # training: the ring holds published weights
+            assert time.monotonic() < deadline and proc.poll() is None, "no first step"
+            time.sleep(0.05)
+        ring = [p for p in shm_root.iterdir() if p.name.startswith("async-rlhf-")]
+        assert len(ring) == 1 and any(ring[0].iterdir())
+        proc.kill()  # SIGKILL: no handler, no atexit, no finally
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert_nothing_left(proc.pid)  # Ray's agents lingered a minute or more without the reaper
+    deadline = time.monotonic() + 15
+    while ring[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not ring[0].exists()

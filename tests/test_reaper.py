@@ -1,0 +1,65 @@
+"""Reaper (cluster/reaper.py) on its own: when the process that started it closes its pipe (or dies), it removes
+the paths and kills the named children that are still the same processes. The run-level case, a driver
+SIGKILLed mid-run, is tests/test_driver_exit.py."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.cluster.reaper import Reaper, children, stat_fields
+
+# Stands in for a raylet: a process with one child (its "agent"). Not this test process, whose own children
+# include the Ray that other tests share.
+PARENT = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"
+
+
+@pytest.fixture
+def raylet() -> Iterator[subprocess.Popen]:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not children(parent.pid):
+        assert time.monotonic() < deadline, "the stand-in raylet started no child"
+        time.sleep(0.02)
+    yield parent
+    os.killpg(parent.pid, signal.SIGKILL)  # its process group: it and its child
+    parent.wait()
+
+
+def alive(named: str) -> bool:
+    pid, start = named.split(":")
+    try:
+        return stat_fields(pid)[19] == start and stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_reaper_removes_the_paths_and_kills_the_children_named_at_its_start(raylet: subprocess.Popen,
+                                                                                 tmp_path: Path) -> None:
+    ring = tmp_path / "async-rlhf-ring"
+    (ring / "slot-0").mkdir(parents=True)
+    [agent] = children(raylet.pid)
+    reaper = Reaper([ring], raylet_pid=raylet.pid)
+    time.sleep(0.2)
+    assert alive(agent) and ring.exists()  # nothing happens while the pipe is open
+    reaper.close()
+    assert not alive(agent) and not ring.exists() and raylet.poll() is None  # the raylet is not its to kill
+
+
+def test_a_child_is_named_with_its_start_time(raylet: subprocess.Popen) -> None:
+    [agent] = children(raylet.pid)
+    pid = int(agent.split(":")[0])
+    assert agent == f"{pid}:{stat_fields(pid)[19]}"  # a pid reused later has another start time
+
+
+def test_without_a_raylet_only_the_paths_go(raylet: subprocess.Popen, tmp_path: Path) -> None:
+    [agent] = children(raylet.pid)
+    reaper = Reaper([tmp_path / "ring"], raylet_pid=None)
+    reaper.close()
+    assert reaper.process.returncode == 0 and alive(agent)
