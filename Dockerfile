@@ -3,6 +3,8 @@
 # NVIDIA container toolkit (`docker run --gpus all ...`); torch and vLLM bring their own CUDA libraries.
 # CPU:  docker build --build-arg BASE=python:3.11-slim --build-arg EXTRAS=cpu,logging,dev -t async-rlhf:cpu .
 # On a Ray cluster the same image runs `ray start` on every node (README "On a GPU cluster").
+# CPU runs publish weights through /dev/shm (weight_sync.transport: shm), slots x the policy's size: Docker's
+# default 64 MB is too small beyond the quickstart, so run with e.g. `docker run --shm-size=4g ...`.
 ARG BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE}
 ARG EXTRAS=gpu,logging,dev

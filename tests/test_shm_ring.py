@@ -1,11 +1,14 @@
 """ShmSlotRing: hand-computed layout, one file per slot written in place, views without copies."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from async_rlhf.failures import RunError
 from async_rlhf.weights.shm_ring import ShmSlotRing, SlotLayout, parse_slot_location, slot_location
 
 
@@ -43,3 +46,19 @@ def test_locations_round_trip_and_other_schemes_are_not_slots(tmp_path: Path) ->
     assert parse_slot_location("nccl://v3") is None and parse_slot_location(str(tmp_path)) is None
     with pytest.raises(ValueError, match="malformed shm slot location"):
         parse_slot_location("shm-slot:///dev/shm/x")
+
+
+def test_a_full_tmpfs_is_a_one_line_error_naming_the_room_not_a_sigbus(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full tmpfs cannot be made here without mount privileges, so the kernel's answer to the allocation is
+    # stood in for. Without the allocation (a sparse file) the first touch of a page past the tmpfs's room
+    # was a SIGBUS that killed the learner with no message.
+    def no_room(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    ring = ShmSlotRing(tmp_path / "async-rlhf-run")
+    with pytest.raises(RunError, match=rf"^weight_sync: no room in {tmp_path} for a weight slot of 4 MiB \(\d+ MiB "
+                                       r"free there\); give it more room \(in Docker: --shm-size\), or set "
+                                       r"weight_sync.shm_root to a larger tmpfs$"):
+        ring.write(0, {"w": torch.zeros(1024, 1024)})

@@ -176,6 +176,11 @@ class Controller:
             error = self.signals.error()
             self.stats.phase = RunPhase.FAILED
             raise error from None
+        except ray.exceptions.RayTaskError as exc:
+            self.stats.phase = RunPhase.FAILED
+            if isinstance(exc.cause, RunError):  # a worker's own one-line reason, without the remote traceback
+                raise exc.cause from None
+            raise
         except BaseException:
             self.stats.phase = RunPhase.FAILED
             raise

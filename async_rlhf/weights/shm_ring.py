@@ -11,14 +11,18 @@ hands out a slot that is leased or still kept): the ring itself only writes and 
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from async_rlhf.failures import RunError
 
 ALIGN = 64  # bytes: every tensor starts on a cache line
 LAYOUT_FILE = "layout.json"
@@ -130,7 +134,7 @@ class ShmSlotRing:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if fresh or os.fstat(fd).st_size != layout.nbytes:
-                os.ftruncate(fd, layout.nbytes)
+                reserve(fd, layout.nbytes, self.root)
             buffer = mmap.mmap(fd, layout.nbytes)
         finally:
             os.close(fd)
@@ -142,6 +146,21 @@ class ShmSlotRing:
     def close(self) -> None:
         """Drop this process's mappings (the files stay; the broker's owner removes the root)."""
         self._maps.clear()  # an mmap with live tensor views cannot be closed explicitly; GC unmaps it
+
+
+def reserve(fd: int, nbytes: int, root: Path) -> None:
+    """Size a slot file with its pages allocated now. A sparse file (ftruncate alone) on a full tmpfs is
+    only found out when a page is first touched, by SIGBUS, which kills the process with no message."""
+    os.ftruncate(fd, nbytes)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(root).free
+        raise RunError(f"weight_sync: no room in {root.parent} for a weight slot of {nbytes / 2**20:.0f} MiB "
+                       f"({free / 2**20:.0f} MiB free there); give it more room (in Docker: --shm-size), or set "
+                       "weight_sync.shm_root to a larger tmpfs") from None
 
 
 def _view(flat: torch.Tensor, t: TensorSlot) -> torch.Tensor:
