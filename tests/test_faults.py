@@ -107,6 +107,23 @@ def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path:
     assert not (run_dir / "summary.json").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
+def test_a_workers_own_run_error_reaches_the_terminal_as_its_line_not_a_remote_traceback(tmp_path: Path) -> None:
+    # The learner raising RunError, as its shared-memory ring does on a full tmpfs (tests/test_shm_ring.py):
+    # here from a user's loss, the one place outside code can raise inside the learner.
+    (tmp_path / "refusing_loss.py").write_text(
+        "from async_rlhf.failures import RunError\n"
+        "def refusing_loss(inputs, params):\n"
+        "    raise RunError('my_loss: this batch is not what I expected; fix the data')\n"
+    )
+    cmd = train_command(tmp_path / "run", "loss.import_path=refusing_loss:refusing_loss", "api.enabled=false")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "[async-rlhf] run failed: my_loss: this batch is not what I expected; fix the data")
+    assert "Traceback" not in proc.stderr
+
+
 def test_repeated_nonfinite_losses_stop_the_run_with_a_checkpoint(tmp_path: Path) -> None:
     # A user's loss (loaded by loss.import_path) that always yields NaN: bad input from outside.
     (tmp_path / "broken_loss.py").write_text(
