@@ -28,6 +28,7 @@ from async_rlhf.cluster.resources import bf16_note, plan_cores
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.outputs.run_lock import RunDirLock
 from async_rlhf.outputs.sinks import make_sinks
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.builder import ComponentBuilder, make_broker
@@ -84,6 +85,7 @@ class Controller:
         self.started_ray = False  # True when this run started Ray: then it shuts Ray down at the end
         self.reaper: Reaper | None = None  # cleans up after this process if it is killed (cluster/reaper.py)
         self.recorder = RunRecorder(run_dir)
+        self.lock = RunDirLock(run_dir)
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.target_capacity = self.queue.capacity
         self.timing = Timing()
@@ -114,6 +116,7 @@ class Controller:
     # ---- set-up -------------------------------------------------------------------------
     def start(self) -> None:
         self.stats.phase = RunPhase.STARTING
+        self.lock.acquire()  # before any file of the run is written
         self.startup.lap("process")
         self.recorder.save_config(self.cfg)
         self._start_services()
@@ -321,3 +324,4 @@ class Controller:
         if self.reaper is not None:
             self.reaper.close()
             self.reaper = None
+        self.lock.release()
