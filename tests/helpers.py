@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -86,3 +87,10 @@ def present(value: T | None) -> T:
     """`value`, failing the test when it is None (an optional the test expects filled, e.g. a gradient)."""
     assert value is not None
     return value
+
+
+def as_in_a_terminal() -> None:
+    """A subprocess' preexec_fn: SIGINT at its default, as a command typed in a terminal has it. A test runner
+    started in the background (`nohup ... &`) passes SIGINT on ignored, and Python keeps an ignored SIGINT
+    ignored, so a Ctrl-C test would otherwise test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ from typing import IO
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, as_in_a_terminal
 from tests.helpers import train_command as quickstart_command
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,8 @@ def ctrl_c(proc: subprocess.Popen) -> None:
 
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(quickstart_command(run_dir, "api.enabled=false", *overrides), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=as_in_a_terminal)
 
 
 def read_until(stream: IO[str] | None, text: str) -> None:
@@ -110,7 +111,7 @@ def test_a_ctrl_c_during_ray_init_is_raised_once_ray_is_whole_and_ray_is_shut_do
               "except KeyboardInterrupt:\n"
               "    print('interrupted once Ray was up:', ray.is_initialized(), flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=as_in_a_terminal)
     out, err = proc.communicate(timeout=120)
     assert "interrupted once Ray was up: True" in out, err[-3000:]
     assert_nothing_left(proc.pid)

@@ -14,7 +14,7 @@ import pytest
 
 from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.controller import Controller
-from tests.helpers import ROOT, read_jsonl
+from tests.helpers import ROOT, as_in_a_terminal, read_jsonl
 from tests.helpers import train_command as quickstart_command
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_sigterm_or_one_ctrl_c_writes_a_checkpoint_and_stops_cleanly(signum: sig
     run_dir = tmp_path / "run"
     cmd = train_command(run_dir, "learner.steps=100000")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_in_a_terminal)
     try:
         wait_until(lambda: (run_dir / "metrics.jsonl").is_file()
                    and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 5, timeout=300)

@@ -60,3 +60,16 @@ def test_install_then_restore_puts_back_the_handlers_a_longer_lived_process_had(
     finally:
         signals.restore()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_an_ignored_sigint_stays_ignored() -> None:
+    # `nohup async-rlhf train ... &`: the shell starts it with SIGINT ignored, and it must stay so.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signals = signals_in(RunPhase.RUNNING)
+        signals.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signals.on_sigterm
+        signals.restore()
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -38,9 +38,11 @@ class StopSignals:
     def install(self) -> None:
         """After ray.init, which sets its own SIGTERM handler in the driver; only possible from the main
         thread (a controller run inside a thread, as in tests, keeps the defaults)."""
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self.on_sigterm),
-                             signal.SIGINT: signal.signal(signal.SIGINT, self.on_sigint)}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self.on_sigterm)}
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # `nohup ... &`: the user's choice, kept
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.on_sigint)
 
     def restore(self) -> None:
         """The handlers from before install(): a process that runs several runs (a benchmark) must not keep
