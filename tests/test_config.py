@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cli.main import main
-from async_rlhf.config.base import ConfigError, parse_overrides
+from async_rlhf.config.base import ConfigError, load_yaml, parse_overrides
 from async_rlhf.config.run import RunConfig, load_config
 from learners.loss_traits import builtin_losses
 from tests.helpers import cli_command
@@ -118,3 +118,22 @@ def test_console_script_exit_code_for_unknown_key() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("config error: unknown key 'bogus'")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_key_given_twice_in_a_section_is_refused_with_both_lines(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("learner:\n  steps: 5\n  lr: 1.0e-4\n  steps: 6\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == f"config error: '{config}' is not valid YAML at line 4: key 'steps' given twice (first " \
+                             "at line 2)"
+
+
+def test_the_same_key_in_two_sections_and_yaml_merge_keys_are_fine(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("generation: &gen\n  temperature: 0.7\n  max_new_tokens: 12\n"
+                      "learner:\n  steps: 7\n"
+                      "eval:\n  every: 7\n")
+    assert load_config(config).learner.steps == 7
+    assert load_yaml("base: &b {x: 1, y: 2}\nchild:\n  <<: *b\n  y: 3\n") == {"base": {"x": 1, "y": 2},
+                                                                           "child": {"x": 1, "y": 3}}

@@ -59,3 +59,24 @@ def merge_dicts(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, where PyYAML silently keeps the last: a
+    config with `steps:` twice in one section would run with one of them unnoticed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges (later keys override by design); other odd keys: PyYAML decides
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice (first at line "
+                                                                    f"{first[key]})", key_node.start_mark)
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader: no arbitrary objects

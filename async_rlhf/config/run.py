@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
-from async_rlhf.config.base import ConfigError, Strict, environment_checks, merge_dicts, parse_overrides
+from async_rlhf.config.base import ConfigError, Strict, environment_checks, load_yaml, merge_dicts, parse_overrides
 from async_rlhf.config.generation import GenerationConfig, MCValuesConfig, QueueConfig
 from async_rlhf.config.learner import PUSHED_TRANSPORTS, LearnerConfig, WeightSyncConfig, check_memory_split
 from async_rlhf.config.loss import LossConfig
@@ -244,7 +244,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
             raise ConfigError(f"config error: config file '{file}' not found; pass a YAML file such as "
                               "configs/quickstart.yaml")
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            data = load_yaml(file.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
             raise ConfigError(f"config error: cannot read '{file}': {reason}; pass a UTF-8 YAML file such as "
