@@ -60,6 +60,9 @@ CONFIG_CASES = [
      "queue.max_staleness: Input should be a valid integer, got a number with a fractional part (got 1.5)"),
     ("checkpoint.every=-2", "checkpoint.every: Input should be greater than or equal to 0 (got -2)"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last: Input should be greater than or equal to 1 (got 0)"),
+    ("learner.lr=inf", "learner.lr: Input should be a finite number (got 'inf')"),
+    ("loss.beta=nan", "loss.beta: Input should be a finite number (got 'nan')"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
 ]
 
 

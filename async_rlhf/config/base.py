@@ -12,7 +12,8 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf passes `gt=0`-style bounds (learner.lr=inf was accepted) and nan some others: both refused
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def environment_checks(info: ValidationInfo) -> bool:

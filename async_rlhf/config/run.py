@@ -24,7 +24,7 @@ from reward_models.rules import NEEDS_REFERENCE, SCORER_TASK
 
 
 class RunConfig(Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="one seed for every role (torch's takes at most 64 bits)")
     run_dir: Path | None = Field(None, description="default runs/<timestamp>")
     task: TaskConfig = TaskConfig()
     model: ModelConfig = ModelConfig()
