@@ -51,15 +51,17 @@ def test_a_first_ctrl_c_while_the_run_ends_asks_for_nothing() -> None:
 
 
 def test_install_then_restore_puts_back_the_handlers_a_longer_lived_process_had() -> None:
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    signals = signals_in(RunPhase.RUNNING)
-    signals.install()
+    runner = signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner in the background ignores it
     try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        signals = signals_in(RunPhase.RUNNING)
+        signals.install()
         assert signal.getsignal(signal.SIGINT) == signals.on_sigint
         assert signal.getsignal(signal.SIGTERM) == signals.on_sigterm
-    finally:
         signals.restore()
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGINT, runner)
 
 
 def test_an_ignored_sigint_stays_ignored() -> None:
