@@ -168,7 +168,7 @@ def test_a_broken_jsonl_line_is_named_by_its_row(tokenizer_dir: Path, tmp_path: 
     broken = tmp_path / "prompts.jsonl"
     broken.write_text('{"question": "3914", "answer": "1349"}\n{"question": \n')
     assert byo_message(tokenizer_dir, f"task.dataset.path={broken}") == E + (
-        f"task.dataset: cannot read '{broken}' as jsonl: JSON parse error: Invalid value. in row 1; fix the file "
+        f"task.dataset: cannot read '{broken}' as jsonl: JSON parse error: Invalid value. in row 1; fix the file, "
         "or point task.dataset.path at another")
     assert capsys.readouterr().err == ""  # datasets' own log line about it is not printed before ours
 

@@ -51,8 +51,10 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
             return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
         table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
-        raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {root_reason(exc)}; fix the file or "
-                          f"point task.dataset.path at another") from None
+        fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
+               if kind == "hub" else "fix the file")
+        raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or point "
+                          f"task.dataset.path at another") from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
             raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")
