@@ -35,24 +35,23 @@ def what_died(exc: BaseException) -> str:
 
 def failure_line(exc: BaseException, run_dir: Path, config: str) -> str:
     """Writes the traceback to run_dir/error.log and returns the sentence for the terminal."""
-    log = run_dir / "error.log"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log.write_text("".join(traceback.format_exception(exc)))
-        where = f"traceback in {log}"
-    except OSError as err:  # the run directory itself is the problem (full disk, permissions)
-        where = f"no traceback written ({err})"
-    return (f"[async-rlhf] run failed: {what_died(exc)}; {where}; continue with "
-            f"`async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)")
+    return (f"[async-rlhf] run failed: {what_died(exc)}; {write_traceback(exc, run_dir / 'error.log')}; continue "
+            f"with `async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)")
 
 
 def unexpected_line(exc: BaseException, command: str) -> str:
     """For an error outside a run's own handling (any command): the traceback to a file in the temp
     directory, and the sentence for the terminal."""
     log = Path(tempfile.gettempdir()) / f"async-rlhf-error-{os.getpid()}.log"
+    return f"[async-rlhf] {command} failed: {what_died(exc)}; {write_traceback(exc, log)}"
+
+
+def write_traceback(exc: BaseException, log: Path) -> str:
+    """`traceback in LOG`, or why none was written (the directory itself may be the problem: full disk,
+    permissions)."""
     try:
+        log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("".join(traceback.format_exception(exc)))
-        where = f"traceback in {log}"
+        return f"traceback in {log}"
     except OSError as err:
-        where = f"no traceback written ({err})"
-    return f"[async-rlhf] {command} failed: {what_died(exc)}; {where}"
+        return f"no traceback written ({err})"

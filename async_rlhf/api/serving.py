@@ -49,5 +49,4 @@ def bound_socket(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable (Python's default): a process started later must not keep the port
