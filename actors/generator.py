@@ -12,11 +12,12 @@ from __future__ import annotations
 import gc
 import json
 import os
+import tempfile
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.resources import pin_process
@@ -70,6 +71,7 @@ class GeneratorActor:
         train_scorer: str | None = None,
         reward_timeout_s: float = 30.0,
         busy_board: str | None = None,
+        scratch_dir: str | None = None,
     ) -> None:
         cores = cores or sorted(os.sched_getaffinity(0))
         # Pin before vLLM starts: its engine (this process on CPU, child processes on GPU) gets this
@@ -97,15 +99,16 @@ class GeneratorActor:
         self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
         if not _has_cuda():
             skip_cpu_start_costs()
-        self.llm = LLM(
-            model=model_dir,
-            # RunConfig.generator_dtype: the learner's (model.dtype), or bfloat16 over float32 weights on a CPU
-            # (generation.dtype; each published float32 version is converted as it loads).
-            dtype=dtype,  # type: ignore[arg-type]  # a str from the config, one of vLLM's literal names
-            max_model_len=gen_cfg.max_model_len,
-            seed=seed + generator_id,
-            **engine_options(gen_cfg, _has_cuda(), weight_transport, model_dir, dtype),
-        )
+        with temp_files_in(scratch_dir):
+            self.llm = LLM(
+                model=model_dir,
+                # RunConfig.generator_dtype: the learner's (model.dtype), or bfloat16 over float32 weights on a
+                # CPU (generation.dtype; each published float32 version is converted as it loads).
+                dtype=dtype,  # type: ignore[arg-type]  # a str from the config, one of vLLM's literal names
+                max_model_len=gen_cfg.max_model_len,
+                seed=seed + generator_id,
+                **engine_options(gen_cfg, _has_cuda(), weight_transport, model_dir, dtype),
+            )
 
     def info(self) -> dict:
         return {"generator_id": self.generator_id, "version": self.version, "cores": self.cores, "pid": os.getpid()}
@@ -288,6 +291,26 @@ def set_engine_env(cores: list[int], cuda: bool) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not cuda:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+@contextmanager
+def temp_files_in(path: str | None) -> Iterator[None]:
+    """Temporary files made inside go to `path`, a directory the caller removes (a run: at its end, or its
+    reaper when the driver was killed). vLLM's engine build makes a file there for its process group (torch's
+    FileStore, vllm_dist_<uuid>) that it removes only on a clean engine shutdown, which a generator killed at a
+    run's end never has: one file per engine start was left in /tmp (836 on this machine after 15 sessions).
+    Without `path`, or where it cannot be made (a cluster node without the driver's shm_root), nothing changes."""
+    try:
+        if path:
+            Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        path = None
+    previous = tempfile.tempdir
+    tempfile.tempdir = path or previous
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
 
 
 def skip_cpu_start_costs() -> None:

@@ -10,6 +10,7 @@ run's gold scorer (RewardService). Another policy's weights are loaded into the 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -36,7 +37,9 @@ class GoldEvaluator:
     def __init__(self, cfg: RunConfig, start_policy: Path) -> None:
         self.cfg = cfg
         self.prompts = load_task(cfg, start_policy).eval_prompts()
-        self.generator = GeneratorActor(0, str(start_policy), cfg.generation, cfg.seed, dtype=cfg.generator_dtype)
+        self.scratch = tempfile.TemporaryDirectory(prefix="async-rlhf-policy-eval-")  # removed at exit
+        self.generator = GeneratorActor(0, str(start_policy), cfg.generation, cfg.seed, dtype=cfg.generator_dtype,
+                                        scratch_dir=self.scratch.name)
         self.gold = RewardService({"gold": cfg.reward.gold}, cfg.reward.timeout_s)
         self.root = cfg.weight_sync.shm_root / f"async-rlhf-policy-eval-{uuid.uuid4().hex[:8]}"
         self.ring = ShmSlotRing(self.root)

@@ -50,12 +50,28 @@ def init_distributed(info: RankInfo | None = None) -> RankInfo:
     os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(port), RANK=str(info.rank),
                       WORLD_SIZE=str(info.world_size), LOCAL_RANK="0")
     backend = "gloo" if os.environ["DS_ACCELERATOR"] == "cpu" else "nccl"
+    if backend == "gloo":
+        skip_unused_cpu_ops()
     if info.world_size == 1:
         # A world of one needs no rendezvous: an in-memory store, so no TCP port that another process
         # (a vLLM engine starting next to it) can take between free_port() and the bind (EADDRINUSE).
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend)  # adopts the group above when there is one
     return info
+
+
+# DeepSpeed's CPU comm backend compiles this C++ op when it starts (27 s of g++ on 2 cores, 52 s of CPU, on
+# a machine's first learner start and again whenever the venv moves: torch's extension cache is keyed by
+# name, not path). It serves only `inference_all_reduce`, DeepSpeed's tensor-parallel CPU inference; training
+# uses gloo. DeepSpeed reads this table before it builds the op and goes without it where it is False.
+UNUSED_CPU_OPS = ("deepspeed_shm_comm",)
+
+
+def skip_unused_cpu_ops() -> None:
+    import deepspeed.ops
+
+    for name in UNUSED_CPU_OPS:
+        deepspeed.ops.__compatible_ops__[name] = False
 
 
 def world_size() -> int:

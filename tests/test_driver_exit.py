@@ -15,6 +15,7 @@ from typing import IO
 
 import pytest
 
+from async_rlhf.pipeline.builder import GENERATOR_SCRATCH
 from tests.helpers import ROOT, as_in_a_terminal
 from tests.helpers import train_command as quickstart_command
 
@@ -128,6 +129,8 @@ def test_a_driver_killed_outright_leaves_no_ray_process_and_no_weights_in_shared
             time.sleep(0.05)
         ring = [p for p in shm_root.iterdir() if p.name.startswith("async-rlhf-")]
         assert len(ring) == 1 and any(ring[0].iterdir())
+        # vLLM's engine file for its process group is in the run's scratch directory, not left in /tmp.
+        assert list((ring[0] / GENERATOR_SCRATCH).glob("vllm_dist_*"))
         proc.kill()  # SIGKILL: no handler, no atexit, no finally
         proc.wait(timeout=30)
     finally:

@@ -25,8 +25,11 @@ def train(run_dir: Path, *overrides: str) -> dict:
 
 
 def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Path) -> None:
-    run = tmp_path / "async"
-    summary = train(run, "queue.max_staleness=1")
+    run, shm_root = tmp_path / "async", tmp_path / "shm"
+    shm_root.mkdir()
+    summary = train(run, "queue.max_staleness=1", f"weight_sync.shm_root={shm_root}")
+    # Nothing of the run is left in shared memory: weights ring, busy board, the generator's engine files.
+    assert not list(shm_root.iterdir())
     steps = read_jsonl(run / "metrics.jsonl")
     assert summary["steps"] == len(steps) > 0
     # The learned policy beats its supervised start on the held-out gold reward.

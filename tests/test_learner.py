@@ -291,3 +291,20 @@ def test_save_state_then_load_state_continues_bit_for_bit(model_dir, tmp_path, s
     if loss == "ppo":
         v_after, v_want = present(resumed.value).model.state_dict(), present(learner.value).model.state_dict()
         assert all(torch.equal(v_after[k], v_want[k]) for k in v_want)
+
+
+def test_the_cpu_learner_builds_no_deepspeed_op(tmp_path):
+    """DeepSpeed's CPU comm backend would compile its shared-memory op with g++ at the learner's start (27 s on
+    2 cores on a fresh machine, and a C++ compiler needed): a fresh extension cache stays empty."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from learners.distributed import init_distributed; init_distributed(); "
+            "import deepspeed.comm.comm as c; print('shm op', c.cdb.shm_comm_op)")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"), "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "shm op None" in out.stdout
+    assert not list(tmp_path.glob("extensions/**/*.so"))

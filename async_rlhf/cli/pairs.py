@@ -9,6 +9,7 @@ With K=2 this is the seed paper's recipe; a larger K gives pairs with a clearer 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,9 @@ def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_
     from reward_models.service import RewardService
 
     task = load_task(cfg, cfg.model.path)
-    generator = GeneratorActor(0, str(cfg.model.path), cfg.generation, cfg.seed, dtype=cfg.generator_dtype)
+    scratch = tempfile.TemporaryDirectory(prefix="async-rlhf-pairs-")  # removed at exit (temp_files_in)
+    generator = GeneratorActor(0, str(cfg.model.path), cfg.generation, cfg.seed, dtype=cfg.generator_dtype,
+                               scratch_dir=scratch.name)
     gold = RewardService({"gold": cfg.reward.gold}, cfg.reward.timeout_s)
     start, written, counts = time.perf_counter(), 0, {"prompts": 0, "ties": 0, "failed": 0}
     out.parent.mkdir(parents=True, exist_ok=True)

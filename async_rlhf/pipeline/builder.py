@@ -6,6 +6,7 @@ as long as its slowest actor, not the sum of all.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from learners.advantages.monte_carlo import MCRequest
 from learners.group import LearnerGroup, start_learner
 from learners.losses import LOSSES
 from reward_models.service import RewardService
+
+# The generators' temporary files (actors/generator.py use_scratch_dir), in the run's own directory under
+# weight_sync.shm_root: removed with it at the end, by the reaper, or by the run's next process.
+GENERATOR_SCRATCH = "generator-tmp"
 
 
 def make_broker(cfg: RunConfig, weights_root: Path, first_version: int) -> WeightSyncBroker:
@@ -95,7 +100,8 @@ class ComponentBuilder:
         scorer = cfg.reward.train if cfg.reward.in_generator else None
         return [GeneratorSlot(gen_cls.options(**options).remote(
                     i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.generator_dtype,
-                    cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board), i)
+                    cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board,
+                    str(self.weights_root / GENERATOR_SCRATCH)), i)
                 for i, options in enumerate(generator_options(cfg))]
 
     def _start_reward(self) -> Any:  # a RewardService actor handle
@@ -112,6 +118,10 @@ class ComponentBuilder:
         plan = self.parts.require_plan()
         self.parts.learner = start_learner(self.cfg, self.parts.policy_dir, plan.learner_cores if plan.pinned else None,
                                            plan.learner_threads, self.loan)
+
+    def remove_run_files(self) -> None:
+        """The run's directory under shm_root, whatever the transport: weights ring, busy board, scratch."""
+        shutil.rmtree(self.weights_root, ignore_errors=True)
 
     def stop_learner(self) -> None:
         if isinstance(self.parts.learner, LearnerGroup):

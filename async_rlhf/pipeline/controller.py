@@ -321,6 +321,7 @@ class Controller:
             self.started_ray = False
         else:  # a Ray the caller owns outlives the run: its CPUs must not stay held by this run's actors
             self.builder.kill_actors(self.pool)
+        self.builder.remove_run_files()  # after the actors: the generators' scratch files are theirs until then
         if self.reaper is not None:
             self.reaper.close()
             self.reaper = None
