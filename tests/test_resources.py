@@ -57,6 +57,29 @@ def test_only_a_pinned_single_rank_cpu_plan_lends_cores() -> None:
     assert core_loan(sync, plan_cores(sync, [0, 1]), "b") is None
 
 
+def plan(staleness: int, generators: int, cores: int, pin: str = "auto") -> tuple:
+    cfg = RunConfig(queue={"max_staleness": staleness}, resources={"pin_cores": pin},
+                    generation={"num_generators": generators, "prompts_per_step": 12})
+    made = plan_cores(cfg, list(range(cores)))
+    return made.generator_cores, made.learner_cores, made.learner_threads, made.pinned
+
+
+def test_no_two_thread_pools_share_a_core_unless_there_are_more_generators_than_cores() -> None:
+    # Async with a core to spare: a core per generator, the rest to the learner.
+    assert plan(1, 1, 2) == ([[0]], [1], 1, True)
+    assert plan(1, 2, 8) == ([[0], [1]], [2, 3, 4, 5, 6, 7], 6, True)
+    # Async without one: a core per generator (in turn when they outnumber the cores), the learner one thread.
+    assert plan(1, 2, 2) == ([[0], [1]], [0, 1], 1, False)
+    assert plan(1, 4, 2) == ([[0], [1], [0], [1]], [0, 1], 1, False)
+    # Sync: the generators split the cores, the learner (alone) takes them all.
+    assert plan(0, 1, 2) == ([[0, 1]], [0, 1], 2, False)
+    assert plan(0, 2, 2) == ([[0], [1]], [0, 1], 2, False)
+    assert plan(0, 3, 8) == ([[0, 1, 2], [3, 4, 5], [6, 7]], list(range(8)), 8, False)
+    assert plan(1, 2, 2, pin="off") == ([[0, 1], [0, 1]], [0, 1], 2, False)
+    shared = RunConfig(generation={"num_generators": 2}, resources={"balance_cores": True})
+    assert core_loan(shared, plan_cores(shared, [0, 1]), "b") is None  # the learner has no core of its own
+
+
 class ScriptedBoard:
     """Answers idle_for() from a script, and notes the learner's cores and threads at each question."""
 

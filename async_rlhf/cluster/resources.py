@@ -2,8 +2,10 @@
 
 On a small machine the generator and the learner slow each other down badly when they share
 cores (measured: ~39% / 22% slower), but barely at all when each process is pinned to its own
-core (~6%). So an asynchronous run pins one core per generator and gives the rest to the learner;
-a synchronous run (max_staleness=0), whose phases never overlap, lets each phase use every core.
+core (~6%). So an asynchronous run pins one core per generator and gives the rest to the learner.
+Where that leaves the learner no core (as many generators as cores, or more) and in a synchronous run
+(max_staleness=0), the generators split the cores between them and the learner shares them: with every
+core when it trains alone (synchronous), with one thread beside the generators (asynchronous).
 On GPUs nothing is pinned: the roles compute on their GPUs, and the driver's cores say nothing
 about the cores of the nodes the roles run on.
 """
@@ -18,24 +20,38 @@ from async_rlhf.config.run import RunConfig
 
 @dataclass(frozen=True)
 class CorePlan:
-    generator_cores: list[list[int]]  # one list per generator
+    generator_cores: list[list[int]]  # one list per generator: it pins itself there, one thread per core
     learner_cores: list[int]
-    pinned: bool
-
-    @property
-    def learner_threads(self) -> int:
-        return len(self.learner_cores)
+    pinned: bool  # every role has cores of its own (an async run with a core per generator and more to spare)
+    learner_threads: int  # torch's intra-op threads in the learner
 
 
 def plan_cores(cfg: RunConfig, available: list[int] | None = None, gpus: bool = False) -> CorePlan:
     cores = sorted(available if available is not None else os.sched_getaffinity(0))
     gens = cfg.generation.num_generators
     if gpus:
-        return CorePlan([[] for _ in range(gens)], list(cores), pinned=False)
+        return CorePlan([[] for _ in range(gens)], cores, pinned=False, learner_threads=len(cores))
+    if cfg.resources.pin_cores == "off":
+        return CorePlan([list(cores) for _ in range(gens)], cores, pinned=False, learner_threads=len(cores))
     overlap = cfg.queue.max_staleness > 0
-    if cfg.resources.pin_cores == "auto" and overlap and len(cores) >= gens + 1:
-        return CorePlan([[c] for c in cores[:gens]], cores[gens:], pinned=True)
-    return CorePlan([list(cores) for _ in range(gens)], list(cores), pinned=False)
+    if overlap and len(cores) >= gens + 1:
+        return CorePlan([[c] for c in cores[:gens]], cores[gens:], pinned=True, learner_threads=len(cores) - gens)
+    # The generators always sample side by side (and, asynchronously, the learner trains beside them), so no
+    # thread pool may span another's cores: an OpenMP thread bound to a core that another process holds waits
+    # for it at every barrier. Two generators on all of 2 cores were 3.7x slower than one (synchronous) and 8x
+    # (asynchronous, the learner's two threads too); each on a core of its own, faster than one
+    # (docs/benchmarks.md, "Cores shared"). The learner shares the cores: alone (synchronous) it uses them all,
+    # beside the generators one thread.
+    return CorePlan(split_cores(cores, gens), cores, pinned=False, learner_threads=1 if overlap else len(cores))
+
+
+def split_cores(cores: list[int], parts: int) -> list[list[int]]:
+    """`cores` in `parts` disjoint runs as even as possible; with more parts than cores, one core each, in turn."""
+    if parts > len(cores):
+        return [[cores[i % len(cores)]] for i in range(parts)]
+    size, extra = divmod(len(cores), parts)
+    starts = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [cores[starts[i]:starts[i + 1]] for i in range(parts)]
 
 
 @dataclass(frozen=True)

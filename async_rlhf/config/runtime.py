@@ -22,7 +22,9 @@ class RayConfig(Strict):
 class ResourcesConfig(Strict):
     num_cpus: int | None = Field(None, ge=1)
     pin_cores: Literal["auto", "off"] = Field(
-        "auto", description="auto: one core per role when async and enough cores; off: share all"
+        "auto", description="auto: async with enough cores, a core per generator and the rest to the learner; "
+                            "otherwise the generators split the cores (no two thread pools on one core) and the "
+                            "learner shares them; off: every role on every core"
     )
     balance_cores: bool = Field(
         True, description="with pinned cores: the learner also trains on the generators' cores while they idle, "
