@@ -45,10 +45,14 @@ def merge_metrics(per_rank: list[dict]) -> dict:
     return merged
 
 
-@ray.remote(num_cpus=0)
-def _gather(method: str, *results: Any) -> Any:
-    """Resolves when every rank has answered; a failed rank fails this task with its error."""
-    return merge_metrics(list(results)) if method == "train_step" else results[0]
+class RankAnswers:
+    """Joins the ranks' answers to one call into one ObjectRef, which resolves when every rank has answered
+    (a failed rank fails it with its error). An actor, not a task per call: a task is run by a worker process
+    leased for it, and Ray stops an idle one after a second when it holds more workers than CPUs, so the next
+    call waited for a new one (11 of 99 publishes of a 2-rank CPU run took 1.2 s instead of 6 ms)."""
+
+    def join(self, method: str, *results: Any) -> Any:
+        return merge_metrics(list(results)) if method == "train_step" else results[0]
 
 
 @ray.remote(num_cpus=0)
@@ -69,14 +73,14 @@ class _FanOut:
             refs = [h.train_step.remote(groups[r::len(handles)]) for r, h in enumerate(handles)]
         else:
             refs = [getattr(h, self.method).remote(*args, **kwargs) for h in handles]
-        return _gather.remote(self.method, *refs)
+        return self.group.answers.join.remote(self.method, *refs)
 
 
 class LearnerGroup:
     """Quacks like a Learner actor handle: `group.<method>.remote(...)` -> one ObjectRef."""
 
-    def __init__(self, handles: list[Any], pg: Any) -> None:
-        self.handles, self.pg = handles, pg
+    def __init__(self, handles: list[Any], pg: Any, answers: Any) -> None:
+        self.handles, self.pg, self.answers = handles, pg, answers  # answers: a RankAnswers actor
 
     def __getattr__(self, method: str) -> _FanOut:
         if method.startswith("__") and method != "__ray_ready__":
@@ -84,7 +88,7 @@ class LearnerGroup:
         return _FanOut(self, method)
 
     def shutdown(self) -> None:
-        for handle in self.handles:
+        for handle in [*self.handles, self.answers]:
             ray.kill(handle)
         remove_placement_group(self.pg)
 
@@ -107,4 +111,8 @@ def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threa
             cfg, model_dir, cores, per_rank, RankInfo(r, ranks, host, port))
         for r in range(ranks)
     ]
-    return LearnerGroup(handles, pg)
+    # Stateless, so restarted and its calls retried if its process dies; out of order (threaded), so a call
+    # whose ranks answered first is not held behind one still training.
+    answers = ray.remote(RankAnswers).options(num_cpus=0, max_concurrency=4, max_restarts=-1, max_task_retries=-1,
+                                              scheduling_strategy=in_bundle(pg, 0)).remote()
+    return LearnerGroup(handles, pg, answers)

@@ -52,6 +52,9 @@ def test_two_ranks_train_in_step_and_publish_full_weights(ray_local, tmp_path) -
                    for groups in (ordered, ordered, reordered, reordered)]
         digests = ray.get([h.weights_digest.remote() for h in group.handles])
         ray.get(group.save_weights.remote(str(tmp_path / "v4")), timeout=120)
+        # A rank's error fails the group's one answer (the ranks have no value model to load).
+        with pytest.raises(ray.exceptions.RayTaskError, match="value model"):
+            ray.get(group.load_value_model.remote(str(tmp_path / "missing")), timeout=120)
     finally:
         group.shutdown()
     assert [m["version"] for m in history] == [1, 2, 3, 4]
