@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -96,13 +97,13 @@ def python_output(code: str) -> str:
     return out.stdout + out.stderr
 
 
-def test_the_driver_imports_no_model_code() -> None:
+def test_the_driver_imports_no_model_code(tmp_path: Path) -> None:
     """The controller and the embedded policy's tokenizer load without transformers' model classes and
     torch's compiler (AutoTokenizer or a model import pulls them in: ~2 s of every run's start-up)."""
-    code = ("import sys, tempfile\nimport async_rlhf.pipeline.controller\n"
+    code = ("import sys\nimport async_rlhf.pipeline.controller\n"
             "from async_rlhf.policies.embedded import build_tokenizer\n"
             "from async_rlhf.tasks.builtin import load_tokenizer\n"
-            "d = tempfile.mkdtemp()\nbuild_tokenizer().save_pretrained(d)\nload_tokenizer(d)\n"
+            f"d = {str(tmp_path)!r}\nbuild_tokenizer().save_pretrained(d)\nload_tokenizer(d)\n"
             "heavy = ('transformers.models.auto.tokenization_auto', 'transformers.models.llama.modeling_llama', "
             "'torch._dynamo', 'accelerate')\n"
             "print('MODULES', [m for m in heavy if m in sys.modules])")
