@@ -472,7 +472,7 @@ def test_train_refused_by_the_cluster_exits_2_with_one_line(ray_local, tmp_path:
     from async_rlhf.cluster import placement
     from async_rlhf.pipeline.controller import Controller
 
-    monkeypatch.setattr(placement, "cluster_counts", lambda: (gpus, nodes))
+    monkeypatch.setattr(placement, "cluster_counts", lambda: (gpus, nodes, 64))
     monkeypatch.setattr(Controller, "_build_components",
                         lambda self, policy_dir: pytest.fail("workers started for a run the cluster cannot hold"))
     args = ["train", str(QUICKSTART), f"weight_sync.transport={transport}", *SHARED_SPLIT, "ray.address=auto",
@@ -480,3 +480,20 @@ def test_train_refused_by_the_cluster_exits_2_with_one_line(ray_local, tmp_path:
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [E + message] and "Traceback" not in err
+
+
+def test_a_ray_with_too_few_cpus_is_refused_at_start_not_waited_on(ray_local, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's real 2-CPU Ray and two generators + a learner (3 CPUs): the actors would wait forever."""
+    from async_rlhf.pipeline.controller import Controller
+
+    monkeypatch.setattr(Controller, "_build_components",
+                        lambda self, policy_dir: pytest.fail("workers started for a run the cluster cannot hold"))
+    args = ["train", str(QUICKSTART), "generation.num_generators=2", "api.enabled=false", "--run-dir",
+            str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [E + "the run needs 3 Ray CPUs (one per generator and per learner rank) and the Ray "
+                                "cluster has 2; give Ray more (ray.init(num_cpus=...), `ray start --num-cpus`) or "
+                                "lower generation.num_generators or learner.num_ranks"]

@@ -33,7 +33,12 @@ def gpus_needed(cfg: RunConfig) -> int:
     return cfg.generation.num_generators * cfg.generation.tensor_parallel_size + cfg.learner.num_ranks
 
 
-def check_cluster(cfg: RunConfig, gpus: int, nodes: int) -> None:
+def cpus_needed(cfg: RunConfig) -> int:
+    """Ray CPUs a run asks for: one per generator and one per learner rank (their actors' num_cpus)."""
+    return cfg.generation.num_generators + cfg.learner.num_ranks
+
+
+def check_cluster(cfg: RunConfig, gpus: int, nodes: int, cpus: int | None = None) -> None:
     """The transport against the cluster Ray found at start (GPU and node counts passed in, so this is
     tested on CPU); a one-line ConfigError before any worker starts."""
     transport = cfg.weight_sync.transport
@@ -50,12 +55,19 @@ def check_cluster(cfg: RunConfig, gpus: int, nodes: int) -> None:
     if gpus and gpus < gpus_needed(cfg):
         raise ConfigError(f"config error: the run needs {gpus_needed(cfg)} GPUs (generation.num_generators x "
                           f"generation.tensor_parallel_size + learner.num_ranks) and the Ray cluster has {gpus}")
+    # A Ray this run did not start (a cluster, or the caller's ray.init) may hold fewer: the actors would wait
+    # for CPUs forever.
+    if cpus is not None and cpus < cpus_needed(cfg):
+        raise ConfigError(f"config error: the run needs {cpus_needed(cfg)} Ray CPUs (one per generator and per "
+                          f"learner rank) and the Ray cluster has {cpus}; give Ray more (ray.init(num_cpus=...), "
+                          f"`ray start --num-cpus`) or lower generation.num_generators or learner.num_ranks")
 
 
-def cluster_counts() -> tuple[int, int]:
-    """GPUs and live nodes of the Ray cluster this driver joined."""
+def cluster_counts() -> tuple[int, int, int]:
+    """GPUs, live nodes and CPUs of the Ray cluster this driver joined."""
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    return int(ray.cluster_resources().get("GPU", 0)), alive
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)), alive, int(resources.get("CPU", 0))
 
 
 def check_started_cluster(cfg: RunConfig) -> None:
