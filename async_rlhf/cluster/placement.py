@@ -39,8 +39,8 @@ def cpus_needed(cfg: RunConfig) -> int:
 
 
 def check_cluster(cfg: RunConfig, gpus: int, nodes: int, cpus: int | None = None) -> None:
-    """The transport against the cluster Ray found at start (GPU and node counts passed in, so this is
-    tested on CPU); a one-line ConfigError before any worker starts."""
+    """The transport and the run's size against the cluster Ray found at start (GPU, node and CPU counts passed
+    in, so this is tested on CPU); a one-line ConfigError before any worker starts."""
     transport = cfg.weight_sync.transport
     # The driver of a cluster run skips its own CUDA check (its GPUs are not the workers'): this is where it is made.
     if transport in ("nccl", "ipc") and gpus == 0:

@@ -34,7 +34,7 @@ from learners.group import LearnerGroup, start_learner
 from learners.losses import LOSSES
 from reward_models.service import RewardService
 
-# The generators' temporary files (actors/generator.py use_scratch_dir), in the run's own directory under
+# The generators' temporary files (actors/generator.py temp_files_in), in the run's own directory under
 # weight_sync.shm_root: removed with it at the end, by the reaper, or by the run's next process.
 GENERATOR_SCRATCH = "generator-tmp"
 
