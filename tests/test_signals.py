@@ -75,3 +75,16 @@ def test_an_ignored_sigint_stays_ignored() -> None:
         signals.restore()
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_stop_whose_interrupt_was_swallowed_is_raised_again_by_the_run() -> None:
+    stop = signals_in(RunPhase.RUNNING)
+    stop.raise_pending()  # nothing asked for yet
+    stop.on_sigint(signal.SIGINT, None)
+    try:  # third-party code that catches everything (tqdm, starting its monitor thread)
+        stop.on_sigint(signal.SIGINT, None)
+    except BaseException:  # noqa: B036 - what such code does
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        stop.raise_pending()  # the loop's next iteration
+    assert isinstance(stop.error(), Interrupted) and "again: stopped now" in str(stop.error())

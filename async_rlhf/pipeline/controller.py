@@ -201,6 +201,7 @@ class Controller:
                     self.failover.fail_over(exc)
 
     def _iterate(self) -> None:
+        self.signals.raise_pending()
         self.stats.heartbeat = time.monotonic()
         self.watchdogs.check_stall()
         self._apply_control()

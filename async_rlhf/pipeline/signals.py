@@ -74,6 +74,13 @@ class StopSignals:
         self.pending = error
         raise KeyboardInterrupt
 
+    def raise_pending(self) -> None:
+        """Raise again a stop that a handler asked for but that never reached the run: its KeyboardInterrupt
+        landed in code that swallows exceptions (seen: tqdm creating the progress bar turned it into a
+        RuntimeError it caught, and the run went on to a normal end after a second Ctrl-C)."""
+        if self.pending is not None:
+            raise KeyboardInterrupt
+
     def error(self) -> RunError:
         """What a KeyboardInterrupt that ended the run means: a stop asked for above, or a Ctrl-C before
         install() (policy and task set-up), when Python's own handler raised it."""
