@@ -13,7 +13,7 @@ import pytest
 
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.control import RunControl
-from async_rlhf.pipeline.controller import Controller
+from async_rlhf.pipeline.controller import Controller, first_ready
 
 
 @pytest.mark.parametrize("post", [RunControl.stop, RunControl.pause])
@@ -29,3 +29,21 @@ def test_nothing_in_flight_without_a_command_is_a_stall(tmp_path: Path) -> None:
     controller = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
     with pytest.raises(RuntimeError, match="nothing in flight"):
         controller._wait_and_handle()
+
+
+class Sequential:  # a generator's calls run one after another, in the order they were sent
+    def call(self, i: int) -> int:
+        return i
+
+
+def test_of_several_done_results_the_earliest_sent_is_handled_first(ray_local) -> None:
+    """Real Ray: `ray.wait` alone returns any done ref (it picked the later one ~40% of the time here), and the
+    loop handling a generator's second chunk before its first trained the newer chunk first and dropped the
+    older one as stale."""
+    actor = ray_local.remote(num_cpus=0)(Sequential).remote()
+    for _ in range(30):
+        refs = [actor.call.remote(i) for i in range(4)]
+        ray_local.get(refs)  # all done before the loop looks
+        assert ray_local.get(first_ready(refs, timeout_s=1.0)) == 0
+    assert first_ready([actor.call.remote(0)], timeout_s=1.0) is not None
+    ray_local.kill(actor)

@@ -53,6 +53,18 @@ def test_take_waits_for_a_full_batch_and_is_fifo() -> None:
     assert q.counters.consumed == 2 and q.counters.produced == 2
 
 
+def test_a_group_that_arrives_after_a_newer_one_still_trains_first() -> None:
+    # One generator, bound 1: the chunk sampled with version 0 (for step 1) is queued after the one sampled with
+    # version 1 (for step 2). Taken in arrival order, step 1 would train the newer chunk and step 2 drop the older.
+    q = RolloutQueue(capacity=4, max_staleness=1)
+    older, newer = make_group(0, prompt_id=1), make_group(1, prompt_id=2)
+    q.put(newer)
+    q.put(older)
+    assert q.take(1, learner_version=1) == [older]
+    assert q.take(1, learner_version=2) == [newer]
+    assert q.counters.dropped_stale == 0 and q.counters.staleness == {1: 2}
+
+
 def test_capacity_is_enforced_and_failures_counted() -> None:
     q = RolloutQueue(capacity=1, max_staleness=0)
     q.put(make_group(0, rewards=[1.0, None, None]))

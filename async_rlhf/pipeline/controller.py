@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import ray
 
@@ -60,6 +60,20 @@ __all__ = ["Controller", "RunError", "Service", "ServiceStarter"]
 
 Progress = Callable[[dict], None]
 WAIT_TIMEOUT_S = 0.2  # how often the loop looks at control commands when nothing completes
+
+
+def first_ready(refs: list, timeout_s: float) -> Any | None:
+    """The earliest-sent of `refs` that is done, waiting up to `timeout_s` for one; None if none is.
+
+    `ray.wait` returns an arbitrary one when several are done (its ready set is a hash set), so a chunk could
+    be handled before the one its generator made just before it: the newer chunk would train first and the
+    older one go stale (CI dropped a batch at max_staleness=1 with one generator). `refs` are in send order.
+    """
+    ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+    if not ready:
+        return None
+    done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) | set(ready)
+    return next(ref for ref in refs if ref in done)
 
 
 class Service(Protocol):
@@ -270,11 +284,10 @@ class Controller:
         held = self.control.paused or self.control.stop_requested
         if not refs and not held and not self.pool.recovering():
             raise RuntimeError("controller has nothing in flight and cannot make progress (gate or queue bug)")
-        ready, _ = ray.wait(refs, num_returns=1, timeout=WAIT_TIMEOUT_S) if refs else ([], [])
-        if not ready:
+        ref = first_ready(refs, WAIT_TIMEOUT_S) if refs else None
+        if ref is None:
             time.sleep(0 if refs else 0.05)
             return
-        ref = ready[0]
         if ref in pending:
             self.pool.on_generated(pending[ref], ref)
         elif ref in probes:

@@ -67,15 +67,17 @@ class RolloutQueue:
         return dropped
 
     def take(self, n: int, learner_version: int, max_version: int | None = None) -> list[RolloutGroup] | None:
-        """Hand `n` groups (oldest first) to the learner at `learner_version`, or None if too few are fresh.
+        """Hand `n` groups to the learner at `learner_version`, oldest version first (FIFO within a version),
+        or None if too few are fresh.
 
-        `max_version` (fixed delay) takes only groups sampled with that version or older, oldest version
-        first: a newer group that finished early belongs to a later step and waits for it.
+        Oldest version first, not arrival order: a group that arrived after a newer one (scored out of order,
+        a slower generator) would otherwise train a step later than the gate counted on and could go stale.
+        `max_version` (fixed delay) takes only groups sampled with that version or older: a newer group that
+        finished early belongs to a later step and waits for it.
         """
         self.drop_stale(learner_version)
-        ready = list(self._items)
-        if max_version is not None:  # sorted() is stable: FIFO within a version
-            ready = sorted((g for g in ready if g.policy_version <= max_version), key=lambda g: g.policy_version)
+        fits = (g for g in self._items if max_version is None or g.policy_version <= max_version)
+        ready = sorted(fits, key=lambda g: g.policy_version)  # stable: FIFO within a version
         if len(ready) < n:
             return None
         batch = ready[:n]
