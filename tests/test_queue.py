@@ -249,6 +249,14 @@ def test_bound_mode_with_a_slow_generator_stays_below_the_bound() -> None:
     assert max(seen) < 2
 
 
+def test_bound_mode_with_unequal_generators_trains_the_older_version_first() -> None:
+    # A slow generator's chunk lands after newer ones; taken oldest version first it still trains within N=2
+    # (taken in arrival order, 26 of these 120 groups were dropped and generated again).
+    for depth, most_dropped in ((1, 0), (2, 2)):
+        seen, dropped, _ = simulate(bound=2, gen_s=(0.3, 1.7), learn_s=1.0, steps=30, gens=2, depth=depth)
+        assert len(seen) == 120 and max(seen) <= 2 and dropped <= most_dropped
+
+
 def test_fixed_delay_with_unequal_generators_keeps_each_step_on_its_version() -> None:
     # Chunks finish out of order; the take waits for the step's own version, nothing is dropped.
     seen, dropped, _ = simulate(bound=2, gen_s=(0.3, 1.7), learn_s=1.0, steps=10, gens=2, mode="fixed")
