@@ -38,7 +38,9 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "online_dpo": ("quickstart.yaml", []),
     "rloo": ("quickstart_rloo.yaml", []),
     "ppo": ("quickstart_ppo.yaml", []),
-    "vineppo": ("arith_vineppo.yaml", []),  # the reasoning task: steps are solution lines
+    # The reasoning task: steps are solution lines. One generator: the session Ray's 2 CPUs cannot hold the
+    # config's two and the learner (refused at start), and the MC accounting checked here is per generator call.
+    "vineppo": ("arith_vineppo.yaml", ["generation.num_generators=1"]),
 }
 # Each pipeline run costs ~30 s of start-up, so one loss per path through the learner runs here:
 # pairs (online_dpo), group baselines (rloo), a value model (ppo), MC values (vineppo). The other
