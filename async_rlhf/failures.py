@@ -4,6 +4,7 @@ The full traceback goes to RUN_DIR/error.log; the terminal gets a sentence (exit
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -29,14 +30,36 @@ def what_died(exc: BaseException) -> str:
         pid = re.search(r"pid: (\d+)", text)
         where = f" (pid {pid.group(1)}; its log is under {RAY_LOGS})" if pid else f" (logs under {RAY_LOGS})"
         return f"the {actor.group(1)} actor died{where}"
-    first = text.strip().splitlines()[0] if text.strip() else ""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):  # a worker's own error (a RayTaskError): it, and the call that raised it
+        call = re.search(r"ray::([\w.]+)\(", text)
+        return f"{first_line(cause)} (in {call.group(1) if call else 'a worker'})"
+    return first_line(exc)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def failure_line(exc: BaseException, run_dir: Path, config: str) -> str:
-    """Writes the traceback to run_dir/error.log and returns the sentence for the terminal."""
-    return (f"[async-rlhf] run failed: {what_died(exc)}; {write_traceback(exc, run_dir / 'error.log')}; continue "
-            f"with `async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)")
+def failure_line(exc: BaseException, run_dir: Path, config: str, resumable: bool) -> str:
+    """Writes the traceback to run_dir/error.log and returns the sentence for the terminal: how to continue
+    from the newest checkpoint, or, where none was written (`resumable` False), that the run starts over."""
+    first = f"free space on the disk of {run_dir}, then " if disk_full(exc) else ""
+    then = (f"continue with `async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)" if resumable
+            else f"start it again with `async-rlhf train {config}` (it wrote no checkpoint to continue from)")
+    return f"[async-rlhf] run failed: {what_died(exc)}; {write_traceback(exc, run_dir / 'error.log')}; {first}{then}"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """No space (or quota) left, raised here or inside a worker (a RayTaskError's `cause`); libraries that
+    wrap the OSError (safetensors, torch.save) keep only its text."""
+    cause = getattr(exc, "cause", None)
+    cause = cause if isinstance(cause, BaseException) else exc
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(cause) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def unexpected_line(exc: BaseException, command: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_valid(tmp_path: Pa
     with pytest.raises(OSError):
         store.write(4, crash)
     assert not store.path_for(4).exists()  # never published
+    assert not list(store.root.glob("*.partial"))  # and what it wrote is gone: a full disk gets its space back
+    store.path_for(4).with_name("step-000004.partial").mkdir()  # as a process killed mid-write leaves it
     warnings: list[str] = []
     latest = store.latest_valid(warnings.append)
     assert latest is not None and latest.step == 2 and warnings == []
@@ -103,3 +106,21 @@ def test_a_new_process_of_a_run_removes_the_weights_of_the_killed_one(tmp_path: 
     (run / WEIGHTS_MARKER).write_text(str(tmp_path))  # never removes what the broker did not create
     claim_weights_location(run, shm / "async-rlhf-run-3")
     assert tmp_path.is_dir()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_said_and_counted_and_the_run_goes_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+
+    controller = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
+    controller.checkpoints.root.parent.mkdir(parents=True, exist_ok=True)
+    controller.checkpoints.root.write_text("not a directory")  # as a full disk, the write fails at once
+    request = controller.control.request_checkpoint()
+    controller.take_checkpoints()  # returns: the loop would go on
+    assert isinstance(request.exception(timeout=0), OSError)  # the requester (POST /control/checkpoint) is told
+    assert controller.view.checkpoint_failures == 1
+    err = capsys.readouterr().err
+    assert re.match(r"\[async-rlhf\] warning: checkpoint at step -?\d+ not written \(NotADirectoryError: ", err)
+    assert "MB free on its disk" in err
+    assert err.strip().endswith("the run goes on, newest checkpoint: none")

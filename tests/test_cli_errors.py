@@ -3,6 +3,8 @@ exit 2), and an error no command foresaw (one line naming it and the file with i
 never a traceback on the terminal."""
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from async_rlhf.api.app import ApiServer
 from async_rlhf.cli.main import main
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.runtime import ApiConfig
+from async_rlhf.failures import disk_full, failure_line
 from async_rlhf.pipeline.control import RunControl
 from tests.helpers import QUICKSTART, ROOT
 
@@ -68,3 +71,37 @@ def test_an_api_address_that_cannot_be_served_is_a_config_error(host: str, tmp_p
     finally:
         taken.close()
     assert not (tmp_path / "api_url").exists()
+
+
+def worker_error(cause: BaseException) -> BaseException:
+    """The exception `ray.get` raises for an error inside an actor call (Ray's own class; no cluster needed)."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("Learner.save_pretrained", "ray::Learner.save_pretrained() (pid=1, ip=x)\nTraceback: ...",
+                        cause).as_instanceof_cause()
+
+
+def test_a_failed_run_says_how_to_continue_only_when_a_checkpoint_exists(tmp_path: Path) -> None:
+    exc = RuntimeError("the loop stopped")
+    resumable = failure_line(exc, tmp_path, "my.yaml", resumable=True)
+    assert resumable.endswith(f"continue with `async-rlhf train my.yaml --resume {tmp_path}` (from its newest "
+                              "checkpoint)")
+    fresh = failure_line(exc, tmp_path, "my.yaml", resumable=False)
+    assert "--resume" not in fresh
+    assert fresh.endswith("start it again with `async-rlhf train my.yaml` (it wrote no checkpoint to continue from)")
+
+
+@pytest.mark.parametrize("cause", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' text
+])
+def test_a_full_disk_inside_a_worker_is_named_with_the_call_and_the_fix(tmp_path: Path, cause: Exception) -> None:
+    line = failure_line(worker_error(cause), tmp_path, "my.yaml", resumable=False)
+    assert f"{type(cause).__name__}: " in line and "(in Learner.save_pretrained)" in line
+    assert f"free space on the disk of {tmp_path}, then start it again" in line
+    assert "ray::" not in line and "\n" not in line
+
+
+def test_an_error_elsewhere_is_not_called_a_full_disk(tmp_path: Path) -> None:
+    assert "free space" not in failure_line(worker_error(ValueError("bad")), tmp_path, "my.yaml", resumable=True)
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))

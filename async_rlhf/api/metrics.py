@@ -48,6 +48,8 @@ class RunCollector:
                                   value=v.reward_restarts)
         yield CounterMetricFamily(PREFIX + "learner_restarts", "Dead learners replaced from a checkpoint (steps since "
                                   "it trained again).", value=v.learner_restarts)
+        yield CounterMetricFamily(PREFIX + "checkpoint_failures", "Checkpoints that could not be written (the run "
+                                  "went on).", value=v.checkpoint_failures)
         yield from self._per_label(q)
         if v.has_mc_values:
             yield from self._mc_cost()

@@ -63,8 +63,12 @@ class CheckpointStore:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # left over by a crash
         partial.mkdir(parents=True)
-        fill(partial)
-        self._seal(partial, step)
+        try:
+            fill(partial)
+            self._seal(partial, step)
+        except BaseException:  # e.g. a full disk: what was written goes, so the run has the space back
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)  # an invalid one of the same step
         os.rename(partial, final)
         _fsync(self.root)  # the rename itself survives a power loss

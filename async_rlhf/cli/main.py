@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.config.base import ConfigError
@@ -149,7 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
         bar.close()
-        print(failure_line(exc, run_dir, args.config), file=sys.stderr, flush=True)
+        resumable = bool(CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last).checkpoints())
+        print(failure_line(exc, run_dir, args.config, resumable), file=sys.stderr, flush=True)
         return 1
     finally:
         bar.close()

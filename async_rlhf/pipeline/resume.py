@@ -29,6 +29,7 @@ from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig, load_config
+from async_rlhf.failures import what_died
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
@@ -186,8 +187,18 @@ def take_checkpoints(c: Resumable) -> None:
             with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
                 final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
             future.set_result({"path": str(final), "version": version})
-        except Exception as exc:  # reported to the requester; the run goes on
+        except Exception as exc:  # reported to the requester and on the terminal; the run goes on
+            _checkpoint_failed(c, exc)
             future.set_exception(exc)
+
+
+def _checkpoint_failed(c: Resumable, exc: Exception) -> None:
+    c.stats.checkpoint_failures += 1
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+    newest = c.checkpoints.checkpoints()
+    free_mb = shutil.disk_usage(c.checkpoints.root.parent).free / 2**20  # a full disk often says so obscurely
+    _warn(f"checkpoint at step {c.broker.latest_version} not written ({what_died(cause)}; {free_mb:.1f} MB free on "
+          f"its disk); the run goes on, newest checkpoint: {newest[-1].path.name if newest else 'none'}")
 
 
 def _fill_checkpoint(c: Resumable, directory: Path) -> None:

@@ -133,6 +133,7 @@ class RunStats:
     reward_counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0, "timed_out": 0})
     reward_restarts: int = 0
     learner_restarts: int = 0  # dead learners replaced from a checkpoint in this process (failover.py)
+    checkpoint_failures: int = 0  # checkpoints that could not be written (a full disk); the run went on
 
 
 @dataclass

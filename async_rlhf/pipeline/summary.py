@@ -51,6 +51,7 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         "eval_blocking_s": round(t("eval_blocking_s"), 3),  # what the run waited for them
         "eval_blocking_loop_s": round(t("eval_blocking_loop_s"), 3),  # of which inside the loop (`wall_s`)
         "checkpoint_s": round(t("checkpoint_s"), 3),
+        "checkpoint_failures": view.checkpoint_failures,  # not written (a full disk); the run went on
         "episodes": q.consumed * view.samples_per_prompt,
         "steps": view.steps_taken,
         "stopped_early": view.steps_taken < view.total_steps,

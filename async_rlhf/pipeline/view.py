@@ -148,6 +148,10 @@ class RunView:
         return self._stats.learner_restarts
 
     @property
+    def checkpoint_failures(self) -> int:
+        return self._stats.checkpoint_failures
+
+    @property
     def reward_counts(self) -> dict[str, int]:
         return dict(self._stats.reward_counts)
 
