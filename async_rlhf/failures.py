@@ -30,11 +30,23 @@ def what_died(exc: BaseException) -> str:
         pid = re.search(r"pid: (\d+)", text)
         where = f" (pid {pid.group(1)}; its log is under {RAY_LOGS})" if pid else f" (logs under {RAY_LOGS})"
         return f"the {actor.group(1)} actor died{where}"
+    if "raised in its creation task" in text:  # an actor's __init__ raised: Ray keeps only the text
+        return _failed_start(text)
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):  # a worker's own error (a RayTaskError): it, and the call that raised it
         call = re.search(r"ray::([\w.]+)\(", text)
         return f"{first_line(cause)} (in {call.group(1) if call else 'a worker'})"
     return first_line(exc)
+
+
+def _failed_start(text: str) -> str:
+    """'the Learner actor could not start: SafetensorError: ...' from an ActorDiedError's text, whose last line is
+    the error its __init__ raised (module path dropped)."""
+    call = re.search(r"ray::(\w+)\.__init__", text)
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    error = f"{name.rsplit('.', 1)[-1]}{sep}{message}"
+    return f"the {call.group(1) if call else 'an'} actor could not start: {error}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -497,3 +497,22 @@ def test_a_ray_with_too_few_cpus_is_refused_at_start_not_waited_on(ray_local, tm
     assert err.splitlines() == [E + "the run needs 3 Ray CPUs (one per generator and per learner rank) and the Ray "
                                 "cluster has 2; give Ray more (ray.init(num_cpus=...), `ray start --num-cpus`) or "
                                 "lower generation.num_generators or learner.num_ranks"]
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    (lambda raw: raw[:-10], "truncated or damaged: its header describes 64 bytes of tensors, it holds 54"),
+    (lambda raw: raw[:5], "5 bytes, not a safetensors file (truncated or overwritten)"),
+    (lambda raw: b"\x10" + b"\x00" * 7 + b"not json at all!" + raw[24:], "its header is not a safetensors header "
+                                                                         "(overwritten or damaged)"),
+])
+def test_a_damaged_weights_file_in_the_model_directory(tokenizer_dir: Path, damage, why: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tokenizer_dir / "model.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, str(weights))  # 64 bytes of float32 after the header
+    assert byo(tokenizer_dir).model.path == tokenizer_dir  # whole: accepted
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + f"model.path: '{weights}': {why}; download or save the checkpoint again"

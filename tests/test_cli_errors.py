@@ -105,3 +105,21 @@ def test_a_full_disk_inside_a_worker_is_named_with_the_call_and_the_fix(tmp_path
 def test_an_error_elsewhere_is_not_called_a_full_disk(tmp_path: Path) -> None:
     assert "free space" not in failure_line(worker_error(ValueError("bad")), tmp_path, "my.yaml", resumable=True)
     assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+class Broken:  # an actor whose start fails, as a Learner given a damaged checkpoint
+    def __init__(self) -> None:
+        raise ValueError("Error while deserializing header: invalid header length")
+
+    def ping(self) -> None:
+        pass
+
+
+def test_an_actor_that_could_not_start_is_named_with_its_own_error(ray_local, tmp_path: Path) -> None:
+    actor = ray_local.remote(num_cpus=0)(Broken).remote()
+    with pytest.raises(ray_local.exceptions.ActorDiedError) as err:
+        ray_local.get(actor.ping.remote())
+    line = failure_line(err.value, tmp_path, "my.yaml", resumable=False)
+    assert line.startswith("[async-rlhf] run failed: the Broken actor could not start: ValueError: Error while "
+                           "deserializing header: invalid header length; traceback in ")
+    assert "\x1b[" not in line and "pid=" not in line

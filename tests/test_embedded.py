@@ -122,3 +122,29 @@ def test_collate_masks_the_prompt() -> None:
     assert ids.shape == (2, 7) and mask[1].tolist() == [1] * 6 + [0]
     assert labels[0].tolist() == [-100] * 4 + seq[4:]
     assert labels[1].tolist() == [-100] * 4 + seq[4:6] + [-100]
+
+
+def test_a_damaged_cached_policy_is_built_again(built, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, path = built
+    cache = tmp_path / "cache"
+    shutil.copytree(path.parent, cache / "models")
+    weights = cache / "models" / path.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy, a full disk
+    messages: list[str] = []
+    again = ensure_embedded_policy(SMALL, TaskConfig(), cache, log=messages.append)
+    assert again == cache / "models" / path.name
+    tensors = (path / "model.safetensors").stat().st_size - len(header(path))  # the bytes the header describes
+    assert messages[0] == (f"the cached embedded policy is damaged ('{weights}': truncated or damaged: its header "
+                           f"describes {tensors} bytes of tensors, it holds {tensors - 100}); building it again")
+    a, b = load_file(path / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same recipe, built whole again
+
+
+def header(path: Path) -> bytes:
+    """The 8-byte length and the JSON header of a checkpoint's model.safetensors."""
+    raw = (path / "model.safetensors").read_bytes()
+    return raw[:8 + int.from_bytes(raw[:8], "little")]

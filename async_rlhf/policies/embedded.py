@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
+from async_rlhf.config.weights_files import damaged_weights
 from async_rlhf.tasks.builtin import SortTask, Task, corrupt, make_task, task_class  # noqa: F401 (corrupt: re-export)
 
 if TYPE_CHECKING:
@@ -213,7 +214,11 @@ def ensure_embedded_policy(
     models_dir = Path(cache_dir or default_cache_dir()) / "models"
     final = models_dir / checkpoint_name(emb, task_cfg)
     if (final / "config.json").is_file():
-        return final
+        damaged = damaged_weights(final)
+        if damaged is None:
+            return final
+        log(f"the cached embedded policy is damaged ({damaged}); building it again")
+        shutil.rmtree(final, ignore_errors=True)
     models_dir.mkdir(parents=True, exist_ok=True)
     log(f"building embedded policy {final.name} (one-off, cached in {models_dir})")
     # Build in a private temp dir and rename: readers never see a half-written checkpoint.
