@@ -23,7 +23,7 @@ from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
-from async_rlhf.weights.broker import WeightRef
+from async_rlhf.weights.broker import VersionError, WeightRef
 from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.weights.shm_ring import parse_slot_location
 from learners.advantages.monte_carlo import (
@@ -78,7 +78,7 @@ class GeneratorActor:
         # affinity and its OMP threads bind to exactly these cores, so generation and learning do not
         # fight over a core.
         pin_process(cores, len(cores))
-        set_engine_env(cores, _has_cuda())
+        set_engine_env(cores, _has_cuda(), weight_transport)
         from vllm import LLM  # imported here: the environment above must be set first
 
         from async_rlhf.weights.shm_engine import register
@@ -163,6 +163,9 @@ class GeneratorActor:
     def receive_weights(self, update_info: dict, version: int) -> float:
         """Receive one whole version from the learner's broadcast; seconds taken. One actor call, so
         no generation batch runs while the weights are half swapped."""
+        if not self.transfer_joined:  # a restarted process: start_weight_update would empty its layers for nothing
+            raise VersionError(f"generator {self.generator_id} is not in the weight group (a restarted process); "
+                               "the controller forms the group anew once it answers")
         start = time.perf_counter()
         self.llm.collective_rpc("start_weight_update")
         self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
@@ -284,13 +287,20 @@ class GeneratorActor:
         return Completion(list(out.token_ids), text, logprobs, _finish_reason(out))
 
 
-def set_engine_env(cores: list[int], cuda: bool) -> None:
+def set_engine_env(cores: list[int], cuda: bool, weight_transport: str = "shm") -> None:
     """vLLM's environment, set before vLLM is imported: OMP threads bound to this actor's cores and, on
-    CPU, the engine core in this process (see engine_options; the KV cache size is an engine option there)."""
+    CPU, the engine core in this process (see engine_options; the KV cache size is an engine option there).
+
+    With ipc, vLLM's GPU engine core is a child process and `collective_rpc` sends it the update through
+    vLLM's msgpack channel, which refuses the CUDA IPC handles' torch types (`reduce_tensor`'s tensor and
+    storage classes, dtypes) unless pickle is allowed: the first push would fail and leave the engine mid-update.
+    The channel runs between this actor and its own child, so allowing it there exposes nothing."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _cpu_list(cores)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if not cuda:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if weight_transport == "ipc":
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
 
 @contextmanager

@@ -47,3 +47,23 @@ def test_of_several_done_results_the_earliest_sent_is_handled_first(ray_local) -
         assert ray_local.get(first_ready(refs, timeout_s=1.0)) == 0
     assert first_ready([actor.call.remote(0)], timeout_s=1.0) is not None
     ray_local.kill(actor)
+
+
+@pytest.mark.parametrize("transport", ["shm", "nccl"])
+def test_with_pushed_weights_no_step_starts_while_a_generator_rejoins(tmp_path: Path, transport: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's push goes to every generator (nccl, ipc: GPU only, so the controller is not started): while one is
+    restarting, outside the group, a step would wait on it until weight_sync.timeout_s. shm is not held up."""
+    from async_rlhf.pipeline.state import GeneratorSlot
+
+    cfg = RunConfig.model_validate({"api": {"enabled": False}, "weight_sync": {"transport": transport}},
+                                   context={"environment": False})
+    controller = Controller(cfg, tmp_path / "run")
+    controller.pool.slots = [GeneratorSlot(None, 0, recovering=True)]
+    dispatched: list[int] = []
+    monkeypatch.setattr(controller.steps, "dispatch", lambda gate_inputs: dispatched.append(1))
+    controller._dispatch_learning()
+    assert dispatched == ([1] if transport == "shm" else [])
+    controller.pool.slots[0].recovering = False  # back in the group
+    controller._dispatch_learning()
+    assert dispatched == [1] * (2 if transport == "shm" else 1)

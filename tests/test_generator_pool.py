@@ -20,6 +20,7 @@ from async_rlhf.pipeline.queue import GateInputs
 from async_rlhf.pipeline.state import Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.rollout import Prompt
+from async_rlhf.weights.broker import VersionError
 
 
 class Ref:
@@ -68,11 +69,13 @@ class Task:
 
 
 def make_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gens: int = 1, bound: int = 1,
-              mode: str = "bound") -> tuple[GeneratorPool, Broker, Any]:
+              mode: str = "bound", transport: str = "shm") -> tuple[GeneratorPool, Broker, Any]:
     monkeypatch.setattr(generators, "ray", SimpleNamespace(get=lambda ref: ref.get(), exceptions=ray.exceptions,
                                                             wait=lambda refs, **_: (refs[:1], refs[1:])))
-    cfg = RunConfig(generation={"num_generators": gens, "prompts_per_step": 4, "chunks_in_flight": 2},
-                    queue={"max_staleness": bound, "staleness_mode": mode})
+    cfg = RunConfig.model_validate(  # nccl needs GPUs where it runs, so not this machine's check
+        {"generation": {"num_generators": gens, "prompts_per_step": 4, "chunks_in_flight": 2},
+         "queue": {"max_staleness": bound, "staleness_mode": mode}, "weight_sync": {"transport": transport}},
+        context={"environment": False})
     broker, rewards = Broker(), SimpleNamespace(queue_scored=lambda *a: None)
     parts = Components(task=Task())  # type: ignore[arg-type]  # fakes: the pool only calls what they define
     pool = GeneratorPool(cfg, parts, LoopState(), RunStats(), broker, rewards,  # type: ignore[arg-type]
@@ -153,3 +156,36 @@ def test_pushed_weights_keep_one_chunk_per_generator() -> None:
         data = {"weight_sync": {"transport": transport}, "generation": {"gpu_memory_utilization": 0.45}}
         cfg = RunConfig.model_validate(data, context={"environment": False})  # no GPU here: the config alone
         assert GeneratorPool(cfg, *[None] * 7).depth == depth  # type: ignore[arg-type]
+
+
+class Answer:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
+@pytest.mark.parametrize("new_pid", [False, True])
+def test_pushed_weights_a_generator_restarted_between_calls_is_recovered_not_fatal(
+        tmp_path, monkeypatch, new_pid: bool) -> None:
+    """nccl (GPU only, so fake handles): a generator killed while idle failed no call; its new process refuses the
+    next batch's version. That is a restart (probe, the group formed anew, the prompts re-issued), told apart by
+    its pid from a version error of a process that did not change, which still ends the run."""
+    pool, _, gate = make_pool(tmp_path, monkeypatch, transport="nccl")
+    pool.dispatch(gate)
+    slot = pool.slots[0]
+    slot.pid = 10
+    slot.handle.info = SimpleNamespace(remote=lambda: Answer({"pid": 11 if new_pid else 10}))
+    refused = slot.chunks[0].ref
+    refused.outcome = ray.exceptions.RayTaskError("generate", "traceback", VersionError("holds version 0, asked 3"))
+    if not new_pid:
+        with pytest.raises(ray.exceptions.RayTaskError):
+            pool.on_generated(slot, refused)
+        return
+    connected: list[int] = []
+    monkeypatch.setattr(pool, "connect", lambda: connected.append(1))
+    pool.on_generated(slot, refused)
+    assert slot.recovering and [[p.prompt_id for p in ps] for ps, _ in pool.state.reissue] == [[0, 1, 2, 3]]
+    pool._note_alive(slot, {"pid": 11})  # the probe's answer: the group is formed anew with the new process
+    assert connected == [1] and slot.restarts == 1 and not slot.recovering

@@ -68,6 +68,8 @@ def test_a_stuck_sync_fails_with_a_reason_instead_of_hanging() -> None:
                                                 r"weight_sync.timeout_s=0.2s; a generator may have died"):
         run_with_timeout(lambda: never.wait(30), 0.2, "NCCL broadcast of weights version 3")
     assert time.monotonic() - start < 5
+    stuck = [t for t in threading.enumerate() if t.name == "weight-sync"]
+    assert stuck and all(t.daemon for t in stuck)  # a stuck NCCL call does not hold up the process's exit
     never.set()
     with pytest.raises(ZeroDivisionError):  # the callee's own error comes through unchanged
         run_with_timeout(lambda: 1 / 0, 5.0, "failing")
@@ -128,3 +130,30 @@ def test_ipc_locations_name_their_version() -> None:
     transport = NcclTransport("ipc")
     assert transport.name == "ipc" and transport.commit(4) == "ipc://v4"
     assert nccl_version("ipc://v4") == 4
+
+
+@pytest.mark.parametrize("transport", ["ipc", "nccl", "shm"])
+def test_only_an_ipc_generator_lets_vllm_carry_cuda_tensor_handles_to_its_engine_core(
+        transport: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's real msgpack encoder (its channel to a GPU engine-core process) refuses the torch types that CUDA IPC
+    handles are made of, unless VLLM_ALLOW_INSECURE_SERIALIZATION is set before the engine starts. The engine
+    itself needs a GPU: the encoder is what is checked here."""
+    from vllm import envs
+    from vllm.v1.serial_utils import MsgpackEncoder
+
+    from actors.generator import set_engine_env
+
+    for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_LOGGING_LEVEL", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.setenv(key, "")  # restored after the test
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    if envs._is_envs_cache_enabled():  # an engine built in this process froze the variables
+        monkeypatch.setattr(envs, "__getattr__", getattr(envs.__getattr__, "__wrapped__"))  # noqa: B009
+    handle_parts = {"tensor_class": torch.Tensor, "storage_class": torch.UntypedStorage, "dtype": torch.bfloat16}
+    with pytest.raises(TypeError, match="VLLM_ALLOW_INSECURE_SERIALIZATION"):
+        MsgpackEncoder().encode(handle_parts)
+    set_engine_env([0], cuda=True, weight_transport=transport)
+    if transport == "ipc":
+        assert MsgpackEncoder().encode(handle_parts)
+    else:  # nccl and shm send plain values: pickle stays refused
+        with pytest.raises(TypeError):
+            MsgpackEncoder().encode(handle_parts)

@@ -25,6 +25,7 @@ from async_rlhf.cluster.local_ray import local_raylet_pid, shutdown_local_ray
 from async_rlhf.cluster.placement import check_started_cluster, use_gpus
 from async_rlhf.cluster.reaper import Reaper
 from async_rlhf.cluster.resources import bf16_note, plan_cores
+from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
@@ -272,8 +273,11 @@ class Controller:
         self.state.outstanding -= self.queue.drop_stale(self.state.steps_taken)
 
     def _dispatch_learning(self) -> None:
-        if not (self.control.paused or self.control.stop_requested):
-            self.steps.dispatch(self.gate_inputs)
+        if self.control.paused or self.control.stop_requested:
+            return
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS and self.pool.recovering():
+            return  # the step's push goes to every generator: it would wait on one that is not in the group
+        self.steps.dispatch(self.gate_inputs)
 
     def _wait_and_handle(self) -> None:
         pending, probes, evals = self.pool.jobs(), self.pool.probes(), self.evals.refs()

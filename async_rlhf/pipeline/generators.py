@@ -24,7 +24,7 @@ from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.rollout import Prompt
-from async_rlhf.weights.broker import WeightSyncBroker
+from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 
 
 class GeneratorPool:
@@ -114,6 +114,11 @@ class GeneratorPool:
         except ray.exceptions.RayActorError as exc:
             self._on_died(slot, exc, chunk)
             return
+        except ray.exceptions.RayTaskError as exc:
+            if not self._restarted_between_calls(slot, exc):
+                raise
+            self._on_died(slot, exc, chunk)
+            return
         self._count(slot, result)
         if result.reward_s is None:
             self.rewards.score(result)
@@ -170,6 +175,14 @@ class GeneratorPool:
         slot.recovering, slot.not_before = True, time.monotonic() + 0.5
         print(f"[async-rlhf] generator {slot.generator_id} lost a batch ({type(exc).__name__}); waiting for "
               f"Ray to restart it; its {len(chunk.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
+
+    def _restarted_between_calls(self, slot: GeneratorSlot, exc: ray.exceptions.RayTaskError) -> bool:
+        """Pushed weights: a generator killed between two calls failed none of them, and its new process, outside
+        the weight group, refuses its first batch's version (VersionError). Told apart from a real version bug by
+        its pid; then it is recovered like any restart (probe, the group formed anew, the prompts re-issued)."""
+        if self.cfg.weight_sync.transport not in PUSHED_TRANSPORTS or not isinstance(exc.cause, VersionError):
+            return False
+        return ray.get(slot.handle.info.remote())["pid"] != slot.pid
 
     def on_probe(self, slot: GeneratorSlot, ref: Any) -> None:
         slot.probe = None

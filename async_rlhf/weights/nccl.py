@@ -19,8 +19,8 @@ aware weight stream are plain Python / torch and are tested on CPU (tests/test_n
 """
 from __future__ import annotations
 
-import concurrent.futures
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -109,22 +109,31 @@ def check_generator_version(held: int, wanted: int, generator_id: int) -> None:
 
 
 def run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
-    """Run `fn` in a worker thread; past `timeout_s` raise `WeightSyncTimeout` naming `what`.
+    """Run `fn` in a daemon thread; past `timeout_s` raise `WeightSyncTimeout` naming `what`.
 
-    An NCCL call cannot be cancelled, so the thread is left blocked (it is a daemon of a process the
-    run then stops); what matters is that the run fails with a reason instead of hanging.
+    An NCCL call cannot be cancelled, so the thread is left blocked; a daemon thread does not hold up the
+    process's exit (a thread pool's worker would: Python joins those at exit). What matters is that the run
+    fails with a reason instead of hanging.
     """
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
-    future = pool.submit(fn)
-    try:
-        return future.result(timeout=timeout_s)
-    except concurrent.futures.TimeoutError:
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=call, name="weight-sync", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
         raise WeightSyncTimeout(
             f"{what} did not finish within weight_sync.timeout_s={timeout_s:g}s; a generator may have died, "
             f"or NCCL cannot connect the nodes (check NCCL_SOCKET_IFNAME and that the ports are open)"
-        ) from None
-    finally:
-        pool.shutdown(wait=False)
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def gathered_parameters(module: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
