@@ -97,13 +97,14 @@ class GeneratorActor:
         self.cores = cores
         self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
         self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
+        dtype = resolve_dtype(dtype, _has_cuda())
         if not _has_cuda():
             skip_cpu_start_costs()
         with temp_files_in(scratch_dir):
             self.llm = LLM(
                 model=model_dir,
-                # RunConfig.generator_dtype: the learner's (model.dtype), or bfloat16 over float32 weights on a
-                # CPU (generation.dtype; each published float32 version is converted as it loads).
+                # RunConfig.generator_dtype: the learner's (model.dtype, auto resolved here), or bfloat16 over
+                # float32 weights on a CPU (generation.dtype; each published float32 version is converted as it loads).
                 dtype=dtype,  # type: ignore[arg-type]  # a str from the config, one of vLLM's literal names
                 max_model_len=gen_cfg.max_model_len,
                 seed=seed + generator_id,
@@ -335,6 +336,15 @@ def skip_cpu_start_costs() -> None:
 
     torch.compiler.set_stance("force_eager")
     gc.freeze()
+
+
+def resolve_dtype(dtype: str, cuda: bool) -> str:
+    """`auto` resolved where the generator runs, as the learner resolves model.dtype in its own process: bfloat16
+    on a GPU, float32 on a CPU. Resolved on the driver instead, a GPU-less head node made GPU generators float32
+    beside a bfloat16 learner (twice the weight memory, behaviour log-probs of another precision)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if cuda else "float32"
 
 
 def _has_cuda() -> bool:

@@ -29,9 +29,16 @@ def test_fixed_delay_is_valid_with_shm_at_any_n() -> None:
 
 
 def test_the_generators_dtype_is_the_learners_unless_set() -> None:
-    assert load_config(QUICKSTART).generator_dtype == "float32"  # auto: model.dtype's, float32 on CPU
+    from actors.generator import resolve_dtype
+
+    # auto (model.dtype's) goes to the generators as is: each resolves it where it runs, as the learner does, so a
+    # GPU-less driver cannot make GPU generators float32 beside a bfloat16 learner.
+    assert load_config(QUICKSTART).generator_dtype == "auto"
+    assert resolve_dtype("auto", cuda=False) == "float32" and resolve_dtype("auto", cuda=True) == "bfloat16"
+    assert load_config(QUICKSTART, ["model.dtype=float32"]).generator_dtype == "float32"
     bf16 = load_config(QUICKSTART, ["generation.dtype=bfloat16"])
     assert bf16.generator_dtype == "bfloat16" and bf16.model.torch_dtype == "float32"
+    assert resolve_dtype("bfloat16", cuda=False) == "bfloat16"  # set: kept on any device
 
 
 def test_zero_stage_unset_is_0_for_one_float32_rank_and_2_otherwise() -> None:

@@ -197,8 +197,10 @@ class RunConfig(Strict):
 
     @property
     def generator_dtype(self) -> str:
-        """The generators' vLLM dtype: generation.dtype, or the learner's (model.dtype) when auto."""
-        return self.model.torch_dtype if self.generation.dtype == "auto" else self.generation.dtype
+        """The generators' vLLM dtype: generation.dtype, or the learner's (model.dtype) when auto. `auto` is passed
+        on as is, and resolved by each generator where it runs (actors/generator.py resolve_dtype), as the learner
+        resolves it in its own process: the driver may have no GPU where the workers have."""
+        return self.model.dtype if self.generation.dtype == "auto" else self.generation.dtype
 
     @property
     def queue_capacity(self) -> int:
