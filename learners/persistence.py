@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.weights.nccl import NcclLayout, nccl_version
+from async_rlhf.weights.nccl import NcclLayout, check_pushable, nccl_version
 from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
 from learners.distributed import RankInfo, full_parameters
 from learners.value_model import ValueTrainer
@@ -70,6 +70,7 @@ class WeightExport:
         restarted generator needs and the others hold already."""
         from learners.weight_sender import IpcWeightSender, NcclWeightSender
 
+        check_pushable(self.policy, self.cfg.weight_sync.transport)
         rejoin, sent = self.sender is not None, self.sender.sent if self.sender is not None else version
         if self.sender is not None:
             self.sender.close()

@@ -157,3 +157,22 @@ def test_only_an_ipc_generator_lets_vllm_carry_cuda_tensor_handles_to_its_engine
     else:  # nccl and shm send plain values: pickle stays refused
         with pytest.raises(TypeError):
             MsgpackEncoder().encode(handle_parts)
+
+
+def test_a_model_transformers_converted_at_load_is_refused_for_pushed_weights(tmp_path, random_policies) -> None:
+    """Real transformers: a tiny Mixtral loads with fused experts (`mlp.experts.gate_up_proj`), names vLLM's Mixtral
+    loader does not know, so a push would not apply; a Llama loads under its checkpoint's names and is pushed."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from async_rlhf.failures import RunError
+    from async_rlhf.weights.nccl import check_pushable
+
+    config = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                           head_dim=8)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
+    mixtral = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")
+    with pytest.raises(RunError, match=r"weight_sync.transport=nccl pushes .* this mixtral checkpoint at load .* "
+                                       r"use weight_sync.transport=shm"):
+        check_pushable(mixtral, "nccl")
+    check_pushable(AutoModelForCausalLM.from_pretrained(random_policies[0]), "ipc")  # a Llama: nothing converted

@@ -77,7 +77,10 @@ class WeightSyncConfig(Strict):
     keep_versions: int = Field(2, ge=1)
     bucket_mb: int = Field(256, ge=1, le=16384, description="nccl: size of one packed broadcast buffer")
     timeout_s: float = Field(
-        300.0, gt=0, description="nccl: a rendezvous or broadcast that takes longer fails with an error (never a hang)"
+        300.0, gt=0, description="nccl, ipc: a rendezvous or push that takes longer fails with an error (never a "
+                                 "hang). A push waits for each generator's batch in flight (its receive call queues "
+                                 "behind it), so this must cover the slowest generate call (VinePPO: with its MC "
+                                 "rollouts) plus the transfer"
     )
 
 

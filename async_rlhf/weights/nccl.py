@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
+from async_rlhf.failures import RunError
 from async_rlhf.weights.broker import VersionError
 
 SCHEME = "nccl://"
@@ -106,6 +107,22 @@ def check_generator_version(held: int, wanted: int, generator_id: int) -> None:
         raise VersionError(f"generator {generator_id} holds weights version {held} but was asked to sample with "
                            f"version {wanted}; with weight_sync.transport=nccl versions are pushed by the learner "
                            f"before they are published (a restarted generator must rejoin the group first)")
+
+
+def check_pushable(model: torch.nn.Module, transport: str) -> None:
+    """Pushed transports send the learner's parameters under the names this process loaded them with; the shm
+    path writes what save_pretrained would (hf_state_dict). transformers converts some checkpoints at load
+    (`_weight_conversions`: fused MoE experts such as Mixtral's `mlp.experts.gate_up_proj`, renamed keys), names
+    vLLM's loaders do not know (Mixtral's expects `block_sparse_moe.experts.<i>.w1`), so such a model is refused
+    with the way out instead of a push vLLM cannot apply."""
+    conversions = getattr(model, "_weight_conversions", None) or []
+    if conversions:
+        model_type = getattr(getattr(model, "config", None), "model_type", "this")
+        kinds = ", ".join(sorted({type(c).__name__ for c in conversions}))
+        raise RunError(f"weight_sync.transport={transport} pushes the learner's parameters by the names they were "
+                       f"loaded with, and transformers converted this {model_type} checkpoint at load ({kinds}: e.g. "
+                       f"fused MoE experts), names vLLM does not know; use weight_sync.transport=shm (learner and "
+                       f"generators on one node)")
 
 
 def run_with_timeout(fn: Callable[[], T], timeout_s: float, what: str) -> T:
