@@ -55,6 +55,11 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def node_crashed(exc: BaseException) -> bool:
+    """Ray's own words for an actor lost with its node (the raylet killed, or out of memory), not by itself."""
+    return "node has crashed" in str(exc)
+
+
 def failure_line(exc: BaseException, run_dir: Path, config: str, resumable: bool) -> str:
     """Writes the traceback to run_dir/error.log and returns the sentence for the terminal: how to continue
     from the newest checkpoint, or, where none was written (`resumable` False), that the run starts over."""

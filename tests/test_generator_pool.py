@@ -166,6 +166,14 @@ class Answer:
         return self.value
 
 
+class Failing:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def get(self) -> Any:
+        raise self.exc
+
+
 @pytest.mark.parametrize("new_pid", [False, True])
 def test_pushed_weights_a_generator_restarted_between_calls_is_recovered_not_fatal(
         tmp_path, monkeypatch, new_pid: bool) -> None:
@@ -189,3 +197,26 @@ def test_pushed_weights_a_generator_restarted_between_calls_is_recovered_not_fat
     assert slot.recovering and [[p.prompt_id for p in ps] for ps, _ in pool.state.reissue] == [[0, 1, 2, 3]]
     pool._note_alive(slot, {"pid": 11})  # the probe's answer: the group is formed anew with the new process
     assert connected == [1] and slot.restarts == 1 and not slot.recovering
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("The actor died unexpectedly before finishing this task.\n\tclass_name: GeneratorActor\n\tpid: 6830\n"
+     "The actor is dead because its owner has died. Worker exit detail: Owner's node has crashed.",
+     "the Ray node of generator 0 crashed (its raylet was killed or ran out of memory); Ray logs under "),
+    ("The actor died unexpectedly before finishing this task.\n\tclass_name: GeneratorActor\n\tpid: 6830",
+     "generator 0 died and Ray will not restart it again (generation.max_restarts=3): ActorDiedError: The actor "
+     "died unexpectedly before finishing this task."),
+])
+def test_a_generator_gone_for_good_ends_the_run_with_one_line_naming_why(tmp_path, monkeypatch, text: str,
+                                                                          line: str) -> None:
+    """Ray's own ActorDiedError text (here as a killed raylet left it): the run's last line is one line, and a
+    lost node is called that, not restarts used up."""
+    from async_rlhf.failures import RunError
+
+    pool, _, _ = make_pool(tmp_path, monkeypatch)
+    slot = pool.slots[0]
+    gone = ray.exceptions.ActorDiedError()
+    gone.error_msg = text
+    with pytest.raises(RunError) as err:
+        pool.on_probe(slot, Failing(gone))
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)

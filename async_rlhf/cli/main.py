@@ -144,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return INTERRUPTED
     except RunError as exc:
         bar.close()
-        print(f"[async-rlhf] run failed: {exc}", file=sys.stderr, flush=True)
+        print(f"[async-rlhf] run failed: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)  # one line
         return 1
     except ConfigError:  # found while starting (a dataset column, a cluster that cannot place the run): exit 2
         raise
