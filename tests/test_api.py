@@ -100,8 +100,9 @@ def test_control_requires_the_token_and_bad_requests_do_not_disturb(live) -> Non
         c.put("/control/max_staleness", headers=auth(), json={"max_staleness": 65}),
         c.put("/control/max_staleness", headers=auth(), json={"max_staleness": 1, "extra": True}),
         c.put("/control/max_staleness", headers=auth()),
+        *(c.put("/control/max_staleness", headers=auth(), json={"max_staleness": v}) for v in (True, "3", 3.0)),
     ]
-    assert [r.status_code for r in bad] == [422] * 6
+    assert [r.status_code for r in bad] == [422] * 9  # a bool, a string or a float is not coerced to a bound
     assert "not valid JSON" in bad[0].json()["detail"]
     assert "max_staleness" in bad[2].json()["detail"] and "greater than or equal to 0" in bad[2].json()["detail"]
     missing = c.get("/no/such/thing")

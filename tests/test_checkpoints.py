@@ -124,3 +124,22 @@ def test_a_checkpoint_that_cannot_be_written_is_said_and_counted_and_the_run_goe
     assert re.match(r"\[async-rlhf\] warning: checkpoint at step -?\d+ not written \(NotADirectoryError: ", err)
     assert "MB free on its disk" in err
     assert err.strip().endswith("the run goes on, newest checkpoint: none")
+
+
+def test_a_checkpoint_request_whose_requester_gave_up_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """POST /control/checkpoint timed out (504) and cancelled its future: answering it would raise
+    InvalidStateError in the loop, or in run()'s finally, which then skipped the shutdown."""
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+    from async_rlhf.pipeline.resume import fail_pending_checkpoints
+    from async_rlhf.pipeline.state import RunPhase
+
+    controller = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
+    gone = controller.control.request_checkpoint()
+    assert gone.cancel()
+    controller.take_checkpoints()  # nobody waits: nothing written, nothing failed
+    assert controller.view.checkpoint_failures == 0 and not controller.checkpoints.checkpoints()
+    gone, waiting = controller.control.request_checkpoint(), controller.control.request_checkpoint()
+    gone.cancel()
+    fail_pending_checkpoints(controller.control, RunPhase.FAILED)
+    assert "before the checkpoint was taken" in str(waiting.exception(timeout=0)) and gone.cancelled()

@@ -3,6 +3,7 @@ the records of the JSONL files under the same names; `async-rlhf plot` draws sev
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def test_tensorboard_event_files_read_back(tmp_path: Path) -> None:
 
 def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    # The command line can carry secrets (api.token=..., a reward URL's password): wandb records it unless told not to.
+    monkeypatch.setattr(sys, "argv", ["async-rlhf", "train", "c.yaml", "api.token=sekret-token-0123456789"])
     record_run(tmp_path, [0.3, 0.4], [WandbSink(tmp_path, "async-rlhf-test", "offline", {"seed": 0})])
     [run] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     deadline = time.monotonic() + 30  # wandb's service process may still be writing the file after finish()
@@ -60,6 +63,8 @@ def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatc
         time.sleep(0.2)
     blob = run.read_bytes()
     assert b"train/reward_mean" in blob and b"eval/gold_reward" in blob
+    written = [f.read_bytes() for f in (tmp_path / "wandb").rglob("*") if f.is_file()]
+    assert not [b for b in written if b"sekret-token" in b]
 
 
 def test_make_sinks_follows_the_config(tmp_path: Path) -> None:

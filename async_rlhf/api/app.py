@@ -27,6 +27,7 @@ from async_rlhf.api.serving import ThreadedServer
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.runtime import ApiConfig
+from async_rlhf.failures import what_died
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.status import Health, Status, health_of, status_of
 from async_rlhf.pipeline.view import RunView
@@ -58,7 +59,8 @@ class History(BaseModel):
 
 class MaxStalenessRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_staleness: int = Field(ge=0, le=64, description="new bound N; 0 = synchronous")
+    max_staleness: int = Field(ge=0, le=64, strict=True,  # strict: true, "3" and 3.0 are refused, not coerced
+                               description="new bound N; 0 = synchronous")
 
 
 class ControlResult(BaseModel):
@@ -202,8 +204,9 @@ def _add_control_routes(app: FastAPI, auth: Any) -> None:
             done = await asyncio.wait_for(asyncio.wrap_future(future), CHECKPOINT_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise HTTPException(504, f"checkpoint not written within {CHECKPOINT_TIMEOUT_S:.0f}s") from None
-        except RuntimeError as exc:
-            raise HTTPException(409, str(exc)) from None
+        except Exception as exc:  # the run ended first (409), or the write failed (500: a full disk, a worker's error)
+            ended = type(exc) is RuntimeError  # ours (fail_pending_checkpoints); a worker's error may subclass it
+            raise HTTPException(409 if ended else 500, str(exc) if ended else what_died(exc)) from None
         return result(request, "checkpoint", **done)
 
 

@@ -25,20 +25,30 @@ def environment_checks(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("environment", True))
 
 
+def shown_override(pair: str) -> str:
+    """An override as an error line may repeat it: a value that may be a credential (a token, a URL, user:pass@)
+    becomes ***."""
+    key, sep, value = pair.partition("=")
+    if not sep:
+        return "***" if "@" in pair else pair
+    return f"{key}=***" if "token" in key or "url" in key or "@" in value else pair
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ['a.b=1', 'c=x'] into a nested dict; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"config error: override '{pair}' is not of the form key.sub=value (e.g. "
-                              "queue.max_staleness=0)")
+            raise ConfigError(f"config error: override '{shown_override(pair)}' is not of the form key.sub=value "
+                              "(e.g. queue.max_staleness=0)")
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"config error: override '{pair}' conflicts with an earlier override of '{part}'")
+                raise ConfigError(f"config error: override '{shown_override(pair)}' conflicts with an earlier "
+                                  f"override of '{part}'")
         node[leaf] = yaml_scalar(raw)
     return tree
 

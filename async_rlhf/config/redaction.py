@@ -12,7 +12,8 @@ from typing import Any
 from pydantic import BaseModel
 
 SECRET = "***"
-URL_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@]+)@")
+# Greedy up to the last "@" before the path: a password may hold "@" itself (HTTP clients split at the last one).
+URL_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
 
 
 def secret_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -20,6 +21,20 @@ class RemoteRewardConfig(Strict):
     """An HTTP reward model for the train role (protocol: docs/reward_protocol.md)."""
 
     url: str = Field(pattern=r"^https?://", description="base URL, e.g. http://127.0.0.1:8500")
+
+    @field_validator("url")
+    @classmethod
+    def _readable(cls, url: str) -> str:
+        """Host and port must parse; the message never repeats the URL (it may hold a password)."""
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  # raises on a port that is not a number, e.g. a password cut at "/", "?", "#"
+        except ValueError:
+            raise ValueError("reward.remote.url: its host or port cannot be read; percent-encode any '/', '?', "
+                             "'#' or '@' in a user name or password") from None
+        if not parts.hostname:
+            raise ValueError("reward.remote.url: no host; e.g. http://127.0.0.1:8500")
+        return url
     timeout_s: float = Field(10.0, gt=0, description="per request")
     retries: int = Field(4, ge=0, description="on timeouts, connection errors, 429 and 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first back-off; doubles per retry, with jitter")

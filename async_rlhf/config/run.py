@@ -220,10 +220,14 @@ def _describe(err: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error":  # our validators write whole messages that name their keys
         return msg
-    got = err.get("input")
-    secret = "token" in loc  # never echo a credential into logs
-    shown = "" if isinstance(got, dict) or got is None or secret else f" (got {got!r})"
-    return f"{loc}: {msg}{shown}"
+    return f"{loc}: {msg}{_shown(loc, err.get('input'))}"
+
+
+def _shown(loc: str, got: Any) -> str:
+    """The bad value, for the error line; never one that may hold a credential (a token, a URL, user:pass@)."""
+    if got is None or isinstance(got, dict) or "token" in loc or "url" in loc or "@" in str(got):
+        return ""
+    return f" (got {got!r})"
 
 
 def validate_config(data: dict[str, Any], environment: bool = True) -> RunConfig:

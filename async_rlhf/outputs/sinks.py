@@ -56,8 +56,11 @@ class WandbSink:
     def __init__(self, run_dir: Path, project: str, mode: Literal["offline", "online"], config: dict) -> None:
         import wandb
 
+        # x_disable_meta: wandb would record the command line (sys.argv), where api.token=... or a reward URL's
+        # password may stand; the run's config goes in redacted (`config`), the command line not at all.
+        settings = wandb.Settings(silent=True, console="off", x_disable_meta=True)
         self.run: Any = wandb.init(project=project, mode=mode, dir=str(run_dir), name=run_dir.name, config=config,
-                                   settings=wandb.Settings(silent=True, console="off"))
+                                   settings=settings)
 
     def log(self, kind: Kind, record: dict, step: int) -> None:
         self.run.log(scalars(kind, record), step=step)

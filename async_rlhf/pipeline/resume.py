@@ -18,6 +18,7 @@ import pickle
 import random
 import shutil
 import sys
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -178,18 +179,29 @@ def broker_versions(cfg: RunConfig, resumed: int) -> tuple[int, int]:
 
 
 def take_checkpoints(c: Resumable) -> None:
-    """Serve the checkpoint requests posted so far; only while the learner is idle."""
-    for future in c.control.take_checkpoint_requests():
-        try:
-            version = c.broker.latest_version
-            c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
-            c.pool.drain()  # generations in flight land in the queue first
-            with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
-                final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
-            future.set_result({"path": str(final), "version": version})
-        except Exception as exc:  # reported to the requester and on the terminal; the run goes on
-            _checkpoint_failed(c, exc)
+    """Serve the checkpoint requests posted so far, all with one checkpoint; only while the learner is idle."""
+    waiting = live(c.control.take_checkpoint_requests())
+    if not waiting:
+        return
+    try:
+        version = c.broker.latest_version
+        c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
+        c.pool.drain()  # generations in flight land in the queue first
+        with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
+            final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
+    except Exception as exc:  # reported to the requesters and on the terminal; the run goes on
+        _checkpoint_failed(c, exc)
+        for future in waiting:
             future.set_exception(exc)
+        return
+    for future in waiting:
+        future.set_result({"path": str(final), "version": version})
+
+
+def live(requests: list[Future]) -> list[Future]:
+    """The requests someone still waits for, each now marked running so it can no longer be cancelled: an HTTP
+    request that timed out cancelled its future, and answering a cancelled one raises (InvalidStateError)."""
+    return [future for future in requests if future.set_running_or_notify_cancel()]
 
 
 def _checkpoint_failed(c: Resumable, exc: Exception) -> None:
@@ -209,7 +221,7 @@ def _fill_checkpoint(c: Resumable, directory: Path) -> None:
 
 
 def fail_pending_checkpoints(control: RunControl, phase: RunPhase) -> None:
-    for future in control.take_checkpoint_requests():
+    for future in live(control.take_checkpoint_requests()):
         future.set_exception(RuntimeError(f"run ended ({phase.value}) before the checkpoint was taken"))
 
 
