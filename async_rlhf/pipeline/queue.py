@@ -100,7 +100,8 @@ class RolloutQueue:
         self.counters = counters
 
     def oldest_age(self) -> float:
-        enqueued = self._items[0].enqueued_at if self._items else None
+        items = self._items  # read once: the loop swaps in a new deque while the HTTP thread asks (an IndexError)
+        enqueued = items[0].enqueued_at if items else None
         return 0.0 if enqueued is None else self._clock() - enqueued
 
     def snapshot(self) -> dict:
