@@ -143,3 +143,23 @@ def test_a_checkpoint_request_whose_requester_gave_up_is_skipped_not_fatal(tmp_p
     gone.cancel()
     fail_pending_checkpoints(controller.control, RunPhase.FAILED)
     assert "before the checkpoint was taken" in str(waiting.exception(timeout=0)) and gone.cancelled()
+
+
+def test_an_error_of_the_runs_own_events_met_while_checkpointing_is_not_a_checkpoint_failure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Draining the generations in flight first handles the run's own events: a generator's error there must end
+    the run (or fail over) as in the loop. Counted as a checkpoint not written, its lost chunk stayed counted in
+    `outstanding` and the run stalled later with a wrong reason."""
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+
+    controller = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
+
+    def generator_error() -> None:
+        raise ValueError("a generator's own error")
+
+    monkeypatch.setattr(controller.pool, "drain", generator_error)
+    controller.control.request_checkpoint()
+    with pytest.raises(ValueError, match="a generator's own error"):
+        controller.take_checkpoints()
+    assert controller.view.checkpoint_failures == 0

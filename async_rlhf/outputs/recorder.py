@@ -3,6 +3,7 @@ same step and eval records to the metric sinks (TensorBoard, W&B) the config ena
 from __future__ import annotations
 
 import json
+import os
 import threading
 from itertools import accumulate
 from pathlib import Path
@@ -63,6 +64,14 @@ class RunRecorder:
             fh.seek(self.step_offsets[since])
             lines = fh.read().split(b"\n")[:-1]  # the part after the last newline is unfinished
         return [json.loads(line) for line in lines if line.strip()]
+
+    def sync(self) -> None:
+        """Both logs on disk, before a checkpoint (itself fsynced) counts their lines: after a power loss a log
+        shorter than its checkpoint's count would make --resume fail."""
+        for path in (self.metrics_path, self.eval_path):
+            if path.is_file():
+                with path.open("rb") as fh:
+                    os.fsync(fh.fileno())
 
     def write_summary(self, summary: dict) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -306,9 +306,9 @@ class Controller:
     def _on_learned(self) -> None:
         job, metrics, record = self.steps.finish()
         self.progress(record)
+        self.evals.after_step(job.version)  # before the checks: a stop they make checkpoints it as due (--resume)
         self.watchdogs.check_finite(metrics)  # after logging: the skipped steps stay on record
         self.watchdogs.check_rewarded(job.batch)
-        self.evals.after_step(job.version)
         every = self.cfg.checkpoint.every
         if every and job.version % every == 0:
             self.control.request_checkpoint()  # taken at the next safe point, before anything is dispatched

@@ -183,10 +183,12 @@ def take_checkpoints(c: Resumable) -> None:
     waiting = live(c.control.take_checkpoint_requests())
     if not waiting:
         return
+    version = c.broker.latest_version
+    # Outside the try below: these handle the run's own events (a generator's or an evaluation's error), which
+    # must end or fail over the run as in the loop, not pass for a checkpoint that could not be written.
+    c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
+    c.pool.drain()  # generations in flight land in the queue first
     try:
-        version = c.broker.latest_version
-        c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
-        c.pool.drain()  # generations in flight land in the queue first
         with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
             final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
     except Exception as exc:  # reported to the requesters and on the terminal; the run goes on
@@ -216,6 +218,7 @@ def _checkpoint_failed(c: Resumable, exc: Exception) -> None:
 def _fill_checkpoint(c: Resumable, directory: Path) -> None:
     ray.get(c.parts.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
     ray.get(c.parts.learner.save_state.remote(str(directory / LEARNER_DIR)))
+    c.recorder.sync()  # the lines the snapshot counts are on disk before the checkpoint is sealed
     save_snapshot(capture(c), directory)
     (directory / "trainer_state.json").write_text(json.dumps(status_of(c.view).model_dump(), indent=2))
 
