@@ -61,3 +61,24 @@ def test_train_serves_the_api_only_when_enabled() -> None:
 
     assert api_starter(RunConfig()) is serve_api
     assert api_starter(RunConfig(api={"enabled": False})) is None
+
+
+def test_a_control_call_is_refused_before_its_body_is_read_and_big_bodies_are_refused() -> None:
+    """No run needed: the refusals come before any route, so no controller state is read."""
+    no_view, no_control = cast(RunView, None), cast(RunControl, None)
+    token = "secret-token-0123456"
+    with TestClient(create_app(no_view, no_control, token=token, open_reads=False)) as client:
+        broken = {"Content-Type": "application/json"}
+        # Without the token a malformed body is not even parsed: 401, not 422.
+        response = client.put("/control/max_staleness", headers=broken, content=b"{oops")
+        assert response.status_code == 401 and "Authorization: Bearer" in response.json()["detail"]
+        wrong = client.put("/control/max_staleness", headers={**broken, "Authorization": "Bearer nope-nope-nope"},
+                           content=b"{oops")
+        assert wrong.status_code == 403
+        huge = client.put("/control/max_staleness", headers={**broken, "Authorization": f"Bearer {token}"},
+                          content=b"[" + b"0," * 100_000 + b"0]")
+        assert huge.status_code == 413 and "over 4096 bytes" in huge.json()["detail"]
+        streamed = client.put("/control/max_staleness", headers={"Authorization": f"Bearer {token}"},
+                              content=iter([b'{"max_staleness": ', b"2}"]))  # chunked: no Content-Length
+        assert streamed.status_code == 411
+        assert client.get("/control/pause").status_code == 405  # a wrong method is still named as such

@@ -34,6 +34,7 @@ from async_rlhf.pipeline.view import RunView
 
 TOKEN_ENV = "ASYNC_RLHF_API_TOKEN"
 CHECKPOINT_TIMEOUT_S = 300.0
+MAX_BODY_BYTES = 4096  # control bodies are a few bytes
 PAGE = Path(__file__).with_name("web") / "index.html"
 
 
@@ -86,6 +87,32 @@ def _check_token(expected: str, creds: HTTPAuthorizationCredentials | None) -> N
         raise HTTPException(403, "wrong bearer token (see run_dir/api_token or $ASYNC_RLHF_API_TOKEN)")
 
 
+def _bearer(header: str | None) -> HTTPAuthorizationCredentials | None:
+    scheme, _, credentials = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return None
+    return HTTPAuthorizationCredentials(scheme="Bearer", credentials=credentials.strip())
+
+
+def refusal(request: Request) -> JSONResponse | None:
+    """What is refused before FastAPI reads a body: one over MAX_BODY_BYTES (it would be held and parsed in the
+    driver, beside the loop), one of unknown length, and a control call without the token (the routes check it
+    again; without this, a bad body was parsed, and answered 422, before the token was looked at)."""
+    length = request.headers.get("content-length")
+    if length is None and "chunked" in request.headers.get("transfer-encoding", "").lower():
+        return JSONResponse(status_code=411, content={"detail": f"send a Content-Length (at most {MAX_BODY_BYTES} "
+                                                                f"bytes)"})
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        return JSONResponse(status_code=413, content={"detail": f"request body over {MAX_BODY_BYTES} bytes; a "
+                                                                f"control body is like {{\"max_staleness\": 2}}"})
+    if request.method in ("POST", "PUT", "PATCH") and request.url.path.startswith("/control/"):
+        try:
+            _check_token(request.app.state.token, _bearer(request.headers.get("authorization")))
+        except HTTPException as exc:
+            return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
+    return None
+
+
 def create_app(view: RunView, control: RunControl, token: str, open_reads: bool) -> FastAPI:
     """The run's API: reads from `view`, commands posted to `control` (the loop applies them)."""
     @asynccontextmanager
@@ -98,6 +125,11 @@ def create_app(view: RunView, control: RunControl, token: str, open_reads: bool)
     app = FastAPI(title="async-rlhf", version="0.1.0", lifespan=lifespan,
                   description="Status, metrics and control of an asynchronous RLHF run.")
     bearer = HTTPBearer(auto_error=False)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        refused = refusal(request)
+        return refused if refused is not None else await call_next(request)
 
     def control_auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         _check_token(request.app.state.token, creds)
