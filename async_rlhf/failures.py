@@ -32,11 +32,17 @@ def what_died(exc: BaseException) -> str:
         return f"the {actor.group(1)} actor died{where}"
     if "raised in its creation task" in text:  # an actor's __init__ raised: Ray keeps only the text
         return _failed_start(text)
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):  # a worker's own error (a RayTaskError): it, and the call that raised it
+    cause = worker_error(exc)
+    if cause is not None:  # a worker's own error (a RayTaskError): it, and the call that raised it
         call = re.search(r"ray::([\w.]+)\(", text)
         return f"{first_line(cause)} (in {call.group(1) if call else 'a worker'})"
     return first_line(exc)
+
+
+def worker_error(exc: BaseException) -> BaseException | None:
+    """The error a Ray worker raised, which `ray.get` re-raises wrapped (a RayTaskError's `cause`); else None."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else None
 
 
 def _failed_start(text: str) -> str:
@@ -72,8 +78,7 @@ def failure_line(exc: BaseException, run_dir: Path, config: str, resumable: bool
 def disk_full(exc: BaseException) -> bool:
     """No space (or quota) left, raised here or inside a worker (a RayTaskError's `cause`); libraries that
     wrap the OSError (safetensors, torch.save) keep only its text."""
-    cause = getattr(exc, "cause", None)
-    cause = cause if isinstance(cause, BaseException) else exc
+    cause = worker_error(exc) or exc
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return any(os.strerror(code) in str(cause) for code in (errno.ENOSPC, errno.EDQUOT))

@@ -208,10 +208,9 @@ def live(requests: list[Future]) -> list[Future]:
 
 def _checkpoint_failed(c: Resumable, exc: Exception) -> None:
     c.stats.checkpoint_failures += 1
-    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
     newest = c.checkpoints.checkpoints()
     free_mb = shutil.disk_usage(c.checkpoints.root.parent).free / 2**20  # a full disk often says so obscurely
-    _warn(f"checkpoint at step {c.broker.latest_version} not written ({what_died(cause)}; {free_mb:.1f} MB free on "
+    _warn(f"checkpoint at step {c.broker.latest_version} not written ({what_died(exc)}; {free_mb:.1f} MB free on "
           f"its disk); the run goes on, newest checkpoint: {newest[-1].path.name if newest else 'none'}")
 
 
