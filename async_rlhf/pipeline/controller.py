@@ -68,7 +68,8 @@ def first_ready(refs: list, timeout_s: float) -> Any | None:
 
     `ray.wait` returns an arbitrary one when several are done (its ready set is a hash set), so a chunk could
     be handled before the one its generator made just before it: the newer chunk would train first and the
-    older one go stale (CI dropped a batch at max_staleness=1 with one generator). `refs` are in send order.
+    older one go stale (CI dropped a batch at max_staleness=1 with one generator). `refs` are in send order
+    within each generator; across generators the queue's oldest-version-first take keeps the order that matters.
     """
     ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
     if not ready:
