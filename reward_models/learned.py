@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from async_rlhf.config.weights_files import damaged_weights
+from async_rlhf.config.weights_files import check_weights
 from async_rlhf.rollout import Prompt
 
 
@@ -29,9 +29,7 @@ def check_reward_model_dir(key: str, path: Path) -> None:
     if data.get("num_labels", len(data.get("id2label", {}) or {0: 0})) != 1:
         raise ValueError(f"{key}: '{path}' has {data.get('num_labels')} labels; "
                          "a reward model needs exactly 1 (a scalar)")
-    damaged = damaged_weights(path)
-    if damaged is not None:
-        raise ValueError(f"{key}: {damaged}; copy it again or train it again with `async-rlhf train-rm`")
+    check_weights(key, path, "copy it again or train it again with `async-rlhf train-rm`")
 
 
 class LearnedRewardModel:

@@ -87,14 +87,7 @@ def _check_token(expected: str, creds: HTTPAuthorizationCredentials | None) -> N
         raise HTTPException(403, "wrong bearer token (see run_dir/api_token or $ASYNC_RLHF_API_TOKEN)")
 
 
-def _bearer(header: str | None) -> HTTPAuthorizationCredentials | None:
-    scheme, _, credentials = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return None
-    return HTTPAuthorizationCredentials(scheme="Bearer", credentials=credentials.strip())
-
-
-def refusal(request: Request) -> JSONResponse | None:
+def refusal(request: Request, creds: HTTPAuthorizationCredentials | None) -> JSONResponse | None:
     """What is refused before FastAPI reads a body: one over MAX_BODY_BYTES (it would be held and parsed in the
     driver, beside the loop), one of unknown length, and a control call without the token (the routes check it
     again; without this, a bad body was parsed, and answered 422, before the token was looked at)."""
@@ -107,7 +100,7 @@ def refusal(request: Request) -> JSONResponse | None:
                                                                 f"control body is like {{\"max_staleness\": 2}}"})
     if request.method in ("POST", "PUT", "PATCH") and request.url.path.startswith("/control/"):
         try:
-            _check_token(request.app.state.token, _bearer(request.headers.get("authorization")))
+            _check_token(request.app.state.token, creds)
         except HTTPException as exc:
             return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=exc.headers)
     return None
@@ -128,7 +121,7 @@ def create_app(view: RunView, control: RunControl, token: str, open_reads: bool)
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
-        refused = refusal(request)
+        refused = refusal(request, await bearer(request))  # the header only: the body is not read
         return refused if refused is not None else await call_next(request)
 
     def control_auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

@@ -6,6 +6,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationInfo
 
+from async_rlhf.config.redaction import may_be_secret
+
 
 class ConfigError(ValueError):
     """A configuration problem, explained in one line."""
@@ -30,8 +32,8 @@ def shown_override(pair: str) -> str:
     becomes ***."""
     key, sep, value = pair.partition("=")
     if not sep:
-        return "***" if "@" in pair else pair
-    return f"{key}=***" if "token" in key or "url" in key or "@" in value else pair
+        return "***" if may_be_secret("", pair) else pair
+    return f"{key}=***" if may_be_secret(key, value) else pair
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

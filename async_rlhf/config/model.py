@@ -8,7 +8,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
 from async_rlhf.config.pretrained_names import resolve_model_path
-from async_rlhf.config.weights_files import damaged_weights
+from async_rlhf.config.weights_files import check_weights
 
 
 class EmbeddedModelConfig(Strict):
@@ -46,9 +46,7 @@ def _check_checkpoint(key: str, path: Path, tokenizer: bool) -> None:
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{key}: no tokenizer in '{path}' (none of {', '.join(TOKENIZER_FILES)}); "
                          f"save it there with tokenizer.save_pretrained")
-    damaged = damaged_weights(path)
-    if damaged is not None:
-        raise ValueError(f"{key}: {damaged}; download or save the checkpoint again")
+    check_weights(key, path, "download or save the checkpoint again")
 
 
 GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL2

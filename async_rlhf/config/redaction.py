@@ -34,6 +34,11 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
     return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
+def may_be_secret(key: str, value: object) -> bool:
+    """Whether an error line must not repeat `value` given for `key`: a token, a URL, anything with user:pass@."""
+    return "token" in key or "url" in key or "@" in str(value)
+
+
 def redact_url(url: str) -> str:
     """`http://user:pass@host/...` -> `http://***@host/...`; a URL without credentials is unchanged."""
     return URL_USERINFO.sub(lambda m: f"{m['scheme']}{SECRET}@", url)

@@ -16,7 +16,7 @@ from async_rlhf.config.generation import GenerationConfig, MCValuesConfig, Queue
 from async_rlhf.config.learner import PUSHED_TRANSPORTS, LearnerConfig, WeightSyncConfig, check_memory_split
 from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.model import ModelConfig, cuda_available
-from async_rlhf.config.redaction import readable_saved_config, redacted
+from async_rlhf.config.redaction import may_be_secret, readable_saved_config, redacted
 from async_rlhf.config.reward import RewardConfig
 from async_rlhf.config.runtime import ApiConfig, CheckpointConfig, EvalConfig, LoggingConfig, RayConfig, ResourcesConfig
 from async_rlhf.config.task import TASK_DEFAULTS, TaskConfig
@@ -225,7 +225,7 @@ def _describe(err: dict[str, Any]) -> str:
 
 def _shown(loc: str, got: Any) -> str:
     """The bad value, for the error line; never one that may hold a credential (a token, a URL, user:pass@)."""
-    if got is None or isinstance(got, dict) or "token" in loc or "url" in loc or "@" in str(got):
+    if got is None or isinstance(got, dict) or may_be_secret(loc, got):
         return ""
     return f" (got {got!r})"
 

@@ -39,3 +39,10 @@ def damaged_weights(directory: Path) -> str | None:
         if problem is not None:
             return f"'{path}': {problem}"
     return None
+
+
+def check_weights(key: str, directory: Path, fix: str) -> None:
+    """Config time: a ValueError naming `key`, the damaged file and `fix`."""
+    damaged = damaged_weights(directory)
+    if damaged is not None:
+        raise ValueError(f"{key}: {damaged}; {fix}")
