@@ -81,6 +81,18 @@ def test_keeps_the_last_k(tmp_path: Path) -> None:
     assert sorted(p.name for p in store.root.iterdir()) == ["step-000004", "step-000005"]
 
 
+def test_a_damaged_newer_checkpoint_does_not_count_toward_keep_last(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
+    for step in (2, 4, 6):
+        store.write(step, fill_with(step))
+    (store.path_for(6) / "weights.bin").write_bytes(b"x")  # damaged: a resume goes back to step 4
+    resumed = store.latest_valid(lambda _: None)
+    assert resumed is not None and resumed.step == 4
+    store.write(5, fill_with(5))  # e.g. a SIGTERM checkpoint before step 6 comes again
+    assert [c.step for c in store.checkpoints()] == [4, 5]  # the damaged step 6 did not push out step 4
+    assert all(store.problem(c.path) is None for c in store.checkpoints())
+
+
 def test_rewriting_a_step_keeps_a_valid_one_and_replaces_a_damaged_one(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
     store.write(3, fill_with(3))

@@ -72,7 +72,7 @@ class CheckpointStore:
         shutil.rmtree(final, ignore_errors=True)  # an invalid one of the same step
         os.rename(partial, final)
         _fsync(self.root)  # the rename itself survives a power loss
-        self.prune()
+        self.prune(step)
         return final
 
     def _seal(self, directory: Path, step: int) -> None:
@@ -123,9 +123,14 @@ class CheckpointStore:
             warn(f"checkpoint {ckpt.path.name} is not usable: {reason}; falling back to the previous one")
         return None
 
-    def prune(self) -> None:
-        """Keep the newest `keep_last` checkpoints; remove older ones and partials left by crashes."""
-        for ckpt in self.checkpoints()[:-self.keep_last]:
+    def prune(self, written: int) -> None:
+        """Keep the newest `keep_last` checkpoints up to step `written`; remove older ones, partials left by
+        crashes, and any beyond `written`: a run only goes back past a checkpoint that did not verify (resume
+        and failover take the newest valid one), so those are damaged, and counting them toward `keep_last`
+        would delete the valid ones a resume needs."""
+        kept = [c for c in self.checkpoints() if c.step <= written]
+        abandoned = [c for c in self.checkpoints() if c.step > written]
+        for ckpt in kept[:-self.keep_last] + abandoned:
             shutil.rmtree(ckpt.path, ignore_errors=True)
         for partial in self.root.glob("step-*.partial"):
             shutil.rmtree(partial, ignore_errors=True)
