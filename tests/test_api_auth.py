@@ -1,6 +1,7 @@
 """API token resolution and read access when bound beyond loopback (no run needed: auth runs first)."""
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 from typing import cast
@@ -8,7 +9,8 @@ from typing import cast
 import pytest
 from fastapi.testclient import TestClient
 
-from async_rlhf.api.app import TOKEN_ENV, _is_loopback, create_app, resolve_token
+from async_rlhf.api.app import _is_loopback, create_app, resolve_token
+from async_rlhf.config.runtime import API_TOKEN_ENV as TOKEN_ENV
 from async_rlhf.config.runtime import ApiConfig
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.view import RunView
@@ -54,6 +56,25 @@ def test_fixed_delay_refuses_a_new_bound(tmp_path: Path) -> None:
     assert res.status_code == 409 and "staleness_mode=fixed" in res.json()["detail"]
 
 
+def test_healthz_answers_503_when_the_run_failed_or_its_loop_is_stuck(tmp_path: Path) -> None:
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+    from async_rlhf.pipeline.state import RunPhase
+    from async_rlhf.pipeline.status import HEARTBEAT_STALE_S
+
+    ctl = Controller(RunConfig(api={"enabled": False}), tmp_path)
+    with TestClient(create_app(ctl.view, ctl.control, token="secret-token-0123456", open_reads=True)) as client:
+        ctl.stats.phase = RunPhase.RUNNING
+        assert client.get("/healthz").status_code == 200 and client.get("/healthz").json()["ok"]
+        ctl.stats.heartbeat -= HEARTBEAT_STALE_S + 1  # the loop has not come round for longer than that
+        stuck = client.get("/healthz")
+        assert stuck.status_code == 503 and not stuck.json()["components"]["controller"]["ok"]
+        ctl.stats.heartbeat += HEARTBEAT_STALE_S + 1
+        ctl.stats.phase = RunPhase.FAILED
+        failed = client.get("/healthz")
+        assert failed.status_code == 503 and failed.json()["ok"] is False
+
+
 def test_train_serves_the_api_only_when_enabled() -> None:
     from async_rlhf.api.app import serve_api
     from async_rlhf.cli.main import api_starter
@@ -82,3 +103,59 @@ def test_a_control_call_is_refused_before_its_body_is_read_and_big_bodies_are_re
                               content=iter([b'{"max_staleness": ', b"2}"]))  # chunked: no Content-Length
         assert streamed.status_code == 411
         assert client.get("/control/pause").status_code == 405  # a wrong method is still named as such
+
+
+def test_status_command_sends_the_token_when_reads_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from async_rlhf.api.app import serve_api
+    from async_rlhf.cli.main import main
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    cfg = RunConfig(api={"host": "0.0.0.0", "port": 0})  # beyond loopback: reads need the token
+    ctl = Controller(cfg, tmp_path)
+    api = serve_api(cfg, tmp_path, ctl.view, ctl.control)  # writes api_url and a new api_token
+    try:
+        capsys.readouterr()
+        assert main(["status", "--run-dir", str(tmp_path)]) == 0  # the token from the run's api_token
+        assert f"run {tmp_path.name}  phase" in capsys.readouterr().out
+        url = (tmp_path / "api_url").read_text().strip()
+        assert main(["status", "--url", url]) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"status error: {url} refused the missing API token (reads need it when api.host is not loopback); "
+            f"set ${TOKEN_ENV} or pass --run-dir DIR (its api_token)")
+        monkeypatch.setenv(TOKEN_ENV, (tmp_path / "api_token").read_text().strip())
+        assert main(["status", "--url", url, "--json"]) == 0
+        assert '"phase"' in capsys.readouterr().out
+    finally:
+        api.stop()
+
+
+def test_the_page_reads_with_the_token_from_its_fragment(tmp_path: Path) -> None:
+    import subprocess
+
+    from async_rlhf.api.app import ApiServer
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+
+    cfg = RunConfig(api={"host": "0.0.0.0", "port": 0, "token": "page-token-0123456789"})
+    ctl = Controller(cfg, tmp_path)
+    api = ApiServer(ctl.view, ctl.control, cfg.api, tmp_path)
+    url = api.start()
+
+    def dom(page: str) -> str:
+        cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom", page]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+
+    def error(page: str) -> str:
+        found = re.search(r'id="error"[^>]*>([^<]*)<', page)
+        return found.group(1) if found else "no error element"
+
+    try:
+        assert "reads need its API token" in error(dom(url + "/"))
+        page = dom(url + "/#token=page-token-0123456789")
+        assert re.search(r'data-k="step">-?\d+ / 200<', page) and error(page) == ""  # read, with the token
+    finally:
+        api.stop()

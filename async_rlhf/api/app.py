@@ -26,13 +26,12 @@ from async_rlhf.api.metrics import prometheus_text
 from async_rlhf.api.serving import ThreadedServer
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
-from async_rlhf.config.runtime import ApiConfig
+from async_rlhf.config.runtime import API_TOKEN_ENV, ApiConfig
 from async_rlhf.failures import what_died
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.status import Health, Status, health_of, status_of
 from async_rlhf.pipeline.view import RunView
 
-TOKEN_ENV = "ASYNC_RLHF_API_TOKEN"
 CHECKPOINT_TIMEOUT_S = 300.0
 MAX_BODY_BYTES = 4096  # control bodies are a few bytes
 PAGE = Path(__file__).with_name("web") / "index.html"
@@ -165,9 +164,12 @@ def _control(request: Request) -> RunControl:
 
 
 def _add_read_routes(app: FastAPI, auth: Any) -> None:
-    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, dependencies=[Depends(auth)])
-    def healthz(request: Request) -> Health:
-        return health_of(_view(request))
+    @app.get("/healthz", response_model=Health, response_model_exclude_none=True, dependencies=[Depends(auth)],
+             responses={503: {"model": Health, "description": "a component is down or the loop is stuck"}})
+    def healthz(request: Request) -> JSONResponse:
+        """HTTP 503 when not ok: probes and load balancers read the status code, not the body."""
+        health = health_of(_view(request))
+        return JSONResponse(jsonable_encoder(health, exclude_none=True), status_code=200 if health.ok else 503)
 
     @app.get("/status", response_model=Status, dependencies=[Depends(auth)])
     def status(request: Request) -> Status:
@@ -238,7 +240,7 @@ def _add_control_routes(app: FastAPI, auth: Any) -> None:
 # ---- serving ----------------------------------------------------------------------------------
 def resolve_token(cfg: ApiConfig, run_dir: Path) -> str:
     """Token from config, else the environment, else a new one written to run_dir/api_token (0600)."""
-    token = cfg.token or os.environ.get(TOKEN_ENV)
+    token = cfg.token or os.environ.get(API_TOKEN_ENV)
     if not token:
         token = secrets.token_urlsafe(24)
         path = run_dir / "api_token"

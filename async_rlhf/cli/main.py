@@ -192,10 +192,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from async_rlhf.cli.status import find_url, print_status
+    from async_rlhf.cli.status import find_run, find_token, find_url, print_status
 
-    url = args.url or find_url(args.run_dir)
-    return print_status(url, as_json=args.json)
+    if args.url and not args.run_dir:
+        return print_status(args.url, find_token(None), as_json=args.json)
+    run = find_run(args.run_dir)
+    return print_status(args.url or find_url(run), find_token(run), as_json=args.json)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -2,26 +2,45 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from async_rlhf.config.base import ConfigError
+from async_rlhf.config.runtime import API_TOKEN_ENV
 
 
-def find_url(run_dir: Path | None) -> str:
-    """The API URL a run wrote: from `run_dir`, else from the most recently started run under runs/."""
+def find_run(run_dir: Path | None) -> Path:
+    """The run whose API to ask: `run_dir`, else the most recently started run under runs/ that serves one."""
     candidates = ([run_dir / "api_url"] if run_dir
                   else sorted(Path("runs").glob("*/api_url"), key=lambda p: p.stat().st_mtime))
     if not candidates or not candidates[-1].is_file():
         where = run_dir or "runs/*"
         raise ConfigError(f"status error: no api_url in {where}; pass --url http://HOST:PORT or --run-dir DIR")
-    return candidates[-1].read_text().strip()
+    return candidates[-1].parent
 
 
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def find_url(run: Path) -> str:
+    return (run / "api_url").read_text().strip()
+
+
+def find_token(run: Path | None) -> str | None:
+    """The token reads need when the API is served beyond loopback: $ASYNC_RLHF_API_TOKEN, else the run's own
+    api_token file (written when neither api.token nor the variable was set)."""
+    token = os.environ.get(API_TOKEN_ENV)
+    if token or run is None:
+        return token
+    try:
+        return (run / "api_token").read_text().strip() or None
+    except OSError:  # no file (the token came from the config or the variable) or not ours to read
+        return None
+
+
+def _get(url: str, token: str | None) -> dict:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
         return json.loads(resp.read())
 
 
@@ -47,9 +66,17 @@ def render(status: dict, queue: dict) -> str:
     return "\n".join(lines)
 
 
-def print_status(url: str, as_json: bool = False) -> int:
+def print_status(url: str, token: str | None = None, as_json: bool = False) -> int:
     try:
-        status, queue = _get(f"{url}/status"), _get(f"{url}/queue")
+        status, queue = _get(f"{url}/status", token), _get(f"{url}/queue", token)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            print(f"status error: {url} refused the {'given' if token else 'missing'} API token (reads need it when "
+                  f"api.host is not loopback); set ${API_TOKEN_ENV} or pass --run-dir DIR (its api_token)",
+                  file=sys.stderr)
+        else:
+            print(f"status error: {url} answered HTTP {exc.code}; is it this project's API?", file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"status error: cannot reach {url} ({exc}); is the run still going?", file=sys.stderr)
         return 1

@@ -33,6 +33,10 @@ class ResourcesConfig(Strict):
     )
 
 
+# The control token from the environment (api.token unset); `async-rlhf status` sends it too.
+API_TOKEN_ENV = "ASYNC_RLHF_API_TOKEN"
+
+
 class ApiConfig(Strict):
     """HTTP status and control, served by the controller while a run is alive."""
 
