@@ -17,11 +17,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A 2-CPU local Ray instance, like the CI machine."""
+def ray_local(tmp_path_factory: pytest.TempPathFactory):
+    """A 2-CPU local Ray instance, like the CI machine. Its workers' temporary files go to a pytest directory:
+    a GeneratorActor a test starts itself has no run directory for vLLM's process-group file (a run's
+    generators keep theirs in the run's scratch, actors/generator.py temp_files_in), and killed engines
+    never remove it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    scratch = tmp_path_factory.mktemp("ray-workers-tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TMPDIR": str(scratch)}})
     yield ray
     ray.shutdown()
 
