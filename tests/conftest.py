@@ -25,7 +25,8 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
     import ray
 
     scratch = tmp_path_factory.mktemp("ray-workers-tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"TMPDIR": str(scratch)}})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TMPDIR": str(scratch)}})
     yield ray
     ray.shutdown()
 
