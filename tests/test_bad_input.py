@@ -63,7 +63,18 @@ CONFIG_CASES = [
     ("learner.lr=inf", "learner.lr: Input should be a finite number (got 'inf')"),
     ("loss.beta=nan", "loss.beta: Input should be a finite number (got 'nan')"),
     ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
+    ("generation.temperature=0.001", "generation.temperature (0.001) is below 0.01, which vLLM would sample with "
+                                     "instead; set 0 for greedy sampling or at least 0.01"),
+    ("generation.temperature=0", "generation.temperature=0 is greedy sampling: the 4 samples of each prompt would all "
+                                 "be the same; set generation.temperature > 0 (e.g. 1.0)"),
 ]
+
+
+def test_greedy_monte_carlo_continuations_are_refused() -> None:
+    base = ["generation.temperature=0", "generation.samples_per_prompt=1"]
+    with pytest.raises(ConfigError, match=r"the 4 Monte Carlo continuations of each state \(mc_values.k_mc\)"):
+        load_config(QUICKSTART, base + ["loss.name=vineppo"])
+    assert load_config(QUICKSTART, base + ["loss.name=ppo"]).generation.temperature == 0  # one greedy sample: fine
 
 
 @pytest.mark.parametrize(("override", "message"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
@@ -86,7 +97,8 @@ def test_top_p_with_behaviour_ratios_is_refused(loss: str) -> None:
 
 def test_top_p_without_ratios_or_when_greedy_is_accepted() -> None:
     load_config(QUICKSTART, ["generation.top_p=0.9"])  # online_dpo: no behaviour log-probs
-    load_config(QUICKSTART, ["loss.name=grpo", "generation.top_p=0.9", "generation.temperature=0"])
+    load_config(QUICKSTART, ["loss.name=ppo", "generation.samples_per_prompt=1", "generation.top_p=0.9",
+                             "generation.temperature=0"])  # one greedy sample: top_p has nothing to truncate
 
 
 def test_there_are_at_least_thirty_cases_in_this_file() -> None:

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict
+
+# vLLM raises a temperature in (0, 0.01) to 0.01 (numerical safety, vllm/sampling_params.py): the learner would
+# take log-probs at the configured one and every ratio would compare two different distributions.
+MIN_SAMPLING_TEMPERATURE = 0.01
 
 
 class GenerationConfig(Strict):
@@ -38,6 +42,15 @@ class GenerationConfig(Strict):
                     "staleness bound holds either way",
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per generator (vLLM tensor parallelism)")
+
+    @field_validator("temperature", "eval_temperature")
+    @classmethod
+    def _not_raised_by_vllm(cls, value: float, info: ValidationInfo) -> float:
+        if 0 < value < MIN_SAMPLING_TEMPERATURE:
+            floor = MIN_SAMPLING_TEMPERATURE
+            raise ValueError(f"generation.{info.field_name} ({value:g}) is below {floor}, which vLLM would sample "
+                             f"with instead; set 0 for greedy sampling or at least {floor}")
+        return value
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
     )

@@ -70,6 +70,7 @@ class RunConfig(Strict):
                 f"generation.samples_per_prompt ({self.generation.samples_per_prompt}) must be >= {need} "
                 f"for loss '{self.loss.name}'"
             )
+        self._check_greedy()
         self._check_task_fit()
         if self.queue.capacity is not None and self.queue.capacity < self.generation.prompts_per_step:
             raise ValueError(
@@ -124,6 +125,17 @@ class RunConfig(Strict):
         if ratios and self.generation.top_p < 1 and self.generation.temperature > 0:
             raise ValueError(f"generation.top_p ({self.generation.top_p}) truncates the sampling distribution, "
                              f"which loss '{self.loss.name}' cannot take ratios to; set generation.top_p=1")
+
+    def _check_greedy(self) -> None:
+        """Temperature 0 draws the same completion every time (vLLM refuses more than one per request): caught
+        here, before the run starts, not in the first generate call."""
+        gen, k_mc = self.generation, self.mc_values.k_mc if self.loss.traits.needs_mc_values else 1
+        if gen.temperature > 0 or max(gen.samples_per_prompt, k_mc) == 1:
+            return
+        what = (f"the {gen.samples_per_prompt} samples of each prompt" if gen.samples_per_prompt > 1
+                else f"the {k_mc} Monte Carlo continuations of each state (mc_values.k_mc)")
+        raise ValueError(f"generation.temperature=0 is greedy sampling: {what} would all be the same; set "
+                         f"generation.temperature > 0 (e.g. 1.0)")
 
     def _check_cuda(self) -> None:
         """GPU-only settings on a machine with no GPU. Checked in the driver only for a local Ray
