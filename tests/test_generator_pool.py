@@ -150,6 +150,26 @@ def test_quiesce_releases_every_chunks_lease(tmp_path, monkeypatch) -> None:
     assert broker.released == broker.leased == {0: 2} and not pool.jobs() and pool.slots[0].recovering
 
 
+@pytest.mark.parametrize("transport", ["nccl", "shm"])
+def test_quiesce_restarts_a_generator_stuck_in_the_dead_learners_push(tmp_path, monkeypatch, transport: str) -> None:
+    # GPU only in life (an NCCL receive whose sender died never returns); here the stuck call is a ref that never
+    # completes. With shm nothing waits on the learner, so an unfinished generation is a stall and ends the run.
+    pool, broker, gate = make_pool(tmp_path, monkeypatch, gens=2, transport=transport)
+    pool.dispatch(gate)
+    never = set(pool.slots[1].handle.calls)
+    killed: list[Any] = []
+    monkeypatch.setattr(generators, "ray", SimpleNamespace(
+        wait=lambda refs, **_: ([r for r in refs if r not in never], [r for r in refs if r in never]),
+        kill=lambda handle, no_restart: killed.append((handle, no_restart)), exceptions=ray.exceptions))
+    if transport == "shm":
+        with pytest.raises(generators.RunError, match="did not finish within learner.stall_timeout_s"):
+            pool.quiesce()
+        return
+    pool.quiesce()
+    assert killed == [(pool.slots[1].handle, False)]  # only the stuck one, once, and Ray may restart it
+    assert not pool.jobs() and broker.released == broker.leased and all(s.recovering for s in pool.slots)
+
+
 def test_pushed_weights_keep_one_chunk_per_generator() -> None:
     # The learner's push is an actor call: it must not wait behind a second chunk.
     for transport, depth in (("shm", 2), ("nccl", 1), ("ipc", 1)):

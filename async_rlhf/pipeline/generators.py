@@ -235,13 +235,20 @@ class GeneratorPool:
     def quiesce(self) -> None:
         """Learner failover: let every generation in flight end and drop it (it belongs to the future being
         rolled back). Every generator is probed before its next batch, so one that died meanwhile is counted
-        and, on pushed transports, rejoins."""
+        and, on pushed transports, rejoins. There a generator can be stuck in the dead learner's push (its receive
+        call waits on a sender that is gone, its batches queued behind it): after weight_sync.timeout_s it is
+        killed, Ray restarts it, and it joins the group the new learner forms."""
         jobs = list(self.jobs())
-        timeout = self.cfg.learner.stall_timeout_s
+        pushed = self.cfg.weight_sync.transport in PUSHED_TRANSPORTS
+        timeout = self.cfg.weight_sync.timeout_s if pushed else self.cfg.learner.stall_timeout_s
         _, running = ray.wait(jobs, num_returns=len(jobs), timeout=timeout) if jobs else ([], [])
-        if running:
+        if running and not pushed:
             raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
                            f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
+        for slot in {id(slot): slot for ref, slot in self.jobs().items() if ref in running}.values():
+            print(f"[async-rlhf] generator {slot.generator_id} is stuck in the dead learner's weight push; "
+                  f"restarting it", file=sys.stderr, flush=True)
+            ray.kill(slot.handle, no_restart=False)  # Ray starts it again (generation.max_restarts)
         for slot in self.slots:
             for chunk in list(slot.chunks):
                 self._handled(slot, chunk.ref)
