@@ -269,8 +269,12 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
         assert pid is not None  # the wait above saw it
         killed.append(pid)
         os.kill(pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
+    # Ray's own paragraph on each worker death goes to the run's ray_errors.log, not the terminal
+    assert "(raylet)" not in out + err and "worker died" not in out + err
+    ray_errors = run_dir / "ray_errors.log"
+    assert not ray_errors.exists() or "A worker died" in ray_errors.read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     records = read_jsonl(metrics)
     assert summary["steps"] == steps and summary["reward_restarts"] == 2 and "Traceback" not in err

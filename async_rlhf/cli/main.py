@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from async_rlhf.pipeline.controller import ServiceStarter
 
 INTERRUPTED = 130  # 128 + SIGINT: the exit status shells expect of a command stopped by Ctrl-C
+RAY_ERRORS = "ray_errors.log"  # what Ray's driver reports (worker and raylet deaths), kept out of the terminal
 BENCHMARKS = ["async_vs_sync", "every_config", "generator_path", "learner_precision", "learner_settings",
               "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl", "weight_sync"]
 
@@ -131,6 +132,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from async_rlhf.pipeline.startup import start_ray_while_importing  # heavy imports only once the config is valid
 
     started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
+    from async_rlhf.cluster.local_ray import keep_ray_errors_in
+
+    keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
     from async_rlhf.pipeline.controller import Controller, RunError
 
     bar = ProgressBar(cfg.learner.steps)

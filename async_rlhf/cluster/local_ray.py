@@ -17,6 +17,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -38,6 +40,24 @@ def init_local_ray(**kwargs: Any) -> None:
         signal.signal(signal.SIGINT, previous)
     if held:
         signal.raise_signal(signal.SIGINT)  # to the handler this process had: KeyboardInterrupt by default
+
+
+def keep_ray_errors_in(path: Path) -> None:
+    """Ray's driver prints every error its GCS publishes for the job to stdout: a paragraph for each worker
+    death, a 40-line state dump when a raylet dies, beside the run's own one-line report of the same event
+    (and after a death the run recovered from). In a process the CLI owns they are appended to `path`
+    instead. Ray's listener looks its printer up by name at each message; where it is not found (another Ray
+    version), Ray prints as before."""
+    worker = ray._private.worker
+    if not callable(getattr(worker, "print_to_stdstream", None)):
+        return
+
+    def to_file(data: dict, ignore_prefix: bool = False) -> None:
+        with path.open("a", encoding="utf-8") as out:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ({data.get('pid', 'ray')})\n")
+            out.writelines(f"{line}\n" for line in data.get("lines", []))
+
+    worker.print_to_stdstream = to_file
 
 
 def head_processes(process_type: str) -> list[subprocess.Popen]:
