@@ -71,3 +71,17 @@ def test_a_rollback_keeps_the_wall_clock_of_open_spans() -> None:
         timing.roll_back({"gen_busy_s": 4.0, "loop_s": 123.0})
         assert timing.get("gen_busy_s") == 4.0 and timing.get("loop_s") == 0.0  # the open span still measures
     assert 0.0 <= timing.get("loop_s") < 5.0
+
+
+def test_a_timed_out_weight_push_replaces_the_learner_only_on_pushed_transports() -> None:
+    import ray
+
+    from async_rlhf.pipeline.failover import push_timed_out
+    from async_rlhf.weights.nccl import WeightSyncTimeout
+
+    # What ray.get raises in the controller when the learner's push gave up (a generator died mid-broadcast).
+    timed_out = ray.exceptions.RayTaskError("Learner.save_weights", "traceback", WeightSyncTimeout("push of v3"))
+    assert push_timed_out(timed_out, "nccl") and push_timed_out(timed_out, "ipc")
+    assert not push_timed_out(timed_out, "shm")  # no push there: whatever it is, it ends the run
+    other = ray.exceptions.RayTaskError("Learner.train_step", "traceback", ValueError("a bug"))
+    assert not push_timed_out(other, "nccl") and not push_timed_out(WeightSyncTimeout("rendezvous"), "nccl")

@@ -18,7 +18,7 @@ import ray
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError, what_died
+from async_rlhf.failures import RunError, what_died, worker_error
 from async_rlhf.pipeline.builder import ComponentBuilder
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
@@ -26,6 +26,7 @@ from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_sna
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.weights.broker import WeightSyncBroker
+from async_rlhf.weights.nccl import WeightSyncTimeout
 
 PING_TIMEOUT_S = 10.0  # a live but busy learner answers after its step; a dead one fails at once
 
@@ -39,6 +40,13 @@ def learner_alive(learner: Any) -> bool:
     except ray.exceptions.RayError:
         return False
     return True
+
+
+def push_timed_out(exc: BaseException, transport: str) -> bool:
+    """A learner whose weight push did not finish (WeightSyncTimeout): most likely a generator died during the
+    broadcast, which leaves the learner's NCCL communicator unusable (a collective cannot be cancelled), so the
+    learner is replaced like a dead one; a persistent cause ends the run after learner.max_restarts."""
+    return transport in PUSHED_TRANSPORTS and isinstance(worker_error(exc), WeightSyncTimeout)
 
 
 def checkpoint_to_restart_from(checkpoints: CheckpointStore, restarts: int, limit: int, step: int,
@@ -74,7 +82,7 @@ class LearnerFailover:
     def fail_over(self, exc: BaseException) -> None:
         """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other
         error, or a death past learner.max_restarts or without a checkpoint, ends the run."""
-        if learner_alive(self.parts.learner):
+        if learner_alive(self.parts.learner) and not push_timed_out(exc, self.cfg.weight_sync.transport):
             raise exc
         lost = self.state.steps_taken
         ckpt = checkpoint_to_restart_from(self.checkpoints, self.stats.learner_restarts, self.cfg.learner.max_restarts,
@@ -86,7 +94,7 @@ class LearnerFailover:
         self.builder.start_learner()
         version = self.roll_back(ckpt)
         self.stats.learner_restarts += 1
-        print(f"[async-rlhf] the learner died at step {lost} ({type(exc).__name__}); replaced it from {ckpt.path.name} "
+        print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {ckpt.path.name} "
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "
               f"{version + 1}.. are trained again", file=sys.stderr, flush=True)
 
