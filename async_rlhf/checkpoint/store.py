@@ -128,8 +128,8 @@ class CheckpointStore:
         crashes, and any beyond `written`: a run only goes back past a checkpoint that did not verify (resume
         and failover take the newest valid one), so those are damaged, and counting them toward `keep_last`
         would delete the valid ones a resume needs."""
-        kept = [c for c in self.checkpoints() if c.step <= written]
-        abandoned = [c for c in self.checkpoints() if c.step > written]
+        found = self.checkpoints()
+        kept, abandoned = [c for c in found if c.step <= written], [c for c in found if c.step > written]
         for ckpt in kept[:-self.keep_last] + abandoned:
             shutil.rmtree(ckpt.path, ignore_errors=True)
         for partial in self.root.glob("step-*.partial"):

@@ -42,6 +42,9 @@ class GenerationConfig(Strict):
                     "staleness bound holds either way",
     )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per generator (vLLM tensor parallelism)")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
+    )
 
     @field_validator("temperature", "eval_temperature")
     @classmethod
@@ -51,9 +54,6 @@ class GenerationConfig(Strict):
             raise ValueError(f"generation.{info.field_name} ({value:g}) is below {floor}, which vLLM would sample "
                              f"with instead; set 0 for greedy sampling or at least {floor}")
         return value
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
-    )
 
     @model_validator(mode="after")
     def _split(self) -> "GenerationConfig":
