@@ -112,7 +112,8 @@ class GeneratorActor:
             )
 
     def info(self) -> dict:
-        return {"generator_id": self.generator_id, "version": self.version, "cores": self.cores, "pid": os.getpid()}
+        return {"generator_id": self.generator_id, "version": self.version, "cores": self.cores, "pid": os.getpid(),
+                "restarted": _restarted_by_ray()}
 
     def load_weights(self, ref: WeightRef) -> float:
         """Swap in published weights (in place, no engine restart); returns seconds taken.
@@ -336,6 +337,15 @@ def skip_cpu_start_costs() -> None:
 
     torch.compiler.set_stance("force_eager")
     gc.freeze()
+
+
+def _restarted_by_ray() -> bool:
+    """This actor's process is a restart (Ray's record): the one way to count a death during its start, since its
+    first answer already comes from the new process. False outside a Ray actor (a test, a benchmark)."""
+    import ray
+
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    return bool(context and context.get_actor_id() and context.was_current_actor_reconstructed)
 
 
 def resolve_dtype(dtype: str, cuda: bool) -> str:

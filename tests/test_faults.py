@@ -283,6 +283,21 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
     assert summary["failed_reward"] == 0 and summary["dropped_stale"] == 0  # generated again, not failed or stale
 
 
+def test_a_generator_killed_while_it_starts_is_started_again_and_counted(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_command(run_dir, "learner.steps=10", "api.enabled=false"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its start takes seconds (vLLM's import, then the engine): killed in it, before its first answer.
+    wait_until(lambda: role_pid("GeneratorActor", proc.pid) is not None, timeout=300)
+    pid = role_pid("GeneratorActor", proc.pid)
+    assert pid is not None and not (run_dir / "metrics.jsonl").exists()
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["generator_restarts"] == 1
+    assert "generator 0 died while starting and Ray started it again" in err
+
+
 ROLES = {"generator": "GeneratorActor", "reward": "RewardService", "learner": "Learner"}
 
 

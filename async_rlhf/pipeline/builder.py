@@ -84,7 +84,7 @@ class ComponentBuilder:
                                                   "reward": [parts.reward.health.remote()]})
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
-            slot.pid = info["pid"]
+            pool.started(slot, info)
         if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
             pool.connect()
         elif not first_version:  # version 0 as weights a generator can go back to (resume.broker_versions)

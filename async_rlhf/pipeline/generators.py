@@ -200,6 +200,15 @@ class GeneratorPool:
             return
         self._note_alive(slot, info)
 
+    def started(self, slot: GeneratorSlot, info: dict) -> None:
+        """A generator's first answer. One that died while it started was restarted by Ray before it could
+        answer: counted once (at least once) from Ray's record."""
+        slot.pid = info["pid"]
+        if info.get("restarted"):
+            slot.restarts += 1
+            print(f"[async-rlhf] generator {slot.generator_id} died while starting and Ray started it again "
+                  f"(pid {slot.pid})", file=sys.stderr, flush=True)
+
     def _note_alive(self, slot: GeneratorSlot, info: dict) -> None:
         if info["pid"] != slot.pid:
             slot.restarts += 1
