@@ -278,6 +278,8 @@ def serve_api(cfg: RunConfig, run_dir: Path, view: RunView, control: RunControl)
     """The controller's service starter (pipeline.controller.ServiceStarter): the API, started and announced."""
     api = ApiServer(view, control, cfg.api, run_dir)
     url = api.start()
-    print(f"[async-rlhf] status and control at {url} (control token in {run_dir / 'api_token'} "
-          f"unless set by api.token or $ASYNC_RLHF_API_TOKEN)", flush=True)
+    where = f"in {run_dir / 'api_token'} unless set by api.token or ${API_TOKEN_ENV}"
+    needs = (f"control token {where}" if _is_loopback(cfg.api.host)
+             else f"reads and control need the token {where}; the page: {url}/#token=TOKEN")
+    print(f"[async-rlhf] status and control at {url} ({needs})", flush=True)
     return api
