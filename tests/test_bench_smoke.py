@@ -67,7 +67,9 @@ def test_learner_precision_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
 def test_learner_settings_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     result = run_bench("learner_settings", tmp_path / "learner_settings")  # default arms: AdamW for-each vs fused
     assert set(result["median_s"]) == {"foreach", "fused"} and all(v > 0 for v in result["median_s"].values())
-    assert all(f > 0 for f in result["median_faults"].values())
+    # counted per step; at toy size a step may reuse every page it touches, so 0 is a real median
+    faults = result["median_faults"]
+    assert set(faults) == {"foreach", "fused"} and all(f >= 0 for f in faults.values())
     drift = result["weight_drift_from_first"]  # two steps each: the kernels round differently, nothing more
     assert drift["foreach"] == 0 and 0 < drift["fused"] < 1e-3
 
