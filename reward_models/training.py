@@ -40,7 +40,7 @@ def load_pairs(source: str) -> Any:
                           f"save_to_disk directory; convert the pairs to one of those")
     if fmt != "disk" and not Path(source).is_file() or fmt == "disk" and not Path(source).is_dir():
         raise ConfigError(f"config error: train-rm: pairs '{source}' not found")
-    table = load_table(source, fmt, "train")
+    table = load_table(source, fmt, "train", split_key="train-rm", name="train-rm", other="give train-rm other pairs")
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise ConfigError(f"config error: train-rm: '{source}' has no column(s) {', '.join(missing)} "

@@ -188,7 +188,7 @@ def test_a_broken_jsonl_line_is_named_by_its_row(tokenizer_dir: Path, tmp_path: 
 def test_an_empty_prompt_file(tokenizer_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "prompts.csv").write_text("")
     assert byo_message(tokenizer_dir, f"task.dataset.path={tmp_path}/prompts.csv") == E + (
-        f"task.dataset: '{tmp_path}/prompts.csv' is empty; point task.dataset.path at a file with prompts")
+        f"task.dataset: '{tmp_path}/prompts.csv' is empty; fix the file, or point task.dataset.path at another")
 
 
 def test_file_of_unknown_format(tokenizer_dir: Path, tmp_path: Path) -> None:

@@ -67,8 +67,12 @@ def render(status: dict, queue: dict) -> str:
 
 
 def print_status(url: str, token: str | None = None, as_json: bool = False) -> int:
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"status error: '{url}' is not an API URL; pass --url http://HOST:PORT")
+    url = url.rstrip("/")
     try:
         status, queue = _get(f"{url}/status", token), _get(f"{url}/queue", token)
+        text = json.dumps({"status": status, "queue": queue}, indent=2) if as_json else render(status, queue)
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):
             print(f"status error: {url} refused the {'given' if token else 'missing'} API token (reads need it when "
@@ -80,5 +84,9 @@ def print_status(url: str, token: str | None = None, as_json: bool = False) -> i
     except (urllib.error.URLError, OSError) as exc:
         print(f"status error: cannot reach {url} ({exc}); is the run still going?", file=sys.stderr)
         return 1
-    print(json.dumps({"status": status, "queue": queue}, indent=2) if as_json else render(status, queue))
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not this project's schema
+        print(f"status error: {url} did not answer with a run's status ({type(exc).__name__}: {exc}); is it this "
+              "project's API?", file=sys.stderr)
+        return 1
+    print(text)
     return 0

@@ -37,13 +37,15 @@ BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
 E = "config error: "
 
 
-def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.split") -> Any:
-    """A `datasets.Dataset` for one source; any failure is a one-line ConfigError naming the source."""
+def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.split",
+               name: str = "task.dataset", other: str = "point task.dataset.path at another") -> Any:
+    """A `datasets.Dataset` for one source; any failure is a one-line ConfigError naming the source as `name`
+    and saying `other` as the alternative to fixing it."""
     import datasets
 
     kind = source_format(path, fmt)
     if kind in BUILDERS and Path(path).is_file() and Path(path).stat().st_size == 0:  # datasets: "StopIteration"
-        raise ConfigError(f"{E}task.dataset: '{path}' is empty; point task.dataset.path at a file with prompts")
+        raise ConfigError(f"{E}{name}: '{path}' is empty; fix the file, or {other}")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
     try:
@@ -53,8 +55,7 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
         fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
                if kind == "hub" else "fix the file")
-        raise ConfigError(f"{E}task.dataset: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or point "
-                          f"task.dataset.path at another") from None
+        raise ConfigError(f"{E}{name}: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or {other}") from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
             raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")

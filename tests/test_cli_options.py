@@ -1,0 +1,104 @@
+"""The side commands' bad input (serve-reward, train-rm, sample-pairs, status): one line and an exit status
+before anything loads, never a failure inside TRL, vLLM or uvicorn after it, nor a traceback file."""
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int
+from async_rlhf.cli.main import main
+
+
+def test_the_option_types_take_their_range_and_refuse_the_rest() -> None:
+    assert positive_int("3") == 3 and positive_float("2e-5") == 2e-5 and non_negative_float("0") == 0.0
+    assert fraction("0") == 0.0 and fraction("0.25") == 0.25 and port("0") == 0 and port("65535") == 65535
+    for parse, bad in [(positive_int, "0"), (positive_int, "1.5"), (positive_float, "0"), (positive_float, "nan"),
+                       (positive_float, "inf"), (non_negative_float, "-0.1"), (fraction, "1"), (fraction, "-0.5"),
+                       (port, "65536"), (port, "-1"), (port, "http")]:
+        with pytest.raises(Exception, match=r"is not (a|an) "):
+            parse(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--epochs", "0"], "argument --epochs: 0 is not a positive"),
+    (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--batch-size", "0"], "argument --batch-size: 0 is not"),
+    (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--lr", "-1"], "argument --lr: -1 is not a positive"),
+    (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--eval-fraction", "1.5"], "1.5 is not a fraction"),
+    (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--max-length", "0"], "argument --max-length: 0 is not"),
+    (["sample-pairs", "c.yaml", "--out", "o", "--prompts", "0"], "argument --prompts: 0 is not a positive integer"),
+    (["sample-pairs", "c.yaml", "--out", "o", "--min-margin", "-1"], "argument --min-margin: -1 is not a number"),
+    (["serve-reward", "sort_exact", "--port", "99999"], "argument --port: 99999 is not a TCP port"),
+    (["serve-reward", "sort_exact", "--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+])
+def test_an_option_out_of_range_is_a_usage_error(args: list[str], message: str,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "Traceback" not in err
+
+
+def one_line_error(capsys: pytest.CaptureFixture, args: list[str], code: int, prefix: str) -> str:
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(prefix)
+    return err
+
+
+def test_serve_reward_on_a_taken_port_is_one_line_before_it_says_it_serves(capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = taken.getsockname()[1]
+        err = one_line_error(capsys, ["serve-reward", "sort_exact", "--port", str(number)], 2, "config error: ")
+    assert err == (f"config error: serve-reward: cannot serve on 127.0.0.1:{number} (Address already in use); "
+                   "pass --host and --port of an address this machine can serve")
+
+
+def test_train_rm_names_its_own_pairs_and_refuses_a_file_as_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text('{"prompt": "1>", "chosen": \n')
+    err = one_line_error(capsys, ["train-rm", str(broken), "--base", "b", "--out", str(tmp_path / "o")], 2,
+                         "config error: ")
+    assert err.startswith(f"config error: train-rm: cannot read '{broken}' as jsonl: ")
+    assert err.endswith("; fix the file, or give train-rm other pairs") and "task.dataset" not in err
+    pairs = tmp_path / "ok.jsonl"
+    pairs.write_text('{"prompt": "1>", "chosen": "1", "rejected": "2"}\n')
+    (tmp_path / "out").write_text("mine\n")
+    err = one_line_error(capsys, ["train-rm", str(pairs), "--base", "b", "--out", str(tmp_path / "out")], 2, "config")
+    assert err == f"config error: train-rm: --out '{tmp_path / 'out'}' is a file; pass a new directory"
+    assert (tmp_path / "out").read_text() == "mine\n"
+
+
+@pytest.fixture
+def html_server(tmp_path: Path) -> Iterator[str]:
+    """A web server that is not this project's API: every path answers an HTML page."""
+    (tmp_path / "status").write_text("<html>not a run</html>\n")
+    (tmp_path / "queue").write_text("<html>not a run</html>\n")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_status_of_something_that_is_not_an_api_url_or_not_this_api(html_server: str,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    err = one_line_error(capsys, ["status", "--url", "localhost:8000"], 2, "status error: ")
+    assert err == "status error: 'localhost:8000' is not an API URL; pass --url http://HOST:PORT"
+    err = one_line_error(capsys, ["status", "--url", html_server + "/"], 1, "status error: ")
+    assert err.startswith(f"status error: {html_server} did not answer with a run's status (JSONDecodeError: ")
+    assert err.endswith("is it this project's API?")
