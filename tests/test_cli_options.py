@@ -102,3 +102,10 @@ def test_status_of_something_that_is_not_an_api_url_or_not_this_api(html_server:
     err = one_line_error(capsys, ["status", "--url", html_server + "/"], 1, "status error: ")
     assert err.startswith(f"status error: {html_server} did not answer with a run's status (JSONDecodeError: ")
     assert err.endswith("is it this project's API?")
+
+
+def test_export_model_to_a_file_is_refused_and_the_file_kept(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes").write_text("mine\n")
+    err = one_line_error(capsys, ["export-model", str(tmp_path / "notes")], 2, "config error: ")
+    assert err == f"config error: export-model: '{tmp_path / 'notes'}' is a file; choose a new directory"
+    assert (tmp_path / "notes").read_text() == "mine\n"

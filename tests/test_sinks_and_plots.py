@@ -85,3 +85,29 @@ def test_plot_command_draws_two_runs_on_one_png(tmp_path: Path, capsys: pytest.C
     assert capsys.readouterr().out.strip() == str(out)
     image = matplotlib.image.imread(out)
     assert image.shape[:2] == (700, 1200) and out.stat().st_size > 20_000
+
+
+def test_plot_writes_the_file_it_names_and_refuses_what_it_cannot_write(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    record_run(tmp_path / "run", [0.2, 0.3, 0.35])
+    run = str(tmp_path / "run")
+    assert main(["plot", run, "--out", str(tmp_path / "curves")]) == 0  # matplotlib adds .png: say so
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png") and (tmp_path / "curves.png").is_file()
+    assert main(["plot", run, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"plot error: --out '{tmp_path}' is a directory; give a file name "
+                                               f"such as {tmp_path / 'runs.png'}")
+    assert main(["plot", run, "--out", str(tmp_path / "c.xyz")]) == 2
+    assert "matplotlib cannot write '.xyz'; use one of " in capsys.readouterr().err
+
+
+def test_plot_leaves_out_a_last_line_a_killed_run_cut_short_and_names_any_other_bad_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    record_run(tmp_path / "run", [0.2, 0.3, 0.35])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"step": 4, "rew')
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "a.png")]) == 0
+    metrics.write_text('{"step": 1, "rew\n' + whole)
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "b.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"plot error: line 1 of '{metrics}' is not a JSON record; fix or remove it"
+    assert not (tmp_path / "b.png").exists()

@@ -22,7 +22,33 @@ def series(records: list[dict], key: str) -> list[float]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a run's JSONL file. A last line cut short (a run killed while writing it) is left out;
+    a bad line anywhere else is a one-line error naming it."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) and not line.rstrip().endswith("}"):
+                break
+            raise ConfigError(f"plot error: line {number} of '{path}' is not a JSON record; fix or remove it") from None
+    return records
+
+
+def check_out(out: Path) -> Path:
+    """The image file to write: a directory is refused and a name without a suffix gets .png (matplotlib would
+    add it while the command printed the name without it); a suffix matplotlib cannot write is refused."""
+    if out.is_dir():
+        raise ConfigError(f"plot error: --out '{out}' is a directory; give a file name such as {out / 'runs.png'}")
+    out = out if out.suffix else out.with_suffix(".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise ConfigError(f"plot error: --out '{out}': matplotlib cannot write '{out.suffix}'; use one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
 
 
 def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -45,7 +71,9 @@ def pyplot() -> Any:
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Reward, KL, staleness and throughput of every run on one 2x2 figure, one colour per run."""
+    """Reward, KL, staleness and throughput of every run on one 2x2 figure, one colour per run; returns the file
+    written."""
+    out = check_out(out)
     runs = [(str(d), *load_run(d)) for d in run_dirs]  # all read first: a bad directory fails before drawing
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True)

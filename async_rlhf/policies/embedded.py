@@ -252,6 +252,8 @@ def export_embedded(cfg: RunConfig, out: Path, log: Log = print) -> Path:
 
     if cfg.model.source != "embedded":
         raise ConfigError("config error: export-model writes the embedded model; drop the model.source override")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"config error: export-model: '{out}' is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"config error: export-model: '{out}' already exists and is not empty; "
                           "choose a new directory")
