@@ -109,5 +109,6 @@ def test_plot_leaves_out_a_last_line_a_killed_run_cut_short_and_names_any_other_
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "a.png")]) == 0
     metrics.write_text('{"step": 1, "rew\n' + whole)
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "b.png")]) == 2
-    assert capsys.readouterr().err.strip() == f"plot error: line 1 of '{metrics}' is not a JSON record; fix or remove it"
+    err = capsys.readouterr().err.strip()
+    assert err == f"plot error: line 1 of '{metrics}' is not a JSON record; fix or remove it"
     assert not (tmp_path / "b.png").exists()
