@@ -21,6 +21,10 @@ pytestmark = pytest.mark.slow
 def train(run_dir: Path, *overrides: str) -> dict:
     proc = subprocess.run(train_command(run_dir, *overrides), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # The terminal gets the run's own lines and its progress bar only: none of Ray's (its start-up INFO line,
+    # its token-authentication warning), vLLM's or DeepSpeed's.
+    lines = [line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if not line.startswith(("[async-rlhf]", "train:"))] == []
     return json.loads((run_dir / "summary.json").read_text())
 
 

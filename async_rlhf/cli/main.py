@@ -159,9 +159,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     finally:
         bar.close()
-    ended = f"stopped at step {summary['steps']}" if summary["stopped_early"] else "done"
+    from async_rlhf.pipeline.startup import process_age_s
+
+    ended = "stopped early" if summary["stopped_early"] else "done"
     print(
-        f"[async-rlhf] {ended} in {summary['wall_s']:.1f}s: gold reward {summary['initial_gold_reward']:.3f} -> "
+        f"[async-rlhf] {ended}: {summary['steps']} steps in {summary['wall_s']:.1f}s of training, "
+        f"{process_age_s():.1f}s since launch; gold reward {summary['initial_gold_reward']:.3f} -> "
         f"{summary['final_gold_reward']:.3f}, max staleness seen {summary['max_staleness_seen']} "
         f"(bound {summary['max_staleness']}), outputs in {run_dir}",
         flush=True,

@@ -14,6 +14,7 @@ the work, as before.
 """
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import threading
@@ -23,12 +24,19 @@ from typing import Any
 
 import ray
 
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # Ray's token-authentication notices
 MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
 RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
 
 
 def init_local_ray(**kwargs: Any) -> None:
-    """ray.init(**kwargs), with a Ctrl-C during it raised once it has returned (the module docstring says why)."""
+    """ray.init(**kwargs), with a Ctrl-C during it raised once it has returned (the module docstring says why).
+
+    A Ray started here turns token authentication on by default and warns on the terminal that it did; the
+    warning is left out (it asks nothing of the user). Setting RAY_AUTH_MODE=token here instead would not do:
+    the driver reads it once, at `import ray`, so its client would speak without the token the GCS asks for."""
+    if kwargs.get("address") is None:
+        logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         ray.init(**kwargs)
         return
