@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from async_rlhf.cli.arguments import non_negative_int, positive_int
 from async_rlhf.outputs.timeline import busy_seconds, read_timeline
 from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import earlier_runs, mean_sd, pyplot, save_json, train
@@ -85,9 +86,9 @@ def summarize(args: argparse.Namespace, runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart.yaml")
-    parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--staleness", type=non_negative_int, nargs="+", default=[0, 1, 2, 4])
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_async_vs_sync")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_async_vs_sync")
     args = parser.parse_args(argv)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from async_rlhf.cli.arguments import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 
@@ -117,9 +119,9 @@ def ratio_main(argv: list[str] | None, doc: str, measure: Callable[..., dict], n
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--prompts", type=positive_int, default=16)
+    parser.add_argument("--samples", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=repeats)
     parser.add_argument("--out", type=Path, default=RESULTS / f"bench_{name}")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:

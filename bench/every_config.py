@@ -14,6 +14,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from async_rlhf.cli.arguments import positive_int
 from bench.common import RESULTS, ROOT
 from bench.runs import earlier_runs, save_json, train
 
@@ -63,9 +64,9 @@ def table(runs: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=cpu_configs())
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--configs", nargs="+", default=cpu_configs(), choices=cpu_configs())
+    parser.add_argument("--steps", type=positive_int, default=40)
+    parser.add_argument("--repeats", type=positive_int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_every_config")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_every_config")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from async_rlhf.cli.arguments import positive_int
 from bench.common import RESULTS, ROOT, alternate, bar_plot, write_result
 from bench.learner_step import synthetic_groups
 
@@ -67,11 +68,11 @@ def step_parser(description: str, out: str) -> argparse.ArgumentParser:
     """The options of the in-process learner benchmarks: config, the synthetic step, repeats, threads, out."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=CONFIG)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--prompts", type=positive_int, default=8)
+    parser.add_argument("--samples", type=positive_int, default=2)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=RESULTS / out)
     return parser
 

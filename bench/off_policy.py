@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from async_rlhf.cli.arguments import non_negative_int, positive_int
 from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import earlier_runs, mean_sd, pyplot, save_json, train
 
@@ -62,9 +63,9 @@ def table(runs: list[dict], mode: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--losses", nargs="+", default=list(CONFIGS), choices=sorted(CONFIGS))
-    parser.add_argument("--staleness", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--staleness", type=non_negative_int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--mode", choices=["fixed", "bound"], default="fixed",
                         help="queue.staleness_mode: fixed = exactly N versions old from step N on; bound = at most N")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_off_policy")

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from async_rlhf.cli.arguments import non_negative_int
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("initial_gold_reward", "final_gold_reward", "final_kl", "wall_s", "gen_busy_s", "learn_busy_s",
           "wait_s", "weight_sync_s", "setup_s", "max_staleness_seen", "dropped_stale")
@@ -50,8 +52,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--bounds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--bounds", type=non_negative_int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/quickstart_seeds.json")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/quickstart_seeds")
     args = parser.parse_args()

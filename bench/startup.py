@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from async_rlhf.cli.arguments import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["learner.steps=20", "eval.every=0", "api.enabled=false"]
 
@@ -72,7 +74,7 @@ def run_one(checkout: Path, scratch: Path, i: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=positive_int, default=3)
     parser.add_argument("--checkout", type=Path, nargs="+", default=[ROOT])
     parser.add_argument("--out", type=Path, default=None, help="JSON file for every row (default: print only)")
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
+from async_rlhf.cli.arguments import positive_int
 from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.pipeline.timing import process_started_at
 from async_rlhf.rollout import Prompt
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="key=value, as for async-rlhf train")
     parser.add_argument("--policy", type=Path, required=True, help="the policy checkpoint both arms start from")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch threads (default: torch's, one per core)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

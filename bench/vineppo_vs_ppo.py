@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from async_rlhf.cli.arguments import non_negative_int, positive_int
 from bench.common import RESULTS, ROOT, save_figure
 from bench.runs import earlier_runs, pyplot, save_json, train
 
@@ -52,9 +53,9 @@ def one_run(arm: str, seed: int, steps: int, every: int, runs_dir: Path) -> dict
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--every", type=positive_int, default=10)
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=sorted(ARMS))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_vineppo_vs_ppo")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vineppo_vs_ppo")

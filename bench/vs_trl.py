@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+from async_rlhf.cli.arguments import positive_int
 from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.policies.embedded import ensure_policy
 from bench.common import RESULTS, ROOT, save_figure
@@ -225,13 +226,14 @@ def run_arms(args: argparse.Namespace, cfg: RunConfig, overrides: list[str], pol
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs/quickstart.yaml")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    parser.add_argument("--every", type=int, default=25, help="evaluation points: every N steps, and the last")
+    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument("--prompts", type=positive_int, default=16, help="prompts per step")
+    parser.add_argument("--every", type=positive_int, default=25, help="evaluation points: every N steps, and the last")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides, for both arms")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each arm, alternating which goes first")
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="runs of each arm, alternating which goes first")
     parser.add_argument("--target-gold", type=float, default=None)
-    parser.add_argument("--trl-threads", type=int, default=None,
+    parser.add_argument("--trl-threads", type=positive_int, default=None,
                         help="torch threads of the TRL process (default: torch's, one per core)")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_vs_trl")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vs_trl")

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, build_policy, save_figure, write_result
+from async_rlhf.cli.arguments import positive_int
+from bench.common import RESULTS, SIZES, build_policy, save_figure, write_result
 from bench.generator_path import CORE
 
 COPY_BYTES = 256 * 2**20  # large enough to leave the caches, small enough for any CI machine
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=sorted(SIZES))
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_weight_sync")
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()

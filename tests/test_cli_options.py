@@ -12,6 +12,7 @@ import pytest
 
 from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int
 from async_rlhf.cli.main import main
+from tests.helpers import ROOT
 
 
 def test_the_option_types_take_their_range_and_refuse_the_rest() -> None:
@@ -109,3 +110,18 @@ def test_export_model_to_a_file_is_refused_and_the_file_kept(tmp_path: Path, cap
     err = one_line_error(capsys, ["export-model", str(tmp_path / "notes")], 2, "config error: ")
     assert err == f"config error: export-model: '{tmp_path / 'notes'}' is a file; choose a new directory"
     assert (tmp_path / "notes").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["vs_trl", "--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    (["weight_sync", "--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    (["startup", "--runs", "0"], "argument --runs: 0 is not a positive integer"),
+    (["async_vs_sync", "--staleness", "-1"], "argument --staleness: -1 is not an integer >= 0"),
+    (["every_config", "--configs", "nosuch"], "argument --configs: invalid choice: 'nosuch'"),
+])
+def test_a_benchmark_option_out_of_range_is_a_usage_error_before_any_run(
+        args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.chdir(ROOT)  # the benchmarks live in the checkout's bench/
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]

@@ -21,6 +21,7 @@ def _ranged(kind: Callable[[str], float], what: str, ok: Callable[[float], bool]
 
 
 positive_int = _ranged(int, "a positive integer", lambda v: v >= 1)
+non_negative_int = _ranged(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = _ranged(float, "a positive number", lambda v: 0 < v < float("inf"))
 non_negative_float = _ranged(float, "a number >= 0", lambda v: 0 <= v < float("inf"))
 fraction = _ranged(float, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
