@@ -329,6 +329,7 @@ class Controller:
 
     def shutdown(self) -> None:
         self.signals.restore()
+        self.watchdogs.close()
         self.recorder.close()
         self.timeline.close()
         if self.service is not None:

@@ -5,6 +5,7 @@ run with a RunError naming the fix; the last two first take a checkpoint, so the
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future
 from typing import Callable
@@ -18,6 +19,33 @@ from async_rlhf.pipeline.state import LoopState
 from async_rlhf.rollout import RolloutGroup
 
 
+class ProcessFreezes:
+    """Seconds this whole process was not running: stopped (Ctrl-Z, SIGSTOP, a debugger) or its container
+    paused. A daemon thread wakes every `tick_s`; a wake-up late by more than `late_s` was frozen that long.
+    (A thread, not the loop's own clock: a loop iteration may block in a call for long, legitimately.)"""
+
+    def __init__(self, tick_s: float = 0.5, late_s: float = 2.0) -> None:
+        self.tick_s = tick_s
+        self.late_s = late_s
+        self.total_s = 0.0  # written by the thread only; a float read is atomic
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="process-freezes", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self.stopped.wait(self.tick_s):
+            now = time.monotonic()
+            late = now - last - self.tick_s
+            if late > self.late_s:
+                self.total_s += late
+            last = now
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=2 * self.tick_s)
+
+
 class Watchdogs:
     def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
                  queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str]) -> None:
@@ -28,8 +56,17 @@ class Watchdogs:
         self.queue = queue
         self.take_checkpoints = take_checkpoints  # serves the requests posted so far (learner idle)
         self.reward_source = reward_source
+        self.freezes: ProcessFreezes | None = None  # started with the loop's first check
+        self.frozen_counted_s = 0.0
 
     def check_stall(self) -> None:
+        """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
+        run was paused (HTTP) or this process frozen (Ctrl-Z, then fg) is not the learner's and does not count."""
+        if self.freezes is None:
+            self.freezes = ProcessFreezes()
+        frozen = self.freezes.total_s - self.frozen_counted_s
+        self.frozen_counted_s += frozen
+        self.state.last_progress += frozen
         if self.control.paused:
             self.state.last_progress = time.monotonic()
             return
@@ -39,6 +76,11 @@ class Watchdogs:
             raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s={limit:g}); in flight: "
                            f"{', '.join(busy) or 'nothing'}, queue depth {len(self.queue)}; see the Ray logs under "
                            f"/tmp/ray/session_latest/logs")
+
+    def close(self) -> None:
+        if self.freezes is not None:
+            self.freezes.close()
+            self.freezes = None
 
     def check_finite(self, metrics: dict) -> None:
         """A non-finite step was skipped by the learner; several in a row stop the run, with a checkpoint."""

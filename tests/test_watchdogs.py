@@ -1,0 +1,87 @@
+"""The stall watchdog: a learner that finishes no step for learner.stall_timeout_s ends the run with the reason,
+but time the run was paused, or the driver itself frozen (Ctrl-Z then fg, SIGSTOP, a paused container), is not
+the learner's stall. Found by hand: a driver stopped for 40 s with a 20 s timeout died on `fg` with "no learner
+step finished for 40s ... in flight: nothing"."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RunError
+from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.state import LoopState
+from async_rlhf.pipeline.watchdogs import Watchdogs
+from tests.helpers import ROOT
+
+FREEZE_CHILD = """
+import sys, time
+from async_rlhf.pipeline.watchdogs import ProcessFreezes
+freezes = ProcessFreezes(tick_s=0.1, late_s=1.0)
+print("ready", flush=True)
+sys.stdin.readline()  # the parent stops and continues this process meanwhile, then writes a line
+time.sleep(0.3)
+print(f"frozen {freezes.total_s:.2f}", flush=True)
+freezes.close()
+"""
+
+
+def frozen_seconds(stop_s: float) -> float:
+    """ProcessFreezes' count in a child process that the test stops for `stop_s` (0: not stopped)."""
+    child = subprocess.Popen([sys.executable, "-c", FREEZE_CHILD], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    if stop_s:
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(stop_s)
+        child.send_signal(signal.SIGCONT)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    out = child.stdout.readline().split()
+    child.wait(timeout=30)
+    return float(out[1])
+
+
+def test_process_freezes_counts_the_time_the_process_was_stopped() -> None:
+    assert frozen_seconds(0) < 1.5  # 0 unless the machine held a thread back for over a second
+    assert 2.0 <= frozen_seconds(2.5) <= 3.6
+
+
+def watchdogs(timeout_s: float, frozen_s: float = 0.0) -> tuple[Watchdogs, LoopState, RunControl]:
+    cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": timeout_s}})
+    state, control = LoopState(), RunControl()
+    pool: Any = SimpleNamespace(slots=[SimpleNamespace(generator_id=0, busy=True, chunks=[[1], [2]])])
+    dogs = Watchdogs(cfg, state, control, pool, [], lambda: None, lambda: "sort_partial")  # type: ignore[arg-type]
+    dogs.freezes = SimpleNamespace(total_s=frozen_s, close=lambda: None)  # type: ignore[assignment]
+    return dogs, state, control
+
+
+def test_a_learner_silent_past_the_timeout_ends_the_run_naming_what_is_in_flight() -> None:
+    dogs, state, _ = watchdogs(timeout_s=5)
+    state.last_progress = time.monotonic() - 4
+    dogs.check_stall()  # within the timeout
+    state.last_progress = time.monotonic() - 6
+    with pytest.raises(RunError, match=r"^no learner step finished for 6s \(learner.stall_timeout_s=5\); in flight: "
+                                       r"generator 0 \(2 chunk\(s\)\), queue depth 0"):
+        dogs.check_stall()
+
+
+def test_time_the_driver_was_frozen_or_the_run_paused_is_not_a_stall() -> None:
+    dogs, state, control = watchdogs(timeout_s=5, frozen_s=40.0)
+    state.last_progress = time.monotonic() - 42  # 40 s of it frozen: 2 s of the learner's own
+    dogs.check_stall()
+    dogs.check_stall()  # the same freeze is counted once
+    assert time.monotonic() - state.last_progress == pytest.approx(2, abs=0.5)
+    control.pause()
+    state.last_progress = time.monotonic() - 60
+    dogs.check_stall()
+    control.resume()
+    dogs.check_stall()  # the pause restarted the clock
