@@ -249,3 +249,17 @@ def test_the_starting_policy_s_kl_is_zero_without_a_reference_pass(ray_local, st
     evaluator = Evaluator([Prompt(0, "p", [1, 2])], None, 1.0, start_is_reference=start_is_reference)
     groups = [RolloutGroup(Prompt(0, "p", [1, 2]), [Completion([5], "5", [-0.5], "stop")], version, 0, time.time())]
     assert ray_local.get(evaluator.kl(learner, groups)) == expected
+
+
+def test_only_the_reward_actors_own_death_sends_its_batches_out_again(schedule) -> None:
+    """An evaluation that meets generator 0's death asks the reward book about it; the batches being scored go
+    out again only when it was the reward actor that died (an earlier quiet restart of the reward actor is
+    still counted, by the run's end, without regenerating calls its new process answers)."""
+    from ray.exceptions import RayActorError
+
+    evals, _ = schedule
+    reward = evals.rewards.parts.reward._actor_id.hex()
+    generator = evals.pool.slots[0].handle._actor_id.hex()
+    assert evals.rewards.is_its_death(RayActorError(actor_id=reward))
+    assert evals.rewards.is_its_death(RayActorError())  # Ray did not say which: the safe side
+    assert not evals.rewards.is_its_death(RayActorError(actor_id=generator))

@@ -170,7 +170,8 @@ class EvalSchedule:
                 raise
             slot = self.pool.slots[0]
             self.pool.await_restart(slot)
-            self.rewards.on_died(exc)
+            if self.rewards.is_its_death(exc):  # generator 0's death leaves the reward calls in flight alone
+                self.rewards.on_died(exc)
             flight.resend()
 
     def _log_finished(self) -> None:

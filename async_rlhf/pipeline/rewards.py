@@ -74,6 +74,12 @@ class RewardBook:
             self.started.pop(ref, None)
             self.regenerate(self.state.reward_jobs.pop(ref))
 
+    def is_its_death(self, exc: Exception) -> bool:
+        """Whether a RayActorError is the reward actor's: Ray names the dead actor (one it does not name is taken
+        as the reward actor's, which costs only a regeneration)."""
+        dead = getattr(exc, "actor_id", None)
+        return dead is None or dead == self.parts.reward._actor_id.hex()
+
     def restarted(self) -> bool:
         """True, and one restart counted, when the reward actor answers from a new process."""
         pid = ray.get(self.parts.reward.health.remote(), timeout=self.cfg.learner.stall_timeout_s)["pid"]
