@@ -8,6 +8,7 @@ cases are here.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -143,12 +144,17 @@ TRAIN_JSONL = "examples/data/sort_train.jsonl"
 
 @pytest.fixture
 def tokenizer_dir(tmp_path: Path) -> Path:
-    """A checkpoint directory as far as config and tokenizer checks look: config.json and a real tokenizer."""
+    """A checkpoint directory as far as config and tokenizer checks look: config.json, a real tokenizer and a
+    (whole, tiny) weights file."""
+    import torch
+    from safetensors.torch import save_file
+
     from async_rlhf.policies.embedded import build_tokenizer
 
     out = tmp_path / "ckpt"
     build_tokenizer("sort").save_pretrained(out)
     (out / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(4, 4)}, str(out / "model.safetensors"))
     return out
 
 
@@ -528,3 +534,32 @@ def test_a_damaged_weights_file_in_the_model_directory(tokenizer_dir: Path, dama
     with pytest.raises(ConfigError) as err:
         byo(tokenizer_dir)
     assert str(err.value) == E + f"model.path: '{weights}': {why}; download or save the checkpoint again"
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForSequenceClassification", "LlamaModel", "BertForMaskedLM"])
+def test_a_checkpoint_that_does_not_generate_is_refused_as_policy_or_reference(tokenizer_dir: Path,
+                                                                               architecture: str) -> None:
+    """Found by hand: a reward model as model.path started the whole run and failed in vLLM's first generate;
+    as model.reference_path it trained against a causal LM with a random head, with no word said."""
+    (tokenizer_dir / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    why = (f"'{tokenizer_dir}' holds a {architecture} (config.json architectures), not a causal language model; "
+           "point it at a policy checkpoint (a reward model goes in reward.learned.path)")
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + f"model.path: {why}"
+    policy = tokenizer_dir.parent / "policy"
+    shutil.copytree(tokenizer_dir, policy)
+    (policy / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ConfigError) as err:
+        byo(policy, f"model.reference_path={tokenizer_dir}")
+    assert str(err.value) == E + f"model.reference_path: {why}"
+    (policy / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert byo(policy).model.path == policy  # generative heads pass, LMHeadModel included
+
+
+def test_a_checkpoint_without_weights_is_refused_before_any_worker(tokenizer_dir: Path) -> None:
+    (tokenizer_dir / "model.safetensors").unlink()
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + (f"model.path: no weights in '{tokenizer_dir}' (no .safetensors or .bin file); "
+                                  "download or save the checkpoint again, with its weights")

@@ -1,6 +1,7 @@
 """The `model:` section: which policy a run starts from (embedded tiny Llama or a local HF checkpoint)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -40,13 +41,42 @@ class EmbeddedModelConfig(Strict):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+# Heads that make a checkpoint something other than a language model that generates (transformers' class names).
+NOT_GENERATIVE = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMaskedLM",
+                  "ForMultipleChoice", "ForNextSentencePrediction")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # transformers' formats, sharded or not
+
+
 def _check_checkpoint(key: str, path: Path, tokenizer: bool) -> None:
     if not (path / "config.json").is_file():
         raise ValueError(f"{key}: no config.json in '{path}'; point it at an HF checkpoint directory")
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{key}: no tokenizer in '{path}' (none of {', '.join(TOKENIZER_FILES)}); "
                          f"save it there with tokenizer.save_pretrained")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ValueError(f"{key}: no weights in '{path}' (no .safetensors or .bin file); download or save the "
+                         "checkpoint again, with its weights")
+    _check_generative(key, path)
     check_weights(key, path, "download or save the checkpoint again")
+
+
+def _check_generative(key: str, path: Path) -> None:
+    """A reward model or an encoder loads as a causal LM with a new, random head (transformers only warns), or
+    reaches vLLM, which refuses to generate with it after the whole start-up."""
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (ValueError, AttributeError, OSError):
+        raise ValueError(f"{key}: '{path / 'config.json'}' is not a JSON object; download or save the checkpoint "
+                         "again") from None
+    heads = [a for a in architectures if isinstance(a, str) and _not_generative(a)]
+    if architectures and len(heads) == len(architectures):
+        raise ValueError(f"{key}: '{path}' holds a {heads[0]} (config.json architectures), not a causal language "
+                         "model; point it at a policy checkpoint (a reward model goes in reward.learned.path)")
+
+
+def _not_generative(architecture: str) -> bool:
+    bare = architecture.endswith("Model") and not architecture.endswith("LMHeadModel")  # e.g. LlamaModel: no head
+    return bare or architecture.endswith(NOT_GENERATIVE)
 
 
 GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL2
