@@ -563,3 +563,22 @@ def test_a_checkpoint_without_weights_is_refused_before_any_worker(tokenizer_dir
         byo(tokenizer_dir)
     assert str(err.value) == E + (f"model.path: no weights in '{tokenizer_dir}' (no .safetensors or .bin file); "
                                   "download or save the checkpoint again, with its weights")
+
+
+def test_a_reference_with_another_tokenizer_is_refused(tokenizer_dir: Path) -> None:
+    """Found by hand: SmolLM2 as the reference of the sort policy trained 3 steps without a word, on a KL between
+    token ids that mean different things to the two models."""
+    from async_rlhf.policies.embedded import build_tokenizer
+
+    other = tokenizer_dir.parent / "other"
+    shutil.copytree(tokenizer_dir, other)
+    build_tokenizer("arith").save_pretrained(other)
+    sizes = [len(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]) for d in (tokenizer_dir, other)]
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir, f"model.reference_path={other}")
+    assert str(err.value) == E + (f"model.reference_path: its tokenizer's vocabulary differs from model.path's "
+                                  f"({sizes[0]} and {sizes[1]} tokens); the reference must share the policy's "
+                                  "tokenizer")
+    same = tokenizer_dir.parent / "same"
+    shutil.copytree(tokenizer_dir, same)
+    assert byo(tokenizer_dir, f"model.reference_path={same}").model.reference_path == same

@@ -74,6 +74,26 @@ def _check_generative(key: str, path: Path) -> None:
                          "model; point it at a policy checkpoint (a reward model goes in reward.learned.path)")
 
 
+def _check_same_vocabulary(policy: Path, reference: Path) -> None:
+    """The KL to the reference compares the two models' log-probabilities of the same token ids, so the reference
+    must read ids as the policy's tokenizer writes them; another tokenizer's model trains without any error, on a
+    KL that means nothing. Compared where both directories hold a tokenizer.json (its base vocabulary: tokens
+    added on top, such as a chat model's, may differ)."""
+    vocabularies = [_vocabulary(path) for path in (policy, reference)]
+    if None not in vocabularies and vocabularies[0] != vocabularies[1]:
+        sizes = " and ".join(str(len(v)) for v in vocabularies if v is not None)
+        raise ValueError(f"model.reference_path: its tokenizer's vocabulary differs from model.path's ({sizes} "
+                         "tokens); the reference must share the policy's tokenizer")
+
+
+def _vocabulary(path: Path) -> dict | list | None:
+    try:
+        vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):  # no tokenizer.json, or one of another layout
+        return None
+    return vocab if isinstance(vocab, (dict, list)) else None
+
+
 def _not_generative(architecture: str) -> bool:
     bare = architecture.endswith("Model") and not architecture.endswith("LMHeadModel")  # e.g. LlamaModel: no head
     return bare or architecture.endswith(NOT_GENERATIVE)
@@ -122,6 +142,8 @@ class ModelConfig(Strict):
             _check_checkpoint("model.path", self.path, tokenizer=True)
         if self.reference_path is not None:
             _check_checkpoint("model.reference_path", self.reference_path, tokenizer=False)
+            if self.path is not None:
+                _check_same_vocabulary(self.path, self.reference_path)
         return self
 
     @property
