@@ -123,3 +123,17 @@ def test_an_actor_that_could_not_start_is_named_with_its_own_error(ray_local, tm
     assert line.startswith("[async-rlhf] run failed: the Broken actor could not start: ValueError: Error while "
                            "deserializing header: invalid header length; traceback in ")
     assert "\x1b[" not in line and "pid=" not in line
+
+
+def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path: Path) -> None:
+    """Found by hand: two runs launched together without --run-dir chose the same runs/<date-time> and the
+    second was refused as "in use by another process". A parallel sweep must just work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from async_rlhf.cli.main import new_default_run_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: new_default_run_dir(tmp_path / "runs"), range(8)))
+    assert len(set(made)) == 8 and all(d.is_dir() and not any(d.iterdir()) for d in made)
+    stamps = {d.name.split("-")[0] + "-" + d.name.split("-")[1] for d in made}
+    assert all(d.name in stamps or d.name.rsplit("-", 1)[0] in stamps for d in made)

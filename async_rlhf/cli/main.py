@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
-    run_dir = cli_dir or cfg.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = cli_dir or cfg.run_dir or new_default_run_dir(Path("runs"))
     if (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"config error: run directory '{run_dir}' already holds a run; choose another --run-dir")
     if run_dir.exists() and not run_dir.is_dir():
@@ -75,6 +75,22 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
         raise ConfigError(f"config error: cannot use '{run_dir}' as the run directory ({exc.strerror}); pass "
                           "--run-dir with a directory this user can create and write") from None
     return run_dir.resolve()
+
+
+def new_default_run_dir(parent: Path) -> Path:
+    """parent/<date-time>, made here, or -2, -3, ... after it when another run started in the same second (a
+    sweep launched in parallel): made with mkdir, which only one process can win for each name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        run_dir = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError:  # cannot be made at all: resolve_run_dir says why
+            return run_dir
+    return parent / stamp
 
 
 class ProgressBar:
