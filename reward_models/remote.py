@@ -10,6 +10,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import httpx
 
@@ -61,6 +62,26 @@ def _reply_problem(resp: httpx.Response, n: int) -> str | None:
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def wait_for_server(url: str, timeout_s: float, deadline_s: float, waiting: Callable[[str], None]) -> str | None:
+    """None once the server at `url` answers HTTP at all (any status: a server without /healthz is up too),
+    else why not after `deadline_s` (connection refused, timed out, ...). `waiting` is told the first failure,
+    so that a server still starting up gets its time and a forgotten one is said at once."""
+    end = time.monotonic() + deadline_s
+    told = False
+    while True:
+        try:
+            httpx.get(f"{url.rstrip('/')}/healthz", timeout=min(timeout_s, deadline_s))
+            return None
+        except httpx.HTTPError as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if time.monotonic() + 0.5 > end:
+            return why
+        if not told:
+            waiting(why)
+            told = True
+        time.sleep(0.5)
 
 
 class RemoteRewardClient:

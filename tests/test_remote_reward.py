@@ -115,3 +115,56 @@ def test_client_does_not_retry_its_own_bad_request_and_respects_the_deadline(ser
     late = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=50, backoff_s=0.2, deadline_s=1.0)
     late.score(ITEMS)
     assert late.counts["calls"] < 10
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_reward_server_that_does_not_answer_is_said_before_any_worker_starts(tmp_path, capsys) -> None:
+    """Found by hand: with the server down the run started every worker and ended 3 steps later."""
+    import time
+
+    from async_rlhf.cli.main import main
+    from async_rlhf.pipeline.controller import Controller
+    from tests.helpers import QUICKSTART
+
+    url = f"http://bob:hunter2@127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Controller, "_start_ray", lambda self: pytest.fail("Ray started for an unreachable reward"))
+        code = main(["train", str(QUICKSTART), f"reward.remote.url={url}", "reward.remote.deadline_s=1.5",
+                     "api.enabled=false", "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and time.monotonic() - started < 60
+    out, err = capsys.readouterr()
+    host = url.replace("bob:hunter2", "***")
+    assert f"waiting up to 1.5s for the reward server at {host} (ConnectError: " in out
+    assert err.strip().startswith(f"config error: reward.remote.url: {host} did not answer within 1.5s (ConnectError")
+    assert err.strip().endswith("start the reward server first (async-rlhf serve-reward, docs/reward_protocol.md), "
+                                "or fix the URL")
+    assert "hunter2" not in out + err
+
+
+def test_a_reward_server_still_starting_gets_its_time_and_any_answer_counts(serve) -> None:
+    import threading
+    import time
+
+    from reward_models.remote import wait_for_server
+
+    port, told = free_port(), []
+    server = ThreadedServer(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")), port=port)
+    threading.Timer(1.0, server.start).start()  # up a second from now
+    try:
+        assert wait_for_server(f"http://127.0.0.1:{port}", 1.0, 20.0, told.append) is None
+    finally:
+        time.sleep(0.5)
+        server.stop()
+    assert len(told) == 1 and "ConnectError" in told[0]  # said once, while it waited
+    from fastapi import FastAPI
+
+    bare = serve(FastAPI())  # no /healthz: 404 is an answer, so the server is up
+    assert wait_for_server(bare, 1.0, 5.0, told.append) is None and len(told) == 1

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import ray
 
 from async_rlhf.cluster.local_ray import init_local_ray
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
@@ -132,3 +134,22 @@ def _import_quietly(module: str) -> None:
         importlib.import_module(module)
     except BaseException:  # raised again by the caller's import
         pass
+
+
+def check_reward_server(cfg: RunConfig, log: Callable[[str], None]) -> None:
+    """A remote reward model that does not answer at all is said before any worker starts (it used to be
+    found by the first reward calls, after start-up, and end the run reward.max_failed_steps steps later).
+    One still starting up gets up to reward.remote.deadline_s."""
+    from reward_models.remote import wait_for_server
+
+    remote = cfg.reward.remote
+    if remote is None:
+        return
+    url = redact_url(remote.url)
+    why = wait_for_server(remote.url, remote.timeout_s, remote.deadline_s,
+                          lambda first: log(f"waiting up to {remote.deadline_s:g}s for the reward server at {url} "
+                                            f"({first})"))
+    if why is not None:
+        raise ConfigError(f"config error: reward.remote.url: {url} did not answer within {remote.deadline_s:g}s "
+                          f"({why}); start the reward server first (async-rlhf serve-reward, "
+                          "docs/reward_protocol.md), or fix the URL")
