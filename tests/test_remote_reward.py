@@ -155,7 +155,7 @@ def test_a_reward_server_still_starting_gets_its_time_and_any_answer_counts(serv
 
     from reward_models.remote import wait_for_server
 
-    port, told = free_port(), []
+    port, told = free_port(), list[str]()
     server = ThreadedServer(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")), port=port)
     threading.Timer(1.0, server.start).start()  # up a second from now
     try:
