@@ -132,3 +132,12 @@ def ratio_main(argv: list[str] | None, doc: str, measure: Callable[..., dict], n
     sides = ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items())
     print(f"{sides}; ratio {result['ratio']:.3f} (goal >= {result['goal']})")
     return result
+
+
+def start_bench_ray() -> None:
+    """The benchmark's own 2-CPU Ray, started as a run starts its local one: quiet on the terminal."""
+    import logging
+
+    from async_rlhf.cluster.local_ray import init_local_ray
+
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)

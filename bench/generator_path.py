@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import alternate, build_policy, ratio_main
+from bench.common import alternate, build_policy, ratio_main, start_bench_ray
 
 if TYPE_CHECKING:  # vllm is imported after the engine environment is set
     from vllm.inputs import TokensPrompt
@@ -77,7 +77,7 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
     gen_cfg = GenerationConfig(samples_per_prompt=samples)
     model_dir = build_policy(size, workdir / size)
     prompts = make_prompts(n_prompts)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_bench_ray()
     handles: list[Any] = []  # Ray actor handles (Ray's types do not follow .options().remote())
     try:
         actor: Any = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), gen_cfg, 0, [CORE])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from async_rlhf.cli.arguments import positive_int
-from bench.common import RESULTS, SIZES, build_policy, save_figure, write_result
+from bench.common import RESULTS, SIZES, build_policy, save_figure, start_bench_ray, write_result
 from bench.generator_path import CORE
 
 COPY_BYTES = 256 * 2**20  # large enough to leave the caches, small enough for any CI machine
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_weight_sync")
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_bench_ray()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-sync-models-") as tmp:
             sizes = [measure_size(s, args.repeats, Path(tmp), bandwidth) for s in args.sizes]
