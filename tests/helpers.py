@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -47,6 +49,24 @@ def cli_command(*args: str) -> list[str]:
 def train_command(run_dir: Path, *overrides: str, config: Path = QUICKSTART, resume: bool = False) -> list[str]:
     """`async-rlhf train CONFIG OVERRIDES --run-dir RUN_DIR` (or `--resume RUN_DIR`)."""
     return cli_command("train", str(config), *overrides, "--resume" if resume else "--run-dir", str(run_dir))
+
+
+# ------------------------------------------------------------------ ports
+
+@contextmanager
+def taken_port() -> Iterator[int]:
+    """A loopback port that something listens on for the block's length: an address a server cannot bind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (just now): an address no server answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ------------------------------------------------------------------ run directories

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.runtime import ApiConfig
 from async_rlhf.failures import disk_full, failure_line
 from async_rlhf.pipeline.control import RunControl
-from tests.helpers import QUICKSTART, ROOT
+from tests.helpers import QUICKSTART, ROOT, taken_port
 
 
 def test_a_run_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -58,18 +57,12 @@ def test_an_error_no_command_foresaw_is_one_line_and_its_traceback_goes_to_a_fil
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
 def test_an_api_address_that_cannot_be_served_is_a_config_error(host: str, tmp_path: Path) -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
     view: Any = None  # the app only keeps it for its endpoints; no request reaches it here
-    api = ApiServer(view, RunControl(), ApiConfig(host=host, port=port, token="t" * 32), tmp_path)
-    try:
+    with taken_port() as port:
+        api = ApiServer(view, RunControl(), ApiConfig(host=host, port=port, token="t" * 32), tmp_path)
         with pytest.raises(ConfigError, match=rf"^config error: api: cannot serve on {host}:{port} \(.+\); set "
                                               r"api.host and api.port to an address this machine can serve"):
             api.start()
-    finally:
-        taken.close()
     assert not (tmp_path / "api_url").exists()
 
 

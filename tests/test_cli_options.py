@@ -3,7 +3,6 @@ before anything loads, never a failure inside TRL, vLLM or uvicorn after it, nor
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +11,7 @@ import pytest
 
 from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int
 from async_rlhf.cli.main import main
-from tests.helpers import ROOT
+from tests.helpers import ROOT, taken_port
 
 
 def test_the_option_types_take_their_range_and_refuse_the_rest() -> None:
@@ -53,10 +52,7 @@ def one_line_error(capsys: pytest.CaptureFixture, args: list[str], code: int, pr
 
 
 def test_serve_reward_on_a_taken_port_is_one_line_before_it_says_it_serves(capsys: pytest.CaptureFixture) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        number = taken.getsockname()[1]
+    with taken_port() as number:
         err = one_line_error(capsys, ["serve-reward", "sort_exact", "--port", str(number)], 2, "config error: ")
     assert err == (f"config error: serve-reward: cannot serve on 127.0.0.1:{number} (Address already in use); "
                    "pass --host and --port of an address this machine can serve")

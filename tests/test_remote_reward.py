@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from async_rlhf.api.serving import ThreadedServer
 from reward_models.remote import RemoteRewardClient
 from reward_models.server import create_reward_app, rule_batch_scorer
+from tests.helpers import free_port
 
 ITEMS = [{"prompt": "21>", "response": r, "meta": {"digits": "21", "answer": "12"}} for r in ("12", "21", "1", "")]
 
@@ -115,14 +116,6 @@ def test_client_does_not_retry_its_own_bad_request_and_respects_the_deadline(ser
     late = RemoteRewardClient(serve(flaky_app(fail_rate=1.0)), retries=50, backoff_s=0.2, deadline_s=1.0)
     late.score(ITEMS)
     assert late.counts["calls"] < 10
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_a_reward_server_that_does_not_answer_is_said_before_any_worker_starts(tmp_path, capsys) -> None:
