@@ -75,7 +75,9 @@ def wait_for_server(url: str, timeout_s: float, deadline_s: float, waiting: Call
             httpx.get(f"{url.rstrip('/')}/healthz", timeout=min(timeout_s, deadline_s))
             return None
         except httpx.HTTPError as exc:
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            text = str(exc)
+            quotes_url = "://" in text or "@" in text  # its credentials must not be echoed
+            why = type(exc).__name__ if quotes_url or not text else f"{type(exc).__name__}: {text}"
         if time.monotonic() + 0.5 > end:
             return why
         if not told:
