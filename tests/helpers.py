@@ -46,6 +46,16 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "async_rlhf.cli", *args]
 
 
+def one_line_error(capsys: Any, args: list[str], code: int, prefix: str) -> str:
+    """`async-rlhf ARGS` run in this process: it exits with `code` and says one line on stderr, starting `prefix`."""
+    from async_rlhf.cli.main import main
+
+    assert main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(prefix)
+    return err
+
+
 def train_command(run_dir: Path, *overrides: str, config: Path = QUICKSTART, resume: bool = False) -> list[str]:
     """`async-rlhf train CONFIG OVERRIDES --run-dir RUN_DIR` (or `--resume RUN_DIR`)."""
     return cli_command("train", str(config), *overrides, "--resume" if resume else "--run-dir", str(run_dir))

@@ -11,7 +11,7 @@ import pytest
 
 from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int
 from async_rlhf.cli.main import main
-from tests.helpers import ROOT, taken_port
+from tests.helpers import ROOT, one_line_error, taken_port
 
 
 def test_the_option_types_take_their_range_and_refuse_the_rest() -> None:
@@ -42,13 +42,6 @@ def test_an_option_out_of_range_is_a_usage_error(args: list[str], message: str,
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err.splitlines()[-1] and "Traceback" not in err
-
-
-def one_line_error(capsys: pytest.CaptureFixture, args: list[str], code: int, prefix: str) -> str:
-    assert main(args) == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(prefix)
-    return err
 
 
 def test_serve_reward_on_a_taken_port_is_one_line_before_it_says_it_serves(capsys: pytest.CaptureFixture) -> None:

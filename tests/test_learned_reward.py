@@ -11,6 +11,7 @@ import pytest
 
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from tests.conftest import PAIRS, write_jsonl
+from tests.helpers import one_line_error
 
 
 def test_trained_rm_ranks_its_pairs_and_batches_consistently(tiny_rm: Path) -> None:
@@ -73,13 +74,8 @@ def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
 
 
 def cli_error(capsys: pytest.CaptureFixture, *args: str) -> str:
-    """The CLI's one-line error (exit code 2), run in this process as `async-rlhf ARGS` runs it."""
-    from async_rlhf.cli.main import main
-
-    assert main(list(args)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("config error: ")
-    return err
+    """The CLI's one-line config error (exit code 2), run in this process as `async-rlhf ARGS` runs it."""
+    return one_line_error(capsys, list(args), 2, "config error: ")
 
 
 def test_train_rm_rejects_bad_pairs(tmp_path: Path, random_policies: tuple[Path, Path], capsys) -> None:
