@@ -52,17 +52,48 @@ def test_tensorboard_event_files_read_back(tmp_path: Path) -> None:
     assert [e.step for e in events.Scalars("eval/win_rate")] == [0]  # None is not a number: not sent
 
 
+def wandb_history(run_file: Path) -> list[dict]:
+    """The `history` records of a W&B offline run file (leveldb log framing after a 7-byte `:W&B` header:
+    32 KiB blocks of records, each a 7-byte header (crc, length, type: 1 whole, 2 first, 3 middle, 4 last))."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, part, rows = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = (b"" if kind in (1, 2) else part) + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4) and part:
+            record = wandb_internal_pb2.Record.FromString(part)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
 def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     # The command line can carry secrets (api.token=..., a reward URL's password): wandb records it unless told not to.
     monkeypatch.setattr(sys, "argv", ["async-rlhf", "train", "c.yaml", "api.token=sekret-token-0123456789"])
-    record_run(tmp_path, [0.3, 0.4], [WandbSink(tmp_path, "async-rlhf-test", "offline", {"seed": 0})])
+    sink = WandbSink(tmp_path, "async-rlhf-test", "offline", {"seed": 0})
+    rec = RunRecorder(tmp_path, [sink])
+    rec.log_step(step(1, 0.3))
+    rec.log_eval({"version": 0, "gold_reward": 0.2})  # the initial evaluation lands after step 1, as in a run
+    rec.log_step(step(2, 0.4))
+    rec.log_eval({"version": 2, "gold_reward": 0.4})
+    rec.close()
     [run] = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     deadline = time.monotonic() + 30  # wandb's service process may still be writing the file after finish()
-    while b"eval/gold_reward" not in run.read_bytes() and time.monotonic() < deadline:
+    while len(wandb_history(run)) < 4 and time.monotonic() < deadline:
         time.sleep(0.2)
-    blob = run.read_bytes()
-    assert b"train/reward_mean" in blob and b"eval/gold_reward" in blob
+    rows = wandb_history(run)
+    assert [(r["train/step"], r["train/reward_mean"]) for r in rows if "train/step" in r] == [(1, 0.3), (2, 0.4)]
+    # Before: W&B dropped the step-0 evaluation ("Tried to log to step 0 that is less than the current step 1").
+    assert [(r["eval/version"], r["eval/gold_reward"]) for r in rows if "eval/version" in r] == [(0, 0.2), (2, 0.4)]
     written = [f.read_bytes() for f in (tmp_path / "wandb").rglob("*") if f.is_file()]
     assert not [b for b in written if b"sekret-token" in b]
 

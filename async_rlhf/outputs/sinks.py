@@ -15,6 +15,7 @@ from async_rlhf.config.redaction import redacted
 from async_rlhf.config.run import RunConfig
 
 Kind = Literal["train", "eval"]
+AXES: dict[str, str] = {"train": "train/step", "eval": "eval/version"}  # W&B's x axis of each kind's charts
 
 
 class MetricSink(Protocol):
@@ -61,9 +62,14 @@ class WandbSink:
         settings = wandb.Settings(silent=True, console="off", x_disable_meta=True)
         self.run: Any = wandb.init(project=project, mode=mode, dir=str(run_dir), name=run_dir.name, config=config,
                                    settings=settings)
+        # Each kind on its own x axis: an evaluation that ran beside training lands after later steps (the initial
+        # one after step 1), and W&B drops a record logged with `step=` below its current step.
+        for kind, axis in AXES.items():
+            self.run.define_metric(axis)
+            self.run.define_metric(f"{kind}/*", step_metric=axis)
 
     def log(self, kind: Kind, record: dict, step: int) -> None:
-        self.run.log(scalars(kind, record), step=step)
+        self.run.log(scalars(kind, record) | {AXES[kind]: float(step)})
 
     def close(self) -> None:
         self.run.finish()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import logging
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,6 +49,7 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
         raise ConfigError(f"{E}{name}: '{path}' is empty; fix the file, or {other}")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # two lines per retry when the Hub is unreachable
     try:
         if kind in BUILDERS:
             return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
