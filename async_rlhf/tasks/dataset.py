@@ -21,8 +21,8 @@ seed-independent hash of the content, so identical prompts never straddle the sp
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
