@@ -68,7 +68,7 @@ def wandb_history(run_file: Path) -> list[dict]:
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         part, pos = (b"" if kind in (1, 2) else part) + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4) and part:
-            record = wandb_internal_pb2.Record.FromString(part)
+            record = wandb_internal_pb2.Record.FromString(part)  # type: ignore[attr-defined]  # star re-export
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
