@@ -66,12 +66,13 @@ def node_crashed(exc: BaseException) -> bool:
     return "node has crashed" in str(exc)
 
 
-def failure_line(exc: BaseException, run_dir: Path, config: str, resumable: bool) -> str:
+def failure_line(exc: BaseException, run_dir: Path, arguments: str, resumable: bool) -> str:
     """Writes the traceback to run_dir/error.log and returns the sentence for the terminal: how to continue
-    from the newest checkpoint, or, where none was written (`resumable` False), that the run starts over."""
+    from the newest checkpoint, or, where none was written (`resumable` False), that the run starts over.
+    `arguments`: the config and overrides the run was started with."""
     first = f"free space on the disk of {run_dir}, then " if disk_full(exc) else ""
-    then = (f"continue with `async-rlhf train {config} --resume {run_dir}` (from its newest checkpoint)" if resumable
-            else f"start it again with `async-rlhf train {config}` (it wrote no checkpoint to continue from)")
+    then = (f"continue with `async-rlhf train {arguments} --resume {run_dir}` (from its newest checkpoint)" if resumable
+            else f"start it again with `async-rlhf train {arguments}` (it wrote no checkpoint to continue from)")
     return f"[async-rlhf] run failed: {what_died(exc)}; {write_traceback(exc, run_dir / 'error.log')}; {first}{then}"
 
 

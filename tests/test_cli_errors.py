@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from async_rlhf.api.app import ApiServer
-from async_rlhf.cli.main import main
+from async_rlhf.cli.main import main, train_arguments
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.runtime import ApiConfig
 from async_rlhf.failures import disk_full, failure_line
@@ -82,6 +82,15 @@ def test_a_failed_run_says_how_to_continue_only_when_a_checkpoint_exists(tmp_pat
     fresh = failure_line(exc, tmp_path, "my.yaml", resumable=False)
     assert "--resume" not in fresh
     assert fresh.endswith("start it again with `async-rlhf train my.yaml` (it wrote no checkpoint to continue from)")
+
+
+def test_the_command_that_continues_a_run_repeats_its_overrides_but_no_credential() -> None:
+    # Before: `async-rlhf train my.yaml --resume DIR` without the overrides, so learner.steps=4 became the file's 200.
+    got = train_arguments("my config.yaml", ["learner.steps=4", "api.token=abc", "reward.remote.url=http://u:p@h",
+                                             "task.dataset.template={q} >"])
+    assert got == ("'my config.yaml' learner.steps=4 'api.token=***' 'reward.remote.url=***' "
+                   "'task.dataset.template={q} >'")
+    assert train_arguments("configs/quickstart.yaml", []) == "configs/quickstart.yaml"
 
 
 @pytest.mark.parametrize("cause", [

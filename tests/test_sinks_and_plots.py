@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cli.main import main
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.sinks import TensorBoardSink, WandbSink, make_sinks, scalars
@@ -96,6 +97,19 @@ def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatc
     assert [(r["eval/version"], r["eval/gold_reward"]) for r in rows if "eval/version" in r] == [(0, 0.2), (2, 0.4)]
     written = [f.read_bytes() for f in (tmp_path / "wandb").rglob("*") if f.is_file()]
     assert not [b for b in written if b"sekret-token" in b]
+
+
+def test_an_online_wandb_run_without_an_api_key_is_a_config_error(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the run failed with "UsageError: No API key configured" and a traceback file, as if something died.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, where `wandb login` keeps its key
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(ConfigError) as err:
+        WandbSink(tmp_path, "async-rlhf-test", "online", {"seed": 0})
+    assert str(err.value).startswith("config error: logging.wandb: W&B could not start its online run: UsageError: ")
+    assert "wandb login" in str(err.value) and "logging.wandb_mode=offline" in str(err.value)
 
 
 def test_make_sinks_follows_the_config(tmp_path: Path) -> None:

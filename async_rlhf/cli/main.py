@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
-from async_rlhf.config.base import ConfigError
+from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
 from async_rlhf.failures import Interrupted, failure_line, unexpected_line
 
@@ -131,6 +132,12 @@ def api_starter(cfg: RunConfig) -> "ServiceStarter | None":
     return serve_api
 
 
+def train_arguments(config: str, overrides: list[str]) -> str:
+    """The config and overrides of this `train` as the command that continues it must repeat them (a credential
+    as ***, for the user to give again)."""
+    return " ".join(shlex.quote(part) for part in [config, *map(shown_override, overrides)])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     checkpoint = None
@@ -171,7 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
         bar.close()
         resumable = bool(CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last).checkpoints())
-        print(failure_line(exc, run_dir, args.config, resumable), file=sys.stderr, flush=True)
+        print(failure_line(exc, run_dir, train_arguments(args.config, args.overrides), resumable), file=sys.stderr,
+              flush=True)
         return 1
     finally:
         bar.close()

@@ -11,8 +11,10 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redacted
 from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import first_line
 
 Kind = Literal["train", "eval"]
 AXES: dict[str, str] = {"train": "train/step", "eval": "eval/version"}  # W&B's x axis of each kind's charts
@@ -60,8 +62,14 @@ class WandbSink:
         # x_disable_meta: wandb would record the command line (sys.argv), where api.token=... or a reward URL's
         # password may stand; the run's config goes in redacted (`config`), the command line not at all.
         settings = wandb.Settings(silent=True, console="off", x_disable_meta=True)
-        self.run: Any = wandb.init(project=project, mode=mode, dir=str(run_dir), name=run_dir.name, config=config,
-                                   settings=settings)
+        wandb.setup(settings=settings)  # its login, inside init, reads the process's settings: no terminal line
+        try:
+            self.run: Any = wandb.init(project=project, mode=mode, dir=str(run_dir), name=run_dir.name,
+                                       config=config, settings=settings)
+        except wandb.errors.Error as exc:  # no API key, no network, a refused key: before any worker starts
+            raise ConfigError(f"config error: logging.wandb: W&B could not start its {mode} run: {first_line(exc)}; "
+                              "log in with `wandb login` (or set WANDB_API_KEY) and check that this machine reaches "
+                              "W&B, or set logging.wandb_mode=offline (`wandb sync` uploads it later)") from None
         # Each kind on its own x axis: an evaluation that ran beside training lands after later steps (the initial
         # one after step 1), and W&B drops a record logged with `step=` below its current step.
         for kind, axis in AXES.items():
