@@ -93,6 +93,15 @@ def test_the_command_that_continues_a_run_repeats_its_overrides_but_no_credentia
     assert train_arguments("configs/quickstart.yaml", []) == "configs/quickstart.yaml"
 
 
+def test_a_reader_that_goes_away_does_not_fail_the_command() -> None:
+    # `async-rlhf train ... | head`: before, the line after head exited raised BrokenPipeError and the run failed.
+    proc = subprocess.Popen([sys.executable, "-m", "async_rlhf.cli", "check-config", str(QUICKSTART)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the config is read and printed: the reader is gone
+    assert (proc.wait(timeout=120), proc.stderr.read()) == (0, "")
+
+
 @pytest.mark.parametrize("cause", [
     OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
     RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' text

@@ -10,11 +10,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
+from async_rlhf.cli.streams import ReaderGoneStream
 from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
 from async_rlhf.failures import Interrupted, failure_line, unexpected_line
@@ -267,6 +268,8 @@ def entry() -> None:
     down) and the exit handlers (logging, Ray, W&B) run here as at any exit. What is skipped is only the
     destruction, module by module, of everything torch and transformers imported: about 0.8 s of every
     command's wall clock (docs/benchmarks.md, "Start-up"). main() itself returns, for callers in-process."""
+    sys.stdout = cast(TextIO, ReaderGoneStream(sys.stdout))  # `train ... | head`: the run goes on once head exits
+    sys.stderr = cast(TextIO, ReaderGoneStream(sys.stderr))
     try:
         code = main()
     except KeyboardInterrupt:  # before a run installs its own handler, or in any other command
