@@ -1,11 +1,15 @@
 """Fault tolerance with real processes: generators SIGKILLed by pid mid-run."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import random
+import select
 import signal
 import subprocess
+import termios
 import threading
 import time
 from pathlib import Path
@@ -82,11 +86,44 @@ def test_sigterm_or_one_ctrl_c_writes_a_checkpoint_and_stops_cleanly(signum: sig
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
+    assert_stopped_with_a_checkpoint(run_dir)
+
+
+def assert_stopped_with_a_checkpoint(run_dir: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
     assert summary["stopped_early"] and len(checkpoints) == 1
     assert checkpoints[0].name == f"step-{summary['steps']:06d}"  # taken after the last step, nothing lost
     assert (checkpoints[0] / "model.safetensors").is_file() and (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_a_closed_terminal_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
+    # An ssh session dropped: the terminal hangs up (writes to it then fail with EIO) and the shell sends SIGHUP to
+    # the job's process group, Ray's own processes included. Before: the driver died at once, nothing saved.
+    run_dir, (terminal, tty) = tmp_path / "run", pty.openpty()
+
+    def own_terminal() -> None:  # preexec_fn: a session whose controlling terminal is the pty, as a login's
+        os.setsid()
+        fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(train_command(run_dir, "learner.steps=100000"), cwd=ROOT, stdin=tty, stdout=tty,
+                            stderr=tty, preexec_fn=own_terminal)
+    os.close(tty)
+
+    def five_steps_shown() -> bool:  # the terminal reads what it is sent, or the run would block writing to it
+        while select.select([terminal], [], [], 0)[0]:
+            os.read(terminal, 65536)
+        metrics = run_dir / "metrics.jsonl"
+        return metrics.is_file() and len(metrics.read_text().splitlines()) >= 5
+
+    try:
+        wait_until(five_steps_shown, timeout=300)
+        os.close(terminal)  # the hang-up
+        os.killpg(proc.pid, signal.SIGHUP)
+        assert proc.wait(timeout=300) == 0
+    finally:
+        proc.kill()
+    assert_stopped_with_a_checkpoint(run_dir)
 
 
 def test_sigterm_during_start_up_stops_without_waiting_for_the_engines(tmp_path: Path) -> None:

@@ -42,10 +42,14 @@ def init_local_ray(**kwargs: Any) -> None:
         return
     held: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
+    # Ray's processes (GCS, raylet, and the workers the raylet starts) keep an ignored SIGHUP: a closed terminal
+    # hangs up the driver's process group, and the run's stop then needs them (signals.py).
+    previous_hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         ray.init(**kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGHUP, previous_hangup)
     if held:
         signal.raise_signal(signal.SIGINT)  # to the handler this process had: KeyboardInterrupt by default
 

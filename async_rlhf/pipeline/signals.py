@@ -1,4 +1,4 @@
-"""SIGTERM and Ctrl-C (SIGINT) in a run's driver: stop at a safe point with a checkpoint, or stop now.
+"""SIGTERM, SIGHUP and Ctrl-C (SIGINT) in a run's driver: stop at a safe point with a checkpoint, or stop now.
 
 A terminal's Ctrl-C reaches the driver and Ray's own processes (its process group); Ray blocks SIGINT in
 those, and each actor runs in a process group of its own, so only the driver acts on it. The first Ctrl-C
@@ -25,7 +25,7 @@ START_UP = "stopped before the first step, nothing to checkpoint; start the run 
 
 
 class StopSignals:
-    """The driver's SIGTERM and SIGINT handlers for one run."""
+    """The driver's SIGTERM, SIGHUP and SIGINT handlers for one run."""
 
     def __init__(self, run_dir: Path, stats: RunStats, control: RunControl) -> None:
         self.run_dir = run_dir
@@ -41,8 +41,9 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return
         self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self.on_sigterm)}
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # `nohup ... &`: the user's choice, kept
-            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.on_sigint)
+        for signum, handler in ((signal.SIGINT, self.on_sigint), (signal.SIGHUP, self.on_sigterm)):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup ... &`: the user's choice, kept
+                self.previous[signum] = signal.signal(signum, handler)
 
     def restore(self) -> None:
         """The handlers from before install(): a process that runs several runs (a benchmark) must not keep
@@ -51,9 +52,10 @@ class StopSignals:
             signal.signal(signum, handler)
         self.previous = {}
 
-    def on_sigterm(self, _signum: int, _frame: FrameType | None) -> None:
+    def on_sigterm(self, signum: int, _frame: FrameType | None) -> None:
+        """SIGTERM (preemption) or SIGHUP (the terminal closed: its lines are dropped, cli/streams.py)."""
         if self.stats.phase is RunPhase.STARTING:  # nothing trained yet: engines and a first eval only delay it
-            self._stop_now(RunError(f"SIGTERM during start-up: {START_UP}"))
+            self._stop_now(RunError(f"{signal.Signals(signum).name} during start-up: {START_UP}"))
         self.control.terminate()
 
     def on_sigint(self, _signum: int, _frame: FrameType | None) -> None:
