@@ -86,6 +86,9 @@ class GeneratorActor:
         register()  # the "shm" weight-transfer backend, before the engine's worker is built
 
         self.generator_id = generator_id
+        # Asked once: a process's restart count does not change, and a later ask needs the GCS, which a SIGTERM to
+        # the driver's whole process group (`timeout`, a job scheduler) stops serving while the run winds down.
+        self.restarted = _restarted_by_ray()
         # Where this generator says when it samples: the learner borrows its core between calls (core_lending.py).
         self.board = BusyBoard.attach(busy_board) if busy_board else None
         # A rule train reward scored here, with the reward actor's own failure handling (reward.in_generator).
@@ -113,7 +116,7 @@ class GeneratorActor:
 
     def info(self) -> dict:
         return {"generator_id": self.generator_id, "version": self.version, "cores": self.cores, "pid": os.getpid(),
-                "restarted": _restarted_by_ray()}
+                "restarted": self.restarted}
 
     def load_weights(self, ref: WeightRef) -> float:
         """Swap in published weights (in place, no engine restart); returns seconds taken.

@@ -14,6 +14,7 @@ the work, as before.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 import subprocess
@@ -72,11 +73,14 @@ def keep_ray_errors_in(path: Path) -> None:
     worker.print_to_stdstream = to_file
 
 
-def head_processes(process_type: str) -> list[subprocess.Popen]:
-    """The local head node's processes of one type (Ray's own table), or [] where Ray keeps none here."""
+def head_processes(process_type: str | None = None) -> list[subprocess.Popen]:
+    """The local head node's processes of one type, or of every type (None), from Ray's own table; [] where Ray
+    keeps none here."""
     node = getattr(ray._private.worker, "_global_node", None)  # set by the ray.init that started this Ray
     table = getattr(node, "all_processes", None)
-    infos = table.get(process_type, []) if isinstance(table, dict) else []
+    if not isinstance(table, dict):
+        return []
+    infos = [info for kind, kinds in table.items() if process_type in (None, kind) for info in kinds]
     return [info.process for info in infos if isinstance(getattr(info, "process", None), subprocess.Popen)]
 
 
@@ -87,9 +91,31 @@ def local_raylet_pid() -> int | None:
 
 
 def shutdown_local_ray() -> None:
-    """ray.shutdown(), with the autoscaler monitor killed first (the module docstring says why)."""
-    for process in head_processes(MONITOR):
+    """ray.shutdown(), with the autoscaler monitor killed first (the module docstring says why). A Ray whose
+    GCS no longer answers is killed instead: ray.shutdown() would wait on the GCS forever (see gcs_answers)."""
+    _kill(head_processes(MONITOR))  # reaped: ray.shutdown() sees it exited and does not wait on it
+    if gcs_answers():
+        ray.shutdown()
+        return
+    _kill(head_processes())  # the actors' workers exit once their raylet is gone
+    atexit.unregister(ray.shutdown)  # the exit handler ray.init() registered would wait on the GCS too
+
+
+def gcs_answers(timeout_s: float = 2.0) -> bool:
+    """Whether the GCS still serves. A SIGTERM to the driver's whole process group (`timeout`, `kill -- -PGID`, a
+    job scheduler) reaches Ray's own processes too: the GCS then stops answering but does not exit, and the
+    driver's disconnect in ray.shutdown() waits for its answer (found by hand: `timeout 25 async-rlhf train ...`
+    wrote its checkpoint, final/ and summary.json, then hung)."""
+    try:
+        client: Any = getattr(ray._private.worker.global_worker, "gcs_client", None)  # set by ray.init
+        client.internal_kv_get(b"async-rlhf", None, timeout=timeout_s)
+    except Exception:  # Ray's RpcError (timed out), or no client here: either way, nothing to wait for
+        return False
+    return True
+
+
+def _kill(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
         if process.poll() is None:
             process.kill()
-            process.wait(timeout=5)  # reaped: ray.shutdown() sees it exited and does not wait on it
-    ray.shutdown()
+            process.wait(timeout=5)
