@@ -53,6 +53,10 @@ class PushedWeightSender:
         check_next_version(self.sent, version)
         self.client.version = version
         start = time.perf_counter()
+        if torch.cuda.is_available():
+            # vLLM packs and sends on CUDA streams of its own, which do not wait for this one: without this, the
+            # push may read parameters that the optimizer step's kernels are still writing (a mix of two versions).
+            torch.cuda.current_stream().synchronize()
         run_with_timeout(self.engine.send_weights, self.timeout_s, f"push of weights version {version}")
         self.sent = version
         return time.perf_counter() - start

@@ -35,11 +35,18 @@ class Ref:
         return GenerationResult([], 0, self.version or 0, 0.1, 0.0, time.time(), 0, reward_s=0.0)
 
 
+class Probe:
+    """An info() call's ref, queued behind the handle's calls."""
+
+    def __init__(self, handle: "Handle") -> None:
+        self.handle = handle
+
+
 class Handle:
     def __init__(self) -> None:
         self.calls: list[Ref] = []
         self.generate = SimpleNamespace(remote=self._generate)
-        self.info = SimpleNamespace(remote=lambda: "probe")
+        self.info = SimpleNamespace(remote=lambda: Probe(self))
 
     def _generate(self, prompts: list[Prompt], weights: Any, **_: Any) -> Ref:
         self.calls.append(Ref(prompts, weights.version if weights else None))
@@ -134,7 +141,7 @@ def test_a_generator_dying_with_two_chunks_re_issues_each_once_with_its_version(
     assert broker.released == broker.leased == {0: 2}
     slot.not_before = 0.0
     pool.dispatch(gate)
-    assert slot.probe == "probe" and not slot.chunks
+    assert isinstance(slot.probe, Probe) and not slot.chunks
     slot.probe, slot.recovering = None, False  # it answered
     pool.dispatch(gate)  # the lost prompts first, each once, with their versions (fixed delay)
     assert prompt_ids(slot.chunks) == [[0, 1, 2, 3], [4, 5, 6, 7]] and not pool.state.reissue
@@ -151,22 +158,31 @@ def test_quiesce_releases_every_chunks_lease(tmp_path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("transport", ["nccl", "shm"])
-def test_quiesce_restarts_a_generator_stuck_in_the_dead_learners_push(tmp_path, monkeypatch, transport: str) -> None:
-    # GPU only in life (an NCCL receive whose sender died never returns); here the stuck call is a ref that never
-    # completes. With shm nothing waits on the learner, so an unfinished generation is a stall and ends the run.
+@pytest.mark.parametrize("queued", [True, False])
+def test_quiesce_restarts_a_generator_stuck_in_the_dead_learners_push(tmp_path, monkeypatch, transport: str,
+                                                                      queued: bool) -> None:
+    # GPU only in life (an NCCL receive whose sender died never returns); here a stuck generator's calls are refs
+    # that never complete. Before, only a generator with a batch queued behind its receive call was found: an idle
+    # one stayed in the dead push and the new learner's group could not form.
     pool, broker, gate = make_pool(tmp_path, monkeypatch, gens=2, transport=transport)
-    pool.dispatch(gate)
-    never = set(pool.slots[1].handle.calls)
+    if queued:
+        pool.dispatch(gate)
+    stuck = pool.slots[1].handle
+
+    def wait(refs: list[Any], **_: Any) -> tuple[list[Any], list[Any]]:
+        never = [r for r in refs if r in stuck.calls or getattr(r, "handle", None) is stuck]
+        return [r for r in refs if r not in never], never
+
     killed: list[Any] = []
     monkeypatch.setattr(generators, "ray", SimpleNamespace(
-        wait=lambda refs, **_: ([r for r in refs if r not in never], [r for r in refs if r in never]),
-        kill=lambda handle, no_restart: killed.append((handle, no_restart)), exceptions=ray.exceptions))
-    if transport == "shm":
-        with pytest.raises(generators.RunError, match="did not finish within learner.stall_timeout_s"):
-            pool.quiesce()
+        wait=wait, kill=lambda handle, no_restart: killed.append((handle, no_restart)), exceptions=ray.exceptions))
+    if transport == "shm":  # nothing waits on the learner: an unfinished generation is a stall and ends the run
+        if queued:
+            with pytest.raises(generators.RunError, match="did not finish within learner.stall_timeout_s"):
+                pool.quiesce()
         return
     pool.quiesce()
-    assert killed == [(pool.slots[1].handle, False)]  # only the stuck one, once, and Ray may restart it
+    assert killed == [(stuck, False)]  # only the stuck one, once, and Ray may restart it
     assert not pool.jobs() and broker.released == broker.leased and all(s.recovering for s in pool.slots)
 
 
@@ -217,6 +233,23 @@ def test_pushed_weights_a_generator_restarted_between_calls_is_recovered_not_fat
     assert slot.recovering and [[p.prompt_id for p in ps] for ps, _ in pool.state.reissue] == [[0, 1, 2, 3]]
     pool._note_alive(slot, {"pid": 11})  # the probe's answer: the group is formed anew with the new process
     assert connected == [1] and slot.restarts == 1 and not slot.recovering
+
+
+def test_pushed_weights_the_group_forms_anew_once_the_generations_in_flight_are_done(tmp_path, monkeypatch) -> None:
+    # nccl (GPU only, fakes): each generator joins only after the calls queued before its join, and vLLM's
+    # rendezvous waits at most 300 s for all of them, so the pool lets the generations in flight finish first.
+    pool, _, gate = make_pool(tmp_path, monkeypatch, gens=2, transport="nccl")
+    pool.dispatch(gate)
+    events: list[Any] = []
+    def wait(refs: list[Any], **kw: Any) -> tuple[list[Any], list[Any]]:
+        events.append(("wait", refs, kw))
+        return refs, []
+
+    monkeypatch.setattr(generators, "ray", SimpleNamespace(wait=wait, exceptions=ray.exceptions))
+    monkeypatch.setattr(pool, "connect", lambda: events.append("connect"))
+    in_flight = list(pool.jobs())
+    pool._note_alive(pool.slots[0], {"pid": 11})  # generator 0 came back as a new process
+    assert events == [("wait", in_flight, {"num_returns": 2, "timeout": pool.cfg.weight_sync.timeout_s}), "connect"]
 
 
 @pytest.mark.parametrize(("text", "line"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -176,3 +177,19 @@ def test_a_model_transformers_converted_at_load_is_refused_for_pushed_weights(tm
                                        r"use weight_sync.transport=shm"):
         check_pushable(mixtral, "nccl")
     check_pushable(AutoModelForCausalLM.from_pretrained(random_policies[0]), "ipc")  # a Llama: nothing converted
+
+
+def test_a_push_waits_for_the_optimizer_steps_kernels_before_vllm_reads_the_parameters(monkeypatch) -> None:
+    # GPU only (CUDA mocked here): vLLM packs each chunk on its own non-blocking streams (packed_tensor.py), which
+    # do not wait for the stream the optimizer step ran on, so the sender must.
+    from learners.weight_sender import PushedWeightSender
+
+    order: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(synchronize=lambda: order.append("sync")))
+    sender = PushedWeightSender()
+    sender.engine = SimpleNamespace(send_weights=lambda: order.append("send"))
+    sender.client = SimpleNamespace(version=0)  # type: ignore[assignment]  # the push reads only its version
+    sender.timeout_s, sender.sent = 5.0, 0
+    sender.send(1)
+    assert order == ["sync", "send"] and sender.sent == 1

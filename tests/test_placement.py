@@ -12,6 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
+
+import pytest
 
 from async_rlhf.cluster.placement import SHARED_GPU_BUNDLE
 from async_rlhf.config.run import load_config
@@ -74,3 +77,26 @@ def test_the_shared_bundle_holds_both_shares_of_a_split_the_config_accepts() -> 
                       environment=False)
     assert cfg.generation.gpu_memory_utilization + cfg.learner.gpu_memory_fraction <= SHARED_GPU_BUNDLE["GPU"]
     assert SHARED_GPU_BUNDLE["CPU"] == 2  # one CPU each: the learner's and the generator's actor options ask for 1
+
+
+@pytest.mark.parametrize(("transport", "learner_first"), [("ipc", True), ("nccl", False)])
+def test_with_ipc_the_generators_start_once_the_learner_is_up(monkeypatch, tmp_path, transport: str,
+                                                               learner_first: bool) -> None:
+    # GPU only in life (fakes here): vLLM's memory profile asserts that no other process on its GPU changed its
+    # memory meanwhile, and the learner's start on the shared GPU would. With a GPU each, all start side by side.
+    from async_rlhf.pipeline import builder as builder_module
+    from async_rlhf.pipeline.builder import ComponentBuilder
+    from async_rlhf.pipeline.state import Components
+
+    cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}", "generation.gpu_memory_utilization=0.45"],
+                      environment=False)
+    events: list[str] = []
+    ready = SimpleNamespace(remote=lambda: "ready-ref")
+    build = ComponentBuilder(cfg, tmp_path, Components(), None, tmp_path)  # type: ignore[arg-type]
+    monkeypatch.setattr(build, "start_learner", lambda: setattr(build.parts, "learner",
+                                                                SimpleNamespace(__ray_ready__=ready)))
+    monkeypatch.setattr(builder_module, "ray", SimpleNamespace(get=lambda ref: events.append(f"get {ref}")))
+    monkeypatch.setattr(build, "_start_generators", lambda: events.append("generators"))
+    monkeypatch.setattr(build, "_start_reward", lambda: events.append("reward"))
+    build._start_workers(SimpleNamespace())  # type: ignore[arg-type]
+    assert events == (["get ready-ref"] if learner_first else []) + ["generators", "reward"]

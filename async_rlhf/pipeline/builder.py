@@ -75,10 +75,8 @@ class ComponentBuilder:
         if self.loan is not None:  # in the ring's directory, which the broker removes at the end
             Path(self.loan.board).parent.mkdir(parents=True, exist_ok=True)
             BusyBoard.create(Path(self.loan.board), cfg.generation.num_generators).close()
-        started = time.time()  # every actor starts now, side by side; they are awaited once, below
-        self.start_learner()
-        pool.slots = self._start_generators()
-        parts.reward = self._start_reward()
+        started = time.time()  # every actor starts now, side by side (but see _start_workers); awaited once, below
+        self._start_workers(pool)
         answers = await_actors(startup, started, {"learner": [parts.learner.__ray_ready__.remote()],
                                                   "generators": [g.handle.info.remote() for g in pool.slots],
                                                   "reward": [parts.reward.health.remote()]})
@@ -92,6 +90,17 @@ class ComponentBuilder:
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)
+
+    def _start_workers(self, pool: GeneratorPool) -> None:
+        """The learner, the generators and the reward actor. With ipc they share one GPU, and vLLM sizes its KV
+        cache from the device's free memory while it profiles, asserting that no other process changed it
+        meanwhile: the learner's start (DeepSpeed's buffers, its `empty_cache`) would. So there the generators
+        start once the learner is up (GPU only, never run here)."""
+        self.start_learner()
+        if self.cfg.weight_sync.transport == "ipc":
+            ray.get(self.parts.learner.__ray_ready__.remote())
+        pool.slots = self._start_generators()
+        self.parts.reward = self._start_reward()
 
     def _start_generators(self) -> list[GeneratorSlot]:
         """On GPUs each in its own placement bundle (placement.py); Ray restarts one whose process dies."""

@@ -216,8 +216,17 @@ class GeneratorPool:
             print(f"[async-rlhf] generator {slot.generator_id} is back (pid {slot.pid}, restart {slot.restarts}); "
                   f"it loads the current weights with its next batch", file=sys.stderr, flush=True)
             if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # its process lost the group: form it anew
-                self.connect()
+                self._rejoin()
         slot.recovering = False
+
+    def _rejoin(self) -> None:
+        """The group formed anew with a restarted generator. vLLM's rendezvous waits at most 300 s for every
+        generator (its StatelessProcessGroup store timeout, fixed), and each joins only once the calls queued
+        before the join are done: the generations in flight are let finish first (they are handled as usual)."""
+        jobs = list(self.jobs())
+        if jobs:
+            ray.wait(jobs, num_returns=len(jobs), timeout=self.cfg.weight_sync.timeout_s)
+        self.connect()
 
     def await_restart(self, slot: GeneratorSlot) -> None:
         """Block until a generator answers again (used outside the event loop, e.g. evaluation)."""
@@ -244,24 +253,32 @@ class GeneratorPool:
     def quiesce(self) -> None:
         """Learner failover: let every generation in flight end and drop it (it belongs to the future being
         rolled back). Every generator is probed before its next batch, so one that died meanwhile is counted
-        and, on pushed transports, rejoins. There a generator can be stuck in the dead learner's push (its receive
-        call waits on a sender that is gone, its batches queued behind it): after weight_sync.timeout_s it is
-        killed, Ray restarts it, and it joins the group the new learner forms."""
-        jobs = list(self.jobs())
-        pushed = self.cfg.weight_sync.transport in PUSHED_TRANSPORTS
-        timeout = self.cfg.weight_sync.timeout_s if pushed else self.cfg.learner.stall_timeout_s
-        _, running = ray.wait(jobs, num_returns=len(jobs), timeout=timeout) if jobs else ([], [])
-        if running and not pushed:
-            raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
-                           f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
-        for slot in {id(slot): slot for ref, slot in self.jobs().items() if ref in running}.values():
-            print(f"[async-rlhf] generator {slot.generator_id} is stuck in the dead learner's weight push; "
-                  f"restarting it", file=sys.stderr, flush=True)
-            ray.kill(slot.handle, no_restart=False)  # Ray starts it again (generation.max_restarts)
+        and, on pushed transports, rejoins."""
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:
+            self._restart_the_stuck()
+        else:
+            jobs, timeout = list(self.jobs()), self.cfg.learner.stall_timeout_s
+            _, running = ray.wait(jobs, num_returns=len(jobs), timeout=timeout) if jobs else ([], [])
+            if running:
+                raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
+                               f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
         for slot in self.slots:
             for chunk in list(slot.chunks):
                 self._handled(slot, chunk.ref)
             slot.recovering, slot.not_before = True, 0.0
+
+    def _restart_the_stuck(self) -> None:
+        """Pushed transports: a generator may be stuck in the dead learner's push, its receive call waiting on a
+        sender that is gone, with batches queued behind it or none (an idle one: N=0, the gate closed). A probe
+        queued behind all it holds answers once that is done; one silent after weight_sync.timeout_s is killed,
+        Ray restarts it, and it joins the group the new learner forms."""
+        probes = {slot.handle.info.remote(): slot for slot in self.slots}
+        _, silent = ray.wait(list(probes), num_returns=len(probes), timeout=self.cfg.weight_sync.timeout_s)
+        for ref in silent:
+            slot = probes[ref]
+            print(f"[async-rlhf] generator {slot.generator_id} is stuck in the dead learner's weight push; "
+                  f"restarting it", file=sys.stderr, flush=True)
+            ray.kill(slot.handle, no_restart=False)  # Ray starts it again (generation.max_restarts)
 
     def kill(self) -> None:
         for slot in self.slots:
