@@ -24,6 +24,19 @@ def test_the_option_types_take_their_range_and_refuse_the_rest() -> None:
             parse(bad)
 
 
+def test_version_and_a_missing_config(capsys: pytest.CaptureFixture) -> None:
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"async-rlhf {metadata.version('async-rlhf')}\n"
+    for command in ("train", "check-config"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command])
+        # Before: "the following arguments are required: config, overrides" (the overrides are optional).
+        assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith("are required: config")
+
+
 @pytest.mark.parametrize("args, message", [
     (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--epochs", "0"], "argument --epochs: 0 is not a positive"),
     (["train-rm", "p.jsonl", "--base", "b", "--out", "o", "--batch-size", "0"], "argument --batch-size: 0 is not"),

@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
@@ -31,10 +32,12 @@ BENCHMARKS = ["async_vs_sync", "every_config", "generator_path", "learner_precis
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="async-rlhf", description="Asynchronous RLHF with vLLM, Ray and DeepSpeed.")
+    parser.add_argument("--version", action="version", version=f"async-rlhf {metadata.version('async-rlhf')}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a training job")
     train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. queue.max_staleness=0")
+    train.add_argument("overrides", nargs="*", default=[],
+                       help="key.sub=value overrides, e.g. queue.max_staleness=0")
     train.add_argument("--run-dir", type=Path, default=None, help="where outputs go (default runs/<time>)")
     train.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its newest valid checkpoint (same config; "
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("config")
-    check.add_argument("overrides", nargs="*")
+    check.add_argument("overrides", nargs="*", default=[])
     check.add_argument("--portable", action="store_true",
                        help="check the config alone, not this machine (files, GPUs, packages): for a config "
                             "written for another machine, e.g. configs/paper/ on a laptop")
@@ -55,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export-model",
                             help="write the embedded policy as a local HF checkpoint (model.source=local)")
     export.add_argument("out", type=Path, help="new directory for the checkpoint")
-    export.add_argument("overrides", nargs="*", help="task.* and model.embedded.* overrides, e.g. task.name=arith")
+    export.add_argument("overrides", nargs="*", default=[],
+                        help="task.* and model.embedded.* overrides, e.g. task.name=arith")
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --seeds 0 1")

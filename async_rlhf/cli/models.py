@@ -33,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pairs = sub.add_parser("sample-pairs",
                            help="sample responses from a config's policy, label pairs by its gold reward")
     pairs.add_argument("config", help="run config (its task, model.path and reward.gold are used)")
-    pairs.add_argument("overrides", nargs="*")
+    pairs.add_argument("overrides", nargs="*", default=[])
     pairs.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     pairs.add_argument("--prompts", type=positive_int, default=256, help="train prompts to sample")
     pairs.add_argument("--samples", type=int, default=2, help="responses per prompt; the best and worst make the pair")
