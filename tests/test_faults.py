@@ -110,6 +110,7 @@ def test_a_closed_terminal_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path)
     def own_terminal() -> None:  # preexec_fn: a session whose controlling terminal is the pty, as a login's
         os.setsid()
         fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a test runner under `nohup` passes SIGHUP on ignored
 
     proc = subprocess.Popen(train_command(run_dir, "learner.steps=100000"), cwd=ROOT, stdin=tty, stdout=tty,
                             stderr=tty, preexec_fn=own_terminal)

@@ -32,11 +32,12 @@ def test_a_first_ctrl_c_in_the_loop_asks_for_a_checkpoint_and_a_stop_and_a_secon
 
 
 def test_in_start_up_sigterm_and_ctrl_c_stop_now_and_say_why() -> None:
-    for handler, expected in (("on_sigterm", "SIGTERM during start-up"),
-                              ("on_sigint", "interrupted (Ctrl-C) during start-up")):
+    for handler, signum, expected in (("on_sigterm", signal.SIGTERM, "SIGTERM during start-up"),
+                                      ("on_sigterm", signal.SIGHUP, "SIGHUP during start-up"),
+                                      ("on_sigint", signal.SIGINT, "interrupted (Ctrl-C) during start-up")):
         signals = signals_in(RunPhase.STARTING)
         with pytest.raises(KeyboardInterrupt):  # the one exception Ray's blocking calls pass on whole
-            getattr(signals, handler)(signal.SIGINT, None)
+            getattr(signals, handler)(signum, None)
         assert str(signals.error()).startswith(expected) and not signals.control.stop_requested
 
 
