@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import tempfile
 import traceback
 from pathlib import Path
@@ -71,7 +72,8 @@ def failure_line(exc: BaseException, run_dir: Path, arguments: str, resumable: b
     from the newest checkpoint, or, where none was written (`resumable` False), that the run starts over.
     `arguments`: the config and overrides the run was started with."""
     first = f"free space on the disk of {run_dir}, then " if disk_full(exc) else ""
-    then = (f"continue with `async-rlhf train {arguments} --resume {run_dir}` (from its newest checkpoint)" if resumable
+    resume = f"--resume {shlex.quote(str(run_dir))}"
+    then = (f"continue with `async-rlhf train {arguments} {resume}` (from its newest checkpoint)" if resumable
             else f"start it again with `async-rlhf train {arguments}` (it wrote no checkpoint to continue from)")
     return f"[async-rlhf] run failed: {what_died(exc)}; {write_traceback(exc, run_dir / 'error.log')}; {first}{then}"
 

@@ -91,6 +91,8 @@ def test_the_command_that_continues_a_run_repeats_its_overrides_but_no_credentia
     assert got == ("'my config.yaml' learner.steps=4 'api.token=***' 'reward.remote.url=***' "
                    "'task.dataset.template={q} >'")
     assert train_arguments("configs/quickstart.yaml", []) == "configs/quickstart.yaml"
+    line = failure_line(RuntimeError("x"), Path("/runs/my run"), got, resumable=True)
+    assert line.endswith(f"`async-rlhf train {got} --resume '/runs/my run'` (from its newest checkpoint)")
 
 
 def test_a_reader_that_goes_away_does_not_fail_the_command() -> None:

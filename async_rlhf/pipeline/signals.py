@@ -8,6 +8,7 @@ shuts its workers and Ray down and the CLI exits 130, one line, no traceback.
 """
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 import threading
@@ -91,6 +92,7 @@ class StopSignals:
     def interrupted(self) -> Interrupted:
         if self.stats.phase in (RunPhase.CREATED, RunPhase.STARTING):
             return Interrupted(f"interrupted (Ctrl-C) during start-up: {START_UP}")
+        resume = f"--resume {shlex.quote(str(self.run_dir))}"
         return Interrupted(f"interrupted (Ctrl-C) again: stopped now, without the final evaluation; the checkpoints "
-                           f"written so far are in {self.run_dir / 'checkpoints'} (`--resume {self.run_dir}` "
-                           "continues from the newest)")
+                           f"written so far are in {self.run_dir / 'checkpoints'} (`{resume}` continues from the "
+                           "newest)")
