@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -142,10 +143,22 @@ class GeneratorActor:
         if root != self.shm_root:  # first load, a restarted actor, or a resumed run's new ring
             self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"root": root}})
             self.shm_root = root
-        self.llm.collective_rpc("start_weight_update")
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": {"slot": slot}})
-        self.llm.collective_rpc("finish_weight_update")
+        self._update_or_exit({"slot": slot})
         self._forget_old_kv()
+
+    def _update_or_exit(self, update_info: dict) -> None:
+        """vLLM's start -> update -> finish. One that fails part way leaves a mix of two versions in the engine,
+        sampled under the old version's tag by the next batch, and a failed finish leaves vLLM's update marked
+        active, which refuses every later one: so the process exits, Ray starts it again clean, and it loads (or
+        is pushed) the current weights as any restarted generator."""
+        try:
+            self.llm.collective_rpc("start_weight_update")
+            self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+            self.llm.collective_rpc("finish_weight_update")
+        except BaseException as exc:  # noqa: BLE001  # whatever failed, the engine's weights are no longer known
+            print(f"[async-rlhf] generator {self.generator_id}: a weight update failed part way ({type(exc).__name__}: "
+                  f"{exc}); exiting so that Ray starts it again clean", file=sys.stderr, flush=True)
+            os._exit(1)
 
     def _forget_old_kv(self) -> None:
         """KV blocks computed with the old weights must not serve a prompt sampled with the new ones
@@ -172,9 +185,7 @@ class GeneratorActor:
             raise VersionError(f"generator {self.generator_id} is not in the weight group (a restarted process); "
                                "the controller forms the group anew once it answers")
         start = time.perf_counter()
-        self.llm.collective_rpc("start_weight_update")
-        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
-        self.llm.collective_rpc("finish_weight_update")
+        self._update_or_exit(update_info)
         self._forget_old_kv()
         self.version = version
         return time.perf_counter() - start

@@ -3,6 +3,7 @@ kernels (re-packed for oneDNN) serve the new weights, the prefix cache holds not
 ones, and nothing stays aliased to the slot the broker may reuse."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
     shared = "3141592653" * 30  # 300 tokens shared by every prompt: two whole 128-token blocks
     prompts = [Prompt(i, shared + s + ">", tok(shared + s + ">")["input_ids"]) for i, s in enumerate(["1", "27", "9"])]
     cfg = GenerationConfig(samples_per_prompt=1, max_new_tokens=6, max_model_len=LONG)
-    actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(old_dir), cfg, 0, None)
+    actor = ray_local.remote(GeneratorActor).options(num_cpus=1, max_restarts=1).remote(0, str(old_dir), cfg, 0, None)
     def greedy(ps: list[Prompt], ref: WeightRef | None = None) -> list[list[int]]:
         result = ray_local.get(actor.generate.remote(ps, ref, n=1, temperature=0.0))
         return [g.completions[0].token_ids for g in result.groups]
@@ -82,8 +83,27 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
     trainer.send_weights(slot=0, state=old_state)
     assert client.calls == ["init", "start", "update", "finish"]
     assert greedy(prompts[1:]) == [hf_greedy(old_dir, p.token_ids, 6) for p in prompts[1:]]
+
+    # An update that fails part way leaves the engine's weights unknown (and vLLM refusing later updates after a
+    # failed finish): the process exits and Ray starts it again clean, as after any generator death.
+    pid = ray_local.get(actor.info.remote())["pid"]
+    with pytest.raises(ray_local.exceptions.RayActorError):
+        ray_local.get(actor.receive_weights.remote({"slot": 99}, 4))  # no such slot in the trainer's ring
+    info = answer_once_restarted(ray_local, actor)
+    assert info["pid"] != pid and info["restarted"] and info["version"] == 0
     ray_local.kill(actor)
     broker.close()
+
+
+def answer_once_restarted(ray, actor) -> dict:
+    """info() from the actor's new process: calls made while Ray restarts it fail at once (the pool probes so too)."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return ray.get(actor.info.remote())
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < deadline, "the generator did not come back"
+            time.sleep(1.0)
 
 
 class ActorClient:

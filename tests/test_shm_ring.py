@@ -62,3 +62,11 @@ def test_a_full_tmpfs_is_a_one_line_error_naming_the_room_not_a_sigbus(tmp_path:
                                        r"free there\); give it more room \(in Docker: --shm-size\), or set "
                                        r"weight_sync.shm_root to a larger tmpfs$"):
         ring.write(0, {"w": torch.zeros(1024, 1024)})
+
+
+def test_a_slot_never_written_is_refused_not_read_as_zeros(tmp_path: Path) -> None:
+    ShmSlotRing(tmp_path).write(0, {"w": torch.ones(4)})
+    reader = ShmSlotRing(tmp_path)
+    with pytest.raises(FileNotFoundError, match="weight slot 1 under .* was never written whole"):
+        reader.read(1)  # before: a new file of zeros, loaded by the generator as weights
+    assert not (tmp_path / "slot-1.bin").exists() and torch.equal(reader.read(0)["w"], torch.ones(4))

@@ -118,9 +118,13 @@ class ShmSlotRing:
 
     # ---- a generator's side
     def read(self, slot: int) -> dict[str, torch.Tensor]:
-        """Views of `slot`'s tensors (no copy: valid until the broker lets the slot be reused)."""
+        """Views of `slot`'s tensors (no copy: valid until the broker lets the slot be reused). A slot the learner
+        never wrote is an error: mapping it would have made a file of zeros, loaded as weights without a word."""
         if self.layout is None:
             self.layout = SlotLayout.from_json((self.root / LAYOUT_FILE).read_text())
+        path = self.root / f"slot-{slot}.bin"
+        if slot not in self._maps and (not path.is_file() or path.stat().st_size != self.layout.nbytes):
+            raise FileNotFoundError(f"weight slot {slot} under {self.root} was never written whole")
         return self._views(slot, self.layout)
 
     def _views(self, slot: int, layout: SlotLayout) -> dict[str, torch.Tensor]:
