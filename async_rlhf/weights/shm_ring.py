@@ -122,10 +122,13 @@ class ShmSlotRing:
         never wrote is an error: mapping it would have made a file of zeros, loaded as weights without a word."""
         if self.layout is None:
             self.layout = SlotLayout.from_json((self.root / LAYOUT_FILE).read_text())
-        path = self.root / f"slot-{slot}.bin"
+        path = self._path(slot)
         if slot not in self._maps and (not path.is_file() or path.stat().st_size != self.layout.nbytes):
             raise FileNotFoundError(f"weight slot {slot} under {self.root} was never written whole")
         return self._views(slot, self.layout)
+
+    def _path(self, slot: int) -> Path:
+        return self.root / f"slot-{slot}.bin"
 
     def _views(self, slot: int, layout: SlotLayout) -> dict[str, torch.Tensor]:
         if slot not in self._maps:
@@ -133,7 +136,7 @@ class ShmSlotRing:
         return self._maps[slot][1]
 
     def _map(self, slot: int, layout: SlotLayout) -> tuple[mmap.mmap, dict[str, torch.Tensor]]:
-        path = self.root / f"slot-{slot}.bin"
+        path = self._path(slot)
         fresh = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
