@@ -2,6 +2,7 @@
 progress bar's clock starts at the first learner step. No timed assertions: speed lives in bench/startup.py."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from async_rlhf.cli.main import ProgressBar
+from async_rlhf.cli.progress import ProgressBar, ProgressLines, progress_display
 from async_rlhf.pipeline import startup
 from async_rlhf.pipeline.startup import LAPS, StartupClock
 from tests.helpers import ROOT
@@ -81,6 +82,22 @@ def test_resumed_bar_starts_at_the_resumed_step() -> None:
     bar.update({"step": 11, "reward_mean": None, "staleness_mean": 0.0, "queue_depth": 0, "gen_tokens_per_s": 0.0})
     assert bar.bar.n == 11 and bar.bar.initial == 11  # the rate counts this process's steps only
     bar.close()
+
+
+def test_without_a_terminal_progress_is_a_plain_line_at_the_first_step_every_30_s_and_at_the_last() -> None:
+    # A log file (nohup, a job scheduler) got tqdm's carriage-return redraws: one endless line.
+    out, now = io.StringIO(), [0.0]
+    lines = ProgressLines(total=100, stream=out, every_s=30.0, clock=lambda: now[0])
+    record = {"reward_mean": 0.5, "staleness_mean": 1.0, "queue_depth": 16, "gen_tokens_per_s": 900.0}
+    for now[0], step in ((0.0, 1), (10.0, 2), (29.0, 20), (30.0, 31), (35.0, 100)):
+        lines.update({**record, "step": step})
+    figures = "reward=0.500, stale=1.0, queue=16, tok_s=900"
+    assert out.getvalue().splitlines() == [
+        f"[async-rlhf] step 1/100 (1%), {figures}",
+        f"[async-rlhf] step 31/100 (31%), {figures}, 1.00 step/s, 1:09 left",  # 30 steps in 30 s, 69 to go
+        f"[async-rlhf] step 100/100 (100%), {figures}, 2.83 step/s, 0:00 left",  # the last step, whatever the clock
+    ]
+    assert isinstance(progress_display(10, io.StringIO()), ProgressLines)
 
 
 def test_summary_of_a_run_without_steps_says_so() -> None:

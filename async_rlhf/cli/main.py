@@ -11,11 +11,12 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, TextIO, cast
 
 from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
+from async_rlhf.cli.progress import progress_display
 from async_rlhf.cli.streams import ReaderGoneStream
 from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
@@ -99,35 +100,6 @@ def new_default_run_dir(parent: Path) -> Path:
     return parent / stamp
 
 
-class ProgressBar:
-    """The train bar, made at the first learner step: its clock (rate, ETA) starts there, not at the
-    process's start, so start-up neither slows the rate nor stretches the first ETA; and nothing is drawn
-    between the start-up lines. Its rate counts the steps after the first."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.bar: Any = None  # a tqdm bar, made at the first step (tqdm is imported then, not at start-up)
-
-    def update(self, record: dict) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=record["step"], desc="train", unit="step", dynamic_ncols=True)
-        else:
-            self.bar.update(record["step"] - self.bar.n)
-        reward = record.get("reward_mean")
-        self.bar.set_postfix(
-            reward=f"{reward:.3f}" if reward is not None else "-",
-            stale=f"{record['staleness_mean']:.1f}",
-            queue=record["queue_depth"],
-            tok_s=f"{record['gen_tokens_per_s']:.0f}",
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def api_starter(cfg: RunConfig) -> "ServiceStarter | None":
     """The HTTP API as the run's service (FastAPI and uvicorn are imported only when it is served)."""
     if not cfg.api.enabled:
@@ -165,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
     from async_rlhf.pipeline.controller import Controller, RunError
 
-    bar = ProgressBar(cfg.learner.steps)
+    bar = progress_display(cfg.learner.steps, sys.stderr)
     controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
     try:
