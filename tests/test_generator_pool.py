@@ -258,7 +258,7 @@ def test_pushed_weights_the_group_forms_anew_once_the_generations_in_flight_are_
      "the Ray node of generator 0 crashed (its raylet was killed or ran out of memory); Ray logs under "),
     ("The actor died unexpectedly before finishing this task.\n\tclass_name: GeneratorActor\n\tpid: 6830",
      "generator 0 died and Ray will not restart it again (generation.max_restarts=3): ActorDiedError: The actor "
-     "died unexpectedly before finishing this task.; why it died is in its log under "),
+     "died unexpectedly before finishing this task; why it died is in its log under "),
 ])
 def test_a_generator_gone_for_good_ends_the_run_with_one_line_naming_why(tmp_path, monkeypatch, text: str,
                                                                           line: str) -> None:

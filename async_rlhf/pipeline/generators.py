@@ -194,7 +194,7 @@ class GeneratorPool:
                                f"out of memory); Ray logs under {RAY_LOGS}") from exc
             raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
                            f"(generation.max_restarts={self.cfg.generation.max_restarts}): "
-                           f"{first_line(exc)}; why it died is in its log under {RAY_LOGS}") from exc
+                           f"{first_line(exc).rstrip('.')}; why it died is in its log under {RAY_LOGS}") from exc
         except ray.exceptions.RayActorError:  # still restarting
             slot.not_before = time.monotonic() + 1.0
             return
