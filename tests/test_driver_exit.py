@@ -118,6 +118,24 @@ def test_a_ctrl_c_during_ray_init_is_raised_once_ray_is_whole_and_ray_is_shut_do
     assert_nothing_left(proc.pid)
 
 
+def test_a_sigterm_to_the_drivers_group_leaves_ray_serving_the_driver() -> None:
+    # `timeout`, `kill -- -PGID` and job schedulers signal the whole group. It reached Ray's GCS, which stopped
+    # answering, and the raylet, which exits ~10 s later without its GCS, killing every actor: in CI the learner
+    # died before the driver's checkpoint ("the learner died at step 6 ... Socket closed").
+    script = ("import os, signal, time, ray\n"
+              "from async_rlhf.cluster.local_ray import gcs_answers, init_local_ray\n"
+              "init_local_ray(num_cpus=1)\n"
+              "signal.signal(signal.SIGTERM, lambda *_: print('driver got SIGTERM', flush=True))\n"
+              "os.killpg(0, signal.SIGTERM)\n"
+              "time.sleep(1)  # the GCS's own stop takes well under that\n"
+              "print('the GCS answers:', gcs_answers(), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    out, err = proc.communicate(timeout=120)
+    assert "driver got SIGTERM" in out and "the GCS answers: True" in out, err[-3000:]
+    assert_nothing_left(proc.pid)
+
+
 def test_a_driver_killed_outright_leaves_no_ray_process_and_no_weights_in_shared_memory(tmp_path: Path) -> None:
     run_dir, shm_root = tmp_path / "run", tmp_path / "shm"
     shm_root.mkdir()

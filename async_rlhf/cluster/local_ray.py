@@ -11,23 +11,53 @@ GCS 0.02 s, dashboard 0.02 s, log monitor 0.01 s, monitor 1.02 s), a second of e
 run's local Ray autoscales nothing, so the monitor is killed first and ray.shutdown() then skips it as
 exited. Ray's table of its processes is not public API: where it is not found, ray.shutdown() alone does
 the work, as before.
+
+Ray's own processes (GCS, raylet, dashboard) start in a process group of their own: a SIGTERM to the driver's
+group (`timeout`, `kill -- -PGID`, a job scheduler's stop) reached them too. The raylet's shutdown then killed the
+learner before the driver's checkpoint (seen in CI: "the learner died at step 6 ... Socket closed"), and the GCS
+stopped answering. Each keeps Ray's own fate sharing (killed when the driver dies), so a new group leaves nothing
+behind; the actors already run in groups of their own.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # Ray's token-authentication notices
 MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
 RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
+
+
+class InOwnGroupPopen(subprocess.Popen):
+    """A Ray head process in a process group of its own (the module docstring says why)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs, process_group=0)
+
+
+@contextlib.contextmanager
+def head_processes_in_own_group() -> Iterator[None]:
+    """Ray's processes started inside start in a group of their own; where Ray's process class is not found
+    (another Ray version), they start as before."""
+    services: Any = ray._private.services  # not public API: read and set by name
+    popen = getattr(services, "ConsolePopen", None)  # what Ray starts its processes with
+    if popen is None:
+        yield
+        return
+    services.ConsolePopen = InOwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def init_local_ray(**kwargs: Any) -> None:
@@ -47,7 +77,8 @@ def init_local_ray(**kwargs: Any) -> None:
     # hangs up the driver's process group, and the run's stop then needs them (signals.py).
     previous_hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        ray.init(**kwargs)
+        with head_processes_in_own_group():
+            ray.init(**kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGHUP, previous_hangup)
