@@ -17,8 +17,8 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.state import LoopState
-from async_rlhf.pipeline.watchdogs import Watchdogs
-from tests.helpers import ROOT
+from async_rlhf.pipeline.watchdogs import TIED_STEPS, Watchdogs
+from tests.helpers import ROOT, make_group
 
 FREEZE_CHILD = """
 import sys, time
@@ -85,3 +85,20 @@ def test_time_the_driver_was_frozen_or_the_run_paused_is_not_a_stall() -> None:
     dogs.check_stall()
     control.resume()
     dogs.check_stall()  # the pause restarted the clock
+
+
+def test_steps_whose_every_group_scored_alike_are_said_once_per_run_of_them(capsys: pytest.CaptureFixture) -> None:
+    # A constant reward: online DPO found no pair and made no update, step after step, and said nothing.
+    dogs, _, _ = watchdogs(timeout_s=5)
+    tied = [make_group(1, (0.5, 0.5, 0.5, 0.5), prompt_id=i) for i in range(3)] + [make_group(1, (None, None))]
+    for _ in range(TIED_STEPS - 1):
+        dogs.check_signal(tied)
+    dogs.check_signal([make_group(1, (0.5, 0.5)), make_group(1, (1.0, 0.0))])  # one group that differs: a signal
+    dogs.check_signal([make_group(1, (0.5,))])  # nothing to compare (one sample per prompt): neither
+    for _ in range(2 * TIED_STEPS):
+        dogs.check_signal(tied)
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and err.startswith(
+        f"[async-rlhf] warning: {TIED_STEPS} learner steps in a row had no reward signal: each prompt's 4 completions "
+        "got one same reward (e.g. 0.5), so online_dpo learned nothing from them. Check that the reward (sort_partial) "
+        "tells completions apart, or make them differ more (generation.temperature, generation.samples_per_prompt)")

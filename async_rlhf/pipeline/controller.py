@@ -311,6 +311,7 @@ class Controller:
         self.evals.after_step(job.version)  # before the checks: a stop they make checkpoints it as due (--resume)
         self.watchdogs.check_finite(metrics)  # after logging: the skipped steps stay on record
         self.watchdogs.check_rewarded(job.batch)
+        self.watchdogs.check_signal(job.batch)
         every = self.cfg.checkpoint.every
         if every and job.version % every == 0:
             self.control.request_checkpoint()  # taken at the next safe point, before anything is dispatched

@@ -1,10 +1,12 @@
 """Watchdogs: the checks that stop a run rather than let it hang or "finish" without having trained.
 
 A stalled learner, several non-finite steps in a row and several steps without a usable reward each end the
-run with a RunError naming the fix; the last two first take a checkpoint, so the run can be continued.
+run with a RunError naming the fix; the last two first take a checkpoint, so the run can be continued. Steps
+with no reward signal (every prompt's completions scored alike) are said once, and the run goes on.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -16,7 +18,9 @@ from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.state import LoopState
-from async_rlhf.rollout import RolloutGroup
+from async_rlhf.rollout import RolloutGroup, scored_reward
+
+TIED_STEPS = 10  # all-alike steps in a row before the notice: a few happen early on a sparse (0/1) reward
 
 
 class ProcessFreezes:
@@ -58,6 +62,7 @@ class Watchdogs:
         self.reward_source = reward_source
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
+        self.tied_run = 0  # learner steps in a row whose every group scored alike
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
@@ -111,6 +116,24 @@ class Watchdogs:
                 f"({self.reward_source()}): {len(failed)} of {len(items)} items of the last batch failed, the first "
                 f"because: {failed[0].reward_error or failed[0].reward_status} (reward.max_failed_steps={limit})",
                 "Fix the reward model and continue with --resume RUN_DIR")
+
+    def check_signal(self, batch: list[RolloutGroup]) -> None:
+        """A batch whose every prompt's completions got one same reward has nothing to learn from: online DPO
+        makes no update, group baselines give zero advantages. Such steps in a row (a constant reward) were
+        silent; they are said once per run of them. Not a stop: on a sparse reward a later batch may differ."""
+        rewards = [[scored_reward(c) for c in g.scored] for g in batch]
+        spreads = [max(r) - min(r) for r in rewards if len(r) > 1]
+        if not spreads or any(spreads):
+            self.tied_run = 0
+            return
+        self.tied_run += 1
+        if self.tied_run == TIED_STEPS:
+            k, value = self.cfg.generation.samples_per_prompt, next(r[0] for r in rewards if len(r) > 1)
+            print(f"[async-rlhf] warning: {TIED_STEPS} learner steps in a row had no reward signal: each prompt's "
+                  f"{k} completions got one same reward (e.g. {value:g}), so {self.cfg.loss.name} learned nothing "
+                  f"from them. Check that the reward ({self.reward_source()}) tells completions apart, or make them "
+                  "differ more (generation.temperature, generation.samples_per_prompt); the run goes on",
+                  file=sys.stderr, flush=True)
 
     def stop_with_checkpoint(self, what: str, fix: str) -> None:
         future: Future = self.control.request_checkpoint()
