@@ -8,11 +8,14 @@ import errno
 import os
 import re
 import shlex
+import signal
 import tempfile
 import traceback
 from pathlib import Path
 
 RAY_LOGS = "/tmp/ray/session_latest/logs"
+START_UP = "stopped before the first step, nothing to checkpoint; start the run again (or --resume RUN_DIR, " \
+           "whose checkpoints are untouched)"
 
 
 class RunError(RuntimeError):
@@ -21,6 +24,19 @@ class RunError(RuntimeError):
 
 class Interrupted(RunError):
     """The user stopped the run (Ctrl-C) before it could wind down; the CLI exits 130, as shells expect."""
+
+
+class StoppedDuringStartUp(BaseException):
+    """SIGTERM or SIGHUP before the run's own handlers exist (cli/main.py). A BaseException, as KeyboardInterrupt
+    is, so that no `except Exception` on its way swallows it (one did: the run went on to its end)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(start_up_stop(signum))
+
+
+def start_up_stop(signum: int) -> str:
+    """SIGTERM or SIGHUP before the first step: nothing to save, so the run stops now."""
+    return f"{signal.Signals(signum).name} during start-up: {START_UP}"
 
 
 def what_died(exc: BaseException) -> str:

@@ -79,6 +79,27 @@ def test_ctrl_c_during_start_up_stops_now_with_one_line_and_leaves_nothing_runni
     assert_nothing_left(proc.pid)
 
 
+@pytest.mark.parametrize("delay_s", [0.0, 1.5])
+def test_a_sigterm_to_the_group_while_ray_starts_stops_with_one_line_and_leaves_nothing_running(
+        delay_s: float, tmp_path: Path) -> None:
+    # `timeout` at start-up. After the run directory's line the CLI imports for ~0.4 s, then ray.init takes ~2.5 s:
+    # a SIGTERM there met Ray's sys.exit (a silent exit 15) or its core worker's crash handler (a stack dump).
+    proc = start(tmp_path / "run")
+    try:
+        read_until(proc.stdout, "run directory:")
+        time.sleep(delay_s)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert err.strip().splitlines() == [
+        "[async-rlhf] run failed: SIGTERM during start-up: stopped before the first step, nothing to checkpoint; start "
+        "the run again (or --resume RUN_DIR, whose checkpoints are untouched)"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_nothing_left(proc.pid)
+
+
 def test_ctrl_c_twice_in_a_run_stops_before_the_final_evaluation(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = start(run_dir, "learner.steps=100000")

@@ -7,20 +7,22 @@ import argparse
 import atexit
 import os
 import shlex
+import signal
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, cast
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
-from async_rlhf.checkpoint.store import CheckpointStore
+from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
-from async_rlhf.cli.progress import progress_display
+from async_rlhf.cli.progress import Progress, progress_display
 from async_rlhf.cli.streams import ReaderGoneStream
 from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
-from async_rlhf.failures import Interrupted, failure_line, unexpected_line
+from async_rlhf.failures import Interrupted, RunError, StoppedDuringStartUp, failure_line, unexpected_line
 
 if TYPE_CHECKING:
     from async_rlhf.pipeline.controller import ServiceStarter
@@ -129,24 +131,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         run_dir = resolve_run_dir(cfg, args.run_dir)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
-    from async_rlhf.pipeline.startup import start_ray_while_importing  # heavy imports only once the config is valid
-
-    started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
-    from async_rlhf.cluster.local_ray import keep_ray_errors_in
-
-    keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
-    from async_rlhf.pipeline.controller import Controller, RunError
-
     bar = progress_display(cfg.learner.steps, sys.stderr)
-    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
-    controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
+    previous = {signum: signal.signal(signum, stop_during_start_up) for signum in start_up_signals()}
     try:
-        summary = controller.run()
+        summary = start_and_run(cfg, run_dir, checkpoint, bar)
     except Interrupted as exc:  # Ctrl-C in start-up or twice: workers and Ray are down, as after any failure
         bar.close()
         print(f"[async-rlhf] {exc}", file=sys.stderr, flush=True)
         return INTERRUPTED
-    except RunError as exc:
+    except (RunError, StoppedDuringStartUp) as exc:
         bar.close()
         print(f"[async-rlhf] run failed: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)  # one line
         return 1
@@ -160,6 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     finally:
         bar.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     from async_rlhf.pipeline.startup import process_age_s
 
     ended = "stopped early" if summary["stopped_early"] else "done"
@@ -171,6 +166,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, bar: Progress) -> dict:
+    from async_rlhf.pipeline.startup import start_ray_while_importing  # heavy imports only once the config is valid
+
+    started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
+    from async_rlhf.cluster.local_ray import keep_ray_errors_in
+
+    keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
+    from async_rlhf.pipeline.controller import Controller
+
+    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
+    controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
+    return controller.run()
+
+
+def start_up_signals() -> list[signal.Signals]:
+    """SIGTERM, and SIGHUP unless ignored (`nohup`: the user's choice, kept)."""
+    hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
+    return [signal.SIGTERM, *hangup]
+
+
+def stop_during_start_up(signum: int, _frame: FrameType | None) -> NoReturn:
+    """Until the run's own handlers (pipeline/signals.py) take over: a SIGTERM while the policy downloads or Ray
+    starts was Ray's sys.exit() or Python's default, a silent exit; one line instead, as during the rest of
+    start-up."""
+    raise StoppedDuringStartUp(signum)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -2,8 +2,11 @@
 
 ray.init() starts Ray's own processes one after the other for seconds; a Ctrl-C in the middle of that
 left the dashboard and runtime-env agents running with no raylet (found by hand: still there a minute
-later). So a Ctrl-C during ray.init() is held until it returns and then raised, when Ray is whole and
-the exit handler that ray.init() registered shuts it down.
+later). A SIGTERM there met Ray's own handlers: a sys.exit() inside ray.init(), or, once its core worker
+was up, a crash handler that printed a stack dump on the terminal and killed the driver without a word.
+So Ctrl-C, SIGTERM and SIGHUP are held (blocked) during ray.init() and go, once it has returned and Ray is
+whole, to the handlers the process had before (the run's, or Python's KeyboardInterrupt for Ctrl-C); the
+exit handler that ray.init() registered shuts Ray down.
 
 ray.shutdown() stops a local head node's processes one by one, each given up to a second to exit after
 SIGTERM. The autoscaler's monitor uses that whole second every time (measured on Ray 2.x: raylet 0.03 s,
@@ -28,19 +31,26 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # Ray's token-authentication notices
 MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
 RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class InOwnGroupPopen(subprocess.Popen):
     """A Ray head process in a process group of its own (the module docstring says why)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, preexec_fn: Callable[[], None] | None = None, **kwargs: Any) -> None:
+        def in_child() -> None:
+            if preexec_fn is not None:
+                preexec_fn()  # Ray's: SIGINT blocked, killed with its parent
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})  # held in the driver only
+
+        kwargs["preexec_fn"] = in_child
         super().__init__(*args, **kwargs, process_group=0)
 
 
@@ -61,7 +71,8 @@ def head_processes_in_own_group() -> Iterator[None]:
 
 
 def init_local_ray(**kwargs: Any) -> None:
-    """ray.init(**kwargs), with a Ctrl-C during it raised once it has returned (the module docstring says why).
+    """ray.init(**kwargs), with Ctrl-C, SIGTERM and SIGHUP held until it has returned (the module docstring says
+    why).
 
     A Ray started here turns token authentication on by default and warns on the terminal that it did; the
     warning is left out (it asks nothing of the user). Setting RAY_AUTH_MODE=token here instead would not do:
@@ -71,19 +82,31 @@ def init_local_ray(**kwargs: Any) -> None:
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         ray.init(**kwargs)
         return
+    with held_stop_signals(), head_processes_in_own_group():
+        ray.init(**kwargs)
+
+
+@contextlib.contextmanager
+def held_stop_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends, and then go to the handlers from before it (the
+    module docstring says why). They are blocked in the calling thread and the threads and processes it starts
+    meanwhile; one that a thread started before takes is recorded (Ray replaces the SIGTERM recorder with its
+    own at the start of ray.init). Meanwhile SIGHUP is ignored, which the processes started keep: a closed
+    terminal hangs up the driver's process group, and the run's stop then needs Ray's processes (signals.py)."""
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: held.append(signum))
-    # Ray's processes (GCS, raylet, and the workers the raylet starts) keep an ignored SIGHUP: a closed terminal
-    # hangs up the driver's process group, and the run's stop then needs them (signals.py).
-    previous_hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _frame: held.append(number))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with head_processes_in_own_group():
-            ray.init(**kwargs)
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGHUP, previous_hangup)
-    if held:
-        signal.raise_signal(signal.SIGINT)  # to the handler this process had: KeyboardInterrupt by default
+        for signum, handler in handlers.items():  # also takes SIGTERM back from Ray's crash handler
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one blocked meanwhile is delivered here
+    for number in held:
+        signal.raise_signal(number)
 
 
 def keep_ray_errors_in(path: Path) -> None:

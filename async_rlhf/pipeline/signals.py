@@ -16,13 +16,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, NoReturn, Union
 
-from async_rlhf.failures import Interrupted, RunError
+from async_rlhf.failures import START_UP, Interrupted, RunError, start_up_stop
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.state import RunPhase, RunStats
 
 Handler = Union[Callable[[int, Any], Any], int, signal.Handlers, None]  # what signal.signal() returns
-START_UP = "stopped before the first step, nothing to checkpoint; start the run again (or --resume RUN_DIR, " \
-           "whose checkpoints are untouched)"
 
 
 class StopSignals:
@@ -56,7 +54,7 @@ class StopSignals:
     def on_sigterm(self, signum: int, _frame: FrameType | None) -> None:
         """SIGTERM (preemption) or SIGHUP (the terminal closed: its lines are dropped, cli/streams.py)."""
         if self.stats.phase is RunPhase.STARTING:  # nothing trained yet: engines and a first eval only delay it
-            self._stop_now(RunError(f"{signal.Signals(signum).name} during start-up: {START_UP}"))
+            self._stop_now(RunError(start_up_stop(signum)))
         self.control.terminate()
 
     def on_sigint(self, _signum: int, _frame: FrameType | None) -> None:

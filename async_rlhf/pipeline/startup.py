@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import ray
 
-from async_rlhf.cluster.local_ray import init_local_ray
+from async_rlhf.cluster.local_ray import held_stop_signals, init_local_ray
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
@@ -116,7 +116,8 @@ def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
     started here (the caller owns it). A cluster (ray.address) is only connected to, by the controller.
     If ray.init fails here, the controller's own ray.init tries again and reports the error as always."""
     importer = threading.Thread(target=_import_quietly, args=(module,), daemon=True)
-    importer.start()
+    with held_stop_signals():  # for good in the importer: else a signal could go to it, and run inside ray.init
+        importer.start()
     started = False
     if cfg.ray.address is None and not ray.is_initialized():
         try:
