@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import math
 import os
 import shlex
 import signal
@@ -160,12 +161,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     ended = "stopped early" if summary["stopped_early"] else "done"
     print(
         f"[async-rlhf] {ended}: {summary['steps']} steps in {summary['wall_s']:.1f}s of training, "
-        f"{process_age_s():.1f}s since launch; gold reward {summary['initial_gold_reward']:.3f} -> "
-        f"{summary['final_gold_reward']:.3f}, max staleness seen {summary['max_staleness_seen']} "
+        f"{process_age_s():.1f}s since launch; gold reward {shown(summary['initial_gold_reward'])} -> "
+        f"{shown(summary['final_gold_reward'])}, max staleness seen {summary['max_staleness_seen']} "
         f"(bound {summary['max_staleness']}), outputs in {run_dir}",
         flush=True,
     )
     return 0
+
+
+def shown(value: float | None) -> str:
+    """A gold reward for the last line: none (null in eval.jsonl, read back on --resume) or NaN as "-"."""
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, bar: Progress) -> dict:

@@ -3,10 +3,12 @@ same step and eval records to the metric sinks (TensorBoard, W&B) the config ena
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
 from async_rlhf.config.run import RunConfig, dump_config
 from async_rlhf.outputs.plots import pyplot
@@ -74,7 +76,7 @@ class RunRecorder:
                     os.fsync(fh.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.run_dir / "summary.json").write_text(json_text(summary, indent=2) + "\n")
 
     def truncate(self, metrics_lines: int, eval_lines: int) -> None:
         """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
@@ -100,7 +102,7 @@ class RunRecorder:
         """Append one JSON line; returns the byte offset where it starts."""
         with path.open("ab") as fh:
             start = fh.tell()
-            fh.write((json.dumps(record) + "\n").encode())
+            fh.write((json_text(record) + "\n").encode())
         return start
 
     def warm_plot(self) -> None:
@@ -141,6 +143,22 @@ class RunRecorder:
         fig.savefig(out, dpi=100)
         plt.close(fig)
         return out
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """JSON of `value` with NaN and infinities as null, as the HTTP API gives them: Python writes NaN, which is
+    not JSON (JavaScript, DuckDB and Go refuse the line). A step where every pair tied has a NaN loss."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _plotted(record: dict) -> dict:
