@@ -18,6 +18,7 @@ def busy_controller(run_dir: Path) -> Controller:
     c = Controller(RunConfig(api={"enabled": False}), run_dir)
     c.state.steps_taken, c.state.next_prompt = 7, 160
     c.state.nonfinite_total, c.state.nonfinite_run = 2, 1
+    c.state.reward_signal_seen = True  # the no-signal notice then says the task may be learned
     for pid in (144, 145):
         c.queue.put(make_group(version=6, prompt_id=pid))
     c.queue.counters.dropped_stale, c.queue.counters.staleness = 3, Counter({0: 50, 1: 62})
@@ -43,6 +44,7 @@ def test_controller_state_round_trips(tmp_path: Path) -> None:
     restore(after, load_snapshot(tmp_path))
     st = after.state
     assert (st.steps_taken, st.next_prompt, st.nonfinite_total, st.nonfinite_run) == (7, 160, 2, 1)
+    assert st.reward_signal_seen
     assert [(g.prompt.prompt_id, g.policy_version) for g in after.queue.items()] == [(144, 6), (145, 6)]
     assert st.reissue == deque([([Prompt(150, "x", [1, 2])], 7)])  # only the restored version is published
     assert st.outstanding == 3  # two queued + one to re-issue: the gate counts them as issued

@@ -87,18 +87,30 @@ def test_time_the_driver_was_frozen_or_the_run_paused_is_not_a_stall() -> None:
     dogs.check_stall()  # the pause restarted the clock
 
 
-def test_steps_whose_every_group_scored_alike_are_said_once_per_run_of_them(capsys: pytest.CaptureFixture) -> None:
+def test_steps_whose_every_group_scored_alike_are_said_once(capsys: pytest.CaptureFixture) -> None:
     # A constant reward: online DPO found no pair and made no update, step after step, and said nothing.
     dogs, _, _ = watchdogs(timeout_s=5)
     tied = [make_group(1, (0.5, 0.5, 0.5, 0.5), prompt_id=i) for i in range(3)] + [make_group(1, (None, None))]
     for _ in range(TIED_STEPS - 1):
         dogs.check_signal(tied)
-    dogs.check_signal([make_group(1, (0.5, 0.5)), make_group(1, (1.0, 0.0))])  # one group that differs: a signal
     dogs.check_signal([make_group(1, (0.5,))])  # nothing to compare (one sample per prompt): neither
-    for _ in range(2 * TIED_STEPS):
+    for _ in range(3 * TIED_STEPS):
         dogs.check_signal(tied)
     err = capsys.readouterr().err
-    assert err.count("warning") == 1 and err.startswith(
+    assert err.count("[async-rlhf]") == 1 and err.startswith(
         f"[async-rlhf] warning: {TIED_STEPS} learner steps in a row had no reward signal: each prompt's 4 completions "
-        "got one same reward (e.g. 0.5), so online_dpo learned nothing from them. Check that the reward (sort_partial) "
+        "got one same reward (e.g. 0.5), so online_dpo learns nothing from them. Check that the reward (sort_partial) "
         "tells completions apart, or make them differ more (generation.temperature, generation.samples_per_prompt)")
+
+
+def test_a_policy_that_ties_after_the_reward_told_completions_apart_is_noted_as_having_learned_the_task(
+        capsys: pytest.CaptureFixture) -> None:
+    # Found in a 3000-step quickstart: every completion right (reward 1) read as "check the reward".
+    dogs, state, _ = watchdogs(timeout_s=5)
+    dogs.check_signal([make_group(1, (0.5, 0.5)), make_group(1, (1.0, 0.0))])  # one group that differs: a signal
+    for _ in range(TIED_STEPS):
+        dogs.check_signal([make_group(1, (1.0, 1.0))])
+    assert state.reward_signal_seen and capsys.readouterr().err == (
+        f"[async-rlhf] note: {TIED_STEPS} learner steps in a row had no reward signal: each prompt's 4 completions got "
+        "one same reward (e.g. 1), so online_dpo learns nothing from them; if 1 is the best reward, the policy has "
+        "learned the task (more steps only cost time)\n")

@@ -93,6 +93,7 @@ class ControllerSnapshot:
     mc_cost: MCCost = field(default_factory=MCCost)  # VinePPO's running MC totals (zeros for other losses)
     unrewarded_run: int = 0  # consecutive steps without a usable train reward, towards reward.max_failed_steps
     evals_due: list[int] = field(default_factory=list)  # evaluations pending at the checkpoint: made on restore
+    reward_signal_seen: bool = False  # see LoopState
 
 
 def capture(c: Resumable) -> ControllerSnapshot:
@@ -106,6 +107,7 @@ def capture(c: Resumable) -> ControllerSnapshot:
         metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
         mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run, evals_due=c.evals.due(),
+        reward_signal_seen=st.reward_signal_seen,
     )
 
 
@@ -126,7 +128,7 @@ def restore(c: Resumable, snap: ControllerSnapshot) -> None:
     st = c.state
     st.steps_taken, st.next_prompt = snap.step, snap.next_prompt
     st.nonfinite_total, st.nonfinite_run = snap.nonfinite_total, snap.nonfinite_run
-    st.unrewarded_run = snap.unrewarded_run
+    st.unrewarded_run, st.reward_signal_seen = snap.unrewarded_run, snap.reward_signal_seen
     c.queue.restore(snap.queued, snap.queue_counters)
     # Only the restored version is published after a resume: a re-issued chunk is sampled with it.
     st.reissue.extend((chunk, snap.step) for chunk in snap.reissue)

@@ -96,6 +96,8 @@ class LoopState:
     nonfinite_run: int = 0  # consecutive learner steps skipped for a non-finite loss
     nonfinite_total: int = 0
     unrewarded_run: int = 0  # consecutive learner steps whose batch had no usable train reward
+    tied_run: int = 0  # consecutive learner steps whose every group scored alike (watchdogs.py)
+    reward_signal_seen: bool = False  # a step whose completions' rewards differed, in this run
 
     def reset(self, first_version: int, learner_idle_since: float) -> None:
         fresh = LoopState(first_version=first_version, learner_idle_since=learner_idle_since)

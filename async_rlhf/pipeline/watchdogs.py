@@ -62,7 +62,7 @@ class Watchdogs:
         self.reward_source = reward_source
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
-        self.tied_run = 0  # learner steps in a row whose every group scored alike
+        self.tie_said = False  # the no-signal notice is given once per process
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
@@ -120,20 +120,29 @@ class Watchdogs:
     def check_signal(self, batch: list[RolloutGroup]) -> None:
         """A batch whose every prompt's completions got one same reward has nothing to learn from: online DPO
         makes no update, group baselines give zero advantages. Such steps in a row (a constant reward) were
-        silent; they are said once per run of them. Not a stop: on a sparse reward a later batch may differ."""
+        silent; they are said once. Not a stop: on a sparse reward a later batch may differ, and a policy that
+        has learned the task gets one same (best) reward everywhere."""
         rewards = [[scored_reward(c) for c in g.scored] for g in batch]
         spreads = [max(r) - min(r) for r in rewards if len(r) > 1]
+        st = self.state
         if not spreads or any(spreads):
-            self.tied_run = 0
+            st.tied_run, st.reward_signal_seen = 0, st.reward_signal_seen or any(spreads)
             return
-        self.tied_run += 1
-        if self.tied_run == TIED_STEPS:
-            k, value = self.cfg.generation.samples_per_prompt, next(r[0] for r in rewards if len(r) > 1)
-            print(f"[async-rlhf] warning: {TIED_STEPS} learner steps in a row had no reward signal: each prompt's "
-                  f"{k} completions got one same reward (e.g. {value:g}), so {self.cfg.loss.name} learned nothing "
-                  f"from them. Check that the reward ({self.reward_source()}) tells completions apart, or make them "
-                  "differ more (generation.temperature, generation.samples_per_prompt); the run goes on",
-                  file=sys.stderr, flush=True)
+        st.tied_run += 1
+        if st.tied_run >= TIED_STEPS and not self.tie_said:
+            self.tie_said = True
+            print(f"[async-rlhf] {self._no_signal(next(r[0] for r in rewards if len(r) > 1))}", file=sys.stderr,
+                  flush=True)
+
+    def _no_signal(self, value: float) -> str:
+        said = (f"{TIED_STEPS} learner steps in a row had no reward signal: each prompt's "
+                f"{self.cfg.generation.samples_per_prompt} completions got one same reward (e.g. {value:g}), so "
+                f"{self.cfg.loss.name} learns nothing from them")
+        if self.state.reward_signal_seen:
+            return f"note: {said}; if {value:g} is the best reward, the policy has learned the task (more steps " \
+                   "only cost time)"
+        return f"warning: {said}. Check that the reward ({self.reward_source()}) tells completions apart, or make " \
+               "them differ more (generation.temperature, generation.samples_per_prompt); the run goes on"
 
     def stop_with_checkpoint(self, what: str, fix: str) -> None:
         future: Future = self.control.request_checkpoint()
