@@ -115,6 +115,7 @@ def test_status_command_sends_the_token_when_reads_are_closed(tmp_path: Path, mo
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     cfg = RunConfig(api={"host": "0.0.0.0", "port": 0})  # beyond loopback: reads need the token
     ctl = Controller(cfg, tmp_path)
+    ctl.lock.acquire()  # as Controller.start does before serving: the run is going
     api = serve_api(cfg, tmp_path, ctl.view, ctl.control)  # writes api_url and a new api_token
     try:
         capsys.readouterr()

@@ -17,6 +17,7 @@ import pytest
 from async_rlhf.cli.main import main
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import load_config
+from async_rlhf.outputs.run_lock import RunDirLock
 from learners.loss_traits import builtin_losses
 from tests.helpers import QUICKSTART
 
@@ -129,6 +130,33 @@ def test_status_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert main(["status", "--run-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"status error: no api_url in {tmp_path}; pass --url http://HOST:PORT or --run-dir DIR")
+
+
+def test_status_of_a_run_that_has_ended_says_how_it_ended(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Before: "cannot reach http://...; is the run still going?" for every run that had ended, however it ended.
+    (tmp_path / "api_url").write_text("http://127.0.0.1:9\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "checkpoints" / "step-000040").mkdir(parents=True)
+    (tmp_path / "error.log").write_text("Traceback ...\n")
+    lock = RunDirLock(tmp_path)
+    lock.acquire()  # a run still going: its API is asked (and here does not answer)
+    assert main(["status", "--run-dir", str(tmp_path)]) == 1
+    assert "status error: cannot reach http://127.0.0.1:9 (" in capsys.readouterr().err
+    lock.release()  # the process ended without a summary: failed or killed
+    assert main(["status", "--run-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"status error: the run in {tmp_path} is not running and wrote no summary.json: it failed or was killed (its "
+        f"traceback: {tmp_path / 'error.log'}); `async-rlhf train --resume {tmp_path}` continues it from step-000040")
+    summary = {"stopped_early": True, "steps": 40, "wall_s": 7.25, "initial_gold_reward": 0.555,
+               "final_gold_reward": None, "max_staleness_seen": 1}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert main(["status", "--run-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"run {tmp_path.name} has ended (stopped early): 40 steps in 7.2s of training; gold reward 0.555 -> -, max "
+        f"staleness seen 1; outputs in {tmp_path}")
+    assert main(["status", "--run-dir", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"status error: no directory {tmp_path / 'nothing'}; pass --run-dir a run's directory (runs/<time>/)")
 
 
 def test_status_of_a_run_that_is_gone(capsys: pytest.CaptureFixture) -> None:

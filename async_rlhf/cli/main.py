@@ -228,10 +228,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from async_rlhf.cli.status import find_run, find_token, find_url, print_status
+    from async_rlhf.cli.status import find_run, find_token, find_url, print_ended, print_status
 
     if args.url and not args.run_dir:
         return print_status(args.url, find_token(None), as_json=args.json)
+    if args.run_dir and (ended := print_ended(args.run_dir, args.json)) is not None:
+        return ended
     run = find_run(args.run_dir)
     return print_status(args.url or find_url(run), find_token(run), as_json=args.json)
 

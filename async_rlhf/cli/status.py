@@ -1,4 +1,5 @@
-"""`async-rlhf status`: the running job's /status and /queue, printed for a terminal."""
+"""`async-rlhf status`: the running job's /status and /queue, printed for a terminal; for a run that has ended,
+what it left (summary.json, or where it stopped and how to continue)."""
 from __future__ import annotations
 
 import json
@@ -10,16 +11,49 @@ from pathlib import Path
 
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.runtime import API_TOKEN_ENV
+from async_rlhf.outputs.run_lock import RunDirLock
 
 
 def find_run(run_dir: Path | None) -> Path:
     """The run whose API to ask: `run_dir`, else the most recently started run under runs/ that serves one."""
+    if run_dir is not None and not run_dir.is_dir():
+        raise ConfigError(f"status error: no directory {run_dir}; pass --run-dir a run's directory (runs/<time>/)")
     candidates = ([run_dir / "api_url"] if run_dir
                   else sorted(Path("runs").glob("*/api_url"), key=lambda p: p.stat().st_mtime))
     if not candidates or not candidates[-1].is_file():
         where = run_dir or "runs/*"
         raise ConfigError(f"status error: no api_url in {where}; pass --url http://HOST:PORT or --run-dir DIR")
     return candidates[-1].parent
+
+
+def print_ended(run_dir: Path, as_json: bool = False) -> int | None:
+    """A run directory no process runs in, whose run got as far as its API or a step: what it left, and the exit status
+    (0 for a run that ended with its summary, 1 for one that failed or was killed). None otherwise (a run still
+    going or starting: its API answers)."""
+    summary_path = run_dir / "summary.json"
+    started = any((run_dir / name).is_file() for name in ("summary.json", "metrics.jsonl", "api_url"))
+    if not started or RunDirLock.held(run_dir):
+        return None
+    if not summary_path.is_file():
+        print(f"status error: the run in {run_dir} is not running and wrote no summary.json: it failed or was killed"
+              f"{_continue(run_dir)}", file=sys.stderr)
+        return 1
+    summary = json.loads(summary_path.read_text())
+    print(json.dumps({"ended": True, "summary": summary}, indent=2) if as_json else
+          f"run {run_dir.name} has ended ({'stopped early' if summary['stopped_early'] else 'done'}): "
+          f"{summary['steps']} steps in {summary['wall_s']:.1f}s of training; gold reward "
+          f"{_fmt(summary['initial_gold_reward'])} -> {_fmt(summary['final_gold_reward'])}, max staleness seen "
+          f"{summary['max_staleness_seen']}; outputs in {run_dir}")
+    return 0
+
+
+def _continue(run_dir: Path) -> str:
+    log = run_dir / "error.log"
+    why = f" (its traceback: {log})" if log.is_file() else ""
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
+    if not ckpts:
+        return f"{why}; it has no checkpoint, so start it again"
+    return f"{why}; `async-rlhf train --resume {run_dir}` continues it from {ckpts[-1].name}"
 
 
 def find_url(run: Path) -> str:

@@ -37,6 +37,21 @@ class RunDirLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
 
+    @staticmethod
+    def held(run_dir: Path) -> bool:
+        """Whether a process runs in `run_dir` now (`async-rlhf status` of a run that has ended)."""
+        try:
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        except OSError:  # no lock file: no run ever started here
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # and with it the shared lock just taken
+        return False
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # the file stays: removing it would race with a process about to lock it
