@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import math
 import os
 import shlex
 import signal
@@ -156,22 +155,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    from async_rlhf.cli.status import summary_figures
     from async_rlhf.pipeline.startup import process_age_s
 
-    ended = "stopped early" if summary["stopped_early"] else "done"
-    print(
-        f"[async-rlhf] {ended}: {summary['steps']} steps in {summary['wall_s']:.1f}s of training, "
-        f"{process_age_s():.1f}s since launch; gold reward {shown(summary['initial_gold_reward'])} -> "
-        f"{shown(summary['final_gold_reward'])}, max staleness seen {summary['max_staleness_seen']} "
-        f"(bound {summary['max_staleness']}), outputs in {run_dir}",
-        flush=True,
-    )
+    ended, steps, gold = summary_figures(summary)
+    print(f"[async-rlhf] {ended}: {steps}, {process_age_s():.1f}s since launch; {gold} (bound "
+          f"{summary['max_staleness']}), outputs in {run_dir}", flush=True)
     return 0
-
-
-def shown(value: float | None) -> str:
-    """A gold reward for the last line: none (null in eval.jsonl, read back on --resume) or NaN as "-"."""
-    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, bar: Progress) -> dict:

@@ -3,6 +3,7 @@ what it left (summary.json, or where it stopped and how to continue)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -39,12 +40,18 @@ def print_ended(run_dir: Path, as_json: bool = False) -> int | None:
               f"{_continue(run_dir)}", file=sys.stderr)
         return 1
     summary = json.loads(summary_path.read_text())
+    ended, steps, gold = summary_figures(summary)
     print(json.dumps({"ended": True, "summary": summary}, indent=2) if as_json else
-          f"run {run_dir.name} has ended ({'stopped early' if summary['stopped_early'] else 'done'}): "
-          f"{summary['steps']} steps in {summary['wall_s']:.1f}s of training; gold reward "
-          f"{_fmt(summary['initial_gold_reward'])} -> {_fmt(summary['final_gold_reward'])}, max staleness seen "
-          f"{summary['max_staleness_seen']}; outputs in {run_dir}")
+          f"run {run_dir.name} has ended ({ended}): {steps}; {gold}; outputs in {run_dir}")
     return 0
+
+
+def summary_figures(summary: dict) -> tuple[str, str, str]:
+    """How a run ended, its steps and its gold reward, from its summary: for the run's last line and for status."""
+    return ("stopped early" if summary["stopped_early"] else "done",
+            f"{summary['steps']} steps in {summary['wall_s']:.1f}s of training",
+            f"gold reward {_fmt(summary['initial_gold_reward'])} -> {_fmt(summary['final_gold_reward'])}, max "
+            f"staleness seen {summary['max_staleness_seen']}")
 
 
 def _continue(run_dir: Path) -> str:
@@ -79,7 +86,10 @@ def _get(url: str, token: str | None) -> dict:
 
 
 def _fmt(value: object, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    """None (null in the run's JSON) and NaN as "-"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def render(status: dict, queue: dict) -> str:
