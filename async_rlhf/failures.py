@@ -4,6 +4,7 @@ The full traceback goes to RUN_DIR/error.log; the terminal gets a sentence (exit
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 RAY_LOGS = "/tmp/ray/session_latest/logs"
 START_UP = "stopped before the first step, nothing to checkpoint; start the run again (or --resume RUN_DIR, " \
@@ -37,6 +39,17 @@ class StoppedDuringStartUp(BaseException):
 def start_up_stop(signum: int) -> str:
     """SIGTERM or SIGHUP before the first step: nothing to save, so the run stops now."""
     return f"{signal.Signals(signum).name} during start-up: {START_UP}"
+
+
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError inside names `path`: a write that fails (a full disk) does not say which file it was."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def what_died(exc: BaseException) -> str:

@@ -1,6 +1,7 @@
 """RunRecorder: metrics lines, summary and the plot, including steps with missing values."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import time
@@ -92,3 +93,14 @@ def test_every_eval_record_carries_the_episodes_so_far_and_a_resume_keeps_counti
 def test_clock_fields_time_an_evaluation_from_the_process_start() -> None:
     assert clock_fields(started=1010.25, ended=1012.0, process_start=1000.0) == {"wall_s": 10.25, "eval_s": 1.75}
     assert 0 < time.time() - process_started_at() < 24 * 3600  # this test process started before now
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path: Path) -> None:
+    # Found with a run directory on a 120 KB tmpfs: "OSError: [Errno 28] No space left on device", no file named.
+    # /dev/full answers every write with ENOSPC, as a full disk does.
+    rec = RunRecorder(tmp_path)
+    rec.metrics_path = Path("/dev/full")
+    with pytest.raises(OSError) as caught:
+        rec.log_step({"step": 1})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
+    assert str(caught.value) == "[Errno 28] No space left on device: '/dev/full'"

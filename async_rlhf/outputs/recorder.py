@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from async_rlhf.config.run import RunConfig, dump_config
+from async_rlhf.failures import naming
 from async_rlhf.outputs.plots import pyplot
 from async_rlhf.outputs.plots import series as _series
 from async_rlhf.outputs.sinks import MetricSink
@@ -76,7 +77,9 @@ class RunRecorder:
                     os.fsync(fh.fileno())
 
     def write_summary(self, summary: dict) -> None:
-        (self.run_dir / "summary.json").write_text(json_text(summary, indent=2) + "\n")
+        path = self.run_dir / "summary.json"
+        with naming(path):
+            path.write_text(json_text(summary, indent=2) + "\n")
 
     def truncate(self, metrics_lines: int, eval_lines: int) -> None:
         """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
@@ -100,7 +103,7 @@ class RunRecorder:
     @staticmethod
     def _append(path: Path, record: dict) -> int:
         """Append one JSON line; returns the byte offset where it starts."""
-        with path.open("ab") as fh:
+        with naming(path), path.open("ab") as fh:
             start = fh.tell()
             fh.write((json_text(record) + "\n").encode())
         return start

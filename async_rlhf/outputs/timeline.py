@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import IO, Literal
 
+from async_rlhf.failures import naming
+
 Kind = Literal["weight_sync", "generation", "mc_rollouts", "reward", "learn", "publish", "eval"]
 
 
@@ -31,7 +33,8 @@ class Timeline:
             self._file = self.path.open("a", buffering=1)  # line-buffered: a crashed run keeps its events
         event = {"kind": kind, "worker": worker, "start": round(start - self.origin, 4),
                  "end": round(end - self.origin, 4), "version": version}
-        self._file.write(json.dumps(event) + "\n")
+        with naming(self.path):
+            self._file.write(json.dumps(event) + "\n")
 
     def close(self) -> None:
         if self._file is not None:
