@@ -13,7 +13,7 @@ from async_rlhf.config.task import DatasetConfig, TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import EVAL_ID_OFFSET
 from async_rlhf.tasks.builtin import make_task
-from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, source_format
+from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, load_table, source_format
 from tests.helpers import token_ids
 
 ROWS = [
@@ -183,3 +183,20 @@ def test_a_row_the_template_cannot_format_is_malformed(tmp_path: Path, tokenizer
     dataset_of(cfg).template = "{n:0>2} pens"
     task = dataset_task(cfg, tokenizer, seed=0)
     assert sorted(p.text for p in all_prompts(task)) == ["03 pens", "05 pens", "0x pens"]
+
+
+@pytest.mark.parametrize(("suffix", "bad_line"), [(".jsonl", 4), (".csv", 5)])  # a CSV header is a line of its own
+def test_a_file_that_is_not_utf8_is_named_with_its_first_bad_line(tmp_path: Path, suffix: str, bad_line: int) -> None:
+    # A file saved as Latin-1: the JSON loader took its bytes and the run died with a UnicodeDecodeError traceback
+    # when row 51 was read. The check reads in 1 MiB chunks: "é" is split across the first boundary (still UTF-8).
+    path = tmp_path / f"prompts{suffix}"
+    head = b'{"q": "' if suffix == ".jsonl" else b"q\n"
+    filler = b"x" * ((1 << 20) - len(head) - 1)
+    good = head + filler + "é".encode() + (b'"}\n' if suffix == ".jsonl" else b"\n")
+    path.write_bytes(good + b"2\n3\ncaf\xe9\n5\n")
+    assert good.index("é".encode()) == (1 << 20) - 1
+    with pytest.raises(ConfigError) as caught:
+        load_table(str(path), "auto", "train")
+    assert str(caught.value) == (
+        f"config error: task.dataset: line {bad_line} of '{path}' is not UTF-8 text (invalid continuation byte); save "
+        "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or point task.dataset.path at another")

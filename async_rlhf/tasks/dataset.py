@@ -20,6 +20,7 @@ seed-independent hash of the content, so identical prompts never straddle the sp
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import math
@@ -47,6 +48,8 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
     kind = source_format(path, fmt)
     if kind in BUILDERS and Path(path).is_file() and Path(path).stat().st_size == 0:  # datasets: "StopIteration"
         raise ConfigError(f"{E}{name}: '{path}' is empty; fix the file, or {other}")
+    if kind in BUILDERS and kind != "parquet" and Path(path).is_file():
+        check_utf8(Path(path), name, other)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # two lines per retry when the Hub is unreachable
@@ -63,6 +66,22 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
             raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")
         table = table[split]
     return table
+
+
+def check_utf8(path: Path, name: str, other: str) -> None:
+    """A text source that is not UTF-8 (a file saved as Latin-1) is a one-line ConfigError naming its first bad
+    line: datasets loads a JSON file's bytes as they are and failed only when that row was read (a traceback)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(chunk)
+                line += chunk.count(b"\n")
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:  # its bytes: the chunk, after any bytes held from the one before
+        line += exc.object.count(b"\n", 0, exc.start)
+        raise ConfigError(f"{E}{name}: line {line} of '{path}' is not UTF-8 text ({exc.reason}); save the file as "
+                          f"UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or {other}") from None
 
 
 def root_reason(exc: BaseException) -> str:
