@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.cluster.busy_board import BusyBoard
-from async_rlhf.cluster.resources import CoreLoan, bf16_note, core_loan, plan_cores
+from async_rlhf.cluster.resources import CoreLoan, bf16_note, core_loan, cpu_quota, plan_cores, usable_cores
 from async_rlhf.config.run import RunConfig
 
 
@@ -184,3 +184,37 @@ def test_a_real_generator_marks_the_board_and_a_real_learner_borrows_its_idle_co
     ray_local.kill(gen)
     ray_local.kill(learner)
     board.close()
+
+
+def cgroup_tree(root: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
+    """A /sys/fs/cgroup tree with `files` (path -> text) and a /proc/self/cgroup of `membership`."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "self-cgroup").write_text(membership)
+    return root / "fs", root / "self-cgroup"
+
+
+@pytest.mark.parametrize(("files", "membership", "quota"), [
+    ({"fs/cpu.max": "150000 100000\n"}, "0::/\n", 1.5),  # cgroup v2 in a container: `docker run --cpus 1.5`
+    ({"fs/cpu.max": "max 100000\n"}, "0::/\n", None),  # no quota
+    ({"fs/cpu.max": "400000 100000\n", "fs/job/cpu.max": "max 100000\n"}, "0::/job\n", 4.0),  # a parent's quota
+    ({"fs/cpu/cpu.cfs_quota_us": "50000\n", "fs/cpu/cpu.cfs_period_us": "100000\n"},
+     "4:memory:/x\n3:cpu,cpuacct:/\n0::/\n", 0.5),  # cgroup v1 (the v2 line of a hybrid host has no cpu.max)
+    ({"fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}, "3:cpu,cpuacct:/\n", None),
+    ({}, "", None),  # no cgroups to read (another OS, a sandbox)
+])
+def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(tmp_path: Path, files: dict[str, str], membership: str,
+                                                      quota: float | None) -> None:
+    cgroups, self_cgroup = cgroup_tree(tmp_path, files, membership)
+    assert cpu_quota(cgroups, self_cgroup) == quota
+
+
+def test_a_cpu_quota_below_the_cores_in_view_cuts_the_cores_used(tmp_path: Path) -> None:
+    # `docker run --cpus 1.5` on a bigger host: every core in view, CPU time for 1.5; the plan used them all.
+    cores = sorted(os.sched_getaffinity(0))
+    cgroups, self_cgroup = cgroup_tree(tmp_path, {"fs/cpu.max": "150000 100000\n"}, "0::/\n")
+    assert usable_cores(cgroups, self_cgroup) == cores[:2]
+    cgroups, self_cgroup = cgroup_tree(tmp_path / "half", {"fs/cpu.max": "50000 100000\n"}, "0::/\n")
+    assert usable_cores(cgroups, self_cgroup) == cores[:1]
+    assert usable_cores(tmp_path / "none", tmp_path / "none-cgroup") == cores

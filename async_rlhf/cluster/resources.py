@@ -11,6 +11,7 @@ about the cores of the nodes the roles run on.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,49 @@ class CorePlan:
     learner_threads: int  # torch's intra-op threads in the learner
 
 
+def usable_cores(cgroups: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> list[int]:
+    """The cores this process may run on, cut to its cgroup's CPU quota: a container started with `--cpus 2` on a
+    64-core host sees 64 cores and may use two, and 64 threads per role would wait on one another."""
+    cores = sorted(os.sched_getaffinity(0))
+    quota = cpu_quota(cgroups, membership)
+    return cores if quota is None else cores[:max(1, math.ceil(quota))]
+
+
+def cpu_quota(cgroups: Path, membership: Path) -> float | None:
+    """CPUs the cgroups of this process allow (the smallest quota from its own cgroup up to the root: cgroup v2's
+    cpu.max, v1's cpu.cfs_quota_us over cpu.cfs_period_us); None when none is set or none can be read."""
+    quotas = []
+    for line in _read(membership).splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        v2 = controllers == ""
+        if not v2 and "cpu" not in controllers.split(","):
+            continue
+        base = cgroups if v2 else cgroups / ("cpu" if (cgroups / "cpu").is_dir() else controllers)
+        for folder in [base / path.strip("/"), *(base / path.strip("/")).parents]:
+            quotas.append(_quota(folder, v2))
+            if folder == base:
+                break
+    found = [q for q in quotas if q is not None]
+    return min(found) if found else None
+
+
+def _quota(folder: Path, v2: bool) -> float | None:
+    if v2:
+        fields = _read(folder / "cpu.max").split()
+        return float(fields[0]) / float(fields[1]) if len(fields) == 2 and fields[0] != "max" else None
+    quota, period = _read(folder / "cpu.cfs_quota_us").strip(), _read(folder / "cpu.cfs_period_us").strip()
+    return int(quota) / int(period) if quota.lstrip("-").isdigit() and int(quota) > 0 and period.isdigit() else None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):
+        return ""
+
+
 def plan_cores(cfg: RunConfig, available: list[int] | None = None, gpus: bool = False) -> CorePlan:
-    cores = sorted(available if available is not None else os.sched_getaffinity(0))
+    cores = sorted(available if available is not None else usable_cores())
     gens = cfg.generation.num_generators
     if gpus:
         return CorePlan([[] for _ in range(gens)], cores, pinned=False, learner_threads=len(cores))

@@ -5,7 +5,6 @@ as long as its slowest actor, not the sum of all.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from actors.generator import GeneratorActor
 from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.local_ray import init_local_ray
 from async_rlhf.cluster.placement import generator_options
-from async_rlhf.cluster.resources import CoreLoan, core_loan
+from async_rlhf.cluster.resources import CoreLoan, core_loan, usable_cores
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.evaluation import Evaluator
@@ -61,7 +60,7 @@ class ComponentBuilder:
         """True when this call started Ray (the run then shuts it down)."""
         if ray.is_initialized():  # the caller's Ray, or the one `async-rlhf train` started while importing
             return False
-        init_local_ray(**ray_init_kwargs(self.cfg, len(os.sched_getaffinity(0))))
+        init_local_ray(**ray_init_kwargs(self.cfg, len(usable_cores())))
         return True
 
     def build(self, startup: StartupClock, pool: GeneratorPool, rewards: RewardBook, first_version: int) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import ray
 
 from async_rlhf.cluster.local_ray import held_stop_signals, init_local_ray
+from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
@@ -121,7 +122,7 @@ def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
     started = False
     if cfg.ray.address is None and not ray.is_initialized():
         try:
-            init_local_ray(**ray_init_kwargs(cfg, len(os.sched_getaffinity(0))))
+            init_local_ray(**ray_init_kwargs(cfg, len(usable_cores())))
             started = True
         except Exception:  # reported by the controller's own attempt (see the docstring)
             pass

@@ -27,6 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
@@ -163,13 +164,6 @@ def default_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "async-rlhf"
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (respects affinity pinning, unlike os.cpu_count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run a block with `n` torch threads, restoring the caller's setting afterwards."""
@@ -185,7 +179,7 @@ def build_checkpoint(out: Path, emb: EmbeddedModelConfig, task_cfg: TaskConfig, 
     """Build, warm-start and save the policy into `out` (an existing, empty directory)."""
     # SFT runs before any worker starts, so it may use every core; fork_rng seeds the init
     # without disturbing the caller's global torch RNG state.
-    with torch_threads(usable_cores()), torch.random.fork_rng(devices=[]):
+    with torch_threads(len(usable_cores())), torch.random.fork_rng(devices=[]):
         torch.manual_seed(emb.seed)
         tokenizer = build_tokenizer(task_cfg.name)
         model = build_model(emb, len(tokenizer), task_class(task_cfg.name).context_len)
