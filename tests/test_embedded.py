@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import (
@@ -148,3 +149,14 @@ def header(path: Path) -> bytes:
     """The 8-byte length and the JSON header of a checkpoint's model.safetensors."""
     raw = (path / "model.safetensors").read_bytes()
     return raw[:8 + int.from_bytes(raw[:8], "little")]
+
+
+def test_a_cache_that_cannot_be_written_is_a_config_error_naming_the_setting(tmp_path: Path) -> None:
+    # XDG_CACHE_HOME on a read-only or missing mount: the run died with "FileNotFoundError: ... '/proc/nope'".
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        ensure_embedded_policy(SMALL, TaskConfig(), blocker / "cache", log=lambda msg: None)
+    assert str(caught.value) == (
+        f"config error: model.cache_dir: cannot write the embedded policy's cache in '{blocker / 'cache' / 'models'}' "
+        "(Not a directory); set model.cache_dir (or $XDG_CACHE_HOME) to a writable directory")

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from async_rlhf.cluster.resources import usable_cores
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
@@ -201,6 +202,17 @@ def make_readable(directory: Path) -> None:
         file.chmod(0o644)
 
 
+def writable_temp_dir(models_dir: Path, prefix: str) -> Path:
+    """A new directory in the model cache, or a ConfigError naming the cache and the setting that moves it."""
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=models_dir))
+    except OSError as exc:
+        raise ConfigError(f"config error: model.cache_dir: cannot write the embedded policy's cache in "
+                          f"'{models_dir}' ({exc.strerror}); set model.cache_dir (or $XDG_CACHE_HOME) to a writable "
+                          "directory") from None
+
+
 def ensure_embedded_policy(
     emb: EmbeddedModelConfig, task_cfg: TaskConfig, cache_dir: Path | None = None, log: Log = print
 ) -> Path:
@@ -213,10 +225,9 @@ def ensure_embedded_policy(
             return final
         log(f"the cached embedded policy is damaged ({damaged}); building it again")
         shutil.rmtree(final, ignore_errors=True)
-    models_dir.mkdir(parents=True, exist_ok=True)
     log(f"building embedded policy {final.name} (one-off, cached in {models_dir})")
     # Build in a private temp dir and rename: readers never see a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=models_dir))
+    tmp = writable_temp_dir(models_dir, f".tmp-{final.name}-")
     try:
         build_checkpoint(tmp, emb, task_cfg, log)
         make_readable(tmp)
@@ -242,8 +253,6 @@ def ensure_policy(cfg: RunConfig, log: Log = print) -> Path:
 def export_embedded(cfg: RunConfig, out: Path, log: Log = print) -> Path:
     """Copy the embedded policy of `cfg` (built first when not cached) to `out`, a new directory: an
     HF checkpoint with its tokenizer, for `model.source: local` (e.g. to train it on your own prompts)."""
-    from async_rlhf.config.base import ConfigError
-
     if cfg.model.source != "embedded":
         raise ConfigError("config error: export-model writes the embedded model; drop the model.source override")
     if out.exists() and not out.is_dir():
