@@ -79,9 +79,6 @@ def init_local_ray(**kwargs: Any) -> None:
     the driver reads it once, at `import ray`, so its client would speak without the token the GCS asks for."""
     if kwargs.get("address") is None:
         logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        ray.init(**kwargs)
-        return
     with held_stop_signals(), head_processes_in_own_group():
         ray.init(**kwargs)
 
@@ -93,6 +90,9 @@ def held_stop_signals() -> Iterator[None]:
     meanwhile; one that a thread started before takes is recorded (Ray replaces the SIGTERM recorder with its
     own at the start of ray.init). Meanwhile SIGHUP is ignored, which the processes started keep: a closed
     terminal hangs up the driver's process group, and the run's stop then needs Ray's processes (signals.py)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set from the main thread
+        yield
+        return
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     held: list[int] = []
