@@ -7,6 +7,7 @@ still has no score is reported as failed or timed out, with the reason, never as
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Callable
 
 import httpx
 
+from async_rlhf.failures import RunError
 from async_rlhf.rollout import RewardStatus
 
 
@@ -86,18 +88,31 @@ def wait_for_server(url: str, timeout_s: float, deadline_s: float, waiting: Call
         time.sleep(0.5)
 
 
+def bearer(token_env: str | None) -> dict[str, str]:
+    """The Authorization header from the variable `token_env` names, read in this process (the reward actor's:
+    the token travels in no config, argument or log); none without one."""
+    if token_env is None:
+        return {}
+    token = os.environ.get(token_env)
+    if not token:
+        raise RunError(f"reward.remote.token_env: ${token_env} is not set in the reward actor's process; export it "
+                       "where the run's Ray workers start (on a cluster: on every node, before `ray start`)")
+    return {"Authorization": f"Bearer {token}"}
+
+
 class RemoteRewardClient:
     def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 4, backoff_s: float = 0.5,
-                 deadline_s: float = 60.0, seed: int = 0) -> None:
+                 deadline_s: float = 60.0, seed: int = 0, token_env: str | None = None) -> None:
         self.url = url.rstrip("/") + "/score"
         self.timeout_s, self.retries, self.backoff_s, self.deadline_s = timeout_s, retries, backoff_s, deadline_s
-        self.client = httpx.Client(timeout=timeout_s)
+        self.client = httpx.Client(timeout=timeout_s, headers=bearer(token_env))
         self.rng = random.Random(seed)
         self.counts = {"calls": 0, "retries": 0, "timeouts": 0, "http_errors": 0}
 
     def score(self, items: list[dict]) -> list[Outcome]:
         deadline = time.monotonic() + self.deadline_s
         last: Outcome = Outcome(None, "failed", "no attempt made")
+        calls = 0
         for attempt in range(self.retries + 1):
             if attempt:
                 self.counts["retries"] += 1
@@ -105,13 +120,13 @@ class RemoteRewardClient:
                 if time.monotonic() + pause >= deadline:
                     break
                 time.sleep(pause)
-            result = self._attempt(items)
+            result, calls = self._attempt(items), calls + 1
             if isinstance(result, list):
                 return result
             last, retryable = result
             if not retryable:
                 break
-        return [Outcome(None, last.status, f"{last.error} (after {self.counts['calls']} calls)") for _ in items]
+        return [Outcome(None, last.status, f"{last.error} (after {calls} calls)") for _ in items]
 
     def _attempt(self, items: list[dict]) -> list[Outcome] | tuple[Outcome, bool]:
         self.counts["calls"] += 1

@@ -14,9 +14,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from async_rlhf.api.serving import ThreadedServer
+from async_rlhf.config.base import ConfigError
+from async_rlhf.config.run import config_yaml, load_config
+from async_rlhf.failures import RunError
 from reward_models.remote import RemoteRewardClient
 from reward_models.server import create_reward_app, rule_batch_scorer
-from tests.helpers import free_port
+from tests.helpers import QUICKSTART, free_port
 
 ITEMS = [{"prompt": "21>", "response": r, "meta": {"digits": "21", "answer": "12"}} for r in ("12", "21", "1", "")]
 
@@ -161,3 +164,41 @@ def test_a_reward_server_still_starting_gets_its_time_and_any_answer_counts(serv
 
     bare = serve(FastAPI())  # no /healthz: 404 is an answer, so the server is up
     assert wait_for_server(bare, 1.0, 5.0, told.append) is None and len(told) == 1
+
+
+def token_app(token: str):
+    """The real reward server behind a bearer-token check, as a hosted inference endpoint is."""
+    app = create_reward_app("sort_exact", rule_batch_scorer("sort_exact"))
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if request.headers.get("authorization") != f"Bearer {token}":
+            return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token"})
+        return await call_next(request)
+
+    return app
+
+
+def test_a_server_that_wants_a_bearer_token_gets_it_from_the_variable_token_env_names(
+        serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only credentials in the URL (basic auth) could be given: a hosted endpoint's API key could not.
+    url = serve(token_app("s3cret"))
+    refused = RemoteRewardClient(url, retries=3).score(ITEMS)[0]  # a 401 is not retried, and says what the server said
+    assert refused.error == ('reward server answered HTTP 401: {"detail":"missing or wrong bearer token"} '
+                             "(after 1 calls)")
+    monkeypatch.setenv("REWARD_TOKEN", "s3cret")
+    assert [o.score for o in RemoteRewardClient(url, token_env="REWARD_TOKEN").score(ITEMS)] == [1.0, 0.0, 0.0, 0.0]
+    monkeypatch.delenv("REWARD_TOKEN")
+    with pytest.raises(RunError, match=r"^reward.remote.token_env: \$REWARD_TOKEN is not set in the reward actor's"):
+        RemoteRewardClient(url, token_env="REWARD_TOKEN")
+
+
+def test_token_env_is_checked_before_the_run_and_the_token_never_enters_the_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    remote = ["reward.remote.url=http://127.0.0.1:9", "reward.remote.token_env=REWARD_TOKEN"]
+    monkeypatch.delenv("REWARD_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match=r"reward.remote.token_env: \$REWARD_TOKEN is not set \(or empty\); export"):
+        load_config(QUICKSTART, remote)
+    assert load_config(QUICKSTART, remote, environment=False).reward.remote is not None  # another machine's config
+    monkeypatch.setenv("REWARD_TOKEN", "s3cret")
+    assert "s3cret" not in config_yaml(load_config(QUICKSTART, remote))

@@ -1,13 +1,14 @@
 """The `reward:` section: rule scorers by role, or a remote or learned reward model for the train role."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from async_rlhf.config.base import Strict
+from async_rlhf.config.base import Strict, environment_checks
 from reward_models.rules import SCORERS
 
 # The registry's keys, so that a new scorer is named once; pydantic's error lists them ("Input should be ...").
@@ -39,6 +40,16 @@ class RemoteRewardConfig(Strict):
     retries: int = Field(4, ge=0, description="on timeouts, connection errors, 429 and 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first back-off; doubles per retry, with jitter")
     deadline_s: float = Field(60.0, gt=0, description="per batch, retries included; then failed / timed out")
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                  description="environment variable holding a bearer token the server wants "
+                                              "(Authorization: Bearer ...); the token itself is never in a config")
+
+    @model_validator(mode="after")
+    def _token_set(self, info: ValidationInfo) -> "RemoteRewardConfig":
+        if self.token_env and environment_checks(info) and not os.environ.get(self.token_env):
+            raise ValueError(f"reward.remote.token_env: ${self.token_env} is not set (or empty); export the reward "
+                             f"server's token as {self.token_env}, or drop reward.remote.token_env")
+        return self
 
 
 class LearnedRewardConfig(Strict):
