@@ -66,5 +66,5 @@ def test_config_difference_allows_more_steps_only() -> None:
     assert (config_difference(base, RunConfig(queue={"max_staleness": 0}))
             == "queue.max_staleness is 0 but the run used 1")
     assert config_difference(base, RunConfig(reward={"remote": {"url": "http://h:1"}})) == (
-        'reward.remote is {"url": "http://h:1", "timeout_s": 10.0, "retries": 4, "backoff_s": 0.5, "deadline_s": 60.0} '
-        "but the run used null")
+        'reward.remote is {"url": "http://h:1", "timeout_s": 10.0, "retries": 4, "backoff_s": 0.5, "deadline_s": 60.0, '
+        '"token_env": null} but the run used null')
