@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.runtime import API_TOKEN_ENV
 from async_rlhf.outputs.run_lock import RunDirLock
@@ -57,10 +58,10 @@ def summary_figures(summary: dict) -> tuple[str, str, str]:
 def _continue(run_dir: Path) -> str:
     log = run_dir / "error.log"
     why = f" (its traceback: {log})" if log.is_file() else ""
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
+    ckpts = CheckpointStore(run_dir / "checkpoints", keep_last=1).checkpoints()  # only read: keep_last unused
     if not ckpts:
         return f"{why}; it has no checkpoint, so start it again"
-    return f"{why}; `async-rlhf train --resume {run_dir}` continues it from {ckpts[-1].name}"
+    return f"{why}; `async-rlhf train --resume {run_dir}` continues it from {ckpts[-1].path.name}"
 
 
 def find_url(run: Path) -> str:
