@@ -29,6 +29,7 @@ SMOKE = {
     "off_policy": ["--losses", "rloo", "--staleness", "2", "--seeds", "0", "--steps", "4", "--mode", "fixed"],
     "vineppo_vs_ppo": ["--arms", "vineppo", "--steps", "2", "--every", "1"],
     "vs_trl": ["--steps", "2", "--prompts", "2", "--every", "1"],
+    "dataset_read": ["--rows", "2000", "--runs", "1"],
 }
 
 
@@ -72,6 +73,15 @@ def test_learner_settings_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
     assert set(faults) == {"foreach", "fused"} and all(f >= 0 for f in faults.values())
     drift = result["weight_drift_from_first"]  # two steps each: the kernels round differently, nothing more
     assert drift["foreach"] == 0 and 0 < drift["fused"] < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
+def test_dataset_read_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
+    result = run_bench("dataset_read", tmp_path / "dataset_read")
+    (run,) = result["runs"]
+    assert run["seconds"] > 0 and run["peak_mb"] > 0
+    assert 1500 < run["train"] < 2000  # every row fits 256 characters; eval_fraction 0.05 is held out
 
 
 @pytest.mark.slow

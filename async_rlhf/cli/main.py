@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 INTERRUPTED = 130  # 128 + SIGINT: the exit status shells expect of a command stopped by Ctrl-C
 RAY_ERRORS = "ray_errors.log"  # what Ray's driver reports (worker and raylet deaths), kept out of the terminal
-BENCHMARKS = ["async_vs_sync", "every_config", "generator_path", "learner_precision", "learner_settings",
-              "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl", "weight_sync"]
+BENCHMARKS = ["async_vs_sync", "dataset_read", "every_config", "generator_path", "learner_precision",
+              "learner_settings", "learner_step", "off_policy", "startup", "vineppo_vs_ppo", "vs_trl", "weight_sync"]
 
 
 def _parser() -> argparse.ArgumentParser:
