@@ -3,7 +3,10 @@ mapping, templates (str.format and a tokenizer's chat template), filtering with 
 split, and a train stream that is a pure function of (seed, index) over reshuffled epochs."""
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,44 @@ def test_source_format_is_told_by_extension_or_directory(tmp_path: Path) -> None
     assert source_format(str(tmp_path), "auto") == "disk"
     assert source_format("org/name", "auto") == "hub"
     assert source_format("x.txt", "csv") == "csv"
+    told = [source_format(f"a/b.{ext}", "auto") for ext in ("jsonl.gz", "csv.XZ", "json.bz2")]
+    assert told == ["jsonl", "csv", "json"]
+    assert source_format("a/b.parquet.gz", "auto") == source_format("a/b.gz", "auto") == "hub"  # not told by name
+
+
+@pytest.mark.parametrize("opener", [gzip.open, bz2.open, lzma.open])
+def test_a_compressed_text_file_gives_the_prompts_of_the_plain_one(tmp_path: Path, tokenizer, opener) -> None:
+    plain = write(tmp_path / "rows.jsonl", ROWS)
+    packed = tmp_path / f"rows.jsonl.{ {gzip.open: 'gz', bz2.open: 'bz2', lzma.open: 'xz'}[opener] }"
+    with opener(packed, "wb") as fh:
+        fh.write(plain.read_bytes())
+    prompts = [sorted(p.text for p in all_prompts(dataset_task(task_cfg(source), tokenizer, seed=0)))
+               for source in (plain, packed)]
+    assert prompts[0] == prompts[1] and len(prompts[0]) == len(ROWS)
+
+
+def test_a_compressed_file_that_does_not_decompress_is_named(tmp_path: Path) -> None:
+    good = gzip.compress(b'{"question": "tom has 3 pens"}\n' * 100)
+    cases = {"cut.jsonl.gz": good[:40], "plain.jsonl.gz": b'{"question": "x"}\n', "latin.jsonl.gz": gzip.compress(
+        b'{"question": "x"}\n{"question": "caf\xe9"}\n')}
+    reasons = {}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError) as caught:
+            load_table(str(tmp_path / name), "auto", "train")
+        reasons[name] = str(caught.value)
+    assert "cannot decompress" in reasons["cut.jsonl.gz"] and "end-of-stream" in reasons["cut.jsonl.gz"]
+    assert "cannot decompress" in reasons["plain.jsonl.gz"] and "Not a gzipped file" in reasons["plain.jsonl.gz"]
+    assert "line 2 of" in reasons["latin.jsonl.gz"] and "is not UTF-8 text" in reasons["latin.jsonl.gz"]
+
+
+@pytest.mark.parametrize(("name", "text"), [("blank.jsonl", "\n \n\n"), ("empty.json", "[]"), ("header.csv", "q\n")])
+def test_a_file_without_rows_says_so(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)  # datasets said 'Instruction "train" corresponds to no data!'
+    with pytest.raises(ConfigError) as caught:
+        load_table(str(tmp_path / name), "auto", "train")
+    assert str(caught.value) == (f"config error: task.dataset: '{tmp_path / name}' has no rows; fix the file, or point "
+                                 "task.dataset.path at another")
 
 
 def test_columns_template_and_token_ids(tmp_path: Path, tokenizer) -> None:

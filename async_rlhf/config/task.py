@@ -22,13 +22,18 @@ else:
 # the data and imports this config): the dependency runs one way.
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
+COMPRESSIONS = (".gz", ".bz2", ".xz")  # text files compressed whole, as `datasets` reads them (prompts.jsonl.gz)
 
 
 def source_format(path: str, fmt: str) -> str:
-    """The format of a source: explicit, else by extension; a directory is `disk`, anything else `hub`."""
+    """The format of a source: explicit, else by extension (under a compression suffix for text formats); a
+    directory is `disk`, anything else `hub`."""
     if fmt != "auto":
         return fmt
-    suffix = Path(path).suffix.lower()
+    name = Path(path)
+    suffix = name.suffix.lower()
+    if suffix in COMPRESSIONS and name.with_suffix("").suffix.lower() in (".jsonl", ".json", ".csv"):
+        suffix = name.with_suffix("").suffix.lower()
     if suffix in EXTENSIONS:
         return EXTENSIONS[suffix]
     return "disk" if Path(path).is_dir() else "hub"
@@ -62,7 +67,8 @@ def template_fields(template: str | None) -> list[str]:
 class DatasetConfig(Strict):
     """Your own prompts (task.name=dataset), read through HF `datasets` (async_rlhf/tasks/dataset.py)."""
 
-    path: str = Field(description="a .jsonl/.json/.csv/.parquet file, a save_to_disk directory, or a hub name")
+    path: str = Field(description="a .jsonl/.json/.csv file (or .gz/.bz2/.xz of one), a .parquet file, a "
+                                  "save_to_disk directory, or a hub name")
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = Field(
         "auto", description="auto: from the file extension; a directory is `disk`; anything else `hub`"
     )

@@ -20,9 +20,13 @@ seed-independent hash of the content, so identical prompts never straddle the sp
 """
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
+import io
 import logging
+import lzma
 import math
 import random
 from array import array
@@ -61,6 +65,8 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
             return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
         table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
+        if kind in BUILDERS and "corresponds to no data" in root_reason(exc):  # datasets, of a file of blank lines
+            raise ConfigError(f"{E}{name}: '{path}' has no rows; fix the file, or {other}") from None
         fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
                if kind == "hub" else "fix the file")
         raise ConfigError(f"{E}{name}: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or {other}") from None
@@ -73,10 +79,11 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
 
 def check_utf8(path: Path, name: str, other: str) -> None:
     """A text source that is not UTF-8 (a file saved as Latin-1) is a one-line ConfigError naming its first bad
-    line: datasets loads a JSON file's bytes as they are and failed only when that row was read (a traceback)."""
+    line: datasets loads a JSON file's bytes as they are and failed only when that row was read (a traceback).
+    A compressed file is read through its decompressor; one that does not decompress is named too."""
     decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
     try:
-        with path.open("rb") as fh:
+        with open_bytes(path) as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 decoder.decode(chunk)
                 line += chunk.count(b"\n")
@@ -85,6 +92,19 @@ def check_utf8(path: Path, name: str, other: str) -> None:
         line += exc.object.count(b"\n", 0, exc.start)
         raise ConfigError(f"{E}{name}: line {line} of '{path}' is not UTF-8 text ({exc.reason}); save the file as "
                           f"UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or {other}") from None
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # gzip: BadGzipFile (an OSError), EOFError when cut short
+        raise ConfigError(f"{E}{name}: cannot decompress '{path}' ({exc or type(exc).__name__}); compress it again "
+                          f"or give it uncompressed, or {other}") from None
+
+
+def open_bytes(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, decompressed by its suffix (config.task.COMPRESSIONS) as `datasets` reads it."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    return lzma.open(path, "rb") if suffix == ".xz" else path.open("rb")
 
 
 def root_reason(exc: BaseException) -> str:
