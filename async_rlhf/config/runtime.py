@@ -89,3 +89,7 @@ class CheckpointConfig(Strict):
 
     every: int = Field(0, ge=0, description="write one every E learner steps; 0 = only when asked (see above)")
     keep_last: int = Field(3, ge=1, description="checkpoints kept; older ones are deleted once a newer one is complete")
+    final_wait_s: float = Field(600.0, ge=0, allow_inf_nan=False,
+                                description="a final/ save that fails for want of space is tried again every 10 s "
+                                            "for this long while you free space (the trained weights live only in "
+                                            "the learner until then); 0: the run fails at once")

@@ -36,6 +36,7 @@ from async_rlhf.pipeline.builder import ComponentBuilder, make_broker
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.failover import LearnerFailover
+from async_rlhf.pipeline.final_save import FinalSave
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.learner_steps import LearnerSteps
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue
@@ -318,10 +319,11 @@ class Controller:
 
     # ---- the end ------------------------------------------------------------------------
     def _finish(self) -> dict:
-        saved = self.parts.learner.save_pretrained.remote(str(self.run_dir / "final"))  # while generator 0 samples
+        saving = FinalSave(self.parts.learner, self.run_dir / "final", self.cfg.checkpoint.final_wait_s, self.control)
+        saving.start()  # while generator 0 samples
         self.recorder.warm_plot()  # while this process waits for the final evaluation
         final = self.evals.final()  # after every pending one, version 0's included
-        ray.get(saved)
+        saving.wait()
         self.rewards.restarted()  # an actor killed while idle lost nothing and failed no call: only its pid tells
         self.pool.count_quiet_restarts()
         summary = run_summary(self.view, self.recorder.evals[0], final)
