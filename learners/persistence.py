@@ -36,6 +36,25 @@ VALUE_MODEL_DIR = "value_model"  # sub-directory of a checkpoint (vLLM only read
 STATE_FILE = "learner_state.pkl"  # version and RNG states, next to the engines' DeepSpeed checkpoints
 
 
+def readable_as_umask(directory: Path) -> None:
+    """safetensors writes through a private temporary file, so its weights came out -rw------- while the rest of
+    the checkpoint follows the umask: a teammate could read final/'s config but not load its weights."""
+    mode = 0o666 & ~process_umask()
+    for path in directory.rglob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 == 0o600 != mode:
+            path.chmod(mode)
+
+
+def process_umask() -> int:
+    """This process's umask, from /proc (setting it to read it back would race the process's other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0o022
+    found = [line.split()[1] for line in status.splitlines() if line.startswith("Umask:")]
+    return int(found[0], 8) if found else 0o022
+
+
 def hf_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors `model.save_pretrained` would write, under the same names, as contiguous CPU tensors.
 
@@ -203,6 +222,7 @@ class LearnerStateStore:
                     shutil.copy2(src, out / src.name)
         if self.value:
             self.save_value_model(str(out / VALUE_MODEL_DIR))
+        readable_as_umask(out)
 
     def save_value_model(self, path: str) -> None:
         """The value model's weights and AdamW state under `path` (for resume); an error without one."""

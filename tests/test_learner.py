@@ -196,6 +196,9 @@ def test_save_weights_matches_state_dict_and_save_pretrained_names(trained, tmp_
     assert all(torch.equal(saved[k], state[k].cpu()) for k in state)
     assert set(saved) == set(load_file(str(tmp_path / "full" / "model.safetensors")))
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["model.safetensors"]  # no temp file left
+    # safetensors wrote it -rw------- (a private temporary file renamed): readable as the umask says, like config.json
+    full = tmp_path / "full"
+    assert (full / "model.safetensors").stat().st_mode & 0o777 == (full / "config.json").stat().st_mode & 0o777
 
 
 def test_save_weights_tied_embeddings_named_like_save_pretrained(tmp_path):
