@@ -4,6 +4,7 @@ split, and a train stream that is a pure function of (seed, index) over reshuffl
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import json
 import lzma
@@ -16,7 +17,7 @@ from async_rlhf.config.task import DatasetConfig, TaskConfig
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import EVAL_ID_OFFSET
 from async_rlhf.tasks.builtin import make_task
-from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction, load_table, source_format
+from async_rlhf.tasks.dataset import DatasetTask, cache_problem, in_eval_fraction, load_table, source_format
 from tests.helpers import token_ids
 
 ROWS = [
@@ -241,3 +242,30 @@ def test_a_file_that_is_not_utf8_is_named_with_its_first_bad_line(tmp_path: Path
     assert str(caught.value) == (
         f"config error: task.dataset: line {bad_line} of '{path}' is not UTF-8 text (invalid continuation byte); save "
         "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or point task.dataset.path at another")
+
+
+def test_a_datasets_cache_that_cannot_be_written_is_named_not_the_file(tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    # datasets writes an Arrow copy of every file it reads to its cache; an unwritable one was reported as the
+    # data file's problem ("cannot read 'prompts.jsonl' as jsonl: [Errno 2] ...; fix the file").
+    source = write(tmp_path / "rows.jsonl", ROWS)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(ConfigError) as caught:
+        load_table(str(source), "auto", "train")
+    assert str(caught.value) == (
+        f"config error: task.dataset: cannot write the datasets cache while reading '{source}' (Not a directory: "
+        f"'{tmp_path / 'a_file' / 'cache'}'); set $HF_DATASETS_CACHE to a writable directory with room for an "
+        "Arrow copy of the data")
+
+
+def test_only_errors_of_the_cache_or_a_full_disk_are_the_caches() -> None:
+    cache = "/data/hf/datasets"
+    assert cache_problem(OSError(errno.ENOSPC, "No space left on device"), cache) == (
+        "No space left on device: '/data/hf/datasets'")
+    assert cache_problem(PermissionError(errno.EACCES, "Permission denied", "/data/hf/datasets/json/x.lock"), cache)
+    assert cache_problem(FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/hf"), cache)
+    assert cache_problem(FileNotFoundError(errno.ENOENT, "No such file", "/work/rows.jsonl"), cache) is None
+    assert cache_problem(ConnectionError("hub unreachable"), cache) is None  # an OSError, but no path of the cache
+    assert cache_problem(ValueError("JSON parse error"), cache) is None

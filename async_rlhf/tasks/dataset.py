@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import errno
 import gzip
 import hashlib
 import io
 import logging
 import lzma
 import math
+import os
 import random
 from array import array
 from dataclasses import dataclass, field
@@ -65,16 +67,25 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
             return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
         table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
-        if kind in BUILDERS and "corresponds to no data" in root_reason(exc):  # datasets, of a file of blank lines
-            raise ConfigError(f"{E}{name}: '{path}' has no rows; fix the file, or {other}") from None
-        fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
-               if kind == "hub" else "fix the file")
-        raise ConfigError(f"{E}{name}: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or {other}") from None
+        raise read_failure(exc, kind, path, f"{E}{name}", other, datasets.config.HF_DATASETS_CACHE) from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
             raise ConfigError(f"{E}{split_key}: no split '{split}' in '{path}' (splits: {', '.join(table)})")
         table = table[split]
     return table
+
+
+def read_failure(exc: BaseException, kind: str, path: str, name: str, other: str, cache: str) -> ConfigError:
+    """Why `datasets` could not read a source, in one line that says what to fix: the file, the name or the
+    Hub's reach, or its own cache (an Arrow copy of every file it reads)."""
+    if kind in BUILDERS and "corresponds to no data" in root_reason(exc):  # datasets, of a file of blank lines
+        return ConfigError(f"{name}: '{path}' has no rows; fix the file, or {other}")
+    if kind != "disk" and (problem := cache_problem(innermost(exc), cache)):
+        return ConfigError(f"{name}: cannot write the datasets cache while reading '{path}' ({problem}); set "
+                           "$HF_DATASETS_CACHE to a writable directory with room for an Arrow copy of the data")
+    fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
+           if kind == "hub" else "fix the file")
+    return ConfigError(f"{name}: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or {other}")
 
 
 def check_utf8(path: Path, name: str, other: str) -> None:
@@ -107,12 +118,31 @@ def open_bytes(path: Path) -> io.BufferedIOBase:
     return lzma.open(path, "rb") if suffix == ".xz" else path.open("rb")
 
 
-def root_reason(exc: BaseException) -> str:
-    """The first line of the innermost error: datasets wraps a parse error ("JSON parse error: ... in row 1")
-    in a generic one ("An error occurred while generating the dataset")."""
-    while exc.__cause__ is not None:  # `raise ... from`: the wrapped error (not what failed while handling it)
+def innermost(exc: BaseException) -> BaseException:
+    """The error at the bottom of `raise ... from` chains: datasets wraps a parse error ("JSON parse error: ... in
+    row 1") in a generic one ("An error occurred while generating the dataset")."""
+    while exc.__cause__ is not None:  # the wrapped error (not what failed while handling it)
         exc = exc.__cause__
+    return exc
+
+
+def root_reason(exc: BaseException) -> str:
+    """The first line of the innermost error."""
+    exc = innermost(exc)
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def cache_problem(exc: BaseException, cache: str | os.PathLike) -> str | None:
+    """What is wrong with `datasets`' cache (where it writes its Arrow copy of a file or hub dataset), if that is
+    what failed: the disk is full, or the error names a path in, or above, the cache. None otherwise."""
+    if not isinstance(exc, OSError):
+        return None
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    named = [Path(f) for f in (exc.filename, exc.filename2) if isinstance(f, (str, os.PathLike))]
+    root = Path(cache)
+    if full or any(p == root or root in p.parents or p in root.parents for p in named):
+        return f"{exc.strerror or exc}: '{named[0] if named else root}'"
+    return None
 
 
 @dataclass
