@@ -1,7 +1,9 @@
 """Config: defaults validate, overrides apply, every bad input is one clear line with exit code 2."""
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from async_rlhf.cli.main import main
 from async_rlhf.config.base import ConfigError, load_yaml, parse_overrides
 from async_rlhf.config.run import RunConfig, load_config
+from async_rlhf.config.runtime import SOCKET_PATH_MAX, SOCKET_TAIL
 from learners.loss_traits import builtin_losses
 from tests.helpers import cli_command
 
@@ -144,3 +147,32 @@ def test_the_same_key_in_two_sections_and_yaml_merge_keys_are_fine(tmp_path: Pat
     assert load_config(config).learner.steps == 7
     assert load_yaml("base: &b {x: 1, y: 2}\nchild:\n  <<: *b\n  y: 3\n") == {"base": {"x": 1, "y": 2},
                                                                            "child": {"x": 1, "y": 3}}
+
+
+def test_a_temp_dir_a_local_ray_cannot_use_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    # ray.init failed after start-up had begun: "AF_UNIX path length cannot exceed 107 bytes: ..." for a scheduler's
+    # long per-job TMPDIR, "[Errno 2] No such file or directory: '/proc/nope'" for one that cannot be made.
+    long = tmp_path / ("d" * 40)
+    assert len(str(long)) > SOCKET_PATH_MAX - SOCKET_TAIL
+    monkeypatch.setenv("TMPDIR", str(long))
+    assert main(["train", str(QUICKSTART), "--run-dir", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: $TMPDIR ('{long}') is too long for a local Ray: its socket paths there would pass the 107 "
+        f"bytes a Unix socket allows; set RAY_TMPDIR to a writable directory of at most "
+        f"{SOCKET_PATH_MAX - SOCKET_TAIL} characters (e.g. /tmp/ray-$USER)")
+    assert not (tmp_path / "r").exists()
+    load_config(QUICKSTART, ["ray.address=auto"])  # a cluster's Ray has its own temp directory
+    load_config(QUICKSTART, environment=False)  # --portable: a config for another machine
+    short = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # tmp_path is longer than a Ray temp dir may be
+    try:
+        (short / "a_file").write_text("")
+        monkeypatch.setenv("RAY_TMPDIR", str(short / "a_file" / "ray"))  # Ray reads it before TMPDIR
+        with pytest.raises(ConfigError, match=r"RAY_TMPDIR \('.*a_file/ray'\) cannot hold a local Ray's session "
+                                              r"files \(Not a directory: '.*a_file/ray'\)"):
+            load_config(QUICKSTART)
+        monkeypatch.setenv("RAY_TMPDIR", str(short / "new" / "ray"))
+        load_config(QUICKSTART)
+        assert (short / "new" / "ray").is_dir()  # made, as Ray would make it
+    finally:
+        shutil.rmtree(short)

@@ -5,6 +5,7 @@ is accepted; the CLI prints it and exits with code 2.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.model import ModelConfig, cuda_available
 from async_rlhf.config.redaction import may_be_secret, readable_saved_config, redacted
 from async_rlhf.config.reward import RewardConfig
-from async_rlhf.config.runtime import ApiConfig, CheckpointConfig, EvalConfig, LoggingConfig, RayConfig, ResourcesConfig
+from async_rlhf.config.runtime import (
+    ApiConfig,
+    CheckpointConfig,
+    EvalConfig,
+    LoggingConfig,
+    RayConfig,
+    ResourcesConfig,
+    check_ray_temp_dir,
+)
 from async_rlhf.config.task import TASK_DEFAULTS, TaskConfig
 from reward_models.rules import NEEDS_REFERENCE, SCORER_TASK
 
@@ -63,6 +72,7 @@ class RunConfig(Strict):
         self._check_shared_gpu()
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
+            check_ray_temp_dir(os.environ)
 
         need = self.loss.traits.min_samples_per_prompt
         if self.generation.samples_per_prompt < need:

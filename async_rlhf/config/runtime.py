@@ -2,7 +2,9 @@
 `checkpoint:`."""
 from __future__ import annotations
 
-from typing import Literal
+import tempfile
+from pathlib import Path
+from typing import Literal, Mapping
 
 from pydantic import Field, ValidationInfo, model_validator
 
@@ -17,6 +19,41 @@ class RayConfig(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
         "PACK", description="GPU placement groups of the learner ranks and of each generator's TP workers"
     )
+
+
+# A local Ray keeps its sockets under $RAY_TMPDIR, else $TMPDIR, else /tmp (ray._common.utils), the longest being
+# <dir>/ray/session_<date>_<time>_<us>_<pid>/sockets/plasma_store; AF_UNIX allows 107 bytes.
+SOCKET_TAIL = len("/ray/session_2026-12-05_13-24-06_358370_4194304/sockets/plasma_store")
+SOCKET_PATH_MAX = 107
+
+
+def check_ray_temp_dir(env: Mapping[str, str]) -> None:
+    """A temp directory that a local Ray cannot use (missing, unwritable, or so long that its socket paths pass
+    AF_UNIX's limit, as a scheduler's per-job TMPDIR can be) failed in ray.init with an OSError after start-up
+    had begun; this says so before anything starts."""
+    var = next((v for v in ("RAY_TMPDIR", "TMPDIR") if v in env), None)
+    base = env[var] if var else "/tmp"
+    name = f"${var} ('{base}')" if var else "/tmp"
+    if len(base.encode()) + SOCKET_TAIL > SOCKET_PATH_MAX:
+        room = SOCKET_PATH_MAX - SOCKET_TAIL
+        raise ValueError(f"{name} is too long for a local Ray: its socket paths there would pass the 107 bytes a "
+                         f"Unix socket allows; set RAY_TMPDIR to a writable directory of at most {room} characters "
+                         f"(e.g. /tmp/ray-$USER)")
+    problem = _unwritable(Path(base))
+    if problem:
+        raise ValueError(f"{name} cannot hold a local Ray's session files ({problem}); set RAY_TMPDIR (or TMPDIR) "
+                         "to a writable directory")
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why no file can be made in `directory` (created if missing, as Ray would), or None. Tried, not looked up:
+    root passes every permission check, and yet cannot write under /proc or a read-only mount."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            return None
+    except OSError as exc:
+        return f"{exc.strerror or exc}: '{exc.filename or directory}'"
 
 
 class ResourcesConfig(Strict):
