@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def check_out(out: Path) -> Path:
     if out.is_dir():
         raise ConfigError(f"plot error: --out '{out}' is a directory; give a file name such as {out / 'runs.png'}")
     out = out if out.suffix else out.with_suffix(".png")
+    quiet_matplotlib()
     from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -61,7 +63,14 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return read_jsonl(metrics), read_jsonl(evals) if evals.is_file() else []
 
 
+def quiet_matplotlib() -> None:
+    """Before matplotlib's first import: an unwritable config directory ($MPLCONFIGDIR, $XDG_CACHE_HOME) costs it
+    only a temporary one, yet it put two lines of warning on the run's terminal."""
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
+
+
 def pyplot() -> Any:
+    quiet_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
