@@ -33,6 +33,12 @@ class GenerationConfig(Strict):
                                "fewer bytes, and then gets only that (actors/generator.py cpu_kv_cache_bytes)",
     )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
+    hang_timeout_s: float = Field(
+        300.0, gt=0, allow_inf_nan=False,
+        description="a generator that answers none of its chunks for this long (and 10x longer than it has ever "
+                    "taken) is hung: killed, restarted by Ray, its prompts re-issued (keep it below "
+                    "learner.stall_timeout_s, which ends the run)",
+    )
     chunks_in_flight: int = Field(
         2, ge=1, le=4,
         description="generate calls queued on each generator at once: with 2 the next chunk waits on the actor "

@@ -39,6 +39,7 @@ class GeneratorPool:
         self.timing = timing
         self.timeline = timeline
         self.slots: list[GeneratorSlot] = []  # one per actor, from the start of the run
+        self.longest_silence_s = 0.0  # the longest any busy generator has taken to answer, so far
 
     @property
     def chunk(self) -> int:
@@ -93,6 +94,8 @@ class GeneratorPool:
             weights = self.broker.lease(version)
         ref = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
                                           score=self.cfg.reward.in_generator)
+        if not slot.chunks:  # its silence is counted from here (pipeline/generator_hangs.py)
+            slot.answered_at = time.monotonic()
         slot.chunks.append(Chunk(ref, prompts, weights.version if weights is not None else None))
         slot.batches_sent += 1
 
@@ -131,6 +134,8 @@ class GeneratorPool:
         so each is released once. Found by ref, not position: nothing depends on the order results are seen."""
         chunk = next(c for c in slot.chunks if c.ref == ref)
         slot.chunks.remove(chunk)
+        self.longest_silence_s = max(self.longest_silence_s, time.monotonic() - slot.answered_at)
+        slot.answered_at = time.monotonic()
         if chunk.leased_version is not None:
             self.broker.release(chunk.leased_version)
         return chunk

@@ -65,6 +65,7 @@ class GeneratorSlot:
     busy_s: float = 0.0
     tokens: int = 0
     batches_sent: int = 0  # training batches sent to it (an evaluation waiting for it counts them)
+    answered_at: float = 0.0  # time.monotonic of its last answer, or of its first chunk after it was idle
 
     @property
     def busy(self) -> bool:

@@ -1,8 +1,9 @@
 """Watchdogs: the checks that stop a run rather than let it hang or "finish" without having trained.
 
-A stalled learner, several non-finite steps in a row and several steps without a usable reward each end the
-run with a RunError naming the fix; the last two first take a checkpoint, so the run can be continued. Steps
-with no reward signal (every prompt's completions scored alike) are said once, and the run goes on.
+A generator that hangs is killed, so that Ray restarts it (pipeline/generator_hangs.py). A stalled learner,
+several non-finite steps in a row and several steps without a usable reward each end the run with a RunError
+naming the fix; the last two first take a checkpoint, so the run can be continued. Steps with no reward signal
+(every prompt's completions scored alike) are said once, and the run goes on.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.generator_hangs import GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.state import LoopState
@@ -63,6 +65,7 @@ class Watchdogs:
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
+        self.hangs = GeneratorHangs(pool, cfg.generation.hang_timeout_s)
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
@@ -72,6 +75,7 @@ class Watchdogs:
         frozen = self.freezes.total_s - self.frozen_counted_s
         self.frozen_counted_s += frozen
         self.state.last_progress += frozen
+        self.hangs.check(frozen)
         if self.control.paused:
             self.state.last_progress = time.monotonic()
             return
