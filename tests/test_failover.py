@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from async_rlhf.checkpoint.store import CheckpointStore
+from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
-from async_rlhf.pipeline.failover import checkpoint_to_restart_from, learner_alive
+from async_rlhf.pipeline.failover import LearnerFailover, checkpoint_to_restart_from, learner_alive
 from async_rlhf.pipeline.timing import Timing
 
 
@@ -85,3 +87,32 @@ def test_a_timed_out_weight_push_replaces_the_learner_only_on_pushed_transports(
     assert not push_timed_out(timed_out, "shm")  # no push there: whatever it is, it ends the run
     other = ray.exceptions.RayTaskError("Learner.train_step", "traceback", ValueError("a bug"))
     assert not push_timed_out(other, "nccl") and not push_timed_out(WeightSyncTimeout("rendezvous"), "nccl")
+
+
+def failover_of(tmp_path: Path, learner: Any, in_flight: bool, restarts: int, checkpoint: bool) -> LearnerFailover:
+    """What `kill_hung` reads: the learner, whether a step is in flight, the restarts so far, the checkpoints."""
+    checkpoints = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
+    if checkpoint:
+        checkpoints.write(5, lambda d: (d / "x").write_text("x"))
+    cfg = RunConfig.model_validate({"learner": {"max_restarts": 2, "stall_timeout_s": 30}})
+    parts, state = SimpleNamespace(learner=learner), SimpleNamespace(learner_job=object() if in_flight else None)
+    unused: Any = None  # the replacement itself (fail_over) is tests/test_faults.py's
+    return LearnerFailover(cfg, checkpoints, cast(Any, parts), cast(Any, state),
+                           cast(Any, SimpleNamespace(learner_restarts=restarts)), *[unused] * 6)
+
+
+@pytest.mark.parametrize(("in_flight", "restarts", "checkpoint", "killed"), [
+    (True, 0, True, True),  # hung in its step: killed, and the loop's next look at the step fails over
+    (False, 0, True, False),  # nothing to train: the stall is elsewhere (generators), and ends the run
+    (True, 2, True, False),  # restarts used up
+    (True, 0, False, False),  # nothing to replace it from
+])
+def test_a_hung_learner_is_killed_only_where_failover_can_replace_it(ray_local, tmp_path: Path, in_flight: bool,
+                                                                     restarts: int, checkpoint: bool,
+                                                                     killed: bool) -> None:
+    actor = ray_local.remote(Pingable).options(num_cpus=0).remote()
+    assert failover_of(tmp_path, actor, in_flight, restarts, checkpoint).kill_hung(31.0) is killed
+    deadline = time.monotonic() + 60
+    while killed and learner_alive(actor) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert learner_alive(actor) is not killed

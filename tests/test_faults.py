@@ -274,13 +274,13 @@ def role_pid(title: str, root: int) -> int | None:
     return None
 
 
-def signal_at_step_3(run_dir: Path, title: str, signum: signal.Signals,
-                     *overrides: str) -> tuple[subprocess.Popen, int]:
-    """A quickstart run as its own process, and the pid of its actor `title`, sent `signum` after its third step."""
+def signal_at_step(run_dir: Path, step: int, title: str, signum: signal.Signals,
+                   *overrides: str) -> tuple[subprocess.Popen, int]:
+    """A quickstart run as its own process, and the pid of its actor `title`, sent `signum` after step `step`."""
     proc = subprocess.Popen(train_command(run_dir, *overrides, "api.enabled=false"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
-    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, timeout=600)
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= step, timeout=600)
     pid = role_pid(title, proc.pid)
     assert pid is not None
     os.kill(pid, signum)
@@ -290,7 +290,7 @@ def signal_at_step_3(run_dir: Path, title: str, signum: signal.Signals,
 def test_a_learner_killed_past_max_restarts_ends_the_run_with_one_line_and_the_traceback_in_error_log(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc, pid = signal_at_step_3(run_dir, "Learner", signal.SIGKILL, "learner.steps=400", "learner.max_restarts=0")
+    proc, pid = signal_at_step(run_dir, 3, "Learner", signal.SIGKILL, "learner.steps=400", "learner.max_restarts=0")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-3000:]
     line = err.strip().splitlines()[-1]
@@ -351,8 +351,8 @@ def test_a_generator_that_hangs_is_killed_and_restarted_and_the_run_completes(tm
     # SIGSTOP stands in for a wedged engine or a collective that never completes: alive to Ray, answering nothing.
     # Before: the run waited for learner.stall_timeout_s and ended ("no learner step finished for 600s").
     run_dir, steps = tmp_path / "run", 40
-    proc, pid = signal_at_step_3(run_dir, "GeneratorActor", signal.SIGSTOP, f"learner.steps={steps}",
-                                 "generation.hang_timeout_s=10")
+    proc, pid = signal_at_step(run_dir, 3, "GeneratorActor", signal.SIGSTOP, f"learner.steps={steps}",
+                               "generation.hang_timeout_s=10")
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "generator 0 has answered nothing for " in err and "killing it so that Ray restarts it" in err
@@ -360,6 +360,20 @@ def test_a_generator_that_hangs_is_killed_and_restarted_and_the_run_completes(tm
     assert summary["steps"] == steps and summary["generator_restarts"] == 1
     trained = sorted(p for r in read_jsonl(run_dir / "metrics.jsonl") for p in r["prompt_ids"])
     assert trained == list(range(steps * 16))  # none lost, none twice
+    assert not Path(f"/proc/{pid}").exists()  # killed, not left stopped
+
+
+def test_a_learner_that_hangs_in_its_step_is_replaced_from_the_newest_checkpoint(tmp_path: Path) -> None:
+    # SIGSTOP stands in for a collective that never completes. Before: "no learner step finished for ...", exit 1.
+    run_dir, steps = tmp_path / "run", 30
+    proc, pid = signal_at_step(run_dir, 5, "Learner", signal.SIGSTOP, f"learner.steps={steps}", "checkpoint.every=2",
+                               "learner.stall_timeout_s=15")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "the learner has finished no step for " in err and "killing it, to replace it from the newest" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["learner_restarts"] == 1
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))
     assert not Path(f"/proc/{pid}").exists()  # killed, not left stopped
 
 

@@ -58,7 +58,9 @@ def test_process_freezes_counts_the_time_the_process_was_stopped() -> None:
 def watchdogs(timeout_s: float, frozen_s: float = 0.0) -> tuple[Watchdogs, LoopState, RunControl]:
     cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": timeout_s}})
     state, control = LoopState(), RunControl()
-    pool: Any = SimpleNamespace(slots=[SimpleNamespace(generator_id=0, busy=True, chunks=[[1], [2]])])
+    generator = SimpleNamespace(generator_id=0, busy=True, chunks=[[1], [2]], recovering=False,
+                                answered_at=time.monotonic())  # answering: not hung (tests/test_generator_hangs.py)
+    pool: Any = SimpleNamespace(slots=[generator], longest_silence_s=0.1)
     dogs = Watchdogs(cfg, state, control, pool, [], lambda: None, lambda: "sort_partial")  # type: ignore[arg-type]
     dogs.freezes = SimpleNamespace(total_s=frozen_s, close=lambda: None)  # type: ignore[assignment]
     return dogs, state, control
@@ -71,6 +73,24 @@ def test_a_learner_silent_past_the_timeout_ends_the_run_naming_what_is_in_flight
     state.last_progress = time.monotonic() - 6
     with pytest.raises(RunError, match=r"^no learner step finished for 6s \(learner.stall_timeout_s=5\); in flight: "
                                        r"generator 0 \(2 chunk\(s\)\), queue depth 0"):
+        dogs.check_stall()
+
+
+def test_a_stalled_learner_that_can_be_replaced_is_killed_instead_of_ending_the_run() -> None:
+    dogs, state, _ = watchdogs(timeout_s=5)
+    asked: list[float] = []
+
+    def killed(idle_s: float) -> bool:  # killed: the loop fails over to a new learner
+        asked.append(idle_s)
+        return True
+
+    dogs.kill_hung_learner = killed
+    state.last_progress = time.monotonic() - 6
+    dogs.check_stall()
+    assert [round(s) for s in asked] == [6] and time.monotonic() - state.last_progress < 1  # the new learner's clock
+    dogs.kill_hung_learner = lambda idle_s: False  # no checkpoint, or restarts used up: the stall ends the run
+    state.last_progress = time.monotonic() - 6
+    with pytest.raises(RunError, match="^no learner step finished for 6s"):
         dogs.check_stall()
 
 

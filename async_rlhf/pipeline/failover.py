@@ -98,6 +98,19 @@ class LearnerFailover:
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "
               f"{version + 1}.. are trained again", file=sys.stderr, flush=True)
 
+    def kill_hung(self, idle_s: float) -> bool:
+        """A learner with a step in flight that has finished none for learner.stall_timeout_s is hung (a collective
+        that never completes, a stopped process): it is killed, so that the loop's next look at its step fails over
+        to a new learner, when a checkpoint can replace it and restarts are left. False: the stall ends the run."""
+        if self.state.learner_job is None or self.stats.learner_restarts >= self.cfg.learner.max_restarts:
+            return False
+        if self.checkpoints.latest_valid(lambda _message: None) is None:
+            return False
+        note(f"the learner has finished no step for {idle_s:.0f}s with one in flight (learner.stall_timeout_s="
+             f"{self.cfg.learner.stall_timeout_s:g}): killing it, to replace it from the newest checkpoint")
+        ray.kill(self.parts.learner, no_restart=True)
+        return True
+
     def roll_back(self, ckpt: Checkpoint) -> int:
         """The new learner loads the checkpoint, its weights are published as the checkpoint's version under a
         new lineage, and the loop's state goes back to the checkpoint's; returns that version."""

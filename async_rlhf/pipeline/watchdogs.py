@@ -1,9 +1,10 @@
 """Watchdogs: the checks that stop a run rather than let it hang or "finish" without having trained.
 
-A generator that hangs is killed, so that Ray restarts it (pipeline/generator_hangs.py). A stalled learner,
-several non-finite steps in a row and several steps without a usable reward each end the run with a RunError
-naming the fix; the last two first take a checkpoint, so the run can be continued. Steps with no reward signal
-(every prompt's completions scored alike) are said once, and the run goes on.
+A generator that hangs is killed so that Ray restarts it (pipeline/generator_hangs.py); a learner that hangs with a
+step in flight is killed and replaced from the newest checkpoint, where there is one (pipeline/failover.py
+kill_hung). Otherwise a stalled learner, several non-finite steps in a row and several steps without a usable
+reward each end the run with a RunError naming the fix; the last two first take a checkpoint, so the run can be
+continued. Steps with no reward signal (every prompt's completions scored alike) are said once, and the run goes on.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class ProcessFreezes:
 
 class Watchdogs:
     def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
-                 queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str]) -> None:
+                 queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str],
+                 kill_hung_learner: Callable[[float], bool] = lambda _idle_s: False) -> None:
         self.cfg = cfg
         self.state = state
         self.control = control
@@ -62,6 +64,7 @@ class Watchdogs:
         self.queue = queue
         self.take_checkpoints = take_checkpoints  # serves the requests posted so far (learner idle)
         self.reward_source = reward_source
+        self.kill_hung_learner = kill_hung_learner  # True: killed, and the loop fails over to a new one
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
@@ -80,6 +83,9 @@ class Watchdogs:
             self.state.last_progress = time.monotonic()
             return
         idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
+        if idle > limit and self.kill_hung_learner(idle):
+            self.state.last_progress = time.monotonic()  # the new learner's clock
+            return
         if idle > limit:
             busy = [f"generator {g.generator_id} ({len(g.chunks)} chunk(s))" for g in self.pool.slots if g.busy]
             raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s={limit:g}); in flight: "
