@@ -33,11 +33,11 @@ class GenerationConfig(Strict):
                                "fewer bytes, and then gets only that (actors/generator.py cpu_kv_cache_bytes)",
     )
     max_restarts: int = Field(3, ge=0, description="times Ray restarts a generator that died; then the run stops")
-    hang_timeout_s: float = Field(
-        300.0, gt=0, allow_inf_nan=False,
-        description="a generator that answers none of its chunks for this long (and 10x longer than it has ever "
-                    "taken) is hung: killed, restarted by Ray, its prompts re-issued (keep it below "
-                    "learner.stall_timeout_s, which ends the run)",
+    hang_timeout_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="a generator that answers none of its chunks for this long (and 10x longer than any has ever "
+                    "taken) is hung: killed, restarted by Ray, its prompts re-issued; default: half of "
+                    "learner.stall_timeout_s (300 s), which ends the run; it must be below that",
     )
     chunks_in_flight: int = Field(
         2, ge=1, le=4,

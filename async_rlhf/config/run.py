@@ -70,6 +70,7 @@ class RunConfig(Strict):
         self._check_generator_dtype()
         self._check_truncated_sampling()
         self._check_shared_gpu()
+        self._check_hang_timeout()
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
             check_ray_temp_dir(os.environ)
@@ -101,6 +102,13 @@ class RunConfig(Strict):
         if step % ranks:
             raise ValueError(f"generation.prompts_per_step ({step}) must be a multiple of learner.num_ranks "
                              f"({ranks}): every rank trains on the same number of prompt groups")
+
+    def _check_hang_timeout(self) -> None:
+        hang, stall = self.generation.hang_timeout_s, self.learner.stall_timeout_s
+        if hang is not None and hang >= stall:
+            raise ValueError(f"generation.hang_timeout_s ({hang:g}) must be below learner.stall_timeout_s ({stall:g}): "
+                             f"the stall would end the run before a hung generator is restarted; lower it, or leave "
+                             f"it unset (half of learner.stall_timeout_s)")
 
     def _check_fixed_delay(self) -> None:
         # An NCCL broadcast pushes each new version into the generators: no older version is left to sample with.
@@ -223,6 +231,12 @@ class RunConfig(Strict):
         on as is, and resolved by each generator where it runs (actors/generator.py resolve_dtype), as the learner
         resolves it in its own process: the driver may have no GPU where the workers have."""
         return self.model.dtype if self.generation.dtype == "auto" else self.generation.dtype
+
+    @property
+    def generator_hang_timeout_s(self) -> float:
+        """generation.hang_timeout_s, or half of learner.stall_timeout_s: a hung generator is restarted well before
+        the stall it causes would end the run."""
+        return self.generation.hang_timeout_s or self.learner.stall_timeout_s / 2
 
     @property
     def queue_capacity(self) -> int:

@@ -68,7 +68,7 @@ class Watchdogs:
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
-        self.hangs = GeneratorHangs(pool, cfg.generation.hang_timeout_s)
+        self.hangs = GeneratorHangs(pool, cfg.generator_hang_timeout_s)
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
