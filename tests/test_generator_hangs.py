@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 
+from async_rlhf.failures import RunError
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
@@ -20,14 +21,17 @@ class Stuck:
     def pid(self) -> int:
         return os.getpid()
 
+    def generate(self) -> None:
+        time.sleep(3600)  # a call that never answers
 
-def pool_of(slots: list[GeneratorSlot], longest_silence_s: float = 0.0) -> GeneratorPool:
-    return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_silence_s=longest_silence_s))
+
+def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0) -> GeneratorPool:
+    return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_call_s=longest_call_s))
 
 
-def busy_slot(handle: Any, silent_s: float, generator_id: int = 0) -> GeneratorSlot:
-    slot = GeneratorSlot(handle, generator_id)
-    slot.chunks.append(Chunk(ref=None, prompts=[], leased_version=None))
+def busy_slot(handle: Any, silent_s: float, call: Any = None) -> GeneratorSlot:
+    slot = GeneratorSlot(handle, 0)
+    slot.chunks.append(Chunk(ref=call, prompts=[], leased_version=None))
     slot.answered_at = time.monotonic() - silent_s
     return slot
 
@@ -36,11 +40,11 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
                                                                                 capsys: pytest.CaptureFixture) -> None:
     actor = ray_local.remote(num_cpus=0, max_restarts=1)(Stuck).remote()
     before = ray_local.get(actor.pid.remote())
-    slot = busy_slot(actor, silent_s=12.0)
-    GeneratorHangs(pool_of([slot], longest_silence_s=0.2), timeout_s=10.0).check(frozen_s=0.0)
+    slot = busy_slot(actor, silent_s=12.0, call=actor.generate.remote())
+    GeneratorHangs(pool_of([slot], longest_call_s=0.2), timeout_s=10.0, restart_limit_s=60.0).check(frozen_s=0.0)
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] generator 0 has answered nothing for 12s with 1 chunk(s) in flight "
-                           "(generation.hang_timeout_s=10; the longest answer so far took 0.2s): killing it")
+                           "(generation.hang_timeout_s=10; the longest call so far took 0.2s): killing it")
     deadline, after = time.monotonic() + 60, before
     while after == before:  # ray.kill returns at once; calls fail while the actor restarts
         assert time.monotonic() < deadline, "not restarted"
@@ -51,28 +55,48 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
     assert time.monotonic() - slot.answered_at < 5  # said once: the clock starts again
 
 
-class Untouchable:
-    """A handle that fails the test if anything tries to kill it."""
-
-    def __reduce__(self) -> Any:
-        raise AssertionError("killed")
-
-
-@pytest.mark.parametrize("case", ["idle", "recovering", "within the timeout", "within 10x the longest answer",
-                                  "the driver was frozen"])
-def test_what_is_not_a_hang(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", ["hung", "idle", "recovering", "within the timeout", "within 10x the longest call",
+                                  "the driver was frozen", "the driver was busy"])
+def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
-    slot, longest, frozen = busy_slot(Untouchable(), silent_s=30.0), 0.5, 0.0
+    actor = ray_local.remote(num_cpus=0)(Stuck).remote()
+    call = actor.generate.remote()  # never answers
+    slot, longest, frozen = busy_slot(actor, silent_s=30.0, call=call), 0.5, 0.0
     if case == "idle":
         slot.chunks.clear()
     elif case == "recovering":
         slot.recovering = True  # already dead: Ray is restarting it
     elif case == "within the timeout":
         slot.answered_at = time.monotonic() - 5.0
-    elif case == "within 10x the longest answer":
-        longest = 30.0 / HANG_FACTOR + 1.0  # big batches answer slowly, and always did
-    else:
+    elif case == "within 10x the longest call":
+        longest = 30.0 / HANG_FACTOR + 1.0  # big batches take long, and always did
+    elif case == "the driver was frozen":
         frozen = 25.0  # this process was stopped for 25 of the 30 s: the generator was silent 5 s
-    GeneratorHangs(pool_of([slot], longest), timeout_s=10.0).check(frozen_s=frozen)
-    assert killed == []
+    elif case == "the driver was busy":  # (a checkpoint's write): the call is done and waits to be handled
+        slot.chunks[0].ref = ray_local.put("a generation")
+    GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0).check(frozen_s=frozen)
+    assert killed == ([actor] if case == "hung" else [])
+    ray_local.kill(actor)
+
+
+def test_a_restart_that_never_comes_back_ends_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # While a generator restarts, the learner's stall clock waits (pipeline/watchdogs.py): the restart has its own.
+    slot = GeneratorSlot(handle=None, generator_id=1)
+    slot.recovering = True
+    hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=20.0)
+    clock = [1000.0]
+    monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.time.monotonic", lambda: clock[0])
+    hangs.check(frozen_s=0.0)  # first seen restarting
+    clock[0] += 15.0
+    hangs.check(frozen_s=10.0)  # 10 of the 15 s this process was frozen
+    clock[0] += 14.0
+    hangs.check(frozen_s=0.0)  # 19 s of its own
+    clock[0] += 2.0
+    with pytest.raises(RunError, match=r"^generator 1 did not come back within 20s of its death "
+                                       r"\(learner.stall_timeout_s\)"):
+        hangs.check(frozen_s=0.0)
+    slot.recovering = False  # back: a later restart gets the whole time again
+    hangs.check(frozen_s=0.0)
+    slot.recovering = True
+    hangs.check(frozen_s=0.0)

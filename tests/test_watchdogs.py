@@ -58,9 +58,9 @@ def test_process_freezes_counts_the_time_the_process_was_stopped() -> None:
 def watchdogs(timeout_s: float, frozen_s: float = 0.0) -> tuple[Watchdogs, LoopState, RunControl]:
     cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": timeout_s}})
     state, control = LoopState(), RunControl()
-    generator = SimpleNamespace(generator_id=0, busy=True, chunks=[[1], [2]], recovering=False,
-                                answered_at=time.monotonic())  # answering: not hung (tests/test_generator_hangs.py)
-    pool: Any = SimpleNamespace(slots=[generator], longest_silence_s=0.1)
+    generator = SimpleNamespace(generator_id=0, busy=True, chunks=[[1], [2]])
+    hangs = SimpleNamespace(check=lambda frozen_s: None)  # tests/test_generator_hangs.py
+    pool: Any = SimpleNamespace(slots=[generator], hangs=hangs, recovering=lambda: False)
     dogs = Watchdogs(cfg, state, control, pool, [], lambda: None, lambda: "sort_partial")  # type: ignore[arg-type]
     dogs.freezes = SimpleNamespace(total_s=frozen_s, close=lambda: None)  # type: ignore[assignment]
     return dogs, state, control

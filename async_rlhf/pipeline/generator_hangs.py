@@ -2,30 +2,47 @@
 completes. Ray restarts a generator that dies, but not one that hangs, so the run waited for
 `learner.stall_timeout_s` and then ended. A busy generator silent for longer than `generation.hang_timeout_s`
 (default: half of the stall timeout, `RunConfig.generator_hang_timeout_s`), and than `HANG_FACTOR` times the longest
-any generator has taken to answer, is killed instead: Ray restarts it and its prompts go out again, exactly as after
-a crash (pipeline/generators.py), within `generation.max_restarts`.
+a generate call has worked (its own timings: the driver may look late), with none of its calls done, is killed
+instead: Ray restarts it and its prompts go out again, exactly as after a crash (pipeline/generators.py), within
+`generation.max_restarts`.
 """
 from __future__ import annotations
 
 import sys
 import time
+from typing import Protocol
 
 import ray
 
-from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.failures import RAY_LOGS, RunError
 from async_rlhf.pipeline.state import GeneratorSlot
 
 HANG_FACTOR = 10.0  # an evaluation queued ahead of a chunk, or a bigger batch, takes a few times a chunk, not 10
 
 
+class Generators(Protocol):
+    """What the check reads of the pool (pipeline/generators.py GeneratorPool, which owns the check)."""
+
+    slots: list[GeneratorSlot]
+    longest_call_s: float  # the longest a generate call has worked, by its own timings
+
+
+def answered(slot: GeneratorSlot) -> bool:
+    """Whether a call of the slot is done and waits to be handled: the driver was busy (a checkpoint's write), not
+    the generator silent."""
+    return bool(ray.wait([chunk.ref for chunk in slot.chunks], num_returns=1, timeout=0)[0])
+
+
 class GeneratorHangs:
-    def __init__(self, pool: GeneratorPool, timeout_s: float) -> None:
+    def __init__(self, pool: Generators, timeout_s: float, restart_limit_s: float) -> None:
         self.pool = pool
         self.timeout_s = timeout_s
+        self.restart_limit_s = restart_limit_s  # learner.stall_timeout_s: the stall clock waits on a restart
+        self.recovering_since: dict[int, float] = {}  # by generator id
 
     @property
     def limit_s(self) -> float:
-        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_silence_s)
+        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s)
 
     def check(self, frozen_s: float) -> None:
         """Kill every busy generator silent past the limit. `frozen_s`: time this process itself was stopped
@@ -33,13 +50,26 @@ class GeneratorHangs:
         now = time.monotonic()
         for slot in self.pool.slots:
             slot.answered_at += frozen_s
-            if slot.chunks and not slot.recovering and now - slot.answered_at > self.limit_s:
+            self._check_restart(slot, now, frozen_s)
+            if slot.chunks and not slot.recovering and now - slot.answered_at > self.limit_s and not answered(slot):
                 self._restart(slot, now - slot.answered_at)
+
+    def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
+        """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
+        bound of its own: learner.stall_timeout_s."""
+        if not slot.recovering:
+            self.recovering_since.pop(slot.generator_id, None)
+            return
+        since = self.recovering_since.setdefault(slot.generator_id, now) + frozen_s
+        self.recovering_since[slot.generator_id] = since
+        if now - since > self.restart_limit_s:
+            raise RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of "
+                           f"its death (learner.stall_timeout_s); why is in its log under {RAY_LOGS}")
 
     def _restart(self, slot: GeneratorSlot, silent_s: float) -> None:
         print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s with "
               f"{len(slot.chunks)} chunk(s) in flight (generation.hang_timeout_s={self.timeout_s:g}; the longest "
-              f"answer so far took {self.pool.longest_silence_s:.1f}s): killing it so that Ray restarts it; its "
+              f"call so far took {self.pool.longest_call_s:.1f}s): killing it so that Ray restarts it; its "
               f"prompts will be re-issued", file=sys.stderr, flush=True)
         slot.answered_at = time.monotonic()  # its chunks now fail as after a crash: said once
         ray.kill(slot.handle, no_restart=False)

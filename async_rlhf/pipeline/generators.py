@@ -19,6 +19,7 @@ from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RAY_LOGS, RunError, first_line, node_crashed
 from async_rlhf.outputs.timeline import Timeline, record_generation
+from async_rlhf.pipeline.generator_hangs import GeneratorHangs
 from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allowed
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
@@ -39,7 +40,8 @@ class GeneratorPool:
         self.timing = timing
         self.timeline = timeline
         self.slots: list[GeneratorSlot] = []  # one per actor, from the start of the run
-        self.longest_silence_s = 0.0  # the longest any busy generator has taken to answer, so far
+        self.longest_call_s = 0.0  # the longest a generate call has worked, so far (pipeline/generator_hangs.py)
+        self.hangs = GeneratorHangs(self, cfg.generator_hang_timeout_s, cfg.learner.stall_timeout_s)
 
     @property
     def chunk(self) -> int:
@@ -134,7 +136,6 @@ class GeneratorPool:
         so each is released once. Found by ref, not position: nothing depends on the order results are seen."""
         chunk = next(c for c in slot.chunks if c.ref == ref)
         slot.chunks.remove(chunk)
-        self.longest_silence_s = max(self.longest_silence_s, time.monotonic() - slot.answered_at)
         slot.answered_at = time.monotonic()
         if chunk.leased_version is not None:
             self.broker.release(chunk.leased_version)
@@ -145,6 +146,8 @@ class GeneratorPool:
         if result.mc is not None:  # VinePPO's rollouts: the generator's time, counted apart
             self.stats.mc_cost.add_generated(result.mc)
             slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
+        call_s = result.gen_s + result.sync_s + (result.reward_s or 0.0) + (result.mc.gen_s if result.mc else 0.0)
+        self.longest_call_s = max(self.longest_call_s, call_s)
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
         self.timing.add("gen_busy_s", result.gen_s)
@@ -158,13 +161,20 @@ class GeneratorPool:
             self.on_generated(slot, ray.wait([slot.chunks[0].ref])[0][0])
 
     def drain(self) -> None:
-        """Let the generations in flight finish and be scored: they land in the queue (before a checkpoint)."""
+        """Let the generations in flight finish and be scored: they land in the queue (before a checkpoint). A
+        generator that hangs meanwhile is killed as in the loop (its prompts re-issued); nothing at all landing
+        for learner.stall_timeout_s ends the run."""
         timeout = self.cfg.learner.stall_timeout_s
+        deadline = time.monotonic() + timeout
         while refs := list(self.jobs()) + list(self.state.reward_jobs):
-            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
             if not ready:
-                raise RunError(f"generation did not finish within learner.stall_timeout_s={timeout:g} "
-                               f"while taking a checkpoint")
+                self.hangs.check(frozen_s=0.0)
+                if time.monotonic() > deadline:
+                    raise RunError(f"generation did not finish within learner.stall_timeout_s={timeout:g} "
+                                   f"while taking a checkpoint")
+                continue
+            deadline = time.monotonic() + timeout
             slot = self.jobs().get(ready[0])
             if slot is not None:
                 self.on_generated(slot, ready[0])

@@ -17,7 +17,6 @@ from typing import Callable
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.control import RunControl
-from async_rlhf.pipeline.generator_hangs import GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.state import LoopState
@@ -68,18 +67,18 @@ class Watchdogs:
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
-        self.hangs = GeneratorHangs(pool, cfg.generator_hang_timeout_s)
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
-        run was paused (HTTP) or this process frozen (Ctrl-Z, then fg) is not the learner's and does not count."""
+        run was paused (HTTP), this process frozen (Ctrl-Z, then fg) or a generator restarting (its own bound:
+        GeneratorHangs) is not the learner's and does not count."""
         if self.freezes is None:
             self.freezes = ProcessFreezes()
         frozen = self.freezes.total_s - self.frozen_counted_s
         self.frozen_counted_s += frozen
         self.state.last_progress += frozen
-        self.hangs.check(frozen)
-        if self.control.paused:
+        self.pool.hangs.check(frozen)
+        if self.control.paused or self.pool.recovering():
             self.state.last_progress = time.monotonic()
             return
         idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
