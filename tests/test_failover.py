@@ -13,6 +13,7 @@ from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.failover import LearnerFailover, checkpoint_to_restart_from, learner_alive
+from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
 from async_rlhf.pipeline.timing import Timing
 
 
@@ -95,7 +96,8 @@ def failover_of(tmp_path: Path, learner: Any, in_flight: bool, restarts: int, ch
     if checkpoint:
         checkpoints.write(5, lambda d: (d / "x").write_text("x"))
     cfg = RunConfig.model_validate({"learner": {"max_restarts": 2, "stall_timeout_s": 30}})
-    parts, state = SimpleNamespace(learner=learner), SimpleNamespace(learner_job=object() if in_flight else None)
+    parts = SimpleNamespace(learner=learner)
+    state = SimpleNamespace(learner_job=object() if in_flight else None, steps_taken=7)
     unused: Any = None  # the replacement itself (fail_over) is tests/test_faults.py's
     return LearnerFailover(cfg, checkpoints, cast(Any, parts), cast(Any, state),
                            cast(Any, SimpleNamespace(learner_restarts=restarts)), *[unused] * 6)
@@ -116,3 +118,45 @@ def test_a_hung_learner_is_killed_only_where_failover_can_replace_it(ray_local, 
     while killed and learner_alive(actor) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert learner_alive(actor) is not killed
+
+
+class SlowLearner:
+    """`save_pretrained` answers after `delay_s`: a learner stopped mid-call, as far as the driver can tell."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def save_pretrained(self, path: str) -> str:
+        time.sleep(self.delay_s)
+        return path
+
+
+def test_a_call_the_learner_does_not_answer_within_the_stall_timeout_raises_learner_hung(ray_local) -> None:
+    slow = ray_local.remote(SlowLearner).options(num_cpus=0).remote(30.0)
+    started = time.monotonic()
+    with pytest.raises(LearnerHung, match=r"^the learner answered nothing for 0\.5s while saving a checkpoint "
+                                          r"\(learner\.stall_timeout_s=0\.5; its log is under /tmp/ray/"):
+        learner_answer(slow.save_pretrained.remote("x"), "saving a checkpoint", 0.5)
+    assert time.monotonic() - started < 10
+    quick = ray_local.remote(SlowLearner).options(num_cpus=0).remote(0.0)
+    assert learner_answer(quick.save_pretrained.remote("x"), "saving a checkpoint", 30.0) == "x"
+
+
+class Replacing(Exception):
+    """Raised where failover goes on to replace the learner (its first step after the kill)."""
+
+
+@pytest.mark.parametrize(("restarts", "checkpoint", "replaced"), [(0, True, True), (2, True, False), (0, False, False)])
+def test_a_learner_that_answered_nothing_is_killed_and_replaced_only_where_it_can_be(
+        ray_local, tmp_path: Path, restarts: int, checkpoint: bool, replaced: bool) -> None:
+    actor = ray_local.remote(Pingable).options(num_cpus=0).remote()
+    failover = failover_of(tmp_path, actor, False, restarts, checkpoint)  # hung between steps: none in flight
+    failover.evals = cast(Any, SimpleNamespace(abandon=lambda: (_ for _ in ()).throw(Replacing())))
+    hung = LearnerHung("the learner answered nothing for 30s while saving a checkpoint")
+    with pytest.raises(Replacing if replaced else LearnerHung) as caught:
+        failover.fail_over(hung)
+    assert replaced or caught.value is hung  # the CLI gives it as the run's one line, with --resume where it can
+    deadline = time.monotonic() + 60
+    while replaced and learner_alive(actor) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert learner_alive(actor) is not replaced

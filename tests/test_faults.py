@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from async_rlhf.config.run import load_config
@@ -363,18 +364,59 @@ def test_a_generator_that_hangs_is_killed_and_restarted_and_the_run_completes(tm
     assert not Path(f"/proc/{pid}").exists()  # killed, not left stopped
 
 
-def test_a_learner_that_hangs_in_its_step_is_replaced_from_the_newest_checkpoint(tmp_path: Path) -> None:
-    # SIGSTOP stands in for a collective that never completes. Before: "no learner step finished for ...", exit 1.
-    run_dir, steps = tmp_path / "run", 30
-    proc, pid = signal_at_step(run_dir, 5, "Learner", signal.SIGSTOP, f"learner.steps={steps}", "checkpoint.every=2",
-                               "learner.stall_timeout_s=15")
-    _, err = proc.communicate(timeout=600)
+def stop_learner(proc: subprocess.Popen, stopped: list[int]) -> None:
+    """SIGSTOP the run's learner, which stands in for a collective that never completes: alive, answering nothing."""
+    pid = role_pid("Learner", proc.pid)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    stopped.append(pid)
+
+
+def pause_between_checkpoints(client: httpx.Client, every: int) -> None:
+    """Paused, the step in flight landed (the learner idle, as for any checkpoint), at a step without a checkpoint
+    of its own (a checkpoint asked for there would be the one already written)."""
+    while True:
+        assert client.post("/control/pause").status_code == 200
+        wait_until(lambda: client.get("/status").json()["phase"] == "paused", timeout=60)
+        time.sleep(2.0)
+        step = client.get("/status").json()["step"]
+        if step % every:
+            return
+        assert client.post("/control/resume").status_code == 200
+        wait_until(lambda: client.get("/status").json()["step"] > step, timeout=60)  # noqa: B023 (this iteration)
+
+
+def test_a_learner_that_hangs_in_its_step_or_in_a_checkpoint_is_replaced_from_the_newest_checkpoint(
+        tmp_path: Path) -> None:
+    # Before: hung in its step, the run ended ("no learner step finished for ..."); hung in a checkpoint's save,
+    # the driver waited in ray.get until Ray's keepalive gave up (~420 s).
+    run_dir, steps, token = tmp_path / "run", 30, "test-token-0123456789abcdef"
+    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=2",
+                                          "learner.stall_timeout_s=15", f"api.token={token}"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, stopped = run_dir / "metrics.jsonl", list[int]()
+    try:
+        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5, timeout=600)
+        stop_learner(proc, stopped)  # in its step (the next one is dispatched as soon as step 5 is in)
+        client = httpx.Client(base_url=(run_dir / "api_url").read_text().strip(), timeout=120,
+                              headers={"Authorization": f"Bearer {token}"})
+        wait_until(lambda: client.get("/status").json()["step"] >= 10, timeout=300)  # replaced, and training
+        pause_between_checkpoints(client, every=2)
+        stop_learner(proc, stopped)
+        reply = client.post("/control/checkpoint")  # waits on the hung learner for learner.stall_timeout_s
+        assert reply.status_code == 500, reply.text
+        assert "answered nothing for 15s while saving a checkpoint" in reply.text
+        assert client.post("/control/resume").status_code == 200
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()  # a failed assertion must not leave the run (and its stopped learner) behind
     assert proc.returncode == 0, err[-3000:]
     assert "the learner has finished no step for " in err and "killing it, to replace it from the newest" in err
+    assert "while saving a checkpoint (learner.stall_timeout_s=15; its log is under " in err
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == steps and summary["learner_restarts"] == 1
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))
-    assert not Path(f"/proc/{pid}").exists()  # killed, not left stopped
+    assert summary["steps"] == steps and summary["learner_restarts"] == 2
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, steps + 1))
+    assert not any(Path(f"/proc/{pid}").exists() for pid in stopped)  # killed, not left stopped
 
 
 ROLES = {"generator": "GeneratorActor", "reward": "RewardService", "learner": "Learner"}

@@ -20,17 +20,21 @@ from safetensors.torch import load_file
 from async_rlhf.pipeline import final_save
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.final_save import FinalSave
+from async_rlhf.pipeline.learner_calls import LearnerHung
 from tests.helpers import ROOT, train_command
 
 
 class FullDiskLearner:
-    """`save_pretrained` fails with `error` (ENOSPC: a full disk) `failures` times, then writes a file."""
+    """`save_pretrained` fails with `error` (ENOSPC: a full disk) `failures` times, then writes a file; each call
+    answers after `delay_s` (a long one stands in for a learner stopped mid-save)."""
 
-    def __init__(self, failures: int, error: int = errno.ENOSPC) -> None:
+    def __init__(self, failures: int, error: int = errno.ENOSPC, delay_s: float = 0.0) -> None:
         self.failures = failures
         self.error = error
+        self.delay_s = delay_s
 
     def save_pretrained(self, path: str) -> None:
+        time.sleep(self.delay_s)
         if self.failures:
             self.failures -= 1
             raise OSError(self.error, os.strerror(self.error))
@@ -44,9 +48,9 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def saving(ray_local, tmp_path: Path, failures: int, wait_s: float = 30.0, error: int = errno.ENOSPC,
-           control: RunControl | None = None) -> FinalSave:
-    learner = ray_local.remote(num_cpus=0)(FullDiskLearner).remote(failures, error)
-    save = FinalSave(learner, tmp_path / "final", wait_s, control or RunControl())
+           control: RunControl | None = None, delay_s: float = 0.0, hang_s: float = 60.0) -> FinalSave:
+    learner = ray_local.remote(num_cpus=0)(FullDiskLearner).remote(failures, error, delay_s)
+    save = FinalSave(learner, tmp_path / "final", wait_s, control or RunControl(), hang_s)
     save.start()
     return save
 
@@ -80,6 +84,15 @@ def test_a_stop_or_no_time_to_wait_gives_up(ray_local, tmp_path: Path, quick_ret
     with pytest.raises(ray.exceptions.RayTaskError, match="No space left on device"):
         save.wait()
     assert save.tries == 1 and time.monotonic() - started < 10
+
+
+def test_a_save_the_learner_never_answers_fails_once_it_is_past_the_stall_timeout(ray_local, tmp_path: Path) -> None:
+    # Before: the driver waited in ray.get until Ray's keepalive gave up on the stopped learner (minutes).
+    save = saving(ray_local, tmp_path, failures=0, delay_s=60.0, hang_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(LearnerHung, match=f"answered nothing for 1s while saving {tmp_path / 'final'} "):
+        save.wait()
+    assert time.monotonic() - started < 10 and save.tries == 1
 
 
 def mount_tmpfs(where: Path, size: str) -> bool:

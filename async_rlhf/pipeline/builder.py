@@ -85,7 +85,7 @@ class ComponentBuilder:
         if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
             pool.connect()
         elif not first_version:  # version 0 as weights a generator can go back to (resume.broker_versions)
-            publish_weights(parts.learner, self.broker, 0)
+            publish_weights(parts.learner, self.broker, 0, cfg.learner.stall_timeout_s)
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)

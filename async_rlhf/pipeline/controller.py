@@ -38,6 +38,7 @@ from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.failover import LearnerFailover
 from async_rlhf.pipeline.final_save import FinalSave
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.learner_calls import LearnerHung
 from async_rlhf.pipeline.learner_steps import LearnerSteps
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue
 from async_rlhf.pipeline.resume import (
@@ -215,7 +216,7 @@ class Controller:
             while not self._done():
                 try:
                     self._iterate()
-                except ray.exceptions.RayError as exc:  # re-raised unless the learner died and is replaced
+                except (ray.exceptions.RayError, LearnerHung) as exc:  # re-raised unless the learner is replaced
                     self.failover.fail_over(exc)
 
     def _iterate(self) -> None:
@@ -319,7 +320,8 @@ class Controller:
 
     # ---- the end ------------------------------------------------------------------------
     def _finish(self) -> dict:
-        saving = FinalSave(self.parts.learner, self.run_dir / "final", self.cfg.checkpoint.final_wait_s, self.control)
+        saving = FinalSave(self.parts.learner, self.run_dir / "final", self.cfg.checkpoint.final_wait_s, self.control,
+                           self.cfg.learner.stall_timeout_s)
         saving.start()  # while generator 0 samples
         self.recorder.warm_plot()  # while this process waits for the final evaluation
         final = self.evals.final()  # after every pending one, version 0's included

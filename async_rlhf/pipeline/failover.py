@@ -22,6 +22,7 @@ from async_rlhf.failures import RunError, what_died, worker_error
 from async_rlhf.pipeline.builder import ComponentBuilder
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
 from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
@@ -82,7 +83,9 @@ class LearnerFailover:
     def fail_over(self, exc: BaseException) -> None:
         """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other
         error, or a death past learner.max_restarts or without a checkpoint, ends the run."""
-        if learner_alive(self.parts.learner) and not push_timed_out(exc, self.cfg.weight_sync.transport):
+        if isinstance(exc, LearnerHung):
+            self._kill_hung(exc)
+        elif learner_alive(self.parts.learner) and not push_timed_out(exc, self.cfg.weight_sync.transport):
             raise exc
         lost = self.state.steps_taken
         ckpt = checkpoint_to_restart_from(self.checkpoints, self.stats.learner_restarts, self.cfg.learner.max_restarts,
@@ -102,26 +105,38 @@ class LearnerFailover:
         """A learner with a step in flight that has finished none for learner.stall_timeout_s is hung (a collective
         that never completes, a stopped process): it is killed, so that the loop's next look at its step fails over
         to a new learner, when a checkpoint can replace it and restarts are left. False: the stall ends the run."""
-        if self.state.learner_job is None or self.stats.learner_restarts >= self.cfg.learner.max_restarts:
-            return False
-        if self.checkpoints.latest_valid(lambda _message: None) is None:
+        if self.state.learner_job is None or not self._replaceable():
             return False
         note(f"the learner has finished no step for {idle_s:.0f}s with one in flight (learner.stall_timeout_s="
              f"{self.cfg.learner.stall_timeout_s:g}): killing it, to replace it from the newest checkpoint")
         ray.kill(self.parts.learner, no_restart=True)
         return True
 
+    def _kill_hung(self, exc: LearnerHung) -> None:
+        """A learner that answered nothing to one of the driver's calls (learner_calls.py) is killed, to be replaced
+        as a dead one (fail_over then says so, with `exc`); where it cannot be, `exc` ends the run."""
+        if not self._replaceable():
+            raise exc
+        ray.kill(self.parts.learner, no_restart=True)
+
+    def _replaceable(self) -> bool:
+        """A restart is left and a valid checkpoint is there to replace the learner from."""
+        if self.stats.learner_restarts >= self.cfg.learner.max_restarts:
+            return False
+        return self.checkpoints.latest_valid(lambda _message: None) is not None
+
     def roll_back(self, ckpt: Checkpoint) -> int:
         """The new learner loads the checkpoint, its weights are published as the checkpoint's version under a
         new lineage, and the loop's state goes back to the checkpoint's; returns that version."""
-        learner = self.parts.learner
-        version = ray.get(learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+        learner, timeout = self.parts.learner, self.cfg.learner.stall_timeout_s
+        version = learner_answer(learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)),
+                                 "loading the checkpoint", timeout)
         self.broker.roll_back(version)
         # fixed delay: nothing older than the restored weights exists any more
         self.state.reset(first_version=version, learner_idle_since=time.perf_counter())
         if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # the new learner forms the push group anew
             self.pool.connect()
-        publish_weights(learner, self.broker, version)
+        publish_weights(learner, self.broker, version, timeout)
         self.restore(load_snapshot(ckpt.path))
         return version
 

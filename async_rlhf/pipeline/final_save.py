@@ -18,6 +18,7 @@ import ray
 
 from async_rlhf.failures import disk_full, what_died
 from async_rlhf.pipeline.control import RunControl
+from async_rlhf.pipeline.learner_calls import learner_answer
 
 RETRY_S = 10.0
 POLL_S = 0.25  # how soon a stop is noticed while waiting
@@ -26,10 +27,11 @@ POLL_S = 0.25  # how soon a stop is noticed while waiting
 class FinalSave:
     """One run's final/ save: started beside the final evaluation, awaited after it."""
 
-    def __init__(self, learner: Any, path: Path, wait_s: float, control: RunControl) -> None:
+    def __init__(self, learner: Any, path: Path, wait_s: float, control: RunControl, hang_s: float) -> None:
         self.learner = learner  # a Ray actor handle (learners/learner.py Learner)
         self.path = path
         self.wait_s = wait_s
+        self.hang_s = hang_s  # one try answered by then, or the learner is hung (learner.stall_timeout_s)
         self.control = control
         self.tries = 0
         self.ref: Any = None
@@ -43,7 +45,7 @@ class FinalSave:
         deadline = time.monotonic() + self.wait_s
         while True:
             try:
-                ray.get(self.ref)
+                learner_answer(self.ref, f"saving {self.path}", self.hang_s)
                 break
             except ray.exceptions.RayTaskError as exc:
                 if not disk_full(exc) or self.control.stop_requested or time.monotonic() >= deadline:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.base import ConfigError
@@ -35,6 +34,7 @@ from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
 from async_rlhf.pipeline.queue import QueueCounters, RolloutQueue
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
 from async_rlhf.pipeline.status import status_of
@@ -60,6 +60,7 @@ MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.ma
 class Resumable(Protocol):
     """The parts of a run that a checkpoint saves and restores (the controller has them)."""
 
+    cfg: RunConfig
     state: LoopState
     stats: RunStats
     queue: RolloutQueue
@@ -148,9 +149,11 @@ def restore(c: Resumable, snap: ControllerSnapshot) -> None:
 def restore_checkpoint(c: Resumable, ckpt: Checkpoint) -> None:
     """Continue from `ckpt`: the learner's state, its weights published for the generators (which
     load them with their first batch), then the run's own state and logs."""
-    version = ray.get(c.parts.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)))
+    timeout = c.cfg.learner.stall_timeout_s
+    version = learner_answer(c.parts.learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)),
+                             "loading the checkpoint", timeout)
     if version > 0:
-        publish_weights(c.parts.learner, c.broker, version)
+        publish_weights(c.parts.learner, c.broker, version, timeout)
     snap = load_snapshot(ckpt.path)
     restore(c, snap)
     for slot, restarts in zip(c.pool.slots, snap.restarts):  # a new process: the counts continue from the run's
@@ -158,9 +161,9 @@ def restore_checkpoint(c: Resumable, ckpt: Checkpoint) -> None:
     print(f"[async-rlhf] resumed from {ckpt.path} at step {version}", flush=True)
 
 
-def publish_weights(learner: Any, broker: WeightSyncBroker, version: int) -> None:
+def publish_weights(learner: Any, broker: WeightSyncBroker, version: int, timeout_s: float) -> None:
     """The learner's current weights, published as `version` (the next one the broker expects)."""
-    ray.get(learner.save_weights.remote(broker.staging_location(version)))
+    learner_answer(learner.save_weights.remote(broker.staging_location(version)), "publishing weights", timeout_s)
     broker.publish(version)
 
 
@@ -197,6 +200,8 @@ def take_checkpoints(c: Resumable) -> None:
         _checkpoint_failed(c, exc)
         for future in waiting:
             future.set_exception(exc)
+        if isinstance(exc, LearnerHung):  # not the disk's fault: the loop's failover replaces the learner
+            raise
         return
     for future in waiting:
         future.set_result({"path": str(final), "version": version})
@@ -211,14 +216,18 @@ def live(requests: list[Future]) -> list[Future]:
 def _checkpoint_failed(c: Resumable, exc: Exception) -> None:
     c.stats.checkpoint_failures += 1
     newest = c.checkpoints.checkpoints()
-    free_mb = shutil.disk_usage(c.checkpoints.root.parent).free / 2**20  # a full disk often says so obscurely
-    _warn(f"checkpoint at step {c.broker.latest_version} not written ({what_died(exc)}; {free_mb:.1f} MB free on "
-          f"its disk); the run goes on, newest checkpoint: {newest[-1].path.name if newest else 'none'}")
+    why = what_died(exc)
+    if not isinstance(exc, LearnerHung):  # a full disk often says so obscurely
+        why += f"; {shutil.disk_usage(c.checkpoints.root.parent).free / 2**20:.1f} MB free on its disk"
+    _warn(f"checkpoint at step {c.broker.latest_version} not written ({why}); the run goes on, newest checkpoint: "
+          f"{newest[-1].path.name if newest else 'none'}")
 
 
 def _fill_checkpoint(c: Resumable, directory: Path) -> None:
-    ray.get(c.parts.learner.save_pretrained.remote(str(directory)))  # loadable by transformers and vLLM
-    ray.get(c.parts.learner.save_state.remote(str(directory / LEARNER_DIR)))
+    learner, timeout = c.parts.learner, c.cfg.learner.stall_timeout_s
+    # final/'s layout, loadable by transformers and vLLM
+    learner_answer(learner.save_pretrained.remote(str(directory)), "saving a checkpoint", timeout)
+    learner_answer(learner.save_state.remote(str(directory / LEARNER_DIR)), "saving a checkpoint", timeout)
     c.recorder.sync()  # the lines the snapshot counts are on disk before the checkpoint is sealed
     save_snapshot(capture(c), directory)
     (directory / "trainer_state.json").write_text(json.dumps(status_of(c.view).model_dump(), indent=2))

@@ -1,0 +1,28 @@
+"""The driver's waits on the learner, bounded: a learner alive to Ray but answering nothing (a collective that
+never completes, a stopped process) would otherwise hold the run in a `ray.get` until Ray's own keepalive gives
+up, minutes later (a checkpoint's save waited 420 s so). The bound is `learner.stall_timeout_s`, the time the run
+allows the learner between steps; past it the wait raises `LearnerHung`, which the loop's failover treats as a
+death (pipeline/failover.py): killed and replaced from the newest checkpoint where it can be, else the run ends.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from async_rlhf.failures import RAY_LOGS
+
+
+class LearnerHung(RuntimeError):
+    """The learner answered nothing to one call for learner.stall_timeout_s. (Not a TimeoutError: waits that
+    time out on their own, as asyncio.wait_for does, would take it for theirs.)"""
+
+
+def learner_answer(ref: Any, doing: str, timeout_s: float) -> Any:
+    """`ray.get(ref)`, or LearnerHung once the learner has been `doing` it (e.g. "saving a checkpoint") for
+    `timeout_s`."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise LearnerHung(f"the learner answered nothing for {timeout_s:g}s while {doing} (learner.stall_timeout_s="
+                          f"{timeout_s:g}; its log is under {RAY_LOGS})") from None
