@@ -179,8 +179,8 @@ def test_a_temp_dir_a_local_ray_cannot_use_is_a_config_error(tmp_path: Path, mon
 
 
 def test_the_generator_hang_timeout_is_half_the_stall_timeout_unless_set_below_it() -> None:
-    assert load_config(QUICKSTART, ["learner.stall_timeout_s=120"]).generator_hang_timeout_s == 60
-    assert load_config(QUICKSTART, ["generation.hang_timeout_s=30"]).generator_hang_timeout_s == 30
+    assert load_config(QUICKSTART, ["learner.stall_timeout_s=120"]).hang_timeout_s == 60
+    assert load_config(QUICKSTART, ["generation.hang_timeout_s=30"]).hang_timeout_s == 30
     with pytest.raises(ConfigError, match=r"^config error: generation.hang_timeout_s \(600\) must be below "
                                           r"learner.stall_timeout_s \(600\): the stall would end the run before"):
         load_config(QUICKSTART, ["generation.hang_timeout_s=600"])

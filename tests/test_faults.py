@@ -303,24 +303,30 @@ def test_a_learner_killed_past_max_restarts_ends_the_run_with_one_line_and_the_t
     assert "Traceback" not in err and "Traceback" in (run_dir / "error.log").read_text()
 
 
-def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_path: Path) -> None:
+def test_a_killed_or_hung_reward_actor_is_restarted_and_its_batches_scored_again(tmp_path: Path) -> None:
     run_dir, steps = tmp_path / "run", 40
     # Every batch through the reward actor (a rule reward is otherwise scored inside the generator's call).
     proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "api.enabled=false",
-                                          "reward.score_in_generator=false"), cwd=ROOT,
+                                          "reward.score_in_generator=false", "generation.hang_timeout_s=5"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     killed: list[int] = []
-    for at_step in (3, 12):
-        wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
+    try:
+        # SIGSTOP: alive to Ray, answering nothing (a scorer that never returns). Before: the run waited for
+        # learner.stall_timeout_s (600 s) and ended.
+        for at_step, signum in ((3, signal.SIGKILL), (12, signal.SIGSTOP)):
+            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
                        timeout=600)  # (B023: the predicate is called in this iteration only)
-        wait_until(lambda: role_pid("RewardService", proc.pid) not in (None, *killed), timeout=60)  # the restarted one
-        pid = role_pid("RewardService", proc.pid)
-        assert pid is not None  # the wait above saw it
-        killed.append(pid)
-        os.kill(pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
+            wait_until(lambda: role_pid("RewardService", proc.pid) not in (None, *killed), timeout=60)  # restarted
+            pid = role_pid("RewardService", proc.pid)
+            assert pid is not None  # the wait above saw it
+            killed.append(pid)
+            os.kill(pid, signum)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
     assert proc.returncode == 0, err[-3000:]
+    assert "the reward actor has answered nothing for " in err and "killing it so that Ray restarts it" in err
     # Ray's own paragraph on each worker death goes to the run's ray_errors.log, not the terminal
     assert "(raylet)" not in out + err and "worker died" not in out + err
     ray_errors = run_dir / "ray_errors.log"
@@ -331,6 +337,7 @@ def test_a_killed_reward_actor_is_restarted_and_its_batches_scored_again(tmp_pat
     trained = sorted(pid for r in records for pid in r["prompt_ids"])
     assert trained == list(range(steps * 16))  # none lost, none twice
     assert summary["failed_reward"] == 0 and summary["dropped_stale"] == 0  # generated again, not failed or stale
+    assert not Path(f"/proc/{killed[1]}").exists()  # killed, not left stopped
 
 
 def test_a_generator_killed_while_it_starts_is_started_again_and_counted(tmp_path: Path) -> None:

@@ -36,8 +36,9 @@ class GenerationConfig(Strict):
     hang_timeout_s: float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="a generator that answers none of its chunks for this long (and 10x longer than any has ever "
-                    "taken) is hung: killed, restarted by Ray, its prompts re-issued; default: half of "
-                    "learner.stall_timeout_s (300 s), which ends the run; it must be below that",
+                    "taken) is hung: killed, restarted by Ray, its prompts re-issued; so is the reward actor, its "
+                    "batches generated again; default: half of learner.stall_timeout_s (300 s), which ends the run; "
+                    "it must be below that",
     )
     chunks_in_flight: int = Field(
         2, ge=1, le=4,

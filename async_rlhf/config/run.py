@@ -233,9 +233,9 @@ class RunConfig(Strict):
         return self.model.dtype if self.generation.dtype == "auto" else self.generation.dtype
 
     @property
-    def generator_hang_timeout_s(self) -> float:
-        """generation.hang_timeout_s, or half of learner.stall_timeout_s: a hung generator is restarted well before
-        the stall it causes would end the run."""
+    def hang_timeout_s(self) -> float:
+        """generation.hang_timeout_s, or half of learner.stall_timeout_s: a hung generator or reward actor is
+        restarted well before the stall it causes would end the run."""
         return self.generation.hang_timeout_s or self.learner.stall_timeout_s / 2
 
     @property

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import ray
 
@@ -24,6 +24,7 @@ from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import WeightRef
 
 Stage = Literal["sample", "score", "kl", "done"]
+POLL_S = 1.0  # how often a blocking wait runs its hang checks
 
 
 def merged(results: list[GenerationResult]) -> GenerationResult:
@@ -132,12 +133,15 @@ class EvalInFlight:
         return {**self.evaluator.record(self.result, self.scored, self.kl, self.started, self.ended),
                 "episodes": self.episodes}
 
-    def wait(self, timeout_s: float) -> None:
+    def wait(self, timeout_s: float, between: Callable[[], None] = lambda: None) -> None:
         """Block until this stage has answered and advance (`advance` raises a failed call's error); the
-        sample's chunks not sent yet are sent first, as one call."""
+        sample's chunks not sent yet are sent first, as one call. `between` runs every POLL_S meanwhile: the
+        hang checks, whose kill makes the hung actor's call fail here."""
         self.feed(rest=True)
-        running = self.waiting and ray.wait(self.waiting, num_returns=len(self.waiting), timeout=timeout_s)[1]
-        if running:
-            raise RunError(f"the evaluation of version {self.version} did not finish its {self.stage} stage "
-                           f"within learner.stall_timeout_s={timeout_s:g}s")
+        deadline = time.monotonic() + timeout_s
+        while self.waiting and ray.wait(self.waiting, num_returns=len(self.waiting), timeout=POLL_S)[1]:
+            if time.monotonic() > deadline:
+                raise RunError(f"the evaluation of version {self.version} did not finish its {self.stage} stage "
+                               f"within learner.stall_timeout_s={timeout_s:g}s")
+            between()
         self.advance()

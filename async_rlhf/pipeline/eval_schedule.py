@@ -122,6 +122,10 @@ class EvalSchedule:
         """The calls of every pending evaluation's current stage, for the loop's `ray.wait`."""
         return {ref: flight for flight in self.pending for ref in flight.waiting}
 
+    def reward_calls(self) -> list[Any]:
+        """The reward actor's calls of the pending evaluations (their score stage), for its hang check."""
+        return [ref for flight in self.pending if flight.stage == "score" for ref in flight.waiting]
+
     def on_ready(self, flight: EvalInFlight) -> None:
         with self._blocking(flight):
             self._advance(flight, flight.advance)
@@ -140,7 +144,10 @@ class EvalSchedule:
     def _wait_for(self, flight: EvalInFlight) -> None:
         timeout = self.cfg.learner.stall_timeout_s
         while not flight.done:
-            self._advance(flight, lambda: flight.wait(timeout))
+            self._advance(flight, lambda: flight.wait(timeout, self._check_reward_hang))
+
+    def _check_reward_hang(self) -> None:
+        self.rewards.check_hang(0.0, self.reward_calls())  # a hung reward actor would hold this wait to its end
 
     def due(self) -> list[int]:
         """Versions of the evaluations still pending, which a checkpoint of the newest version saves instead of

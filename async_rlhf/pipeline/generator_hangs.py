@@ -1,7 +1,7 @@
 """A generator that is alive but answers nothing: a wedged engine, a stopped process, a collective that never
 completes. Ray restarts a generator that dies, but not one that hangs, so the run waited for
 `learner.stall_timeout_s` and then ended. A busy generator silent for longer than `generation.hang_timeout_s`
-(default: half of the stall timeout, `RunConfig.generator_hang_timeout_s`), and than `HANG_FACTOR` times the longest
+(default: half of the stall timeout, `RunConfig.hang_timeout_s`), and than `HANG_FACTOR` times the longest
 a generate call has worked (its own timings: the driver may look late), with none of its calls done, is killed
 instead: Ray restarts it and its prompts go out again, exactly as after a crash (pipeline/generators.py), within
 `generation.max_restarts`.

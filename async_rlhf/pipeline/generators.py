@@ -41,7 +41,7 @@ class GeneratorPool:
         self.timeline = timeline
         self.slots: list[GeneratorSlot] = []  # one per actor, from the start of the run
         self.longest_call_s = 0.0  # the longest a generate call has worked, so far (pipeline/generator_hangs.py)
-        self.hangs = GeneratorHangs(self, cfg.generator_hang_timeout_s, cfg.learner.stall_timeout_s)
+        self.hangs = GeneratorHangs(self, cfg.hang_timeout_s, cfg.learner.stall_timeout_s)
 
     @property
     def chunk(self) -> int:

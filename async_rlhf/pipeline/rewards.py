@@ -12,6 +12,7 @@ from actors.generator import GenerationResult
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.pipeline.vineppo import attach_advantages
@@ -29,10 +30,14 @@ class RewardBook:
         self.timeline = timeline
         self.started: dict[Any, float] = {}  # reward call -> wall-clock dispatch time
         self.pid = 0  # the reward actor's process; a new one is a restart
+        self.heard_at = time.monotonic()  # its last answer, or when it was last idle: its silence runs from here
+        self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
 
     def score(self, result: GenerationResult) -> None:
         """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
         rollouts = result.mc.rollouts if result.mc is not None else []
+        if not self.state.reward_jobs:  # not silent before this call (a check may not have run since it was idle)
+            self.heard_at = time.monotonic()
         ref = self.parts.reward.score.remote(result.groups + rollouts)
         self.state.reward_jobs[ref] = result
         self.started[ref] = time.time()
@@ -46,8 +51,35 @@ class RewardBook:
             self.on_died(exc)
             self.regenerate(result)
             return
+        self.heard_at, self.longest_call_s = time.monotonic(), max(self.longest_call_s, time.time() - started)
         self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
         self.queue_scored(result, scored)
+
+    def check_hang(self, frozen_s: float, eval_calls: list[Any]) -> None:
+        """A reward actor alive but answering nothing (a scorer that never returns, a stopped process) held the run
+        until the learner's stall ended it. Busy (train batches or `eval_calls`, an evaluation's scoring) and silent
+        for the run's hang timeout (generation.hang_timeout_s) and HANG_FACTOR times its longest call, with none of
+        its calls done, it is killed instead: Ray restarts it and what it was scoring is sent again, as after a crash
+        (`on_died`; an evaluation resends itself). `frozen_s`: time this process itself was stopped since the last
+        check, which is not the actor's silence."""
+        calls, now = [*self.state.reward_jobs, *eval_calls], time.monotonic()
+        if not calls:
+            self.heard_at = now
+            return
+        self.heard_at += frozen_s
+        silent_s = now - self.heard_at
+        if silent_s <= self.hang_limit_s or ray.wait(calls, num_returns=1, timeout=0)[0]:
+            return
+        print(f"[async-rlhf] the reward actor has answered nothing for {silent_s:.0f}s with {len(calls)} call(s) in "
+              f"flight (generation.hang_timeout_s={self.cfg.hang_timeout_s:g}; the longest call so far took "
+              f"{self.longest_call_s:.1f}s): killing it so that Ray restarts it; what it was scoring is sent again",
+              file=sys.stderr, flush=True)
+        self.heard_at = now  # its calls now fail as after a crash: said once
+        ray.kill(self.parts.reward, no_restart=False)
+
+    @property
+    def hang_limit_s(self) -> float:
+        return max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s)
 
     def queue_scored(self, result: GenerationResult, scored: list[RolloutGroup]) -> None:
         """Scored responses (then MC rollouts) of one generation: values and advantages first for VinePPO."""
@@ -65,7 +97,10 @@ class RewardBook:
         sent around the death may never answer, and one that answers late would be too stale to train on.
         A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
         reward.max_restarts the health call raises, which ends the run."""
-        if not self.restarted():
+        waited = time.monotonic()
+        restarted = self.restarted()
+        self.state.last_progress += time.monotonic() - waited  # its restart is not the learner's stall (own bound)
+        if not restarted:
             return
         print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {self.pid}, restart "
               f"{self.stats.reward_restarts}); the batches it was scoring are generated again",
@@ -82,11 +117,23 @@ class RewardBook:
 
     def restarted(self) -> bool:
         """True, and one restart counted, when the reward actor answers from a new process."""
-        pid = ray.get(self.parts.reward.health.remote(), timeout=self.cfg.learner.stall_timeout_s)["pid"]
+        pid = self._pid()
         if pid == self.pid:
             return False
         self.pid, self.stats.reward_restarts = pid, self.stats.reward_restarts + 1
         return True
+
+    def _pid(self) -> int:
+        """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
+        (ActorUnavailableError) and is sent again, for up to learner.stall_timeout_s."""
+        deadline = time.monotonic() + self.cfg.learner.stall_timeout_s
+        while True:
+            try:
+                return ray.get(self.parts.reward.health.remote(), timeout=max(deadline - time.monotonic(), 0.1))["pid"]
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def regenerate(self, result: GenerationResult) -> None:
         """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead

@@ -1,10 +1,11 @@
 """Watchdogs: the checks that stop a run rather than let it hang or "finish" without having trained.
 
-A generator that hangs is killed so that Ray restarts it (pipeline/generator_hangs.py); a learner that hangs with a
-step in flight is killed and replaced from the newest checkpoint, where there is one (pipeline/failover.py
-kill_hung). Otherwise a stalled learner, several non-finite steps in a row and several steps without a usable
-reward each end the run with a RunError naming the fix; the last two first take a checkpoint, so the run can be
-continued. Steps with no reward signal (every prompt's completions scored alike) are said once, and the run goes on.
+A generator or the reward actor that hangs is killed so that Ray restarts it (pipeline/generator_hangs.py,
+pipeline/rewards.py); a learner that hangs with a step in flight is killed and replaced from the newest
+checkpoint, where there is one (pipeline/failover.py kill_hung). Otherwise a stalled learner, several non-finite
+steps in a row and several steps without a usable reward each end the run with a RunError naming the fix; the
+last two first take a checkpoint, so the run can be continued. Steps with no reward signal (every prompt's
+completions scored alike) are said once, and the run goes on.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class ProcessFreezes:
 class Watchdogs:
     def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
                  queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str],
-                 kill_hung_learner: Callable[[float], bool] = lambda _idle_s: False) -> None:
+                 kill_hung_learner: Callable[[float], bool] = lambda _idle_s: False,
+                 check_reward_hang: Callable[[float], None] = lambda _frozen_s: None) -> None:
         self.cfg = cfg
         self.state = state
         self.control = control
@@ -64,6 +66,7 @@ class Watchdogs:
         self.take_checkpoints = take_checkpoints  # serves the requests posted so far (learner idle)
         self.reward_source = reward_source
         self.kill_hung_learner = kill_hung_learner  # True: killed, and the loop fails over to a new one
+        self.check_reward_hang = check_reward_hang  # kills a hung reward actor (pipeline/rewards.py), given frozen s
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
@@ -78,6 +81,7 @@ class Watchdogs:
         self.frozen_counted_s += frozen
         self.state.last_progress += frozen
         self.pool.hangs.check(frozen)
+        self.check_reward_hang(frozen)
         if self.control.paused or self.pool.recovering():
             self.state.last_progress = time.monotonic()
             return

@@ -1,0 +1,86 @@
+"""A reward actor that hangs (pipeline/rewards.py RewardBook.check_hang): which silences are hangs, and that the
+hung actor is killed, restarted by Ray and its batches generated again.
+
+A stand-in actor holds the RewardService's place (its `score` never answers; the real one's scorers answer in
+milliseconds, so it cannot be made to hang but by a signal); the kill and Ray's restart of it are real.
+tests/test_faults.py stops the real reward actor of a real run."""
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from actors.generator import GenerationResult
+from async_rlhf.config.run import RunConfig
+from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
+from async_rlhf.pipeline.rewards import RewardBook
+from async_rlhf.pipeline.state import LoopState, RunStats
+from async_rlhf.rollout import Prompt, RolloutGroup
+
+
+class StuckReward:
+    def health(self) -> dict:
+        return {"pid": os.getpid()}
+
+    def score(self, groups: list) -> list:
+        time.sleep(3600)  # a scorer that never returns
+        return groups
+
+
+def book_of(actor: Any, stall_timeout_s: float = 20.0) -> RewardBook:
+    """A RewardBook of a run whose hang timeout is 10 s (half the stall timeout), over `actor`."""
+    cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": stall_timeout_s}})
+    unused: Any = None  # the queue and timeline: nothing is scored here
+    return RewardBook(cfg, cast(Any, SimpleNamespace(reward=actor)), LoopState(), RunStats(), unused, unused)
+
+
+def batch(prompt_ids: list[int]) -> GenerationResult:
+    groups = [RolloutGroup(Prompt(i, f"p{i}", [1]), [], 3, 0, time.time()) for i in prompt_ids]
+    return GenerationResult(groups, 0, 3, 0.1, 0.0, time.time(), 10)
+
+
+def test_a_busy_reward_actor_silent_past_the_timeout_is_killed_restarted_and_its_batches_generated_again(
+        ray_local, capsys: pytest.CaptureFixture) -> None:
+    actor = ray_local.remote(num_cpus=0, max_restarts=1)(StuckReward).remote()
+    book = book_of(actor)
+    book.pid = before = ray_local.get(actor.health.remote())["pid"]
+    book.score(batch([0, 1]))
+    book.score(batch([2, 3]))
+    book.heard_at -= 12.0  # silent for 12 s
+    book.check_hang(frozen_s=0.0, eval_calls=[])
+    said = capsys.readouterr().err
+    assert said.startswith("[async-rlhf] the reward actor has answered nothing for 12s with 2 call(s) in flight "
+                           "(generation.hang_timeout_s=10; the longest call so far took 0.0s): killing it")
+    first = next(iter(book.state.reward_jobs))
+    book.on_scored(first)  # its call fails as after a crash: a restart counted, every batch in flight sent again
+    assert book.stats.reward_restarts == 1 and book.pid != before and not book.state.reward_jobs
+    assert sorted(p.prompt_id for chunk, _version in book.state.reissue for p in chunk) == [0, 1, 2, 3]
+    assert "the reward actor died (" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["hung", "idle", "an evaluation's call", "within the timeout",
+                                  "within 10x the longest call", "the driver was frozen", "a call is done"])
+def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    killed: list[Any] = []
+    monkeypatch.setattr("async_rlhf.pipeline.rewards.ray.kill", lambda handle, **_: killed.append(handle))
+    actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
+    book, evals, frozen = book_of(actor), [], 0.0
+    if case == "an evaluation's call":  # its gold scoring: the train reward is scored in the generators
+        evals.append(actor.score.remote([]))
+    elif case != "idle":
+        book.score(batch([0]))
+    book.heard_at -= 30.0
+    if case == "within the timeout":
+        book.heard_at += 25.0
+    elif case == "within 10x the longest call":
+        book.longest_call_s = 30.0 / HANG_FACTOR + 1.0  # big batches take long, and always did
+    elif case == "the driver was frozen":
+        frozen = 25.0  # this process was stopped for 25 of the 30 s: the actor was silent 5 s
+    elif case == "a call is done":  # and waits to be handled (the driver was busy: a checkpoint's write)
+        evals.append(ray_local.put("scored groups"))
+    book.check_hang(frozen_s=frozen, eval_calls=evals)
+    assert killed == ([actor] if case in ("hung", "an evaluation's call") else [])
+    ray_local.kill(actor)
