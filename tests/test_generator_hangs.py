@@ -43,7 +43,7 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
     slot = busy_slot(actor, silent_s=12.0, call=actor.generate.remote())
     GeneratorHangs(pool_of([slot], longest_call_s=0.2), timeout_s=10.0, restart_limit_s=60.0).check(frozen_s=0.0)
     said = capsys.readouterr().err
-    assert said.startswith("[async-rlhf] generator 0 has answered nothing for 12s with 1 chunk(s) in flight "
+    assert said.startswith("[async-rlhf] generator 0 has answered nothing for 12s with 1 call(s) in flight "
                            "(generation.hang_timeout_s=10; the longest call so far took 0.2s): killing it")
     deadline, after = time.monotonic() + 60, before
     while after == before:  # ray.kill returns at once; calls fail while the actor restarts
@@ -55,16 +55,19 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
     assert time.monotonic() - slot.answered_at < 5  # said once: the clock starts again
 
 
-@pytest.mark.parametrize("case", ["hung", "idle", "recovering", "within the timeout", "within 10x the longest call",
-                                  "the driver was frozen", "the driver was busy"])
+@pytest.mark.parametrize("case", ["hung", "hung in an evaluation's chunk", "idle", "recovering", "within the timeout",
+                                  "within 10x the longest call", "the driver was frozen", "the driver was busy"])
 def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(Stuck).remote()
     call = actor.generate.remote()  # never answers
-    slot, longest, frozen = busy_slot(actor, silent_s=30.0, call=call), 0.5, 0.0
+    slot, longest, frozen, evals = busy_slot(actor, silent_s=30.0, call=call), 0.5, 0.0, []
     if case == "idle":
         slot.chunks.clear()
+    elif case == "hung in an evaluation's chunk":  # all generator 0 has at the final evaluation
+        slot.chunks.clear()
+        evals.append(call)
     elif case == "recovering":
         slot.recovering = True  # already dead: Ray is restarting it
     elif case == "within the timeout":
@@ -75,8 +78,9 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         frozen = 25.0  # this process was stopped for 25 of the 30 s: the generator was silent 5 s
     elif case == "the driver was busy":  # (a checkpoint's write): the call is done and waits to be handled
         slot.chunks[0].ref = ray_local.put("a generation")
-    GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0).check(frozen_s=frozen)
-    assert killed == ([actor] if case == "hung" else [])
+    GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0).check(frozen, evals)
+    assert killed == ([actor] if case.startswith("hung") else [])
+    monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
 
 

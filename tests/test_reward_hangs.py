@@ -83,4 +83,5 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         evals.append(ray_local.put("scored groups"))
     book.check_hang(frozen_s=frozen, eval_calls=evals)
     assert killed == ([actor] if case in ("hung", "an evaluation's call") else [])
+    monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)

@@ -77,7 +77,7 @@ class EvalSchedule:
         self._send(self.broker.lease(latest.version) if latest else None)
         for flight in self.pending:
             with self._blocking(flight):
-                flight.feed(rest=True)
+                self._feed(flight, rest=True)
         self.drain()
         return self.recorder.evals[-1]
 
@@ -114,7 +114,7 @@ class EvalSchedule:
         if slot.chunks and not starved:
             return
         with self._blocking(flight):
-            flight.feed(rest=starved)
+            self._feed(flight, rest=starved)
         flight.mark = slot.batches_sent
 
     # ---- the loop's events --------------------------------------------------------------
@@ -122,9 +122,9 @@ class EvalSchedule:
         """The calls of every pending evaluation's current stage, for the loop's `ray.wait`."""
         return {ref: flight for flight in self.pending for ref in flight.waiting}
 
-    def reward_calls(self) -> list[Any]:
-        """The reward actor's calls of the pending evaluations (their score stage), for its hang check."""
-        return [ref for flight in self.pending if flight.stage == "score" for ref in flight.waiting]
+    def _calls(self, stage: str) -> list[Any]:
+        """The pending evaluations' calls in `stage`: generator 0's ("sample") or the reward actor's ("score")."""
+        return [ref for flight in self.pending if flight.stage == stage for ref in flight.waiting]
 
     def on_ready(self, flight: EvalInFlight) -> None:
         with self._blocking(flight):
@@ -144,10 +144,22 @@ class EvalSchedule:
     def _wait_for(self, flight: EvalInFlight) -> None:
         timeout = self.cfg.learner.stall_timeout_s
         while not flight.done:
-            self._advance(flight, lambda: flight.wait(timeout, self._check_reward_hang))
+            self._feed(flight, rest=True)
+            self._advance(flight, lambda: flight.wait(timeout, lambda: self.check_hangs(0.0)))
 
-    def _check_reward_hang(self) -> None:
-        self.rewards.check_hang(0.0, self.reward_calls())  # a hung reward actor would hold this wait to its end
+    def _feed(self, flight: EvalInFlight, rest: bool) -> None:
+        """`flight.feed`; generator 0's silence runs from here if it had nothing to do (its hang check)."""
+        slot = self.pool.slots[0]
+        if flight.unsent and not slot.chunks and not self._calls("sample"):
+            slot.answered_at = time.monotonic()
+        flight.feed(rest)
+
+    def check_hangs(self, frozen_s: float) -> None:
+        """Kill a generator or the reward actor that hangs, counting the evaluations' calls as theirs (the loop's
+        check, and a blocking wait's here: a hung actor would hold it to its end). `frozen_s`: time this process
+        itself was stopped since the last check."""
+        self.pool.hangs.check(frozen_s, self._calls("sample"))
+        self.rewards.check_hang(frozen_s, self._calls("score"))
 
     def due(self) -> list[int]:
         """Versions of the evaluations still pending, which a checkpoint of the newest version saves instead of

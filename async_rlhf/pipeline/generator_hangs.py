@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Protocol
+from typing import Any, Protocol, Sequence
 
 import ray
 
@@ -27,10 +27,10 @@ class Generators(Protocol):
     longest_call_s: float  # the longest a generate call has worked, by its own timings
 
 
-def answered(slot: GeneratorSlot) -> bool:
-    """Whether a call of the slot is done and waits to be handled: the driver was busy (a checkpoint's write), not
-    the generator silent."""
-    return bool(ray.wait([chunk.ref for chunk in slot.chunks], num_returns=1, timeout=0)[0])
+def answered(calls: list[Any]) -> bool:
+    """Whether one of a generator's calls is done and waits to be handled: the driver was busy (a checkpoint's
+    write), not the generator silent."""
+    return bool(ray.wait(calls, num_returns=1, timeout=0)[0])
 
 
 class GeneratorHangs:
@@ -44,15 +44,17 @@ class GeneratorHangs:
     def limit_s(self) -> float:
         return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s)
 
-    def check(self, frozen_s: float) -> None:
+    def check(self, frozen_s: float, eval_calls: Sequence[Any] = ()) -> None:
         """Kill every busy generator silent past the limit. `frozen_s`: time this process itself was stopped
-        since the last check, which no generator's silence includes."""
+        since the last check, which no generator's silence includes. `eval_calls`: generator 0's evaluation
+        chunks (at the final evaluation they are all it has)."""
         now = time.monotonic()
         for slot in self.pool.slots:
-            slot.answered_at += frozen_s
+            calls = [chunk.ref for chunk in slot.chunks] + list(eval_calls if slot is self.pool.slots[0] else ())
+            slot.answered_at = slot.answered_at + frozen_s if calls else now  # idle: silent from its next call on
             self._check_restart(slot, now, frozen_s)
-            if slot.chunks and not slot.recovering and now - slot.answered_at > self.limit_s and not answered(slot):
-                self._restart(slot, now - slot.answered_at)
+            if calls and not slot.recovering and now - slot.answered_at > self.limit_s and not answered(calls):
+                self._restart(slot, len(calls), now - slot.answered_at)
 
     def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
@@ -66,9 +68,9 @@ class GeneratorHangs:
             raise RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of "
                            f"its death (learner.stall_timeout_s); why is in its log under {RAY_LOGS}")
 
-    def _restart(self, slot: GeneratorSlot, silent_s: float) -> None:
+    def _restart(self, slot: GeneratorSlot, calls: int, silent_s: float) -> None:
         print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s with "
-              f"{len(slot.chunks)} chunk(s) in flight (generation.hang_timeout_s={self.timeout_s:g}; the longest "
+              f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}; the longest "
               f"call so far took {self.pool.longest_call_s:.1f}s): killing it so that Ray restarts it; its "
               f"prompts will be re-issued", file=sys.stderr, flush=True)
         slot.answered_at = time.monotonic()  # its chunks now fail as after a crash: said once

@@ -65,7 +65,8 @@ class GeneratorSlot:
     busy_s: float = 0.0
     tokens: int = 0
     batches_sent: int = 0  # training batches sent to it (an evaluation waiting for it counts them)
-    answered_at: float = 0.0  # time.monotonic of its last answer, or of its first chunk after it was idle
+    # time.monotonic of its last answer, or of its first call after it was idle (pipeline/generator_hangs.py)
+    answered_at: float = field(default_factory=time.monotonic)
 
     @property
     def busy(self) -> bool:

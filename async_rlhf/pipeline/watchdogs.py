@@ -57,7 +57,7 @@ class Watchdogs:
     def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
                  queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str],
                  kill_hung_learner: Callable[[float], bool] = lambda _idle_s: False,
-                 check_reward_hang: Callable[[float], None] = lambda _frozen_s: None) -> None:
+                 check_hangs: Callable[[float], None] = lambda _frozen_s: None) -> None:
         self.cfg = cfg
         self.state = state
         self.control = control
@@ -66,7 +66,7 @@ class Watchdogs:
         self.take_checkpoints = take_checkpoints  # serves the requests posted so far (learner idle)
         self.reward_source = reward_source
         self.kill_hung_learner = kill_hung_learner  # True: killed, and the loop fails over to a new one
-        self.check_reward_hang = check_reward_hang  # kills a hung reward actor (pipeline/rewards.py), given frozen s
+        self.check_hangs = check_hangs  # kills hung generators and a hung reward actor, given the seconds frozen
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
@@ -80,8 +80,7 @@ class Watchdogs:
         frozen = self.freezes.total_s - self.frozen_counted_s
         self.frozen_counted_s += frozen
         self.state.last_progress += frozen
-        self.pool.hangs.check(frozen)
-        self.check_reward_hang(frozen)
+        self.check_hangs(frozen)
         if self.control.paused or self.pool.recovering():
             self.state.last_progress = time.monotonic()
             return
