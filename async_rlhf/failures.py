@@ -9,6 +9,7 @@ import errno
 import os
 import re
 import shlex
+import shutil
 import signal
 import tempfile
 import traceback
@@ -114,6 +115,15 @@ def disk_full(exc: BaseException) -> bool:
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return any(os.strerror(code) in str(cause) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def room_on_disk(path: Path) -> str:
+    """'N MB free on its disk' for the disk of `path` (a directory that exists), or why it cannot be read: a full
+    disk often says so obscurely (a library's own error, an unnamed file)."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MB free on its disk"
+    except OSError as exc:  # the run directory itself gone or unreadable
+        return f"its disk cannot be read ({exc.strerror})"
 
 
 def unexpected_line(exc: BaseException, command: str) -> str:

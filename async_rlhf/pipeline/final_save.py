@@ -8,7 +8,6 @@ error: the run then fails as before, naming the disk and how to continue.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import ray
 
-from async_rlhf.failures import disk_full, what_died
+from async_rlhf.failures import disk_full, room_on_disk, what_died
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.learner_calls import learner_answer
 
@@ -51,25 +50,22 @@ class FinalSave:
                 if not disk_full(exc) or self.control.stop_requested or time.monotonic() >= deadline:
                     raise
                 if self.tries == 1:
-                    self._say(f"the final save to {self.path} failed: {what_died(exc)}; {self._room()}. The trained "
-                              f"policy is still in the learner's memory: free space and it is saved again every "
-                              f"{RETRY_S:.0f} s for up to {self.wait_s:.0f} s (checkpoint.final_wait_s; SIGTERM or "
-                              f"Ctrl-C twice gives up)")
+                    self._say(self._waiting_for_space(exc))
                 self._pause(deadline)
             self.start()
         if self.tries > 1:
             self._say(f"final save written to {self.path} (try {self.tries})")
 
+    def _waiting_for_space(self, exc: Exception) -> str:
+        return (f"the final save to {self.path} failed: {what_died(exc)}; {room_on_disk(self.path.parent)}. The "
+                f"trained policy is still in the learner's memory: free space and it is saved again every "
+                f"{RETRY_S:.0f} s for up to {self.wait_s:.0f} s (checkpoint.final_wait_s; SIGTERM or Ctrl-C twice "
+                f"gives up)")
+
     def _pause(self, deadline: float) -> None:
         until = min(time.monotonic() + RETRY_S, deadline)
         while time.monotonic() < until and not self.control.stop_requested:
             time.sleep(POLL_S)
-
-    def _room(self) -> str:
-        try:
-            return f"{shutil.disk_usage(self.path.parent).free / 2**20:.1f} MB free on its disk"
-        except OSError as exc:  # the run directory itself gone or unreadable
-            return f"its disk cannot be read ({exc.strerror})"
 
     @staticmethod
     def _say(text: str) -> None:

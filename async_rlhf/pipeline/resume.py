@@ -29,7 +29,7 @@ from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig, load_config
-from async_rlhf.failures import what_died
+from async_rlhf.failures import room_on_disk, what_died
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
@@ -217,8 +217,8 @@ def _checkpoint_failed(c: Resumable, exc: Exception) -> None:
     c.stats.checkpoint_failures += 1
     newest = c.checkpoints.checkpoints()
     why = what_died(exc)
-    if not isinstance(exc, LearnerHung):  # a full disk often says so obscurely
-        why += f"; {shutil.disk_usage(c.checkpoints.root.parent).free / 2**20:.1f} MB free on its disk"
+    if not isinstance(exc, LearnerHung):
+        why += f"; {room_on_disk(c.checkpoints.root.parent)}"
     _warn(f"checkpoint at step {c.broker.latest_version} not written ({why}); the run goes on, newest checkpoint: "
           f"{newest[-1].path.name if newest else 'none'}")
 
