@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -124,3 +127,13 @@ def as_in_a_terminal() -> None:
     started in the background (`nohup ... &`) passes SIGINT on ignored, and Python keeps an ignored SIGINT
     ignored, so a Ctrl-C test would otherwise test nothing."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def mount_tmpfs(where: Path, size: str) -> bool:
+    """A tmpfs of `size` at `where` (made here), to fill: a real full disk. False where this process may not mount
+    one (not root, no mount); the caller unmounts it (`umount -l`)."""
+    where.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, check=False).returncode == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from async_rlhf.pipeline import final_save
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.final_save import FinalSave
 from async_rlhf.pipeline.learner_calls import LearnerHung
-from tests.helpers import ROOT, train_command
+from tests.helpers import ROOT, mount_tmpfs, train_command
 
 
 class FullDiskLearner:
@@ -93,14 +92,6 @@ def test_a_save_the_learner_never_answers_fails_once_it_is_past_the_stall_timeou
     with pytest.raises(LearnerHung, match=f"answered nothing for 1s while saving {tmp_path / 'final'} "):
         save.wait()
     assert time.monotonic() - started < 10 and save.tries == 1
-
-
-def mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, check=False).returncode == 0
 
 
 @pytest.mark.slow

@@ -97,10 +97,12 @@ def test_clock_fields_time_an_evaluation_from_the_process_start() -> None:
 
 def test_a_full_disk_names_the_file_it_could_not_write(tmp_path: Path) -> None:
     # Found with a run directory on a 120 KB tmpfs: "OSError: [Errno 28] No space left on device", no file named.
-    # /dev/full answers every write with ENOSPC, as a full disk does.
+    # /dev/full answers every write with ENOSPC, as a full disk does. (The logs' lines are held instead:
+    # tests/test_line_log.py; the summary, the run's last write, still fails.)
     rec = RunRecorder(tmp_path)
-    rec.metrics_path = Path("/dev/full")
+    (tmp_path / "summary.json").symlink_to("/dev/full")
     with pytest.raises(OSError) as caught:
-        rec.log_step({"step": 1})
-    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
-    assert str(caught.value) == "[Errno 28] No space left on device: '/dev/full'"
+        rec.write_summary({"steps": 1})
+    path = tmp_path / "summary.json"
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert str(caught.value) == f"[Errno 28] No space left on device: '{path}'"

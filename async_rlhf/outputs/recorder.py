@@ -12,6 +12,7 @@ from typing import Any
 
 from async_rlhf.config.run import RunConfig, dump_config
 from async_rlhf.failures import naming
+from async_rlhf.outputs.line_log import DiskNotice, LineLog
 from async_rlhf.outputs.plots import pyplot
 from async_rlhf.outputs.plots import series as _series
 from async_rlhf.outputs.sinks import MetricSink
@@ -24,6 +25,9 @@ class RunRecorder:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
+        self.disk = DiskNotice()  # shared with the run's timeline (pipeline/controller.py)
+        self.metrics_log = LineLog(self.metrics_path, self.disk)
+        self.eval_log = LineLog(self.eval_path, self.disk)
         self.steps: list[dict] = []  # PLOTTED keys only: a long run's full records would grow without bound
         self.step_offsets: list[int] = []  # where each step's line starts in metrics.jsonl, for /history
         self.evals: list[dict] = []
@@ -39,7 +43,7 @@ class RunRecorder:
     def log_step(self, record: dict) -> None:
         self.steps.append(_plotted(record))
         self.episodes = record.get("episodes", self.episodes)
-        self.step_offsets.append(self._append(self.metrics_path, record))
+        self.step_offsets.append(self.metrics_log.append(json_text(record)))
         for sink in self.sinks:
             sink.log("train", record, record["step"])
 
@@ -48,7 +52,7 @@ class RunRecorder:
         says: it ran beside training): gold against episodes needs no other file."""
         record = {**record, "episodes": record.get("episodes", self.episodes)}
         self.evals.append(record)
-        self._append(self.eval_path, record)
+        self.eval_log.append(json_text(record))
         for sink in self.sinks:
             sink.log("eval", record, record["version"])
 
@@ -70,13 +74,18 @@ class RunRecorder:
 
     def sync(self) -> None:
         """Both logs on disk, before a checkpoint (itself fsynced) counts their lines: after a power loss a log
-        shorter than its checkpoint's count would make --resume fail."""
+        shorter than its checkpoint's count would make --resume fail. Lines held for want of space raise."""
+        for log in (self.metrics_log, self.eval_log):
+            log.require_on_disk()
         for path in (self.metrics_path, self.eval_path):
             if path.is_file():
                 with path.open("rb") as fh:
                     os.fsync(fh.fileno())
 
     def write_summary(self, summary: dict) -> None:
+        """summary.json, after every line held for want of space (the run's last write: all must be on disk)."""
+        for log in (self.metrics_log, self.eval_log):
+            log.require_on_disk()
         path = self.run_dir / "summary.json"
         with naming(path):
             path.write_text(json_text(summary, indent=2) + "\n")
@@ -89,6 +98,8 @@ class RunRecorder:
         self.step_offsets = [0, *ends[:-1]] if lines else []
         self.episodes = json.loads(lines[-1]).get("episodes", 0) if lines else 0
         self.evals = [json.loads(line) for line in self._keep(self.eval_path, eval_lines)]
+        for log in (self.metrics_log, self.eval_log):
+            log.sync_to_disk()
 
     @staticmethod
     def _keep(path: Path, lines: int) -> list[str]:
@@ -99,14 +110,6 @@ class RunRecorder:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
         return kept
-
-    @staticmethod
-    def _append(path: Path, record: dict) -> int:
-        """Append one JSON line; returns the byte offset where it starts."""
-        with naming(path), path.open("ab") as fh:
-            start = fh.tell()
-            fh.write((json_text(record) + "\n").encode())
-        return start
 
     def warm_plot(self) -> None:
         """Import matplotlib (~0.3 s) in the background, for a caller about to wait (the final evaluation):

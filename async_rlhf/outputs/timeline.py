@@ -11,35 +11,37 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
-from async_rlhf.failures import naming
+from async_rlhf.outputs.line_log import DiskNotice, LineLog
 
 Kind = Literal["weight_sync", "generation", "mc_rollouts", "reward", "learn", "publish", "eval"]
 
 
 class Timeline:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, disk: DiskNotice | None = None) -> None:
         self.path = path
         self.origin = time.time()
-        self._file: IO[str] | None = None  # opened on the first event
+        self.disk = disk  # the run's: one warning for all its logs when the disk is full
+        self._log: LineLog | None = None  # made on the first event
 
     def add(self, kind: Kind, worker: str, start: float, end: float, version: int | None = None) -> None:
         """Record an event from wall-clock `start` to `end` (time.time() values)."""
         if end <= start:
             return  # e.g. no weight load before this batch
-        if self._file is None:
+        if self._log is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", buffering=1)  # line-buffered: a crashed run keeps its events
+            self._log = LineLog(self.path, self.disk)  # a line per event, written at once: a crash keeps them
         event = {"kind": kind, "worker": worker, "start": round(start - self.origin, 4),
                  "end": round(end - self.origin, 4), "version": version}
-        with naming(self.path):
-            self._file.write(json.dumps(event) + "\n")
+        self._log.append(json.dumps(event))
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Lines held for want of space are written if the disk takes them now (the timeline is diagnostics: a
+        full disk here loses them rather than the run)."""
+        if self._log is not None:
+            self._log.write_held()
+        self._log = None
 
 
 def read_timeline(path: Path) -> list[dict]:

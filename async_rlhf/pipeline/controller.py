@@ -107,7 +107,7 @@ class Controller:
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.target_capacity = self.queue.capacity
         self.timing = Timing()
-        self.timeline = Timeline(run_dir / "timeline.jsonl")
+        self.timeline = Timeline(run_dir / "timeline.jsonl", self.recorder.disk)
         self.startup = StartupClock.since_process_start()
         self.state = LoopState(first_version=resume.step if resume else 0)
         self.stats = RunStats()
