@@ -106,3 +106,15 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path: Path) -> None:
     path = tmp_path / "summary.json"
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
     assert str(caught.value) == f"[Errno 28] No space left on device: '{path}'"
+
+
+def test_a_plot_the_disk_cannot_take_is_a_warning_at_the_end_of_a_run(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    # Before: the run failed (exit 1) after its summary and final/ were written.
+    rec = RunRecorder(tmp_path)
+    rec.log_step({"step": 1, "reward_mean": 0.5, "kl": 0.0})
+    (tmp_path / "reward.png").symlink_to("/dev/full")
+    rec.plot_at_end()
+    said = capsys.readouterr().err
+    assert said.startswith("[async-rlhf] warning: reward.png not written ([Errno 28] No space left on device")
+    assert f"`async-rlhf plot {tmp_path} --out FILE` draws it" in said

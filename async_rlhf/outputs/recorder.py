@@ -12,7 +12,7 @@ from typing import Any
 
 from async_rlhf.config.run import RunConfig, dump_config
 from async_rlhf.failures import naming
-from async_rlhf.outputs.line_log import DiskNotice, LineLog
+from async_rlhf.outputs.line_log import DiskNotice, LineLog, say
 from async_rlhf.outputs.plots import pyplot
 from async_rlhf.outputs.plots import series as _series
 from async_rlhf.outputs.sinks import MetricSink
@@ -115,6 +115,13 @@ class RunRecorder:
         """Import matplotlib (~0.3 s) in the background, for a caller about to wait (the final evaluation):
         plot() then finds it imported, or waits on the import lock for the rest."""
         threading.Thread(target=pyplot, name="warm-plot", daemon=True).start()
+
+    def plot_at_end(self) -> None:
+        """reward.png, a run's last file: a disk that cannot take it does not fail a run whose results are in."""
+        try:
+            self.plot()
+        except OSError as exc:
+            say(f"warning: reward.png not written ({exc}); `async-rlhf plot {self.run_dir} --out FILE` draws it")
 
     def plot(self) -> Path:
         """reward.png: training (proxy) reward, gold evaluations (and win-rate) over steps; KL to the reference."""

@@ -330,7 +330,7 @@ class Controller:
         self.pool.count_quiet_restarts()
         summary = run_summary(self.view, self.recorder.evals[0], final)
         self.recorder.write_summary(summary)
-        self.recorder.plot()
+        self.recorder.plot_at_end()
         return summary
 
     def shutdown(self) -> None:
