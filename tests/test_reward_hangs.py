@@ -30,9 +30,9 @@ class StuckReward:
         return groups
 
 
-def book_of(actor: Any, stall_timeout_s: float = 20.0) -> RewardBook:
-    """A RewardBook of a run whose hang timeout is 10 s (half the stall timeout), over `actor`."""
-    cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": stall_timeout_s}})
+def book_of(actor: Any, stall_timeout_s: float = 20.0, reward: dict | None = None) -> RewardBook:
+    """A RewardBook of a run whose hang timeout is half its stall timeout (10 s), over `actor`."""
+    cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": stall_timeout_s}, "reward": reward or {}})
     unused: Any = None  # the queue and timeline: nothing is scored here
     return RewardBook(cfg, cast(Any, SimpleNamespace(reward=actor)), LoopState(), RunStats(), unused, unused)
 
@@ -85,3 +85,11 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     assert killed == ([actor] if case in ("hung", "an evaluation's call") else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
+
+
+def test_a_remote_reward_models_own_deadline_is_not_taken_for_a_hang() -> None:
+    # The client gives up on a slow server itself, after reward.remote.deadline_s (retries included) and at most
+    # one more request's timeout; a hang timeout below that killed a reward actor that was only waiting.
+    assert book_of(None, stall_timeout_s=100.0).hang_limit_s == 50.0
+    remote = {"remote": {"url": "http://127.0.0.1:9/score", "deadline_s": 60, "timeout_s": 10}}
+    assert book_of(None, stall_timeout_s=100.0, reward=remote).hang_limit_s == 70.0

@@ -79,7 +79,11 @@ class RewardBook:
 
     @property
     def hang_limit_s(self) -> float:
-        return max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s)
+        """The hang timeout, 10x its longest call, and a remote reward model's own bound on a call (its deadline,
+        then one last request's timeout): a slow server is the client's to time out, not a hang."""
+        remote = self.cfg.reward.remote
+        own = remote.deadline_s + remote.timeout_s if remote is not None else 0.0
+        return max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s, own)
 
     def queue_scored(self, result: GenerationResult, scored: list[RolloutGroup]) -> None:
         """Scored responses (then MC rollouts) of one generation: values and advantages first for VinePPO."""
