@@ -15,6 +15,7 @@ import pytest
 
 from actors.generator import GenerationResult
 from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RunError
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import LoopState, RunStats
@@ -93,3 +94,13 @@ def test_a_remote_reward_models_own_deadline_is_not_taken_for_a_hang() -> None:
     assert book_of(None, stall_timeout_s=100.0).hang_limit_s == 50.0
     remote = {"remote": {"url": "http://127.0.0.1:9/score", "deadline_s": 60, "timeout_s": 10}}
     assert book_of(None, stall_timeout_s=100.0, reward=remote).hang_limit_s == 70.0
+
+
+def test_a_reward_actor_that_does_not_answer_after_its_restart_ends_the_run_with_one_line(ray_local) -> None:
+    actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
+    book = book_of(actor, stall_timeout_s=2.0)
+    actor.score.remote([])  # its health call waits behind this one, which never returns
+    with pytest.raises(RunError, match=r"^the reward actor did not answer within 2s of its restart "
+                                       r"\(learner\.stall_timeout_s\); why is in its log under /tmp/ray/"):
+        book.restarted()
+    ray_local.kill(actor)

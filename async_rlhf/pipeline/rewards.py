@@ -11,6 +11,7 @@ import ray
 from actors.generator import GenerationResult
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RAY_LOGS, RunError
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.queue import RolloutQueue
@@ -130,14 +131,17 @@ class RewardBook:
     def _pid(self) -> int:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
         (ActorUnavailableError) and is sent again, for up to learner.stall_timeout_s."""
-        deadline = time.monotonic() + self.cfg.learner.stall_timeout_s
-        while True:
+        limit = self.cfg.learner.stall_timeout_s
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
             try:
                 return ray.get(self.parts.reward.health.remote(), timeout=max(deadline - time.monotonic(), 0.1))["pid"]
             except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
                 time.sleep(0.2)
+            except ray.exceptions.GetTimeoutError:
+                break
+        raise RunError(f"the reward actor did not answer within {limit:g}s of its restart (learner.stall_timeout_s); "
+                       f"why is in its log under {RAY_LOGS}")
 
     def regenerate(self, result: GenerationResult) -> None:
         """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead
