@@ -104,3 +104,18 @@ def test_a_restart_that_never_comes_back_ends_the_run(monkeypatch: pytest.Monkey
     hangs.check(frozen_s=0.0)
     slot.recovering = True
     hangs.check(frozen_s=0.0)
+
+
+def test_a_failover_waiting_for_the_generations_in_flight_kills_a_generator_that_hangs(ray_local, tmp_path) -> None:
+    # Before: the failover waited learner.stall_timeout_s for the hung generator's chunk and ended the run.
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.state import Components, LoopState, RunStats
+
+    actor = ray_local.remote(num_cpus=0, max_restarts=1)(Stuck).remote()
+    cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": 60}, "generation": {"hang_timeout_s": 2}})
+    unused: Any = None  # the broker (no lease here), the reward book, timing and timeline: nothing is generated
+    pool = GeneratorPool(cfg, Components(), LoopState(), RunStats(), unused, unused, unused, unused)
+    pool.slots = [busy_slot(actor, silent_s=0.0, call=actor.generate.remote())]
+    started = time.monotonic()
+    pool.quiesce()
+    assert time.monotonic() - started < 30 and not pool.slots[0].chunks and pool.slots[0].recovering

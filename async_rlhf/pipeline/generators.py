@@ -272,15 +272,22 @@ class GeneratorPool:
         if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:
             self._restart_the_stuck()
         else:
-            jobs, timeout = list(self.jobs()), self.cfg.learner.stall_timeout_s
-            _, running = ray.wait(jobs, num_returns=len(jobs), timeout=timeout) if jobs else ([], [])
-            if running:
-                raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
-                               f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
+            self._let_end(list(self.jobs()))
         for slot in self.slots:
             for chunk in list(slot.chunks):
                 self._handled(slot, chunk.ref)
             slot.recovering, slot.not_before = True, 0.0
+
+    def _let_end(self, jobs: list[Any]) -> None:
+        """Wait for every call in `jobs` to end, killing a generator that hangs meanwhile as the loop would (its
+        call then fails, which ends it); what still runs after learner.stall_timeout_s ends the run."""
+        timeout = self.cfg.learner.stall_timeout_s
+        deadline = time.monotonic() + timeout
+        while jobs and (running := ray.wait(jobs, num_returns=len(jobs), timeout=1.0)[1]):
+            if time.monotonic() > deadline:
+                raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
+                               f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
+            self.hangs.check(frozen_s=0.0)
 
     def _restart_the_stuck(self) -> None:
         """Pushed transports: a generator may be stuck in the dead learner's push, its receive call waiting on a
