@@ -20,11 +20,11 @@ from actors.generator import GenerationResult
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.state import Components
+from async_rlhf.pipeline.waits import wait_all
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import WeightRef
 
 Stage = Literal["sample", "score", "kl", "done"]
-POLL_S = 1.0  # how often a blocking wait runs its hang checks
 
 
 def merged(results: list[GenerationResult]) -> GenerationResult:
@@ -135,13 +135,9 @@ class EvalInFlight:
 
     def wait(self, timeout_s: float, between: Callable[[], None] = lambda: None) -> None:
         """Block until this stage has answered and advance (`advance` raises a failed call's error); the
-        sample's chunks not sent yet are sent first, as one call. `between` runs every POLL_S meanwhile: the
-        hang checks, whose kill makes the hung actor's call fail here."""
+        sample's chunks not sent yet are sent first, as one call. `between`: the hang checks (waits.wait_all)."""
         self.feed(rest=True)
-        deadline = time.monotonic() + timeout_s
-        while self.waiting and ray.wait(self.waiting, num_returns=len(self.waiting), timeout=POLL_S)[1]:
-            if time.monotonic() > deadline:
-                raise RunError(f"the evaluation of version {self.version} did not finish its {self.stage} stage "
-                               f"within learner.stall_timeout_s={timeout_s:g}s")
-            between()
+        if wait_all(self.waiting, timeout_s, between):
+            raise RunError(f"the evaluation of version {self.version} did not finish its {self.stage} stage "
+                           f"within learner.stall_timeout_s={timeout_s:g}s")
         self.advance()

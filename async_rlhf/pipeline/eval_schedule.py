@@ -30,6 +30,7 @@ from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components
 from async_rlhf.pipeline.timing import Timing
+from async_rlhf.pipeline.waits import wait_all
 from async_rlhf.weights.broker import WeightRef, WeightSyncBroker
 
 
@@ -172,9 +173,7 @@ class EvalSchedule:
         finishes older ones and saves its own as due, which the restore sends again). Their calls are let end
         first: the sample reads leased weights, which the rollback reuses, and no lease may be held through
         it. Then they are dropped, unlogged."""
-        refs = list(self.refs())
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.learner.stall_timeout_s)
+        wait_all(list(self.refs()), self.cfg.learner.stall_timeout_s, lambda: self.check_hangs(0.0))
         while self.pending:
             self._release(self.pending.popleft())
 

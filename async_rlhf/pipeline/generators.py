@@ -24,6 +24,7 @@ from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allo
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
+from async_rlhf.pipeline.waits import wait_all
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 
@@ -282,12 +283,10 @@ class GeneratorPool:
         """Wait for every call in `jobs` to end, killing a generator that hangs meanwhile as the loop would (its
         call then fails, which ends it); what still runs after learner.stall_timeout_s ends the run."""
         timeout = self.cfg.learner.stall_timeout_s
-        deadline = time.monotonic() + timeout
-        while jobs and (running := ray.wait(jobs, num_returns=len(jobs), timeout=1.0)[1]):
-            if time.monotonic() > deadline:
-                raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
-                               f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
-            self.hangs.check(frozen_s=0.0)
+        running = wait_all(jobs, timeout, lambda: self.hangs.check(frozen_s=0.0))
+        if running:
+            raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
+                           f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")
 
     def _restart_the_stuck(self) -> None:
         """Pushed transports: a generator may be stuck in the dead learner's push, its receive call waiting on a
