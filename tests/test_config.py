@@ -95,6 +95,8 @@ def test_bad_values_give_one_line_errors(overrides: list[str], expected: str) ->
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file '.*missing.yaml' not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' is a directory; pass a YAML file"):
+        load_config(tmp_path)  # it said "not found"
     broken = tmp_path / "broken.yaml"
     broken.write_text("queue: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):

@@ -283,7 +283,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
     if path is not None:
         file = Path(path)
         if not file.is_file():
-            raise ConfigError(f"config error: config file '{file}' not found; pass a YAML file such as "
+            what = "is a directory" if file.is_dir() else "not found"
+            raise ConfigError(f"config error: config file '{file}' {what}; pass a YAML file such as "
                               "configs/quickstart.yaml")
         try:
             data = load_yaml(file.read_text(encoding="utf-8")) or {}
