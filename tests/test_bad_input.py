@@ -154,6 +154,11 @@ def test_status_of_a_run_that_has_ended_says_how_it_ended(tmp_path: Path, capsys
     assert capsys.readouterr().out.strip() == (
         f"run {tmp_path.name} has ended (stopped early): 40 steps in 7.2s of training; gold reward 0.555 -> -, max "
         f"staleness seen 1; outputs in {tmp_path}")
+    for damaged, error in (("{\"steps\": 4", "JSONDecodeError"), ('{"steps": 40}', "KeyError: 'stopped_early'")):
+        (tmp_path / "summary.json").write_text(damaged)  # before: "status failed: JSONDecodeError" + a traceback file
+        assert main(["status", "--run-dir", str(tmp_path)]) == 1
+        assert capsys.readouterr().err.startswith(
+            f"status error: {tmp_path / 'summary.json'} cannot be read as a run's summary ({error}")
     assert main(["status", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"status error: no directory {tmp_path / 'nothing'}; pass --run-dir a run's directory (runs/<time>/)")

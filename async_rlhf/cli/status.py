@@ -40,8 +40,13 @@ def print_ended(run_dir: Path, as_json: bool = False) -> int | None:
         print(f"status error: the run in {run_dir} is not running and wrote no summary.json: it failed or was killed"
               f"{_continue(run_dir)}", file=sys.stderr)
         return 1
-    summary = json.loads(summary_path.read_text())
-    ended, steps, gold = summary_figures(summary)
+    try:
+        summary = json.loads(summary_path.read_text())
+        ended, steps, gold = summary_figures(summary)
+    except (ValueError, KeyError, TypeError) as exc:  # damaged, cut short, or another tool's file
+        print(f"status error: {summary_path} cannot be read as a run's summary ({type(exc).__name__}: {exc}); its "
+              f"steps are in {run_dir / 'metrics.jsonl'}", file=sys.stderr)
+        return 1
     print(json.dumps({"ended": True, "summary": summary}, indent=2) if as_json else
           f"run {run_dir.name} has ended ({ended}): {steps}; {gold}; outputs in {run_dir}")
     return 0
