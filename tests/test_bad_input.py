@@ -435,6 +435,20 @@ def test_resume_with_only_damaged_checkpoints(tmp_path: Path, capsys: pytest.Cap
     ]
 
 
+def test_resume_with_a_damaged_summary_goes_by_the_newest_checkpoint(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # Before: "train failed: JSONDecodeError ..." and a traceback file.
+    run = earlier_run(tmp_path, checkpoint_step=400)
+    (run / "summary.json").write_text("{\"steps\": 4")  # cut short
+    assert main(["train", str(QUICKSTART), "learner.steps=300", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"[async-rlhf] warning: {run / 'summary.json'} cannot be read (JSONDecodeError: Expecting ',' delimiter: "
+        "line 1 column 12 (char 11)); going by the newest checkpoint",
+        f"config error: --resume: the newest valid checkpoint in '{run}/checkpoints' is at step 400, beyond "
+        "learner.steps=300; raise learner.steps to at least 400",
+    ]
+
+
 def test_resume_and_run_dir_together(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", str(QUICKSTART), "--resume", str(tmp_path), "--run-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (

@@ -286,6 +286,18 @@ def _warn(message: str) -> None:
     print(f"[async-rlhf] warning: {message}", file=sys.stderr, flush=True)
 
 
+def _steps_done(summary: Path) -> int:
+    """The steps a finished run trained, from its summary.json; 0 without one, and 0 with one that cannot be read
+    (said; its newest checkpoint then decides what is left)."""
+    if not summary.is_file():
+        return 0
+    try:
+        return int(json.loads(summary.read_text())["steps"])
+    except (ValueError, KeyError, TypeError) as exc:
+        _warn(f"{summary} cannot be read ({type(exc).__name__}: {exc}); going by the newest checkpoint")
+        return 0
+
+
 def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
     """The checkpoint `train --resume run_dir` continues from, or a ConfigError saying why there is none."""
     pre = "config error: --resume: "
@@ -296,8 +308,7 @@ def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
     diff = config_difference(load_config(run_dir / "config.yaml"), cfg)
     if diff:
         raise ConfigError(f"{pre}{diff}; a resumed run must keep it (start a new run to change it)")
-    summary = run_dir / "summary.json"
-    done = json.loads(summary.read_text())["steps"] if summary.is_file() else 0
+    done = _steps_done(run_dir / "summary.json")
     if done >= cfg.learner.steps:
         raise ConfigError(f"{pre}run '{run_dir}' already finished ({done} of learner.steps={cfg.learner.steps}); "
                           f"raise learner.steps to train further")
