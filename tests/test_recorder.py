@@ -118,3 +118,27 @@ def test_a_plot_the_disk_cannot_take_is_a_warning_at_the_end_of_a_run(tmp_path: 
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] warning: reward.png not written ([Errno 28] No space left on device")
     assert f"`async-rlhf plot {tmp_path} --out FILE` draws it" in said
+
+
+def test_a_damaged_log_line_is_kept_in_place_and_left_out_of_the_figures_on_resume(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Before: --resume failed with a raw JSONDecodeError, and offered --resume again.
+    rec = RunRecorder(tmp_path)
+    for step in (1, 2, 3):
+        rec.log_step({"step": step, "reward_mean": 0.5, "kl": 0.0, "episodes": 32 * step})
+    rec.log_eval({"version": 0, "gold_reward": 0.5})
+    lines = rec.metrics_path.read_text().splitlines()
+    rec.metrics_path.write_text("\n".join([lines[0], "garbage{", lines[2]]) + "\n")
+    rec.eval_path.write_text("[1, 2]\n")  # JSON, but not a record
+    resumed = RunRecorder(tmp_path)
+    resumed.truncate(metrics_lines=3, eval_lines=1)
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"[async-rlhf] warning: line 2 of {rec.metrics_path} is not a JSON record (1 such line(s)): kept "
+                    "as it is, and left out of the run's figures",
+                    f"[async-rlhf] warning: line 1 of {rec.eval_path} is not a JSON record (1 such line(s)): kept as "
+                    "it is, and left out of the run's figures"]
+    assert len(resumed.steps) == 3 and resumed.episodes == 96 and resumed.evals == [{}]  # counts match the files
+    assert [r["step"] for r in resumed.step_records(0)] == [1, 3]
+    resumed.log_step({"step": 4, "reward_mean": 0.6, "kl": 0.1, "episodes": 128})
+    assert [r["step"] for r in resumed.step_records(2)] == [3, 4]  # offsets still point at their lines
+    assert resumed.plot().is_file()

@@ -70,7 +70,7 @@ class RunRecorder:
         with self.metrics_path.open("rb") as fh:
             fh.seek(self.step_offsets[since])
             lines = fh.read().split(b"\n")[:-1]  # the part after the last newline is unfinished
-        return [json.loads(line) for line in lines if line.strip()]
+        return [record for record in _parsed(None, [line.decode(errors="replace") for line in lines]) if record]
 
     def sync(self) -> None:
         """Both logs on disk, before a checkpoint (itself fsynced) counts their lines: after a power loss a log
@@ -93,11 +93,12 @@ class RunRecorder:
     def truncate(self, metrics_lines: int, eval_lines: int) -> None:
         """Resume: keep the first lines of each log (those a checkpoint counted), drop what came after it."""
         lines = self._keep(self.metrics_path, metrics_lines)
-        self.steps = [_plotted(json.loads(line)) for line in lines]
+        records = _parsed(self.metrics_path, lines)
+        self.steps = [_plotted(record) for record in records]
         ends = list(accumulate(len(line.encode()) + 1 for line in lines))
         self.step_offsets = [0, *ends[:-1]] if lines else []
-        self.episodes = json.loads(lines[-1]).get("episodes", 0) if lines else 0
-        self.evals = [json.loads(line) for line in self._keep(self.eval_path, eval_lines)]
+        self.episodes = next((r["episodes"] for r in reversed(records) if "episodes" in r), 0)
+        self.evals = _parsed(self.eval_path, self._keep(self.eval_path, eval_lines))
         for log in (self.metrics_log, self.eval_log):
             log.sync_to_disk()
 
@@ -127,7 +128,7 @@ class RunRecorder:
         """reward.png: training (proxy) reward, gold evaluations (and win-rate) over steps; KL to the reference."""
         plt = pyplot()
         fig, (ax_r, ax_kl) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        steps = [r["step"] for r in self.steps]
+        steps = _series(self.steps, "step")
         ax_r.plot(steps, _series(self.steps, "reward_mean"), label="train reward (proxy), batch mean", alpha=0.7)
         if self.evals:
             ax_r.plot(_series(self.evals, "version"), _series(self.evals, "gold_reward"), "o-",
@@ -172,6 +173,23 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value
+
+
+def _parsed(path: Path | None, lines: list[str]) -> list[dict]:
+    """The records of a log's lines, one per line: a line that is not a JSON object (damaged by hand or by the disk)
+    is an empty record, so that counts and offsets still match the file, and said once for `path`."""
+    records: list[dict] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        records.append(record if isinstance(record, dict) else {})
+    bad = [number for number, (line, record) in enumerate(zip(lines, records), 1) if line.strip() and not record]
+    if bad and path is not None:
+        say(f"warning: line {bad[0]} of {path} is not a JSON record ({len(bad)} such line(s)): kept as it is, and "
+            f"left out of the run's figures")
+    return records
 
 
 def _plotted(record: dict) -> dict:

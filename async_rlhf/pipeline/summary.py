@@ -67,9 +67,9 @@ def run_summary(view: RunView, initial: dict, final: dict) -> dict:
         "staleness_histogram": {str(k): v for k, v in sorted(q.staleness.items())},
         "tokens_generated": int(t("tokens_generated")),
         "cores_pinned": view.cores_pinned,
-        "initial_gold_reward": initial["gold_reward"],
+        "initial_gold_reward": initial.get("gold_reward"),  # {}: its line in eval.jsonl was damaged
         "final_gold_reward": final["gold_reward"],
-        "initial_proxy_reward": initial["proxy_reward"],
+        "initial_proxy_reward": initial.get("proxy_reward"),
         "final_proxy_reward": final["proxy_reward"],
         "final_kl": final["kl"],
         **view.gap_summary(),
