@@ -8,6 +8,7 @@ microseconds next to events that take tens of milliseconds, so it is always on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -37,10 +38,11 @@ class Timeline:
         self._log.append(json.dumps(event))
 
     def close(self) -> None:
-        """Lines held for want of space are written if the disk takes them now (the timeline is diagnostics: a
-        full disk here loses them rather than the run)."""
+        """Lines held for want of space are written if the disk takes them now. The timeline is diagnostics and this
+        runs in the run's shutdown: a disk still full (or a directory gone) loses them, never the shutdown."""
         if self._log is not None:
-            self._log.write_held()
+            with contextlib.suppress(OSError):
+                self._log.write_held()
         self._log = None
 
 
