@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import mount_tmpfs
 
 # Separable on purpose: the chosen responses are sorted digits, the rejected reversed ones.
 PAIRS = [{"prompt": f"{d}>", "chosen": "".join(sorted(d)), "rejected": "".join(sorted(d, reverse=True))}
@@ -64,3 +68,17 @@ def tiny_rm(random_policies: tuple[Path, Path], tmp_path_factory: pytest.TempPat
     metrics = train_reward_model(args, log=lambda _: None)
     assert metrics["pairs"] == len(PAIRS)
     return root / "rm"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MB disk, all but ~48 kB of it taken by `filler` (remove it to free space; tests/helpers.py fill_disk
+    takes the rest). Skipped where this process may not mount one."""
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "1m"):
+        pytest.skip("needs a tmpfs of its own (root with mount) to fill")
+    try:
+        (disk / "filler").write_bytes(bytes(1_000_000))
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -1,6 +1,7 @@
 """Small builders and readers shared by tests: rollouts, CLI commands, run-directory files, weight slots."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -137,3 +138,18 @@ def mount_tmpfs(where: Path, size: str) -> bool:
         return False
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True, check=False).returncode == 0
+
+
+def fill_disk(disk: Path) -> None:
+    """Take what room is left on `disk` (a last partial page included), as a file `rest`."""
+    fd = os.open(disk / "rest", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (4096, 1):
+            try:
+                while True:
+                    os.write(fd, bytes(size))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,34 +16,7 @@ from async_rlhf.outputs import line_log
 from async_rlhf.outputs.line_log import DiskNotice, LineLog
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline, read_timeline
-from tests.helpers import mount_tmpfs
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MB disk, all but ~20 kB of it taken by `filler` (remove it to free space)."""
-    disk = tmp_path / "disk"
-    if not mount_tmpfs(disk, "1m"):
-        pytest.skip("needs a tmpfs of its own (root with mount) to fill")
-    try:
-        (disk / "filler").write_bytes(bytes(1_000_000))
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
-def fill(disk: Path) -> None:
-    """Take what room is left (a last partial block included)."""
-    fd = os.open(disk / "rest", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for size in (4096, 1):
-            try:
-                while True:
-                    os.write(fd, bytes(size))
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
+from tests.helpers import fill_disk
 
 
 def test_lines_that_find_the_disk_full_are_held_and_written_in_order_once_space_is_back(
@@ -53,7 +24,7 @@ def test_lines_that_find_the_disk_full_are_held_and_written_in_order_once_space_
     recorder = RunRecorder(small_disk)
     timeline = Timeline(small_disk / "timeline.jsonl", recorder.disk)
     recorder.log_step({"step": 1, "reward_mean": 0.5, "kl": 0.0})
-    fill(small_disk)
+    fill_disk(small_disk)
     for step in range(2, 6):  # before: OSError, and the run ended (3000 bytes: past the slack of a page)
         recorder.log_step({"step": step, "reward_mean": 0.5, "kl": 0.0, "note": "x" * 3000})
         timeline.add("learn", "learner", 1.0, 2.0, step)
@@ -77,7 +48,7 @@ def test_lines_that_find_the_disk_full_are_held_and_written_in_order_once_space_
 
 def test_the_summary_is_not_written_while_lines_are_held(small_disk: Path) -> None:
     recorder = RunRecorder(small_disk)
-    fill(small_disk)
+    fill_disk(small_disk)
     recorder.log_eval({"version": 0, "gold": 0.1})
     (small_disk / "rest").unlink()  # room for the eval line, which is written first
     recorder.write_summary({"steps": 0})

@@ -16,7 +16,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.sinks import TensorBoardSink, WandbSink, make_sinks, scalars
-from tests.helpers import cli_command
+from tests.helpers import cli_command, fill_disk
 
 
 def step(i: int, reward: float | None) -> dict:
@@ -171,3 +171,23 @@ def test_a_matplotlib_config_dir_that_cannot_be_written_says_nothing(tmp_path: P
     proc = subprocess.run(cli_command("plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")), env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "" and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_a_full_disk_stops_the_tensorboard_sink_with_one_warning_and_keeps_its_records_whole(
+        small_disk: Path, capsys: pytest.CaptureFixture) -> None:
+    # Before: SummaryWriter's own thread printed a traceback on the run's terminal, and the next step failed the run.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = TensorBoardSink(small_disk / "tensorboard")
+    sink.log("train", {"step": 1, "reward_mean": 0.5}, 1)
+    fill_disk(small_disk)
+    for n in range(2, 400):  # past the slack of the file's last page
+        sink.log("train", {"step": n, "reward_mean": 0.5, **{f"x{i}": float(i) for i in range(20)}}, n)
+    sink.close()
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"[async-rlhf] warning: TensorBoard events are no longer written "
+                                                 f"to {small_disk / 'tensorboard'} ([Errno 28] No space left on device")
+    events = EventAccumulator(str(small_disk / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/reward_mean")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 399  # whole records, in order

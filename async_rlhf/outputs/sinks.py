@@ -7,14 +7,19 @@ are sent (lists such as `prompt_ids` stay in the JSONL files).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redacted
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import first_line
+from async_rlhf.outputs.line_log import say
 
 Kind = Literal["train", "eval"]
 AXES: dict[str, str] = {"train": "train/step", "eval": "eval/version"}  # W&B's x axis of each kind's charts
@@ -36,20 +41,49 @@ def scalars(kind: Kind, record: dict) -> dict[str, float]:
 
 
 class TensorBoardSink:
-    """Event files in `log_dir`, readable by TensorBoard (and its EventAccumulator)."""
+    """Event files in `log_dir`, readable by TensorBoard (and its EventAccumulator), written in this thread: torch's
+    SummaryWriter writes from a thread of its own, whose failure (a full disk) printed a traceback on the run's
+    terminal and then failed the run at the next step. A write that fails stops this sink, said once, with what it
+    wrote kept whole (metrics.jsonl and eval.jsonl keep every record)."""
 
     def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
+        # the `tensorboard` package (logging.tensorboard's check): imported only by runs that log to it
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.event, self.summary = Event, Summary
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = log_dir / f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+        self.file: BinaryIO | None = self.path.open("ab")
+        self.records = RecordWriter(self.file)
+        self.written = 0  # bytes of whole records in the file
+        self._write(self.event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def log(self, kind: Kind, record: dict, step: int) -> None:
-        for tag, value in scalars(kind, record).items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()  # a user watching the run sees each step as it lands
+        values = [self.summary.Value(tag=tag, simple_value=value) for tag, value in scalars(kind, record).items()]
+        self._write(self.event(wall_time=time.time(), step=step, summary=self.summary(value=values)))
+
+    def _write(self, event: Any) -> None:
+        """One record, flushed: a user watching the run sees each step as it lands."""
+        if self.file is None:
+            return
+        try:
+            self.records.write(event.SerializeToString())
+            self.file.flush()
+            self.written = self.file.tell()
+        except OSError as exc:
+            self.close()
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, self.written)  # a record cut short goes
+            say(f"warning: TensorBoard events are no longer written to {self.path.parent} ({exc}); metrics.jsonl "
+                f"and eval.jsonl keep every record")
 
     def close(self) -> None:
-        self.writer.close()
+        file, self.file = self.file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # a buffer the disk cannot take: what is on disk is whole
+                file.close()
 
 
 class WandbSink:
