@@ -11,12 +11,13 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import tempfile
 import traceback
 from pathlib import Path
 from typing import Iterator
 
-RAY_LOGS = "/tmp/ray/session_latest/logs"
+LOGS_NOTE = "Ray's logs: "  # note_ray_logs
 START_UP = "stopped before the first step, nothing to checkpoint; start the run again (or --resume RUN_DIR, " \
            "whose checkpoints are untouched)"
 
@@ -53,13 +54,35 @@ def naming(path: Path) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
+def ray_logs(exc: BaseException | None = None) -> str:
+    """The logs directory of the Ray session this process is in: a cluster's own, or a local Ray's under
+    $RAY_TMPDIR, where a fixed /tmp/ray/session_latest sent users to another session's logs. Read from Ray's
+    state without importing Ray (this module is imported before it). Once Ray is down, the one noted on `exc`
+    while it was up (note_ray_logs), else a local Ray's default."""
+    noted = [note for note in getattr(exc, "__notes__", []) if note.startswith(LOGS_NOTE)]
+    if noted:
+        return noted[-1].removeprefix(LOGS_NOTE)
+    node = getattr(sys.modules.get("ray._private.worker"), "_global_node", None)
+    logs = getattr(node, "get_logs_dir_path", None)
+    if callable(logs):
+        return str(logs())
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # Ray's own order
+    return os.path.join(base, "ray", "session_latest", "logs")
+
+
+def note_ray_logs(exc: BaseException) -> None:
+    """Keep the session's logs directory on an error that ends the run, for the line said after Ray is down."""
+    exc.add_note(LOGS_NOTE + ray_logs())
+
+
 def what_died(exc: BaseException) -> str:
     """A Ray actor's death named by its class and pid; any other error by its type and first line."""
     text = str(exc)
     actor = re.search(r"class_name: (\w+)", text)
     if actor is not None:
         pid = re.search(r"pid: (\d+)", text)
-        where = f" (pid {pid.group(1)}; its log is under {RAY_LOGS})" if pid else f" (logs under {RAY_LOGS})"
+        logs = ray_logs(exc)
+        where = f" (pid {pid.group(1)}; its log is under {logs})" if pid else f" (logs under {logs})"
         return f"the {actor.group(1)} actor died{where}"
     if "raised in its creation task" in text:  # an actor's __init__ raised: Ray keeps only the text
         return _failed_start(text)

@@ -1,6 +1,7 @@
 """Config: defaults validate, overrides apply, every bad input is one clear line with exit code 2."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -186,3 +187,18 @@ def test_the_generator_hang_timeout_is_half_the_stall_timeout_unless_set_below_i
     with pytest.raises(ConfigError, match=r"^config error: generation.hang_timeout_s \(600\) must be below "
                                           r"learner.stall_timeout_s \(600\): the stall would end the run before"):
         load_config(QUICKSTART, ["generation.hang_timeout_s=600"])
+
+
+@pytest.mark.parametrize("address, problem", [
+    ("headnode", "is not HOST:PORT; give the head node's GCS address"),
+    ("headnode:0", "is not HOST:PORT"),
+    ("headnode:65536", "is not HOST:PORT"),
+    (":6379", "is not HOST:PORT"),
+    ("ray://headnode:10001", "is a Ray Client address, which runs cannot use; run `async-rlhf train` on a node"),
+])
+def test_a_ray_address_ray_cannot_join_is_refused_before_start(address: str, problem: str) -> None:
+    """Ray read a malformed address only inside ray.init, after the run's start-up ("Invalid address format")."""
+    with pytest.raises(ConfigError, match=f"ray.address '{re.escape(address)}' {re.escape(problem)}"):
+        load_config(QUICKSTART, [f"ray.address={address}"])
+    for good in ("auto", "10.0.0.1:6379", "head-node.cluster.local:6380"):
+        assert load_config(QUICKSTART, [f"ray.address={good}"]).ray.address == good

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Mapping
 
-from pydantic import Field, ValidationInfo, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
 
@@ -19,6 +19,23 @@ class RayConfig(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = Field(
         "PACK", description="GPU placement groups of the learner ranks and of each generator's TP workers"
     )
+
+    @field_validator("address")
+    @classmethod
+    def _joinable(cls, address: str | None) -> str | None:
+        """Ray read a malformed address only in ray.init, after start-up ("Invalid address format"), and a Ray
+        Client address (ray://) would run the driver's Ray calls through a proxy the run was never built for."""
+        if address is None or address == "auto":
+            return address
+        if address.startswith("ray://"):
+            raise ValueError(f"ray.address '{address}' is a Ray Client address, which runs cannot use; run "
+                             "`async-rlhf train` on a node of the cluster with ray.address=auto, or submit it there "
+                             "with `ray job submit`")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"ray.address '{address}' is not HOST:PORT; give the head node's GCS address (`ray "
+                             "start --head` prints it, port 6379 by default) or auto")
+        return address
 
 
 # A local Ray keeps its sockets under $RAY_TMPDIR, else $TMPDIR, else /tmp (ray._common.utils), the longest being

@@ -14,6 +14,7 @@ import ray
 
 from actors.generator import GeneratorActor
 from async_rlhf.cluster.busy_board import BusyBoard
+from async_rlhf.cluster.existing_ray import prepare_join
 from async_rlhf.cluster.local_ray import init_local_ray
 from async_rlhf.cluster.placement import generator_options
 from async_rlhf.cluster.resources import CoreLoan, core_loan, usable_cores
@@ -60,6 +61,9 @@ class ComponentBuilder:
         """True when this call started Ray (the run then shuts it down)."""
         if ray.is_initialized():  # the caller's Ray, or the one `async-rlhf train` started while importing
             return False
+        if self.cfg.ray.address is not None:
+            gcs = prepare_join(self.cfg.ray.address)  # one line now for a cluster that cannot take the run
+            print(f"[async-rlhf] joining the Ray cluster at {gcs}", flush=True)
         init_local_ray(**ray_init_kwargs(self.cfg, len(usable_cores())))
         return True
 

@@ -27,7 +27,7 @@ from async_rlhf.cluster.reaper import Reaper
 from async_rlhf.cluster.resources import bf16_note, plan_cores
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError
+from async_rlhf.failures import RunError, note_ray_logs
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.run_lock import RunDirLock
 from async_rlhf.outputs.sinks import make_sinks
@@ -202,9 +202,11 @@ class Controller:
             self.stats.phase = RunPhase.FAILED
             if isinstance(exc.cause, RunError):  # a worker's own one-line reason, without the remote traceback
                 raise exc.cause from None
+            note_ray_logs(exc)
             raise
-        except BaseException:
+        except BaseException as exc:
             self.stats.phase = RunPhase.FAILED
+            note_ray_logs(exc)  # said after Ray is down (cli/main.py)
             raise
         finally:
             fail_pending_checkpoints(self.control, self.stats.phase)

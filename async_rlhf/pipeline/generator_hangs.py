@@ -14,7 +14,7 @@ from typing import Any, Protocol, Sequence
 
 import ray
 
-from async_rlhf.failures import RAY_LOGS, RunError
+from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline.state import GeneratorSlot
 
 HANG_FACTOR = 10.0  # an evaluation queued ahead of a chunk, or a bigger batch, takes a few times a chunk, not 10
@@ -66,7 +66,7 @@ class GeneratorHangs:
         self.recovering_since[slot.generator_id] = since
         if now - since > self.restart_limit_s:
             raise RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of "
-                           f"its death (learner.stall_timeout_s); why is in its log under {RAY_LOGS}")
+                           f"its death (learner.stall_timeout_s); why is in its log under {ray_logs()}")
 
     def _restart(self, slot: GeneratorSlot, calls: int, silent_s: float) -> None:
         print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s with "

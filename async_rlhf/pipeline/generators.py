@@ -17,7 +17,7 @@ import ray
 from actors.generator import GenerationResult
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RAY_LOGS, RunError, first_line, node_crashed
+from async_rlhf.failures import RunError, first_line, node_crashed, ray_logs
 from async_rlhf.outputs.timeline import Timeline, record_generation
 from async_rlhf.pipeline.generator_hangs import GeneratorHangs
 from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allowed
@@ -207,10 +207,10 @@ class GeneratorPool:
         except ray.exceptions.ActorDiedError as exc:  # dead for good: restarts exhausted, or its node is gone
             if node_crashed(exc):
                 raise RunError(f"the Ray node of generator {slot.generator_id} crashed (its raylet was killed or ran "
-                               f"out of memory); Ray logs under {RAY_LOGS}") from exc
+                               f"out of memory); Ray logs under {ray_logs()}") from exc
             raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
                            f"(generation.max_restarts={self.cfg.generation.max_restarts}): "
-                           f"{first_line(exc).rstrip('.')}; why it died is in its log under {RAY_LOGS}") from exc
+                           f"{first_line(exc).rstrip('.')}; why it died is in its log under {ray_logs()}") from exc
         except ray.exceptions.RayActorError:  # still restarting
             slot.not_before = time.monotonic() + 1.0
             return

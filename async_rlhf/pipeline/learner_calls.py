@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from async_rlhf.failures import RAY_LOGS
+from async_rlhf.failures import ray_logs
 
 
 class LearnerHung(RuntimeError):
@@ -25,4 +25,4 @@ def learner_answer(ref: Any, doing: str, timeout_s: float) -> Any:
         return ray.get(ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise LearnerHung(f"the learner answered nothing for {timeout_s:g}s while {doing} (learner.stall_timeout_s="
-                          f"{timeout_s:g}; its log is under {RAY_LOGS})") from None
+                          f"{timeout_s:g}; its log is under {ray_logs()})") from None

@@ -11,7 +11,7 @@ import ray
 from actors.generator import GenerationResult
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RAY_LOGS, RunError
+from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.queue import RolloutQueue
@@ -141,7 +141,7 @@ class RewardBook:
             except ray.exceptions.GetTimeoutError:
                 break
         raise RunError(f"the reward actor did not answer within {limit:g}s of its restart (learner.stall_timeout_s); "
-                       f"why is in its log under {RAY_LOGS}")
+                       f"why is in its log under {ray_logs()}")
 
     def regenerate(self, result: GenerationResult) -> None:
         """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead

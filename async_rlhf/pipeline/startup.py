@@ -101,13 +101,13 @@ def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]
 
 
 def ray_init_kwargs(cfg: RunConfig, cores: int) -> dict[str, Any]:
-    """ray.init's arguments for a run: a local Ray gets a CPU per role at least (cores pinned or not), and says
-    nothing at INFO level ("Started a local Ray instance" is the run's business to say, and it does)."""
-    kwargs: dict[str, Any] = {"address": cfg.ray.address, "include_dashboard": False, "log_to_driver": False}
+    """ray.init's arguments for a run: a local Ray gets a CPU per role at least (cores pinned or not); Ray says
+    nothing at INFO level ("Started a local Ray instance", "Connected to Ray cluster": the run says its own)."""
+    kwargs: dict[str, Any] = {"address": cfg.ray.address, "include_dashboard": False, "log_to_driver": False,
+                              "logging_level": logging.WARNING}
     if cfg.ray.address is None:  # a cluster's resources are what its `ray start` commands declared
         roles = cfg.generation.num_generators + cfg.learner.num_ranks
         kwargs["num_cpus"] = cfg.resources.num_cpus or max(cores, roles)
-        kwargs["logging_level"] = logging.WARNING
     return kwargs
 
 

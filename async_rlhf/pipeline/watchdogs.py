@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError
+from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
@@ -92,7 +92,7 @@ class Watchdogs:
             busy = [f"generator {g.generator_id} ({len(g.chunks)} chunk(s))" for g in self.pool.slots if g.busy]
             raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s={limit:g}); in flight: "
                            f"{', '.join(busy) or 'nothing'}, queue depth {len(self.queue)}; see the Ray logs under "
-                           f"/tmp/ray/session_latest/logs")
+                           f"{ray_logs()}")
 
     def close(self) -> None:
         if self.freezes is not None:

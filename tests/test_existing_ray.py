@@ -1,0 +1,185 @@
+"""Runs that join a Ray cluster started with `ray start` (ray.address): real clusters on this machine, one with
+token authentication and one without (async_rlhf/cluster/existing_ray.py)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from async_rlhf.cluster.existing_ray import AUTH_MODE, prepare_join
+from async_rlhf.config.base import ConfigError
+from tests.helpers import ROOT, free_port, train_command
+
+TOKEN = "0123456789abcdef0123456789abcdef"  # the token cluster's; a test token, not a credential
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@contextmanager
+def ray_cluster(token: str | None) -> Iterator[tuple[str, Path]]:
+    """A 2-CPU head node of its own (`ray start --head --block`, stopped with everything it started when its
+    process ends): its GCS address, and the RAY_TMPDIR under which `auto` finds it as it finds a default `ray
+    start` under /tmp (TMP/ray/ray_current_cluster). With `token`, it asks for that token."""
+    temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under it
+    port = free_port()
+    auth = {AUTH_MODE: "token", "RAY_AUTH_TOKEN": token} if token else {AUTH_MODE: "disabled"}
+    command = [RAY, "start", "--head", "--block", "--num-cpus=2", f"--port={port}", f"--temp-dir={temp / 'ray'}",
+               "--include-dashboard=false", "--disable-usage-stats"]
+    log = (temp / "ray_start.log").open("w")
+    head = subprocess.Popen(command, env={**os.environ, **auth}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_text(temp / "ray_start.log", "ray status", head)
+        yield f"127.0.0.1:{port}", temp
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        log.close()
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while text not in path.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, path.read_text()[-2000:]
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def open_cluster() -> Iterator[tuple[str, Path]]:
+    with ray_cluster(None) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def token_cluster() -> Iterator[tuple[str, Path]]:
+    with ray_cluster(TOKEN) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def no_token_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """This process's Ray settings cleared; HOME (where ~/.ray/auth_token lives) a fresh directory."""
+    for name in (AUTH_MODE, "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return tmp_path
+
+
+def token_in_home(home: Path, token: str) -> None:
+    """A token where every local ray.init since Ray 2.59 leaves one."""
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+
+
+def test_nothing_at_the_address_is_one_line_not_minutes_of_retries(no_token_here: Path) -> None:
+    port = free_port()
+    with pytest.raises(ConfigError, match=rf"ray.address=127.0.0.1:{port}: no Ray cluster answers at \S+:{port} "
+                                          r"\(Connection refused\); start it with `ray start --head` there"):
+        prepare_join(f"127.0.0.1:{port}")
+
+
+def test_auto_with_no_cluster_found_says_so(no_token_here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "not-an-address")  # what `auto` reads first
+    with pytest.raises(ConfigError, match="ray.address=auto: no Ray cluster found .*`ray start --head`"):
+        prepare_join("auto")
+
+
+def test_an_open_cluster_is_joined_without_a_token_even_where_one_exists(open_cluster: tuple[str, Path],
+                                                                         no_token_here: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    address, temp = open_cluster
+    token_in_home(no_token_here, "a-token-for-some-other-cluster")
+    monkeypatch.setenv("RAY_TMPDIR", str(temp))
+    assert prepare_join("auto").endswith(address.rpartition(":")[2])
+    assert os.environ[AUTH_MODE] == "disabled"  # Ray would have turned token mode on for `auto`: actors refused
+
+
+def test_token_mode_toward_an_open_cluster_is_refused(open_cluster: tuple[str, Path], no_token_here: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AUTH_MODE, "token")
+    with pytest.raises(ConfigError, match=f"has no token authentication, and with {AUTH_MODE}=token here .*; unset"):
+        prepare_join(open_cluster[0])
+
+
+def test_a_token_cluster_needs_token_mode_for_an_explicit_address(token_cluster: tuple[str, Path],
+                                                                  no_token_here: Path) -> None:
+    token_in_home(no_token_here, TOKEN)  # there, but Ray sends none to an address given by hand
+    with pytest.raises(ConfigError, match=f"asks for its authentication token; run with {AUTH_MODE}=token and the "
+                                          r"cluster's token \(`ray get-auth-token` on its head node\) in"):
+        prepare_join(token_cluster[0])
+
+
+def test_a_token_cluster_without_a_token_here_or_with_another_says_which(token_cluster: tuple[str, Path],
+                                                                         no_token_here: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AUTH_MODE, "token")
+    with pytest.raises(ConfigError, match="asks for its authentication token and none is set here"):
+        prepare_join(token_cluster[0])
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 32)
+    with pytest.raises(ConfigError, match="refuses the token set here") as refused:
+        prepare_join(token_cluster[0])
+    assert "f" * 32 not in str(refused.value)  # a credential is never repeated
+
+
+def test_a_token_cluster_is_joined_with_its_token(token_cluster: tuple[str, Path], no_token_here: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AUTH_MODE, "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    assert prepare_join(token_cluster[0])
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv(AUTH_MODE)
+    token_in_home(no_token_here, TOKEN)
+    monkeypatch.setenv("RAY_TMPDIR", str(token_cluster[1]))
+    assert prepare_join("auto")  # a cluster of this node: Ray itself sends the token there
+
+
+def test_a_death_on_a_joined_cluster_names_the_clusters_logs_after_ray_is_down(open_cluster: tuple[str, Path]
+                                                                               ) -> None:
+    """A death's line named /tmp/ray/session_latest/logs: another Ray's logs for a run on a cluster. The line is
+    said after the run's Ray connection is closed (cli/main.py), so the run notes the directory on the error."""
+    address, temp = open_cluster
+    script = (f"import ray; ray.init(address='{address}', logging_level='ERROR')\n"
+              "from async_rlhf.failures import note_ray_logs, what_died\n"
+              "actor = ray.remote(num_cpus=0)(type('Doomed', (), {'ping': lambda self: 1})).remote()\n"
+              "ray.get(actor.ping.remote()); ray.kill(actor)\n"
+              "try:\n    ray.get(actor.ping.remote())\n"
+              "except ray.exceptions.ActorDiedError as exc:\n"
+              "    note_ray_logs(exc); ray.shutdown(); print(what_died(exc))")
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, AUTH_MODE: "disabled"}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    logs = re.search(r"the Doomed actor died \(.*under (\S+)\)", out.stdout)
+    assert logs is not None, out.stdout + out.stderr[-2000:]
+    assert Path(logs[1]).is_dir() and Path(logs[1]).is_relative_to(temp)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_cluster_joined_by_auto_trains_and_leaves_the_cluster_up(open_cluster: tuple[str, Path],
+                                                                             tmp_path: Path) -> None:
+    """The case that failed: `auto`, a token on this machine, a cluster without authentication (every actor's
+    creation was cancelled: "the Learner actor died"). After the run the cluster is still up, with its CPUs free:
+    the run's end disconnected from it and its actors went with it."""
+    address, temp = open_cluster
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_TOKEN": "a-token-for-some-other-cluster"}
+    cmd = train_command(tmp_path / "run", "ray.address=auto", "learner.steps=6", "eval.every=0", "api.enabled=false")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "joining the Ray cluster at" in done.stdout and "Traceback" not in done.stderr
+    wait_for_free_cpus(address, {**env, AUTH_MODE: "disabled"})
+
+
+def wait_for_free_cpus(address: str, env: dict[str, str]) -> None:
+    """`ray status` of the cluster shows none of its 2 CPUs in use (Ray's accounting lags an exit by a moment)."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = subprocess.run([RAY, "status", "--address", address], env=env, capture_output=True, text=True,
+                                timeout=60)
+        if " 0.0/2.0 CPU" in status.stdout:
+            return
+        assert time.monotonic() < deadline, status.stdout + status.stderr
+        time.sleep(1)
