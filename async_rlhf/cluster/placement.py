@@ -133,3 +133,27 @@ def generator_options(cfg: RunConfig) -> list[dict[str, Any]]:
     pg = reserve([{"CPU": 1, "GPU": tp}] * gen.num_generators, cfg.ray.placement_strategy,
                  cfg.learner.stall_timeout_s, f"generation.num_generators={gen.num_generators}")
     return [{**base, "num_gpus": tp, "scheduling_strategy": in_bundle(pg, i)} for i in range(gen.num_generators)]
+
+
+def unplaced(actors: dict[str, Any]) -> list[str]:
+    """The names of `actors` (name -> handle) that the cluster has given no worker yet: they wait for resources
+    other jobs hold. Ray's actor table (the GCS's, no dashboard needed) is not public API: where it is not
+    found, [] (the run then waits as before, without saying why)."""
+    table = getattr(getattr(getattr(ray, "_private", None), "state", None), "actors", None)
+    if not callable(table):
+        return []
+    return [name for name, handle in actors.items() if _worker_port(table, handle) == 0]
+
+
+def _worker_port(table: Any, handle: Any) -> int | None:
+    try:
+        return int(table(handle._actor_id.hex())["Address"]["Port"])
+    except Exception:  # an actor gone meanwhile, or another Ray version's table
+        return None
+
+
+def free_resources() -> str:
+    """'0 of 2 CPUs free' (and GPUs where the cluster has them)."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    kinds = ["CPU", "GPU"] if total.get("GPU") else ["CPU"]
+    return ", ".join(f"{free.get(kind, 0):g} of {total.get(kind, 0):g} {kind}s free" for kind in kinds)

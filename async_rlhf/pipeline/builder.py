@@ -16,7 +16,7 @@ from actors.generator import GeneratorActor
 from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.existing_ray import prepare_join
 from async_rlhf.cluster.local_ray import init_local_ray
-from async_rlhf.cluster.placement import generator_options
+from async_rlhf.cluster.placement import generator_options, unplaced
 from async_rlhf.cluster.resources import CoreLoan, core_loan, usable_cores
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
@@ -24,7 +24,7 @@ from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
-from async_rlhf.pipeline.startup import StartupClock, await_actors, ray_init_kwargs
+from async_rlhf.pipeline.startup import PlacementWatch, StartupClock, await_actors, ray_init_kwargs
 from async_rlhf.pipeline.state import Components, GeneratorSlot
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
@@ -80,9 +80,10 @@ class ComponentBuilder:
             BusyBoard.create(Path(self.loan.board), cfg.generation.num_generators).close()
         started = time.time()  # every actor starts now, side by side (but see _start_workers); awaited once, below
         self._start_workers(pool)
+        watch = PlacementWatch(lambda: unplaced(self._actor_names(pool)), cfg.learner.stall_timeout_s)
         answers = await_actors(startup, started, {"learner": [parts.learner.__ray_ready__.remote()],
                                                   "generators": [g.handle.info.remote() for g in pool.slots],
-                                                  "reward": [parts.reward.health.remote()]})
+                                                  "reward": [parts.reward.health.remote()]}, watch)
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
             pool.started(slot, info)
@@ -93,6 +94,14 @@ class ComponentBuilder:
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)
+
+    def _actor_names(self, pool: GeneratorPool) -> dict[str, Any]:
+        """Every actor of the run by the name a user knows it by."""
+        learner = self.parts.learner
+        ranks = getattr(learner, "handles", None)  # a LearnerGroup
+        named = {f"learner rank {r}": h for r, h in enumerate(ranks)} if ranks else {"the learner": learner}
+        named.update({f"generator {g.generator_id}": g.handle for g in pool.slots})
+        return {**named, "the reward actor": self.parts.reward}
 
     def _start_workers(self, pool: GeneratorPool) -> None:
         """The learner, the generators and the reward actor. With ipc they share one GPU, and vLLM sizes its KV

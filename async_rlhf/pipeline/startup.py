@@ -25,12 +25,15 @@ from typing import Any, Callable
 import ray
 
 from async_rlhf.cluster.local_ray import held_stop_signals, init_local_ray
+from async_rlhf.cluster.placement import free_resources
 from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RunError
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
+PLACEMENT_CHECK_S = 10.0  # how often a start-up still waiting on its actors asks whether the cluster placed them
 
 
 def process_age_s() -> float:
@@ -87,13 +90,40 @@ class StartupClock:
         return out
 
 
-def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]]) -> dict[str, list[Any]]:
+@dataclass
+class PlacementWatch:
+    """A run's actors that a shared cluster cannot place yet (other jobs hold its CPUs or GPUs) waited without
+    a word, for good. They are named once, and the run stops if they still wait after `limit_s`, as a placement
+    group that cannot be placed does (placement.reserve)."""
+
+    unplaced: Callable[[], list[str]]  # names of the actors still without a worker (placement.unplaced)
+    limit_s: float
+    said: bool = False
+
+    def check(self, waited_s: float) -> None:
+        names = self.unplaced()
+        if names and waited_s > self.limit_s:
+            raise RunError(f"the Ray cluster did not place {', '.join(names)} within {self.limit_s:g}s "
+                           f"(learner.stall_timeout_s; {free_resources()}: other jobs hold the rest); stop those or "
+                           "add nodes, then start the run again")
+        if names and not self.said:
+            print(f"[async-rlhf] waiting for the Ray cluster to place {', '.join(names)} ({free_resources()}: "
+                  f"other jobs hold the rest); the run stops if they wait past {self.limit_s:g}s", flush=True)
+            self.said = True
+
+
+def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]],
+                 watch: PlacementWatch) -> dict[str, list[Any]]:
     """Wait once for the first answer of every actor started at `started` (they start side by side), and
-    note when each role's last answer came (`setup_<role>_s`). An actor that died raises, as ray.get does."""
+    note when each role's last answer came (`setup_<role>_s`). An actor that died raises, as ray.get does;
+    one the cluster cannot place is named while the run waits (`watch`)."""
     role_of = {ref: role for role, refs in calls.items() for ref in refs}
     pending = list(role_of)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=PLACEMENT_CHECK_S)
+        if not ready:
+            watch.check(time.time() - started)
+            continue
         role = role_of[ready[0]]
         if not any(ref in pending for ref in calls[role]):
             clock.note(role, started)
