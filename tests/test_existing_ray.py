@@ -139,22 +139,26 @@ def test_a_token_cluster_is_joined_with_its_token(token_cluster: tuple[str, Path
     assert prepare_join("auto")  # a cluster of this node: Ray itself sends the token there
 
 
+def on_cluster(address: str, script: str) -> subprocess.CompletedProcess:
+    """`script` run by a driver of its own joined to the cluster (this process may hold the tests' local Ray)."""
+    joined = f"import ray; ray.init(address='{address}', logging_level='ERROR')\n{script}"
+    return subprocess.run([sys.executable, "-c", joined], env={**os.environ, AUTH_MODE: "disabled"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_a_death_on_a_joined_cluster_names_the_clusters_logs_after_ray_is_down(open_cluster: tuple[str, Path]
                                                                                ) -> None:
     """A death's line named /tmp/ray/session_latest/logs: another Ray's logs for a run on a cluster. The line is
     said after the run's Ray connection is closed (cli/main.py), so the run notes the directory on the error."""
     address, temp = open_cluster
-    script = (f"import ray; ray.init(address='{address}', logging_level='ERROR')\n"
-              "from async_rlhf.failures import note_ray_logs, what_died\n"
-              "actor = ray.remote(num_cpus=0)(type('Doomed', (), {'ping': lambda self: 1})).remote()\n"
-              "ray.get(actor.ping.remote()); ray.kill(actor)\n"
-              "for _ in range(100):  # a call during the kill may find the actor unavailable, not yet dead\n"
-              "    try:\n        ray.get(actor.ping.remote())\n"
-              "    except ray.exceptions.ActorDiedError as exc:\n"
-              "        note_ray_logs(exc); ray.shutdown(); print(what_died(exc)); break\n"
-              "    except ray.exceptions.RayActorError:\n        pass")
-    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, AUTH_MODE: "disabled"}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = on_cluster(address, "from async_rlhf.failures import note_ray_logs, what_died\n"
+                     "actor = ray.remote(num_cpus=0)(type('Doomed', (), {'ping': lambda self: 1})).remote()\n"
+                     "ray.get(actor.ping.remote()); ray.kill(actor)\n"
+                     "for _ in range(100):  # a call during the kill may find the actor unavailable, not yet dead\n"
+                     "    try:\n        ray.get(actor.ping.remote())\n"
+                     "    except ray.exceptions.ActorDiedError as exc:\n"
+                     "        note_ray_logs(exc); ray.shutdown(); print(what_died(exc)); break\n"
+                     "    except ray.exceptions.RayActorError:\n        pass")
     logs = re.search(r"the Doomed actor died \(.*under (\S+)\)", out.stdout)
     assert logs is not None, out.stdout + out.stderr[-2000:]
     assert Path(logs[1]).is_dir() and Path(logs[1]).is_relative_to(temp)
@@ -164,19 +168,15 @@ def test_actors_a_busy_cluster_cannot_place_are_named_and_the_wait_is_bounded(op
                                                                               ) -> None:
     """Another job holds both CPUs of the 2-CPU cluster: an actor asking for one waited without a word, for good
     (a run's learner and generators did). The run's watch names it, and stops the wait at its limit."""
-    address, _ = open_cluster
-    script = (f"import ray; ray.init(address='{address}', logging_level='ERROR')\n"
-              "from async_rlhf.cluster.placement import unplaced\n"
-              "from async_rlhf.pipeline.startup import PlacementWatch\n"
-              "holder = ray.remote(num_cpus=2)(type('Holder', (), {'ping': lambda self: 1})).remote()\n"
-              "ray.get(holder.ping.remote())\n"
-              "waiter = ray.remote(num_cpus=1)(type('Waiter', (), {'ping': lambda self: 1})).remote()\n"
-              "watch = PlacementWatch(lambda: unplaced({'the holder': holder, 'generator 0': waiter}), 30)\n"
-              "watch.check(11); watch.check(12)\n"
-              "try:\n    watch.check(31)\n"
-              "except Exception as exc:\n    print(type(exc).__name__, exc)")
-    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, AUTH_MODE: "disabled"}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = on_cluster(open_cluster[0], "from async_rlhf.cluster.placement import unplaced\n"
+                     "from async_rlhf.pipeline.startup import PlacementWatch\n"
+                     "holder = ray.remote(num_cpus=2)(type('Holder', (), {'ping': lambda self: 1})).remote()\n"
+                     "ray.get(holder.ping.remote())\n"
+                     "waiter = ray.remote(num_cpus=1)(type('Waiter', (), {'ping': lambda self: 1})).remote()\n"
+                     "watch = PlacementWatch(lambda: unplaced({'the holder': holder, 'generator 0': waiter}), 30)\n"
+                     "watch.check(11); watch.check(12)\n"
+                     "try:\n    watch.check(31)\n"
+                     "except Exception as exc:\n    print(type(exc).__name__, exc)")
     assert out.stdout.splitlines() == [
         "[async-rlhf] waiting for the Ray cluster to place generator 0 (0 of 2 CPUs free: other jobs hold the "
         "rest); the run stops if they wait past 30s",
