@@ -209,3 +209,29 @@ def wait_for_free_cpus(address: str, env: dict[str, str]) -> None:
             return
         assert time.monotonic() < deadline, status.stdout + status.stderr
         time.sleep(1)
+
+
+@pytest.mark.slow
+def test_a_cluster_whose_gcs_dies_mid_run_ends_it_with_its_line_and_the_resume_command(tmp_path: Path) -> None:
+    """The run waited in a generator's restart probe until Ray's core worker ended the driver 60 s later with a C++
+    line and no way on. Its own line now comes first, naming the newest checkpoint's way back."""
+    with ray_cluster(None) as (address, temp):
+        run_dir = tmp_path / "run"
+        cmd = train_command(run_dir, f"ray.address={address}", "learner.steps=5000", "checkpoint.every=20",
+                            "eval.every=0", "api.enabled=false")
+        run = subprocess.Popen(cmd, env={**os.environ, AUTH_MODE: "disabled"}, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not list((run_dir / "checkpoints").glob("step-*")):
+                assert run.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+            gcs = subprocess.run(["pgrep", "-f", f"gcs_server.*{temp}"], capture_output=True, text=True).stdout
+            os.kill(int(gcs.split()[0]), 9)
+            _, err = run.communicate(timeout=50)  # well inside Ray's own 60 s
+        finally:
+            run.kill()
+    assert run.returncode == 1, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("[async-rlhf] run failed: RayLost: Ray's GCS stopped answering") and "Traceback" not in err
+    assert line.endswith(f"--resume {run_dir}` (from its newest checkpoint)")

@@ -41,6 +41,11 @@ RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+class RayLost(RuntimeError):
+    """Ray's GCS stopped answering: no worker can be restarted, and Ray's core worker ends this process a minute
+    later. Not a RunError: the CLI's line for it says how to continue from the newest checkpoint."""
+
+
 class InOwnGroupPopen(subprocess.Popen):
     """A Ray head process in a process group of its own (the module docstring says why)."""
 
@@ -166,6 +171,17 @@ def gcs_answers(timeout_s: float = 2.0) -> bool:
     except Exception:  # Ray's RpcError (timed out), or no client here: either way, nothing to wait for
         return False
     return True
+
+
+def require_gcs() -> None:
+    """RayLost if the GCS does not answer. A worker lost with it (a cluster's head node gone, a local GCS killed)
+    is never restarted, and the run waited for it until Ray's core worker ended the driver 60 s later with a C++
+    line and no way on (found by hand: a `ray start` cluster's GCS SIGKILLed mid-run; the loop sat in a
+    generator's restart probe). Asked where a run waits for a restart, so it ends with its own line first; three
+    tries, so that a GCS slow under load is not taken for gone. Without a Ray connection there is none to ask."""
+    if ray.is_initialized() and not any(gcs_answers() for _ in range(3)):
+        raise RayLost("Ray's GCS stopped answering (a cluster's head node died or was stopped, or the GCS was "
+                      "killed), so no worker can be restarted")
 
 
 def _kill(processes: list[subprocess.Popen]) -> None:

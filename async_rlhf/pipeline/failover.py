@@ -16,6 +16,7 @@ from typing import Any, Callable
 import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
+from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, what_died, worker_error
@@ -83,6 +84,7 @@ class LearnerFailover:
     def fail_over(self, exc: BaseException) -> None:
         """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other
         error, or a death past learner.max_restarts or without a checkpoint, ends the run."""
+        require_gcs()  # a learner lost with Ray's GCS cannot be replaced
         if isinstance(exc, LearnerHung):
             self._kill_hung(exc)
         elif learner_alive(self.parts.learner) and not push_timed_out(exc, self.cfg.weight_sync.transport):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import ray
 
 from actors.generator import GenerationResult
+from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, first_line, node_crashed, ray_logs
@@ -211,7 +212,8 @@ class GeneratorPool:
             raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
                            f"(generation.max_restarts={self.cfg.generation.max_restarts}): "
                            f"{first_line(exc).rstrip('.')}; why it died is in its log under {ray_logs()}") from exc
-        except ray.exceptions.RayActorError:  # still restarting
+        except ray.exceptions.RayActorError:  # still restarting, unless Ray itself is gone
+            require_gcs()
             slot.not_before = time.monotonic() + 1.0
             return
         self._note_alive(slot, info)

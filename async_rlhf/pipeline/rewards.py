@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from actors.generator import GenerationResult
+from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
@@ -136,7 +137,8 @@ class RewardBook:
         while time.monotonic() < deadline:
             try:
                 return ray.get(self.parts.reward.health.remote(), timeout=max(deadline - time.monotonic(), 0.1))["pid"]
-            except ray.exceptions.ActorUnavailableError:
+            except ray.exceptions.ActorUnavailableError:  # restarting, unless Ray itself is gone
+                require_gcs()
                 time.sleep(0.2)
             except ray.exceptions.GetTimeoutError:
                 break
