@@ -192,6 +192,7 @@ def test_a_run_on_a_cluster_joined_by_auto_trains_and_leaves_the_cluster_up(open
     the run's end disconnected from it and its actors went with it."""
     address, temp = open_cluster
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_TOKEN": "a-token-for-some-other-cluster"}
+    env.pop(AUTH_MODE, None)  # a user's shell has none; this process has Ray's, if a test here started a local Ray
     cmd = train_command(tmp_path / "run", "ray.address=auto", "learner.steps=6", "eval.every=0", "api.enabled=false")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
