@@ -179,3 +179,28 @@ def test_a_driver_killed_outright_leaves_no_ray_process_and_no_weights_in_shared
     while ring[0].exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not ring[0].exists()
+
+
+def test_a_local_gcs_killed_mid_run_stops_it_with_a_checkpoint_of_its_last_step_and_one_line(tmp_path: Path) -> None:
+    """Every worker still answered (their calls go worker to worker), so the run trained on until Ray's core worker
+    ended the driver 60 s later with a C++ line ("Failed to connect to GCS within 60 seconds"), every step since the
+    last checkpoint lost. The run's GCS watch now stops it within seconds, its last step checkpointed."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "learner.steps=100000", "checkpoint.every=0", "eval.every=0")
+    try:
+        metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+        while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+            assert time.monotonic() < deadline and proc.poll() is None, "no third step"
+            time.sleep(0.05)
+        (gcs,) = [pid for pid in session_pids(proc.pid) if b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(gcs, signal.SIGKILL)
+        _, err = proc.communicate(timeout=50)  # well inside Ray's own 60 s
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    line, steps = err.strip().splitlines()[-1], len(metrics.read_text().splitlines())
+    assert line.startswith("[async-rlhf] run failed: RayLost: Ray's GCS stopped answering"), err[-3000:]
+    assert f"checkpoint: {run_dir / 'checkpoints' / f'step-{steps:06d}'};" in line
+    assert line.endswith(f"--resume {run_dir}` (from its newest checkpoint)")
+    assert "Traceback" not in err and "Failed to connect to GCS" not in err
+    assert_nothing_left(proc.pid)

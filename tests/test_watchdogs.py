@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from async_rlhf.cluster.local_ray import GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.control import RunControl
@@ -134,3 +135,33 @@ def test_a_policy_that_ties_after_the_reward_told_completions_apart_is_noted_as_
         f"[async-rlhf] note: {TIED_STEPS} learner steps in a row had no reward signal: each prompt's 4 completions got "
         "one same reward (e.g. 1), so online_dpo learns nothing from them; if 1 is the best reward, the policy has "
         "learned the task (more steps only cost time)\n")
+
+
+def test_a_lost_gcs_stops_the_run_as_a_sigterm_does_and_raises_ray_lost_naming_its_checkpoint() -> None:
+    # The watch's own detection runs against a real GCS killed mid-run (tests/test_driver_exit.py); here a stand-in
+    # for it, since killing this test process's GCS would end every later test's Ray.
+    dogs, _, control = watchdogs(timeout_s=60)
+    watch = SimpleNamespace(lost=False, close=lambda: None)
+    dogs.gcs = watch  # type: ignore[assignment]
+    dogs.check_ray()
+    dogs.raise_if_ray_lost()  # nothing lost: no stop, no error
+    assert not control.stop_requested and not control.take_checkpoint_requests()
+    watch.lost = True
+    dogs.check_ray()
+    dogs.check_ray()  # said and asked for once
+    assert control.stop_requested
+    (served,) = control.take_checkpoint_requests()
+    served.set_result({"path": "/runs/x/checkpoints/step-000041"})
+    with pytest.raises(RayLost, match=r"^Ray's GCS stopped answering \(.*\); checkpoint: "
+                                      r"/runs/x/checkpoints/step-000041$"):
+        dogs.raise_if_ray_lost()
+
+
+def test_the_gcs_watch_keeps_quiet_while_a_real_gcs_answers(ray_local: Any) -> None:
+    watch = GcsWatch(tick_s=0.05)
+    try:
+        time.sleep(0.5)  # ten asks
+        assert watch.thread.is_alive() and watch.missed == 0 and not watch.lost
+    finally:
+        watch.close()
+    assert not watch.thread.is_alive()

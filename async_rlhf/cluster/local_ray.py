@@ -39,6 +39,7 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"  # Ray's 
 MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
 RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GCS_LOST = "Ray's GCS stopped answering (a cluster's head node died or was stopped, or the GCS was killed)"
 
 
 class RayLost(RuntimeError):
@@ -173,15 +174,45 @@ def gcs_answers(timeout_s: float = 2.0) -> bool:
     return True
 
 
-def require_gcs() -> None:
+def require_gcs(consequence: str = "no worker can be restarted") -> None:
     """RayLost if the GCS does not answer. A worker lost with it (a cluster's head node gone, a local GCS killed)
     is never restarted, and the run waited for it until Ray's core worker ended the driver 60 s later with a C++
     line and no way on (found by hand: a `ray start` cluster's GCS SIGKILLed mid-run; the loop sat in a
     generator's restart probe). Asked where a run waits for a restart, so it ends with its own line first; three
     tries, so that a GCS slow under load is not taken for gone. Without a Ray connection there is none to ask."""
     if ray.is_initialized() and not any(gcs_answers() for _ in range(3)):
-        raise RayLost("Ray's GCS stopped answering (a cluster's head node died or was stopped, or the GCS was "
-                      "killed), so no worker can be restarted")
+        raise RayLost(f"{GCS_LOST}, so {consequence}")
+
+
+class GcsWatch:
+    """Whether Ray's GCS has stopped answering, asked every `tick_s` from a daemon thread. A GCS lost while every
+    worker still answers (their calls go worker to worker) shows nowhere in the loop: the run trained on until
+    Ray's core worker ended the driver 60 s later with a C++ line, its steps since the last checkpoint lost (found
+    by hand: a local GCS SIGKILLed mid-run). `misses` answers missed in a row, so that a GCS slow under load is not
+    taken for gone; lost then within about 12 s, which leaves the run time for its step in flight and a checkpoint."""
+
+    def __init__(self, tick_s: float = 2.0, misses: int = 3) -> None:
+        self.tick_s = tick_s
+        self.misses = misses
+        self.missed = 0  # written by the thread only
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="gcs-watch", daemon=True)
+        if ray.is_initialized():  # without a Ray connection there is no GCS to ask
+            self.thread.start()
+
+    @property
+    def lost(self) -> bool:
+        return self.missed >= self.misses
+
+    def _watch(self) -> None:
+        while not self.lost and not self.stopped.wait(self.tick_s):
+            self.missed = 0 if gcs_answers() else self.missed + 1
+
+    def close(self) -> None:
+        """Waits out a question in flight (2 s at most): Ray's shutdown must not pull its client from under it."""
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
 
 
 def _kill(processes: list[subprocess.Popen]) -> None:

@@ -191,6 +191,7 @@ class Controller:
             self._loop()
             self.stats.phase = RunPhase.STOPPING
             self.take_checkpoints()  # e.g. asked for together with the stop (SIGTERM)
+            self.watchdogs.raise_if_ray_lost()
             summary = self._finish()
             self.stats.phase = RunPhase.FINISHED
             return summary
@@ -225,6 +226,7 @@ class Controller:
         self.signals.raise_pending()
         self.stats.heartbeat = time.monotonic()
         self.watchdogs.check_stall()
+        self.watchdogs.check_ray()
         self._apply_control()
         self._drop_stale()
         self._dispatch_generation()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import ray
 
-from async_rlhf.cluster.local_ray import held_stop_signals, init_local_ray
+from async_rlhf.cluster.local_ray import held_stop_signals, init_local_ray, require_gcs
 from async_rlhf.cluster.placement import free_resources
 from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.base import ConfigError
@@ -101,6 +101,7 @@ class PlacementWatch:
     said: bool = False
 
     def check(self, waited_s: float) -> None:
+        require_gcs("the run's actors cannot start")  # a GCS lost here left the run waiting until Ray's abort
         names = self.unplaced()
         if names and waited_s > self.limit_s:
             raise RunError(f"the Ray cluster did not place {', '.join(names)} within {self.limit_s:g}s "

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
+from async_rlhf.cluster.local_ray import GCS_LOST, GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline.control import RunControl
@@ -68,6 +69,8 @@ class Watchdogs:
         self.kill_hung_learner = kill_hung_learner  # True: killed, and the loop fails over to a new one
         self.check_hangs = check_hangs  # kills hung generators and a hung reward actor, given the seconds frozen
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
+        self.gcs: GcsWatch | None = None  # likewise
+        self.ray_lost: Future | None = None  # the checkpoint taken on the way out once the GCS is lost
         self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
 
@@ -94,10 +97,27 @@ class Watchdogs:
                            f"{', '.join(busy) or 'nothing'}, queue depth {len(self.queue)}; see the Ray logs under "
                            f"{ray_logs()}")
 
+    def check_ray(self) -> None:
+        """Ray's GCS lost (a local one killed, a cluster's head node gone): the run stops as for a SIGTERM, the step
+        in flight finished and checkpointed, while its workers still answer (GcsWatch)."""
+        if self.gcs is None:
+            self.gcs = GcsWatch()
+        if self.ray_lost is None and self.gcs.lost:
+            print("[async-rlhf] Ray's GCS stopped answering: checkpointing, then stopping", file=sys.stderr, flush=True)
+            self.ray_lost = self.control.terminate()
+
+    def raise_if_ray_lost(self) -> None:
+        """After the loop and its checkpoint: RayLost (the CLI's line gives the --resume command)."""
+        if self.ray_lost is not None:
+            raise RayLost(f"{GCS_LOST}; checkpoint: {checkpoint_path(self.ray_lost)}")
+
     def close(self) -> None:
         if self.freezes is not None:
             self.freezes.close()
             self.freezes = None
+        if self.gcs is not None:
+            self.gcs.close()
+            self.gcs = None
 
     def check_finite(self, metrics: dict) -> None:
         """A non-finite step was skipped by the learner; several in a row stop the run, with a checkpoint."""
@@ -159,5 +179,11 @@ class Watchdogs:
     def stop_with_checkpoint(self, what: str, fix: str) -> None:
         future: Future = self.control.request_checkpoint()
         self.take_checkpoints()
-        where = future.result()["path"] if future.exception() is None else f"none ({future.exception()})"
-        raise RunError(f"{what}; checkpoint: {where}. {fix}")
+        raise RunError(f"{what}; checkpoint: {checkpoint_path(future)}. {fix}")
+
+
+def checkpoint_path(served: Future) -> str:
+    """The path of a checkpoint request the loop has served, or 'none (why)'."""
+    if not served.done():
+        return "none (the run stopped before it could take one)"
+    return served.result()["path"] if served.exception() is None else f"none ({served.exception()})"
