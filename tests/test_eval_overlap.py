@@ -4,9 +4,7 @@ once, in version order, with the samples trained at the evaluated version."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import signal
 import subprocess
 from pathlib import Path
 
@@ -14,7 +12,6 @@ import pytest
 
 from async_rlhf.outputs.timeline import read_timeline
 from tests.helpers import ROOT, read_jsonl, train_command
-from tests.test_faults import role_pid, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -49,33 +46,3 @@ def test_learner_steps_go_on_while_periodic_evaluations_run(tmp_path: Path) -> N
     for ckpt in checkpoints:
         with (ckpt / "controller_state.pkl").open("rb") as fh:
             assert pickle.load(fh).evals_due in ([], [int(ckpt.name.removeprefix("step-"))])
-
-
-def test_evaluations_survive_a_dead_generator_reward_actor_and_learner(tmp_path: Path) -> None:
-    """With an evaluation in flight at nearly every moment (eval.every=2), generator 0, the reward actor (which
-    scores only evaluations here) and the learner are SIGKILLed in turn: each evaluation is still logged once,
-    in version order (a dead generator or reward actor: made again; a dead learner: the pending ones dropped
-    with the rolled-back steps, the checkpoint's own one made again after the rollback)."""
-    run, steps = tmp_path / "run", 30
-    proc = subprocess.Popen(train_command(run, f"learner.steps={steps}", "eval.every=2", "checkpoint.every=5",
-                                          "task.eval_prompts=64", "api.enabled=false"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = run / "metrics.jsonl"
-    try:
-        for at_step, role in ((6, "GeneratorActor"), (13, "RewardService"), (21, "Learner")):
-            wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
-                       timeout=600)  # (B023: the predicate is called in this iteration only)
-            pid = role_pid(role, proc.pid)
-            assert pid is not None, role
-            os.kill(pid, signal.SIGKILL)
-            wait_until(lambda: role_pid(role, proc.pid) not in (None, pid), timeout=120)  # noqa: B023
-        _, err = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    evals = read_jsonl(run / "eval.jsonl")
-    assert [e["version"] for e in evals] == list(range(0, steps + 1, 2)), err[-3000:]
-    assert [e["episodes"] for e in evals] == [e["version"] * SAMPLES_PER_STEP for e in evals]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["learner_restarts"] == 1 and summary["reward_restarts"] == 1
-    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, steps + 1))
