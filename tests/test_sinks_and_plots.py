@@ -16,7 +16,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.sinks import TensorBoardSink, WandbSink, make_sinks, scalars
-from tests.helpers import cli_command, fill_disk
+from tests.helpers import cli_command, fill_disk, read_jsonl
 
 
 def step(i: int, reward: float | None) -> dict:
@@ -100,6 +100,45 @@ def test_wandb_offline_run_is_written_without_network(tmp_path: Path, monkeypatc
     assert [(r["eval/version"], r["eval/gold_reward"]) for r in rows if "eval/version" in r] == [(0, 0.2), (2, 0.4)]
     written = [f.read_bytes() for f in (tmp_path / "wandb").rglob("*") if f.is_file()]
     assert not [b for b in written if b"sekret-token" in b]
+
+
+WANDB_SERVICE_DIES = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, os.getcwd())
+from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.outputs.sinks import WandbSink
+from tests.test_sinks_and_plots import step
+
+run_dir = Path(sys.argv[1])
+rec = RunRecorder(run_dir, [WandbSink(run_dir, "async-rlhf-test", "offline", {"seed": 0})])
+rec.log_step(step(1, 0.3))
+for entry in Path("/proc").iterdir():  # W&B's service process, a child of this one
+    if entry.name.isdigit() and b"wandb-core" in (entry / "cmdline").read_bytes():
+        if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+            os.kill(int(entry.name), signal.SIGKILL)
+            os.waitpid(int(entry.name), 0)
+for i in range(2, 5):
+    rec.log_step(step(i, 0.1 * i))
+rec.log_eval({"version": 4, "gold_reward": 0.4})
+rec.close()
+print("trained on", flush=True)
+"""
+
+
+def test_a_wandb_service_that_dies_mid_run_stops_the_sink_with_one_line_and_the_run_goes_on(tmp_path: Path) -> None:
+    # Before: the next record raised ConnectionResetError, which failed the run without a checkpoint, and W&B's exit
+    # hook printed a traceback. In a child process with a service of its own: this process's W&B service (its address
+    # in WANDB_SERVICE, which a child would connect to) serves other tests.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    child = subprocess.run([sys.executable, "-c", WANDB_SERVICE_DIES, str(tmp_path)], capture_output=True,
+                           text=True, timeout=120, env={**env, "WANDB_DISABLE_GIT": "true"})
+    assert child.returncode == 0 and "trained on" in child.stdout, child.stderr[-3000:]
+    warnings = [line for line in child.stderr.splitlines() if "W&B stopped taking records" in line]
+    assert warnings == ["[async-rlhf] warning: W&B stopped taking records (ConnectionResetError: Connection lost); the "
+                        "run goes on, metrics.jsonl and eval.jsonl keep every record"], child.stderr[-3000:]
+    assert "Traceback" not in child.stderr and "Exception ignored" not in child.stderr, child.stderr[-3000:]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_an_online_wandb_run_without_an_api_key_is_a_config_error(tmp_path: Path,

@@ -72,7 +72,7 @@ def ask_gcs(address: str, mode: str) -> GcsAnswer:
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        return GcsAnswer("unreachable", detail=f"the probe failed: {why}")
+        return GcsAnswer("unreachable", gcs=address, detail=f"the probe failed: {why}")
     return GcsAnswer(**json.loads(lines[-1]))
 
 
@@ -80,7 +80,7 @@ def unreachable(answer: GcsAnswer) -> str:
     if answer.answer == "not-found":
         return (f"no Ray cluster found ({answer.detail}); start one with `ray start --head`, give its HOST:PORT, or "
                 "leave ray.address unset for a Ray of the run's own")
-    return (f"no Ray cluster answers at {answer.gcs or 'that address'} ({answer.detail}); start it with `ray start "
+    return (f"no Ray cluster answers at {answer.gcs} ({answer.detail}); start it with `ray start "
             "--head` there, or fix ray.address (unset: a Ray of the run's own)")
 
 

@@ -111,10 +111,33 @@ class WandbSink:
             self.run.define_metric(f"{kind}/*", step_metric=axis)
 
     def log(self, kind: Kind, record: dict, step: int) -> None:
-        self.run.log(scalars(kind, record) | {AXES[kind]: float(step)})
+        if self.run is None:
+            return
+        try:
+            self.run.log(scalars(kind, record) | {AXES[kind]: float(step)})
+        except Exception as exc:  # W&B's service process gone (killed, crashed): the training goes on without it
+            self._stop(exc)
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is None:
+            return
+        try:
+            self.run.finish()
+            self.run = None
+        except Exception as exc:
+            self._stop(exc)
+
+    def _stop(self, exc: Exception) -> None:
+        """W&B's service process died (found by hand: killed mid-run, the next `log` raised ConnectionResetError
+        and failed the run, no checkpoint, and W&B's exit hook printed a traceback): said once, the sink stops,
+        and W&B's own teardown (its exit hook with it) is done here."""
+        import wandb
+
+        self.run = None
+        with contextlib.suppress(Exception):  # the service it would tell is the one gone
+            wandb.teardown()
+        say(f"warning: W&B stopped taking records ({first_line(exc)}); the run goes on, metrics.jsonl and eval.jsonl "
+            "keep every record")
 
 
 def make_sinks(cfg: RunConfig, run_dir: Path) -> list[MetricSink]:
