@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from async_rlhf.cluster.local_ray import GcsWatch, RayLost
+from async_rlhf.cluster.local_ray import GCS_PATIENCE_ENV, GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.control import RunControl
@@ -165,3 +165,16 @@ def test_the_gcs_watch_keeps_quiet_while_a_real_gcs_answers(ray_local: Any) -> N
     finally:
         watch.close()
     assert not watch.thread.is_alive()
+
+
+@pytest.mark.parametrize(("ray_wait", "misses"), [(None, 3), ("60", 3), ("10", 3), ("120", 6), ("600", 30), ("x", 3)])
+def test_the_gcs_watch_is_as_patient_as_ray_is_told_to_be(ray_wait: str | None, misses: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fifth of Ray's own wait for a lost GCS, in asks of 2 + 2 s: a cluster with GCS fault tolerance raises it.
+    if ray_wait is None:
+        monkeypatch.delenv(GCS_PATIENCE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(GCS_PATIENCE_ENV, ray_wait)
+    watch = GcsWatch()
+    watch.close()
+    assert watch.misses == misses

@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -40,6 +41,8 @@ MONITOR = "monitor"  # ray_constants.PROCESS_TYPE_MONITOR
 RAYLET = "raylet"  # ray_constants.PROCESS_TYPE_RAYLET
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GCS_LOST = "Ray's GCS stopped answering (a cluster's head node died or was stopped, or the GCS was killed)"
+GCS_PATIENCE_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"  # Ray ends a driver whose GCS is gone this long (60 s)
+GCS_ASK_S = 2.0  # gcs_answers' timeout: a lost GCS costs each ask this long
 
 
 class RayLost(RuntimeError):
@@ -161,7 +164,7 @@ def shutdown_local_ray() -> None:
     atexit.unregister(ray.shutdown)  # the exit handler ray.init() registered would wait on the GCS too
 
 
-def gcs_answers(timeout_s: float = 2.0) -> bool:
+def gcs_answers(timeout_s: float = GCS_ASK_S) -> bool:
     """Whether the GCS still serves. A SIGTERM to the driver's whole process group (`timeout`, `kill -- -PGID`, a
     job scheduler) reaches Ray's own processes too: the GCS then stops answering but does not exit, and the
     driver's disconnect in ray.shutdown() waits for its answer (found by hand: `timeout 25 async-rlhf train ...`
@@ -172,6 +175,14 @@ def gcs_answers(timeout_s: float = 2.0) -> bool:
     except Exception:  # Ray's RpcError (timed out), or no client here: either way, nothing to wait for
         return False
     return True
+
+
+def ray_gcs_patience_s() -> float:
+    """Seconds Ray's core worker waits for a lost GCS before it ends this process (its setting, else 60)."""
+    try:
+        return max(0.0, float(os.environ.get(GCS_PATIENCE_ENV, "60")))
+    except ValueError:  # Ray would refuse it too; the default is what it then means here
+        return 60.0
 
 
 def require_gcs(consequence: str = "no worker can be restarted") -> None:
@@ -188,12 +199,14 @@ class GcsWatch:
     """Whether Ray's GCS has stopped answering, asked every `tick_s` from a daemon thread. A GCS lost while every
     worker still answers (their calls go worker to worker) shows nowhere in the loop: the run trained on until
     Ray's core worker ended the driver 60 s later with a C++ line, its steps since the last checkpoint lost (found
-    by hand: a local GCS SIGKILLed mid-run). `misses` answers missed in a row, so that a GCS slow under load is not
-    taken for gone; lost then within about 12 s, which leaves the run time for its step in flight and a checkpoint."""
+    by hand: a local GCS SIGKILLed mid-run). Lost after a fifth of the time Ray waits for a GCS (about 12 s of its
+    60), and three missed answers at least, so that a GCS slow under load is not taken for gone: the run has the
+    rest for its step in flight and a checkpoint. A cluster whose GCS restarts (fault tolerance) raises Ray's wait,
+    and this one grows with it."""
 
-    def __init__(self, tick_s: float = 2.0, misses: int = 3) -> None:
+    def __init__(self, tick_s: float = 2.0) -> None:
         self.tick_s = tick_s
-        self.misses = misses
+        self.misses = max(3, round(ray_gcs_patience_s() / 5 / (tick_s + GCS_ASK_S)))
         self.missed = 0  # written by the thread only
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="gcs-watch", daemon=True)
