@@ -218,7 +218,7 @@ def test_a_cluster_whose_gcs_dies_mid_run_ends_it_with_its_line_and_the_resume_c
     line and no way on. Its own line now comes first, naming the newest checkpoint's way back."""
     with ray_cluster(None) as (address, temp):
         run_dir = tmp_path / "run"
-        cmd = train_command(run_dir, f"ray.address={address}", "learner.steps=5000", "checkpoint.every=20",
+        cmd = train_command(run_dir, f"ray.address={address}", "learner.steps=5000", "checkpoint.every=5",
                             "eval.every=0", "api.enabled=false")
         run = subprocess.Popen(cmd, env={**os.environ, AUTH_MODE: "disabled"}, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)

@@ -15,7 +15,7 @@ keeps it so close to the reference (KL 0.02) that the gain was only +0.04..0.08.
 rate for shorter runs made the first steps drop (AdamW's first updates are ~lr in size whatever
 the gradient). PPO: +0.106 in one run. `vineppo` runs on the arith task (its reasoning steps are solution lines): +0.057
 (0.304 -> 0.361), the same in two runs (sampling and MC rollouts are seeded per prompt), in 220-300 s,
-most of it the generator's MC sampling; here it runs 10 steps and checks the MC accounting only.
+most of it the generator's MC sampling; here it runs 4 steps and checks the MC accounting only.
 Measured numbers are in docs/losses.md.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
 # pairs (online_dpo), group baselines (rloo), a value model (ppo), MC values (vineppo). The other
 # losses reuse those paths with another formula; each trains in a real Learner in tests/test_losses*.py,
 # and their 40-step pipeline gains are in docs/losses.md.
-SHORT_RUN = {"vineppo": 10}  # steps; MC rollouts make a step ~5 s: it checks the MC accounting, not a gain
+SHORT_RUN = {"vineppo": 4}  # steps; MC rollouts make a step ~3 s: it checks the MC accounting, not a gain
 SHORT = [f"learner.steps={STEPS}", "task.eval_prompts=16", "eval.every=0"]
 
 
