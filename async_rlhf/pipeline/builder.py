@@ -24,7 +24,7 @@ from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
-from async_rlhf.pipeline.startup import PlacementWatch, StartupClock, await_actors, ray_init_kwargs
+from async_rlhf.pipeline.startup import PlacementWatch, StartupClock, await_actors, await_started, ray_init_kwargs
 from async_rlhf.pipeline.state import Components, GeneratorSlot
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
@@ -95,13 +95,24 @@ class ComponentBuilder:
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)
 
+    def replace_learner(self) -> None:
+        """A new learner for a dead or hung one, awaited as at start-up: learner.stall_timeout_s bounds only the
+        cluster's not placing it, never its own start (a failover's load_state is bounded from then on)."""
+        self.stop_learner()
+        self.start_learner()
+        watch = PlacementWatch(lambda: unplaced(self._learner_names()), self.cfg.learner.stall_timeout_s)
+        await_started(self.parts.learner.__ray_ready__.remote(), watch)
+
     def _actor_names(self, pool: GeneratorPool) -> dict[str, Any]:
         """Every actor of the run by the name a user knows it by."""
-        learner = self.parts.learner
-        ranks = getattr(learner, "handles", None)  # a LearnerGroup
-        named = {f"learner rank {r}": h for r, h in enumerate(ranks)} if ranks else {"the learner": learner}
+        named = self._learner_names()
         named.update({f"generator {g.generator_id}": g.handle for g in pool.slots})
         return {**named, "the reward actor": self.parts.reward}
+
+    def _learner_names(self) -> dict[str, Any]:
+        learner = self.parts.learner
+        ranks = getattr(learner, "handles", None)  # a LearnerGroup
+        return {f"learner rank {r}": h for r, h in enumerate(ranks)} if ranks else {"the learner": learner}
 
     def _start_workers(self, pool: GeneratorPool) -> None:
         """The learner, the generators and the reward actor. With ipc they share one GPU, and vLLM sizes its KV

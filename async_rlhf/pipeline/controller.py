@@ -215,7 +215,7 @@ class Controller:
 
     def _loop(self) -> None:
         with self.timing.span("loop_s"):
-            self.state.learner_idle_since = time.perf_counter()
+            self.state.start_clocks()  # start-up (actors, a resume's restore) is not the learner's stall
             while not self._done():
                 try:
                     self._iterate()

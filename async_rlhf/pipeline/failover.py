@@ -95,9 +95,9 @@ class LearnerFailover:
         self.evals.abandon()  # pending evaluations are of rolled-back versions; none may keep a lease
         self.pool.quiesce()
         self.rewards.forget_in_flight()
-        self.builder.stop_learner()
-        self.builder.start_learner()
+        self.builder.replace_learner()
         version = self.roll_back(ckpt)
+        self.state.start_clocks()  # the new learner's: its start and the roll-back were bounded on their own
         self.stats.learner_restarts += 1
         print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {ckpt.path.name} "
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "

@@ -131,6 +131,15 @@ def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]
     return {role: ray.get(refs) for role, refs in calls.items()}
 
 
+def await_started(ref: Any, watch: PlacementWatch) -> None:
+    """One actor's first answer, awaited as at start-up: its start (imports, model load: seconds on a busy
+    machine) has no bound, only a cluster's not placing it has (`watch`). An actor that died raises."""
+    started = time.time()
+    while not ray.wait([ref], timeout=PLACEMENT_CHECK_S)[0]:
+        watch.check(time.time() - started)
+    ray.get(ref)
+
+
 def ray_init_kwargs(cfg: RunConfig, cores: int) -> dict[str, Any]:
     """ray.init's arguments for a run: a local Ray gets a CPU per role at least (cores pinned or not); Ray says
     nothing at INFO level ("Started a local Ray instance", "Connected to Ray cluster": the run says its own)."""

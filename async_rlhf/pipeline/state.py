@@ -101,6 +101,11 @@ class LoopState:
     tied_run: int = 0  # consecutive learner steps whose every group scored alike (watchdogs.py)
     reward_signal_seen: bool = False  # a step whose completions' rewards differed, in this run
 
+    def start_clocks(self) -> None:
+        """The learner's idle time and its stall clock (watchdogs.py) count from now."""
+        self.learner_idle_since = time.perf_counter()
+        self.last_progress = time.monotonic()
+
     def reset(self, first_version: int, learner_idle_since: float) -> None:
         fresh = LoopState(first_version=first_version, learner_idle_since=learner_idle_since)
         for f in fields(self):
