@@ -6,12 +6,14 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from async_rlhf.cli.progress import ProgressBar, ProgressLines, progress_display
+from async_rlhf.failures import RunError
 from async_rlhf.pipeline import startup
 from async_rlhf.pipeline.startup import LAPS, StartupClock
 from tests.helpers import ROOT
@@ -150,3 +152,25 @@ def test_stopping_a_local_ray_kills_its_monitor_and_leaves_no_head_process() -> 
             "shutdown_local_ray()\n"
             "print('MONITORS', len(monitors), 'LEFT', sum(p.poll() is None for p in procs), ray.is_initialized())")
     assert "MONITORS 1 LEFT 0 False" in python_output(code)
+
+
+def test_a_restart_gets_the_stall_timeout_or_five_times_its_roles_first_start() -> None:
+    assert startup.restart_limit_s(600.0, 9.0) == 600.0
+    assert startup.restart_limit_s(6.0, 9.0) == 45.0  # vLLM's start here (~9 s) is past a 6 s stall timeout
+
+
+class SlowStart:
+    def __init__(self, start_s: float) -> None:
+        time.sleep(start_s)
+
+
+def test_a_restarted_actor_is_awaited_for_its_limit_then_named(ray_local) -> None:
+    # Before: a replacement learner's start counted against learner.stall_timeout_s in its first call.
+    watch = startup.PlacementWatch(unplaced=lambda: [], limit_s=1.0)
+    actor = ray_local.remote(num_cpus=0)(SlowStart).remote(2.0)
+    startup.await_restarted(actor.__ray_ready__.remote(), "the new learner", 6.0, watch)  # 2 s past a 1 s watch
+    actor = ray_local.remote(num_cpus=0)(SlowStart).remote(30.0)
+    with pytest.raises(RunError, match=r"^the new learner did not start within 1.5s \(learner.stall_timeout_s, or "
+                                       r"5x its first start in this run\); why is in its log under /tmp/ray/"):
+        startup.await_restarted(actor.__ray_ready__.remote(), "the new learner", 1.5, watch)
+    ray_local.kill(actor)

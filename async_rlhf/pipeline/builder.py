@@ -24,7 +24,14 @@ from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
-from async_rlhf.pipeline.startup import PlacementWatch, StartupClock, await_actors, await_started, ray_init_kwargs
+from async_rlhf.pipeline.startup import (
+    PlacementWatch,
+    StartupClock,
+    await_actors,
+    await_restarted,
+    ray_init_kwargs,
+    restart_limit_s,
+)
 from async_rlhf.pipeline.state import Components, GeneratorSlot
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
@@ -56,6 +63,7 @@ class ComponentBuilder:
         self.broker = broker
         self.weights_root = weights_root
         self.loan: CoreLoan | None = None  # the generators' cores the learner may borrow (set by build)
+        self.learner_restart_s = cfg.learner.stall_timeout_s  # how long a new learner may take (set by build)
 
     def start_ray(self) -> bool:
         """True when this call started Ray (the run then shuts it down)."""
@@ -84,6 +92,9 @@ class ComponentBuilder:
         answers = await_actors(startup, started, {"learner": [parts.learner.__ray_ready__.remote()],
                                                   "generators": [g.handle.info.remote() for g in pool.slots],
                                                   "reward": [parts.reward.health.remote()]}, watch)
+        stall = cfg.learner.stall_timeout_s
+        self.learner_restart_s = restart_limit_s(stall, startup.beside["learner"])
+        pool.hangs.restart_limit_s = restart_limit_s(stall, startup.beside["generators"])
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
             pool.started(slot, info)
@@ -96,12 +107,12 @@ class ComponentBuilder:
                                     start_is_reference=cfg.model.reference_path is None)
 
     def replace_learner(self) -> None:
-        """A new learner for a dead or hung one, awaited as at start-up: learner.stall_timeout_s bounds only the
-        cluster's not placing it, never its own start (a failover's load_state is bounded from then on)."""
+        """A new learner for a dead or hung one, given the time a start takes here (restart_limit_s): before, its
+        start counted against learner.stall_timeout_s in its first call (load_state), bounded from then on."""
         self.stop_learner()
         self.start_learner()
         watch = PlacementWatch(lambda: unplaced(self._learner_names()), self.cfg.learner.stall_timeout_s)
-        await_started(self.parts.learner.__ray_ready__.remote(), watch)
+        await_restarted(self.parts.learner.__ray_ready__.remote(), "the new learner", self.learner_restart_s, watch)
 
     def _actor_names(self, pool: GeneratorPool) -> dict[str, Any]:
         """Every actor of the run by the name a user knows it by."""

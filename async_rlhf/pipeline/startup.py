@@ -30,10 +30,19 @@ from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError
+from async_rlhf.failures import RunError, ray_logs
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
 PLACEMENT_CHECK_S = 10.0  # how often a start-up still waiting on its actors asks whether the cluster placed them
+RESTART_FACTOR = 5.0  # a restarted actor may take this many times its role's first start here: a replacement
+# learner took 2.1x its first start (9.3 s vs 4.4 s, a fresh worker process beside a live run; 2 cores)
+
+
+def restart_limit_s(stall_timeout_s: float, first_start_s: float) -> float:
+    """How long a restarted learner or generator may take to answer: learner.stall_timeout_s, or RESTART_FACTOR
+    times its role's first start in this run where that is longer (a restart is a start: DeepSpeed's or vLLM's,
+    ~10 s on 2 cores beside a busy run, and a user's stall timeout may be shorter)."""
+    return max(stall_timeout_s, RESTART_FACTOR * first_start_s)
 
 
 def process_age_s() -> float:
@@ -131,12 +140,16 @@ def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]
     return {role: ray.get(refs) for role, refs in calls.items()}
 
 
-def await_started(ref: Any, watch: PlacementWatch) -> None:
-    """One actor's first answer, awaited as at start-up: its start (imports, model load: seconds on a busy
-    machine) has no bound, only a cluster's not placing it has (`watch`). An actor that died raises."""
+def await_restarted(ref: Any, name: str, limit_s: float, watch: PlacementWatch) -> None:
+    """A restarted actor's first answer (`ref`): once placed, it has `limit_s` (restart_limit_s); a cluster not
+    placing it is `watch`'s to bound, as at start-up. An actor that died raises."""
     started = time.time()
-    while not ray.wait([ref], timeout=PLACEMENT_CHECK_S)[0]:
-        watch.check(time.time() - started)
+    while not ray.wait([ref], timeout=min(PLACEMENT_CHECK_S, limit_s / 3))[0]:
+        waited = time.time() - started
+        watch.check(waited)
+        if waited > limit_s and not watch.unplaced():
+            raise RunError(f"{name} did not start within {limit_s:g}s (learner.stall_timeout_s, or "
+                           f"{RESTART_FACTOR:g}x its first start in this run); why is in its log under {ray_logs()}")
     ray.get(ref)
 
 
