@@ -95,6 +95,7 @@ class ComponentBuilder:
         stall = cfg.learner.stall_timeout_s
         self.learner_restart_s = restart_limit_s(stall, startup.beside["learner"])
         pool.hangs.restart_limit_s = restart_limit_s(stall, startup.beside["generators"])
+        rewards.restart_limit_s = restart_limit_s(stall, startup.beside["reward"])
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
             pool.started(slot, info)

@@ -15,7 +15,7 @@ from typing import Any, Protocol, Sequence
 import ray
 
 from async_rlhf.failures import RunError, ray_logs
-from async_rlhf.pipeline.startup import RESTART_FACTOR
+from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import GeneratorSlot
 
 HANG_FACTOR = 10.0  # an evaluation queued ahead of a chunk, or a bigger batch, takes a few times a chunk, not 10
@@ -60,7 +60,7 @@ class GeneratorHangs:
 
     def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
-        bound of its own: learner.stall_timeout_s, or RESTART_FACTOR times the generators' first start."""
+        bound of its own (startup.restart_limit_s)."""
         if not slot.recovering:
             self.recovering_since.pop(slot.generator_id, None)
             return
@@ -68,8 +68,7 @@ class GeneratorHangs:
         self.recovering_since[slot.generator_id] = since
         if now - since > self.restart_limit_s:
             raise RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of "
-                           f"its death (learner.stall_timeout_s, or {RESTART_FACTOR:g}x its first start in this "
-                           f"run); why is in its log under {ray_logs()}")
+                           f"its death ({RESTART_BOUND}); why is in its log under {ray_logs()}")
 
     def _restart(self, slot: GeneratorSlot, calls: int, silent_s: float) -> None:
         print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s with "

@@ -16,6 +16,7 @@ from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.queue import RolloutQueue
+from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.pipeline.vineppo import attach_advantages
 from async_rlhf.rollout import RolloutGroup
@@ -32,6 +33,7 @@ class RewardBook:
         self.timeline = timeline
         self.started: dict[Any, float] = {}  # reward call -> wall-clock dispatch time
         self.pid = 0  # the reward actor's process; a new one is a restart
+        self.restart_limit_s = cfg.learner.stall_timeout_s  # how long its restart may take (set once it started)
         self.heard_at = time.monotonic()  # its last answer, or when it was last idle: its silence runs from here
         self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
 
@@ -131,8 +133,8 @@ class RewardBook:
 
     def _pid(self) -> int:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
-        (ActorUnavailableError) and is sent again, for up to learner.stall_timeout_s."""
-        limit = self.cfg.learner.stall_timeout_s
+        (ActorUnavailableError) and is sent again, for up to its restart's limit (startup.restart_limit_s)."""
+        limit = self.restart_limit_s
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
             try:
@@ -142,8 +144,8 @@ class RewardBook:
                 time.sleep(0.2)
             except ray.exceptions.GetTimeoutError:
                 break
-        raise RunError(f"the reward actor did not answer within {limit:g}s of its restart (learner.stall_timeout_s); "
-                       f"why is in its log under {ray_logs()}")
+        raise RunError(f"the reward actor did not answer within {limit:g}s of its restart ({RESTART_BOUND}); why is "
+                       f"in its log under {ray_logs()}")
 
     def regenerate(self, result: GenerationResult) -> None:
         """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead

@@ -36,12 +36,13 @@ LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
 PLACEMENT_CHECK_S = 10.0  # how often a start-up still waiting on its actors asks whether the cluster placed them
 RESTART_FACTOR = 5.0  # a restarted actor may take this many times its role's first start here: a replacement
 # learner took 2.1x its first start (9.3 s vs 4.4 s, a fresh worker process beside a live run; 2 cores)
+RESTART_BOUND = f"learner.stall_timeout_s, or {RESTART_FACTOR:g}x its first start in this run"  # for messages
 
 
 def restart_limit_s(stall_timeout_s: float, first_start_s: float) -> float:
-    """How long a restarted learner or generator may take to answer: learner.stall_timeout_s, or RESTART_FACTOR
-    times its role's first start in this run where that is longer (a restart is a start: DeepSpeed's or vLLM's,
-    ~10 s on 2 cores beside a busy run, and a user's stall timeout may be shorter)."""
+    """How long a restarted learner, generator or reward actor may take to answer: learner.stall_timeout_s, or
+    RESTART_FACTOR times its role's first start in this run where that is longer (a restart is a start:
+    DeepSpeed's or vLLM's, ~10 s on 2 cores beside a busy run, and a user's stall timeout may be shorter)."""
     return max(stall_timeout_s, RESTART_FACTOR * first_start_s)
 
 
@@ -148,8 +149,8 @@ def await_restarted(ref: Any, name: str, limit_s: float, watch: PlacementWatch) 
         waited = time.time() - started
         watch.check(waited)
         if waited > limit_s and not watch.unplaced():
-            raise RunError(f"{name} did not start within {limit_s:g}s (learner.stall_timeout_s, or "
-                           f"{RESTART_FACTOR:g}x its first start in this run); why is in its log under {ray_logs()}")
+            raise RunError(f"{name} did not start within {limit_s:g}s ({RESTART_BOUND}); why is in its log under "
+                           f"{ray_logs()}")
     ray.get(ref)
 
 
