@@ -127,7 +127,8 @@ def test_synchronous_gate_lets_no_second_chunk_out(tmp_path, monkeypatch) -> Non
         assert pool.state.outstanding == 4
 
 
-def test_a_generator_dying_with_two_chunks_re_issues_each_once_with_its_version(tmp_path, monkeypatch) -> None:
+def test_a_generator_dying_with_two_chunks_re_issues_each_once_with_its_version(tmp_path, monkeypatch,
+                                                                                capsys) -> None:
     pool, broker, gate = make_pool(tmp_path, monkeypatch, bound=2, mode="fixed")
     pool.dispatch(gate)
     slot = pool.slots[0]
@@ -141,6 +142,8 @@ def test_a_generator_dying_with_two_chunks_re_issues_each_once_with_its_version(
     pool.on_generated(slot, refs[1])
     assert [([p.prompt_id for p in ps], v) for ps, v in pool.state.reissue] == [([0, 1, 2, 3], 0), ([4, 5, 6, 7], 0)]
     assert broker.released == broker.leased == {0: 2}
+    assert capsys.readouterr().err == ("[async-rlhf] generator 0 died (RayActorError); waiting for Ray to restart it; "
+                                       "the prompts of its 2 batch(es) in flight will be re-issued\n")  # once
     slot.not_before = 0.0
     pool.dispatch(gate)
     assert isinstance(slot.probe, Probe) and not slot.chunks

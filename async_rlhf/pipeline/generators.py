@@ -189,9 +189,11 @@ class GeneratorPool:
         answers a probe (Ray restarts it; calls fail fast while it is down). Each chunk the death took fails
         on its own and is re-issued here once; the probe waits for the last of them (_probe_recovering)."""
         self.state.reissue.append((chunk.prompts, chunk.leased_version))  # fixed delay samples it with it again
+        if not slot.recovering:  # one line per death, however many chunks it took
+            print(f"[async-rlhf] generator {slot.generator_id} died ({type(exc).__name__}); waiting for Ray to "
+                  f"restart it; the prompts of its {len(slot.chunks) + 1} batch(es) in flight will be re-issued",
+                  file=sys.stderr, flush=True)
         slot.recovering, slot.not_before = True, time.monotonic() + 0.5
-        print(f"[async-rlhf] generator {slot.generator_id} lost a batch ({type(exc).__name__}); waiting for "
-              f"Ray to restart it; its {len(chunk.prompts)} prompts will be re-issued", file=sys.stderr, flush=True)
 
     def _restarted_between_calls(self, slot: GeneratorSlot, exc: ray.exceptions.RayTaskError) -> bool:
         """Pushed weights: a generator killed between two calls failed none of them, and its new process, outside
