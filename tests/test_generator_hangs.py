@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 
+from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
@@ -26,7 +27,8 @@ class Stuck:
 
 
 def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0) -> GeneratorPool:
-    return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_call_s=longest_call_s))
+    cfg = RunConfig.model_validate({"generation": {"prompts_per_step": 16}})  # training calls of 16 prompts
+    return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_call_s=longest_call_s, cfg=cfg))
 
 
 def busy_slot(handle: Any, silent_s: float, call: Any = None) -> GeneratorSlot:
@@ -44,7 +46,8 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
     GeneratorHangs(pool_of([slot], longest_call_s=0.2), timeout_s=10.0, restart_limit_s=60.0).check(frozen_s=0.0)
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] generator 0 has answered nothing for 12s with 1 call(s) in flight "
-                           "(generation.hang_timeout_s=10; the longest call so far took 0.2s): killing it")
+                           "(generation.hang_timeout_s=10, 10x the longest call so far, per training call's size: "
+                           "10s in all): killing it")
     deadline, after = time.monotonic() + 60, before
     while after == before:  # ray.kill returns at once; calls fail while the actor restarts
         assert time.monotonic() < deadline, "not restarted"
@@ -56,7 +59,8 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
 
 
 @pytest.mark.parametrize("case", ["hung", "hung in an evaluation's chunk", "idle", "recovering", "within the timeout",
-                                  "within 10x the longest call", "the driver was frozen", "the driver was busy"])
+                                  "within 10x the longest call", "an evaluation's call 4 training calls big",
+                                  "the driver was frozen", "the driver was busy"])
 def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
@@ -67,7 +71,10 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         slot.chunks.clear()
     elif case == "hung in an evaluation's chunk":  # all generator 0 has at the final evaluation
         slot.chunks.clear()
-        evals.append(call)
+        evals.append((call, 16))  # a training call's size: 10 s
+    elif case == "an evaluation's call 4 training calls big":  # the final evaluation's chunks as one call
+        slot.chunks.clear()  # before: killed as hung at 10 s (the timeout), again and again
+        evals.append((call, 64))  # 4 x 10 s
     elif case == "recovering":
         slot.recovering = True  # already dead: Ray is restarting it
     elif case == "within the timeout":

@@ -54,7 +54,8 @@ def test_a_busy_reward_actor_silent_past_the_timeout_is_killed_restarted_and_its
     book.check_hang(frozen_s=0.0, eval_calls=[])
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] the reward actor has answered nothing for 12s with 2 call(s) in flight "
-                           "(generation.hang_timeout_s=10; the longest call so far took 0.0s): killing it")
+                           "(generation.hang_timeout_s=10, 10x the longest call so far, per training call's size: "
+                           "10s in all): killing it")
     first = next(iter(book.state.reward_jobs))
     book.on_scored(first)  # its call fails as after a crash: a restart counted, every batch in flight sent again
     assert book.stats.reward_restarts == 1 and book.pid != before and not book.state.reward_jobs
@@ -63,14 +64,17 @@ def test_a_busy_reward_actor_silent_past_the_timeout_is_killed_restarted_and_its
 
 
 @pytest.mark.parametrize("case", ["hung", "idle", "an evaluation's call", "within the timeout",
-                                  "within 10x the longest call", "the driver was frozen", "a call is done"])
+                                  "within 10x the longest call", "an evaluation's call 4 training calls big",
+                                  "the driver was frozen", "a call is done"])
 def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.rewards.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
     book, evals, frozen = book_of(actor), [], 0.0
     if case == "an evaluation's call":  # its gold scoring: the train reward is scored in the generators
-        evals.append(actor.score.remote([]))
+        evals.append((actor.score.remote([]), book.cfg.chunk_prompts))
+    elif case == "an evaluation's call 4 training calls big":  # 4 x 10 s: before, killed at 10 s
+        evals.append((actor.score.remote([]), 4 * book.cfg.chunk_prompts))
     elif case != "idle":
         book.score(batch([0]))
     book.heard_at -= 30.0
@@ -81,7 +85,7 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     elif case == "the driver was frozen":
         frozen = 25.0  # this process was stopped for 25 of the 30 s: the actor was silent 5 s
     elif case == "a call is done":  # and waits to be handled (the driver was busy: a checkpoint's write)
-        evals.append(ray_local.put("scored groups"))
+        evals.append((ray_local.put("scored groups"), 1))
     book.check_hang(frozen_s=frozen, eval_calls=evals)
     assert killed == ([actor] if case in ("hung", "an evaluation's call") else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
@@ -91,9 +95,9 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
 def test_a_remote_reward_models_own_deadline_is_not_taken_for_a_hang() -> None:
     # The client gives up on a slow server itself, after reward.remote.deadline_s (retries included) and at most
     # one more request's timeout; a hang timeout below that killed a reward actor that was only waiting.
-    assert book_of(None, stall_timeout_s=100.0).hang_limit_s == 50.0
+    assert book_of(None, stall_timeout_s=100.0).hang_limit_s() == 50.0
     remote = {"remote": {"url": "http://127.0.0.1:9/score", "deadline_s": 60, "timeout_s": 10}}
-    assert book_of(None, stall_timeout_s=100.0, reward=remote).hang_limit_s == 70.0
+    assert book_of(None, stall_timeout_s=100.0, reward=remote).hang_limit_s() == 70.0
 
 
 def test_a_reward_actor_that_does_not_answer_after_its_restart_ends_the_run_with_one_line(ray_local) -> None:

@@ -178,3 +178,20 @@ def test_the_gcs_watch_is_as_patient_as_ray_is_told_to_be(ray_wait: str | None, 
     watch = GcsWatch()
     watch.close()
     assert watch.misses == misses
+
+
+def test_the_learner_idle_behind_an_evaluations_sample_call_is_not_a_stall() -> None:
+    # Before: a 16384-prompt evaluation holding generator 0 ended a run under a 4 s stall timeout.
+    dogs, state, _ = watchdogs(timeout_s=5)
+    dogs.evaluating = lambda: True  # generator 0's hang check bounds that call (size_factor)
+    state.last_progress = time.monotonic() - 60
+    dogs.check_stall()
+    dogs.evaluating = lambda: False
+    dogs.check_stall()  # the clock restarted when the call was in flight
+    assert time.monotonic() - state.last_progress < 1
+
+
+def test_a_call_bigger_than_a_training_call_gets_that_many_timeouts() -> None:
+    cfg = RunConfig.model_validate({"generation": {"prompts_per_step": 16, "num_generators": 2}})
+    assert cfg.chunk_prompts == 8
+    assert [cfg.size_factor(n) for n in (0, 8, 12, 16384)] == [1.0, 1.0, 1.5, 2048.0]

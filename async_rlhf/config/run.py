@@ -239,6 +239,17 @@ class RunConfig(Strict):
         return self.generation.hang_timeout_s or self.learner.stall_timeout_s / 2
 
     @property
+    def chunk_prompts(self) -> int:
+        """Prompts per training generate call (and per reward call): a generator's share of a step."""
+        return self.generation.prompts_per_step // self.generation.num_generators
+
+    def size_factor(self, prompts: int) -> float:
+        """How many training calls' worth of prompts a call of `prompts` is, at least 1: a hang timeout (and a
+        stall timeout, for an evaluation awaited) is for a call of a training batch's size, a bigger evaluation's
+        call gets that many times it (a 16384-prompt one was killed as hung under a 4 s stall timeout)."""
+        return max(1.0, prompts / self.chunk_prompts)
+
+    @property
     def queue_capacity(self) -> int:
         return self.queue.capacity or (self.queue.max_staleness + 1) * self.generation.prompts_per_step
 

@@ -125,7 +125,8 @@ class Controller:
         self.failover = LearnerFailover(cfg, self.checkpoints, self.parts, self.state, self.stats, self.broker,
                                         self.pool, self.rewards, self.evals, self.builder, self.restore)
         self.watchdogs = Watchdogs(cfg, self.state, self.control, self.pool, self.queue, self.take_checkpoints,
-                                   self.rewards.source, self.failover.kill_hung, self.evals.check_hangs)
+                                   self.rewards.source, self.failover.kill_hung, self.evals.check_hangs,
+                                   lambda: self.state.learner_job is None and self.evals.sampling())
         self.view = RunView(cfg, run_dir, self.state, self.stats, self.queue, self.timing, self.recorder, self.control,
                             self.pool, self.parts, self.startup)
         self.steps = LearnerSteps(cfg, self.parts, self.state, self.stats, self.queue, self.broker, self.timing,

@@ -49,6 +49,7 @@ class EvalInFlight:
         self.stage: Stage = "sample"
         self.refs: list[Any] = []  # the calls of the current stage (the sample: every chunk sent so far)
         self.waiting: list[Any] = []  # those of them not answered yet (the loop's wait set)
+        self.sizes: dict[Any, int] = {}  # each call's prompts (what a generator's or reward hang check allows it)
         self.results: list[GenerationResult] = []  # each chunk's, in prompt order
         self.result: GenerationResult | None = None
         self.scored: list[list[RolloutGroup]] = []
@@ -79,6 +80,7 @@ class EvalInFlight:
         else:
             self.unsent.popleft()
         ref = self.evaluator.sample(self.generator, prompts, self.weights)
+        self.sizes[ref] = len(prompts)
         self.refs.append(ref)
         self.waiting.append(ref)
 
@@ -111,6 +113,7 @@ class EvalInFlight:
         if not self.unsent:
             self.result = merged(self.results)
             self._send("score", self.evaluator.score(self.result))
+            self.sizes.update((ref, len(self.result.groups)) for ref in self.refs)
 
     def _kl(self, scored: list[list[RolloutGroup]]) -> None:
         self.scored = scored

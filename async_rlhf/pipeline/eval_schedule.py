@@ -123,9 +123,11 @@ class EvalSchedule:
         """The calls of every pending evaluation's current stage, for the loop's `ray.wait`."""
         return {ref: flight for flight in self.pending for ref in flight.waiting}
 
-    def _calls(self, stage: str) -> list[Any]:
-        """The pending evaluations' calls in `stage`: generator 0's ("sample") or the reward actor's ("score")."""
-        return [ref for flight in self.pending if flight.stage == stage for ref in flight.waiting]
+    def _calls(self, stage: str) -> list[tuple[Any, int]]:
+        """The pending evaluations' calls in `stage`, generator 0's ("sample") or the reward actor's ("score"),
+        with their prompts (the hang checks allow for their size)."""
+        return [(ref, flight.sizes.get(ref, 0)) for flight in self.pending if flight.stage == stage
+                for ref in flight.waiting]
 
     def on_ready(self, flight: EvalInFlight) -> None:
         with self._blocking(flight):
@@ -142,11 +144,19 @@ class EvalSchedule:
                 self._wait_for(flight)
         self._log_finished()
 
+    def sampling(self) -> bool:
+        """Generator 0 holds an evaluation's sample call."""
+        return bool(self._calls("sample"))
+
     def _wait_for(self, flight: EvalInFlight) -> None:
-        timeout = self.cfg.learner.stall_timeout_s
         while not flight.done:
             self._feed(flight, rest=True)
-            self._advance(flight, lambda: flight.wait(timeout, lambda: self.check_hangs(0.0)))
+            self._advance(flight, lambda: flight.wait(self._stage_limit_s(), lambda: self.check_hangs(0.0)))
+
+    def _stage_limit_s(self) -> float:
+        """A stage awaited may take learner.stall_timeout_s per training call's worth of the evaluation's prompts
+        (RunConfig.size_factor): the hang checks meanwhile stop a hung generator or reward actor sooner."""
+        return self.cfg.learner.stall_timeout_s * self.cfg.size_factor(self.cfg.task.eval_prompts)
 
     def _feed(self, flight: EvalInFlight, rest: bool) -> None:
         """`flight.feed`; generator 0's silence runs from here if it had nothing to do (its hang check)."""

@@ -14,6 +14,7 @@ from typing import Any, Protocol, Sequence
 
 import ray
 
+from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import GeneratorSlot
@@ -25,6 +26,7 @@ class Generators(Protocol):
     """What the check reads of the pool (pipeline/generators.py GeneratorPool, which owns the check)."""
 
     slots: list[GeneratorSlot]
+    cfg: RunConfig
     longest_call_s: float  # the longest a generate call has worked, by its own timings
 
 
@@ -42,21 +44,25 @@ class GeneratorHangs:
         # first start once they answered (startup.restart_limit_s)
         self.recovering_since: dict[int, float] = {}  # by generator id
 
-    @property
-    def limit_s(self) -> float:
-        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s)
+    def limit_s(self, prompts: int = 0) -> float:
+        """The silence past which a generator with calls of up to `prompts` prompts in flight is hung: the
+        timeout and HANG_FACTOR times the longest call so far, times the calls' size in training calls (an
+        evaluation's remaining chunks sent as one call are many training calls long)."""
+        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s) * self.pool.cfg.size_factor(prompts)
 
-    def check(self, frozen_s: float, eval_calls: Sequence[Any] = ()) -> None:
+    def check(self, frozen_s: float, eval_calls: Sequence[tuple[Any, int]] = ()) -> None:
         """Kill every busy generator silent past the limit. `frozen_s`: time this process itself was stopped
         since the last check, which no generator's silence includes. `eval_calls`: generator 0's evaluation
-        chunks (at the final evaluation they are all it has)."""
+        calls and their prompts (at the final evaluation they are all it has)."""
         now = time.monotonic()
         for slot in self.pool.slots:
-            calls = [chunk.ref for chunk in slot.chunks] + list(eval_calls if slot is self.pool.slots[0] else ())
+            calls = [(chunk.ref, len(chunk.prompts)) for chunk in slot.chunks]
+            calls += list(eval_calls if slot is self.pool.slots[0] else ())
             slot.answered_at = slot.answered_at + frozen_s if calls else now  # idle: silent from its next call on
             self._check_restart(slot, now, frozen_s)
-            if calls and not slot.recovering and now - slot.answered_at > self.limit_s and not answered(calls):
-                self._restart(slot, len(calls), now - slot.answered_at)
+            limit = self.limit_s(max((n for _, n in calls), default=0))
+            if calls and not slot.recovering and now - slot.answered_at > limit and not answered([r for r, _ in calls]):
+                self._restart(slot, len(calls), now - slot.answered_at, limit)
 
     def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
@@ -67,13 +73,16 @@ class GeneratorHangs:
         since = self.recovering_since.setdefault(slot.generator_id, now) + frozen_s
         self.recovering_since[slot.generator_id] = since
         if now - since > self.restart_limit_s:
-            raise RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of "
-                           f"its death ({RESTART_BOUND}); why is in its log under {ray_logs()}")
+            raise self.not_back(slot)
 
-    def _restart(self, slot: GeneratorSlot, calls: int, silent_s: float) -> None:
+    def not_back(self, slot: GeneratorSlot) -> RunError:
+        return RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of its "
+                        f"death ({RESTART_BOUND}); why is in its log under {ray_logs()}")
+
+    def _restart(self, slot: GeneratorSlot, calls: int, silent_s: float, limit_s: float) -> None:
         print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s with "
-              f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}; the longest "
-              f"call so far took {self.pool.longest_call_s:.1f}s): killing it so that Ray restarts it; its "
+              f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}, {HANG_FACTOR:g}x the longest "
+              f"call so far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; its "
               f"prompts will be re-issued", file=sys.stderr, flush=True)
         slot.answered_at = time.monotonic()  # its chunks now fail as after a crash: said once
         ray.kill(slot.handle, no_restart=False)

@@ -47,7 +47,7 @@ class GeneratorPool:
 
     @property
     def chunk(self) -> int:
-        return self.cfg.generation.prompts_per_step // self.cfg.generation.num_generators
+        return self.cfg.chunk_prompts
 
     @property
     def depth(self) -> int:
@@ -249,15 +249,16 @@ class GeneratorPool:
         self.connect()
 
     def await_restart(self, slot: GeneratorSlot) -> None:
-        """Block until a generator answers again (used outside the event loop, e.g. evaluation)."""
-        deadline = time.monotonic() + self.cfg.learner.stall_timeout_s
+        """Block until a generator answers again (used outside the event loop, e.g. evaluation), for as long as
+        its restart may take (GeneratorHangs.restart_limit_s)."""
+        deadline = time.monotonic() + self.hangs.restart_limit_s
         slot.recovering = True
         while time.monotonic() < deadline:
             self.on_probe(slot, slot.handle.info.remote())
             if not slot.recovering:
                 return
             time.sleep(1.0)
-        raise RunError(f"generator {slot.generator_id} did not come back within {self.cfg.learner.stall_timeout_s:g}s")
+        raise self.hangs.not_back(slot)
 
     def connect(self) -> None:
         """The learner-driven weight group (nccl, ipc) with every generator; again after a restart, when the

@@ -59,35 +59,37 @@ class RewardBook:
         self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
         self.queue_scored(result, scored)
 
-    def check_hang(self, frozen_s: float, eval_calls: list[Any]) -> None:
+    def check_hang(self, frozen_s: float, eval_calls: list[tuple[Any, int]]) -> None:
         """A reward actor alive but answering nothing (a scorer that never returns, a stopped process) held the run
         until the learner's stall ended it. Busy (train batches or `eval_calls`, an evaluation's scoring) and silent
         for the run's hang timeout (generation.hang_timeout_s) and HANG_FACTOR times its longest call, with none of
         its calls done, it is killed instead: Ray restarts it and what it was scoring is sent again, as after a crash
         (`on_died`; an evaluation resends itself). `frozen_s`: time this process itself was stopped since the last
         check, which is not the actor's silence."""
-        calls, now = [*self.state.reward_jobs, *eval_calls], time.monotonic()
+        train = [(ref, len(result.groups)) for ref, result in self.state.reward_jobs.items()]
+        calls, now = [*train, *eval_calls], time.monotonic()
         if not calls:
             self.heard_at = now
             return
         self.heard_at += frozen_s
         silent_s = now - self.heard_at
-        if silent_s <= self.hang_limit_s or ray.wait(calls, num_returns=1, timeout=0)[0]:
+        limit_s = self.hang_limit_s(max(prompts for _, prompts in calls))
+        if silent_s <= limit_s or ray.wait([ref for ref, _ in calls], num_returns=1, timeout=0)[0]:
             return
         print(f"[async-rlhf] the reward actor has answered nothing for {silent_s:.0f}s with {len(calls)} call(s) in "
-              f"flight (generation.hang_timeout_s={self.cfg.hang_timeout_s:g}; the longest call so far took "
-              f"{self.longest_call_s:.1f}s): killing it so that Ray restarts it; what it was scoring is sent again",
-              file=sys.stderr, flush=True)
+              f"flight (generation.hang_timeout_s={self.cfg.hang_timeout_s:g}, {HANG_FACTOR:g}x the longest call so "
+              f"far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; what it was "
+              f"scoring is sent again", file=sys.stderr, flush=True)
         self.heard_at = now  # its calls now fail as after a crash: said once
         ray.kill(self.parts.reward, no_restart=False)
 
-    @property
-    def hang_limit_s(self) -> float:
-        """The hang timeout, 10x its longest call, and a remote reward model's own bound on a call (its deadline,
-        then one last request's timeout): a slow server is the client's to time out, not a hang."""
+    def hang_limit_s(self, prompts: int = 0) -> float:
+        """The hang timeout and 10x its longest call, times the size in training calls of its biggest call in
+        flight (`prompts`: an evaluation's), and a remote reward model's own bound on a call (its deadline, then
+        one last request's timeout): a slow server is the client's to time out, not a hang."""
         remote = self.cfg.reward.remote
         own = remote.deadline_s + remote.timeout_s if remote is not None else 0.0
-        return max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s, own)
+        return max(max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s) * self.cfg.size_factor(prompts), own)
 
     def queue_scored(self, result: GenerationResult, scored: list[RolloutGroup]) -> None:
         """Scored responses (then MC rollouts) of one generation: values and advantages first for VinePPO."""

@@ -58,7 +58,8 @@ class Watchdogs:
     def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
                  queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str],
                  kill_hung_learner: Callable[[float], bool] = lambda _idle_s: False,
-                 check_hangs: Callable[[float], None] = lambda _frozen_s: None) -> None:
+                 check_hangs: Callable[[float], None] = lambda _frozen_s: None,
+                 evaluating: Callable[[], bool] = lambda: False) -> None:
         self.cfg = cfg
         self.state = state
         self.control = control
@@ -68,6 +69,7 @@ class Watchdogs:
         self.reward_source = reward_source
         self.kill_hung_learner = kill_hung_learner  # True: killed, and the loop fails over to a new one
         self.check_hangs = check_hangs  # kills hung generators and a hung reward actor, given the seconds frozen
+        self.evaluating = evaluating  # the learner idle while generator 0 samples an evaluation (hang-checked)
         self.freezes: ProcessFreezes | None = None  # started with the loop's first check
         self.gcs: GcsWatch | None = None  # likewise
         self.ray_lost: Future | None = None  # the checkpoint taken on the way out once the GCS is lost
@@ -76,15 +78,16 @@ class Watchdogs:
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
-        run was paused (HTTP), this process frozen (Ctrl-Z, then fg) or a generator restarting (its own bound:
-        GeneratorHangs) is not the learner's and does not count."""
+        run was paused (HTTP), this process frozen (Ctrl-Z, then fg), a generator restarting (its own bound:
+        GeneratorHangs) or the learner idle behind an evaluation's sample call (bounded by the same check) is not
+        the learner's and does not count."""
         if self.freezes is None:
             self.freezes = ProcessFreezes()
         frozen = self.freezes.total_s - self.frozen_counted_s
         self.frozen_counted_s += frozen
         self.state.last_progress += frozen
         self.check_hangs(frozen)
-        if self.control.paused or self.pool.recovering():
+        if self.control.paused or self.pool.recovering() or self.evaluating():
             self.state.last_progress = time.monotonic()
             return
         idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
