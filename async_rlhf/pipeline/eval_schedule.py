@@ -161,7 +161,7 @@ class EvalSchedule:
     def _feed(self, flight: EvalInFlight, rest: bool) -> None:
         """`flight.feed`; generator 0's silence runs from here if it had nothing to do (its hang check)."""
         slot = self.pool.slots[0]
-        if flight.unsent and not slot.chunks and not self._calls("sample"):
+        if flight.unsent and not slot.chunks and not self.sampling():
             slot.answered_at = time.monotonic()
         flight.feed(rest)
 
