@@ -9,11 +9,13 @@ from typing import Any, cast
 
 import pytest
 
-from async_rlhf.checkpoint.store import CheckpointStore
+from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.failover import LearnerFailover, checkpoint_to_restart_from, learner_alive
 from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
+from async_rlhf.pipeline.queue import QueueCounters
+from async_rlhf.pipeline.resume import ControllerSnapshot
 from async_rlhf.pipeline.timing import Timing
 
 
@@ -28,8 +30,15 @@ def controller(tmp_path: Path, restarts: int = 0, limit: int = 2) -> SimpleNames
                            limit=limit, step=7)
 
 
-def restart_from(c: SimpleNamespace, exc: BaseException):
-    return checkpoint_to_restart_from(c.checkpoints, c.restarts, c.limit, c.step, exc)
+def restart_from(c: SimpleNamespace, exc: BaseException, start: ControllerSnapshot | None = None):
+    return checkpoint_to_restart_from(c.checkpoints, c.restarts, c.limit, c.step, exc, start)
+
+
+def step_zero() -> ControllerSnapshot:
+    """A fresh run's starting point (resume.starting_point): what matters here is only that there is one."""
+    return ControllerSnapshot(step=0, next_prompt=0, queued=[], reissue=[], queue_counters=QueueCounters(),
+                              max_staleness=1, reward_counts={}, nonfinite_total=0, nonfinite_run=0, restarts=[0],
+                              timing={}, metrics_lines=0, eval_lines=0, rng={}, evals_due=[0])
 
 
 def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
@@ -44,10 +53,25 @@ def test_a_killed_actor_is_dead_and_a_live_one_alive(ray_local) -> None:
     assert not learner_alive(actor)
 
 
-def test_without_a_checkpoint_the_run_stops_saying_to_set_checkpoint_every(tmp_path: Path) -> None:
+def test_without_a_checkpoint_or_its_start_the_run_stops_saying_to_set_checkpoint_every(tmp_path: Path) -> None:
+    # A resumed run has no starting point of its own: the checkpoint it resumed from is that
     with pytest.raises(RunError, match=r"died at step 7 \(RuntimeError: learner gone\) and the run has no checkpoint "
                                        r".* set checkpoint\.every"):
         restart_from(controller(tmp_path), RuntimeError("learner gone"))
+
+
+def test_a_fresh_run_without_a_checkpoint_yet_restarts_from_its_start_and_later_from_its_checkpoint(
+        tmp_path: Path) -> None:
+    c, start = controller(tmp_path), step_zero()
+    assert restart_from(c, RuntimeError(), start) is start
+    c.checkpoints.write(5, lambda d: (d / "x").write_text("x"))
+    point = restart_from(c, RuntimeError(), start)
+    assert isinstance(point, Checkpoint) and point.step == 5
+    c.restarts = c.limit  # past max_restarts the start is no way on either
+    death = RuntimeError("learner gone")
+    with pytest.raises(RuntimeError) as caught:
+        restart_from(c, death, start)
+    assert caught.value is death
 
 
 def test_past_max_restarts_the_death_itself_ends_the_run(tmp_path: Path) -> None:
@@ -90,27 +114,32 @@ def test_a_timed_out_weight_push_replaces_the_learner_only_on_pushed_transports(
     assert not push_timed_out(other, "nccl") and not push_timed_out(WeightSyncTimeout("rendezvous"), "nccl")
 
 
-def failover_of(tmp_path: Path, learner: Any, in_flight: bool, restarts: int, checkpoint: bool) -> LearnerFailover:
-    """What `kill_hung` reads: the learner, whether a step is in flight, the restarts so far, the checkpoints."""
+def failover_of(tmp_path: Path, learner: Any, in_flight: bool, restarts: int,
+                checkpoint: bool | str) -> LearnerFailover:
+    """What `kill_hung` reads: the learner, whether a step is in flight, the restarts so far, the checkpoints (or
+    "start": none, but the run's starting point)."""
     checkpoints = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
-    if checkpoint:
+    if checkpoint is True:
         checkpoints.write(5, lambda d: (d / "x").write_text("x"))
     cfg = RunConfig.model_validate({"learner": {"max_restarts": 2, "stall_timeout_s": 30}})
     parts = SimpleNamespace(learner=learner)
     state = SimpleNamespace(learner_job=object() if in_flight else None, steps_taken=7)
     unused: Any = None  # the replacement itself (fail_over) is tests/test_faults.py's
-    return LearnerFailover(cfg, checkpoints, cast(Any, parts), cast(Any, state),
-                           cast(Any, SimpleNamespace(learner_restarts=restarts)), *[unused] * 6)
+    failover = LearnerFailover(cfg, checkpoints, cast(Any, parts), cast(Any, state),
+                               cast(Any, SimpleNamespace(learner_restarts=restarts)), *[unused] * 6)
+    failover.start = step_zero() if checkpoint == "start" else None
+    return failover
 
 
 @pytest.mark.parametrize(("in_flight", "restarts", "checkpoint", "killed"), [
     (True, 0, True, True),  # hung in its step: killed, and the loop's next look at the step fails over
     (False, 0, True, False),  # nothing to train: the stall is elsewhere (generators), and ends the run
     (True, 2, True, False),  # restarts used up
-    (True, 0, False, False),  # nothing to replace it from
+    (True, 0, False, False),  # nothing to replace it from (a resumed run's checkpoints all damaged)
+    (True, 0, "start", True),  # a fresh run before its first checkpoint: replaced from its start
 ])
 def test_a_hung_learner_is_killed_only_where_failover_can_replace_it(ray_local, tmp_path: Path, in_flight: bool,
-                                                                     restarts: int, checkpoint: bool,
+                                                                     restarts: int, checkpoint: bool | str,
                                                                      killed: bool) -> None:
     actor = ray_local.remote(Pingable).options(num_cpus=0).remote()
     assert failover_of(tmp_path, actor, in_flight, restarts, checkpoint).kill_hung(31.0) is killed
@@ -146,9 +175,10 @@ class Replacing(Exception):
     """Raised where failover goes on to replace the learner (its first step after the kill)."""
 
 
-@pytest.mark.parametrize(("restarts", "checkpoint", "replaced"), [(0, True, True), (2, True, False), (0, False, False)])
+@pytest.mark.parametrize(("restarts", "checkpoint", "replaced"),
+                         [(0, True, True), (2, True, False), (0, False, False), (0, "start", True)])
 def test_a_learner_that_answered_nothing_is_killed_and_replaced_only_where_it_can_be(
-        ray_local, tmp_path: Path, restarts: int, checkpoint: bool, replaced: bool) -> None:
+        ray_local, tmp_path: Path, restarts: int, checkpoint: bool | str, replaced: bool) -> None:
     actor = ray_local.remote(Pingable).options(num_cpus=0).remote()
     failover = failover_of(tmp_path, actor, False, restarts, checkpoint)  # hung between steps: none in flight
     failover.evals = cast(Any, SimpleNamespace(abandon=lambda: (_ for _ in ()).throw(Replacing())))

@@ -427,11 +427,12 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     guarantees (every step once, every prompt once, staleness within N) and counts each restart. With an
     evaluation in flight at nearly every moment (eval.every=2; the reward actor scores only evaluations here),
     each evaluation is still logged once, in version order (a dead generator or reward actor: made again; a dead
-    learner: the pending ones dropped with the rolled-back steps, the checkpoint's own one made again)."""
+    learner: the pending ones dropped with the rolled-back steps, version 0's made again). The learner dies before
+    the first checkpoint (step 20): it is replaced from the run's start, which before ended the run."""
     rng = random.Random(18)
     run_dir, steps = tmp_path / "run", 30
     plan = sorted(zip(rng.sample(range(4, 24), 3), rng.sample(sorted(ROLES), 3)))
-    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=5", "eval.every=2",
+    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=20", "eval.every=2",
                                           "task.eval_prompts=64", "api.enabled=false"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -459,3 +460,4 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     assert [e["episodes"] for e in evals] == [e["version"] * 16 * 4 for e in evals]  # 16 prompts x 4 samples
     restarts = {role: summary[f"{role}_restarts"] for role in ROLES}
     assert restarts == {"generator": 1, "reward": 1, "learner": 1}, (plan, restarts)
+    assert "replaced it from the start (no checkpoint written yet)" in err and summary["episodes"] == steps * 16 * 4

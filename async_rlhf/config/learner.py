@@ -62,8 +62,9 @@ class LearnerConfig(Strict):
                              "checkpoint"
     )
     max_restarts: int = Field(
-        2, ge=0, description="a dead learner is replaced in the same process from the newest checkpoint this many "
-                             "times (needs checkpoint.every); then the run stops with the --resume command"
+        2, ge=0, description="a dead learner is replaced in the same process from the newest checkpoint (or the "
+                             "run's start, before its first) this many times; then the run stops with the --resume "
+                             "command"
     )
 
 

@@ -46,6 +46,7 @@ from async_rlhf.pipeline.resume import (
     fail_pending_checkpoints,
     restore,
     restore_checkpoint,
+    starting_point,
     take_checkpoints,
 )
 from async_rlhf.pipeline.rewards import RewardBook
@@ -185,6 +186,7 @@ class Controller:
         try:
             self.start()
             if self.resume_from is None:  # the first batches first; version 0's evaluation behind them
+                self.failover.start = starting_point(self)
                 self._dispatch_generation()
                 self.evals.start_initial()
             self.startup.lap("eval")

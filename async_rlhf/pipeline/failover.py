@@ -1,5 +1,6 @@
 """Learner failover: a dead learner is replaced in the same process and the run rolls back to its newest
-checkpoint, exactly as `train --resume` would continue from it (docs/reliability.md).
+checkpoint, exactly as `train --resume` would continue from it (docs/reliability.md), or to its start when it
+has written none yet (a death before the first checkpoint would otherwise end the run with nothing saved).
 
 Ray, the generators' engines, the reward actor and the HTTP API stay up. What the learner trained after
 the checkpoint is forgotten: the generations in flight are awaited and dropped, the broker forgets every
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import ray
 
@@ -51,18 +52,23 @@ def push_timed_out(exc: BaseException, transport: str) -> bool:
     return transport in PUSHED_TRANSPORTS and isinstance(worker_error(exc), WeightSyncTimeout)
 
 
+RestartPoint = Union[Checkpoint, ControllerSnapshot]  # a checkpoint, or a fresh run's step 0 as it started
+
+
 def checkpoint_to_restart_from(checkpoints: CheckpointStore, restarts: int, limit: int, step: int,
-                               exc: BaseException) -> Checkpoint:
-    """The newest valid checkpoint, or why the learner cannot be replaced (then `exc` ends the run)."""
+                               exc: BaseException, start: ControllerSnapshot | None = None) -> RestartPoint:
+    """The newest valid checkpoint, else `start` (a fresh run's step 0, while it has written none), or why the
+    learner cannot be replaced (then `exc` ends the run)."""
     if restarts >= limit:
         note(f"the learner died and learner.max_restarts={limit} restarts are used up")
         raise exc
     ckpt = checkpoints.latest_valid(note)
-    if ckpt is None:
+    point = ckpt if ckpt is not None else start
+    if point is None:
         raise RunError(f"the learner died at step {step} ({what_died(exc)}) and the run has no "
                        f"checkpoint to replace it from; set checkpoint.every (e.g. checkpoint.every=25) so that a dead "
                        f"learner is replaced and the run goes on") from exc
-    return ckpt
+    return point
 
 
 class LearnerFailover:
@@ -80,6 +86,7 @@ class LearnerFailover:
         self.evals = evals
         self.builder = builder
         self.restore = restore  # the loop's own state back to a snapshot (pipeline.resume.restore)
+        self.start: ControllerSnapshot | None = None  # a fresh run's step 0 (resume.starting_point), set by the loop
 
     def fail_over(self, exc: BaseException) -> None:
         """A dead learner is replaced from the newest checkpoint and the run rolls back to it; any other
@@ -90,16 +97,17 @@ class LearnerFailover:
         elif learner_alive(self.parts.learner) and not push_timed_out(exc, self.cfg.weight_sync.transport):
             raise exc
         lost = self.state.steps_taken
-        ckpt = checkpoint_to_restart_from(self.checkpoints, self.stats.learner_restarts, self.cfg.learner.max_restarts,
-                                          lost, exc)
+        point = checkpoint_to_restart_from(self.checkpoints, self.stats.learner_restarts, self.cfg.learner.max_restarts,
+                                           lost, exc, self.start)
         self.evals.abandon()  # pending evaluations are of rolled-back versions; none may keep a lease
         self.pool.quiesce()
         self.rewards.forget_in_flight()
         self.builder.replace_learner()
-        version = self.roll_back(ckpt)
+        version = self.roll_back(point)
         self.state.start_clocks()  # the new learner's: its start and the roll-back were bounded on their own
         self.stats.learner_restarts += 1
-        print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {ckpt.path.name} "
+        origin = point.path.name if isinstance(point, Checkpoint) else "the start (no checkpoint written yet)"
+        print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {origin} "
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "
               f"{version + 1}.. are trained again", file=sys.stderr, flush=True)
 
@@ -122,24 +130,29 @@ class LearnerFailover:
         ray.kill(self.parts.learner, no_restart=True)
 
     def _replaceable(self) -> bool:
-        """A restart is left and a valid checkpoint is there to replace the learner from."""
+        """A restart is left and a valid checkpoint (or the run's start) is there to replace the learner from."""
         if self.stats.learner_restarts >= self.cfg.learner.max_restarts:
             return False
-        return self.checkpoints.latest_valid(lambda _message: None) is not None
+        return self.start is not None or self.checkpoints.latest_valid(lambda _message: None) is not None
 
-    def roll_back(self, ckpt: Checkpoint) -> int:
-        """The new learner loads the checkpoint, its weights are published as the checkpoint's version under a
-        new lineage, and the loop's state goes back to the checkpoint's; returns that version."""
+    def roll_back(self, point: RestartPoint) -> int:
+        """The new learner loads the checkpoint (the run's start: it is that as built), its weights are published as
+        the checkpoint's version under a new lineage, and the loop's state goes back to the checkpoint's; returns
+        that version."""
         learner, timeout = self.parts.learner, self.cfg.learner.stall_timeout_s
-        version = learner_answer(learner.load_state.remote(str(ckpt.path.resolve() / LEARNER_DIR)),
-                                 "loading the checkpoint", timeout)
+        if isinstance(point, Checkpoint):
+            version = learner_answer(learner.load_state.remote(str(point.path.resolve() / LEARNER_DIR)),
+                                     "loading the checkpoint", timeout)
+            snapshot = load_snapshot(point.path)
+        else:
+            version, snapshot = point.step, point
         self.broker.roll_back(version)
         # fixed delay: nothing older than the restored weights exists any more
         self.state.reset(first_version=version, learner_idle_since=time.perf_counter())
         if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # the new learner forms the push group anew
             self.pool.connect()
         publish_weights(learner, self.broker, version, timeout)
-        self.restore(load_snapshot(ckpt.path))
+        self.restore(snapshot)
         return version
 
 

@@ -13,6 +13,7 @@ per-prompt sampling seeds make that regeneration deterministic.
 """
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import random
@@ -110,6 +111,13 @@ def capture(c: Resumable) -> ControllerSnapshot:
         mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run, evals_due=c.evals.due(),
         reward_signal_seen=st.reward_signal_seen,
     )
+
+
+def starting_point(c: Resumable) -> ControllerSnapshot:
+    """A fresh run at step 0, before its first batch: a learner that dies before the first checkpoint is replaced
+    from here (failover.py). Version 0's evaluation, about to start, is made again then. A copy, as a checkpoint's
+    pickle is: the counters it holds go on counting in the loop."""
+    return copy.deepcopy(replace(capture(c), evals_due=[0]))
 
 
 def save_snapshot(snapshot: ControllerSnapshot, directory: Path) -> None:
