@@ -171,7 +171,9 @@ def test_an_error_of_the_runs_own_events_met_while_checkpointing_is_not_a_checkp
         raise ValueError("a generator's own error")
 
     monkeypatch.setattr(controller.pool, "drain", generator_error)
-    controller.control.request_checkpoint()
+    request = controller.control.request_checkpoint()
     with pytest.raises(ValueError, match="a generator's own error"):
         controller.take_checkpoints()
     assert controller.view.checkpoint_failures == 0
+    # its requester is told (POST /control/checkpoint answered it only at its own timeout)
+    assert isinstance(request.exception(timeout=0), ValueError)

@@ -17,6 +17,7 @@ from async_rlhf.outputs.timeline import Timeline, read_timeline
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.learner_calls import LearnerHung
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
@@ -60,6 +61,12 @@ class SlowKLLearner(KLLearner):
         return 0.25
 
 
+class HungKLLearner(KLLearner):
+    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
+        time.sleep(3600)  # a stopped learner, as far as the driver can tell
+        return 0.25
+
+
 @pytest.fixture
 def schedule(ray_local, tmp_path: Path):
     yield from make_schedule(ray_local, tmp_path, {"every": 2})
@@ -77,8 +84,15 @@ def slow_kl(ray_local, tmp_path: Path):
     yield from make_schedule(ray_local, tmp_path, {"every": 2}, SlowKLLearner)
 
 
-def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLLearner):
-    cfg = RunConfig(eval=eval_cfg, learner={"steps": 10}, api={"enabled": False})
+@pytest.fixture
+def hung_kl(ray_local, tmp_path: Path):
+    """The learner's KL pass never answers; learner.stall_timeout_s is 4 s (a generator's hang timeout 2 s)."""
+    yield from make_schedule(ray_local, tmp_path, {"every": 2}, HungKLLearner, stall_timeout_s=4.0)
+
+
+def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLLearner, stall_timeout_s: float = 600):
+    cfg = RunConfig(eval=eval_cfg, learner={"steps": 10, "stall_timeout_s": stall_timeout_s}, api={"enabled": False},
+                    task={"eval_prompts": 4})  # the Evaluator's, below
     parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
     parts.reward = ray_local.remote(num_cpus=0)(Scorer).remote()
     parts.learner = ray_local.remote(num_cpus=0)(learner).remote()
@@ -162,7 +176,7 @@ def test_version_0_is_evaluated_beside_the_first_steps_and_its_record_comes_firs
     evals.after_step(2)
     first, second = evals.pending
     while not second.done:  # the later one finishes first (as after a retry of version 0's)
-        second.wait(10)
+        second.wait(10, 10)
     assert not first.done and not evals.recorder.evals
     loop_until_logged(evals)
     initial, later = evals.recorder.evals
@@ -238,6 +252,23 @@ def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule)
     evals.start(4)  # the restore sends the checkpoint's due evaluation again
     evals.drain()
     assert [r["version"] for r in evals.recorder.evals] == [2, 4]
+
+
+def test_a_learner_silent_in_an_awaited_kl_pass_is_hung_after_the_stall_timeout(hung_kl, ray_local) -> None:
+    # Before: a checkpoint's drain waited the stall timeout per training call's worth of eval prompts (240 s under a
+    # 30 s timeout for the quickstart's), then ended the run; LearnerHung has the loop replace the learner instead.
+    evals, broker = hung_kl
+    parts = evals.parts
+    ray_local.get([evals.pool.slots[0].handle.info.remote(), parts.reward.health.remote(),
+                   parts.learner.__ray_ready__.remote()])  # started: a start is no hang
+    publish(broker, 2)
+    evals.after_step(2)
+    started = time.monotonic()
+    with pytest.raises(LearnerHung, match=r"^the learner answered nothing for 4s while taking version 2's evaluation "
+                                          r"KL pass \(learner\.stall_timeout_s=4; its log is under "):
+        evals.drain(before=4)  # what take_checkpoints does at version 4
+    assert time.monotonic() - started < 4.0 + 2 * SAMPLE_S + 5
+    ray_local.kill(evals.parts.learner)
 
 
 @pytest.mark.parametrize("start_is_reference, version, expected", [(True, 0, 0.0), (True, 3, 0.25),

@@ -60,7 +60,8 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
 
 @pytest.mark.parametrize("case", ["hung", "hung in an evaluation's chunk", "idle", "recovering", "within the timeout",
                                   "within 10x the longest call", "an evaluation's call 4 training calls big",
-                                  "the driver was frozen", "the driver was busy"])
+                                  "the driver was frozen", "the driver was busy", "a kill sent 5 s ago, not taken yet",
+                                  "hung, its kill not taken within the restart's bound"])
 def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
@@ -85,6 +86,10 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         frozen = 25.0  # this process was stopped for 25 of the 30 s: the generator was silent 5 s
     elif case == "the driver was busy":  # (a checkpoint's write): the call is done and waits to be handled
         slot.chunks[0].ref = ray_local.put("a generation")
+    elif case == "a kill sent 5 s ago, not taken yet":  # Ray asks a stopped worker to exit first: seconds
+        slot.killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check past the timeout
+    elif case == "hung, its kill not taken within the restart's bound":
+        slot.killed_at = time.monotonic() - 61.0
     GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0).check(frozen, evals)
     assert killed == ([actor] if case.startswith("hung") else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call

@@ -249,6 +249,12 @@ class RunConfig(Strict):
         call gets that many times it (a 16384-prompt one was killed as hung under a 4 s stall timeout)."""
         return max(1.0, prompts / self.chunk_prompts)
 
+    def step_factor(self, samples: int) -> float:
+        """How many learner steps' worth of samples a learner call over `samples` is, at least 1: the stall timeout
+        is for one step, an evaluation's KL pass over more samples gets that many times it (forward only, so this
+        allows it more than it needs)."""
+        return max(1.0, samples / (self.generation.prompts_per_step * self.generation.samples_per_prompt))
+
     @property
     def queue_capacity(self) -> int:
         return self.queue.capacity or (self.queue.max_staleness + 1) * self.generation.prompts_per_step

@@ -19,6 +19,7 @@ import ray
 from actors.generator import GenerationResult
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.evaluation import Evaluator
+from async_rlhf.pipeline.learner_calls import learner_hung
 from async_rlhf.pipeline.state import Components
 from async_rlhf.pipeline.waits import wait_all
 from async_rlhf.rollout import Prompt, RolloutGroup
@@ -136,11 +137,16 @@ class EvalInFlight:
         return {**self.evaluator.record(self.result, self.scored, self.kl, self.started, self.ended),
                 "episodes": self.episodes}
 
-    def wait(self, timeout_s: float, between: Callable[[], None] = lambda: None) -> None:
+    def wait(self, timeout_s: float, stall_s: float, between: Callable[[], None] = lambda: None) -> None:
         """Block until this stage has answered and advance (`advance` raises a failed call's error); the
-        sample's chunks not sent yet are sent first, as one call. `between`: the hang checks (waits.wait_all)."""
+        sample's chunks not sent yet are sent first, as one call. `between`: the hang checks (waits.wait_all).
+        Past `timeout_s` the KL stage's learner is hung (LearnerHung: the loop replaces it, as a death), the
+        other stages' actors are past their own hang checks (RunError). `stall_s`: learner.stall_timeout_s."""
         self.feed(rest=True)
-        if wait_all(self.waiting, timeout_s, between):
+        if not wait_all(self.waiting, timeout_s, between):
+            self.advance()
+        elif self.stage == "kl":
+            raise learner_hung(f"taking version {self.version}'s evaluation KL pass", timeout_s, stall_s)
+        else:
             raise RunError(f"the evaluation of version {self.version} did not finish its {self.stage} stage "
-                           f"within learner.stall_timeout_s={timeout_s:g}s")
-        self.advance()
+                           f"within {timeout_s:g}s (learner.stall_timeout_s={stall_s:g})")

@@ -151,12 +151,16 @@ class EvalSchedule:
     def _wait_for(self, flight: EvalInFlight) -> None:
         while not flight.done:
             self._feed(flight, rest=True)
-            self._advance(flight, lambda: flight.wait(self._stage_limit_s(), lambda: self.check_hangs(0.0)))
+            self._advance(flight, lambda: flight.wait(self._stage_limit_s(flight.stage),
+                                                      self.cfg.learner.stall_timeout_s, lambda: self.check_hangs(0.0)))
 
-    def _stage_limit_s(self) -> float:
+    def _stage_limit_s(self, stage: str) -> float:
         """A stage awaited may take learner.stall_timeout_s per training call's worth of the evaluation's prompts
-        (RunConfig.size_factor): the hang checks meanwhile stop a hung generator or reward actor sooner."""
-        return self.cfg.learner.stall_timeout_s * self.cfg.size_factor(self.cfg.task.eval_prompts)
+        (RunConfig.size_factor): the hang checks meanwhile stop a hung generator or reward actor sooner. The KL
+        stage is the learner's: the stall timeout per learner step's worth of samples (RunConfig.step_factor), past
+        which the learner is taken for hung (a 30 s stall timeout waited 240 s for a quickstart's)."""
+        stall, prompts = self.cfg.learner.stall_timeout_s, self.cfg.task.eval_prompts
+        return stall * (self.cfg.step_factor(prompts) if stage == "kl" else self.cfg.size_factor(prompts))
 
     def _feed(self, flight: EvalInFlight, rest: bool) -> None:
         """`flight.feed`; generator 0's silence runs from here if it had nothing to do (its hang check)."""

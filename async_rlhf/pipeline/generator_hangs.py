@@ -61,8 +61,16 @@ class GeneratorHangs:
             slot.answered_at = slot.answered_at + frozen_s if calls else now  # idle: silent from its next call on
             self._check_restart(slot, now, frozen_s)
             limit = self.limit_s(max((n for _, n in calls), default=0))
-            if calls and not slot.recovering and now - slot.answered_at > limit and not answered([r for r, _ in calls]):
+            silent = now - slot.answered_at > limit and not answered([r for r, _ in calls])
+            if calls and self._judged(slot, now) and silent:
                 self._restart(slot, len(calls), now - slot.answered_at, limit)
+
+    def _judged(self, slot: GeneratorSlot, now: float) -> bool:
+        """Neither restarting nor killed a moment ago (a kill not taken within a restart's bound is sent again)."""
+        if slot.recovering:
+            slot.killed_at = None
+        pending = slot.killed_at is not None and now - slot.killed_at < self.restart_limit_s
+        return not slot.recovering and not pending
 
     def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
@@ -84,5 +92,5 @@ class GeneratorHangs:
               f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}, {HANG_FACTOR:g}x the longest "
               f"call so far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; its "
               f"prompts will be re-issued", file=sys.stderr, flush=True)
-        slot.answered_at = time.monotonic()  # its chunks now fail as after a crash: said once
+        slot.answered_at = slot.killed_at = time.monotonic()  # its chunks now fail as after a crash: said once
         ray.kill(slot.handle, no_restart=False)

@@ -24,5 +24,10 @@ def learner_answer(ref: Any, doing: str, timeout_s: float) -> Any:
     try:
         return ray.get(ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise LearnerHung(f"the learner answered nothing for {timeout_s:g}s while {doing} (learner.stall_timeout_s="
-                          f"{timeout_s:g}; its log is under {ray_logs()})") from None
+        raise learner_hung(doing, timeout_s, timeout_s) from None
+
+
+def learner_hung(doing: str, waited_s: float, stall_s: float) -> LearnerHung:
+    """The learner silent for `waited_s` while `doing` something (`stall_s`: learner.stall_timeout_s)."""
+    return LearnerHung(f"the learner answered nothing for {waited_s:g}s while {doing} (learner.stall_timeout_s="
+                       f"{stall_s:g}; its log is under {ray_logs()})")

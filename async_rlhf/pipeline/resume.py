@@ -197,10 +197,16 @@ def take_checkpoints(c: Resumable) -> None:
     if not waiting:
         return
     version = c.broker.latest_version
-    # Outside the try below: these handle the run's own events (a generator's or an evaluation's error), which
-    # must end or fail over the run as in the loop, not pass for a checkpoint that could not be written.
-    c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
-    c.pool.drain()  # generations in flight land in the queue first
+    # Not the try below: these handle the run's own events (a generator's or an evaluation's error, a learner hung in
+    # an evaluation's KL pass), which must end or fail over the run as in the loop, not pass for a checkpoint that
+    # could not be written. Its requesters hear of it now (the HTTP call, else, waits out its own timeout).
+    try:
+        c.evals.drain(before=version)  # older weights are gone after a resume: their evaluations are logged first
+        c.pool.drain()  # generations in flight land in the queue first
+    except Exception as exc:
+        for future in waiting:
+            future.set_exception(exc)
+        raise
     try:
         with c.timing.span("checkpoint_s"):  # what checkpoints cost the run (summary.json)
             final = c.checkpoints.write(version, lambda directory: _fill_checkpoint(c, directory))
