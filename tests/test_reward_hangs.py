@@ -65,7 +65,8 @@ def test_a_busy_reward_actor_silent_past_the_timeout_is_killed_restarted_and_its
 
 @pytest.mark.parametrize("case", ["hung", "idle", "an evaluation's call", "within the timeout",
                                   "within 10x the longest call", "an evaluation's call 4 training calls big",
-                                  "the driver was frozen", "a call is done"])
+                                  "the driver was frozen", "a call is done", "a kill sent 5 s ago, not taken yet",
+                                  "hung, its kill not taken within the restart's bound"])
 def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.rewards.ray.kill", lambda handle, **_: killed.append(handle))
@@ -86,8 +87,12 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         frozen = 25.0  # this process was stopped for 25 of the 30 s: the actor was silent 5 s
     elif case == "a call is done":  # and waits to be handled (the driver was busy: a checkpoint's write)
         evals.append((ray_local.put("scored groups"), 1))
+    elif case == "a kill sent 5 s ago, not taken yet":  # Ray asks a stopped worker to exit first: seconds
+        book.killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check past the timeout
+    elif case.startswith("hung, its kill"):
+        book.killed_at = time.monotonic() - book.restart_limit_s - 1.0
     book.check_hang(frozen_s=frozen, eval_calls=evals)
-    assert killed == ([actor] if case in ("hung", "an evaluation's call") else [])
+    assert killed == ([actor] if case.startswith("hung") or case == "an evaluation's call" else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
 
