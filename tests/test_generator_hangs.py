@@ -72,10 +72,10 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         slot.chunks.clear()
     elif case == "hung in an evaluation's chunk":  # all generator 0 has at the final evaluation
         slot.chunks.clear()
-        evals.append((call, 16))  # a training call's size: 10 s
+        evals.append((call, 64))  # a training call's size (16 prompts x 4 samples): 10 s
     elif case == "an evaluation's call 4 training calls big":  # the final evaluation's chunks as one call
         slot.chunks.clear()  # before: killed as hung at 10 s (the timeout), again and again
-        evals.append((call, 64))  # 4 x 10 s
+        evals.append((call, 256))  # 4 x 10 s
     elif case == "recovering":
         slot.recovering = True  # already dead: Ray is restarting it
     elif case == "within the timeout":

@@ -153,6 +153,22 @@ def test_a_generator_dying_with_two_chunks_re_issues_each_once_with_its_version(
     assert pool.state.outstanding == 8 and pool.state.next_prompt == 8
 
 
+def test_a_call_of_a_process_whose_death_was_handled_already_is_re_issued_without_a_second_death(
+        tmp_path, monkeypatch, capsys) -> None:
+    # An evaluation's wait saw generator 0's death first and awaited its restart ("is back"); the loop then met the
+    # training call that the dead process held. Before: "generator 0 died ...; waiting for Ray to restart it" after
+    # "is back", and a probe of a generator already back.
+    pool, broker, gate = make_pool(tmp_path, monkeypatch)
+    pool.dispatch(gate)
+    slot = pool.slots[0]
+    old = slot.chunks[0].ref
+    old.outcome = ray.exceptions.RayActorError()
+    slot.restarts += 1  # what GeneratorPool.await_restart counted on its new pid
+    pool.on_generated(slot, old)
+    assert not slot.recovering and [[p.prompt_id for p in ps] for ps, _ in pool.state.reissue] == [[0, 1, 2, 3]]
+    assert capsys.readouterr().err == "" and broker.released == {0: 1}
+
+
 def test_quiesce_releases_every_chunks_lease(tmp_path, monkeypatch) -> None:
     pool, broker, gate = make_pool(tmp_path, monkeypatch)
     done = SimpleNamespace(wait=lambda refs, **_: (refs, []), exceptions=ray.exceptions)  # every call ended

@@ -73,9 +73,9 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
     book, evals, frozen = book_of(actor), [], 0.0
     if case == "an evaluation's call":  # its gold scoring: the train reward is scored in the generators
-        evals.append((actor.score.remote([]), book.cfg.chunk_prompts))
+        evals.append((actor.score.remote([]), book.cfg.chunk_samples))
     elif case == "an evaluation's call 4 training calls big":  # 4 x 10 s: before, killed at 10 s
-        evals.append((actor.score.remote([]), 4 * book.cfg.chunk_prompts))
+        evals.append((actor.score.remote([]), 4 * book.cfg.chunk_samples))
     elif case != "idle":
         book.score(batch([0]))
     book.heard_at -= 30.0

@@ -193,7 +193,8 @@ def test_the_learner_idle_behind_an_evaluations_sample_call_is_not_a_stall() -> 
 
 def test_a_call_bigger_than_a_training_call_gets_that_many_timeouts() -> None:
     cfg = RunConfig.model_validate({"generation": {"prompts_per_step": 16, "num_generators": 2}})
-    assert cfg.chunk_prompts == 8
-    assert [cfg.size_factor(n) for n in (0, 8, 12, 16384)] == [1.0, 1.0, 1.5, 2048.0]
+    assert (cfg.chunk_prompts, cfg.chunk_samples) == (8, 32)  # 16 prompts on 2 generators, 4 samples each
+    # In samples (an evaluation samples each prompt once): before, in prompts, 128 eval prompts were 16 calls, not 4
+    assert [cfg.size_factor(n) for n in (0, 32, 48, 128, 16384)] == [1.0, 1.0, 1.5, 4.0, 512.0]
     # The learner's calls by the samples of a step: 16 prompts x 4 samples (the default) per step, on every generator
     assert [cfg.step_factor(n) for n in (0, 64, 128, 16384)] == [1.0, 1.0, 2.0, 256.0]

@@ -243,11 +243,18 @@ class RunConfig(Strict):
         """Prompts per training generate call (and per reward call): a generator's share of a step."""
         return self.generation.prompts_per_step // self.generation.num_generators
 
-    def size_factor(self, prompts: int) -> float:
-        """How many training calls' worth of prompts a call of `prompts` is, at least 1: a hang timeout (and a
+    @property
+    def chunk_samples(self) -> int:
+        """Samples per training generate call: its prompts, each sampled samples_per_prompt times."""
+        return self.chunk_prompts * self.generation.samples_per_prompt
+
+    def size_factor(self, samples: int) -> float:
+        """How many training calls' worth of samples a call of `samples` is, at least 1: a hang timeout (and a
         stall timeout, for an evaluation awaited) is for a call of a training batch's size, a bigger evaluation's
-        call gets that many times it (a 16384-prompt one was killed as hung under a 4 s stall timeout)."""
-        return max(1.0, prompts / self.chunk_prompts)
+        call gets that many times it (a 16384-prompt one was killed as hung under a 4 s stall timeout). In samples,
+        not prompts: an evaluation samples each prompt once (counted in prompts, the quickstart's 128 were 8
+        training calls, and a hung generator 0 was given 8x the timeout in a checkpoint's wait for them)."""
+        return max(1.0, samples / self.chunk_samples)
 
     def step_factor(self, samples: int) -> float:
         """How many learner steps' worth of samples a learner call over `samples` is, at least 1: the stall timeout

@@ -50,7 +50,7 @@ class EvalInFlight:
         self.stage: Stage = "sample"
         self.refs: list[Any] = []  # the calls of the current stage (the sample: every chunk sent so far)
         self.waiting: list[Any] = []  # those of them not answered yet (the loop's wait set)
-        self.sizes: dict[Any, int] = {}  # each call's prompts (what a generator's or reward hang check allows it)
+        self.sizes: dict[Any, int] = {}  # each call's samples, one per prompt (what a hang check allows the call)
         self.results: list[GenerationResult] = []  # each chunk's, in prompt order
         self.result: GenerationResult | None = None
         self.scored: list[list[RolloutGroup]] = []

@@ -125,7 +125,7 @@ class EvalSchedule:
 
     def _calls(self, stage: str) -> list[tuple[Any, int]]:
         """The pending evaluations' calls in `stage`, generator 0's ("sample") or the reward actor's ("score"),
-        with their prompts (the hang checks allow for their size)."""
+        with their samples (the hang checks allow for their size)."""
         return [(ref, flight.sizes.get(ref, 0)) for flight in self.pending if flight.stage == stage
                 for ref in flight.waiting]
 
@@ -155,12 +155,13 @@ class EvalSchedule:
                                                       self.cfg.learner.stall_timeout_s, lambda: self.check_hangs(0.0)))
 
     def _stage_limit_s(self, stage: str) -> float:
-        """A stage awaited may take learner.stall_timeout_s per training call's worth of the evaluation's prompts
-        (RunConfig.size_factor): the hang checks meanwhile stop a hung generator or reward actor sooner. The KL
-        stage is the learner's: the stall timeout per learner step's worth of samples (RunConfig.step_factor), past
-        which the learner is taken for hung (a 30 s stall timeout waited 240 s for a quickstart's)."""
-        stall, prompts = self.cfg.learner.stall_timeout_s, self.cfg.task.eval_prompts
-        return stall * (self.cfg.step_factor(prompts) if stage == "kl" else self.cfg.size_factor(prompts))
+        """A stage awaited may take learner.stall_timeout_s per training call's worth of the evaluation's samples
+        (one per prompt; RunConfig.size_factor): the hang checks meanwhile stop a hung generator or reward actor
+        sooner. The KL stage is the learner's: the stall timeout per learner step's worth of samples
+        (RunConfig.step_factor), past which the learner is taken for hung (a 30 s stall timeout waited 240 s for
+        a quickstart's)."""
+        stall, samples = self.cfg.learner.stall_timeout_s, self.cfg.task.eval_prompts
+        return stall * (self.cfg.step_factor(samples) if stage == "kl" else self.cfg.size_factor(samples))
 
     def _feed(self, flight: EvalInFlight, rest: bool) -> None:
         """`flight.feed`; generator 0's silence runs from here if it had nothing to do (its hang check)."""

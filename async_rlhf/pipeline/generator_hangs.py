@@ -44,19 +44,19 @@ class GeneratorHangs:
         # first start once they answered (startup.restart_limit_s)
         self.recovering_since: dict[int, float] = {}  # by generator id
 
-    def limit_s(self, prompts: int = 0) -> float:
-        """The silence past which a generator with calls of up to `prompts` prompts in flight is hung: the
+    def limit_s(self, samples: int = 0) -> float:
+        """The silence past which a generator with calls of up to `samples` samples in flight is hung: the
         timeout and HANG_FACTOR times the longest call so far, times the calls' size in training calls (an
         evaluation's remaining chunks sent as one call are many training calls long)."""
-        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s) * self.pool.cfg.size_factor(prompts)
+        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s) * self.pool.cfg.size_factor(samples)
 
     def check(self, frozen_s: float, eval_calls: Sequence[tuple[Any, int]] = ()) -> None:
         """Kill every busy generator silent past the limit. `frozen_s`: time this process itself was stopped
         since the last check, which no generator's silence includes. `eval_calls`: generator 0's evaluation
-        calls and their prompts (at the final evaluation they are all it has)."""
-        now = time.monotonic()
+        calls and their samples (at the final evaluation they are all it has)."""
+        now, per_prompt = time.monotonic(), self.pool.cfg.generation.samples_per_prompt
         for slot in self.pool.slots:
-            calls = [(chunk.ref, len(chunk.prompts)) for chunk in slot.chunks]
+            calls = [(chunk.ref, len(chunk.prompts) * per_prompt) for chunk in slot.chunks]
             calls += list(eval_calls if slot is self.pool.slots[0] else ())
             slot.answered_at = slot.answered_at + frozen_s if calls else now  # idle: silent from its next call on
             self._check_restart(slot, now, frozen_s)

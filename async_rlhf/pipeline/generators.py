@@ -100,7 +100,7 @@ class GeneratorPool:
                                           score=self.cfg.reward.in_generator)
         if not slot.chunks:  # its silence is counted from here (pipeline/generator_hangs.py)
             slot.answered_at = time.monotonic()
-        slot.chunks.append(Chunk(ref, prompts, weights.version if weights is not None else None))
+        slot.chunks.append(Chunk(ref, prompts, weights.version if weights is not None else None, slot.restarts))
         slot.batches_sent += 1
 
     # ---- events -------------------------------------------------------------------------
@@ -189,6 +189,8 @@ class GeneratorPool:
         answers a probe (Ray restarts it; calls fail fast while it is down). Each chunk the death took fails
         on its own and is re-issued here once; the probe waits for the last of them (_probe_recovering)."""
         self.state.reissue.append((chunk.prompts, chunk.leased_version))  # fixed delay samples it with it again
+        if chunk.sent_to < slot.restarts:  # an earlier process's call: its death was seen and the generator is back
+            return  # (an evaluation's wait saw it first, GeneratorPool.await_restart); said "died" after "is back"
         if not slot.recovering:  # one line per death, however many chunks it took
             print(f"[async-rlhf] generator {slot.generator_id} died ({type(exc).__name__}); waiting for Ray to "
                   f"restart it; the prompts of its {len(slot.chunks) + 1} batch(es) in flight will be re-issued",

@@ -67,14 +67,15 @@ class RewardBook:
         its calls done, it is killed instead: Ray restarts it and what it was scoring is sent again, as after a crash
         (`on_died`; an evaluation resends itself). `frozen_s`: time this process itself was stopped since the last
         check, which is not the actor's silence."""
-        train = [(ref, len(result.groups)) for ref, result in self.state.reward_jobs.items()]
+        jobs = self.state.reward_jobs.items()
+        train = [(ref, sum(len(group.completions) for group in result.groups)) for ref, result in jobs]
         calls, now = [*train, *eval_calls], time.monotonic()
         if not calls:
             self.heard_at = now
             return
         self.heard_at += frozen_s
         silent_s = now - self.heard_at
-        limit_s = self.hang_limit_s(max(prompts for _, prompts in calls))
+        limit_s = self.hang_limit_s(max(samples for _, samples in calls))
         answered = ray.wait([ref for ref, _ in calls], num_returns=1, timeout=0)[0]
         if silent_s <= limit_s or self._kill_pending(now) or answered:
             return
@@ -90,13 +91,13 @@ class RewardBook:
         taken within a restart's bound is sent again)."""
         return self.killed_at is not None and now - self.killed_at < self.restart_limit_s
 
-    def hang_limit_s(self, prompts: int = 0) -> float:
+    def hang_limit_s(self, samples: int = 0) -> float:
         """The hang timeout and 10x its longest call, times the size in training calls of its biggest call in
         flight (`prompts`: an evaluation's), and a remote reward model's own bound on a call (its deadline, then
         one last request's timeout): a slow server is the client's to time out, not a hang."""
         remote = self.cfg.reward.remote
         own = remote.deadline_s + remote.timeout_s if remote is not None else 0.0
-        return max(max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s) * self.cfg.size_factor(prompts), own)
+        return max(max(self.cfg.hang_timeout_s, HANG_FACTOR * self.longest_call_s) * self.cfg.size_factor(samples), own)
 
     def queue_scored(self, result: GenerationResult, scored: list[RolloutGroup]) -> None:
         """Scored responses (then MC rollouts) of one generation: values and advantages first for VinePPO."""

@@ -45,6 +45,7 @@ class Chunk:
     ref: Any  # ObjectRef of the generation
     prompts: list[Prompt]  # re-issued, unchanged, if the actor dies
     leased_version: int | None  # released exactly once, when the chunk is handled (None: starting weights only)
+    sent_to: int = 0  # its generator's restarts when it was sent: which of its processes holds the call
 
 
 @dataclass
