@@ -6,6 +6,7 @@ prompt + response + EOS, which is what reward_models/learned.py serves.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,22 @@ def _model_and_tokenizer(base: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def quiet_libraries(hf_logging: Any, accelerator: str) -> None:
+    """The command's terminal holds its own lines and the trainer's: not transformers' progress bars (loading,
+    "Writing model shards"), its load report of a causal LM read as a classifier (the LM head dropped, the score
+    head new: expected), nor DeepSpeed's guess of the accelerator."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("DS_ACCELERATOR", accelerator)
+
+
 def train_reward_model(args: RewardTrainingArgs, log: Callable[[str], None] = print) -> dict:
     """Train, save model + tokenizer to args.out, return the metrics (pair accuracy on held-out pairs)."""
     import torch
-    from trl import RewardConfig, RewardTrainer
+    from transformers.utils import logging as hf_logging
+
+    quiet_libraries(hf_logging, "cuda" if torch.cuda.is_available() else "cpu")
+    from trl import RewardConfig, RewardTrainer  # imports DeepSpeed, which reads DS_ACCELERATOR once
 
     if args.threads:
         torch.set_num_threads(args.threads)

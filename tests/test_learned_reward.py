@@ -96,6 +96,20 @@ def test_train_rm_rejects_bad_pairs(tmp_path: Path, random_policies: tuple[Path,
     assert "not a sequence-classification reward model" in err
 
 
+def test_train_rm_says_its_own_lines_and_the_trainers_only(tmp_path: Path, random_policies: tuple[Path, Path],
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    # Before: transformers' "Loading weights" and "Writing model shards" bars and its load report of a causal LM
+    # read as a classifier (lm_head UNEXPECTED, score MISSING: expected here), on the command's terminal
+    from async_rlhf.cli.main import main
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    assert main(["train-rm", str(pairs), "--base", str(random_policies[0]), "--out", str(tmp_path / "rm"),
+                 "--epochs", "1", "--max-length", "32"]) == 0
+    said = "".join(capfd.readouterr())
+    assert "reward model saved to" in said
+    assert not any(noise in said for noise in ("Loading weights", "Writing model shards", "LOAD REPORT", "\r"))
+
+
 def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
     import datasets
 
