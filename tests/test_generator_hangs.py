@@ -96,6 +96,24 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     ray_local.kill(actor)
 
 
+def test_a_call_done_but_unhandled_is_one_answer_not_cover_for_the_silence_after_it(ray_local, monkeypatch) -> None:
+    # A blocking wait (a checkpoint's drain of an evaluation) leaves a finished training call unhandled. Before, each
+    # check took it for news, and generator 0 hung behind it in the evaluation's call was never killed.
+    killed: list[Any] = []
+    monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
+    actor = ray_local.remote(num_cpus=0)(Stuck).remote()
+    slot = busy_slot(actor, silent_s=30.0, call=ray_local.put("a generation"))  # done: the driver was busy
+    hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=60.0)
+    evals = [(actor.generate.remote(), 64)]  # never answers
+    hangs.check(0.0, evals)
+    assert not killed and time.monotonic() - slot.answered_at < 5  # it answered: news, once
+    slot.answered_at -= 30.0  # the wait goes on, the done call still unhandled
+    hangs.check(0.0, evals)
+    assert killed == [actor]
+    monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
+    ray_local.kill(actor)
+
+
 def test_a_restart_that_never_comes_back_ends_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # While a generator restarts, the learner's stall clock waits (pipeline/watchdogs.py): the restart has its own.
     slot = GeneratorSlot(handle=None, generator_id=1)

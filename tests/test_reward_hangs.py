@@ -97,6 +97,24 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     ray_local.kill(actor)
 
 
+def test_a_call_done_but_unhandled_is_one_answer_not_cover_for_the_silence_after_it(ray_local, monkeypatch) -> None:
+    # By hand: a learned reward model stopped between an evaluation's scoring calls, in a checkpoint's drain, was
+    # never killed (its done call was news at every check) and the drain ended the run after 60 s.
+    killed: list[Any] = []
+    monkeypatch.setattr("async_rlhf.pipeline.rewards.ray.kill", lambda handle, **_: killed.append(handle))
+    actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
+    book = book_of(actor)
+    evals = [(ray_local.put("scored groups"), 1), (actor.score.remote([]), 1)]  # one done, one never answers
+    book.heard_at -= 30.0
+    book.check_hang(frozen_s=0.0, eval_calls=evals)
+    assert not killed and time.monotonic() - book.heard_at < 5  # it answered: news, once
+    book.heard_at -= 30.0
+    book.check_hang(frozen_s=0.0, eval_calls=evals)
+    assert killed == [actor]
+    monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
+    ray_local.kill(actor)
+
+
 def test_a_remote_reward_models_own_deadline_is_not_taken_for_a_hang() -> None:
     # The client gives up on a slow server itself, after reward.remote.deadline_s (retries included) and at most
     # one more request's timeout; a hang timeout below that killed a reward actor that was only waiting.

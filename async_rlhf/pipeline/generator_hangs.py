@@ -18,6 +18,7 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import GeneratorSlot
+from async_rlhf.pipeline.waits import AnswerWatch
 
 HANG_FACTOR = 10.0  # an evaluation queued ahead of a chunk, or a bigger batch, takes a few times a chunk, not 10
 
@@ -30,12 +31,6 @@ class Generators(Protocol):
     longest_call_s: float  # the longest a generate call has worked, by its own timings
 
 
-def answered(calls: list[Any]) -> bool:
-    """Whether one of a generator's calls is done and waits to be handled: the driver was busy (a checkpoint's
-    write), not the generator silent."""
-    return bool(ray.wait(calls, num_returns=1, timeout=0)[0])
-
-
 class GeneratorHangs:
     def __init__(self, pool: Generators, timeout_s: float, restart_limit_s: float) -> None:
         self.pool = pool
@@ -43,6 +38,7 @@ class GeneratorHangs:
         self.restart_limit_s = restart_limit_s  # the stall clock waits on a restart; set from the generators'
         # first start once they answered (startup.restart_limit_s)
         self.recovering_since: dict[int, float] = {}  # by generator id
+        self.answers: dict[int, AnswerWatch] = {}  # by generator id: its calls found done so far
 
     def limit_s(self, samples: int = 0) -> float:
         """The silence past which a generator with calls of up to `samples` samples in flight is hung: the
@@ -58,11 +54,13 @@ class GeneratorHangs:
         for slot in self.pool.slots:
             calls = [(chunk.ref, len(chunk.prompts) * per_prompt) for chunk in slot.chunks]
             calls += list(eval_calls if slot is self.pool.slots[0] else ())
-            slot.answered_at = slot.answered_at + frozen_s if calls else now  # idle: silent from its next call on
+            # a call done since the last look is an answer, though unhandled (the driver was busy); idle: silent
+            # from its next call on
+            news, pending = self.answers.setdefault(slot.generator_id, AnswerWatch()).look([r for r, _ in calls])
+            slot.answered_at = now if news or not calls else slot.answered_at + frozen_s
             self._check_restart(slot, now, frozen_s)
             limit = self.limit_s(max((n for _, n in calls), default=0))
-            silent = now - slot.answered_at > limit and not answered([r for r, _ in calls])
-            if calls and self._judged(slot, now) and silent:
+            if pending and self._judged(slot, now) and now - slot.answered_at > limit:
                 self._restart(slot, len(calls), now - slot.answered_at, limit)
 
     def _judged(self, slot: GeneratorSlot, now: float) -> bool:

@@ -19,6 +19,7 @@ from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.pipeline.vineppo import attach_advantages
+from async_rlhf.pipeline.waits import AnswerWatch
 from async_rlhf.rollout import RolloutGroup
 
 
@@ -36,6 +37,7 @@ class RewardBook:
         self.restart_limit_s = cfg.learner.stall_timeout_s  # how long its restart may take (set once it started)
         self.heard_at = time.monotonic()  # its last answer, or when it was last idle: its silence runs from here
         self.killed_at: float | None = None  # the hang check's kill, until its death is seen (GeneratorSlot.killed_at)
+        self.answers = AnswerWatch()  # its calls found done so far (a blocking wait leaves them unhandled)
         self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
 
     def score(self, result: GenerationResult) -> None:
@@ -63,21 +65,22 @@ class RewardBook:
     def check_hang(self, frozen_s: float, eval_calls: list[tuple[Any, int]]) -> None:
         """A reward actor alive but answering nothing (a scorer that never returns, a stopped process) held the run
         until the learner's stall ended it. Busy (train batches or `eval_calls`, an evaluation's scoring) and silent
-        for the run's hang timeout (generation.hang_timeout_s) and HANG_FACTOR times its longest call, with none of
-        its calls done, it is killed instead: Ray restarts it and what it was scoring is sent again, as after a crash
-        (`on_died`; an evaluation resends itself). `frozen_s`: time this process itself was stopped since the last
-        check, which is not the actor's silence."""
+        for the run's hang timeout (generation.hang_timeout_s) and HANG_FACTOR times its longest call since it last
+        answered (a call found done, handled or not: AnswerWatch), with a call still running, it is killed instead:
+        Ray restarts it and what it was scoring is sent again, as after a crash (`on_died`; an evaluation resends
+        itself). `frozen_s`: time this process itself was stopped since the last check, which is not the actor's
+        silence."""
         jobs = self.state.reward_jobs.items()
         train = [(ref, sum(len(group.completions) for group in result.groups)) for ref, result in jobs]
         calls, now = [*train, *eval_calls], time.monotonic()
-        if not calls:
+        news, pending = self.answers.look([ref for ref, _ in calls])
+        if news or not calls:
             self.heard_at = now
             return
         self.heard_at += frozen_s
         silent_s = now - self.heard_at
         limit_s = self.hang_limit_s(max(samples for _, samples in calls))
-        answered = ray.wait([ref for ref, _ in calls], num_returns=1, timeout=0)[0]
-        if silent_s <= limit_s or self._kill_pending(now) or answered:
+        if silent_s <= limit_s or not pending or self._kill_pending(now):
             return
         print(f"[async-rlhf] the reward actor has answered nothing for {silent_s:.0f}s with {len(calls)} call(s) in "
               f"flight (generation.hang_timeout_s={self.cfg.hang_timeout_s:g}, {HANG_FACTOR:g}x the longest call so "

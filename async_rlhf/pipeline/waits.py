@@ -11,6 +11,23 @@ import ray
 POLL_S = 1.0  # how often a blocking wait runs its hang checks
 
 
+class AnswerWatch:
+    """An actor's calls in flight as its hang check sees them. A call found done is an answer (the actor spoke)
+    the first time a check sees it, never again: a blocking wait (a checkpoint's drain of an evaluation) leaves
+    done calls unhandled, and taken for news at every check they hid the actor's silence after them (by hand, a
+    reward actor stopped between an evaluation's scoring calls was never killed, and the drain ended the run)."""
+
+    def __init__(self) -> None:
+        self.seen: set[Any] = set()
+
+    def look(self, refs: list[Any]) -> tuple[bool, bool]:
+        """(news: a call ended since the last look; pending: a call still runs)."""
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        news = bool(done - self.seen)
+        self.seen = done
+        return news, len(done) < len(refs)
+
+
 def wait_all(refs: list[Any], timeout_s: float, between: Callable[[], None]) -> list[Any]:
     """Wait for every call in `refs` to end, running `between` every POLL_S meanwhile (the hang checks: a killed
     actor's call fails, which ends it); returns the calls still running after `timeout_s` (none: all ended)."""
