@@ -67,7 +67,7 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(Stuck).remote()
     call = actor.generate.remote()  # never answers
-    slot, longest, frozen, evals = busy_slot(actor, silent_s=30.0, call=call), 0.5, 0.0, []
+    slot, longest, frozen, evals, killed_at = busy_slot(actor, silent_s=30.0, call=call), 0.5, 0.0, [], None
     if case == "idle":
         slot.chunks.clear()
     elif case == "hung in an evaluation's chunk":  # all generator 0 has at the final evaluation
@@ -87,10 +87,12 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     elif case == "the driver was busy":  # (a checkpoint's write): the call is done and waits to be handled
         slot.chunks[0].ref = ray_local.put("a generation")
     elif case == "a kill sent 5 s ago, not taken yet":  # Ray asks a stopped worker to exit first: seconds
-        slot.killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check past the timeout
+        killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check past the timeout
     elif case == "hung, its kill not taken within the restart's bound":
-        slot.killed_at = time.monotonic() - 61.0
-    GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0).check(frozen, evals)
+        killed_at = time.monotonic() - 61.0
+    hangs = GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0)
+    hangs.watch(slot).killed_at = killed_at
+    hangs.check(frozen, evals)
     assert killed == ([actor] if case.startswith("hung") else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)

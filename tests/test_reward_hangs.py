@@ -88,9 +88,9 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     elif case == "a call is done":  # and waits to be handled (the driver was busy: a checkpoint's write)
         evals.append((ray_local.put("scored groups"), 1))
     elif case == "a kill sent 5 s ago, not taken yet":  # Ray asks a stopped worker to exit first: seconds
-        book.killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check past the timeout
+        book.answers.killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check
     elif case.startswith("hung, its kill"):
-        book.killed_at = time.monotonic() - book.restart_limit_s - 1.0
+        book.answers.killed_at = time.monotonic() - book.restart_limit_s - 1.0
     book.check_hang(frozen_s=frozen, eval_calls=evals)
     assert killed == ([actor] if case.startswith("hung") or case == "an evaluation's call" else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call

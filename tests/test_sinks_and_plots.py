@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,8 +136,11 @@ def test_a_wandb_service_that_dies_mid_run_stops_the_sink_with_one_line_and_the_
                            text=True, timeout=120, env={**env, "WANDB_DISABLE_GIT": "true"})
     assert child.returncode == 0 and "trained on" in child.stdout, child.stderr[-3000:]
     warnings = [line for line in child.stderr.splitlines() if "W&B stopped taking records" in line]
-    assert warnings == ["[async-rlhf] warning: W&B stopped taking records (ConnectionResetError: Connection lost); the "
-                        "run goes on, metrics.jsonl and eval.jsonl keep every record"], child.stderr[-3000:]
+    # The error's text is the socket's, which depends on when the service died: "Connection lost" or "[Errno 104]
+    # Connection reset by peer"
+    assert len(warnings) == 1, child.stderr[-3000:]
+    assert re.fullmatch(r"\[async-rlhf\] warning: W&B stopped taking records \(ConnectionResetError: [^)]+\); the run "
+                        r"goes on, metrics\.jsonl and eval\.jsonl keep every record", warnings[0]), warnings[0]
     assert "Traceback" not in child.stderr and "Exception ignored" not in child.stderr, child.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
 

@@ -56,19 +56,21 @@ class GeneratorHangs:
             calls += list(eval_calls if slot is self.pool.slots[0] else ())
             # a call done since the last look is an answer, though unhandled (the driver was busy); idle: silent
             # from its next call on
-            news, pending = self.answers.setdefault(slot.generator_id, AnswerWatch()).look([r for r, _ in calls])
+            news, pending = self.watch(slot).look([r for r, _ in calls])
             slot.answered_at = now if news or not calls else slot.answered_at + frozen_s
             self._check_restart(slot, now, frozen_s)
             limit = self.limit_s(max((n for _, n in calls), default=0))
             if pending and self._judged(slot, now) and now - slot.answered_at > limit:
                 self._restart(slot, len(calls), now - slot.answered_at, limit)
 
+    def watch(self, slot: GeneratorSlot) -> AnswerWatch:
+        return self.answers.setdefault(slot.generator_id, AnswerWatch())
+
     def _judged(self, slot: GeneratorSlot, now: float) -> bool:
-        """Neither restarting nor killed a moment ago (a kill not taken within a restart's bound is sent again)."""
+        """Neither restarting (its death seen: a kill was taken) nor killed a moment ago."""
         if slot.recovering:
-            slot.killed_at = None
-        pending = slot.killed_at is not None and now - slot.killed_at < self.restart_limit_s
-        return not slot.recovering and not pending
+            self.watch(slot).killed_at = None
+        return not slot.recovering and not self.watch(slot).kill_pending(now, self.restart_limit_s)
 
     def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
@@ -90,5 +92,5 @@ class GeneratorHangs:
               f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}, {HANG_FACTOR:g}x the longest "
               f"call so far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; its "
               f"prompts will be re-issued", file=sys.stderr, flush=True)
-        slot.answered_at = slot.killed_at = time.monotonic()  # its chunks now fail as after a crash: said once
+        slot.answered_at = self.watch(slot).killed_at = time.monotonic()  # its chunks fail as after a crash: said once
         ray.kill(slot.handle, no_restart=False)

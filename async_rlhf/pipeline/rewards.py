@@ -36,8 +36,7 @@ class RewardBook:
         self.pid = 0  # the reward actor's process; a new one is a restart
         self.restart_limit_s = cfg.learner.stall_timeout_s  # how long its restart may take (set once it started)
         self.heard_at = time.monotonic()  # its last answer, or when it was last idle: its silence runs from here
-        self.killed_at: float | None = None  # the hang check's kill, until its death is seen (GeneratorSlot.killed_at)
-        self.answers = AnswerWatch()  # its calls found done so far (a blocking wait leaves them unhandled)
+        self.answers = AnswerWatch()  # its calls found done so far (a blocking wait leaves them unhandled), its kill
         self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
 
     def score(self, result: GenerationResult) -> None:
@@ -80,19 +79,14 @@ class RewardBook:
         self.heard_at += frozen_s
         silent_s = now - self.heard_at
         limit_s = self.hang_limit_s(max(samples for _, samples in calls))
-        if silent_s <= limit_s or not pending or self._kill_pending(now):
+        if silent_s <= limit_s or not pending or self.answers.kill_pending(now, self.restart_limit_s):
             return
         print(f"[async-rlhf] the reward actor has answered nothing for {silent_s:.0f}s with {len(calls)} call(s) in "
               f"flight (generation.hang_timeout_s={self.cfg.hang_timeout_s:g}, {HANG_FACTOR:g}x the longest call so "
               f"far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; what it was "
               f"scoring is sent again", file=sys.stderr, flush=True)
-        self.heard_at = self.killed_at = now  # its calls now fail as after a crash: said once
+        self.heard_at = self.answers.killed_at = now  # its calls now fail as after a crash: said once
         ray.kill(self.parts.reward, no_restart=False)
-
-    def _kill_pending(self, now: float) -> bool:
-        """Killed a moment ago: Ray kills a stopped process only after asking it to exit for seconds (a kill not
-        taken within a restart's bound is sent again)."""
-        return self.killed_at is not None and now - self.killed_at < self.restart_limit_s
 
     def hang_limit_s(self, samples: int = 0) -> float:
         """The hang timeout and 10x its longest call, times the size in training calls of its biggest call in
@@ -118,7 +112,7 @@ class RewardBook:
         sent around the death may never answer, and one that answers late would be too stale to train on.
         A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
         reward.max_restarts the health call raises, which ends the run."""
-        waited, self.killed_at = time.monotonic(), None
+        waited, self.answers.killed_at = time.monotonic(), None
         restarted = self.restarted()
         self.state.last_progress += time.monotonic() - waited  # its restart is not the learner's stall (own bound)
         if not restarted:

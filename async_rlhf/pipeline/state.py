@@ -68,9 +68,6 @@ class GeneratorSlot:
     batches_sent: int = 0  # training batches sent to it (an evaluation waiting for it counts them)
     # time.monotonic of its last answer, or of its first call after it was idle (pipeline/generator_hangs.py)
     answered_at: float = field(default_factory=time.monotonic)
-    # time.monotonic of the hang check's kill, until its death is seen: Ray kills a stopped process only after
-    # asking it to exit for seconds, and a second check meanwhile said (and sent) the kill again
-    killed_at: float | None = None
 
     @property
     def busy(self) -> bool:

@@ -19,6 +19,13 @@ class AnswerWatch:
 
     def __init__(self) -> None:
         self.seen: set[Any] = set()
+        # time.monotonic of the check's kill, until the actor's death is seen: Ray kills a stopped process only after
+        # asking it to exit for seconds, and a second check meanwhile said (and sent) the kill again
+        self.killed_at: float | None = None
+
+    def kill_pending(self, now: float, bound_s: float) -> bool:
+        """Killed less than `bound_s` (a restart's bound) ago: a kill not taken by then is sent again."""
+        return self.killed_at is not None and now - self.killed_at < bound_s
 
     def look(self, refs: list[Any]) -> tuple[bool, bool]:
         """(news: a call ended since the last look; pending: a call still runs)."""
