@@ -84,13 +84,18 @@ def what_died(exc: BaseException) -> str:
         logs = ray_logs(exc)
         where = f" (pid {pid.group(1)}; its log is under {logs})" if pid else f" (logs under {logs})"
         return f"the {actor.group(1)} actor died{where}"
-    if "raised in its creation task" in text:  # an actor's __init__ raised: Ray keeps only the text
+    if start_failed(exc):
         return _failed_start(text)
     cause = worker_error(exc)
     if cause is not None:  # a worker's own error (a RayTaskError): it, and the call that raised it
         call = re.search(r"ray::([\w.]+)\(", text)
         return f"{first_line(cause)} (in {call.group(1) if call else 'a worker'})"
     return first_line(exc)
+
+
+def start_failed(exc: BaseException) -> bool:
+    """An actor whose __init__ raised (Ray keeps only the text): started again, it would raise again."""
+    return "raised in its creation task" in str(exc)
 
 
 def worker_error(exc: BaseException) -> BaseException | None:

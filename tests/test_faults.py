@@ -427,8 +427,9 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     guarantees (every step once, every prompt once, staleness within N) and counts each restart. With an
     evaluation in flight at nearly every moment (eval.every=2; the reward actor scores only evaluations here),
     each evaluation is still logged once, in version order (a dead generator or reward actor: made again; a dead
-    learner: the pending ones dropped with the rolled-back steps, version 0's made again). The learner dies before
-    the first checkpoint (step 20): it is replaced from the run's start, which before ended the run."""
+    learner: the pending ones dropped with the rolled-back steps, version 0's made again). The learner dies in its
+    start, and again before the first checkpoint (step 20): it is started again, then replaced from the run's start;
+    before, either ended the run."""
     rng = random.Random(18)
     run_dir, steps = tmp_path / "run", 30
     plan = sorted(zip(rng.sample(range(4, 24), 3), rng.sample(sorted(ROLES), 3)))
@@ -437,6 +438,10 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     try:
+        wait_until(lambda: role_pid(ROLES["learner"], proc.pid) is not None, timeout=120)
+        starting = role_pid(ROLES["learner"], proc.pid)
+        assert starting is not None
+        os.kill(starting, signal.SIGKILL)  # in its start: it ended the run
         for at_step, role in plan:
             wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= at_step,  # noqa: B023
                        timeout=600)  # (B023: the predicate is called in this iteration only)
@@ -459,5 +464,6 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     assert [e["version"] for e in evals] == list(range(0, steps + 1, 2)), (plan, err[-3000:])
     assert [e["episodes"] for e in evals] == [e["version"] * 16 * 4 for e in evals]  # 16 prompts x 4 samples
     restarts = {role: summary[f"{role}_restarts"] for role in ROLES}
-    assert restarts == {"generator": 1, "reward": 1, "learner": 1}, (plan, restarts)
+    assert restarts == {"generator": 1, "reward": 1, "learner": 2}, (plan, restarts)
     assert "replaced it from the start (no checkpoint written yet)" in err and summary["episodes"] == steps * 16 * 4
+    assert "the learner failed while starting (the Learner actor died" in err

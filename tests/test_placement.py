@@ -86,13 +86,13 @@ def test_with_ipc_the_generators_start_once_the_learner_is_up(monkeypatch, tmp_p
     # memory meanwhile, and the learner's start on the shared GPU would. With a GPU each, all start side by side.
     from async_rlhf.pipeline import builder as builder_module
     from async_rlhf.pipeline.builder import ComponentBuilder
-    from async_rlhf.pipeline.state import Components
+    from async_rlhf.pipeline.state import Components, RunStats
 
     cfg = load_config(QUICKSTART, [f"weight_sync.transport={transport}", "generation.gpu_memory_utilization=0.45"],
                       environment=False)
     events: list[str] = []
     ready = SimpleNamespace(remote=lambda: "ready-ref")
-    build = ComponentBuilder(cfg, tmp_path, Components(), None, tmp_path)  # type: ignore[arg-type]
+    build = ComponentBuilder(cfg, tmp_path, Components(), None, tmp_path, RunStats())  # type: ignore[arg-type]
     monkeypatch.setattr(build, "start_learner", lambda: setattr(build.parts, "learner",
                                                                 SimpleNamespace(__ray_ready__=ready)))
     monkeypatch.setattr(builder_module, "ray", SimpleNamespace(get=lambda ref: events.append(f"get {ref}")))

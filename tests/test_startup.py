@@ -174,3 +174,43 @@ def test_a_restarted_actor_is_awaited_for_its_limit_then_named(ray_local) -> Non
                                        r"5x its first start in this run\); why is in its log under /tmp/ray/"):
         startup.await_restarted(actor.__ray_ready__.remote(), "the new learner", 1.5, watch)
     ray_local.kill(actor)
+
+
+class StartsOnce:
+    """Silent in its first start (a stopped process, a deadlock in its start); started again, it answers."""
+
+    def __init__(self, marker: str) -> None:
+        if not Path(marker).exists():
+            Path(marker).touch()
+            time.sleep(600)
+
+    def ready(self) -> str:
+        return "up"
+
+
+def test_an_actor_silent_at_start_up_is_killed_and_a_dead_spare_roles_death_is_its_answer(
+        ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: an actor stopped or deadlocked in its start was waited on for good (a learner SIGSTOPped 0.5 s into
+    # a quickstart: no line in 200 s); and a learner that died starting ended the run, as a failed start-up.
+    monkeypatch.setattr(startup, "PLACEMENT_CHECK_S", 0.2)
+    remote = ray_local.remote(num_cpus=0)
+    quick = remote(SlowStart).remote(0.0)
+    stuck = remote(StartsOnce).options(max_restarts=1).remote(str(tmp_path / "generator"))  # Ray starts it again
+    learner = remote(StartsOnce).remote(str(tmp_path / "learner"))  # no restarts: the kill is its death
+    calls = {"reward": [startup.FirstCall("the reward actor", quick.__ray_ready__.remote(), [quick])],
+             "generators": [startup.FirstCall("generator 0", stuck.ready.remote(), [stuck])],
+             "learner": [startup.FirstCall("the learner", learner.ready.remote(), [learner])]}
+    started = time.time()
+    answers = startup.await_actors(StartupClock(origin=started), started, calls,
+                                   startup.PlacementWatch(lambda: [], 60.0), startup.StartSilence(stall_s=1.0),
+                                   spare="learner")
+    assert answers["reward"] == [True] and answers["generators"] == ["up"]
+    assert isinstance(answers["learner"][0], ray_local.exceptions.ActorDiedError)
+    err = capsys.readouterr().err
+    assert "[async-rlhf] generator 0, the learner answered nothing " in err and "killing it to start it again" in err
+    died = remote(SlowStart).remote(0.0)
+    ray_local.kill(died)
+    with pytest.raises(ray_local.exceptions.ActorDiedError):  # a role that is not spare: its death raises
+        startup.await_actors(StartupClock(origin=started), time.time(),
+                             {"reward": [startup.FirstCall("the reward actor", died.__ray_ready__.remote(), [died])]},
+                             startup.PlacementWatch(lambda: [], 60.0), startup.StartSilence(stall_s=1.0))

@@ -6,6 +6,7 @@ as long as its slowest actor, not the sum of all.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,23 @@ from async_rlhf.cluster.placement import generator_options, unplaced
 from async_rlhf.cluster.resources import CoreLoan, core_loan, usable_cores
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import node_crashed, start_failed, what_died
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
+from async_rlhf.pipeline.learner_calls import LearnerHung
 from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.startup import (
+    FirstCall,
     PlacementWatch,
+    StartSilence,
     StartupClock,
     await_actors,
     await_restarted,
     ray_init_kwargs,
     restart_limit_s,
 )
-from async_rlhf.pipeline.state import Components, GeneratorSlot
+from async_rlhf.pipeline.state import Components, GeneratorSlot, RunStats
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from async_rlhf.weights.nccl import NcclTransport
@@ -56,8 +61,9 @@ def make_broker(cfg: RunConfig, weights_root: Path, first_version: int) -> Weigh
 
 class ComponentBuilder:
     def __init__(self, cfg: RunConfig, run_dir: Path, parts: Components, broker: WeightSyncBroker,
-                 weights_root: Path) -> None:
+                 weights_root: Path, stats: RunStats) -> None:
         self.cfg = cfg
+        self.stats = stats  # learner_restarts counts a learner started again at start-up too
         self.run_dir = run_dir
         self.parts = parts
         self.broker = broker
@@ -88,24 +94,58 @@ class ComponentBuilder:
             BusyBoard.create(Path(self.loan.board), cfg.generation.num_generators).close()
         started = time.time()  # every actor starts now, side by side (but see _start_workers); awaited once, below
         self._start_workers(pool)
-        watch = PlacementWatch(lambda: unplaced(self._actor_names(pool)), cfg.learner.stall_timeout_s)
-        answers = await_actors(startup, started, {"learner": [parts.learner.__ray_ready__.remote()],
-                                                  "generators": [g.handle.info.remote() for g in pool.slots],
-                                                  "reward": [parts.reward.health.remote()]}, watch)
         stall = cfg.learner.stall_timeout_s
-        self.learner_restart_s = restart_limit_s(stall, startup.beside["learner"])
+        watch = PlacementWatch(lambda: unplaced(self._actor_names(pool)), stall)
+        answers = await_actors(startup, started, self._first_calls(pool), watch, StartSilence(stall), spare="learner")
+        ready = answers["learner"][0]
+        died = ready if isinstance(ready, BaseException) else None  # a learner that died starting (spare role)
+        self.learner_restart_s = restart_limit_s(stall, max(startup.beside.values()) if died else
+                                                 startup.beside["learner"])
         pool.hangs.restart_limit_s = restart_limit_s(stall, startup.beside["generators"])
         rewards.restart_limit_s = restart_limit_s(stall, startup.beside["reward"])
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
             pool.started(slot, info)
-        if cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc: handshake
-            pool.connect()
-        elif not first_version:  # version 0 as weights a generator can go back to (resume.broker_versions)
-            publish_weights(parts.learner, self.broker, 0, cfg.learner.stall_timeout_s)
+        self._learner_up(pool, first_version, died)
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)
+
+    def _first_calls(self, pool: GeneratorPool) -> dict[str, list[FirstCall]]:
+        """Each role's first call, awaited together by await_actors."""
+        parts = self.parts
+        return {"learner": [FirstCall("the learner", parts.learner.__ray_ready__.remote(),
+                                      list(self._learner_names().values()))],
+                "generators": [FirstCall(f"generator {g.generator_id}", g.handle.info.remote(), [g.handle])
+                               for g in pool.slots],
+                "reward": [FirstCall("the reward actor", parts.reward.health.remote(), [parts.reward])]}
+
+    def _learner_up(self, pool: GeneratorPool, first_version: int, died: BaseException | None) -> None:
+        """The learner's first weights: version 0 published (or the push group formed). A learner that died or hung
+        on its way there has trained nothing: it is started again, within learner.max_restarts (a death in those
+        seconds ended the run as a failed start-up); one whose own start raised is not (it would raise again)."""
+        while True:
+            if died is not None:
+                self._restart_starting_learner(died)
+            try:
+                return self._first_weights(pool, first_version)
+            except (ray.exceptions.RayActorError, LearnerHung) as exc:
+                died = exc
+
+    def _first_weights(self, pool: GeneratorPool, first_version: int) -> None:
+        if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # nccl: learner rank 0 + every generator; ipc
+            pool.connect()
+        elif not first_version:  # version 0 as weights a generator can go back to (resume.broker_versions)
+            publish_weights(self.parts.learner, self.broker, 0, self.cfg.learner.stall_timeout_s)
+
+    def _restart_starting_learner(self, error: BaseException) -> None:
+        limit = self.cfg.learner.max_restarts
+        if start_failed(error) or node_crashed(error) or self.stats.learner_restarts >= limit:
+            raise error
+        self.stats.learner_restarts += 1
+        print(f"[async-rlhf] the learner failed while starting ({what_died(error)}); starting a new one (restart "
+              f"{self.stats.learner_restarts} of learner.max_restarts={limit})", file=sys.stderr, flush=True)
+        self.replace_learner()
 
     def replace_learner(self) -> None:
         """A new learner for a dead or hung one, given the time a start takes here (restart_limit_s): before, its

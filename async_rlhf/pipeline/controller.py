@@ -117,7 +117,7 @@ class Controller:
         self.parts = Components()
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{run_dir.name}-{id(self):x}"
         self.broker = make_broker(cfg, weights_root, self.state.first_version)
-        self.builder = ComponentBuilder(cfg, run_dir, self.parts, self.broker, weights_root)
+        self.builder = ComponentBuilder(cfg, run_dir, self.parts, self.broker, weights_root, self.stats)
         self.rewards = RewardBook(cfg, self.parts, self.state, self.stats, self.queue, self.timeline)
         self.pool = GeneratorPool(cfg, self.parts, self.state, self.stats, self.broker, self.rewards, self.timing,
                                   self.timeline)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -123,22 +124,73 @@ class PlacementWatch:
             self.said = True
 
 
-def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Any]],
-                 watch: PlacementWatch) -> dict[str, list[Any]]:
+@dataclass(frozen=True)
+class FirstCall:
+    """An actor's first call at start-up (`ref`), from `name` as a user knows it; its processes are `handles`."""
+
+    name: str
+    ref: Any
+    handles: list[Any]
+
+
+@dataclass
+class StartSilence:
+    """An actor placed and silent at start-up (a deadlock in its start, a stopped process) was waited on for good.
+    Once another role has answered, an actor still silent restart_limit_s(stall, the slowest answered start) later
+    is killed: Ray starts a generator or the reward actor again and its first call runs there; a learner (no Ray
+    restarts) dies, and the builder starts a new one (ComponentBuilder, `spare`)."""
+
+    stall_s: float
+    killed_at: float = 0.0  # time.time() of the last kill: the restarted actors' start counts from there
+
+    def check(self, clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], pending: list[Any]) -> None:
+        silent = [call for named in calls.values() for call in named if call.ref in pending]
+        answered = [clock.beside[role] for role in calls if role in clock.beside]
+        if not silent or not answered:
+            return
+        since = max(started + max(answered), self.killed_at)
+        waited, limit = time.time() - since, restart_limit_s(self.stall_s, max(answered))
+        if waited <= limit:
+            return
+        names = ", ".join(call.name for call in silent)
+        print(f"[async-rlhf] {names} answered nothing {waited:.0f}s after the other roles had started (limit "
+              f"{limit:.0f}s: learner.stall_timeout_s, or {RESTART_FACTOR:g}x the slowest of their starts; its log "
+              f"is under {ray_logs()}): killing it to start it again",
+              file=sys.stderr, flush=True)
+        for handle in (h for call in silent for h in call.handles):
+            ray.kill(handle, no_restart=False)
+        self.killed_at = time.time()
+
+
+def await_actors(clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], watch: PlacementWatch,
+                 silence: StartSilence, spare: str = "") -> dict[str, list[Any]]:
     """Wait once for the first answer of every actor started at `started` (they start side by side), and
-    note when each role's last answer came (`setup_<role>_s`). An actor that died raises, as ray.get does;
-    one the cluster cannot place is named while the run waits (`watch`)."""
-    role_of = {ref: role for role, refs in calls.items() for ref in refs}
+    note when each role's last answer came (`setup_<role>_s`). An actor that died raises, as ray.get does, but
+    the `spare` role's death is its answer (its caller starts it again); one the cluster cannot place is named
+    while the run waits (`watch`); one placed and silent is killed (`silence`)."""
+    role_of = {call.ref: role for role, named in calls.items() for call in named}
     pending = list(role_of)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=PLACEMENT_CHECK_S)
         if not ready:
             watch.check(time.time() - started)
+            if not watch.unplaced():
+                silence.check(clock, started, calls, pending)
             continue
         role = role_of[ready[0]]
-        if not any(ref in pending for ref in calls[role]):
+        if not any(call.ref in pending for call in calls[role]):
             clock.note(role, started)
-    return {role: ray.get(refs) for role, refs in calls.items()}
+    return {role: _answers([call.ref for call in named], role == spare) for role, named in calls.items()}
+
+
+def _answers(refs: list[Any], spare: bool) -> list[Any]:
+    """`ray.get(refs)`; for a spare role an actor's death is returned as its answer."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as exc:
+        if not spare:
+            raise
+        return [exc]
 
 
 def await_restarted(ref: Any, name: str, limit_s: float, watch: PlacementWatch) -> None:
