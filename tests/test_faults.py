@@ -428,13 +428,13 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     evaluation in flight at nearly every moment (eval.every=2; the reward actor scores only evaluations here),
     each evaluation is still logged once, in version order (a dead generator or reward actor: made again; a dead
     learner: the pending ones dropped with the rolled-back steps, version 0's made again). The learner dies in its
-    start, and again before the first checkpoint (step 20): it is started again, then replaced from the run's start;
-    before, either ended the run."""
+    start, before the first checkpoint (step 20) and in the run's end (the final evaluation or save): it is started
+    again, replaced from the run's start, then from step 20; before, each ended the run."""
     rng = random.Random(18)
     run_dir, steps = tmp_path / "run", 30
     plan = sorted(zip(rng.sample(range(4, 24), 3), rng.sample(sorted(ROLES), 3)))
     proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=20", "eval.every=2",
-                                          "task.eval_prompts=64", "api.enabled=false"),
+                                          "task.eval_prompts=64", "api.enabled=false", "learner.max_restarts=3"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     try:
@@ -451,6 +451,10 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
             os.kill(pid, signal.SIGKILL)
             # Back before the next kill (B023: the predicate is called in this iteration only).
             wait_until(lambda: role_pid(ROLES[role], proc.pid) not in (None, pid), timeout=120)  # noqa: B023
+        wait_until(lambda: len(metrics.read_text().splitlines()) >= steps, timeout=600)
+        ending = role_pid(ROLES["learner"], proc.pid)  # in the run's end: its final evaluation's KL pass or save
+        assert ending is not None
+        os.kill(ending, signal.SIGKILL)  # it ended the run
         _, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -464,6 +468,7 @@ def test_chaos_a_generator_the_reward_actor_and_the_learner_killed_at_seeded_mom
     assert [e["version"] for e in evals] == list(range(0, steps + 1, 2)), (plan, err[-3000:])
     assert [e["episodes"] for e in evals] == [e["version"] * 16 * 4 for e in evals]  # 16 prompts x 4 samples
     restarts = {role: summary[f"{role}_restarts"] for role in ROLES}
-    assert restarts == {"generator": 1, "reward": 1, "learner": 2}, (plan, restarts)
+    assert restarts == {"generator": 1, "reward": 1, "learner": 3}, (plan, restarts)
     assert "replaced it from the start (no checkpoint written yet)" in err and summary["episodes"] == steps * 16 * 4
     assert "the learner failed while starting (the Learner actor died" in err
+    assert "the learner failed at step 30 (the Learner actor died" in err and "steps 21..30 are trained again" in err

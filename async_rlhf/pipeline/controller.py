@@ -191,11 +191,7 @@ class Controller:
                 self.evals.start_initial()
             self.startup.lap("eval")
             self.progress = self.startup.after_first_step(self.progress)
-            self._loop()
-            self.stats.phase = RunPhase.STOPPING
-            self.take_checkpoints()  # e.g. asked for together with the stop (SIGTERM)
-            self.watchdogs.raise_if_ray_lost()
-            summary = self._finish()
+            summary = self._train()
             self.stats.phase = RunPhase.FINISHED
             return summary
         except KeyboardInterrupt:  # a stop now: Ctrl-C, or SIGTERM during start-up (pipeline/signals.py)
@@ -224,6 +220,20 @@ class Controller:
                     self._iterate()
                 except (ray.exceptions.RayError, LearnerHung) as exc:  # re-raised unless the learner is replaced
                     self.failover.fail_over(exc)
+
+    def _train(self) -> dict:
+        """The loop, then the run's end (a last checkpoint, the final evaluation and save). A learner lost in the end
+        is replaced as in the loop, the steps since its checkpoint trained again and the end made again: its death
+        or hang in the final evaluation's KL pass or the final save ended the run."""
+        while True:
+            self._loop()
+            self.stats.phase = RunPhase.STOPPING
+            try:
+                self.take_checkpoints()  # e.g. asked for together with the stop (SIGTERM)
+                self.watchdogs.raise_if_ray_lost()
+                return self._finish()
+            except (ray.exceptions.RayError, LearnerHung) as exc:  # re-raised unless the learner is replaced
+                self.failover.fail_over(exc)
 
     def _iterate(self) -> None:
         self.signals.raise_pending()

@@ -107,9 +107,10 @@ class LearnerFailover:
         self.state.start_clocks()  # the new learner's: its start and the roll-back were bounded on their own
         self.stats.learner_restarts += 1
         origin = point.path.name if isinstance(point, Checkpoint) else "the start (no checkpoint written yet)"
+        again = f"steps {version + 1}..{lost} are trained again" if lost > version else "no step is lost"
         print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {origin} "
-              f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); steps "
-              f"{version + 1}.. are trained again", file=sys.stderr, flush=True)
+              f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); "
+              f"{again}", file=sys.stderr, flush=True)
 
     def kill_hung(self, idle_s: float) -> bool:
         """A learner with a step in flight that has finished none for learner.stall_timeout_s is hung (a collective
