@@ -254,6 +254,17 @@ def test_a_checkpoint_finishes_older_evaluations_and_keeps_its_own_due(schedule)
     assert [r["version"] for r in evals.recorder.evals] == [2, 4]
 
 
+def test_the_last_steps_evaluation_is_due_at_a_checkpoint_there_and_is_the_final_one(schedule) -> None:
+    # Before: the last step's periodic evaluation was left to the final one, so a checkpoint at the last step did
+    # not hold it as due, and a run resumed from it with more steps never evaluated that version.
+    evals, broker = schedule
+    publish(broker, 10)  # learner.steps=10, eval.every=2
+    evals.after_step(10)
+    evals.drain(before=10)  # what take_checkpoints does at version 10
+    assert evals.due() == [10]
+    assert evals.final()["version"] == 10 and [r["version"] for r in evals.recorder.evals] == [10]  # made once
+
+
 def test_a_learner_silent_in_an_awaited_kl_pass_is_hung_after_the_stall_timeout(hung_kl, ray_local) -> None:
     # Before: a checkpoint's drain waited the stall timeout per training call's worth of eval prompts (240 s under a
     # 30 s timeout for the quickstart's), then ended the run; LearnerHung has the loop replace the learner instead.

@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
-from async_rlhf.config.run import RunConfig
+from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.failover import LearnerFailover, checkpoint_to_restart_from, learner_alive
 from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
@@ -190,3 +190,51 @@ def test_a_learner_that_answered_nothing_is_killed_and_replaced_only_where_it_ca
     while replaced and learner_alive(actor) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert learner_alive(actor) is not replaced
+
+
+class FailsToStart:
+    def __init__(self) -> None:
+        raise ValueError("header too large in model.safetensors")
+
+
+def error_of(ray_module: Any, ref: Any) -> BaseException:
+    try:
+        ray_module.get(ref)
+    except ray_module.exceptions.RayActorError as exc:
+        return exc
+    raise AssertionError("the call answered")
+
+
+def test_a_learner_lost_at_start_up_is_started_again_unless_its_own_start_raised(
+        ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a learner SIGKILLed in its start, before version 0's publish or while a resumed run loaded its
+    # checkpoint ended the run as a failed start-up ("start it again").
+    from async_rlhf.pipeline.builder import ComponentBuilder
+    from async_rlhf.pipeline.state import Components, RunStats
+    from tests.helpers import QUICKSTART
+
+    cfg = load_config(QUICKSTART, ["learner.max_restarts=2"], environment=False)
+    builder = ComponentBuilder(cfg, tmp_path, Components(), cast(Any, None), tmp_path, RunStats())
+    pingable = ray_local.remote(Pingable).options(num_cpus=0)
+    started: list[Any] = []
+    monkeypatch.setattr(builder, "replace_learner", lambda: started.append(pingable.remote()))
+    dead = pingable.remote()
+    ray_local.kill(dead)
+    died = error_of(ray_local, dead.ping.remote())
+    faults: list[BaseException] = [died, LearnerHung("the learner answered nothing for 5s while publishing weights")]
+    tries: list[int] = []
+
+    def publish() -> None:  # dies in the first try, hangs in the second, then answers
+        tries.append(1)
+        if faults:
+            raise faults.pop(0)
+
+    builder.with_learner(publish)
+    assert len(tries) == 3 and builder.stats.learner_restarts == 2 and len(started) == 2
+    with pytest.raises(type(died)):  # learner.max_restarts used up
+        builder.with_learner(lambda: None, died)
+    builder.stats.learner_restarts = 0
+    bad = ray_local.remote(FailsToStart).options(num_cpus=0).remote()
+    with pytest.raises(ray_local.exceptions.RayActorError, match="raised in its creation task"):
+        builder.with_learner(lambda: None, error_of(ray_local, bad.__ray_ready__.remote()))  # it would raise again
+    assert len(started) == 2

@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -106,7 +106,7 @@ class ComponentBuilder:
         rewards.pid = answers["reward"][0]["pid"]
         for slot, info in zip(pool.slots, answers["generators"]):
             pool.started(slot, info)
-        self._learner_up(pool, first_version, died)
+        self.with_learner(lambda: self._first_weights(pool, first_version), died)
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
                                     start_is_reference=cfg.model.reference_path is None)
@@ -120,15 +120,16 @@ class ComponentBuilder:
                                for g in pool.slots],
                 "reward": [FirstCall("the reward actor", parts.reward.health.remote(), [parts.reward])]}
 
-    def _learner_up(self, pool: GeneratorPool, first_version: int, died: BaseException | None) -> None:
-        """The learner's first weights: version 0 published (or the push group formed). A learner that died or hung
-        on its way there has trained nothing: it is started again, within learner.max_restarts (a death in those
-        seconds ended the run as a failed start-up); one whose own start raised is not (it would raise again)."""
+    def with_learner(self, action: Callable[[], None], died: BaseException | None = None) -> None:
+        """`action` on the learner at start-up: its first weights (version 0 published, or the push group formed),
+        a resumed run's checkpoint loaded. A learner that died or hung there (or in its start: `died`) has trained
+        nothing: it is started again and `action` made again, within learner.max_restarts (such a death ended the
+        run as a failed start-up); one whose own start raised is not (it would raise again)."""
         while True:
             if died is not None:
                 self._restart_starting_learner(died)
             try:
-                return self._first_weights(pool, first_version)
+                return action()
             except (ray.exceptions.RayActorError, LearnerHung) as exc:
                 died = exc
 

@@ -159,8 +159,8 @@ class Controller:
             print("[async-rlhf] starting the learner, generators and reward service", flush=True)
             self._build_components(str(policy_dir))
             self.startup.lap("actors")
-            if self.resume_from is not None:
-                restore_checkpoint(self, self.resume_from)
+            if (resumed := self.resume_from) is not None:
+                self.builder.with_learner(lambda: restore_checkpoint(self, resumed))
 
     def _start_services(self) -> None:
         if self.cfg.api.enabled and self.start_services is not None:

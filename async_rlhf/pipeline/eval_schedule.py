@@ -61,7 +61,7 @@ class EvalSchedule:
 
     def after_step(self, version: int) -> None:
         every = self.cfg.eval.every
-        if not every or version % every or version >= self.cfg.learner.steps:
+        if not every or version % every:  # the last step's too: a checkpoint there saves it as due (see final)
             return
         if self.cfg.weight_sync.transport in PUSHED_TRANSPORTS:  # the generator must still hold `version`
             self.pool.finish(self.pool.slots[0])
@@ -75,12 +75,20 @@ class EvalSchedule:
         after every pending one. The loop is over, so every chunk left goes to generator 0 now, oldest
         evaluation first: the final one samples while the learner runs the pending ones' KL passes."""
         latest = self.broker.latest()
-        self._send(self.broker.lease(latest.version) if latest else None)
+        if latest is None or not self._made(latest.version):  # a periodic one of the newest weights is the final
+            self._send(self.broker.lease(latest.version) if latest else None)
         for flight in self.pending:
             with self._blocking(flight):
                 self._feed(flight, rest=True)
         self.drain()
         return self.recorder.evals[-1]
+
+    def _made(self, version: int) -> bool:
+        """`version`'s evaluation is pending or logged last. The periodic evaluation of the last step was left to the
+        final one, so a checkpoint there did not hold it as due: resumed with more steps, a run never evaluated
+        that version."""
+        logged = self.recorder.evals and self.recorder.evals[-1].get("version") == version
+        return bool(logged) or any(flight.version == version for flight in self.pending)
 
     def start(self, version: int) -> None:
         """Evaluate published `version` beside training (also a checkpoint's evaluation left pending, when the

@@ -107,7 +107,8 @@ class LearnerFailover:
         self.state.start_clocks()  # the new learner's: its start and the roll-back were bounded on their own
         self.stats.learner_restarts += 1
         origin = point.path.name if isinstance(point, Checkpoint) else "the start (no checkpoint written yet)"
-        again = f"steps {version + 1}..{lost} are trained again" if lost > version else "no step is lost"
+        again = {0: "no step is lost", 1: f"step {lost} is trained again"}.get(
+            lost - version, f"steps {version + 1}..{lost} are trained again")
         print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {origin} "
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); "
               f"{again}", file=sys.stderr, flush=True)
