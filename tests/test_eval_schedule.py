@@ -12,6 +12,7 @@ import pytest
 
 from actors.generator import GenerationResult
 from async_rlhf.config.run import RunConfig
+from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline, read_timeline
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
@@ -42,12 +43,33 @@ class SlowGenerator:
 
 
 class Scorer:
+    def __init__(self, marker: str = "") -> None:
+        self.marker = marker
+
     def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
         done = [dataclasses.replace(c, reward=1.0, reward_status="ok") for g in groups for c in g.completions]
         return [dataclasses.replace(g, completions=[c]) for g, c in zip(groups, done)]
 
     def health(self) -> dict:
         return {"pid": os.getpid()}
+
+
+class DiesInItsFirstScore(Scorer):
+    """A reward actor that dies in its first scoring call (once per test: `marker`); Ray starts it again."""
+
+    def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().score(groups, role)
+
+
+class StoppedGenerator(SlowGenerator):
+    """Generator 0 stopped (SIGSTOP) once its sample is in: a probe of it never answers."""
+
+    def info(self) -> dict:
+        time.sleep(3600)
+        return {}
 
 
 class KLLearner:
@@ -90,18 +112,19 @@ def hung_kl(ray_local, tmp_path: Path):
     yield from make_schedule(ray_local, tmp_path, {"every": 2}, HungKLLearner, stall_timeout_s=4.0)
 
 
-def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLLearner, stall_timeout_s: float = 600):
+def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLLearner, stall_timeout_s: float = 600,
+                  generator: type = SlowGenerator, scorer: type = Scorer):
     cfg = RunConfig(eval=eval_cfg, learner={"steps": 10, "stall_timeout_s": stall_timeout_s}, api={"enabled": False},
                     task={"eval_prompts": 4})  # the Evaluator's, below
     parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
-    parts.reward = ray_local.remote(num_cpus=0)(Scorer).remote()
+    parts.reward = ray_local.remote(num_cpus=0, max_restarts=1)(scorer).remote(str(tmp_path / "scored"))
     parts.learner = ray_local.remote(num_cpus=0)(learner).remote()
     parts.evaluator = Evaluator([Prompt(i, "p", [1, 2]) for i in range(4)], parts.reward, 1.0)
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1, initial_version=-1)
     publish(broker, 0)  # the starting weights, as ComponentBuilder.build publishes them on shm
     rewards = RewardBook(cfg, parts, state, stats, RolloutQueue(16, 1), timeline)
     pool = GeneratorPool(cfg, parts, state, stats, broker, rewards, Timing(), timeline)
-    pool.slots = [GeneratorSlot(ray_local.remote(num_cpus=0)(SlowGenerator).remote(), 0)]
+    pool.slots = [GeneratorSlot(ray_local.remote(num_cpus=0)(generator).remote(), 0)]
     evals = EvalSchedule(cfg, parts, pool, rewards, broker, Timing(), RunRecorder(tmp_path), timeline)
     yield evals, broker
     timeline.close()
@@ -263,6 +286,33 @@ def test_the_last_steps_evaluation_is_due_at_a_checkpoint_there_and_is_the_final
     evals.drain(before=10)  # what take_checkpoints does at version 10
     assert evals.due() == [10]
     assert evals.final()["version"] == 10 and [r["version"] for r in evals.recorder.evals] == [10]  # made once
+
+
+@pytest.fixture
+def reward_dies_beside_a_stopped_generator(ray_local, tmp_path: Path):
+    yield from make_schedule(ray_local, tmp_path, {"every": 2}, generator=StoppedGenerator, scorer=DiesInItsFirstScore)
+
+
+@pytest.mark.timeout(120, method="thread")  # without the fix the drain waits on generator 0's probe for good
+def test_a_reward_actor_that_dies_in_an_awaited_evaluation_is_awaited_alone(reward_dies_beside_a_stopped_generator,
+                                                                             ray_local) -> None:
+    # Before: the evaluation waited for generator 0 to come back whichever actor had died, with a probe that had no
+    # bound: a reward actor killed as hung while generator 0 was stopped (a chaos run by hand) held the run for good.
+    evals, broker = reward_dies_beside_a_stopped_generator
+    publish(broker, 2)
+    evals.after_step(2)
+    evals.drain()  # what take_checkpoints does
+    assert [r["version"] for r in evals.recorder.evals] == [2] and evals.rewards.stats.reward_restarts == 1
+
+
+def test_a_generator_that_never_answers_its_probe_is_not_back_within_its_bound(reward_dies_beside_a_stopped_generator,
+                                                                              ray_local) -> None:
+    evals, _ = reward_dies_beside_a_stopped_generator
+    evals.pool.hangs.restart_limit_s = 2.0
+    started = time.monotonic()
+    with pytest.raises(RunError, match=r"^generator 0 did not come back within 2s of its death"):
+        evals.pool.await_restart(evals.pool.slots[0])
+    assert time.monotonic() - started < 10
 
 
 def test_a_learner_silent_in_an_awaited_kl_pass_is_hung_after_the_stall_timeout(hung_kl, ray_local) -> None:

@@ -202,15 +202,20 @@ class EvalSchedule:
 
     # ---- inside -------------------------------------------------------------------------
     def _advance(self, flight: EvalInFlight, step: Callable[[], None]) -> None:
-        """Run `step`; if generator 0 or the reward actor died meanwhile, wait for both and start the
-        evaluation once more. The learner's death is the loop's (failover), as is a second failure."""
+        """Run `step`; if generator 0 or the reward actor died meanwhile, wait for the one that died (both where
+        Ray names neither) and start the evaluation once more, once per restart either may take. The learner's
+        death is the loop's (failover). Before, only generator 0 was awaited, whichever had died: a reward actor
+        killed as hung while generator 0 was stopped held the run in that wait for good; and a second death in
+        one evaluation ended the run."""
         try:
             step()
         except ray.exceptions.RayActorError as exc:
-            if flight.stage == "kl" or flight.attempts > 1:
+            restarts = self.cfg.generation.max_restarts + self.cfg.reward.max_restarts
+            if flight.stage == "kl" or flight.attempts > restarts:
                 raise
             slot = self.pool.slots[0]
-            self.pool.await_restart(slot)
+            if getattr(exc, "actor_id", None) in (None, slot.handle._actor_id.hex()):
+                self.pool.await_restart(slot)
             if self.rewards.is_its_death(exc):  # generator 0's death leaves the reward calls in flight alone
                 self.rewards.on_died(exc)
             flight.resend()

@@ -256,9 +256,11 @@ class GeneratorPool:
         deadline = time.monotonic() + self.hangs.restart_limit_s
         slot.recovering = True
         while time.monotonic() < deadline:
-            self.on_probe(slot, slot.handle.info.remote())
-            if not slot.recovering:
-                return
+            probe = slot.handle.info.remote()  # a stopped process never answers it: waited within the bound
+            if ray.wait([probe], timeout=max(0.0, deadline - time.monotonic()))[0]:
+                self.on_probe(slot, probe)
+                if not slot.recovering:
+                    return
             time.sleep(1.0)
         raise self.hangs.not_back(slot)
 
