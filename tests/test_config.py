@@ -202,3 +202,12 @@ def test_a_ray_address_ray_cannot_join_is_refused_before_start(address: str, pro
         load_config(QUICKSTART, [f"ray.address={address}"])
     for good in ("auto", "10.0.0.1:6379", "head-node.cluster.local:6380"):
         assert load_config(QUICKSTART, [f"ray.address={good}"]).ray.address == good
+
+
+def test_a_bare_off_for_pin_cores_is_off_not_a_type_error(tmp_path: Path) -> None:
+    # Before: YAML reads `off` as false, and `resources.pin_cores=off` (as the field's own help says) failed with
+    # "Input should be 'auto' or 'off' (got False)".
+    assert load_config(QUICKSTART, ["resources.pin_cores=off"], environment=False).resources.pin_cores == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text(QUICKSTART.read_text() + "\nresources:\n  pin_cores: off\n")
+    assert load_config(path, [], environment=False).resources.pin_cores == "off"

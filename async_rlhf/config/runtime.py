@@ -86,6 +86,12 @@ class ResourcesConfig(Strict):
                           "docs/benchmarks.md, 'Cores by load')"
     )
 
+    @field_validator("pin_cores", mode="before")
+    @classmethod
+    def _off_read_as_false(cls, value: object) -> object:
+        """YAML reads a bare `off` (`pin_cores: off`, `resources.pin_cores=off`) as false: that is the 'off' meant."""
+        return "off" if value is False else value
+
 
 # The control token from the environment (api.token unset); `async-rlhf status` sends it too.
 API_TOKEN_ENV = "ASYNC_RLHF_API_TOKEN"

@@ -21,10 +21,11 @@ from typing import Any, Callable, Protocol
 import ray
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
+from async_rlhf.cluster.core_claims import CoreClaims, plan_beside_others
 from async_rlhf.cluster.local_ray import local_raylet_pid, shutdown_local_ray
 from async_rlhf.cluster.placement import check_started_cluster, use_gpus
 from async_rlhf.cluster.reaper import Reaper
-from async_rlhf.cluster.resources import bf16_note, plan_cores
+from async_rlhf.cluster.resources import bf16_note
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, note_ray_logs
@@ -105,6 +106,7 @@ class Controller:
         self.reaper: Reaper | None = None  # cleans up after this process if it is killed (cluster/reaper.py)
         self.recorder = RunRecorder(run_dir)
         self.lock = RunDirLock(run_dir)
+        self.core_claims = CoreClaims.for_user(cfg.weight_sync.shm_root)  # the cores this run pins, for other runs
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.target_capacity = self.queue.capacity
         self.timing = Timing()
@@ -152,7 +154,8 @@ class Controller:
             self.signals.install()
             check_started_cluster(self.cfg)  # transport vs the cluster's GPUs and nodes, before any worker
             gpus = use_gpus()
-            self.parts.plan = plan_cores(self.cfg, gpus=gpus)
+            self.parts.plan = plan_beside_others(self.cfg, self.core_claims, self.run_dir, gpus,
+                                                 say=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
             if note := bf16_note(self.cfg, gpus):
                 print(f"[async-rlhf] {note}", flush=True)
             self.startup.lap("ray")
@@ -368,4 +371,5 @@ class Controller:
         if self.reaper is not None:
             self.reaper.close()
             self.reaper = None
+        self.core_claims.release()
         self.lock.release()
