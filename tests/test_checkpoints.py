@@ -177,3 +177,21 @@ def test_an_error_of_the_runs_own_events_met_while_checkpointing_is_not_a_checkp
     assert controller.view.checkpoint_failures == 0
     # its requester is told (POST /control/checkpoint answered it only at its own timeout)
     assert isinstance(request.exception(timeout=0), ValueError)
+
+
+def test_the_time_a_checkpoint_takes_is_not_the_learners_stall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: a checkpoint's drain held 30 s by a reward actor that hung counted against learner.stall_timeout_s,
+    # which ended a synchronous run with "no learner step finished" (a chaos run by hand, 30 s stall timeout).
+    import time
+
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+
+    controller = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
+    monkeypatch.setattr(controller.pool, "drain", lambda: time.sleep(1.5))  # held by an actor that hangs
+    controller.checkpoints.root.parent.mkdir(parents=True, exist_ok=True)
+    controller.checkpoints.root.write_text("not a directory")  # the write then fails at once
+    controller.control.request_checkpoint()
+    controller.state.last_progress = time.monotonic() - 4
+    controller.take_checkpoints()
+    assert time.monotonic() - controller.state.last_progress == pytest.approx(4, abs=0.5)

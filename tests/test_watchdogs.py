@@ -17,7 +17,7 @@ from async_rlhf.cluster.local_ray import GCS_PATIENCE_ENV, GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.control import RunControl
-from async_rlhf.pipeline.state import LoopState
+from async_rlhf.pipeline.state import LearnerJob, LoopState
 from async_rlhf.pipeline.watchdogs import TIED_STEPS, Watchdogs
 from tests.helpers import ROOT, make_group
 
@@ -93,6 +93,39 @@ def test_a_stalled_learner_that_can_be_replaced_is_killed_instead_of_ending_the_
     state.last_progress = time.monotonic() - 6
     with pytest.raises(RunError, match="^no learner step finished for 6s"):
         dogs.check_stall()
+
+
+def test_a_learner_step_sent_or_finished_while_the_driver_was_held_elsewhere_is_no_stall(ray_local: Any) -> None:
+    # Before: a checkpoint's drain of an evaluation, held 30 s by a reward actor that hung, left the stall clock at
+    # the last step; the step sent right after it was taken for a hung learner, and a healthy learner was killed.
+    dogs, state, _ = watchdogs(timeout_s=5)
+    asked: list[float] = []
+
+    def killed(idle_s: float) -> bool:
+        asked.append(idle_s)
+        return True
+
+    dogs.kill_hung_learner = killed
+
+    @ray_local.remote(num_cpus=0)
+    def working(seconds: float) -> int:
+        time.sleep(seconds)
+        return 1
+
+    running, done = working.remote(60), ray_local.put(1)
+    state.learner_job = LearnerJob(None, running, [], 8, time.perf_counter() - 1)  # sent 1 s ago
+    state.last_progress = time.monotonic() - 40
+    dogs.check_stall()
+    assert asked == [] and time.monotonic() - state.last_progress == pytest.approx(1, abs=0.5)
+    state.learner_job = LearnerJob(None, done, [], 8, time.perf_counter() - 40)  # done, not yet handled
+    state.last_progress = time.monotonic() - 40
+    dogs.check_stall()
+    assert asked == []
+    state.learner_job = LearnerJob(None, running, [], 8, time.perf_counter() - 6)  # working for 6 s: hung
+    state.last_progress = time.monotonic() - 40
+    dogs.check_stall()
+    assert [round(s) for s in asked] == [6]
+    ray_local.cancel(running, force=True)
 
 
 def test_time_the_driver_was_frozen_or_the_run_paused_is_not_a_stall() -> None:

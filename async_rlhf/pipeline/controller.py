@@ -178,8 +178,14 @@ class Controller:
 
     # ---- checkpoints (pipeline/resume.py reads and restores the run through these) ----------
     def take_checkpoints(self) -> None:
-        """Serve the checkpoint requests posted so far; only while the learner is idle."""
-        take_checkpoints(self)
+        """Serve the checkpoint requests posted so far; only while the learner is idle. The time it takes is not
+        the learner's stall (its waits have bounds of their own): a drain held 30 s by a reward actor that hung
+        ended a synchronous run with "no learner step finished" (a chaos run by hand)."""
+        started = time.monotonic()
+        try:
+            take_checkpoints(self)
+        finally:
+            self.state.last_progress += time.monotonic() - started
 
     def restore(self, snapshot: ControllerSnapshot) -> None:
         restore(self, snapshot)

@@ -15,6 +15,8 @@ import time
 from concurrent.futures import Future
 from typing import Callable
 
+import ray
+
 from async_rlhf.cluster.local_ray import GCS_LOST, GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
@@ -91,6 +93,8 @@ class Watchdogs:
             self.state.last_progress = time.monotonic()
             return
         idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
+        if idle > limit:
+            idle = self._learner_idle_s()
         if idle > limit and self.kill_hung_learner(idle):
             self.state.last_progress = time.monotonic()  # the new learner's clock
             return
@@ -99,6 +103,19 @@ class Watchdogs:
             raise RunError(f"no learner step finished for {idle:.0f}s (learner.stall_timeout_s={limit:g}); in flight: "
                            f"{', '.join(busy) or 'nothing'}, queue depth {len(self.queue)}; see the Ray logs under "
                            f"{ray_logs()}")
+
+    def _learner_idle_s(self) -> float:
+        """Seconds since the learner last worked: its last step finished, the one in flight was sent, or (done, not
+        yet handled) now. The driver may have been held in a wait meanwhile (a checkpoint's drain of an evaluation
+        whose reward actor hung for 30 s): a step sent after it, or finished during it, is no stall; the learner
+        killed as hung then was healthy (a GRPO chaos run by hand)."""
+        job, now = self.state.learner_job, time.monotonic()
+        if job is not None and ray.wait([job.save_ref], timeout=0)[0]:
+            self.state.last_progress = now
+        elif job is not None:
+            sent = now - (time.perf_counter() - job.dispatched_at)  # dispatched_at is on the perf_counter clock
+            self.state.last_progress = max(self.state.last_progress, sent)
+        return now - self.state.last_progress
 
     def check_ray(self) -> None:
         """Ray's GCS lost (a local one killed, a cluster's head node gone): the run stops as for a SIGTERM, the step
