@@ -193,21 +193,30 @@ def test_an_actor_silent_at_start_up_is_killed_and_a_dead_spare_roles_death_is_i
     # Before: an actor stopped or deadlocked in its start was waited on for good (a learner SIGSTOPped 0.5 s into
     # a quickstart: no line in 200 s); and a learner that died starting ended the run, as a failed start-up.
     monkeypatch.setattr(startup, "PLACEMENT_CHECK_S", 0.2)
+    monkeypatch.setattr(startup, "RESTART_FACTOR", 1.0)  # silent for as long as the generators took to start
     remote = ray_local.remote(num_cpus=0)
-    quick = remote(SlowStart).remote(0.0)
-    stuck = remote(StartsOnce).options(max_restarts=1).remote(str(tmp_path / "generator"))  # Ray starts it again
+    quick = remote(SlowStart).remote(0.0)  # the generators: a start that the silent roles' are judged by
+    stuck = remote(StartsOnce).options(max_restarts=1).remote(str(tmp_path / "reward"))  # Ray starts it again
     learner = remote(StartsOnce).remote(str(tmp_path / "learner"))  # no restarts: the kill is its death
-    calls = {"reward": [startup.FirstCall("the reward actor", quick.__ray_ready__.remote(), [quick])],
-             "generators": [startup.FirstCall("generator 0", stuck.ready.remote(), [stuck])],
+    calls = {"generators": [startup.FirstCall("generator 0", quick.__ray_ready__.remote(), [quick])],
+             "reward": [startup.FirstCall("the reward actor", stuck.ready.remote(), [stuck])],
              "learner": [startup.FirstCall("the learner", learner.ready.remote(), [learner])]}
     started = time.time()
     answers = startup.await_actors(StartupClock(origin=started), started, calls,
-                                   startup.PlacementWatch(lambda: [], 60.0), startup.StartSilence(stall_s=1.0),
-                                   spare="learner")
-    assert answers["reward"] == [True] and answers["generators"] == ["up"]
+                                   startup.PlacementWatch(lambda: [], 60.0),
+                                   startup.StartSilence(stall_s=1.0, floor_s=0.5), spare="learner")
+    assert answers["generators"] == [True] and answers["reward"] == ["up"]
     assert isinstance(answers["learner"][0], ray_local.exceptions.ActorDiedError)
     err = capsys.readouterr().err
-    assert "[async-rlhf] generator 0, the learner answered nothing " in err and "killing it to start it again" in err
+    assert "[async-rlhf] the reward actor answered nothing " in err and "killing it to start it again" in err
+    assert "[async-rlhf] the learner answered nothing " in err
+    slow = remote(SlowStart).remote(4.0)  # a generator's start is not judged by a rule reward's, which is instant
+    rule = remote(SlowStart).remote(0.0)
+    startup.await_actors(StartupClock(origin=started), time.time(),
+                         {"reward": [startup.FirstCall("the reward actor", rule.__ray_ready__.remote(), [rule])],
+                          "generators": [startup.FirstCall("generator 0", slow.__ray_ready__.remote(), [slow])]},
+                         startup.PlacementWatch(lambda: [], 60.0), startup.StartSilence(stall_s=1.0, floor_s=0.5))
+    assert "answered nothing" not in capsys.readouterr().err
     died = remote(SlowStart).remote(0.0)
     ray_local.kill(died)
     with pytest.raises(ray_local.exceptions.ActorDiedError):  # a role that is not spare: its death raises

@@ -133,29 +133,37 @@ class FirstCall:
     handles: list[Any]
 
 
+START_SILENCE_FLOOR_S = 60.0  # starts vary with the machine's load (a generator took 18.6 s beside another run)
+YARDSTICKS = {"learner": ("generators",), "generators": ("learner",), "reward": ("learner", "generators")}
+# the roles whose start a silent role's is judged by: the learner and the generators both load the policy; a rule
+# reward answers at once and says nothing of them
+
+
 @dataclass
 class StartSilence:
     """An actor placed and silent at start-up (a deadlock in its start, a stopped process) was waited on for good.
-    Once another role has answered, an actor still silent restart_limit_s(stall, the slowest answered start) later
-    is killed: Ray starts a generator or the reward actor again and its first call runs there; a learner (no Ray
-    restarts) dies, and the builder starts a new one (ComponentBuilder, `spare`)."""
+    One still silent restart_limit_s(stall, its yardsticks' slowest start), and `floor_s`, after they answered
+    (YARDSTICKS) is killed: Ray starts a generator or the reward actor again and its first call runs there; a
+    learner (no Ray restarts) dies, and the builder starts a new one (ComponentBuilder, `spare`)."""
 
     stall_s: float
+    floor_s: float = START_SILENCE_FLOOR_S
     killed_at: float = 0.0  # time.time() of the last kill: the restarted actors' start counts from there
 
     def check(self, clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], pending: list[Any]) -> None:
-        silent = [call for named in calls.values() for call in named if call.ref in pending]
-        answered = [clock.beside[role] for role in calls if role in clock.beside]
-        if not silent or not answered:
-            return
-        since = max(started + max(answered), self.killed_at)
-        waited, limit = time.time() - since, restart_limit_s(self.stall_s, max(answered))
+        for role, named in calls.items():
+            silent = [call for call in named if call.ref in pending]
+            answered = [clock.beside[other] for other in YARDSTICKS.get(role, ()) if other in clock.beside]
+            if silent and answered:
+                self._judge(silent, started + max(answered), restart_limit_s(self.stall_s, max(answered)))
+
+    def _judge(self, silent: list[FirstCall], since: float, limit: float) -> None:
+        waited, limit = time.time() - max(since, self.killed_at), max(limit, self.floor_s)
         if waited <= limit:
             return
-        names = ", ".join(call.name for call in silent)
-        print(f"[async-rlhf] {names} answered nothing {waited:.0f}s after the other roles had started (limit "
-              f"{limit:.0f}s: learner.stall_timeout_s, or {RESTART_FACTOR:g}x the slowest of their starts; its log "
-              f"is under {ray_logs()}): killing it to start it again",
+        print(f"[async-rlhf] {', '.join(call.name for call in silent)} answered nothing {waited:.0f}s after the other "
+              f"roles had started (limit {limit:.0f}s: learner.stall_timeout_s, or {RESTART_FACTOR:g}x their start, at "
+              f"least {self.floor_s:.0f}s; its log is under {ray_logs()}): killing it to start it again",
               file=sys.stderr, flush=True)
         for handle in (h for call in silent for h in call.handles):
             ray.kill(handle, no_restart=False)
