@@ -3,10 +3,11 @@
 Each run plans its cores from the ones it may use (resources.usable_cores), so two runs on one machine planned the
 same cores: both generators on core 0, both learners' thread pools across the same rest, where an OpenMP thread
 waits at every barrier for a core that another process holds (docs/benchmarks.md, "Cores shared": 3.7x to 8x
-slower). A run that pins writes the cores of its plan to a file under `root` and holds an flock on it while it
-runs; the kernel drops the lock when the process ends, SIGKILL included, and the next reader removes the file.
-A new run plans on the cores that no live run holds; where none are left it shares them and says how to split
-the machine.
+slower). A run that pins writes the cores of its plan to `CLAIM_FILE` in its own directory under
+weight_sync.shm_root (the one its weights ring uses, removed with it at the end, by the reaper, or by the run's
+next process: nothing is left behind) and holds an flock on it while it runs; the kernel drops the lock when the
+process ends, SIGKILL included. A new run plans on the cores that no live run holds, reading and claiming under
+an flock on shm_root itself; where none are left it shares them and says how to split the machine.
 """
 from __future__ import annotations
 
@@ -30,29 +31,27 @@ class Claim:
     cores: list[int]
 
 
-class CoreClaims:
-    def __init__(self, root: Path) -> None:
-        self.root = root  # per user: another user's runs cannot be read or removed here anyway
-        self.fd: int | None = None
-        self.path: Path | None = None
+CLAIM_FILE = "cores.json"
 
-    @classmethod
-    def for_user(cls, shm_root: Path) -> CoreClaims:
-        return cls(shm_root / f"async-rlhf-cores-{os.getuid()}")
+
+class CoreClaims:
+    def __init__(self, shm_root: Path, run_root: Path) -> None:
+        self.shm_root = shm_root  # every run's directory is under it: async-rlhf-<run>-<id>
+        self.path = run_root / CLAIM_FILE
+        self.fd: int | None = None
 
     def others(self) -> list[Claim]:
         """The claims of the runs alive now in other processes (a run of this process that ended without its
-        shutdown still holds its lock); a file whose run is gone is removed."""
-        if not self.root.is_dir():
-            return []
-        claims = (_live_claim(path) for path in sorted(self.root.glob("*.json")) if path != self.path)
+        shutdown still holds its lock); the claim of a run that is gone is removed."""
+        paths = sorted(self.shm_root.glob(f"async-rlhf-*/{CLAIM_FILE}")) if self.shm_root.is_dir() else []
+        claims = (_live_claim(path) for path in paths if path != self.path)
         return [claim for claim in claims if claim is not None and claim.pid != os.getpid()]
 
     @contextmanager
     def planning(self) -> Iterator[None]:
         """Held while a run reads the claims and makes its own, so that no two runs plan at once."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".planning", os.O_RDWR | os.O_CREAT, 0o644)
+        self.shm_root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.shm_root, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -62,21 +61,20 @@ class CoreClaims:
     def claim(self, cores: list[int], run_dir: Path) -> None:
         """Hold `cores` for this run until `release` or its end. Written under a temporary name and renamed once
         locked, so that a reader never takes a file that is not locked yet for a dead run's."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"{os.getpid()}-{id(self):x}.json"
-        partial = final.with_suffix(".partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, json.dumps({"pid": os.getpid(), "run_dir": str(run_dir), "cores": cores}).encode())
-        os.rename(partial, final)
-        self.fd, self.path = fd, final
+        os.rename(partial, self.path)
+        self.fd = fd
 
     def release(self) -> None:
-        if self.fd is None or self.path is None:
+        if self.fd is None:
             return
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
-        self.fd = self.path = None
+        self.fd = None
 
 
 def _live_claim(path: Path) -> Claim | None:
@@ -89,7 +87,10 @@ def _live_claim(path: Path) -> Claim | None:
     except BlockingIOError:  # its run holds it: alive
         return _read(fd)
     os.close(fd)
-    path.unlink(missing_ok=True)  # its run is gone
+    try:
+        path.unlink()  # its run is gone
+    except OSError:  # another user's, or removed meanwhile
+        pass
     return None
 
 

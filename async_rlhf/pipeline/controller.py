@@ -106,7 +106,6 @@ class Controller:
         self.reaper: Reaper | None = None  # cleans up after this process if it is killed (cluster/reaper.py)
         self.recorder = RunRecorder(run_dir)
         self.lock = RunDirLock(run_dir)
-        self.core_claims = CoreClaims.for_user(cfg.weight_sync.shm_root)  # the cores this run pins, for other runs
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.target_capacity = self.queue.capacity
         self.timing = Timing()
@@ -119,6 +118,7 @@ class Controller:
         self.parts = Components()
         weights_root = cfg.weight_sync.shm_root / f"async-rlhf-{run_dir.name}-{id(self):x}"
         self.broker = make_broker(cfg, weights_root, self.state.first_version)
+        self.core_claims = CoreClaims(cfg.weight_sync.shm_root, weights_root)  # the cores it pins, for other runs
         self.builder = ComponentBuilder(cfg, run_dir, self.parts, self.broker, weights_root, self.stats)
         self.rewards = RewardBook(cfg, self.parts, self.state, self.stats, self.queue, self.timeline)
         self.pool = GeneratorPool(cfg, self.parts, self.state, self.stats, self.broker, self.rewards, self.timing,
