@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from async_rlhf.config.run import load_config
@@ -99,6 +100,38 @@ def test_sigterm_or_one_ctrl_c_writes_a_checkpoint_and_stops_cleanly(signum: sig
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert_stopped_with_a_checkpoint(run_dir)
+
+
+def test_a_run_frozen_past_its_timeouts_with_its_workers_goes_on_as_if_nothing_happened(tmp_path: Path) -> None:
+    # `docker pause` then unpause: the driver and every worker stop together (Ctrl-Z stops the driver only: Ray's
+    # processes have process groups of their own). Before, on waking, the driver took the freeze for its actors'
+    # silence: a healthy generator and learner killed (in the loop), or the run ended ("generation did not finish
+    # within learner.stall_timeout_s while taking a checkpoint"). A checkpoint every step puts many of the freezes
+    # inside one's waits, where it was always fatal.
+    run_dir, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    cmd = train_command(run_dir, "learner.steps=100000", "learner.stall_timeout_s=10", "checkpoint.every=1",
+                        "checkpoint.keep_last=1", "api.enabled=false")  # hang timeout 5 s
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: proc.poll() is not None or metrics.is_file() and len(metrics.read_text().splitlines()) >= 5,
+                   timeout=300)
+        tree = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(12)
+        for pid in tree:
+            os.kill(pid, signal.SIGCONT)
+        frozen_at = len(metrics.read_text().splitlines())
+        wait_until(lambda: len(metrics.read_text().splitlines()) >= frozen_at + 5 or proc.poll() is not None, 120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "answered nothing" not in err and "finished no step" not in err, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] >= frozen_at + 5
+    assert summary["generator_restarts"] == summary["learner_restarts"] == summary["reward_restarts"] == 0
 
 
 def assert_stopped_with_a_checkpoint(run_dir: Path) -> None:

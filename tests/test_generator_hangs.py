@@ -13,6 +13,7 @@ import pytest
 
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
@@ -34,7 +35,7 @@ def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0) -> Generato
 def busy_slot(handle: Any, silent_s: float, call: Any = None) -> GeneratorSlot:
     slot = GeneratorSlot(handle, 0)
     slot.chunks.append(Chunk(ref=call, prompts=[], leased_version=None))
-    slot.answered_at = time.monotonic() - silent_s
+    slot.answered_at = live_clock.now() - silent_s
     return slot
 
 
@@ -43,7 +44,7 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
     actor = ray_local.remote(num_cpus=0, max_restarts=1)(Stuck).remote()
     before = ray_local.get(actor.pid.remote())
     slot = busy_slot(actor, silent_s=12.0, call=actor.generate.remote())
-    GeneratorHangs(pool_of([slot], longest_call_s=0.2), timeout_s=10.0, restart_limit_s=60.0).check(frozen_s=0.0)
+    GeneratorHangs(pool_of([slot], longest_call_s=0.2), timeout_s=10.0, restart_limit_s=60.0).check()
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] generator 0 has answered nothing for 12s with 1 call(s) in flight "
                            "(generation.hang_timeout_s=10, 10x the longest call so far, per training call's size: "
@@ -55,7 +56,7 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
             after = ray_local.get(actor.pid.remote(), timeout=5)
         except Exception:
             time.sleep(0.2)
-    assert time.monotonic() - slot.answered_at < 5  # said once: the clock starts again
+    assert live_clock.now() - slot.answered_at < 5  # said once: the clock starts again
 
 
 @pytest.mark.parametrize("case", ["hung", "hung in an evaluation's chunk", "idle", "recovering", "within the timeout",
@@ -67,7 +68,7 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(Stuck).remote()
     call = actor.generate.remote()  # never answers
-    slot, longest, frozen, evals, killed_at = busy_slot(actor, silent_s=30.0, call=call), 0.5, 0.0, [], None
+    slot, longest, evals, killed_at = busy_slot(actor, silent_s=30.0, call=call), 0.5, [], None
     if case == "idle":
         slot.chunks.clear()
     elif case == "hung in an evaluation's chunk":  # all generator 0 has at the final evaluation
@@ -79,20 +80,21 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     elif case == "recovering":
         slot.recovering = True  # already dead: Ray is restarting it
     elif case == "within the timeout":
-        slot.answered_at = time.monotonic() - 5.0
+        slot.answered_at = live_clock.now() - 5.0
     elif case == "within 10x the longest call":
         longest = 30.0 / HANG_FACTOR + 1.0  # big batches take long, and always did
-    elif case == "the driver was frozen":
-        frozen = 25.0  # this process was stopped for 25 of the 30 s: the generator was silent 5 s
+    elif case == "the driver was frozen":  # stopped for 25 of the 30 s (Ctrl-Z): the generator was silent 5 s
+        frozen_after = live_clock.now() - 25.0
+        monkeypatch.setattr("async_rlhf.pipeline.live_clock.now", lambda: frozen_after)
     elif case == "the driver was busy":  # (a checkpoint's write): the call is done and waits to be handled
         slot.chunks[0].ref = ray_local.put("a generation")
     elif case == "a kill sent 5 s ago, not taken yet":  # Ray asks a stopped worker to exit first: seconds
-        killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check past the timeout
+        killed_at = live_clock.now() - 5.0  # before: said and sent again at the next check past the timeout
     elif case == "hung, its kill not taken within the restart's bound":
-        killed_at = time.monotonic() - 61.0
+        killed_at = live_clock.now() - 61.0
     hangs = GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0)
     hangs.watch(slot).killed_at = killed_at
-    hangs.check(frozen, evals)
+    hangs.check(evals)
     assert killed == ([actor] if case.startswith("hung") else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
@@ -107,10 +109,10 @@ def test_a_call_done_but_unhandled_is_one_answer_not_cover_for_the_silence_after
     slot = busy_slot(actor, silent_s=30.0, call=ray_local.put("a generation"))  # done: the driver was busy
     hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=60.0)
     evals = [(actor.generate.remote(), 64)]  # never answers
-    hangs.check(0.0, evals)
-    assert not killed and time.monotonic() - slot.answered_at < 5  # it answered: news, once
+    hangs.check(evals)
+    assert not killed and live_clock.now() - slot.answered_at < 5  # it answered: news, once
     slot.answered_at -= 30.0  # the wait goes on, the done call still unhandled
-    hangs.check(0.0, evals)
+    hangs.check(evals)
     assert killed == [actor]
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
@@ -121,21 +123,19 @@ def test_a_restart_that_never_comes_back_ends_the_run(monkeypatch: pytest.Monkey
     slot = GeneratorSlot(handle=None, generator_id=1)
     slot.recovering = True
     hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=20.0)
-    clock = [1000.0]
-    monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.time.monotonic", lambda: clock[0])
-    hangs.check(frozen_s=0.0)  # first seen restarting
-    clock[0] += 15.0
-    hangs.check(frozen_s=10.0)  # 10 of the 15 s this process was frozen
-    clock[0] += 14.0
-    hangs.check(frozen_s=0.0)  # 19 s of its own
+    clock = [1000.0]  # the live clock: a freeze of this process does not move it
+    monkeypatch.setattr("async_rlhf.pipeline.live_clock.now", lambda: clock[0])
+    hangs.check()  # first seen restarting
+    clock[0] += 19.0
+    hangs.check()  # 19 s
     clock[0] += 2.0
     with pytest.raises(RunError, match=r"^generator 1 did not come back within 20s of its death "
                                        r"\(learner.stall_timeout_s, or 5x its first start in this run\)"):
-        hangs.check(frozen_s=0.0)
+        hangs.check()
     slot.recovering = False  # back: a later restart gets the whole time again
-    hangs.check(frozen_s=0.0)
+    hangs.check()
     slot.recovering = True
-    hangs.check(frozen_s=0.0)
+    hangs.check()
 
 
 def test_a_failover_waiting_for_the_generations_in_flight_kills_a_generator_that_hangs(ray_local, tmp_path) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 import errno
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from async_rlhf.config.run import RunConfig
+from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.outputs.recorder import RunRecorder
+from async_rlhf.outputs.run_lock import RunDirLock
+from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline.evaluation import clock_fields
 from async_rlhf.pipeline.timing import process_started_at
 from tests.helpers import read_jsonl
@@ -142,3 +145,34 @@ def test_a_damaged_log_line_is_kept_in_place_and_left_out_of_the_figures_on_resu
     resumed.log_step({"step": 4, "reward_mean": 0.6, "kl": 0.1, "episodes": 128})
     assert [r["step"] for r in resumed.step_records(2)] == [3, 4]  # offsets still point at their lines
     assert resumed.plot().is_file()
+
+
+def test_a_run_directory_removed_mid_run_is_made_again_and_the_run_goes_on(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    # Before: the next log line failed the run ("FileNotFoundError: ... eval.jsonl") and its training was lost.
+    run_dir = tmp_path / "run"
+    lock = RunDirLock(run_dir)
+    lock.acquire()
+    rec = RunRecorder(run_dir)
+    rec.save_config(RunConfig(seed=7))
+    timeline = Timeline(run_dir / "timeline.jsonl", rec.disk, rec.keeper)
+    rec.keeper.settle()
+    rec.keeper.remakes.append(lock.reacquire)
+    for step in (1, 2):
+        rec.log_step({"step": step, "reward_mean": 0.5, "kl": 0.0})
+    timeline.add("learn", "learner", 1.0, 2.0, 1)
+    shutil.rmtree(run_dir)  # an `rm -rf` of the wrong directory
+    rec.log_step({"step": 3, "reward_mean": 0.6, "kl": 0.1})
+    assert read_jsonl(run_dir / "metrics.jsonl") == [{"step": 3, "reward_mean": 0.6, "kl": 0.1}]
+    assert rec.step_records(0) == [{"step": 3, "reward_mean": 0.6, "kl": 0.1}] and len(rec.steps) == 1
+    assert load_config(run_dir / "config.yaml").seed == 7 and RunDirLock.held(run_dir)
+    timeline.add("learn", "learner", 2.0, 3.0, 2)
+    assert [event["version"] for event in read_jsonl(run_dir / "timeline.jsonl")] == [2]
+    shutil.rmtree(run_dir)
+    run_dir.mkdir()  # replaced by an empty directory of the same name: made again all the same
+    rec.log_eval({"version": 3, "gold_reward": 0.9})
+    assert [r["version"] for r in read_jsonl(run_dir / "eval.jsonl")] == [3] and (run_dir / "config.yaml").is_file()
+    err = capsys.readouterr().err
+    assert err.count(f"[async-rlhf] the run directory {run_dir} was removed while the run was writing to it: made "
+                     f"it again, and the run goes on") == 2
+    lock.release()

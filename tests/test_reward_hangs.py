@@ -16,6 +16,7 @@ import pytest
 from actors.generator import GenerationResult
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import LoopState, RunStats
@@ -51,7 +52,7 @@ def test_a_busy_reward_actor_silent_past_the_timeout_is_killed_restarted_and_its
     book.score(batch([0, 1]))
     book.score(batch([2, 3]))
     book.heard_at -= 12.0  # silent for 12 s
-    book.check_hang(frozen_s=0.0, eval_calls=[])
+    book.check_hang(eval_calls=[])
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] the reward actor has answered nothing for 12s with 2 call(s) in flight "
                            "(generation.hang_timeout_s=10, 10x the longest call so far, per training call's size: "
@@ -71,7 +72,7 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.rewards.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
-    book, evals, frozen = book_of(actor), [], 0.0
+    book, evals = book_of(actor), []
     if case == "an evaluation's call":  # its gold scoring: the train reward is scored in the generators
         evals.append((actor.score.remote([]), book.cfg.chunk_samples))
     elif case == "an evaluation's call 4 training calls big":  # 4 x 10 s: before, killed at 10 s
@@ -83,15 +84,16 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         book.heard_at += 25.0
     elif case == "within 10x the longest call":
         book.longest_call_s = 30.0 / HANG_FACTOR + 1.0  # big batches take long, and always did
-    elif case == "the driver was frozen":
-        frozen = 25.0  # this process was stopped for 25 of the 30 s: the actor was silent 5 s
+    elif case == "the driver was frozen":  # stopped for 25 of the 30 s (Ctrl-Z): the actor was silent 5 s
+        frozen_after = live_clock.now() - 25.0
+        monkeypatch.setattr("async_rlhf.pipeline.live_clock.now", lambda: frozen_after)
     elif case == "a call is done":  # and waits to be handled (the driver was busy: a checkpoint's write)
         evals.append((ray_local.put("scored groups"), 1))
     elif case == "a kill sent 5 s ago, not taken yet":  # Ray asks a stopped worker to exit first: seconds
-        book.answers.killed_at = time.monotonic() - 5.0  # before: said and sent again at the next check
+        book.answers.killed_at = live_clock.now() - 5.0  # before: said and sent again at the next check
     elif case.startswith("hung, its kill"):
-        book.answers.killed_at = time.monotonic() - book.restart_limit_s - 1.0
-    book.check_hang(frozen_s=frozen, eval_calls=evals)
+        book.answers.killed_at = live_clock.now() - book.restart_limit_s - 1.0
+    book.check_hang(eval_calls=evals)
     assert killed == ([actor] if case.startswith("hung") or case == "an evaluation's call" else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
@@ -106,10 +108,10 @@ def test_a_call_done_but_unhandled_is_one_answer_not_cover_for_the_silence_after
     book = book_of(actor)
     evals = [(ray_local.put("scored groups"), 1), (actor.score.remote([]), 1)]  # one done, one never answers
     book.heard_at -= 30.0
-    book.check_hang(frozen_s=0.0, eval_calls=evals)
-    assert not killed and time.monotonic() - book.heard_at < 5  # it answered: news, once
+    book.check_hang(eval_calls=evals)
+    assert not killed and live_clock.now() - book.heard_at < 5  # it answered: news, once
     book.heard_at -= 30.0
-    book.check_hang(frozen_s=0.0, eval_calls=evals)
+    book.check_hang(eval_calls=evals)
     assert killed == [actor]
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)

@@ -4,9 +4,6 @@ the learner's stall. Found by hand: a driver stopped for 40 s with a 20 s timeou
 step finished for 40s ... in flight: nothing"."""
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -16,62 +13,28 @@ import pytest
 from async_rlhf.cluster.local_ray import GCS_PATIENCE_ENV, GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.state import LearnerJob, LoopState
 from async_rlhf.pipeline.watchdogs import TIED_STEPS, Watchdogs
-from tests.helpers import ROOT, make_group
-
-FREEZE_CHILD = """
-import sys, time
-from async_rlhf.pipeline.watchdogs import ProcessFreezes
-freezes = ProcessFreezes(tick_s=0.1, late_s=1.0)
-print("ready", flush=True)
-sys.stdin.readline()  # the parent stops and continues this process meanwhile, then writes a line
-time.sleep(0.3)
-print(f"frozen {freezes.total_s:.2f}", flush=True)
-freezes.close()
-"""
+from tests.helpers import make_group
 
 
-def frozen_seconds(stop_s: float) -> float:
-    """ProcessFreezes' count in a child process that the test stops for `stop_s` (0: not stopped)."""
-    child = subprocess.Popen([sys.executable, "-c", FREEZE_CHILD], cwd=ROOT, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdout is not None and child.stdin is not None
-    assert child.stdout.readline().strip() == "ready"
-    time.sleep(0.3)
-    if stop_s:
-        child.send_signal(signal.SIGSTOP)
-        time.sleep(stop_s)
-        child.send_signal(signal.SIGCONT)
-    child.stdin.write("go\n")
-    child.stdin.flush()
-    out = child.stdout.readline().split()
-    child.wait(timeout=30)
-    return float(out[1])
-
-
-def test_process_freezes_counts_the_time_the_process_was_stopped() -> None:
-    assert frozen_seconds(0) < 1.5  # 0 unless the machine held a thread back for over a second
-    assert 2.0 <= frozen_seconds(2.5) <= 3.6
-
-
-def watchdogs(timeout_s: float, frozen_s: float = 0.0) -> tuple[Watchdogs, LoopState, RunControl]:
+def watchdogs(timeout_s: float) -> tuple[Watchdogs, LoopState, RunControl]:
     cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": timeout_s}})
     state, control = LoopState(), RunControl()
     generator = SimpleNamespace(generator_id=0, busy=True, chunks=[[1], [2]])
-    hangs = SimpleNamespace(check=lambda frozen_s: None)  # tests/test_generator_hangs.py
+    hangs = SimpleNamespace(check=lambda: None)  # tests/test_generator_hangs.py
     pool: Any = SimpleNamespace(slots=[generator], hangs=hangs, recovering=lambda: False)
     dogs = Watchdogs(cfg, state, control, pool, [], lambda: None, lambda: "sort_partial")  # type: ignore[arg-type]
-    dogs.freezes = SimpleNamespace(total_s=frozen_s, close=lambda: None)  # type: ignore[assignment]
     return dogs, state, control
 
 
 def test_a_learner_silent_past_the_timeout_ends_the_run_naming_what_is_in_flight() -> None:
     dogs, state, _ = watchdogs(timeout_s=5)
-    state.last_progress = time.monotonic() - 4
+    state.last_progress = live_clock.now() - 4
     dogs.check_stall()  # within the timeout
-    state.last_progress = time.monotonic() - 6
+    state.last_progress = live_clock.now() - 6
     with pytest.raises(RunError, match=r"^no learner step finished for 6s \(learner.stall_timeout_s=5\); in flight: "
                                        r"generator 0 \(2 chunk\(s\)\), queue depth 0"):
         dogs.check_stall()
@@ -86,11 +49,11 @@ def test_a_stalled_learner_that_can_be_replaced_is_killed_instead_of_ending_the_
         return True
 
     dogs.kill_hung_learner = killed
-    state.last_progress = time.monotonic() - 6
+    state.last_progress = live_clock.now() - 6
     dogs.check_stall()
-    assert [round(s) for s in asked] == [6] and time.monotonic() - state.last_progress < 1  # the new learner's clock
+    assert [round(s) for s in asked] == [6] and live_clock.now() - state.last_progress < 1  # the new learner's clock
     dogs.kill_hung_learner = lambda idle_s: False  # no checkpoint, or restarts used up: the stall ends the run
-    state.last_progress = time.monotonic() - 6
+    state.last_progress = live_clock.now() - 6
     with pytest.raises(RunError, match="^no learner step finished for 6s"):
         dogs.check_stall()
 
@@ -113,29 +76,30 @@ def test_a_learner_step_sent_or_finished_while_the_driver_was_held_elsewhere_is_
         return 1
 
     running, done = working.remote(60), ray_local.put(1)
-    state.learner_job = LearnerJob(None, running, [], 8, time.perf_counter() - 1)  # sent 1 s ago
-    state.last_progress = time.monotonic() - 40
+    state.learner_job = LearnerJob(None, running, [], 8, live_clock.now() - 1)  # sent 1 s ago
+    state.last_progress = live_clock.now() - 40
     dogs.check_stall()
-    assert asked == [] and time.monotonic() - state.last_progress == pytest.approx(1, abs=0.5)
-    state.learner_job = LearnerJob(None, done, [], 8, time.perf_counter() - 40)  # done, not yet handled
-    state.last_progress = time.monotonic() - 40
+    assert asked == [] and live_clock.now() - state.last_progress == pytest.approx(1, abs=0.5)
+    state.learner_job = LearnerJob(None, done, [], 8, live_clock.now() - 40)  # done, not yet handled
+    state.last_progress = live_clock.now() - 40
     dogs.check_stall()
     assert asked == []
-    state.learner_job = LearnerJob(None, running, [], 8, time.perf_counter() - 6)  # working for 6 s: hung
-    state.last_progress = time.monotonic() - 40
+    state.learner_job = LearnerJob(None, running, [], 8, live_clock.now() - 6)  # working for 6 s: hung
+    state.last_progress = live_clock.now() - 40
     dogs.check_stall()
     assert [round(s) for s in asked] == [6]
     ray_local.cancel(running, force=True)
 
 
-def test_time_the_driver_was_frozen_or_the_run_paused_is_not_a_stall() -> None:
-    dogs, state, control = watchdogs(timeout_s=5, frozen_s=40.0)
-    state.last_progress = time.monotonic() - 42  # 40 s of it frozen: 2 s of the learner's own
+def test_time_the_driver_was_frozen_or_the_run_paused_is_not_a_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    dogs, state, control = watchdogs(timeout_s=5)
+    state.last_progress = live_clock.now() - 42
+    frozen_after = live_clock.now() - 40  # 40 s of it frozen (Ctrl-Z): 2 s of the learner's own
+    monkeypatch.setattr("async_rlhf.pipeline.live_clock.now", lambda: frozen_after)
     dogs.check_stall()
-    dogs.check_stall()  # the same freeze is counted once
-    assert time.monotonic() - state.last_progress == pytest.approx(2, abs=0.5)
+    monkeypatch.undo()
     control.pause()
-    state.last_progress = time.monotonic() - 60
+    state.last_progress = live_clock.now() - 60
     dogs.check_stall()
     control.resume()
     dogs.check_stall()  # the pause restarted the clock
@@ -217,11 +181,11 @@ def test_the_learner_idle_behind_an_evaluations_sample_call_is_not_a_stall() -> 
     # Before: a 16384-prompt evaluation holding generator 0 ended a run under a 4 s stall timeout.
     dogs, state, _ = watchdogs(timeout_s=5)
     dogs.evaluating = lambda: True  # generator 0's hang check bounds that call (size_factor)
-    state.last_progress = time.monotonic() - 60
+    state.last_progress = live_clock.now() - 60
     dogs.check_stall()
     dogs.evaluating = lambda: False
     dogs.check_stall()  # the clock restarted when the call was in flight
-    assert time.monotonic() - state.last_progress < 1
+    assert live_clock.now() - state.last_progress < 1
 
 
 def test_a_call_bigger_than_a_training_call_gets_that_many_timeouts() -> None:

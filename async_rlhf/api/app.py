@@ -243,21 +243,27 @@ def resolve_token(cfg: ApiConfig, run_dir: Path) -> str:
     token = cfg.token or os.environ.get(API_TOKEN_ENV)
     if not token:
         token = secrets.token_urlsafe(24)
-        path = run_dir / "api_token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
+        write_token(token, run_dir)
     return token
+
+
+def write_token(token: str, run_dir: Path) -> None:
+    fd = os.open(run_dir / "api_token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
 
 
 class ApiServer:
     """The run's API on a ThreadedServer; the URL is written to run_dir/api_url."""
 
     def __init__(self, view: RunView, control: RunControl, cfg: ApiConfig, run_dir: Path) -> None:
-        app = create_app(view, control, resolve_token(cfg, run_dir), open_reads=_is_loopback(cfg.host))
+        token = resolve_token(cfg, run_dir)
+        app = create_app(view, control, token, open_reads=_is_loopback(cfg.host))
         self.server = ThreadedServer(app, cfg.host, cfg.port)
         self.run_dir = run_dir
         self.url = ""
+        # a token made here is in run_dir/api_token; one of the config's or the environment's is in no file
+        self.made_token = "" if cfg.token or os.environ.get(API_TOKEN_ENV) else token
 
     def start(self) -> str:
         try:
@@ -267,8 +273,16 @@ class ApiServer:
             raise ConfigError(f"config error: api: cannot serve on {config.host}:{config.port} ({exc.strerror}); set "
                               "api.host and api.port to an address this machine can serve (api.port=0: any free "
                               "port), or api.enabled=false") from None
-        (self.run_dir / "api_url").write_text(self.url + "\n")
+        self.write_files()
         return self.url
+
+    def write_files(self) -> None:
+        """run_dir/api_token (a token made here) and api_url (once serving); again if the directory was made
+        again (RunDirKeeper)."""
+        if self.made_token:
+            write_token(self.made_token, self.run_dir)
+        if self.url:
+            (self.run_dir / "api_url").write_text(self.url + "\n")
 
     def stop(self) -> None:
         self.server.stop()

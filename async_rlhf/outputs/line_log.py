@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from async_rlhf.failures import disk_full, naming, room_on_disk
+from async_rlhf.outputs.run_dir_keeper import RunDirKeeper
 
 HELD_LIMIT = 256 * 2**20  # bytes held in memory before a full disk ends the run after all
 
@@ -40,11 +41,14 @@ class DiskNotice:
 
 
 class LineLog:
-    def __init__(self, path: Path, notice: DiskNotice | None = None) -> None:
+    def __init__(self, path: Path, notice: DiskNotice | None = None, keeper: RunDirKeeper | None = None) -> None:
         self.path = path
         self.notice = notice or DiskNotice()
+        self.keeper = keeper  # the run directory made again if it was removed, before each line
         self.held: list[bytes] = []
         self.sync_to_disk()
+        if keeper is not None:
+            keeper.remakes.append(self.sync_to_disk)  # the file made again starts empty
 
     def sync_to_disk(self) -> None:
         """Take the file as it is now (it may have been rewritten: a resume keeps its first lines)."""
@@ -54,6 +58,8 @@ class LineLog:
 
     def append(self, line: str) -> int:
         """Append one line (without its newline); returns the byte offset where it starts."""
+        if self.keeper is not None:
+            self.keeper.ensure()
         start, data = self.end, line.encode() + b"\n"
         self.held.append(data)
         self.end += len(data)

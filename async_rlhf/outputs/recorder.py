@@ -15,6 +15,7 @@ from async_rlhf.failures import naming
 from async_rlhf.outputs.line_log import DiskNotice, LineLog, say
 from async_rlhf.outputs.plots import pyplot
 from async_rlhf.outputs.plots import series as _series
+from async_rlhf.outputs.run_dir_keeper import RunDirKeeper
 from async_rlhf.outputs.sinks import MetricSink
 
 PLOTTED = ("step", "reward_mean", "kl")  # what reward.png needs of each step; the rest lives in metrics.jsonl only
@@ -26,21 +27,32 @@ class RunRecorder:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.eval_path = run_dir / "eval.jsonl"
         self.disk = DiskNotice()  # shared with the run's timeline (pipeline/controller.py)
-        self.metrics_log = LineLog(self.metrics_path, self.disk)
-        self.eval_log = LineLog(self.eval_path, self.disk)
+        self.keeper = RunDirKeeper(run_dir)  # likewise; settled once the run holds its directory
+        self.metrics_log = LineLog(self.metrics_path, self.disk, self.keeper)
+        self.eval_log = LineLog(self.eval_path, self.disk, self.keeper)
         self.steps: list[dict] = []  # PLOTTED keys only: a long run's full records would grow without bound
         self.step_offsets: list[int] = []  # where each step's line starts in metrics.jsonl, for /history
         self.evals: list[dict] = []
         self.episodes = 0  # samples trained so far (the last step's `episodes`), stamped on each eval record
         self.sinks: list[MetricSink] = list(sinks or [])
+        self.keeper.remakes.append(self._start_over)
+        self.cfg: RunConfig | None = None
 
     def save_config(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         dump_config(cfg, self.run_dir / "config.yaml")
+
+    def _start_over(self) -> None:
+        """The run directory made again (RunDirKeeper): its config as at the start, the logs empty."""
+        if self.cfg is not None:
+            self.save_config(self.cfg)
+        self.steps, self.step_offsets, self.evals = [], [], []
 
     def add_sinks(self, sinks: list[MetricSink]) -> None:
         self.sinks.extend(sinks)
 
     def log_step(self, record: dict) -> None:
+        self.keeper.ensure()  # before the counts: a directory made again starts them over
         self.steps.append(_plotted(record))
         self.episodes = record.get("episodes", self.episodes)
         self.step_offsets.append(self.metrics_log.append(json_text(record)))
@@ -51,6 +63,7 @@ class RunRecorder:
         """One line of eval.jsonl, with the samples trained so far (when the evaluation started, if the record
         says: it ran beside training): gold against episodes needs no other file."""
         record = {**record, "episodes": record.get("episodes", self.episodes)}
+        self.keeper.ensure()
         self.evals.append(record)
         self.eval_log.append(json_text(record))
         for sink in self.sinks:
@@ -86,6 +99,7 @@ class RunRecorder:
         """summary.json, after every line held for want of space (the run's last write: all must be on disk)."""
         for log in (self.metrics_log, self.eval_log):
             log.require_on_disk()
+        self.keeper.ensure()
         path = self.run_dir / "summary.json"
         with naming(path):
             path.write_text(json_text(summary, indent=2) + "\n")

@@ -52,6 +52,11 @@ class RunDirLock:
             os.close(fd)  # and with it the shared lock just taken
         return False
 
+    def reacquire(self) -> None:
+        """The run directory was made again (RunDirKeeper): hold its new lock file (the old one went with it)."""
+        self.release()
+        self.acquire()
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # the file stays: removing it would race with a process about to lock it

@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Literal
 
 from async_rlhf.outputs.line_log import DiskNotice, LineLog
+from async_rlhf.outputs.run_dir_keeper import RunDirKeeper
 
 Kind = Literal["weight_sync", "generation", "mc_rollouts", "reward", "learn", "publish", "eval"]
 
 
 class Timeline:
-    def __init__(self, path: Path, disk: DiskNotice | None = None) -> None:
+    def __init__(self, path: Path, disk: DiskNotice | None = None, keeper: RunDirKeeper | None = None) -> None:
         self.path = path
         self.origin = time.time()
         self.disk = disk  # the run's: one warning for all its logs when the disk is full
+        self.keeper = keeper  # the run's: its directory made again if it was removed
         self._log: LineLog | None = None  # made on the first event
 
     def add(self, kind: Kind, worker: str, start: float, end: float, version: int | None = None) -> None:
@@ -32,7 +34,8 @@ class Timeline:
             return  # e.g. no weight load before this batch
         if self._log is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = LineLog(self.path, self.disk)  # a line per event, written at once: a crash keeps them
+            # a line per event, written at once: a crash keeps them
+            self._log = LineLog(self.path, self.disk, self.keeper)
         event = {"kind": kind, "worker": worker, "start": round(start - self.origin, 4),
                  "end": round(end - self.origin, 4), "version": version}
         self._log.append(json.dumps(event))

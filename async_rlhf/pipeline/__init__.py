@@ -6,8 +6,8 @@ start-up (`builder`), the generators (`generators`), reward calls (`rewards`), t
 learner failover (`failover`). Also the run's shared state (`state`), its read-only view and the documents
 built from it (`view`; `status` for the API, `summary` for summary.json), what a checkpoint holds and how a
 run goes back to it (`resume`), the rollout queue and the generation gate (`queue`), control commands from
-the API (`control`), start-up phases (`startup`), timings (`timing`) and VinePPO's Monte Carlo bookkeeping
-(`vineppo`). It drives the workers in `actors/`, `learners/` and `reward_models/`, and may import every
-package below it (`config`, `cluster`, `tasks`, `policies`, `weights`, `outputs`, `checkpoint`); never `api`
-or `cli`.
+the API (`control`), start-up phases (`startup`), timings (`timing`), the clock that silences and deadlines
+are judged by (`live_clock`) and VinePPO's Monte Carlo bookkeeping (`vineppo`). It drives the workers in
+`actors/`, `learners/` and `reward_models/`, and may import every package below it (`config`, `cluster`,
+`tasks`, `policies`, `weights`, `outputs`, `checkpoint`); never `api` or `cli`.
 """

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ from async_rlhf.cluster.resources import CoreLoan, core_loan, usable_cores
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import node_crashed, start_failed, what_died
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.learner_calls import LearnerHung
@@ -92,7 +92,7 @@ class ComponentBuilder:
         if self.loan is not None:  # in the ring's directory, which the broker removes at the end
             Path(self.loan.board).parent.mkdir(parents=True, exist_ok=True)
             BusyBoard.create(Path(self.loan.board), cfg.generation.num_generators).close()
-        started = time.time()  # every actor starts now, side by side (but see _start_workers); awaited once, below
+        started = live_clock.now()  # every actor starts now, side by side (but see _start_workers); awaited once
         self._start_workers(pool)
         stall = cfg.learner.stall_timeout_s
         watch = PlacementWatch(lambda: unplaced(self._actor_names(pool)), stall)

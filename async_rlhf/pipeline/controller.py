@@ -33,6 +33,7 @@ from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.run_lock import RunDirLock
 from async_rlhf.outputs.sinks import make_sinks
 from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.builder import ComponentBuilder, make_broker
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
@@ -45,6 +46,7 @@ from async_rlhf.pipeline.queue import GateInputs, RolloutQueue
 from async_rlhf.pipeline.resume import (
     ControllerSnapshot,
     fail_pending_checkpoints,
+    mark_weights_location,
     restore,
     restore_checkpoint,
     starting_point,
@@ -87,6 +89,8 @@ class Service(Protocol):
 
     def stop(self) -> None: ...
 
+    def write_files(self) -> None: ...  # its files in the run directory, again if that was made again
+
 
 # Starts the services of a run from its view and control queue (the CLI passes the HTTP API's: api.app.serve_api).
 ServiceStarter = Callable[[RunConfig, Path, RunView, RunControl], Service]
@@ -109,7 +113,7 @@ class Controller:
         self.queue = RolloutQueue(cfg.queue_capacity, cfg.queue.max_staleness)
         self.target_capacity = self.queue.capacity
         self.timing = Timing()
-        self.timeline = Timeline(run_dir / "timeline.jsonl", self.recorder.disk)
+        self.timeline = Timeline(run_dir / "timeline.jsonl", self.recorder.disk, self.recorder.keeper)
         self.startup = StartupClock.since_process_start()
         self.state = LoopState(first_version=resume.step if resume else 0)
         self.stats = RunStats()
@@ -142,6 +146,7 @@ class Controller:
         self.startup.lap("process")
         self.recorder.save_config(self.cfg)
         self._start_services()
+        self._keep_run_dir()
         with self.timing.span("setup_s"):
             policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
             self.parts.task = load_task(self.cfg, policy_dir)  # reads and checks the prompts before any worker starts
@@ -169,6 +174,14 @@ class Controller:
         if self.cfg.api.enabled and self.start_services is not None:
             self.service = self.start_services(self.cfg, self.run_dir, self.view, self.control)
 
+    def _keep_run_dir(self) -> None:
+        """A run directory removed mid-run is made again with this process's files (outputs/run_dir_keeper.py)."""
+        keeper = self.recorder.keeper
+        keeper.settle()
+        keeper.remakes += [self.lock.reacquire, lambda: mark_weights_location(self.run_dir, self.builder.weights_root)]
+        if self.service is not None:
+            keeper.remakes.append(self.service.write_files)
+
     def _start_ray(self) -> None:
         self.started_ray = self.builder.start_ray() or self.started_ray
 
@@ -181,11 +194,11 @@ class Controller:
         """Serve the checkpoint requests posted so far; only while the learner is idle. The time it takes is not
         the learner's stall (its waits have bounds of their own): a drain held 30 s by a reward actor that hung
         ended a synchronous run with "no learner step finished" (a chaos run by hand)."""
-        started = time.monotonic()
+        started = live_clock.now()
         try:
             take_checkpoints(self)
         finally:
-            self.state.last_progress += time.monotonic() - started
+            self.state.last_progress += live_clock.now() - started
 
     def restore(self, snapshot: ControllerSnapshot) -> None:
         restore(self, snapshot)

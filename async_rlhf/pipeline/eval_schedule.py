@@ -25,6 +25,7 @@ from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.eval_flight import EvalInFlight
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.rewards import RewardBook
@@ -160,7 +161,7 @@ class EvalSchedule:
         while not flight.done:
             self._feed(flight, rest=True)
             self._advance(flight, lambda: flight.wait(self._stage_limit_s(flight.stage),
-                                                      self.cfg.learner.stall_timeout_s, lambda: self.check_hangs(0.0)))
+                                                      self.cfg.learner.stall_timeout_s, self.check_hangs))
 
     def _stage_limit_s(self, stage: str) -> float:
         """A stage awaited may take learner.stall_timeout_s per training call's worth of the evaluation's samples
@@ -175,15 +176,14 @@ class EvalSchedule:
         """`flight.feed`; generator 0's silence runs from here if it had nothing to do (its hang check)."""
         slot = self.pool.slots[0]
         if flight.unsent and not slot.chunks and not self.sampling():
-            slot.answered_at = time.monotonic()
+            slot.answered_at = live_clock.now()
         flight.feed(rest)
 
-    def check_hangs(self, frozen_s: float) -> None:
+    def check_hangs(self) -> None:
         """Kill a generator or the reward actor that hangs, counting the evaluations' calls as theirs (the loop's
-        check, and a blocking wait's here: a hung actor would hold it to its end). `frozen_s`: time this process
-        itself was stopped since the last check."""
-        self.pool.hangs.check(frozen_s, self._calls("sample"))
-        self.rewards.check_hang(frozen_s, self._calls("score"))
+        check, and a blocking wait's here: a hung actor would hold it to its end)."""
+        self.pool.hangs.check(self._calls("sample"))
+        self.rewards.check_hang(self._calls("score"))
 
     def due(self) -> list[int]:
         """Versions of the evaluations still pending, which a checkpoint of the newest version saves instead of
@@ -196,7 +196,7 @@ class EvalSchedule:
         finishes older ones and saves its own as due, which the restore sends again). Their calls are let end
         first: the sample reads leased weights, which the rollback reuses, and no lease may be held through
         it. Then they are dropped, unlogged."""
-        wait_all(list(self.refs()), self.cfg.learner.stall_timeout_s, lambda: self.check_hangs(0.0))
+        wait_all(list(self.refs()), self.cfg.learner.stall_timeout_s, self.check_hangs)
         while self.pending:
             self._release(self.pending.popleft())
 

@@ -9,13 +9,13 @@ instead: Ray restarts it and its prompts go out again, exactly as after a crash 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any, Protocol, Sequence
 
 import ray
 
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import GeneratorSlot
 from async_rlhf.pipeline.waits import AnswerWatch
@@ -46,19 +46,20 @@ class GeneratorHangs:
         evaluation's remaining chunks sent as one call are many training calls long)."""
         return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s) * self.pool.cfg.size_factor(samples)
 
-    def check(self, frozen_s: float, eval_calls: Sequence[tuple[Any, int]] = ()) -> None:
-        """Kill every busy generator silent past the limit. `frozen_s`: time this process itself was stopped
-        since the last check, which no generator's silence includes. `eval_calls`: generator 0's evaluation
-        calls and their samples (at the final evaluation they are all it has)."""
-        now, per_prompt = time.monotonic(), self.pool.cfg.generation.samples_per_prompt
+    def check(self, eval_calls: Sequence[tuple[Any, int]] = ()) -> None:
+        """Kill every busy generator silent past the limit (on the live clock: a freeze of this process is no
+        generator's silence). `eval_calls`: generator 0's evaluation calls and their samples (at the final
+        evaluation they are all it has)."""
+        now, per_prompt = live_clock.now(), self.pool.cfg.generation.samples_per_prompt
         for slot in self.pool.slots:
             calls = [(chunk.ref, len(chunk.prompts) * per_prompt) for chunk in slot.chunks]
             calls += list(eval_calls if slot is self.pool.slots[0] else ())
             # a call done since the last look is an answer, though unhandled (the driver was busy); idle: silent
             # from its next call on
             news, pending = self.watch(slot).look([r for r, _ in calls])
-            slot.answered_at = now if news or not calls else slot.answered_at + frozen_s
-            self._check_restart(slot, now, frozen_s)
+            if news or not calls:
+                slot.answered_at = now
+            self._check_restart(slot, now)
             limit = self.limit_s(max((n for _, n in calls), default=0))
             if pending and self._judged(slot, now) and now - slot.answered_at > limit:
                 self._restart(slot, len(calls), now - slot.answered_at, limit)
@@ -72,14 +73,13 @@ class GeneratorHangs:
             self.watch(slot).killed_at = None
         return not slot.recovering and not self.watch(slot).kill_pending(now, self.restart_limit_s)
 
-    def _check_restart(self, slot: GeneratorSlot, now: float, frozen_s: float) -> None:
+    def _check_restart(self, slot: GeneratorSlot, now: float) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
         bound of its own (startup.restart_limit_s)."""
         if not slot.recovering:
             self.recovering_since.pop(slot.generator_id, None)
             return
-        since = self.recovering_since.setdefault(slot.generator_id, now) + frozen_s
-        self.recovering_since[slot.generator_id] = since
+        since = self.recovering_since.setdefault(slot.generator_id, now)
         if now - since > self.restart_limit_s:
             raise self.not_back(slot)
 
@@ -92,5 +92,5 @@ class GeneratorHangs:
               f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}, {HANG_FACTOR:g}x the longest "
               f"call so far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; its "
               f"prompts will be re-issued", file=sys.stderr, flush=True)
-        slot.answered_at = self.watch(slot).killed_at = time.monotonic()  # its chunks fail as after a crash: said once
+        slot.answered_at = self.watch(slot).killed_at = live_clock.now()  # its chunks fail as after a crash: said once
         ray.kill(slot.handle, no_restart=False)

@@ -20,12 +20,14 @@ from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, first_line, node_crashed, ray_logs
 from async_rlhf.outputs.timeline import Timeline, record_generation
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import GeneratorHangs
+from async_rlhf.pipeline.live_clock import Deadline
 from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allowed
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
-from async_rlhf.pipeline.waits import wait_all
+from async_rlhf.pipeline.waits import POLL_S, wait_all
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 
@@ -77,7 +79,7 @@ class GeneratorPool:
     def _probe_recovering(self) -> None:
         """A generator that died is probed once every chunk it held has been handled (each fails or lands)."""
         for slot in self.slots:
-            if slot.recovering and not slot.chunks and slot.probe is None and time.monotonic() >= slot.not_before:
+            if slot.recovering and not slot.chunks and slot.probe is None and live_clock.now() >= slot.not_before:
                 slot.probe = slot.handle.info.remote()
 
     def _dispatch_to(self, slot: GeneratorSlot, gate: GateInputs) -> None:
@@ -99,7 +101,7 @@ class GeneratorPool:
         ref = slot.handle.generate.remote(prompts, weights, mc=self.parts.mc_request,
                                           score=self.cfg.reward.in_generator)
         if not slot.chunks:  # its silence is counted from here (pipeline/generator_hangs.py)
-            slot.answered_at = time.monotonic()
+            slot.answered_at = live_clock.now()
         slot.chunks.append(Chunk(ref, prompts, weights.version if weights is not None else None, slot.restarts))
         slot.batches_sent += 1
 
@@ -126,7 +128,7 @@ class GeneratorPool:
                 raise
             self._on_died(slot, exc, chunk)
             return
-        self._count(slot, result)
+        self._count(slot, result, chunk)
         if result.reward_s is None:
             self.rewards.score(result)
             return
@@ -138,18 +140,20 @@ class GeneratorPool:
         so each is released once. Found by ref, not position: nothing depends on the order results are seen."""
         chunk = next(c for c in slot.chunks if c.ref == ref)
         slot.chunks.remove(chunk)
-        slot.answered_at = time.monotonic()
+        slot.answered_at = live_clock.now()
         if chunk.leased_version is not None:
             self.broker.release(chunk.leased_version)
         return chunk
 
-    def _count(self, slot: GeneratorSlot, result: GenerationResult) -> None:
+    def _count(self, slot: GeneratorSlot, result: GenerationResult, chunk: Chunk) -> None:
         slot.version = result.policy_version
         if result.mc is not None:  # VinePPO's rollouts: the generator's time, counted apart
             self.stats.mc_cost.add_generated(result.mc)
             slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
         call_s = result.gen_s + result.sync_s + (result.reward_s or 0.0) + (result.mc.gen_s if result.mc else 0.0)
-        self.longest_call_s = max(self.longest_call_s, call_s)
+        # at most the driver's live time since it sent the call: a call the whole process group was frozen in
+        # (Ctrl-Z) measured the freeze, and the hang limits, 10x the longest call, would have been that much laxer
+        self.longest_call_s = max(self.longest_call_s, min(call_s, live_clock.now() - chunk.sent_at))
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
         self.timing.add("gen_busy_s", result.gen_s)
@@ -167,16 +171,16 @@ class GeneratorPool:
         generator that hangs meanwhile is killed as in the loop (its prompts re-issued); nothing at all landing
         for learner.stall_timeout_s ends the run."""
         timeout = self.cfg.learner.stall_timeout_s
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         while refs := list(self.jobs()) + list(self.state.reward_jobs):
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
             if not ready:
-                self.hangs.check(frozen_s=0.0)
-                if time.monotonic() > deadline:
+                self.hangs.check()
+                if deadline.passed():
                     raise RunError(f"generation did not finish within learner.stall_timeout_s={timeout:g} "
                                    f"while taking a checkpoint")
                 continue
-            deadline = time.monotonic() + timeout
+            deadline = Deadline(timeout)
             slot = self.jobs().get(ready[0])
             if slot is not None:
                 self.on_generated(slot, ready[0])
@@ -195,7 +199,7 @@ class GeneratorPool:
             print(f"[async-rlhf] generator {slot.generator_id} died ({type(exc).__name__}); waiting for Ray to "
                   f"restart it; the prompts of its {len(slot.chunks) + 1} batch(es) in flight will be re-issued",
                   file=sys.stderr, flush=True)
-        slot.recovering, slot.not_before = True, time.monotonic() + 0.5
+        slot.recovering, slot.not_before = True, live_clock.now() + 0.5
 
     def _restarted_between_calls(self, slot: GeneratorSlot, exc: ray.exceptions.RayTaskError) -> bool:
         """Pushed weights: a generator killed between two calls failed none of them, and its new process, outside
@@ -218,7 +222,7 @@ class GeneratorPool:
                            f"{first_line(exc).rstrip('.')}; why it died is in its log under {ray_logs()}") from exc
         except ray.exceptions.RayActorError:  # still restarting, unless Ray itself is gone
             require_gcs()
-            slot.not_before = time.monotonic() + 1.0
+            slot.not_before = live_clock.now() + 1.0
             return
         self._note_alive(slot, info)
 
@@ -253,14 +257,16 @@ class GeneratorPool:
     def await_restart(self, slot: GeneratorSlot) -> None:
         """Block until a generator answers again (used outside the event loop, e.g. evaluation), for as long as
         its restart may take (GeneratorHangs.restart_limit_s)."""
-        deadline = time.monotonic() + self.hangs.restart_limit_s
+        deadline, probe = Deadline(self.hangs.restart_limit_s), None
         slot.recovering = True
-        while time.monotonic() < deadline:
-            probe = slot.handle.info.remote()  # a stopped process never answers it: waited within the bound
-            if ray.wait([probe], timeout=max(0.0, deadline - time.monotonic()))[0]:
-                self.on_probe(slot, probe)
-                if not slot.recovering:
-                    return
+        while not deadline.passed():
+            probe = probe or slot.handle.info.remote()  # a stopped process never answers it: waited within the bound
+            if not ray.wait([probe], timeout=min(POLL_S, max(0.0, deadline.left())))[0]:
+                continue
+            self.on_probe(slot, probe)
+            if not slot.recovering:
+                return
+            probe = None
             time.sleep(1.0)
         raise self.hangs.not_back(slot)
 
@@ -292,7 +298,7 @@ class GeneratorPool:
         """Wait for every call in `jobs` to end, killing a generator that hangs meanwhile as the loop would (its
         call then fails, which ends it); what still runs after learner.stall_timeout_s ends the run."""
         timeout = self.cfg.learner.stall_timeout_s
-        running = wait_all(jobs, timeout, lambda: self.hangs.check(frozen_s=0.0))
+        running = wait_all(jobs, timeout, self.hangs.check)
         if running:
             raise RunError(f"the learner died and {len(running)} generation(s) did not finish within "
                            f"learner.stall_timeout_s={timeout:g}s; continue with --resume RUN_DIR")

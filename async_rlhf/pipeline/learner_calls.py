@@ -21,7 +21,7 @@ class LearnerHung(RuntimeError):
 def learner_answer(ref: Any, doing: str, timeout_s: float) -> Any:
     """`ray.get(ref)`, or LearnerHung once the learner has been `doing` it (e.g. "saving a checkpoint") for
     `timeout_s`."""
-    try:
+    try:  # a freeze of this process (Ctrl-Z) does not use Ray's timeout up: 5 s waited through an 8 s freeze
         return ray.get(ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise learner_hung(doing, timeout_s, timeout_s) from None

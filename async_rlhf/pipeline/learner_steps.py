@@ -14,6 +14,7 @@ import ray
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline, record_learner_step
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue, take_limit
 from async_rlhf.pipeline.state import Components, LearnerJob, LoopState, RunStats
 from async_rlhf.pipeline.summary import step_record
@@ -54,7 +55,7 @@ class LearnerSteps:
         learner = self.parts.learner
         train_ref = learner.train_step.remote(batch)
         save_ref = learner.save_weights.remote(self.broker.staging_location(version))
-        st.learner_job = LearnerJob(train_ref, save_ref, batch, version, time.perf_counter())
+        st.learner_job = LearnerJob(train_ref, save_ref, batch, version, live_clock.now())
 
     def finish(self) -> tuple[LearnerJob, dict, dict]:
         """The step in flight is done: its weights published, its times counted; (job, metrics, record)."""
@@ -63,12 +64,12 @@ class LearnerSteps:
             raise RuntimeError("finish() called with no learner step in flight")
         metrics: dict = ray.get(job.train_ref)
         ray.get(job.save_ref)
-        elapsed = time.perf_counter() - job.dispatched_at
+        elapsed = live_clock.now() - job.dispatched_at
         queued = self._queued_s(metrics.pop("started_at"), elapsed)
         self.broker.publish(job.version)
         st.learner_job = None
         st.learner_idle_since = time.perf_counter()
-        st.last_progress = time.monotonic()
+        st.last_progress = live_clock.now()
         self.timing.add("learn_busy_s", metrics["step_s"])
         self.timing.add("learn_wide_s", metrics.get("wide_s", 0.0))
         self.timing.add("learner_queued_s", queued)

@@ -260,7 +260,11 @@ def claim_weights_location(run_dir: Path, location: Path) -> None:
         old = Path(marker.read_text().strip())
         if old.name.startswith("async-rlhf-"):  # never anything the broker did not create
             shutil.rmtree(old, ignore_errors=True)
-    marker.write_text(str(location))
+    mark_weights_location(run_dir, location)
+
+
+def mark_weights_location(run_dir: Path, location: Path) -> None:
+    (run_dir / WEIGHTS_MARKER).write_text(str(location))
 
 
 # ---- checks made by the CLI before anything starts ------------------------------------------

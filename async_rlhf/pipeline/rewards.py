@@ -14,7 +14,9 @@ from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.outputs.timeline import Timeline
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
+from async_rlhf.pipeline.live_clock import Deadline
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
@@ -32,10 +34,10 @@ class RewardBook:
         self.stats = stats
         self.queue = queue
         self.timeline = timeline
-        self.started: dict[Any, float] = {}  # reward call -> wall-clock dispatch time
+        self.started: dict[Any, float] = {}  # reward call -> its dispatch (live_clock)
         self.pid = 0  # the reward actor's process; a new one is a restart
         self.restart_limit_s = cfg.learner.stall_timeout_s  # how long its restart may take (set once it started)
-        self.heard_at = time.monotonic()  # its last answer, or when it was last idle: its silence runs from here
+        self.heard_at = live_clock.now()  # its last answer, or when it was last idle: its silence runs from here
         self.answers = AnswerWatch()  # its calls found done so far (a blocking wait leaves them unhandled), its kill
         self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
 
@@ -43,40 +45,40 @@ class RewardBook:
         """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
         rollouts = result.mc.rollouts if result.mc is not None else []
         if not self.state.reward_jobs:  # not silent before this call (a check may not have run since it was idle)
-            self.heard_at = time.monotonic()
+            self.heard_at = live_clock.now()
         ref = self.parts.reward.score.remote(result.groups + rollouts)
         self.state.reward_jobs[ref] = result
-        self.started[ref] = time.time()
+        self.started[ref] = live_clock.now()
 
     def on_scored(self, ref: Any) -> None:
         result: GenerationResult = self.state.reward_jobs.pop(ref)
-        started = self.started.pop(ref, time.time())
+        started = self.started.pop(ref, live_clock.now())
         try:
             scored = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self.on_died(exc)
             self.regenerate(result)
             return
-        self.heard_at, self.longest_call_s = time.monotonic(), max(self.longest_call_s, time.time() - started)
-        self.timeline.add("reward", "reward", started, time.time(), result.policy_version)
+        self.heard_at = live_clock.now()
+        self.longest_call_s = max(self.longest_call_s, self.heard_at - started)
+        ended = time.time()
+        self.timeline.add("reward", "reward", ended - (self.heard_at - started), ended, result.policy_version)
         self.queue_scored(result, scored)
 
-    def check_hang(self, frozen_s: float, eval_calls: list[tuple[Any, int]]) -> None:
+    def check_hang(self, eval_calls: list[tuple[Any, int]]) -> None:
         """A reward actor alive but answering nothing (a scorer that never returns, a stopped process) held the run
         until the learner's stall ended it. Busy (train batches or `eval_calls`, an evaluation's scoring) and silent
         for the run's hang timeout (generation.hang_timeout_s) and HANG_FACTOR times its longest call since it last
         answered (a call found done, handled or not: AnswerWatch), with a call still running, it is killed instead:
         Ray restarts it and what it was scoring is sent again, as after a crash (`on_died`; an evaluation resends
-        itself). `frozen_s`: time this process itself was stopped since the last check, which is not the actor's
-        silence."""
+        itself). On the live clock: a freeze of this process is not the actor's silence."""
         jobs = self.state.reward_jobs.items()
         train = [(ref, sum(len(group.completions) for group in result.groups)) for ref, result in jobs]
-        calls, now = [*train, *eval_calls], time.monotonic()
+        calls, now = [*train, *eval_calls], live_clock.now()
         news, pending = self.answers.look([ref for ref, _ in calls])
         if news or not calls:
             self.heard_at = now
             return
-        self.heard_at += frozen_s
         silent_s = now - self.heard_at
         limit_s = self.hang_limit_s(max(samples for _, samples in calls))
         if silent_s <= limit_s or not pending or self.answers.kill_pending(now, self.restart_limit_s):
@@ -112,9 +114,9 @@ class RewardBook:
         sent around the death may never answer, and one that answers late would be too stale to train on.
         A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
         reward.max_restarts the health call raises, which ends the run."""
-        waited, self.answers.killed_at = time.monotonic(), None
+        waited, self.answers.killed_at = live_clock.now(), None
         restarted = self.restarted()
-        self.state.last_progress += time.monotonic() - waited  # its restart is not the learner's stall (own bound)
+        self.state.last_progress += live_clock.now() - waited  # its restart is not the learner's stall (own bound)
         if not restarted:
             return
         print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {self.pid}, restart "
@@ -142,10 +144,10 @@ class RewardBook:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
         (ActorUnavailableError) and is sent again, for up to its restart's limit (startup.restart_limit_s)."""
         limit = self.restart_limit_s
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
+        deadline = Deadline(limit)
+        while not deadline.passed():
             try:
-                return ray.get(self.parts.reward.health.remote(), timeout=max(deadline - time.monotonic(), 0.1))["pid"]
+                return ray.get(self.parts.reward.health.remote(), timeout=max(deadline.left(), 0.1))["pid"]
             except ray.exceptions.ActorUnavailableError:  # restarting, unless Ray itself is gone
                 require_gcs()
                 time.sleep(0.2)

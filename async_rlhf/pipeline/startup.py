@@ -32,6 +32,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
+from async_rlhf.pipeline import live_clock
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
 PLACEMENT_CHECK_S = 10.0  # how often a start-up still waiting on its actors asks whether the cluster placed them
@@ -81,8 +82,8 @@ class StartupClock:
         self.last = now
 
     def note(self, name: str, started: float) -> None:
-        """A span beside the path: from `started` (time.time()) to now."""
-        self.beside[name] = time.time() - started
+        """A span beside the path: from `started` (on the live clock, as the silences it bounds) to now."""
+        self.beside[name] = live_clock.now() - started
 
     def after_first_step(self, progress: Callable[[dict], None]) -> Callable[[dict], None]:
         """`progress`, also ending the first_step lap at the first learner step it is told of."""
@@ -148,7 +149,7 @@ class StartSilence:
 
     stall_s: float
     floor_s: float = START_SILENCE_FLOOR_S
-    killed_at: float = 0.0  # time.time() of the last kill: the restarted actors' start counts from there
+    killed_at: float = 0.0  # live_clock time of the last kill: the restarted actors' start counts from there
 
     def check(self, clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], pending: list[Any]) -> None:
         for role, named in calls.items():
@@ -158,7 +159,7 @@ class StartSilence:
                 self._judge(silent, started + max(answered), restart_limit_s(self.stall_s, max(answered)))
 
     def _judge(self, silent: list[FirstCall], since: float, limit: float) -> None:
-        waited, limit = time.time() - max(since, self.killed_at), max(limit, self.floor_s)
+        waited, limit = live_clock.now() - max(since, self.killed_at), max(limit, self.floor_s)
         if waited <= limit:
             return
         print(f"[async-rlhf] {', '.join(call.name for call in silent)} answered nothing {waited:.0f}s after the other "
@@ -167,12 +168,12 @@ class StartSilence:
               file=sys.stderr, flush=True)
         for handle in (h for call in silent for h in call.handles):
             ray.kill(handle, no_restart=False)
-        self.killed_at = time.time()
+        self.killed_at = live_clock.now()
 
 
 def await_actors(clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], watch: PlacementWatch,
                  silence: StartSilence, spare: str = "") -> dict[str, list[Any]]:
-    """Wait once for the first answer of every actor started at `started` (they start side by side), and
+    """Wait once for the first answer of every actor started at `started` (live_clock; they start side by side), and
     note when each role's last answer came (`setup_<role>_s`). An actor that died raises, as ray.get does, but
     the `spare` role's death is its answer (its caller starts it again); one the cluster cannot place is named
     while the run waits (`watch`); one placed and silent is killed (`silence`)."""
@@ -181,7 +182,7 @@ def await_actors(clock: StartupClock, started: float, calls: dict[str, list[Firs
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=PLACEMENT_CHECK_S)
         if not ready:
-            watch.check(time.time() - started)
+            watch.check(live_clock.now() - started)
             if not watch.unplaced():
                 silence.check(clock, started, calls, pending)
             continue
@@ -204,9 +205,9 @@ def _answers(refs: list[Any], spare: bool) -> list[Any]:
 def await_restarted(ref: Any, name: str, limit_s: float, watch: PlacementWatch) -> None:
     """A restarted actor's first answer (`ref`): once placed, it has `limit_s` (restart_limit_s); a cluster not
     placing it is `watch`'s to bound, as at start-up. An actor that died raises."""
-    started = time.time()
+    started = live_clock.now()
     while not ray.wait([ref], timeout=min(PLACEMENT_CHECK_S, limit_s / 3))[0]:
-        waited = time.time() - started
+        waited = live_clock.now() - started
         watch.check(waited)
         if waited > limit_s and not watch.unplaced():
             raise RunError(f"{name} did not start within {limit_s:g}s ({RESTART_BOUND}); why is in its log under "

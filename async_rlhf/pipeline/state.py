@@ -13,6 +13,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from async_rlhf.cluster.resources import CorePlan
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.vineppo import MCCost
 from async_rlhf.rollout import Prompt, RolloutGroup
@@ -46,6 +47,7 @@ class Chunk:
     prompts: list[Prompt]  # re-issued, unchanged, if the actor dies
     leased_version: int | None  # released exactly once, when the chunk is handled (None: starting weights only)
     sent_to: int = 0  # its generator's restarts when it was sent: which of its processes holds the call
+    sent_at: float = field(default_factory=live_clock.now)
 
 
 @dataclass
@@ -61,13 +63,13 @@ class GeneratorSlot:
     pid: int = 0
     probe: Any = None  # ObjectRef of an info() call while recovering from a death
     recovering: bool = False
-    not_before: float = 0.0  # next probe no earlier than this (time.monotonic)
+    not_before: float = 0.0  # next probe no earlier than this (live_clock)
     version: int = 0  # weights version of its last finished batch
     busy_s: float = 0.0
     tokens: int = 0
     batches_sent: int = 0  # training batches sent to it (an evaluation waiting for it counts them)
-    # time.monotonic of its last answer, or of its first call after it was idle (pipeline/generator_hangs.py)
-    answered_at: float = field(default_factory=time.monotonic)
+    # live_clock time of its last answer, or of its first call after it was idle (pipeline/generator_hangs.py)
+    answered_at: float = field(default_factory=live_clock.now)
 
     @property
     def busy(self) -> bool:
@@ -80,7 +82,7 @@ class LearnerJob:
     save_ref: Any
     batch: list[RolloutGroup]
     version: int  # the version this step will publish
-    dispatched_at: float
+    dispatched_at: float  # live_clock
 
 
 @dataclass
@@ -95,7 +97,7 @@ class LoopState:
     learner_idle_since: float = 0.0
     reward_jobs: dict = field(default_factory=dict)  # ObjectRef -> GenerationResult
     reissue: deque = field(default_factory=deque)  # (prompt chunk, weights version) of generators that died
-    last_progress: float = field(default_factory=time.monotonic)  # last learner step (or start)
+    last_progress: float = field(default_factory=live_clock.now)  # last learner step (or start)
     nonfinite_run: int = 0  # consecutive learner steps skipped for a non-finite loss
     nonfinite_total: int = 0
     unrewarded_run: int = 0  # consecutive learner steps whose batch had no usable train reward
@@ -105,7 +107,7 @@ class LoopState:
     def start_clocks(self) -> None:
         """The learner's idle time and its stall clock (watchdogs.py) count from now."""
         self.learner_idle_since = time.perf_counter()
-        self.last_progress = time.monotonic()
+        self.last_progress = live_clock.now()
 
     def reset(self, first_version: int, learner_idle_since: float) -> None:
         fresh = LoopState(first_version=first_version, learner_idle_since=learner_idle_since)

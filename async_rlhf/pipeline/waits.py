@@ -3,10 +3,11 @@ kill what hangs: the loop runs its hang checks every iteration, and a wait that 
 actor for the whole `learner.stall_timeout_s`."""
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import ray
+
+from async_rlhf.pipeline.live_clock import Deadline
 
 POLL_S = 1.0  # how often a blocking wait runs its hang checks
 
@@ -19,7 +20,7 @@ class AnswerWatch:
 
     def __init__(self) -> None:
         self.seen: set[Any] = set()
-        # time.monotonic of the check's kill, until the actor's death is seen: Ray kills a stopped process only after
+        # live_clock time of the check's kill, until the actor's death is seen: Ray kills a stopped process only after
         # asking it to exit for seconds, and a second check meanwhile said (and sent) the kill again
         self.killed_at: float | None = None
 
@@ -38,9 +39,9 @@ class AnswerWatch:
 def wait_all(refs: list[Any], timeout_s: float, between: Callable[[], None]) -> list[Any]:
     """Wait for every call in `refs` to end, running `between` every POLL_S meanwhile (the hang checks: a killed
     actor's call fails, which ends it); returns the calls still running after `timeout_s` (none: all ended)."""
-    deadline = time.monotonic() + timeout_s
+    deadline = Deadline(timeout_s)
     while refs and (running := ray.wait(refs, num_returns=len(refs), timeout=POLL_S)[1]):
-        if time.monotonic() > deadline:
+        if deadline.passed():
             return running
         between()
     return []

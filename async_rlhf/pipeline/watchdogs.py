@@ -10,8 +10,6 @@ completions scored alike) are said once, and the run goes on.
 from __future__ import annotations
 
 import sys
-import threading
-import time
 from concurrent.futures import Future
 from typing import Callable
 
@@ -20,6 +18,7 @@ import ray
 from async_rlhf.cluster.local_ray import GCS_LOST, GcsWatch, RayLost
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
+from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
@@ -29,38 +28,11 @@ from async_rlhf.rollout import RolloutGroup, scored_reward
 TIED_STEPS = 10  # all-alike steps in a row before the notice: a few happen early on a sparse (0/1) reward
 
 
-class ProcessFreezes:
-    """Seconds this whole process was not running: stopped (Ctrl-Z, SIGSTOP, a debugger) or its container
-    paused. A daemon thread wakes every `tick_s`; a wake-up late by more than `late_s` was frozen that long.
-    (A thread, not the loop's own clock: a loop iteration may block in a call for long, legitimately.)"""
-
-    def __init__(self, tick_s: float = 0.5, late_s: float = 2.0) -> None:
-        self.tick_s = tick_s
-        self.late_s = late_s
-        self.total_s = 0.0  # written by the thread only; a float read is atomic
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._watch, name="process-freezes", daemon=True)
-        self.thread.start()
-
-    def _watch(self) -> None:
-        last = time.monotonic()
-        while not self.stopped.wait(self.tick_s):
-            now = time.monotonic()
-            late = now - last - self.tick_s
-            if late > self.late_s:
-                self.total_s += late
-            last = now
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=2 * self.tick_s)
-
-
 class Watchdogs:
     def __init__(self, cfg: RunConfig, state: LoopState, control: RunControl, pool: GeneratorPool,
                  queue: RolloutQueue, take_checkpoints: Callable[[], None], reward_source: Callable[[], str],
                  kill_hung_learner: Callable[[float], bool] = lambda _idle_s: False,
-                 check_hangs: Callable[[float], None] = lambda _frozen_s: None,
+                 check_hangs: Callable[[], None] = lambda: None,
                  evaluating: Callable[[], bool] = lambda: False) -> None:
         self.cfg = cfg
         self.state = state
@@ -70,33 +42,26 @@ class Watchdogs:
         self.take_checkpoints = take_checkpoints  # serves the requests posted so far (learner idle)
         self.reward_source = reward_source
         self.kill_hung_learner = kill_hung_learner  # True: killed, and the loop fails over to a new one
-        self.check_hangs = check_hangs  # kills hung generators and a hung reward actor, given the seconds frozen
+        self.check_hangs = check_hangs  # kills hung generators and a hung reward actor
         self.evaluating = evaluating  # the learner idle while generator 0 samples an evaluation (hang-checked)
-        self.freezes: ProcessFreezes | None = None  # started with the loop's first check
-        self.gcs: GcsWatch | None = None  # likewise
+        self.gcs: GcsWatch | None = None  # started with the loop's first check
         self.ray_lost: Future | None = None  # the checkpoint taken on the way out once the GCS is lost
-        self.frozen_counted_s = 0.0
         self.tie_said = False  # the no-signal notice is given once per process
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
-        run was paused (HTTP), this process frozen (Ctrl-Z, then fg), a generator restarting (its own bound:
-        GeneratorHangs) or the learner idle behind an evaluation's sample call (bounded by the same check) is not
-        the learner's and does not count."""
-        if self.freezes is None:
-            self.freezes = ProcessFreezes()
-        frozen = self.freezes.total_s - self.frozen_counted_s
-        self.frozen_counted_s += frozen
-        self.state.last_progress += frozen
-        self.check_hangs(frozen)
+        run was paused (HTTP), this process frozen (Ctrl-Z, then fg: the live clock), a generator restarting (its
+        own bound: GeneratorHangs) or the learner idle behind an evaluation's sample call (bounded by the same
+        check) is not the learner's and does not count."""
+        self.check_hangs()
         if self.control.paused or self.pool.recovering() or self.evaluating():
-            self.state.last_progress = time.monotonic()
+            self.state.last_progress = live_clock.now()
             return
-        idle, limit = time.monotonic() - self.state.last_progress, self.cfg.learner.stall_timeout_s
+        idle, limit = live_clock.now() - self.state.last_progress, self.cfg.learner.stall_timeout_s
         if idle > limit:
             idle = self._learner_idle_s()
         if idle > limit and self.kill_hung_learner(idle):
-            self.state.last_progress = time.monotonic()  # the new learner's clock
+            self.state.last_progress = live_clock.now()  # the new learner's clock
             return
         if idle > limit:
             busy = [f"generator {g.generator_id} ({len(g.chunks)} chunk(s))" for g in self.pool.slots if g.busy]
@@ -109,12 +74,11 @@ class Watchdogs:
         yet handled) now. The driver may have been held in a wait meanwhile (a checkpoint's drain of an evaluation
         whose reward actor hung for 30 s): a step sent after it, or finished during it, is no stall; the learner
         killed as hung then was healthy (a GRPO chaos run by hand)."""
-        job, now = self.state.learner_job, time.monotonic()
+        job, now = self.state.learner_job, live_clock.now()
         if job is not None and ray.wait([job.save_ref], timeout=0)[0]:
             self.state.last_progress = now
         elif job is not None:
-            sent = now - (time.perf_counter() - job.dispatched_at)  # dispatched_at is on the perf_counter clock
-            self.state.last_progress = max(self.state.last_progress, sent)
+            self.state.last_progress = max(self.state.last_progress, job.dispatched_at)
         return now - self.state.last_progress
 
     def check_ray(self) -> None:
@@ -132,9 +96,6 @@ class Watchdogs:
             raise RayLost(f"{GCS_LOST}; checkpoint: {checkpoint_path(self.ray_lost)}")
 
     def close(self) -> None:
-        if self.freezes is not None:
-            self.freezes.close()
-            self.freezes = None
         if self.gcs is not None:
             self.gcs.close()
             self.gcs = None
