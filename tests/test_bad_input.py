@@ -279,8 +279,8 @@ def test_tokenizer_without_eos(tokenizer_dir: Path) -> None:
 
 
 DATA_CONFIG_CASES = [
-    ("model.source=embedded", "task.name=dataset needs model.source=local and model.path (the embedded model knows "
-     "only its own tasks; `async-rlhf export-model DIR` writes it as a checkpoint)"),
+    ("model.source=embedded", "model.path is set but model.source is 'embedded' (the built-in tiny model), which would "
+     "ignore it; set model.source=local to train from model.path, or drop model.path"),
     ("task.dataset.reference_column=null", "reward.train: scorer 'reference_similarity' compares with a reference "
      "answer; set task.dataset.reference_column"),
     ("reward.gold=sort_exact", "reward.gold: scorer 'sort_exact' does not score task 'dataset'; valid for dataset: "
@@ -306,6 +306,17 @@ def test_data_config_messages_are_exact(tokenizer_dir: Path, override: str, mess
     with pytest.raises(ConfigError) as err:
         byo(tokenizer_dir, *overrides)
     assert str(err.value) == E + message
+
+
+def test_a_dataset_task_needs_a_local_model(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text('{"q": "hello"}\n' * 40)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task: {{name: dataset, dataset: {{path: {tmp_path / 'p.jsonl'}, prompt_column: q}}}}\n"
+                      "reward: {train: vader_compound, gold: vader_compound}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert "task.name=dataset needs model.source=local and model.path (the embedded model knows only its own tasks; " \
+           "`async-rlhf export-model DIR` writes it as a checkpoint)" in str(err.value)
 
 
 def test_bfloat16_on_a_machine_without_gpu(tokenizer_dir: Path) -> None:

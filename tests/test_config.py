@@ -81,6 +81,8 @@ def test_parse_overrides_types_values() -> None:
         (["generation.samples_per_prompt=1"], "samples_per_prompt (1) must be >= 2 for loss 'online_dpo'"),
         (["generation.prompts_per_step=15", "generation.num_generators=2"], "must be a multiple of"),
         (["model.source=local"], "model.path is required when model.source=local"),
+        (["model.path=/etc"], "model.path is set but model.source is 'embedded' (the built-in tiny model), which would "
+                               "ignore it; set model.source=local"),  # before: the embedded model trained, silently
         (["model.source=local", "model.path=/no/such/dir"], "model.path: no config.json in '/no/such/dir'"),
         (["task.min_digits=9", "task.max_digits=3"], "task.min_digits (9) must be <= task.max_digits (3)"),
         (["generation.max_new_tokens=60"], "generation.max_model_len (64) is shorter than"),

@@ -134,6 +134,9 @@ class ModelConfig(Strict):
     def _path(self, info: ValidationInfo) -> "ModelConfig":
         if self.source == "local" and self.path is None:
             raise ValueError("model.path is required when model.source=local (an HF checkpoint directory)")
+        if self.path is not None and self.source != "local":  # the embedded model was trained, the path ignored
+            raise ValueError("model.path is set but model.source is 'embedded' (the built-in tiny model), which would "
+                             "ignore it; set model.source=local to train from model.path, or drop model.path")
         if self.reference_path is not None and self.source != "local":
             raise ValueError("model.reference_path needs model.source=local")
         if not environment_checks(info):
