@@ -160,3 +160,32 @@ def test_the_page_reads_with_the_token_from_its_fragment(tmp_path: Path) -> None
         assert re.search(r'data-k="step">-?\d+ / 200<', page) and error(page) == ""  # read, with the token
     finally:
         api.stop()
+
+
+def test_a_non_finite_body_is_a_422_and_an_error_of_the_apis_own_one_line_with_its_traceback_in_a_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    # Before: {"max_staleness": 1e309} (or NaN) was answered 500, and two uvicorn tracebacks reached the run's
+    # terminal: the 422 echoed the input, which JSON cannot hold.
+    import httpx
+
+    from async_rlhf.api.app import ApiServer
+    from async_rlhf.config.run import RunConfig
+    from async_rlhf.pipeline.controller import Controller
+
+    ctl = Controller(RunConfig(api={"enabled": False}), tmp_path)
+    api = ApiServer(ctl.view, ctl.control, ApiConfig(port=0, token="secret-token-0123456"), tmp_path)
+    url, auth = api.start(), {"Authorization": "Bearer secret-token-0123456", "Content-Type": "application/json"}
+    try:
+        for body, text in ((b'{"max_staleness": 1e309}', "inf"), (b'{"max_staleness": NaN}', "nan")):
+            res = httpx.put(f"{url}/control/max_staleness", content=body, headers=auth)
+            assert res.status_code == 422 and res.json()["errors"][0]["input"] == text
+        monkeypatch.setattr("async_rlhf.api.app.status_of", lambda *_: 1 / 0)  # a bug of the API's own
+        res = httpx.get(f"{url}/status", headers=auth)
+    finally:
+        api.stop()
+    line = (f"the HTTP API failed on GET /status (ZeroDivisionError: division by zero); the run goes on; traceback in "
+            f"{tmp_path / 'api_errors.log'}")
+    assert res.status_code == 500 and res.json() == {"detail": line}
+    err = capfd.readouterr().err
+    assert err.strip() == f"[async-rlhf] {line}" and "Traceback" not in err
+    assert "ZeroDivisionError" in (tmp_path / "api_errors.log").read_text()

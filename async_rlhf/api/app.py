@@ -22,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from async_rlhf.api.errors import internal_error, json_safe, log_server_to
 from async_rlhf.api.metrics import prometheus_text
 from async_rlhf.api.serving import ThreadedServer
 from async_rlhf.config.base import ConfigError
@@ -35,6 +36,7 @@ from async_rlhf.pipeline.view import RunView
 CHECKPOINT_TIMEOUT_S = 300.0
 MAX_BODY_BYTES = 4096  # control bodies are a few bytes
 PAGE = Path(__file__).with_name("web") / "index.html"
+ERROR_LOG = "api_errors.log"  # in the run directory: the API's own tracebacks and uvicorn's warnings
 
 
 # ---- response and request models (/status and /healthz: pipeline/status.py) ------------------------------
@@ -105,8 +107,10 @@ def refusal(request: Request, creds: HTTPAuthorizationCredentials | None) -> JSO
     return None
 
 
-def create_app(view: RunView, control: RunControl, token: str, open_reads: bool) -> FastAPI:
-    """The run's API: reads from `view`, commands posted to `control` (the loop applies them)."""
+def create_app(view: RunView, control: RunControl, token: str, open_reads: bool,
+               error_log: Path | None = None) -> FastAPI:
+    """The run's API: reads from `view`, commands posted to `control` (the loop applies them). An error of its own
+    is answered 500 and said as one line naming `error_log` (api/errors.py)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.view = view
@@ -139,7 +143,8 @@ def create_app(view: RunView, control: RunControl, token: str, open_reads: bool)
         else:
             where = ".".join(str(p) for p in first["loc"])
             message = f"{where}: {first['msg']}"
-        return JSONResponse(status_code=422, content={"detail": message, "errors": jsonable_encoder(exc.errors())})
+        return JSONResponse(status_code=422, content={"detail": message,
+                                                      "errors": json_safe(jsonable_encoder(exc.errors()))})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -150,6 +155,8 @@ def create_app(view: RunView, control: RunControl, token: str, open_reads: bool)
             detail = f"{request.method} is not allowed on {request.url.path}; see /docs"
         return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
 
+    if error_log is not None:
+        app.add_exception_handler(Exception, internal_error(error_log))
     _add_read_routes(app, read_auth)
     _add_control_routes(app, control_auth)
     return app
@@ -258,8 +265,9 @@ class ApiServer:
 
     def __init__(self, view: RunView, control: RunControl, cfg: ApiConfig, run_dir: Path) -> None:
         token = resolve_token(cfg, run_dir)
-        app = create_app(view, control, token, open_reads=_is_loopback(cfg.host))
+        app = create_app(view, control, token, open_reads=_is_loopback(cfg.host), error_log=run_dir / ERROR_LOG)
         self.server = ThreadedServer(app, cfg.host, cfg.port)
+        log_server_to(run_dir / ERROR_LOG)  # after uvicorn's own logging set-up (its Config's)
         self.run_dir = run_dir
         self.url = ""
         # a token made here is in run_dir/api_token; one of the config's or the environment's is in no file
