@@ -10,6 +10,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from async_rlhf.outputs.recorder import json_ready
 from async_rlhf.rollout import Prompt
 from reward_models.protocol import MAX_BODY_BYTES, ScoreRequest, ScoreResponse
 from reward_models.rules import SCORERS
@@ -65,7 +66,8 @@ def create_reward_app(name: str, scorer: BatchScorer) -> FastAPI:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         return JSONResponse(status_code=422,
-                            content={"detail": f"{where}: {first['msg']}", "errors": jsonable_encoder(exc.errors())})
+                            content={"detail": f"{where}: {first['msg']}",
+                                     "errors": json_ready(jsonable_encoder(exc.errors()))})  # NaN, inf: null
 
     @app.get("/healthz")
     def healthz(request: Request) -> dict:

@@ -176,9 +176,9 @@ def test_a_non_finite_body_is_a_422_and_an_error_of_the_apis_own_one_line_with_i
     api = ApiServer(ctl.view, ctl.control, ApiConfig(port=0, token="secret-token-0123456"), tmp_path)
     url, auth = api.start(), {"Authorization": "Bearer secret-token-0123456", "Content-Type": "application/json"}
     try:
-        for body, text in ((b'{"max_staleness": 1e309}', "inf"), (b'{"max_staleness": NaN}', "nan")):
+        for body in (b'{"max_staleness": 1e309}', b'{"max_staleness": NaN}'):
             res = httpx.put(f"{url}/control/max_staleness", content=body, headers=auth)
-            assert res.status_code == 422 and res.json()["errors"][0]["input"] == text
+            assert res.status_code == 422 and res.json()["errors"][0]["input"] is None  # JSON has no NaN
         monkeypatch.setattr("async_rlhf.api.app.status_of", lambda *_: 1 / 0)  # a bug of the API's own
         res = httpx.get(f"{url}/status", headers=auth)
     finally:

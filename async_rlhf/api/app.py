@@ -22,13 +22,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from async_rlhf.api.errors import internal_error, json_safe, log_server_to
+from async_rlhf.api.errors import internal_error, log_server_to
 from async_rlhf.api.metrics import prometheus_text
 from async_rlhf.api.serving import ThreadedServer
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.runtime import API_TOKEN_ENV, ApiConfig
 from async_rlhf.failures import what_died
+from async_rlhf.outputs.recorder import json_ready
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.status import Health, Status, health_of, status_of
 from async_rlhf.pipeline.view import RunView
@@ -144,7 +145,7 @@ def create_app(view: RunView, control: RunControl, token: str, open_reads: bool,
             where = ".".join(str(p) for p in first["loc"])
             message = f"{where}: {first['msg']}"
         return JSONResponse(status_code=422, content={"detail": message,
-                                                      "errors": json_safe(jsonable_encoder(exc.errors()))})
+                                                      "errors": json_ready(jsonable_encoder(exc.errors()))})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

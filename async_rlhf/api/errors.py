@@ -2,17 +2,17 @@
 
 `PUT /control/max_staleness` with `{"max_staleness": 1e309}` (or NaN) answered 500 and printed two uvicorn
 tracebacks on the run's terminal: the 422 that pydantic's error makes echoes the input, and JSON has no infinity.
-Errors now carry such inputs as text (`json_safe`). An error of the API's own is answered 500 with one line, said
-once on the terminal as one line, its traceback in run_dir/api_errors.log with uvicorn's other messages (a
-malformed HTTP request's warning included): the run goes on either way.
+Errors now carry such inputs as null, as every JSON of the run does (`outputs/recorder.py json_ready`). An error of
+the API's own is answered 500 with one line, said once on the terminal as that line, its traceback in
+run_dir/api_errors.log with uvicorn's other messages (a malformed HTTP request's warning included): the run goes
+on either way.
 """
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -20,17 +20,6 @@ from fastapi.responses import JSONResponse
 from async_rlhf.failures import what_died
 
 SERVER_LOGGERS = ("uvicorn.error", "uvicorn.asgi")  # uvicorn's tracebacks and warnings (its access log is off)
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every non-finite float as its text ("inf", "nan"), in dicts, lists and tuples."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def log_server_to(path: Path) -> None:

@@ -176,16 +176,17 @@ class RunRecorder:
 def json_text(value: Any, indent: int | None = None) -> str:
     """JSON of `value` with NaN and infinities as null, as the HTTP API gives them: Python writes NaN, which is
     not JSON (JavaScript, DuckDB and Go refuse the line). A step where every pair tied has a NaN loss."""
-    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+    return json.dumps(json_ready(value), indent=indent, allow_nan=False)
 
 
-def _finite(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """`value` with every non-finite float as None (null), in dicts, lists and tuples: what JSON can hold."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [json_ready(item) for item in value]
     return value
 
 
