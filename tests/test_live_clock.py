@@ -84,3 +84,23 @@ def test_a_wait_on_an_actor_frozen_with_the_driver_does_not_time_out() -> None:
     finally:
         child.kill()
         child.wait(timeout=30)
+
+
+def test_a_forked_child_has_a_clock_of_its_own() -> None:
+    # The parent's detector thread does not survive a fork: inherited, the child's clock would stand still.
+    import os
+
+    from async_rlhf.pipeline import live_clock
+
+    live_clock.now()  # the parent's detector runs
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: 2 s of its live clock must pass as 2 s
+        start = live_clock.now()
+        time.sleep(2.0)
+        os.write(write, f"{live_clock.now() - start:.2f}".encode())
+        os._exit(0)
+    os.close(write)
+    advanced = float(os.read(read, 64))
+    os.waitpid(pid, 0)
+    assert 1.9 <= advanced <= 3.0

@@ -11,6 +11,7 @@ One detector per process, started by the first reading: a freeze is a fact about
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -72,6 +73,15 @@ class _Detector:
             if cls.freezes is None:
                 cls.freezes = ProcessFreezes()
             return cls.freezes
+
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: the parent's thread did not come along (its clock would stand still from the fork on),
+        and a lock held at the fork stays held."""
+        cls.freezes, cls.lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_Detector.forget)
 
 
 def now() -> float:
