@@ -22,7 +22,6 @@ from async_rlhf.failures import RunError, first_line, node_crashed, ray_logs
 from async_rlhf.outputs.timeline import Timeline, record_generation
 from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import GeneratorHangs
-from async_rlhf.pipeline.live_clock import Deadline
 from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allowed
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
@@ -151,8 +150,8 @@ class GeneratorPool:
             self.stats.mc_cost.add_generated(result.mc)
             slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
         call_s = result.gen_s + result.sync_s + (result.reward_s or 0.0) + (result.mc.gen_s if result.mc else 0.0)
-        # at most the driver's live time since it sent the call: a call the whole process group was frozen in
-        # (Ctrl-Z) measured the freeze, and the hang limits, 10x the longest call, would have been that much laxer
+        # at most the driver's live time since it sent the call: a call frozen with the driver (`docker pause`)
+        # measured the freeze, and the hang limits, 10x the longest call, would have been that much laxer
         self.longest_call_s = max(self.longest_call_s, min(call_s, live_clock.now() - chunk.sent_at))
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
@@ -171,7 +170,7 @@ class GeneratorPool:
         generator that hangs meanwhile is killed as in the loop (its prompts re-issued); nothing at all landing
         for learner.stall_timeout_s ends the run."""
         timeout = self.cfg.learner.stall_timeout_s
-        deadline = Deadline(timeout)
+        deadline = live_clock.Deadline(timeout)
         while refs := list(self.jobs()) + list(self.state.reward_jobs):
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
             if not ready:
@@ -180,7 +179,7 @@ class GeneratorPool:
                     raise RunError(f"generation did not finish within learner.stall_timeout_s={timeout:g} "
                                    f"while taking a checkpoint")
                 continue
-            deadline = Deadline(timeout)
+            deadline = live_clock.Deadline(timeout)
             slot = self.jobs().get(ready[0])
             if slot is not None:
                 self.on_generated(slot, ready[0])
@@ -257,7 +256,7 @@ class GeneratorPool:
     def await_restart(self, slot: GeneratorSlot) -> None:
         """Block until a generator answers again (used outside the event loop, e.g. evaluation), for as long as
         its restart may take (GeneratorHangs.restart_limit_s)."""
-        deadline, probe = Deadline(self.hangs.restart_limit_s), None
+        deadline, probe = live_clock.Deadline(self.hangs.restart_limit_s), None
         slot.recovering = True
         while not deadline.passed():
             probe = probe or slot.handle.info.remote()  # a stopped process never answers it: waited within the bound

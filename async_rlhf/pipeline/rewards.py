@@ -16,7 +16,6 @@ from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
-from async_rlhf.pipeline.live_clock import Deadline
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
@@ -144,7 +143,7 @@ class RewardBook:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
         (ActorUnavailableError) and is sent again, for up to its restart's limit (startup.restart_limit_s)."""
         limit = self.restart_limit_s
-        deadline = Deadline(limit)
+        deadline = live_clock.Deadline(limit)
         while not deadline.passed():
             try:
                 return ray.get(self.parts.reward.health.remote(), timeout=max(deadline.left(), 0.1))["pid"]
