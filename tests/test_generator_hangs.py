@@ -144,6 +144,7 @@ def test_a_failover_waiting_for_the_generations_in_flight_kills_a_generator_that
     from async_rlhf.pipeline.state import Components, LoopState, RunStats
 
     actor = ray_local.remote(num_cpus=0, max_restarts=1)(Stuck).remote()
+    ray_local.get(actor.pid.remote())  # started: killed before its start (a busy machine), its call went to the next
     cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": 60}, "generation": {"hang_timeout_s": 2}})
     unused: Any = None  # the broker (no lease here), the reward book, timing and timeline: nothing is generated
     pool = GeneratorPool(cfg, Components(), LoopState(), RunStats(), unused, unused, unused, unused)
