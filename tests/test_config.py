@@ -213,3 +213,16 @@ def test_a_bare_off_for_pin_cores_is_off_not_a_type_error(tmp_path: Path) -> Non
     path = tmp_path / "run.yaml"
     path.write_text(QUICKSTART.read_text() + "\nresources:\n  pin_cores: off\n")
     assert load_config(path, [], environment=False).resources.pin_cores == "off"
+
+
+def test_settings_the_loss_does_not_read_are_named_at_the_start(capsys: pytest.CaptureFixture) -> None:
+    # A PPO config trained with loss.name=grpo kept its GAE settings, which then did nothing, silently.
+    ppo = load_config(QUICKSTART.with_name("quickstart_ppo.yaml"), ["loss.name=grpo"])
+    assert ppo.unused_settings() == ["loss.gamma", "loss.lam", "loss.value_clip_eps"]
+    assert load_config(QUICKSTART.with_name("arith_vineppo.yaml"), ["loss.name=grpo"]).unused_settings() == [
+        "mc_values.k_mc"]
+    assert load_config(QUICKSTART.with_name("quickstart_ppo.yaml")).unused_settings() == []
+    assert main(["check-config", str(QUICKSTART.with_name("quickstart_ppo.yaml")), "loss.name=rloo"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "# note: loss.gamma, loss.lam, loss.value_clip_eps set but not read by loss 'rloo' (docs/losses.md says "
+        "which loss reads each)")

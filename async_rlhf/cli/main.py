@@ -117,8 +117,17 @@ def train_arguments(config: str, overrides: list[str]) -> str:
     return " ".join(shlex.quote(part) for part in [config, *map(shown_override, overrides)])
 
 
+def unused_note(cfg: RunConfig) -> str:
+    """One line naming the keys set that the run's loss does not read, or ""."""
+    unused = cfg.unused_settings()
+    return (f"note: {', '.join(unused)} set but not read by loss '{cfg.loss.name}' (docs/losses.md says which loss "
+            f"reads each)" if unused else "")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if note := unused_note(cfg):
+        print(f"[async-rlhf] {note}", flush=True)
     checkpoint = None
     if args.resume is not None:
         if args.run_dir is not None:
@@ -194,6 +203,8 @@ def stop_during_start_up(signum: int, _frame: FrameType | None) -> NoReturn:
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, environment=not args.portable)
     print(config_yaml(cfg), end="")  # secrets as ***
+    if note := unused_note(cfg):
+        print(f"# {note}")
     # The prompts can be checked with the policy's tokenizer, as train does.
     if cfg.model.source == "local" and cfg.model.path is not None and not args.portable:
         from async_rlhf.tasks.builtin import load_task

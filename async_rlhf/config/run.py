@@ -31,6 +31,8 @@ from async_rlhf.config.runtime import (
 from async_rlhf.config.task import TASK_DEFAULTS, TaskConfig
 from reward_models.rules import NEEDS_REFERENCE, SCORER_TASK
 
+VALUE_MODEL_KEYS = ("gamma", "lam", "value_clip_eps", "value_lr")  # loss keys only a value model reads (ppo)
+
 
 class RunConfig(Strict):
     seed: int = Field(0, ge=0, lt=2**32, description="one seed for every role (torch's takes at most 64 bits)")
@@ -231,6 +233,15 @@ class RunConfig(Strict):
         on as is, and resolved by each generator where it runs (actors/generator.py resolve_dtype), as the learner
         resolves it in its own process: the driver may have no GPU where the workers have."""
         return self.model.dtype if self.generation.dtype == "auto" else self.generation.dtype
+
+    def unused_settings(self) -> list[str]:
+        """Keys this config sets that its loss never reads (a PPO config trained with loss.name=grpo keeps its GAE
+        settings): said at the start, since a value without effect looks like one with it."""
+        traits, loss_set = self.loss.traits, self.loss.model_fields_set
+        unused = [f"loss.{key}" for key in VALUE_MODEL_KEYS if key in loss_set and not traits.needs_value_model]
+        if not traits.needs_mc_values:
+            unused += [f"mc_values.{key}" for key in sorted(self.mc_values.model_fields_set)]
+        return unused
 
     @property
     def hang_timeout_s(self) -> float:
