@@ -4,7 +4,9 @@ finished, kept due or dropped where a checkpoint or a failover needs it; their l
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopStat
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+from tests.helpers import read_jsonl
 
 SAMPLE_S = 0.5  # the stand-in generator's time per evaluation sample
 
@@ -119,13 +122,16 @@ def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLL
     parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
     parts.reward = ray_local.remote(num_cpus=0, max_restarts=1)(scorer).remote(str(tmp_path / "scored"))
     parts.learner = ray_local.remote(num_cpus=0)(learner).remote()
-    parts.evaluator = Evaluator([Prompt(i, "p", [1, 2]) for i in range(4)], parts.reward, 1.0)
+    run_dir = tmp_path / "run"  # the recorder's and eval_initial.json's
+    run_dir.mkdir()
+    parts.evaluator = Evaluator([Prompt(i, "p", [1, 2]) for i in range(4)], parts.reward, 1.0,
+                                initial_path=run_dir / "eval_initial.json")
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=1, initial_version=-1)
     publish(broker, 0)  # the starting weights, as ComponentBuilder.build publishes them on shm
     rewards = RewardBook(cfg, parts, state, stats, RolloutQueue(16, 1), timeline)
     pool = GeneratorPool(cfg, parts, state, stats, broker, rewards, Timing(), timeline)
     pool.slots = [GeneratorSlot(ray_local.remote(num_cpus=0)(generator).remote(), 0)]
-    evals = EvalSchedule(cfg, parts, pool, rewards, broker, Timing(), RunRecorder(tmp_path), timeline)
+    evals = EvalSchedule(cfg, parts, pool, rewards, broker, Timing(), RunRecorder(run_dir), timeline)
     yield evals, broker
     timeline.close()
     broker.close()
@@ -206,6 +212,23 @@ def test_version_0_is_evaluated_beside_the_first_steps_and_its_record_comes_firs
     assert (initial["version"], initial["kl"], later["version"]) == (0, 0.0, 2)
     assert later["win_rate_vs_initial_n"] == 4  # made after version 0's: its paired win-rate has version 0's gold
     broker.roll_back(3)  # raises while any version is still leased
+
+
+def test_a_run_directory_made_again_keeps_the_starting_policys_evaluation(schedule, tmp_path: Path) -> None:
+    # Before: summary.json's initial_gold_reward was the first evaluation after the removal, and a later resume had
+    # no eval_initial.json to pair its win-rate against.
+    evals, broker = schedule
+    run_dir = tmp_path / "run"
+    evals.recorder.keeper.settle()
+    evals.start_initial()
+    loop_until_logged(evals)
+    shutil.rmtree(run_dir)  # an `rm -rf` of the wrong directory
+    publish(broker, 2)
+    evals.after_step(2)
+    loop_until_logged(evals)
+    assert [r["version"] for r in read_jsonl(run_dir / "eval.jsonl")] == [0, 2]
+    assert [r["version"] for r in evals.recorder.evals] == [0, 2]  # the summary's initial_gold_reward is version 0's
+    assert json.loads((run_dir / "eval_initial.json").read_text()).keys() == {"0", "1", "2", "3"}
 
 
 def test_chunks_are_fed_only_to_an_idle_generator_one_at_a_time(chunked, ray_local, tmp_path: Path) -> None:

@@ -43,10 +43,13 @@ class RunRecorder:
         dump_config(cfg, self.run_dir / "config.yaml")
 
     def _start_over(self) -> None:
-        """The run directory made again (RunDirKeeper): its config as at the start, the logs empty."""
+        """The run directory made again (RunDirKeeper): its config as at the start, the logs empty but for the
+        first evaluation, which the summary's starting reward and the figure start from."""
         if self.cfg is not None:
             self.save_config(self.cfg)
-        self.steps, self.step_offsets, self.evals = [], [], []
+        self.steps, self.step_offsets, self.evals = [], [], self.evals[:1]
+        for record in self.evals:
+            self.eval_log.append(json_text(record))
 
     def add_sinks(self, sinks: list[MetricSink]) -> None:
         self.sinks.extend(sinks)

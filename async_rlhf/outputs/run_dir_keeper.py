@@ -4,8 +4,8 @@ An `rm -rf` of the wrong directory, or a clean-up job, removed a live run's dire
 log line ("FileNotFoundError: ... eval.jsonl") and its training was lost, the checkpoints with the directory. Now
 the next write finds the directory gone (or replaced: its inode is not the run's), makes it again as the run made
 it at the start (each owner of a file in it registers a `remake`: the config, the lock, the weights marker, the
-API's files; the logs start over, empty) and says so once; the checkpoints and the final policy then land there
-as usual. What was written before the removal is gone.
+API's files, the starting policy's scores; the logs start over, empty but for its evaluation) and says so once;
+the checkpoints and the final policy then land there as usual. What was written before the removal is gone.
 """
 from __future__ import annotations
 

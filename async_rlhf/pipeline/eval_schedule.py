@@ -48,6 +48,12 @@ class EvalSchedule:
         self.timeline = timeline
         self.pending: deque[EvalInFlight] = deque()  # oldest first: records are logged in this order
         self.blocked_s = 0.0  # this process's loop time spent on evaluations (the zero of `wall_s` is its too)
+        recorder.keeper.remakes.append(self._write_initial_scores)
+
+    def _write_initial_scores(self) -> None:
+        """The run directory made again: the starting policy's scores, which a resumed run compares with."""
+        if self.parts.evaluator is not None:
+            self.parts.evaluator.write_initial()
 
     # ---- starting evaluations -------------------------------------------------------------
     def start_initial(self) -> None:

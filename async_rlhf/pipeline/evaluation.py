@@ -153,5 +153,9 @@ class Evaluator:
 
     def _keep_initial(self, scores: dict[int, float]) -> None:
         self.initial = scores
-        if self.initial_path is not None:
-            self.initial_path.write_text(json.dumps({str(k): v for k, v in scores.items()}))
+        self.write_initial()
+
+    def write_initial(self) -> None:
+        """eval_initial.json, again after the run directory was made again (RunDirKeeper)."""
+        if self.initial_path is not None and self.initial:
+            self.initial_path.write_text(json.dumps({str(k): v for k, v in self.initial.items()}))
