@@ -150,7 +150,7 @@ def test_status_of_a_run_that_has_ended_says_how_it_ended(tmp_path: Path, capsys
     summary = {"stopped_early": True, "steps": 40, "wall_s": 7.25, "initial_gold_reward": 0.555,
                "final_gold_reward": None, "max_staleness_seen": 1}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    assert main(["status", "--run-dir", str(tmp_path)]) == 0
+    assert main(["status", str(tmp_path)]) == 0  # the run's directory as the argument (before: "unrecognized")
     assert capsys.readouterr().out.strip() == (
         f"run {tmp_path.name} has ended (stopped early): 40 steps in 7.2s of training; gold reward 0.555 -> -, max "
         f"staleness seen 1; outputs in {tmp_path}")
@@ -159,6 +159,9 @@ def test_status_of_a_run_that_has_ended_says_how_it_ended(tmp_path: Path, capsys
         assert main(["status", "--run-dir", str(tmp_path)]) == 1
         assert capsys.readouterr().err.startswith(
             f"status error: {tmp_path / 'summary.json'} cannot be read as a run's summary ({error}")
+    assert main(["status", str(tmp_path), "--run-dir", str(tmp_path / "other")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"status error: two run directories given ({tmp_path} and --run-dir {tmp_path / 'other'}); pass one")
     assert main(["status", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.strip() == (
         f"status error: no directory {tmp_path / 'nothing'}; pass --run-dir a run's directory (runs/<time>/)")

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                             "learner.steps may grow)")
     status = sub.add_parser("status", help="print the status of a running job")
     status.add_argument("--url", default=None, help="API URL (default: from --run-dir, else the newest runs/*/api_url)")
+    status.add_argument("run_dir_arg", nargs="?", type=Path, default=None, metavar="RUN_DIR",
+                        help="the run's directory (the same as --run-dir)")
     status.add_argument("--run-dir", type=Path, default=None)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
@@ -231,12 +233,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from async_rlhf.cli.status import find_run, find_token, find_url, print_ended, print_status
 
-    if args.url and not args.run_dir:
+    run_dir = status_run_dir(args)
+    if args.url and not run_dir:
         return print_status(args.url, find_token(None), as_json=args.json)
-    if args.run_dir and (ended := print_ended(args.run_dir, args.json)) is not None:
+    if run_dir and (ended := print_ended(run_dir, args.json)) is not None:
         return ended
-    run = find_run(args.run_dir)
+    run = find_run(run_dir)
     return print_status(args.url or find_url(run), find_token(run), as_json=args.json)
+
+
+def status_run_dir(args: argparse.Namespace) -> Path | None:
+    """`status RUN_DIR` or `status --run-dir RUN_DIR`."""
+    if args.run_dir and args.run_dir_arg and args.run_dir != args.run_dir_arg:
+        raise ConfigError(f"status error: two run directories given ({args.run_dir_arg} and --run-dir "
+                          f"{args.run_dir}); pass one")
+    return args.run_dir or args.run_dir_arg
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
