@@ -131,7 +131,8 @@ def failure_line(exc: BaseException, run_dir: Path, arguments: str, resumable: b
     `arguments`: the config and overrides the run was started with."""
     first = f"free space on the disk of {run_dir}, then " if disk_full(exc) else ""
     resume = f"--resume {shlex.quote(str(run_dir))}"
-    then = (f"continue with `async-rlhf train {arguments} {resume}` (from its newest checkpoint)" if resumable
+    command = " ".join(part for part in ("async-rlhf train", arguments, resume) if part)  # `arguments` "": a resume
+    then = (f"continue with `{command}` (from its newest checkpoint)" if resumable
             else f"start it again with `async-rlhf train {arguments}` (it wrote no checkpoint to continue from)")
     return f"[async-rlhf] run failed: {what_died(exc)}; {write_traceback(exc, run_dir / 'error.log')}; {first}{then}"
 

@@ -437,6 +437,26 @@ def test_resume_refusals_are_exact(tmp_path: Path, capsys: pytest.CaptureFixture
     assert capsys.readouterr().err.strip() == message.format(run=run)
 
 
+def test_resume_without_a_config_reads_the_runs_own(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Before: `train --resume RUN_DIR`, which `status` itself suggests, failed "the following arguments are
+    # required: config". Now the run's config.yaml is read; a first override is not taken for the config.
+    run = earlier_run(tmp_path, ["learner.steps=20"], checkpoint_step=12)
+    assert main(["train", "--resume", str(run), "learner.steps=10"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: --resume: the newest valid checkpoint in '{run}/checkpoints' is at step 12, beyond "
+        "learner.steps=10; raise learner.steps to at least 12")
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "config error: train needs a config file (e.g. configs/quickstart.yaml), or --resume RUN_DIR to continue a "
+        "run with its own")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
+        "remote: null", "remote:\n    url: http://***@scorer.internal/score"))  # saved with its password hidden
+    assert main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"config error: --resume: {run / 'config.yaml'} has reward.remote.url written as *** (a credential is never "
+        f"saved); pass the config the run started with: async-rlhf train CONFIG --resume {run}")
+
+
 def test_resume_with_only_damaged_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = earlier_run(tmp_path, checkpoint_step=4)
     (run / "checkpoints" / "step-000004" / "w").write_text("")

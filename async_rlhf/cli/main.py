@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"async-rlhf {metadata.version('async-rlhf')}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a training job")
-    train.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    train.add_argument("config", nargs="?", default=None,
+                       help="YAML config, e.g. configs/quickstart.yaml (with --resume: default the run's own)")
     train.add_argument("overrides", nargs="*", default=[],
                        help="key.sub=value overrides, e.g. queue.max_staleness=0")
     train.add_argument("--run-dir", type=Path, default=None, help="where outputs go (default runs/<time>)")
@@ -113,10 +114,37 @@ def api_starter(cfg: RunConfig) -> "ServiceStarter | None":
     return serve_api
 
 
-def train_arguments(config: str, overrides: list[str]) -> str:
+def train_arguments(config: str | None, overrides: list[str]) -> str:
     """The config and overrides of this `train` as the command that continues it must repeat them (a credential
     as ***, for the user to give again)."""
-    return " ".join(shlex.quote(part) for part in [config, *map(shown_override, overrides)])
+    return " ".join(shlex.quote(part) for part in [*([config] if config else []), *map(shown_override, overrides)])
+
+
+def train_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config file `train` was given and its overrides; `train --resume RUN_DIR [key=value ...]` gives none
+    (the run's own config.yaml is read), and argparse then takes a first override for the config."""
+    config, overrides = args.config, list(args.overrides)
+    if args.resume is not None and config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]
+    if config is None and args.resume is None:
+        raise ConfigError("config error: train needs a config file (e.g. configs/quickstart.yaml), or --resume "
+                          "RUN_DIR to continue a run with its own")
+    return config, overrides
+
+
+def resume_config(run_dir: Path) -> Path:
+    """The config a `train --resume RUN_DIR` without one continues with: the run's own, unless secrets were
+    written out of it (they cannot be read back)."""
+    from async_rlhf.config.base import load_yaml
+    from async_rlhf.config.redaction import redacted_keys
+    from async_rlhf.pipeline.resume import saved_config
+
+    path = saved_config(run_dir)
+    if hidden := redacted_keys(load_yaml(path.read_text(encoding="utf-8"))):
+        raise ConfigError(f"config error: --resume: {path} has {', '.join(hidden)} written as *** (a credential is "
+                          f"never saved); pass the config the run started with: async-rlhf train CONFIG --resume "
+                          f"{run_dir}")
+    return path
 
 
 def unused_note(cfg: RunConfig) -> str:
@@ -127,8 +155,9 @@ def unused_note(cfg: RunConfig) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if note := unused_note(cfg):
+    config, overrides = train_source(args)
+    cfg = load_config(config or resume_config(args.resume), overrides)
+    if config and (note := unused_note(cfg)):  # the run's own config.yaml sets every key: said at its start
         print(f"[async-rlhf] {note}", flush=True)
     checkpoint = None
     if args.resume is not None:
@@ -159,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
         bar.close()
         resumable = bool(CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last).checkpoints())
-        print(failure_line(exc, run_dir, train_arguments(args.config, args.overrides), resumable), file=sys.stderr,
+        print(failure_line(exc, run_dir, train_arguments(config, overrides), resumable), file=sys.stderr,
               flush=True)
         return 1
     finally:

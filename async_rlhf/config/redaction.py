@@ -63,6 +63,15 @@ def readable_saved_config(data: dict[str, Any], model: type[BaseModel]) -> dict[
     return data
 
 
+def redacted_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a saved config whose value had a secret written as `***` (in whole or in a URL)."""
+    if isinstance(data, dict):
+        return [key for k, v in data.items() for key in redacted_keys(v, f"{prefix}{k}.")]
+    if isinstance(data, list):
+        return [key for i, v in enumerate(data) for key in redacted_keys(v, f"{prefix}{i}.")]
+    return [prefix[:-1]] if isinstance(data, str) and SECRET in data else []
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}

@@ -316,14 +316,20 @@ def _steps_done(summary: Path) -> int:
         return 0
 
 
-def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
-    """The checkpoint `train --resume run_dir` continues from, or a ConfigError saying why there is none."""
+def saved_config(run_dir: Path) -> Path:
+    """The config.yaml of the run in `run_dir` (its config as resolved at its start), or a ConfigError."""
     pre = "config error: --resume: "
     if not run_dir.is_dir():
         raise ConfigError(f"{pre}run directory '{run_dir}' not found; pass the directory of an earlier run")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{pre}'{run_dir}' holds no run (no config.yaml); pass the directory of an earlier run")
-    diff = config_difference(load_config(run_dir / "config.yaml"), cfg)
+    return run_dir / "config.yaml"
+
+
+def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
+    """The checkpoint `train --resume run_dir` continues from, or a ConfigError saying why there is none."""
+    pre = "config error: --resume: "
+    diff = config_difference(load_config(saved_config(run_dir)), cfg)
     if diff:
         raise ConfigError(f"{pre}{diff}; a resumed run must keep it (start a new run to change it)")
     done = _steps_done(run_dir / "summary.json")
