@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from async_rlhf.config.run import validate_config
 from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from learners.loss_traits import LossTraits, builtin_loss_modules, builtin_losses
 from learners.losses import LOSSES, LossInputs, get_loss, register_loss, select_pairs, select_pairs_batch
+from learners.losses.contract import LossContractError, loss_result
 from learners.losses.dpo import dpo_sigmoid_loss, ipo_loss
 from tests.helpers import completion as make_completion
 from tests.helpers import present
@@ -218,3 +220,35 @@ def test_dpo_reward_margin_matches_math_identity():
     per_pair = dpo_sigmoid_loss(h, torch.zeros(8), 0.25)
     assert torch.allclose(per_pair, torch.log1p(torch.exp(-0.25 * h)), atol=1e-6)
     assert math.isclose(float(dpo_sigmoid_loss(torch.zeros(1), torch.zeros(1), 5.0)), math.log(2), rel_tol=1e-6)
+
+
+# --------------------------------------------------------------------- what a loss returns (contract.py)
+
+GRAD = torch.tensor(2.0, requires_grad=True)
+MUST = ("; a loss returns (loss, metrics): loss a 0-d float tensor with a gradient (reduced from inputs.logps, not "
+        "detached), metrics a dict of numbers (docs/losses.md)")
+
+
+@pytest.mark.parametrize(("result", "problem"), [
+    (1.5, "returned a float instead of a (loss, metrics) pair"),
+    (GRAD * 1, "returned a tensor of shape () instead of a (loss, metrics) pair"),
+    ((None, {}), "returned None as its loss"),
+    ((0.5, {}), "returned a float as its loss"),
+    ((GRAD * torch.ones(3), {}), "returned a loss of shape (3,); reduce it to one number (e.g. .mean())"),
+    ((torch.tensor(1), {}), "returned a loss of dtype torch.int64"),
+    ((torch.tensor(1.0), {}), "returned a loss without a gradient (detached, or not computed from inputs.logps)"),
+    ((GRAD * 1, [1.0]), "returned a list as its metrics"),
+    ((GRAD * 1, {"hist": torch.ones(3)}), "returned metric 'hist' as a tensor of shape (3,)"),
+    ((GRAD * 1, {"name": "x"}), "returned metric 'name' as a str"),
+])
+def test_a_loss_that_returns_the_wrong_thing_is_refused_with_what_it_must_return(result, problem: str) -> None:
+    with pytest.raises(LossContractError) as refused:
+        loss_result("mine:fn", result)
+    assert str(refused.value) == f"loss 'mine:fn' {problem}{MUST}"
+
+
+def test_a_loss_result_keeps_the_loss_and_makes_its_metrics_floats() -> None:
+    loss = GRAD * 3
+    got, metrics = loss_result("mine:fn", (loss, {"a": 1, "b": torch.tensor(0.25), "c": np.float32(0.5), "d": True}))
+    assert got is loss and metrics == {"a": 1.0, "b": 0.25, "c": 0.5, "d": 1.0}
+    assert all(type(v) is float for v in metrics.values())

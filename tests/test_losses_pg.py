@@ -346,6 +346,15 @@ def keyword_only(inputs, *, params):
     return torch.zeros(())
 
 
+def detached_loss(inputs, params):
+    return (-(inputs.logps * inputs.mask).sum() / inputs.mask.sum()).detach(), {}
+
+
+def tensor_metric_loss(inputs, params):
+    loss = -(inputs.logps * inputs.mask).sum() / inputs.mask.sum()
+    return loss, {"nll": loss}
+
+
 @register_loss("user_registered_loss", min_samples_per_prompt=3, needs_reference=False)
 def registered(inputs, params):
     return torch.zeros(()), {}
@@ -488,3 +497,25 @@ def learner_logp(learner, prompt: list[int], comp: Completion) -> float:
 
     with torch.no_grad():
         return float(completion_logprobs(learner.policy, pack([prompt], [comp.token_ids])).sum())
+
+
+@pytest.mark.integration
+def test_a_user_loss_that_returns_the_wrong_thing_is_named_with_the_fix(user_module, tiny_model_dir: Path):
+    # Before: "AssertionError: loss must be a scalar tensor. If you need to pass output gradients, backward() of
+    # output tensors" from DeepSpeed; a tensor among the metrics: "can't multiply sequence by non-int of type
+    # 'float'" from the learner's averaging. Neither named the loss nor what it must return.
+    from async_rlhf.config.run import RunConfig
+    from learners.learner import Learner
+    from learners.losses.contract import LossContractError
+
+    cfg = RunConfig(seed=0, loss={"import_path": f"{user_module}:tensor_metric_loss"})
+    learner = Learner(cfg, str(tiny_model_dir), threads=2)
+    groups = on_policy_groups(tiny_model_dir)
+    metrics = learner.train_step(groups)  # a 0-d tensor metric is taken as its number
+    assert isinstance(metrics["nll"], float) and metrics["nll"] == pytest.approx(metrics["loss"])
+    learner.spec = resolve_loss(validate_config({"loss": {"import_path": f"{user_module}:detached_loss"}}).loss)
+    with pytest.raises(LossContractError) as refused:
+        learner.train_step(groups)
+    assert str(refused.value).startswith(f"loss '{user_module}:detached_loss' returned a loss without a gradient "
+                                         "(detached, or not computed from inputs.logps); a loss returns (loss, "
+                                         "metrics)")
