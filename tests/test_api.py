@@ -113,9 +113,11 @@ def test_control_requires_the_token_and_bad_requests_do_not_disturb(live) -> Non
     assert c.get("/status").json()["phase"] == "running" and c.get("/queue").json()["max_staleness"] == 1
 
 
-def test_pause_stops_consumption_and_resume_restarts_it(live) -> None:
+def test_pause_stops_consumption_and_resume_restarts_it(live, capsys: pytest.CaptureFixture) -> None:
     c = live["client"]
+    capsys.readouterr()
     assert c.post("/control/pause", headers=auth()).json()["ok"]
+    assert c.post("/control/pause", headers=auth()).json()["ok"]  # already paused: said once
     wait_for(lambda: c.get("/status").json()["phase"] == "paused")
     time.sleep(1.0)  # let the step in flight, if any, finish
     consumed, version = c.get("/queue").json()["consumed"], step(c)
@@ -125,6 +127,10 @@ def test_pause_stops_consumption_and_resume_restarts_it(live) -> None:
     c.post("/control/resume", headers=auth())
     wait_for(lambda: step(c) > version + 2, timeout=60)
     assert c.get("/status").json()["phase"] == "running"
+    # Before: nothing on the run's terminal, so its log could not tell why its steps had stopped.
+    said = [line for line in capsys.readouterr().out.splitlines() if "/control/" in line]
+    assert said == ["[async-rlhf] paused (POST /control/pause): no new generation or learner step until POST "
+                    "/control/resume", "[async-rlhf] resumed (POST /control/resume)"]
 
 
 def test_checkpoint_is_written_and_loadable(live) -> None:
@@ -142,7 +148,7 @@ def test_checkpoint_is_written_and_loadable(live) -> None:
     assert model.config.vocab_size == len(tok)
 
 
-def test_max_staleness_change_takes_effect(live) -> None:
+def test_max_staleness_change_takes_effect(live, capsys: pytest.CaptureFixture) -> None:
     c = live["client"]
     assert c.put("/control/max_staleness", headers=auth(), json={"max_staleness": 0}).status_code == 200
     wait_for(lambda: c.get("/queue").json()["max_staleness"] == 0)
@@ -155,6 +161,8 @@ def test_max_staleness_change_takes_effect(live) -> None:
     assert after["staleness_histogram"]["0"] > before.get("0", 0) and after["capacity"] == 16
     c.put("/control/max_staleness", headers=auth(), json={"max_staleness": 2})
     wait_for(lambda: c.get("/queue").json()["capacity"] == 48)
+    assert "[async-rlhf] max_staleness set to 2 (PUT /control/max_staleness), from the next batch on" in (
+        capsys.readouterr().out.splitlines())
 
 
 def test_status_command_prints_the_run(live) -> None:

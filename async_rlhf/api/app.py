@@ -216,7 +216,7 @@ def _add_control_routes(app: FastAPI, auth: Any) -> None:
 
     @app.post("/control/stop", response_model=ControlResult, dependencies=[Depends(auth)])
     def stop(request: Request) -> dict:
-        _control(request).stop()
+        _control(request).request_stop()
         return result(request, "stop", stopping=True)
 
     @app.put("/control/max_staleness", response_model=ControlResult, dependencies=[Depends(auth)],
