@@ -77,6 +77,8 @@ def note_ray_logs(exc: BaseException) -> None:
 
 def what_died(exc: BaseException) -> str:
     """A Ray actor's death named by its class and pid; any other error by its type and first line."""
+    if low_memory(exc):
+        return memory_line(exc)
     text = str(exc)
     actor = re.search(r"class_name: (\w+)", text)
     if actor is not None:
@@ -91,6 +93,21 @@ def what_died(exc: BaseException) -> str:
         call = re.search(r"ray::([\w.]+)\(", text)
         return f"{first_line(cause)} (in {call.group(1) if call else 'a worker'})"
     return first_line(exc)
+
+
+def low_memory(exc: BaseException) -> bool:
+    """Ray's memory monitor killed the call's worker: the node was short of memory, whoever's memory it was
+    (ray.exceptions.OutOfMemoryError, told by name: this module does not import Ray)."""
+    return any(c.__name__ == "OutOfMemoryError" and c.__module__ == "ray.exceptions" for c in type(exc).__mro__)
+
+
+def memory_line(exc: BaseException) -> str:
+    """Ray's paragraph as one line: 'Ray killed workers of the run: the node ran low on memory (6.14GB used /
+    23.54GB limit; Ray kills above RAY_memory_usage_threshold, 0.95 by default)'."""
+    used = re.search(r"was ([\d.]+\s*\w+ used / [\d.]+\s*\w+) limit", str(exc))
+    figures = f"{used.group(1)} limit; " if used else ""
+    return (f"Ray killed workers of the run: the node ran low on memory ({figures}Ray kills above "
+            f"RAY_memory_usage_threshold, 0.95 by default)")
 
 
 def start_failed(exc: BaseException) -> bool:
@@ -130,6 +147,9 @@ def failure_line(exc: BaseException, run_dir: Path, arguments: str, resumable: b
     from the newest checkpoint, or, where none was written (`resumable` False), that the run starts over.
     `arguments`: the config and overrides the run was started with."""
     first = f"free space on the disk of {run_dir}, then " if disk_full(exc) else ""
+    if low_memory(exc):
+        first = ("free memory on the node (other processes), or give the run less (generation.kv_cache_gib, "
+                 "learner.max_tokens_per_micro_batch), then ")
     resume = f"--resume {shlex.quote(str(run_dir))}"
     command = " ".join(part for part in ("async-rlhf train", arguments, resume) if part)  # `arguments` "": a resume
     then = (f"continue with `{command}` (from its newest checkpoint)" if resumable

@@ -120,6 +120,24 @@ def test_an_error_elsewhere_is_not_called_a_full_disk(tmp_path: Path) -> None:
     assert not disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
+def test_workers_killed_for_want_of_memory_are_one_line_with_the_fix(tmp_path: Path) -> None:
+    import ray
+
+    # Ray's memory monitor's paragraph (its first line as Ray 2.5x words it; then the kill reason, object store
+    # figures and a table of processes), which was the run's last line before.
+    exc = ray.exceptions.OutOfMemoryError(
+        "3 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 192.0.2.2, ID: "
+        "a4385b) was 6.14GB used / 23.54GB limit (0.260927)\nOOM kill reason: Memory usage 6401949696B exceeded "
+        "threshold of 6319050752B (25.0% of 25276203008B limit)\nObject store memory usage: [...]")
+    line = failure_line(exc, tmp_path, "my.yaml", resumable=True)
+    assert line.startswith("[async-rlhf] run failed: Ray killed workers of the run: the node ran low on memory "
+                           "(6.14GB used / 23.54GB limit; Ray kills above RAY_memory_usage_threshold, 0.95 by "
+                           "default); traceback in ")
+    assert line.endswith("; free memory on the node (other processes), or give the run less (generation.kv_cache_gib, "
+                         f"learner.max_tokens_per_micro_batch), then continue with `async-rlhf train my.yaml --resume "
+                         f"{tmp_path}` (from its newest checkpoint)")
+
+
 class Broken:  # an actor whose start fails, as a Learner given a damaged checkpoint
     def __init__(self) -> None:
         raise ValueError("Error while deserializing header: invalid header length")

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import ray
 
 from actors.generator import GeneratorActor
+from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.existing_ray import prepare_join
 from async_rlhf.cluster.local_ray import init_local_ray
@@ -57,6 +58,9 @@ def make_broker(cfg: RunConfig, weights_root: Path, first_version: int) -> Weigh
     transport = NcclTransport(cfg.weight_sync.transport) if pushed else SharedMemoryTransport(weights_root)
     keep, initial = broker_versions(cfg, first_version)
     return WeightSyncBroker(transport, keep, initial_version=initial)  # the build publishes `first_version`
+
+
+LEARNER_LOST: tuple[type[Exception], ...] = (*ACTOR_LOST, LearnerHung)
 
 
 class ComponentBuilder:
@@ -127,10 +131,13 @@ class ComponentBuilder:
         run as a failed start-up); one whose own start raised is not (it would raise again)."""
         while True:
             if died is not None:
-                self._restart_starting_learner(died)
+                self._require_restartable(died)
             try:
+                if died is not None:  # its replacement may die in its start too (Ray kills the newest worker first)
+                    self._restart_starting_learner(died)
+                    died = None
                 return action()
-            except (ray.exceptions.RayActorError, LearnerHung) as exc:
+            except LEARNER_LOST as exc:
                 died = exc
 
     def _first_weights(self, pool: GeneratorPool, first_version: int) -> None:
@@ -139,10 +146,13 @@ class ComponentBuilder:
         elif not first_version:  # version 0 as weights a generator can go back to (resume.broker_versions)
             publish_weights(self.parts.learner, self.broker, 0, self.cfg.learner.stall_timeout_s)
 
+    def _require_restartable(self, error: BaseException) -> None:
+        """`error` ends the run when a new learner would fail the same way or no restart is left."""
+        if start_failed(error) or node_crashed(error) or self.stats.learner_restarts >= self.cfg.learner.max_restarts:
+            raise error
+
     def _restart_starting_learner(self, error: BaseException) -> None:
         limit = self.cfg.learner.max_restarts
-        if start_failed(error) or node_crashed(error) or self.stats.learner_restarts >= limit:
-            raise error
         self.stats.learner_restarts += 1
         print(f"[async-rlhf] the learner failed while starting ({what_died(error)}); starting a new one (restart "
               f"{self.stats.learner_restarts} of learner.max_restarts={limit})", file=sys.stderr, flush=True)

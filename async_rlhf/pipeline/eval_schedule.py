@@ -19,8 +19,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-import ray
-
+from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
@@ -215,7 +214,7 @@ class EvalSchedule:
         one evaluation ended the run."""
         try:
             step()
-        except ray.exceptions.RayActorError as exc:
+        except ACTOR_LOST as exc:
             restarts = self.cfg.generation.max_restarts + self.cfg.reward.max_restarts
             if flight.stage == "kl" or flight.attempts > restarts:
                 raise

@@ -21,7 +21,7 @@ from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, what_died, worker_error
-from async_rlhf.pipeline.builder import ComponentBuilder
+from async_rlhf.pipeline.builder import LEARNER_LOST, ComponentBuilder
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
@@ -102,16 +102,28 @@ class LearnerFailover:
         self.evals.abandon()  # pending evaluations are of rolled-back versions; none may keep a lease
         self.pool.quiesce()
         self.rewards.forget_in_flight()
-        self.builder.replace_learner()
-        version = self.roll_back(point)
+        self.stats.learner_restarts += 1  # before its start: a new learner that dies there is counted on top
+        version = self._replace_from(point)
         self.state.start_clocks()  # the new learner's: its start and the roll-back were bounded on their own
-        self.stats.learner_restarts += 1
         origin = point.path.name if isinstance(point, Checkpoint) else "the start (no checkpoint written yet)"
         again = {0: "no step is lost", 1: f"step {lost} is trained again"}.get(
             lost - version, f"steps {version + 1}..{lost} are trained again")
         print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {origin} "
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); "
               f"{again}", file=sys.stderr, flush=True)
+
+    def _replace_from(self, point: RestartPoint) -> int:
+        """A new learner rolled back to `point`; returns its version. One that dies in its start or its roll-back
+        (Ray's memory monitor kills the newest worker first, so one started while the node is short of memory
+        does) is replaced again within learner.max_restarts, as at start-up (ComponentBuilder.with_learner)."""
+        died: BaseException | None = None
+        try:
+            self.builder.replace_learner()
+        except LEARNER_LOST as exc:
+            died = exc
+        versions: list[int] = []
+        self.builder.with_learner(lambda: versions.append(self.roll_back(point)), died)
+        return versions[-1]
 
     def kill_hung(self, idle_s: float) -> bool:
         """A learner with a step in flight that has finished none for learner.stall_timeout_s is hung (a collective

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import ray
 
 from actors.generator import GenerationResult
+from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
@@ -119,7 +120,7 @@ class GeneratorPool:
         chunk = self._handled(slot, ref)
         try:
             result: GenerationResult = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+        except ACTOR_LOST as exc:
             self._on_died(slot, exc, chunk)
             return
         except ray.exceptions.RayTaskError as exc:
@@ -219,7 +220,7 @@ class GeneratorPool:
             raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
                            f"(generation.max_restarts={self.cfg.generation.max_restarts}): "
                            f"{first_line(exc).rstrip('.')}; why it died is in its log under {ray_logs()}") from exc
-        except ray.exceptions.RayActorError:  # still restarting, unless Ray itself is gone
+        except ACTOR_LOST:  # still restarting (or killed again in its start for want of memory), unless Ray is gone
             require_gcs()
             slot.not_before = live_clock.now() + 1.0
             return

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from actors.generator import GenerationResult
+from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
@@ -54,7 +55,7 @@ class RewardBook:
         started = self.started.pop(ref, live_clock.now())
         try:
             scored = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+        except ACTOR_LOST as exc:
             self.on_died(exc)
             self.regenerate(result)
             return

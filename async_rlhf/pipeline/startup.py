@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import ray
 
+from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.local_ray import held_stop_signals, init_local_ray, require_gcs
 from async_rlhf.cluster.placement import free_resources
 from async_rlhf.cluster.resources import usable_cores
@@ -196,7 +197,7 @@ def _answers(refs: list[Any], spare: bool) -> list[Any]:
     """`ray.get(refs)`; for a spare role an actor's death is returned as its answer."""
     try:
         return ray.get(refs)
-    except ray.exceptions.RayActorError as exc:
+    except ACTOR_LOST as exc:
         if not spare:
             raise
         return [exc]
