@@ -137,14 +137,14 @@ def ratio_main(argv: list[str] | None, doc: str, measure: Callable[..., dict], n
 def start_bench_ray() -> None:
     """The benchmark's own 2-CPU Ray, started as a run starts its local one: quiet on the terminal, and a temp
     directory Ray cannot use said in one line first (exit 2)."""
-    import logging
-
     from async_rlhf.cluster.local_ray import init_local_ray
     from async_rlhf.config.base import ConfigError
+    from async_rlhf.config.run import RunConfig
     from async_rlhf.config.runtime import check_ray_temp_dir
+    from async_rlhf.pipeline.startup import ray_init_kwargs
 
     try:
         check_ray_temp_dir(os.environ)
     except ValueError as exc:
         raise ConfigError(f"config error: {exc}") from None
-    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    init_local_ray(**ray_init_kwargs(RunConfig(resources={"num_cpus": 2}), cores=2))

@@ -224,6 +224,10 @@ def ray_init_kwargs(cfg: RunConfig, cores: int) -> dict[str, Any]:
     if cfg.ray.address is None:  # a cluster's resources are what its `ray start` commands declared
         roles = cfg.generation.num_generators + cfg.learner.num_ranks
         kwargs["num_cpus"] = cfg.resources.num_cpus or max(cores, roles)
+        # Ray adds 15 to its workers' niceness (headroom for its raylet), so any process at the user's priority
+        # took ~28x their CPU: beside 6 busy loops on 2 cores the quickstart's first step came after 303 s, not
+        # 40 s. The run's workers get the priority it was started with (`nice` included); a cluster keeps its own.
+        kwargs["_system_config"] = {"worker_niceness": 0}
     return kwargs
 
 
