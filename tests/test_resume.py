@@ -168,7 +168,8 @@ def test_deterministic_resume_gives_identical_weights(tmp_path: Path, ray_local)
     check_synchronous_run(straight, steps, ray_local)
     interrupted_copy(straight, resumed, keep_step)
     err = run_command(cli_command("train", "--resume", str(resumed)))  # with the run's own config.yaml
-    assert f"at step {keep_step}" in err
+    assert f"at step {keep_step}" in err and f"{steps} steps in " in err
+    assert f"(this process from step {keep_step}), " in err  # the training seconds are both processes'
     want = load_file(str(straight / "final" / "model.safetensors"))
     got = load_file(str(resumed / "final" / "model.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

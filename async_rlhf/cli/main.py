@@ -199,6 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from async_rlhf.pipeline.startup import process_age_s
 
     ended, steps, gold = summary_figures(summary)
+    if checkpoint is not None:  # the training seconds are the whole run's, the launch this process's
+        steps += f" (this process from step {checkpoint.step})"
     print(f"[async-rlhf] {ended}: {steps}, {process_age_s():.1f}s since launch; {gold} (bound "
           f"{summary['max_staleness']}), outputs in {run_dir}", flush=True)
     return 0
