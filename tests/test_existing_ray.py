@@ -200,6 +200,29 @@ def test_a_run_on_a_cluster_joined_by_auto_trains_and_leaves_the_cluster_up(open
     wait_for_free_cpus(address, {**env, AUTH_MODE: "disabled"})
 
 
+def test_an_unset_address_starts_a_ray_of_the_runs_own_beside_a_cluster_on_this_machine(
+        open_cluster: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: with ray.address unset ("a Ray of the run's own") ray.init joined the cluster that $RAY_ADDRESS or a
+    # `ray start` on this machine named, and the run failed: "When connecting to an existing cluster, num_cpus and
+    # num_gpus must not be provided."
+    from async_rlhf.cli.main import ray_address_note
+    from async_rlhf.config.run import RunConfig
+
+    address, temp = open_cluster
+    code = ("import ray\nfrom async_rlhf.cluster.local_ray import shutdown_local_ray\n"
+            "from async_rlhf.config.run import RunConfig\nfrom async_rlhf.pipeline.startup import ray_init_kwargs\n"
+            "ray.init(**ray_init_kwargs(RunConfig(), 1))\n"
+            "print('GCS', ray.get_runtime_context().gcs_address)\nshutdown_local_ray()")
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_ADDRESS": address, AUTH_MODE: "disabled"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=180)
+    gcs = re.search(r"GCS (\S+)", out.stdout)
+    assert gcs is not None, out.stderr[-3000:]
+    assert gcs.group(1).rpartition(":")[2] != address.rpartition(":")[2]  # a Ray of its own
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    assert ray_address_note(RunConfig()).startswith("note: RAY_ADDRESS is set but ray.address is not: this run")
+    assert ray_address_note(RunConfig(ray={"address": "auto"})) == ""
+
+
 def wait_for_free_cpus(address: str, env: dict[str, str]) -> None:
     """`ray status` of the cluster shows none of its 2 CPUs in use (Ray's accounting lags an exit by a moment)."""
     deadline = time.monotonic() + 60

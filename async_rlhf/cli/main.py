@@ -120,6 +120,14 @@ def train_arguments(config: str | None, overrides: list[str]) -> str:
     return " ".join(shlex.quote(part) for part in [*([config] if config else []), *map(shown_override, overrides)])
 
 
+def ray_address_note(cfg: RunConfig) -> str:
+    """One line where $RAY_ADDRESS names a cluster that the run, with ray.address unset, does not join; or ""."""
+    if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
+        return ("note: RAY_ADDRESS is set but ray.address is not: this run starts a Ray of its own (set "
+                "ray.address=auto to run on that cluster)")
+    return ""
+
+
 def train_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """The config file `train` was given and its overrides; `train --resume RUN_DIR [key=value ...]` gives none
     (the run's own config.yaml is read), and argparse then takes a first override for the config."""
@@ -158,6 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, overrides = train_source(args)
     cfg = load_config(config or resume_config(args.resume), overrides)
     if config and (note := unused_note(cfg)):  # the run's own config.yaml sets every key: said at its start
+        print(f"[async-rlhf] {note}", flush=True)
+    if note := ray_address_note(cfg):
         print(f"[async-rlhf] {note}", flush=True)
     checkpoint = None
     if args.resume is not None:

@@ -219,8 +219,10 @@ def await_restarted(ref: Any, name: str, limit_s: float, watch: PlacementWatch) 
 def ray_init_kwargs(cfg: RunConfig, cores: int) -> dict[str, Any]:
     """ray.init's arguments for a run: a local Ray gets a CPU per role at least (cores pinned or not); Ray says
     nothing at INFO level ("Started a local Ray instance", "Connected to Ray cluster": the run says its own)."""
-    kwargs: dict[str, Any] = {"address": cfg.ray.address, "include_dashboard": False, "log_to_driver": False,
-                              "logging_level": logging.WARNING}
+    # "local": with ray.address unset Ray joined the cluster that $RAY_ADDRESS or a `ray start` on this machine
+    # named, and failed there ("num_cpus and num_gpus must not be provided"); unset means a Ray of the run's own.
+    kwargs: dict[str, Any] = {"address": cfg.ray.address or "local", "include_dashboard": False,
+                              "log_to_driver": False, "logging_level": logging.WARNING}
     if cfg.ray.address is None:  # a cluster's resources are what its `ray start` commands declared
         roles = cfg.generation.num_generators + cfg.learner.num_ranks
         kwargs["num_cpus"] = cfg.resources.num_cpus or max(cores, roles)
