@@ -128,3 +128,18 @@ def test_a_benchmark_option_out_of_range_is_a_usage_error_before_any_run(
     with pytest.raises(SystemExit) as exit_:
         main(["bench", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_vllms_own_kv_cache_variable_is_named_where_it_overrides_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    # VLLM_CPU_KVCACHE_SPACE=40 (as vLLM's CPU guide sets it) beat generation.kv_cache_gib silently, and on this
+    # 24 GiB machine failed the generator's start ("less than requested memory for kv (40.0 GiB)").
+    from async_rlhf.cli.main import environment_notes
+    from async_rlhf.config.run import RunConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    assert environment_notes(RunConfig()) == []
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
+    assert environment_notes(RunConfig()) == [
+        "note: VLLM_CPU_KVCACHE_SPACE is set: on CPU vLLM sizes each generator's KV cache from it (GiB), not from "
+        "generation.kv_cache_gib; unset it to use the config"]

@@ -205,7 +205,7 @@ def test_an_unset_address_starts_a_ray_of_the_runs_own_beside_a_cluster_on_this_
     # Before: with ray.address unset ("a Ray of the run's own") ray.init joined the cluster that $RAY_ADDRESS or a
     # `ray start` on this machine named, and the run failed: "When connecting to an existing cluster, num_cpus and
     # num_gpus must not be provided."
-    from async_rlhf.cli.main import ray_address_note
+    from async_rlhf.cli.main import environment_notes
     from async_rlhf.config.run import RunConfig
 
     address, temp = open_cluster
@@ -219,8 +219,10 @@ def test_an_unset_address_starts_a_ray_of_the_runs_own_beside_a_cluster_on_this_
     assert gcs is not None, out.stderr[-3000:]
     assert gcs.group(1).rpartition(":")[2] != address.rpartition(":")[2]  # a Ray of its own
     monkeypatch.setenv("RAY_ADDRESS", address)
-    assert ray_address_note(RunConfig()).startswith("note: RAY_ADDRESS is set but ray.address is not: this run")
-    assert ray_address_note(RunConfig(ray={"address": "auto"})) == ""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    [note] = environment_notes(RunConfig())
+    assert note.startswith("note: RAY_ADDRESS is set but ray.address is not: this run starts a Ray of its own")
+    assert environment_notes(RunConfig(ray={"address": "auto"})) == []
 
 
 def wait_for_free_cpus(address: str, env: dict[str, str]) -> None:

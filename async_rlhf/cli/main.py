@@ -120,12 +120,16 @@ def train_arguments(config: str | None, overrides: list[str]) -> str:
     return " ".join(shlex.quote(part) for part in [*([config] if config else []), *map(shown_override, overrides)])
 
 
-def ray_address_note(cfg: RunConfig) -> str:
-    """One line where $RAY_ADDRESS names a cluster that the run, with ray.address unset, does not join; or ""."""
+def environment_notes(cfg: RunConfig) -> list[str]:
+    """A line for each variable of the environment that overrides or sidesteps a setting of the run."""
+    notes = []
     if cfg.ray.address is None and os.environ.get("RAY_ADDRESS"):
-        return ("note: RAY_ADDRESS is set but ray.address is not: this run starts a Ray of its own (set "
-                "ray.address=auto to run on that cluster)")
-    return ""
+        notes.append("note: RAY_ADDRESS is set but ray.address is not: this run starts a Ray of its own (set "
+                     "ray.address=auto to run on that cluster)")
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        notes.append("note: VLLM_CPU_KVCACHE_SPACE is set: on CPU vLLM sizes each generator's KV cache from it (GiB), "
+                     "not from generation.kv_cache_gib; unset it to use the config")
+    return notes
 
 
 def train_source(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -167,7 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config or resume_config(args.resume), overrides)
     if config and (note := unused_note(cfg)):  # the run's own config.yaml sets every key: said at its start
         print(f"[async-rlhf] {note}", flush=True)
-    if note := ray_address_note(cfg):
+    for note in environment_notes(cfg):
         print(f"[async-rlhf] {note}", flush=True)
     checkpoint = None
     if args.resume is not None:
