@@ -30,10 +30,11 @@ def test_version_and_a_missing_config(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out == f"async-rlhf {metadata.version('async-rlhf')}\n"
-    with pytest.raises(SystemExit) as exit_:
-        main(["check-config"])
-    # Before: "the following arguments are required: config, overrides" (the overrides are optional).
-    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith("are required: config")
+    for command, missing in (("check-config", "config"), ("bench", "name")):
+        with pytest.raises(SystemExit) as exit_:
+            main([command])
+        # Before: "... are required: config, overrides" and "... name, bench_args" (the second ones are optional).
+        assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"are required: {missing}")
     assert main(["train"]) == 2  # its config may come from --resume RUN_DIR (test_bad_input.py)
     assert capsys.readouterr().err.startswith("config error: train needs a config file")
 

@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="task.* and model.embedded.* overrides, e.g. task.name=arith")
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (docs/benchmarks.md); its options follow NAME")
     bench.add_argument("name", choices=BENCHMARKS)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --seeds 0 1")
+    rest = bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                              help="the benchmark's own options, e.g. --seeds 0 1")
+    rest.required = False  # argparse marks a REMAINDER positional required: "required: name, bench_args"
     add_model_parsers(sub)
     return parser
 
