@@ -151,11 +151,11 @@ def resume_config(run_dir: Path) -> Path:
     written out of it (they cannot be read back)."""
     from async_rlhf.config.base import load_yaml
     from async_rlhf.config.redaction import redacted_keys
-    from async_rlhf.pipeline.resume import saved_config
+    from async_rlhf.pipeline.resume import REFUSED, saved_config
 
     path = saved_config(run_dir)
     if hidden := redacted_keys(load_yaml(path.read_text(encoding="utf-8"))):
-        raise ConfigError(f"config error: --resume: {path} has {', '.join(hidden)} written as *** (a credential is "
+        raise ConfigError(f"{REFUSED}{path} has {', '.join(hidden)} written as *** (a credential is "
                           f"never saved); pass the config the run started with: async-rlhf train CONFIG --resume "
                           f"{run_dir}")
     return path

@@ -48,6 +48,7 @@ from async_rlhf.weights.broker import WeightSyncBroker
 STATE_FILE = "controller_state.pkl"
 WEIGHTS_MARKER = "weights_location"  # run_dir file: where the run's broker keeps published weights
 LEARNER_DIR = "learner"
+REFUSED = "config error: --resume: "  # every refusal of a resume starts so
 # Keys a resumed run may change: none of them alters what is trained or in which order.
 MAY_CHANGE = ("run_dir", "learner.steps", "learner.stall_timeout_s", "learner.max_nonfinite_steps",
               "learner.max_restarts", "checkpoint.",
@@ -318,29 +319,29 @@ def _steps_done(summary: Path) -> int:
 
 def saved_config(run_dir: Path) -> Path:
     """The config.yaml of the run in `run_dir` (its config as resolved at its start), or a ConfigError."""
-    pre = "config error: --resume: "
     if not run_dir.is_dir():
-        raise ConfigError(f"{pre}run directory '{run_dir}' not found; pass the directory of an earlier run")
+        raise ConfigError(f"{REFUSED}run directory '{run_dir}' not found; pass the directory of an earlier run")
     if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{pre}'{run_dir}' holds no run (no config.yaml); pass the directory of an earlier run")
+        raise ConfigError(f"{REFUSED}'{run_dir}' holds no run (no config.yaml); pass the directory of an earlier "
+                          "run")
     return run_dir / "config.yaml"
 
 
 def find_resume_point(cfg: RunConfig, run_dir: Path) -> Checkpoint:
     """The checkpoint `train --resume run_dir` continues from, or a ConfigError saying why there is none."""
-    pre = "config error: --resume: "
     diff = config_difference(load_config(saved_config(run_dir)), cfg)
     if diff:
-        raise ConfigError(f"{pre}{diff}; a resumed run must keep it (start a new run to change it)")
+        raise ConfigError(f"{REFUSED}{diff}; a resumed run must keep it (start a new run to change it)")
     done = _steps_done(run_dir / "summary.json")
     if done >= cfg.learner.steps:
-        raise ConfigError(f"{pre}run '{run_dir}' already finished ({done} of learner.steps={cfg.learner.steps}); "
+        raise ConfigError(f"{REFUSED}run '{run_dir}' already finished ({done} of learner.steps={cfg.learner.steps}); "
                           f"raise learner.steps to train further")
     latest = CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last).latest_valid(_warn)
     if latest is None:
-        raise ConfigError(f"{pre}no valid checkpoint in '{run_dir / 'checkpoints'}'; start a new run "
+        raise ConfigError(f"{REFUSED}no valid checkpoint in '{run_dir / 'checkpoints'}'; start a new run "
                           f"(set checkpoint.every so that runs write them)")
     if latest.step > cfg.learner.steps:  # == is fine: a run killed after its last step only finishes
-        raise ConfigError(f"{pre}the newest valid checkpoint in '{run_dir / 'checkpoints'}' is at step {latest.step}, "
-                          f"beyond learner.steps={cfg.learner.steps}; raise learner.steps to at least {latest.step}")
+        raise ConfigError(f"{REFUSED}the newest valid checkpoint in '{run_dir / 'checkpoints'}' is at step "
+                          f"{latest.step}, beyond learner.steps={cfg.learner.steps}; raise learner.steps to at least "
+                          f"{latest.step}")
     return latest
