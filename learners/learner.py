@@ -25,6 +25,7 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.rollout import RolloutGroup
 from learners.core_lending import CoreLending
 from learners.distributed import RankInfo, all_agree, all_max, init_distributed
+from learners.dropout import disable_dropout
 from learners.logprobs import (
     PackedBatch,
     behaviour_logprobs,
@@ -89,6 +90,14 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> PreTrainedM
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
 
 
+def load_trained_lm(model_dir: str | Path, cfg: RunConfig) -> PreTrainedModel:
+    """A causal LM the learner trains (the policy, a value model's body), with learner.disable_dropout."""
+    model = load_causal_lm(model_dir, cfg.model.torch_dtype)
+    if cfg.learner.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
 def epoch_metrics(epochs: list[dict]) -> dict:
     """One step's record from its epochs: the first epoch's (measured before any update of this
     batch), the optimizer steps of all, and the last epoch's loss and clip rates when there were more."""
@@ -128,7 +137,7 @@ class Learner:
         self.version = 0  # == number of train_step calls; the queue's staleness rule relies on it
         self._fresh: set[int] = set()  # id() of this step's staleness-0 completions
         dtype = cfg.model.torch_dtype
-        policy = load_causal_lm(model_dir, dtype)
+        policy = load_trained_lm(model_dir, cfg)
         # Any valid id will do (padding is masked out); many checkpoints (GPT-2, Llama) define no pad token.
         self.pad_id = int(getattr(policy.config, "pad_token_id", None) or 0)
         if cfg.learner.gradient_checkpointing:
@@ -161,7 +170,7 @@ class Learner:
         return lending
 
     def _build_value_model(self) -> ValueTrainer:
-        model = ValueModel.from_causal_lm(load_causal_lm(self.model_dir, self.cfg.model.torch_dtype)).to(self.device)
+        model = ValueModel.from_causal_lm(load_trained_lm(self.model_dir, self.cfg)).to(self.device)
         learner = self.cfg.learner
         return ValueTrainer(model, lr=self.cfg.loss.value_lr or learner.lr, weight_decay=learner.weight_decay,
                             grad_clip=learner.grad_clip, fused=learner.fused_optimizer)

@@ -22,14 +22,21 @@ VOCAB = 16
 
 def build_model_dir(path: Path, tied: bool = False) -> Path:
     """A 2-layer Llama (random init, seed 0) and a word-level tokenizer saved as an HF directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_hidden_layers=2,
                          vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tied,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(path)
+    return save_word_tokenizer(path)
+
+
+def save_word_tokenizer(path: Path) -> Path:
+    """A word-level tokenizer of VOCAB ids (pad 0, bos 1, eos 2, digits, three symbols) saved into `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{str(d): 3 + d for d in range(10)}, "|": 13, "x": 14, "y": 15}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -41,6 +41,13 @@ class LearnerConfig(Strict):
                     "SmolLM2 steps on 2 CPU cores (docs/benchmarks.md). Rounds differently from false (torch's "
                     "for-each kernels): resume a run with the setting it started with for bit-identical weights",
     )
+    disable_dropout: bool = Field(
+        True,
+        description="dropout off in the policy and value model (TRL's default): the generator samples without it, "
+                    "so with it the learner's log-probs differ from the sampling ones at random, and so do the "
+                    "ratios, KLs and DPO margins built on them (GPT-2 and OPT checkpoints ship 0.1); false keeps "
+                    "the checkpoint's rates",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1,
