@@ -122,13 +122,38 @@ def worker_error(exc: BaseException) -> BaseException | None:
 
 
 def _failed_start(text: str) -> str:
-    """'the Learner actor could not start: SafetensorError: ...' from an ActorDiedError's text, whose last line is
-    the error its __init__ raised (module path dropped)."""
+    """'the Learner actor could not start: SafetensorError: ...' from an ActorDiedError's text, which ends with the
+    traceback of the error its __init__ raised (module path dropped)."""
     call = re.search(r"ray::(\w+)\.__init__", text)
-    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-    name, sep, message = last.partition(": ")
+    name, sep, message = _raised(text).partition(": ")
     error = f"{name.rsplit('.', 1)[-1]}{sep}{message}"
     return f"the {call.group(1) if call else 'an'} actor could not start: {error}"
+
+
+def _raised(text: str) -> str:
+    """A traceback's error line: the first unindented line after its last frame (a message may go on over more
+    lines, which may end with a link), or the text's last line where it holds no frame. A pydantic error (vLLM
+    checks its engine arguments with pydantic) gets its first reason: its header only counts and names the class."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    after = lines[frames[-1] + 1:] if frames else []
+    header = next((i for i, line in enumerate(after) if not line.startswith(" ")), None)
+    if header is None:
+        return lines[-1].strip()
+    raised = after[header]
+    if re.search(r": \d+ validation errors? for \w+$", raised):
+        return f"{raised.partition(': ')[0]}: {_first_reason(after[header + 1:])}"
+    return raised
+
+
+def _first_reason(lines: list[str]) -> str:
+    """'field: reason' from the lines under a pydantic error's header: the field on a line of its own (none for a
+    model's own check), the reason indented below it with '[type=..., input_value=...]' after it."""
+    reason = next((i for i, line in enumerate(lines) if line.startswith(" ")), None)
+    if reason is None:
+        return "; ".join(line.strip() for line in lines)
+    text = re.sub(r" \[type=.*$", "", lines[reason].strip().removeprefix("Value error, "))
+    return ": ".join([*(line.strip() for line in lines[:reason]), text])
 
 
 def first_line(exc: BaseException) -> str:

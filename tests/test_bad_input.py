@@ -638,6 +638,33 @@ def test_a_checkpoint_that_does_not_generate_is_refused_as_policy_or_reference(t
     assert byo(policy).model.path == policy  # generative heads pass, LMHeadModel included
 
 
+def test_an_encoder_decoder_is_refused_before_any_worker(tokenizer_dir: Path) -> None:
+    """Found by hand: a T5 checkpoint started the whole run and failed in the generator's start with transformers'
+    "Argument position_ids not found in the forward method of T5Stack"."""
+    (tokenizer_dir / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"],
+                                                           "is_encoder_decoder": True}))
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + (f"model.path: '{tokenizer_dir}' holds a T5ForConditionalGeneration, an "
+                                  "encoder-decoder (config.json is_encoder_decoder); training runs decoder-only "
+                                  "causal language models: point it at one (e.g. a Llama, Qwen or GPT-2 checkpoint)")
+
+
+@pytest.mark.parametrize("vocab_size", [10, 13])
+def test_a_tokenizer_with_ids_beyond_the_embeddings_is_refused(tokenizer_dir: Path, vocab_size: int) -> None:
+    """Found by hand: a tokenizer given tokens without resize_token_embeddings started the whole run and failed in
+    the learner's first step with "IndexError: index out of range in self". The sort tokenizer's ids go up to 13."""
+    (tokenizer_dir / "config.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    with pytest.raises(ConfigError) as err:
+        byo(tokenizer_dir)
+    assert str(err.value) == E + (f"model.path: the tokenizer in '{tokenizer_dir}' writes token ids up to 13, but the "
+                                  f"model's embeddings hold {vocab_size} (config.json vocab_size); resize its "
+                                  "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and "
+                                  "save it again")
+    (tokenizer_dir / "config.json").write_text(json.dumps({"vocab_size": 14}))
+    assert byo(tokenizer_dir).model.path == tokenizer_dir  # as many rows as ids (or more, as padded vocabularies)
+
+
 def test_a_checkpoint_without_weights_is_refused_before_any_worker(tokenizer_dir: Path) -> None:
     (tokenizer_dir / "model.safetensors").unlink()
     with pytest.raises(ConfigError) as err:

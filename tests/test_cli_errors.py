@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 
 from async_rlhf.api.app import ApiServer
@@ -154,6 +155,36 @@ def test_an_actor_that_could_not_start_is_named_with_its_own_error(ray_local, tm
     assert line.startswith("[async-rlhf] run failed: the Broken actor could not start: ValueError: Error while "
                            "deserializing header: invalid header length; traceback in ")
     assert "\x1b[" not in line and "pid=" not in line
+
+
+class EngineArgs(pydantic.BaseModel):  # as vLLM checks its engine's arguments
+    model_type: str
+
+    @pydantic.field_validator("model_type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        raise ValueError(f"The checkpoint has model type `{value}` but Transformers does not recognize this "
+                         "architecture.\nYou can update Transformers with the command `pip install -U transformers`.")
+
+
+class BrokenEngine:  # an actor whose start fails in vLLM's pydantic check, as a generator given a custom model
+    def __init__(self) -> None:
+        EngineArgs(model_type="mything")
+
+    def ping(self) -> None:
+        pass
+
+
+def test_an_actor_start_that_failed_with_a_long_message_is_named_by_its_reason(ray_local, tmp_path: Path) -> None:
+    """Found by hand: a checkpoint of a model type transformers does not know failed as "the GeneratorActor actor
+    could not start: 14/v/value_error", the end of pydantic's link under the message."""
+    actor = ray_local.remote(num_cpus=0)(BrokenEngine).remote()
+    with pytest.raises(ray_local.exceptions.ActorDiedError) as err:
+        ray_local.get(actor.ping.remote())
+    line = failure_line(err.value, tmp_path, "my.yaml", resumable=False)
+    assert line.startswith("[async-rlhf] run failed: the BrokenEngine actor could not start: ValidationError: "
+                           "model_type: The checkpoint has model type `mything` but Transformers does not recognize "
+                           "this architecture.; traceback in ")
 
 
 def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path: Path) -> None:

@@ -56,22 +56,62 @@ def _check_checkpoint(key: str, path: Path, tokenizer: bool) -> None:
     if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
         raise ValueError(f"{key}: no weights in '{path}' (no .safetensors or .bin file); download or save the "
                          "checkpoint again, with its weights")
-    _check_generative(key, path)
+    config = _read_config(key, path)
+    _check_generative(key, path, config)
+    if tokenizer:
+        _check_vocabulary_fits(key, path, config)
     check_weights(key, path, "download or save the checkpoint again")
 
 
-def _check_generative(key: str, path: Path) -> None:
+def _read_config(key: str, path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (ValueError, OSError):
+        config = None
+    if not isinstance(config, dict):
+        raise ValueError(f"{key}: '{path / 'config.json'}' is not a JSON object; download or save the checkpoint "
+                         "again")
+    return config
+
+
+def _check_generative(key: str, path: Path, config: dict) -> None:
     """A reward model or an encoder loads as a causal LM with a new, random head (transformers only warns), or
     reaches vLLM, which refuses to generate with it after the whole start-up."""
-    try:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    except (ValueError, AttributeError, OSError):
-        raise ValueError(f"{key}: '{path / 'config.json'}' is not a JSON object; download or save the checkpoint "
-                         "again") from None
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = []
+    if config.get("is_encoder_decoder") is True:  # T5, BART: the learner and generator run decoder-only models
+        named = f"a {architectures[0]}" if architectures and isinstance(architectures[0], str) else "a model"
+        raise ValueError(f"{key}: '{path}' holds {named}, an encoder-decoder (config.json is_encoder_decoder); "
+                         "training runs decoder-only causal language models: point it at one (e.g. a Llama, Qwen "
+                         "or GPT-2 checkpoint)")
     heads = [a for a in architectures if isinstance(a, str) and _not_generative(a)]
     if architectures and len(heads) == len(architectures):
         raise ValueError(f"{key}: '{path}' holds a {heads[0]} (config.json architectures), not a causal language "
                          "model; point it at a policy checkpoint (a reward model goes in reward.learned.path)")
+
+
+def _check_vocabulary_fits(key: str, path: Path, config: dict) -> None:
+    """Token ids the tokenizer writes must have rows in the model's embeddings: a tokenizer given tokens without
+    `resize_token_embeddings` started the whole run and failed in the learner's first step ("index out of range")."""
+    size, top = config.get("vocab_size"), _largest_token_id(path)
+    if isinstance(size, int) and top is not None and top >= size:
+        raise ValueError(f"{key}: the tokenizer in '{path}' writes token ids up to {top}, but the model's "
+                         f"embeddings hold {size} (config.json vocab_size); resize its embeddings to the tokenizer "
+                         "(model.resize_token_embeddings(len(tokenizer))) and save it again")
+
+
+def _largest_token_id(path: Path) -> int | None:
+    """The largest id in tokenizer.json (its vocabulary and added tokens), None where there is none to read."""
+    try:
+        tokenizer = json.loads((path / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [token["id"] for token in tokenizer.get("added_tokens") or []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    ids = [i for i in ids if isinstance(i, int)]
+    return max(ids) if ids else None
 
 
 def _check_same_vocabulary(policy: Path, reference: Path) -> None:
