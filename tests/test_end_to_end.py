@@ -7,6 +7,7 @@ so these runs share its supervised warm start.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def train(run_dir: Path, *overrides: str) -> dict:
-    proc = subprocess.run(train_command(run_dir, *overrides), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    # As a user's shell has it: without the RAY_AUTH_MODE=token that a Ray started in this process set (Ray's
+    # warning that it turned token authentication on is only said where the variable is unset).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run(train_command(run_dir, *overrides), capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The terminal gets the run's own lines and its progress bar only: none of Ray's (its start-up INFO line,
     # its token-authentication warning), vLLM's or DeepSpeed's.

@@ -86,7 +86,7 @@ def init_local_ray(**kwargs: Any) -> None:
     A Ray started here turns token authentication on by default and warns on the terminal that it did; the
     warning is left out (it asks nothing of the user). Setting RAY_AUTH_MODE=token here instead would not do:
     the driver reads it once, at `import ray`, so its client would speak without the token the GCS asks for."""
-    if kwargs.get("address") is None:
+    if kwargs.get("address") in (None, "local"):  # a Ray of the run's own
         logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
     with held_stop_signals(), head_processes_in_own_group():
         ray.init(**kwargs)
