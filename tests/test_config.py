@@ -154,6 +154,18 @@ def test_the_same_key_in_two_sections_and_yaml_merge_keys_are_fine(tmp_path: Pat
                                                                            "child": {"x": 1, "y": 3}}
 
 
+def test_a_section_with_nothing_under_it_is_its_defaults(tmp_path: Path) -> None:
+    """Found by hand: `learner:` with its keys commented out (YAML's null) was "learner: Input should be a valid
+    dictionary or instance of LearnerConfig"."""
+    config = tmp_path / "run.yaml"
+    config.write_text("learner:\n  # steps: 5\neval:\n")
+    assert load_config(config).learner == RunConfig().learner
+    assert load_config(config, ["learner.steps=7"]).learner.steps == 7
+    config.write_text("seed:\n")  # a setting, not a section: null is still refused
+    with pytest.raises(ConfigError, match="^config error: seed: Input should be a valid integer"):
+        load_config(config)
+
+
 def test_a_temp_dir_a_local_ray_cannot_use_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
     # ray.init failed after start-up had begun: "AF_UNIX path length cannot exceed 107 bytes: ..." for a scheduler's

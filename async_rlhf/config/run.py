@@ -335,8 +335,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, env
         if not isinstance(data, dict):
             raise ConfigError(f"config error: '{file}' must hold a mapping of sections (task:, model:, ...), not "
                               f"{type(data).__name__}")
-        data = readable_saved_config(data, RunConfig)  # a run's config.yaml has its secrets as ***
+        data = readable_saved_config(without_empty_sections(data), RunConfig)  # a run's config.yaml: secrets as ***
     return validate_config(merge_dicts(data, parse_overrides(overrides or [])), environment)
+
+
+def without_empty_sections(data: dict) -> dict:
+    """A section written with nothing under it (`learner:` with its keys commented out, which YAML reads as null)
+    is its defaults, as a section left out is."""
+    sections = {name for name, field in RunConfig.model_fields.items() if isinstance(field.default, BaseModel)}
+    return {key: value for key, value in data.items() if not (value is None and key in sections)}
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
