@@ -144,12 +144,7 @@ def test_columns_template_and_token_ids(tmp_path: Path, tokenizer) -> None:
 
 
 def test_chat_template_wraps_the_prompt_once(tmp_path: Path, tokenizer) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer.chat_template = CHAT
-    tokenizer.save_pretrained(tmp_path / "tok")
-    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")  # the template travels with the checkpoint
-    tokenizer.chat_template = None
+    reloaded = with_chat_template(tokenizer, tmp_path / "tok")  # the template travels with the checkpoint
     source = write(tmp_path / "rows.jsonl", ROWS)
     cfg = task_cfg(source, chat_template=True, system_prompt="be brief", max_prompt_tokens=128)
     prompt = dataset_task(cfg, reloaded, seed=0).eval_prompts()[0]
@@ -157,6 +152,48 @@ def test_chat_template_wraps_the_prompt_once(tmp_path: Path, tokenizer) -> None:
     assert prompt.text == f"<s>system=be brief\nuser={question}\nassistant="
     assert prompt.token_ids[:2] != [reloaded.bos_token_id] * 2  # the template's BOS, not a second one
     assert prompt.token_ids == [reloaded.bos_token_id] + token_ids(reloaded, list(prompt.text[3:]))
+
+
+def with_chat_template(tokenizer, path: Path):
+    """The module's tokenizer with CHAT as its template, saved and loaded as a checkpoint's would be."""
+    from transformers import AutoTokenizer
+
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(path)
+    tokenizer.chat_template = None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_conversational_prompts_are_rendered_by_the_chat_template(tmp_path: Path, tokenizer) -> None:
+    """TRL's conversational form: the prompt column holds role/content turns. Found by hand: every such row was
+    counted malformed and the run refused to start ("no usable prompts")."""
+    chat = with_chat_template(tokenizer, tmp_path / "tok")
+    rows = [{"question": [{"role": "user", "content": r["question"]}]} for r in ROWS]
+    rows += [{"question": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who has 2 pens"}]},
+             {"question": []},  # empty
+             {"question": [{"role": "user"}]}]  # a turn without content: malformed
+    source = write(tmp_path / "rows.jsonl", rows)
+    for system_prompt in (None, "be kind"):
+        cfg = task_cfg(source, max_prompt_tokens=128, chat_template=system_prompt is not None,
+                       system_prompt=system_prompt)
+        task = dataset_task(cfg, chat, seed=0)
+        stats = task.stats[0]
+        assert (stats.rows, stats.used, stats.empty, stats.malformed) == (8, 6, 1, 1)
+        added = f"system={system_prompt}\n" if system_prompt else ""
+        want = {f"<s>{added}user={r['question']}\nassistant=" for r in ROWS}
+        want.add("<s>system=be brief\nuser=who has 2 pens\nassistant=")  # its own system turn is kept
+        prompts = all_prompts(task)
+        assert {p.text for p in prompts} == want
+        assert all(p.token_ids == [chat.bos_token_id] + token_ids(chat, list(p.text[3:])) for p in prompts)
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ConfigError) as err:
+        dataset_task(task_cfg(source), AutoTokenizer.from_pretrained(tmp_path / "plain"), seed=0)
+    assert str(err.value) == ("config error: task.dataset.prompt_column: 'question' holds conversations (lists of "
+                              f"role/content turns) and the tokenizer in '{tmp_path / 'plain'}' has no chat "
+                              "template to render them; add one to its tokenizer_config.json, or give plain-text "
+                              "prompts")
 
 
 def test_rows_are_filtered_and_counted(tmp_path: Path, tokenizer) -> None:

@@ -1,4 +1,5 @@
-"""A prompt as a user turn of the tokenizer's chat template, for a whole dataset at once.
+"""A prompt as a user turn of the tokenizer's chat template, for a whole dataset at once; a conversation
+(TRL's conversational prompts: a list of role/content turns) rendered by the same template.
 
 Rendering the template is ~50 us of jinja per row: 50 s of start-up for a dataset of a million rows. Most
 templates put a user turn's content in verbatim, so the turn is rendered once around a marker and each prompt
@@ -27,6 +28,13 @@ class ChatTurn:
         turns.append({"role": "user", "content": text})
         return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
+    def conversation(self, turns: list[dict[str, str]]) -> str:
+        """A prompt in conversational form, rendered with the generation prompt; the system prompt goes first
+        where the conversation has no system turn of its own."""
+        own_system = turns[0]["role"] == "system"
+        head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt and not own_system else []
+        return self.tokenizer.apply_chat_template(head + turns, tokenize=False, add_generation_prompt=True)
+
     def wrap(self, texts: list[str]) -> list[str]:
         """Each text as the template renders it."""
         if self.sides is not None and texts and self._substituted(texts[0]) != self.render(texts[0]):
@@ -52,3 +60,14 @@ class ChatTurn:
         if any(self.render(probe) != before + probe + after for probe in PROBES):
             return None
         return before, after
+
+
+def as_conversation(value: Any) -> list[dict[str, str]] | None:
+    """A prompt in TRL's conversational form, a list of {"role": ..., "content": text} turns (other keys, such as
+    the nulls a table gives turns without them, dropped); None for anything else."""
+    if not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+               for t in value):
+        return None
+    return [{"role": t["role"], "content": t["content"]} for t in value]

@@ -3,8 +3,9 @@
 Sources: a .jsonl / .json / .csv / .parquet file, a directory written by `save_to_disk`, or a hub
 dataset name (when the machine can reach the hub). Each row becomes a `Prompt`: its text is the
 `prompt_column` (or `template.format(**row)`), optionally wrapped as a user turn by the tokenizer's
-chat template; `reference_column` goes to `meta["reference"]`, `meta_columns` to `meta` under their
-own names, so rule scorers and the remote reward see them.
+chat template (a `prompt_column` of conversations, TRL's conversational form, is always rendered by it);
+`reference_column` goes to `meta["reference"]`, `meta_columns` to `meta` under their own names, so rule
+scorers and the remote reward see them.
 
 Rows are checked once, when the task is built (before any worker starts): empty or malformed rows
 are skipped, prompts longer than `max_prompt_tokens` dropped (or truncated), prompts with tokens
@@ -41,7 +42,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, template_fields
 from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
-from async_rlhf.tasks.chat_turn import ChatTurn
+from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
 
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
 E = "config error: "
@@ -185,6 +186,7 @@ class RowMapper:
             raise ConfigError(f"{E}task.dataset.chat_template: the tokenizer in '{where}' has no chat template; "
                               f"set task.dataset.chat_template=false or add one to its tokenizer_config.json")
         self.chat = ChatTurn(tokenizer, cfg.system_prompt) if cfg.chat_template else None
+        self.conversations = self.chat  # made at the first conversation where chat_template is off
 
     def check_columns(self, columns: list[str], source: str) -> None:
         cfg = self.cfg
@@ -198,9 +200,13 @@ class RowMapper:
                                   f"(columns: {', '.join(columns)})")
 
     def text(self, row: dict) -> tuple[str | None, str]:
-        """The prompt text of a row, or None and why: `empty` (null or blank) or `malformed` (not text)."""
+        """The prompt text of a row, or None and why: `empty` (null or blank) or `malformed` (not text); a
+        conversation comes rendered by the chat template, why `rendered`."""
         template = self.cfg.template
         values = [row[f] for f in template_fields(template)] if template else [row[self.cfg.prompt_column]]
+        turns = None if template else as_conversation(values[0])
+        if turns is not None:
+            return self._rendered(turns)
         if any(_missing(v) or (isinstance(v, str) and not v.strip()) for v in values):
             return None, "empty"
         if any(_as_text(v) is None for v in values):
@@ -211,8 +217,25 @@ class RowMapper:
             return None, "malformed"
         return (text, "") if text and text.strip() else (None, "empty")
 
-    def checked(self, row: dict, stats: DataStats) -> tuple[str, str] | None:
-        """The row's prompt text and reference, or None with the reason counted in `stats`."""
+    def _rendered(self, turns: list[dict[str, str]]) -> tuple[str | None, str]:
+        """A conversation through the chat template (malformed where the template refuses it, as one whose roles
+        do not alternate)."""
+        if self.conversations is None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                where = getattr(self.tokenizer, "name_or_path", "") or "the model directory"
+                raise ConfigError(f"{E}task.dataset.prompt_column: '{self.cfg.prompt_column}' holds conversations "
+                                  f"(lists of role/content turns) and the tokenizer in '{where}' has no chat "
+                                  "template to render them; add one to its tokenizer_config.json, or give plain-"
+                                  "text prompts")
+            self.conversations = ChatTurn(self.tokenizer, self.cfg.system_prompt)
+        try:
+            return self.conversations.conversation(turns), "rendered"
+        except Exception:  # noqa: BLE001  # jinja's errors, and the template's own raise_exception
+            return None, "malformed"
+
+    def checked(self, row: dict, stats: DataStats) -> tuple[str, str, bool] | None:
+        """The row's prompt text, its reference and whether the text is rendered by the chat template already
+        (a conversation), or None with the reason counted in `stats`."""
         text, why = self.text(row)
         reference = _as_text(row[self.cfg.reference_column]) if self.cfg.reference_column else ""
         if text is None:
@@ -221,15 +244,27 @@ class RowMapper:
         if reference is None or (self.cfg.reference_column and not reference.strip()):
             stats.malformed += 1  # a reference scorer could not score it
             return None
-        return text, reference
+        return text, reference, why == "rendered"
 
-    def encode(self, texts: list[str]) -> tuple[list[str], list[list[int]]]:
-        """The prompts as the policy sees them, and their token ids: one tokenizer call for the batch."""
-        if self.chat is None:
-            return texts, self.token_ids(texts, special=True)
-        wrapped = self.chat.wrap(texts)
-        # The template writes BOS (if any) itself: encoding must not add another.
-        return wrapped, self.token_ids(wrapped, special=False)
+    def encode(self, texts: list[str], rendered: list[bool]) -> tuple[list[str], list[list[int]]]:
+        """The prompts as the policy sees them, and their token ids: one tokenizer call for the plain texts, one
+        for those a chat template wrote (it writes BOS, if any, itself: encoding must not add another)."""
+        if self.chat is not None:  # plain texts become user turns: then every text is templated
+            texts, rendered = self._wrapped(texts, rendered), [True] * len(texts)
+        ids: list[list[int]] = [[] for _ in texts]
+        for templated in (False, True):
+            rows = [i for i, done in enumerate(rendered) if done == templated]
+            for i, row_ids in zip(rows, self.token_ids([texts[i] for i in rows], special=not templated)):
+                ids[i] = row_ids
+        return texts, ids
+
+    def _wrapped(self, texts: list[str], rendered: list[bool]) -> list[str]:
+        assert self.chat is not None  # the caller checks it
+        plain = [i for i, done in enumerate(rendered) if not done]
+        out = list(texts)
+        for i, wrapped in zip(plain, self.chat.wrap([texts[i] for i in plain])):
+            out[i] = wrapped
+        return out
 
     def token_ids(self, texts: list[str], special: bool) -> list[list[int]]:
         """What `tokenizer(texts)` gives; straight from the Rust tokenizer when nothing in it would differ
@@ -245,9 +280,9 @@ class RowMapper:
         """The usable prompt rows of table rows `first`, `first + 1`, ...; the others counted in `stats`."""
         kept = [(index, row, found) for index, row in enumerate(rows, first)
                 if (found := self.checked(row, stats)) is not None]
-        texts, ids = self.encode([text for _, _, (text, _) in kept])
-        mapped = (self.finish(index, row, reference, text, tokens, stats)
-                  for (index, row, (_, reference)), text, tokens in zip(kept, texts, ids))
+        texts, ids = self.encode([found[0] for _, _, found in kept], [found[2] for _, _, found in kept])
+        mapped = (self.finish(index, row, found[1], text, tokens, stats)
+                  for (index, row, found), text, tokens in zip(kept, texts, ids))
         return [r for r in mapped if r is not None]
 
     def finish(self, index: int, row: dict, reference: str, text: str, ids: list[int],
@@ -283,7 +318,7 @@ def as_rows(columns: dict[str, list]) -> list[dict]:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, list) and not value)
 
 
 def _as_text(value: Any) -> str | None:
