@@ -168,14 +168,16 @@ def test_conversational_prompts_are_rendered_by_the_chat_template(tmp_path: Path
     """TRL's conversational form: the prompt column holds role/content turns. Found by hand: every such row was
     counted malformed and the run refused to start ("no usable prompts")."""
     chat = with_chat_template(tokenizer, tmp_path / "tok")
-    rows = [{"question": [{"role": "user", "content": r["question"]}]} for r in ROWS]
-    rows += [{"question": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who has 2 pens"}]},
-             {"question": []},  # empty
-             {"question": [{"role": "user"}]}]  # a turn without content: malformed
+    rows = [{"question": [{"role": "user", "content": r["question"]}],
+             "answer": [{"role": "assistant", "content": r["answer"]}]} for r in ROWS]  # prompt-completion form
+    rows += [{"question": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "who has 2 pens"}],
+              "answer": [{"role": "assistant", "content": "2"}]},
+             {"question": [], "answer": [{"role": "assistant", "content": "1"}]},  # empty
+             {"question": [{"role": "user"}], "answer": [{"role": "assistant", "content": "1"}]}]  # malformed
     source = write(tmp_path / "rows.jsonl", rows)
     for system_prompt in (None, "be kind"):
         cfg = task_cfg(source, max_prompt_tokens=128, chat_template=system_prompt is not None,
-                       system_prompt=system_prompt)
+                       system_prompt=system_prompt, reference_column="answer")
         task = dataset_task(cfg, chat, seed=0)
         stats = task.stats[0]
         assert (stats.rows, stats.used, stats.empty, stats.malformed) == (8, 6, 1, 1)
@@ -185,6 +187,7 @@ def test_conversational_prompts_are_rendered_by_the_chat_template(tmp_path: Path
         prompts = all_prompts(task)
         assert {p.text for p in prompts} == want
         assert all(p.token_ids == [chat.bos_token_id] + token_ids(chat, list(p.text[3:])) for p in prompts)
+        assert all(p.meta["reference"] in p.text for p in prompts)  # the completion's text: the digit asked about
     from transformers import AutoTokenizer
 
     tokenizer.save_pretrained(tmp_path / "plain")

@@ -237,7 +237,7 @@ class RowMapper:
         """The row's prompt text, its reference and whether the text is rendered by the chat template already
         (a conversation), or None with the reason counted in `stats`."""
         text, why = self.text(row)
-        reference = _as_text(row[self.cfg.reference_column]) if self.cfg.reference_column else ""
+        reference = _reference_text(row[self.cfg.reference_column]) if self.cfg.reference_column else ""
         if text is None:
             setattr(stats, why, getattr(stats, why) + 1)
             return None
@@ -328,6 +328,13 @@ def _as_text(value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and not _missing(value):
         return str(value)
     return None
+
+
+def _reference_text(value: Any) -> str | None:
+    """A reference as text; one in conversational form (TRL's prompt-completion datasets: the completion as a list
+    of assistant turns) is its last turn's content."""
+    turns = as_conversation(value)
+    return turns[-1]["content"] if turns is not None else _as_text(value)
 
 
 def in_eval_fraction(text: str, fraction: float) -> bool:
