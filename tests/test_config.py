@@ -166,6 +166,27 @@ def test_a_section_with_nothing_under_it_is_its_defaults(tmp_path: Path) -> None
         load_config(config)
 
 
+def test_a_home_where_ray_cannot_keep_its_token_is_a_config_error(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by hand: under a read-only HOME (a container's) ray.init failed after start-up had begun with
+    "OSError: [Errno 30] Read-only file system: '/home/u/.ray'". A file as HOME fails the same way as root too."""
+    home = tmp_path / "home"
+    home.write_text("")
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # a Ray started by this process sets one
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART)
+    assert str(err.value) == ("config error: a local Ray keeps its authentication token in ~/.ray, which cannot be "
+                              f"made (Not a directory: '{home / '.ray'}'); set HOME to a writable directory, or give "
+                              "Ray a token in $RAY_AUTH_TOKEN")
+    load_config(QUICKSTART, ["ray.address=auto"])  # a cluster's Ray has its token where it was started
+    for var, value in (("RAY_AUTH_TOKEN", "0123456789abcdef0123456789abcdef"), ("RAY_AUTH_MODE", "disabled")):
+        with monkeypatch.context() as given:
+            given.setenv(var, value)
+            load_config(QUICKSTART)
+
+
 def test_a_temp_dir_a_local_ray_cannot_use_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
     # ray.init failed after start-up had begun: "AF_UNIX path length cannot exceed 107 bytes: ..." for a scheduler's

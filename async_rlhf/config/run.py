@@ -26,6 +26,7 @@ from async_rlhf.config.runtime import (
     LoggingConfig,
     RayConfig,
     ResourcesConfig,
+    check_ray_home,
     check_ray_temp_dir,
 )
 from async_rlhf.config.task import TASK_DEFAULTS, TaskConfig
@@ -76,6 +77,7 @@ class RunConfig(Strict):
         if environment_checks(info) and self.ray.address is None:
             self._check_cuda()
             check_ray_temp_dir(os.environ)
+            check_ray_home(os.environ)
 
         need = self.loss.traits.min_samples_per_prompt
         if self.generation.samples_per_prompt < need:

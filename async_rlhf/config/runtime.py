@@ -62,6 +62,21 @@ def check_ray_temp_dir(env: Mapping[str, str]) -> None:
                          "to a writable directory")
 
 
+def check_ray_home(env: Mapping[str, str]) -> None:
+    """A local Ray turns token authentication on and keeps its token in ~/.ray/auth_token, made at its first start:
+    under a read-only HOME (a container's) ray.init failed after start-up had begun ("[Errno 30] Read-only file
+    system: '/home/u/.ray'"). Nothing is needed where the token is given or authentication is off."""
+    if env.get("RAY_AUTH_MODE", "").lower() == "disabled" or "RAY_AUTH_TOKEN" in env or "RAY_AUTH_TOKEN_PATH" in env:
+        return
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    if (home / ".ray" / "auth_token").is_file():
+        return
+    problem = _unwritable(home / ".ray")
+    if problem:
+        raise ValueError(f"a local Ray keeps its authentication token in ~/.ray, which cannot be made ({problem}); "
+                         "set HOME to a writable directory, or give Ray a token in $RAY_AUTH_TOKEN")
+
+
 def _unwritable(directory: Path) -> str | None:
     """Why no file can be made in `directory` (created if missing, as Ray would), or None. Tried, not looked up:
     root passes every permission check, and yet cannot write under /proc or a read-only mount."""
