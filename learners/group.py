@@ -93,6 +93,14 @@ class LearnerGroup:
         remove_placement_group(self.pg)
 
 
+def kill_learner(learner: Any) -> None:
+    """Every process of a learner, not to be restarted: one actor, or each rank of a `LearnerGroup` (ray.kill takes
+    actors only). Its calls in flight fail, which is how failover learns to replace it; the group's placement
+    group stays until `shutdown`."""
+    for handle in learner.handles if isinstance(learner, LearnerGroup) else [learner]:
+        ray.kill(handle, no_restart=True)
+
+
 def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threads: int,
                   loan: CoreLoan | None = None) -> Any:
     """The learner the controller trains with: one actor (that may borrow the generators' cores), or a

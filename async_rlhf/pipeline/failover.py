@@ -30,6 +30,7 @@ from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.weights.broker import WeightSyncBroker
 from async_rlhf.weights.nccl import WeightSyncTimeout
+from learners.group import kill_learner
 
 PING_TIMEOUT_S = 10.0  # a live but busy learner answers after its step; a dead one fails at once
 
@@ -133,7 +134,7 @@ class LearnerFailover:
             return False
         note(f"the learner has finished no step for {idle_s:.0f}s with one in flight (learner.stall_timeout_s="
              f"{self.cfg.learner.stall_timeout_s:g}): killing it, to replace it from the newest checkpoint")
-        ray.kill(self.parts.learner, no_restart=True)
+        kill_learner(self.parts.learner)
         return True
 
     def _kill_hung(self, exc: LearnerHung) -> None:
@@ -141,7 +142,7 @@ class LearnerFailover:
         as a dead one (fail_over then says so, with `exc`); where it cannot be, `exc` ends the run."""
         if not self._replaceable():
             raise exc
-        ray.kill(self.parts.learner, no_restart=True)
+        kill_learner(self.parts.learner)
 
     def _replaceable(self) -> bool:
         """A restart is left and a valid checkpoint (or the run's start) is there to replace the learner from."""
