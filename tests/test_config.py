@@ -86,6 +86,12 @@ def test_parse_overrides_types_values() -> None:
         (["model.source=local", "model.path=/no/such/dir"], "model.path: no config.json in '/no/such/dir'"),
         (["task.min_digits=9", "task.max_digits=3"], "task.min_digits (9) must be <= task.max_digits (3)"),
         (["generation.max_new_tokens=60"], "generation.max_model_len (64) is shorter than"),
+        # found by hand: YAML's yes/no/on/off are booleans, which pydantic took as 1 and 0 (steps: yes trained 1 step)
+        (["learner.steps=yes"], "learner.steps: a yes/no value where a number is expected (YAML reads yes, no, on, "
+                                "off, true and false as booleans); write the number (got True)"),
+        (["learner.zero_stage=off"], "learner.zero_stage: a yes/no value where a number is expected"),
+        (["resources.num_cpus=on"], "resources.num_cpus: a yes/no value where a number is expected"),
+        (["loss.beta=true"], "loss.beta: a yes/no value where a number is expected"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides: list[str], expected: str) -> None:

@@ -37,6 +37,13 @@ def test_paper_config_validates_without_gpu_files_or_network(path: Path, monkeyp
     assert cfg.generation.num_generators * cfg.generation.tensor_parallel_size + cfg.learner.num_ranks <= 8
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_validates_portable(path: Path) -> None:
+    """Found by hand: `check-config --portable configs/smollm2_gold_proxy.yaml` looked for its reward model's files
+    (written by the run it is the last step of) on this machine."""
+    load_config(path, environment=False)
+
+
 def test_llama_8b_layout_is_one_generator_and_seven_learner_gpus() -> None:
     cfg = load_config(PAPER[1], environment=False)
     assert (cfg.generation.num_generators, cfg.generation.tensor_parallel_size, cfg.learner.num_ranks) == (1, 1, 7)

@@ -1,10 +1,11 @@
 """Base pieces shared by the config modules: the one-line error, the strict model, `key.sub=value` overrides."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationInfo
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from async_rlhf.config.redaction import may_be_secret
 
@@ -16,6 +17,26 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     # inf passes `gt=0`-style bounds (learner.lr=inf was accepted) and nan some others: both refused
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads yes, no, on, off, true and false as booleans, which pydantic takes as the numbers 1 and 0:
+        `learner.steps: yes` trained one step and `loss.beta: on` was 1.0, without a word."""
+        if isinstance(value, bool) and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", "a yes/no value where a number is expected (YAML reads yes, "
+                                      "no, on, off, true and false as booleans); write the number")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """An int or float setting, optional or not, or a choice of numbers (Literal[0, 1, 2, 3])."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if args:  # a Union
+        return any(_numeric(a) for a in args)
+    return annotation in (int, float)
 
 
 def environment_checks(info: ValidationInfo) -> bool:

@@ -63,10 +63,11 @@ class LearnedRewardConfig(Strict):
 
     @field_validator("path")
     @classmethod
-    def _dir(cls, path: Path) -> Path:
+    def _dir(cls, path: Path, info: ValidationInfo) -> Path:
         from reward_models.learned import check_reward_model_dir
 
-        check_reward_model_dir("reward.learned.path", path)
+        if environment_checks(info):  # --portable: the model is on the machine the config is for
+            check_reward_model_dir("reward.learned.path", path)
         return path.absolute()  # Ray workers need not share the driver's working directory
 
 
