@@ -129,7 +129,28 @@ def test_malformed_override(capsys: pytest.CaptureFixture) -> None:
 def test_status_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["status", "--run-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"status error: no api_url in {tmp_path}; pass --url http://HOST:PORT or --run-dir DIR")
+        f"status error: no run has served its API from {tmp_path} (no api_url there); if one is starting there, try "
+        "again in a moment, else pass a run's directory")
+
+
+def test_status_of_a_run_without_its_api_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Found by hand: a run with api.enabled=false, asked by its directory, was "no api_url in DIR; pass --url
+    http://HOST:PORT or --run-dir DIR", the directory it was given."""
+    lock = RunDirLock(tmp_path)
+    lock.acquire()  # a run going on there
+    (tmp_path / "config.yaml").write_text("api:\n  enabled: true\n")
+    assert main(["status", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"status error: the run in {tmp_path} is starting and its HTTP API is not up yet; try again in a moment")
+    (tmp_path / "config.yaml").write_text("api:\n  enabled: false\n")
+    assert main(["status", str(tmp_path)]) == 2  # no step yet
+    assert capsys.readouterr().err.strip() == (
+        f"status error: the run in {tmp_path} runs with its HTTP API off (api.enabled=false), which status asks; its "
+        f"steps so far are in {tmp_path / 'metrics.jsonl'}")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3')  # the last line being written
+    assert main(["status", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path / 'metrics.jsonl'} (the last: step 2)")
+    lock.release()
 
 
 def test_status_of_a_run_that_has_ended_says_how_it_ended(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

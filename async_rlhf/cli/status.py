@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from async_rlhf.checkpoint.store import CheckpointStore
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.runtime import API_TOKEN_ENV
@@ -20,12 +22,45 @@ def find_run(run_dir: Path | None) -> Path:
     """The run whose API to ask: `run_dir`, else the most recently started run under runs/ that serves one."""
     if run_dir is not None and not run_dir.is_dir():
         raise ConfigError(f"status error: no directory {run_dir}; pass --run-dir a run's directory (runs/<time>/)")
+    if run_dir is not None and not (run_dir / "api_url").is_file() and RunDirLock.held(run_dir):
+        raise ConfigError(_no_api(run_dir))
     candidates = ([run_dir / "api_url"] if run_dir
                   else sorted(Path("runs").glob("*/api_url"), key=lambda p: p.stat().st_mtime))
-    if not candidates or not candidates[-1].is_file():
-        where = run_dir or "runs/*"
-        raise ConfigError(f"status error: no api_url in {where}; pass --url http://HOST:PORT or --run-dir DIR")
+    if run_dir is not None and not candidates[-1].is_file():
+        raise ConfigError(f"status error: no run has served its API from {run_dir} (no api_url there); if one is "
+                          "starting there, try again in a moment, else pass a run's directory")
+    if not candidates:
+        raise ConfigError("status error: no api_url in runs/*; pass --url http://HOST:PORT or --run-dir DIR")
     return candidates[-1].parent
+
+
+def _no_api(run_dir: Path) -> str:
+    """Why a running run has no API to ask: turned off (its steps are still in metrics.jsonl), or not up yet."""
+    try:
+        api = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("api") or {}
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        api = {}
+    if api.get("enabled") is not False:
+        return f"status error: the run in {run_dir} is starting and its HTTP API is not up yet; try again in a moment"
+    return (f"status error: the run in {run_dir} runs with its HTTP API off (api.enabled=false), which status asks; "
+            f"its steps so far are in {run_dir / 'metrics.jsonl'}{_last_step(run_dir)}")
+
+
+def _last_step(run_dir: Path) -> str:
+    """' (the last: step N)' from the end of metrics.jsonl (a line still being written skipped), or '' where none is
+    written yet."""
+    try:
+        with (run_dir / "metrics.jsonl").open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 8192))
+            tail = fh.read().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        try:
+            return f" (the last: step {int(json.loads(line)['step'])})"
+        except (ValueError, KeyError, TypeError):
+            continue
+    return ""
 
 
 def print_ended(run_dir: Path, as_json: bool = False) -> int | None:
