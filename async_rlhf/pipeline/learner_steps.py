@@ -6,6 +6,7 @@ the run, so a skipped or unrewarded step stays on record.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -15,6 +16,7 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline, record_learner_step
 from async_rlhf.pipeline import live_clock
+from async_rlhf.pipeline.gap_watch import GapWatch
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue, take_limit
 from async_rlhf.pipeline.state import Components, LearnerJob, LoopState, RunStats
 from async_rlhf.pipeline.summary import step_record
@@ -37,6 +39,7 @@ class LearnerSteps:
         self.timeline = timeline
         self.recorder = recorder
         self.view = view
+        self.gap_watch = GapWatch(cfg)
 
     def dispatch(self, gate_inputs: Callable[[], GateInputs]) -> None:
         """The next batch to the learner, if it is idle and the queue holds one it may train on."""
@@ -88,5 +91,7 @@ class LearnerSteps:
         record = step_record(self.view, job.batch, job.version, metrics)
         self.stats.last_step = record
         self.stats.gap_tally.add(metrics)
+        if (note := self.gap_watch.check(metrics)) is not None:
+            print(f"[async-rlhf] {note}", file=sys.stderr, flush=True)
         self.recorder.log_step(record)
         return record
