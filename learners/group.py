@@ -51,8 +51,19 @@ class RankAnswers:
     leased for it, and Ray stops an idle one after a second when it holds more workers than CPUs, so the next
     call waited for a new one (11 of 99 publishes of a 2-rank CPU run took 1.2 s instead of 6 ms)."""
 
-    def join(self, method: str, *results: Any) -> Any:
-        return merge_metrics(list(results)) if method == "train_step" else results[0]
+    def join(self, method: str, refs: list[Any]) -> Any:
+        """Every rank's answer (`refs` come in a list so that Ray leaves them unresolved). Where ranks failed, a
+        rank's death is raised before the others' errors: they fail on its collective, with gloo's "Connection reset
+        by peer", which named the wrong rank and no death."""
+        results, failures = [], []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                failures.append(exc)
+        if failures:
+            raise next((e for e in failures if isinstance(e, ray.exceptions.RayActorError)), failures[0])
+        return merge_metrics(results) if method == "train_step" else results[0]
 
 
 @ray.remote(num_cpus=0)
@@ -73,7 +84,7 @@ class _FanOut:
             refs = [h.train_step.remote(groups[r::len(handles)]) for r, h in enumerate(handles)]
         else:
             refs = [getattr(h, self.method).remote(*args, **kwargs) for h in handles]
-        return self.group.answers.join.remote(self.method, *refs)
+        return self.group.answers.join.remote(self.method, refs)
 
 
 class LearnerGroup:

@@ -30,6 +30,40 @@ def test_merge_metrics_sums_counts_and_averages_measures() -> None:
     assert (merged["version"], merged["optimizer_step"], merged["step_s"]) == (3, 1, 0.7)
 
 
+class Rank:
+    """A learner rank as far as the join sees it: rank 0 fails its collective at once, as gloo does when its peer's
+    connection resets; rank 1 is still in it when it is killed."""
+
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
+
+    def step(self) -> int:
+        import time
+
+        time.sleep(self.wait_s)
+        raise RuntimeError("gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+
+
+def test_a_dead_rank_is_named_before_the_error_it_caused_in_the_others(ray_local) -> None:
+    """Found by hand: a rank SIGKILLed in a 2-rank run was reported as the other rank's "Connection reset by peer"."""
+    import time
+
+    from async_rlhf.failures import what_died
+    from learners.group import RankAnswers
+
+    ranks = [ray_local.remote(Rank).options(num_cpus=0).remote(wait_s) for wait_s in (0.0, 30.0)]
+    answers = ray_local.remote(RankAnswers).options(num_cpus=0, max_concurrency=4).remote()
+    ray_local.get([h.__ray_ready__.remote() for h in [*ranks, answers]])
+    ref = LearnerGroup(ranks, pg=None, answers=answers).step.remote()
+    time.sleep(2.0)  # rank 0 has failed by now
+    ray_local.kill(ranks[1])
+    with pytest.raises(ray_local.exceptions.RayError) as err:
+        ray_local.get(ref, timeout=60)
+    assert what_died(err.value).startswith("the Rank actor died (")
+    for actor in (ranks[0], answers):
+        ray_local.kill(actor)
+
+
 @pytest.mark.slow  # two DeepSpeed engines start: 70 s measured on 2 shared cores at load ~12
 def test_two_ranks_train_in_step_and_publish_full_weights(ray_local, tmp_path) -> None:
     model_dir = build_model_dir(tmp_path / "model")
