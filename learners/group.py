@@ -131,7 +131,9 @@ def start_learner(cfg: RunConfig, model_dir: str, cores: list[int] | None, threa
         for r in range(ranks)
     ]
     # Stateless, so restarted and its calls retried if its process dies; out of order (threaded), so a call
-    # whose ranks answered first is not held behind one still training.
-    answers = ray.remote(RankAnswers).options(num_cpus=0, max_concurrency=4, max_restarts=-1, max_task_retries=-1,
+    # whose ranks answered first is not held behind one still training. Each call waiting on its ranks holds a
+    # thread: room for every call the driver has out at once (a step's train and save, an evaluation's KL pass, a
+    # probe of the learner's life), with some to spare.
+    answers = ray.remote(RankAnswers).options(num_cpus=0, max_concurrency=16, max_restarts=-1, max_task_retries=-1,
                                               scheduling_strategy=in_bundle(pg, 0)).remote()
     return LearnerGroup(handles, pg, answers)
