@@ -89,3 +89,27 @@ def test_a_stop_whose_interrupt_was_swallowed_is_raised_again_by_the_run() -> No
     with pytest.raises(KeyboardInterrupt):
         stop.raise_pending()  # the loop's next iteration
     assert isinstance(stop.error(), Interrupted) and "again: stopped now" in str(stop.error())
+
+
+def test_a_start_up_stop_that_python_dropped_is_raised_again() -> None:
+    """Found in CI: a SIGTERM 0 s into a run was raised inside a weakref callback of an import, where Python prints
+    "Exception ignored in" and drops it; the run went on to its end, exit 0. start_and_run checks it again."""
+    import gc
+    import weakref
+
+    from async_rlhf.cli.main import StartUpStop
+    from async_rlhf.failures import StoppedDuringStartUp
+
+    stop = StartUpStop()
+    stop.check()  # no signal: nothing
+
+    class Held:
+        pass
+
+    held = Held()
+    ref = weakref.ref(held, lambda _: stop(signal.SIGTERM, None))
+    del held  # the callback raises; Python drops its exception
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(StoppedDuringStartUp):
+        stop.check()

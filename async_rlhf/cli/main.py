@@ -188,9 +188,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = resolve_run_dir(cfg, args.run_dir)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
     bar = progress_display(cfg.learner.steps, sys.stderr)
-    previous = {signum: signal.signal(signum, stop_during_start_up) for signum in start_up_signals()}
+    stop = StartUpStop()
+    previous = {signum: signal.signal(signum, stop) for signum in start_up_signals()}
     try:
-        summary = start_and_run(cfg, run_dir, checkpoint, bar)
+        summary = start_and_run(cfg, run_dir, checkpoint, bar, stop)
     except Interrupted as exc:  # Ctrl-C in start-up or twice: workers and Ray are down, as after any failure
         bar.close()
         print(f"[async-rlhf] {exc}", file=sys.stderr, flush=True)
@@ -222,7 +223,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, bar: Progress) -> dict:
+def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, bar: Progress,
+                  stop: StartUpStop) -> dict:
     from async_rlhf.pipeline.startup import start_ray_while_importing  # heavy imports only once the config is valid
 
     started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
@@ -231,8 +233,10 @@ def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, 
     keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
     from async_rlhf.pipeline.controller import Controller
 
+    stop.check()
     controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
+    stop.check()
     return controller.run()
 
 
@@ -242,11 +246,23 @@ def start_up_signals() -> list[signal.Signals]:
     return [signal.SIGTERM, *hangup]
 
 
-def stop_during_start_up(signum: int, _frame: FrameType | None) -> NoReturn:
+class StartUpStop:
     """Until the run's own handlers (pipeline/signals.py) take over: a SIGTERM while the policy downloads or Ray
     starts was Ray's sys.exit() or Python's default, a silent exit; one line instead, as during the rest of
-    start-up."""
-    raise StoppedDuringStartUp(signum)
+    start-up. The signal is also kept: raised inside a callback Python runs for an import (a weakref's), the
+    exception was dropped ("Exception ignored in: ... _get_module_lock") and the run went on to its end (CI,
+    session 31), so `check` raises it again where start-up passes."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> NoReturn:
+        self.signum = signum
+        raise StoppedDuringStartUp(signum)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise StoppedDuringStartUp(self.signum)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
