@@ -32,6 +32,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from async_rlhf.cli.arguments import positive_int
 from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.pipeline.timing import process_started_at
+from async_rlhf.policies.quiet_save import quiet_save
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import Task, load_task
 from reward_models.rules import SCORERS
@@ -70,7 +71,8 @@ class ClockCallback(TrainerCallback):
         wall, saved_before = self.now(), self.clock["save_s"]
         path = self.out / f"step-{step}"
         started = time.perf_counter()
-        model.save_pretrained(path)
+        with quiet_save():
+            model.save_pretrained(path)
         self.clock["save_s"] = round(saved_before + time.perf_counter() - started, 3)
         self.clock["points"].append({"version": step, "wall_s": wall, "episodes": step * self.per_step,
                                      "save_s_before": saved_before, "snapshot": str(path)})

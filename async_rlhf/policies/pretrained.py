@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from async_rlhf.config.pretrained_names import DONE_MARK, MODELS, is_prepared, model_dir
+from async_rlhf.policies.quiet_save import quiet_save
 
 
 def gguf_file(name: str) -> Path:
@@ -63,7 +64,8 @@ def prepare(name: str, force: bool = False, log: Callable[[str], None] = print) 
     model = _plain_copy(loaded)
     staging = out.with_name(f"{name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    with quiet_save():
+        model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     (staging / DONE_MARK).write_text(f"from {source}\n")
     shutil.rmtree(out, ignore_errors=True)
