@@ -41,10 +41,10 @@ class RawVLLM:
     def __init__(self, model_dir: str, gen_cfg, prompts) -> None:
         from actors.generator import engine_options, set_engine_env
 
-        os.sched_setaffinity(0, [CORE])
         set_engine_env([CORE], cuda=False)
         from vllm import LLM
 
+        os.sched_setaffinity(0, [CORE])  # after the import, which thus runs beside the other side's start
         self.llm = LLM(model=model_dir, dtype="float32", max_model_len=gen_cfg.max_model_len, seed=0,
                        **engine_options(gen_cfg, cuda=False, model_dir=model_dir, dtype="float32"))
         self.inputs: list[TokensPrompt] = [{"prompt_token_ids": p.token_ids} for p in prompts]
@@ -82,10 +82,9 @@ def measure(size: str, n_prompts: int, samples: int, repeats: int, workdir: Path
     try:
         actor: Any = ray.remote(GeneratorActor).options(num_cpus=0).remote(0, str(model_dir), gen_cfg, 0, [CORE])
         reward: Any = ray.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
-        handles.append(actor)
-        ray.get(actor.info.remote())
         raw_actor: Any = ray.remote(RawVLLM).options(num_cpus=0).remote(str(model_dir), gen_cfg, prompts)
-        handles.append(raw_actor)
+        handles += [actor, raw_actor]
+        ray.get([actor.info.remote(), raw_actor.__ray_ready__.remote()])  # both engines start at once
         out: dict = {}
 
         def raw() -> float:
