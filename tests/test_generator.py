@@ -151,15 +151,26 @@ def test_a_bfloat16_generator_samples_in_bf16_and_converts_float32_versions(ray_
     broker.close()
 
 
-def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_policies) -> None:
+@pytest.fixture(scope="module")
+def seeded_pair(ray_local, random_policies):
+    """Generators 0 and 1 of one run (seed 7), started together; generator 0 scores the sort reward in its call
+    when asked (reward.in_generator). Shared by the tests below: neither keeps state between calls."""
     from async_rlhf.policies.embedded import build_tokenizer
 
     tok = build_tokenizer()
-    start_dir, _ = random_policies
-    prompts = [Prompt(i, text, tok(text)["input_ids"]) for i, text in enumerate(PROMPTS)]
+    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))})
+               for i, text in enumerate(PROMPTS)]
     cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
     cls = ray_local.remote(GeneratorActor).options(num_cpus=1)
-    first, second = cls.remote(0, str(start_dir), cfg, 7, None), cls.remote(1, str(start_dir), cfg, 7, None)
+    first = cls.remote(0, str(random_policies[0]), cfg, 7, None, "float32", "shm", "sort_partial")
+    second = cls.remote(1, str(random_policies[0]), cfg, 7, None)
+    yield first, second, prompts
+    ray_local.kill(first)
+    ray_local.kill(second)
+
+
+def test_sampling_is_seeded_per_prompt_across_generators(ray_local, seeded_pair) -> None:
+    first, second, prompts = seeded_pair
     a = ray_local.get(first.generate.remote(prompts))
     b = ray_local.get(second.generate.remote(list(reversed(prompts))))  # other generator, other batch order
     def ids(result: GenerationResult) -> dict[int, list[list[int]]]:
@@ -167,22 +178,14 @@ def test_sampling_is_seeded_per_prompt_across_generators(ray_local, random_polic
 
     assert ids(a) == ids(b)
     assert len({tuple(map(tuple, v)) for v in ids(a).values()}) == len(PROMPTS)  # prompts differ from each other
-    ray_local.kill(first)
-    ray_local.kill(second)
 
 
-def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ray_local, random_policies) -> None:
+def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ray_local, seeded_pair) -> None:
     """reward.in_generator: the same RewardService code, run inside the generator's call, gives the same
     rewards as the reward actor, and a scorer's failure is a failure with its reason there too."""
-    from async_rlhf.policies.embedded import build_tokenizer
     from reward_models.service import RewardService
 
-    tok = build_tokenizer()
-    prompts = [Prompt(i, text, tok(text)["input_ids"], meta={"answer": "".join(sorted(text[:-1]))})
-               for i, text in enumerate(PROMPTS)]
-    cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
-    gen = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(random_policies[0]), cfg, 7, None,
-                                                                      "float32", "shm", "sort_partial")
+    gen, _, prompts = seeded_pair
     local = ray_local.get(gen.generate.remote(prompts, score=True))
     actor = ray_local.remote(RewardService).options(num_cpus=0).remote({"train": "sort_partial"})
     remote = ray_local.get(actor.score.remote(ray_local.get(gen.generate.remote(prompts)).groups))
@@ -193,5 +196,4 @@ def test_a_rule_reward_scored_in_the_generators_call_equals_the_reward_actors(ra
     assert all(status == "ok" for _, status in rewards(local.groups))
     unscored = ray_local.get(gen.generate.remote(prompts))
     assert unscored.reward_s is None and all(c.reward is None for g in unscored.groups for c in g.completions)
-    ray_local.kill(gen)
     ray_local.kill(actor)
