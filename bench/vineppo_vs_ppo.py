@@ -1,6 +1,6 @@
 """VinePPO vs PPO on the arith task: gold accuracy vs gradient steps and vs wall-clock.
 
-    .venv/bin/python -m bench.vineppo_vs_ppo [--steps 50] [--every 10] [--seeds 0]
+    .venv/bin/python -m bench.vineppo_vs_ppo [--steps 50] [--every 10] [--seeds 0] [--set KEY=VALUE ...]
 
 A rerun with the same --out, --steps and --every skips the (arm, seed) runs already in its JSON.
 
@@ -41,10 +41,11 @@ def curve(run_dir: Path) -> list[dict]:
     return points
 
 
-def one_run(arm: str, seed: int, steps: int, every: int, runs_dir: Path) -> dict:
+def one_run(arm: str, seed: int, steps: int, every: int, runs_dir: Path, overrides: list[str]) -> dict:
     config, extra = ARMS[arm]
     run_dir = runs_dir / f"{arm}-seed{seed}"
-    s = train(ROOT / config, [*extra, f"seed={seed}", f"learner.steps={steps}", f"eval.every={every}"], run_dir)
+    s = train(ROOT / config, [*extra, *overrides, f"seed={seed}", f"learner.steps={steps}", f"eval.every={every}"],
+              run_dir)
     return {"arm": arm, "seed": seed, "curve": curve(run_dir), "wall_s": s["wall_s"], "eval_s": s["eval_s"],
             "gen_busy_s": s["gen_busy_s"], "learn_busy_s": s["learn_busy_s"],
             "mc_gen_share": s.get("mc_gen_share"), "final_gold_reward": s["final_gold_reward"],
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=sorted(ARMS))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_vineppo_vs_ppo")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs/bench_vineppo_vs_ppo")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for both arms, e.g. model.embedded.sft_steps=150 (a quicker warm start)")
     args = parser.parse_args(argv)
     runs = earlier_runs(args.out.with_suffix(".json"), steps=args.steps, eval_every=args.every)
     done = {(r["arm"], r["seed"]) for r in runs}
@@ -66,12 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
         for arm in args.arms:
             if (arm, seed) in done:
                 continue
-            runs.append(one_run(arm, seed, args.steps, args.every, args.runs_dir))
-            save_json(args.out, {"steps": args.steps, "eval_every": args.every, "runs": runs})
+            runs.append(one_run(arm, seed, args.steps, args.every, args.runs_dir, args.set))
+            save_json(args.out, {"steps": args.steps, "eval_every": args.every, "set": args.set, "runs": runs})
             r = runs[-1]
             print(f"{arm} seed {seed}: gold {r['curve'][0]['gold']:.3f} -> {r['final_gold_reward']:.3f}, "
                   f"train time {r['curve'][-1]['train_s']:.0f}s", flush=True)
-    result = {"steps": args.steps, "eval_every": args.every, "runs": runs}
+    result = {"steps": args.steps, "eval_every": args.every, "set": args.set, "runs": runs}
     save_json(args.out, result)
     plot(args.out.with_suffix(".png"), runs)
     return result

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, read_jsonl
+from tests.helpers import QUICK_ARITH, ROOT, read_jsonl
 
 PER_TEST_TIMEOUT_S = 600  # a loaded 2-core machine starts a vLLM engine in minutes, an idle one in ~20 s
 
@@ -27,7 +27,7 @@ SMOKE = {
     "weight_sync": ["--sizes", "tiny", "--repeats", "1"],
     "async_vs_sync": ["--staleness", "0", "1", "--seeds", "0", "--steps", "2"],
     "off_policy": ["--losses", "rloo", "--staleness", "2", "--seeds", "0", "--steps", "4", "--mode", "fixed"],
-    "vineppo_vs_ppo": ["--arms", "vineppo", "--steps", "2", "--every", "1"],
+    "vineppo_vs_ppo": ["--arms", "vineppo", "--steps", "2", "--every", "1", "--set", QUICK_ARITH],
     "vs_trl": ["--steps", "2", "--prompts", "2", "--every", "1"],
     "dataset_read": ["--rows", "2000", "--runs", "1"],
 }

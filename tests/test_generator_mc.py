@@ -15,7 +15,7 @@ from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.vineppo import step_delimiter_ids
 from async_rlhf.rollout import Prompt
 from learners.advantages.monte_carlo import MCRequest, delimiter_splitter
-from tests.helpers import ROOT
+from tests.helpers import QUICK_ARITH, ROOT
 
 pytestmark = pytest.mark.integration
 MAX_NEW = 20
@@ -30,7 +30,7 @@ def arith(ray_local):
     from async_rlhf.policies.embedded import ensure_policy
     from async_rlhf.tasks.builtin import make_task
 
-    cfg = load_config(ROOT / "configs" / "arith.yaml")
+    cfg = load_config(ROOT / "configs" / "arith.yaml", [QUICK_ARITH])
     model_dir = ensure_policy(cfg, log=lambda m: None)  # cached after the first build
     tok = AutoTokenizer.from_pretrained(model_dir)
     task = make_task(cfg.task, tok, seed=0)

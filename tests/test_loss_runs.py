@@ -27,7 +27,7 @@ import pytest
 
 from async_rlhf.config.run import load_config
 from learners.losses import LOSSES, select_pairs_batch
-from tests.helpers import ROOT, read_jsonl
+from tests.helpers import QUICK_ARITH, ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow
 STEPS = 40
@@ -40,7 +40,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "ppo": ("quickstart_ppo.yaml", []),
     # The reasoning task: steps are solution lines. One generator: the session Ray's 2 CPUs cannot hold the
     # config's two and the learner (refused at start), and the MC accounting checked here is per generator call.
-    "vineppo": ("arith_vineppo.yaml", ["generation.num_generators=1"]),
+    "vineppo": ("arith_vineppo.yaml", ["generation.num_generators=1", QUICK_ARITH]),
 }
 # Each pipeline run costs ~30 s of start-up, so one loss per path through the learner runs here:
 # pairs (online_dpo), group baselines (rloo), a value model (ppo), MC values (vineppo). The other
