@@ -44,7 +44,7 @@ def build_policy(size: str, out: Path, seed: int = 0) -> Path:
 
     from async_rlhf.config.model import EmbeddedModelConfig
     from async_rlhf.policies.embedded import build_model, build_tokenizer
-    from async_rlhf.policies.quiet_save import quiet_save
+    from async_rlhf.policies.quiet_transformers import quiet_transformers
 
     if (out / "config.json").is_file():
         return out
@@ -52,7 +52,7 @@ def build_policy(size: str, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     emb = EmbeddedModelConfig(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads)
-    with quiet_save():
+    with quiet_transformers():
         build_model(emb, len(tokenizer)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

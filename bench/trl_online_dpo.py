@@ -32,7 +32,7 @@ from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from async_rlhf.cli.arguments import positive_int
 from async_rlhf.config.run import RunConfig, load_config
 from async_rlhf.pipeline.timing import process_started_at
-from async_rlhf.policies.quiet_save import quiet_save
+from async_rlhf.policies.quiet_transformers import quiet_transformers
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import Task, load_task
 from reward_models.rules import SCORERS
@@ -71,7 +71,7 @@ class ClockCallback(TrainerCallback):
         wall, saved_before = self.now(), self.clock["save_s"]
         path = self.out / f"step-{step}"
         started = time.perf_counter()
-        with quiet_save():
+        with quiet_transformers():
             model.save_pretrained(path)
         self.clock["save_s"] = round(saved_before + time.perf_counter() - started, 3)
         self.clock["points"].append({"version": step, "wall_s": wall, "episodes": step * self.per_step,
@@ -122,7 +122,8 @@ def train(cfg: RunConfig, policy: Path, out: Path) -> dict:
     from datasets import Dataset  # after transformers: the import order TRL itself uses
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, cfg.model.torch_dtype))
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(policy, dtype=getattr(torch, cfg.model.torch_dtype))
     count = cfg.learner.steps * cfg.generation.prompts_per_step
     texts, prompts = prompt_rows(load_task(cfg, policy), tokenizer, count)
     data = Dataset.from_dict({"prompt": texts, "prompt_index": list(range(count))})

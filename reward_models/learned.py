@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from async_rlhf.config.weights_files import check_weights
+from async_rlhf.policies.quiet_transformers import quiet_transformers
 from async_rlhf.rollout import Prompt
 
 
@@ -50,7 +51,8 @@ class LearnedRewardModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32)
+        with quiet_transformers():  # serve-reward's terminal
+            model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=torch.float32)
         self.model = model.to(self.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

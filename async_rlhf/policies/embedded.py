@@ -33,7 +33,7 @@ from async_rlhf.config.model import EmbeddedModelConfig
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.config.weights_files import damaged_weights
-from async_rlhf.policies.quiet_save import quiet_save
+from async_rlhf.policies.quiet_transformers import quiet_transformers
 from async_rlhf.tasks.builtin import SortTask, Task, corrupt, make_task, task_class  # noqa: F401 (corrupt: re-export)
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def build_checkpoint(out: Path, emb: EmbeddedModelConfig, task_cfg: TaskConfig, 
         start = time.perf_counter()
         final_loss = train_sft(model, task, emb, log)
         seconds = time.perf_counter() - start
-    with quiet_save():
+    with quiet_transformers():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     info = {**recipe(emb, task_cfg), "sft_final_loss": final_loss, "sft_seconds": round(seconds, 2)}

@@ -1,8 +1,9 @@
-"""A model saved in our own process says nothing on the terminal but our lines.
+"""A model loaded or saved in our own process says nothing on the terminal but our lines.
 
-`save_pretrained` draws transformers' "Writing model shards" bar, and accelerate's unwrap imports DeepSpeed,
-which warns that it guessed the accelerator ("Setting accelerator to CPU...") where DS_ACCELERATOR is unset.
-`export-model`, `prepare`, a first run's warm start and the benchmarks save in the command's own process.
+`from_pretrained` draws transformers' "Loading weights" bar and `save_pretrained` its "Writing model shards" bar,
+and the save's unwrap (accelerate) imports DeepSpeed, which warns that it guessed the accelerator ("Setting
+accelerator to CPU...") where DS_ACCELERATOR is unset. `export-model`, `prepare`, `serve-reward`, a first run's
+warm start and the benchmarks load or save in the command's own process.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def accelerator() -> str:
 
 
 @contextmanager
-def quiet_save() -> Iterator[None]:
-    """Save inside this block: no progress bar, and DeepSpeed told the accelerator it would have detected.
+def quiet_transformers() -> Iterator[None]:
+    """Load or save inside this block: no progress bar, and DeepSpeed told the accelerator it would have detected.
 
     Both are put back afterwards, so nothing else in the process (or a Ray worker it starts) inherits them."""
     from transformers.utils import logging as hf_logging
