@@ -77,6 +77,9 @@ def test_read_endpoints(live) -> None:
     assert set(queue["staleness_histogram"]) <= {"0", "1"}
     history = c.get("/history", params={"since": 1}).json()
     assert history["steps"][0]["step"] == 2 and history["evals"][0]["version"] == 0
+    page = c.get("/history", params={"since": 1, "limit": 2}).json()  # paged: a long run is never one answer
+    assert [r["step"] for r in page["steps"]] == [2, 3] and page["next_since"] == 3 and page["more"]
+    assert c.get("/history", params={"limit": 0}).status_code == 422
     metrics = c.get("/metrics").text
     from prometheus_client.parser import text_string_to_metric_families
 

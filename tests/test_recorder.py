@@ -66,6 +66,8 @@ def test_memory_holds_only_the_plotted_columns_and_history_reads_whole_records(t
     records = rec.step_records(since=1)
     assert [r["step"] for r in records] == [2, 3] and records[0]["prompt_ids"] == list(range(16))
     assert RunRecorder(tmp_path / "none").step_records() == []
+    assert [r["step"] for r in rec.step_records(since=0, limit=2)] == [1, 2]  # a page: only its lines are read
+    assert [r["step"] for r in rec.step_records(since=1, limit=5)] == [2, 3]  # the unfinished line still left out
 
 
 def test_history_after_a_resume_starts_at_the_right_line(tmp_path: Path) -> None:

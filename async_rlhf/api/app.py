@@ -36,6 +36,8 @@ from async_rlhf.pipeline.view import RunView
 
 CHECKPOINT_TIMEOUT_S = 300.0
 MAX_BODY_BYTES = 4096  # control bodies are a few bytes
+# /history pages: a step record is ~0.8 kB, so a long run's whole metrics.jsonl (100k steps: 80 MB) is never one answer
+HISTORY_PAGE, HISTORY_MAX = 1000, 10000
 PAGE = Path(__file__).with_name("web") / "index.html"
 ERROR_LOG = "api_errors.log"  # in the run directory: the API's own tracebacks and uvicorn's warnings
 
@@ -58,6 +60,8 @@ class QueueInfo(BaseModel):
 class History(BaseModel):
     steps: list[dict[str, Any]]
     evals: list[dict[str, Any]]
+    next_since: int = Field(description="`since` for the next page: the steps so far in this answer and before it")
+    more: bool = Field(description="steps past this page are logged already (ask again with next_since)")
 
 
 class MaxStalenessRequest(BaseModel):
@@ -188,8 +192,9 @@ def _add_read_routes(app: FastAPI, auth: Any) -> None:
         return _view(request).queue_snapshot()
 
     @app.get("/history", response_model=History, dependencies=[Depends(auth)])
-    def history(request: Request, since: int = Query(0, ge=0, description="skip the first `since` steps")) -> dict:
-        return _view(request).history(since)
+    def history(request: Request, since: int = Query(0, ge=0, description="skip the first `since` steps"),
+                limit: int = Query(HISTORY_PAGE, ge=1, le=HISTORY_MAX, description="at most this many steps")) -> dict:
+        return _view(request).history(since, limit)
 
     @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(auth)])
     def metrics(request: Request) -> PlainTextResponse:

@@ -78,14 +78,17 @@ class RunRecorder:
         for sink in sinks:
             sink.close()
 
-    def step_records(self, since: int = 0) -> list[dict]:
-        """Whole step records from `since` on, read back from metrics.jsonl from that step's line on
-        (HTTP /history polls it). The loop's thread appends meanwhile: a last line not yet ended is not read."""
+    def step_records(self, since: int = 0, limit: int | None = None) -> list[dict]:
+        """Whole step records from `since` on, at most `limit` of them, read back from metrics.jsonl between those
+        steps' lines (HTTP /history polls it; only those bytes are read). The loop's thread appends meanwhile: a
+        last line not yet ended is not read."""
         if since >= len(self.step_offsets):
             return []
+        end = since + limit if limit is not None and since + limit < len(self.step_offsets) else None
         with self.metrics_path.open("rb") as fh:
             fh.seek(self.step_offsets[since])
-            lines = fh.read().split(b"\n")[:-1]  # the part after the last newline is unfinished
+            data = fh.read() if end is None else fh.read(self.step_offsets[end] - self.step_offsets[since])
+            lines = data.split(b"\n")[:-1]  # the part after the last newline is unfinished
         return [record for record in _parsed(None, [line.decode(errors="replace") for line in lines]) if record]
 
     def sync(self) -> None:

@@ -116,8 +116,12 @@ class RunView:
     def last_step(self) -> dict:
         return dict(self._stats.last_step)
 
-    def history(self, since: int = 0) -> dict:
-        return {"steps": self._recorder.step_records(since), "evals": list(self._recorder.evals)}
+    def history(self, since: int = 0, limit: int | None = None) -> dict:
+        """Step records from `since` on (at most `limit`), every evaluation, and where the next page starts."""
+        steps = self._recorder.step_records(since, limit)
+        logged = len(self._recorder.step_offsets)
+        return {"steps": steps, "evals": list(self._recorder.evals), "next_since": since + len(steps),
+                "more": since + len(steps) < logged}
 
     # ---- queue --------------------------------------------------------------------------
     @property
