@@ -12,13 +12,13 @@ import torch
 
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.model import EmbeddedModelConfig
+from async_rlhf.config.pretrained_names import cache_root
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.policies.embedded import (
     build_tokenizer,
     checkpoint_name,
     collate,
     corrupt,
-    default_cache_dir,
     ensure_embedded_policy,
     ensure_policy,
 )
@@ -97,12 +97,19 @@ def test_ensure_policy_uses_run_config_fields(built, tmp_path: Path) -> None:
     assert ensure_policy(local) == tmp_path
 
 
-def test_default_cache_dir_is_read_at_call_time(monkeypatch, tmp_path: Path) -> None:
+def test_the_embedded_policy_is_cached_where_prepared_models_are_read_at_call_time(monkeypatch,
+                                                                                    tmp_path: Path) -> None:
+    # Before, $ASYNC_RLHF_CACHE moved `prepare`'s models but not the embedded policies.
+    monkeypatch.setenv("ASYNC_RLHF_CACHE", str(tmp_path / "mine"))
+    run: Any = SimpleNamespace(model=SimpleNamespace(source="embedded", embedded=SMALL, cache_dir=None),
+                               task=TaskConfig())
+    assert ensure_policy(run, log=lambda m: None).parent == tmp_path / "mine" / "models"
+    monkeypatch.delenv("ASYNC_RLHF_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "async-rlhf"
+    assert cache_root() == tmp_path / "async-rlhf"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home" / ".cache" / "async-rlhf"
+    assert cache_root() == tmp_path / "home" / ".cache" / "async-rlhf"
 
 
 def test_corruptions_are_plausible_mistakes() -> None:

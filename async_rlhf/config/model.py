@@ -161,7 +161,8 @@ class ModelConfig(Strict):
         "auto", description="weights of policy, reference and generators: auto = float32 on CPU, bfloat16 on GPU"
     )
     embedded: EmbeddedModelConfig = EmbeddedModelConfig()
-    cache_dir: Path | None = Field(None, description="default: $XDG_CACHE_HOME/async-rlhf or ~/.cache/async-rlhf")
+    cache_dir: Path | None = Field(
+        None, description="default: $ASYNC_RLHF_CACHE, else $XDG_CACHE_HOME/async-rlhf, else ~/.cache/async-rlhf")
 
     @field_validator("path", "reference_path")
     @classmethod

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast
 from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.model import EmbeddedModelConfig
+from async_rlhf.config.pretrained_names import cache_root
 from async_rlhf.config.run import RunConfig
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.config.weights_files import damaged_weights
@@ -160,12 +161,6 @@ def checkpoint_name(emb: EmbeddedModelConfig, task_cfg: TaskConfig) -> str:
     return f"embedded-{hashlib.sha256(blob).hexdigest()[:16]}"
 
 
-def default_cache_dir() -> Path:
-    """Computed at call time so that a changed $XDG_CACHE_HOME / $HOME is honoured."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "async-rlhf"
-
-
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """Run a block with `n` torch threads, restoring the caller's setting afterwards."""
@@ -219,7 +214,7 @@ def ensure_embedded_policy(
     emb: EmbeddedModelConfig, task_cfg: TaskConfig, cache_dir: Path | None = None, log: Log = print
 ) -> Path:
     """Return the cached checkpoint for this recipe, building it first if it is missing."""
-    models_dir = Path(cache_dir or default_cache_dir()) / "models"
+    models_dir = Path(cache_dir or cache_root()) / "models"  # the prepared models' cache: one place for all
     final = models_dir / checkpoint_name(emb, task_cfg)
     if (final / "config.json").is_file():
         damaged = damaged_weights(final)
