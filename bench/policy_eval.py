@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from actors.generator import GeneratorActor
 from async_rlhf.config.run import RunConfig
+from async_rlhf.outputs.captured_output import output_to
 from async_rlhf.rollout import scored_reward
 from async_rlhf.tasks.builtin import load_task
 from async_rlhf.weights.broker import WeightRef
@@ -38,8 +39,9 @@ class GoldEvaluator:
         self.cfg = cfg
         self.prompts = load_task(cfg, start_policy).eval_prompts()
         self.scratch = tempfile.TemporaryDirectory(prefix="async-rlhf-policy-eval-")  # removed at exit
-        self.generator = GeneratorActor(0, str(start_policy), cfg.generation, cfg.seed, dtype=cfg.generator_dtype,
-                                        scratch_dir=self.scratch.name)
+        with output_to(Path(self.scratch.name) / "engine.log"):  # vLLM's start-up lines, off the terminal
+            self.generator = GeneratorActor(0, str(start_policy), cfg.generation, cfg.seed,
+                                            dtype=cfg.generator_dtype, scratch_dir=self.scratch.name)
         self.gold = RewardService({"gold": cfg.reward.gold}, cfg.reward.timeout_s)
         self.root = cfg.weight_sync.shm_root / f"async-rlhf-policy-eval-{uuid.uuid4().hex[:8]}"
         self.ring = ShmSlotRing(self.root)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
+from async_rlhf.outputs.captured_output import output_to
 from async_rlhf.rollout import RolloutGroup
 from learners.preference import best_and_worst
 
@@ -44,11 +45,14 @@ def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_
 
     task = load_task(cfg, cfg.model.path)
     scratch = tempfile.TemporaryDirectory(prefix="async-rlhf-pairs-")  # removed at exit (temp_files_in)
-    generator = GeneratorActor(0, str(cfg.model.path), cfg.generation, cfg.seed, dtype=cfg.generator_dtype,
-                               scratch_dir=scratch.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    engine_log = out.with_name(out.name + ".engine.log")
+    log(f"sample-pairs: starting the vLLM engine (its output: {engine_log})")
+    with output_to(engine_log):
+        generator = GeneratorActor(0, str(cfg.model.path), cfg.generation, cfg.seed, dtype=cfg.generator_dtype,
+                                   scratch_dir=scratch.name)
     gold = RewardService({"gold": cfg.reward.gold}, cfg.reward.timeout_s)
     start, written, counts = time.perf_counter(), 0, {"prompts": 0, "ties": 0, "failed": 0}
-    out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as sink:
         for first in range(0, prompts, batch):
             chunk = [task.train_prompt(i) for i in range(first, min(first + batch, prompts))]
