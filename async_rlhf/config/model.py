@@ -166,10 +166,10 @@ class ModelConfig(Strict):
 
     @field_validator("path", "reference_path")
     @classmethod
-    def _absolute(cls, path: Path | None) -> Path | None:
-        # A registered name (e.g. smollm2) is its prepared cache directory. Ray workers need not share the
-        # driver's working directory: hand them absolute paths.
-        return resolve_model_path(path).absolute() if path is not None else None
+    def _absolute(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        # A registered name (e.g. smollm2) is its prepared cache directory (--portable: prepared where it runs).
+        # Ray workers need not share the driver's working directory: hand them absolute paths.
+        return resolve_model_path(path, environment_checks(info)).absolute() if path is not None else None
 
     @model_validator(mode="after")
     def _path(self, info: ValidationInfo) -> "ModelConfig":

@@ -38,11 +38,12 @@ def is_prepared(name: str) -> bool:
     return (model_dir(name) / DONE_MARK).is_file()
 
 
-def resolve_model_path(value: str | Path) -> Path:
-    """A registered name (prepared) -> its cache directory; anything else is a path, returned as is."""
+def resolve_model_path(value: str | Path, prepared_here: bool = True) -> Path:
+    """A registered name (prepared) -> its cache directory; anything else is a path, returned as is. With
+    `prepared_here` False (a config checked for another machine) the name need not be prepared on this one."""
     text = str(value)
     if text not in MODELS or Path(text).exists():
         return Path(text)
-    if not is_prepared(text):
+    if prepared_here and not is_prepared(text):
         raise ValueError(f"model '{text}' is not prepared yet; run `async-rlhf prepare {text}` once (offline)")
     return model_dir(text)
