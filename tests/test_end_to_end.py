@@ -1,5 +1,7 @@
 """End to end through the CLI, as a user runs it: the real Ray + vLLM + DeepSpeed pipeline.
-(The synchronous baseline's end-to-end checks ride on the deterministic run of tests/test_resume.py.)
+(The synchronous baseline's end-to-end checks ride on the deterministic run of tests/test_resume.py.) The quickstart
+run is also online DPO's end-to-end run (tests/test_loss_runs.py runs the other learner paths) and the check that
+its evaluations run off the critical path (async_rlhf/pipeline/eval_schedule.py).
 
 The embedded policy is built once (cached under the default cache dir, as `make quickstart` does),
 so these runs share its supervised warm start.
@@ -8,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from async_rlhf.config.run import load_config
+from async_rlhf.outputs.timeline import read_timeline
 from async_rlhf.pipeline.startup import LAPS
-from tests.helpers import ROOT, read_jsonl, train_command
+from tests.helpers import QUICKSTART, ROOT, read_jsonl, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +69,36 @@ def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Pat
     initial = read_jsonl(run / "eval.jsonl")[0]
     assert initial["version"] == 0 and initial["kl"] == pytest.approx(0.0, abs=1e-4)
     assert initial["gold_reward"] == summary["initial_gold_reward"]
+    cfg = load_config(QUICKSTART)
+    # Online DPO moves its own objective: the train reward of the last steps beats that of the first ones
+    # (tests/test_loss_runs.py's check for the other losses; +0.1 to +0.2 here).
+    rewards = [s["reward_mean"] for s in steps]
+    assert sum(rewards[-8:]) / 8 > sum(rewards[:8]) / 8 + 0.03, rewards
+    evaluations_ran_beside_training(run, cfg.learner.steps, cfg.eval.every,
+                                    cfg.generation.prompts_per_step * cfg.generation.samples_per_prompt)
+
+
+def evaluations_ran_beside_training(run: Path, steps: int, every: int, samples_per_step: int) -> None:
+    """While a periodic evaluation was in flight the learner kept taking steps, and every evaluation is still
+    logged, once, in version order, with the samples trained at the evaluated version."""
+    evals = read_jsonl(run / "eval.jsonl")
+    assert [e["version"] for e in evals] == list(range(0, steps + 1, every))
+    assert [e["episodes"] for e in evals] == [e["version"] * samples_per_step for e in evals]
+    assert [e["wall_s"] for e in evals] == sorted(e["wall_s"] for e in evals)
+    periodic = [e for e in evals if 0 < e["version"] < steps]
+    # The loop only sends each periodic evaluation and handles its answers: it never waits for one.
+    assert all(e["eval_blocking_s"] < e["eval_s"] for e in periodic), periodic
+    events = read_timeline(run / "timeline.jsonl")
+    spans = [e for e in events if e["kind"] == "eval" and 0 < e["version"] < steps]
+    learns = [e for e in events if e["kind"] == "learn"]
+    assert list(dict.fromkeys(s["version"] for s in spans)) == [e["version"] for e in periodic]  # a bar per chunk
+    during = [learn for learn in learns if any(s["start"] < learn["start"] < s["end"] for s in spans)]
+    assert during, "no learner step was dispatched while a periodic evaluation was in flight"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_blocking_s"] < summary["eval_s"] and summary["eval_gen_s"] > 0
+    # A checkpoint waits only for evaluations it could not redo: one of its own version may stay due.
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert checkpoints
+    for ckpt in checkpoints:
+        with (ckpt / "controller_state.pkl").open("rb") as fh:
+            assert pickle.load(fh).evals_due in ([], [int(ckpt.name.removeprefix("step-"))])

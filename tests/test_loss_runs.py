@@ -35,16 +35,15 @@ WINDOW = 8
 MIN_GAIN = 0.03
 # (config file, overrides) per loss: the new losses run their own quickstart config.
 RUNS: dict[str, tuple[str, list[str]]] = {
-    "online_dpo": ("quickstart.yaml", []),
     "rloo": ("quickstart_rloo.yaml", []),
     "ppo": ("quickstart_ppo.yaml", []),
     # The reasoning task: steps are solution lines. One generator: the session Ray's 2 CPUs cannot hold the
     # config's two and the learner (refused at start), and the MC accounting checked here is per generator call.
     "vineppo": ("arith_vineppo.yaml", ["generation.num_generators=1", QUICK_ARITH]),
 }
-# Each pipeline run costs ~30 s of start-up, so one loss per path through the learner runs here:
-# pairs (online_dpo), group baselines (rloo), a value model (ppo), MC values (vineppo). The other
-# losses reuse those paths with another formula; each trains in a real Learner in tests/test_losses*.py,
+# Each pipeline run costs ~15 s of start-up, so one loss per path through the learner runs end to end: pairs
+# (online_dpo, the quickstart's: ELSEWHERE), group baselines (rloo), a value model (ppo), MC values (vineppo). The
+# other losses reuse those paths with another formula; each trains in a real Learner in tests/test_losses*.py,
 # and their 40-step pipeline gains are in docs/losses.md.
 SHORT_RUN = {"vineppo": 4}  # steps; MC rollouts make a step ~3 s: it checks the MC accounting, not a gain
 SHORT = [f"learner.steps={STEPS}", "task.eval_prompts=16", "eval.every=0"]
@@ -56,9 +55,13 @@ def learner_path(name: str) -> tuple[bool, bool, bool]:
     return spec.select is select_pairs_batch, spec.needs_value_model, spec.needs_mc_values
 
 
+# online_dpo (pairs) is the quickstart's loss: tests/test_end_to_end.py's run checks the same gain on it.
+ELSEWHERE = {"online_dpo": "tests/test_end_to_end.py"}
+
+
 def test_every_path_of_a_registered_loss_has_a_run():
     builtin = [name for name, spec in LOSSES.items() if spec.fn.__module__.startswith("learners.losses.")]
-    assert {learner_path(name) for name in builtin} == {learner_path(name) for name in RUNS}
+    assert {learner_path(name) for name in builtin} == {learner_path(name) for name in [*RUNS, *ELSEWHERE]}
 
 
 def run_loss(name: str, run_dir: Path, ray) -> tuple[dict, list[dict]]:
