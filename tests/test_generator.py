@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.generator import GenerationResult, GeneratorActor, cpu_kv_cache_bytes
+from actors.generator import GenerationResult, GeneratorActor, cpu_kv_cache_bytes, cpu_kv_cache_named
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
@@ -119,6 +121,34 @@ def test_the_cpu_kv_cache_is_what_the_longest_batch_needs_within_the_budget(tmp_
     assert cpu_kv_cache_bytes(cfg, unknown, "float32") == 2**30
     hybrid = write_hf_config(tmp_path, num_hidden_layers=2, num_attention_heads=4, hidden_size=128, mamba_d_state=16)
     assert cpu_kv_cache_bytes(cfg, hybrid, "float32") == 2**30  # a state per sequence too: the configured budget
+
+
+VLLM_KV_REFUSALS = """
+import json
+from vllm.v1.core.kv_cache_utils import _check_enough_kv_cache_memory
+said = []
+for available in (0, 1024):  # no block at all; less than one sequence of 64 tokens needs
+    try:
+        _check_enough_kv_cache_memory(available, lambda: 64 * 2048, 64, lambda memory: 0)
+    except ValueError as exc:
+        said.append(str(exc))
+print(json.dumps(said))
+"""
+
+
+def test_a_cpu_kv_cache_too_small_for_one_sequence_names_generation_kv_cache_gib() -> None:
+    # vLLM's own refusals, with its wording, from a process of their own (vLLM is not imported into pytest's).
+    out = subprocess.run([sys.executable, "-c", VLLM_KV_REFUSALS], capture_output=True, text=True, timeout=300)
+    refusals = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(refusals) == 2, out.stderr[-2000:]
+    cfg = GenerationConfig(max_model_len=64, kv_cache_gib=1e-6)
+    for said in refusals:
+        with pytest.raises(ValueError) as err, cpu_kv_cache_named(cfg, cuda=False):
+            raise ValueError(said)
+        assert str(err.value).startswith("the CPU KV cache is too small for one sequence of generation.max_model_len "
+                                         "(64) tokens; raise generation.kv_cache_gib (now 1e-06) or lower")
+        with pytest.raises(ValueError, match="gpu_memory_utilization"), cpu_kv_cache_named(cfg, cuda=True):
+            raise ValueError(said)  # on a GPU it is the knob to turn
 
 
 def engine_dtype(actor: GeneratorActor) -> str:
