@@ -144,3 +144,21 @@ def test_vllms_own_kv_cache_variable_is_named_where_it_overrides_the_config(monk
     assert environment_notes(RunConfig()) == [
         "note: VLLM_CPU_KVCACHE_SPACE is set: on CPU vLLM sizes each generator's KV cache from it (GiB), not from "
         "generation.kv_cache_gib; unset it to use the config"]
+
+
+@pytest.mark.parametrize("command", ["sample-pairs", "train-rm", "export-model", "plot"])
+def test_an_output_place_that_cannot_be_written_is_one_line_before_any_work(command: str, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    # Before: each failed after its work (sampling, training, the warm start) with FileNotFoundError, exit 1.
+    pairs, blocker = tmp_path / "ok.jsonl", tmp_path / "a-file"
+    pairs.write_text('{"prompt": "1>", "chosen": "1", "rejected": "2"}\n')
+    blocker.write_text("mine\n")
+    for out, why in ((Path("/proc/nope/out"), " (No such file or directory)"),
+                     (blocker / "out", f": '{blocker}' is a file, not a directory")):
+        args = {"sample-pairs": ["sample-pairs", "configs/quickstart.yaml", "--out", str(out)],
+                "train-rm": ["train-rm", str(pairs), "--base", "b", "--out", str(out)],
+                "export-model": ["export-model", str(out)],
+                "plot": ["plot", str(tmp_path), "--out", str(out)]}[command]
+        flag = "out" if command == "export-model" else "--out"
+        err = one_line_error(capsys, args, 2, "config error: ")
+        assert err.startswith(f"config error: {command}: cannot write {flag} '{out}'{why}")

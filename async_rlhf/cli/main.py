@@ -16,6 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
+from async_rlhf.cli.arguments import writable_place
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.cli.progress import Progress, progress_display
@@ -281,6 +282,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from async_rlhf.outputs.plots import plot_runs
 
+    if not args.out.is_dir():  # plot_runs says what to give instead of a directory
+        writable_place(args.out, "--out", "plot")
     print(plot_runs(args.run_dirs, args.out))
     return 0
 
@@ -289,6 +292,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from async_rlhf.policies.embedded import export_embedded
 
     cfg = load_config(None, args.overrides)
+    if not args.out.is_file():  # export_embedded says what to give instead of a file
+        writable_place(args.out, "out", "export-model", directory=True)
     print(export_embedded(cfg, args.out, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True)))
     return 0
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int
+from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int, writable_place
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import load_config
 
@@ -111,6 +111,7 @@ def cmd_train_rm(args: argparse.Namespace) -> int:
         raise ConfigError(f"config error: train-rm: '{args.out}' already holds a model; choose another --out")
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"config error: train-rm: --out '{args.out}' is a file; pass a new directory")
+    writable_place(args.out, "--out", "train-rm", directory=True)
     targs = RewardTrainingArgs(args.pairs, _base_dir(args.base), args.out, args.epochs, args.lr, args.batch_size,
                                args.max_length, args.eval_fraction, args.seed)
     metrics = train_reward_model(targs, log=lambda m: print(f"[async-rlhf] {m}", flush=True))
@@ -122,6 +123,7 @@ def cmd_sample_pairs(args: argparse.Namespace) -> int:
     from async_rlhf.cli.pairs import sample_pairs
 
     cfg = load_config(args.config, args.overrides)
+    writable_place(args.out, "--out", "sample-pairs")
     summary = sample_pairs(cfg, args.out, args.prompts, args.samples, args.min_margin,
                            log=lambda m: print(f"[async-rlhf] {m}", flush=True))
     print(json.dumps(summary))
