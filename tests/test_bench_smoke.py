@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from async_rlhf.config.run import load_config
 from tests.helpers import QUICK_ARITH, ROOT, read_jsonl
 
 PER_TEST_TIMEOUT_S = 600  # a loaded 2-core machine starts a vLLM engine in minutes, an idle one in ~20 s
@@ -118,9 +119,19 @@ def test_off_policy_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
 def test_vineppo_vs_ppo_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
+    """Also VinePPO's end-to-end run (test_loss_runs.py ELSEWHERE): its MC accounting on the real pipeline."""
     (run,) = run_bench("vineppo_vs_ppo", tmp_path / "vineppo_vs_ppo")["runs"]
     assert [p["version"] for p in run["curve"]] == [0, 1, 2]
     assert run["curve"][0]["train_s"] == 0.0 and run["curve"][-1]["train_s"] > 0
+    run_dir = tmp_path / "runs" / "vineppo-seed0"
+    summary, steps = json.loads((run_dir / "summary.json").read_text()), read_jsonl(run_dir / "metrics.jsonl")
+    assert summary["steps"] == len(steps) == 2 and summary["max_staleness_seen"] <= 1
+    assert all(s["nonfinite"] == 0 and s["optimizer_step"] == 1 for s in steps)
+    # K_mc rollouts per unique state, costed apart, none left unvalued.
+    k_mc = load_config(ROOT / "configs" / "arith_vineppo.yaml").mc_values.k_mc
+    assert summary["mc_rollouts"] == k_mc * summary["mc_states"] > 0 and 0 < summary["mc_gen_share"] < 1
+    assert summary["mc_unvalued"] == summary["mc_failed_reward"] == 0
+    assert all(s["samples"] == 16 * 4 and s["skipped_unvalued"] == 0 for s in steps)
 
 
 @pytest.mark.slow
