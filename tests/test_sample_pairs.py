@@ -43,4 +43,4 @@ def test_sample_pairs_writes_gold_labelled_pairs_and_only_its_own_lines(tmp_path
     pairs = read_jsonl(out)
     assert summary["pairs"] == len(pairs) >= 1 and summary["pairs"] + summary["ties"] == summary["prompts"] == 16
     assert all(p["chosen_score"] > p["rejected_score"] and p["prompt"].endswith(">") for p in pairs)
-    assert "WARNING" in out.with_name("pairs.jsonl.engine.log").read_text()  # vLLM's start-up lines, kept
+    assert out.with_name("pairs.jsonl.engine.log").read_text().strip()  # the engine's start-up lines, kept
