@@ -43,8 +43,13 @@ def writable_place(path: Path, flag: str, command: str, directory: bool = False)
         raise ConfigError(f"config error: {command}: cannot write {flag} '{path}': '{blocker}' is a file, not a "
                           f"directory; choose another place")
     try:
-        place.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=place, prefix=".async-rlhf-write-test-").close()
+        try_writing(place)
     except OSError as exc:
         raise ConfigError(f"config error: {command}: cannot write {flag} '{path}' ({exc.strerror or exc}); "
                           f"choose a place this user can write") from None
+
+
+def try_writing(place: Path) -> None:
+    """Make the directory `place` and write (and remove) a file in it: OSError where either cannot be done."""
+    place.mkdir(parents=True, exist_ok=True)
+    tempfile.NamedTemporaryFile(dir=place, prefix=".async-rlhf-write-test-").close()

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
-from async_rlhf.cli.arguments import writable_place
+from async_rlhf.cli.arguments import try_writing, writable_place
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.cli.progress import Progress, progress_display
@@ -83,9 +83,7 @@ def resolve_run_dir(cfg: RunConfig, cli_dir: Path | None) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"config error: run directory '{run_dir}' is a file; pass --run-dir with a directory")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".writable").touch()
-        (run_dir / ".writable").unlink()
+        try_writing(run_dir)
     except OSError as exc:
         raise ConfigError(f"config error: cannot use '{run_dir}' as the run directory ({exc.strerror}); pass "
                           "--run-dir with a directory this user can create and write") from None
