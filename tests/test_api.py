@@ -77,6 +77,7 @@ def test_read_endpoints(live) -> None:
     assert set(queue["staleness_histogram"]) <= {"0", "1"}
     history = c.get("/history", params={"since": 1}).json()
     assert history["steps"][0]["step"] == 2 and history["evals"][0]["version"] == 0
+    wait_for(lambda: c.get("/history", params={"since": 3}).json()["steps"])  # a step logged past the page below
     page = c.get("/history", params={"since": 1, "limit": 2}).json()  # paged: a long run is never one answer
     assert [r["step"] for r in page["steps"]] == [2, 3] and page["next_since"] == 3 and page["more"]
     assert c.get("/history", params={"limit": 0}).status_code == 422
