@@ -21,6 +21,8 @@ COPY actors actors
 COPY learners learners
 COPY reward_models reward_models
 COPY configs configs
+COPY examples examples
+COPY bench bench
 COPY scripts scripts
 COPY tests tests
 RUN make install EXTRAS=${EXTRAS}

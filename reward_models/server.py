@@ -13,15 +13,14 @@ from fastapi.responses import JSONResponse
 from async_rlhf.outputs.recorder import json_ready
 from async_rlhf.rollout import Prompt
 from reward_models.protocol import MAX_BODY_BYTES, ScoreRequest, ScoreResponse
-from reward_models.rules import SCORERS
+from reward_models.user_scorer import resolve_scorer
 
 BatchScorer = Callable[[list[Prompt], list[str]], list[float]]
 
 
 def rule_batch_scorer(name: str) -> BatchScorer:
-    if name not in SCORERS:
-        raise ValueError(f"unknown reward model '{name}'; valid rule scorers: {', '.join(sorted(SCORERS))}")
-    scorer = SCORERS[name]
+    """A registered scorer or a user's "pkg.module:function" (UserCodeError, one line, otherwise)."""
+    scorer = resolve_scorer(name, "serve-reward")
     return lambda prompts, responses: [scorer(p, r) for p, r in zip(prompts, responses)]
 
 

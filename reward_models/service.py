@@ -7,27 +7,30 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 
-from async_rlhf.rollout import Completion, RolloutGroup
+from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
-from reward_models.rules import SCORERS, Scorer
+from reward_models.rules import Scorer
+from reward_models.user_scorer import resolve_scorer
+
+Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
 
 
 class RewardService:
     def __init__(self, scorers: dict[str, str], timeout_s: float = 30.0, remote: dict | None = None,
                  learned: dict | None = None) -> None:
-        """`scorers` maps a role ("train", "gold") to a registered scorer name; with `remote`
+        """`scorers` maps a role ("train", "gold") to a registered scorer name or a user's "pkg.module:function"
+        (reward_models/user_scorer.py), imported here, in this actor; with `remote`
         (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead, with
         `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor."""
-        unknown = sorted(set(scorers.values()) - set(SCORERS))
-        if unknown:
-            raise ValueError(f"unknown scorer(s) {unknown}; valid: {', '.join(sorted(SCORERS))}")
-        self.scorers: dict[str, Scorer] = {role: SCORERS[name] for role, name in scorers.items()}
+        self.scorers = {role: resolve_scorer(name, f"reward.{role}") for role, name in scorers.items()}
         self.timeout_s = timeout_s
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
         self.busy_s = 0.0
+        self._thread: threading.Thread | None = None  # the scorer's thread of the last batch (_in_time)
         self.remote = RemoteRewardClient(**remote) if remote else None
         self.learned = LearnedRewardModel(**learned) if learned else None
 
@@ -61,32 +64,63 @@ class RewardService:
                 self._score_learned(self.learned, groups)
             self.busy_s += time.perf_counter() - start
             return groups
-        scorer = self.scorers[role]
-        deadline = start + self.timeout_s
-        for group in groups:
-            for completion in group.completions:
-                self._score_one(scorer, group, completion, deadline)
+        outcomes = self._in_time(self.scorers[role], groups, start + self.timeout_s)
+        for index, completion in enumerate(_completions(groups)):
+            if index < len(outcomes):
+                completion.reward, completion.reward_error = outcomes[index]
+                completion.reward_status = "ok" if completion.reward_error is None else "failed"
+            else:
+                completion.reward, completion.reward_status = None, "timed_out"
+                completion.reward_error = f"reward batch exceeded reward.timeout_s={self.timeout_s}"
+            self.counts["scored" if completion.reward_status == "ok" else completion.reward_status] += 1
         self.busy_s += time.perf_counter() - start
         return groups
 
-    def _score_one(self, scorer: Scorer, group: RolloutGroup, completion: Completion, deadline: float) -> None:
-        if time.perf_counter() > deadline:
-            completion.reward, completion.reward_status = None, "timed_out"
-            completion.reward_error = f"reward batch exceeded reward.timeout_s={self.timeout_s}"
-        else:
-            try:
-                value = float(scorer(group.prompt, completion.text))
-                if not math.isfinite(value):
-                    raise ValueError(f"scorer returned non-finite value {value}")
-                completion.reward, completion.reward_status, completion.reward_error = value, "ok", None
-            except Exception as exc:  # a scorer bug must not kill the run, nor become a reward
-                completion.reward, completion.reward_status = None, "failed"
-                completion.reward_error = f"{type(exc).__name__}: {exc}"
-        key = "scored" if completion.reward_status == "ok" else completion.reward_status
-        self.counts[key] += 1
+    def _in_time(self, scorer: Scorer, groups: list[RolloutGroup], deadline: float) -> list[Outcome]:
+        """The completions' (reward, None) or (None, reason) in order, as many as were scored by the deadline,
+        in a thread of their own: a scorer that never returns (a user's function on a network call without a timeout)
+        times its batch out instead of hanging the generator or the reward actor. A scorer still busy past an
+        earlier batch's deadline is waited for first; two never run at once."""
+        done: list[Outcome] = []
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.perf_counter()))
+        if self._thread is None or not self._thread.is_alive():
+            items = [(group.prompt, completion.text) for group in groups for completion in group.completions]
+            self._thread = threading.Thread(target=_score_until, args=(scorer, items, deadline, done), daemon=True)
+            self._thread.start()
+            self._thread.join(max(0.0, deadline - time.perf_counter()))
+        return list(done)  # what a scorer still running adds from now on is never read
 
     def health(self) -> dict:
         remote: dict[str, object] = {"remote": dict(self.remote.counts)} if self.remote else {}
         remote |= {"learned": str(self.learned.path)} if self.learned else {}
         return {"ok": True, "pid": os.getpid(), "roles": sorted(self.scorers), "busy_s": round(self.busy_s, 3),
                 **self.counts, **remote}
+
+
+def reward_number(value: object) -> float:
+    """A scorer's answer as a finite float; anything else raises, naming what it was (a user's function may
+    return None, a string or a list)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        shown = repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise TypeError(f"the scorer returned {type(value).__name__} {shown}, not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"scorer returned non-finite value {number}")
+    return number
+
+
+def _completions(groups: list[RolloutGroup]) -> list[Completion]:
+    return [completion for group in groups for completion in group.completions]
+
+
+def _score_until(scorer: Scorer, items: list[tuple[Prompt, str]], deadline: float, done: list[Outcome]) -> None:
+    """Score the items in order into `done` until the deadline passes."""
+    for prompt, text in items:
+        if time.perf_counter() > deadline:
+            return
+        try:
+            done.append((reward_number(scorer(prompt, text)), None))
+        except Exception as exc:  # a scorer bug must not kill the run, nor become a reward
+            done.append((None, f"{type(exc).__name__}: {exc}"))

@@ -291,7 +291,7 @@ def test_arith_config_validates() -> None:
         (["generation.max_model_len=96"], "generation.max_model_len (96) is shorter than the longest prompt"),
         (["generation.max_new_tokens=20"], "generation.max_new_tokens (20) is shorter than the longest correct answer"),
         (["generation.max_model_len=512"], "exceeds the embedded model's context for task 'arith' (256)"),
-        (["reward.train=nope"], "reward.train: Input should be"),
+        (["reward.train=nope"], "reward.train: unknown scorer 'nope'; valid: arith_exact"),
     ],
 )
 def test_bad_arith_config_is_one_line(overrides: list[str], expected: str) -> None:

@@ -19,6 +19,7 @@ from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import load_config
 from async_rlhf.outputs.run_lock import RunDirLock
 from learners.loss_traits import builtin_losses
+from reward_models.rules import SCORERS
 from tests.helpers import QUICKSTART
 
 E = "config error: "
@@ -44,6 +45,13 @@ CONFIG_CASES = [
      "it must be importable from sys.path or the current directory"),
     ("loss.import_path=json:nothing", "loss.import_path: module 'json' has no attribute 'nothing'"),
     ("loss.import_path=json", "loss.import_path: 'json' is not of the form 'pkg.module:function'"),
+    ("reward.train=nope", f"reward.train: unknown scorer 'nope'; valid: {', '.join(sorted(SCORERS))}, or "
+                          "'pkg.module:function' of your own (called fn(prompt, text) -> float)"),
+    ("reward.gold=json:nothing", "reward.gold: module 'json' has no attribute 'nothing'"),
+    ("reward.train=os.path:exists", "reward.train: 'os.path:exists' must accept two positional arguments "
+                                    "(prompt, text); its signature is (path)"),
+    ("reward.train=nope.mod:fn", "reward.train: module 'nope.mod' not found (No module named 'nope'); "
+                                 "it must be importable from sys.path or the current directory"),
     ("learner.zero_stage=two", "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 'two')"),
     ("seed=abc", "seed: Input should be a valid integer, unable to parse string as an integer (got 'abc')"),
     ("eval.every=-1", "eval.every: Input should be greater than or equal to 0 (got -1)"),

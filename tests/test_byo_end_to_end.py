@@ -1,7 +1,8 @@
 """README's "Your own data and model", end to end through the CLI as a user runs it: export the tiny
-embedded model as a local HF checkpoint, train configs/byo_example.yaml on the shipped JSONL prompts
-(Ray + vLLM + DeepSpeed), and read back every output: eval cadence, win-rate, skipped-row counts,
-TensorBoard events, the W&B offline run and the plot."""
+embedded model as a local HF checkpoint, train configs/byo_example.yaml on the shipped JSONL prompts with its
+own reward function (examples/rewards.py, imported in the generator that scores; Ray + vLLM + DeepSpeed), and
+read back every output: eval cadence, win-rate, skipped-row counts, TensorBoard events, the W&B offline run
+and the plot."""
 from __future__ import annotations
 
 import json

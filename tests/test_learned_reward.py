@@ -92,6 +92,7 @@ def test_train_rm_rejects_bad_pairs(tmp_path: Path, random_policies: tuple[Path,
     err = cli_error(capsys, "train-rm", str(pairs), "--base", str(tmp_path), "--out", str(tmp_path / "o"))
     assert "--base: no config.json" in err
     assert "neither a rule scorer" in cli_error(capsys, "serve-reward", str(tmp_path / "nope"))
+    assert "serve-reward: module 'json' has no attribute 'nothing'" in cli_error(capsys, "serve-reward", "json:nothing")
     err = cli_error(capsys, "serve-reward", base)  # a causal LM, not a reward model
     assert "not a sequence-classification reward model" in err
 

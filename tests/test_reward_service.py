@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-import reward_models.service as service
 from reward_models.service import RewardService
 from tests.helpers import make_group
 
@@ -24,12 +23,6 @@ def slow(prompt, text):
     return 0.5
 
 
-@pytest.fixture
-def scorers(monkeypatch: pytest.MonkeyPatch) -> None:
-    for fn in (raising, not_a_number, slow):
-        monkeypatch.setitem(service.SCORERS, fn.__name__, fn)
-
-
 def statuses(groups) -> list[tuple]:
     return [(c.reward, c.reward_status) for g in groups for c in g.completions]
 
@@ -42,26 +35,73 @@ def test_rule_scorer_scores_the_sort_task() -> None:
     assert statuses(scored) == [(1.0, "ok"), (0.0, "ok")]
 
 
-@pytest.mark.parametrize(("name", "status", "error"), [
-    ("raising", "failed", "RuntimeError: reward model crashed"),
-    ("not_a_number", "failed", "non-finite"),
+def returns_none(prompt, text):
+    return None
+
+
+def returns_a_string(prompt, text):
+    return "0.5"
+
+
+def returns_a_list(prompt, text):
+    return [0.5, 0.25]
+
+
+def returns_numpy(prompt, text):
+    import numpy as np
+
+    return np.float32(0.25)
+
+
+def own(name: str) -> str:
+    """A user's own scorer, named as in a config (reward_models/user_scorer.py)."""
+    return f"{__name__}:{name}"
+
+
+@pytest.mark.parametrize(("name", "error"), [
+    ("raising", "RuntimeError: reward model crashed"),
+    ("not_a_number", "scorer returned non-finite value nan"),
+    ("returns_none", "TypeError: the scorer returned NoneType None, not a number"),
+    ("returns_a_string", "TypeError: the scorer returned str '0.5', not a number"),
+    ("returns_a_list", "TypeError: the scorer returned list [0.5, 0.25], not a number"),
 ])
-def test_failures_are_failures_not_zero(scorers, name: str, status: str, error: str) -> None:
-    svc = RewardService({"train": name})
+def test_failures_are_failures_not_zero(name: str, error: str) -> None:
+    svc = RewardService({"train": own(name)})
     groups = svc.score([make_group(0, rewards=[None, None])])
     for c in groups[0].completions:
-        assert c.reward is None and c.reward_status == status and error in (c.reward_error or "")
+        assert c.reward is None and c.reward_status == "failed" and error in (c.reward_error or "")
     assert groups[0].scored == [] and svc.health()["failed"] == 2
 
 
-def test_deadline_marks_the_rest_timed_out(scorers) -> None:
-    svc = RewardService({"train": "slow"}, timeout_s=0.12)
+def test_a_numpy_number_is_a_reward() -> None:
+    groups = RewardService({"train": own("returns_numpy")}).score([make_group(0, rewards=[None])])
+    assert statuses(groups) == [(0.25, "ok")]
+
+
+def test_deadline_marks_the_rest_timed_out() -> None:
+    svc = RewardService({"train": own("slow")}, timeout_s=0.12)
     groups = svc.score([make_group(0, rewards=[None] * 6)])
     got = [c.reward_status for c in groups[0].completions]
     # The first is scored before the deadline, the last after it; once timed out, always timed out.
     assert got[0] == "ok" and got[-1] == "timed_out"
     assert got == sorted(got, key=lambda s: s == "timed_out")
     assert all(c.reward is None for c in groups[0].completions if c.reward_status == "timed_out")
+
+
+def never_returns(prompt, text):
+    time.sleep(30)  # a network call without a timeout, say
+    return 1.0
+
+
+def test_a_scorer_that_never_returns_times_its_batches_out_and_never_runs_twice_at_once() -> None:
+    svc = RewardService({"train": own("never_returns")}, timeout_s=0.3)
+    start = time.monotonic()
+    for _ in range(2):  # the second batch finds the scorer still busy with the first: waited for, not doubled
+        groups = svc.score([make_group(0, rewards=[None, None])])
+        assert statuses(groups) == [(None, "timed_out")] * 2
+        assert groups[0].completions[0].reward_error == "reward batch exceeded reward.timeout_s=0.3"
+    assert time.monotonic() - start < 10  # before: the call returned when the scorer did, after 30 s
+    assert svc.health()["timed_out"] == 4
 
 
 def test_unknown_scorer_is_rejected() -> None:

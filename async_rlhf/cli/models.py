@@ -15,7 +15,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("name", help="registered model name, e.g. smollm2")
     prep.add_argument("--force", action="store_true", help="redo it even if the cache has it")
     serve = sub.add_parser("serve-reward", help="serve a reward model over HTTP (docs/reward_protocol.md)")
-    serve.add_argument("model", help="a rule scorer name (e.g. vader_compound) or a reward model directory")
+    serve.add_argument("model", help="a rule scorer name (e.g. vader_compound), 'pkg.module:function' of "
+                       "your own, or a reward model directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port, default=8500)
     serve.add_argument("--batch-size", type=positive_int, default=16, help="learned model: pairs per forward pass")
@@ -67,15 +68,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def reward_scorer(model: str, batch_size: int = 16, max_length: int = 512):
-    """A rule scorer by name, else a learned reward model directory."""
+    """A rule scorer by name or a user's "pkg.module:function", else a learned reward model directory."""
+    from async_rlhf.user_code import UserCodeError, is_import_path
     from reward_models.rules import SCORERS
     from reward_models.server import rule_batch_scorer
 
-    if model in SCORERS:
-        return rule_batch_scorer(model)
+    if model in SCORERS or is_import_path(model):
+        try:
+            return rule_batch_scorer(model)
+        except UserCodeError as exc:
+            raise ConfigError(f"config error: {exc}") from None
     if not Path(model).is_dir():
         raise ConfigError(f"config error: serve-reward: '{model}' is neither a rule scorer "
-                          f"({', '.join(sorted(SCORERS))}) nor a reward model directory")
+                          f"({', '.join(sorted(SCORERS))}), a 'pkg.module:function' of your own, "
+                          "nor a reward model directory")
     from reward_models.learned import LearnedRewardModel
 
     try:

@@ -7,6 +7,7 @@ Owns the pydantic models of a run: the root `RunConfig` and how a config is read
 errors (`base`), the static side of each task, i.e. the task-name registry and the size bounds the config
 checks (`task_shapes`), the registered pretrained model names (`pretrained_names`), secret redaction
 (`redaction`) and the GPU micro-batch sizing check (`gpu_sizing`). It may import `async_rlhf.failures`,
-`async_rlhf.rollout` and the torch-free registries of `learners` (`learners.loss_traits`) and `reward_models`;
+`async_rlhf.rollout`, `async_rlhf.user_code` (a user's "pkg.module:function") and the torch-free registries of
+`learners` (`learners.loss_traits`) and `reward_models` (`rules`, `user_scorer`);
 nothing else in `async_rlhf` (every other package reads the config, so it sits at the bottom).
 """

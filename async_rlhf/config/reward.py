@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
-from reward_models.rules import SCORERS
-
-# The registry's keys, so that a new scorer is named once; pydantic's error lists them ("Input should be ...").
-if TYPE_CHECKING:  # to the type checker a name; to pydantic the registry's keys, so the error lists them
-    ScorerName = str
-else:
-    ScorerName = Literal[tuple(SCORERS)]
+from async_rlhf.user_code import is_import_path, split_import_path
+from reward_models.user_scorer import resolve_scorer
 
 
 class RemoteRewardConfig(Strict):
@@ -74,9 +68,10 @@ class LearnedRewardConfig(Strict):
 class RewardConfig(Strict):
     """Scorers by role; each scores one task (checked against task.name in RunConfig)."""
 
-    train: ScorerName = Field(
-        "sort_partial", description="reward the learner optimises (proxy)")
-    gold: ScorerName = Field("sort_exact", description="evaluation-only reward (gold)")
+    train: str = Field(
+        "sort_partial", description="reward the learner optimises (proxy): a registered scorer, or "
+                                    "'pkg.module:function' of your own (reward_models/user_scorer.py)")
+    gold: str = Field("sort_exact", description="evaluation-only reward (gold), named the same way")
     timeout_s: float = Field(30.0, gt=0)
     remote: RemoteRewardConfig | None = Field(
         None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"
@@ -97,6 +92,18 @@ class RewardConfig(Strict):
                           "call, with the reward actor's failure handling, instead of one more Ray round trip per "
                           "batch on the generator's critical path; false: every batch goes to the reward actor"
     )
+
+    @field_validator("train", "gold")
+    @classmethod
+    def _scorer(cls, name: str, info: ValidationInfo) -> str:
+        """A registered scorer, or a function imported here to check it (under --portable only its form: the
+        module is on the machine the config is for)."""
+        key = f"reward.{info.field_name}"
+        if environment_checks(info) or not is_import_path(name):
+            resolve_scorer(name, key)  # UserCodeError: one line, "reward.train: ..."
+        else:
+            split_import_path(name, key)
+        return name
 
     @model_validator(mode="after")
     def _one_train_source(self) -> "RewardConfig":

@@ -191,6 +191,8 @@ class RunConfig(Strict):
 
     def _check_scorer(self, role: str, scorer: str) -> None:
         task, dataset = self.task.name, self.task.dataset
+        if scorer not in SCORER_TASK:  # a user's own function: whichever task it was written for
+            return
         if SCORER_TASK[scorer] != task:
             valid = ", ".join(sorted(s for s, t in SCORER_TASK.items() if t == task))
             raise ValueError(f"reward.{role}: scorer '{scorer}' does not score task '{task}'; "
