@@ -1,4 +1,5 @@
-"""RewardService: a failing scorer is reported as a failure with its reason, never as a reward of 0."""
+"""RewardService with rule scorers and functions of your own ("pkg.module:function", the functions below): a
+failing or hanging scorer is reported as a failure with its reason, never as a reward of 0."""
 from __future__ import annotations
 
 import math
@@ -107,3 +108,16 @@ def test_a_scorer_that_never_returns_times_its_batches_out_and_never_runs_twice_
 def test_unknown_scorer_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown scorer"):
         RewardService({"train": "nope"})
+
+
+def test_a_function_is_imported_by_the_config_check_but_under_portable_only_its_form_is_read() -> None:
+    from async_rlhf.config.base import ConfigError
+    from async_rlhf.config.run import load_config
+    from tests.helpers import QUICKSTART
+
+    assert load_config(QUICKSTART, [f"reward.train={own('slow')}"]).reward.train == own("slow")
+    with pytest.raises(ConfigError, match="reward.train: module 'elsewhere_only' not found"):
+        load_config(QUICKSTART, ["reward.train=elsewhere_only:score"])
+    load_config(QUICKSTART, ["reward.train=elsewhere_only:score"], environment=False)  # on the cluster it is for
+    with pytest.raises(ConfigError, match="reward.gold: ':score' is not of the form 'pkg.module:function'"):
+        load_config(QUICKSTART, ["reward.gold=:score"], environment=False)
