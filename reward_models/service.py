@@ -30,7 +30,7 @@ class RewardService:
         self.timeout_s = timeout_s
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
         self.busy_s = 0.0
-        self._thread: threading.Thread | None = None  # the scorer's thread of the last batch (_in_time)
+        self._threads: dict[str, threading.Thread] = {}  # by role: its scorer's thread of the last batch
         self.remote = RemoteRewardClient(**remote) if remote else None
         self.learned = LearnedRewardModel(**learned) if learned else None
 
@@ -64,7 +64,7 @@ class RewardService:
                 self._score_learned(self.learned, groups)
             self.busy_s += time.perf_counter() - start
             return groups
-        outcomes = self._in_time(self.scorers[role], groups, start + self.timeout_s)
+        outcomes = self._in_time(role, groups, start + self.timeout_s)
         for index, completion in enumerate(_completions(groups)):
             if index < len(outcomes):
                 completion.reward, completion.reward_error = outcomes[index]
@@ -76,19 +76,22 @@ class RewardService:
         self.busy_s += time.perf_counter() - start
         return groups
 
-    def _in_time(self, scorer: Scorer, groups: list[RolloutGroup], deadline: float) -> list[Outcome]:
+    def _in_time(self, role: str, groups: list[RolloutGroup], deadline: float) -> list[Outcome]:
         """The completions' (reward, None) or (None, reason) in order, as many as were scored by the deadline,
-        in a thread of their own: a scorer that never returns (a user's function on a network call without a timeout)
-        times its batch out instead of hanging the generator or the reward actor. A scorer still busy past an
-        earlier batch's deadline is waited for first; two never run at once."""
+        in a thread of their own: a scorer that never returns (a user's function on a network call without a
+        timeout) times its batch out instead of hanging the generator or the reward actor. A role's scorer still
+        busy past an earlier batch's deadline is waited for first; it never runs twice at once."""
         done: list[Outcome] = []
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.perf_counter()))
-        if self._thread is None or not self._thread.is_alive():
+        busy = self._threads.get(role)
+        if busy is not None:
+            busy.join(max(0.0, deadline - time.perf_counter()))
+        if busy is None or not busy.is_alive():
             items = [(group.prompt, completion.text) for group in groups for completion in group.completions]
-            self._thread = threading.Thread(target=_score_until, args=(scorer, items, deadline, done), daemon=True)
-            self._thread.start()
-            self._thread.join(max(0.0, deadline - time.perf_counter()))
+            thread = threading.Thread(target=_score_until, args=(self.scorers[role], items, deadline, done),
+                                      daemon=True)
+            self._threads[role] = thread
+            thread.start()
+            thread.join(max(0.0, deadline - time.perf_counter()))
         return list(done)  # what a scorer still running adds from now on is never read
 
     def health(self) -> dict:

@@ -258,8 +258,10 @@ def test_flaky_remote_reward_server_run_completes_and_counts_agree(ray_local, tm
     assert sum(r["skipped_failed"] for r in records) * 4 == summary["failed_reward"]  # whole groups skipped
 
 
-def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_local, tmp_path: Path) -> None:
-    """A real HTTP reward model that answers an HTML error page to every call: the run must not "complete"."""
+def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_local, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A real HTTP reward model that answers an HTML error page to every call: the run must not "complete". And a
+    gold reward of the user's own that raises: its evaluation says so once, and logs how many failed."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse
 
@@ -272,7 +274,7 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     url = server.start()
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
         "learner.steps=20", "eval.every=0", "task.eval_prompts=16", "api.enabled=false", f"reward.remote.url={url}",
-        "reward.remote.retries=0", "reward.max_failed_steps=2"])
+        "reward.remote.retries=0", "reward.max_failed_steps=2", "reward.gold=tests.test_reward_service:raising"])
     controller = Controller(cfg, tmp_path)
     try:
         with pytest.raises(RunError) as caught:
@@ -286,6 +288,12 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     assert "(reward.max_failed_steps=2); checkpoint: " in message and "--resume RUN_DIR" in message
     assert (tmp_path / "checkpoints" / "step-000002" / "model.safetensors").is_file()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    (initial,) = read_jsonl(tmp_path / "eval.jsonl")  # version 0's, awaited by the checkpoint
+    assert initial["gold_failed"] == 16 and initial["gold_reward"] is None
+    out = capsys.readouterr().out
+    assert out.count("gold rewards failed") == 1
+    assert ("evaluation of version 0: 16 of 16 gold rewards failed (reward.gold 'tests.test_reward_service:raising'"
+            "), the first because: RuntimeError: reward model crashed; gold_reward leaves them out") in out
 
 
 def parent_pid(pid: int) -> int:

@@ -95,7 +95,7 @@ def never_returns(prompt, text):
 
 
 def test_a_scorer_that_never_returns_times_its_batches_out_and_never_runs_twice_at_once() -> None:
-    svc = RewardService({"train": own("never_returns")}, timeout_s=0.3)
+    svc = RewardService({"train": own("never_returns"), "gold": own("returns_numpy")}, timeout_s=0.3)
     start = time.monotonic()
     for _ in range(2):  # the second batch finds the scorer still busy with the first: waited for, not doubled
         groups = svc.score([make_group(0, rewards=[None, None])])
@@ -103,6 +103,8 @@ def test_a_scorer_that_never_returns_times_its_batches_out_and_never_runs_twice_
         assert groups[0].completions[0].reward_error == "reward batch exceeded reward.timeout_s=0.3"
     assert time.monotonic() - start < 10  # before: the call returned when the scorer did, after 30 s
     assert svc.health()["timed_out"] == 4
+    # The other role's scorer is not held up by it (an evaluation's gold beside a hung train reward).
+    assert statuses(svc.score([make_group(0, rewards=[None])], "gold")) == [(0.25, "ok")]
 
 
 def test_unknown_scorer_is_rejected() -> None:

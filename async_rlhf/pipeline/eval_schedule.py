@@ -25,7 +25,9 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline import live_clock
+from async_rlhf.pipeline.control import say
 from async_rlhf.pipeline.eval_flight import EvalInFlight
+from async_rlhf.pipeline.evaluation import failed_rewards
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components
@@ -46,6 +48,7 @@ class EvalSchedule:
         self.recorder = recorder
         self.timeline = timeline
         self.pending: deque[EvalInFlight] = deque()  # oldest first: records are logged in this order
+        self.said_failed_gold = False
         self.blocked_s = 0.0  # this process's loop time spent on evaluations (the zero of `wall_s` is its too)
         recorder.keeper.remakes.append(self._write_initial_scores)
 
@@ -231,12 +234,23 @@ class EvalSchedule:
             record = {**flight.record(), "eval_blocking_s": round(flight.blocked_s, 3),
                       "eval_blocking_before_s": round(flight.blocked_before_s, 3)}
             self.recorder.log_eval(record)
+            self._say_failed_gold(flight)
             self.timing.add("eval_s", record["eval_s"])
             self.timing.add("eval_gen_s", record["eval_gen_s"])
             for result in flight.results:  # generator 0's time in each chunk
                 self.timeline.add("eval", f"generator{result.generator_id}", result.started_at,
                                   result.started_at + result.sync_s + result.gen_s, flight.version)
             self._release(flight)
+
+    def _say_failed_gold(self, flight: EvalInFlight) -> None:
+        """The first evaluation whose gold rewards failed says how many and why, once per run: its gold_reward
+        leaves them out, or is null where none is left."""
+        failed, total, reason = failed_rewards(flight.scored[0])
+        if failed and not self.said_failed_gold:
+            self.said_failed_gold = True
+            say(f"evaluation of version {flight.version}: {failed} of {total} gold rewards failed (reward.gold "
+                f"'{self.cfg.reward.gold}'), the first because: {reason}; gold_reward leaves them out (eval.jsonl: "
+                "gold_failed)")
 
     def _release(self, flight: EvalInFlight) -> None:
         if flight.weights is not None:

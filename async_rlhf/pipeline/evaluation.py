@@ -39,6 +39,13 @@ def _mean_reward(groups: list[RolloutGroup]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def failed_rewards(groups: list[RolloutGroup]) -> tuple[int, int, str | None]:
+    """How many completions have no reward (failed or timed out), of how many, and the first one's reason."""
+    completions = [c for g in groups for c in g.completions]
+    failed = [c for c in completions if c.reward_status != "ok"]
+    return len(failed), len(completions), failed[0].reward_error if failed else None
+
+
 def reference_groups(groups: list[RolloutGroup]) -> list[RolloutGroup]:
     """Each group that has a reference answer, with that answer as its only completion (to be scored
     like a sample); groups without one are left out."""
@@ -141,6 +148,7 @@ class Evaluator:
         return {
             "version": result.policy_version,
             "gold_reward": _mean_reward(gold),
+            "gold_failed": failed_rewards(gold)[0],  # left out of gold_reward's mean (eval_schedule says why)
             "proxy_reward": _mean_reward(proxy),
             "kl": kl,
             "win_rate": win_rate(judged, references[0]) if references else None,
