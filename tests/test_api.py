@@ -126,7 +126,9 @@ def test_pause_stops_consumption_and_resume_restarts_it(live, capsys: pytest.Cap
     time.sleep(1.0)  # let the step in flight, if any, finish
     consumed, version = c.get("/queue").json()["consumed"], step(c)
     time.sleep(3.0)
-    assert c.get("/queue").json()["consumed"] == consumed and step(c) == version
+    # No batch taken from the queue; a step whose batch was taken before the pause may still end (on a loaded
+    # machine its step outlasted the second above).
+    assert c.get("/queue").json()["consumed"] == consumed and step(c) in (version, version + 1)
     assert c.get("/metrics").text.count("async_rlhf_paused 1.0") == 1
     c.post("/control/resume", headers=auth())
     wait_for(lambda: step(c) > version + 2, timeout=60)

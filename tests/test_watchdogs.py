@@ -134,6 +134,20 @@ def test_a_policy_that_ties_after_the_reward_told_completions_apart_is_noted_as_
         "learned the task (more steps only cost time)\n")
 
 
+def test_a_batch_whose_train_rewards_partly_failed_is_said_once(capsys: pytest.CaptureFixture) -> None:
+    # A reward function of the user's that raises on some inputs: the rest trained, silently.
+    dogs, state, _ = watchdogs(timeout_s=5)
+    dogs.check_rewarded([make_group(1, (0.5, 1.0))])  # all rewarded: nothing to say
+    partly = [make_group(1, (0.5, None, None)), make_group(1, (1.0, 0.0))]
+    partly[0].completions[1].reward_error = "KeyError: 'reference'"
+    for _ in range(3):
+        dogs.check_rewarded(partly)
+    assert state.unrewarded_run == 0 and capsys.readouterr().err == (
+        "[async-rlhf] warning: the train reward (sort_partial) failed for 2 of 5 completions of a batch, the first "
+        "because: KeyError: 'reference'; they are not trained on (counted in /queue and summary.json as "
+        "failed_reward); the run goes on\n")
+
+
 def test_a_lost_gcs_stops_the_run_as_a_sigterm_does_and_raises_ray_lost_naming_its_checkpoint() -> None:
     # The watch's own detection runs against a real GCS killed mid-run (tests/test_driver_exit.py); here a stand-in
     # for it, since killing this test process's GCS would end every later test's Ray.

@@ -23,7 +23,7 @@ from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.state import LoopState
-from async_rlhf.rollout import RolloutGroup, scored_reward
+from async_rlhf.rollout import Completion, RolloutGroup, scored_reward
 
 TIED_STEPS = 10  # all-alike steps in a row before the notice: a few happen early on a sparse (0/1) reward
 
@@ -47,6 +47,7 @@ class Watchdogs:
         self.gcs: GcsWatch | None = None  # started with the loop's first check
         self.ray_lost: Future | None = None  # the checkpoint taken on the way out once the GCS is lost
         self.tie_said = False  # the no-signal notice is given once per process
+        self.some_failed_said = False  # so is the notice of a batch's rewards partly failed
 
     def check_stall(self) -> None:
         """A run whose learner has finished no step for learner.stall_timeout_s ends with the reason. Time the
@@ -120,6 +121,7 @@ class Watchdogs:
         failed = [c for c in items if c.reward_status != "ok"]
         if len(failed) < len(items):
             self.state.unrewarded_run = 0
+            self._say_some_failed(len(failed), len(items), failed[0] if failed else None)
             return
         self.state.unrewarded_run += 1
         limit = self.cfg.reward.max_failed_steps
@@ -129,6 +131,17 @@ class Watchdogs:
                 f"({self.reward_source()}): {len(failed)} of {len(items)} items of the last batch failed, the first "
                 f"because: {failed[0].reward_error or failed[0].reward_status} (reward.max_failed_steps={limit})",
                 "Fix the reward model and continue with --resume RUN_DIR")
+
+    def _say_some_failed(self, failed: int, items: int, first: Completion | None) -> None:
+        """Some of a batch's train rewards failed (a function of the user's that raises on some inputs): the rest
+        trains, and the first such batch says so once."""
+        if first is None or self.some_failed_said:
+            return
+        self.some_failed_said = True
+        print(f"[async-rlhf] warning: the train reward ({self.reward_source()}) failed for {failed} of {items} "
+              f"completions of a batch, the first because: {first.reward_error or first.reward_status}; they are not "
+              "trained on (counted in /queue and summary.json as failed_reward); the run goes on",
+              file=sys.stderr, flush=True)
 
     def check_signal(self, batch: list[RolloutGroup]) -> None:
         """A batch whose every prompt's completions got one same reward has nothing to learn from: online DPO
