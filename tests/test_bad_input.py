@@ -313,7 +313,7 @@ def test_tokenizer_without_eos(tokenizer_dir: Path) -> None:
 DATA_CONFIG_CASES = [
     ("model.source=embedded", "model.path is set but model.source is 'embedded' (the built-in tiny model), which would "
      "ignore it; set model.source=local to train from model.path, or drop model.path"),
-    ("task.dataset.reference_column=null", "reward.train: scorer 'reference_similarity' compares with a reference "
+    ("task.dataset.reference_column=null", "reward.gold: scorer 'reference_exact' compares with a reference "
      "answer; set task.dataset.reference_column"),
     ("reward.gold=sort_exact", "reward.gold: scorer 'sort_exact' does not score task 'dataset'; valid for dataset: "
      "reference_contains, reference_exact, reference_final, reference_similarity, vader_compound"),
