@@ -31,15 +31,16 @@ def split_import_path(path: str, key: str) -> tuple[str, str]:
     return module_name, attr
 
 
-def load_function(path: str, key: str, arguments: tuple[str, ...]) -> Callable[..., Any]:
-    """The callable "pkg.module:function" names, checked to take `arguments` positionally."""
+def load_function(path: str, key: str, arguments: tuple[str, ...] | None) -> Callable[..., Any]:
+    """The callable "pkg.module:function" names, checked to take `arguments` positionally (None: unchecked)."""
     module_name, attr = split_import_path(path, key)
     fn = getattr(_import(module_name, key), attr, None)
     if fn is None:
         raise UserCodeError(f"{key}: module '{module_name}' has no attribute '{attr}'")
     if not callable(fn):
         raise UserCodeError(f"{key}: '{path}' is not callable (it is a {type(fn).__name__})")
-    _check_signature(fn, path, key, arguments)
+    if arguments is not None:
+        check_signature(fn, path, key, arguments)
     return fn
 
 
@@ -59,7 +60,7 @@ def _import(module_name: str, key: str) -> Any:
             f"{key}: importing module '{module_name}' failed: {type(exc).__name__}: {first}") from None
 
 
-def _check_signature(fn: Any, path: str, key: str, arguments: tuple[str, ...]) -> None:
+def check_signature(fn: Any, path: str, key: str, arguments: tuple[str, ...]) -> None:
     """It is called fn(*arguments): that many positional arguments must bind."""
     try:
         sig = inspect.signature(fn)

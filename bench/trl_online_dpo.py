@@ -35,7 +35,7 @@ from async_rlhf.pipeline.timing import process_started_at
 from async_rlhf.policies.quiet_transformers import quiet_transformers
 from async_rlhf.rollout import Prompt
 from async_rlhf.tasks.builtin import Task, load_task
-from reward_models.user_scorer import resolve_scorer
+from reward_models.user_scorer import as_batch, resolve_scorer
 
 TRL_SAMPLES = 2  # OnlineDPOTrainer always samples two completions per prompt
 
@@ -94,11 +94,11 @@ def prompt_rows(task: Task, tokenizer: Any, count: int) -> tuple[list[str], list
 
 def reward_function(cfg: RunConfig, prompts: list[Prompt]) -> Callable[..., list[float | None]]:
     """The run's train scorer as a TRL reward function; `prompt_index` (a dataset column) finds our Prompt."""
-    scorer = resolve_scorer(cfg.reward.train, "reward.train")
+    scorer = as_batch(resolve_scorer(cfg.reward.train, "reward.train"))
 
     # TRL's reward-function type: list[float | None] (None would mean "no reward"; ours always has one).
     def train_reward(completions: list[str], prompt_index: list[int], **_: Any) -> list[float | None]:
-        return [scorer(prompts[i], text) for i, text in zip(prompt_index, completions)]
+        return [float(v) for v in scorer([prompts[i] for i in prompt_index], completions)]
 
     train_reward.__name__ = cfg.reward.train  # TRL logs rewards under the function's name
     return train_reward

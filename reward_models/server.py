@@ -13,15 +13,14 @@ from fastapi.responses import JSONResponse
 from async_rlhf.outputs.recorder import json_ready
 from async_rlhf.rollout import Prompt
 from reward_models.protocol import MAX_BODY_BYTES, ScoreRequest, ScoreResponse
-from reward_models.user_scorer import resolve_scorer
+from reward_models.user_scorer import as_batch, resolve_scorer
 
 BatchScorer = Callable[[list[Prompt], list[str]], list[float]]
 
 
 def rule_batch_scorer(name: str) -> BatchScorer:
     """A registered scorer or a user's "pkg.module:function" (UserCodeError, one line, otherwise)."""
-    scorer = resolve_scorer(name, "serve-reward")
-    return lambda prompts, responses: [scorer(p, r) for p, r in zip(prompts, responses)]
+    return as_batch(resolve_scorer(name, "serve-reward"))
 
 
 def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]

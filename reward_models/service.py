@@ -14,7 +14,7 @@ from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
 from reward_models.rules import Scorer
-from reward_models.user_scorer import resolve_scorer
+from reward_models.user_scorer import BatchedReward, resolve_scorer
 
 Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
 
@@ -118,12 +118,35 @@ def _completions(groups: list[RolloutGroup]) -> list[Completion]:
     return [completion for group in groups for completion in group.completions]
 
 
-def _score_until(scorer: Scorer, items: list[tuple[Prompt, str]], deadline: float, done: list[Outcome]) -> None:
-    """Score the items in order into `done` until the deadline passes."""
+def _score_until(scorer: Scorer | BatchedReward, items: list[tuple[Prompt, str]], deadline: float,
+                 done: list[Outcome]) -> None:
+    """Score the items in order into `done` until the deadline passes (a batched reward: in one call). A scorer
+    bug must not kill the run, nor become a reward: it fails the items it was called for."""
+    if isinstance(scorer, BatchedReward):
+        try:
+            values = scorer([prompt for prompt, _ in items], [text for _, text in items])
+        except Exception as exc:
+            done.extend([_failed(exc)] * len(items))
+            return
+        done.extend(_checked(value) for value in values)
+        return
     for prompt, text in items:
         if time.perf_counter() > deadline:
             return
         try:
-            done.append((reward_number(scorer(prompt, text)), None))
-        except Exception as exc:  # a scorer bug must not kill the run, nor become a reward
-            done.append((None, f"{type(exc).__name__}: {exc}"))
+            value = scorer(prompt, text)
+        except Exception as exc:
+            done.append(_failed(exc))
+            continue
+        done.append(_checked(value))
+
+
+def _checked(value: object) -> Outcome:
+    try:
+        return reward_number(value), None
+    except Exception as exc:  # float() of an odd object (a tensor of two numbers) may raise anything
+        return _failed(exc)
+
+
+def _failed(exc: Exception) -> Outcome:
+    return None, f"{type(exc).__name__}: {exc}"

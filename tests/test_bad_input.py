@@ -46,7 +46,8 @@ CONFIG_CASES = [
     ("loss.import_path=json:nothing", "loss.import_path: module 'json' has no attribute 'nothing'"),
     ("loss.import_path=json", "loss.import_path: 'json' is not of the form 'pkg.module:function'"),
     ("reward.train=nope", f"reward.train: unknown scorer 'nope'; valid: {', '.join(sorted(SCORERS))}, or "
-                          "'pkg.module:function' of your own (called fn(prompt, text) -> float)"),
+                          "'pkg.module:function' of your own (fn(prompt, text) -> float, or TRL's "
+                          "fn(prompts, completions, **kwargs) -> list[float])"),
     ("reward.gold=json:nothing", "reward.gold: module 'json' has no attribute 'nothing'"),
     ("reward.train=os.path:exists", "reward.train: 'os.path:exists' must accept two positional arguments "
                                     "(prompt, text); its signature is (path)"),

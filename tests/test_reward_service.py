@@ -107,6 +107,51 @@ def test_a_scorer_that_never_returns_times_its_batches_out_and_never_runs_twice_
     assert statuses(svc.score([make_group(0, rewards=[None])], "gold")) == [(0.25, "ok")]
 
 
+# TRL's form (GRPOTrainer's reward_funcs): one call per batch, the prompts' meta as keyword columns.
+def trl_exact(prompts, completions, reference, **kwargs):
+    assert prompts == ["21>"] * len(completions) and kwargs["digits"] == ["21"] * len(completions)
+    return [float(c == r) for c, r in zip(completions, reference)]
+
+
+def trl_lengths(prompts, completions):  # takes no columns: none is passed
+    return [len(c) for c in completions]
+
+
+def trl_partly_none(prompts, completions, **kwargs):
+    return [None] + [1.0] * (len(completions) - 1)
+
+
+def trl_one_value(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def trl_raising(prompts, completions, **kwargs):
+    raise RuntimeError("judge unreachable")
+
+
+def batch(*texts: str):
+    group = make_group(0, rewards=[None] * len(texts))
+    group.prompt.meta = {"reference": "12", "digits": "21"}
+    for completion, text in zip(group.completions, texts):
+        completion.text = text
+    return [group]
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("trl_exact", [(1.0, "ok", None), (0.0, "ok", None)]),
+    ("trl_lengths", [(2.0, "ok", None), (3.0, "ok", None)]),
+    ("trl_partly_none", [(None, "failed", "TypeError: the scorer returned NoneType None, not a number"),
+                         (1.0, "ok", None)]),
+    ("trl_one_value", [(None, "failed", "TypeError: 'tests.test_reward_service:trl_one_value' returned 1 values for "
+                                        "2 completions; a batched reward returns a list with one number per "
+                                        "completion")] * 2),
+    ("trl_raising", [(None, "failed", "RuntimeError: judge unreachable")] * 2),
+])
+def test_a_reward_function_in_trls_form_scores_a_batch_in_one_call(name: str, expected: list) -> None:
+    groups = RewardService({"train": own(name)}).score(batch("12", "213"))
+    assert [(c.reward, c.reward_status, c.reward_error) for c in groups[0].completions] == expected
+
+
 def test_unknown_scorer_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown scorer"):
         RewardService({"train": "nope"})
