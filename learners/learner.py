@@ -37,6 +37,7 @@ from learners.logprobs import (
 )
 from learners.losses import LossInputs, Selection, resolve_loss
 from learners.losses.contract import loss_result
+from learners.lr_schedule import lr_factor, set_lr
 from learners.micro_batches import (
     GroupSize,
     MicroBatch,
@@ -148,12 +149,15 @@ class Learner:
                                       fused=cfg.learner.fused_optimizer)
         self.engine, *_ = deepspeed.initialize(model=policy, optimizer=optimizer,
                                                config=deepspeed_config(cfg.learner, dtype))
+        self.optimizers = [(optimizer, cfg.learner.lr)]  # and the value model's: their rates follow lr_schedule
         self.device = self.engine.device
         reference_dir = cfg.model.reference_path or model_dir
         self.reference = load_causal_lm(reference_dir, dtype).to(self.device).eval().requires_grad_(False)
         # None unless the loss declares needs_value_model; resume saves / restores it with
         # save_value_model / load_value_model (also written by save_pretrained).
         self.value: ValueTrainer | None = self._build_value_model() if self.spec.needs_value_model else None
+        if self.value:
+            self.optimizers.append((self.value.optimizer, cfg.loss.value_lr or cfg.learner.lr))
         self.export = WeightExport(self.policy, cfg, self.rank)
         # Everything a checkpoint must hold goes through the store's `engines` and `frozen` maps.
         self.store = LearnerStateStore({"policy": self.engine}, {"reference": self.reference}, self.value,
@@ -198,6 +202,7 @@ class Learner:
         self._fresh = {id(c) for g in groups if g.policy_version == self.version for c in g.completions}
         # Ranks skip together and run as many passes (ZeRO-3 gathers parameters collectively in each
         # forward), or one would wait forever.
+        lr = self._schedule()
         if all_agree(any(len(s) for s in selections), self.device):
             count = all_max(len(chunks), self.device)
             if len(chunks) < count:
@@ -210,7 +215,7 @@ class Learner:
                        "optimizer_step": 0, "micro_batches": 0, "nonfinite_micro_batches": 0}
         self.version += 1
         wide = {"wide_s": self.lending.take_wide_s()} if self.lending else {}
-        return {**stats, **metrics, **wide, "version": self.version, "step_s": time.perf_counter() - start,
+        return {**stats, **metrics, **wide, "lr": lr, "version": self.version, "step_s": time.perf_counter() - start,
                 "started_at": started_at}  # (wall clock) calls queued ahead of it on this actor ran before
 
     def _split(self, groups: list[RolloutGroup]) -> tuple[list[GroupSize], list[range]]:
@@ -243,6 +248,13 @@ class Learner:
             if epochs[-1]["nonfinite"]:
                 break
         return epoch_metrics(epochs)
+
+    def _schedule(self) -> float:
+        """This step's learning rate (learners/lr_schedule.py), set on every optimizer; returned for its metrics."""
+        learner = self.cfg.learner
+        factor = lr_factor(self.version, learner.steps, learner.warmup_steps, learner.lr_schedule)
+        set_lr(self.optimizers, factor)
+        return learner.lr * factor
 
     def _update(self, micro: list[MicroBatch]) -> dict:
         """One optimizer step: gradients accumulated over the micro-batches whose loss is finite.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from async_rlhf.config.base import Strict
 
@@ -13,6 +13,12 @@ from async_rlhf.config.base import Strict
 class LearnerConfig(Strict):
     steps: int = Field(200, ge=1, description="learner steps (policy versions) to train")
     lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="the learning rate over the run after the warm-up: constant, linear to 0 or a half "
+                                "cosine to 0 at learner.steps (HF's shapes; learners/lr_schedule.py); the value "
+                                "model's value_lr follows it too"
+    )
+    warmup_steps: int = Field(0, ge=0, description="learner steps of linear warm-up from lr / warmup_steps to lr")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     zero_stage: Literal[0, 1, 2, 3] = Field(
@@ -73,6 +79,13 @@ class LearnerConfig(Strict):
                              "run's start, before its first) this many times; then the run stops with the --resume "
                              "command"
     )
+
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self) -> "LearnerConfig":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"learner.warmup_steps ({self.warmup_steps}) must be below learner.steps ({self.steps}): "
+                             "the run would end before its learning rate reaches learner.lr")
+        return self
 
 
 class WeightSyncConfig(Strict):
