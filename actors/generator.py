@@ -37,6 +37,7 @@ from learners.advantages.monte_carlo import (
     gather_states,
 )
 from reward_models.service import RewardService
+from reward_models.user_scorer import ScorerSpec
 
 if TYPE_CHECKING:  # vllm is imported after the engine environment is set (GeneratorActor.__init__)
     from vllm.inputs import TokensPrompt
@@ -69,7 +70,7 @@ class GeneratorActor:
         cores: list[int] | None = None,
         dtype: str = "float32",
         weight_transport: str = "shm",
-        train_scorer: str | None = None,
+        train_scorer: ScorerSpec | None = None,
         reward_timeout_s: float = 30.0,
         busy_board: str | None = None,
         scratch_dir: str | None = None,

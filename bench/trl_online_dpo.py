@@ -94,13 +94,13 @@ def prompt_rows(task: Task, tokenizer: Any, count: int) -> tuple[list[str], list
 
 def reward_function(cfg: RunConfig, prompts: list[Prompt]) -> Callable[..., list[float | None]]:
     """The run's train scorer as a TRL reward function; `prompt_index` (a dataset column) finds our Prompt."""
-    scorer = as_batch(resolve_scorer(cfg.reward.train, "reward.train"))
+    scorer = as_batch(resolve_scorer(cfg.reward.train_scorer, "reward.train"))
 
     # TRL's reward-function type: list[float | None] (None would mean "no reward"; ours always has one).
     def train_reward(completions: list[str], prompt_index: list[int], **_: Any) -> list[float | None]:
         return [float(v) for v in scorer([prompts[i] for i in prompt_index], completions)]
 
-    train_reward.__name__ = cfg.reward.train  # TRL logs rewards under the function's name
+    train_reward.__name__ = "+".join(cfg.reward.train_names)  # TRL logs rewards under the function's name
     return train_reward
 
 

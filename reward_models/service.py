@@ -14,16 +14,16 @@ from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
 from reward_models.rules import Scorer
-from reward_models.user_scorer import BatchedReward, resolve_scorer
+from reward_models.user_scorer import BatchedReward, CombinedReward, ScorerSpec, resolve_scorer
 
 Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
 
 
 class RewardService:
-    def __init__(self, scorers: dict[str, str], timeout_s: float = 30.0, remote: dict | None = None,
+    def __init__(self, scorers: dict[str, ScorerSpec], timeout_s: float = 30.0, remote: dict | None = None,
                  learned: dict | None = None) -> None:
         """`scorers` maps a role ("train", "gold") to a registered scorer name or a user's "pkg.module:function"
-        (reward_models/user_scorer.py), imported here, in this actor; with `remote`
+        (reward_models/user_scorer.py), imported here, in this actor, or (name, weight) pairs to sum; with `remote`
         (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead, with
         `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor."""
         self.scorers = {role: resolve_scorer(name, f"reward.{role}") for role, name in scorers.items()}
@@ -118,10 +118,17 @@ def _completions(groups: list[RolloutGroup]) -> list[Completion]:
     return [completion for group in groups for completion in group.completions]
 
 
-def _score_until(scorer: Scorer | BatchedReward, items: list[tuple[Prompt, str]], deadline: float,
+def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tuple[Prompt, str]], deadline: float,
                  done: list[Outcome]) -> None:
-    """Score the items in order into `done` until the deadline passes (a batched reward: in one call). A scorer
-    bug must not kill the run, nor become a reward: it fails the items it was called for."""
+    """Score the items in order into `done` until the deadline passes (a batched reward: in one call; a sum: part
+    by part, then summed). A scorer bug must not kill the run, nor become a reward: it fails the items it was
+    called for."""
+    if isinstance(scorer, CombinedReward):
+        parts: list[list[Outcome]] = [[] for _ in scorer.parts]
+        for (_, part, _), outcomes in zip(scorer.parts, parts):
+            _score_until(part, items, deadline, outcomes)
+        done.extend(_summed(scorer, parts))
+        return
     if isinstance(scorer, BatchedReward):
         try:
             values = scorer([prompt for prompt, _ in items], [text for _, text in items])
@@ -139,6 +146,18 @@ def _score_until(scorer: Scorer | BatchedReward, items: list[tuple[Prompt, str]]
             done.append(_failed(exc))
             continue
         done.append(_checked(value))
+
+
+def _summed(scorer: CombinedReward, parts: list[list[Outcome]]) -> list[Outcome]:
+    """Each item's weighted sum where every part scored it, else the first failed part's reason, named."""
+    summed: list[Outcome] = []
+    for outcomes in zip(*parts):  # as many as the part that got furthest before the deadline
+        failed = [(name, error) for (name, _, _), (_, error) in zip(scorer.parts, outcomes) if error is not None]
+        if failed:
+            summed.append((None, f"{failed[0][0]}: {failed[0][1]}"))
+        else:
+            summed.append((sum(w * (value or 0.0) for (_, _, w), (value, _) in zip(scorer.parts, outcomes)), None))
+    return summed
 
 
 def _checked(value: object) -> Outcome:

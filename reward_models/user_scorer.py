@@ -48,7 +48,30 @@ class BatchedReward:
         return list(values)
 
 
-def resolve_scorer(name: str, key: str) -> Scorer | BatchedReward:
+class CombinedReward:
+    """Several rewards summed with weights (`reward.train` as a list, TRL's `reward_weights`): a completion's
+    reward is the weighted sum where every part scored it, and failed, naming the part, where one did not."""
+
+    def __init__(self, parts: list[tuple[str, Scorer | BatchedReward, float]]) -> None:
+        self.parts = parts
+
+    def __call__(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
+        """The sums for a batch (the TRL benchmark arm's use; a part's exception propagates)."""
+        columns = [[weight * float(v) for v in as_batch(part)(prompts, texts)] for _, part, weight in self.parts]
+        return [sum(values) for values in zip(*columns)]
+
+
+ScorerSpec = str | list[tuple[str, float]]  # a name, or (name, weight) pairs to sum
+
+
+def resolve_scorer(spec: ScorerSpec, key: str) -> Scorer | BatchedReward | CombinedReward:
+    """The scorer a name gives, or the weighted sum of several (CombinedReward)."""
+    if isinstance(spec, str):
+        return resolve_one(spec, key)
+    return CombinedReward([(name, resolve_one(name, key), weight) for name, weight in spec])
+
+
+def resolve_one(name: str, key: str) -> Scorer | BatchedReward:
     """The registered scorer `name`, or the user's function it names (BatchedReward in TRL's form);
     UserCodeError (one line, starting with `key`) for anything else."""
     if name in SCORERS:
@@ -64,9 +87,9 @@ def resolve_scorer(name: str, key: str) -> Scorer | BatchedReward:
                         "fn(prompts, completions, **kwargs) -> list[float])")
 
 
-def as_batch(scorer: Scorer | BatchedReward) -> Callable[[list[Prompt], list[str]], list[Any]]:
-    """Either form as one call over a batch (the reward server's and the TRL benchmark arm's use)."""
-    if isinstance(scorer, BatchedReward):
+def as_batch(scorer: Scorer | BatchedReward | CombinedReward) -> Callable[[list[Prompt], list[str]], list[Any]]:
+    """Any of them as one call over a batch (the reward server's and the TRL benchmark arm's use)."""
+    if isinstance(scorer, (BatchedReward, CombinedReward)):
         return scorer
     return lambda prompts, texts: [scorer(p, t) for p, t in zip(prompts, texts)]
 

@@ -271,7 +271,7 @@ def test_ensure_policy_builds_and_loads_arith(tmp_path: Path) -> None:
 
 def test_arith_config_validates() -> None:
     cfg = load_config(ARITH_YAML)
-    assert cfg.task.name == "arith" and cfg.reward.train.startswith("arith") and cfg.reward.gold == "arith_exact"
+    assert cfg.task.name == "arith" and cfg.reward.train == "arith_partial" and cfg.reward.gold == "arith_exact"
     assert cfg.task.max_prompt_tokens + cfg.generation.max_new_tokens <= cfg.generation.max_model_len
     assert cfg.generation.max_new_tokens >= cfg.task.max_answer_tokens
 

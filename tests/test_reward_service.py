@@ -3,6 +3,7 @@ failing or hanging scorer is reported as a failure with its reason, never as a r
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
@@ -131,7 +132,7 @@ def trl_raising(prompts, completions, **kwargs):
 
 def batch(*texts: str):
     group = make_group(0, rewards=[None] * len(texts))
-    group.prompt.meta = {"reference": "12", "digits": "21"}
+    group.prompt.meta = {"reference": "12", "digits": "21", "answer": "12"}
     for completion, text in zip(group.completions, texts):
         completion.text = text
     return [group]
@@ -150,6 +151,41 @@ def batch(*texts: str):
 def test_a_reward_function_in_trls_form_scores_a_batch_in_one_call(name: str, expected: list) -> None:
     groups = RewardService({"train": own(name)}).score(batch("12", "213"))
     assert [(c.reward, c.reward_status, c.reward_error) for c in groups[0].completions] == expected
+
+
+def test_several_rewards_are_summed_with_their_weights_and_one_failing_fails_the_item() -> None:
+    # TRL's reward_funcs + reward_weights: a rule, a per-completion function and one in TRL's form.
+    spec = [("sort_exact", 2.0), (own("returns_numpy"), 0.5), (own("trl_lengths"), -0.1)]
+    groups = RewardService({"train": spec}).score(batch("12", "213"))  # sort answer of "21" is "12"
+    assert [c.reward for c in groups[0].completions] == pytest.approx([2.0 + 0.125 - 0.2, 0.125 - 0.3])
+    failing = [("sort_exact", 1.0), (own("trl_partly_none"), 1.0)]
+    groups = RewardService({"train": failing}).score(batch("12", "213"))
+    assert statuses(groups) == [(None, "failed"), (1.0, "ok")]  # "213" is not sorted: 0 + 1
+    assert groups[0].completions[0].reward_error == (
+        f"{own('trl_partly_none')}: TypeError: the scorer returned NoneType None, not a number")
+
+
+def test_several_train_rewards_in_the_config() -> None:
+    from async_rlhf.config.base import ConfigError
+    from async_rlhf.config.run import load_config
+    from tests.helpers import QUICKSTART
+
+    cfg = load_config(QUICKSTART, [f"reward.train=[sort_partial, {own('slow')}]", "reward.train_weights=[1, 0.5]"])
+    assert cfg.reward.train_scorer == [("sort_partial", 1.0), (own("slow"), 0.5)]
+    assert cfg.reward.train_description == f"scorers 1 x 'sort_partial' + 0.5 x '{own('slow')}'"
+    assert load_config(QUICKSTART, ["reward.train=[sort_partial, sort_exact]"]).reward.train_scorer == [
+        ("sort_partial", 1.0), ("sort_exact", 1.0)]
+    assert load_config(QUICKSTART, ["reward.train_weights=[3]"]).reward.train_scorer == [("sort_partial", 3.0)]
+    for overrides, message in [
+        (["reward.train=[sort_partial, sort_exact]", "reward.train_weights=[1]"],
+         "reward.train_weights has 1 weight(s) for 2 train reward(s); give one per name in reward.train"),
+        (["reward.train=[]"], "reward.train: an empty list; name one reward or more"),
+        (["reward.train=[sort_partial, arith_exact]"], "reward.train: scorer 'arith_exact' does not score task "
+                                                       "'sort'"),
+        (["reward.train_weights=[.nan]"], "reward.train_weights.0: Input should be a finite number (got nan)"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(QUICKSTART, overrides)
 
 
 def test_unknown_scorer_is_rejected() -> None:

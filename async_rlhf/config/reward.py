@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
 from async_rlhf.user_code import is_import_path, split_import_path
-from reward_models.user_scorer import resolve_scorer
+from reward_models.user_scorer import ScorerSpec, resolve_scorer
 
 
 class RemoteRewardConfig(Strict):
@@ -68,10 +68,13 @@ class LearnedRewardConfig(Strict):
 class RewardConfig(Strict):
     """Scorers by role; each scores one task (checked against task.name in RunConfig)."""
 
-    train: str = Field(
+    train: str | list[str] = Field(
         "sort_partial", description="reward the learner optimises (proxy): a registered scorer, or "
-                                    "'pkg.module:function' of your own (reward_models/user_scorer.py)")
-    gold: str = Field("sort_exact", description="evaluation-only reward (gold), named the same way")
+                                    "'pkg.module:function' of your own (reward_models/user_scorer.py); a list of "
+                                    "them is their weighted sum (reward.train_weights)")
+    train_weights: list[float] | None = Field(
+        None, description="reward.train as a list: the weight of each (TRL's reward_weights); default 1 each")
+    gold: str = Field("sort_exact", description="evaluation-only reward (gold), named as one train reward is")
     timeout_s: float = Field(30.0, gt=0)
     remote: RemoteRewardConfig | None = Field(
         None, description="when set, the train reward comes from this HTTP reward model instead of reward.train"
@@ -95,15 +98,45 @@ class RewardConfig(Strict):
 
     @field_validator("train", "gold")
     @classmethod
-    def _scorer(cls, name: str, info: ValidationInfo) -> str:
-        """A registered scorer, or a function imported here to check it (under --portable only its form: the
-        module is on the machine the config is for)."""
+    def _scorer(cls, names: str | list[str], info: ValidationInfo) -> str | list[str]:
+        """Registered scorers, or functions imported here to check them (under --portable only their form: the
+        modules are on the machine the config is for)."""
         key = f"reward.{info.field_name}"
-        if environment_checks(info) or not is_import_path(name):
-            resolve_scorer(name, key)  # UserCodeError: one line, "reward.train: ..."
-        else:
-            split_import_path(name, key)
-        return name
+        if isinstance(names, list) and not names:
+            raise ValueError(f"{key}: an empty list; name one reward or more")
+        for name in [names] if isinstance(names, str) else names:
+            if environment_checks(info) or not is_import_path(name):
+                resolve_scorer(name, key)  # UserCodeError: one line, "reward.train: ..."
+            else:
+                split_import_path(name, key)
+        return names
+
+    @model_validator(mode="after")
+    def _one_weight_each(self) -> "RewardConfig":
+        if self.train_weights is not None and len(self.train_weights) != len(self.train_names):
+            raise ValueError(f"reward.train_weights has {len(self.train_weights)} weight(s) for "
+                             f"{len(self.train_names)} train reward(s); give one per name in reward.train")
+        return self
+
+    @property
+    def train_names(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    @property
+    def train_scorer(self) -> ScorerSpec:
+        """What RewardService scores the train role with: a name, or (name, weight) pairs to sum."""
+        if isinstance(self.train, str) and self.train_weights is None:
+            return self.train
+        names = self.train_names
+        return list(zip(names, self.train_weights or [1.0] * len(names)))
+
+    @property
+    def train_description(self) -> str:
+        """How an error line names the train reward."""
+        spec = self.train_scorer
+        if isinstance(spec, str):
+            return f"scorer '{spec}'"
+        return "scorers " + " + ".join(f"{w:g} x '{n}'" for n, w in spec)
 
     @model_validator(mode="after")
     def _one_train_source(self) -> "RewardConfig":

@@ -185,9 +185,9 @@ class RunConfig(Strict):
         self._check_embedded_context()
 
     def _check_scorers(self) -> None:
-        roles = ("gold",) if self.reward.train_replaced else ("train", "gold")
-        for role in roles:
-            self._check_scorer(role, getattr(self.reward, role))
+        for name in [] if self.reward.train_replaced else self.reward.train_names:
+            self._check_scorer("train", name)
+        self._check_scorer("gold", self.reward.gold)
 
     def _check_scorer(self, role: str, scorer: str) -> None:
         task, dataset = self.task.name, self.task.dataset

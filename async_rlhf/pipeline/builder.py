@@ -192,7 +192,7 @@ class ComponentBuilder:
         """On GPUs each in its own placement bundle (placement.py); Ray restarts one whose process dies."""
         cfg, plan = self.cfg, self.parts.require_plan()
         gen_cls = ray.remote(GeneratorActor)
-        scorer = cfg.reward.train if cfg.reward.in_generator else None
+        scorer = cfg.reward.train_scorer if cfg.reward.in_generator else None
         return [GeneratorSlot(gen_cls.options(**options).remote(
                     i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.generator_dtype,
                     cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board,
@@ -202,7 +202,7 @@ class ComponentBuilder:
     def _start_reward(self) -> Any:  # a RewardService actor handle
         """Stateless: Ray restarts it when its process dies, and the loop re-issues the lost batches."""
         reward = self.cfg.reward
-        scorers = {"train": reward.train, "gold": reward.gold}
+        scorers = {"train": reward.train_scorer, "gold": reward.gold}
         remote = reward.remote.model_dump() if reward.remote else None
         learned = reward.learned.model_dump(mode="json") if reward.learned else None
         return ray.remote(RewardService).options(num_cpus=0, max_restarts=reward.max_restarts).remote(

@@ -170,4 +170,4 @@ class RewardBook:
         reward = self.cfg.reward
         if reward.remote is not None:
             return f"remote reward model {redact_url(reward.remote.url)}"
-        return f"learned reward model {reward.learned.path}" if reward.learned else f"scorer '{reward.train}'"
+        return f"learned reward model {reward.learned.path}" if reward.learned else reward.train_description
