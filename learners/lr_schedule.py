@@ -5,7 +5,8 @@ steps, then constant, linear to zero or a half cosine to zero at `learner.steps`
 warm-up step trains at lr / warmup_steps instead of 0 (a step at lr 0 costs a whole generation and learns
 nothing), and the rate is a function of the learner's step count alone, set on the optimizers before each step:
 a resumed run or a replaced learner (which restore that count) continue the schedule exactly, with no scheduler
-state to save. PPO's `ppo_epochs` optimizer steps on one batch share its rate.
+state to save. PPO's `ppo_epochs` optimizer steps on one batch share its rate. A run resumed with more
+`learner.steps` stretches the schedule to them (the rate moves to where the new length puts that step).
 """
 from __future__ import annotations
 
