@@ -290,10 +290,11 @@ def test_a_run_whose_rewards_all_fail_stops_within_k_steps_with_the_reason(ray_l
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     (initial,) = read_jsonl(tmp_path / "eval.jsonl")  # version 0's, awaited by the checkpoint
     assert initial["gold_failed"] == 16 and initial["gold_reward"] is None
-    out = capsys.readouterr().out
-    assert out.count("gold rewards failed") == 1
-    assert ("evaluation of version 0: 16 of 16 gold rewards failed (reward.gold 'tests.test_reward_service:raising'"
-            "), the first because: RuntimeError: reward model crashed; gold_reward leaves them out") in out
+    err = capsys.readouterr().err
+    assert err.count("gold rewards failed") == 1
+    assert ("[async-rlhf] warning: evaluation of version 0: 16 of 16 gold rewards failed (reward.gold "
+            "'tests.test_reward_service:raising'), the first because: RuntimeError: reward model crashed; gold_reward "
+            "leaves them out") in err
 
 
 def parent_pid(pid: int) -> int:

@@ -14,6 +14,7 @@ or reward actor that dies meanwhile is waited for and the evaluation made once m
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -25,7 +26,6 @@ from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.recorder import RunRecorder
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline import live_clock
-from async_rlhf.pipeline.control import say
 from async_rlhf.pipeline.eval_flight import EvalInFlight
 from async_rlhf.pipeline.evaluation import failed_rewards
 from async_rlhf.pipeline.generators import GeneratorPool
@@ -248,9 +248,9 @@ class EvalSchedule:
         failed, total, reason = failed_rewards(flight.scored[0])
         if failed and not self.said_failed_gold:
             self.said_failed_gold = True
-            say(f"evaluation of version {flight.version}: {failed} of {total} gold rewards failed (reward.gold "
-                f"'{self.cfg.reward.gold}'), the first because: {reason}; gold_reward leaves them out (eval.jsonl: "
-                "gold_failed)")
+            print(f"[async-rlhf] warning: evaluation of version {flight.version}: {failed} of {total} gold rewards "
+                  f"failed (reward.gold '{self.cfg.reward.gold}'), the first because: {reason}; gold_reward leaves "
+                  "them out (eval.jsonl: gold_failed)", file=sys.stderr, flush=True)
 
     def _release(self, flight: EvalInFlight) -> None:
         if flight.weights is not None:
