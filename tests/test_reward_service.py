@@ -90,7 +90,11 @@ def test_deadline_marks_the_rest_timed_out() -> None:
     assert all(c.reward is None for c in groups[0].completions if c.reward_status == "timed_out")
 
 
+STARTED: list[float] = []  # never_returns's calls
+
+
 def never_returns(prompt, text):
+    STARTED.append(time.monotonic())
     time.sleep(30)  # a network call without a timeout, say
     return 1.0
 
@@ -103,7 +107,7 @@ def test_a_scorer_that_never_returns_times_its_batches_out_and_never_runs_twice_
         assert statuses(groups) == [(None, "timed_out")] * 2
         assert groups[0].completions[0].reward_error == "reward batch exceeded reward.timeout_s=0.3"
     assert time.monotonic() - start < 10  # before: the call returned when the scorer did, after 30 s
-    assert svc.health()["timed_out"] == 4
+    assert svc.health()["timed_out"] == 4 and len(STARTED) == 1  # one call, still running: no second thread
     # The other role's scorer is not held up by it (an evaluation's gold beside a hung train reward).
     assert statuses(svc.score([make_group(0, rewards=[None])], "gold")) == [(0.25, "ok")]
 
