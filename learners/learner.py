@@ -200,9 +200,9 @@ class Learner:
         stats = sum_stats(selections)  # == selecting the whole list (selectors decide group by group)
         # Staleness-0 rows for logprob_gap_fresh, by identity: selections hold the groups' own completions.
         self._fresh = {id(c) for g in groups if g.policy_version == self.version for c in g.completions}
+        lr = self._schedule()
         # Ranks skip together and run as many passes (ZeRO-3 gathers parameters collectively in each
         # forward), or one would wait forever.
-        lr = self._schedule()
         if all_agree(any(len(s) for s in selections), self.device):
             count = all_max(len(chunks), self.device)
             if len(chunks) < count:
