@@ -178,7 +178,7 @@ def test_a_driver_killed_outright_leaves_no_ray_process_and_no_weights_in_shared
     deadline = time.monotonic() + 15
     while ring[0].exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not ring[0].exists()
+    assert not ring[0].exists(), sorted(str(p.relative_to(ring[0])) for p in ring[0].rglob("*"))
 
 
 def test_a_local_gcs_killed_mid_run_stops_it_with_a_checkpoint_of_its_last_step_and_one_line(tmp_path: Path) -> None:

@@ -18,6 +18,16 @@ from async_rlhf.cluster.reaper import Reaper, children, stat_fields
 # Stands in for a raylet: a process with one child (its "agent"). Not this test process, whose own children
 # include the Ray that other tests share.
 PARENT = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(600)"
+# Stands in for a worker of a killed driver that lives on a moment (a learner publishing a version, a generator
+# making its scratch directory): it makes files in the ring, the ring itself if it is gone, and keeps them open.
+WORKER = """
+import os, sys, time
+ring, end = sys.argv[1], time.monotonic() + 1.5
+while time.monotonic() < end:
+    os.makedirs(ring, exist_ok=True)
+    os.open(os.path.join(ring, f"slot-{time.monotonic_ns()}.bin"), os.O_CREAT | os.O_RDWR)
+    time.sleep(0.05)
+"""
 
 
 @pytest.fixture
@@ -63,3 +73,18 @@ def test_without_a_raylet_only_the_paths_go(raylet: subprocess.Popen, tmp_path: 
     reaper = Reaper([tmp_path / "ring"], raylet_pid=None)
     reaper.close()
     assert reaper.process.returncode == 0 and alive(agent)
+
+
+def test_after_a_killed_driver_the_paths_go_once_no_process_makes_or_holds_files_in_them(tmp_path: Path) -> None:
+    ring = tmp_path / "async-rlhf-ring"
+    ring.mkdir()
+    reaper = Reaper([ring], raylet_pid=None)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(ring)])
+    deadline = time.monotonic() + 30
+    while not any(ring.iterdir()):
+        assert time.monotonic() < deadline and worker.poll() is None, "the stand-in worker made no file"
+        time.sleep(0.02)
+    assert reaper.process.stdin is not None
+    reaper.process.stdin.close()  # the pipe closed with nothing said: the driver was killed
+    assert worker.wait(timeout=30) == 0
+    assert reaper.process.wait(timeout=30) == 0 and not ring.exists()
