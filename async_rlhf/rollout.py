@@ -11,6 +11,7 @@ from typing import Literal
 FinishReason = Literal["stop", "length", "abort"]
 RewardStatus = Literal["pending", "ok", "failed", "timed_out"]
 EVAL_ID_OFFSET = 1_000_000_000  # eval prompt ids live apart from train ids (every task's train index < this)
+CONVERSATION = "prompt"  # Prompt.meta key of a prompt that came as a conversation: its turns (TRL's column name)
 
 
 @dataclass

@@ -14,9 +14,10 @@ from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
 from reward_models.rules import Scorer
-from reward_models.user_scorer import BatchedReward, CombinedReward, ScorerSpec, resolve_scorer
+from reward_models.user_scorer import NONE_APPLIES, BatchedReward, CombinedReward, ScorerSpec, resolve_scorer
 
 Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
+NO_ANSWER = "TypeError: the scorer returned NoneType None, not a number"  # in a sum of several: that one does not apply
 
 
 class RewardService:
@@ -86,7 +87,7 @@ class RewardService:
         if busy is not None:
             busy.join(max(0.0, deadline - time.perf_counter()))
         if busy is None or not busy.is_alive():
-            items = [(group.prompt, completion.text) for group in groups for completion in group.completions]
+            items = [(group.prompt, completion) for group in groups for completion in group.completions]
             thread = threading.Thread(target=_score_until, args=(self.scorers[role], items, deadline, done),
                                       daemon=True)
             self._threads[role] = thread
@@ -118,8 +119,8 @@ def _completions(groups: list[RolloutGroup]) -> list[Completion]:
     return [completion for group in groups for completion in group.completions]
 
 
-def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tuple[Prompt, str]], deadline: float,
-                 done: list[Outcome]) -> None:
+def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tuple[Prompt, Completion]],
+                 deadline: float, done: list[Outcome]) -> None:
     """Score the items in order into `done` until the deadline passes (a batched reward: in one call; a sum: part
     by part, then summed). A scorer bug must not kill the run, nor become a reward: it fails the items it was
     called for."""
@@ -131,17 +132,19 @@ def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tu
         return
     if isinstance(scorer, BatchedReward):
         try:
-            values = scorer([prompt for prompt, _ in items], [text for _, text in items])
+            completions = [completion for _, completion in items]
+            values = scorer([prompt for prompt, _ in items], [c.text for c in completions],
+                            [c.token_ids for c in completions])
         except Exception as exc:
             done.extend([_failed(exc)] * len(items))
             return
         done.extend(_checked(value) for value in values)
         return
-    for prompt, text in items:
+    for prompt, completion in items:
         if time.perf_counter() > deadline:
             return
         try:
-            value = scorer(prompt, text)
+            value = scorer(prompt, completion.text)
         except Exception as exc:
             done.append(_failed(exc))
             continue
@@ -149,18 +152,24 @@ def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tu
 
 
 def _summed(scorer: CombinedReward, parts: list[list[Outcome]]) -> list[Outcome]:
-    """Each item's weighted sum where every part scored it, else the first failed part's reason, named."""
+    """Each item's weighted sum over the parts that scored it, a part's None meaning "does not apply" (TRL's
+    nansum); the first failed part's reason, named, where one failed, or where none applies."""
     summed: list[Outcome] = []
     for outcomes in zip(*parts):  # as many as the part that got furthest before the deadline
-        failed = [(name, error) for (name, _, _), (_, error) in zip(scorer.parts, outcomes) if error is not None]
-        if failed:
-            summed.append((None, f"{failed[0][0]}: {failed[0][1]}"))
+        named = [(name, error) for (name, _, _), (_, error) in zip(scorer.parts, outcomes)]
+        failed = [(name, error) for name, error in named if error not in (None, NO_ANSWER)]
+        if failed or all(error == NO_ANSWER for _, error in named):
+            name, error = (failed or named)[0]
+            summed.append((None, f"{name}: {error}" if failed else NONE_APPLIES))
         else:
-            summed.append((sum(w * (value or 0.0) for (_, _, w), (value, _) in zip(scorer.parts, outcomes)), None))
+            summed.append((sum(w * value for (_, _, w), (value, _) in zip(scorer.parts, outcomes)
+                               if value is not None), None))
     return summed
 
 
 def _checked(value: object) -> Outcome:
+    if value is None:
+        return None, NO_ANSWER
     try:
         return reward_number(value), None
     except Exception as exc:  # float() of an odd object (a tensor of two numbers) may raise anything

@@ -2,29 +2,35 @@
 (`reward.train`, `reward.gold`, `async-rlhf serve-reward`), in one of two forms:
 
 * `fn(prompt, text) -> float`, called once per completion: `prompt.text` is the prompt as the policy saw it and
-  `prompt.meta` its data (a dataset's `reference` and `meta_columns`, the embedded tasks' `answer`); `text` is
-  the completion, decoded without special tokens;
-* TRL's form, `fn(prompts, completions, **kwargs) -> list[float]`, called once per batch (its first two
-  parameters are named so): the prompts' and completions' texts, and each `prompt.meta` key as a keyword
-  argument holding one value per completion (TRL passes a dataset's columns the same way), where the function
-  takes it. A reward function written for TRL's GRPOTrainer works as it is (on plain-text prompts).
+  `prompt.meta` its data (a dataset's `reference` and `meta_columns`, the embedded tasks' `answer`, and under
+  `CONVERSATION` the turns of a prompt that came as a conversation); `text` is the completion, decoded without
+  special tokens;
+* TRL's form (GRPOTrainer's `reward_funcs`), any function with a parameter named `completions`, called once per
+  batch by keyword as TRL calls it: `prompts`, `completions`, `completion_ids` (the completions' token ids, where
+  the caller has them) and each `prompt.meta` key as a list with one value per completion (TRL passes a
+  dataset's columns the same way), each only where the function takes it. A prompt that came as a conversation
+  (TRL's conversational form) is given as its turns and its completion as `[{"role": "assistant", "content":
+  text}]`, as TRL gives them; a plain one as texts. A reward function written for TRL works as it is.
 
 Either is called in the process that scores (the generator's call, the reward actor, the reward server) and
 returns numbers, higher is better. An exception, a non-finite value or anything that is not a number marks the
 completion's reward failed, with the reason, never 0 (reward_models/service.py); `reward.max_failed_steps`
-steps in a row without a usable reward stop the run.
+steps in a row without a usable reward stop the run. In a weighted sum of several (CombinedReward), `None` from
+one of them means "does not apply" as in TRL: the others' sum is the reward.
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any, Callable
 
-from async_rlhf.rollout import Prompt
+from async_rlhf.rollout import CONVERSATION, Prompt
 from async_rlhf.user_code import UserCodeError, check_signature, is_import_path, load_function
 from reward_models.rules import SCORERS, Scorer
 
 ARGUMENTS = ("prompt", "text")
-BATCH_ARGUMENTS = ("prompts", "completions")
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what TRL passes besides the dataset's columns
+NONE_APPLIES = "every reward of the sum returned None: none applies to this completion"
 
 
 class BatchedReward:
@@ -35,17 +41,42 @@ class BatchedReward:
         self.fn, self.path = fn, path
         parameters = inspect.signature(fn).parameters.values()
         self.any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters)
-        self.keywords = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        named = [p for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.keywords = {p.name for p in named}
+        self.required = {p.name for p in named if p.default is p.empty}
 
-    def __call__(self, prompts: list[Prompt], texts: list[str]) -> list[Any]:
-        keys = {key for p in prompts for key in p.meta} - set(BATCH_ARGUMENTS)
-        taken = {key: [p.meta.get(key) for p in prompts] for key in keys if self.any_keyword or key in self.keywords}
-        values = self.fn(prompts=[p.text for p in prompts], completions=texts, **taken)
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        """The parameters it requires that neither TRL's arguments nor the prompts' data (`keys`) give."""
+        return sorted(self.required - set(TRL_ARGUMENTS) - set(keys))
+
+    def __call__(self, prompts: list[Prompt], texts: list[str],
+                 token_ids: list[list[int]] | None = None) -> list[Any]:
+        keys = {key for p in prompts for key in p.meta} - {CONVERSATION}
+        given: dict[str, list[Any]] = {key: [p.meta.get(key) for p in prompts] for key in keys}
+        given.update(prompts=[trl_prompt(p) for p in prompts],
+                     completions=[trl_completion(p, text) for p, text in zip(prompts, texts)])
+        if token_ids is not None:
+            given["completion_ids"] = token_ids
+        if missing := sorted(self.required - set(given)):
+            raise TypeError(f"'{self.path}' takes {', '.join(missing)}, which this batch does not give (its "
+                            f"prompts' data: {', '.join(sorted(set(given) - set(TRL_ARGUMENTS))) or 'none'})")
+        values = self.fn(**{k: v for k, v in given.items() if self.any_keyword or k in self.keywords})
         if not isinstance(values, (list, tuple)) or len(values) != len(texts):
             shown = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
             raise TypeError(f"'{self.path}' returned {shown} for {len(texts)} completions; a batched reward returns "
                             "a list with one number per completion")
         return list(values)
+
+
+def trl_prompt(prompt: Prompt) -> Any:
+    """A prompt as TRL gives it to a reward function: its turns where it came as a conversation, else its text."""
+    turns = prompt.meta.get(CONVERSATION)
+    return turns if isinstance(turns, list) else prompt.text
+
+
+def trl_completion(prompt: Prompt, text: str) -> Any:
+    """A completion as TRL gives it: an assistant turn after a conversation, else the text."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt.meta.get(CONVERSATION), list) else text
 
 
 class CombinedReward:
@@ -57,8 +88,15 @@ class CombinedReward:
 
     def __call__(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
         """The sums for a batch (the TRL benchmark arm's use; a part's exception propagates)."""
-        columns = [[weight * float(v) for v in as_batch(part)(prompts, texts)] for _, part, weight in self.parts]
-        return [sum(values) for values in zip(*columns)]
+        columns = [as_batch(part)(prompts, texts) for _, part, _ in self.parts]
+        return [self.summed(values) for values in zip(*columns)]
+
+    def summed(self, values: tuple[Any, ...]) -> float:
+        """One completion's weighted sum of its parts' values, a part's None meaning "does not apply"."""
+        applied = [weight * float(v) for (_, _, weight), v in zip(self.parts, values) if v is not None]
+        if not applied:
+            raise ValueError(NONE_APPLIES)
+        return sum(applied)
 
 
 ScorerSpec = str | list[tuple[str, float]]  # a name, or (name, weight) pairs to sum
@@ -80,11 +118,14 @@ def resolve_one(name: str, key: str) -> Scorer | BatchedReward:
         fn = load_function(name, key, None)
         if is_batched(fn):  # its other parameters are the prompts' columns, known only at the call
             return BatchedReward(fn, name)
-        check_signature(fn, name, key, ARGUMENTS)
+        try:
+            check_signature(fn, name, key, ARGUMENTS)
+        except UserCodeError as exc:
+            raise UserCodeError(f"{exc}; or, in TRL's form, take a parameter named completions") from None
         return fn
     raise UserCodeError(f"{key}: unknown scorer '{name}'; valid: {', '.join(sorted(SCORERS))}, or "
                         f"'pkg.module:function' of your own (fn(prompt, text) -> float, or TRL's "
-                        "fn(prompts, completions, **kwargs) -> list[float])")
+                        "fn(completions, **kwargs) -> list[float])")
 
 
 def as_batch(scorer: Scorer | BatchedReward | CombinedReward) -> Callable[[list[Prompt], list[str]], list[Any]]:
@@ -94,10 +135,15 @@ def as_batch(scorer: Scorer | BatchedReward | CombinedReward) -> Callable[[list[
     return lambda prompts, texts: [scorer(p, t) for p, t in zip(prompts, texts)]
 
 
+def batched_parts(scorer: Scorer | BatchedReward | CombinedReward) -> list[BatchedReward]:
+    """The functions in TRL's form in a scorer (itself, or the parts of a sum)."""
+    parts = [part for _, part, _ in scorer.parts] if isinstance(scorer, CombinedReward) else [scorer]
+    return [part for part in parts if isinstance(part, BatchedReward)]
+
+
 def is_batched(fn: Callable[..., Any]) -> bool:
-    """TRL's form: the first two parameters are `prompts` and `completions`."""
+    """TRL's form: it takes `completions` (TRL calls its reward functions by keyword)."""
     try:
-        names = tuple(inspect.signature(fn).parameters)[:2]
+        return "completions" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return names == BATCH_ARGUMENTS

@@ -188,6 +188,9 @@ def test_conversational_prompts_are_rendered_by_the_chat_template(tmp_path: Path
         assert {p.text for p in prompts} == want
         assert all(p.token_ids == [chat.bos_token_id] + token_ids(chat, list(p.text[3:])) for p in prompts)
         assert all(p.meta["reference"] in p.text for p in prompts)  # the completion's text: the digit asked about
+        # TRL's reward functions take a conversational prompt as its turns, as in the data (reward_models/user_scorer)
+        turns = sorted(json.dumps(p.meta["prompt"]) for p in prompts)
+        assert turns == sorted(json.dumps(r["question"]) for r in rows[:6])  # the usable rows' own turns
     from transformers import AutoTokenizer
 
     tokenizer.save_pretrained(tmp_path / "plain")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import re
 import time
+from pathlib import Path
 
 import pytest
 
+from async_rlhf.config.task import TaskConfig
+from async_rlhf.rollout import CONVERSATION
 from reward_models.service import RewardService
 from tests.helpers import make_group
 
@@ -162,11 +165,76 @@ def test_several_rewards_are_summed_with_their_weights_and_one_failing_fails_the
     spec = [("sort_exact", 2.0), (own("returns_numpy"), 0.5), (own("trl_lengths"), -0.1)]
     groups = RewardService({"train": spec}).score(batch("12", "213"))  # sort answer of "21" is "12"
     assert [c.reward for c in groups[0].completions] == pytest.approx([2.0 + 0.125 - 0.2, 0.125 - 0.3])
-    failing = [("sort_exact", 1.0), (own("trl_partly_none"), 1.0)]
+    failing = [("sort_exact", 1.0), (own("trl_raising"), 1.0)]
     groups = RewardService({"train": failing}).score(batch("12", "213"))
-    assert statuses(groups) == [(None, "failed"), (1.0, "ok")]  # "213" is not sorted: 0 + 1
+    assert statuses(groups) == [(None, "failed")] * 2
+    assert groups[0].completions[0].reward_error == f"{own('trl_raising')}: RuntimeError: judge unreachable"
+
+
+def test_in_a_sum_none_means_that_reward_does_not_apply_as_in_trl() -> None:
+    """TRL sums its reward functions with nansum, a None read as NaN: a function that does not apply to a
+    completion (a math check on a code task) returns None for it. Before, the completion failed."""
+    spec = [("sort_exact", 1.0), (own("trl_partly_none"), 2.0)]
+    groups = RewardService({"train": spec}).score(batch("12", "213"))
+    assert statuses(groups) == [(1.0, "ok"), (0.0 + 2.0, "ok")]  # "12": 1 + (None); "213": 0 + 2 x 1
+    groups = RewardService({"train": [(own("returns_none"), 1.0), (own("trl_partly_none"), 1.0)]}).score(
+        batch("12", "213"))
+    assert statuses(groups) == [(None, "failed"), (1.0, "ok")]
+    assert groups[0].completions[0].reward_error == ("every reward of the sum returned None: none applies to this "
+                                                     "completion")
+
+
+def trl_usual(completions, **kwargs):  # TRL's docs' signature: no `prompts`; everything comes by keyword
+    assert kwargs["prompts"] == ["21>"] * len(completions) and kwargs["reference"] == ["12"] * len(completions)
+    return [len(text) + len(ids) for text, ids in zip(completions, kwargs["completion_ids"])]
+
+
+def trl_chat(prompts, completions, reference, **kwargs):
+    assert "prompt" not in kwargs  # the turns are `prompts`, as TRL passes them
+    assert prompts == [[{"role": "user", "content": "sort 21"}]] * len(completions)
+    return [float(c == [{"role": "assistant", "content": r}]) for c, r in zip(completions, reference)]
+
+
+def trl_needs_level(completions, level, **kwargs):
+    return [float(x) for x in level]
+
+
+def test_trls_usual_signature_gets_what_trl_gives_by_keyword() -> None:
+    groups = batch("12", "213")
+    groups[0].completions[1].token_ids = [3, 4, 5]
+    assert statuses(RewardService({"train": own("trl_usual")}).score(groups)) == [(4.0, "ok"), (6.0, "ok")]
+
+
+def test_a_conversational_prompt_reaches_a_trl_function_as_turns_and_its_completion_as_an_assistant_turn() -> None:
+    groups = batch("12", "213")
+    groups[0].prompt.meta[CONVERSATION] = [{"role": "user", "content": "sort 21"}]  # DatasetTask sets it so
+    assert statuses(RewardService({"train": own("trl_chat")}).score(groups)) == [(1.0, "ok"), (0.0, "ok")]
+
+
+def test_a_column_the_prompts_do_not_carry_is_named_in_the_batch_and_before_the_run_starts(tmp_path: Path) -> None:
+    groups = RewardService({"train": own("trl_needs_level")}).score(batch("12"))
     assert groups[0].completions[0].reward_error == (
-        f"{own('trl_partly_none')}: TypeError: the scorer returned NoneType None, not a number")
+        f"TypeError: '{own('trl_needs_level')}' takes level, which this batch does not give (its prompts' data: "
+        "answer, digits, reference)")
+    from async_rlhf.config.base import ConfigError
+    from async_rlhf.config.run import load_config
+    from async_rlhf.pipeline.startup import check_reward_columns
+    from async_rlhf.policies.embedded import build_tokenizer
+    from async_rlhf.tasks.builtin import make_task
+    from tests.helpers import QUICKSTART
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "tom has 3 pens", "level": 2}\n{"question": "ann has 5 cards", "level": 1}\n')
+    cfg = load_config(QUICKSTART, [f"reward.train={own('trl_needs_level')}"])
+    data = {"path": str(rows), "prompt_column": "question", "eval_fraction": 0.5}
+    task = make_task(TaskConfig(name="dataset", dataset=data), build_tokenizer("arith"), 0)
+    with pytest.raises(ConfigError) as err:
+        check_reward_columns(cfg, task)
+    assert str(err.value) == (f"config error: reward.train: '{own('trl_needs_level')}' takes level, which the "
+                              "prompts do not carry (their data: epoch, row); add the column to "
+                              "task.dataset.meta_columns, or give the parameter a default")
+    data["meta_columns"] = ["level"]
+    check_reward_columns(cfg, make_task(TaskConfig(name="dataset", dataset=data), build_tokenizer("arith"), 0))
 
 
 def test_several_train_rewards_in_the_config() -> None:

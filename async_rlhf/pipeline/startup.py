@@ -34,6 +34,9 @@ from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline import live_clock
+from async_rlhf.rollout import CONVERSATION
+from async_rlhf.tasks.builtin import Task
+from reward_models.user_scorer import ScorerSpec, batched_parts, resolve_scorer
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
 PLACEMENT_CHECK_S = 10.0  # how often a start-up still waiting on its actors asks whether the cluster placed them
@@ -258,6 +261,27 @@ def _import_quietly(module: str) -> None:
         importlib.import_module(module)
     except BaseException:  # raised again by the caller's import
         pass
+
+
+def check_rewards(cfg: RunConfig, task: Task, log: Callable[[str], None]) -> None:
+    """What the rewards need from outside their config, before any worker starts: the prompts' data the reward
+    functions take, and the reward server's answer."""
+    check_reward_columns(cfg, task)
+    check_reward_server(cfg, log)
+
+
+def check_reward_columns(cfg: RunConfig, task: Task) -> None:
+    """A reward function in TRL's form that takes a column the prompts do not carry (one not in
+    task.dataset.meta_columns) would fail every batch, and stop the run reward.max_failed_steps steps later."""
+    roles: list[tuple[str, ScorerSpec]] = [("reward.gold", cfg.reward.gold)]
+    roles += [] if cfg.reward.train_replaced else [("reward.train", cfg.reward.train_scorer)]
+    keys = set(task.train_prompt(0).meta) - {CONVERSATION}  # a conversation's turns are `prompts`
+    for key, spec in roles:
+        for part in batched_parts(resolve_scorer(spec, key)):
+            if missing := part.missing(keys):
+                raise ConfigError(f"config error: {key}: '{part.path}' takes {', '.join(missing)}, which the prompts "
+                                  f"do not carry (their data: {', '.join(sorted(keys))}); add the column to "
+                                  "task.dataset.meta_columns, or give the parameter a default")
 
 
 def check_reward_server(cfg: RunConfig, log: Callable[[str], None]) -> None:

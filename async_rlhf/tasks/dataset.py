@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, template_fields
 from async_rlhf.config.task_shapes import TASK_SHAPES
-from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
+from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, Prompt
 from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
 
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
@@ -298,6 +298,8 @@ class RowMapper:
             text, ids = self._truncate(ids)
             stats.truncated += 1
         meta = {"row": index, **{c: row[c] for c in self.cfg.meta_columns}}
+        if (turns := None if self.cfg.template else as_conversation(row[self.cfg.prompt_column])) is not None:
+            meta[CONVERSATION] = turns  # a reward function in TRL's form takes a conversation as its turns
         if self.cfg.reference_column:
             meta["reference"] = reference
         return Row(text, array("i", ids), meta)
