@@ -146,7 +146,7 @@ def test_vllms_own_kv_cache_variable_is_named_where_it_overrides_the_config(monk
         "generation.kv_cache_gib; unset it to use the config"]
 
 
-@pytest.mark.parametrize("command", ["sample-pairs", "train-rm", "export-model", "plot"])
+@pytest.mark.parametrize("command", ["sample-pairs", "train-rm", "export-model", "plot", "bench weight_sync"])
 def test_an_output_place_that_cannot_be_written_is_one_line_before_any_work(command: str, tmp_path: Path,
                                                                             capsys: pytest.CaptureFixture) -> None:
     # Before: each failed after its work (sampling, training, the warm start) with FileNotFoundError, exit 1.
@@ -158,7 +158,8 @@ def test_an_output_place_that_cannot_be_written_is_one_line_before_any_work(comm
         args = {"sample-pairs": ["sample-pairs", "configs/quickstart.yaml", "--out", str(out)],
                 "train-rm": ["train-rm", str(pairs), "--base", "b", "--out", str(out)],
                 "export-model": ["export-model", str(out)],
-                "plot": ["plot", str(tmp_path), "--out", str(out)]}[command]
+                "plot": ["plot", str(tmp_path), "--out", str(out)],
+                "bench weight_sync": ["bench", "weight_sync", "--sizes", "tiny", f"--out={out}"]}[command]
         flag = "out" if command == "export-model" else "--out"
         err = one_line_error(capsys, args, 2, "config error: ")
         assert err.startswith(f"config error: {command}: cannot write {flag} '{out}'{why}")

@@ -49,6 +49,12 @@ def writable_place(path: Path, flag: str, command: str, directory: bool = False)
                           f"choose a place this user can write") from None
 
 
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    """What a raw argument list gives `flag` (`--flag VALUE` or `--flag=VALUE`), as argparse reads it."""
+    return [a.split("=", 1)[1] for a in argv if a.startswith(f"{flag}=")] + [
+        value for a, value in zip(argv, argv[1:]) if a == flag]
+
+
 def try_writing(place: Path) -> None:
     """Make the directory `place` and write (and remove) a file in it: OSError where either cannot be done."""
     place.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn, TextIO, cast
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
-from async_rlhf.cli.arguments import try_writing, writable_place
+from async_rlhf.cli.arguments import flag_values, try_writing, writable_place
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.cli.progress import Progress, progress_display
@@ -330,6 +330,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("async-rlhf bench: the benchmarks live in the source checkout's bench/ folder; run this from the "
               "repository root", file=sys.stderr)
         return 2
+    for flag, directory in (("--out", False), ("--runs-dir", True)):  # each script parses its own arguments
+        for value in flag_values(args.bench_args, flag):
+            writable_place(Path(value), flag, f"bench {args.name}", directory)
     module.main(args.bench_args)
     return 0
 
