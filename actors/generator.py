@@ -36,6 +36,7 @@ from learners.advantages.monte_carlo import (
     delimiter_splitter,
     gather_states,
 )
+from reward_models.scoring_marks import ScoringMarks
 from reward_models.service import RewardService
 from reward_models.user_scorer import ScorerSpec
 
@@ -94,7 +95,8 @@ class GeneratorActor:
         # Where this generator says when it samples: the learner borrows its core between calls (core_lending.py).
         self.board = BusyBoard.attach(busy_board) if busy_board else None
         # A rule train reward scored here, with the reward actor's own failure handling (reward.in_generator).
-        self.reward = RewardService({"train": train_scorer}, reward_timeout_s) if train_scorer else None
+        marks = ScoringMarks(scratch_dir, f"generator-{generator_id}")  # names a reward that ends this process
+        self.reward = RewardService({"train": train_scorer}, reward_timeout_s, marks=marks) if train_scorer else None
         self.seed = seed
         self.cfg = gen_cfg
         self.version = 0

@@ -14,7 +14,8 @@ from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
 from reward_models.rules import Scorer
-from reward_models.user_scorer import NONE_APPLIES, BatchedReward, CombinedReward, ScorerSpec, resolve_scorer
+from reward_models.scoring_marks import ScoringMarks
+from reward_models.user_scorer import NONE_APPLIES, BatchedReward, CombinedReward, ScorerSpec, describe, resolve_scorer
 
 Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
 NO_ANSWER = "TypeError: the scorer returned NoneType None, not a number"  # in a sum of several: that one does not apply
@@ -22,12 +23,15 @@ NO_ANSWER = "TypeError: the scorer returned NoneType None, not a number"  # in a
 
 class RewardService:
     def __init__(self, scorers: dict[str, ScorerSpec], timeout_s: float = 30.0, remote: dict | None = None,
-                 learned: dict | None = None) -> None:
+                 learned: dict | None = None, marks: ScoringMarks | None = None) -> None:
         """`scorers` maps a role ("train", "gold") to a registered scorer name or a user's "pkg.module:function"
         (reward_models/user_scorer.py), imported here, in this actor, or (name, weight) pairs to sum; with `remote`
         (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead, with
-        `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor."""
+        `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor. `marks` name the
+        scorer running when this process dies (scoring_marks.py)."""
         self.scorers = {role: resolve_scorer(name, f"reward.{role}") for role, name in scorers.items()}
+        self.described = {role: f"reward.{role} {describe(name)}" for role, name in scorers.items()}
+        self.marks = marks or ScoringMarks(None, "")
         self.timeout_s = timeout_s
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
         self.busy_s = 0.0
@@ -88,12 +92,16 @@ class RewardService:
             busy.join(max(0.0, deadline - time.perf_counter()))
         if busy is None or not busy.is_alive():
             items = [(group.prompt, completion) for group in groups for completion in group.completions]
-            thread = threading.Thread(target=_score_until, args=(self.scorers[role], items, deadline, done),
-                                      daemon=True)
+            thread = threading.Thread(target=self._score_marked, args=(role, items, deadline, done), daemon=True)
             self._threads[role] = thread
             thread.start()
             thread.join(max(0.0, deadline - time.perf_counter()))
         return list(done)  # what a scorer still running adds from now on is never read
+
+    def _score_marked(self, role: str, items: list[tuple[Prompt, Completion]], deadline: float,
+                      done: list[Outcome]) -> None:
+        with self.marks.held(role, self.described[role]):
+            _score_until(self.scorers[role], items, deadline, done)
 
     def health(self) -> dict:
         remote: dict[str, object] = {"remote": dict(self.remote.counts)} if self.remote else {}

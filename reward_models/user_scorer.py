@@ -102,6 +102,13 @@ class CombinedReward:
 ScorerSpec = str | list[tuple[str, float]]  # a name, or (name, weight) pairs to sum
 
 
+def describe(spec: ScorerSpec) -> str:
+    """How a line names a role's reward: "scorer 'name'", or "scorers 1 x 'a' + 0.5 x 'b'"."""
+    if isinstance(spec, str):
+        return f"scorer '{spec}'"
+    return "scorers " + " + ".join(f"{w:g} x '{n}'" for n, w in spec)
+
+
 def resolve_scorer(spec: ScorerSpec, key: str) -> Scorer | BatchedReward | CombinedReward:
     """The scorer a name gives, or the weighted sum of several (CombinedReward)."""
     if isinstance(spec, str):

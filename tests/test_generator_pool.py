@@ -295,3 +295,29 @@ def test_a_generator_gone_for_good_ends_the_run_with_one_line_naming_why(tmp_pat
     with pytest.raises(RunError) as err:
         pool.on_probe(slot, Failing(gone))
     assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def test_a_generator_that_died_running_a_reward_function_says_so_in_both_its_lines(tmp_path, monkeypatch,
+                                                                                  capsys) -> None:
+    """A train reward scored in the generator that ends its process (os._exit): before, "generator 0 died" three
+    times and the run's end, nothing naming the function. Its mark (reward_models/scoring_marks.py) names it."""
+    from async_rlhf.failures import RunError
+    from reward_models.scoring_marks import ScoringMarks
+
+    pool, _, gate = make_pool(tmp_path, monkeypatch)
+    pool.parts.scratch_dir = str(tmp_path / "scratch")
+    pool.dispatch(gate)
+    slot = pool.slots[0]
+    running = ScoringMarks(pool.parts.scratch_dir, "generator-0").held("train", "reward.train scorer 'm:f'")
+    running.__enter__()  # and never left: kept referenced, as a dead process leaves it
+    chunk = slot.chunks[0].ref
+    chunk.outcome = ray.exceptions.ActorUnavailableError("gone", None)  # the process died inside the block above
+    pool.on_generated(slot, chunk)
+    clause = (" while running reward.train scorer 'm:f' (a reward function that ends its process, with os._exit or a "
+              "crash in native code, kills the worker it runs in)")
+    assert f"generator 0 died (ActorUnavailableError){clause}; waiting for Ray" in capsys.readouterr().err
+    gone = ray.exceptions.ActorDiedError()
+    gone.error_msg = "The actor died unexpectedly before finishing this task.\n\tclass_name: GeneratorActor"
+    with pytest.raises(RunError) as err:
+        pool.on_probe(slot, Failing(gone))
+    assert str(err.value).startswith(f"generator 0 died{clause} and Ray will not restart it again ")

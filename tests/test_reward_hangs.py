@@ -36,7 +36,8 @@ def book_of(actor: Any, stall_timeout_s: float = 20.0, reward: dict | None = Non
     """A RewardBook of a run whose hang timeout is half its stall timeout (10 s), over `actor`."""
     cfg = RunConfig.model_validate({"learner": {"stall_timeout_s": stall_timeout_s}, "reward": reward or {}})
     unused: Any = None  # the queue and timeline: nothing is scored here
-    return RewardBook(cfg, cast(Any, SimpleNamespace(reward=actor)), LoopState(), RunStats(), unused, unused)
+    parts = SimpleNamespace(reward=actor, scratch_dir="")  # no scoring marks (reward_models/scoring_marks.py)
+    return RewardBook(cfg, cast(Any, parts), LoopState(), RunStats(), unused, unused)
 
 
 def batch(prompt_ids: list[int]) -> GenerationResult:

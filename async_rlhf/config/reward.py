@@ -9,7 +9,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
 from async_rlhf.user_code import is_import_path, split_import_path
-from reward_models.user_scorer import ScorerSpec, resolve_scorer
+from reward_models.user_scorer import ScorerSpec, describe, resolve_scorer
 
 
 class RemoteRewardConfig(Strict):
@@ -133,10 +133,7 @@ class RewardConfig(Strict):
     @property
     def train_description(self) -> str:
         """How an error line names the train reward."""
-        spec = self.train_scorer
-        if isinstance(spec, str):
-            return f"scorer '{spec}'"
-        return "scorers " + " + ".join(f"{w:g} x '{n}'" for n, w in spec)
+        return describe(self.train_scorer)
 
     @model_validator(mode="after")
     def _one_train_source(self) -> "RewardConfig":

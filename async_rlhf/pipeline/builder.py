@@ -45,6 +45,7 @@ from async_rlhf.weights.nccl import NcclTransport
 from learners.advantages.monte_carlo import MCRequest
 from learners.group import LearnerGroup, start_learner
 from learners.losses import LOSSES
+from reward_models.scoring_marks import ScoringMarks
 from reward_models.service import RewardService
 
 # The generators' temporary files (actors/generator.py temp_files_in), in the run's own directory under
@@ -72,6 +73,7 @@ class ComponentBuilder:
         self.parts = parts
         self.broker = broker
         self.weights_root = weights_root
+        parts.scratch_dir = str(weights_root / GENERATOR_SCRATCH)  # the workers' files; their scoring marks
         self.loan: CoreLoan | None = None  # the generators' cores the learner may borrow (set by build)
         self.learner_restart_s = cfg.learner.stall_timeout_s  # how long a new learner may take (set by build)
 
@@ -196,7 +198,7 @@ class ComponentBuilder:
         return [GeneratorSlot(gen_cls.options(**options).remote(
                     i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.generator_dtype,
                     cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board,
-                    str(self.weights_root / GENERATOR_SCRATCH)), i)
+                    self.parts.scratch_dir), i)
                 for i, options in enumerate(generator_options(cfg))]
 
     def _start_reward(self) -> Any:  # a RewardService actor handle
@@ -206,7 +208,7 @@ class ComponentBuilder:
         remote = reward.remote.model_dump() if reward.remote else None
         learned = reward.learned.model_dump(mode="json") if reward.learned else None
         return ray.remote(RewardService).options(num_cpus=0, max_restarts=reward.max_restarts).remote(
-            scorers, reward.timeout_s, remote, learned)
+            scorers, reward.timeout_s, remote, learned, ScoringMarks(self.parts.scratch_dir, "reward"))
 
     def start_learner(self) -> None:
         """One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py)."""

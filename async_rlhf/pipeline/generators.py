@@ -30,6 +30,7 @@ from async_rlhf.pipeline.timing import Timing
 from async_rlhf.pipeline.waits import POLL_S, wait_all
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import VersionError, WeightSyncBroker
+from reward_models.scoring_marks import ScoringMarks, while_scoring
 
 
 class GeneratorPool:
@@ -196,10 +197,16 @@ class GeneratorPool:
         if chunk.sent_to < slot.restarts:  # an earlier process's call: its death was seen and the generator is back
             return  # (an evaluation's wait saw it first, GeneratorPool.await_restart); said "died" after "is back"
         if not slot.recovering:  # one line per death, however many chunks it took
-            print(f"[async-rlhf] generator {slot.generator_id} died ({type(exc).__name__}); waiting for Ray to "
-                  f"restart it; the prompts of its {len(slot.chunks) + 1} batch(es) in flight will be re-issued",
+            print(f"[async-rlhf] generator {slot.generator_id} died ({type(exc).__name__}){self._died(slot)}; "
+                  f"waiting for Ray to restart it; the prompts of its {len(slot.chunks) + 1} batch(es) in flight "
+                  "will be re-issued",
                   file=sys.stderr, flush=True)
         slot.recovering, slot.not_before = True, live_clock.now() + 0.5
+
+    def _died(self, slot: GeneratorSlot) -> str:
+        """What reward its dead process was running, if any (kept for the run's last line), as a clause."""
+        slot.died_running = ScoringMarks(self.parts.scratch_dir, f"generator-{slot.generator_id}").left()
+        return while_scoring(slot.died_running)
 
     def _restarted_between_calls(self, slot: GeneratorSlot, exc: ray.exceptions.RayTaskError) -> bool:
         """Pushed weights: a generator killed between two calls failed none of them, and its new process, outside
@@ -217,7 +224,8 @@ class GeneratorPool:
             if node_crashed(exc):
                 raise RunError(f"the Ray node of generator {slot.generator_id} crashed (its raylet was killed or ran "
                                f"out of memory); Ray logs under {ray_logs()}") from exc
-            raise RunError(f"generator {slot.generator_id} died and Ray will not restart it again "
+            raise RunError(f"generator {slot.generator_id} died{while_scoring(slot.died_running)} and Ray will not "
+                           "restart it again "
                            f"(generation.max_restarts={self.cfg.generation.max_restarts}): "
                            f"{first_line(exc).rstrip('.')}; why it died is in its log under {ray_logs()}") from exc
         except ACTOR_LOST:  # still restarting (or killed again in its start for want of memory), unless Ray is gone
@@ -259,6 +267,7 @@ class GeneratorPool:
         its restart may take (GeneratorHangs.restart_limit_s)."""
         deadline, probe = live_clock.Deadline(self.hangs.restart_limit_s), None
         slot.recovering = True
+        self._died(slot)
         while not deadline.passed():
             probe = probe or slot.handle.info.remote()  # a stopped process never answers it: waited within the bound
             if not ray.wait([probe], timeout=min(POLL_S, max(0.0, deadline.left())))[0]:

@@ -13,7 +13,7 @@ from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError, ray_logs
+from async_rlhf.failures import RunError, node_crashed, ray_logs
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
@@ -23,6 +23,7 @@ from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.pipeline.vineppo import attach_advantages
 from async_rlhf.pipeline.waits import AnswerWatch
 from async_rlhf.rollout import RolloutGroup
+from reward_models.scoring_marks import ScoringMarks, while_scoring
 
 
 class RewardBook:
@@ -40,6 +41,7 @@ class RewardBook:
         self.heard_at = live_clock.now()  # its last answer, or when it was last idle: its silence runs from here
         self.answers = AnswerWatch()  # its calls found done so far (a blocking wait leaves them unhandled), its kill
         self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
+        self.died_running: str | None = None  # the reward its last dead process was running (scoring_marks.py)
 
     def score(self, result: GenerationResult) -> None:
         """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
@@ -115,11 +117,14 @@ class RewardBook:
         A re-issued batch's old call is forgotten, so a late answer is dropped, never queued twice. Past
         reward.max_restarts the health call raises, which ends the run."""
         waited, self.answers.killed_at = live_clock.now(), None
+        found = ScoringMarks(self.parts.scratch_dir, "reward").left()  # read by the first call this death failed
+        self.died_running = found or self.died_running  # for the run's last line, where Ray gives up on it
         restarted = self.restarted()
         self.state.last_progress += live_clock.now() - waited  # its restart is not the learner's stall (own bound)
         if not restarted:
             return
-        print(f"[async-rlhf] the reward actor died ({type(exc).__name__}); Ray restarted it (pid {self.pid}, restart "
+        print(f"[async-rlhf] the reward actor died ({type(exc).__name__}){while_scoring(found)}; Ray "
+              f"restarted it (pid {self.pid}, restart "
               f"{self.stats.reward_restarts}); the batches it was scoring are generated again",
               file=sys.stderr, flush=True)
         for ref in list(self.state.reward_jobs):
@@ -151,6 +156,12 @@ class RewardBook:
             except ray.exceptions.ActorUnavailableError:  # restarting, unless Ray itself is gone
                 require_gcs()
                 time.sleep(0.2)
+            except ray.exceptions.ActorDiedError as exc:  # restarts exhausted, or its node is gone
+                if node_crashed(exc):
+                    raise
+                raise RunError(f"the reward actor died{while_scoring(self.died_running)} and Ray will not restart it "
+                               f"again (reward.max_restarts={self.cfg.reward.max_restarts}); why it died is in its "
+                               f"log under {ray_logs()}") from exc
             except ray.exceptions.GetTimeoutError:
                 break
         raise RunError(f"the reward actor did not answer within {limit:g}s of its restart ({RESTART_BOUND}); why is "

@@ -63,6 +63,7 @@ class GeneratorSlot:
     pid: int = 0
     probe: Any = None  # ObjectRef of an info() call while recovering from a death
     recovering: bool = False
+    died_running: str | None = None  # the reward its last dead process was running (reward_models/scoring_marks.py)
     not_before: float = 0.0  # next probe no earlier than this (live_clock)
     version: int = 0  # weights version of its last finished batch
     busy_s: float = 0.0
@@ -160,6 +161,7 @@ class Components:
     task: "Task | None" = None
     plan: CorePlan | None = None
     policy_dir: str = ""
+    scratch_dir: str = ""  # the run's directory for workers' files under weight_sync.shm_root (builder.py)
     mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
 
     def require_task(self) -> "Task":
