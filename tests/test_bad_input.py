@@ -47,10 +47,11 @@ CONFIG_CASES = [
     ("loss.import_path=json", "loss.import_path: 'json' is not of the form 'pkg.module:function'"),
     ("reward.train=nope", f"reward.train: unknown scorer 'nope'; valid: {', '.join(sorted(SCORERS))}, or "
                           "'pkg.module:function' of your own (fn(prompt, text) -> float, or TRL's "
-                          "fn(prompts, completions, **kwargs) -> list[float])"),
+                          "fn(completions, **kwargs) -> list[float])"),
     ("reward.gold=json:nothing", "reward.gold: module 'json' has no attribute 'nothing'"),
     ("reward.train=os.path:exists", "reward.train: 'os.path:exists' must accept two positional arguments "
-                                    "(prompt, text); its signature is (path)"),
+                                    "(prompt, text); its signature is (path); or, in TRL's form, take a parameter "
+                                    "named completions"),
     ("reward.train=nope.mod:fn", "reward.train: module 'nope.mod' not found (No module named 'nope'); "
                                  "it must be importable from sys.path or the current directory"),
     ("learner.zero_stage=two", "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 'two')"),
