@@ -13,9 +13,17 @@ import time
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
-from reward_models.rules import Scorer
 from reward_models.scoring_marks import ScoringMarks
-from reward_models.user_scorer import NONE_APPLIES, BatchedReward, CombinedReward, ScorerSpec, describe, resolve_scorer
+from reward_models.user_scorer import (
+    NONE_APPLIES,
+    AnyReward,
+    BatchedReward,
+    CombinedReward,
+    ConcurrentReward,
+    ScorerSpec,
+    describe,
+    resolve_scorer,
+)
 
 Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
 NO_ANSWER = "TypeError: the scorer returned NoneType None, not a number"  # in a sum of several: that one does not apply
@@ -127,7 +135,7 @@ def _completions(groups: list[RolloutGroup]) -> list[Completion]:
     return [completion for group in groups for completion in group.completions]
 
 
-def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tuple[Prompt, Completion]],
+def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]],
                  deadline: float, done: list[Outcome]) -> None:
     """Score the items in order into `done` until the deadline passes (a batched reward: in one call; a sum: part
     by part, then summed). A scorer bug must not kill the run, nor become a reward: it fails the items it was
@@ -138,7 +146,7 @@ def _score_until(scorer: Scorer | BatchedReward | CombinedReward, items: list[tu
             _score_until(part, items, deadline, outcomes)
         done.extend(_summed(scorer, parts))
         return
-    if isinstance(scorer, BatchedReward):
+    if isinstance(scorer, (BatchedReward, ConcurrentReward)):
         try:
             completions = [completion for _, completion in items]
             values = scorer([prompt for prompt, _ in items], [c.text for c in completions],
@@ -178,11 +186,13 @@ def _summed(scorer: CombinedReward, parts: list[list[Outcome]]) -> list[Outcome]
 def _checked(value: object) -> Outcome:
     if value is None:
         return None, NO_ANSWER
+    if isinstance(value, BaseException):  # a ConcurrentReward's completion that raised
+        return _failed(value)
     try:
         return reward_number(value), None
     except Exception as exc:  # float() of an odd object (a tensor of two numbers) may raise anything
         return _failed(exc)
 
 
-def _failed(exc: Exception) -> Outcome:
+def _failed(exc: BaseException) -> Outcome:
     return None, f"{type(exc).__name__}: {exc}"

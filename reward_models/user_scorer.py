@@ -12,6 +12,9 @@
   (TRL's conversational form) is given as its turns and its completion as `[{"role": "assistant", "content":
   text}]`, as TRL gives them; a plain one as texts. A reward function written for TRL works as it is.
 
+Either may be `async def` (a judge behind a network call): it is awaited in the scoring thread, and a
+per-completion one's calls for a batch run at once (ConcurrentReward).
+
 Either is called in the process that scores (the generator's call, the reward actor, the reward server) and
 returns numbers, higher is better. An exception, a non-finite value or anything that is not a number marks the
 completion's reward failed, with the reason, never 0 (reward_models/service.py); `reward.max_failed_steps`
@@ -20,6 +23,7 @@ one of them means "does not apply" as in TRL: the others' sum is the reward.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -51,6 +55,16 @@ class BatchedReward:
 
     def __call__(self, prompts: list[Prompt], texts: list[str],
                  token_ids: list[list[int]] | None = None) -> list[Any]:
+        values = awaited(self.fn(**self._arguments(prompts, texts, token_ids)))
+        if not isinstance(values, (list, tuple)) or len(values) != len(texts):
+            shown = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+            raise TypeError(f"'{self.path}' returned {shown} for {len(texts)} completions; a batched reward returns "
+                            "a list with one number per completion")
+        return list(values)
+
+    def _arguments(self, prompts: list[Prompt], texts: list[str],
+                   token_ids: list[list[int]] | None) -> dict[str, list[Any]]:
+        """What TRL would pass, less what the function does not take."""
         keys = {key for p in prompts for key in p.meta} - {CONVERSATION}
         given: dict[str, list[Any]] = {key: [p.meta.get(key) for p in prompts] for key in keys}
         given.update(prompts=[trl_prompt(p) for p in prompts],
@@ -60,12 +74,28 @@ class BatchedReward:
         if missing := sorted(self.required - set(given)):
             raise TypeError(f"'{self.path}' takes {', '.join(missing)}, which this batch does not give (its "
                             f"prompts' data: {', '.join(sorted(set(given) - set(TRL_ARGUMENTS))) or 'none'})")
-        values = self.fn(**{k: v for k, v in given.items() if self.any_keyword or k in self.keywords})
-        if not isinstance(values, (list, tuple)) or len(values) != len(texts):
-            shown = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
-            raise TypeError(f"'{self.path}' returned {shown} for {len(texts)} completions; a batched reward returns "
-                            "a list with one number per completion")
-        return list(values)
+        return {k: v for k, v in given.items() if self.any_keyword or k in self.keywords}
+
+
+class ConcurrentReward:
+    """A per-completion reward function defined `async def` (a judge behind a network call): a batch's calls run
+    at once, and each completion's exception is its own (in the list, where a number would be)."""
+
+    def __init__(self, fn: Callable[..., Any], path: str) -> None:
+        self.fn, self.path = fn, path
+
+    def __call__(self, prompts: list[Prompt], texts: list[str],
+                 token_ids: list[list[int]] | None = None) -> list[Any]:
+        return asyncio.run(self._all(prompts, texts))
+
+    async def _all(self, prompts: list[Prompt], texts: list[str]) -> list[Any]:
+        return list(await asyncio.gather(*(self.fn(p, t) for p, t in zip(prompts, texts)), return_exceptions=True))
+
+
+def awaited(value: Any) -> Any:
+    """The answer of a function defined `async def`: its coroutine run to the end here (in a scoring thread, which
+    has no event loop of its own), as TRL awaits async reward functions."""
+    return asyncio.run(value) if inspect.iscoroutine(value) else value
 
 
 def trl_prompt(prompt: Prompt) -> Any:
@@ -83,7 +113,7 @@ class CombinedReward:
     """Several rewards summed with weights (`reward.train` as a list, TRL's `reward_weights`): a completion's
     reward is the weighted sum where every part scored it, and failed, naming the part, where one did not."""
 
-    def __init__(self, parts: list[tuple[str, Scorer | BatchedReward, float]]) -> None:
+    def __init__(self, parts: list[tuple[str, OneReward, float]]) -> None:
         self.parts = parts
 
     def __call__(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
@@ -100,6 +130,8 @@ class CombinedReward:
 
 
 ScorerSpec = str | list[tuple[str, float]]  # a name, or (name, weight) pairs to sum
+OneReward = Scorer | BatchedReward | ConcurrentReward
+AnyReward = OneReward | CombinedReward
 
 
 def describe(spec: ScorerSpec) -> str:
@@ -109,15 +141,16 @@ def describe(spec: ScorerSpec) -> str:
     return "scorers " + " + ".join(f"{w:g} x '{n}'" for n, w in spec)
 
 
-def resolve_scorer(spec: ScorerSpec, key: str) -> Scorer | BatchedReward | CombinedReward:
+def resolve_scorer(spec: ScorerSpec, key: str) -> AnyReward:
     """The scorer a name gives, or the weighted sum of several (CombinedReward)."""
     if isinstance(spec, str):
         return resolve_one(spec, key)
     return CombinedReward([(name, resolve_one(name, key), weight) for name, weight in spec])
 
 
-def resolve_one(name: str, key: str) -> Scorer | BatchedReward:
-    """The registered scorer `name`, or the user's function it names (BatchedReward in TRL's form);
+def resolve_one(name: str, key: str) -> OneReward:
+    """The registered scorer `name`, or the user's function it names (BatchedReward in TRL's form,
+    ConcurrentReward where it is `async def`);
     UserCodeError (one line, starting with `key`) for anything else."""
     if name in SCORERS:
         return SCORERS[name]
@@ -129,20 +162,30 @@ def resolve_one(name: str, key: str) -> Scorer | BatchedReward:
             check_signature(fn, name, key, ARGUMENTS)
         except UserCodeError as exc:
             raise UserCodeError(f"{exc}; or, in TRL's form, take a parameter named completions") from None
-        return fn
+        return ConcurrentReward(fn, name) if inspect.iscoroutinefunction(fn) else fn
     raise UserCodeError(f"{key}: unknown scorer '{name}'; valid: {', '.join(sorted(SCORERS))}, or "
                         f"'pkg.module:function' of your own (fn(prompt, text) -> float, or TRL's "
                         "fn(completions, **kwargs) -> list[float])")
 
 
-def as_batch(scorer: Scorer | BatchedReward | CombinedReward) -> Callable[[list[Prompt], list[str]], list[Any]]:
-    """Any of them as one call over a batch (the reward server's and the TRL benchmark arm's use)."""
+def as_batch(scorer: AnyReward) -> Callable[[list[Prompt], list[str]], list[Any]]:
+    """Any of them as one call over a batch, raising a completion's exception (the reward server's and the TRL
+    benchmark arm's use)."""
     if isinstance(scorer, (BatchedReward, CombinedReward)):
         return scorer
+    if isinstance(scorer, ConcurrentReward):
+        return lambda prompts, texts: [raised(value) for value in scorer(prompts, texts)]
     return lambda prompts, texts: [scorer(p, t) for p, t in zip(prompts, texts)]
 
 
-def batched_parts(scorer: Scorer | BatchedReward | CombinedReward) -> list[BatchedReward]:
+def raised(value: Any) -> Any:
+    """`value`, unless it is an exception (a ConcurrentReward's answer for a completion): then it is raised."""
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def batched_parts(scorer: AnyReward) -> list[BatchedReward]:
     """The functions in TRL's form in a scorer (itself, or the parts of a sum)."""
     parts = [part for _, part, _ in scorer.parts] if isinstance(scorer, CombinedReward) else [scorer]
     return [part for part in parts if isinstance(part, BatchedReward)]

@@ -2,6 +2,7 @@
 failing or hanging scorer is reported as a failure with its reason, never as a reward of 0."""
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -12,6 +13,7 @@ import pytest
 from async_rlhf.config.task import TaskConfig
 from async_rlhf.rollout import CONVERSATION
 from reward_models.service import RewardService
+from reward_models.user_scorer import as_batch, resolve_scorer
 from tests.helpers import make_group
 
 
@@ -258,6 +260,36 @@ def test_several_train_rewards_in_the_config() -> None:
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(QUICKSTART, overrides)
+
+
+IN_FLIGHT = {"now": 0, "most": 0}
+
+
+async def judged(prompt, text):  # a judge behind a network call, written `async def`
+    IN_FLIGHT["now"] += 1
+    IN_FLIGHT["most"] = max(IN_FLIGHT["most"], IN_FLIGHT["now"])
+    await asyncio.sleep(0.05)
+    IN_FLIGHT["now"] -= 1
+    if text == "bad":
+        raise RuntimeError("judge refused")
+    return float(text == "12")
+
+
+async def trl_judged(completions, **kwargs):  # TRL awaits async reward functions too
+    await asyncio.sleep(0.01)
+    return [len(text) for text in completions]
+
+
+def test_async_reward_functions_are_awaited_and_one_batchs_calls_run_at_once() -> None:
+    groups = RewardService({"train": own("judged")}).score(batch("12", "213", "bad", "12"))
+    assert statuses(groups) == [(1.0, "ok"), (0.0, "ok"), (None, "failed"), (1.0, "ok")]
+    assert groups[0].completions[2].reward_error == "RuntimeError: judge refused"  # its own, not the batch's
+    assert IN_FLIGHT["most"] == 4  # every completion's call at once, not one after another
+    assert statuses(RewardService({"train": own("trl_judged")}).score(batch("12", "213"))) == [(2.0, "ok"),
+                                                                                              (3.0, "ok")]
+    served = as_batch(resolve_scorer(own("judged"), "serve-reward"))  # the reward server's call raises it
+    with pytest.raises(RuntimeError, match="judge refused"):
+        served([batch("bad")[0].prompt], ["bad"])
 
 
 def test_unknown_scorer_is_rejected() -> None:
