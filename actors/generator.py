@@ -252,7 +252,7 @@ class GeneratorActor:
         return SamplingParams(
             n=n,
             temperature=temp,
-            top_p=self.cfg.top_p if temp > 0 else 1.0,
+            **self.cfg.sampling_settings(temp),
             max_tokens=max_tokens or self.cfg.max_new_tokens,
             logprobs=logprobs,  # 0: the sampled token's logprob, the behaviour policy for importance ratios
             seed=(self.seed * 1_000_003 + prompt_id) % (2**31 - 1) if seed is None else seed,

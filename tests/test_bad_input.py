@@ -96,8 +96,8 @@ def test_config_messages_are_exact(override: str, message: str) -> None:
     assert str(err.value) == E + message
 
 
-TRUNCATED_SAMPLING = ("generation.top_p (0.9) truncates the sampling distribution, "
-                      "which loss '{}' cannot take ratios to; set generation.top_p=1")
+TRUNCATED_SAMPLING = ("generation.top_p=0.9 reshapes the sampling distribution, which loss '{}' cannot take ratios "
+                      "to (the learner takes log-probs of the whole softmax); set generation.top_p=1")
 
 
 @pytest.mark.parametrize("loss", sorted(n for n, t in builtin_losses().items() if t.needs_behaviour_logprobs))
@@ -107,10 +107,24 @@ def test_top_p_with_behaviour_ratios_is_refused(loss: str) -> None:
     assert str(err.value) == E + TRUNCATED_SAMPLING.format(loss)
 
 
+def test_top_k_min_p_and_a_repetition_penalty_with_behaviour_ratios_are_refused_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["loss.name=grpo", "generation.top_k=20", "generation.min_p=0.05",
+                                 "generation.repetition_penalty=1.1"])
+    assert str(err.value) == E + (
+        "generation.top_k=20, generation.min_p=0.05, generation.repetition_penalty=1.1 reshape the sampling "
+        "distribution, which loss 'grpo' cannot take ratios to (the learner takes log-probs of the whole softmax); "
+        "set generation.top_k=0, generation.min_p=0, generation.repetition_penalty=1")
+
+
 def test_top_p_without_ratios_or_when_greedy_is_accepted() -> None:
-    load_config(QUICKSTART, ["generation.top_p=0.9"])  # online_dpo: no behaviour log-probs
+    load_config(QUICKSTART, ["generation.top_p=0.9", "generation.top_k=5", "generation.min_p=0.1",
+                             "generation.repetition_penalty=1.2"])  # online_dpo: no behaviour log-probs
     load_config(QUICKSTART, ["loss.name=ppo", "generation.samples_per_prompt=1", "generation.top_p=0.9",
                              "generation.temperature=0"])  # one greedy sample: top_p has nothing to truncate
+    with pytest.raises(ConfigError, match="generation.repetition_penalty=1.2 reshapes"):  # applied when greedy too
+        load_config(QUICKSTART, ["loss.name=ppo", "generation.samples_per_prompt=1", "generation.temperature=0",
+                                 "generation.repetition_penalty=1.2"])
 
 
 def test_there_are_at_least_thirty_cases_in_this_file() -> None:

@@ -83,6 +83,13 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
         assert vllm_ids == hf_greedy(new_dir, prompt.token_ids, 8)  # token for token
         changed += vllm_ids != hf_greedy(start_dir, prompt.token_ids, 8)
     assert changed > 0, "new weights should change at least one greedy output"
+    # generation.top_k reaches vLLM: top_k=1 at temperature 1 samples the greedy tokens, each of probability 1 in
+    # the truncated distribution the behaviour log-probs are of (why losses with ratios refuse it).
+    ray_local.get(actor.__ray_call__.remote(lambda a: setattr(a, "cfg", cfg.model_copy(update={"top_k": 1}))))
+    narrowed = ray_local.get(actor.generate.remote(prompts[:2]))
+    for prompt, group in zip(prompts, narrowed.groups):
+        assert all(c.token_ids == hf_greedy(new_dir, prompt.token_ids, 8) for c in group.completions)
+        assert all(lp == pytest.approx(0.0, abs=1e-5) for c in group.completions for lp in c.logprobs)
     ray_local.kill(actor)
     broker.close()
 

@@ -1,7 +1,7 @@
 """How responses are sampled and queued: the `generation:`, `queue:` and `mc_values:` sections."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -10,6 +10,8 @@ from async_rlhf.config.base import Strict
 # vLLM raises a temperature in (0, 0.01) to 0.01 (numerical safety, vllm/sampling_params.py): the learner would
 # take log-probs at the configured one and every ratio would compare two different distributions.
 MIN_SAMPLING_TEMPERATURE = 0.01
+SAMPLING_DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}  # vLLM's: no change
+TRUNCATING = ("top_p", "top_k", "min_p")  # nothing to truncate when sampling is greedy
 
 
 class GenerationConfig(Strict):
@@ -18,7 +20,12 @@ class GenerationConfig(Strict):
     samples_per_prompt: int = Field(4, ge=1, description="K completions per prompt")
     max_new_tokens: int = Field(12, ge=1)
     temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="sample from the smallest set of tokens this likely")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens only; 0 = every token")
+    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens less likely than this times the most likely one")
+    repetition_penalty: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="above 1 discourages tokens already in the prompt or completion "
+                                                    "(vLLM's); 1 = none")
     eval_temperature: float = Field(1.0, ge=0)
     max_model_len: int = Field(64, ge=8)
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
@@ -52,6 +59,17 @@ class GenerationConfig(Strict):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
     )
+
+    def reshaping(self, temperature: float) -> dict[str, float]:
+        """The settings besides the temperature that make the sampled distribution differ from the model's softmax
+        at `temperature`: those set away from their defaults (the truncating ones only where sampling is not
+        greedy: the generator drops them then)."""
+        return {key: getattr(self, key) for key, default in SAMPLING_DEFAULTS.items()
+                if getattr(self, key) != default and (temperature > 0 or key not in TRUNCATING)}
+
+    def sampling_settings(self, temperature: float) -> dict[str, Any]:
+        """vLLM's SamplingParams for them at `temperature`."""
+        return {key: getattr(self, key) for key in SAMPLING_DEFAULTS if temperature > 0 or key not in TRUNCATING}
 
     @field_validator("temperature", "eval_temperature")
     @classmethod

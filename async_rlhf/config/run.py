@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
 from async_rlhf.config.base import ConfigError, Strict, environment_checks, load_yaml, merge_dicts, parse_overrides
-from async_rlhf.config.generation import GenerationConfig, MCValuesConfig, QueueConfig
+from async_rlhf.config.generation import SAMPLING_DEFAULTS, GenerationConfig, MCValuesConfig, QueueConfig
 from async_rlhf.config.learner import PUSHED_TRANSPORTS, LearnerConfig, WeightSyncConfig, check_memory_split
 from async_rlhf.config.loss import LossConfig
 from async_rlhf.config.model import ModelConfig, cuda_available
@@ -141,12 +141,16 @@ class RunConfig(Strict):
         check_memory_split(gen.gpu_memory_utilization, self.learner.gpu_memory_fraction)
 
     def _check_truncated_sampling(self) -> None:
-        """Ratios to a top-p-truncated behaviour policy: the learner sees the full softmax, so every
-        ratio would be off by the kept mass (the generator drops top_p when greedy: no ratio then)."""
+        """Ratios to a truncated or penalised behaviour policy (top_p, top_k, min_p, repetition_penalty): the
+        learner sees the full softmax, so every ratio would be off by the kept mass or the penalty."""
         ratios = self.loss.traits.needs_behaviour_logprobs or self.loss.importance_sampling != "none"
-        if ratios and self.generation.top_p < 1 and self.generation.temperature > 0:
-            raise ValueError(f"generation.top_p ({self.generation.top_p}) truncates the sampling distribution, "
-                             f"which loss '{self.loss.name}' cannot take ratios to; set generation.top_p=1")
+        knobs = self.generation.reshaping(self.generation.temperature)
+        if ratios and knobs:
+            shown = ", ".join(f"generation.{key}={value:g}" for key, value in knobs.items())
+            reset = ", ".join(f"generation.{key}={SAMPLING_DEFAULTS[key]:g}" for key in knobs)
+            raise ValueError(f"{shown} reshape{'s' if len(knobs) == 1 else ''} the sampling distribution, which "
+                             f"loss '{self.loss.name}' cannot take ratios to (the learner takes log-probs of the "
+                             f"whole softmax); set {reset}")
 
     def _check_greedy(self) -> None:
         """Temperature 0 draws the same completion every time (vLLM refuses more than one per request): caught

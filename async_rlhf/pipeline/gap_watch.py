@@ -19,8 +19,9 @@ GAP_ALARM = 1e-3  # per token, float32 on both sides
 
 class GapWatch:
     def __init__(self, cfg: RunConfig) -> None:
-        # top_p < 1 (allowed where the loss takes no ratio): the sampling log-probs are of the kept tokens alone
-        self.limit = GAP_ALARM if all_float32(cfg) and cfg.generation.top_p == 1 else None
+        # top_p, top_k, ... (allowed where the loss takes no ratio): the sampling log-probs are of the kept tokens
+        gen = cfg.generation
+        self.limit = GAP_ALARM if all_float32(cfg) and not gen.reshaping(gen.temperature) else None
         self.said = False
 
     def check(self, metrics: dict) -> str | None:
