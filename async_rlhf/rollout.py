@@ -25,6 +25,7 @@ class Completion:
     reward: float | None = None  # None until scored; never filled with a made-up value
     reward_status: RewardStatus = "pending"
     reward_error: str | None = None
+    reward_parts: dict[str, float] | None = None  # a sum of several rewards: each one's value, by name
     # VinePPO (async_rlhf/pipeline/vineppo.py), set only when the loss needs Monte Carlo values: exclusive
     # token ends of the reasoning steps (by the generator) and one advantage per token (by the
     # controller, once the MC rollouts are scored; None when a state's value is unknown).

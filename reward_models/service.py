@@ -9,6 +9,7 @@ import math
 import os
 import threading
 import time
+from typing import NamedTuple
 
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
@@ -25,8 +26,15 @@ from reward_models.user_scorer import (
     resolve_scorer,
 )
 
-Outcome = tuple[float | None, str | None]  # (reward, None) or (None, why it failed)
 NO_ANSWER = "TypeError: the scorer returned NoneType None, not a number"  # in a sum of several: that one does not apply
+
+
+class Outcome(NamedTuple):
+    """One completion's score: (reward, None) or (None, why it failed); a sum's parts by name where it scored."""
+
+    reward: float | None
+    error: str | None
+    parts: dict[str, float] | None = None  # each part's own value (before its weight); one that did not apply left out
 
 
 class RewardService:
@@ -80,7 +88,7 @@ class RewardService:
         outcomes = self._in_time(role, groups, start + self.timeout_s)
         for index, completion in enumerate(_completions(groups)):
             if index < len(outcomes):
-                completion.reward, completion.reward_error = outcomes[index]
+                completion.reward, completion.reward_error, completion.reward_parts = outcomes[index]
                 completion.reward_status = "ok" if completion.reward_error is None else "failed"
             else:
                 completion.reward, completion.reward_status = None, "timed_out"
@@ -169,30 +177,33 @@ def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]],
 
 def _summed(scorer: CombinedReward, parts: list[list[Outcome]]) -> list[Outcome]:
     """Each item's weighted sum over the parts that scored it, a part's None meaning "does not apply" (TRL's
-    nansum); the first failed part's reason, named, where one failed, or where none applies."""
+    nansum), with each part's value; the first failed part's reason, named, where one failed, or where none
+    applies."""
     summed: list[Outcome] = []
     for outcomes in zip(*parts):  # as many as the part that got furthest before the deadline
-        named = [(name, error) for (name, _, _), (_, error) in zip(scorer.parts, outcomes)]
+        named = [(name, outcome.error) for (name, _, _), outcome in zip(scorer.parts, outcomes)]
         failed = [(name, error) for name, error in named if error not in (None, NO_ANSWER)]
         if failed or all(error == NO_ANSWER for _, error in named):
             name, error = (failed or named)[0]
-            summed.append((None, f"{name}: {error}" if failed else NONE_APPLIES))
-        else:
-            summed.append((sum(w * value for (_, _, w), (value, _) in zip(scorer.parts, outcomes)
-                               if value is not None), None))
+            summed.append(Outcome(None, f"{name}: {error}" if failed else NONE_APPLIES))
+            continue
+        scored = [(name, weight, outcome.reward) for (name, _, weight), outcome in zip(scorer.parts, outcomes)
+                  if outcome.reward is not None]
+        summed.append(Outcome(sum(weight * value for _, weight, value in scored), None,
+                              {name: value for name, _, value in scored}))
     return summed
 
 
 def _checked(value: object) -> Outcome:
     if value is None:
-        return None, NO_ANSWER
+        return Outcome(None, NO_ANSWER)
     if isinstance(value, BaseException):  # a ConcurrentReward's completion that raised
         return _failed(value)
     try:
-        return reward_number(value), None
+        return Outcome(reward_number(value), None)
     except Exception as exc:  # float() of an odd object (a tensor of two numbers) may raise anything
         return _failed(exc)
 
 
 def _failed(exc: BaseException) -> Outcome:
-    return None, f"{type(exc).__name__}: {exc}"
+    return Outcome(None, f"{type(exc).__name__}: {exc}")

@@ -35,6 +35,9 @@ def test_your_own_data_and_model(tmp_path: Path) -> None:
 
     steps, evals = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "eval.jsonl")
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    parts = ("reward_mean/examples.rewards:close_and_brief", "reward_mean/examples.rewards:exact_match")
+    # Its two rewards, summed with weights 1 and 0.5, each with its own mean; every completion scored by both.
+    assert all(s["reward_mean"] == pytest.approx(s[parts[0]] + 0.5 * s[parts[1]]) for s in steps)
     assert [e["version"] for e in evals] == [0, 3, 6]  # start, every eval.every steps, end
     assert all(e["prompts"] == 48 and 0 <= e["win_rate"] <= 1 and 0 <= e["gold_reward"] <= 1 for e in evals)
     ids = [i for s in steps for i in s["prompt_ids"]]
@@ -46,6 +49,7 @@ def test_your_own_data_and_model(tmp_path: Path) -> None:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/reward_mean")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars(f"train/{parts[1]}")] == [1, 2, 3, 4, 5, 6]
     logged = [round(e.value, 5) for e in events.Scalars("eval/gold_reward")]
     assert logged == [round(e["gold_reward"], 5) for e in evals]
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))

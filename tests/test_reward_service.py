@@ -167,6 +167,8 @@ def test_several_rewards_are_summed_with_their_weights_and_one_failing_fails_the
     spec = [("sort_exact", 2.0), (own("returns_numpy"), 0.5), (own("trl_lengths"), -0.1)]
     groups = RewardService({"train": spec}).score(batch("12", "213"))  # sort answer of "21" is "12"
     assert [c.reward for c in groups[0].completions] == pytest.approx([2.0 + 0.125 - 0.2, 0.125 - 0.3])
+    assert groups[0].completions[1].reward_parts == pytest.approx(  # each one's own value, for the step's means
+        {"sort_exact": 0.0, own("returns_numpy"): 0.25, own("trl_lengths"): 3.0})
     failing = [("sort_exact", 1.0), (own("trl_raising"), 1.0)]
     groups = RewardService({"train": failing}).score(batch("12", "213"))
     assert statuses(groups) == [(None, "failed")] * 2
@@ -179,6 +181,8 @@ def test_in_a_sum_none_means_that_reward_does_not_apply_as_in_trl() -> None:
     spec = [("sort_exact", 1.0), (own("trl_partly_none"), 2.0)]
     groups = RewardService({"train": spec}).score(batch("12", "213"))
     assert statuses(groups) == [(1.0, "ok"), (0.0 + 2.0, "ok")]  # "12": 1 + (None); "213": 0 + 2 x 1
+    assert [c.reward_parts for c in groups[0].completions] == [{"sort_exact": 1.0},
+                                                               {"sort_exact": 0.0, own("trl_partly_none"): 1.0}]
     groups = RewardService({"train": [(own("returns_none"), 1.0), (own("trl_partly_none"), 1.0)]}).score(
         batch("12", "213"))
     assert statuses(groups) == [(None, "failed"), (1.0, "ok")]

@@ -19,6 +19,7 @@ def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics:
         "episodes": view.queue_counters.consumed * view.samples_per_prompt,  # samples trained so far
         "elapsed_s": round(view.elapsed_s, 3),
         "reward_mean": sum(scored) / len(scored) if scored else None,
+        **reward_part_means(batch),
         "staleness_mean": sum(stale) / len(stale),
         "staleness_max": max(stale),
         "queue_depth": view.queue_depth,
@@ -29,6 +30,16 @@ def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics:
         **view.mc_record(),
         **{k: v for k, v in metrics.items() if k != "version"},
     }
+
+
+def reward_part_means(batch: list[RolloutGroup]) -> dict[str, float]:
+    """`reward_mean/NAME` for each reward of a sum (reward.train as a list): its own value, before its weight,
+    averaged over the completions it scored (TRL logs `rewards/NAME/mean`). Nothing for a single reward."""
+    values: dict[str, list[float]] = {}
+    for completion in (done for group in batch for done in group.scored):
+        for name, value in (completion.reward_parts or {}).items():
+            values.setdefault(name, []).append(value)
+    return {f"reward_mean/{name}": sum(v) / len(v) for name, v in values.items()}
 
 
 def run_summary(view: RunView, initial: dict, final: dict) -> dict:
