@@ -256,7 +256,11 @@ class GeneratorActor:
             max_tokens=max_tokens or self.cfg.max_new_tokens,
             logprobs=logprobs,  # 0: the sampled token's logprob, the behaviour policy for importance ratios
             seed=(self.seed * 1_000_003 + prompt_id) % (2**31 - 1) if seed is None else seed,
-            detokenize=False,  # the texts are decoded once, after the call (_decode)
+            # The texts are decoded once, after the call (_decode), of the ids the learner trains on; stop strings
+            # need vLLM's own per-step detokenizer, and are kept: the ids end with them either way.
+            detokenize=bool(self.cfg.stop),
+            stop=self.cfg.stop or None,
+            include_stop_str_in_output=True,
         )
 
     def _monte_carlo(self, groups: list[RolloutGroup], mc: MCRequest, temperature: float | None) -> MCBatch:

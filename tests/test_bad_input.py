@@ -31,6 +31,8 @@ CONFIG_CASES = [
     ("learner.lr=-1", "learner.lr: Input should be greater than 0 (got -1)"),
     ("generation.temperature=-0.5", "generation.temperature: Input should be greater than or equal to 0 (got -0.5)"),
     ("generation.top_p=0", "generation.top_p: Input should be greater than 0 (got 0)"),
+    ('generation.stop=["</answer>", ""]', "generation.stop: an empty string would end every completion at once; "
+                                          "give the text that ends one, e.g. ['</answer>']"),
     ("generation.num_generators=0", "generation.num_generators: Input should be greater than or equal to 1 (got 0)"),
     ("api.port=70000", "api.port: Input should be less than or equal to 65535 (got 70000)"),
     ("api.token=short", "api.token: String should have at least 16 characters"),

@@ -90,6 +90,12 @@ def test_generate_sync_and_match_hf_greedy(ray_local, random_policies, tmp_path:
     for prompt, group in zip(prompts, narrowed.groups):
         assert all(c.token_ids == hf_greedy(new_dir, prompt.token_ids, 8) for c in group.completions)
         assert all(lp == pytest.approx(0.0, abs=1e-5) for c in group.completions for lp in c.logprobs)
+    # generation.stop: a completion ends where "3" appears, kept at its end, in its ids as in its text.
+    ray_local.get(actor.__ray_call__.remote(lambda a: setattr(a, "cfg", cfg.model_copy(update={"stop": ["3"]}))))
+    stopped = [c for g in ray_local.get(actor.generate.remote(prompts)).groups for c in g.completions]
+    assert all(c.text.find("3") in (-1, len(c.text) - 1) for c in stopped)
+    ended = [c for c in stopped if c.text.endswith("3")]
+    assert ended and all(c.finish_reason == "stop" and tok.decode(c.token_ids[-1:]) == "3" for c in ended)
     ray_local.kill(actor)
     broker.close()
 

@@ -27,6 +27,11 @@ class GenerationConfig(Strict):
         1.0, gt=0, allow_inf_nan=False, description="above 1 discourages tokens already in the prompt or completion "
                                                     "(vLLM's); 1 = none")
     eval_temperature: float = Field(1.0, ge=0)
+    stop: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="strings that end a completion where they appear (e.g. '</answer>'), kept at its end as the "
+                    "learner and the reward see it; vLLM then detokenizes every step, a little slower",
+    )
     max_model_len: int = Field(64, ge=8)
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
@@ -59,6 +64,14 @@ class GenerationConfig(Strict):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of each generator GPU that vLLM may use (weights + KV cache)"
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(not text for text in stop):
+            raise ValueError("generation.stop: an empty string would end every completion at once; give the text "
+                             "that ends one, e.g. ['</answer>']")
+        return stop
 
     def reshaping(self, temperature: float) -> dict[str, float]:
         """The settings besides the temperature that make the sampled distribution differ from the model's softmax
