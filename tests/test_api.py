@@ -41,7 +41,8 @@ def wait_for(predicate, timeout: float = 120.0, every: float = 0.2):
 def live(ray_local, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("api-run")
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
-                      ["learner.steps=100000", "eval.every=0", "task.eval_prompts=16", f"api.token={TOKEN}"])
+                      ["learner.steps=100000", "eval.every=0", "task.eval_prompts=16", f"api.token={TOKEN}",
+                       "reward.train=[sort_partial, sort_exact]"])  # a sum: /metrics has each one's mean
     controller = Controller(cfg, run_dir, services=serve_api)
     thread = threading.Thread(target=controller.run, daemon=True)
     thread.start()
@@ -88,6 +89,9 @@ def test_read_endpoints(live) -> None:
     assert {"async_rlhf_learner_version", "async_rlhf_queue_depth", "async_rlhf_groups_consumed",
             "async_rlhf_trained_groups_by_staleness", "async_rlhf_generator_tokens_per_second",
             "async_rlhf_logprob_gap", "async_rlhf_logprob_gap_fresh"} <= names
+    parts = {s.labels["reward"] for f in text_string_to_metric_families(metrics) for s in f.samples
+             if f.name == "async_rlhf_reward_part_mean"}
+    assert parts == {"sort_partial", "sort_exact"}
     assert "/control/max_staleness" in c.get("/openapi.json").json()["paths"]
     assert "<svg" in c.get("/").text
 
@@ -200,7 +204,7 @@ def test_live_page_renders_numbers_in_chromium(live, tmp_path: Path) -> None:
     dom = subprocess.run(base + ["--dump-dom", live["url"] + "/"], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert re.search(r'data-k="step">\d+ / 100000<', dom.stdout), dom.stdout[-2000:]
-    assert re.search(r'data-k="train reward">0\.\d{3}<', dom.stdout)
+    assert re.search(r'data-k="train reward">\d\.\d{3}<', dom.stdout)  # a sum of two rewards: 0 to 2
     assert "<polyline" in dom.stdout
     subprocess.run(base + [f"--screenshot={shot}", live["url"] + "/"], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 20_000

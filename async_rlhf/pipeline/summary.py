@@ -7,6 +7,8 @@ from __future__ import annotations
 from async_rlhf.pipeline.view import RunView
 from async_rlhf.rollout import RolloutGroup, scored_reward
 
+PART_PREFIX = "reward_mean/"  # a step record's key of one reward of a sum, before its name
+
 
 def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics: dict) -> dict:
     """One line of metrics.jsonl: what step `version` trained on, the queue and generation so far, the learner's
@@ -39,7 +41,7 @@ def reward_part_means(batch: list[RolloutGroup]) -> dict[str, float]:
     for completion in (done for group in batch for done in group.scored):
         for name, value in (completion.reward_parts or {}).items():
             values.setdefault(name, []).append(value)
-    return {f"reward_mean/{name}": sum(v) / len(v) for name, v in values.items()}
+    return {f"{PART_PREFIX}{name}": sum(v) / len(v) for name, v in values.items()}
 
 
 def run_summary(view: RunView, initial: dict, final: dict) -> dict:
