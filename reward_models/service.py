@@ -22,6 +22,7 @@ from reward_models.user_scorer import (
     CombinedReward,
     ConcurrentReward,
     ScorerSpec,
+    awaited,
     describe,
     resolve_scorer,
 )
@@ -155,24 +156,28 @@ def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]],
         done.extend(_summed(scorer, parts))
         return
     if isinstance(scorer, (BatchedReward, ConcurrentReward)):
-        try:
-            completions = [completion for _, completion in items]
-            values = scorer([prompt for prompt, _ in items], [c.text for c in completions],
-                            [c.token_ids for c in completions])
-        except Exception as exc:
-            done.extend([_failed(exc)] * len(items))
-            return
-        done.extend(_checked(value) for value in values)
+        done.extend(_score_batch(scorer, items))
         return
     for prompt, completion in items:
         if time.perf_counter() > deadline:
             return
         try:
-            value = scorer(prompt, completion.text)
+            value = awaited(scorer(prompt, completion.text))  # a callable whose __call__ is async, too
         except Exception as exc:
             done.append(_failed(exc))
             continue
         done.append(_checked(value))
+
+
+def _score_batch(scorer: BatchedReward | ConcurrentReward, items: list[tuple[Prompt, Completion]]) -> list[Outcome]:
+    """A batch in one call: a raise fails every item with its reason; each value is checked on its own."""
+    completions = [completion for _, completion in items]
+    try:
+        values = scorer([prompt for prompt, _ in items], [c.text for c in completions],
+                        [c.token_ids for c in completions])
+    except Exception as exc:
+        return [_failed(exc)] * len(items)
+    return [_checked(value) for value in values]
 
 
 def _summed(scorer: CombinedReward, parts: list[list[Outcome]]) -> list[Outcome]:

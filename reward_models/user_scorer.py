@@ -111,7 +111,8 @@ def trl_completion(prompt: Prompt, text: str) -> Any:
 
 class CombinedReward:
     """Several rewards summed with weights (`reward.train` as a list, TRL's `reward_weights`): a completion's
-    reward is the weighted sum where every part scored it, and failed, naming the part, where one did not."""
+    reward is the weighted sum of the parts that apply to it (a part's None: it does not), and failed, naming
+    the part, where one failed, or where none applies."""
 
     def __init__(self, parts: list[tuple[str, OneReward, float]]) -> None:
         self.parts = parts
