@@ -3,8 +3,9 @@
 A reward function of your own runs inside the generators (reward.score_in_generator) and the reward actor. One
 that ends its process (os._exit, a crash in native code) showed only as "generator 0 died" or "the reward actor
 died", three restarts and then the run's end, with nothing naming the function (found by hand: a train reward
-calling os._exit). While a role's scorer runs, its process keeps a file naming it in a directory of its own under
-the run's scratch directory (one file per role, removed when the scorer returns). After a death the driver reads
+calling os._exit). While a role's scorer runs a function of the user's (a registered rule cannot end its
+process), its process keeps a file naming it in a directory of its own under the run's scratch directory (one
+file per role, removed when the scorer returns). After a death the driver reads
 what the dead process left (`left`), says it, and removes it.
 """
 from __future__ import annotations

@@ -25,6 +25,7 @@ from reward_models.user_scorer import (
     awaited,
     describe,
     resolve_scorer,
+    runs_user_code,
 )
 
 NO_ANSWER = "TypeError: the scorer returned NoneType None, not a number"  # in a sum of several: that one does not apply
@@ -47,7 +48,9 @@ class RewardService:
         `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor. `marks` name the
         scorer running when this process dies (scoring_marks.py)."""
         self.scorers = {role: resolve_scorer(name, f"reward.{role}") for role, name in scorers.items()}
-        self.described = {role: f"reward.{role} {describe(name)}" for role, name in scorers.items()}
+        # Only functions of the user's can end the process they run in: a registered rule is never named so.
+        self.described = {role: f"reward.{role} {describe(spec)}" for role, spec in scorers.items()
+                          if runs_user_code(spec)}
         self.marks = marks or ScoringMarks(None, "")
         self.timeout_s = timeout_s
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
@@ -117,6 +120,9 @@ class RewardService:
 
     def _score_marked(self, role: str, items: list[tuple[Prompt, Completion]], deadline: float,
                       done: list[Outcome]) -> None:
+        if role not in self.described:
+            _score_until(self.scorers[role], items, deadline, done)
+            return
         with self.marks.held(role, self.described[role]):
             _score_until(self.scorers[role], items, deadline, done)
 

@@ -142,6 +142,11 @@ def describe(spec: ScorerSpec) -> str:
     return "scorers " + " + ".join(f"{w:g} x '{n}'" for n, w in spec)
 
 
+def runs_user_code(spec: ScorerSpec) -> bool:
+    """Whether a role's reward is, or sums, a function of the user's ("pkg.module:function")."""
+    return any(is_import_path(name) for name in ([spec] if isinstance(spec, str) else [n for n, _ in spec]))
+
+
 def resolve_scorer(spec: ScorerSpec, key: str) -> AnyReward:
     """The scorer a name gives, or the weighted sum of several (CombinedReward)."""
     if isinstance(spec, str):
