@@ -55,12 +55,13 @@ class BatchedReward:
 
     def __call__(self, prompts: list[Prompt], texts: list[str],
                  token_ids: list[list[int]] | None = None) -> list[Any]:
-        values = awaited(self.fn(**self._arguments(prompts, texts, token_ids)))
-        if not isinstance(values, (list, tuple)) or len(values) != len(texts):
-            shown = f"{len(values)} values" if isinstance(values, (list, tuple)) else type(values).__name__
+        answer = awaited(self.fn(**self._arguments(prompts, texts, token_ids)))
+        values = as_list(answer)
+        if values is None or len(values) != len(texts):
+            shown = f"{len(values)} values" if values is not None else type(answer).__name__
             raise TypeError(f"'{self.path}' returned {shown} for {len(texts)} completions; a batched reward returns "
                             "a list with one number per completion")
-        return list(values)
+        return values
 
     def _arguments(self, prompts: list[Prompt], texts: list[str],
                    token_ids: list[list[int]] | None) -> dict[str, list[Any]]:
@@ -90,6 +91,17 @@ class ConcurrentReward:
 
     async def _all(self, prompts: list[Prompt], texts: list[str]) -> list[Any]:
         return list(await asyncio.gather(*(self.fn(p, t) for p, t in zip(prompts, texts)), return_exceptions=True))
+
+
+def as_list(answer: Any) -> list[Any] | None:
+    """A batched reward's answer as a list: a list or tuple, and what TRL iterates as well (a numpy array, a 1-d
+    tensor, a generator); None for a number, a string, a mapping, a 0-d array."""
+    if isinstance(answer, (str, bytes, dict)) or getattr(answer, "ndim", 1) != 1:
+        return None
+    try:
+        return list(answer)
+    except TypeError:  # not iterable
+        return None
 
 
 def awaited(value: Any) -> Any:

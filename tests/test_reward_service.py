@@ -135,6 +135,28 @@ def trl_one_value(prompts, completions, **kwargs):
     return [1.0]
 
 
+def trl_numpy(prompts, completions, **kwargs):  # TRL iterates what it gets: an array, a tensor, a generator
+    import numpy as np
+
+    return np.array([len(c) for c in completions], dtype=np.float32)
+
+
+def trl_tensor(prompts, completions, **kwargs):
+    import torch
+
+    return torch.tensor([float(len(c)) for c in completions])
+
+
+def trl_generator(prompts, completions, **kwargs):
+    return (len(c) for c in completions)
+
+
+def trl_matrix(prompts, completions, **kwargs):
+    import numpy as np
+
+    return np.ones((len(completions), 2))
+
+
 def trl_raising(prompts, completions, **kwargs):
     raise RuntimeError("judge unreachable")
 
@@ -156,6 +178,12 @@ def batch(*texts: str):
                                         "2 completions; a batched reward returns a list with one number per "
                                         "completion")] * 2),
     ("trl_raising", [(None, "failed", "RuntimeError: judge unreachable")] * 2),
+    ("trl_numpy", [(2.0, "ok", None), (3.0, "ok", None)]),
+    ("trl_tensor", [(2.0, "ok", None), (3.0, "ok", None)]),
+    ("trl_generator", [(2.0, "ok", None), (3.0, "ok", None)]),
+    ("trl_matrix", [(None, "failed", "TypeError: 'tests.test_reward_service:trl_matrix' returned ndarray for 2 "
+                                     "completions; a batched reward returns a list with one number per "
+                                     "completion")] * 2),
 ])
 def test_a_reward_function_in_trls_form_scores_a_batch_in_one_call(name: str, expected: list) -> None:
     groups = RewardService({"train": own(name)}).score(batch("12", "213"))
