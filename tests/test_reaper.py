@@ -28,6 +28,19 @@ while time.monotonic() < end:
     os.open(os.path.join(ring, f"slot-{time.monotonic_ns()}.bin"), os.O_CREAT | os.O_RDWR)
     time.sleep(0.05)
 """
+# Stands in for the run's next start (`--resume` at once): it makes the ring and keeps a file in it open.
+NEXT_START = """
+import os, sys, time
+while True:
+    try:
+        os.makedirs(sys.argv[1], exist_ok=True)
+        fd = os.open(os.path.join(sys.argv[1], "cores.json"), os.O_CREAT | os.O_RDWR)
+        break
+    except FileNotFoundError:  # removed between the two
+        continue
+print("holding", flush=True)
+time.sleep(60)
+"""
 
 
 @pytest.fixture
@@ -88,3 +101,18 @@ def test_after_a_killed_driver_the_paths_go_once_no_process_makes_or_holds_files
     reaper.process.stdin.close()  # the pipe closed with nothing said: the driver was killed
     assert worker.wait(timeout=30) == 0
     assert reaper.process.wait(timeout=30) == 0 and not ring.exists()
+
+
+def test_a_process_that_holds_the_paths_only_after_the_driver_died_is_the_next_start_and_they_are_left_to_it(
+        tmp_path: Path) -> None:
+    ring = tmp_path / "async-rlhf-ring"
+    reaper = Reaper([ring], raylet_pid=None)
+    assert reaper.process.stdin is not None
+    reaper.process.stdin.close()  # killed, with none of its processes holding the ring
+    next_start = subprocess.Popen([sys.executable, "-c", NEXT_START, str(ring)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert next_start.stdout is not None and next_start.stdout.readline() == "holding\n"
+        assert reaper.process.wait(timeout=30) == 0 and next_start.poll() is None  # not waited out: it is not the run's
+    finally:
+        next_start.kill()
+        next_start.wait()

@@ -14,9 +14,11 @@ raylet's children it was given, each only if it is still the same process (its s
 /proc/PID/stat), and removes the run's paths. They are named when the reaper starts, right after ray.init
 (the agents start with the raylet); the actors' workers, started later, die with the raylet, but not at once:
 a learner still publishing a version made a new slot file in the ring while it was being removed, and the
-ring stayed (a CI failure). So after a killed driver the paths are removed again while any process still has a
-file under them open or mapped, until they have stayed gone for `QUIET_S` (at most `LIMIT_S`). After a normal
-end (the driver writes `END` before closing the pipe) there is nothing left to wait for: one pass.
+ring stayed (a CI failure). So after a killed driver the paths are removed again while any of the run's
+processes (those holding a file under them when the driver died) still has one open or mapped, until they have
+stayed gone for `QUIET_S` (at most `LIMIT_S`); a process that holds them later is the run's next start
+(`--resume` at once), and they are left to it. After a normal end (the driver writes `END` before closing the
+pipe) there is nothing left to wait for: one pass.
 """
 from __future__ import annotations
 
@@ -86,12 +88,10 @@ def holds(pid: str, prefixes: tuple[str, ...]) -> bool:
     return False
 
 
-def left(paths: list[str]) -> bool:
-    """Whether any path is still there or any other process still holds a file under one."""
-    prefixes = tuple(os.path.join(path, "") for path in paths)
-    me = str(os.getpid())
-    return any(os.path.lexists(path) for path in paths) or any(
-        holds(pid, prefixes) for pid in pids() if pid != me)
+def holders(paths: list[str]) -> set[str]:
+    """The other processes that hold a file under one of `paths`."""
+    prefixes, me = tuple(os.path.join(path, "") for path in paths), str(os.getpid())
+    return {pid for pid in pids() if pid != me and holds(pid, prefixes)}
 
 
 def remove(paths: list[str]) -> None:
@@ -100,14 +100,18 @@ def remove(paths: list[str]) -> None:
 
 
 def remove_until_let_go(paths: list[str], quiet_s: float = QUIET_S, limit_s: float = LIMIT_S) -> None:
-    """Remove `paths` again and again until they have stayed gone, with nothing holding them, for `quiet_s`."""
-    deadline, quiet_since = time.monotonic() + limit_s, time.monotonic()
+    """Remove `paths` again and again until they have stayed gone, with none of the run's processes holding them,
+    for `quiet_s`. A process that was not holding them when the driver died and holds them now is the run's next
+    one (`--resume` at once): they are its from then on, and are left alone."""
+    run, deadline, quiet_since = holders(paths), time.monotonic() + limit_s, time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
         remove(paths)
         time.sleep(0.2)
-        if left(paths):
+        now = holders(paths)
+        if now - run:
+            return
+        if now or any(os.path.lexists(path) for path in paths):
             quiet_since = time.monotonic()
-    remove(paths)
 
 
 def reap(named: str, paths: list[str]) -> None:
