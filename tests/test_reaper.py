@@ -106,9 +106,15 @@ def test_after_a_killed_driver_the_paths_go_once_no_process_makes_or_holds_files
 def test_a_process_that_holds_the_paths_only_after_the_driver_died_is_the_next_start_and_they_are_left_to_it(
         tmp_path: Path) -> None:
     ring = tmp_path / "async-rlhf-ring"
+    (ring / "slot-0").mkdir(parents=True)
     reaper = Reaper([ring], raylet_pid=None)
     assert reaper.process.stdin is not None
     reaper.process.stdin.close()  # killed, with none of its processes holding the ring
+    deadline = time.monotonic() + 30
+    while ring.exists():  # the reaper's first pass: it has seen the driver die
+        assert time.monotonic() < deadline, "the reaper removed nothing"
+        time.sleep(0.02)
+    time.sleep(0.05)  # past the clock tick of the death (process start times count 10 ms ticks)
     next_start = subprocess.Popen([sys.executable, "-c", NEXT_START, str(ring)], stdout=subprocess.PIPE, text=True)
     try:
         assert next_start.stdout is not None and next_start.stdout.readline() == "holding\n"

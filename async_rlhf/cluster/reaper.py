@@ -14,11 +14,11 @@ raylet's children it was given, each only if it is still the same process (its s
 /proc/PID/stat), and removes the run's paths. They are named when the reaper starts, right after ray.init
 (the agents start with the raylet); the actors' workers, started later, die with the raylet, but not at once:
 a learner still publishing a version made a new slot file in the ring while it was being removed, and the
-ring stayed (a CI failure). So after a killed driver the paths are removed again while any of the run's
-processes (those holding a file under them when the driver died) still has one open or mapped, until they have
-stayed gone for `QUIET_S` (at most `LIMIT_S`); a process that holds them later is the run's next start
-(`--resume` at once), and they are left to it. After a normal end (the driver writes `END` before closing the
-pipe) there is nothing left to wait for: one pass.
+ring stayed (a CI failure). So after a killed driver the paths are removed again while any process still has a
+file under them open or mapped, until they have stayed gone for `QUIET_S` (at most `LIMIT_S`); one that holds
+them and was started after the driver died is the run's next start (`--resume` at once), and they are left to
+it. After a normal end (the driver writes `END` before closing the pipe) there is nothing left to wait for: one
+pass.
 """
 from __future__ import annotations
 
@@ -100,18 +100,30 @@ def remove(paths: list[str]) -> None:
 
 
 def remove_until_let_go(paths: list[str], quiet_s: float = QUIET_S, limit_s: float = LIMIT_S) -> None:
-    """Remove `paths` again and again until they have stayed gone, with none of the run's processes holding them,
-    for `quiet_s`. A process that was not holding them when the driver died and holds them now is the run's next
-    one (`--resume` at once): they are its from then on, and are left alone."""
-    run, deadline, quiet_since = holders(paths), time.monotonic() + limit_s, time.monotonic()
+    """Remove `paths` again and again until they have stayed gone, with no process holding them, for `quiet_s`. A
+    process started after the driver died that holds them is the run's next start (`--resume` at once): they are
+    its from then on, and are left alone."""
+    died, deadline, quiet_since = boot_ticks(), time.monotonic() + limit_s, time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
         remove(paths)
         time.sleep(0.2)
         now = holders(paths)
-        if now - run:
+        if any(started_after(pid, died) for pid in now):
             return
         if now or any(os.path.lexists(path) for path in paths):
             quiet_since = time.monotonic()
+
+
+def boot_ticks() -> int:
+    """Now, in the clock ticks since boot in which /proc/PID/stat gives a process's start time."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def started_after(pid: str, ticks: int) -> bool:
+    try:
+        return int(stat_fields(pid)[19]) > ticks
+    except (OSError, IndexError, ValueError):  # exited meanwhile
+        return False
 
 
 def reap(named: str, paths: list[str]) -> None:
