@@ -6,12 +6,28 @@ builtin so that a group can also be written to JSON for debugging or checkpoints
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 FinishReason = Literal["stop", "length", "abort"]
 RewardStatus = Literal["pending", "ok", "failed", "timed_out"]
 EVAL_ID_OFFSET = 1_000_000_000  # eval prompt ids live apart from train ids (every task's train index < this)
 CONVERSATION = "prompt"  # Prompt.meta key of a prompt that came as a conversation: its turns (TRL's column name)
+RESERVED_META = ("row", "epoch", "reference", CONVERSATION)  # Prompt.meta keys the tasks set themselves
+
+
+class RewardColumns(NamedTuple):
+    """The dataset columns the run's reward functions take (their parameters' names), which the prompts carry in
+    `meta` as TRL passes them: `every` where one takes **kwargs, as TRL passes every column."""
+
+    names: frozenset[str] = frozenset()
+    every: bool = False
+
+    def wants(self, column: str, prompt_column: str | None) -> bool:
+        """Whether a prompt carries `column`; the prompt's own column only where named (it is `prompts` already)."""
+        return column not in RESERVED_META and (column in self.names or (self.every and column != prompt_column))
+
+
+NO_COLUMNS = RewardColumns()  # rewards that take no dataset column (rules, `fn(prompt, text)`)
 
 
 @dataclass

@@ -8,9 +8,11 @@
 * TRL's form (GRPOTrainer's `reward_funcs`), any function with a parameter named `completions`, called once per
   batch by keyword as TRL calls it: `prompts`, `completions`, `completion_ids` (the completions' token ids, where
   the caller has them) and each `prompt.meta` key as a list with one value per completion (TRL passes a
-  dataset's columns the same way), each only where the function takes it. A prompt that came as a conversation
-  (TRL's conversational form) is given as its turns and its completion as `[{"role": "assistant", "content":
-  text}]`, as TRL gives them; a plain one as texts. A reward function written for TRL works as it is.
+  dataset's columns the same way), each only where the function takes it. A dataset's prompts carry the columns
+  the run's functions take (`columns_taken`: those they name, every one where one takes **kwargs). A prompt
+  that came as a conversation (TRL's conversational form) is given as its turns and its completion as
+  `[{"role": "assistant", "content": text}]`, as TRL gives them; a plain one as texts.
+  A reward function written for TRL works as it is.
 
 Either may be `async def` (a judge behind a network call): it is awaited in the scoring thread, and a
 per-completion one's calls for a batch run at once (ConcurrentReward).
@@ -28,7 +30,7 @@ import inspect
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from async_rlhf.rollout import CONVERSATION, Prompt
+from async_rlhf.rollout import CONVERSATION, Prompt, RewardColumns
 from async_rlhf.user_code import UserCodeError, check_signature, is_import_path, load_function
 from reward_models.rules import SCORERS, Scorer
 
@@ -48,6 +50,10 @@ class BatchedReward:
         named = [p for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.keywords = {p.name for p in named}
         self.required = {p.name for p in named if p.default is p.empty}
+
+    def columns(self) -> RewardColumns:
+        """The prompts' columns it takes: those it names, or every one where it takes **kwargs (as TRL gives)."""
+        return RewardColumns(frozenset(self.keywords - set(TRL_ARGUMENTS)), self.any_keyword)
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The parameters it requires that neither TRL's arguments nor the prompts' data (`keys`) give."""
@@ -207,6 +213,12 @@ def batched_parts(scorer: AnyReward) -> list[BatchedReward]:
     """The functions in TRL's form in a scorer (itself, or the parts of a sum)."""
     parts = [part for _, part, _ in scorer.parts] if isinstance(scorer, CombinedReward) else [scorer]
     return [part for part in parts if isinstance(part, BatchedReward)]
+
+
+def columns_taken(scorers: Iterable[AnyReward]) -> RewardColumns:
+    """The dataset columns the functions in TRL's form among `scorers` take, all together."""
+    wanted = [part.columns() for scorer in scorers for part in batched_parts(scorer)]
+    return RewardColumns(frozenset().union(*(w.names for w in wanted)), any(w.every for w in wanted))
 
 
 def is_batched(fn: Callable[..., Any]) -> bool:

@@ -7,6 +7,7 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,6 +234,10 @@ def trl_needs_level(completions, level, **kwargs):
     return [float(x) for x in level]
 
 
+def trl_level_only(completions, level):
+    return [float(x) for x in level]
+
+
 def test_trls_usual_signature_gets_what_trl_gives_by_keyword() -> None:
     groups = batch("12", "213")
     groups[0].completions[1].token_ids = [3, 4, 5]
@@ -245,30 +250,49 @@ def test_a_conversational_prompt_reaches_a_trl_function_as_turns_and_its_complet
     assert statuses(RewardService({"train": own("trl_chat")}).score(groups)) == [(1.0, "ok"), (0.0, "ok")]
 
 
-def test_a_column_the_prompts_do_not_carry_is_named_in_the_batch_and_before_the_run_starts(tmp_path: Path) -> None:
+def test_a_column_the_prompts_do_not_carry_is_named_in_the_batch() -> None:
     groups = RewardService({"train": own("trl_needs_level")}).score(batch("12"))
     assert groups[0].completions[0].reward_error == (
         f"TypeError: '{own('trl_needs_level')}' takes level, which this batch does not give (its prompts' data: "
         "answer, digits, reference)")
-    from async_rlhf.config.base import ConfigError
+
+
+def dataset_for_reward(rows: Path, train: str) -> tuple[Any, Any]:
+    """The run's config with `train` as its reward, and the task its start builds (load_task's columns)."""
     from async_rlhf.config.run import load_config
-    from async_rlhf.pipeline.startup import check_reward_columns
+    from async_rlhf.pipeline.startup import reward_columns
     from async_rlhf.policies.embedded import build_tokenizer
-    from async_rlhf.tasks.builtin import make_task
+    from async_rlhf.tasks.dataset import DatasetTask
     from tests.helpers import QUICKSTART
 
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"question": "tom has 3 pens", "level": 2}\n{"question": "ann has 5 cards", "level": 1}\n')
-    cfg = load_config(QUICKSTART, [f"reward.train={own('trl_needs_level')}"])
+    cfg = load_config(QUICKSTART, [f"reward.train={train}"])
     data = {"path": str(rows), "prompt_column": "question", "eval_fraction": 0.5}
-    task = make_task(TaskConfig(name="dataset", dataset=data), build_tokenizer("arith"), 0)
+    return cfg, DatasetTask(TaskConfig(name="dataset", dataset=data), build_tokenizer("arith"), 0, reward_columns(cfg))
+
+
+def test_the_prompts_carry_the_columns_trl_functions_take_and_one_the_dataset_lacks_is_refused(tmp_path: Path) -> None:
+    """TRL passes a dataset's columns to its reward functions: here the prompts carry those a function names
+    (every one but the prompt's for **kwargs), without task.dataset.meta_columns; one the file lacks is refused
+    before any worker starts."""
+    from async_rlhf.config.base import ConfigError
+    from async_rlhf.pipeline.startup import check_reward_columns
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "tom has 3 pens", "level": 2, "source": "a"}\n'
+                    '{"question": "ann has 5 cards", "level": 1, "source": "b"}\n')
+    for train, carried in ((own("trl_level_only"), {"level"}), (own("trl_usual"), {"level", "source"}),
+                           ("sort_partial", set())):
+        cfg, task = dataset_for_reward(rows, train)
+        check_reward_columns(cfg, task)
+        prompts = (task.train_prompt(0), *task.eval_prompts())
+        assert all(p.meta.keys() - {"row", "epoch"} == carried for p in prompts), train
+    rows.write_text('{"question": "tom has 3 pens"}\n{"question": "ann has 5 cards"}\n')
+    cfg, task = dataset_for_reward(rows, own("trl_needs_level"))
     with pytest.raises(ConfigError) as err:
         check_reward_columns(cfg, task)
     assert str(err.value) == (f"config error: reward.train: '{own('trl_needs_level')}' takes level, which the "
-                              "prompts do not carry (their data: epoch, row); add the column to "
-                              "task.dataset.meta_columns, or give the parameter a default")
-    data["meta_columns"] = ["level"]
-    check_reward_columns(cfg, make_task(TaskConfig(name="dataset", dataset=data), build_tokenizer("arith"), 0))
+                              "prompts do not carry (their data: row); give the dataset that column (train "
+                              "and eval files alike), or the parameter a default")
 
 
 def test_several_train_rewards_in_the_config() -> None:

@@ -54,7 +54,7 @@ from async_rlhf.pipeline.resume import (
 )
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.signals import StopSignals
-from async_rlhf.pipeline.startup import StartupClock, check_rewards
+from async_rlhf.pipeline.startup import StartupClock, check_rewards, reward_columns
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
 from async_rlhf.pipeline.summary import run_summary
 from async_rlhf.pipeline.timing import Timing
@@ -149,7 +149,7 @@ class Controller:
         self._keep_run_dir()
         with self.timing.span("setup_s"):
             policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
-            self.parts.task = load_task(self.cfg, policy_dir)  # reads and checks the prompts before any worker starts
+            self.parts.task = load_task(self.cfg, policy_dir, reward_columns(self.cfg))  # checked: no worker yet
             print(f"[async-rlhf] {self.parts.task.describe()}", flush=True)
             check_rewards(self.cfg, self.parts.task, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))

@@ -43,7 +43,7 @@ from async_rlhf.config.task_shapes import (
     TASK_SHAPES,
     TEMPLATES,
 )
-from async_rlhf.rollout import EVAL_ID_OFFSET, Prompt
+from async_rlhf.rollout import EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
 from async_rlhf.tasks.dataset import DatasetTask
 
 if TYPE_CHECKING:  # transformers is heavy; the task only calls the tokenizer
@@ -393,6 +393,10 @@ def _tokenizer_loader(model_dir: str | Path) -> Any:  # Any: AutoTokenizer or a 
     return AutoTokenizer
 
 
-def load_task(cfg: RunConfig, model_dir: str | Path) -> Task:
-    """The run's task with the policy's tokenizer (a dataset task reads and checks its rows here)."""
-    return make_task(cfg.task, load_tokenizer(model_dir), cfg.seed)
+def load_task(cfg: RunConfig, model_dir: str | Path, reward_columns: RewardColumns = NO_COLUMNS) -> Task:
+    """The run's task with the policy's tokenizer (a dataset task reads and checks its rows here, and its prompts
+    carry the columns its reward functions take)."""
+    tokenizer = load_tokenizer(model_dir)
+    if cfg.task.name == DatasetTask.name:  # the embedded tasks carry their answers themselves
+        return DatasetTask(cfg.task, tokenizer, cfg.seed, reward_columns)
+    return make_task(cfg.task, tokenizer, cfg.seed)

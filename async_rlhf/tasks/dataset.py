@@ -5,7 +5,8 @@ dataset name (when the machine can reach the hub). Each row becomes a `Prompt`: 
 `prompt_column` (or `template.format(**row)`), optionally wrapped as a user turn by the tokenizer's
 chat template (a `prompt_column` of conversations, TRL's conversational form, is always rendered by it);
 `reference_column` goes to `meta["reference"]`, `meta_columns` to `meta` under their own names, so rule
-scorers and the remote reward see them.
+scorers and the remote reward see them, and so do the columns the run's reward functions in TRL's form take
+(`RewardColumns`: the pipeline finds them in their signatures, as TRL would pass them).
 
 Rows are checked once, when the task is built (before any worker starts): empty or malformed rows
 are skipped, prompts longer than `max_prompt_tokens` dropped (or truncated), prompts with tokens
@@ -41,7 +42,7 @@ from typing import Any, ClassVar
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, template_fields
 from async_rlhf.config.task_shapes import TASK_SHAPES
-from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, Prompt
+from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
 from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
 
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
@@ -177,9 +178,11 @@ class Row:
 class RowMapper:
     """Turns table rows into prompt rows: column mapping, template, chat template, length limit."""
 
-    def __init__(self, cfg: DatasetConfig, tokenizer: Any) -> None:
+    def __init__(self, cfg: DatasetConfig, tokenizer: Any, reward_columns: RewardColumns = NO_COLUMNS) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.reward_columns = reward_columns
+        self.carried = list(cfg.meta_columns)  # the columns of the file being read that go to Prompt.meta
         self.unk = getattr(tokenizer, "unk_token_id", None)
         if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
             where = getattr(tokenizer, "name_or_path", "") or "the model directory"
@@ -187,6 +190,13 @@ class RowMapper:
                               f"set task.dataset.chat_template=false or add one to its tokenizer_config.json")
         self.chat = ChatTurn(tokenizer, cfg.system_prompt) if cfg.chat_template else None
         self.conversations = self.chat  # made at the first conversation where chat_template is off
+
+    def use_columns(self, columns: list[str], source: str) -> None:
+        """Check the columns the config names against a file's, and carry those its rewards take."""
+        self.check_columns(columns, source)
+        prompt_column = self.cfg.prompt_column if self.cfg.template is None else None
+        taken = [c for c in columns if self.reward_columns.wants(c, prompt_column) and c not in self.cfg.meta_columns]
+        self.carried = [*self.cfg.meta_columns, *taken]
 
     def check_columns(self, columns: list[str], source: str) -> None:
         cfg = self.cfg
@@ -297,7 +307,7 @@ class RowMapper:
                 return None
             text, ids = self._truncate(ids)
             stats.truncated += 1
-        meta = {"row": index, **{c: row[c] for c in self.cfg.meta_columns}}
+        meta = {"row": index, **{c: row[c] for c in self.carried}}
         if (turns := None if self.cfg.template else as_conversation(row[self.cfg.prompt_column])) is not None:
             meta[CONVERSATION] = turns  # a reward function in TRL's form takes a conversation as its turns
         if self.cfg.reference_column:
@@ -352,13 +362,14 @@ class DatasetTask:
     context_len: ClassVar[int] = TASK_SHAPES[name].context_len  # the embedded model cannot run this task
     step_end_chars: ClassVar[str] = TASK_SHAPES[name].step_end_chars
 
-    def __init__(self, task_cfg: TaskConfig, tokenizer: Any, seed: int) -> None:
+    def __init__(self, task_cfg: TaskConfig, tokenizer: Any, seed: int,
+                 reward_columns: RewardColumns = NO_COLUMNS) -> None:
         assert task_cfg.dataset is not None  # TaskConfig guarantees it for name=dataset
         self.cfg = task_cfg
         self.data = task_cfg.dataset
         self.tokenizer = tokenizer
         self.seed = seed
-        self.mapper = RowMapper(self.data, tokenizer)
+        self.mapper = RowMapper(self.data, tokenizer, reward_columns)
         self.stats: list[DataStats] = []
         self.train, self.eval = self._load_splits()
 
@@ -373,7 +384,7 @@ class DatasetTask:
     # ---- loading --------------------------------------------------------------------------
     def _read(self, path: str, split: str, split_key: str) -> tuple[list[Row], DataStats]:
         table = load_table(path, self.data.format, split, split_key)
-        self.mapper.check_columns(list(table.column_names), path)
+        self.mapper.use_columns(list(table.column_names), path)
         stats = DataStats(path, rows=len(table))
         rows: list[Row] = []
         for first in range(0, len(table), ROWS_PER_BATCH):
