@@ -37,8 +37,7 @@ from learners.advantages.monte_carlo import (
     gather_states,
 )
 from reward_models.scoring_marks import ScoringMarks
-from reward_models.service import RewardService
-from reward_models.user_scorer import ScorerSpec
+from reward_models.service import RewardService, TrainReward
 
 if TYPE_CHECKING:  # vllm is imported after the engine environment is set (GeneratorActor.__init__)
     from vllm.inputs import TokensPrompt
@@ -71,8 +70,7 @@ class GeneratorActor:
         cores: list[int] | None = None,
         dtype: str = "float32",
         weight_transport: str = "shm",
-        train_scorer: ScorerSpec | None = None,
-        reward_timeout_s: float = 30.0,
+        train_reward: TrainReward | None = None,
         busy_board: str | None = None,
         scratch_dir: str | None = None,
     ) -> None:
@@ -96,7 +94,8 @@ class GeneratorActor:
         self.board = BusyBoard.attach(busy_board) if busy_board else None
         # A rule train reward scored here, with the reward actor's own failure handling (reward.in_generator).
         marks = ScoringMarks(scratch_dir, f"generator-{generator_id}")  # names a reward that ends this process
-        self.reward = RewardService({"train": train_scorer}, reward_timeout_s, marks=marks) if train_scorer else None
+        self.reward = RewardService({"train": train_reward.scorer}, train_reward.timeout_s, marks=marks,
+                                    run=train_reward.run) if train_reward else None
         self.seed = seed
         self.cfg = gen_cfg
         self.version = 0

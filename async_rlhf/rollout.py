@@ -70,6 +70,7 @@ class RolloutGroup:
     created_at: float  # time.time() when generation finished
     enqueued_at: float | None = None
     gen_s: float = 0.0  # wall time of the generation batch this group came from
+    reward_logged: dict[str, float] | None = None  # what the train reward's functions logged (TRL's log_metric)
 
     @property
     def scored(self) -> list[Completion]:

@@ -15,6 +15,7 @@ from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
 from reward_models.scoring_marks import ScoringMarks
+from reward_models.trl_context import NO_RUN, ScoringCall, ScoringRun
 from reward_models.user_scorer import (
     NONE_APPLIES,
     AnyReward,
@@ -39,19 +40,29 @@ class Outcome(NamedTuple):
     parts: dict[str, float] | None = None  # each part's own value (before its weight); one that did not apply left out
 
 
+class TrainReward(NamedTuple):
+    """A train reward scored inside a generator's own call (reward.score_in_generator)."""
+
+    scorer: ScorerSpec
+    timeout_s: float = 30.0
+    run: ScoringRun = NO_RUN
+
+
 class RewardService:
     def __init__(self, scorers: dict[str, ScorerSpec], timeout_s: float = 30.0, remote: dict | None = None,
-                 learned: dict | None = None, marks: ScoringMarks | None = None) -> None:
+                 learned: dict | None = None, marks: ScoringMarks | None = None, run: ScoringRun = NO_RUN) -> None:
         """`scorers` maps a role ("train", "gold") to a registered scorer name or a user's "pkg.module:function"
         (reward_models/user_scorer.py), imported here, in this actor, or (name, weight) pairs to sum; with `remote`
         (RemoteRewardConfig fields) the train role is scored by that HTTP reward model instead, with
         `learned` (LearnedRewardConfig fields) by that reward model, loaded here, in this actor. `marks` name the
-        scorer running when this process dies (scoring_marks.py)."""
+        scorer running when this process dies (scoring_marks.py); `run` is what TRL's `trainer_state` tells a
+        function of the run (trl_context.py)."""
         self.scorers = {role: resolve_scorer(name, f"reward.{role}") for role, name in scorers.items()}
         # Only functions of the user's can end the process they run in: a registered rule is never named so.
         self.described = {role: f"reward.{role} {describe(spec)}" for role, spec in scorers.items()
                           if runs_user_code(spec)}
         self.marks = marks or ScoringMarks(None, "")
+        self.run = run
         self.timeout_s = timeout_s
         self.counts = {"scored": 0, "failed": 0, "timed_out": 0}
         self.busy_s = 0.0
@@ -89,7 +100,11 @@ class RewardService:
                 self._score_learned(self.learned, groups)
             self.busy_s += time.perf_counter() - start
             return groups
-        outcomes = self._in_time(role, groups, start + self.timeout_s)
+        call = ScoringCall(self.run, max((g.policy_version for g in groups), default=0))
+        outcomes = self._in_time(role, groups, start + self.timeout_s, call)
+        logged = call.means() or None
+        for group in groups:
+            group.reward_logged = logged
         for index, completion in enumerate(_completions(groups)):
             if index < len(outcomes):
                 completion.reward, completion.reward_error, completion.reward_parts = outcomes[index]
@@ -101,7 +116,7 @@ class RewardService:
         self.busy_s += time.perf_counter() - start
         return groups
 
-    def _in_time(self, role: str, groups: list[RolloutGroup], deadline: float) -> list[Outcome]:
+    def _in_time(self, role: str, groups: list[RolloutGroup], deadline: float, call: ScoringCall) -> list[Outcome]:
         """The completions' (reward, None) or (None, reason) in order, as many as were scored by the deadline,
         in a thread of their own: a scorer that never returns (a user's function on a network call without a
         timeout) times its batch out instead of hanging the generator or the reward actor. A role's scorer still
@@ -112,19 +127,20 @@ class RewardService:
             busy.join(max(0.0, deadline - time.perf_counter()))
         if busy is None or not busy.is_alive():
             items = [(group.prompt, completion) for group in groups for completion in group.completions]
-            thread = threading.Thread(target=self._score_marked, args=(role, items, deadline, done), daemon=True)
+            thread = threading.Thread(target=self._score_marked, args=(role, items, deadline, done, call),
+                                      daemon=True)
             self._threads[role] = thread
             thread.start()
             thread.join(max(0.0, deadline - time.perf_counter()))
         return list(done)  # what a scorer still running adds from now on is never read
 
     def _score_marked(self, role: str, items: list[tuple[Prompt, Completion]], deadline: float,
-                      done: list[Outcome]) -> None:
+                      done: list[Outcome], call: ScoringCall) -> None:
         if role not in self.described:
-            _score_until(self.scorers[role], items, deadline, done)
+            _score_until(self.scorers[role], items, deadline, done, call)
             return
         with self.marks.held(role, self.described[role]):
-            _score_until(self.scorers[role], items, deadline, done)
+            _score_until(self.scorers[role], items, deadline, done, call)
 
     def health(self) -> dict:
         remote: dict[str, object] = {"remote": dict(self.remote.counts)} if self.remote else {}
@@ -150,19 +166,19 @@ def _completions(groups: list[RolloutGroup]) -> list[Completion]:
     return [completion for group in groups for completion in group.completions]
 
 
-def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]],
-                 deadline: float, done: list[Outcome]) -> None:
+def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]], deadline: float, done: list[Outcome],
+                 call: ScoringCall) -> None:
     """Score the items in order into `done` until the deadline passes (a batched reward: in one call; a sum: part
     by part, then summed). A scorer bug must not kill the run, nor become a reward: it fails the items it was
     called for."""
     if isinstance(scorer, CombinedReward):
         parts: list[list[Outcome]] = [[] for _ in scorer.parts]
         for (_, part, _), outcomes in zip(scorer.parts, parts):
-            _score_until(part, items, deadline, outcomes)
+            _score_until(part, items, deadline, outcomes, call)
         done.extend(_summed(scorer, parts))
         return
     if isinstance(scorer, (BatchedReward, ConcurrentReward)):
-        done.extend(_score_batch(scorer, items))
+        done.extend(_score_batch(scorer, items, call))
         return
     for prompt, completion in items:
         if time.perf_counter() > deadline:
@@ -175,12 +191,13 @@ def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]],
         done.append(_checked(value))
 
 
-def _score_batch(scorer: BatchedReward | ConcurrentReward, items: list[tuple[Prompt, Completion]]) -> list[Outcome]:
+def _score_batch(scorer: BatchedReward | ConcurrentReward, items: list[tuple[Prompt, Completion]],
+                 call: ScoringCall) -> list[Outcome]:
     """A batch in one call: a raise fails every item with its reason; each value is checked on its own."""
     completions = [completion for _, completion in items]
     try:
         values = scorer([prompt for prompt, _ in items], [c.text for c in completions],
-                        [c.token_ids for c in completions])
+                        [c.token_ids for c in completions], call)
     except Exception as exc:
         return [_failed(exc)] * len(items)
     return [_checked(value) for value in values]

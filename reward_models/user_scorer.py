@@ -33,9 +33,10 @@ from typing import Any, Callable
 from async_rlhf.rollout import CONVERSATION, Prompt, RewardColumns
 from async_rlhf.user_code import UserCodeError, check_signature, is_import_path, load_function
 from reward_models.rules import SCORERS, Scorer
+from reward_models.trl_context import NO_RUN, TRL_CONTEXT, ScoringCall
 
 ARGUMENTS = ("prompt", "text")
-TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")  # what TRL passes besides the dataset's columns
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", *TRL_CONTEXT)  # what TRL passes besides the columns
 NONE_APPLIES = "every reward of the sum returned None: none applies to this completion"
 
 
@@ -59,9 +60,12 @@ class BatchedReward:
         """The parameters it requires that neither TRL's arguments nor the prompts' data (`keys`) give."""
         return sorted(self.required - set(TRL_ARGUMENTS) - set(keys))
 
-    def __call__(self, prompts: list[Prompt], texts: list[str],
-                 token_ids: list[list[int]] | None = None) -> list[Any]:
-        answer = awaited(self.fn(**self._arguments(prompts, texts, token_ids)))
+    def __call__(self, prompts: list[Prompt], texts: list[str], token_ids: list[list[int]] | None = None,
+                 call: ScoringCall | None = None) -> list[Any]:
+        """The values for a batch; `call` is the run's state and takes what it logs (a fresh one where the caller
+        has no run: the reward server, the TRL benchmark arm)."""
+        context = self._context(call or ScoringCall(NO_RUN, 0))
+        answer = awaited(self.fn(**self._arguments(prompts, texts, token_ids), **context))
         values = as_list(answer)
         if values is None or len(values) != len(texts):
             shown = f"{len(values)} values" if values is not None else type(answer).__name__
@@ -72,16 +76,19 @@ class BatchedReward:
     def _arguments(self, prompts: list[Prompt], texts: list[str],
                    token_ids: list[list[int]] | None) -> dict[str, list[Any]]:
         """What TRL would pass, less what the function does not take."""
-        keys = {key for p in prompts for key in p.meta} - {CONVERSATION}
+        keys = {key for p in prompts for key in p.meta} - {CONVERSATION, *TRL_CONTEXT}
         given: dict[str, list[Any]] = {key: [p.meta.get(key) for p in prompts] for key in keys}
         given.update(prompts=[trl_prompt(p) for p in prompts],
                      completions=[trl_completion(p, text) for p, text in zip(prompts, texts)])
         if token_ids is not None:
             given["completion_ids"] = token_ids
-        if missing := sorted(self.required - set(given)):
+        if missing := sorted(self.required - set(given) - set(TRL_CONTEXT)):
             raise TypeError(f"'{self.path}' takes {', '.join(missing)}, which this batch does not give (its "
                             f"prompts' data: {', '.join(sorted(set(given) - set(TRL_ARGUMENTS))) or 'none'})")
         return {k: v for k, v in given.items() if self.any_keyword or k in self.keywords}
+
+    def _context(self, call: ScoringCall) -> dict[str, Any]:
+        return {k: v for k, v in call.arguments().items() if self.any_keyword or k in self.keywords}
 
 
 class ConcurrentReward:
@@ -91,8 +98,9 @@ class ConcurrentReward:
     def __init__(self, fn: Callable[..., Any], path: str) -> None:
         self.fn, self.path = fn, path
 
-    def __call__(self, prompts: list[Prompt], texts: list[str],
-                 token_ids: list[list[int]] | None = None) -> list[Any]:
+    def __call__(self, prompts: list[Prompt], texts: list[str], token_ids: list[list[int]] | None = None,
+                 call: ScoringCall | None = None) -> list[Any]:
+        """The values or exceptions for a batch (a per-completion function takes no ids and no run state)."""
         return asyncio.run(self._all(prompts, texts))
 
     async def _all(self, prompts: list[Prompt], texts: list[str]) -> list[Any]:

@@ -42,7 +42,8 @@ def live(ray_local, tmp_path_factory: pytest.TempPathFactory):
     run_dir = tmp_path_factory.mktemp("api-run")
     cfg = load_config(ROOT / "configs" / "quickstart.yaml",
                       ["learner.steps=100000", "eval.every=0", "task.eval_prompts=16", f"api.token={TOKEN}",
-                       "reward.train=[sort_partial, sort_exact]"])  # a sum: /metrics has each one's mean
+                       # a sum: /metrics has each one's mean, and what the TRL-form one logs (too_long)
+                       "reward.train=[sort_partial, examples.rewards:exact_match]"])
     controller = Controller(cfg, run_dir, services=serve_api)
     thread = threading.Thread(target=controller.run, daemon=True)
     thread.start()
@@ -91,7 +92,10 @@ def test_read_endpoints(live) -> None:
             "async_rlhf_logprob_gap", "async_rlhf_logprob_gap_fresh"} <= names
     parts = {s.labels["reward"] for f in text_string_to_metric_families(metrics) for s in f.samples
              if f.name == "async_rlhf_reward_part_mean"}
-    assert parts == {"sort_partial", "sort_exact"}
+    assert parts == {"sort_partial", "examples.rewards:exact_match"}
+    logged = {s.labels["name"]: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+              if f.name == "async_rlhf_reward_logged"}
+    assert logged.keys() == {"too_long"} and 0 <= logged["too_long"] <= 1
     assert "/control/max_staleness" in c.get("/openapi.json").json()["paths"]
     assert "<svg" in c.get("/").text
 

@@ -38,6 +38,7 @@ def test_your_own_data_and_model(tmp_path: Path) -> None:
     parts = ("reward_mean/examples.rewards:close_and_brief", "reward_mean/examples.rewards:exact_match")
     # Its two rewards, summed with weights 1 and 0.5, each with its own mean; every completion scored by both.
     assert all(s["reward_mean"] == pytest.approx(s[parts[0]] + 0.5 * s[parts[1]]) for s in steps)
+    assert all(0 <= s["reward_log/too_long"] <= 1 for s in steps)  # what exact_match logged (TRL's log_metric)
     assert [e["version"] for e in evals] == [0, 3, 6]  # start, every eval.every steps, end
     assert all(e["prompts"] == 48 and 0 <= e["win_rate"] <= 1 and 0 <= e["gold_reward"] <= 1 for e in evals)
     ids = [i for s in steps for i in s["prompt_ids"]]

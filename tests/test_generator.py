@@ -15,6 +15,7 @@ from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from learners.learner import load_causal_lm
 from learners.persistence import hf_state_dict
+from reward_models.service import TrainReward
 from tests.helpers import publish_state
 
 pytestmark = pytest.mark.integration
@@ -205,7 +206,7 @@ def seeded_pair(ray_local, random_policies):
                for i, text in enumerate(PROMPTS)]
     cfg = GenerationConfig(samples_per_prompt=2, max_new_tokens=8)
     cls = ray_local.remote(GeneratorActor).options(num_cpus=1)
-    first = cls.remote(0, str(random_policies[0]), cfg, 7, None, "float32", "shm", "sort_partial")
+    first = cls.remote(0, str(random_policies[0]), cfg, 7, None, "float32", "shm", TrainReward("sort_partial"))
     second = cls.remote(1, str(random_policies[0]), cfg, 7, None)
     yield first, second, prompts
     ray_local.kill(first)

@@ -78,7 +78,7 @@ def test_server_scores_and_validates(serve) -> None:
 
 
 def test_a_function_of_your_own_is_served_in_either_form(serve) -> None:
-    items = [{"prompt": "21>", "response": r, "meta": {"reference": "12"}} for r in ("12", "1", "1222")]
+    items = [{"prompt": "21>", "response": r, "meta": {"reference": "12", "answer": "12"}} for r in ("12", "1", "1222")]
     url = serve(create_reward_app("own", rule_batch_scorer("examples.rewards:close_and_brief")))
     assert httpx.post(f"{url}/score", json={"items": items}).json()["scores"] == [1.0, 2 / 3, 2 / 3 - 2 * 0.05]
     url = serve(create_reward_app("trl", rule_batch_scorer("examples.rewards:exact_match")))  # TRL's form

@@ -164,7 +164,7 @@ def test_a_real_generator_marks_the_board_and_a_real_learner_borrows_its_idle_co
     board = BusyBoard.create(path, 1)
     cfg = GenerationConfig(samples_per_prompt=4, max_new_tokens=48, max_model_len=64)
     gen = ray_local.remote(GeneratorActor).options(num_cpus=0).remote(0, str(random_policies[0]), cfg, 0, cores[:1],
-                                                                      "float32", "shm", None, 30.0, str(path))
+                                                                      "float32", "shm", None, str(path))
     ray_local.get(gen.info.remote())
     call = gen.generate.remote([Prompt(i, "p", [1, 5, 6, 7]) for i in range(32)])
     seen_busy = False

@@ -244,6 +244,39 @@ def test_trls_usual_signature_gets_what_trl_gives_by_keyword() -> None:
     assert statuses(RewardService({"train": own("trl_usual")}).score(groups)) == [(4.0, "ok"), (6.0, "ok")]
 
 
+def trl_curriculum(completions, trainer_state, log_metric, log_extra):  # required: TRL always gives them
+    share = trainer_state.global_step / trainer_state.max_steps
+    log_metric("share", share)
+    log_metric("epoch", trainer_state.epoch)
+    log_metric("not a number", "n/a")  # not kept
+    log_extra("length", [len(text) for text in completions])  # taken: no completions table here
+    return [share] * len(completions)
+
+
+def trl_logs_twice(completions, **kwargs):
+    kwargs["log_metric"]("share", 1.0)
+    return [0.0] * len(completions)
+
+
+def test_a_trl_function_gets_the_runs_state_and_what_it_logs_reaches_the_steps_record() -> None:
+    """trainer_state at the sampling weights' version: 8 of 32 steps of 16 prompts, over a 64-prompt dataset, is
+    epoch 2; log_metric's values are averaged over the batch's calls, each group of the batch carries them, and a
+    step averages them over its groups (TRL averages them over a logging step)."""
+    from async_rlhf.pipeline.summary import reward_logged_means
+    from reward_models.trl_context import ScoringRun
+
+    run = ScoringRun(max_steps=32, prompts_per_step=16, epoch_prompts=64)
+    sums = RewardService({"train": [(own("trl_curriculum"), 1.0), (own("trl_logs_twice"), 1.0)]}, run=run)
+    groups = batch("12", "213")
+    groups[0].policy_version = 8
+    assert statuses(sums.score(groups)) == [(0.25, "ok"), (0.25, "ok")]
+    assert groups[0].reward_logged == {"share": (0.25 + 1.0) / 2, "epoch": 2.0}
+    other = batch("12")
+    RewardService({"train": own("trl_curriculum")}, run=run).score(other)  # version 0
+    assert reward_logged_means(groups + other + batch("1")) == {"reward_log/share": 0.625 / 2,
+                                                                 "reward_log/epoch": 1.0}
+
+
 def test_a_conversational_prompt_reaches_a_trl_function_as_turns_and_its_completion_as_an_assistant_turn() -> None:
     groups = batch("12", "213")
     groups[0].prompt.meta[CONVERSATION] = [{"role": "user", "content": "sort 21"}]  # DatasetTask sets it so
@@ -281,7 +314,7 @@ def test_the_prompts_carry_the_columns_trl_functions_take_and_one_the_dataset_la
     rows.write_text('{"question": "tom has 3 pens", "level": 2, "source": "a"}\n'
                     '{"question": "ann has 5 cards", "level": 1, "source": "b"}\n')
     for train, carried in ((own("trl_level_only"), {"level"}), (own("trl_usual"), {"level", "source"}),
-                           ("sort_partial", set())):
+                           (own("trl_curriculum"), set()), ("sort_partial", set())):
         cfg, task = dataset_for_reward(rows, train)
         check_reward_columns(cfg, task)
         prompts = (task.train_prompt(0), *task.eval_prompts())

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from async_rlhf.pipeline.status import generator_info, learner_info
-from async_rlhf.pipeline.summary import PART_PREFIX
+from async_rlhf.pipeline.summary import LOGGED_PREFIX, PART_PREFIX
 from async_rlhf.pipeline.view import RunView
 
 PREFIX = "async_rlhf_"
@@ -52,7 +52,7 @@ class RunCollector:
         yield CounterMetricFamily(PREFIX + "checkpoint_failures", "Checkpoints that could not be written (the run "
                                   "went on).", value=v.checkpoint_failures)
         yield from self._per_label(q)
-        yield self._reward_parts(last)
+        yield from self._reward_parts(last)
         if v.has_mc_values:
             yield from self._mc_cost()
 
@@ -68,14 +68,17 @@ class RunCollector:
                                   value=mc.failed_reward)
 
     @staticmethod
-    def _reward_parts(last: dict) -> Metric:
-        """Each reward of a sum (reward.train as a list), as the last step's `reward_mean/NAME` gives it."""
-        parts = GaugeMetricFamily(PREFIX + "reward_part_mean", "Mean of one reward of the sum, before its weight, "
-                                  "over the last training batch.", labels=["reward"])
-        for key, value in last.items():
-            if key.startswith(PART_PREFIX) and value is not None:
-                parts.add_metric([key.removeprefix(PART_PREFIX)], value)
-        return parts
+    def _reward_parts(last: dict) -> Iterator[Metric]:
+        """Each reward of a sum (reward.train as a list), as the last step's `reward_mean/NAME` gives it, and each
+        value its functions logged (TRL's log_metric), as `reward_log/NAME` does."""
+        for prefix, name, what, label in (
+                (PART_PREFIX, "reward_part_mean", "Mean of one reward of the sum, before its weight", "reward"),
+                (LOGGED_PREFIX, "reward_logged", "Mean of a value the train reward's functions logged", "name")):
+            family = GaugeMetricFamily(PREFIX + name, f"{what}, over the last training batch.", labels=[label])
+            for key, value in last.items():
+                if key.startswith(prefix) and value is not None:
+                    family.add_metric([key.removeprefix(prefix)], value)
+            yield family
 
     def _per_label(self, q: dict) -> Iterator[Metric]:
         hist = CounterMetricFamily(PREFIX + "trained_groups_by_staleness", "Groups trained, by staleness.",

@@ -46,7 +46,8 @@ from learners.advantages.monte_carlo import MCRequest
 from learners.group import LearnerGroup, start_learner
 from learners.losses import LOSSES
 from reward_models.scoring_marks import ScoringMarks
-from reward_models.service import RewardService
+from reward_models.service import RewardService, TrainReward
+from reward_models.trl_context import ScoringRun
 
 # The generators' temporary files (actors/generator.py temp_files_in), in the run's own directory under
 # weight_sync.shm_root: removed with it at the end, by the reaper, or by the run's next process.
@@ -194,11 +195,11 @@ class ComponentBuilder:
         """On GPUs each in its own placement bundle (placement.py); Ray restarts one whose process dies."""
         cfg, plan = self.cfg, self.parts.require_plan()
         gen_cls = ray.remote(GeneratorActor)
-        scorer = cfg.reward.train_scorer if cfg.reward.in_generator else None
+        reward = TrainReward(cfg.reward.train_scorer, cfg.reward.timeout_s, self.scoring_run())
         return [GeneratorSlot(gen_cls.options(**options).remote(
                     i, self.parts.policy_dir, cfg.generation, cfg.seed, plan.generator_cores[i], cfg.generator_dtype,
-                    cfg.weight_sync.transport, scorer, cfg.reward.timeout_s, self.loan and self.loan.board,
-                    self.parts.scratch_dir), i)
+                    cfg.weight_sync.transport, reward if cfg.reward.in_generator else None,
+                    self.loan and self.loan.board, self.parts.scratch_dir), i)
                 for i, options in enumerate(generator_options(cfg))]
 
     def _start_reward(self) -> Any:  # a RewardService actor handle
@@ -208,7 +209,14 @@ class ComponentBuilder:
         remote = reward.remote.model_dump() if reward.remote else None
         learned = reward.learned.model_dump(mode="json") if reward.learned else None
         return ray.remote(RewardService).options(num_cpus=0, max_restarts=reward.max_restarts).remote(
-            scorers, reward.timeout_s, remote, learned, ScoringMarks(self.parts.scratch_dir, "reward"))
+            scorers, reward.timeout_s, remote, learned, ScoringMarks(self.parts.scratch_dir, "reward"),
+            self.scoring_run())
+
+    def scoring_run(self) -> ScoringRun:
+        """What TRL's `trainer_state` tells the run's reward functions: its length and a dataset's epoch size."""
+        train = getattr(self.parts.require_task(), "train", None)  # a dataset's rows; an embedded task streams
+        return ScoringRun(self.cfg.learner.steps, self.cfg.generation.prompts_per_step,
+                          len(train) if isinstance(train, list) else 0)
 
     def start_learner(self) -> None:
         """One Learner actor, or learner.num_ranks of them behind one handle (learners/group.py)."""

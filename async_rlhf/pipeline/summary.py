@@ -4,10 +4,13 @@ Both read the run through its read-only `RunView`; they are kept here so that th
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from async_rlhf.pipeline.view import RunView
 from async_rlhf.rollout import RolloutGroup, scored_reward
 
 PART_PREFIX = "reward_mean/"  # a step record's key of one reward of a sum, before its name
+LOGGED_PREFIX = "reward_log/"  # a step record's key of a value a reward function logged (TRL's log_metric)
 
 
 def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics: dict) -> dict:
@@ -22,6 +25,7 @@ def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics:
         "elapsed_s": round(view.elapsed_s, 3),
         "reward_mean": sum(scored) / len(scored) if scored else None,
         **reward_part_means(batch),
+        **reward_logged_means(batch),
         "staleness_mean": sum(stale) / len(stale),
         "staleness_max": max(stale),
         "queue_depth": view.queue_depth,
@@ -37,11 +41,22 @@ def step_record(view: RunView, batch: list[RolloutGroup], version: int, metrics:
 def reward_part_means(batch: list[RolloutGroup]) -> dict[str, float]:
     """`reward_mean/NAME` for each reward of a sum (reward.train as a list): its own value, before its weight,
     averaged over the completions it scored (TRL logs `rewards/NAME/mean`). Nothing for a single reward."""
-    values: dict[str, list[float]] = {}
-    for completion in (done for group in batch for done in group.scored):
-        for name, value in (completion.reward_parts or {}).items():
-            values.setdefault(name, []).append(value)
-    return {f"{PART_PREFIX}{name}": sum(v) / len(v) for name, v in values.items()}
+    completions = [done for group in batch for done in group.scored]
+    return named_means(((n, v) for c in completions for n, v in (c.reward_parts or {}).items()), PART_PREFIX)
+
+
+def reward_logged_means(batch: list[RolloutGroup]) -> dict[str, float]:
+    """`reward_log/NAME` for each value the train reward's functions logged with TRL's `log_metric` while scoring
+    the step's groups, averaged over them (TRL averages it over a logging step)."""
+    return named_means(((n, v) for g in batch for n, v in (g.reward_logged or {}).items()), LOGGED_PREFIX)
+
+
+def named_means(values: Iterable[tuple[str, float]], prefix: str) -> dict[str, float]:
+    """Each name's mean, under `prefix` + its name."""
+    by_name: dict[str, list[float]] = {}
+    for name, value in values:
+        by_name.setdefault(name, []).append(value)
+    return {f"{prefix}{name}": sum(v) / len(v) for name, v in by_name.items()}
 
 
 def run_summary(view: RunView, initial: dict, final: dict) -> dict:
