@@ -6,16 +6,31 @@ from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from async_rlhf.checkpoint.store import Checkpoint
+from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
+from async_rlhf.config.task import TaskConfig
 from async_rlhf.pipeline.controller import Controller
-from async_rlhf.pipeline.resume import capture, config_difference, load_snapshot, restore, save_snapshot
+from async_rlhf.pipeline.resume import (
+    capture,
+    check_same_data,
+    config_difference,
+    load_snapshot,
+    restore,
+    save_snapshot,
+)
+from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import Prompt
+from async_rlhf.tasks.builtin import SortTask
+from async_rlhf.tasks.dataset import DatasetTask
 from tests.helpers import make_group
 
 
 def busy_controller(run_dir: Path) -> Controller:
     c = Controller(RunConfig(api={"enabled": False}), run_dir)
+    c.parts.task = SortTask(c.cfg.task, build_tokenizer("sort"), seed=0)
     c.state.steps_taken, c.state.next_prompt = 7, 160
     c.state.nonfinite_total, c.state.nonfinite_run = 2, 1
     c.state.reward_signal_seen = True  # the no-signal notice then says the task may be learned
@@ -68,3 +83,30 @@ def test_config_difference_allows_more_steps_only() -> None:
     assert config_difference(base, RunConfig(reward={"remote": {"url": "http://h:1"}})) == (
         'reward.remote is {"url": "http://h:1", "timeout_s": 10.0, "retries": 4, "backoff_s": 0.5, "deadline_s": 60.0, '
         '"token_env": null} but the run used null')
+
+
+def test_a_resume_over_dataset_files_changed_since_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    """The stream resumes by index: over other rows it would train prompts twice or never, without a word."""
+    rows = tmp_path / "rows.jsonl"
+
+    def task_of(*answers: str) -> DatasetTask:
+        rows.write_text("".join(f'{{"question": "{i}{i}1", "answer": "{a}"}}\n' for i, a in enumerate(answers)))
+        data = {"path": str(rows), "template": "{question}>", "reference_column": "answer", "eval_fraction": 0.3}
+        return DatasetTask(TaskConfig(name="dataset", dataset=data), build_tokenizer("sort"), 0)
+
+    answers = [f"1{i}{i}" for i in range(12)]
+    c = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
+    c.parts.task = task_of(*answers)
+    save_snapshot(capture(c), tmp_path)
+    checkpoint = Checkpoint(tmp_path, 20)
+    check_same_data(checkpoint, task_of(*answers))  # the same files: resumed
+    with pytest.raises(ConfigError) as err:
+        check_same_data(checkpoint, task_of(*answers[:-1], "999"))  # one reference answer corrected
+    assert str(err.value).startswith("config error: --resume: task.dataset's prompts changed since the run's step 20 "
+                                     "(as many prompts (")
+    with pytest.raises(ConfigError) as err:
+        check_same_data(checkpoint, task_of(*answers, "111"))  # a row added
+    assert " train and " in str(err.value) and str(err.value).endswith("put them back, or start a new run")
+    (tmp_path / "sort").mkdir()
+    save_snapshot(capture(busy_controller(tmp_path / "sort")), tmp_path)  # an embedded task: its config says all
+    check_same_data(checkpoint, SortTask(TaskConfig(), build_tokenizer("sort"), seed=0))

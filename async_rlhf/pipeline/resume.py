@@ -43,6 +43,8 @@ from async_rlhf.pipeline.timing import Timing
 from async_rlhf.pipeline.view import RunView
 from async_rlhf.pipeline.vineppo import MCCost
 from async_rlhf.rollout import Prompt, RolloutGroup
+from async_rlhf.tasks.builtin import Task
+from async_rlhf.tasks.dataset import DataPrint
 from async_rlhf.weights.broker import WeightSyncBroker
 
 STATE_FILE = "controller_state.pkl"
@@ -97,6 +99,7 @@ class ControllerSnapshot:
     unrewarded_run: int = 0  # consecutive steps without a usable train reward, towards reward.max_failed_steps
     evals_due: list[int] = field(default_factory=list)  # evaluations pending at the checkpoint: made on restore
     reward_signal_seen: bool = False  # see LoopState
+    data: DataPrint | None = None  # a dataset task's prompts (Task.data_print), which a resume must find unchanged
 
 
 def capture(c: Resumable) -> ControllerSnapshot:
@@ -110,7 +113,7 @@ def capture(c: Resumable) -> ControllerSnapshot:
         metrics_lines=len(c.recorder.steps), eval_lines=len(c.recorder.evals),
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
         mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run, evals_due=c.evals.due(),
-        reward_signal_seen=st.reward_signal_seen,
+        reward_signal_seen=st.reward_signal_seen, data=c.parts.require_task().data_print(),
     )
 
 
@@ -129,6 +132,20 @@ def save_snapshot(snapshot: ControllerSnapshot, directory: Path) -> None:
 def load_snapshot(directory: Path) -> ControllerSnapshot:
     with (directory / STATE_FILE).open("rb") as fh:
         return pickle.load(fh)  # our own file, verified against the manifest's checksum first
+
+
+def check_same_data(ckpt: Checkpoint, task: Task) -> None:
+    """A dataset whose files (or tokenizer) changed since the checkpoint would resume the prompt stream by index
+    over other rows: prompts trained twice or never, without a word. Refused before any worker starts."""
+    then, now = getattr(load_snapshot(ckpt.path), "data", None), task.data_print()  # older checkpoints: no print
+    if then is None or now is None or then == now:
+        return
+    counts = (f"as many prompts ({now.train} train, {now.eval} eval) but other tokens or data"
+              if (then.train, then.eval) == (now.train, now.eval) else
+              f"{now.train} train and {now.eval} eval prompts, not {then.train} and {then.eval}")
+    raise ConfigError(f"{REFUSED}task.dataset's prompts changed since the run's step {ckpt.step} ({counts}): its "
+                      "files or the tokenizer are not what the run trained on; an exact resume needs the same "
+                      "prompts: put them back, or start a new run")
 
 
 def restore(c: Resumable, snap: ControllerSnapshot) -> None:

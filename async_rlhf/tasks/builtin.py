@@ -44,7 +44,7 @@ from async_rlhf.config.task_shapes import (
     TEMPLATES,
 )
 from async_rlhf.rollout import EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
-from async_rlhf.tasks.dataset import DatasetTask
+from async_rlhf.tasks.dataset import DataPrint, DatasetTask
 
 if TYPE_CHECKING:  # transformers is heavy; the task only calls the tokenizer
     from transformers import PreTrainedTokenizerBase
@@ -105,6 +105,11 @@ class Task(Protocol):
         """One line for the run's log: where the prompts come from."""
         ...
 
+    def data_print(self) -> DataPrint | None:
+        """What identifies prompts read from files, which a resume must find unchanged; None where the config
+        alone makes them (a resume checks the config)."""
+        ...
+
 
 def _stream_rng(task: str, seed: int, stream: Stream, index: int) -> random.Random:
     # str seeds are hashed with SHA-512 by `random`, so this is stable across runs and hosts.
@@ -162,6 +167,9 @@ class _PromptStreams:
 
     def describe(self) -> str:
         return f"task {self.cfg.name}: train prompts drawn on the fly, {self.cfg.eval_prompts} eval prompts"
+
+    def data_print(self) -> None:
+        return None  # drawn from the task config and seed
 
 
 class SortTask(_PromptStreams):

@@ -35,9 +35,9 @@ import os
 import random
 from array import array
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, template_fields
@@ -166,6 +166,14 @@ class DataStats:
                    f"{self.unknown_tokens} with unknown tokens", f"{self.truncated} truncated"]
         counts = ", ".join(s for s in skipped if not s.startswith("0 "))
         return f"{self.rows} rows, {self.used} usable" + (f" ({counts})" if counts else "")
+
+
+class DataPrint(NamedTuple):
+    """A dataset task's prompts, as a resume compares them: a digest of every prompt's tokens and reference."""
+
+    digest: str
+    train: int
+    eval: int
 
 
 @dataclass(slots=True)
@@ -422,6 +430,17 @@ class DatasetTask:
         """One line for the run's log: what was read and what was skipped."""
         parts = [f"'{s.source}': {s.describe(self.data.max_prompt_tokens)}" for s in self.stats]
         return f"dataset {'; '.join(parts)}; {len(self.train)} train, {len(self.eval)} eval prompts"
+
+    @cached_property
+    def _print(self) -> DataPrint:
+        digest = hashlib.sha256()
+        for row in (*self.train, *self.eval):  # ids, not text: a tokenizer or chat template change shows too
+            digest.update(row.token_ids.tobytes())
+            digest.update(repr(row.meta).encode())  # the reference and the columns the rewards read
+        return DataPrint(digest.hexdigest()[:16], len(self.train), len(self.eval))
+
+    def data_print(self) -> DataPrint:
+        return self._print
 
     # ---- streams --------------------------------------------------------------------------
     def order(self, epoch: int) -> list[int]:
