@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from collections import Counter, deque
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from async_rlhf.config.task import TaskConfig
 from async_rlhf.pipeline.controller import Controller
 from async_rlhf.pipeline.resume import (
     capture,
-    check_same_data,
+    check_same_inputs,
     config_difference,
     load_snapshot,
     restore,
@@ -99,14 +100,33 @@ def test_a_resume_over_dataset_files_changed_since_the_checkpoint_is_refused(tmp
     c.parts.task = task_of(*answers)
     save_snapshot(capture(c), tmp_path)
     checkpoint = Checkpoint(tmp_path, 20)
-    check_same_data(checkpoint, task_of(*answers))  # the same files: resumed
+    check_same_inputs(checkpoint, c.cfg, task_of(*answers))  # the same files: resumed
     with pytest.raises(ConfigError) as err:
-        check_same_data(checkpoint, task_of(*answers[:-1], "999"))  # one reference answer corrected
+        check_same_inputs(checkpoint, c.cfg, task_of(*answers[:-1], "999"))  # one reference answer corrected
     assert str(err.value).startswith("config error: --resume: task.dataset's prompts changed since the run's step 20 "
                                      "(as many prompts (")
     with pytest.raises(ConfigError) as err:
-        check_same_data(checkpoint, task_of(*answers, "111"))  # a row added
+        check_same_inputs(checkpoint, c.cfg, task_of(*answers, "111"))  # a row added
     assert " train and " in str(err.value) and str(err.value).endswith("put them back, or start a new run")
     (tmp_path / "sort").mkdir()
     save_snapshot(capture(busy_controller(tmp_path / "sort")), tmp_path)  # an embedded task: its config says all
-    check_same_data(checkpoint, SortTask(TaskConfig(), build_tokenizer("sort"), seed=0))
+    check_same_inputs(checkpoint, c.cfg, SortTask(TaskConfig(), build_tokenizer("sort"), seed=0))
+
+
+def test_a_resume_whose_model_directory_was_overwritten_is_refused(tmp_path: Path, random_policies) -> None:
+    """The reference model is loaded from model.path again on resume: an SFT model trained again into the same
+    directory would change the KL for the rest of the run without a word."""
+    model = tmp_path / "sft"
+    shutil.copytree(random_policies[0], model)
+    c = Controller(RunConfig(api={"enabled": False}, model={"source": "local", "path": str(model)}), tmp_path / "run")
+    c.parts.task = SortTask(c.cfg.task, build_tokenizer("sort"), seed=0)
+    save_snapshot(capture(c), tmp_path)
+    checkpoint = Checkpoint(tmp_path, 30)
+    (model / "README.md").write_text("notes")  # not a model file
+    check_same_inputs(checkpoint, c.cfg, c.parts.task)
+    shutil.copy(random_policies[1] / "model.safetensors", model / "model.safetensors")  # the same size, new weights
+    with pytest.raises(ConfigError) as err:
+        check_same_inputs(checkpoint, c.cfg, c.parts.task)
+    assert str(err.value) == (f"config error: --resume: the contents of model.path ('{model}') changed since the "
+                              "run's step 30 (a resume loads its reference model, or reward model, from there again); "
+                              "an exact resume needs the same model: put it back, or start a new run")

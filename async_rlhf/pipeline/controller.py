@@ -45,7 +45,7 @@ from async_rlhf.pipeline.learner_steps import LearnerSteps
 from async_rlhf.pipeline.queue import GateInputs, RolloutQueue
 from async_rlhf.pipeline.resume import (
     ControllerSnapshot,
-    check_same_data,
+    check_same_inputs,
     fail_pending_checkpoints,
     mark_weights_location,
     restore,
@@ -153,7 +153,7 @@ class Controller:
             self.parts.task = load_task(self.cfg, policy_dir, reward_columns(self.cfg))  # checked: no worker yet
             print(f"[async-rlhf] {self.parts.task.describe()}", flush=True)
             if self.resume_from is not None:
-                check_same_data(self.resume_from, self.parts.task)
+                check_same_inputs(self.resume_from, self.cfg, self.parts.task)
             check_rewards(self.cfg, self.parts.task, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self.startup.lap("policy")

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from async_rlhf.checkpoint.input_prints import changed_inputs, input_prints, model_dirs
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
@@ -100,6 +101,7 @@ class ControllerSnapshot:
     evals_due: list[int] = field(default_factory=list)  # evaluations pending at the checkpoint: made on restore
     reward_signal_seen: bool = False  # see LoopState
     data: DataPrint | None = None  # a dataset task's prompts (Task.data_print), which a resume must find unchanged
+    inputs: dict[str, str] = field(default_factory=dict)  # prints of the model directories given (input_prints.py)
 
 
 def capture(c: Resumable) -> ControllerSnapshot:
@@ -114,6 +116,7 @@ def capture(c: Resumable) -> ControllerSnapshot:
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
         mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run, evals_due=c.evals.due(),
         reward_signal_seen=st.reward_signal_seen, data=c.parts.require_task().data_print(),
+        inputs=input_prints(c.cfg),
     )
 
 
@@ -134,16 +137,27 @@ def load_snapshot(directory: Path) -> ControllerSnapshot:
         return pickle.load(fh)  # our own file, verified against the manifest's checksum first
 
 
-def check_same_data(ckpt: Checkpoint, task: Task) -> None:
+def check_same_inputs(ckpt: Checkpoint, cfg: RunConfig, task: Task) -> None:
+    """What the config points to must be what the run trained with; refused before any worker starts."""
+    snap = load_snapshot(ckpt.path)
+    if changed := changed_inputs(getattr(snap, "inputs", {}), input_prints(cfg)):  # older checkpoints: none
+        named = ", ".join(f"{key} ('{model_dirs(cfg)[key]}')" for key in changed)
+        raise ConfigError(f"{REFUSED}the contents of {named} changed since the run's step {ckpt.step} "
+                          "(a resume loads its reference model, or reward model, from there again); an exact resume "
+                          "needs the same model: put it back, or start a new run")
+    check_same_data(ckpt.step, getattr(snap, "data", None), task)
+
+
+def check_same_data(step: int, then: DataPrint | None, task: Task) -> None:
     """A dataset whose files (or tokenizer) changed since the checkpoint would resume the prompt stream by index
-    over other rows: prompts trained twice or never, without a word. Refused before any worker starts."""
-    then, now = getattr(load_snapshot(ckpt.path), "data", None), task.data_print()  # older checkpoints: no print
+    over other rows: prompts trained twice or never, without a word."""
+    now = task.data_print()
     if then is None or now is None or then == now:
         return
     counts = (f"as many prompts ({now.train} train, {now.eval} eval) but other tokens or data"
               if (then.train, then.eval) == (now.train, now.eval) else
               f"{now.train} train and {now.eval} eval prompts, not {then.train} and {then.eval}")
-    raise ConfigError(f"{REFUSED}task.dataset's prompts changed since the run's step {ckpt.step} ({counts}): its "
+    raise ConfigError(f"{REFUSED}task.dataset's prompts changed since the run's step {step} ({counts}): its "
                       "files or the tokenizer are not what the run trained on; an exact resume needs the same "
                       "prompts: put them back, or start a new run")
 
