@@ -66,9 +66,15 @@ def test_async_quickstart_improves_gold_within_the_staleness_bound(tmp_path: Pat
     # The initial evaluation runs beside the first batches, of version 0: sampled before them on generator 0;
     # its KL, from the generator's log-probs against the reference (policy == reference), is 0 up to the
     # engines' float differences.
-    initial = read_jsonl(run / "eval.jsonl")[0]
+    initial, *_, final = read_jsonl(run / "eval.jsonl")
     assert initial["version"] == 0 and initial["kl"] == pytest.approx(0.0, abs=1e-4)
     assert initial["gold_reward"] == summary["initial_gold_reward"]
+    # What the policy writes, beside the means: the same first eval prompts at every evaluation, each completion
+    # with its gold reward (sort_exact: 1 exactly where the completion is the prompt's digits sorted).
+    for record in (initial, final):
+        kept = record["samples"]
+        assert [s["prompt_id"] for s in kept] == [0, 1, 2]
+        assert all(s["gold"] == float(s["completion"] == "".join(sorted(s["prompt"].strip(">")))) for s in kept), kept
     cfg = load_config(QUICKSTART)
     # Online DPO moves its own objective: the train reward of the last steps beats that of the first ones
     # (tests/test_loss_runs.py's check for the other losses; +0.1 to +0.2 here).

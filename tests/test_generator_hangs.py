@@ -44,6 +44,7 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
     actor = ray_local.remote(num_cpus=0, max_restarts=1)(Stuck).remote()
     before = ray_local.get(actor.pid.remote())
     slot = busy_slot(actor, silent_s=12.0, call=actor.generate.remote())
+    checked_at = live_clock.now()
     GeneratorHangs(pool_of([slot], longest_call_s=0.2), timeout_s=10.0, restart_limit_s=60.0).check()
     said = capsys.readouterr().err
     assert said.startswith("[async-rlhf] generator 0 has answered nothing for 12s with 1 call(s) in flight "
@@ -56,7 +57,7 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
             after = ray_local.get(actor.pid.remote(), timeout=5)
         except Exception:
             time.sleep(0.2)
-    assert live_clock.now() - slot.answered_at < 5  # said once: the clock starts again
+    assert slot.answered_at >= checked_at  # said once: the clock starts again at the kill (however slow the restart)
 
 
 @pytest.mark.parametrize("case", ["hung", "hung in an evaluation's chunk", "idle", "recovering", "within the timeout",

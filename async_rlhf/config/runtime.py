@@ -136,6 +136,10 @@ class EvalConfig(Strict):
     win_rate_judge: Literal["gold", "train"] = Field(
         "gold", description="reward that judges completion vs reference (prompts with a reference only)"
     )
+    samples: int = Field(
+        3, ge=0, description="completions of the first S eval prompts kept in each eval.jsonl record (`samples`: "
+                             "prompt, completion and its gold and proxy reward); 0 = none"
+    )
 
 
 class LoggingConfig(Strict):

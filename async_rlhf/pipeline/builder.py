@@ -116,7 +116,7 @@ class ComponentBuilder:
         self.with_learner(lambda: self._first_weights(pool, first_version), died)
         parts.evaluator = Evaluator(parts.require_task().eval_prompts(), parts.reward, cfg.generation.eval_temperature,
                                     cfg.eval.win_rate_judge, self.run_dir / "eval_initial.json",
-                                    start_is_reference=cfg.model.reference_path is None)
+                                    start_is_reference=cfg.model.reference_path is None, samples=cfg.eval.samples)
 
     def _first_calls(self, pool: GeneratorPool) -> dict[str, list[FirstCall]]:
         """Each role's first call, awaited together by await_actors."""

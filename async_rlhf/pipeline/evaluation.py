@@ -30,7 +30,7 @@ import ray
 
 from actors.generator import GenerationResult
 from async_rlhf.pipeline.timing import process_started_at
-from async_rlhf.rollout import Completion, Prompt, RolloutGroup, scored_reward
+from async_rlhf.rollout import EVAL_ID_OFFSET, Completion, Prompt, RolloutGroup, scored_reward
 from async_rlhf.weights.broker import WeightRef
 
 
@@ -91,11 +91,21 @@ def gold_by_prompt(groups: list[RolloutGroup]) -> dict[int, float]:
     return {g.prompt.prompt_id: scored_reward(g.scored[0]) for g in groups if g.scored}
 
 
+def kept_samples(gold: list[RolloutGroup], proxy: list[RolloutGroup], count: int) -> list[dict]:
+    """The completions of the first `count` eval prompts (the same ones at every evaluation), each with its gold
+    and proxy reward (null where it failed): what the policy writes, beside the means."""
+    pairs = sorted(zip(gold, proxy), key=lambda pair: pair[0].prompt.prompt_id)[:count]
+    return [{"prompt_id": g.prompt.prompt_id - EVAL_ID_OFFSET, "prompt": g.prompt.text, "completion": done.text,
+             "gold": done.reward, "proxy": scored.reward}
+            for g, p in pairs for done, scored in zip(g.completions, p.completions)]
+
+
 class Evaluator:
     def __init__(self, prompts: list[Prompt], reward: Any, temperature: float,
                  judge: Literal["gold", "train"] = "gold", initial_path: Path | None = None,
-                 start_is_reference: bool = True) -> None:
+                 start_is_reference: bool = True, samples: int = 0) -> None:
         self.prompts = prompts
+        self.samples = samples  # completions kept in each record (eval.samples)
         self.reward = reward  # RewardService actor handle
         self.temperature = temperature
         self.judge = judge  # the role that compares samples with references
@@ -157,6 +167,7 @@ class Evaluator:
             "temperature": self.temperature,
             **clock_fields(started, ended or time.time(), self.process_start),
             "eval_gen_s": round(result.sync_s + result.gen_s, 3),  # its own time on the generator
+            "samples": kept_samples(gold, proxy, self.samples),
         }
 
     def _keep_initial(self, scores: dict[int, float]) -> None:
