@@ -16,17 +16,17 @@ import sys
 import tempfile
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from actors.generation_result import GenerationResult
 from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
 from async_rlhf.weights.broker import VersionError, WeightRef
 from async_rlhf.weights.nccl import check_generator_version
-from async_rlhf.weights.shm_ring import parse_slot_location
+from async_rlhf.weights.slot_location import parse_slot_location
 from learners.advantages.monte_carlo import (
     MCBatch,
     MCRequest,
@@ -41,19 +41,6 @@ from reward_models.service import RewardService, TrainReward
 
 if TYPE_CHECKING:  # vllm is imported after the engine environment is set (GeneratorActor.__init__)
     from vllm.inputs import TokensPrompt
-
-
-@dataclass
-class GenerationResult:
-    groups: list[RolloutGroup]
-    generator_id: int
-    policy_version: int
-    gen_s: float  # time inside vLLM
-    sync_s: float  # time loading new weights before generating
-    started_at: float
-    tokens: int
-    mc: MCBatch | None = None  # VinePPO's rollouts, when the call was given an MCRequest
-    reward_s: float | None = None  # set when the train reward was scored in this call (reward.in_generator)
 
 
 def _cpu_list(cores: list[int]) -> str:

@@ -22,7 +22,8 @@ from async_rlhf.outputs.captured_output import output_to
 from async_rlhf.rollout import scored_reward
 from async_rlhf.tasks.builtin import load_task
 from async_rlhf.weights.broker import WeightRef
-from async_rlhf.weights.shm_ring import ShmSlotRing, slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing
+from async_rlhf.weights.slot_location import slot_location
 from reward_models.service import RewardService
 
 

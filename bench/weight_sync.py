@@ -51,7 +51,7 @@ def perturbed_state(model_dir: Path, version: int) -> dict:
 def sync_once(broker, ring, actor, state: dict, version: int, probe) -> dict[str, float]:
     import ray
 
-    from async_rlhf.weights.shm_ring import parse_slot_location
+    from async_rlhf.weights.slot_location import parse_slot_location
 
     start = time.perf_counter()
     location = parse_slot_location(broker.staging_location(version))

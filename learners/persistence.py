@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from async_rlhf.config.run import RunConfig
 from async_rlhf.weights.nccl import NcclLayout, check_pushable, nccl_version
-from async_rlhf.weights.shm_ring import ShmSlotRing, parse_slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing
+from async_rlhf.weights.slot_location import parse_slot_location
 from learners.distributed import RankInfo, full_parameters
 from learners.value_model import ValueTrainer
 

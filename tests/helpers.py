@@ -97,7 +97,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def shm_slot(location: str) -> tuple[Path, int]:
     """(root, slot) of a location that must be an shm slot (the tests' brokers use SharedMemoryTransport)."""
-    from async_rlhf.weights.shm_ring import parse_slot_location
+    from async_rlhf.weights.slot_location import parse_slot_location
 
     parsed = parse_slot_location(location)
     assert parsed is not None, f"not an shm slot location: {location}"

@@ -14,6 +14,7 @@ import pytest
 from async_rlhf.config.run import RunConfig
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.controller import Controller, first_ready
+from tests.standins import Sequential
 
 
 @pytest.mark.parametrize("post", [RunControl.stop, RunControl.pause])
@@ -29,11 +30,6 @@ def test_nothing_in_flight_without_a_command_is_a_stall(tmp_path: Path) -> None:
     controller = Controller(RunConfig(api={"enabled": False}), tmp_path / "run")
     with pytest.raises(RuntimeError, match="nothing in flight"):
         controller._wait_and_handle()
-
-
-class Sequential:  # a generator's calls run one after another, in the order they were sent
-    def call(self, i: int) -> int:
-        return i
 
 
 def test_of_several_done_results_the_earliest_sent_is_handled_first(ray_local) -> None:

@@ -3,16 +3,13 @@ evaluations are sent without waiting and advanced by the loop's events, logged i
 finished, kept due or dropped where a checkpoint or a failover needs it; their leases always come back."""
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from actors.generator import GenerationResult
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.outputs.recorder import RunRecorder
@@ -26,70 +23,18 @@ from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
-from async_rlhf.weights.broker import SharedMemoryTransport, WeightRef, WeightSyncBroker
+from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker
 from tests.helpers import read_jsonl
-
-SAMPLE_S = 0.5  # the stand-in generator's time per evaluation sample
-
-
-class SlowGenerator:
-    def generate(self, prompts: list[Prompt], weights: WeightRef | None, n: int = 1,
-                 temperature: float | None = None) -> GenerationResult:
-        started = time.time()
-        time.sleep(SAMPLE_S)
-        version = weights.version if weights is not None else 0
-        groups = [RolloutGroup(p, [Completion([5], "5", [-0.5], "stop")], version, 0, time.time()) for p in prompts]
-        return GenerationResult(groups, 0, version, SAMPLE_S, 0.0, started, len(prompts))
-
-    def info(self) -> dict:
-        return {"pid": os.getpid()}
-
-
-class Scorer:
-    def __init__(self, marker: str = "") -> None:
-        self.marker = marker
-
-    def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
-        done = [dataclasses.replace(c, reward=1.0, reward_status="ok") for g in groups for c in g.completions]
-        return [dataclasses.replace(g, completions=[c]) for g, c in zip(groups, done)]
-
-    def health(self) -> dict:
-        return {"pid": os.getpid()}
-
-
-class DiesInItsFirstScore(Scorer):
-    """A reward actor that dies in its first scoring call (once per test: `marker`); Ray starts it again."""
-
-    def score(self, groups: list[RolloutGroup], role: str = "train") -> list[RolloutGroup]:
-        if not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os._exit(1)
-        return super().score(groups, role)
-
-
-class StoppedGenerator(SlowGenerator):
-    """Generator 0 stopped (SIGSTOP) once its sample is in: a probe of it never answers."""
-
-    def info(self) -> dict:
-        time.sleep(3600)
-        return {}
-
-
-class KLLearner:
-    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
-        return 0.25
-
-
-class SlowKLLearner(KLLearner):
-    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
-        time.sleep(SAMPLE_S)
-        return 0.25
-
-
-class HungKLLearner(KLLearner):
-    def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
-        time.sleep(3600)  # a stopped learner, as far as the driver can tell
-        return 0.25
+from tests.standins import (
+    SAMPLE_S,
+    DiesInItsFirstScore,
+    HungKLLearner,
+    KLLearner,
+    Scorer,
+    SlowGenerator,
+    SlowKLLearner,
+    StoppedGenerator,
+)
 
 
 @pytest.fixture

@@ -18,11 +18,7 @@ from async_rlhf.pipeline.queue import QueueCounters
 from async_rlhf.pipeline.resume import ControllerSnapshot
 from async_rlhf.pipeline.timing import Timing
 from learners.group import LearnerGroup
-
-
-class Pingable:
-    def ping(self) -> int:
-        return 1
+from tests.standins import FailsToStart, Pingable, SlowLearner
 
 
 def controller(tmp_path: Path, restarts: int = 0, limit: int = 2) -> SimpleNamespace:
@@ -164,17 +160,6 @@ def test_a_hung_learner_of_two_ranks_is_killed_rank_by_rank(ray_local, tmp_path:
     assert all_dead_within(ranks, 60)
 
 
-class SlowLearner:
-    """`save_pretrained` answers after `delay_s`: a learner stopped mid-call, as far as the driver can tell."""
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-
-    def save_pretrained(self, path: str) -> str:
-        time.sleep(self.delay_s)
-        return path
-
-
 def test_a_call_the_learner_does_not_answer_within_the_stall_timeout_raises_learner_hung(ray_local) -> None:
     slow = ray_local.remote(SlowLearner).options(num_cpus=0).remote(30.0)
     started = time.monotonic()
@@ -202,11 +187,6 @@ def test_a_learner_that_answered_nothing_is_killed_and_replaced_only_where_it_ca
         failover.fail_over(hung)
     assert replaced or caught.value is hung  # the CLI gives it as the run's one line, with --resume where it can
     assert all_dead_within([actor], 60 if replaced else 0) is replaced
-
-
-class FailsToStart:
-    def __init__(self) -> None:
-        raise ValueError("header too large in model.safetensors")
 
 
 def error_of(ray_module: Any, ref: Any) -> BaseException:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.generator import GenerationResult, GeneratorActor, cpu_kv_cache_bytes, cpu_kv_cache_named
+from actors.generation_result import GenerationResult
+from actors.generator import GeneratorActor, cpu_kv_cache_bytes, cpu_kv_cache_named
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Prompt, RolloutGroup
 from async_rlhf.weights.broker import SharedMemoryTransport, WeightSyncBroker

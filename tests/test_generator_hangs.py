@@ -4,7 +4,6 @@ A stand-in actor holds the generator's place (a real one starts vLLM, which take
 here); the kill and Ray's restart of it are real. tests/test_faults.py hangs a real generator in a real run."""
 from __future__ import annotations
 
-import os
 import time
 from types import SimpleNamespace
 from typing import Any, cast
@@ -17,14 +16,7 @@ from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
-
-
-class Stuck:
-    def pid(self) -> int:
-        return os.getpid()
-
-    def generate(self) -> None:
-        time.sleep(3600)  # a call that never answers
+from tests.standins import Stuck
 
 
 def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0) -> GeneratorPool:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import ray
 
-from actors.generator import GenerationResult
+from actors.generation_result import GenerationResult
 from async_rlhf.config.run import RunConfig
 from async_rlhf.outputs.timeline import Timeline
 from async_rlhf.pipeline import generator_hangs, generators, waits

@@ -6,14 +6,13 @@ milliseconds, so it cannot be made to hang but by a signal); the kill and Ray's 
 tests/test_faults.py stops the real reward actor of a real run."""
 from __future__ import annotations
 
-import os
 import time
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
-from actors.generator import GenerationResult
+from actors.generation_result import GenerationResult
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline import live_clock
@@ -21,15 +20,7 @@ from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import LoopState, RunStats
 from async_rlhf.rollout import Prompt, RolloutGroup
-
-
-class StuckReward:
-    def health(self) -> dict:
-        return {"pid": os.getpid()}
-
-    def score(self, groups: list) -> list:
-        time.sleep(3600)  # a scorer that never returns
-        return groups
+from tests.standins import StuckReward
 
 
 def book_of(actor: Any, stall_timeout_s: float = 20.0, reward: dict | None = None) -> RewardBook:

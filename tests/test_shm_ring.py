@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from async_rlhf.failures import RunError
-from async_rlhf.weights.shm_ring import ShmSlotRing, SlotLayout, parse_slot_location, slot_location
+from async_rlhf.weights.shm_ring import ShmSlotRing, SlotLayout
+from async_rlhf.weights.slot_location import parse_slot_location, slot_location
 
 
 def test_layout_aligns_every_tensor_to_a_cache_line() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from actors.generator import GenerationResult
+from actors.generation_result import GenerationResult
 from async_rlhf.outputs.timeline import Timeline, busy_seconds, read_timeline, record_generation, record_learner_step
 from async_rlhf.pipeline.learner_steps import LearnerSteps
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 
 import ray
 
-from actors.generator import GenerationResult
+from actors.generation_result import GenerationResult
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.learner_calls import learner_hung

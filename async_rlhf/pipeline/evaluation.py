@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import ray
 
-from actors.generator import GenerationResult
+from actors.generation_result import GenerationResult
 from async_rlhf.pipeline.timing import process_started_at
 from async_rlhf.rollout import EVAL_ID_OFFSET, Completion, Prompt, RolloutGroup, scored_reward
 from async_rlhf.weights.broker import WeightRef

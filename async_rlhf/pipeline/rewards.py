@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from actors.generator import GenerationResult
+from actors.generation_result import GenerationResult
 from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.redaction import redact_url

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from async_rlhf.weights.shm_ring import slot_location
+from async_rlhf.weights.slot_location import slot_location
 
 
 @dataclass(frozen=True)

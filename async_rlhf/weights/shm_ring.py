@@ -15,7 +15,6 @@ import errno
 import json
 import mmap
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,6 @@ from async_rlhf.failures import RunError
 
 ALIGN = 64  # bytes: every tensor starts on a cache line
 LAYOUT_FILE = "layout.json"
-SCHEME = "shm-slot://"
 
 
 @dataclass(frozen=True)
@@ -73,21 +71,6 @@ class SlotLayout:
 
 def _aligned(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
-
-
-def slot_location(root: Path | str, slot: int) -> str:
-    """A broker location naming slot `slot` of the ring at `root`."""
-    return f"{SCHEME}{root}#{slot}"
-
-
-def parse_slot_location(location: str) -> tuple[Path, int] | None:
-    """(root, slot) of a `slot_location`, or None for any other kind of location."""
-    if not location.startswith(SCHEME):
-        return None
-    match = re.fullmatch(r"(.+)#(\d+)", location[len(SCHEME):])
-    if match is None:
-        raise ValueError(f"malformed shm slot location '{location}'; expected {SCHEME}<root>#<slot>")
-    return Path(match.group(1)), int(match.group(2))
 
 
 class ShmSlotRing:
