@@ -423,6 +423,11 @@ def test_check_config_reads_the_prompts_too(tokenizer_dir: Path, capsys: pytest.
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"# dataset '{TRAIN_JSONL}': 240 rows, 236 usable (")
     assert main([*args, "task.dataset.prompt_column=text", "task.dataset.template=null"]) == 2
+    capsys.readouterr()
+    # A reward function that takes a column the file lacks: refused here as train refuses it, before any worker.
+    assert main([*args, "reward.train=tests.test_reward_service:trl_level_only", "reward.train_weights=[1]"]) == 2
+    assert "'tests.test_reward_service:trl_level_only' takes level, which the prompts do not carry" in (
+        capsys.readouterr().err)
 
 
 def test_export_model_into_a_directory_that_is_not_empty(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -293,9 +293,9 @@ def test_a_column_the_prompts_do_not_carry_is_named_in_the_batch() -> None:
 def dataset_for_reward(rows: Path, train: str) -> tuple[Any, Any]:
     """The run's config with `train` as its reward, and the task its start builds (load_task's columns)."""
     from async_rlhf.config.run import load_config
-    from async_rlhf.pipeline.startup import reward_columns
     from async_rlhf.policies.embedded import build_tokenizer
     from async_rlhf.tasks.dataset import DatasetTask
+    from reward_models.columns import reward_columns
     from tests.helpers import QUICKSTART
 
     cfg = load_config(QUICKSTART, [f"reward.train={train}"])
@@ -308,7 +308,7 @@ def test_the_prompts_carry_the_columns_trl_functions_take_and_one_the_dataset_la
     (every one but the prompt's for **kwargs), without task.dataset.meta_columns; one the file lacks is refused
     before any worker starts."""
     from async_rlhf.config.base import ConfigError
-    from async_rlhf.pipeline.startup import check_reward_columns
+    from reward_models.columns import check_reward_columns
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"question": "tom has 3 pens", "level": 2, "source": "a"}\n'

@@ -272,8 +272,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     # The prompts can be checked with the policy's tokenizer, as train does.
     if cfg.model.source == "local" and cfg.model.path is not None and not args.portable:
         from async_rlhf.tasks.builtin import load_task
+        from reward_models.columns import check_reward_columns, reward_columns
 
-        print(f"# {load_task(cfg, cfg.model.path).describe()}")
+        task = load_task(cfg, cfg.model.path, reward_columns(cfg))
+        print(f"# {task.describe()}")
+        check_reward_columns(cfg, task)  # as train does, before any worker starts
     return 0
 
 

@@ -40,8 +40,8 @@ def sample_pairs(cfg: RunConfig, out: Path, prompts: int, samples: int = 2, min_
     if samples < 2:
         raise ConfigError(f"config error: sample-pairs: --samples must be >= 2 to make a pair (got {samples})")
     from actors.generator import GeneratorActor
-    from async_rlhf.pipeline.startup import reward_columns
     from async_rlhf.tasks.builtin import load_task
+    from reward_models.columns import reward_columns
     from reward_models.service import RewardService
 
     task = load_task(cfg, cfg.model.path, reward_columns(cfg))

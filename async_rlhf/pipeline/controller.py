@@ -55,7 +55,7 @@ from async_rlhf.pipeline.resume import (
 )
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.signals import StopSignals
-from async_rlhf.pipeline.startup import StartupClock, check_rewards, reward_columns
+from async_rlhf.pipeline.startup import StartupClock, check_rewards
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
 from async_rlhf.pipeline.summary import run_summary
 from async_rlhf.pipeline.timing import Timing
@@ -63,6 +63,7 @@ from async_rlhf.pipeline.view import RunView
 from async_rlhf.pipeline.watchdogs import Watchdogs
 from async_rlhf.policies.embedded import ensure_policy
 from async_rlhf.tasks.builtin import load_task
+from reward_models.columns import reward_columns
 
 __all__ = ["Controller", "RunError", "Service", "ServiceStarter"]
 
