@@ -14,6 +14,7 @@ A RunState is built without transformers (importing its TrainerState costs a sco
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -54,6 +55,7 @@ class ScoringCall:
                               num_train_epochs=math.ceil(run.max_steps * run.prompts_per_step / run.epoch_prompts)
                               if run.epoch_prompts else 0, train_batch_size=run.prompts_per_step or None)
         self.logged: dict[str, list[float]] = {}
+        self.lock = threading.Lock()  # a function past the batch's deadline may log while the caller reads
 
     def log_metric(self, name: str, value: float) -> None:
         """TRL's `log_metric`: a scalar for this batch; one that is not a finite number is not kept."""
@@ -62,7 +64,8 @@ class ScoringCall:
         except (TypeError, ValueError):
             return
         if math.isfinite(number):
-            self.logged.setdefault(str(name), []).append(number)
+            with self.lock:
+                self.logged.setdefault(str(name), []).append(number)
 
     def log_extra(self, column: str, values: list[Any]) -> None:
         """TRL's `log_extra`: taken, not kept (a run writes no completions table)."""
@@ -72,4 +75,5 @@ class ScoringCall:
 
     def means(self) -> dict[str, float]:
         """Each logged metric's mean over this batch's calls."""
-        return {name: sum(values) / len(values) for name, values in self.logged.items()}
+        with self.lock:
+            return {name: sum(values) / len(values) for name, values in self.logged.items()}

@@ -158,8 +158,8 @@ def check_same_data(step: int, then: DataPrint | None, task: Task) -> None:
               if (then.train, then.eval) == (now.train, now.eval) else
               f"{now.train} train and {now.eval} eval prompts, not {then.train} and {then.eval}")
     raise ConfigError(f"{REFUSED}task.dataset's prompts changed since the run's step {step} ({counts}): its "
-                      "files or the tokenizer are not what the run trained on; an exact resume needs the same "
-                      "prompts: put them back, or start a new run")
+                      "files, the tokenizer or the columns the reward functions take are not what the run trained "
+                      "on; an exact resume needs the same prompts: put them back, or start a new run")
 
 
 def restore(c: Resumable, snap: ControllerSnapshot) -> None:

@@ -169,7 +169,8 @@ class DataStats:
 
 
 class DataPrint(NamedTuple):
-    """A dataset task's prompts, as a resume compares them: a digest of every prompt's tokens and reference."""
+    """A dataset task's prompts, as a resume compares them: a digest of every prompt's tokens and meta (its
+    reference, meta_columns and the columns the reward functions take)."""
 
     digest: str
     train: int
