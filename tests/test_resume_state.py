@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from async_rlhf.checkpoint.input_prints import input_prints
 from async_rlhf.checkpoint.store import Checkpoint
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
@@ -120,6 +121,7 @@ def test_a_resume_whose_model_directory_was_overwritten_is_refused(tmp_path: Pat
     shutil.copytree(random_policies[0], model)
     c = Controller(RunConfig(api={"enabled": False}, model={"source": "local", "path": str(model)}), tmp_path / "run")
     c.parts.task = SortTask(c.cfg.task, build_tokenizer("sort"), seed=0)
+    c.parts.inputs = input_prints(c.cfg)  # as ComponentBuilder.build reads them at the run's start
     save_snapshot(capture(c), tmp_path)
     checkpoint = Checkpoint(tmp_path, 30)
     (model / "README.md").write_text("notes")  # not a model file

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import ray
 
 from actors.generator import GeneratorActor
+from async_rlhf.checkpoint.input_prints import input_prints
 from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.busy_board import BusyBoard
 from async_rlhf.cluster.existing_ray import prepare_join
@@ -91,6 +92,7 @@ class ComponentBuilder:
     def build(self, startup: StartupClock, pool: GeneratorPool, rewards: RewardBook, first_version: int) -> None:
         """Every worker, started side by side and awaited once; then the starting weights and the evaluator."""
         cfg, parts = self.cfg, self.parts
+        parts.inputs = input_prints(cfg)  # read once, as the workers load them; every checkpoint keeps them
         if LOSSES[cfg.loss.name].needs_mc_values:
             task = parts.require_task()
             parts.mc_request = MCRequest(cfg.mc_values.k_mc, step_delimiter_ids(task.tokenizer, task.step_end_chars))

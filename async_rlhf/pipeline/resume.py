@@ -116,7 +116,7 @@ def capture(c: Resumable) -> ControllerSnapshot:
         rng={"python": random.getstate(), "numpy": np.random.get_state()},
         mc_cost=replace(c.stats.mc_cost), unrewarded_run=st.unrewarded_run, evals_due=c.evals.due(),
         reward_signal_seen=st.reward_signal_seen, data=c.parts.require_task().data_print(),
-        inputs=input_prints(c.cfg),
+        inputs=dict(c.parts.inputs),
     )
 
 

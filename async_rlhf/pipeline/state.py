@@ -163,6 +163,7 @@ class Components:
     policy_dir: str = ""
     scratch_dir: str = ""  # the run's directory for workers' files under weight_sync.shm_root (builder.py)
     mc_request: MCRequest | None = None  # set when the loss needs MC values (vineppo)
+    inputs: dict[str, str] = field(default_factory=dict)  # the given model dirs' prints as the run started with them
 
     def require_task(self) -> "Task":
         return _started(self.task, "the task")
