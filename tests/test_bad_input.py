@@ -264,13 +264,13 @@ def test_missing_eval_file(tokenizer_dir: Path) -> None:
         "task.dataset.eval_path: file 'held_out.csv' not found (relative paths start at the current directory)")
 
 
-def test_a_broken_jsonl_line_is_named_by_its_row(tokenizer_dir: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_a_broken_jsonl_line_is_named_by_its_line(tokenizer_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
     broken = tmp_path / "prompts.jsonl"
     broken.write_text('{"question": "3914", "answer": "1349"}\n{"question": \n')
-    assert byo_message(tokenizer_dir, f"task.dataset.path={broken}") == E + (
-        f"task.dataset: cannot read '{broken}' as jsonl: JSON parse error: Invalid value. in row 1; fix the file, "
-        "or point task.dataset.path at another")
+    assert byo_message(tokenizer_dir, f"task.dataset.path={broken}") == E + (  # Arrow's own said "in row 1"
+        f"task.dataset: cannot read '{broken}' as jsonl: line 2: not valid JSON (Expecting value at column 14); fix "
+        "the file, or point task.dataset.path at another")
     assert capsys.readouterr().err == ""  # datasets' own log line about it is not printed before ours
 
 

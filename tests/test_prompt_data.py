@@ -287,6 +287,31 @@ def test_a_file_that_is_not_utf8_is_named_with_its_first_bad_line(tmp_path: Path
         "the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or point task.dataset.path at another")
 
 
+ROW = '{"question": "3914", "answer": "1349"}\n'
+
+
+@pytest.mark.parametrize(("name", "text", "where"), [
+    # Arrow's own: "JSON parse error: Invalid value. in row 60000", counted from 0
+    ("far.jsonl", ROW * 60000 + '{"question": oops}\n' + ROW,
+     "line 60001: not valid JSON (Expecting value at column 14)"),
+    ("cut.jsonl.gz", ROW + '{"question": "12", "answer": \n', "line 2: not valid JSON (Expecting value at column 30)"),
+    ("array.jsonl", ROW + "\n" + "[1, 2]\n", "line 3: a JSON array, not an object of columns"),
+    # one document over many lines: json's own line and column ("Expecting ',' delimiter")
+    ("pretty.json", '[\n  {"question": "1"},\n  {"question": "2" "answer": "2"}\n]\n',
+     "line 3: not valid JSON (Expecting ',' delimiter at column 20)"),
+])
+def test_a_json_file_that_is_not_rows_is_named_by_its_first_bad_line(tmp_path: Path, name: str, text: str,
+                                                                     where: str) -> None:
+    path = tmp_path / name
+    data = text.encode()
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(ConfigError) as caught:
+        load_table(str(path), "auto", "train")
+    kind = "json" if name.endswith(".json") else "jsonl"
+    assert str(caught.value) == (f"config error: task.dataset: cannot read '{path}' as {kind}: {where}; fix the file, "
+                                 "or point task.dataset.path at another")
+
+
 def test_a_datasets_cache_that_cannot_be_written_is_named_not_the_file(tmp_path: Path, monkeypatch) -> None:
     import datasets
 

@@ -22,12 +22,9 @@ seed-independent hash of the content, so identical prompts never straddle the sp
 """
 from __future__ import annotations
 
-import bz2
 import codecs
 import errno
-import gzip
 import hashlib
-import io
 import logging
 import lzma
 import math
@@ -44,6 +41,7 @@ from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, tem
 from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
 from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
+from async_rlhf.tasks.json_rows import first_bad_row, open_bytes
 
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
 E = "config error: "
@@ -87,7 +85,8 @@ def read_failure(exc: BaseException, kind: str, path: str, name: str, other: str
                            "$HF_DATASETS_CACHE to a writable directory with room for an Arrow copy of the data")
     fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
            if kind == "hub" else "fix the file")
-    return ConfigError(f"{name}: cannot read '{path}' as {kind}: {root_reason(exc)}; {fix}, or {other}")
+    where = first_bad_row(Path(path)) if kind in ("jsonl", "json") else None  # Arrow's own: "in row 2", 0-based
+    return ConfigError(f"{name}: cannot read '{path}' as {kind}: {where or root_reason(exc)}; {fix}, or {other}")
 
 
 def check_utf8(path: Path, name: str, other: str) -> None:
@@ -108,16 +107,6 @@ def check_utf8(path: Path, name: str, other: str) -> None:
     except (OSError, EOFError, lzma.LZMAError) as exc:  # gzip: BadGzipFile (an OSError), EOFError when cut short
         raise ConfigError(f"{E}{name}: cannot decompress '{path}' ({exc or type(exc).__name__}); compress it again "
                           f"or give it uncompressed, or {other}") from None
-
-
-def open_bytes(path: Path) -> io.BufferedIOBase:
-    """The file's bytes, decompressed by its suffix (config.task.COMPRESSIONS) as `datasets` reads it."""
-    suffix = path.suffix.lower()
-    if suffix == ".gz":
-        return gzip.open(path, "rb")
-    if suffix == ".bz2":
-        return bz2.open(path, "rb")
-    return lzma.open(path, "rb") if suffix == ".xz" else path.open("rb")
 
 
 def innermost(exc: BaseException) -> BaseException:
