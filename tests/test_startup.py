@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -230,3 +231,28 @@ def test_an_actor_silent_at_start_up_is_killed_and_a_dead_spare_roles_death_is_i
         startup.await_actors(StartupClock(origin=started), live_clock.now(),
                              {"reward": [startup.FirstCall("the reward actor", died.__ray_ready__.remote(), [died])]},
                              startup.PlacementWatch(lambda: [], 60.0), startup.StartSilence(stall_s=1.0))
+
+
+def test_the_learner_and_the_generators_both_silent_at_start_up_are_killed_together_after_their_limit(
+        ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: each role's start was judged only once a role it is measured by had answered, so with both silent (a
+    # model directory on a hung file system, both processes stopped) the run waited for good, saying nothing.
+    monkeypatch.setattr(startup, "PLACEMENT_CHECK_S", 0.2)
+    remote = ray_local.remote(num_cpus=0)
+    generator = remote(StartsOnce).options(max_restarts=3).remote(str(tmp_path / "generator"))
+    learner = remote(StartsOnce).remote(str(tmp_path / "learner"))  # no restarts: the kill is its death
+    calls = {"generators": [startup.FirstCall("generator 0", generator.ready.remote(), [generator])],
+             "learner": [startup.FirstCall("the learner", learner.ready.remote(), [learner])]}
+    answers = startup.await_actors(StartupClock(origin=time.time()), live_clock.now(), calls,
+                                   startup.PlacementWatch(lambda: [], 60.0),
+                                   # past a worker's start here (~1 s): killed before its start, it never marked it
+                                   startup.StartSilence(stall_s=0.5, floor_s=30.0, alone_floor_s=3.0), spare="learner")
+    assert answers["generators"] == ["up"]  # Ray started it again, and its first call ran there
+    assert isinstance(answers["learner"][0], ray_local.exceptions.ActorDiedError)  # the builder starts a new one
+    lines = [line for line in capsys.readouterr().err.splitlines() if "answered nothing" in line]
+    waits = {re.search(r"answered nothing (\d+)s", line).group(1) for line in lines}  # type: ignore[union-attr]
+    assert len(lines) == 2 and len(waits) == 1, lines  # judged on one clock, killed in one check
+    assert lines[0].startswith("[async-rlhf] generator 0 answered nothing ") and (
+        "after its start, and no role its start is judged by had started either (limit 3s: learner.stall_timeout_s, "
+        "at least 3s; its log is under ") in lines[0] and lines[0].endswith("): killing it to start it again")
+    assert lines[1].startswith("[async-rlhf] the learner answered nothing ")

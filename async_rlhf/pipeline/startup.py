@@ -138,6 +138,9 @@ class FirstCall:
 
 
 START_SILENCE_FLOOR_S = 60.0  # starts vary with the machine's load (a generator took 18.6 s beside another run)
+# With no yardstick started either (the learner and the generators both silent): a loaded 2-core machine starts a
+# vLLM engine in minutes (bench/), so such a start is waited on longer before it is taken for a hang.
+START_ALONE_FLOOR_S = 180.0
 YARDSTICKS = {"learner": ("generators",), "generators": ("learner",), "reward": ("learner", "generators")}
 # the roles whose start a silent role's is judged by: the learner and the generators both load the policy; a rule
 # reward answers at once and says nothing of them
@@ -148,30 +151,47 @@ class StartSilence:
     """An actor placed and silent at start-up (a deadlock in its start, a stopped process) was waited on for good.
     One still silent restart_limit_s(stall, its yardsticks' slowest start), and `floor_s`, after they answered
     (YARDSTICKS) is killed: Ray starts a generator or the reward actor again and its first call runs there; a
-    learner (no Ray restarts) dies, and the builder starts a new one (ComponentBuilder, `spare`)."""
+    learner (no Ray restarts) dies, and the builder starts a new one (ComponentBuilder, `spare`). Where none of its
+    yardsticks has answered either, it is killed `stall_s`, and `alone_floor_s`, after the start."""
 
     stall_s: float
     floor_s: float = START_SILENCE_FLOOR_S
+    alone_floor_s: float = START_ALONE_FLOOR_S
     killed_at: float = 0.0  # live_clock time of the last kill: the restarted actors' start counts from there
 
     def check(self, clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], pending: list[Any]) -> None:
-        for role, named in calls.items():
-            silent = [call for call in named if call.ref in pending]
-            answered = [clock.beside[other] for other in YARDSTICKS.get(role, ()) if other in clock.beside]
-            if silent and answered:
-                self._judge(silent, started + max(answered), restart_limit_s(self.stall_s, max(answered)))
+        """Every role is judged on the same clock before any is killed: a kill restarts the survivors' clock, and
+        the learner and the generators both silent were then killed one limit apart."""
+        killed = [self._judge(clock, started, role, [call for call in named if call.ref in pending])
+                  for role, named in calls.items()]
+        if any(killed):
+            self.killed_at = live_clock.now()
 
-    def _judge(self, silent: list[FirstCall], since: float, limit: float) -> None:
-        waited, limit = live_clock.now() - max(since, self.killed_at), max(limit, self.floor_s)
+    def _judge(self, clock: StartupClock, started: float, role: str, silent: list[FirstCall]) -> bool:
+        """Kill `role`'s silent actors if they are past their limit; True if it did."""
+        if not silent:
+            return False
+        since, limit, why = self._limit(clock, started, role)
+        waited = live_clock.now() - max(since, self.killed_at)
         if waited <= limit:
-            return
-        print(f"[async-rlhf] {', '.join(call.name for call in silent)} answered nothing {waited:.0f}s after the other "
-              f"roles had started (limit {limit:.0f}s: learner.stall_timeout_s, or {RESTART_FACTOR:g}x their start, at "
-              f"least {self.floor_s:.0f}s; its log is under {ray_logs()}): killing it to start it again",
-              file=sys.stderr, flush=True)
+            return False
+        print(f"[async-rlhf] {', '.join(call.name for call in silent)} answered nothing {waited:.0f}s {why}; its log "
+              f"is under {ray_logs()}): killing it to start it again", file=sys.stderr, flush=True)
         for handle in (h for call in silent for h in call.handles):
             ray.kill(handle, no_restart=False)
-        self.killed_at = live_clock.now()
+        return True
+
+    def _limit(self, clock: StartupClock, started: float, role: str) -> tuple[float, float, str]:
+        """When `role`'s wait counts from, how long it may be, and why, as the kill's line says it."""
+        answered = [clock.beside[other] for other in YARDSTICKS.get(role, ()) if other in clock.beside]
+        if not answered:
+            limit = max(self.stall_s, self.alone_floor_s)
+            return started, limit, (f"after its start, and no role its start is judged by had started either (limit "
+                                    f"{limit:.0f}s: learner.stall_timeout_s, at least {self.alone_floor_s:.0f}s")
+        limit = max(restart_limit_s(self.stall_s, max(answered)), self.floor_s)
+        return started + max(answered), limit, (f"after the other roles had started (limit {limit:.0f}s: "
+                                                f"learner.stall_timeout_s, or {RESTART_FACTOR:g}x their start, at "
+                                                f"least {self.floor_s:.0f}s")
 
 
 def await_actors(clock: StartupClock, started: float, calls: dict[str, list[FirstCall]], watch: PlacementWatch,
