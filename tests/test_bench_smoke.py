@@ -119,7 +119,7 @@ def test_off_policy_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(PER_TEST_TIMEOUT_S + 30)
 def test_vineppo_vs_ppo_benchmark_runs_at_toy_size(tmp_path: Path) -> None:
-    """Also VinePPO's end-to-end run (test_loss_runs.py ELSEWHERE): its MC accounting on the real pipeline."""
+    """Also VinePPO's end-to-end run (test_loss_runs.py RUNS_IN): its MC accounting on the real pipeline."""
     (run,) = run_bench("vineppo_vs_ppo", tmp_path / "vineppo_vs_ppo")["runs"]
     assert [p["version"] for p in run["curve"]] == [0, 1, 2]
     assert run["curve"][0]["train_s"] == 0.0 and run["curve"][-1]["train_s"] > 0

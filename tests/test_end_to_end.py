@@ -1,7 +1,7 @@
 """End to end through the CLI, as a user runs it: the real Ray + vLLM + DeepSpeed pipeline.
 (The synchronous baseline's end-to-end checks ride on the deterministic run of tests/test_resume.py.) The quickstart
-run is also online DPO's end-to-end run (tests/test_loss_runs.py runs the other learner paths) and the check that
-its evaluations run off the critical path (async_rlhf/pipeline/eval_schedule.py).
+run is also online DPO's end-to-end run (tests/test_loss_runs.py names where the other learner paths run) and the
+check that its evaluations run off the critical path (async_rlhf/pipeline/eval_schedule.py).
 
 The embedded policy is built once (cached under the default cache dir, as `make quickstart` does),
 so these runs share its supervised warm start.

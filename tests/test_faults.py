@@ -21,6 +21,8 @@ from async_rlhf.config.run import load_config
 from async_rlhf.pipeline.controller import Controller
 from tests.helpers import ROOT, as_in_a_terminal, read_jsonl
 from tests.helpers import train_command as quickstart_command
+from tests.test_loss_runs import STEPS as LOSS_STEPS
+from tests.test_loss_runs import assert_raises_train_reward
 
 pytestmark = pytest.mark.slow
 
@@ -308,14 +310,16 @@ def test_a_learner_killed_past_max_restarts_ends_the_run_with_one_line_and_the_t
 
 
 def test_a_hung_generator_and_a_hung_reward_actor_are_restarted_and_every_prompt_trained_once(tmp_path: Path) -> None:
-    # SIGSTOP stands in for a wedged engine, a collective that never completes or a scorer that never returns:
-    # alive to Ray, answering nothing. Before: the run waited for learner.stall_timeout_s (600 s) and ended. (A
-    # SIGKILLed generator or reward actor, in its start or mid-run: the chaos test below.)
-    run_dir, steps = tmp_path / "run", 30
+    """SIGSTOP stands in for a wedged engine, a collective that never completes or a scorer that never returns:
+    alive to Ray, answering nothing. Before: the run waited for learner.stall_timeout_s (600 s) and ended. (A
+    SIGKILLed generator or reward actor, in its start or mid-run: the chaos test below.) The run is RLOO's end to end
+    (group baselines: tests/test_loss_runs.py's path of that kind), with its train-reward check."""
+    run_dir, steps = tmp_path / "run", LOSS_STEPS
     # Every batch through the reward actor (a rule reward is otherwise scored inside the generator's call).
-    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "api.enabled=false",
-                                          "reward.score_in_generator=false", "generation.hang_timeout_s=5"), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", f"learner.steps={steps}",
+                             "api.enabled=false", "reward.score_in_generator=false", "generation.hang_timeout_s=5",
+                             config=ROOT / "configs" / "quickstart_rloo.yaml")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     stopped: list[int] = []
     try:
@@ -344,6 +348,7 @@ def test_a_hung_generator_and_a_hung_reward_actor_are_restarted_and_every_prompt
     assert summary["episodes"] == steps * 16 * 4 and all(r["staleness_max"] <= 1 for r in records)
     assert summary["failed_reward"] == 0 and summary["dropped_stale"] == 0  # generated again, not failed or stale
     assert not any(Path(f"/proc/{pid}").exists() for pid in stopped)  # killed, not left stopped
+    assert_raises_train_reward("rloo", summary, records)
 
 
 def stop_learner(proc: subprocess.Popen, stopped: list[int]) -> None:
@@ -370,13 +375,16 @@ def pause_between_checkpoints(client: httpx.Client, every: int) -> None:
 
 def test_a_learner_that_hangs_in_its_step_or_in_a_checkpoint_is_replaced_from_the_newest_checkpoint(
         tmp_path: Path) -> None:
-    # Before: hung in its step, the run ended ("no learner step finished for ..."); hung in a checkpoint's save,
-    # the driver waited in ray.get until Ray's keepalive gave up (~420 s). A stall timeout (5 s) below the run's
-    # start-up and the new learner's (~10 s each here): before, both counted, and the run ended there.
-    run_dir, steps, token = tmp_path / "run", 30, "test-token-0123456789abcdef"
-    proc = subprocess.Popen(train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=2",
-                                          "learner.stall_timeout_s=5", f"api.token={token}"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Before: hung in its step, the run ended ("no learner step finished for ..."); hung in a checkpoint's save,
+    the driver waited in ray.get until Ray's keepalive gave up (~420 s). A stall timeout (5 s) below the run's
+    start-up and the new learner's (~10 s each here): before, both counted, and the run ended there. The run is
+    PPO's end to end (a value model: tests/test_loss_runs.py's path of that kind), with its train-reward check, so
+    the value model and its optimizer also come back from the checkpoints the learner is replaced from."""
+    run_dir, steps, token = tmp_path / "run", LOSS_STEPS, "test-token-0123456789abcdef"
+    cmd = quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", f"learner.steps={steps}",
+                             "checkpoint.every=3", "learner.stall_timeout_s=5", f"api.token={token}",
+                             config=ROOT / "configs" / "quickstart_ppo.yaml")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, stopped = run_dir / "metrics.jsonl", list[int]()
     try:
         wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5, timeout=600)
@@ -384,7 +392,7 @@ def test_a_learner_that_hangs_in_its_step_or_in_a_checkpoint_is_replaced_from_th
         client = httpx.Client(base_url=(run_dir / "api_url").read_text().strip(), timeout=120,
                               headers={"Authorization": f"Bearer {token}"})
         wait_until(lambda: client.get("/status").json()["step"] >= 10, timeout=300)  # replaced, and training
-        pause_between_checkpoints(client, every=2)
+        pause_between_checkpoints(client, every=3)
         stop_learner(proc, stopped)
         reply = client.post("/control/checkpoint")  # waits on the hung learner for learner.stall_timeout_s
         assert reply.status_code == 500, reply.text
@@ -398,10 +406,11 @@ def test_a_learner_that_hangs_in_its_step_or_in_a_checkpoint_is_replaced_from_th
     assert proc.returncode == 0, err[-3000:]
     assert "the learner has finished no step for " in err and "killing it, to replace it from the newest" in err
     assert "while saving a checkpoint (learner.stall_timeout_s=5; its log is under " in err
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary, records = json.loads((run_dir / "summary.json").read_text()), read_jsonl(metrics)
     assert summary["steps"] == steps and summary["learner_restarts"] == 2
-    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, steps + 1))
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert not any(Path(f"/proc/{pid}").exists() for pid in stopped)  # killed, not left stopped
+    assert_raises_train_reward("ppo", summary, records)
 
 
 ROLES = {"generator": "GeneratorActor", "reward": "RewardService", "learner": "Learner"}

@@ -3,7 +3,7 @@
 Loss examples: rows are completions, column j is completion token j, `mask` 1 on real tokens; padded
 columns hold junk (99 in log-probs, -77 in the reference, 55 in advantages), so a loss that forgets
 the mask gets a wrong number. The generator's MC sampling on the real model is in
-tests/test_generator_mc.py, the whole pipeline in tests/test_loss_runs.py.
+tests/test_generator_mc.py, the whole pipeline in bench vineppo_vs_ppo's smoke test (tests/test_loss_runs.py RUNS_IN).
 """
 from __future__ import annotations
 
