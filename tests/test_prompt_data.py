@@ -296,6 +296,7 @@ ROW = '{"question": "3914", "answer": "1349"}\n'
      "line 60001: not valid JSON (Expecting value at column 14)"),
     ("cut.jsonl.gz", ROW + '{"question": "12", "answer": \n', "line 2: not valid JSON (Expecting value at column 30)"),
     ("array.jsonl", ROW + "\n" + "[1, 2]\n", "line 3: a JSON array, not an object of columns"),
+    ("first.jsonl", '"just text"\n' + ROW, "line 1: a JSON string, not an object of columns"),
     # one document over many lines: json's own line and column ("Expecting ',' delimiter")
     ("pretty.json", '[\n  {"question": "1"},\n  {"question": "2" "answer": "2"}\n]\n',
      "line 3: not valid JSON (Expecting ',' delimiter at column 20)"),

@@ -85,7 +85,7 @@ def read_failure(exc: BaseException, kind: str, path: str, name: str, other: str
                            "$HF_DATASETS_CACHE to a writable directory with room for an Arrow copy of the data")
     fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
            if kind == "hub" else "fix the file")
-    where = first_bad_row(Path(path)) if kind in ("jsonl", "json") else None  # Arrow's own: "in row 2", 0-based
+    where = first_bad_row(Path(path), kind == "jsonl") if kind in ("jsonl", "json") else None  # Arrow: 0-based rows
     return ConfigError(f"{name}: cannot read '{path}' as {kind}: {where or root_reason(exc)}; {fix}, or {other}")
 
 

@@ -26,17 +26,17 @@ def open_bytes(path: Path) -> io.BufferedIOBase:
     return lzma.open(path, "rb") if suffix == ".xz" else path.open("rb")
 
 
-def first_bad_row(path: Path) -> str | None:
+def first_bad_row(path: Path, json_lines: bool) -> str | None:
     """"line N: why" for the first line of a JSON Lines file that is not a JSON object, or the place a single
-    JSON document (a .json file whose first line is not a whole object) fails to parse; None where nothing is
-    wrong with the JSON itself, or the file cannot be read again."""
+    JSON document (a .json file, `json_lines` False, whose first line is not a whole object) fails to parse; None
+    where nothing is wrong with the JSON itself, or the file cannot be read again."""
     try:
         with open_bytes(path) as fh:
             lines = ((n, raw.decode("utf-8")) for n, raw in enumerate(fh, start=1))  # split at b"\n", as Arrow
             first = next(((n, text) for n, text in lines if text.strip()), None)
             if first is None:
                 return None
-            if not whole_object(first[1]):  # one document over many lines (a pretty-printed .json)
+            if not json_lines and not whole_object(first[1]):  # one document over many lines (a pretty-printed .json)
                 return document_problem(path)
             rows = itertools.chain([first], lines)
             return next((f"line {n}: {why}" for n, text in rows if (why := row_problem(text))), None)
