@@ -34,9 +34,11 @@ def wait_until(predicate, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def train_command(run_dir: Path, *overrides: str) -> list[str]:
-    """`async-rlhf train` on the quickstart with a small evaluation, as its own process (so it can be signalled)."""
-    return quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", *overrides)
+def train_command(run_dir: Path, *overrides: str, config: str = "quickstart.yaml") -> list[str]:
+    """`async-rlhf train` on a quickstart config with a small evaluation, as its own process (so it can be
+    signalled)."""
+    return quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", *overrides,
+                              config=ROOT / "configs" / config)
 
 
 def test_one_ctrl_c_writes_a_checkpoint_and_stops_cleanly(tmp_path: Path) -> None:
@@ -316,9 +318,8 @@ def test_a_hung_generator_and_a_hung_reward_actor_are_restarted_and_every_prompt
     (group baselines: tests/test_loss_runs.py's path of that kind), with its train-reward check."""
     run_dir, steps = tmp_path / "run", LOSS_STEPS
     # Every batch through the reward actor (a rule reward is otherwise scored inside the generator's call).
-    cmd = quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", f"learner.steps={steps}",
-                             "api.enabled=false", "reward.score_in_generator=false", "generation.hang_timeout_s=5",
-                             config=ROOT / "configs" / "quickstart_rloo.yaml")
+    cmd = train_command(run_dir, f"learner.steps={steps}", "api.enabled=false", "reward.score_in_generator=false",
+                        "generation.hang_timeout_s=5", config="quickstart_rloo.yaml")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     stopped: list[int] = []
@@ -381,9 +382,8 @@ def test_a_learner_that_hangs_in_its_step_or_in_a_checkpoint_is_replaced_from_th
     PPO's end to end (a value model: tests/test_loss_runs.py's path of that kind), with its train-reward check, so
     the value model and its optimizer also come back from the checkpoints the learner is replaced from."""
     run_dir, steps, token = tmp_path / "run", LOSS_STEPS, "test-token-0123456789abcdef"
-    cmd = quickstart_command(run_dir, "eval.every=0", "task.eval_prompts=16", f"learner.steps={steps}",
-                             "checkpoint.every=3", "learner.stall_timeout_s=5", f"api.token={token}",
-                             config=ROOT / "configs" / "quickstart_ppo.yaml")
+    cmd = train_command(run_dir, f"learner.steps={steps}", "checkpoint.every=3", "learner.stall_timeout_s=5",
+                        f"api.token={token}", config="quickstart_ppo.yaml")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, stopped = run_dir / "metrics.jsonl", list[int]()
     try:
