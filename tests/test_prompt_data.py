@@ -313,6 +313,45 @@ def test_a_json_file_that_is_not_rows_is_named_by_its_first_bad_line(tmp_path: P
                                  "or point task.dataset.path at another")
 
 
+def test_rows_under_a_key_of_a_json_document_are_read_with_field(tmp_path: Path, tokenizer) -> None:
+    """SQuAD-style files: `{"version": ..., "data": [rows]}` (or the columns under the key). Read whole, the
+    document was one row of columns `version, data`, refused as a missing column: that line now names the key."""
+    plain = dataset_task(task_cfg(write(tmp_path / "rows.jsonl", ROWS)), tokenizer, seed=0)
+    keyed = tmp_path / "keyed.json.gz"
+    keyed.write_bytes(gzip.compress(json.dumps({"version": "1.0", "data": ROWS}).encode()))
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"data": {key: [r[key] for r in ROWS] for key in ROWS[0]}}))
+    for source in (keyed, columns):
+        task = dataset_task(task_cfg(source, field="data"), tokenizer, seed=0)
+        assert [(p.text, p.token_ids) for p in all_prompts(task)] == [(p.text, p.token_ids) for p in all_prompts(plain)]
+    with pytest.raises(ConfigError) as caught:
+        dataset_task(task_cfg(keyed), tokenizer, seed=0)
+    assert str(caught.value) == (f"config error: task.dataset.prompt_column: no column 'question' in '{keyed}' "
+                                 "(columns: version, data); its rows sit under 'data': set task.dataset.field=data")
+
+
+@pytest.mark.parametrize(("document", "problem"), [
+    ({"version": "1.0", "data": ROWS}, "its keys: version, data"),
+    ({"rows": "see rows.jsonl"}, "the key holds a JSON string, not rows"),
+    (ROWS, "the file is a JSON array, not an object with keys"),
+])
+def test_a_field_without_rows_under_it_is_named(tmp_path: Path, document: object, problem: str) -> None:
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError) as caught:
+        load_table(str(path), "auto", "train", field="rows")
+    assert str(caught.value) == (f"config error: task.dataset.field: no rows under key 'rows' in '{path}' ({problem}); "
+                                 "set it to the key the rows sit under, or unset it for a file of rows")
+
+
+def test_field_on_a_source_that_is_no_json_document_is_refused(tmp_path: Path) -> None:
+    source = write(tmp_path / "rows.jsonl", ROWS)
+    with pytest.raises(ValueError, match="task.dataset.field: only a .json file holds its rows under a key, and "
+                                         f"'{source}' is read as jsonl; unset task.dataset.field"):
+        task_cfg(source, field="data")
+    assert dataset_of(task_cfg(source, field="data", eval_path=str(write(tmp_path / "e.json", ROWS)))).field == "data"
+
+
 def test_a_datasets_cache_that_cannot_be_written_is_named_not_the_file(tmp_path: Path, monkeypatch) -> None:
     import datasets
 

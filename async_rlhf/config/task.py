@@ -73,6 +73,8 @@ class DatasetConfig(Strict):
         "auto", description="auto: from the file extension; a directory is `disk`; anything else `hub`"
     )
     split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
+    field: str | None = Field(None, description="the key a .json file's rows sit under ({\"data\": [...]}); "
+                                                "for every .json source of path and eval_path")
     prompt_column: str = "prompt"
     reference_column: str | None = Field(None, description="reference answer, for reference_* scorers and win-rate")
     meta_columns: list[str] = Field(default_factory=list, description="passed to the reward in Prompt.meta")
@@ -107,6 +109,7 @@ class DatasetConfig(Strict):
         if self.eval_path is not None and environment_checks(info):
             check_source("task.dataset.eval_path", self.eval_path, self.format)
         self._check_eval_is_held_out()
+        self._check_field()
         if self.eval_path is None and self.eval_fraction == 0:
             raise ValueError("task.dataset: no evaluation set; set task.dataset.eval_path or "
                              "task.dataset.eval_fraction > 0")
@@ -117,6 +120,15 @@ class DatasetConfig(Strict):
     @property
     def eval_source_split(self) -> str:
         return self.eval_split if self.eval_split is not None else self.split
+
+    def _check_field(self) -> None:
+        """A key only a single JSON document has: on any other source it would be ignored, and the rows read
+        would not be the ones the config means."""
+        sources = [self.path] + ([self.eval_path] if self.eval_path is not None else [])
+        if self.field is None or any(source_format(s, self.format) == "json" for s in sources):
+            return
+        raise ValueError(f"task.dataset.field: only a .json file holds its rows under a key, and "
+                         f"'{self.path}' is read as {source_format(self.path, self.format)}; unset task.dataset.field")
 
     def _check_eval_is_held_out(self) -> None:
         """Evaluating on prompts the policy trains on would report memorisation as progress. A file has one

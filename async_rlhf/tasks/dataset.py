@@ -41,7 +41,7 @@ from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, tem
 from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
 from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
-from async_rlhf.tasks.json_rows import first_bad_row, open_bytes
+from async_rlhf.tasks.json_rows import field_problem, first_bad_row, key_of_rows, open_bytes
 
 BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}  # datasets' builder names
 E = "config error: "
@@ -49,9 +49,10 @@ ROWS_PER_BATCH = 1024  # rows read, templated and tokenized together (per-row ca
 
 
 def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.split",
-               name: str = "task.dataset", other: str = "point task.dataset.path at another") -> Any:
-    """A `datasets.Dataset` for one source; any failure is a one-line ConfigError naming the source as `name`
-    and saying `other` as the alternative to fixing it."""
+               name: str = "task.dataset", other: str = "point task.dataset.path at another",
+               field: str | None = None) -> Any:
+    """A `datasets.Dataset` for one source (a .json file's rows under its key `field`, where given); any failure
+    is a one-line ConfigError naming the source as `name` and saying `other` as the alternative to fixing it."""
     import datasets
 
     kind = source_format(path, fmt)
@@ -62,11 +63,15 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # two lines per retry when the Hub is unreachable
+    under = {"field": field} if kind == "json" and field is not None else {}
     try:
         if kind in BUILDERS:
-            return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train")
+            return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train", **under)
         table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
+        if under and (problem := field_problem(Path(path), under["field"])):  # datasets: KeyError 'data'
+            raise ConfigError(f"{E}task.dataset.field: no rows under key '{field}' in '{path}' ({problem}); set it "
+                              f"to the key the rows sit under, or unset it for a file of rows") from None
         raise read_failure(exc, kind, path, f"{E}{name}", other, datasets.config.HF_DATASETS_CACHE) from None
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
@@ -189,14 +194,15 @@ class RowMapper:
         self.chat = ChatTurn(tokenizer, cfg.system_prompt) if cfg.chat_template else None
         self.conversations = self.chat  # made at the first conversation where chat_template is off
 
-    def use_columns(self, columns: list[str], source: str) -> None:
-        """Check the columns the config names against a file's, and carry those its rewards take."""
-        self.check_columns(columns, source)
+    def use_columns(self, columns: list[str], source: str, lone_row: dict | None = None) -> None:
+        """Check the columns the config names against a file's, and carry those its rewards take. `lone_row`:
+        the file's row where it has only one (a JSON document whose rows sit under a key)."""
+        self.check_columns(columns, source, lone_row)
         prompt_column = self.cfg.prompt_column if self.cfg.template is None else None
         taken = [c for c in columns if self.reward_columns.wants(c, prompt_column) and c not in self.cfg.meta_columns]
         self.carried = [*self.cfg.meta_columns, *taken]
 
-    def check_columns(self, columns: list[str], source: str) -> None:
+    def check_columns(self, columns: list[str], source: str, lone_row: dict | None = None) -> None:
         cfg = self.cfg
         named = [("prompt_column", cfg.prompt_column)] if cfg.template is None else []
         named += [("reference_column", cfg.reference_column)] if cfg.reference_column else []
@@ -204,8 +210,10 @@ class RowMapper:
         named += [("template", f) for f in template_fields(cfg.template)]
         for key, column in named:
             if column not in columns:
+                under = key_of_rows(lone_row, column) if lone_row else None
+                hint = f"; its rows sit under '{under}': set task.dataset.field={under}" if under else ""
                 raise ConfigError(f"{E}task.dataset.{key}: no column '{column}' in '{source}' "
-                                  f"(columns: {', '.join(columns)})")
+                                  f"(columns: {', '.join(columns)}){hint}")
 
     def text(self, row: dict) -> tuple[str | None, str]:
         """The prompt text of a row, or None and why: `empty` (null or blank) or `malformed` (not text); a
@@ -381,8 +389,8 @@ class DatasetTask:
 
     # ---- loading --------------------------------------------------------------------------
     def _read(self, path: str, split: str, split_key: str) -> tuple[list[Row], DataStats]:
-        table = load_table(path, self.data.format, split, split_key)
-        self.mapper.use_columns(list(table.column_names), path)
+        table = load_table(path, self.data.format, split, split_key, field=self.data.field)
+        self.mapper.use_columns(list(table.column_names), path, table[0] if len(table) == 1 else None)
         stats = DataStats(path, rows=len(table))
         rows: list[Row] = []
         for first in range(0, len(table), ROWS_PER_BATCH):

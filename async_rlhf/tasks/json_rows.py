@@ -72,6 +72,31 @@ def document_problem(path: Path) -> str | None:
     return None
 
 
+def field_problem(path: Path, field: str) -> str | None:
+    """Why a JSON document has no rows under its key `field` (None: it has, or it is no JSON a key could be
+    looked up in: the caller names that)."""
+    try:
+        with open_bytes(path) as fh:
+            document = json.loads(fh.read().decode("utf-8"))
+    except (OSError, EOFError, lzma.LZMAError, ValueError):  # ValueError: not UTF-8, or not JSON
+        return None
+    if not isinstance(document, dict):
+        return f"the file is a JSON {json_kind(document)}, not an object with keys"
+    if field not in document:
+        return f"its keys: {', '.join(document) or 'none'}"
+    value = document[field]
+    return None if isinstance(value, (list, dict)) else f"the key holds a JSON {json_kind(value)}, not rows"
+
+
+def key_of_rows(row: dict, column: str) -> str | None:
+    """The key under which a JSON document read as one row (`{"data": [...]}` without task.dataset.field) holds
+    rows that have `column`; None if it holds none."""
+    for key, value in row.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict) and column in value[0]:
+            return key
+    return None
+
+
 def json_kind(value: object) -> str:
-    kinds = {list: "array", str: "string", bool: "boolean", type(None): "null"}
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return kinds.get(type(value), "number")
