@@ -104,9 +104,12 @@ def test_status_of_something_that_is_not_an_api_url_or_not_this_api(html_server:
                                                                      capsys: pytest.CaptureFixture) -> None:
     err = one_line_error(capsys, ["status", "--url", "localhost:8000"], 2, "status error: ")
     assert err == "status error: 'localhost:8000' is not an API URL; pass --url http://HOST:PORT"
-    err = one_line_error(capsys, ["status", "--url", html_server + "/"], 1, "status error: ")
-    assert err.startswith(f"status error: {html_server} did not answer with a run's status (JSONDecodeError: ")
-    assert err.endswith("is it this project's API?")
+    for args in (["--url", html_server + "/"], [html_server + "/"]):  # a URL in RUN_DIR's place is --url's
+        err = one_line_error(capsys, ["status", *args], 1, "status error: ")
+        assert err.startswith(f"status error: {html_server} did not answer with a run's status (JSONDecodeError: ")
+        assert err.endswith("is it this project's API?")
+    err = one_line_error(capsys, ["status", html_server, "--url", "http://127.0.0.1:9"], 2, "status error: ")
+    assert err == f"status error: two API URLs given ({html_server} and --url http://127.0.0.1:9); pass one"
 
 
 def test_export_model_to_a_file_is_refused_and_the_file_kept(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

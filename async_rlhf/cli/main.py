@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                             "learner.steps may grow)")
     status = sub.add_parser("status", help="print the status of a running job")
     status.add_argument("--url", default=None, help="API URL (default: from --run-dir, else the newest runs/*/api_url)")
-    status.add_argument("run_dir_arg", nargs="?", type=Path, default=None, metavar="RUN_DIR",
-                        help="the run's directory (the same as --run-dir)")
+    status.add_argument("place", nargs="?", default=None, metavar="RUN_DIR|URL",
+                        help="the run's directory (the same as --run-dir), or its API URL (the same as --url)")
     status.add_argument("--run-dir", type=Path, default=None)
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
@@ -302,6 +302,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from async_rlhf.cli.status import find_run, find_token, find_url, print_ended, print_status
 
+    take_place(args)
     run_dir = status_run_dir(args)
     if args.url and not run_dir:
         return print_status(args.url, find_token(None), as_json=args.json)
@@ -309,6 +310,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         return ended
     run = find_run(run_dir)
     return print_status(args.url or find_url(run), find_token(run), as_json=args.json)
+
+
+def take_place(args: argparse.Namespace) -> None:
+    """`status URL` is `status --url URL` (as a path, "http://host:port" became "http:/host:port"); `status DIR`
+    is `status --run-dir DIR`."""
+    place, args.run_dir_arg = args.place, None
+    if place is not None and place.startswith(("http://", "https://")):
+        if args.url and args.url != place:
+            raise ConfigError(f"status error: two API URLs given ({place} and --url {args.url}); pass one")
+        args.url = place
+    elif place is not None:
+        args.run_dir_arg = Path(place)
 
 
 def status_run_dir(args: argparse.Namespace) -> Path | None:
