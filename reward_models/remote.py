@@ -11,7 +11,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 
@@ -66,26 +66,34 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def wait_for_server(url: str, timeout_s: float, deadline_s: float, waiting: Callable[[str], None]) -> str | None:
-    """None once the server at `url` answers HTTP at all (any status: a server without /healthz is up too),
-    else why not after `deadline_s` (connection refused, timed out, ...). `waiting` is told the first failure,
-    so that a server still starting up gets its time and a forgotten one is said at once."""
+def wait_for_server(url: str, timeout_s: float, deadline_s: float,
+                    waiting: Callable[[str], None]) -> tuple[str | None, Any]:
+    """(None, its /healthz answer's JSON, or None) once the server at `url` answers HTTP at all (any status: a
+    server without /healthz is up too), else (why not, None) after `deadline_s` (connection refused, timed out,
+    ...). `waiting` is told the first failure, so that a server still starting up gets its time and a forgotten
+    one is said at once."""
     end = time.monotonic() + deadline_s
     told = False
     while True:
         try:
-            httpx.get(f"{url.rstrip('/')}/healthz", timeout=min(timeout_s, deadline_s))
-            return None
+            return None, _json(httpx.get(f"{url.rstrip('/')}/healthz", timeout=min(timeout_s, deadline_s)))
         except httpx.HTTPError as exc:
             text = str(exc)
             quotes_url = "://" in text or "@" in text  # its credentials must not be echoed
             why = type(exc).__name__ if quotes_url or not text else f"{type(exc).__name__}: {text}"
         if time.monotonic() + 0.5 > end:
-            return why
+            return why, None
         if not told:
             waiting(why)
             told = True
         time.sleep(0.5)
+
+
+def _json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json() if resp.status_code == 200 else None
+    except ValueError:  # not JSON: a server of another kind, up all the same
+        return None
 
 
 def bearer(token_env: str | None) -> dict[str, str]:

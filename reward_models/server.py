@@ -12,15 +12,22 @@ from fastapi.responses import JSONResponse
 
 from async_rlhf.outputs.recorder import json_ready
 from async_rlhf.rollout import Prompt
+from reward_models.columns import NO_SERVED, ServedColumns
 from reward_models.protocol import MAX_BODY_BYTES, ScoreRequest, ScoreResponse
 from reward_models.user_scorer import as_batch, resolve_scorer
 
 BatchScorer = Callable[[list[Prompt], list[str]], list[float]]
 
 
+def rule_scorer(name: str) -> tuple[BatchScorer, ServedColumns]:
+    """A registered scorer or a user's "pkg.module:function" (UserCodeError, one line, otherwise), with the
+    dataset columns it takes (a function in TRL's form: those it names)."""
+    scorer = resolve_scorer(name, "serve-reward")
+    return as_batch(scorer), ServedColumns.of(scorer)
+
+
 def rule_batch_scorer(name: str) -> BatchScorer:
-    """A registered scorer or a user's "pkg.module:function" (UserCodeError, one line, otherwise)."""
-    return as_batch(resolve_scorer(name, "serve-reward"))
+    return rule_scorer(name)[0]
 
 
 def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]
@@ -43,10 +50,11 @@ def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]
         return scores, errors
 
 
-def create_reward_app(name: str, scorer: BatchScorer) -> FastAPI:
+def create_reward_app(name: str, scorer: BatchScorer, columns: ServedColumns = NO_SERVED) -> FastAPI:
+    """`columns`: what /healthz says the scorer takes of the prompts' data, so that a run's prompts carry it."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.scorer, app.state.name = scorer, name
+        app.state.scorer, app.state.name, app.state.columns = scorer, name, columns
         yield
 
     app = FastAPI(title="async-rlhf reward model", lifespan=lifespan)
@@ -69,7 +77,7 @@ def create_reward_app(name: str, scorer: BatchScorer) -> FastAPI:
 
     @app.get("/healthz")
     def healthz(request: Request) -> dict:
-        return {"ok": True, "model": request.app.state.name}
+        return {"ok": True, "model": request.app.state.name, "columns": request.app.state.columns.answer()}
 
     @app.post("/score", response_model=ScoreResponse)
     def score(request: Request, body: ScoreRequest) -> dict:

@@ -46,11 +46,12 @@ def test_reward_service_scores_train_role_with_learned_rm(tiny_rm: Path) -> None
 def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
     from async_rlhf.api.serving import ThreadedServer
     from async_rlhf.cli.models import reward_scorer
+    from reward_models.columns import NO_SERVED
     from reward_models.learned import LearnedRewardModel
     from reward_models.protocol import MAX_BODY_BYTES, MAX_ITEMS
     from reward_models.server import create_reward_app
 
-    server = ThreadedServer(create_reward_app("tiny-rm", reward_scorer(str(tiny_rm), 4, 32)))
+    server = ThreadedServer(create_reward_app("tiny-rm", *reward_scorer(str(tiny_rm), 4, 32)))
     url = server.start()
     try:
         items = [{"prompt": p["prompt"], "response": p["chosen"]} for p in PAIRS[:6]]
@@ -68,7 +69,8 @@ def test_serve_learned_rm_over_http(tiny_rm: Path) -> None:
         huge = httpx.post(f"{url}/score", content=b"x" * (MAX_BODY_BYTES + 1),
                           headers={"content-type": "application/json"}, timeout=30)
         assert huge.status_code == 413 and "smaller batches" in huge.json()["detail"]
-        assert httpx.get(f"{url}/healthz", timeout=30).json() == {"ok": True, "model": "tiny-rm"}
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        assert health == {"ok": True, "model": "tiny-rm", "columns": NO_SERVED.answer()}
     finally:
         server.stop()
 

@@ -60,7 +60,8 @@ def test_server_scores_and_validates(serve) -> None:
     url = serve(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")))
     ok = httpx.post(f"{url}/score", json={"items": ITEMS})
     assert ok.json() == {"scores": [1.0, 0.0, 0.0, 0.0], "errors": [None] * 4, "model": "sort_exact"}
-    assert httpx.get(f"{url}/healthz").json() == {"ok": True, "model": "sort_exact"}
+    no_columns = {"taken": [], "every": False, "required": []}
+    assert httpx.get(f"{url}/healthz").json() == {"ok": True, "model": "sort_exact", "columns": no_columns}
     cases = {
         "missing items": ({}, 422, "items: Field required"),
         "empty batch": ({"items": []}, 422, "items: List should have at least 1 item"),
@@ -163,7 +164,7 @@ def test_a_reward_server_still_starting_gets_its_time_and_any_answer_counts(serv
     server = ThreadedServer(create_reward_app("sort_exact", rule_batch_scorer("sort_exact")), port=port)
     threading.Timer(1.0, server.start).start()  # up a second from now
     try:
-        assert wait_for_server(f"http://127.0.0.1:{port}", 1.0, 20.0, told.append) is None
+        assert wait_for_server(f"http://127.0.0.1:{port}", 1.0, 20.0, told.append)[0] is None
     finally:
         time.sleep(0.5)
         server.stop()
@@ -171,7 +172,7 @@ def test_a_reward_server_still_starting_gets_its_time_and_any_answer_counts(serv
     from fastapi import FastAPI
 
     bare = serve(FastAPI())  # no /healthz: 404 is an answer, so the server is up
-    assert wait_for_server(bare, 1.0, 5.0, told.append) is None and len(told) == 1
+    assert wait_for_server(bare, 1.0, 5.0, told.append) == (None, None) and len(told) == 1
 
 
 def token_app(token: str):

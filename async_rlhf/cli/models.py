@@ -4,10 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from async_rlhf.cli.arguments import fraction, non_negative_float, port, positive_float, positive_int, writable_place
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import load_config
+
+if TYPE_CHECKING:
+    from reward_models.columns import ServedColumns
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -67,15 +71,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def reward_scorer(model: str, batch_size: int = 16, max_length: int = 512):
-    """A rule scorer by name or a user's "pkg.module:function", else a learned reward model directory."""
+def reward_scorer(model: str, batch_size: int = 16, max_length: int = 512) -> tuple[Any, ServedColumns]:
+    """A rule scorer by name or a user's "pkg.module:function", else a learned reward model directory; with the
+    dataset columns it takes (a learned model: none)."""
     from async_rlhf.user_code import UserCodeError, is_import_path
+    from reward_models.columns import NO_SERVED
     from reward_models.rules import SCORERS
-    from reward_models.server import rule_batch_scorer
+    from reward_models.server import rule_scorer
 
     if model in SCORERS or is_import_path(model):
         try:
-            return rule_batch_scorer(model)
+            return rule_scorer(model)
         except UserCodeError as exc:
             raise ConfigError(f"config error: {exc}") from None
     if not Path(model).is_dir():
@@ -85,7 +91,7 @@ def reward_scorer(model: str, batch_size: int = 16, max_length: int = 512):
     from reward_models.learned import LearnedRewardModel
 
     try:
-        return LearnedRewardModel(model, batch_size, max_length)
+        return LearnedRewardModel(model, batch_size, max_length), NO_SERVED
     except ValueError as exc:
         raise ConfigError(f"config error: serve-reward: {exc}") from None
 
@@ -96,8 +102,8 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     from async_rlhf.api.serving import bound_socket
     from reward_models.server import create_reward_app
 
-    scorer = reward_scorer(args.model, args.batch_size, args.max_length)
-    app = create_reward_app(Path(args.model).name or args.model, scorer)
+    scorer, columns = reward_scorer(args.model, args.batch_size, args.max_length)
+    app = create_reward_app(Path(args.model).name or args.model, scorer, columns)
     try:  # bound here, so a taken port or unknown host is one line, not uvicorn's log line and exit 3
         sock = bound_socket(args.host, args.port)
     except OSError as exc:

@@ -55,7 +55,7 @@ from async_rlhf.pipeline.resume import (
 )
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.signals import StopSignals
-from async_rlhf.pipeline.startup import StartupClock, check_rewards
+from async_rlhf.pipeline.startup import StartupClock, check_reward_server
 from async_rlhf.pipeline.state import Components, LoopState, RunPhase, RunStats
 from async_rlhf.pipeline.summary import run_summary
 from async_rlhf.pipeline.timing import Timing
@@ -63,7 +63,7 @@ from async_rlhf.pipeline.view import RunView
 from async_rlhf.pipeline.watchdogs import Watchdogs
 from async_rlhf.policies.embedded import ensure_policy
 from async_rlhf.tasks.builtin import load_task
-from reward_models.columns import reward_columns
+from reward_models.columns import check_reward_columns, reward_columns
 
 __all__ = ["Controller", "RunError", "Service", "ServiceStarter"]
 
@@ -151,11 +151,12 @@ class Controller:
         self._keep_run_dir()
         with self.timing.span("setup_s"):
             policy_dir = ensure_policy(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
-            self.parts.task = load_task(self.cfg, policy_dir, reward_columns(self.cfg))  # checked: no worker yet
+            served = check_reward_server(self.cfg, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
+            self.parts.task = load_task(self.cfg, policy_dir, reward_columns(self.cfg, served))  # no worker yet
             print(f"[async-rlhf] {self.parts.task.describe()}", flush=True)
             if self.resume_from is not None:
                 check_same_inputs(self.resume_from, self.cfg, self.parts.task)
-            check_rewards(self.cfg, self.parts.task, log=lambda msg: print(f"[async-rlhf] {msg}", flush=True))
+            check_reward_columns(self.cfg, self.parts.task, served)
             self.recorder.add_sinks(make_sinks(self.cfg, self.run_dir))
             self.startup.lap("policy")
             self._start_ray()

@@ -34,8 +34,7 @@ from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline import live_clock
-from async_rlhf.tasks.builtin import Task
-from reward_models.columns import check_reward_columns
+from reward_models.columns import NO_SERVED, ServedColumns
 
 LAPS = ("process", "policy", "ray", "actors", "eval", "first_step")
 PLACEMENT_CHECK_S = 10.0  # how often a start-up still waiting on its actors asks whether the cluster placed them
@@ -282,27 +281,22 @@ def _import_quietly(module: str) -> None:
         pass
 
 
-def check_rewards(cfg: RunConfig, task: Task, log: Callable[[str], None]) -> None:
-    """What the rewards need from outside their config, before any worker starts: the prompts' data the reward
-    functions take, and the reward server's answer."""
-    check_reward_columns(cfg, task)
-    check_reward_server(cfg, log)
-
-
-def check_reward_server(cfg: RunConfig, log: Callable[[str], None]) -> None:
+def check_reward_server(cfg: RunConfig, log: Callable[[str], None]) -> ServedColumns:
     """A remote reward model that does not answer at all is said before any worker starts (it used to be
     found by the first reward calls, after start-up, and end the run reward.max_failed_steps steps later).
-    One still starting up gets up to reward.remote.deadline_s."""
+    One still starting up gets up to reward.remote.deadline_s. Before the prompts are read: the dataset columns
+    its function takes, as its /healthz says, are carried by them."""
     from reward_models.remote import wait_for_server
 
     remote = cfg.reward.remote
     if remote is None:
-        return
+        return NO_SERVED
     url = redact_url(remote.url)
-    why = wait_for_server(remote.url, remote.timeout_s, remote.deadline_s,
+    why, health = wait_for_server(remote.url, remote.timeout_s, remote.deadline_s,
                           lambda first: log(f"waiting up to {remote.deadline_s:g}s for the reward server at {url} "
                                             f"({first})"))
     if why is not None:
         raise ConfigError(f"config error: reward.remote.url: {url} did not answer within {remote.deadline_s:g}s "
                           f"({why}); start the reward server first (async-rlhf serve-reward, "
                           "docs/reward_protocol.md), or fix the URL")
+    return ServedColumns.read(health)
