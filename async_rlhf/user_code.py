@@ -54,6 +54,9 @@ def _import(module_name: str, key: str) -> Any:
             raise UserCodeError(f"{key}: module '{module_name}' not found ({exc}); it must be importable "
                                 "from sys.path or the current directory") from None
         raise UserCodeError(f"{key}: importing module '{module_name}' failed: {exc}") from None
+    except SystemExit as exc:  # a script's `sys.exit(main())`, or its argparse, run at import: ended the caller
+        raise UserCodeError(f"{key}: importing module '{module_name}' called sys.exit({exc.code!r}); run its script "
+                            "code only under `if __name__ == \"__main__\":`") from None
     except Exception as exc:  # a broken user module: name the module and the error, in one line
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise UserCodeError(

@@ -14,7 +14,7 @@ from async_rlhf.outputs.recorder import json_ready
 from async_rlhf.rollout import Prompt
 from reward_models.columns import NO_SERVED, ServedColumns
 from reward_models.protocol import MAX_BODY_BYTES, ScoreRequest, ScoreResponse
-from reward_models.user_scorer import as_batch, resolve_scorer
+from reward_models.user_scorer import USER_RAISES, as_batch, resolve_scorer
 
 BatchScorer = Callable[[list[Prompt], list[str]], list[float]]
 
@@ -37,14 +37,14 @@ def _score_each(scorer: BatchScorer, prompts: list[Prompt], responses: list[str]
         values = [float(v) for v in scorer(prompts, responses)]
         return ([v if math.isfinite(v) else None for v in values],
                 [None if math.isfinite(v) else f"non-finite score {v}" for v in values])
-    except Exception:
+    except USER_RAISES:
         scores: list[float | None] = []
         errors: list[str | None] = []
         for p, r in zip(prompts, responses):
             try:
                 scores.append(float(scorer([p], [r])[0]))
                 errors.append(None)
-            except Exception as exc:  # reported per item; the server keeps serving
+            except USER_RAISES as exc:  # reported per item; the server keeps serving
                 scores.append(None)
                 errors.append(f"{type(exc).__name__}: {exc}")
         return scores, errors

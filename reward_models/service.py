@@ -18,6 +18,7 @@ from reward_models.scoring_marks import ScoringMarks
 from reward_models.trl_context import NO_RUN, ScoringCall, ScoringRun
 from reward_models.user_scorer import (
     NONE_APPLIES,
+    USER_RAISES,
     AnyReward,
     BatchedReward,
     CombinedReward,
@@ -185,7 +186,7 @@ def _score_until(scorer: AnyReward, items: list[tuple[Prompt, Completion]], dead
             return
         try:
             value = awaited(scorer(prompt, completion.text))  # a callable whose __call__ is async, too
-        except Exception as exc:
+        except USER_RAISES as exc:
             done.append(_failed(exc))
             continue
         done.append(_checked(value))
@@ -198,7 +199,7 @@ def _score_batch(scorer: BatchedReward | ConcurrentReward, items: list[tuple[Pro
     try:
         values = scorer([prompt for prompt, _ in items], [c.text for c in completions],
                         [c.token_ids for c in completions], call)
-    except Exception as exc:
+    except USER_RAISES as exc:
         return [_failed(exc)] * len(items)
     return [_checked(value) for value in values]
 
@@ -234,4 +235,6 @@ def _checked(value: object) -> Outcome:
 
 
 def _failed(exc: BaseException) -> Outcome:
-    return Outcome(None, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, SystemExit):
+        return Outcome(None, f"SystemExit: the function called sys.exit({exc.code!r}); return a number instead")
+    return Outcome(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

@@ -38,6 +38,10 @@ from reward_models.trl_context import NO_RUN, TRL_CONTEXT, ScoringCall
 ARGUMENTS = ("prompt", "text")
 TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", *TRL_CONTEXT)  # what TRL passes besides the columns
 NONE_APPLIES = "every reward of the sum returned None: none applies to this completion"
+# What a user's function raises as its own failure: `sys.exit()` too, and KeyboardInterrupt, which in a scoring
+# thread is never a Ctrl-C (a signal reaches the main thread only). Uncaught, either ended the scoring thread
+# silently and its batch was said to have timed out.
+USER_RAISES = (Exception, SystemExit, KeyboardInterrupt)
 
 
 class BatchedReward:

@@ -367,12 +367,13 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     (tmp_path / "user_losses_mod.py").write_text(textwrap.dedent(USER_MODULE))
     (tmp_path / "user_losses_broken.py").write_text("raise RuntimeError('boom at import')\n")
     (tmp_path / "user_losses_dep.py").write_text("import no_such_dependency_xyz\n")
+    (tmp_path / "user_losses_script.py").write_text("import sys\nsys.exit(2)\n")  # a script's argparse, at import
     monkeypatch.syspath_prepend(str(tmp_path))
     before = dict(LOSSES)
     yield "user_losses_mod"
     LOSSES.clear()
     LOSSES.update(before)
-    for mod in ("user_losses_mod", "user_losses_broken", "user_losses_dep"):
+    for mod in ("user_losses_mod", "user_losses_broken", "user_losses_dep", "user_losses_script"):
         sys.modules.pop(mod, None)
 
 
@@ -413,6 +414,8 @@ def test_import_path_decorated_function_keeps_its_declarations(user_module):
                                "'no_such_dependency_xyz'"),
         ("user_losses_broken:fn", "loss.import_path: importing module 'user_losses_broken' failed: "
                                   "RuntimeError: boom at import"),
+        ("user_losses_script:fn", "loss.import_path: importing module 'user_losses_script' called sys.exit(2); run "
+                                  "its script code only under `if __name__ == \"__main__\":`"),
         ("user_losses_mod:missing", "loss.import_path: module 'user_losses_mod' has no attribute 'missing'"),
         ("user_losses_mod:NOT_A_FUNCTION", "loss.import_path: 'user_losses_mod:NOT_A_FUNCTION' is not callable "
                                            "(it is a int)"),

@@ -55,6 +55,14 @@ def returns_a_list(prompt, text):
     return [0.5, 0.25]
 
 
+def exits(prompt, text):  # a script's habit: ended the scoring thread, and its batch was said to have timed out
+    raise SystemExit(3)
+
+
+def interrupted(prompt, text):
+    raise KeyboardInterrupt
+
+
 def returns_numpy(prompt, text):
     import numpy as np
 
@@ -72,6 +80,8 @@ def own(name: str) -> str:
     ("returns_none", "TypeError: the scorer returned NoneType None, not a number"),
     ("returns_a_string", "TypeError: the scorer returned str '0.5', not a number"),
     ("returns_a_list", "TypeError: the scorer returned list [0.5, 0.25], not a number"),
+    ("exits", "SystemExit: the function called sys.exit(3); return a number instead"),
+    ("interrupted", "KeyboardInterrupt"),
 ])
 def test_failures_are_failures_not_zero(name: str, error: str) -> None:
     svc = RewardService({"train": own(name)})
@@ -162,6 +172,10 @@ def trl_raising(prompts, completions, **kwargs):
     raise RuntimeError("judge unreachable")
 
 
+async def trl_exits(prompts, completions, **kwargs):
+    raise SystemExit("bye")
+
+
 def batch(*texts: str):
     group = make_group(0, rewards=[None] * len(texts))
     group.prompt.meta = {"reference": "12", "digits": "21", "answer": "12"}
@@ -179,6 +193,7 @@ def batch(*texts: str):
                                         "2 completions; a batched reward returns a list with one number per "
                                         "completion")] * 2),
     ("trl_raising", [(None, "failed", "RuntimeError: judge unreachable")] * 2),
+    ("trl_exits", [(None, "failed", "SystemExit: the function called sys.exit('bye'); return a number instead")] * 2),
     ("trl_numpy", [(2.0, "ok", None), (3.0, "ok", None)]),
     ("trl_tensor", [(2.0, "ok", None), (3.0, "ok", None)]),
     ("trl_generator", [(2.0, "ok", None), (3.0, "ok", None)]),
