@@ -36,7 +36,7 @@ from learners.logprobs import (
     sampled_kl,
 )
 from learners.losses import LossInputs, Selection, resolve_loss
-from learners.losses.contract import loss_result
+from learners.losses.contract import loss_call, loss_result
 from learners.lr_schedule import lr_factor, set_lr
 from learners.micro_batches import (
     GroupSize,
@@ -284,7 +284,8 @@ class Learner:
             assert mb.ref_logps is not None
             inputs = self._inputs(mb.selection, mb.batch, logps, mb.ref_logps, values, mb.old_values)
             assert inputs.behaviour_logps is not None
-            loss, measures = loss_result(self.spec.name, self.spec.fn(inputs, self.cfg.loss))
+            answer = loss_call(self.spec.name, self.spec.fn, inputs, self.cfg.loss)
+            loss, measures = loss_result(self.spec.name, answer)
             kl = ((logps.detach() - mb.ref_logps) * mb.batch.completion_mask).sum(-1).mean()
             measures = {**measures, "loss": float(loss.detach()), "kl": float(kl)}
             gap = gap_sums(logps, inputs.behaviour_logps, inputs.mask, self._fresh_rows(mb.selection))

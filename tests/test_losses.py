@@ -13,7 +13,7 @@ from async_rlhf.config.run import validate_config
 from async_rlhf.rollout import Completion, Prompt, RewardStatus, RolloutGroup
 from learners.loss_traits import LossTraits, builtin_loss_modules, builtin_losses
 from learners.losses import LOSSES, LossInputs, get_loss, register_loss, select_pairs, select_pairs_batch
-from learners.losses.contract import LossContractError, loss_result
+from learners.losses.contract import LossContractError, loss_call, loss_result
 from learners.losses.dpo import dpo_sigmoid_loss, ipo_loss
 from tests.helpers import completion as make_completion
 from tests.helpers import present
@@ -245,6 +245,17 @@ def test_a_loss_that_returns_the_wrong_thing_is_refused_with_what_it_must_return
     with pytest.raises(LossContractError) as refused:
         loss_result("mine:fn", result)
     assert str(refused.value) == f"loss 'mine:fn' {problem}{MUST}"
+
+
+def test_a_loss_that_calls_sys_exit_is_named_not_taken_for_a_dead_learner() -> None:
+    # In the learner's Ray actor a SystemExit ended the actor: "the Learner actor died", replaced twice, then the end.
+    def gives_up(inputs, params):
+        raise SystemExit("no pairs")
+
+    with pytest.raises(LossContractError) as refused:
+        loss_call("mine:fn", gives_up, None, None)
+    assert str(refused.value) == f"loss 'mine:fn' called sys.exit('no pairs'){MUST}"
+    assert loss_call("mine:fn", lambda inputs, params: (inputs, params), 1, 2) == (1, 2)
 
 
 def test_a_loss_result_keeps_the_loss_and_makes_its_metrics_floats() -> None:

@@ -10,7 +10,7 @@ as its number: that is what a user computing a metric from tensors has at hand.
 from __future__ import annotations
 
 import numbers
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import torch
 
@@ -20,6 +20,15 @@ CONTRACT = ("a loss returns (loss, metrics): loss a 0-d float tensor with a grad
 
 class LossContractError(TypeError):
     """A loss returned something the learner cannot train on; the message names the loss and the fix."""
+
+
+def loss_call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`; its `sys.exit()` is a LossContractError naming it (in a Ray actor, SystemExit ends the actor: the
+    learner was restarted as if it had crashed, learner.max_restarts times, with no word of the loss)."""
+    try:
+        return fn(*args)
+    except SystemExit as exc:
+        _refuse(name, f"called sys.exit({exc.code!r})")
 
 
 def loss_result(name: str, result: Any) -> tuple[torch.Tensor, dict[str, float]]:
