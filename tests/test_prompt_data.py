@@ -86,12 +86,36 @@ def test_every_format_gives_the_same_prompts(tmp_path: Path, tokenizer, name: st
 
 def test_source_format_is_told_by_extension_or_directory(tmp_path: Path) -> None:
     assert source_format("a/b.JSONL", "auto") == "jsonl"
-    assert source_format(str(tmp_path), "auto") == "disk"
+    assert source_format(str(tmp_path), "auto") == "folder"  # of data files: what `datasets` reads as a folder
+    assert source_format(str(write(tmp_path / "saved", ROWS)), "auto") == "disk"  # save_to_disk's
     assert source_format("org/name", "auto") == "hub"
     assert source_format("x.txt", "csv") == "csv"
     told = [source_format(f"a/b.{ext}", "auto") for ext in ("jsonl.gz", "csv.XZ", "json.bz2")]
     assert told == ["jsonl", "csv", "json"]
     assert source_format("a/b.parquet.gz", "auto") == source_format("a/b.gz", "auto") == "hub"  # not told by name
+
+
+def test_a_folder_of_data_files_is_read_with_its_files_names_as_splits(tmp_path: Path, tokenizer) -> None:
+    """A dataset repository downloaded as it is (`data/train-0.jsonl`, `data/test.jsonl`) was taken for a
+    save_to_disk directory and refused ("neither a `Dataset` directory nor a `DatasetDict` directory")."""
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    write(tmp_path / "repo" / "data" / "train-0.jsonl", ROWS[:2])
+    write(tmp_path / "repo" / "data" / "train-1.jsonl", ROWS[2:4])
+    write(tmp_path / "repo" / "data" / "test.jsonl", ROWS[4:])
+    repo = str(tmp_path / "repo")
+    task = dataset_task(task_cfg(repo, eval_path=repo, eval_split="test"), tokenizer, seed=0)
+    assert sorted(p.text for p in (task.train_prompt(i) for i in range(len(task.train)))) == sorted(
+        str(r["question"]) for r in ROWS[:4])
+    assert [p.text for p in task.eval_prompts()] == [ROWS[4]["question"]]
+    with pytest.raises(ConfigError, match=r"task.dataset.split: no split 'validation' in '.*repo' \(splits: "):
+        dataset_task(task_cfg(repo, split="validation"), tokenizer, seed=0)
+    with pytest.raises(ValueError, match="task.dataset.eval_path reads the train split"):
+        task_cfg(repo, eval_path=repo)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "prepare.py").write_text("print(1)\n")
+    with pytest.raises(ConfigError, match=r"cannot read '.*notes' as folder: .*; give it .jsonl, .json, .csv or "
+                                          r".parquet files of one kind, or point task.dataset.path at another"):
+        load_table(str(tmp_path / "notes"), "auto", "train")
 
 
 @pytest.mark.parametrize("opener", [gzip.open, bz2.open, lzma.open])

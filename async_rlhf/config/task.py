@@ -23,11 +23,12 @@ else:
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # text files compressed whole, as `datasets` reads them (prompts.jsonl.gz)
+SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (a DatasetDict's, a Dataset's)
 
 
 def source_format(path: str, fmt: str) -> str:
     """The format of a source: explicit, else by extension (under a compression suffix for text formats); a
-    directory is `disk`, anything else `hub`."""
+    directory is `disk` where save_to_disk wrote it, else a `folder` of data files; anything else `hub`."""
     if fmt != "auto":
         return fmt
     name = Path(path)
@@ -36,7 +37,9 @@ def source_format(path: str, fmt: str) -> str:
         suffix = name.with_suffix("").suffix.lower()
     if suffix in EXTENSIONS:
         return EXTENSIONS[suffix]
-    return "disk" if Path(path).is_dir() else "hub"
+    if not name.is_dir():
+        return "hub"
+    return "disk" if any((name / marker).is_file() for marker in SAVED_MARKERS) else "folder"
 
 
 def check_source(key: str, path: str, fmt: str) -> None:
@@ -46,6 +49,8 @@ def check_source(key: str, path: str, fmt: str) -> None:
         raise ValueError(f"{key}: file '{path}' not found (relative paths start at the current directory)")
     if kind == "disk" and not Path(path).is_dir():
         raise ValueError(f"{key}: directory '{path}' not found; give a directory written by Dataset.save_to_disk")
+    if kind == "folder" and not Path(path).is_dir():
+        raise ValueError(f"{key}: directory '{path}' not found; give a directory of data files")
     if kind == "hub" and Path(path).is_file():
         raise ValueError(f"task.dataset.format: cannot tell the format of '{path}' from its extension; "
                          f"set task.dataset.format to jsonl, json, csv or parquet")
@@ -69,8 +74,9 @@ class DatasetConfig(Strict):
 
     path: str = Field(description="a .jsonl/.json/.csv file (or .gz/.bz2/.xz of one), a .parquet file, a "
                                   "save_to_disk directory, or a hub name")
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "hub"] = Field(
-        "auto", description="auto: from the file extension; a directory is `disk`; anything else `hub`"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk", "folder", "hub"] = Field(
+        "auto", description="auto: from the file extension; a directory is `disk` (save_to_disk's) or a `folder` of "
+                            "data files; anything else `hub`"
     )
     split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
     field: str | None = Field(None, description="the key a .json file's rows sit under ({\"data\": [...]}); "

@@ -67,7 +67,8 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
     try:
         if kind in BUILDERS:
             return datasets.load_dataset(BUILDERS[kind], data_files=str(path), split="train", **under)
-        table = datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path, split=split)
+        table = (datasets.load_from_disk(path) if kind == "disk" else datasets.load_dataset(path) if kind == "folder"
+                 else datasets.load_dataset(path, split=split))  # a folder's splits are its files' names
     except Exception as exc:  # datasets raises many types; the user needs the source and the reason
         if under and (problem := field_problem(Path(path), under["field"])):  # datasets: KeyError 'data'
             raise ConfigError(f"{E}task.dataset.field: no rows under key '{field}' in '{path}' ({problem}); set it "
@@ -88,8 +89,8 @@ def read_failure(exc: BaseException, kind: str, path: str, name: str, other: str
     if kind != "disk" and (problem := cache_problem(innermost(exc), cache)):
         return ConfigError(f"{name}: cannot write the datasets cache while reading '{path}' ({problem}); set "
                            "$HF_DATASETS_CACHE to a writable directory with room for an Arrow copy of the data")
-    fix = ("check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)"
-           if kind == "hub" else "fix the file")
+    fix = {"hub": "check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)",
+           "folder": "give it .jsonl, .json, .csv or .parquet files of one kind"}.get(kind, "fix the file")
     where = first_bad_row(Path(path), kind == "jsonl") if kind in ("jsonl", "json") else None  # Arrow: 0-based rows
     return ConfigError(f"{name}: cannot read '{path}' as {kind}: {where or root_reason(exc)}; {fix}, or {other}")
 
