@@ -36,10 +36,11 @@ def load_pairs(source: str) -> Any:
     from async_rlhf.tasks.dataset import load_table, source_format
 
     fmt = source_format(source, "auto")
-    if fmt not in ("jsonl", "parquet", "disk"):
-        raise ConfigError(f"config error: train-rm: '{source}' is not a .jsonl file, a .parquet file or a "
-                          f"save_to_disk directory; convert the pairs to one of those")
-    if fmt != "disk" and not Path(source).is_file() or fmt == "disk" and not Path(source).is_dir():
+    if fmt not in ("jsonl", "parquet", "disk", "folder"):
+        raise ConfigError(f"config error: train-rm: '{source}' is not a .jsonl file, a .parquet file, a "
+                          f"save_to_disk directory or a folder of such files; convert the pairs to one of those")
+    directory = fmt in ("disk", "folder")
+    if not directory and not Path(source).is_file() or directory and not Path(source).is_dir():
         raise ConfigError(f"config error: train-rm: pairs '{source}' not found")
     table = load_table(source, fmt, "train", split_key="train-rm", name="train-rm", other="give train-rm other pairs")
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]

@@ -89,7 +89,7 @@ def test_train_rm_rejects_bad_pairs(tmp_path: Path, random_policies: tuple[Path,
     assert "no usable pair" in cli_error(capsys, "train-rm", str(empty), "--base", base, "--out", str(tmp_path / "o"))
     (tmp_path / "p.csv").write_text("prompt,chosen,rejected\n1>,1,2\n")
     err = cli_error(capsys, "train-rm", str(tmp_path / "p.csv"), "--base", base, "--out", str(tmp_path / "o"))
-    assert "not a .jsonl file, a .parquet file or a save_to_disk directory" in err
+    assert "not a .jsonl file, a .parquet file, a save_to_disk directory or a folder of such files" in err
     pairs = write_jsonl(tmp_path / "ok.jsonl", PAIRS)
     err = cli_error(capsys, "train-rm", str(pairs), "--base", str(tmp_path), "--out", str(tmp_path / "o"))
     assert "--base: no config.json" in err
@@ -113,7 +113,7 @@ def test_train_rm_says_its_own_lines_and_the_trainers_only(tmp_path: Path, rando
     assert not any(noise in said for noise in ("Loading weights", "Writing model shards", "LOAD REPORT", "\r"))
 
 
-def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
+def test_pairs_from_parquet_disk_and_a_folder(tmp_path: Path) -> None:
     import datasets
 
     from reward_models.training import load_pairs
@@ -121,7 +121,10 @@ def test_pairs_from_parquet_and_disk(tmp_path: Path) -> None:
     table = datasets.Dataset.from_list(PAIRS[:4] + [{"prompt": "x", "chosen": None, "rejected": "y"}])
     table.to_parquet(str(tmp_path / "p.parquet"))
     table.save_to_disk(str(tmp_path / "disk"))
+    (tmp_path / "folder").mkdir()
+    table.to_parquet(str(tmp_path / "folder" / "train-0.parquet"))
     assert len(load_pairs(str(tmp_path / "p.parquet"))) == 4 == len(load_pairs(str(tmp_path / "disk")))
+    assert len(load_pairs(str(tmp_path / "folder"))) == 4
 
 
 def test_best_and_worst_pair() -> None:
