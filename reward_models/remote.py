@@ -66,17 +66,18 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def wait_for_server(url: str, timeout_s: float, deadline_s: float,
-                    waiting: Callable[[str], None]) -> tuple[str | None, Any]:
+def wait_for_server(url: str, timeout_s: float, deadline_s: float, waiting: Callable[[str], None],
+                    headers: dict[str, str] | None = None) -> tuple[str | None, Any]:
     """(None, its /healthz answer's JSON, or None) once the server at `url` answers HTTP at all (any status: a
     server without /healthz is up too), else (why not, None) after `deadline_s` (connection refused, timed out,
     ...). `waiting` is told the first failure, so that a server still starting up gets its time and a forgotten
-    one is said at once."""
+    one is said at once. `headers`: the bearer token, for a server that wants it on every call."""
     end = time.monotonic() + deadline_s
     told = False
     while True:
         try:
-            return None, _json(httpx.get(f"{url.rstrip('/')}/healthz", timeout=min(timeout_s, deadline_s)))
+            answer = httpx.get(f"{url.rstrip('/')}/healthz", timeout=min(timeout_s, deadline_s), headers=headers)
+            return None, _json(answer)
         except httpx.HTTPError as exc:
             text = str(exc)
             quotes_url = "://" in text or "@" in text  # its credentials must not be echoed

@@ -76,6 +76,30 @@ def test_a_column_the_served_function_requires_and_the_prompts_lack_stops_the_ru
                    "alike), or serve a function that does without it")
 
 
+def test_a_server_that_wants_a_bearer_token_is_asked_for_its_columns_with_it(
+        served, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    app = create_reward_app("graded", *rule_scorer("tests.test_served_columns:graded"))
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):  # as a hosted endpoint checks every call
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token"})
+        return await call_next(request)
+
+    server = ThreadedServer(app)
+    url = server.start()
+    try:
+        assert wait_for_server(url, 5.0, 10.0, print) == (None, None)  # up, but says nothing without the token
+        monkeypatch.setenv("REWARD_TOKEN", "s3cret")
+        cfg = load_config(QUICKSTART, [f"reward.remote.url={url}", "reward.remote.token_env=REWARD_TOKEN"])
+        assert check_reward_server(cfg, log=print).required == {"answer"}
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("health", [
     None, {"ok": True}, {"ok": True, "columns": "answer"}, {"columns": {"taken": "answer"}},
     {"columns": {"taken": [1]}}, {"columns": {"required": ["x", None]}}, ["columns"],

@@ -286,15 +286,16 @@ def check_reward_server(cfg: RunConfig, log: Callable[[str], None]) -> ServedCol
     found by the first reward calls, after start-up, and end the run reward.max_failed_steps steps later).
     One still starting up gets up to reward.remote.deadline_s. Before the prompts are read: the dataset columns
     its function takes, as its /healthz says, are carried by them."""
-    from reward_models.remote import wait_for_server
+    from reward_models.remote import bearer, wait_for_server
 
     remote = cfg.reward.remote
     if remote is None:
         return NO_SERVED
     url = redact_url(remote.url)
-    why, health = wait_for_server(remote.url, remote.timeout_s, remote.deadline_s,
-                          lambda first: log(f"waiting up to {remote.deadline_s:g}s for the reward server at {url} "
-                                            f"({first})"))
+    def waiting(first: str) -> None:
+        log(f"waiting up to {remote.deadline_s:g}s for the reward server at {url} ({first})")
+
+    why, health = wait_for_server(remote.url, remote.timeout_s, remote.deadline_s, waiting, bearer(remote.token_env))
     if why is not None:
         raise ConfigError(f"config error: reward.remote.url: {url} did not answer within {remote.deadline_s:g}s "
                           f"({why}); start the reward server first (async-rlhf serve-reward, "
