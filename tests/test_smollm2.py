@@ -23,7 +23,7 @@ def test_unprepared_name_says_how_to_prepare(tmp_path: Path, monkeypatch: pytest
     assert model_dir("smollm2") == tmp_path / "models" / "smollm2"
     with pytest.raises(ConfigError, match=r"model 'smollm2' is not prepared yet; run `async-rlhf prepare smollm2`"):
         load_config("configs/smollm2_gold_proxy.yaml", ["reward.learned=null"])
-    assert resolve_model_path("some/dir") == Path("some/dir")  # anything else is a path
+    assert resolve_model_path("/some/dir") == Path("/some/dir")  # anything else is a path (owner/name: a Hub id)
 
 
 def test_prepare_unknown_name(capsys: pytest.CaptureFixture) -> None:

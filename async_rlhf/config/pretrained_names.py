@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from async_rlhf.config.hub_models import hub_snapshot, is_hub_id
+
 
 @dataclass(frozen=True)
 class GgufSource:
@@ -39,9 +41,12 @@ def is_prepared(name: str) -> bool:
 
 
 def resolve_model_path(value: str | Path, prepared_here: bool = True) -> Path:
-    """A registered name (prepared) -> its cache directory; anything else is a path, returned as is. With
-    `prepared_here` False (a config checked for another machine) the name need not be prepared on this one."""
+    """A registered name (prepared) -> its cache directory; a Hub model id (`owner/name`, where no such directory
+    is here) -> its snapshot in the Hub's cache (config/hub_models.py); anything else is a path, returned as is.
+    With `prepared_here` False (a config checked for another machine) neither is looked up on this one."""
     text = str(value)
+    if prepared_here and text not in MODELS and is_hub_id(text):
+        return hub_snapshot(text)
     if text not in MODELS or Path(text).exists():
         return Path(text)
     if prepared_here and not is_prepared(text):
