@@ -14,7 +14,6 @@ from async_rlhf.config.hub_models import hub_reason, is_hub_id
 from async_rlhf.config.run import load_config
 from tests.helpers import QUICKSTART
 
-
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -54,7 +53,7 @@ def test_a_learned_reward_model_by_its_hub_id(hub_cache: Path, tiny_rm: Path) ->
     snapshot = cached(hub_cache.parents[2], "owner/tiny-rm", tiny_rm)
     cfg = load_config(QUICKSTART, ["reward.learned.path=owner/tiny-rm"])
     assert cfg.reward.learned is not None and cfg.reward.learned.path == snapshot.resolve()
-    with pytest.raises(ConfigError, match=r"^config error: reward.learned.path: 'owner/nothing' is neither a directory "):
+    with pytest.raises(ConfigError, match=r"^config error: reward.learned.path: 'owner/nothing' is neither a "):
         load_config(QUICKSTART, ["reward.learned.path=owner/nothing"])
 
 

@@ -26,7 +26,7 @@ class EmbeddedModelConfig(Strict):
     sft_correct_fraction: float = Field(
         0.4, gt=0, le=1, description="share of supervised targets that are correct; the rest are corrupted"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="the warm start's own seed (its weights and its prompts)")
 
     @model_validator(mode="after")
     def _heads(self) -> "EmbeddedModelConfig":
