@@ -49,6 +49,38 @@ def test_a_hub_id_is_its_snapshot_in_the_hub_cache(hub_cache: Path) -> None:
     assert str(portable.model.path) == "owner/tiny-llama"  # resolved where it runs
 
 
+def test_a_checkpoint_without_safetensors_is_fetched_with_its_bin_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub itself stands in here (this machine has no network): a repository of config.json and
+    pytorch_model.bin, as older uploads are, gives each `snapshot_download` the files its patterns match."""
+    import fnmatch
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from async_rlhf.config.hub_models import hub_snapshot
+
+    repository = {"config.json": "{}", "pytorch_model.bin": "weights", "training_args.bin": "args"}
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str], local_files_only: bool = False) -> str:
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        asked.append(allow_patterns)
+        folder = tmp_path / repo_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (n for n in repository if any(fnmatch.fnmatch(n, p) for p in allow_patterns)):
+            (folder / name).write_text(repository[name])
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    folder = hub_snapshot("owner/older")
+    assert (folder / "pytorch_model.bin").is_file() and len(asked) == 2 and "*.safetensors" in asked[0]
+    assert asked[1] == ["*.bin"]
+
+
 def test_a_learned_reward_model_by_its_hub_id(hub_cache: Path, tiny_rm: Path) -> None:
     snapshot = cached(hub_cache.parents[2], "owner/tiny-rm", tiny_rm)
     cfg = load_config(QUICKSTART, ["reward.learned.path=owner/tiny-rm"])
