@@ -95,6 +95,26 @@ def test_source_format_is_told_by_extension_or_directory(tmp_path: Path) -> None
     assert source_format("a/b.parquet.gz", "auto") == source_format("a/b.gz", "auto") == "hub"  # not told by name
 
 
+def test_a_glob_pattern_reads_every_file_it_matches(tmp_path: Path, tokenizer) -> None:
+    """As datasets' data_files takes one (`data/train-*.jsonl`): it was refused as a file not found."""
+    for i in range(2):
+        write(tmp_path / f"train-{i}.jsonl", ROWS[2 * i:2 * i + 2])
+    write(tmp_path / "test.jsonl", ROWS[4:])
+    pattern = str(tmp_path / "train-*.jsonl")
+    task = dataset_task(task_cfg(pattern, eval_path=str(tmp_path / "test.jsonl")), tokenizer, seed=0)
+    assert sorted(p.text for p in (task.train_prompt(i) for i in range(len(task.train)))) == sorted(
+        str(r["question"]) for r in ROWS[:4])
+    with pytest.raises(ValueError, match=r"task.dataset.path: no file matches '.*train-\*.json' \(relative"):
+        task_cfg(str(tmp_path / "train-*.json"))
+    with pytest.raises(ValueError, match=r"task.dataset.eval_path shares files with task.dataset.path"):
+        task_cfg(pattern, eval_path=str(tmp_path / "train-1.jsonl"))
+    (tmp_path / "train-1.jsonl").write_text('{"question": "ok"}\n{"question": oops}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_table(pattern, "auto", "train")
+    assert f"as jsonl: {tmp_path / 'train-1.jsonl'} line 2: not valid JSON (Expecting value at column 14)" in str(
+        caught.value)
+
+
 def test_a_folder_of_data_files_is_read_with_its_files_names_as_splits(tmp_path: Path, tokenizer) -> None:
     """A dataset repository downloaded as it is (`data/train-0.jsonl`, `data/test.jsonl`) was taken for a
     save_to_disk directory and refused ("neither a `Dataset` directory nor a `DatasetDict` directory")."""

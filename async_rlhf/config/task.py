@@ -1,6 +1,7 @@
 """The prompt-source part of the run configuration (`task:`), and per-task defaults."""
 from __future__ import annotations
 
+import glob
 import os
 import re
 import string
@@ -24,6 +25,14 @@ EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "pa
 FILE_FORMATS = ("jsonl", "json", "csv", "parquet")  # one file = one split; `split` picks in hub / disk sources
 COMPRESSIONS = (".gz", ".bz2", ".xz")  # text files compressed whole, as `datasets` reads them (prompts.jsonl.gz)
 SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes (a DatasetDict's, a Dataset's)
+GLOB_CHARS = ("*", "?", "[")  # a file source may be a pattern, as datasets' data_files is: data/train-*.jsonl
+
+
+def source_files(path: str) -> list[Path]:
+    """The files a file source names: itself, or those its glob pattern matches, in sorted order; [] for none."""
+    if any(c in path for c in GLOB_CHARS):
+        return [Path(p) for p in sorted(glob.glob(path)) if Path(p).is_file()]
+    return [Path(path)] if Path(path).is_file() else []
 
 
 def source_format(path: str, fmt: str) -> str:
@@ -45,8 +54,9 @@ def source_format(path: str, fmt: str) -> str:
 def check_source(key: str, path: str, fmt: str) -> None:
     """What can be told without reading the data: the file is there and its format known."""
     kind = source_format(path, fmt)
-    if kind in FILE_FORMATS and not Path(path).is_file():
-        raise ValueError(f"{key}: file '{path}' not found (relative paths start at the current directory)")
+    if kind in FILE_FORMATS and not source_files(path):
+        what = f"no file matches '{path}'" if any(c in path for c in GLOB_CHARS) else f"file '{path}' not found"
+        raise ValueError(f"{key}: {what} (relative paths start at the current directory)")
     if kind == "disk" and not Path(path).is_dir():
         raise ValueError(f"{key}: directory '{path}' not found; give a directory written by Dataset.save_to_disk")
     if kind == "folder" and not Path(path).is_dir():
@@ -57,8 +67,11 @@ def check_source(key: str, path: str, fmt: str) -> None:
 
 
 def same_source(a: str, b: str) -> bool:
-    """Two sources name the same data: equal hub names, or paths to the same file or directory."""
-    return a == b or os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+    """Two sources name the same data: equal hub names, paths to the same file or directory, or patterns (or a
+    pattern and a file) that match a file in common."""
+    if a == b or os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b)):
+        return True
+    return bool({p.resolve() for p in source_files(a)} & {p.resolve() for p in source_files(b)})
 
 
 def template_fields(template: str | None) -> list[str]:
@@ -143,8 +156,11 @@ class DatasetConfig(Strict):
         if self.eval_path is None or not same_source(self.path, self.eval_path):
             return
         if source_format(self.path, self.format) in FILE_FORMATS:
-            raise ValueError(f"task.dataset.eval_path is the train file '{self.eval_path}': evaluation must be on "
-                             f"held-out prompts; give another file, or unset it to hold out task.dataset.eval_fraction")
+            what = (f"shares files with task.dataset.path ('{self.eval_path}', '{self.path}')"
+                    if any(c in self.path + self.eval_path for c in GLOB_CHARS) else
+                    f"is the train file '{self.eval_path}'")
+            raise ValueError(f"task.dataset.eval_path {what}: evaluation must be on held-out prompts; give another "
+                             "file, or unset it to hold out task.dataset.eval_fraction")
         if self.eval_source_split == self.split:
             raise ValueError(f"task.dataset.eval_path reads the train split ('{self.eval_path}', split "
                              f"'{self.split}'): "

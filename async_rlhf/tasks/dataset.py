@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 from async_rlhf.config.base import ConfigError
-from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format, template_fields
+from async_rlhf.config.task import DatasetConfig, TaskConfig, source_files, source_format, template_fields
 from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
 from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
@@ -56,10 +56,11 @@ def load_table(path: str, fmt: str, split: str, split_key: str = "task.dataset.s
     import datasets
 
     kind = source_format(path, fmt)
-    if kind in BUILDERS and Path(path).is_file() and Path(path).stat().st_size == 0:  # datasets: "StopIteration"
-        raise ConfigError(f"{E}{name}: '{path}' is empty; fix the file, or {other}")
-    if kind in BUILDERS and kind != "parquet" and Path(path).is_file():
-        check_utf8(Path(path), name, other)
+    for file in source_files(path) if kind in BUILDERS else []:  # a pattern's every file (data/train-*.jsonl)
+        if file.stat().st_size == 0:  # datasets: "StopIteration"
+            raise ConfigError(f"{E}{name}: '{file}' is empty; fix the file, or {other}")
+        if kind != "parquet":
+            check_utf8(file, name, other)
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs a parse error itself, before ours
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # two lines per retry when the Hub is unreachable
@@ -91,8 +92,17 @@ def read_failure(exc: BaseException, kind: str, path: str, name: str, other: str
                            "$HF_DATASETS_CACHE to a writable directory with room for an Arrow copy of the data")
     fix = {"hub": "check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)",
            "folder": "give it .jsonl, .json, .csv or .parquet files of one kind"}.get(kind, "fix the file")
-    where = first_bad_row(Path(path), kind == "jsonl") if kind in ("jsonl", "json") else None  # Arrow: 0-based rows
+    where = bad_row(path, kind) if kind in ("jsonl", "json") else None  # Arrow: rows counted from 0
     return ConfigError(f"{name}: cannot read '{path}' as {kind}: {where or root_reason(exc)}; {fix}, or {other}")
+
+
+def bad_row(path: str, kind: str) -> str | None:
+    """The first bad line of a JSON source, the file named where a pattern matched several."""
+    files = source_files(path)
+    for file in files:
+        if where := first_bad_row(file, kind == "jsonl"):
+            return f"{file} {where}" if len(files) > 1 else where
+    return None
 
 
 def check_utf8(path: Path, name: str, other: str) -> None:
