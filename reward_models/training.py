@@ -33,7 +33,8 @@ class RewardTrainingArgs:
 
 def load_pairs(source: str) -> Any:
     """The pairs as a `datasets.Dataset`, checked: the columns are there, text, and there is data."""
-    from async_rlhf.tasks.dataset import load_table, source_format
+    from async_rlhf.config.task import source_format
+    from async_rlhf.tasks.sources import load_table
 
     fmt = source_format(source, "auto")
     if fmt not in ("jsonl", "parquet", "disk", "folder"):

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from async_rlhf.config.base import ConfigError
-from async_rlhf.config.task import DatasetConfig, TaskConfig
+from async_rlhf.config.task import DatasetConfig, TaskConfig, source_format
 from async_rlhf.policies.embedded import build_tokenizer
 from async_rlhf.rollout import EVAL_ID_OFFSET
 from async_rlhf.tasks.builtin import make_task
-from async_rlhf.tasks.dataset import DatasetTask, cache_problem, in_eval_fraction, load_table, source_format
+from async_rlhf.tasks.dataset import DatasetTask, in_eval_fraction
+from async_rlhf.tasks.sources import cache_problem, load_table
 from tests.helpers import token_ids
 
 ROWS = [
