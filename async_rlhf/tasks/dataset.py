@@ -36,9 +36,8 @@ from async_rlhf.config.task_shapes import TASK_SHAPES
 from async_rlhf.rollout import CONVERSATION, EVAL_ID_OFFSET, NO_COLUMNS, Prompt, RewardColumns
 from async_rlhf.tasks.chat_turn import ChatTurn, as_conversation
 from async_rlhf.tasks.json_rows import key_of_rows
-from async_rlhf.tasks.sources import load_table
+from async_rlhf.tasks.sources import E, load_table
 
-E = "config error: "
 ROWS_PER_BATCH = 1024  # rows read, templated and tokenized together (per-row calls cost 3x at 1M rows)
 
 
