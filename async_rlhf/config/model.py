@@ -8,8 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
-from async_rlhf.config.hub_models import is_hub_id
-from async_rlhf.config.pretrained_names import resolve_model_path
+from async_rlhf.config.pretrained_names import checkpoint_path
 from async_rlhf.config.weights_files import check_weights
 
 
@@ -169,15 +168,7 @@ class ModelConfig(Strict):
     @classmethod
     def _absolute(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         # A registered name (e.g. smollm2) is its prepared cache directory (--portable: prepared where it runs).
-        # Ray workers need not share the driver's working directory: hand them absolute paths.
-        if path is None:
-            return None
-        if not environment_checks(info) and is_hub_id(str(path)):  # resolved where it runs, from that Hub cache
-            return path
-        try:
-            return resolve_model_path(path, environment_checks(info)).absolute()
-        except ValueError as exc:  # a name not prepared, a Hub id neither cached nor downloadable
-            raise ValueError(f"model.{info.field_name}: {exc}") from None
+        return None if path is None else checkpoint_path(f"model.{info.field_name}", path, environment_checks(info))
 
     @model_validator(mode="after")
     def _path(self, info: ValidationInfo) -> "ModelConfig":

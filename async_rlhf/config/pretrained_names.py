@@ -40,6 +40,18 @@ def is_prepared(name: str) -> bool:
     return (model_dir(name) / DONE_MARK).is_file()
 
 
+def checkpoint_path(key: str, path: Path, here: bool) -> Path:
+    """A config's checkpoint directory (`key`) as the run's workers get it: resolved (`resolve_model_path`; with
+    `here` False, a config checked for another machine, a Hub id stays as given: it is resolved where it runs)
+    and absolute (Ray workers need not share the driver's working directory). ValueError names `key`."""
+    if not here and is_hub_id(str(path)):
+        return path
+    try:
+        return resolve_model_path(path, here).absolute()
+    except ValueError as exc:  # a name not prepared, a Hub id neither cached nor downloadable
+        raise ValueError(f"{key}: {exc}") from None
+
+
 def resolve_model_path(value: str | Path, prepared_here: bool = True) -> Path:
     """A registered name (prepared) -> its cache directory; a Hub model id (`owner/name`, where no such directory
     is here) -> its snapshot in the Hub's cache (config/hub_models.py); anything else is a path, returned as is.

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from async_rlhf.config.base import Strict, environment_checks
-from async_rlhf.config.hub_models import hub_snapshot, is_hub_id
+from async_rlhf.config.pretrained_names import checkpoint_path
 from async_rlhf.user_code import is_import_path, split_import_path
 from reward_models.user_scorer import ScorerSpec, describe, resolve_scorer
 
@@ -61,15 +61,10 @@ class LearnedRewardConfig(Strict):
     def _dir(cls, path: Path, info: ValidationInfo) -> Path:
         from reward_models.learned import check_reward_model_dir
 
-        if not environment_checks(info):  # --portable: the model is on the machine the config is for
-            return path if is_hub_id(str(path)) else path.absolute()
-        if is_hub_id(str(path)):  # owner/name, where no such directory is here: its snapshot in the Hub's cache
-            try:
-                path = hub_snapshot(str(path))
-            except ValueError as exc:
-                raise ValueError(f"reward.learned.path: {exc}") from None
-        check_reward_model_dir("reward.learned.path", path)
-        return path.absolute()  # Ray workers need not share the driver's working directory
+        path = checkpoint_path("reward.learned.path", path, environment_checks(info))  # a Hub id: its snapshot
+        if environment_checks(info):  # --portable: the model is on the machine the config is for
+            check_reward_model_dir("reward.learned.path", path)
+        return path
 
 
 class RewardConfig(Strict):
