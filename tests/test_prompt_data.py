@@ -116,6 +116,25 @@ def test_a_glob_pattern_reads_every_file_it_matches(tmp_path: Path, tokenizer) -
         caught.value)
 
 
+def test_a_pattern_without_an_extension_takes_its_files_format(tmp_path: Path, tokenizer) -> None:
+    """`data/train-*` was taken for a hub name ("Couldn't find any data file"): no hub name holds a `*`."""
+    write(tmp_path / "train-0.jsonl", ROWS[:2])
+    write(tmp_path / "train-1.jsonl", ROWS[2:4])
+    pattern = str(tmp_path / "train-*")
+    assert source_format(pattern, "auto") == "jsonl"
+    assert len(load_table(pattern, "auto", "train")) == 4
+    with pytest.raises(ValueError, match=r"pattern '.*nothing-\*' matches no file; end it with the files' ext"):
+        task_cfg(str(tmp_path / "nothing-*"))
+    (tmp_path / "train-2.csv").write_text("question,answer\n1,2\n")
+    with pytest.raises(ValueError, match=r"matches 3 files of no one known format; .* or set task.dataset.format"):
+        task_cfg(pattern)
+    (tmp_path / "train-2.csv").unlink()
+    (tmp_path / "train-1.jsonl").write_text('{"prompt": "1 2"}\n')  # other columns than train-0's
+    with pytest.raises(ConfigError, match=r"the files it matches have different columns \(.*train-0.jsonl: "
+                                          r"question, answer, level; .*train-1.jsonl: prompt\); fix the file"):
+        load_table(pattern, "auto", "train")
+
+
 def test_a_folder_of_data_files_is_read_with_its_files_names_as_splits(tmp_path: Path, tokenizer) -> None:
     """A dataset repository downloaded as it is (`data/train-0.jsonl`, `data/test.jsonl`) was taken for a
     save_to_disk directory and refused ("neither a `Dataset` directory nor a `DatasetDict` directory")."""

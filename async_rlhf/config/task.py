@@ -46,9 +46,17 @@ def source_format(path: str, fmt: str) -> str:
         suffix = name.with_suffix("").suffix.lower()
     if suffix in EXTENSIONS:
         return EXTENSIONS[suffix]
+    if any(c in path for c in GLOB_CHARS):  # no hub name holds one: a pattern's files tell its format
+        return pattern_format(path)
     if not name.is_dir():
         return "hub"
     return "disk" if any((name / marker).is_file() for marker in SAVED_MARKERS) else "folder"
+
+
+def pattern_format(path: str) -> str:
+    """The one file format every file a pattern matches has (data/train-*), else `pattern`: none or mixed."""
+    kinds = {source_format(str(p), "auto") for p in source_files(path)}
+    return kinds.pop() if len(kinds) == 1 and kinds <= set(FILE_FORMATS) else "pattern"
 
 
 def check_source(key: str, path: str, fmt: str) -> None:
@@ -61,6 +69,11 @@ def check_source(key: str, path: str, fmt: str) -> None:
         raise ValueError(f"{key}: directory '{path}' not found; give a directory written by Dataset.save_to_disk")
     if kind == "folder" and not Path(path).is_dir():
         raise ValueError(f"{key}: directory '{path}' not found; give a directory of data files")
+    if kind == "pattern":
+        found = source_files(path)
+        what = "matches no file" if not found else f"matches {len(found)} files of no one known format"
+        raise ValueError(f"{key}: the pattern '{path}' {what}; end it with the files' extension "
+                         f"(data/train-*.jsonl) or set task.dataset.format")
     if kind == "hub" and Path(path).is_file():
         raise ValueError(f"task.dataset.format: cannot tell the format of '{path}' from its extension; "
                          f"set task.dataset.format to jsonl, json, csv or parquet")

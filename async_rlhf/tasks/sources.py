@@ -68,7 +68,27 @@ def read_failure(exc: BaseException, kind: str, path: str, name: str, other: str
     fix = {"hub": "check the name and this machine's access to the Hub (HF_HUB_OFFLINE=1: its local cache only)",
            "folder": "give it .jsonl, .json, .csv or .parquet files of one kind"}.get(kind, "fix the file")
     where = bad_row(path, kind) if kind in ("jsonl", "json") else None  # Arrow: rows counted from 0
+    if where is None and kind in BUILDERS and type(innermost(exc)).__name__ == "CastError":
+        where = mixed_columns(path, kind)
     return ConfigError(f"{name}: cannot read '{path}' as {kind}: {where or root_reason(exc)}; {fix}, or {other}")
+
+
+def mixed_columns(path: str, kind: str) -> str | None:
+    """Which files of a pattern have other columns than its first (datasets: "Couldn't cast ... because column
+    names don't match"), read one by one: this runs only once reading them together has failed."""
+    import datasets
+
+    try:
+        columns = {file: datasets.load_dataset(BUILDERS[kind], data_files=str(file), split="train").column_names
+                   for file in source_files(path)}
+    except Exception:  # noqa: BLE001 - a file that fails alone too: datasets' own reason is said instead
+        return None
+    first, *rest = columns
+    differ = [file for file in rest if set(columns[file]) != set(columns[first])]
+    if not differ:
+        return None
+    shown = "; ".join(f"{file}: {', '.join(columns[file])}" for file in (first, differ[0]))
+    return f"the files it matches have different columns ({shown})"
 
 
 def no_rows_under(path: str, field: str) -> tuple[Path, str] | None:
