@@ -161,6 +161,25 @@ def test_a_local_rays_workers_have_the_runs_priority_and_stopping_it_leaves_no_h
     assert "NICE 0\n" in out and "MONITORS 1 LEFT 0 False" in out
 
 
+def test_a_runs_local_ray_starts_without_the_head_processes_it_never_asks_anything_of() -> None:
+    """The autoscaler's monitor, the log monitor and the dashboard's API server took 1.5 s of CPU in every run's
+    CPU-bound start (docs/benchmarks.md, start-up, session 38); Ray itself, an actor and the stop still work."""
+    code = ("import os, ray\nfrom ray._private import ray_constants as c\n"
+            "from async_rlhf.cluster.local_ray import head_processes, init_local_ray, shutdown_local_ray\n"
+            "init_local_ray(address='local', num_cpus=1, include_dashboard=False)\n"
+            "print('TYPES', sorted(ray._private.worker._global_node.all_processes))\n"
+            "print('IDLE', [t for t in (c.PROCESS_TYPE_MONITOR, c.PROCESS_TYPE_LOG_MONITOR, c.PROCESS_TYPE_DASHBOARD)\n"
+            "               if t in ray._private.worker._global_node.all_processes])\n"
+            "print('ACTOR', ray.get(ray.remote(lambda: os.getpid()).remote()) != os.getpid())\n"
+            "procs = head_processes()\nshutdown_local_ray()\n"
+            "print('LEFT', sum(p.poll() is None for p in procs))\n"
+            "print('PATCHED', ray._private.parameter.RayParams.__init__.__name__)")
+    out = python_output(code)
+    assert "IDLE []\n" in out and "ACTOR True\n" in out and "LEFT 0\n" in out, out
+    assert "'gcs_server'" in out and "'raylet'" in out  # the head processes Ray needs are still there
+    assert "PATCHED __init__\n" in out  # Ray's own class again once ray.init has returned
+
+
 def test_a_restart_gets_the_stall_timeout_or_five_times_its_roles_first_start() -> None:
     assert startup.restart_limit_s(600.0, 9.0) == 600.0
     assert startup.restart_limit_s(6.0, 9.0) == 45.0  # vLLM's start here (~9 s) is past a 6 s stall timeout

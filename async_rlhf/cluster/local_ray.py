@@ -15,6 +15,12 @@ run's local Ray autoscales nothing, so the monitor is killed first and ray.shutd
 exited. Ray's table of its processes is not public API: where it is not found, ray.shutdown() alone does
 the work, as before.
 
+A run's local Ray asks nothing of three of the Python processes a head node starts: the autoscaler's monitor (a
+fixed set of nodes), the log monitor (workers' output is not sent to the driver: log_to_driver=False) and the
+dashboard's API server (include_dashboard=False still starts its job and state API). Together they took 1.5 s of
+CPU in the first seconds of every run, when start-up is CPU-bound on a small machine; without them the
+quickstart reached its first step 0.6 s sooner (docs/benchmarks.md, start-up). They are not started.
+
 Ray's own processes (GCS, raylet, dashboard) start in a process group of their own: a SIGTERM to the driver's
 group (`timeout`, `kill -- -PGID`, a job scheduler's stop) reached them too. The raylet's shutdown then killed the
 learner before the driver's checkpoint (seen in CI: "the learner died at step 6 ... Socket closed"), and the GCS
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -79,6 +86,32 @@ def head_processes_in_own_group() -> Iterator[None]:
         services.ConsolePopen = popen
 
 
+@contextlib.contextmanager
+def without_idle_head_processes() -> Iterator[None]:
+    """A head node started inside starts without the three Python processes a run never asks anything of (the
+    module docstring says why): the autoscaler's monitor, the log monitor and the dashboard's API server. Where
+    Ray's parameter or node class lacks what is set here (another Ray version), it starts them all, as before."""
+    params_class: Any = ray._private.parameter.RayParams  # not public API: read and set by name
+    node_class: Any = ray._private.node.Node
+    if not (hasattr(node_class, "start_api_server") and {"no_monitor", "include_log_monitor"} <= set(
+            inspect.signature(params_class.__init__).parameters)):
+        yield
+        return
+    init, api_server = params_class.__init__, node_class.start_api_server
+
+    def lean_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "no_monitor": True, "include_log_monitor": False})
+
+    def no_api_server(self: Any, **_kwargs: Any) -> None:
+        self._webui_url = None  # read by ray.init's context: no dashboard to name
+
+    params_class.__init__, node_class.start_api_server = lean_init, no_api_server
+    try:
+        yield
+    finally:
+        params_class.__init__, node_class.start_api_server = init, api_server
+
+
 def init_local_ray(**kwargs: Any) -> None:
     """ray.init(**kwargs), with Ctrl-C, SIGTERM and SIGHUP held until it has returned (the module docstring says
     why).
@@ -88,7 +121,7 @@ def init_local_ray(**kwargs: Any) -> None:
     the driver reads it once, at `import ray`, so its client would speak without the token the GCS asks for."""
     if kwargs.get("address") in (None, "local"):  # a Ray of the run's own
         logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
-    with held_stop_signals(), head_processes_in_own_group():
+    with held_stop_signals(), head_processes_in_own_group(), without_idle_head_processes():
         ray.init(**kwargs)
 
 
