@@ -102,7 +102,7 @@ def without_idle_head_processes() -> Iterator[None]:
     def lean_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **{**kwargs, "no_monitor": True, "include_log_monitor": False})
 
-    def no_api_server(self: Any, **_kwargs: Any) -> None:
+    def no_api_server(self: Any, *_args: Any, **_kwargs: Any) -> None:
         self._webui_url = None  # read by ray.init's context: no dashboard to name
 
     params_class.__init__, node_class.start_api_server = lean_init, no_api_server
