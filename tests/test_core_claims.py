@@ -80,8 +80,15 @@ def test_a_second_run_plans_on_the_cores_the_first_left_and_is_told_when_none_ar
     third = claims_of_a_run(tmp_path / "shm")
     plan = plan_beside_others(cfg, third, tmp_path, False, said.append, [0, 1, 2, 3])
     assert plan.generator_cores == [[0]] and plan.learner_cores == [1, 2, 3]  # none left: shared, as before
-    assert said[0].startswith("note: cores 0-3 are pinned by another run") and "taskset -c 0-3" in said[0]
+    assert said[0].startswith("note: cores 0-3 are pinned by another run") and said[0].endswith(
+        "give each run its own cores, e.g. `taskset -c 0-1 async-rlhf train ...` and `taskset -c 2-3 async-rlhf "
+        "train ...`")  # this machine's cores, a half each
     third.release()
+    said.clear()
+    fourth = claims_of_a_run(tmp_path / "shm")
+    plan_beside_others(cfg, fourth, tmp_path, False, said.append, [2])  # a run given one core, all of it taken
+    assert said[0].endswith("this run shares them and both are slower; run them one after the other")
+    fourth.release()
 
 
 def test_a_run_that_pins_nothing_claims_nothing(tmp_path: Path, other_run) -> None:

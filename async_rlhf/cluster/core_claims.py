@@ -118,25 +118,39 @@ def plan_beside_others(cfg: RunConfig, claims: CoreClaims, run_dir: Path, gpus: 
         free = [core for core in cores if core not in taken]
         claims.claim(free or cores, run_dir)
     if others:
-        say(_beside(others, taken, free))
+        say(_beside(others, taken, free, cores))
     return plan_cores(cfg, free or cores)
 
 
-def _beside(others: list[Claim], taken: set[int], free: list[int]) -> str:
+def _beside(others: list[Claim], taken: set[int], free: list[int], cores: list[int]) -> str:
     runs = "; ".join(f"pid {claim.pid}, {claim.run_dir}" for claim in others)
     held = f"{_cores(sorted(taken))} {'is' if len(taken) == 1 else 'are'} pinned by another run ({runs})"
     if free:
         return f"{held}: this run plans on {_cores(free)}"
-    return (f"note: {held}, and no core is left: this run shares them and both are slower; give each run its own "
-            "cores, e.g. `taskset -c 0-3 async-rlhf train ...` and `taskset -c 4-7 async-rlhf train ...`")
+    return f"note: {held}, and no core is left: this run shares them and both are slower; {_split_hint(cores)}"
+
+
+def _split_hint(cores: list[int]) -> str:
+    """How to give two runs their own cores, with those this one could use: a half each, or one after the other."""
+    if len(cores) < 2:
+        return "run them one after the other"
+    half = len(cores) // 2
+    first, second = _spans(cores[:half]), _spans(cores[half:])
+    return (f"give each run its own cores, e.g. `taskset -c {first} async-rlhf train ...` and "
+            f"`taskset -c {second} async-rlhf train ...`")
 
 
 def _cores(cores: list[int]) -> str:
     """'cores 0-3,6' for [0, 1, 2, 3, 6]; 'core 2' for [2]."""
+    return ("core " if len(cores) == 1 else "cores ") + _spans(cores)
+
+
+def _spans(cores: list[int]) -> str:
+    """'0-3,6' for [0, 1, 2, 3, 6], as taskset -c takes a list."""
     spans: list[list[int]] = []
     for core in cores:
         if spans and core == spans[-1][1] + 1:
             spans[-1][1] = core
         else:
             spans.append([core, core])
-    return ("core " if len(cores) == 1 else "cores ") + ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
