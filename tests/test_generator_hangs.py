@@ -16,12 +16,15 @@ from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
-from tests.standins import Stuck
+from tests.standins import SlowGenerator, StoppedGenerator, Stuck
 
 
-def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0) -> GeneratorPool:
+def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0,
+            longest_sampling_s: float | None = None) -> GeneratorPool:
     cfg = RunConfig.model_validate({"generation": {"prompts_per_step": 16}})  # training calls of 16 prompts
-    return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_call_s=longest_call_s, cfg=cfg))
+    sampling_s = longest_call_s if longest_sampling_s is None else longest_sampling_s  # no MC rollouts: the same
+    return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_call_s=longest_call_s,
+                                               longest_sampling_s=sampling_s, cfg=cfg))
 
 
 def busy_slot(handle: Any, silent_s: float, call: Any = None) -> GeneratorSlot:
@@ -55,13 +58,16 @@ def test_a_busy_generator_silent_past_the_timeout_is_killed_and_ray_restarts_it(
 @pytest.mark.parametrize("case", ["hung", "hung in an evaluation's chunk", "idle", "recovering", "within the timeout",
                                   "within 10x the longest call", "an evaluation's call 4 training calls big",
                                   "the driver was frozen", "the driver was busy", "a kill sent 5 s ago, not taken yet",
-                                  "hung, its kill not taken within the restart's bound"])
+                                  "hung, its kill not taken within the restart's bound",
+                                  "hung in an evaluation's chunk, VinePPO's training calls 10x longer",
+                                  "within 10x the longest call, VinePPO's rollouts included"])
 def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(Stuck).remote()
     call = actor.generate.remote()  # never answers
     slot, longest, evals, killed_at = busy_slot(actor, silent_s=30.0, call=call), 0.5, [], None
+    sampling = None  # as long as the longest call: no MC rollouts
     if case == "idle":
         slot.chunks.clear()
     elif case == "hung in an evaluation's chunk":  # all generator 0 has at the final evaluation
@@ -76,6 +82,12 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         slot.answered_at = live_clock.now() - 5.0
     elif case == "within 10x the longest call":
         longest = 30.0 / HANG_FACTOR + 1.0  # big batches take long, and always did
+    elif case == "within 10x the longest call, VinePPO's rollouts included":  # a training call: rollouts and all
+        longest, sampling = 30.0 / HANG_FACTOR + 1.0, 0.5
+    elif case == "hung in an evaluation's chunk, VinePPO's training calls 10x longer":  # its own sampling only:
+        slot.chunks.clear()  # 10 s, not 40 s
+        longest, sampling = 30.0 / HANG_FACTOR + 1.0, 0.5
+        evals.append((call, 64))
     elif case == "the driver was frozen":  # stopped for 25 of the 30 s (Ctrl-Z): the generator was silent 5 s
         frozen_after = live_clock.now() - 25.0
         monkeypatch.setattr("async_rlhf.pipeline.live_clock.now", lambda: frozen_after)
@@ -85,7 +97,7 @@ def test_what_is_a_hang_and_what_is_not(ray_local, case: str, monkeypatch: pytes
         killed_at = live_clock.now() - 5.0  # before: said and sent again at the next check past the timeout
     elif case == "hung, its kill not taken within the restart's bound":
         killed_at = live_clock.now() - 61.0
-    hangs = GeneratorHangs(pool_of([slot], longest), timeout_s=10.0, restart_limit_s=60.0)
+    hangs = GeneratorHangs(pool_of([slot], longest, sampling), timeout_s=10.0, restart_limit_s=60.0)
     hangs.watch(slot).killed_at = killed_at
     hangs.check(evals)
     assert killed == ([actor] if case.startswith("hung") else [])
@@ -145,3 +157,22 @@ def test_a_failover_waiting_for_the_generations_in_flight_kills_a_generator_that
     started = time.monotonic()
     pool.quiesce()
     assert time.monotonic() - started < 30 and not pool.slots[0].chunks and pool.slots[0].recovering
+
+
+def test_a_generator_silent_at_the_runs_end_is_named_and_the_others_restarts_counted(
+        ray_local, capsys: pytest.CaptureFixture) -> None:
+    # By hand: VinePPO's generators stopped as the last step was trained; generator 0, hung in the final evaluation,
+    # was killed and the evaluation finished, but the count of quiet restarts waited on the idle generator 1 until
+    # Ray gave up on it (ActorUnavailableError, 6 minutes later) and failed the finished run.
+    stopped = ray_local.remote(num_cpus=0)(StoppedGenerator).remote()
+    restarted = ray_local.remote(num_cpus=0)(SlowGenerator).remote()
+    ray_local.get([stopped.__ray_ready__.remote(), restarted.__ray_ready__.remote()])  # started: the 1 s is theirs
+    slots = [GeneratorSlot(stopped, 0), GeneratorSlot(restarted, 1)]
+    slots[1].pid = -1  # the process it had before: it answers from another one now
+    pool = pool_of(slots)
+    pool.hangs = GeneratorHangs(pool, timeout_s=1.0, restart_limit_s=60.0)
+    GeneratorPool.count_quiet_restarts(pool)
+    assert [slot.restarts for slot in slots] == [0, 1]
+    assert capsys.readouterr().err.startswith("[async-rlhf] note: generator 0 did not answer at the run's end within "
+                                              "1s (stopped, hung or dead; its log is under /tmp/ray/")
+    ray_local.kill(stopped)

@@ -370,7 +370,7 @@ class Controller:
         self.recorder.warm_plot()  # while this process waits for the final evaluation
         final = self.evals.final()  # after every pending one, version 0's included
         saving.wait()
-        self.rewards.restarted()  # an actor killed while idle lost nothing and failed no call: only its pid tells
+        self.rewards.restarted_by_end()  # an actor killed while idle lost nothing and failed no call: its pid tells
         self.pool.count_quiet_restarts()
         summary = run_summary(self.view, self.recorder.evals[0], final)
         self.recorder.write_summary(summary)

@@ -29,6 +29,7 @@ class Generators(Protocol):
     slots: list[GeneratorSlot]
     cfg: RunConfig
     longest_call_s: float  # the longest a generate call has worked, by its own timings
+    longest_sampling_s: float  # the same without VinePPO's MC rollouts, which an evaluation's calls have none of
 
 
 class GeneratorHangs:
@@ -40,11 +41,15 @@ class GeneratorHangs:
         self.recovering_since: dict[int, float] = {}  # by generator id
         self.answers: dict[int, AnswerWatch] = {}  # by generator id: its calls found done so far
 
-    def limit_s(self, samples: int = 0) -> float:
-        """The silence past which a generator with calls of up to `samples` samples in flight is hung: the
-        timeout and HANG_FACTOR times the longest call so far, times the calls' size in training calls (an
-        evaluation's remaining chunks sent as one call are many training calls long)."""
-        return max(self.timeout_s, HANG_FACTOR * self.pool.longest_call_s) * self.pool.cfg.size_factor(samples)
+    def limit_s(self, samples: int = 0, rollouts: bool = True) -> float:
+        """The silence past which a generator with a call of `samples` samples in flight is hung: the timeout
+        and HANG_FACTOR times the longest call so far, times the call's size in training calls (an evaluation's
+        remaining chunks sent as one call are many training calls long). An evaluation's call (`rollouts`
+        False) is measured by the training calls' sampling alone: VinePPO's MC rollouts made them many times
+        longer, and a generator hung in an evaluation was given that many times the limit (~64 s under a 5 s
+        hang timeout)."""
+        longest = self.pool.longest_call_s if rollouts else self.pool.longest_sampling_s
+        return max(self.timeout_s, HANG_FACTOR * longest) * self.pool.cfg.size_factor(samples)
 
     def check(self, eval_calls: Sequence[tuple[Any, int]] = ()) -> None:
         """Kill every busy generator silent past the limit (on the live clock: a freeze of this process is no
@@ -52,15 +57,17 @@ class GeneratorHangs:
         evaluation they are all it has)."""
         now, per_prompt = live_clock.now(), self.pool.cfg.generation.samples_per_prompt
         for slot in self.pool.slots:
-            calls = [(chunk.ref, len(chunk.prompts) * per_prompt) for chunk in slot.chunks]
-            calls += list(eval_calls if slot is self.pool.slots[0] else ())
+            trains = [(chunk.ref, len(chunk.prompts) * per_prompt) for chunk in slot.chunks]
+            evals = list(eval_calls if slot is self.pool.slots[0] else ())
+            calls = trains + evals
             # a call done since the last look is an answer, though unhandled (the driver was busy); idle: silent
             # from its next call on
             news, pending = self.watch(slot).look([r for r, _ in calls])
             if news or not calls:
                 slot.answered_at = now
             self._check_restart(slot, now)
-            limit = self.limit_s(max((n for _, n in calls), default=0))
+            limit = max([self.limit_s(n) for _, n in trains] + [self.limit_s(n, rollouts=False) for _, n in evals],
+                        default=self.limit_s())
             if pending and self._judged(slot, now) and now - slot.answered_at > limit:
                 self._restart(slot, len(calls), now - slot.answered_at, limit)
 

@@ -27,7 +27,7 @@ from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allo
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
-from async_rlhf.pipeline.waits import POLL_S, wait_all
+from async_rlhf.pipeline.waits import POLL_S, answers_within, wait_all
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from reward_models.scoring_marks import ScoringMarks, while_scoring
@@ -36,16 +36,10 @@ from reward_models.scoring_marks import ScoringMarks, while_scoring
 class GeneratorPool:
     def __init__(self, cfg: RunConfig, parts: Components, state: LoopState, stats: RunStats, broker: WeightSyncBroker,
                  rewards: RewardBook, timing: Timing, timeline: Timeline) -> None:
-        self.cfg = cfg
-        self.parts = parts
-        self.state = state
-        self.stats = stats
-        self.broker = broker
-        self.rewards = rewards
-        self.timing = timing
-        self.timeline = timeline
+        self.cfg, self.parts, self.state, self.stats = cfg, parts, state, stats
+        self.broker, self.rewards, self.timing, self.timeline = broker, rewards, timing, timeline
         self.slots: list[GeneratorSlot] = []  # one per actor, from the start of the run
-        self.longest_call_s = 0.0  # the longest a generate call has worked, so far (pipeline/generator_hangs.py)
+        self.longest_call_s = self.longest_sampling_s = 0.0  # the longest call so far, and less its MC rollouts
         self.hangs = GeneratorHangs(self, cfg.hang_timeout_s, cfg.learner.stall_timeout_s)
 
     @property
@@ -151,16 +145,22 @@ class GeneratorPool:
         if result.mc is not None:  # VinePPO's rollouts: the generator's time, counted apart
             self.stats.mc_cost.add_generated(result.mc)
             slot.busy_s, slot.tokens = slot.busy_s + result.mc.gen_s, slot.tokens + result.mc.tokens
-        call_s = result.gen_s + result.sync_s + (result.reward_s or 0.0) + (result.mc.gen_s if result.mc else 0.0)
-        # at most the driver's live time since it sent the call: a call frozen with the driver (`docker pause`)
-        # measured the freeze, and the hang limits, 10x the longest call, would have been that much laxer
-        self.longest_call_s = max(self.longest_call_s, min(call_s, live_clock.now() - chunk.sent_at))
+        self._measure(result, chunk)
         slot.busy_s += result.gen_s + result.sync_s
         slot.tokens += result.tokens
         self.timing.add("gen_busy_s", result.gen_s)
         self.timing.add("weight_sync_s", result.sync_s)
         self.timing.add("tokens_generated", result.tokens)
         record_generation(self.timeline, result)
+
+    def _measure(self, result: GenerationResult, chunk: Chunk) -> None:
+        """The longest calls so far (generator_hangs.py), by their own timings but at most the driver's live time
+        since it sent them: one frozen with the driver (`docker pause`) measured the freeze, and a hang limit grew."""
+        live_s = live_clock.now() - chunk.sent_at
+        sampling_s = min(result.gen_s + result.sync_s + (result.reward_s or 0.0), live_s)
+        self.longest_sampling_s = max(self.longest_sampling_s, sampling_s)
+        rollouts_s = result.mc.gen_s if result.mc is not None else 0.0
+        self.longest_call_s = max(self.longest_call_s, min(sampling_s + rollouts_s, live_s))
 
     def finish(self, slot: GeneratorSlot) -> None:
         """Wait for every chunk the slot holds, oldest first, and handle it (weights swap only between batches)."""
@@ -286,9 +286,15 @@ class GeneratorPool:
                                                              self.cfg.generation.tensor_parallel_size))
 
     def count_quiet_restarts(self) -> None:
-        """A generator killed while idle lost nothing and failed no call, so only its pid tells: counted at the end."""
-        for slot, info in zip(self.slots, ray.get([g.handle.info.remote() for g in self.slots])):
-            slot.restarts += info["pid"] != slot.pid
+        """A generator killed while idle failed no call, so only its pid tells: counted at the end. One silent past
+        the hang limit is named, not waited on: Ray's wait on a stopped one failed the finished run 6 min later."""
+        limit = self.hangs.limit_s()
+        for slot, info in zip(self.slots, answers_within([slot.handle.info.remote() for slot in self.slots], limit)):
+            if info is None:
+                print(f"[async-rlhf] note: generator {slot.generator_id} did not answer at the run's end within "
+                      f"{limit:.0f}s (stopped, hung or dead; its log is under {ray_logs()}): its restarts are counted "
+                      "up to its last answer", file=sys.stderr, flush=True)
+            slot.restarts += info is not None and info["pid"] != slot.pid
 
     def quiesce(self) -> None:
         """Learner failover: let every generation in flight end and drop it (it belongs to the future being

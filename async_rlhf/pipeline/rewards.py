@@ -137,18 +137,29 @@ class RewardBook:
         dead = getattr(exc, "actor_id", None)
         return dead is None or dead == self.parts.reward._actor_id.hex()
 
-    def restarted(self) -> bool:
-        """True, and one restart counted, when the reward actor answers from a new process."""
-        pid = self._pid()
+    def restarted(self, limit_s: float | None = None) -> bool:
+        """True, and one restart counted, when the reward actor answers from a new process (within `limit_s`, by
+        default its restart's limit)."""
+        pid = self._pid(self.restart_limit_s if limit_s is None else limit_s)
         if pid == self.pid:
             return False
         self.pid, self.stats.reward_restarts = pid, self.stats.reward_restarts + 1
         return True
 
-    def _pid(self) -> int:
+    def restarted_by_end(self) -> None:
+        """`restarted` at the run's end, within the hang limit: the run is done and only the count is at stake, so
+        an actor that does not answer (stopped, hung, dead) is named instead of failing the run after it."""
+        limit = self.hang_limit_s()
+        try:
+            self.restarted(limit)
+        except RunError:
+            print(f"[async-rlhf] note: the reward actor did not answer at the run's end within {limit:.0f}s (stopped, "
+                  f"hung or dead; its log is under {ray_logs()}): its restarts are counted up to its last answer",
+                  file=sys.stderr, flush=True)
+
+    def _pid(self, limit: float) -> int:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
-        (ActorUnavailableError) and is sent again, for up to its restart's limit (startup.restart_limit_s)."""
-        limit = self.restart_limit_s
+        (ActorUnavailableError) and is sent again, for up to `limit` (its restart's: startup.restart_limit_s)."""
         deadline = live_clock.Deadline(limit)
         while not deadline.passed():
             try:

@@ -45,3 +45,16 @@ def wait_all(refs: list[Any], timeout_s: float, between: Callable[[], None]) -> 
             return running
         between()
     return []
+
+
+def answers_within(refs: list[Any], timeout_s: float) -> list[Any]:
+    """Each call's result where it ended well within `timeout_s`, else None (still running after it, or failed)."""
+    done = set(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
+    return [_result(ref) if ref in done else None for ref in refs]
+
+
+def _result(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError:  # the actor died in the call, or Ray gave up on it
+        return None
