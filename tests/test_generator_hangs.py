@@ -170,9 +170,9 @@ def test_a_generator_silent_at_the_runs_end_is_named_and_the_others_restarts_cou
     slots = [GeneratorSlot(stopped, 0), GeneratorSlot(restarted, 1)]
     slots[1].pid = -1  # the process it had before: it answers from another one now
     pool = pool_of(slots)
-    pool.hangs = GeneratorHangs(pool, timeout_s=1.0, restart_limit_s=60.0)
+    pool.hangs = GeneratorHangs(pool, timeout_s=1.0, restart_limit_s=2.0)
     GeneratorPool.count_quiet_restarts(pool)
     assert [slot.restarts for slot in slots] == [0, 1]
     assert capsys.readouterr().err.startswith("[async-rlhf] note: generator 0 did not answer at the run's end within "
-                                              "1s (stopped, hung or dead; its log is under /tmp/ray/")
+                                              "2s (stopped, hung or dead; its log is under /tmp/ray/")
     ray_local.kill(stopped)

@@ -133,11 +133,11 @@ def test_a_reward_actor_silent_at_the_runs_end_is_named_not_fatal(ray_local, cap
     # By hand: a reward actor stopped once the final evaluation was scored failed the finished run (exit 1) after
     # its restart's limit; only its restart count was at stake.
     actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
-    book = book_of(actor, stall_timeout_s=2.0)  # hang limit 1 s
+    book = book_of(actor, stall_timeout_s=2.0)  # hang limit 1 s, restart limit 2 s
     book.pid = ray_local.get(actor.health.remote())["pid"]
     actor.score.remote([])  # its health call waits behind this one, which never returns
     book.restarted_by_end()
     assert book.stats.reward_restarts == 0
     assert capsys.readouterr().err.startswith("[async-rlhf] note: the reward actor did not answer at the run's end "
-                                              "within 1s (stopped, hung or dead; its log is under /tmp/ray/")
+                                              "within 2s (stopped, hung or dead; its log is under /tmp/ray/")
     ray_local.kill(actor)

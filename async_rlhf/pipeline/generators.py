@@ -27,7 +27,7 @@ from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allo
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
-from async_rlhf.pipeline.waits import POLL_S, answers_within, wait_all
+from async_rlhf.pipeline.waits import POLL_S, answers_within, say_silent_at_end, wait_all
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from reward_models.scoring_marks import ScoringMarks, while_scoring
@@ -287,13 +287,11 @@ class GeneratorPool:
 
     def count_quiet_restarts(self) -> None:
         """A generator killed while idle failed no call, so only its pid tells: counted at the end. One silent past
-        the hang limit is named, not waited on: Ray's wait on a stopped one failed the finished run 6 min later."""
-        limit = self.hangs.limit_s()
+        its hang and restart limits is named: Ray's wait on a stopped one failed the finished run 6 min later."""
+        limit = max(self.hangs.limit_s(), self.hangs.restart_limit_s)  # one killed just before may be restarting
         for slot, info in zip(self.slots, answers_within([slot.handle.info.remote() for slot in self.slots], limit)):
             if info is None:
-                print(f"[async-rlhf] note: generator {slot.generator_id} did not answer at the run's end within "
-                      f"{limit:.0f}s (stopped, hung or dead; its log is under {ray_logs()}): its restarts are counted "
-                      "up to its last answer", file=sys.stderr, flush=True)
+                say_silent_at_end(f"generator {slot.generator_id}", limit)
             slot.restarts += info is not None and info["pid"] != slot.pid
 
     def quiesce(self) -> None:

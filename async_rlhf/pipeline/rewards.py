@@ -21,7 +21,7 @@ from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.pipeline.vineppo import attach_advantages
-from async_rlhf.pipeline.waits import AnswerWatch
+from async_rlhf.pipeline.waits import AnswerWatch, say_silent_at_end
 from async_rlhf.rollout import RolloutGroup
 from reward_models.scoring_marks import ScoringMarks, while_scoring
 
@@ -147,15 +147,13 @@ class RewardBook:
         return True
 
     def restarted_by_end(self) -> None:
-        """`restarted` at the run's end, within the hang limit: the run is done and only the count is at stake, so
-        an actor that does not answer (stopped, hung, dead) is named instead of failing the run after it."""
-        limit = self.hang_limit_s()
+        """`restarted` at the run's end, within the hang and restart limits: the run is done and only the count is
+        at stake, so an actor that does not answer (stopped, hung, dead) is named instead of failing the run."""
+        limit = max(self.hang_limit_s(), self.restart_limit_s)  # one killed just before may be restarting
         try:
             self.restarted(limit)
         except RunError:
-            print(f"[async-rlhf] note: the reward actor did not answer at the run's end within {limit:.0f}s (stopped, "
-                  f"hung or dead; its log is under {ray_logs()}): its restarts are counted up to its last answer",
-                  file=sys.stderr, flush=True)
+            say_silent_at_end("the reward actor", limit)
 
     def _pid(self, limit: float) -> int:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once

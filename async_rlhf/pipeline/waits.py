@@ -3,10 +3,12 @@ kill what hangs: the loop runs its hang checks every iteration, and a wait that 
 actor for the whole `learner.stall_timeout_s`."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import ray
 
+from async_rlhf.failures import ray_logs
 from async_rlhf.pipeline.live_clock import Deadline
 
 POLL_S = 1.0  # how often a blocking wait runs its hang checks
@@ -51,6 +53,13 @@ def answers_within(refs: list[Any], timeout_s: float) -> list[Any]:
     """Each call's result where it ended well within `timeout_s`, else None (still running after it, or failed)."""
     done = set(ray.wait(refs, num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
     return [_result(ref) if ref in done else None for ref in refs]
+
+
+def say_silent_at_end(who: str, limit_s: float) -> None:
+    """The note for an actor that did not answer the run's last count of restarts (the run is done: not fatal)."""
+    print(f"[async-rlhf] note: {who} did not answer at the run's end within {limit_s:.0f}s (stopped, hung or dead; "
+          f"its log is under {ray_logs()}): its restarts are counted up to its last answer",
+          file=sys.stderr, flush=True)
 
 
 def _result(ref: Any) -> Any:
