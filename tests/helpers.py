@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,3 +157,17 @@ def fill_disk(disk: Path) -> None:
                     raise
     finally:
         os.close(fd)
+
+
+def kill_seen_by_ray(handle: Any, pid: int) -> None:
+    """SIGKILL an actor's process and wait (up to 10 s) until Ray's actor table no longer has it alive in it: the
+    raylet reports the death within milliseconds, and a count read before then does not see it."""
+    from async_rlhf.cluster import actor_table
+
+    os.kill(pid, signal.SIGKILL)
+    lookup = present(actor_table.table())
+    for _ in range(100):
+        row = actor_table.record(lookup, handle)
+        if row is None or row.state != "ALIVE" or row.pid != pid:
+            return
+        time.sleep(0.1)

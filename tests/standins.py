@@ -62,6 +62,14 @@ class StoppedGenerator(SlowGenerator):
         return {}
 
 
+class SlowStartGenerator(SlowGenerator):
+    """A generator whose every start takes 2 s (the real one's vLLM engine takes longer): restarted, Ray keeps it
+    RESTARTING meanwhile."""
+
+    def __init__(self) -> None:
+        time.sleep(2.0)
+
+
 class KLLearner:
     def sampled_kl_to_reference(self, groups: list[RolloutGroup], temperature: float) -> float:
         return 0.25

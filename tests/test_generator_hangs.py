@@ -4,19 +4,23 @@ A stand-in actor holds the generator's place (a real one starts vLLM, which take
 here); the kill and Ray's restart of it are real. tests/test_faults.py hangs a real generator in a real run."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
+from async_rlhf.cluster import actor_table
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError
+from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
-from tests.standins import SlowGenerator, StoppedGenerator, Stuck
+from tests.helpers import kill_seen_by_ray
+from tests.standins import SlowGenerator, SlowStartGenerator, StoppedGenerator, Stuck
 
 
 def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0,
@@ -159,11 +163,37 @@ def test_a_failover_waiting_for_the_generations_in_flight_kills_a_generator_that
     assert time.monotonic() - started < 30 and not pool.slots[0].chunks and pool.slots[0].recovering
 
 
-def test_a_generator_silent_at_the_runs_end_is_named_and_the_others_restarts_counted(
+def test_the_end_counts_generators_restarts_from_rays_table_without_waiting_on_a_stopped_one(
         ray_local, capsys: pytest.CaptureFixture) -> None:
-    # By hand: VinePPO's generators stopped as the last step was trained; generator 0, hung in the final evaluation,
-    # was killed and the evaluation finished, but the count of quiet restarts waited on the idle generator 1 until
-    # Ray gave up on it (ActorUnavailableError, 6 minutes later) and failed the finished run.
+    # By hand: VinePPO's generators stopped as the last step was trained; the end's count of quiet restarts asked
+    # each generator for its pid and waited on the stopped one until Ray gave up on it (6 minutes), then failed the
+    # finished run; asked within its hang and restart limits, the run still ended 6 minutes late.
+    stopped = ray_local.remote(num_cpus=0)(SlowGenerator).remote()
+    restarting = ray_local.remote(num_cpus=0, max_restarts=1)(SlowStartGenerator).remote()
+    dead = ray_local.remote(num_cpus=0, max_restarts=0)(SlowGenerator).remote()
+    slots = [GeneratorSlot(handle, i) for i, handle in enumerate([stopped, restarting, dead])]
+    for slot in slots:
+        slot.pid = ray_local.get(slot.handle.info.remote())["pid"]
+    os.kill(slots[0].pid, signal.SIGSTOP)
+    for slot in slots[1:]:
+        kill_seen_by_ray(slot.handle, slot.pid)  # the restarting one is 2 s in its __init__ again
+    pool = pool_of(slots)
+    pool.hangs = GeneratorHangs(pool, timeout_s=1.0, restart_limit_s=60.0)
+    started = time.monotonic()
+    GeneratorPool.count_quiet_restarts(pool)
+    assert time.monotonic() - started < 30  # the 2 s restart, not the 60 s limit
+    assert [slot.restarts for slot in slots] == [0, 1, 0]
+    assert capsys.readouterr().err == (f"[async-rlhf] note: generator 2 was dead, or still restarting 60s after the "
+                                       f"run's end (its log is under {ray_logs()}): its restarts are counted up to "
+                                       "its last answer\n")
+    os.kill(slots[0].pid, signal.SIGCONT)
+    ray_local.kill(stopped)
+    ray_local.kill(restarting)
+
+
+def test_without_rays_table_the_end_asks_each_generator_within_its_limits(
+        ray_local, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(actor_table, "table", lambda: None)  # another Ray version's internals
     stopped = ray_local.remote(num_cpus=0)(StoppedGenerator).remote()
     restarted = ray_local.remote(num_cpus=0)(SlowGenerator).remote()
     ray_local.get([stopped.__ray_ready__.remote(), restarted.__ray_ready__.remote()])  # started: the 1 s is theirs
@@ -173,6 +203,6 @@ def test_a_generator_silent_at_the_runs_end_is_named_and_the_others_restarts_cou
     pool.hangs = GeneratorHangs(pool, timeout_s=1.0, restart_limit_s=2.0)
     GeneratorPool.count_quiet_restarts(pool)
     assert [slot.restarts for slot in slots] == [0, 1]
-    assert capsys.readouterr().err.startswith("[async-rlhf] note: generator 0 did not answer at the run's end within "
-                                              "2s (stopped, hung or dead; its log is under /tmp/ray/")
+    assert capsys.readouterr().err.startswith("[async-rlhf] note: generator 0 did not answer within 2s of the run's "
+                                              "end (stopped, hung or dead) (its log is under /tmp/ray/")
     ray_local.kill(stopped)

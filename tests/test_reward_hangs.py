@@ -6,6 +6,8 @@ milliseconds, so it cannot be made to hang but by a signal); the kill and Ray's 
 tests/test_faults.py stops the real reward actor of a real run."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 from types import SimpleNamespace
 from typing import Any, cast
@@ -13,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 from actors.generation_result import GenerationResult
+from async_rlhf.cluster import actor_table
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError
 from async_rlhf.pipeline import live_clock
@@ -20,6 +23,7 @@ from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import LoopState, RunStats
 from async_rlhf.rollout import Prompt, RolloutGroup
+from tests.helpers import kill_seen_by_ray
 from tests.standins import StuckReward
 
 
@@ -129,15 +133,31 @@ def test_a_reward_actor_that_does_not_answer_after_its_restart_ends_the_run_with
     ray_local.kill(actor)
 
 
-def test_a_reward_actor_silent_at_the_runs_end_is_named_not_fatal(ray_local, capsys: pytest.CaptureFixture) -> None:
+def test_a_reward_actor_stopped_at_the_runs_end_is_not_waited_on(ray_local, capsys: pytest.CaptureFixture) -> None:
     # By hand: a reward actor stopped once the final evaluation was scored failed the finished run (exit 1) after
-    # its restart's limit; only its restart count was at stake.
+    # its restart's limit; only its restart count was at stake, and Ray's actor table tells it at once.
+    actor = ray_local.remote(num_cpus=0, max_restarts=1)(StuckReward).remote()
+    book = book_of(actor, stall_timeout_s=120.0)  # hang limit 60 s, restart limit 120 s
+    book.pid = ray_local.get(actor.health.remote())["pid"]
+    os.kill(book.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    book.restarted_by_end()
+    assert time.monotonic() - started < 30 and book.stats.reward_restarts == 0 and not capsys.readouterr().err
+    kill_seen_by_ray(actor, book.pid)  # restarted, and counted at the end
+    book.restarted_by_end()
+    assert book.stats.reward_restarts == 1
+    ray_local.kill(actor)
+
+
+def test_without_rays_table_a_reward_actor_silent_at_the_runs_end_is_named_not_fatal(
+        ray_local, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(actor_table, "table", lambda: None)  # another Ray version's internals
     actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
     book = book_of(actor, stall_timeout_s=2.0)  # hang limit 1 s, restart limit 2 s
     book.pid = ray_local.get(actor.health.remote())["pid"]
     actor.score.remote([])  # its health call waits behind this one, which never returns
     book.restarted_by_end()
     assert book.stats.reward_restarts == 0
-    assert capsys.readouterr().err.startswith("[async-rlhf] note: the reward actor did not answer at the run's end "
-                                              "within 2s (stopped, hung or dead; its log is under /tmp/ray/")
+    assert capsys.readouterr().err.startswith("[async-rlhf] note: the reward actor did not answer within 2s of the "
+                                              "run's end (stopped, hung or dead) (its log is under /tmp/ray/")
     ray_local.kill(actor)

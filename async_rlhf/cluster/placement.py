@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from async_rlhf.cluster import actor_table
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.run import RunConfig
 
@@ -137,19 +138,11 @@ def generator_options(cfg: RunConfig) -> list[dict[str, Any]]:
 
 def unplaced(actors: dict[str, Any]) -> list[str]:
     """The names of `actors` (name -> handle) that the cluster has given no worker yet: they wait for resources
-    other jobs hold. Ray's actor table (the GCS's, no dashboard needed) is not public API: where it is not
-    found, [] (the run then waits as before, without saying why)."""
-    table = getattr(getattr(getattr(ray, "_private", None), "state", None), "actors", None)
-    if not callable(table):
+    other jobs hold. [] where Ray's actor table is not found (the run then waits as before, without saying why)."""
+    lookup = actor_table.table()
+    if lookup is None:
         return []
-    return [name for name, handle in actors.items() if _worker_port(table, handle) == 0]
-
-
-def _worker_port(table: Any, handle: Any) -> int | None:
-    try:
-        return int(table(handle._actor_id.hex())["Address"]["Port"])
-    except Exception:  # an actor gone meanwhile, or another Ray version's table
-        return None
+    return [name for name, handle in actors.items() if (row := actor_table.record(lookup, handle)) and row.port == 0]
 
 
 def free_resources() -> str:

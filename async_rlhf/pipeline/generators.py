@@ -27,7 +27,7 @@ from async_rlhf.pipeline.queue import GateInputs, chunk_version, generation_allo
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Chunk, Components, GeneratorSlot, LoopState, RunStats
 from async_rlhf.pipeline.timing import Timing
-from async_rlhf.pipeline.waits import POLL_S, answers_within, say_silent_at_end, wait_all
+from async_rlhf.pipeline.waits import POLL_S, pids_at_end, wait_all
 from async_rlhf.rollout import Prompt
 from async_rlhf.weights.broker import VersionError, WeightSyncBroker
 from reward_models.scoring_marks import ScoringMarks, while_scoring
@@ -286,13 +286,12 @@ class GeneratorPool:
                                                              self.cfg.generation.tensor_parallel_size))
 
     def count_quiet_restarts(self) -> None:
-        """A generator killed while idle failed no call, so only its pid tells: counted at the end. One silent past
-        its hang and restart limits is named: Ray's wait on a stopped one failed the finished run 6 min later."""
-        limit = max(self.hangs.limit_s(), self.hangs.restart_limit_s)  # one killed just before may be restarting
-        for slot, info in zip(self.slots, answers_within([slot.handle.info.remote() for slot in self.slots], limit)):
-            if info is None:
-                say_silent_at_end(f"generator {slot.generator_id}", limit)
-            slot.restarts += info is not None and info["pid"] != slot.pid
+        """A generator killed while idle failed no call, so only its process tells: counted at the end, waiting for
+        one killed just before that is still restarting (its hang and restart limits)."""
+        limit = max(self.hangs.limit_s(), self.hangs.restart_limit_s)
+        pids = pids_at_end({f"generator {slot.generator_id}": slot.handle for slot in self.slots}, "info", limit)
+        for slot, pid in zip(self.slots, pids.values()):
+            slot.restarts += pid is not None and pid != slot.pid
 
     def quiesce(self) -> None:
         """Learner failover: let every generation in flight end and drop it (it belongs to the future being

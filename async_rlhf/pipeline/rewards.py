@@ -21,7 +21,7 @@ from async_rlhf.pipeline.queue import RolloutQueue
 from async_rlhf.pipeline.startup import RESTART_BOUND
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
 from async_rlhf.pipeline.vineppo import attach_advantages
-from async_rlhf.pipeline.waits import AnswerWatch, say_silent_at_end
+from async_rlhf.pipeline.waits import AnswerWatch, pids_at_end
 from async_rlhf.rollout import RolloutGroup
 from reward_models.scoring_marks import ScoringMarks, while_scoring
 
@@ -140,20 +140,19 @@ class RewardBook:
     def restarted(self, limit_s: float | None = None) -> bool:
         """True, and one restart counted, when the reward actor answers from a new process (within `limit_s`, by
         default its restart's limit)."""
-        pid = self._pid(self.restart_limit_s if limit_s is None else limit_s)
-        if pid == self.pid:
+        return self._counted(self._pid(self.restart_limit_s if limit_s is None else limit_s))
+
+    def restarted_by_end(self) -> None:
+        """`restarted` at the run's end, within the hang and restart limits (one killed just before may be
+        restarting): the run is done and only the count is at stake, so a stopped, hung or dead actor is not fatal."""
+        limit = max(self.hang_limit_s(), self.restart_limit_s)
+        self._counted(pids_at_end({"the reward actor": self.parts.reward}, "health", limit)["the reward actor"])
+
+    def _counted(self, pid: int | None) -> bool:
+        if pid is None or pid == self.pid:
             return False
         self.pid, self.stats.reward_restarts = pid, self.stats.reward_restarts + 1
         return True
-
-    def restarted_by_end(self) -> None:
-        """`restarted` at the run's end, within the hang and restart limits: the run is done and only the count is
-        at stake, so an actor that does not answer (stopped, hung, dead) is named instead of failing the run."""
-        limit = max(self.hang_limit_s(), self.restart_limit_s)  # one killed just before may be restarting
-        try:
-            self.restarted(limit)
-        except RunError:
-            say_silent_at_end("the reward actor", limit)
 
     def _pid(self, limit: float) -> int:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once

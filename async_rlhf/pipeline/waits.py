@@ -4,10 +4,12 @@ actor for the whole `learner.stall_timeout_s`."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable
 
 import ray
 
+from async_rlhf.cluster import actor_table
 from async_rlhf.failures import ray_logs
 from async_rlhf.pipeline.live_clock import Deadline
 
@@ -55,11 +57,40 @@ def answers_within(refs: list[Any], timeout_s: float) -> list[Any]:
     return [_result(ref) if ref in done else None for ref in refs]
 
 
-def say_silent_at_end(who: str, limit_s: float) -> None:
-    """The note for an actor that did not answer the run's last count of restarts (the run is done: not fatal)."""
-    print(f"[async-rlhf] note: {who} did not answer at the run's end within {limit_s:.0f}s (stopped, hung or dead; "
-          f"its log is under {ray_logs()}): its restarts are counted up to its last answer",
-          file=sys.stderr, flush=True)
+def pids_at_end(actors: dict[str, Any], method: str, limit_s: float) -> dict[str, int | None]:
+    """Each actor's process at the run's end (name -> handle; None, and a note, where it has none): read from Ray's
+    actor table, which answers for a stopped or hung actor at once (asked, one held the finished run until Ray gave
+    up on it, 6 min), waiting up to `limit_s` for one still restarting. A process killed in the last moment, before
+    its raylet told the table (milliseconds), is not counted. Where the table is not found, each actor's `method`
+    is asked for its pid, within `limit_s`."""
+    records = _settled(list(actors.values()), limit_s)
+    if records is None:
+        answers = answers_within([getattr(handle, method).remote() for handle in actors.values()], limit_s)
+        pids = {name: answer and answer["pid"] for name, answer in zip(actors, answers)}
+        why = f"did not answer within {limit_s:.0f}s of the run's end (stopped, hung or dead)"
+    else:
+        pids = {name: r.pid if r.state == "ALIVE" else None for name, r in zip(actors, records)}
+        why = f"was dead, or still restarting {limit_s:.0f}s after the run's end"
+    for name in (name for name, pid in pids.items() if pid is None):
+        print(f"[async-rlhf] note: {name} {why} (its log is under {ray_logs()}): its restarts are counted up to its "
+              "last answer", file=sys.stderr, flush=True)
+    return pids
+
+
+def _settled(handles: list[Any], limit_s: float) -> list[actor_table.ActorRecord] | None:
+    """Each actor's record once it is not starting or restarting (one still starting after `limit_s` keeps its
+    state); None where Ray has no table to read, or a record without an actor's process."""
+    lookup = actor_table.table()
+    deadline = Deadline(limit_s)
+    while lookup is not None:
+        found = [actor_table.record(lookup, handle) for handle in handles]
+        records = [r for r in found if r is not None and (r.state != "ALIVE" or r.pid > 0)]
+        if len(records) < len(handles):
+            return None
+        if deadline.passed() or not any(r.state in actor_table.STARTING for r in records):
+            return records
+        time.sleep(0.2)
+    return None
 
 
 def _result(ref: Any) -> Any:

@@ -1,0 +1,33 @@
+"""Ray's actor table (the GCS's, no dashboard needed): an actor's state, process and worker without asking the
+actor, which a stopped or hung one never answers. It is not public API: where it is not found, None, and the
+callers do what they did before (ask the actor, or wait without saying why)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+
+STARTING = frozenset({"DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING"})  # no process done with __init__
+
+
+@dataclass(frozen=True)
+class ActorRecord:
+    state: str  # ALIVE, DEAD, or one of STARTING
+    pid: int  # the process it runs in (0 before it has one)
+    port: int  # its worker's port (0 before the cluster gave it a worker)
+
+
+def table() -> Callable[[str], dict] | None:
+    """Ray's lookup of one actor's record by its id, or None in a Ray version without it."""
+    lookup = getattr(getattr(getattr(ray, "_private", None), "state", None), "actors", None)
+    return lookup if callable(lookup) else None
+
+
+def record(lookup: Callable[[str], dict], handle: Any) -> ActorRecord | None:
+    """The actor's record, or None (an actor gone from the table, or another Ray version's fields)."""
+    try:
+        row = lookup(handle._actor_id.hex())
+        return ActorRecord(str(row["State"]), int(row.get("Pid") or 0), int(row["Address"]["Port"]))
+    except Exception:  # the table's format is Ray's own business
+        return None
