@@ -4,7 +4,9 @@ finished, kept due or dropped where a checkpoint or a failover needs it; their l
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -281,6 +283,25 @@ def test_a_generator_that_never_answers_its_probe_is_not_back_within_its_bound(r
     with pytest.raises(RunError, match=r"^generator 0 did not come back within 2s of its death"):
         evals.pool.await_restart(evals.pool.slots[0])
     assert time.monotonic() - started < 10
+
+
+def test_a_generator_stopped_while_its_restart_is_awaited_is_killed_and_awaited_again(ray_local, tmp_path: Path,
+                                                                                     capsys) -> None:
+    # Before: a process that Ray had alive but that never answered the probe (stopped, hung) was waited on for the
+    # restart's whole bound, then ended the run as one that "did not come back".
+    schedule = make_schedule(ray_local, tmp_path, {"every": 2})
+    evals, _ = next(schedule)
+    ray_local.kill(evals.pool.slots[0].handle)
+    slot = evals.pool.slots[0] = GeneratorSlot(ray_local.remote(num_cpus=0, max_restarts=1)(SlowGenerator).remote(), 0)
+    slot.pid = stopped = ray_local.get(slot.handle.info.remote())["pid"]
+    os.kill(stopped, signal.SIGSTOP)
+    evals.pool.hangs.timeout_s, evals.pool.hangs.restart_limit_s = 1.0, 60.0
+    evals.pool.await_restart(slot)
+    assert slot.restarts == 1 and slot.pid != stopped and not slot.recovering
+    assert "[async-rlhf] generator 0 has answered nothing for 1s to its probe though Ray has it alive" in \
+        capsys.readouterr().err
+    ray_local.kill(slot.handle)
+    next(schedule, None)
 
 
 def test_a_learner_silent_in_an_awaited_kl_pass_is_hung_after_the_stall_timeout(hung_kl, ray_local) -> None:

@@ -11,15 +11,17 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+import ray
 
 from async_rlhf.cluster import actor_table
+from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
-from tests.helpers import kill_seen_by_ray
+from tests.helpers import kill_seen_by_ray, present
 from tests.standins import SlowGenerator, SlowStartGenerator, StoppedGenerator, Stuck
 
 
@@ -29,6 +31,18 @@ def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0,
     sampling_s = longest_call_s if longest_sampling_s is None else longest_sampling_s  # no MC rollouts: the same
     return cast(GeneratorPool, SimpleNamespace(slots=slots, longest_call_s=longest_call_s,
                                                longest_sampling_s=sampling_s, cfg=cfg))
+
+
+def answer_after_restart(actor: Any) -> dict:
+    """Its info() once Ray has restarted it (a call sent meanwhile fails at once), within 60 s."""
+    deadline = live_clock.Deadline(60.0)
+    while True:
+        try:
+            return ray.get(actor.info.remote(), timeout=60)
+        except ray.exceptions.ActorUnavailableError:
+            if deadline.passed():
+                raise
+            time.sleep(0.2)
 
 
 def busy_slot(handle: Any, silent_s: float, call: Any = None) -> GeneratorSlot:
@@ -123,6 +137,52 @@ def test_a_call_done_but_unhandled_is_one_answer_not_cover_for_the_silence_after
     slot.answered_at -= 30.0  # the wait goes on, the done call still unhandled
     hangs.check(evals)
     assert killed == [actor]
+    monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
+    ray_local.kill(actor)
+
+
+def test_a_generator_stopped_while_it_is_probed_is_killed_not_waited_on_as_if_restarting(
+        ray_local, capsys: pytest.CaptureFixture) -> None:
+    # By hand (random faults in real runs): the learner SIGKILLed, then generator 0 SIGSTOPped 1.3 s later; the
+    # failover probes every generator, and the stopped one was waited on as if it were restarting, until its
+    # restart's bound ended the run ("did not come back within 52s of its death").
+    actor = ray_local.remote(num_cpus=0, max_restarts=1)(SlowGenerator).remote()
+    slot = GeneratorSlot(actor, 0)
+    slot.pid = ray_local.get(actor.info.remote())["pid"]
+    os.kill(slot.pid, signal.SIGSTOP)
+    slot.recovering, slot.probe, slot.probe_at = True, actor.info.remote(), live_clock.now() - 20.0
+    hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=60.0)
+    hangs.check()
+    hangs.check()  # Ray kills a stopped process only after asking it to exit, for seconds: not said, nor sent again
+    assert capsys.readouterr().err.startswith("[async-rlhf] generator 0 has answered nothing for 20s to its probe "
+                                              "though Ray has it alive (stopped or hung) (generation.hang_timeout_s=10")
+    with pytest.raises(ACTOR_LOST):  # what GeneratorPool.on_probe takes for "still restarting": probed again
+        ray_local.get(slot.probe, timeout=60)
+    assert answer_after_restart(actor)["pid"] != slot.pid
+    ray_local.kill(actor)
+
+
+@pytest.mark.parametrize("case", ["without Ray's actor table", "answered within the hang limit", "restarting",
+                                  "a new process (restarted) that had no probe of its own"])
+def test_a_probe_unanswered_is_no_hang_unless_ray_has_the_generator_alive_past_the_limit(
+        ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    killed: list[Any] = []
+    monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
+    actor = ray_local.remote(num_cpus=0)(StoppedGenerator).remote()  # its info() never answers
+    ray_local.get(actor.__ray_ready__.remote())
+    slot = GeneratorSlot(actor, 0)
+    slot.pid = present(actor_table.record(present(actor_table.table()), actor)).pid  # it answered from it before
+    slot.recovering, slot.probe, slot.probe_at = True, actor.info.remote(), live_clock.now() - 20.0
+    if case == "a new process (restarted) that had no probe of its own":
+        slot.pid = -1  # the process it answered from last died: the probe may have gone to it
+    elif case == "without Ray's actor table":  # another Ray version's internals: the restart's bound ends the wait
+        monkeypatch.setattr(actor_table, "table", lambda: None)
+    elif case == "answered within the hang limit":
+        slot.probe_at = live_clock.now() - 5.0
+    else:  # Ray has it restarting: the probe fails once it is back
+        monkeypatch.setattr(actor_table, "record", lambda *_: actor_table.ActorRecord("RESTARTING", 0, 0))
+    GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=60.0).check()
+    assert killed == []
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol, Sequence
 
 import ray
 
+from async_rlhf.cluster import actor_table
 from async_rlhf.config.run import RunConfig
 from async_rlhf.failures import RunError, ray_logs
 from async_rlhf.pipeline import live_clock
@@ -40,6 +41,7 @@ class GeneratorHangs:
         # first start once they answered (startup.restart_limit_s)
         self.recovering_since: dict[int, float] = {}  # by generator id
         self.answers: dict[int, AnswerWatch] = {}  # by generator id: its calls found done so far
+        self.killed_pids: dict[int, int] = {}  # by generator id: the process killed for not answering its probe
 
     def limit_s(self, samples: int = 0, rollouts: bool = True) -> float:
         """The silence past which a generator with a call of `samples` samples in flight is hung: the timeout
@@ -65,11 +67,11 @@ class GeneratorHangs:
             news, pending = self.watch(slot).look([r for r, _ in calls])
             if news or not calls:
                 slot.answered_at = now
-            self._check_restart(slot, now)
             limit = max([self.limit_s(n) for _, n in trains] + [self.limit_s(n, rollouts=False) for _, n in evals],
                         default=self.limit_s())
+            self._check_restart(slot, now, limit, bool(calls))
             if pending and self._judged(slot, now) and now - slot.answered_at > limit:
-                self._restart(slot, len(calls), now - slot.answered_at, limit)
+                self._restart(slot, f"with {len(calls)} call(s) in flight", now - slot.answered_at, limit)
 
     def watch(self, slot: GeneratorSlot) -> AnswerWatch:
         return self.answers.setdefault(slot.generator_id, AnswerWatch())
@@ -80,24 +82,47 @@ class GeneratorHangs:
             self.watch(slot).killed_at = None
         return not slot.recovering and not self.watch(slot).kill_pending(now, self.restart_limit_s)
 
-    def _check_restart(self, slot: GeneratorSlot, now: float) -> None:
+    def _check_restart(self, slot: GeneratorSlot, now: float, limit: float, busy: bool) -> None:
         """A generator restarting holds the learner's stall clock (pipeline/watchdogs.py), so its restart has a
-        bound of its own (startup.restart_limit_s)."""
+        bound of its own (startup.restart_limit_s). One whose probe goes unanswered past the hang limit while Ray
+        has it alive is hung, not restarting, and is killed: after a learner's failover every generator is probed,
+        and one stopped then was waited on as if it were restarting until the bound ended the run."""
         if not slot.recovering:
             self.recovering_since.pop(slot.generator_id, None)
             return
         since = self.recovering_since.setdefault(slot.generator_id, now)
-        if now - since > self.restart_limit_s:
+        silent_s = now - (max(slot.probe_at, slot.answered_at) if busy else slot.probe_at)
+        if slot.probe is not None and self.killed_for_its_probe(slot, silent_s, limit):
+            self.recovering_since[slot.generator_id] = now  # its restart has the whole bound
+        elif now - since > self.restart_limit_s:
             raise self.not_back(slot)
+
+    def killed_for_its_probe(self, slot: GeneratorSlot, silent_s: float, limit: float) -> bool:
+        """Kill a generator silent to its probe past `limit` while Ray has it alive in the process it last answered
+        from (a new one may have had no probe yet), not killed before (one killed is asked to exit first: seconds)."""
+        pid = self._alive_pid(slot) if silent_s > limit else 0
+        if not pid or pid != slot.pid or pid == self.killed_pids.get(slot.generator_id):
+            return False
+        self.killed_pids[slot.generator_id] = pid
+        self._restart(slot, "to its probe though Ray has it alive (stopped or hung)", silent_s, limit)
+        return True
+
+    @staticmethod
+    def _alive_pid(slot: GeneratorSlot) -> int:
+        """The process Ray's actor table has the generator alive in; 0 where it is not alive, or there is no table
+        (then the restart's bound still ends the wait)."""
+        lookup = actor_table.table()
+        found = actor_table.record(lookup, slot.handle) if lookup is not None else None
+        return found.pid if found is not None and found.state == "ALIVE" else 0
 
     def not_back(self, slot: GeneratorSlot) -> RunError:
         return RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of its "
                         f"death ({RESTART_BOUND}); why is in its log under {ray_logs()}")
 
-    def _restart(self, slot: GeneratorSlot, calls: int, silent_s: float, limit_s: float) -> None:
-        print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s with "
-              f"{calls} call(s) in flight (generation.hang_timeout_s={self.timeout_s:g}, {HANG_FACTOR:g}x the longest "
-              f"call so far, per training call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; its "
-              f"prompts will be re-issued", file=sys.stderr, flush=True)
+    def _restart(self, slot: GeneratorSlot, how: str, silent_s: float, limit_s: float) -> None:
+        print(f"[async-rlhf] generator {slot.generator_id} has answered nothing for {silent_s:.0f}s {how} "
+              f"(generation.hang_timeout_s={self.timeout_s:g}, {HANG_FACTOR:g}x the longest call so far, per training "
+              f"call's size: {limit_s:.0f}s in all): killing it so that Ray restarts it; its prompts will be "
+              f"re-issued", file=sys.stderr, flush=True)
         slot.answered_at = self.watch(slot).killed_at = live_clock.now()  # its chunks fail as after a crash: said once
         ray.kill(slot.handle, no_restart=False)

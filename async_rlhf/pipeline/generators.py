@@ -75,7 +75,7 @@ class GeneratorPool:
         """A generator that died is probed once every chunk it held has been handled (each fails or lands)."""
         for slot in self.slots:
             if slot.recovering and not slot.chunks and slot.probe is None and live_clock.now() >= slot.not_before:
-                slot.probe = slot.handle.info.remote()
+                slot.probe, slot.probe_at = slot.handle.info.remote(), live_clock.now()
 
     def _dispatch_to(self, slot: GeneratorSlot, gate: GateInputs) -> None:
         st = self.state
@@ -265,17 +265,19 @@ class GeneratorPool:
     def await_restart(self, slot: GeneratorSlot) -> None:
         """Block until a generator answers again (used outside the event loop, e.g. evaluation), for as long as
         its restart may take (GeneratorHangs.restart_limit_s)."""
-        deadline, probe = live_clock.Deadline(self.hangs.restart_limit_s), None
+        deadline = live_clock.Deadline(self.hangs.restart_limit_s)
         slot.recovering = True
         self._died(slot)
         while not deadline.passed():
-            probe = probe or slot.handle.info.remote()  # a stopped process never answers it: waited within the bound
-            if not ray.wait([probe], timeout=min(POLL_S, max(0.0, deadline.left())))[0]:
+            if slot.probe is None:  # the loop's own, where it had sent one
+                slot.probe, slot.probe_at = slot.handle.info.remote(), live_clock.now()
+            if not ray.wait([slot.probe], timeout=min(POLL_S, max(0.0, deadline.left())))[0]:
+                if self.hangs.killed_for_its_probe(slot, live_clock.now() - slot.probe_at, self.hangs.limit_s()):
+                    deadline = live_clock.Deadline(self.hangs.restart_limit_s)  # a stopped process, restarted now
                 continue
-            self.on_probe(slot, probe)
+            self.on_probe(slot, slot.probe)
             if not slot.recovering:
                 return
-            probe = None
             time.sleep(1.0)
         raise self.hangs.not_back(slot)
 
