@@ -21,7 +21,7 @@ from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
-from tests.helpers import kill_seen_by_ray, present
+from tests.helpers import kill_seen_by_ray
 from tests.standins import SlowGenerator, SlowStartGenerator, StoppedGenerator, Stuck
 
 
@@ -146,43 +146,48 @@ def test_a_generator_stopped_while_it_is_probed_is_killed_not_waited_on_as_if_re
     # By hand (random faults in real runs): the learner SIGKILLed, then generator 0 SIGSTOPped 1.3 s later; the
     # failover probes every generator, and the stopped one was waited on as if it were restarting, until its
     # restart's bound ended the run ("did not come back within 52s of its death").
-    actor = ray_local.remote(num_cpus=0, max_restarts=1)(SlowGenerator).remote()
+    actor = ray_local.remote(num_cpus=0, max_restarts=2)(SlowGenerator).remote()
     slot = GeneratorSlot(actor, 0)
-    slot.pid = ray_local.get(actor.info.remote())["pid"]
-    os.kill(slot.pid, signal.SIGSTOP)
-    slot.recovering, slot.probe, slot.probe_at = True, actor.info.remote(), live_clock.now() - 20.0
+    slot.pid = stopped = ray_local.get(actor.info.remote())["pid"]
+    kill_seen_by_ray(actor, slot.pid)  # restarted, then stopped before its first answer: its probe tells
+    stopped = answer_after_restart(actor)["pid"]
+    os.kill(stopped, signal.SIGSTOP)
     hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=60.0)
+    hangs.send_probe(slot)
+    slot.recovering, slot.probe_at = True, slot.probe_at - 20.0
     hangs.check()
     hangs.check()  # Ray kills a stopped process only after asking it to exit, for seconds: not said, nor sent again
     assert capsys.readouterr().err.startswith("[async-rlhf] generator 0 has answered nothing for 20s to its probe "
                                               "though Ray has it alive (stopped or hung) (generation.hang_timeout_s=10")
     with pytest.raises(ACTOR_LOST):  # what GeneratorPool.on_probe takes for "still restarting": probed again
         ray_local.get(slot.probe, timeout=60)
-    assert answer_after_restart(actor)["pid"] != slot.pid
+    assert answer_after_restart(actor)["pid"] not in (slot.pid, stopped)
     ray_local.kill(actor)
 
 
-@pytest.mark.parametrize("case", ["without Ray's actor table", "answered within the hang limit", "restarting",
-                                  "a new process (restarted) that had no probe of its own"])
-def test_a_probe_unanswered_is_no_hang_unless_ray_has_the_generator_alive_past_the_limit(
+@pytest.mark.parametrize("case", ["hung: alive past the limit in the process it answered from",
+                                  "without Ray's actor table", "answered within the hang limit", "restarting",
+                                  "sent to a process that died: Ray has a new one alive"])
+def test_a_probe_unanswered_is_a_hang_only_where_ray_has_the_generator_alive_past_the_limit(
         ray_local, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     killed: list[Any] = []
     monkeypatch.setattr("async_rlhf.pipeline.generator_hangs.ray.kill", lambda handle, **_: killed.append(handle))
     actor = ray_local.remote(num_cpus=0)(StoppedGenerator).remote()  # its info() never answers
     ray_local.get(actor.__ray_ready__.remote())
     slot = GeneratorSlot(actor, 0)
-    slot.pid = present(actor_table.record(present(actor_table.table()), actor)).pid  # it answered from it before
-    slot.recovering, slot.probe, slot.probe_at = True, actor.info.remote(), live_clock.now() - 20.0
-    if case == "a new process (restarted) that had no probe of its own":
-        slot.pid = -1  # the process it answered from last died: the probe may have gone to it
+    GeneratorHangs.send_probe(slot)
+    slot.recovering, slot.probe_at = True, slot.probe_at - 20.0
+    assert slot.probe_pid > 0
+    if case.startswith("sent to a process that died"):  # the probe fails once Ray has taken its death in
+        slot.probe_pid = -1
     elif case == "without Ray's actor table":  # another Ray version's internals: the restart's bound ends the wait
         monkeypatch.setattr(actor_table, "table", lambda: None)
     elif case == "answered within the hang limit":
-        slot.probe_at = live_clock.now() - 5.0
-    else:  # Ray has it restarting: the probe fails once it is back
+        slot.probe_at += 15.0
+    elif case == "restarting":  # the probe fails once it is back
         monkeypatch.setattr(actor_table, "record", lambda *_: actor_table.ActorRecord("RESTARTING", 0, 0))
     GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=60.0).check()
-    assert killed == []
+    assert killed == ([actor] if case.startswith("hung") else [])
     monkeypatch.undo()  # ray.kill itself was patched (the module is shared): the real one, to end the call
     ray_local.kill(actor)
 

@@ -31,3 +31,11 @@ def record(lookup: Callable[[str], dict], handle: Any) -> ActorRecord | None:
         return ActorRecord(str(row["State"]), int(row.get("Pid") or 0), int(row["Address"]["Port"]))
     except Exception:  # the table's format is Ray's own business
         return None
+
+
+def alive_pid(handle: Any) -> int:
+    """The process Ray's actor table has the actor alive in; 0 where it is not alive (starting, restarting, dead),
+    or where there is no table."""
+    lookup = table()
+    found = record(lookup, handle) if lookup is not None else None
+    return found.pid if found is not None and found.state == "ALIVE" else 0

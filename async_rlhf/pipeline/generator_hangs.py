@@ -97,23 +97,22 @@ class GeneratorHangs:
         elif now - since > self.restart_limit_s:
             raise self.not_back(slot)
 
+    @staticmethod
+    def send_probe(slot: GeneratorSlot) -> None:
+        """An info() call to the generator, and the process Ray had it alive in just before: the one the call goes
+        to (a call sent while it restarts fails at once), whose silence the call judges (killed_for_its_probe)."""
+        slot.probe_pid = actor_table.alive_pid(slot.handle)
+        slot.probe, slot.probe_at = slot.handle.info.remote(), live_clock.now()
+
     def killed_for_its_probe(self, slot: GeneratorSlot, silent_s: float, limit: float) -> bool:
-        """Kill a generator silent to its probe past `limit` while Ray has it alive in the process it last answered
-        from (a new one may have had no probe yet), not killed before (one killed is asked to exit first: seconds)."""
-        pid = self._alive_pid(slot) if silent_s > limit else 0
-        if not pid or pid != slot.pid or pid == self.killed_pids.get(slot.generator_id):
+        """Kill a generator silent to its probe past `limit` while Ray still has it alive in the process the probe
+        went to, not killed before (one killed is asked to exit first: seconds)."""
+        pid = actor_table.alive_pid(slot.handle) if silent_s > limit else 0
+        if not pid or pid != slot.probe_pid or pid == self.killed_pids.get(slot.generator_id):
             return False
         self.killed_pids[slot.generator_id] = pid
         self._restart(slot, "to its probe though Ray has it alive (stopped or hung)", silent_s, limit)
         return True
-
-    @staticmethod
-    def _alive_pid(slot: GeneratorSlot) -> int:
-        """The process Ray's actor table has the generator alive in; 0 where it is not alive, or there is no table
-        (then the restart's bound still ends the wait)."""
-        lookup = actor_table.table()
-        found = actor_table.record(lookup, slot.handle) if lookup is not None else None
-        return found.pid if found is not None and found.state == "ALIVE" else 0
 
     def not_back(self, slot: GeneratorSlot) -> RunError:
         return RunError(f"generator {slot.generator_id} did not come back within {self.restart_limit_s:g}s of its "

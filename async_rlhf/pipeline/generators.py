@@ -75,7 +75,7 @@ class GeneratorPool:
         """A generator that died is probed once every chunk it held has been handled (each fails or lands)."""
         for slot in self.slots:
             if slot.recovering and not slot.chunks and slot.probe is None and live_clock.now() >= slot.not_before:
-                slot.probe, slot.probe_at = slot.handle.info.remote(), live_clock.now()
+                self.hangs.send_probe(slot)
 
     def _dispatch_to(self, slot: GeneratorSlot, gate: GateInputs) -> None:
         st = self.state
@@ -270,7 +270,7 @@ class GeneratorPool:
         self._died(slot)
         while not deadline.passed():
             if slot.probe is None:  # the loop's own, where it had sent one
-                slot.probe, slot.probe_at = slot.handle.info.remote(), live_clock.now()
+                self.hangs.send_probe(slot)
             if not ray.wait([slot.probe], timeout=min(POLL_S, max(0.0, deadline.left())))[0]:
                 if self.hangs.killed_for_its_probe(slot, live_clock.now() - slot.probe_at, self.hangs.limit_s()):
                     deadline = live_clock.Deadline(self.hangs.restart_limit_s)  # a stopped process, restarted now

@@ -63,6 +63,7 @@ class GeneratorSlot:
     pid: int = 0
     probe: Any = None  # ObjectRef of an info() call while recovering from a death
     probe_at: float = 0.0  # live_clock time the probe was sent
+    probe_pid: int = 0  # the process Ray had the generator alive in when the probe was sent (0: none)
     recovering: bool = False
     died_running: str | None = None  # the reward its last dead process was running (reward_models/scoring_marks.py)
     not_before: float = 0.0  # next probe no earlier than this (live_clock)
