@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from actors.generation_result import GenerationResult
 from async_rlhf.cluster.busy_board import BusyBoard
+from async_rlhf.cluster.gc_pause import paused_gc
 from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
@@ -48,6 +49,7 @@ def _cpu_list(cores: list[int]) -> str:
 
 
 class GeneratorActor:
+    @paused_gc()  # the start's imports and engine build (gc_pause.py)
     def __init__(
         self,
         generator_id: int,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from async_rlhf.cluster.busy_board import BusyBoard
+from async_rlhf.cluster.gc_pause import paused_gc
 from async_rlhf.cluster.resources import CoreLoan, pin_process
 from async_rlhf.config.learner import LearnerConfig
 from async_rlhf.config.run import RunConfig
@@ -122,6 +123,7 @@ def padding_loss(logps: torch.Tensor, values: torch.Tensor | None) -> torch.Tens
 class Learner:
     """Trains the policy one step per call on rollout groups; publishes weights as files."""
 
+    @paused_gc()  # the start's imports and model loads (gc_pause.py)
     def __init__(self, cfg: RunConfig, model_dir: str, cores: list[int] | None = None,
                  threads: int | None = None, rank: RankInfo | None = None, loan: CoreLoan | None = None) -> None:
         pin_process(cores, threads)

@@ -21,6 +21,7 @@ from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.cli.progress import Progress, progress_display
 from async_rlhf.cli.streams import ReaderGoneStream
+from async_rlhf.cluster.gc_pause import paused_gc
 from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
 from async_rlhf.failures import Interrupted, RunError, StoppedDuringStartUp, failure_line, unexpected_line
@@ -226,14 +227,15 @@ def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, 
                   stop: StartUpStop) -> dict:
     from async_rlhf.pipeline.startup import start_ray_while_importing  # heavy imports only once the config is valid
 
-    started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
-    from async_rlhf.cluster.local_ray import keep_ray_errors_in
+    with paused_gc():  # the driver's share of the start (gc_pause.py)
+        started_ray = start_ray_while_importing(cfg, "async_rlhf.pipeline.controller")
+        from async_rlhf.cluster.local_ray import keep_ray_errors_in
 
-    keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
-    from async_rlhf.pipeline.controller import Controller
+        keep_ray_errors_in(run_dir / RAY_ERRORS)  # the run reports each death itself, on one line
+        from async_rlhf.pipeline.controller import Controller
 
-    stop.check()
-    controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
+        stop.check()
+        controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
     stop.check()
     return controller.run()
