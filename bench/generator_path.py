@@ -39,12 +39,13 @@ class RawVLLM:
     """`LLM.generate` and nothing else, configured as GeneratorActor configures its engine."""
 
     def __init__(self, model_dir: str, gen_cfg, prompts) -> None:
-        from actors.generator import engine_options, set_engine_env
+        from actors.generator import engine_options, set_engine_env, skip_cpu_start_costs
 
         set_engine_env([CORE], cuda=False)
         from vllm import LLM
 
         os.sched_setaffinity(0, [CORE])  # after the import, which thus runs beside the other side's start
+        skip_cpu_start_costs()  # as the generator: no torch.compile of a sampler op on the (untimed) first call
         self.llm = LLM(model=model_dir, dtype="float32", max_model_len=gen_cfg.max_model_len, seed=0,
                        **engine_options(gen_cfg, cuda=False, model_dir=model_dir, dtype="float32"))
         self.inputs: list[TokensPrompt] = [{"prompt_token_ids": p.token_ids} for p in prompts]
