@@ -11,6 +11,7 @@ import threading
 import time
 from typing import NamedTuple
 
+from async_rlhf.cluster.gc_pause import paused_gc
 from async_rlhf.rollout import Completion, Prompt, RolloutGroup
 from reward_models.learned import LearnedRewardModel
 from reward_models.remote import RemoteRewardClient
@@ -50,6 +51,7 @@ class TrainReward(NamedTuple):
 
 
 class RewardService:
+    @paused_gc()  # a learned reward model's load, a user's scorer's imports (gc_pause.py)
     def __init__(self, scorers: dict[str, ScorerSpec], timeout_s: float = 30.0, remote: dict | None = None,
                  learned: dict | None = None, marks: ScoringMarks | None = None, run: ScoringRun = NO_RUN) -> None:
         """`scorers` maps a role ("train", "gold") to a registered scorer name or a user's "pkg.module:function"
