@@ -4,6 +4,7 @@ tests/test_driver_exit.py."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ def signals_in(phase: RunPhase) -> StopSignals:
     stats = RunStats()
     stats.phase = phase
     return StopSignals(Path("/runs/a"), stats, RunControl())
+
+
+def installed(signum: int) -> object:
+    """The handler installed for `signum`, inside its guard (cluster/safe_handlers.py)."""
+    return getattr(signal.getsignal(signum), "__wrapped__", None)
 
 
 def test_a_first_ctrl_c_in_the_loop_asks_for_a_checkpoint_and_a_stop_and_a_second_stops_now() -> None:
@@ -57,8 +63,7 @@ def test_install_then_restore_puts_back_the_handlers_a_longer_lived_process_had(
         before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         signals = signals_in(RunPhase.RUNNING)
         signals.install()
-        assert signal.getsignal(signal.SIGINT) == signals.on_sigint
-        assert signal.getsignal(signal.SIGTERM) == signals.on_sigterm
+        assert installed(signal.SIGINT) == signals.on_sigint and installed(signal.SIGTERM) == signals.on_sigterm
         signals.restore()
         assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     finally:
@@ -71,8 +76,7 @@ def test_an_ignored_sigint_stays_ignored() -> None:
     try:
         signals = signals_in(RunPhase.RUNNING)
         signals.install()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) == signals.on_sigterm
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and installed(signal.SIGTERM) == signals.on_sigterm
         signals.restore()
     finally:
         signal.signal(signal.SIGINT, before)
@@ -113,3 +117,47 @@ def test_a_start_up_stop_that_python_dropped_is_raised_again() -> None:
     assert ref() is None
     with pytest.raises(StoppedDuringStartUp):
         stop.check()
+
+
+def spin(seconds: float = 0.2) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:  # backward jumps: the interpreter runs pending signal handlers at each
+        pass
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_start_up_stop_waits_out_the_import_lock_and_is_raised_once_it_is_free(signum: signal.Signals) -> None:
+    """CI, stop 47: a SIGTERM 0 s into a run was raised while the main thread held the import lock, in a module
+    lock's weakref callback; the lock stayed held, start-up's importer thread hung on its next import, and the
+    run with it."""
+    import _imp
+
+    from async_rlhf.cli.main import StartUpStop, start_up_handlers
+    from async_rlhf.failures import StoppedDuringStartUp
+
+    previous = signal.signal(signum, start_up_handlers(StartUpStop())[signum])
+    raised_in_the_lock = True
+    try:
+        with pytest.raises(StoppedDuringStartUp if signum == signal.SIGTERM else KeyboardInterrupt):
+            _imp.acquire_lock()
+            try:
+                signal.raise_signal(signum)
+                spin()
+                raised_in_the_lock = False
+            finally:
+                _imp.release_lock()
+            spin()
+    finally:
+        signal.signal(signum, previous)
+    assert not raised_in_the_lock and not _imp.lock_held()
+
+
+def test_importlibs_module_lock_code_counts_as_its_bookkeeping() -> None:
+    """Where Python drops a handler's exception: a module lock's weakref callback, in importlib._bootstrap."""
+    import sys
+
+    from async_rlhf.cluster.safe_handlers import BOOTSTRAP, in_import_bookkeeping
+
+    inside: dict = {}
+    exec(compile("import sys\nframe = sys._getframe()", BOOTSTRAP, "exec"), inside)
+    assert in_import_bookkeeping(inside["frame"]) and not in_import_bookkeeping(sys._getframe())

@@ -22,6 +22,7 @@ from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.cli.progress import Progress, progress_display
 from async_rlhf.cli.streams import ReaderGoneStream
 from async_rlhf.cluster.gc_pause import paused_gc
+from async_rlhf.cluster.safe_handlers import SignalHandler, outside_import_bookkeeping
 from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
 from async_rlhf.failures import Interrupted, RunError, StoppedDuringStartUp, failure_line, unexpected_line
@@ -189,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
     bar = progress_display(cfg.learner.steps, sys.stderr)
     stop = StartUpStop()
-    previous = {signum: signal.signal(signum, stop) for signum in start_up_signals()}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in start_up_handlers(stop).items()}
     try:
         summary = start_and_run(cfg, run_dir, checkpoint, bar, stop)
     except Interrupted as exc:  # Ctrl-C in start-up or twice: workers and Ray are down, as after any failure
@@ -241,10 +242,15 @@ def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, 
     return controller.run()
 
 
-def start_up_signals() -> list[signal.Signals]:
-    """SIGTERM, and SIGHUP unless ignored (`nohup`: the user's choice, kept)."""
-    hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
-    return [signal.SIGTERM, *hangup]
+def start_up_handlers(stop: StartUpStop) -> dict[signal.Signals, SignalHandler]:
+    """`stop` for SIGTERM, and SIGHUP unless ignored (`nohup`: the user's choice, kept); Python's own
+    KeyboardInterrupt for SIGINT. Each raises only outside the import system's bookkeeping (safe_handlers.py)."""
+    handlers: dict[signal.Signals, SignalHandler] = {signal.SIGTERM: stop}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        handlers[signal.SIGHUP] = stop
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handlers[signal.SIGINT] = signal.default_int_handler
+    return {signum: outside_import_bookkeeping(handler) for signum, handler in handlers.items()}
 
 
 class StartUpStop:

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, NoReturn, Union
 
+from async_rlhf.cluster.safe_handlers import outside_import_bookkeeping
 from async_rlhf.failures import START_UP, Interrupted, RunError, start_up_stop
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.state import RunPhase, RunStats
@@ -39,10 +40,11 @@ class StopSignals:
         thread (a controller run inside a thread, as in tests, keeps the defaults)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        self.previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self.on_sigterm)}
-        for signum, handler in ((signal.SIGINT, self.on_sigint), (signal.SIGHUP, self.on_sigterm)):
-            if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup ... &`: the user's choice, kept
-                self.previous[signum] = signal.signal(signum, handler)
+        self.previous = {}
+        stop, interrupt = self.on_sigterm, self.on_sigint
+        for signum, handler in ((signal.SIGTERM, stop), (signal.SIGINT, interrupt), (signal.SIGHUP, stop)):
+            if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup ... &`: kept
+                self.previous[signum] = signal.signal(signum, outside_import_bookkeeping(handler))
 
     def restore(self) -> None:
         """The handlers from before install(): a process that runs several runs (a benchmark) must not keep
