@@ -20,6 +20,7 @@ from typing import Iterator
 LOGS_NOTE = "Ray's logs: "  # note_ray_logs
 START_UP = "stopped before the first step, nothing to checkpoint; start the run again (or --resume RUN_DIR, " \
            "whose checkpoints are untouched)"
+START_UP_INTERRUPTED = f"interrupted (Ctrl-C) during start-up: {START_UP}"
 
 
 class RunError(RuntimeError):
@@ -31,8 +32,8 @@ class Interrupted(RunError):
 
 
 class StoppedDuringStartUp(BaseException):
-    """SIGTERM or SIGHUP before the run's own handlers exist (cli/main.py). A BaseException, as KeyboardInterrupt
-    is, so that no `except Exception` on its way swallows it (one did: the run went on to its end)."""
+    """SIGTERM or SIGHUP before the run's own handlers exist (cli/start_up_stop.py). A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` on its way swallows it (one did: the run went on to its end)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(start_up_stop(signum))

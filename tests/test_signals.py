@@ -4,8 +4,10 @@ tests/test_driver_exit.py."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -95,28 +97,38 @@ def test_a_stop_whose_interrupt_was_swallowed_is_raised_again_by_the_run() -> No
     assert isinstance(stop.error(), Interrupted) and "again: stopped now" in str(stop.error())
 
 
-def test_a_start_up_stop_that_python_dropped_is_raised_again() -> None:
+def test_a_start_up_stop_that_python_dropped_is_kept_unprinted_and_raised_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Found in CI: a SIGTERM 0 s into a run was raised inside a weakref callback of an import, where Python prints
-    "Exception ignored in" and drops it; the run went on to its end, exit 0. start_and_run checks it again."""
+    "Exception ignored in" and a traceback, and drops it; the run went on to its end, exit 0. Kept by the handler,
+    raised again by start_and_run; unprinted. Another callback's error is still printed."""
     import gc
     import weakref
 
-    from async_rlhf.cli.main import StartUpStop
+    from async_rlhf.cli.start_up_stop import StartUpStop
     from async_rlhf.failures import StoppedDuringStartUp
 
+    printed: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda event: printed.append(event.exc_value))
     stop = StartUpStop()
     stop.check()  # no signal: nothing
 
     class Held:
         pass
 
-    held = Held()
-    ref = weakref.ref(held, lambda _: stop(signal.SIGTERM, None))
-    del held  # the callback raises; Python drops its exception
-    gc.collect()
-    assert ref() is None
-    with pytest.raises(StoppedDuringStartUp):
-        stop.check()
+    def dropped(callback: Callable[[object], object]) -> None:
+        held = Held()
+        ref = weakref.ref(held, callback)
+        del held  # the callback raises; Python drops its exception
+        gc.collect()
+        assert ref() is None
+
+    with stop.installed():
+        dropped(lambda _: stop(signal.SIGTERM, None))
+        dropped(lambda _: int("a bug"))
+        with pytest.raises(StoppedDuringStartUp):
+            stop.check()
+    assert [type(exc) for exc in printed] == [ValueError]
 
 
 def spin(seconds: float = 0.2) -> None:
@@ -132,12 +144,11 @@ def test_a_start_up_stop_waits_out_the_import_lock_and_is_raised_once_it_is_free
     run with it."""
     import _imp
 
-    from async_rlhf.cli.main import StartUpStop, start_up_handlers
+    from async_rlhf.cli.start_up_stop import StartUpStop
     from async_rlhf.failures import StoppedDuringStartUp
 
-    previous = signal.signal(signum, start_up_handlers(StartUpStop())[signum])
     raised_in_the_lock = True
-    try:
+    with StartUpStop().installed():
         with pytest.raises(StoppedDuringStartUp if signum == signal.SIGTERM else KeyboardInterrupt):
             _imp.acquire_lock()
             try:
@@ -147,8 +158,6 @@ def test_a_start_up_stop_waits_out_the_import_lock_and_is_raised_once_it_is_free
             finally:
                 _imp.release_lock()
             spin()
-    finally:
-        signal.signal(signum, previous)
     assert not raised_in_the_lock and not _imp.lock_held()
 
 
@@ -161,3 +170,19 @@ def test_importlibs_module_lock_code_counts_as_its_bookkeeping() -> None:
     inside: dict = {}
     exec(compile("import sys\nframe = sys._getframe()", BOOTSTRAP, "exec"), inside)
     assert in_import_bookkeeping(inside["frame"]) and not in_import_bookkeeping(sys._getframe())
+
+
+def test_the_runs_handlers_raise_a_stop_that_the_start_ups_handler_kept() -> None:
+    """Dropped after start_and_run's last check, before the controller installs its own handlers."""
+    from async_rlhf.cli.start_up_stop import StartUpStop
+    from async_rlhf.failures import StoppedDuringStartUp
+
+    stop = StartUpStop()
+    stop.signum = signal.SIGHUP  # as its handler leaves it, the exception dropped
+    signals = signals_in(RunPhase.STARTING)
+    signals.kept_before = stop.check
+    try:
+        with pytest.raises(StoppedDuringStartUp, match="SIGHUP during start-up"):
+            signals.install()
+    finally:
+        signals.restore()

@@ -7,25 +7,30 @@ import argparse
 import atexit
 import os
 import shlex
-import signal
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, TextIO, cast
 
 from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.cli.arguments import flag_values, try_writing, writable_place
 from async_rlhf.cli.models import COMMANDS as MODEL_COMMANDS
 from async_rlhf.cli.models import add_parsers as add_model_parsers
 from async_rlhf.cli.progress import Progress, progress_display
+from async_rlhf.cli.start_up_stop import StartUpStop
 from async_rlhf.cli.streams import ReaderGoneStream
 from async_rlhf.cluster.gc_pause import paused_gc
-from async_rlhf.cluster.safe_handlers import SignalHandler, outside_import_bookkeeping
 from async_rlhf.config.base import ConfigError, shown_override
 from async_rlhf.config.run import RunConfig, config_yaml, load_config
-from async_rlhf.failures import Interrupted, RunError, StoppedDuringStartUp, failure_line, unexpected_line
+from async_rlhf.failures import (
+    START_UP_INTERRUPTED,
+    Interrupted,
+    RunError,
+    StoppedDuringStartUp,
+    failure_line,
+    unexpected_line,
+)
 
 if TYPE_CHECKING:
     from async_rlhf.pipeline.controller import ServiceStarter
@@ -190,12 +195,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
     bar = progress_display(cfg.learner.steps, sys.stderr)
     stop = StartUpStop()
-    previous = {signum: signal.signal(signum, handler) for signum, handler in start_up_handlers(stop).items()}
     try:
-        summary = start_and_run(cfg, run_dir, checkpoint, bar, stop)
-    except Interrupted as exc:  # Ctrl-C in start-up or twice: workers and Ray are down, as after any failure
+        with stop.installed():
+            summary = start_and_run(cfg, run_dir, checkpoint, bar, stop)
+    except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C in start-up or twice (a bare one: before the controller)
         bar.close()
-        print(f"[async-rlhf] {exc}", file=sys.stderr, flush=True)
+        print(f"[async-rlhf] {str(exc) or START_UP_INTERRUPTED}", file=sys.stderr, flush=True)
         return INTERRUPTED
     except (RunError, StoppedDuringStartUp) as exc:
         bar.close()
@@ -211,8 +216,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     finally:
         bar.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     from async_rlhf.cli.status import summary_figures
     from async_rlhf.pipeline.startup import process_age_s
 
@@ -238,38 +241,9 @@ def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, 
         stop.check()
         controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
+    controller.signals.kept_before = stop.check
     stop.check()
     return controller.run()
-
-
-def start_up_handlers(stop: StartUpStop) -> dict[signal.Signals, SignalHandler]:
-    """`stop` for SIGTERM, and SIGHUP unless ignored (`nohup`: the user's choice, kept); Python's own
-    KeyboardInterrupt for SIGINT. Each raises only outside the import system's bookkeeping (safe_handlers.py)."""
-    handlers: dict[signal.Signals, SignalHandler] = {signal.SIGTERM: stop}
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        handlers[signal.SIGHUP] = stop
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        handlers[signal.SIGINT] = signal.default_int_handler
-    return {signum: outside_import_bookkeeping(handler) for signum, handler in handlers.items()}
-
-
-class StartUpStop:
-    """Until the run's own handlers (pipeline/signals.py) take over: a SIGTERM while the policy downloads or Ray
-    starts was Ray's sys.exit() or Python's default, a silent exit; one line instead, as during the rest of
-    start-up. The signal is also kept: raised inside a callback Python runs for an import (a weakref's), the
-    exception was dropped ("Exception ignored in: ... _get_module_lock") and the run went on to its end (CI,
-    session 31), so `check` raises it again where start-up passes."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum: int, _frame: FrameType | None) -> NoReturn:
-        self.signum = signum
-        raise StoppedDuringStartUp(signum)
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise StoppedDuringStartUp(self.signum)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

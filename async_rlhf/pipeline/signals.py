@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any, Callable, NoReturn, Union
 
 from async_rlhf.cluster.safe_handlers import outside_import_bookkeeping
-from async_rlhf.failures import START_UP, Interrupted, RunError, start_up_stop
+from async_rlhf.failures import START_UP_INTERRUPTED, Interrupted, RunError, start_up_stop
 from async_rlhf.pipeline.control import RunControl
 from async_rlhf.pipeline.state import RunPhase, RunStats
 
@@ -34,6 +34,7 @@ class StopSignals:
         self.interrupts = 0
         self.pending: RunError | None = None  # the stop a handler asked for, raised by the run
         self.previous: dict[int, Handler] = {}
+        self.kept_before: Callable[[], None] = lambda: None  # raises a stop the handlers before these kept
 
     def install(self) -> None:
         """After ray.init, which sets its own SIGTERM handler in the driver; only possible from the main
@@ -45,6 +46,7 @@ class StopSignals:
         for signum, handler in ((signal.SIGTERM, stop), (signal.SIGINT, interrupt), (signal.SIGHUP, stop)):
             if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup ... &`: kept
                 self.previous[signum] = signal.signal(signum, outside_import_bookkeeping(handler))
+        self.kept_before()  # one Python dropped where it was raised (cli/start_up_stop.py): raised now, not lost
 
     def restore(self) -> None:
         """The handlers from before install(): a process that runs several runs (a benchmark) must not keep
@@ -91,7 +93,7 @@ class StopSignals:
 
     def interrupted(self) -> Interrupted:
         if self.stats.phase in (RunPhase.CREATED, RunPhase.STARTING):
-            return Interrupted(f"interrupted (Ctrl-C) during start-up: {START_UP}")
+            return Interrupted(START_UP_INTERRUPTED)
         resume = f"--resume {shlex.quote(str(self.run_dir))}"
         return Interrupted(f"interrupted (Ctrl-C) again: stopped now, without the final evaluation; the checkpoints "
                            f"written so far are in {self.run_dir / 'checkpoints'} (`{resume}` continues from the "
