@@ -3,6 +3,7 @@ processes' side (a terminal's Ctrl-C to the whole group, exit 130, nothing left 
 tests/test_driver_exit.py."""
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -180,9 +181,23 @@ def test_the_runs_handlers_raise_a_stop_that_the_start_ups_handler_kept() -> Non
     stop = StartUpStop()
     stop.signum = signal.SIGHUP  # as its handler leaves it, the exception dropped
     signals = signals_in(RunPhase.STARTING)
-    signals.kept_before = stop.check
+    signals.kept_before = stop.hand_over
     try:
         with pytest.raises(StoppedDuringStartUp, match="SIGHUP during start-up"):
             signals.install()
     finally:
         signals.restore()
+
+
+def test_once_handed_over_the_start_ups_handler_says_nothing_of_start_up() -> None:
+    """Put back as the run shuts down (`StopSignals.restore`): a SIGTERM asks for what is happening, a Ctrl-C
+    stops the shutdown."""
+    from async_rlhf.cli.start_up_stop import ENDING_INTERRUPTED, StartUpStop
+
+    stop = StartUpStop()
+    stop.hand_over()
+    stop(signal.SIGTERM, None)
+    stop(signal.SIGHUP, None)
+    with pytest.raises(KeyboardInterrupt, match=re.escape(ENDING_INTERRUPTED)):
+        stop(signal.SIGINT, None)
+    stop.check()  # nothing kept

@@ -241,7 +241,7 @@ def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, 
         stop.check()
         controller = Controller(cfg, run_dir, progress=bar.update, resume=checkpoint, services=api_starter(cfg))
     controller.started_ray = started_ray  # the Ray started above is the run's: the controller shuts it down
-    controller.signals.kept_before = stop.check
+    controller.signals.kept_before = stop.hand_over
     stop.check()
     return controller.run()
 

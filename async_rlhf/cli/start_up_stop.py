@@ -12,26 +12,39 @@ import contextlib
 import signal
 import sys
 from types import FrameType
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator
 
 from async_rlhf.cluster.safe_handlers import outside_import_bookkeeping
 from async_rlhf.failures import StoppedDuringStartUp
 
+ENDING_INTERRUPTED = "interrupted (Ctrl-C) while the run shut down"
+
 
 class StartUpStop:
     """SIGTERM and SIGHUP raise StoppedDuringStartUp (a BaseException, so no `except Exception` swallows it),
-    Ctrl-C KeyboardInterrupt (the one exception Ray's blocking calls pass on whole); each is kept for `check`."""
+    Ctrl-C KeyboardInterrupt (the one exception Ray's blocking calls pass on whole); each is kept for `check`.
+    Its handlers are back once the run's own are put back, as the run shuts down: then a SIGTERM or SIGHUP asks
+    for what is already happening, and a Ctrl-C stops the shutdown, without a word of start-up."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.handed_over = False
 
-    def __call__(self, signum: int, _frame: FrameType | None) -> NoReturn:
-        self.signum = signum
-        raise stop_for(signum)
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.handed_over:
+            self.signum = signum
+            raise stop_for(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt(ENDING_INTERRUPTED)
 
     def check(self) -> None:
         if self.signum is not None:
             raise stop_for(self.signum)
+
+    def hand_over(self) -> None:
+        """Called as the run's own handlers are installed (`StopSignals.kept_before`): a kept stop is raised."""
+        self.check()
+        self.handed_over = True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
