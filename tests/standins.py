@@ -125,6 +125,20 @@ class StuckReward:
         return groups
 
 
+class StartsStuck(StuckReward):
+    """A reward actor (or, by its `info`, a generator) whose next start hangs in its `__init__` for good once the
+    file `marker` exists (a restart's model load that never ends); that start takes the file, so the one after
+    it starts as usual."""
+
+    def __init__(self, marker: str) -> None:
+        if os.path.exists(marker):
+            os.remove(marker)
+            time.sleep(3600)
+
+    def info(self) -> dict:
+        return self.health()
+
+
 class Sequential:  # a generator's calls run one after another, in the order they were sent
     def call(self, i: int) -> int:
         return i

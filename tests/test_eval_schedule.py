@@ -65,7 +65,8 @@ def hung_kl(ray_local, tmp_path: Path):
 def make_schedule(ray_local, tmp_path: Path, eval_cfg: dict, learner: type = KLLearner, stall_timeout_s: float = 600,
                   generator: type = SlowGenerator, scorer: type = Scorer):
     cfg = RunConfig(eval=eval_cfg, learner={"steps": 10, "stall_timeout_s": stall_timeout_s}, api={"enabled": False},
-                    task={"eval_prompts": 4})  # the Evaluator's, below
+                    task={"eval_prompts": 4},  # the Evaluator's, below
+                    generation={"max_restarts": 0}, reward={"max_restarts": 1})  # as the actors below are made
     parts, state, stats, timeline = Components(), LoopState(), RunStats(), Timeline(tmp_path / "timeline.jsonl")
     parts.reward = ray_local.remote(num_cpus=0, max_restarts=1)(scorer).remote(str(tmp_path / "scored"))
     parts.learner = ray_local.remote(num_cpus=0)(learner).remote()

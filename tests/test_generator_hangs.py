@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -22,7 +23,7 @@ from async_rlhf.pipeline.generator_hangs import HANG_FACTOR, GeneratorHangs
 from async_rlhf.pipeline.generators import GeneratorPool
 from async_rlhf.pipeline.state import Chunk, GeneratorSlot
 from tests.helpers import kill_seen_by_ray
-from tests.standins import SlowGenerator, SlowStartGenerator, StoppedGenerator, Stuck
+from tests.standins import SlowGenerator, SlowStartGenerator, StartsStuck, StoppedGenerator, Stuck
 
 
 def pool_of(slots: list[GeneratorSlot], longest_call_s: float = 0.0,
@@ -210,6 +211,32 @@ def test_a_restart_that_never_comes_back_ends_the_run(monkeypatch: pytest.Monkey
     hangs.check()
     slot.recovering = True
     hangs.check()
+
+
+def test_a_restart_hung_in_its_start_past_its_bound_is_killed_once_and_ray_starts_it_again(
+        ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A generator whose new process hung (or was stopped) in its engine's start ended the run once its restart's
+    bound had passed; at start-up such an actor is killed and started again, and now here."""
+    marker = tmp_path / "hang the next start"
+    actor = ray_local.remote(num_cpus=0, max_restarts=3)(StartsStuck).remote(str(marker))
+    slot = GeneratorSlot(actor, 1)
+    slot.pid = ray_local.get(actor.info.remote())["pid"]
+    marker.touch()
+    kill_seen_by_ray(actor, slot.pid)  # its restart hangs in __init__
+    slot.recovering = True
+    hangs = GeneratorHangs(pool_of([slot]), timeout_s=10.0, restart_limit_s=20.0)
+    clock = [live_clock.now()]
+    monkeypatch.setattr("async_rlhf.pipeline.live_clock.now", lambda: clock[0])
+    hangs.check()  # first seen restarting
+    clock[0] += 21.0
+    while marker.exists():
+        time.sleep(0.05)  # its new process is in its start, for good
+    hangs.check()  # past the bound: killed, not the run's end
+    assert slot.restarts == 1 and "generator 1 is not back 20s into its restart (pid " in capsys.readouterr().err
+    assert answer_after_restart(actor)["pid"] not in (slot.pid, hangs.killed_pids[1])
+    clock[0] += 19.0
+    hangs.check()  # its next start has the whole bound
+    ray_local.kill(actor)
 
 
 def test_a_failover_waiting_for_the_generations_in_flight_kills_a_generator_that_hangs(ray_local, tmp_path) -> None:

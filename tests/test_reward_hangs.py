@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -23,8 +24,8 @@ from async_rlhf.pipeline.generator_hangs import HANG_FACTOR
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import LoopState, RunStats
 from async_rlhf.rollout import Prompt, RolloutGroup
-from tests.helpers import kill_seen_by_ray
-from tests.standins import StuckReward
+from tests.helpers import kill_seen_by_ray, present
+from tests.standins import StartsStuck, StuckReward
 
 
 def book_of(actor: Any, stall_timeout_s: float = 20.0, reward: dict | None = None) -> RewardBook:
@@ -122,14 +123,36 @@ def test_a_remote_reward_models_own_deadline_is_not_taken_for_a_hang() -> None:
 
 
 def test_a_reward_actor_that_does_not_answer_after_its_restart_ends_the_run_with_one_line(ray_local) -> None:
-    actor = ray_local.remote(num_cpus=0)(StuckReward).remote()
-    book = book_of(actor, stall_timeout_s=2.0)
+    actor = ray_local.remote(num_cpus=0)(StuckReward).remote()  # no restart left: not killed (the next test)
+    book = book_of(actor, stall_timeout_s=2.0, reward={"max_restarts": 0})
     book.restart_limit_s = 2.5  # as the builder sets it: 5x the reward actor's first start (0.5 s)
     actor.score.remote([])  # its health call waits behind this one, which never returns
     with pytest.raises(RunError, match=r"^the reward actor did not answer within 2.5s of its restart "
                                        r"\(learner\.stall_timeout_s, or 5x its first start in this run\); why is "
                                        r"in its log under /tmp/ray/"):
         book.restarted()
+    ray_local.kill(actor)
+
+
+def test_a_restart_hung_in_its_start_past_its_bound_is_killed_once_and_ray_starts_it_again(
+        ray_local, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Chaos, sessions 39-40: a reward actor whose new process hung (or was stopped) in its start ended the run
+    once its restart's bound had passed; at start-up such an actor is killed and started again, and now here."""
+    marker = tmp_path / "hang the next start"
+    actor = ray_local.remote(num_cpus=0, max_restarts=2)(StartsStuck).remote(str(marker))
+    book = book_of(actor, stall_timeout_s=2.0, reward={"max_restarts": 2})
+    book.restart_limit_s = 3.0
+    book.pid = first = ray_local.get(actor.health.remote())["pid"]
+    marker.touch()
+    kill_seen_by_ray(actor, first)  # its restart hangs in __init__
+    while marker.exists():
+        time.sleep(0.05)  # its new process is in its start, for good (the bound counts from here, in a run too)
+    assert book.restarted()
+    assert book.pid not in (0, first) and book.stats.reward_restarts == 2  # the hung start, and the one that answered
+    assert present(actor_table.current(actor)).restarts == 2
+    said = capsys.readouterr().err
+    assert said.startswith("[async-rlhf] the reward actor has not answered 3s into its restart (pid ") and \
+        said.count("killing it so that Ray starts it again") == 1
     ray_local.kill(actor)
 
 

@@ -16,6 +16,7 @@ class ActorRecord:
     state: str  # ALIVE, DEAD, or one of STARTING
     pid: int  # the process it runs in (0 before it has one)
     port: int  # its worker's port (0 before the cluster gave it a worker)
+    restarts: int = 0  # how many times Ray has restarted it so far
 
 
 def table() -> Callable[[str], dict] | None:
@@ -28,7 +29,8 @@ def record(lookup: Callable[[str], dict], handle: Any) -> ActorRecord | None:
     """The actor's record, or None (an actor gone from the table, or another Ray version's fields)."""
     try:
         row = lookup(handle._actor_id.hex())
-        return ActorRecord(str(row["State"]), int(row.get("Pid") or 0), int(row["Address"]["Port"]))
+        return ActorRecord(str(row["State"]), int(row.get("Pid") or 0), int(row["Address"]["Port"]),
+                           int(row.get("NumRestarts") or 0))
     except Exception:  # the table's format is Ray's own business
         return None
 
@@ -36,6 +38,22 @@ def record(lookup: Callable[[str], dict], handle: Any) -> ActorRecord | None:
 def alive_pid(handle: Any) -> int:
     """The process Ray's actor table has the actor alive in; 0 where it is not alive (starting, restarting, dead),
     or where there is no table."""
-    lookup = table()
-    found = record(lookup, handle) if lookup is not None else None
+    found = current(handle)
     return found.pid if found is not None and found.state == "ALIVE" else 0
+
+
+def current(handle: Any) -> ActorRecord | None:
+    """The actor's record now; None where there is no table (or no record)."""
+    lookup = table()
+    return record(lookup, handle) if lookup is not None else None
+
+
+def stuck_restart(handle: Any, killed_pid: int, max_restarts: int) -> ActorRecord | None:
+    """The actor's record where a restart that has not answered within its bound may be killed to start it once
+    more: Ray's table has it in a worker process (starting, or alive and silent; until a worker is given, the
+    table keeps the dead process's pid and no port) other than `killed_pid` (the last one killed so), not dead,
+    with a restart left (`max_restarts`: the run's setting; the table does not hold it)."""
+    found = current(handle)
+    if found is None or not found.port or found.pid in (0, killed_pid) or found.state == "DEAD":
+        return None
+    return found if found.restarts < max_restarts else None

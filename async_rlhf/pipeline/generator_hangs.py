@@ -92,9 +92,11 @@ class GeneratorHangs:
             return
         since = self.recovering_since.setdefault(slot.generator_id, now)
         silent_s = now - (max(slot.probe_at, slot.answered_at) if busy else slot.probe_at)
-        if slot.probe is not None and self.killed_for_its_probe(slot, silent_s, limit):
+        past_bound = now - since > self.restart_limit_s
+        if slot.probe is not None and self.killed_for_its_probe(slot, silent_s, limit) or \
+                past_bound and self.killed_past_bound(slot):
             self.recovering_since[slot.generator_id] = now  # its restart has the whole bound
-        elif now - since > self.restart_limit_s:
+        elif past_bound:
             raise self.not_back(slot)
 
     @staticmethod
@@ -112,6 +114,33 @@ class GeneratorHangs:
             return False
         self.killed_pids[slot.generator_id] = pid
         self._restart(slot, "to its probe though Ray has it alive (stopped or hung)", silent_s, limit)
+        return True
+
+    def within_restart(self, slot: GeneratorSlot, deadline: live_clock.Deadline) -> bool:
+        """True while `deadline` (the restart's bound) has not passed, and once it has if `killed_past_bound` (then
+        the deadline starts again)."""
+        if not deadline.passed():
+            return True
+        if self.killed_past_bound(slot):
+            deadline.renew()
+            return True
+        return False
+
+    def killed_past_bound(self, slot: GeneratorSlot) -> bool:
+        """A restart not back within its bound while Ray's table has it in a process (a start stopped or hung in
+        vLLM's engine build), not killed before, with a restart left: killed, so that Ray starts it again (as a
+        silent start is at start-up, startup.StartSilence). Before, the run ended there."""
+        found = actor_table.stuck_restart(slot.handle, self.killed_pids.get(slot.generator_id, 0),
+                                          self.pool.cfg.generation.max_restarts)
+        if found is None:
+            return False
+        self.killed_pids[slot.generator_id] = found.pid
+        slot.restarts += found.pid != slot.pid  # its start was a restart, never counted: it never answered
+        slot.probe = None  # the next goes to its next process
+        print(f"[async-rlhf] generator {slot.generator_id} is not back {self.restart_limit_s:g}s into its restart "
+              f"(pid {found.pid}, {found.state.lower()}: stopped or hung); killing it so that Ray starts it again",
+              file=sys.stderr, flush=True)
+        ray.kill(slot.handle, no_restart=False)
         return True
 
     def not_back(self, slot: GeneratorSlot) -> RunError:

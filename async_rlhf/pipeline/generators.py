@@ -268,12 +268,12 @@ class GeneratorPool:
         deadline = live_clock.Deadline(self.hangs.restart_limit_s)
         slot.recovering = True
         self._died(slot)
-        while not deadline.passed():
+        while self.hangs.within_restart(slot, deadline):
             if slot.probe is None:  # the loop's own, where it had sent one
                 self.hangs.send_probe(slot)
             if not ray.wait([slot.probe], timeout=min(POLL_S, max(0.0, deadline.left())))[0]:
                 if self.hangs.killed_for_its_probe(slot, live_clock.now() - slot.probe_at, self.hangs.limit_s()):
-                    deadline = live_clock.Deadline(self.hangs.restart_limit_s)  # a stopped process, restarted now
+                    deadline.renew()  # a stopped process, restarted now
                 continue
             self.on_probe(slot, slot.probe)
             if not slot.recovering:

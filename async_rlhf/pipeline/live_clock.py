@@ -93,7 +93,12 @@ class Deadline:
     """A time limit on the live clock: a freeze of this process does not use it up."""
 
     def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
         self.at = now() + seconds
+
+    def renew(self) -> None:
+        """The whole limit again, from now."""
+        self.at = now() + self.seconds
 
     def left(self) -> float:
         return self.at - now()

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from actors.generation_result import GenerationResult
+from async_rlhf.cluster import actor_table
 from async_rlhf.cluster.actor_lost import ACTOR_LOST
 from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.redaction import redact_url
@@ -42,6 +43,7 @@ class RewardBook:
         self.answers = AnswerWatch()  # its calls found done so far (a blocking wait leaves them unhandled), its kill
         self.longest_call_s = 0.0  # the longest a reward call has taken, dispatch to answer
         self.died_running: str | None = None  # the reward its last dead process was running (scoring_marks.py)
+        self.killed_pid = 0  # the process last killed for a restart silent past its bound
 
     def score(self, result: GenerationResult) -> None:
         """One reward call for responses and MC rollouts: both get the RewardService's failure handling."""
@@ -156,9 +158,14 @@ class RewardBook:
 
     def _pid(self, limit: float) -> int:
         """The reward actor's pid, once it answers: a call sent while Ray restarts it fails at once
-        (ActorUnavailableError) and is sent again, for up to `limit` (its restart's: startup.restart_limit_s)."""
+        (ActorUnavailableError) and is sent again, for up to `limit` (its restart's: startup.restart_limit_s); one
+        still silent then is killed once, and its next start gets `limit` again (`killed_past_bound`)."""
         deadline = live_clock.Deadline(limit)
-        while not deadline.passed():
+        while True:
+            if deadline.passed():
+                if not self.killed_past_bound(limit):
+                    break
+                deadline = live_clock.Deadline(limit)
             try:
                 return ray.get(self.parts.reward.health.remote(), timeout=max(deadline.left(), 0.1))["pid"]
             except ray.exceptions.ActorUnavailableError:  # restarting, unless Ray itself is gone
@@ -167,13 +174,36 @@ class RewardBook:
             except ray.exceptions.ActorDiedError as exc:  # restarts exhausted, or its node is gone
                 if node_crashed(exc):
                     raise
+                if self._restarting():  # the call met the process just killed (killed_past_bound)
+                    time.sleep(0.2)
+                    continue
                 raise RunError(f"the reward actor died{while_scoring(self.died_running)} and Ray will not restart it "
                                f"again (reward.max_restarts={self.cfg.reward.max_restarts}); why it died is in its "
                                f"log under {ray_logs()}") from exc
             except ray.exceptions.GetTimeoutError:
-                break
+                continue
         raise RunError(f"the reward actor did not answer within {limit:g}s of its restart ({RESTART_BOUND}); why is "
                        f"in its log under {ray_logs()}")
+
+    def _restarting(self) -> bool:
+        """Ray's table has the reward actor starting again (or alive), not dead for good."""
+        found = actor_table.current(self.parts.reward)
+        return found is not None and found.state != "DEAD"
+
+    def killed_past_bound(self, limit: float) -> bool:
+        """A restart silent past its bound in a process Ray's table names (a start stopped or hung in its
+        `__init__`, or alive and not answering), not killed before, with a restart left: killed, so that Ray starts
+        it again (as a silent start is at start-up, startup.StartSilence). Before, the run ended there."""
+        found = actor_table.stuck_restart(self.parts.reward, self.killed_pid, self.cfg.reward.max_restarts)
+        if found is None:
+            return False
+        self.killed_pid = found.pid
+        self.stats.reward_restarts += found.pid != self.pid  # its start was a restart, never counted: it never answered
+        print(f"[async-rlhf] the reward actor has not answered {limit:g}s into its restart (pid {found.pid}, "
+              f"{found.state.lower()}: stopped or hung); killing it so that Ray starts it again",
+              file=sys.stderr, flush=True)
+        ray.kill(self.parts.reward, no_restart=False)
+        return True
 
     def regenerate(self, result: GenerationResult) -> None:
         """The batch's prompts go out again, unchanged (still counted in `outstanding`), as for a dead
