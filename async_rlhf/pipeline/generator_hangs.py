@@ -137,7 +137,7 @@ class GeneratorHangs:
         self.killed_pids[slot.generator_id] = found.pid
         slot.restarts += found.pid != slot.pid  # its start was a restart, never counted: it never answered
         slot.probe = None  # the next goes to its next process
-        print(f"[async-rlhf] generator {slot.generator_id} is not back {self.restart_limit_s:g}s into its restart "
+        print(f"[async-rlhf] generator {slot.generator_id} is not back {self.restart_limit_s:.0f}s into its restart "
               f"(pid {found.pid}, {found.state.lower()}: stopped or hung); killing it so that Ray starts it again",
               file=sys.stderr, flush=True)
         ray.kill(slot.handle, no_restart=False)

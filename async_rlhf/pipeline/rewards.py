@@ -199,7 +199,7 @@ class RewardBook:
             return False
         self.killed_pid = found.pid
         self.stats.reward_restarts += found.pid != self.pid  # its start was a restart, never counted: it never answered
-        print(f"[async-rlhf] the reward actor has not answered {limit:g}s into its restart (pid {found.pid}, "
+        print(f"[async-rlhf] the reward actor has not answered {limit:.0f}s into its restart (pid {found.pid}, "
               f"{found.state.lower()}: stopped or hung); killing it so that Ray starts it again",
               file=sys.stderr, flush=True)
         ray.kill(self.parts.reward, no_restart=False)
