@@ -165,7 +165,7 @@ class RewardBook:
             if deadline.passed():
                 if not self.killed_past_bound(limit):
                     break
-                deadline = live_clock.Deadline(limit)
+                deadline.renew()
             try:
                 return ray.get(self.parts.reward.health.remote(), timeout=max(deadline.left(), 0.1))["pid"]
             except ray.exceptions.ActorUnavailableError:  # restarting, unless Ray itself is gone
