@@ -149,8 +149,10 @@ def test_a_start_up_stop_waits_out_the_import_lock_and_is_raised_once_it_is_free
     from async_rlhf.failures import StoppedDuringStartUp
 
     raised_in_the_lock = True
-    with StartUpStop().installed():
-        with pytest.raises(StoppedDuringStartUp if signum == signal.SIGTERM else KeyboardInterrupt):
+    runner = signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner in the background ignores it
+    try:
+        with StartUpStop().installed(), pytest.raises(StoppedDuringStartUp if signum == signal.SIGTERM
+                                                      else KeyboardInterrupt):
             _imp.acquire_lock()
             try:
                 signal.raise_signal(signum)
@@ -159,6 +161,8 @@ def test_a_start_up_stop_waits_out_the_import_lock_and_is_raised_once_it_is_free
             finally:
                 _imp.release_lock()
             spin()
+    finally:
+        signal.signal(signal.SIGINT, runner)
     assert not raised_in_the_lock and not _imp.lock_held()
 
 

@@ -50,10 +50,9 @@ class StartUpStop:
     def installed(self) -> Iterator[None]:
         """For SIGTERM, SIGINT and SIGHUP (one ignored, as `nohup` does, stays so), each raising only outside
         the import system's bookkeeping (cluster/safe_handlers.py), and a dropped stop unprinted; put back after."""
-        wanted = {signum: self for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-                  if signal.getsignal(signum) is not signal.SIG_IGN}
-        previous = {signum: signal.signal(signum, outside_import_bookkeeping(handler))
-                    for signum, handler in wanted.items()}
+        previous = {signum: signal.signal(signum, outside_import_bookkeeping(self))
+                    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                    if signal.getsignal(signum) is not signal.SIG_IGN}
         hook = sys.unraisablehook
         sys.unraisablehook = dropped_stops_unprinted(hook)
         try:
