@@ -230,3 +230,46 @@ def test_a_learner_lost_at_start_up_is_started_again_unless_its_own_start_raised
     with pytest.raises(ray_local.exceptions.RayActorError, match="raised in its creation task"):
         builder.with_learner(lambda: None, error_of(ray_local, bad.__ray_ready__.remote()))  # it would raise again
     assert len(started) == 2
+
+
+def test_a_new_learner_hung_in_its_start_is_killed_and_started_again_within_max_restarts(
+        ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: a replacement learner past its restart's bound (stopped or hung in __init__) ended the run.
+    from async_rlhf.pipeline.builder import ComponentBuilder
+    from async_rlhf.pipeline.state import Components, RunStats
+    from tests.helpers import QUICKSTART
+
+    cfg = load_config(QUICKSTART, ["learner.max_restarts=2"], environment=False)
+    builder = ComponentBuilder(cfg, tmp_path, Components(), cast(Any, None), tmp_path, RunStats())
+    builder.learner_restart_s = 1.5
+    starts = [ray_local.remote(SleepsInStart).options(num_cpus=0), ray_local.remote(Pingable).options(num_cpus=0)]
+    started: list[Any] = []
+
+    def start_learner() -> None:
+        started.append(starts[min(len(started), 1)].remote())
+        builder.parts.learner = started[-1]
+
+    monkeypatch.setattr(builder, "start_learner", start_learner)
+    builder.parts.learner = ray_local.remote(Pingable).options(num_cpus=0).remote()
+    died = error_of(ray_local, killed(ray_local, builder.parts.learner).ping.remote())
+    builder.with_learner(lambda: None, died)  # dead: a new one, hung in its start: killed, and a third one up
+    assert builder.stats.learner_restarts == 2 and len(started) == 2
+    assert all_dead_within(started[:1], 30) and ray_local.get(started[1].ping.remote()) == 1
+    assert ("the learner failed while starting (the new learner did not start within 1.5s (learner.stall_timeout_s"
+            in capsys.readouterr().err)  # the run's own words, not a type name
+    builder.stats.learner_restarts, starts[1] = 1, starts[0]  # past learner.max_restarts the hung start ends the run
+    with pytest.raises(LearnerHung, match=r"^the new learner did not start within 1.5s \(learner.stall_timeout_s"):
+        builder.with_learner(lambda: None, died)
+    ray_local.kill(builder.parts.learner)
+
+
+def killed(ray_module: Any, actor: Any) -> Any:
+    ray_module.kill(actor)
+    return actor
+
+
+class SleepsInStart:
+    """A learner whose start never ends (a model load that hangs, a process stopped in its `__init__`)."""
+
+    def __init__(self) -> None:
+        time.sleep(3600)

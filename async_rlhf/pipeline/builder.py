@@ -22,16 +22,17 @@ from async_rlhf.cluster.placement import generator_options, unplaced
 from async_rlhf.cluster.resources import CoreLoan, core_loan, usable_cores
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import node_crashed, start_failed, what_died
+from async_rlhf.failures import node_crashed, start_failed
 from async_rlhf.pipeline import live_clock
 from async_rlhf.pipeline.evaluation import Evaluator
 from async_rlhf.pipeline.generators import GeneratorPool
-from async_rlhf.pipeline.learner_calls import LearnerHung
+from async_rlhf.pipeline.learner_calls import LearnerHung, learner_failure
 from async_rlhf.pipeline.resume import broker_versions, claim_weights_location, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.startup import (
     FirstCall,
     PlacementWatch,
+    RestartTimedOut,
     StartSilence,
     StartupClock,
     await_actors,
@@ -159,17 +160,23 @@ class ComponentBuilder:
     def _restart_starting_learner(self, error: BaseException) -> None:
         limit = self.cfg.learner.max_restarts
         self.stats.learner_restarts += 1
-        print(f"[async-rlhf] the learner failed while starting ({what_died(error)}); starting a new one (restart "
+        print(f"[async-rlhf] the learner failed while starting ({learner_failure(error)}); starting a new one (restart "
               f"{self.stats.learner_restarts} of learner.max_restarts={limit})", file=sys.stderr, flush=True)
         self.replace_learner()
 
     def replace_learner(self) -> None:
         """A new learner for a dead or hung one, given the time a start takes here (restart_limit_s): before, its
-        start counted against learner.stall_timeout_s in its first call (load_state), bounded from then on."""
+        start counted against learner.stall_timeout_s in its first call (load_state), bounded from then on. One
+        hung in its start is hung (LearnerHung): `with_learner` replaces it within learner.max_restarts (before,
+        the bound ended the run)."""
         self.stop_learner()
         self.start_learner()
         watch = PlacementWatch(lambda: unplaced(self._learner_names()), self.cfg.learner.stall_timeout_s)
-        await_restarted(self.parts.learner.__ray_ready__.remote(), "the new learner", self.learner_restart_s, watch)
+        try:
+            await_restarted(self.parts.learner.__ray_ready__.remote(), "the new learner", self.learner_restart_s,
+                            watch)
+        except RestartTimedOut as exc:
+            raise LearnerHung(str(exc)) from None
 
     def _actor_names(self, pool: GeneratorPool) -> dict[str, Any]:
         """Every actor of the run by the name a user knows it by."""

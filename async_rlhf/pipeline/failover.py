@@ -20,11 +20,11 @@ from async_rlhf.checkpoint.store import Checkpoint, CheckpointStore
 from async_rlhf.cluster.local_ray import require_gcs
 from async_rlhf.config.learner import PUSHED_TRANSPORTS
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError, what_died, worker_error
+from async_rlhf.failures import RunError, worker_error
 from async_rlhf.pipeline.builder import LEARNER_LOST, ComponentBuilder
 from async_rlhf.pipeline.eval_schedule import EvalSchedule
 from async_rlhf.pipeline.generators import GeneratorPool
-from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer
+from async_rlhf.pipeline.learner_calls import LearnerHung, learner_answer, learner_failure
 from async_rlhf.pipeline.resume import LEARNER_DIR, ControllerSnapshot, load_snapshot, publish_weights
 from async_rlhf.pipeline.rewards import RewardBook
 from async_rlhf.pipeline.state import Components, LoopState, RunStats
@@ -66,7 +66,7 @@ def checkpoint_to_restart_from(checkpoints: CheckpointStore, restarts: int, limi
     ckpt = checkpoints.latest_valid(note)
     point = ckpt if ckpt is not None else start
     if point is None:
-        raise RunError(f"the learner died at step {step} ({what_died(exc)}) and the run has no "
+        raise RunError(f"the learner died at step {step} ({learner_failure(exc)}) and the run has no "
                        f"checkpoint to replace it from; set checkpoint.every (e.g. checkpoint.every=25) so that a dead "
                        f"learner is replaced and the run goes on") from exc
     return point
@@ -109,7 +109,7 @@ class LearnerFailover:
         origin = point.path.name if isinstance(point, Checkpoint) else "the start (no checkpoint written yet)"
         again = {0: "no step is lost", 1: f"step {lost} is trained again"}.get(
             lost - version, f"steps {version + 1}..{lost} are trained again")
-        print(f"[async-rlhf] the learner failed at step {lost} ({what_died(exc)}); replaced it from {origin} "
+        print(f"[async-rlhf] the learner failed at step {lost} ({learner_failure(exc)}); replaced it from {origin} "
               f"(restart {self.stats.learner_restarts} of learner.max_restarts={self.cfg.learner.max_restarts}); "
               f"{again}", file=sys.stderr, flush=True)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from async_rlhf.failures import ray_logs
+from async_rlhf.failures import ray_logs, what_died
 
 
 class LearnerHung(RuntimeError):
@@ -31,3 +31,8 @@ def learner_hung(doing: str, waited_s: float, stall_s: float) -> LearnerHung:
     """The learner silent for `waited_s` while `doing` something (`stall_s`: learner.stall_timeout_s)."""
     return LearnerHung(f"the learner answered nothing for {waited_s:g}s while {doing} (learner.stall_timeout_s="
                        f"{stall_s:g}; its log is under {ray_logs()})")
+
+
+def learner_failure(exc: BaseException) -> str:
+    """What ended a learner, for a line: a hang in the run's own words, a death as failures.what_died has it."""
+    return str(exc) if isinstance(exc, LearnerHung) else what_died(exc)

@@ -224,16 +224,20 @@ def _answers(refs: list[Any], spare: bool) -> list[Any]:
         return [exc]
 
 
+class RestartTimedOut(RunError):
+    """A restarted actor placed but not up within its restart's bound: hung or stopped in its start."""
+
+
 def await_restarted(ref: Any, name: str, limit_s: float, watch: PlacementWatch) -> None:
-    """A restarted actor's first answer (`ref`): once placed, it has `limit_s` (restart_limit_s); a cluster not
-    placing it is `watch`'s to bound, as at start-up. An actor that died raises."""
+    """A restarted actor's first answer (`ref`): once placed, it has `limit_s` (restart_limit_s), then
+    RestartTimedOut; a cluster not placing it is `watch`'s to bound, as at start-up. An actor that died raises."""
     started = live_clock.now()
     while not ray.wait([ref], timeout=min(PLACEMENT_CHECK_S, limit_s / 3))[0]:
         waited = live_clock.now() - started
         watch.check(waited)
         if waited > limit_s and not watch.unplaced():
-            raise RunError(f"{name} did not start within {limit_s:g}s ({RESTART_BOUND}); why is in its log under "
-                           f"{ray_logs()}")
+            raise RestartTimedOut(f"{name} did not start within {round(limit_s, 1):g}s ({RESTART_BOUND}); why is in "
+                                  f"its log under {ray_logs()}")
     ray.get(ref)
 
 
