@@ -181,23 +181,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"[async-rlhf] {note}", flush=True)
     for note in environment_notes(cfg):
         print(f"[async-rlhf] {note}", flush=True)
-    checkpoint = None
-    if args.resume is not None:
-        if args.run_dir is not None:
-            raise ConfigError("config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")
-        from async_rlhf.pipeline.resume import find_resume_point
-
-        checkpoint = find_resume_point(cfg, args.resume)
-        run_dir = args.resume.resolve()
-        print(f"[async-rlhf] resuming {run_dir} from {checkpoint.path.name}", flush=True)
-    else:
-        run_dir = resolve_run_dir(cfg, args.run_dir)
+    run_dir, checkpoint = train_target(cfg, args)
     print(f"[async-rlhf] run directory: {run_dir}", flush=True)
+    summary = run_reporting_failures(cfg, run_dir, checkpoint, train_arguments(config, overrides))
+    if isinstance(summary, int):
+        return summary
+    print_run_end(summary, run_dir, checkpoint)
+    return 0
+
+
+def train_target(cfg: RunConfig, args: argparse.Namespace) -> tuple[Path, Checkpoint | None]:
+    """The run's directory, and the checkpoint that `--resume` continues from (None for a new run)."""
+    if args.resume is None:
+        return resolve_run_dir(cfg, args.run_dir), None
+    if args.run_dir is not None:
+        raise ConfigError("config error: --resume RUN_DIR continues the run in RUN_DIR; drop --run-dir")
+    from async_rlhf.pipeline.resume import find_resume_point
+
+    checkpoint = find_resume_point(cfg, args.resume)
+    print(f"[async-rlhf] resuming {args.resume.resolve()} from {checkpoint.path.name}", flush=True)
+    return args.resume.resolve(), checkpoint
+
+
+def run_reporting_failures(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None,
+                           arguments: str) -> dict | int:
+    """The run's summary, or the exit code of a run that failed, said on one line."""
     bar = progress_display(cfg.learner.steps, sys.stderr)
     stop = StartUpStop()
     try:
         with stop.installed():
-            summary = start_and_run(cfg, run_dir, checkpoint, bar, stop)
+            return start_and_run(cfg, run_dir, checkpoint, bar, stop)
     except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C in start-up or twice (a bare one: before the controller)
         bar.close()
         print(f"[async-rlhf] {str(exc) or START_UP_INTERRUPTED}", file=sys.stderr, flush=True)
@@ -211,11 +224,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Exception as exc:  # a death nothing recovered from: one line, the traceback to RUN_DIR/error.log
         bar.close()
         resumable = bool(CheckpointStore(run_dir / "checkpoints", cfg.checkpoint.keep_last).checkpoints())
-        print(failure_line(exc, run_dir, train_arguments(config, overrides), resumable), file=sys.stderr,
-              flush=True)
+        print(failure_line(exc, run_dir, arguments, resumable), file=sys.stderr, flush=True)
         return 1
     finally:
         bar.close()
+
+
+def print_run_end(summary: dict, run_dir: Path, checkpoint: Checkpoint | None) -> None:
     from async_rlhf.cli.status import summary_figures
     from async_rlhf.pipeline.startup import process_age_s
 
@@ -224,7 +239,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps += f" (this process from step {checkpoint.step})"
     print(f"[async-rlhf] {ended}: {steps}, {process_age_s():.1f}s since launch; {gold} (bound "
           f"{summary['max_staleness']}), outputs in {run_dir}", flush=True)
-    return 0
 
 
 def start_and_run(cfg: RunConfig, run_dir: Path, checkpoint: Checkpoint | None, bar: Progress,
