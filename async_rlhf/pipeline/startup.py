@@ -32,7 +32,7 @@ from async_rlhf.cluster.resources import usable_cores
 from async_rlhf.config.base import ConfigError
 from async_rlhf.config.redaction import redact_url
 from async_rlhf.config.run import RunConfig
-from async_rlhf.failures import RunError, ray_logs
+from async_rlhf.failures import RunError, first_line, ray_logs
 from async_rlhf.pipeline import live_clock
 from reward_models.columns import NO_SERVED, ServedColumns
 
@@ -262,7 +262,8 @@ def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
     """Start a local Ray while `module` is imported in another thread: both take seconds (Ray in its own
     processes, the import in this one), so the run's start-up pays for the longer only. True if Ray was
     started here (the caller owns it). A cluster (ray.address) is only connected to, by the controller.
-    If ray.init fails here, the controller's own ray.init tries again and reports the error as always."""
+    If ray.init fails here (its GCS killed in its first seconds: Ray's own waits on it take ~30 s), that is said
+    on one line and the controller's own ray.init tries again, reporting the error as always."""
     importer = threading.Thread(target=_import_quietly, args=(module,), daemon=True)
     with held_stop_signals():  # for good in the importer: else a signal could go to it, and run inside ray.init
         importer.start()
@@ -271,8 +272,9 @@ def start_ray_while_importing(cfg: RunConfig, module: str) -> bool:
         try:
             init_local_ray(**ray_init_kwargs(cfg, len(usable_cores())))
             started = True
-        except Exception:  # reported by the controller's own attempt (see the docstring)
-            pass
+        except Exception as exc:  # a second failure is reported by the controller's own attempt (the docstring)
+            print(f"[async-rlhf] Ray did not start ({first_line(exc)}); starting it again", file=sys.stderr,
+                  flush=True)
     importer.join()
     return started
 
