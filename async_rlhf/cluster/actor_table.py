@@ -3,6 +3,7 @@ actor, which a stopped or hung one never answers. It is not public API: where it
 callers do what they did before (ask the actor, or wait without saying why)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,3 +58,14 @@ def stuck_restart(handle: Any, killed_pid: int, max_restarts: int) -> ActorRecor
     if found is None or not found.port or found.pid in (0, killed_pid) or found.state == "DEAD":
         return None
     return found if found.restarts < max_restarts else None
+
+
+def kill_stuck_restart(handle: Any, killed_pid: int, max_restarts: int, silent: str) -> ActorRecord | None:
+    """`stuck_restart`'s record, its process killed so that Ray starts the actor again, and said on one line that
+    begins with `silent` (who, and how long it has not answered)."""
+    found = stuck_restart(handle, killed_pid, max_restarts)
+    if found is not None:
+        print(f"[async-rlhf] {silent} into its restart (pid {found.pid}, {found.state.lower()}: stopped or hung); "
+              "killing it so that Ray starts it again", file=sys.stderr, flush=True)
+        ray.kill(handle, no_restart=False)
+    return found

@@ -130,17 +130,14 @@ class GeneratorHangs:
         """A restart not back within its bound while Ray's table has it in a process (a start stopped or hung in
         vLLM's engine build), not killed before, with a restart left: killed, so that Ray starts it again (as a
         silent start is at start-up, startup.StartSilence). Before, the run ended there."""
-        found = actor_table.stuck_restart(slot.handle, self.killed_pids.get(slot.generator_id, 0),
-                                          self.pool.cfg.generation.max_restarts)
+        found = actor_table.kill_stuck_restart(
+            slot.handle, self.killed_pids.get(slot.generator_id, 0), self.pool.cfg.generation.max_restarts,
+            f"generator {slot.generator_id} is not back {self.restart_limit_s:.0f}s")
         if found is None:
             return False
         self.killed_pids[slot.generator_id] = found.pid
         slot.restarts += found.pid != slot.pid  # its start was a restart, never counted: it never answered
         slot.probe = None  # the next goes to its next process
-        print(f"[async-rlhf] generator {slot.generator_id} is not back {self.restart_limit_s:.0f}s into its restart "
-              f"(pid {found.pid}, {found.state.lower()}: stopped or hung); killing it so that Ray starts it again",
-              file=sys.stderr, flush=True)
-        ray.kill(slot.handle, no_restart=False)
         return True
 
     def not_back(self, slot: GeneratorSlot) -> RunError:

@@ -194,15 +194,12 @@ class RewardBook:
         """A restart silent past its bound in a process Ray's table names (a start stopped or hung in its
         `__init__`, or alive and not answering), not killed before, with a restart left: killed, so that Ray starts
         it again (as a silent start is at start-up, startup.StartSilence). Before, the run ended there."""
-        found = actor_table.stuck_restart(self.parts.reward, self.killed_pid, self.cfg.reward.max_restarts)
+        found = actor_table.kill_stuck_restart(self.parts.reward, self.killed_pid, self.cfg.reward.max_restarts,
+                                               f"the reward actor has not answered {limit:.0f}s")
         if found is None:
             return False
         self.killed_pid = found.pid
         self.stats.reward_restarts += found.pid != self.pid  # its start was a restart, never counted: it never answered
-        print(f"[async-rlhf] the reward actor has not answered {limit:.0f}s into its restart (pid {found.pid}, "
-              f"{found.state.lower()}: stopped or hung); killing it so that Ray starts it again",
-              file=sys.stderr, flush=True)
-        ray.kill(self.parts.reward, no_restart=False)
         return True
 
     def regenerate(self, result: GenerationResult) -> None:
