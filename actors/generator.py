@@ -25,6 +25,7 @@ from async_rlhf.cluster.gc_pause import paused_gc
 from async_rlhf.cluster.resources import pin_process
 from async_rlhf.config.generation import GenerationConfig
 from async_rlhf.rollout import Completion, FinishReason, Prompt, RolloutGroup
+from async_rlhf.weights.announce import AnnouncementReader, version_tag
 from async_rlhf.weights.broker import VersionError, WeightRef
 from async_rlhf.weights.nccl import check_generator_version
 from async_rlhf.weights.slot_location import parse_slot_location
@@ -63,7 +64,8 @@ class GeneratorActor:
         busy_board: str | None = None,
         scratch_dir: str | None = None,
     ) -> None:
-        cores = cores or sorted(os.sched_getaffinity(0))
+        allowed = os.sched_getaffinity(0)  # the run's cores: where the next version is prepared (announce.py)
+        cores = cores or sorted(allowed)
         # Pin before vLLM starts: its engine (this process on CPU, child processes on GPU) gets this
         # affinity and its OMP threads bind to exactly these cores, so generation and learning do not
         # fight over a core.
@@ -91,6 +93,8 @@ class GeneratorActor:
         self.lineage = 0  # the broker's lineage of `version` (a learner rollback reuses version numbers)
         self.cores = cores
         self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
+        self.announcements: AnnouncementReader | None = None  # its thread prepares each announced version
+        self.allowed_cores = allowed
         self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
         dtype = resolve_dtype(dtype, _has_cuda())
         if not _has_cuda():
@@ -125,17 +129,33 @@ class GeneratorActor:
         if slot is None:
             raise ValueError(f"GeneratorActor cannot load transport '{ref.transport}' from '{ref.location}'")
         start = time.perf_counter()
-        self._load_slot(str(slot[0]), slot[1])
+        self._load_slot(str(slot[0]), slot[1], version_tag(ref.lineage, ref.version))
         self.version, self.lineage = ref.version, ref.lineage
         return time.perf_counter() - start
 
-    def _load_slot(self, root: str, slot: int) -> None:
-        """vLLM's weight-update protocol with the "shm" engine (async_rlhf/weights/shm_engine.py)."""
+    def _load_slot(self, root: str, slot: int, tag: str) -> None:
+        """vLLM's weight-update protocol with the "shm" engine (async_rlhf/weights/shm_engine.py): a version
+        prepared beside sampling under `tag` is put in place, any other one loaded."""
         if root != self.shm_root:  # first load, a restarted actor, or a resumed run's new ring
-            self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": {"root": root}})
+            ahead = not _has_cuda()  # a CUDA engine loads in its call (ShadowWeights is CPU-only)
+            self.llm.collective_rpc("init_weight_transfer_engine",
+                                    kwargs={"init_info": {"root": root, "prepare_ahead": ahead}})
             self.shm_root = root
-        self._update_or_exit({"slot": slot})
+            self._listen(Path(root), ahead)
+        self._update_or_exit({"slot": slot, "tag": tag})
         self._forget_old_kv()
+
+    def _listen(self, root: Path, ahead: bool) -> None:
+        """Announced versions prepared on a thread."""
+        if self.announcements is not None:
+            self.announcements.close()
+        if ahead:
+            self.announcements = AnnouncementReader(root, self.generator_id, self._prepare, self.allowed_cores)
+
+    def _prepare(self, slot: int, tag: str) -> None:
+        from async_rlhf.weights.shm_engine import prepare_on_worker  # vLLM: imported once its environment is set
+
+        self.llm.collective_rpc(prepare_on_worker, args=(slot, tag))
 
     def _update_or_exit(self, update_info: dict) -> None:
         """vLLM's start -> update -> finish. One that fails part way leaves a mix of two versions in the engine,

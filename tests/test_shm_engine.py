@@ -95,6 +95,48 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
     broker.close()
 
 
+def test_a_version_prepared_beside_sampling_is_the_one_sampled(ray_local, long_policies, tmp_path: Path) -> None:
+    """The broker announces each version; the generator's thread prepares it (ShadowWeights) and the call that
+    asks for that version only swaps it in. Another version prepared meanwhile is never what gets sampled."""
+    from async_rlhf.policies.embedded import build_tokenizer
+
+    tok, (old_dir, new_dir) = build_tokenizer(), long_policies
+    shared = "2718281828" * 30  # a cached prefix would keep the old policy's KV blocks after the swap
+    prompts = [Prompt(i, shared + s + ">", tok(shared + s + ">")["input_ids"]) for i, s in enumerate(["4", "58"])]
+    cfg = GenerationConfig(samples_per_prompt=1, max_new_tokens=6, max_model_len=LONG)
+    actor = ray_local.remote(GeneratorActor).options(num_cpus=1).remote(0, str(old_dir), cfg, 0, None)
+
+    def greedy(ref: WeightRef) -> list[list[int]]:
+        result = ray_local.get(actor.generate.remote(prompts, ref, n=1, temperature=0.0))
+        return [g.completions[0].token_ids for g in result.groups]
+
+    def shadow(a: GeneratorActor) -> tuple[str | None, int]:
+        weights = a.llm.collective_rpc(lambda worker: worker.weight_transfer_engine.shadow)[0]
+        return (weights.ready[0] if weights.ready else None), weights.swaps
+
+    def prepared(tag: str) -> int:
+        deadline = time.monotonic() + 60
+        while (state := ray_local.get(actor.__ray_call__.remote(shadow)))[0] != tag:
+            assert time.monotonic() < deadline, f"version {tag} was never prepared"
+            time.sleep(0.05)
+        return state[1]
+
+    broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=2)
+    new_state, old_state = hf_state_dict(load_causal_lm(new_dir)), hf_state_dict(load_causal_lm(old_dir))
+    want_new, want_old = ([hf_greedy(d, p.token_ids, 6) for p in prompts] for d in (new_dir, old_dir))
+    assert greedy(publish_state(broker, 1, new_state)) == want_new  # loaded in the call, its map taken first
+    ref = publish_state(broker, 2, old_state)
+    assert prepared("0:2") == 0
+    assert greedy(ref) == want_old and ray_local.get(actor.__ray_call__.remote(shadow)) == (None, 1)
+    # Version 4 is ready when version 3 is asked for: 3 loads in full (and 4's preparation goes), then 4 too.
+    three, four = publish_state(broker, 3, new_state), publish_state(broker, 4, old_state)
+    prepared("0:4")
+    assert greedy(three) == want_new and greedy(four) == want_old
+    assert ray_local.get(actor.__ray_call__.remote(shadow)) == (None, 1)
+    ray_local.kill(actor)
+    broker.close()
+
+
 def answer_once_restarted(ray, actor) -> dict:
     """info() from the actor's new process: calls made while Ray restarts it fail at once (the pool probes so too)."""
     deadline = time.monotonic() + 300

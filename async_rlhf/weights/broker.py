@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from async_rlhf.weights.announce import announce, version_tag
 from async_rlhf.weights.slot_location import slot_location
 
 
@@ -32,6 +33,7 @@ class WeightTransport(Protocol):
 
     def staging_location(self, version: int) -> str: ...
     def commit(self, version: int) -> str: ...
+    def announce(self, ref: WeightRef) -> None: ...
     def discard(self, version: int) -> None: ...
     def close(self) -> None: ...
 
@@ -61,6 +63,10 @@ class SharedMemoryTransport:
         # Nothing to rename: the learner's write is finished when the controller publishes, and no
         # generator is handed the slot before that.
         return slot_location(self.root, self._slots[version])
+
+    def announce(self, ref: WeightRef) -> None:
+        """Each listening generator prepares `ref` beside sampling (async_rlhf/weights/announce.py)."""
+        announce(self.root, self._slots[ref.version], version_tag(ref.lineage, ref.version))
 
     def discard(self, version: int) -> None:
         self._slots.pop(version, None)
@@ -95,6 +101,7 @@ class WeightSyncBroker:
         self._published[version] = ref
         self.latest_version = version
         self._collect()
+        self.transport.announce(ref)
         return ref
 
     def latest(self) -> WeightRef | None:

@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import torch
 
+from async_rlhf.weights.shadow_weights import ShadowWeights, WeightMap
+
 FAST_METHODS = frozenset({"UnquantizedLinearMethod", "UnquantizedEmbeddingMethod"})
 
 
@@ -39,11 +41,27 @@ class InPlaceReload:
 
     @torch.no_grad()
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for layer in self.layers:
-            self._expose_weight(layer)
+        self.loaded_params()
         self.model.load_weights(weights)
         for layer in self.layers:
             layer.quant_method.process_weights_after_loading(layer)
+
+    def loaded_params(self) -> list[torch.nn.Parameter]:
+        """Every parameter the model's loader may write: each packed layer's plain weight put back in its place."""
+        for layer in self.layers:
+            self._expose_weight(layer)
+        return list(self.model.parameters())
+
+    def shadow(self, tensors: dict[str, torch.Tensor]) -> ShadowWeights | None:
+        """Ready to prepare versions beside sampling (`ShadowWeights`), the map taken from this model's loader with
+        `tensors` (a version's names and shapes); None where the loader does more than place tensors. Runs between
+        generate calls: it loads probes into the live parameters (put back before it returns)."""
+        from vllm.platforms import current_platform
+
+        if current_platform.is_zen_cpu():  # zentorch's unpacked GEMM reads the plain weight that a prepare overwrites
+            return None
+        weight_map = WeightMap.record(self.loaded_params(), self.model.load_weights, tensors)
+        return None if weight_map is None else ShadowWeights(weight_map, self.layers, self.plain)
 
     def _expose_weight(self, layer: Any) -> None:
         """Give a layer whose packing dropped its plain weight that weight back (in model format)."""

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from async_rlhf.failures import RunError
-from async_rlhf.weights.broker import VersionError
+from async_rlhf.weights.broker import VersionError, WeightRef
 
 SCHEME = "nccl://"
 SCHEMES = (SCHEME, "ipc://")  # ipc (one shared GPU) is pushed the same way, by vLLM's CUDA IPC engine
@@ -49,6 +49,9 @@ class NcclTransport:
 
     def commit(self, version: int) -> str:
         return self.staging_location(version)
+
+    def announce(self, ref: WeightRef) -> None:
+        """Nothing to tell: the learner pushed the version into every generator before it was published."""
 
     def discard(self, version: int) -> None:
         """Nothing to free: the generators hold the weights, not the broker."""

@@ -33,6 +33,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
 from async_rlhf.weights.inplace_reload import InPlaceReload
+from async_rlhf.weights.shadow_weights import ShadowWeights
 from async_rlhf.weights.shm_ring import ShmSlotRing
 
 BACKEND = "shm"
@@ -41,11 +42,13 @@ BACKEND = "shm"
 @dataclass
 class ShmInitInfo(WeightTransferInitInfo):
     root: str  # the ring's directory
+    prepare_ahead: bool = False  # versions will be prepared beside sampling: the next load takes the map first
 
 
 @dataclass
 class ShmUpdateInfo(WeightTransferUpdateInfo):
     slot: int
+    tag: str = ""  # the version in the slot ("lineage:version"): one prepared under the same tag is swapped in
 
 
 @dataclass
@@ -65,12 +68,15 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         super().__init__(config, vllm_config, device, model)
         self.ring: ShmSlotRing | None = None
         self.inplace = InPlaceReload(model, vllm_config.model_config.quantization)
+        self.shadow: ShadowWeights | None = None  # versions prepared beside sampling (None: loaded in the call)
+        self.shadow_wanted = False
         self.dtype = vllm_config.model_config.dtype  # a bf16 generator over a float32 learner (generation.dtype)
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         if self.ring is not None:
             self.ring.close()
         self.ring = ShmSlotRing(Path(init_info.root))
+        self.shadow_wanted = init_info.prepare_ahead and self.inplace.supported and self.shadow is None
 
     def start_weight_update(self) -> None:
         if self.inplace.supported:
@@ -89,12 +95,36 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
     def receive_weights(self, update_info: ShmUpdateInfo) -> None:
         if self.ring is None:
             raise RuntimeError("shm weight transfer: init_transfer_engine must run before update_weights")
-        weights = ((name, self._cast(t)) for name, t in self.ring.read(update_info.slot).items())
-        if self.inplace.supported:
-            self.inplace.load(weights)
-        else:
+        if not self.inplace.supported:
             model: Any = self.model  # a vLLM model: load_weights is its own method, not torch.nn.Module's
-            model.load_weights(weights)
+            model.load_weights(self._tensors(update_info.slot).items())
+        elif self.shadow is None:
+            self._load_first_inplace(self._tensors(update_info.slot))
+        else:
+            with self.shadow.lock:  # a prepare writes the plain weights this load re-packs from
+                if not self.shadow.swap(update_info.tag):
+                    self.shadow.forget()
+                    self.inplace.load(self._tensors(update_info.slot).items())
+
+    def _load_first_inplace(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A load before any prepare; after an init with `prepare_ahead`, the map for later prepares is taken
+        first, and published only after this load (a prepare on another thread then never writes beside it)."""
+        shadow = self.inplace.shadow(tensors) if self.shadow_wanted else None
+        self.inplace.load(tensors.items())
+        self.shadow, self.shadow_wanted = shadow, False
+
+    def prepare(self, slot: int, tag: str) -> bool:
+        """Make the version in `slot` (`tag`) ready beside sampling, from any thread, for a later update_weights
+        with the same tag to put in place at once. False where it cannot: no map (yet: a load takes it after an
+        init with `prepare_ahead`, since it probes the live weights, between generate calls)."""
+        if self.ring is None or self.shadow is None:
+            return False
+        self.shadow.prepare(self._tensors(slot), tag)
+        return True
+
+    def _tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        assert self.ring is not None
+        return {name: self._cast(t) for name, t in self.ring.read(slot).items()}
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         """The engine's dtype before vLLM's loader sees it (which would convert too, warning per tensor)."""
@@ -148,6 +178,11 @@ class ShmTrainerWeightTransferEngine(TrainerWeightTransferEngine[ShmTrainerInitI
 
     def shutdown(self) -> None:
         self.ring.close()
+
+
+def prepare_on_worker(worker: Any, slot: int, tag: str) -> bool:
+    """`ShmWeightTransferEngine.prepare` through `collective_rpc` (which passes the worker first)."""
+    return worker.weight_transfer_engine.prepare(slot, tag)
 
 
 def register() -> None:
