@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -95,6 +95,7 @@ class GeneratorActor:
         self.shm_root: str | None = None  # the slot ring this engine's shm transfer is set up for
         self.announcements: AnnouncementReader | None = None  # its thread prepares each announced version
         self.allowed_cores = allowed
+        self.generating = False  # a generate call is running (a version announced meanwhile is prepared beside it)
         self.transfer_joined = False  # init_weight_transfer ran (a learner-driven group: nccl, or a push)
         dtype = resolve_dtype(dtype, _has_cuda())
         if not _has_cuda():
@@ -153,9 +154,13 @@ class GeneratorActor:
             self.announcements = AnnouncementReader(root, self.generator_id, self._prepare, self.allowed_cores)
 
     def _prepare(self, slot: int, tag: str) -> None:
+        """Only beside a call: an idle generator loads the version in the call that asks for it, off any critical
+        path, where a prepare would take a core from the learner and the call could wait for it (SmolLM2: a
+        prepare 0.57 s on another core, a load 0.3 s)."""
         from async_rlhf.weights.shm_engine import prepare_on_worker  # vLLM: imported once its environment is set
 
-        self.llm.collective_rpc(prepare_on_worker, args=(slot, tag))
+        if self.generating:
+            self.llm.collective_rpc(prepare_on_worker, args=(slot, tag))
 
     def _update_or_exit(self, update_info: dict) -> None:
         """vLLM's start -> update -> finish. One that fails part way leaves a mix of two versions in the engine,
@@ -214,8 +219,15 @@ class GeneratorActor:
         with self._busy():
             return self._generate(prompts, weights, n, temperature, mc, score)
 
-    def _busy(self) -> AbstractContextManager:
-        return self.board.busy(self.generator_id) if self.board else nullcontext()
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """While a call runs: on the busy board (core lending reads it), and `generating` (announcements do)."""
+        with self.board.busy(self.generator_id) if self.board else nullcontext():
+            self.generating = True
+            try:
+                yield
+            finally:
+                self.generating = False
 
     def _generate(self, prompts: list[Prompt], weights: WeightRef | None, n: int | None, temperature: float | None,
                   mc: MCRequest | None, score: bool) -> GenerationResult:

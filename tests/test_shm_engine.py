@@ -96,8 +96,9 @@ def test_load_reaches_kernels_resets_prefix_cache_and_copies(ray_local, long_pol
 
 
 def test_a_version_prepared_beside_sampling_is_the_one_sampled(ray_local, long_policies, tmp_path: Path) -> None:
-    """The broker announces each version; the generator's thread prepares it (ShadowWeights) and the call that
-    asks for that version only swaps it in. Another version prepared meanwhile is never what gets sampled."""
+    """The broker announces each version; while a call samples, the generator's thread prepares it (ShadowWeights)
+    and the call that asks for it only swaps it in. An idle generator loads it in that call instead, and another
+    version prepared meanwhile is never what gets sampled."""
     from async_rlhf.policies.embedded import build_tokenizer
 
     tok, (old_dir, new_dir) = build_tokenizer(), long_policies
@@ -110,29 +111,48 @@ def test_a_version_prepared_beside_sampling_is_the_one_sampled(ray_local, long_p
         result = ray_local.get(actor.generate.remote(prompts, ref, n=1, temperature=0.0))
         return [g.completions[0].token_ids for g in result.groups]
 
-    def shadow(a: GeneratorActor) -> tuple[str | None, int]:
-        weights = a.llm.collective_rpc(lambda worker: worker.weight_transfer_engine.shadow)[0]
-        return (weights.ready[0] if weights.ready else None), weights.swaps
+    def long_loads(a: GeneratorActor) -> None:  # this tiny policy's loads stand for a model whose loads are long
+        a.llm.collective_rpc(lambda worker: setattr(worker.weight_transfer_engine, "prepare_min_load_s", 0.0))
 
-    def prepared(tag: str) -> int:
+    def engine_state(a: GeneratorActor) -> tuple[bool, str | None, int]:
+        engine = a.llm.collective_rpc(lambda worker: worker.weight_transfer_engine)[0]
+        ready = engine.shadow.ready[0] if engine.shadow and engine.shadow.ready else None
+        return engine.shadow_wanted, ready, engine.shadow.swaps if engine.shadow else 0
+
+    def state() -> tuple[bool, str | None, int]:  # (the map asked for, the version ready, swaps so far)
+        return ray_local.get(actor.__ray_call__.remote(engine_state))
+
+    def announced_while_generating(until: tuple[bool, str | None, int], *versions: tuple[int, dict],
+                                   settle: float = 0.0) -> list:
+        # `generating` stands for a call sampling meanwhile: Ray runs this actor's calls one at a time, so the test
+        # could not ask it anything while a real one ran.
+        ray_local.get(actor.__ray_call__.remote(lambda a: setattr(a, "generating", True)))
+        refs = [publish_state(broker, version, weights) for version, weights in versions]
+        time.sleep(settle)
         deadline = time.monotonic() + 60
-        while (state := ray_local.get(actor.__ray_call__.remote(shadow)))[0] != tag:
-            assert time.monotonic() < deadline, f"version {tag} was never prepared"
+        while state() != until:
+            assert time.monotonic() < deadline, f"the generator never reached {until}: {state()}"
             time.sleep(0.05)
-        return state[1]
+        ray_local.get(actor.__ray_call__.remote(lambda a: setattr(a, "generating", False)))
+        return refs
 
     broker = WeightSyncBroker(SharedMemoryTransport(tmp_path / "shm"), keep_versions=2)
     new_state, old_state = hf_state_dict(load_causal_lm(new_dir)), hf_state_dict(load_causal_lm(old_dir))
     want_new, want_old = ([hf_greedy(d, p.token_ids, 6) for p in prompts] for d in (new_dir, old_dir))
-    assert greedy(publish_state(broker, 1, new_state)) == want_new  # loaded in the call, its map taken first
-    ref = publish_state(broker, 2, old_state)
-    assert prepared("0:2") == 0
-    assert greedy(ref) == want_old and ray_local.get(actor.__ray_call__.remote(shadow)) == (None, 1)
-    # Version 4 is ready when version 3 is asked for: 3 loads in full (and 4's preparation goes), then 4 too.
-    three, four = publish_state(broker, 3, new_state), publish_state(broker, 4, old_state)
-    prepared("0:4")
-    assert greedy(three) == want_new and greedy(four) == want_old
-    assert ray_local.get(actor.__ray_call__.remote(shadow)) == (None, 1)
+    assert greedy(publish_state(broker, 1, new_state)) == want_new
+    [ref] = announced_while_generating((False, None, 0), (2, old_state), settle=0.3)  # loads too short to prepare
+    assert greedy(ref) == want_old
+    ray_local.get(actor.__ray_call__.remote(long_loads))
+    ref = publish_state(broker, 3, new_state)
+    time.sleep(0.3)  # announced to an idle generator: loaded in the call, and no map is taken for it
+    assert state() == (False, None, 0) and greedy(ref) == want_new
+    [ref] = announced_while_generating((True, None, 0), (4, old_state))  # the first one asks for the map...
+    assert greedy(ref) == want_old and state() == (False, None, 0)  # ...which this load takes, then loads
+    [ref] = announced_while_generating((False, "0:5", 0), (5, new_state))
+    assert greedy(ref) == want_new and state() == (False, None, 1)  # swapped in
+    # Version 7 is ready when version 6 is asked for: 6 loads in full (and 7's preparation goes), then 7 too.
+    six, seven = announced_while_generating((False, "0:7", 1), (6, old_state), (7, new_state))
+    assert greedy(six) == want_old and greedy(seven) == want_new and state() == (False, None, 1)
     ray_local.kill(actor)
     broker.close()
 

@@ -269,8 +269,11 @@ def test_the_learner_and_the_generators_both_silent_at_start_up_are_killed_toget
     assert answers["generators"] == ["up"]  # Ray started it again, and its first call ran there
     assert isinstance(answers["learner"][0], ray_local.exceptions.ActorDiedError)  # the builder starts a new one
     lines = [line for line in capsys.readouterr().err.splitlines() if "answered nothing" in line]
-    waits = {re.search(r"answered nothing (\d+)s", line).group(1) for line in lines}  # type: ignore[union-attr]
-    assert len(lines) == 2 and len(waits) == 1, lines  # judged on one clock, killed in one check
+    waits = {re.search(r"answered nothing (\d+)s", line).group(1) for line in lines[:2]}  # type: ignore[union-attr]
+    assert len(lines) >= 2 and len(waits) == 1, lines  # judged on one clock, killed in one check
+    # A restart whose new worker took past the 3 s floor itself (CI's load: Ray's worker start is 2.5-3 s here) is
+    # killed again: a generator 0 line each, never the learner's again.
+    assert all(line.startswith("[async-rlhf] generator 0 answered nothing ") for line in lines[2:]), lines
     assert lines[0].startswith("[async-rlhf] generator 0 answered nothing ") and (
         "after its start, and no role its start is judged by had started either (limit 3s: learner.stall_timeout_s, "
         "at least 3s; its log is under ") in lines[0] and lines[0].endswith("): killing it to start it again")

@@ -40,6 +40,10 @@ class Placement:
 class WeightMap:
     def __init__(self, placements: list[Placement]) -> None:
         self.placements = placements
+        # Each placement's window into its target, per set of target storages (a shadow alternates between two):
+        # made once, so a `place` is one torch call, not four per tensor (each a hand-off of the GIL that the
+        # sampling thread waits on).
+        self.windows: dict[tuple[int, ...], list[torch.Tensor]] = {}
 
     @classmethod
     @torch.no_grad()
@@ -60,9 +64,17 @@ class WeightMap:
 
     def place(self, tensors: dict[str, torch.Tensor], target: Callable[[torch.nn.Parameter], torch.Tensor]) -> None:
         """Copy each tensor where vLLM's loader would put it, into `target(param)` (the param, or its shadow)."""
-        for p in self.placements:
-            flat = tensors[p.name].reshape(-1)
-            target(p.param).view(-1)[p.start:p.start + flat.numel()].copy_(flat)
+        torch._foreach_copy_(self._windows([target(p.param) for p in self.placements], tensors),
+                             [tensors[p.name] for p in self.placements])
+
+    def _windows(self, targets: list[torch.Tensor], tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple(t.data_ptr() for t in targets)
+        if key not in self.windows:
+            if len(self.windows) >= 4:  # storages replaced, not swapped (a quant method's own `.data =`): start over
+                self.windows.clear()
+            self.windows[key] = [t.view(-1)[p.start:p.start + tensors[p.name].numel()].view(tensors[p.name].shape)
+                                 for t, p in zip(targets, self.placements)]
+        return self.windows[key]
 
     def _agrees(self, params: list[torch.nn.Parameter], saved: list[torch.Tensor], probes: Probes) -> bool:
         """After a random version through vLLM's loader, each placement holds its tensor and everything between
@@ -96,7 +108,9 @@ class Probes:
         tensor = self.tensors[name]
         if not tensor.is_floating_point():
             return tensor
-        pool = self.pools.setdefault(tensor.dtype, self.pool.to(tensor.dtype))
+        if tensor.dtype not in self.pools:
+            self.pools[tensor.dtype] = self.pool.to(tensor.dtype)
+        pool = self.pools[tensor.dtype]
         return pool[self.start[name]:self.start[name] + tensor.numel()].view(tensor.shape)
 
 

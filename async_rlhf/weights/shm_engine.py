@@ -18,6 +18,7 @@ version stays aliased to the slot, which the broker may then reuse.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,16 +34,20 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
 from async_rlhf.weights.inplace_reload import InPlaceReload
-from async_rlhf.weights.shadow_weights import ShadowWeights
+from async_rlhf.weights.shadow_weights import ShadowWeights, WeightMap
 from async_rlhf.weights.shm_ring import ShmSlotRing
 
 BACKEND = "shm"
+# A version is prepared beside sampling only where a load in the call takes at least this long: the preparing
+# thread slows the sampling thread through the GIL (measured per prepare: 2.5 ms on the quickstart's 2 x 128
+# policy, 14 ms on a 6 x 512 one), which pays against the 51 ms load of the second, not the 6.7 ms of the first.
+PREPARE_AHEAD_MIN_LOAD_S = 0.02
 
 
 @dataclass
 class ShmInitInfo(WeightTransferInitInfo):
     root: str  # the ring's directory
-    prepare_ahead: bool = False  # versions will be prepared beside sampling: the next load takes the map first
+    prepare_ahead: bool = False  # versions may be prepared beside sampling (the generator's thread asks for them)
 
 
 @dataclass
@@ -69,14 +74,17 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         self.ring: ShmSlotRing | None = None
         self.inplace = InPlaceReload(model, vllm_config.model_config.quantization)
         self.shadow: ShadowWeights | None = None  # versions prepared beside sampling (None: loaded in the call)
-        self.shadow_wanted = False
+        self.prepare_ahead = False  # allowed by the generator, and this model's loader can be mapped (so far)
+        self.shadow_wanted = False  # a prepare was asked for before the map existed: the next load takes it
+        self.load_s = 0.0  # the last load in a call (what a prepared version saves the call)
+        self.prepare_min_load_s = PREPARE_AHEAD_MIN_LOAD_S
         self.dtype = vllm_config.model_config.dtype  # a bf16 generator over a float32 learner (generation.dtype)
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
         if self.ring is not None:
             self.ring.close()
         self.ring = ShmSlotRing(Path(init_info.root))
-        self.shadow_wanted = init_info.prepare_ahead and self.inplace.supported and self.shadow is None
+        self.prepare_ahead = init_info.prepare_ahead and self.inplace.supported
 
     def start_weight_update(self) -> None:
         if self.inplace.supported:
@@ -104,20 +112,30 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
             with self.shadow.lock:  # a prepare writes the plain weights this load re-packs from
                 if not self.shadow.swap(update_info.tag):
                     self.shadow.forget()
-                    self.inplace.load(self._tensors(update_info.slot).items())
+                    self._timed_load(self._tensors(update_info.slot), self.shadow.map)
+
+    def _timed_load(self, tensors: dict[str, torch.Tensor], weight_map: WeightMap | None) -> None:
+        started = time.perf_counter()
+        self.inplace.load(tensors, weight_map)
+        self.load_s = time.perf_counter() - started
 
     def _load_first_inplace(self, tensors: dict[str, torch.Tensor]) -> None:
-        """A load before any prepare; after an init with `prepare_ahead`, the map for later prepares is taken
-        first, and published only after this load (a prepare on another thread then never writes beside it)."""
+        """A load before any prepare. Once one was asked for, the map for later ones is taken first (it probes the
+        live weights, so here, between generate calls; a generator that is never asked to prepare pays nothing),
+        and published only after this load (a prepare on another thread then never writes beside it)."""
         shadow = self.inplace.shadow(tensors) if self.shadow_wanted else None
-        self.inplace.load(tensors.items())
+        self.prepare_ahead = self.prepare_ahead and not (self.shadow_wanted and shadow is None)
+        self._timed_load(tensors, None)
         self.shadow, self.shadow_wanted = shadow, False
 
     def prepare(self, slot: int, tag: str) -> bool:
         """Make the version in `slot` (`tag`) ready beside sampling, from any thread, for a later update_weights
-        with the same tag to put in place at once. False where it cannot: no map (yet: a load takes it after an
-        init with `prepare_ahead`, since it probes the live weights, between generate calls)."""
-        if self.ring is None or self.shadow is None:
+        with the same tag to put in place at once. False where it does not: not allowed, loads too short to pay for
+        it (`PREPARE_AHEAD_MIN_LOAD_S`), or no map yet (asked for here, taken by the next load)."""
+        if self.ring is None or not self.prepare_ahead or self.load_s < self.prepare_min_load_s:
+            return False
+        if self.shadow is None:
+            self.shadow_wanted = True
             return False
         self.shadow.prepare(self._tensors(slot), tag)
         return True
