@@ -111,8 +111,8 @@ def test_a_version_prepared_beside_sampling_is_the_one_sampled(ray_local, long_p
         result = ray_local.get(actor.generate.remote(prompts, ref, n=1, temperature=0.0))
         return [g.completions[0].token_ids for g in result.groups]
 
-    def long_loads(a: GeneratorActor) -> None:  # this tiny policy's loads stand for a model whose loads are long
-        a.llm.collective_rpc(lambda worker: setattr(worker.weight_transfer_engine, "prepare_min_load_s", 0.0))
+    def long_loads(a: GeneratorActor) -> None:  # this tiny policy stands for a model big enough to prepare
+        a.llm.collective_rpc(lambda worker: setattr(worker.weight_transfer_engine, "prepare_min_bytes", 0))
 
     def engine_state(a: GeneratorActor) -> tuple[bool, str | None, int]:
         engine = a.llm.collective_rpc(lambda worker: worker.weight_transfer_engine)[0]
@@ -140,7 +140,7 @@ def test_a_version_prepared_beside_sampling_is_the_one_sampled(ray_local, long_p
     new_state, old_state = hf_state_dict(load_causal_lm(new_dir)), hf_state_dict(load_causal_lm(old_dir))
     want_new, want_old = ([hf_greedy(d, p.token_ids, 6) for p in prompts] for d in (new_dir, old_dir))
     assert greedy(publish_state(broker, 1, new_state)) == want_new
-    [ref] = announced_while_generating((False, None, 0), (2, old_state), settle=0.3)  # loads too short to prepare
+    [ref] = announced_while_generating((False, None, 0), (2, old_state), settle=0.3)  # too small to prepare
     assert greedy(ref) == want_old
     ray_local.get(actor.__ray_call__.remote(long_loads))
     ref = publish_state(broker, 3, new_state)

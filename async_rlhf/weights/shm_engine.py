@@ -18,7 +18,6 @@ version stays aliased to the slot, which the broker may then reuse.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,14 +33,15 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
 from async_rlhf.weights.inplace_reload import InPlaceReload
-from async_rlhf.weights.shadow_weights import ShadowWeights, WeightMap
+from async_rlhf.weights.shadow_weights import ShadowWeights
 from async_rlhf.weights.shm_ring import ShmSlotRing
 
 BACKEND = "shm"
-# A version is prepared beside sampling only where a load in the call takes at least this long: the preparing
-# thread slows the sampling thread through the GIL (measured per prepare: 2.5 ms on the quickstart's 2 x 128
-# policy, 14 ms on a 6 x 512 one), which pays against the 51 ms load of the second, not the 6.7 ms of the first.
-PREPARE_AHEAD_MIN_LOAD_S = 0.02
+# A version is prepared beside sampling only where it is at least this big: the preparing thread slows the
+# sampling thread through the GIL (measured per prepare: 2.5 ms on the quickstart's 2 x 128 policy, 14 ms on a
+# 6 x 512 one), which pays against the second's load (100.8 MB: 51 ms), not the first's (2.1 MB: 6.7 ms; 16.8 MB
+# load in 16.5 ms). Bytes, not a load's measured time, which a busy machine stretches past any bound.
+PREPARE_AHEAD_MIN_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -76,8 +76,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         self.shadow: ShadowWeights | None = None  # versions prepared beside sampling (None: loaded in the call)
         self.prepare_ahead = False  # allowed by the generator, and this model's loader can be mapped (so far)
         self.shadow_wanted = False  # a prepare was asked for before the map existed: the next load takes it
-        self.load_s = 0.0  # the last load in a call (what a prepared version saves the call)
-        self.prepare_min_load_s = PREPARE_AHEAD_MIN_LOAD_S
+        self.version_bytes = 0  # a version's size, known from the first load
+        self.prepare_min_bytes = PREPARE_AHEAD_MIN_BYTES
         self.dtype = vllm_config.model_config.dtype  # a bf16 generator over a float32 learner (generation.dtype)
 
     def init_transfer_engine(self, init_info: ShmInitInfo) -> None:
@@ -105,19 +105,15 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
             raise RuntimeError("shm weight transfer: init_transfer_engine must run before update_weights")
         if not self.inplace.supported:
             model: Any = self.model  # a vLLM model: load_weights is its own method, not torch.nn.Module's
-            model.load_weights(self._tensors(update_info.slot).items())
+            # One tensor converted at a time: a bfloat16 GPU engine over a float32 slot never holds a second model.
+            model.load_weights((name, self._cast(t)) for name, t in self.ring.read(update_info.slot).items())
         elif self.shadow is None:
             self._load_first_inplace(self._tensors(update_info.slot))
         else:
             with self.shadow.lock:  # a prepare writes the plain weights this load re-packs from
                 if not self.shadow.swap(update_info.tag):
                     self.shadow.forget()
-                    self._timed_load(self._tensors(update_info.slot), self.shadow.map)
-
-    def _timed_load(self, tensors: dict[str, torch.Tensor], weight_map: WeightMap | None) -> None:
-        started = time.perf_counter()
-        self.inplace.load(tensors, weight_map)
-        self.load_s = time.perf_counter() - started
+                    self.inplace.load(self._tensors(update_info.slot), self.shadow.map)
 
     def _load_first_inplace(self, tensors: dict[str, torch.Tensor]) -> None:
         """A load before any prepare. Once one was asked for, the map for later ones is taken first (it probes the
@@ -125,14 +121,15 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         and published only after this load (a prepare on another thread then never writes beside it)."""
         shadow = self.inplace.shadow(tensors) if self.shadow_wanted else None
         self.prepare_ahead = self.prepare_ahead and not (self.shadow_wanted and shadow is None)
-        self._timed_load(tensors, None)
+        self.inplace.load(tensors)
+        self.version_bytes = sum(t.nbytes for t in tensors.values())
         self.shadow, self.shadow_wanted = shadow, False
 
     def prepare(self, slot: int, tag: str) -> bool:
         """Make the version in `slot` (`tag`) ready beside sampling, from any thread, for a later update_weights
-        with the same tag to put in place at once. False where it does not: not allowed, loads too short to pay for
-        it (`PREPARE_AHEAD_MIN_LOAD_S`), or no map yet (asked for here, taken by the next load)."""
-        if self.ring is None or not self.prepare_ahead or self.load_s < self.prepare_min_load_s:
+        with the same tag to put in place at once. False where it does not: not allowed, versions too small to pay
+        for it (`PREPARE_AHEAD_MIN_BYTES`), or no map yet (asked for here, taken by the next load)."""
+        if self.ring is None or not self.prepare_ahead or self.version_bytes < self.prepare_min_bytes:
             return False
         if self.shadow is None:
             self.shadow_wanted = True
