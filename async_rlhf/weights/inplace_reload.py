@@ -41,7 +41,8 @@ class InPlaceReload:
     @torch.no_grad()
     def load(self, weights: dict[str, torch.Tensor], weight_map: WeightMap | None = None) -> None:
         """`weights` into the model: placed by `weight_map` where there is one (one copy call instead of vLLM's
-        name mapping, tensor by tensor: half the toy's load), else through the model's own `load_weights`."""
+        name mapping, tensor by tensor: 5.5 ms instead of 6.7 ms on the toy), else through the model's own
+        `load_weights`."""
         self.loaded_params()
         if weight_map is None:
             self.model.load_weights(weights.items())
